@@ -1,0 +1,100 @@
+"""The one command line: ``hybrid-rl <command> [config.yaml] [key=value ...]``.
+
+Each command lives in the package that owns it and exposes two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their command
+runs, so ``hybrid-rl --help`` stays fast and a broken optional stage cannot break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from hybrid_rl.config import ConfigError, dump_yaml, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+# command -> (module, one-line help). Order is the order of the help text.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pipeline": ("rl.pipeline", "SFT then GRPO then eval, end to end (the quickstart)"),
+    "sft": ("sft.cli", "supervised fine-tuning on expert demonstrations or chat data"),
+    "rl": ("rl.cli", "GRPO-style RL on the environment registry"),
+    "eval": ("rollout.cli", "evaluate a checkpoint on environment seeds with the rollout workers"),
+    "envs": ("envs.cli", "list and check the registered text environments"),
+    "convert": ("model.cli", "convert checkpoints between HF NemotronH and hybrid-rl"),
+    "bench": ("benchmarks.cli", "benchmarks against transformers / TRL (JSON output)"),
+    "report": ("hybrid_rl.report", "build report.html for one run, or compare several"),
+}
+
+
+def available_commands() -> dict[str, tuple[str, str]]:
+    return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = available_commands()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        top = argparse.ArgumentParser(
+            prog="hybrid-rl",
+            description="Agentic RL post-training of hybrid Mamba-2/attention/MoE models: SFT, then GRPO.",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="commands:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, h) in commands.items())
+            + "\n\nRun `hybrid-rl <command> --help` for a command's options.",
+        )
+        top.add_argument("command", choices=list(commands), help="the command to run")
+        if not argv:
+            top.print_help()
+            return 2
+        top.parse_args(argv[:1])  # prints help, or the unknown command with the valid choices, and exits
+        return 2
+    name = argv[0]
+    module_name, help_text = commands[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"hybrid-rl {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as err:
+        print(f"hybrid-rl {name}: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError) as err:
+        print(f"hybrid-rl {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+# ------------------------------------------------------------------ helpers for stage commands
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    """``[config.yaml] [key=value ...] [--print-config]`` for a stage command."""
+    default_note = f" (default: configs/{default_config})" if default_config else ""
+    parser.add_argument("config", nargs="?", help=f"YAML recipe{default_note}")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 model.hidden_size=64 tags=[a,b]")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.set_defaults(default_config=default_config)
+
+
+def resolve_config(cls: type, args: argparse.Namespace) -> Any | None:
+    """Load ``cls`` from the command's config file and overrides; prints it and returns None with --print-config."""
+    overrides = list(args.overrides or [])
+    path = args.config
+    if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):
+        overrides.insert(0, path)  # `hybrid-rl sft key=value` with no file
+        path = None
+    if path is None and args.default_config:
+        path = CONFIG_DIR / args.default_config
+    cfg = load_config(cls, path, overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return None
+    return cfg
+
+
+if __name__ == "__main__":
+    sys.exit(main())

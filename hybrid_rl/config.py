@@ -1,0 +1,294 @@
+"""Typed, validated configs: YAML recipes + dotted ``key=value`` overrides -> nested dataclasses.
+
+Every component owns a dataclass (``model.config.HybridConfig``, ``sft.config.SFTConfig``, ...);
+a stage's config is a dataclass whose fields are those sections. This module turns a YAML file and
+command-line overrides into an instance, and fails *before any work starts* when:
+
+- a key is unknown  -> names the full dotted key and the closest valid keys (``model.hiden_size``
+  suggests ``model.hidden_size``);
+- a value has the wrong type -> names the key, the value and the expected type;
+- the file is missing -> names the path.
+
+Presets: a dataclass may define ``preset_defaults(name) -> dict`` (a classmethod) and a ``preset``
+field; a section that names ``preset: tiny`` starts from that preset's values and its other keys
+override them. The resolved config (preset values written out) round-trips through ``save_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "save_config", "apply_overrides", "valid_keys"]
+
+
+class ConfigError(ValueError):
+    """A user-facing config problem; the message says what was given, what was expected and the fix."""
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Any:
+    """Build ``cls`` from an optional YAML file plus ``key=value`` overrides (applied in order)."""
+    data: dict = {}
+    if path is not None:
+        data = read_yaml(path)
+    data = apply_overrides(data, overrides)
+    return from_dict(cls, data)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        hint = f" (the folder {path.parent} holds: {', '.join(sorted(p.name for p in path.parent.glob('*.yaml'))) or 'no .yaml files'})" if path.parent.is_dir() else ""
+        raise ConfigError(f"config file not found: {path}{hint}. Pass the path of an existing YAML recipe, e.g. configs/sft_quick.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values at the top, got {type(data).__name__}.")
+    return data
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """Apply ``a.b.c=value`` strings to a nested dict (values parsed as YAML: 3, 0.5, true, [1, 2], abc).
+
+    A numeric path part indexes into a list (``envs.0.weight=2``).
+    """
+    data = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.hidden_size=64).")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key part; write dotted keys like train.lr=1e-3.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node: Any = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[_list_index(node, part, key)]
+                continue
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {key}: {part!r} holds a plain value, not a section; cannot set a key inside it.")
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, key)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {key}: {part!r} is not a valid index into a list of {len(node)} items.")
+    return int(part)
+
+
+def _deepcopy(obj):
+    if isinstance(obj, dict):
+        return {k: _deepcopy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key that ``cls`` accepts (sections and leaves)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        name = prefix + f.name
+        keys.append(name)
+        sub = _dataclass_in(_hints(cls)[f.name])
+        if sub is not None:
+            keys.extend(valid_keys(sub, name + "."))
+    return keys
+
+
+def from_dict(cls: type, data: Any, path: str = "", root: type | None = None) -> Any:
+    """Build dataclass ``cls`` from ``data``, checking keys and types recursively."""
+    root = root or cls
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a section (mapping) for {cls.__name__}, got {data!r}.")
+    data = dict(data)
+    preset_hook = getattr(cls, "preset_defaults", None)
+    if preset_hook is not None and data.get("preset"):
+        base = preset_hook(data["preset"])  # raises ConfigError naming the valid presets
+        data = {**base, **data}
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}{key}"
+        if key not in fields:
+            while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key the user wrote
+                sub, value = next(iter(value.items()))
+                full = f"{full}.{sub}"
+            raise ConfigError(_unknown_key_message(full, root))
+        kwargs[key] = _convert(value, hints[key], full, root)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{path or 'config'}: missing required key(s) {', '.join(path + m for m in missing)}.")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{path.rstrip('.') + ': ' if path else ''}{err}") from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{path.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def _unknown_key_message(full: str, root: type) -> str:
+    keys = valid_keys(root)
+    close = difflib.get_close_matches(full, keys, n=3, cutoff=0.6)
+    if not close:  # match the last part against every key's last part, then take the nearest keys at all
+        leaf = full.rpartition(".")[2]
+        close = [k for k in keys if k.rpartition(".")[2] in difflib.get_close_matches(leaf, [x.rpartition(".")[2] for x in keys], n=3)]
+        close = close[:3] or difflib.get_close_matches(full, keys, n=3, cutoff=0.0)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"unknown config key {full!r}.{hint} Run with --print-config to see every valid key."
+
+
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_in(tp) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if _is_union(tp):
+        for arg in get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def _is_union(tp) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not get_args(tp):
+        return tp.__name__
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, key: str, root: type) -> Any:
+    """Check ``value`` against annotation ``tp``; return it converted (int->float, list->tuple, dict->dataclass)."""
+    if tp is Any:
+        return value
+    origin, args = get_origin(tp), get_args(tp)
+    if _is_union(tp):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, root)
+            except ConfigError as err:
+                errors.append(err)
+        dc = [e for e in errors if "unknown config key" in str(e)]
+        if dc:
+            raise dc[0]
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}.")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".", root)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(repr(a) for a in args)}.{hint}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a list ({_type_name(tp)}), e.g. {key}=[1,2].")
+        item_tp = args[0] if args else Any
+        out = [_convert(v, item_tp, f"{key}.{i}", root) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a mapping ({_type_name(tp)}).")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(v, vt, f"{key}.{k}", root) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept what float() accepts
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}.")
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain nested dict/list/scalar view of a config dataclass (for YAML, wandb, TensorBoard)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(dump_yaml(cfg))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,45 @@
+"""Console logging and progress bars, quiet in CI.
+
+``setup_logging`` configures the ``hybrid_rl`` loggers once per process. ``progress`` wraps tqdm:
+rates and ETA on a terminal, nothing when quiet (``--quiet``, ``HYBRID_RL_QUIET=1`` or ``CI=true``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Iterable, TypeVar
+
+T = TypeVar("T")
+
+_QUIET = False
+
+
+def is_quiet() -> bool:
+    return _QUIET or os.environ.get("HYBRID_RL_QUIET", "") == "1" or os.environ.get("CI", "").lower() == "true"
+
+
+def setup_logging(level: str = "INFO", quiet: bool = False) -> None:
+    """Log to stderr as ``HH:MM:SS level name: message``; quiet mode keeps warnings and errors only."""
+    global _QUIET
+    _QUIET = quiet
+    numeric = logging.WARNING if quiet else getattr(logging, str(level).upper(), None)
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}; use one of DEBUG, INFO, WARNING, ERROR")
+    root = logging.getLogger()
+    if not any(getattr(h, "_hybrid_rl", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._hybrid_rl = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(numeric)
+    for noisy in ("urllib3", "filelock", "matplotlib", "PIL", "wandb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc: str = "", unit: str = "it", **kw):
+    """A tqdm bar with rate and ETA, disabled when quiet; usable as an iterator or with ``.update(n)``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=is_quiet(), dynamic_ncols=True, leave=False, **kw)

@@ -1,0 +1,63 @@
+"""Run directories: ``runs/<name>/`` with the resolved config, metrics, checkpoints and the report."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybrid_rl.config import save_config
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # run directory name under output_dir; empty = "<stage>-<timestamp>"
+    output_dir: str = "runs"
+    seed: int = 0  # seeds torch, numpy and python's random for the whole stage
+    group: str = ""  # wandb group / report grouping (e.g. one pipeline's SFT and RL runs)
+    tags: list[str] = field(default_factory=list)
+    log_level: str = "INFO"
+    quiet: bool = False  # warnings only, no progress bars (also when CI=true)
+    overwrite: bool = False  # reuse an existing run directory (resume reads it; a fresh run refuses without this)
+
+    def __post_init__(self):
+        if self.name and not re.fullmatch(r"[A-Za-z0-9_.\-/]+", self.name):
+            raise ValueError(f"run.name {self.name!r} may only hold letters, digits, '_', '-', '.', '/'")
+
+
+def make_run_dir(run: RunConfig, stage: str, full_config, *, resume: bool = False) -> Path:
+    """Create ``output_dir/name`` and write ``config.yaml`` into it; returns the path."""
+    name = run.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(run.output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or run.overwrite):
+        raise FileExistsError(
+            f"run directory {run_dir} already exists and is not empty; pick another run.name, "
+            f"pass run.overwrite=true to reuse it, or resume from it."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(full_config, run_dir / "config.yaml")
+    return run_dir
+
+
+def git_commit() -> str:
+    """The source tree's git commit (with '-dirty' when it has changes), or '' outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f"{sha}-dirty" if sha and dirty else sha
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
