@@ -1,0 +1,113 @@
+"""Checkpoints that a stage can resume from: ``run_dir/step_N/`` = model files + ``trainer_state.pt``.
+
+Shared by the SFT and RL loops. A checkpoint directory holds whatever ``write_model(dir)`` writes (the
+HF NemotronH files via ``model.hf.save_pretrained``) and ``trainer_state.pt``: a dict the loop fills
+(optimizer, scheduler, data cursor, step) plus the RNG states added here.
+
+Atomic: everything is written into ``run_dir/.step_N.tmp-<pid>/`` and renamed to ``step_N`` in one
+``os.replace``; a crash leaves at most a temp dir (ignored by ``latest_checkpoint`` and removed by the
+next save), never a half checkpoint that resume would pick up. ``keep_last`` prunes older ``step_N``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TRAINER_STATE", "save_checkpoint", "load_trainer_state", "latest_checkpoint", "list_checkpoints",
+    "rng_state", "set_rng_state",
+]
+
+TRAINER_STATE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints (``step_N`` with a trainer state) under ``run_dir``, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in run_dir.iterdir():
+        m = _STEP_DIR.fullmatch(path.name)
+        if m and (path / TRAINER_STATE).is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    write_model: Callable[[Path], Any],
+    trainer_state: dict,
+    keep_last: int = 0,
+) -> Path:
+    """Write ``run_dir/step_{step}`` atomically; RNG states are added to ``trainer_state`` under ``"rng"``.
+
+    ``write_model(dir)`` must create/fill ``dir`` (it may itself write atomically into it).
+    ``keep_last > 0`` deletes all but the newest ``keep_last`` checkpoints afterwards.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(f".step_{step}.tmp-*"):  # left by a crashed save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = run_dir / f"step_{step}"
+    tmp = run_dir / f".step_{step}.tmp-{os.getpid()}"
+    write_model(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save({**trainer_state, "rng": rng_state()}, tmp / TRAINER_STATE)
+    if final.exists():  # re-saving the same step (e.g. a resumed run): replace it whole
+        old = run_dir / f".step_{step}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    if keep_last > 0:
+        for _, path in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt_dir: str | os.PathLike, restore_rng: bool = True) -> dict:
+    """The dict saved with a checkpoint; restores python/numpy/torch RNGs from it unless told not to."""
+    path = Path(ckpt_dir) / TRAINER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {ckpt_dir} is not a resumable checkpoint (it needs {TRAINER_STATE} next to the "
+            "model files). Pass a step_N directory written by a hybrid-rl training run, or use init_from to "
+            "start a fresh run from its weights."
+        )
+    # weights_only=False: the state holds numpy RNG tuples and plain python objects we wrote ourselves
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if restore_rng and "rng" in state:
+        set_rng_state(state["rng"])
+    return state
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
