@@ -2,6 +2,8 @@
 
 ``setup_logging`` configures the ``hybrid_rl`` loggers once per process. ``progress`` wraps tqdm:
 rates and ETA on a terminal, nothing when quiet (``--quiet``, ``HYBRID_RL_QUIET=1`` or ``CI=true``).
+``echo`` prints a line (the metrics console backend) without tearing an open progress bar; it is
+silenced by ``--quiet`` only, so CI logs still show the periodic metric lines.
 """
 
 from __future__ import annotations
@@ -43,3 +45,12 @@ def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=is_quiet(), dynamic_ncols=True, leave=False, **kw)
+
+
+def echo(line: str) -> None:
+    """Print ``line`` to stderr above any open progress bar; nothing when the run was set quiet."""
+    if _QUIET or os.environ.get("HYBRID_RL_QUIET", "") == "1":
+        return
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
