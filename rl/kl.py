@@ -1,0 +1,74 @@
+"""Per-token estimators of KL(pi || pi_ref) from samples of pi, one pure function each (Schulman 2020,
+"Approximating KL divergence"). With log_ratio = log pi(x) - log pi_ref(x) at a sampled token x:
+
+    k1 = log_ratio                              unbiased, high variance, can be negative
+    k2 = log_ratio**2 / 2                       biased (exact to second order), always >= 0; as a loss
+                                                on on-policy samples its gradient is exactly grad KL
+    k3 = exp(-log_ratio) - 1 + log_ratio        unbiased, always >= 0, low variance (GRPO paper's choice)
+
+Shapes: logp_bt, ref_logp_bt [B, T] -> kl_bt [B, T]. The loop averages the estimate over action tokens
+with the same aggregation as the policy loss and adds ``beta * kl`` (beta 0 by default, as in DAPO and
+Dr.GRPO, so the reference model is not even loaded).
+
+Departure from the GRPO paper: the estimator is a choice (``algo.kl_estimator``), default k3 as in the
+paper; k2 is offered because its gradient is the unbiased one (Tang & Munos 2025).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+import torch
+
+KLFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+KL_ESTIMATORS: dict[str, KLFn] = {}
+
+
+def register_kl(name: str):
+    def wrap(fn: KLFn) -> KLFn:
+        KL_ESTIMATORS[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_kl_estimator(name: str) -> KLFn:
+    if name not in KL_ESTIMATORS:
+        close = difflib.get_close_matches(name, KL_ESTIMATORS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown KL estimator {name!r}.{hint} Valid: {', '.join(KL_ESTIMATORS)}.")
+    return KL_ESTIMATORS[name]
+
+
+@register_kl("k1")
+def kl_k1(logp_bt, ref_logp_bt):
+    return logp_bt - ref_logp_bt
+
+
+@register_kl("k2")
+def kl_k2(logp_bt, ref_logp_bt):
+    return 0.5 * (logp_bt - ref_logp_bt) ** 2
+
+
+@register_kl("k3")
+def kl_k3(logp_bt, ref_logp_bt):
+    log_ratio_bt = logp_bt - ref_logp_bt
+    return torch.exp(-log_ratio_bt) - 1.0 + log_ratio_bt
+
+
+# ------------------------------------------------------------------------------ naive twins and the exact value
+
+
+def kl_naive(name: str, logp_bt, ref_logp_bt):
+    """Token by token, the docstring's definitions written with the ratio pi_ref/pi itself (keeps grads)."""
+    out = []
+    for lp, ref in zip(logp_bt.flatten(), ref_logp_bt.flatten()):
+        ratio = torch.exp(ref) / torch.exp(lp)  # pi_ref(x) / pi(x)
+        out.append({"k1": -torch.log(ratio), "k2": 0.5 * torch.log(ratio) ** 2, "k3": ratio - 1.0 - torch.log(ratio)}[name])
+    return torch.stack(out).reshape(logp_bt.shape)
+
+
+def exact_kl(logp_v, ref_logp_v):
+    """KL(pi || pi_ref) of two full distributions over V outcomes given as log-probs [.., V] -> [..]."""
+    return (logp_v.exp() * (logp_v - ref_logp_v)).sum(-1)
