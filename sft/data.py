@@ -1,0 +1,255 @@
+"""SFT data: sources -> conversations -> token rows with an assistant-only loss mask.
+
+Sources (any mix, see ``DataConfig``):
+  - expert demonstrations of registered environments, played on the env's *train* seeds
+    (``envs.seeds(env_id, "train", n)``; eval uses the disjoint eval seeds);
+  - JSONL files, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line;
+  - a local HF ``datasets`` directory (``save_to_disk``) with a ``messages`` column.
+
+Rendering is ``model.tokenizer.render_chat`` and nothing else, so a conversation's ids and mask are the
+very ids the rollout loop builds turn by turn (mask = the assistant's content and closing end token).
+
+Every sample is validated; a bad one is reported with where it came from (``file.jsonl:LINE``,
+``dataset[ROW]``, ``env seed``) and a reason, then skipped and counted, or the job stops
+(``data.on_bad_sample``). Nothing bad is trained on silently: ``DataReport`` carries the counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from model.tokenizer import ROLES
+
+log = logging.getLogger("hybrid_rl.sft.data")
+
+__all__ = [
+    "Sample", "DataError", "DataReport", "expert_conversation", "env_conversations", "read_jsonl",
+    "read_hf_dataset", "write_jsonl", "validate_messages", "render_samples", "load_samples",
+]
+
+MAX_REPORTED = 20  # bad samples logged one by one; the rest only counted
+
+
+@dataclass
+class Sample:
+    ids: list[int]
+    mask: list[int]  # 1 = trained on (assistant content + its end token)
+    source: str  # "path:LINE", "dataset[ROW]" or "env_id seed S"
+
+    @property
+    def num_trained_tokens(self) -> int:
+        """Tokens whose *prediction* is trained: masked positions after the first (nothing predicts token 0)."""
+        return sum(self.mask[1:])
+
+
+class DataError(ValueError):
+    """Bad training data with ``data.on_bad_sample=error``; the message names the sample and the fix."""
+
+
+@dataclass
+class DataReport:
+    kept: Counter = field(default_factory=Counter)  # per source kind: env:<id>, jsonl, hf
+    skipped: Counter = field(default_factory=Counter)  # per reason kind
+    examples: list[str] = field(default_factory=list)  # the first MAX_REPORTED "where: why" lines
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"data/samples/{k}": float(v) for k, v in self.kept.items()}
+        out["data/skipped"] = float(sum(self.skipped.values()))
+        out.update({f"data/skipped/{k}": float(v) for k, v in self.skipped.items()})
+        return out
+
+
+class BadSample(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind  # short key for counting: not_json, no_assistant, unknown_role, too_long, format
+
+
+# ------------------------------------------------------------------------------------ sources
+
+
+def expert_conversation(env_id: str, seed: int) -> tuple[list[dict], bool]:
+    """One expert episode as chat messages: [system], observation, action, observation, ..., action.
+
+    The final observation (after the episode ends) is not included: nothing is trained on it and the
+    rollout loop does not feed it to the model either. Returns (messages, success).
+    """
+    import envs
+
+    env = envs.make(env_id)
+    try:
+        obs, info = env.reset(seed=seed)
+        messages: list[dict] = []
+        system_prompt = getattr(env.unwrapped, "system_prompt", None)
+        if system_prompt:
+            messages.append({"role": "system", "content": system_prompt})
+        done = False
+        while not done:
+            messages.append({"role": info.get("role", "user"), "content": obs})
+            action = env.unwrapped.expert_action()
+            messages.append({"role": "assistant", "content": action})
+            obs, _reward, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+        return messages, bool(info.get("success", False))
+    finally:
+        env.close()
+
+
+def env_conversations(env_id: str, episodes: int, keep_failed: bool = False) -> Iterator[tuple[str, object]]:
+    """(source, {"messages": ...}) for ``episodes`` expert episodes on the env's train seeds."""
+    import envs
+
+    failed = 0
+    for seed in envs.seeds(env_id, "train", episodes):
+        messages, success = expert_conversation(env_id, seed)
+        if not success and not keep_failed:
+            failed += 1
+            continue
+        yield f"{env_id} seed {seed}", {"messages": messages, "env_id": env_id, "seed": seed}
+    if failed:
+        log.warning("%s: the expert failed %d of %d episodes; they are left out (data.keep_failed_demos=true keeps them)",
+                    env_id, failed, episodes)
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
+    """(``path:LINE``, parsed object or a ``BadSample``) per non-blank line (lines count from 1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.jsonl_paths: {path} does not exist (give a JSONL file with one conversation per line)")
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, BadSample("not_json", f"not valid JSON ({err.msg} at column {err.colno})")
+
+
+def read_hf_dataset(directory: str | Path, split: str = "train") -> Iterator[tuple[str, object]]:
+    """(``dir[ROW]``, row dict) for a local ``datasets`` directory (``load_from_disk``)."""
+    import datasets
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"data.hf_dataset_dir: {directory} is not a directory (expected a datasets.save_to_disk output)")
+    ds = datasets.load_from_disk(str(directory))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"data.hf_dataset_dir {directory} has splits {list(ds)}, not {split!r}; set data.hf_dataset_split")
+        ds = ds[split]
+    if "messages" not in ds.column_names:
+        raise DataError(f"data.hf_dataset_dir {directory} has columns {ds.column_names}; a 'messages' column is needed")
+    for row, item in enumerate(ds):
+        yield f"{directory}[{row}]", item
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
+    """One JSON object per line (atomic); returns the number of lines."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def validate_messages(obj: object) -> list[dict]:
+    """The conversation's messages, or ``BadSample`` saying what is wrong with it."""
+    if isinstance(obj, BadSample):
+        raise obj
+    messages = obj.get("messages") if isinstance(obj, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise BadSample("format", 'expected an object with a non-empty "messages" list, got '
+                        f"{_short(obj)}")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadSample("format", f'message {k} must be {{"role": str, "content": str}}, got {_short(m)}')
+        if m["role"] not in ROLES:
+            raise BadSample("unknown_role", f"message {k} has unknown role {m['role']!r}; valid roles: {', '.join(ROLES)}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadSample("no_assistant", "conversation has no assistant turn: nothing to train on")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _short(obj: object, n: int = 80) -> str:
+    text = repr(obj)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def render_samples(
+    items: Iterable[tuple[str, object]],
+    tokenizer,
+    max_seq_tokens: int,
+    on_bad_sample: str,
+    report: DataReport,
+    kind: str,
+) -> list[Sample]:
+    """Validate and render (source, object) items; bad ones are skipped+counted or raise ``DataError``."""
+    samples = []
+    for where, obj in items:
+        try:
+            messages = validate_messages(obj)
+            ids, mask = tokenizer.render_chat(messages)
+            if len(ids) > max_seq_tokens:
+                raise BadSample("too_long", f"{len(ids)} tokens is longer than data.max_seq_tokens={max_seq_tokens}")
+        except BadSample as bad:
+            _bad(where, bad, on_bad_sample, report)
+            continue
+        samples.append(Sample(ids, mask, where))
+        report.kept[kind] += 1
+    return samples
+
+
+def _bad(where: str, bad: BadSample, on_bad_sample: str, report: DataReport) -> None:
+    line = f"{where}: {bad}"
+    if on_bad_sample == "error":
+        raise DataError(f"bad training sample at {line}. Fix or remove it, or set data.on_bad_sample=skip to skip "
+                        "(and count) bad samples.")
+    report.skipped[bad.kind] += 1
+    if len(report.examples) < MAX_REPORTED:
+        report.examples.append(line)
+        log.warning("skipping bad sample at %s", line)
+
+
+def load_samples(data_cfg, tokenizer, demos_path: Path | None = None) -> tuple[list[Sample], DataReport]:
+    """All configured sources, validated and rendered, in a fixed order (envs, jsonl files, hf dataset)."""
+    report = DataReport()
+    samples: list[Sample] = []
+    demos: list[dict] = []
+    for spec in data_cfg.envs:
+        convs = list(env_conversations(spec.env_id, spec.episodes, data_cfg.keep_failed_demos))
+        demos += [obj for _, obj in convs]
+        samples += render_samples(convs, tokenizer, data_cfg.max_seq_tokens, data_cfg.on_bad_sample, report,
+                                  f"env:{spec.env_id}")
+    if demos and demos_path is not None and data_cfg.save_demos:
+        write_jsonl(demos, demos_path)
+        log.info("wrote %d expert demonstrations to %s (re-use with data.jsonl_paths)", len(demos), demos_path)
+    for path in data_cfg.jsonl_paths:
+        samples += render_samples(read_jsonl(path), tokenizer, data_cfg.max_seq_tokens, data_cfg.on_bad_sample,
+                                  report, "jsonl")
+    if data_cfg.hf_dataset_dir:
+        samples += render_samples(read_hf_dataset(data_cfg.hf_dataset_dir, data_cfg.hf_dataset_split), tokenizer,
+                                  data_cfg.max_seq_tokens, data_cfg.on_bad_sample, report, "hf")
+    skipped = sum(report.skipped.values())
+    if skipped:
+        log.warning("skipped %d bad samples (%s); kept %d", skipped, dict(report.skipped), len(samples))
+    if not samples:
+        raise DataError(f"no usable training samples (skipped: {dict(report.skipped) or 'none'}); check data.* in the config")
+    return samples, report
+
+
+def trained_token_count(samples: Sequence[Sample]) -> int:
+    return sum(s.num_trained_tokens for s in samples)
