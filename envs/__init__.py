@@ -1,0 +1,24 @@
+"""Text environments for agentic RL: the API, the registry, the built-ins, experts and the checker.
+
+``import envs`` registers the built-ins (``hybrid_rl/GuessNumber-v0``, ...) in gymnasium's registry and
+loads third-party environments from the entry-point group ``hybrid_rl.envs``. See docs/ENVIRONMENTS.md.
+"""
+
+from envs.core import CHARSET, MAX_ACTION_CHARS, MAX_OBS_CHARS, TextEnv, first_int, first_word, quote, text_space
+from envs.registry import (
+    ENTRY_POINT_GROUP, NAMESPACE, UnknownEnvironmentError, describe, env_ids, load_plugins, make, max_turns,
+    register_builtins, resolve_id, seeds,
+)
+from envs.tools import ToolCall, ToolCallError, ToolResult, call_tool, format_tool_call, parse_tool_call
+from envs.episode import Episode, expert_episode, expert_stats, run_episode
+
+__all__ = [
+    "TextEnv", "text_space", "CHARSET", "MAX_OBS_CHARS", "MAX_ACTION_CHARS", "first_int", "first_word", "quote",
+    "NAMESPACE", "ENTRY_POINT_GROUP", "UnknownEnvironmentError", "make", "resolve_id", "env_ids", "describe",
+    "max_turns", "seeds", "register_builtins", "load_plugins",
+    "ToolCall", "ToolCallError", "ToolResult", "parse_tool_call", "format_tool_call", "call_tool",
+    "Episode", "run_episode", "expert_episode", "expert_stats",
+]
+
+register_builtins()
+load_plugins()

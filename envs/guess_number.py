@@ -1,0 +1,50 @@
+"""GuessNumber: find a hidden number in [1, N] from "higher"/"lower" feedback."""
+
+from __future__ import annotations
+
+from envs.core import TextEnv, first_int
+
+
+class GuessNumber(TextEnv):
+    """Find a hidden number in [1, N] from higher/lower feedback; fewer guesses score higher.
+
+    Observations: "Guess a number between 1 and 16.", then "higher", "lower" or "correct".
+    Actions: a number ("8"; the first number in the text counts).
+    Reward: 1.0 for the right number, minus ``turn_penalty`` for every turn (so fewer turns is better).
+    Expert: binary search over the interval the feedback so far allows; with noise, a random guess
+    inside that interval (still consistent, just slower).
+    """
+
+    def __init__(self, n: int = 16, turn_penalty: float = 0.02, render_mode: str | None = None, expert_noise: float = 0.0):
+        super().__init__(render_mode=render_mode, expert_noise=expert_noise)
+        if n < 2:
+            raise ValueError(f"n={n}: the range [1, n] needs n >= 2.")
+        self.n = n
+        self.turn_penalty = turn_penalty
+        self.target = 1
+        self.low, self.high = 1, n  # the interval still consistent with the feedback
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.target = int(self.np_random.integers(1, self.n + 1))
+        self.low, self.high = 1, self.n
+        return self.observe(f"Guess a number between 1 and {self.n}.")
+
+    def step_text(self, text: str):
+        guess = first_int(text)
+        if guess is None or not 1 <= guess <= self.n:
+            what = "no number" if guess is None else f"{guess} is out of range"
+            return self.invalid(f"{what}; answer with a number between 1 and {self.n}.")
+        turn = {"turn": -self.turn_penalty}
+        if guess == self.target:
+            return self.result("correct", {"success": 1.0, **turn}, terminated=True, success=True)
+        if guess < self.target:
+            self.low = max(self.low, guess + 1)
+            return self.result("higher", turn)
+        self.high = min(self.high, guess - 1)
+        return self.result("lower", turn)
+
+    def expert_action(self, noise: float | None = None) -> str:
+        if self.wants_noise(noise):
+            return str(int(self.expert_rng.integers(self.low, self.high + 1)))
+        return str((self.low + self.high) // 2)

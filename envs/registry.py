@@ -1,0 +1,144 @@
+"""The registry is gymnasium's own: built-ins and plug-ins are ``gymnasium.register``-ed ids.
+
+- Built-ins live in the ``hybrid_rl/`` namespace (``BUILTINS`` below, registered on ``import envs``).
+- Third-party packages declare an entry point in the group ``hybrid_rl.envs``; its object is loaded
+  on ``import envs`` and, if callable, called: it registers its ids with ``gymnasium.register``.
+  Installing such a package is all it takes for its environments to appear.
+- ``make`` is ``gymnasium.make`` with two conveniences: a bare name (``GuessNumber-v0``) means the
+  ``hybrid_rl/`` one when that exists, and an unknown id fails with gymnasium's did-you-mean plus
+  the list of hybrid_rl environments.
+- ``max_episode_steps`` is the turn limit (gymnasium's ``TimeLimit`` truncates the episode).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+from gymnasium.envs.registration import load_env_creator
+
+__all__ = ["NAMESPACE", "ENTRY_POINT_GROUP", "BUILTINS", "UnknownEnvironmentError", "register_builtins",
+           "load_plugins", "make", "resolve_id", "env_ids", "describe", "max_turns", "seeds", "EVAL_SEED_START"]
+
+NAMESPACE = "hybrid_rl"
+ENTRY_POINT_GROUP = "hybrid_rl.envs"
+EVAL_SEED_START = 1_000_000_000  # train seeds are 0, 1, ...; eval seeds start here, so they never meet
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str  # without the namespace
+    entry_point: str
+    max_turns: int
+    kwargs: dict = field(default_factory=dict)
+
+
+# Turn limits leave the expert room (GuessNumber: binary search over 16 needs 5 guesses).
+BUILTINS: tuple[Builtin, ...] = (
+    Builtin("GuessNumber-v0", "envs.guess_number:GuessNumber", 8),
+    Builtin("FrozenLake-v1", "envs.toy_text:FrozenLake", 20),
+    Builtin("Taxi-v3", "envs.toy_text:Taxi", 40),
+    Builtin("CliffWalking-v1", "envs.toy_text:CliffWalking", 40),
+    Builtin("Blackjack-v1", "envs.toy_text:Blackjack", 10),
+    Builtin("Calculator-v0", "envs.calculator:Calculator", 8),
+    Builtin("Arithmetic-v0", "envs.calculator:Arithmetic", 1),
+    Builtin("Mastermind-v0", "envs.mastermind:Mastermind", 10),
+)
+
+_plugin_ids: dict[str, list[str]] = {}  # entry-point name -> ids it registered
+
+
+class UnknownEnvironmentError(gym.error.UnregisteredEnv):
+    """An id that is not registered; the message has gymnasium's suggestion and our list."""
+
+
+def register_builtins() -> None:
+    for b in BUILTINS:
+        env_id = f"{NAMESPACE}/{b.name}"
+        if env_id not in gym.registry:  # importing twice (or reloading) must not warn
+            gym.register(id=env_id, entry_point=b.entry_point, max_episode_steps=b.max_turns, kwargs=dict(b.kwargs))
+
+
+def load_plugins() -> dict[str, list[str]]:
+    """Load every ``hybrid_rl.envs`` entry point once; a broken plug-in warns and is skipped."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _plugin_ids:
+            continue
+        before = set(gym.registry)
+        try:
+            obj = ep.load()
+            if callable(obj):
+                obj()
+        except Exception as err:
+            warnings.warn(f"the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) failed to load: "
+                          f"{type(err).__name__}: {err}. Its environments are not available; fix or uninstall "
+                          f"the package that declares it.", RuntimeWarning, stacklevel=2)
+            _plugin_ids[ep.name] = []
+            continue
+        _plugin_ids[ep.name] = sorted(set(gym.registry) - before)
+    return dict(_plugin_ids)
+
+
+def env_ids() -> list[str]:
+    """Every hybrid_rl environment: the ``hybrid_rl/`` namespace plus whatever plug-ins registered."""
+    ids = {i for i in gym.registry if i.startswith(NAMESPACE + "/")}
+    for registered in _plugin_ids.values():
+        ids.update(registered)
+    return sorted(ids)
+
+
+def resolve_id(env_id: str) -> str:
+    """``GuessNumber-v0`` -> ``hybrid_rl/GuessNumber-v0``; raises ``UnknownEnvironmentError`` if unknown."""
+    if "/" not in env_id and f"{NAMESPACE}/{env_id}" in gym.registry:
+        return f"{NAMESPACE}/{env_id}"
+    if env_id in gym.registry:
+        return env_id
+    lookup = env_id if "/" in env_id else f"{NAMESPACE}/{env_id}"
+    try:  # gymnasium raises its own error with a did-you-mean; we add the list of ours
+        gym.spec(lookup)
+    except gym.error.Error as err:
+        raise UnknownEnvironmentError(_unknown_message(str(err))) from None
+    return lookup
+
+
+def _unknown_message(gym_message: str) -> str:
+    listing = "\n".join(f"  {i}" for i in env_ids()) or "  (none registered)"
+    return (f"{gym_message}\nhybrid_rl environments:\n{listing}\n"
+            f"Run `hybrid-rl envs list` for descriptions; a plug-in's environments appear once its package is installed.")
+
+
+def make(env_id: str, **kwargs) -> gym.Env:
+    """``gymnasium.make`` for text environments (``max_episode_steps=`` changes the turn limit)."""
+    return gym.make(resolve_id(env_id), **kwargs)
+
+
+def describe(env_id: str) -> str:
+    """One line: the first line of the environment class's docstring."""
+    spec = gym.spec(resolve_id(env_id))
+    try:
+        creator = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
+    except Exception as err:  # a plug-in whose module fails to import still gets listed
+        return f"(cannot load {spec.entry_point}: {type(err).__name__})"
+    doc = (creator.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else "(no description: give the class a docstring)"
+
+
+def max_turns(env_id: str) -> int | None:
+    return gym.spec(resolve_id(env_id)).max_episode_steps
+
+
+def seeds(env_id: str, split: str, n: int) -> list[int]:
+    """``n`` seeds of ``split`` ("train" or "eval"); the two splits never share a seed.
+
+    Train seeds count up from 0, eval seeds from ``EVAL_SEED_START``. The same seed gives the same
+    episode on every machine (every environment draws only from its seeded ``np_random``).
+    """
+    resolve_id(env_id)  # an unknown id fails here, with suggestions, rather than in a worker later
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}: expected 'train' or 'eval'.")
+    if not 0 <= n <= EVAL_SEED_START:
+        raise ValueError(f"n={n}: expected between 0 and {EVAL_SEED_START} seeds.")
+    start = 0 if split == "train" else EVAL_SEED_START
+    return list(range(start, start + n))

@@ -1,0 +1,272 @@
+"""Text adapters over gymnasium's toy-text environments: the real env underneath, text on top.
+
+Each adapter keeps gymnasium's environment as ``self.inner`` (its dynamics, its transition table),
+renders its state as a short line or grid, and parses a move name leniently (the first known word
+counts: "left", "I go left" -> left). Rewards are rescaled to hybrid-rl's convention (success 1.0,
+a small per-turn penalty) and the inner reward is kept in ``info["gym_reward"]``.
+
+Experts: for the grid worlds (FrozenLake, Taxi, CliffWalking) value iteration on the inner
+environment's own transition table ``P`` gives the move with the best chance of reaching the goal
+soonest (the shortest path when moves are deterministic). Blackjack's expert is basic strategy.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from gymnasium.envs.toy_text.blackjack import BlackjackEnv
+from gymnasium.envs.toy_text.cliffwalking import CliffWalkingEnv
+from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv, generate_random_map
+from gymnasium.envs.toy_text.taxi import TaxiEnv
+
+from envs.core import TextEnv, first_word, quote
+
+__all__ = ["FrozenLake", "Taxi", "CliffWalking", "Blackjack", "best_actions"]
+
+
+def best_actions(P: dict, is_goal, gamma: float = 0.9, sweeps: int = 500) -> np.ndarray:
+    """Greedy action per state from value iteration on a toy-text transition table.
+
+    ``P[s][a] = [(prob, next_state, reward, terminated), ...]``. Reaching a goal transition
+    (``is_goal(next_state, reward, terminated)``) is worth 1, any other termination 0; ``gamma < 1``
+    makes sooner better. Ties go to the lowest action index, so the expert is deterministic.
+    """
+    n_states, n_actions = len(P), len(P[0])
+    value = np.zeros(n_states)
+    for _ in range(sweeps):
+        q = _q_values(P, value, is_goal, gamma, n_states, n_actions)
+        new_value = q.max(axis=1)
+        if np.abs(new_value - value).max() < 1e-12:
+            break
+        value = new_value
+    return _q_values(P, value, is_goal, gamma, n_states, n_actions).argmax(axis=1)
+
+
+def _q_values(P, value, is_goal, gamma, n_states, n_actions) -> np.ndarray:
+    q = np.zeros((n_states, n_actions))  # [S, A]
+    for s in range(n_states):
+        for a in range(n_actions):
+            for prob, s2, reward, terminated in P[s][a]:
+                if terminated:
+                    q[s, a] += prob * (1.0 if is_goal(s2, reward, terminated) else 0.0)
+                else:
+                    q[s, a] += prob * gamma * value[s2]
+    return q
+
+
+class GridAdapter(TextEnv):
+    """Shared by the grid worlds: move parsing, the inner step, the value-iteration expert."""
+
+    MOVES: tuple[str, ...] = ()  # move names in the inner env's action order
+    turn_penalty = 0.01
+
+    def __init__(self, render_mode: str | None = None, expert_noise: float = 0.0):
+        super().__init__(render_mode=render_mode, expert_noise=expert_noise)
+        self.move_index = {name: i for i, name in enumerate(self.MOVES)}
+        self.state = 0
+        self.policy = np.zeros(1, dtype=int)
+
+    def parse_move(self, text: str) -> int | None:
+        return first_word(text, self.move_index)
+
+    def step_text(self, text: str):
+        move = self.parse_move(text)
+        if move is None:
+            return self.invalid(f"unknown move {quote(text)}; say one of: {' '.join(self.MOVES)}.")
+        state, gym_reward, terminated, _, _ = self.inner.step(move)
+        previous, self.state = self.state, int(state)
+        obs, components, success = self.describe_move(previous, move, gym_reward, terminated)
+        out = self.result(obs, components, terminated=terminated, success=success)
+        out[4]["gym_reward"] = float(gym_reward)
+        return out
+
+    def expert_action(self, noise: float | None = None) -> str:
+        if self.wants_noise(noise):
+            return self.MOVES[int(self.expert_rng.integers(len(self.MOVES)))]
+        return self.MOVES[int(self.policy[self.state])]
+
+    def describe_move(self, previous: int, move: int, gym_reward: float, terminated: bool):
+        """-> (observation, reward components, success)"""
+        raise NotImplementedError
+
+
+class FrozenLake(GridAdapter):
+    """Cross a frozen lake to the goal G without falling into a hole H (a new solvable map per seed).
+
+    Observation: the map with P for the player, e.g. after "Reach G, avoid H. Moves: left down right up.":
+    ``PFFF/FHFH/FFFH/HFFG`` (one row per line). Actions: left, down, right, up.
+    Options: ``size`` (4: 4x4), ``frozen_prob`` (share of frozen tiles in a random map), ``is_slippery``
+    (False: moves do what they say; True: gymnasium's slippery ice, and the expert can no longer win always).
+    """
+
+    MOVES = ("left", "down", "right", "up")
+
+    def __init__(self, size: int = 4, frozen_prob: float = 0.8, is_slippery: bool = False,
+                 render_mode: str | None = None, expert_noise: float = 0.0):
+        super().__init__(render_mode=render_mode, expert_noise=expert_noise)
+        if size < 2:
+            raise ValueError(f"size={size}: the map needs at least 2x2 tiles.")
+        self.size, self.frozen_prob, self.is_slippery = size, frozen_prob, is_slippery
+        self.solvable = not is_slippery
+        self.inner = FrozenLakeEnv(desc=["SF", "FG"], is_slippery=is_slippery)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        map_seed = int(self.np_random.integers(2**31))
+        self.desc = generate_random_map(size=self.size, p=self.frozen_prob, seed=map_seed)
+        self.inner = FrozenLakeEnv(desc=self.desc, is_slippery=self.is_slippery)
+        self.state = int(self.inner.reset(seed=map_seed)[0])
+        self.policy = best_actions(self.inner.P, lambda s2, r, t: r > 0)
+        return self.observe(f"Reach G, avoid H. Moves: {' '.join(self.MOVES)}.\n{self.grid()}")
+
+    def grid(self) -> str:
+        rows = [list(row) for row in self.desc]
+        r, c = divmod(self.state, self.size)
+        rows[r][c] = "P"
+        return "\n".join("".join(row) for row in rows)
+
+    def describe_move(self, previous, move, gym_reward, terminated):
+        turn = {"turn": -self.turn_penalty}
+        if terminated and gym_reward > 0:
+            return f"{self.grid()}\nYou reached the goal.", {"goal": 1.0, **turn}, True
+        if terminated:
+            return f"{self.grid()}\nYou fell into a hole.", turn, False
+        return self.grid(), turn, False
+
+
+class Taxi(GridAdapter):
+    """Drive the taxi to the passenger, pick them up, drive to the destination and drop them off.
+
+    Observation: "taxi=2,3 passenger=4,0 dest=4,3" (row,col on the 5x5 map; passenger=taxi once aboard).
+    Actions: south, north, east, west, pickup, dropoff. Walls are gymnasium's Taxi map.
+    """
+
+    MOVES = ("south", "north", "east", "west", "pickup", "dropoff")
+    illegal_penalty = 0.05
+
+    def __init__(self, render_mode: str | None = None, expert_noise: float = 0.0):
+        super().__init__(render_mode=render_mode, expert_noise=expert_noise)
+        self.inner = TaxiEnv()
+        self.policy = _taxi_policy()
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.state = int(self.inner.reset(seed=int(self.np_random.integers(2**31)))[0])
+        return self.observe(f"Pick up the passenger, drop them at dest. Moves: {' '.join(self.MOVES)}.\n{self.line()}")
+
+    def line(self) -> str:
+        row, col, passenger, dest = self.inner.decode(self.state)
+        where = "taxi" if passenger == 4 else "%d,%d" % self.inner.locs[passenger]
+        return f"taxi={row},{col} passenger={where} dest=%d,%d" % self.inner.locs[dest]
+
+    def describe_move(self, previous, move, gym_reward, terminated):
+        turn = {"turn": -self.turn_penalty}
+        if terminated:
+            return "Passenger delivered.", {"success": 1.0, **turn}, True
+        if gym_reward <= -10:  # gymnasium's penalty for a pickup/dropoff where there is none to do
+            return f"{self.line()} illegal {self.MOVES[move]}", {**turn, "illegal": -self.illegal_penalty}, False
+        return self.line(), turn, False
+
+
+@lru_cache(maxsize=1)
+def _taxi_policy() -> np.ndarray:
+    return best_actions(TaxiEnv().P, lambda s2, r, t: t)  # Taxi terminates only on a delivery
+
+
+class CliffWalking(GridAdapter):
+    """Walk along a 4x12 grid from the start to the goal without stepping off the cliff between them.
+
+    Observation: "at 2,5" (row,col). Stepping onto the cliff sends you back to the start.
+    Actions: up, right, down, left.
+    """
+
+    MOVES = ("up", "right", "down", "left")
+    cliff_penalty = 0.1
+
+    def __init__(self, is_slippery: bool = False, render_mode: str | None = None, expert_noise: float = 0.0):
+        super().__init__(render_mode=render_mode, expert_noise=expert_noise)
+        self.is_slippery = is_slippery
+        self.solvable = not is_slippery
+        self.inner = CliffWalkingEnv(is_slippery=is_slippery)
+        self.policy = _cliff_policy(is_slippery)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.state = int(self.inner.reset(seed=int(self.np_random.integers(2**31)))[0])
+        return self.observe(f"Walk from 3,0 to 3,11; row 3 between them is a cliff. Moves: {' '.join(self.MOVES)}.\n{self.position()}")
+
+    def position(self) -> str:
+        return "at %d,%d" % divmod(self.state, 12)
+
+    def describe_move(self, previous, move, gym_reward, terminated):
+        turn = {"turn": -self.turn_penalty}
+        if terminated:
+            return "at 3,11 goal reached.", {"success": 1.0, **turn}, True
+        if gym_reward <= -100:
+            return f"You fell off the cliff, back {self.position()}", {**turn, "cliff": -self.cliff_penalty}, False
+        return self.position(), turn, False
+
+
+@lru_cache(maxsize=2)
+def _cliff_policy(is_slippery: bool) -> np.ndarray:
+    return best_actions(CliffWalkingEnv(is_slippery=is_slippery).P, lambda s2, r, t: t)
+
+
+class Blackjack(TextEnv):
+    """Beat the dealer at Blackjack: hit or stick (a game of chance: even the expert loses often).
+
+    Observation: "sum=14 dealer=10 ace=no" (your hand's total, the dealer's open card with ace=1,
+    whether you hold an ace counted as 11). Actions: hit, stick ("stand" works too).
+    Reward: gymnasium's +1 win, 0 draw, -1 loss. Expert: basic strategy for hit/stick.
+    """
+
+    solvable = False
+    ACTIONS = {"stick": 0, "stand": 0, "hit": 1}
+
+    def __init__(self, natural: bool = False, sab: bool = False, render_mode: str | None = None, expert_noise: float = 0.0):
+        super().__init__(render_mode=render_mode, expert_noise=expert_noise)
+        self.inner = BlackjackEnv(natural=natural, sab=sab)
+        self.hand = (0, 0, 0)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.hand = tuple(int(x) for x in self.inner.reset(seed=int(self.np_random.integers(2**31)))[0])
+        return self.observe(f"Blackjack: say hit or stick.\n{self.line()}")
+
+    def line(self) -> str:
+        total, dealer, ace = self.hand
+        return f"sum={total} dealer={dealer} ace={'yes' if ace else 'no'}"
+
+    def step_text(self, text: str):
+        action = first_word(text, self.ACTIONS)
+        if action is None:
+            return self.invalid(f"unknown action {quote(text)}; say hit or stick.")
+        obs, gym_reward, terminated, _, _ = self.inner.step(action)
+        self.hand = tuple(int(x) for x in obs)
+        if not terminated:
+            return self.result(self.line(), {})
+        outcome = "you win" if gym_reward > 0 else "draw" if gym_reward == 0 else "you lose"
+        dealer = sum(self.inner.dealer) if action == 0 else None
+        detail = f"sum={self.hand[0]}" + (f" dealer has {dealer}" if dealer is not None else " bust")
+        out = self.result(f"{detail}. {outcome}", {"outcome": float(gym_reward)}, terminated=True, success=gym_reward > 0)
+        out[4]["gym_reward"] = float(gym_reward)
+        return out
+
+    def expert_action(self, noise: float | None = None) -> str:
+        if self.wants_noise(noise):
+            return ("stick", "hit")[int(self.expert_rng.integers(2))]
+        return "hit" if basic_strategy_hits(*self.hand) else "stick"
+
+
+def basic_strategy_hits(total: int, dealer: int, usable_ace: int) -> bool:
+    """Hit-or-stick basic strategy (no doubling or splitting here); ``dealer`` is 1 for an ace."""
+    if usable_ace:
+        return total <= 17 or (total == 18 and dealer in (9, 10, 1))
+    if total <= 11:
+        return True
+    if total == 12:
+        return dealer not in (4, 5, 6)
+    if total <= 16:
+        return dealer not in (2, 3, 4, 5, 6)
+    return False
