@@ -58,9 +58,9 @@ class DataReport:
     examples: list[str] = field(default_factory=list)  # the first MAX_REPORTED "where: why" lines
 
     def metrics(self) -> dict[str, float]:
-        out = {f"data/samples/{k}": float(v) for k, v in self.kept.items()}
-        out["data/skipped"] = float(sum(self.skipped.values()))
-        out.update({f"data/skipped/{k}": float(v) for k, v in self.skipped.items()})
+        out = {f"train/samples/{k.replace('hybrid_rl/', '')}": float(v) for k, v in self.kept.items()}
+        out["train/skipped_samples"] = float(sum(self.skipped.values()))
+        out.update({f"train/skipped_samples/{k}": float(v) for k, v in self.skipped.items()})
         return out
 
 
@@ -74,30 +74,18 @@ class BadSample(Exception):
 
 
 def expert_conversation(env_id: str, seed: int) -> tuple[list[dict], bool]:
-    """One expert episode as chat messages: [system], observation, action, observation, ..., action.
+    """One expert episode as chat messages: [system], observation, action, ..., action; and its success.
 
-    The final observation (after the episode ends) is not included: nothing is trained on it and the
-    rollout loop does not feed it to the model either. Returns (messages, success).
+    The final observation (after the episode ends) is dropped: nothing is trained on it and the rollout
+    loop never feeds it to the model.
     """
     import envs
 
-    env = envs.make(env_id)
-    try:
-        obs, info = env.reset(seed=seed)
-        messages: list[dict] = []
-        system_prompt = getattr(env.unwrapped, "system_prompt", None)
-        if system_prompt:
-            messages.append({"role": "system", "content": system_prompt})
-        done = False
-        while not done:
-            messages.append({"role": info.get("role", "user"), "content": obs})
-            action = env.unwrapped.expert_action()
-            messages.append({"role": "assistant", "content": action})
-            obs, _reward, terminated, truncated, info = env.step(action)
-            done = terminated or truncated
-        return messages, bool(info.get("success", False))
-    finally:
-        env.close()
+    episode = envs.expert_episode(env_id, seed)
+    messages = list(episode.messages)
+    while messages and messages[-1]["role"] != "assistant":
+        messages.pop()
+    return messages, episode.success
 
 
 def env_conversations(env_id: str, episodes: int, keep_failed: bool = False) -> Iterator[tuple[str, object]]:

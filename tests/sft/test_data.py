@@ -1,0 +1,111 @@
+"""SFT data: sources, validation with line numbers, skip/error policy, rendering = render_chat."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model.tokenizer import ByteTokenizer, render_chat
+from sft.config import DataConfig, EnvDemoConfig
+from sft.data import DataError, expert_conversation, load_samples, read_jsonl
+
+TOK = ByteTokenizer()
+GOOD = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "hello"}]}
+TOOL = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "calc(2+2)"},
+                     {"role": "tool", "content": "4"}, {"role": "assistant", "content": "4"}]}
+
+
+def _write_bad_file(path):
+    lines = [
+        json.dumps(GOOD),                                                        # 1 ok
+        "{not json",                                                             # 2 not JSON
+        json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),   # 3 no assistant turn
+        "",                                                                      # 4 blank: ignored
+        json.dumps({"messages": [{"role": "robot", "content": "x"},
+                                 {"role": "assistant", "content": "y"}]}),      # 5 unknown role
+        json.dumps({"messages": [{"role": "user", "content": "q" * 500},
+                                 {"role": "assistant", "content": "a"}]}),      # 6 longer than the budget
+        json.dumps(TOOL),                                                        # 7 ok
+        json.dumps({"text": "not a conversation"}),                             # 8 wrong format
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_jsonl_bad_lines_are_skipped_counted_and_reported_with_line_numbers(tmp_path, caplog):
+    path = tmp_path / "chat.jsonl"
+    _write_bad_file(path)
+    cfg = DataConfig(jsonl_paths=[str(path)], on_bad_sample="skip", max_seq_tokens=256)
+    with caplog.at_level("WARNING"):
+        samples, report = load_samples(cfg, TOK)
+    assert [s.source for s in samples] == [f"{path}:1", f"{path}:7"]
+    assert dict(report.skipped) == {"not_json": 1, "no_assistant": 1, "unknown_role": 1, "too_long": 1, "format": 1}
+    assert report.metrics()["train/skipped_samples"] == 5 and report.metrics()["train/samples/jsonl"] == 2
+    text = caplog.text
+    for lineno, why in [(2, "not valid JSON"), (3, "no assistant turn"), (5, "unknown role 'robot'"),
+                        (6, "longer than data.max_seq_tokens=256"), (8, '"messages"')]:
+        assert f"{path}:{lineno}: " in text and why in text
+    assert f"{path}:4" not in text
+
+
+@pytest.mark.parametrize("bad_line, lineno, why", [
+    ("{not json", 2, "not valid JSON"),
+    (json.dumps({"messages": [{"role": "user", "content": "?"}]}), 2, "no assistant turn"),
+    (json.dumps({"messages": [{"role": "bot", "content": "?"}, {"role": "assistant", "content": "!"}]}), 2, "unknown role"),
+    (json.dumps({"messages": [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "!"}]}), 2, "longer than"),
+])
+def test_on_bad_sample_error_stops_naming_the_line_and_the_fix(tmp_path, bad_line, lineno, why):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + bad_line + "\n")
+    with pytest.raises(DataError) as err:
+        load_samples(DataConfig(jsonl_paths=[str(path)], on_bad_sample="error", max_seq_tokens=256), TOK)
+    assert f"{path}:{lineno}" in str(err.value) and why in str(err.value) and "on_bad_sample=skip" in str(err.value)
+
+
+def test_missing_file_and_all_bad_data_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_samples(DataConfig(jsonl_paths=[str(tmp_path / "nope.jsonl")]), TOK)
+    path = tmp_path / "bad.jsonl"
+    path.write_text("{\n")
+    with pytest.raises(DataError, match="no usable training samples"):
+        load_samples(DataConfig(jsonl_paths=[str(path)], on_bad_sample="skip"), TOK)
+
+
+def test_rendering_is_render_chat_with_assistant_only_mask(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(TOOL) + "\n")
+    (sample,), _ = load_samples(DataConfig(jsonl_paths=[str(path)]), TOK)
+    ids, mask = render_chat(TOOL["messages"])
+    assert sample.ids == ids and sample.mask == mask
+    trained = TOK.decode([i for i, m in zip(ids, mask) if m], skip_special=False)
+    assert trained == "calc(2+2)<|end|>4<|end|>"
+
+
+def test_hf_datasets_directory(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list([GOOD, TOOL, {"messages": [{"role": "user", "content": "?"}]}])
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "ds"))
+    cfg = DataConfig(hf_dataset_dir=str(tmp_path / "ds"), on_bad_sample="skip")
+    samples, report = load_samples(cfg, TOK)
+    assert len(samples) == 2 and samples[1].ids == render_chat(TOOL["messages"])[0]
+    assert report.skipped == {"no_assistant": 1} and report.examples[0].startswith(f"{tmp_path / 'ds'}[2]: ")
+    with pytest.raises(DataError, match="hf_dataset_split"):
+        load_samples(DataConfig(hf_dataset_dir=str(tmp_path / "ds"), hf_dataset_split="test"), TOK)
+
+
+def test_expert_demonstrations_on_train_seeds_saved_to_jsonl_and_read_back(tmp_path):
+    import envs
+
+    cfg = DataConfig(envs=[EnvDemoConfig("hybrid_rl/GuessNumber-v0", 5), EnvDemoConfig("hybrid_rl/FrozenLake-v1", 3)])
+    samples, report = load_samples(cfg, TOK, demos_path=tmp_path / "demos.jsonl")
+    assert report.kept == {"env:hybrid_rl/GuessNumber-v0": 5, "env:hybrid_rl/FrozenLake-v1": 3}
+    train_seeds = envs.seeds("hybrid_rl/GuessNumber-v0", "train", 5)
+    assert [s.source for s in samples[:5]] == [f"hybrid_rl/GuessNumber-v0 seed {k}" for k in train_seeds]
+    messages, success = expert_conversation("hybrid_rl/FrozenLake-v1", 0)
+    assert success and messages[-1]["role"] == "assistant" and samples[5].ids == render_chat(messages)[0]
+    rows = [obj for _, obj in read_jsonl(tmp_path / "demos.jsonl")]
+    assert len(rows) == 8 and rows[5]["messages"] == messages
+    again, _ = load_samples(DataConfig(jsonl_paths=[str(tmp_path / "demos.jsonl")]), TOK)
+    assert [s.ids for s in again] == [s.ids for s in samples]
