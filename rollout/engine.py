@@ -1,0 +1,404 @@
+"""The generation engine: multi-turn episodes played with batched, cached, continuous decoding.
+
+One ``Engine`` holds a model, a tokenizer and a set of environment instances. ``play(requests)`` runs
+GRPO groups (``GroupRequest``: env id, seed, G samples) to completion and returns one ``Trajectory`` per
+episode. The loop, per decode step:
+
+1. admit: fill free rows of the batch (at most ``max_batch_episodes``) with waiting episodes. A new group
+   resets its G environments, renders the prompt ``[bos] + system + observation + generation_prefix``,
+   prefills it ONCE and forks that cache row for its G samples (identical prompts share one prefill).
+2. sample one token for every row (``sampling.sample``: the token, its log-prob under the sampling
+   distribution and under the plain softmax).
+3. advance each episode: a turn ends at ``<|end|>``, at ``max_turn_tokens``, at the episode token limit
+   or at a stop string (then ``<|end|>`` is appended as a NON-action token, so the ids stay identical to
+   ``render_chat`` of the conversation). The environment steps; its next observation is rendered as one
+   message plus the generation prefix and queued for the row.
+4. finished rows leave the batch (``cache.select``), their slots are refilled at step 1 at once.
+5. forward: every remaining row feeds the tokens it has not fed yet (``token_ids[fed:]``): one token on
+   an ordinary step (``model.decode_step``), the closing token plus the next observation at a turn
+   boundary (``model.extend``: only the new tokens, the history is never re-prefilled or re-tokenized).
+
+Rows at different turns and lengths share each forward. Environment errors and time-outs end only
+their own episode (status ``env_error`` / ``timeout``, kept in the records). ``reprefill=True`` is the
+baseline the benchmark compares against: rebuild a row's cache from the whole history at every turn.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from rollout.config import EpisodeConfig, SamplingConfig
+from rollout.envpool import EnvFailure, EnvPool, EnvTimeout, call_with_timeout
+from rollout.sampling import sample
+from rollout.trajectory import Trajectory
+
+log = logging.getLogger("hybrid_rl.rollout")
+
+
+@dataclass
+class GroupRequest:
+    """G episodes of one environment seed (a GRPO group); G = 1 for evaluation."""
+
+    env_id: str
+    seed: int
+    group_id: int = 0
+    num_samples: int = 1
+    env_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples} (group {self.group_id})")
+
+
+class _Episode:
+    """One episode in flight: its record, its env, and how many of its tokens the cache row holds."""
+
+    __slots__ = ("traj", "env", "request", "fed", "turn_start", "routing")
+
+    def __init__(self, traj: Trajectory, env, request: GroupRequest):
+        self.traj, self.env, self.request = traj, env, request
+        self.fed = 0  # tokens of traj.token_ids already in the cache row
+        self.turn_start = 0  # index of this turn's first generated token
+        self.routing: list | None = None  # routed experts per fed token (record_routing)
+
+
+class _Prefix:
+    """A prefilled prompt (one cache row + its last logits) waiting to be forked into free rows."""
+
+    __slots__ = ("cache", "logits_1v", "routing", "episodes")
+
+    def __init__(self, cache, logits_1v, routing, episodes):
+        self.cache, self.logits_1v, self.routing, self.episodes = cache, logits_1v, routing, deque(episodes)
+
+
+def model_vocab_size(model) -> int:
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "vocab_size", 0) or getattr(model, "vocab_size"))
+
+
+def banned_token_mask(tokenizer, vocab_size: int, ascii_only: bool = False) -> torch.Tensor:
+    """``[V]`` bool: ids the policy may not sample. Every special but the stop token, every id past the
+    tokenizer's vocabulary (the model's embedding is padded), and with ``ascii_only`` bytes >= 128.
+    Generated ids thus always decode to text that ``render_chat`` turns back into the same ids."""
+    banned = torch.zeros(vocab_size, dtype=torch.bool)
+    banned[min(int(tokenizer.vocab_size), vocab_size):] = True
+    offset = getattr(tokenizer, "byte_offset", None)
+    if offset is not None:  # the byte tokenizer: ids below the first byte are specials
+        banned[:offset] = True
+        if ascii_only:
+            banned[offset + 128: offset + 256] = True
+    else:
+        hf = getattr(tokenizer, "hf", None)
+        for i in getattr(hf, "all_special_ids", []) or []:
+            if 0 <= i < vocab_size:
+                banned[i] = True
+        if ascii_only:
+            raise ValueError("sampling.ascii_only is only supported with the byte tokenizer")
+    banned[tokenizer.end_id] = False
+    return banned
+
+
+class Engine:
+    def __init__(self, model, tokenizer, sampling: SamplingConfig | None = None, episode: EpisodeConfig | None = None,
+                 *, policy_version: int = 0, worker_name: str = "", reprefill: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.sampling = sampling or SamplingConfig()
+        self.episode = episode or EpisodeConfig()
+        self.policy_version = policy_version
+        self.worker_name = worker_name
+        self.reprefill = reprefill
+        self.end_id = int(tokenizer.end_id)
+        self.banned_v = banned_token_mask(tokenizer, model_vocab_size(model), self.sampling.ascii_only)
+        self.generator = torch.Generator()
+        if self.sampling.seed is not None:
+            self.generator.manual_seed(self.sampling.seed)
+        else:
+            self.generator.seed()
+        self.envs = EnvPool()
+        self.step_hook: Callable[[], None] | None = None  # called before every decode step (weight updates)
+        self.stats = dict(forward_calls=0, decode_steps=0, extend_calls=0, prefill_tokens=0, fed_tokens=0,
+                          generated_tokens=0, episodes=0)
+
+    # ------------------------------------------------------------------ the loop
+    def play(self, requests: Iterable[GroupRequest]) -> list[Trajectory]:
+        """Play every episode of every request; trajectories come back in completion order."""
+        pending = deque(requests)
+        prefixes: deque[_Prefix] = deque()
+        finished: list[Trajectory] = []
+        rows: list[_Episode] = []
+        cache, logits_bv = None, None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                while True:
+                    if self.step_hook is not None:
+                        self.step_hook()
+                    cache, logits_bv = self._admit(rows, cache, logits_bv, prefixes, pending, finished)
+                    if not rows:
+                        break
+                    tokens_b, sample_logp_b, plain_logp_b = sample(
+                        logits_bv, self.sampling.temperature, self.sampling.top_k, self.sampling.top_p,
+                        self.banned_v, self.generator)
+                    keep = []
+                    for i, ep in enumerate(rows):
+                        if self._advance(ep, int(tokens_b[i]), float(sample_logp_b[i]), float(plain_logp_b[i])):
+                            finished.append(self._finish(ep))
+                        else:
+                            keep.append(i)
+                    if len(keep) < len(rows):
+                        rows[:] = [rows[i] for i in keep]
+                        cache = cache.select(keep) if keep else None
+                    if rows:
+                        cache, logits_bv = self._forward(cache, rows)
+                    else:
+                        cache, logits_bv = None, None
+        finally:
+            self.model.train(was_training)
+        return finished
+
+    # ------------------------------------------------------------------ admission and prefill
+    def _admit(self, rows, cache, logits_bv, prefixes, pending, finished):
+        free = self.episode.max_batch_episodes - len(rows)
+        while free > 0 and (prefixes or pending):
+            if not prefixes:
+                prefixes.extend(self._start_groups(pending, free, finished))
+                continue
+            prefix = prefixes[0]
+            n = min(free, len(prefix.episodes))
+            new_eps = [prefix.episodes.popleft() for _ in range(n)]
+            forked = prefix.cache.fork(0, n)
+            for ep in new_eps:
+                ep.routing = list(prefix.routing) if prefix.routing is not None else None
+            rows.extend(new_eps)
+            new_logits = prefix.logits_1v.expand(n, -1)
+            cache = forked if cache is None else type(forked).cat([cache, forked])
+            logits_bv = new_logits if logits_bv is None else torch.cat([logits_bv, new_logits])
+            free -= n
+            if not prefix.episodes:
+                prefixes.popleft()
+        return cache, logits_bv
+
+    def _start_groups(self, pending: deque, free: int, finished: list) -> list[_Prefix]:
+        """Reset the environments of the next groups (at least one, up to ``free`` episodes), prefill
+        each distinct prompt once in one batched extend."""
+        by_prompt: dict[tuple, list[_Episode]] = {}
+        taken = 0
+        while pending and (taken == 0 or taken + pending[0].num_samples <= free):
+            req = pending.popleft()
+            taken += req.num_samples
+            for k in range(req.num_samples):
+                ep = self._reset(req, k)
+                if ep.traj.status in ("env_error", "timeout") or ep.fed < 0:
+                    finished.append(self._finish(ep))
+                else:
+                    by_prompt.setdefault((req.group_id, tuple(ep.traj.token_ids)), []).append(ep)
+        if not by_prompt:
+            return []
+        prompts = [list(key[1]) for key in by_prompt]
+        cache = self.model.new_cache(len(prompts))
+        logits_bv, routing = self._call_extend(cache, prompts)
+        self.stats["prefill_tokens"] += sum(map(len, prompts))
+        out = []
+        for r, eps in enumerate(by_prompt.values()):
+            for ep in eps:
+                ep.fed = len(ep.traj.token_ids)
+            out.append(_Prefix(cache.select([r]), logits_bv[r:r + 1], routing[r] if routing else None, eps))
+        return out
+
+    def _reset(self, req: GroupRequest, k: int) -> _Episode:
+        traj = Trajectory(env_id=req.env_id, seed=req.seed, group_id=req.group_id, sample_index=k,
+                          worker=self.worker_name)
+        env = self.envs.acquire(req.env_id, req.env_kwargs)  # an unknown id raises here, before any work
+        ep = _Episode(traj, env, req)
+        try:
+            obs, info = call_with_timeout(lambda: env.reset(seed=req.seed), self.episode.env_timeout_s)
+        except (EnvFailure, EnvTimeout) as err:
+            self._env_failed(ep, err, "reset")
+            return ep
+        tok = self.tokenizer
+        system = getattr(env.unwrapped, "system_prompt", None)
+        ids = [tok.bos_id]
+        if system:
+            ids += tok.render_message("system", system)
+            traj.messages.append({"role": "system", "content": system})
+        role = _obs_role(info)
+        ids += tok.render_message(role, obs) + tok.generation_prefix()
+        traj.messages.append({"role": role, "content": obs})
+        self._append(traj, ids, action=False)
+        ep.turn_start = len(ids)
+        if len(ids) + 2 > self.episode.max_episode_tokens:
+            traj.status, traj.error = "truncated", f"prompt of {len(ids)} tokens leaves no room under max_episode_tokens"
+            ep.fed = -1  # never enters the batch
+        return ep
+
+    # ------------------------------------------------------------------ one token of one episode
+    def _advance(self, ep: _Episode, token: int, sample_logp: float, plain_logp: float) -> bool:
+        """Append a sampled token; at the end of a turn step the env. True when the episode is over."""
+        traj, cfg = ep.traj, self.episode
+        traj.token_ids.append(token)
+        traj.is_action.append(1)
+        traj.logprobs.append(plain_logp)
+        traj.sample_logprobs.append(sample_logp)
+        traj.policy_version.append(self.policy_version)
+        self.stats["generated_tokens"] += 1
+        if token != self.end_id:
+            n_turn = len(traj.token_ids) - ep.turn_start
+            if not (n_turn >= cfg.max_turn_tokens or len(traj.token_ids) >= cfg.max_episode_tokens - 1
+                    or self._hit_stop_string(traj.token_ids, ep.turn_start)):
+                return False
+            self._append(traj, [self.end_id], action=False)  # forced close: same ids as render_chat
+        action = self.tokenizer.decode(traj.token_ids[ep.turn_start:-1])
+        traj.messages.append({"role": "assistant", "content": action})
+        traj.num_turns += 1
+        try:
+            obs, reward, terminated, truncated, info = call_with_timeout(
+                lambda: ep.env.step(action), cfg.env_timeout_s)
+        except (EnvFailure, EnvTimeout) as err:
+            self._env_failed(ep, err, "step")
+            return True
+        traj.step_rewards.append(float(reward))
+        info = info or {}
+        invalid = bool(info.get("invalid_action", False))
+        traj.num_invalid_actions += invalid
+        if terminated or truncated:
+            traj.status = "terminated" if terminated else "truncated"
+            traj.success = bool(info.get("success", False))
+            return True
+        if invalid and cfg.end_on_invalid_action:
+            traj.status = "invalid_action"
+            return True
+        role = _obs_role(info)
+        obs_ids = self.tokenizer.render_message(role, obs) + self.tokenizer.generation_prefix()
+        if len(traj.token_ids) + len(obs_ids) + 2 > cfg.max_episode_tokens:
+            traj.status = "truncated"
+            traj.error = f"max_episode_tokens ({cfg.max_episode_tokens}) reached after turn {traj.num_turns}"
+            return True
+        traj.messages.append({"role": role, "content": obs})
+        self._append(traj, obs_ids, action=False)
+        ep.turn_start = len(traj.token_ids)
+        return False
+
+    def _hit_stop_string(self, token_ids: list[int], turn_start: int) -> bool:
+        stops = self.sampling.stop_strings
+        if not stops:
+            return False
+        tail = max(len(s.encode()) for s in stops) + 4
+        text = self.tokenizer.decode(token_ids[max(turn_start, len(token_ids) - tail):])
+        return any(text.endswith(s) for s in stops)
+
+    def _append(self, traj: Trajectory, ids: list[int], action: bool) -> None:
+        n = len(ids)
+        traj.token_ids += ids
+        traj.is_action += [int(action)] * n
+        traj.logprobs += [0.0] * n
+        traj.sample_logprobs += [0.0] * n
+        traj.policy_version += [self.policy_version] * n
+
+    def _env_failed(self, ep: _Episode, err: Exception, where: str) -> None:
+        timeout = isinstance(err, EnvTimeout)
+        ep.traj.status = "timeout" if timeout else "env_error"
+        ep.traj.error = f"env.{where} at turn {ep.traj.num_turns}: {err}"
+        log.warning("%s seed %d: %s", ep.traj.env_id, ep.traj.seed, ep.traj.error)
+        self.envs.discard(ep.env)
+        ep.env = None
+
+    def _finish(self, ep: _Episode) -> Trajectory:
+        traj = ep.traj
+        if ep.env is not None:
+            self.envs.release(ep.request.env_id, ep.request.env_kwargs, ep.env)
+            ep.env = None
+        traj.episode_return = float(sum(traj.step_rewards))
+        if self.episode.record_routing:
+            traj.routed_experts = _pad_routing(ep.routing or [], len(traj.token_ids))
+        traj.check()
+        self.stats["episodes"] += 1
+        return traj
+
+    # ------------------------------------------------------------------ model calls
+    def _forward(self, cache, rows: list[_Episode]):
+        """Feed every row its unfed tokens -> (cache, logits [B, V]); rows may be reordered (reprefill)."""
+        feeds = [ep.traj.token_ids[ep.fed:] for ep in rows]
+        if self.reprefill and any(len(f) > 1 for f in feeds):
+            return self._forward_reprefill(cache, rows, feeds)
+        if all(len(f) == 1 for f in feeds):
+            logits_bv, routing = self._call_decode(cache, torch.tensor([f[0] for f in feeds]))
+        else:
+            logits_bv, routing = self._call_extend(cache, feeds)
+        for r, ep in enumerate(rows):
+            ep.fed += len(feeds[r])
+            if routing is not None and ep.routing is not None:
+                ep.routing.extend(routing[r])
+        self.stats["fed_tokens"] += sum(map(len, feeds))
+        return cache, logits_bv
+
+    def _forward_reprefill(self, cache, rows, feeds):
+        """Baseline: rows at a turn boundary rebuild their cache from the whole history (quadratic)."""
+        full = [ep.traj.token_ids[:ep.fed + len(f)] for ep, f in zip(rows, feeds)]
+        fresh = self.model.new_cache(len(rows))
+        logits_bv, _ = self._call_extend(fresh, [full[r] if len(feeds[r]) > 1 else [] for r in range(len(rows))])
+        # rows feeding one token keep their cache: take those rows from the old cache after a decode step
+        one = [r for r in range(len(rows)) if len(feeds[r]) == 1]
+        if one:
+            sub = cache.select(one)
+            sub_logits, _ = self._call_extend(sub, [feeds[r] for r in one])
+            logits_bv = logits_bv.clone()
+            logits_bv[one] = sub_logits
+        many = [r for r in range(len(rows)) if len(feeds[r]) > 1]
+        merged = type(fresh).cat([fresh.select(many)] + ([sub] if one else []))
+        order = many + one
+        rows[:] = [rows[r] for r in order]
+        for ep, r in zip(rows, order):
+            ep.fed += len(feeds[r])
+        self.stats["fed_tokens"] += sum(len(full[r]) if len(feeds[r]) > 1 else 1 for r in range(len(feeds)))
+        return merged, logits_bv[order]
+
+    def _call_extend(self, cache, feeds):
+        self.stats["forward_calls"] += 1
+        self.stats["extend_calls"] += 1
+        if self.episode.record_routing:
+            logits_bv, routed = self.model.extend(cache, feeds, record_routing=True)
+            return logits_bv, _routing_rows(routed, [len(f) for f in feeds])
+        return self.model.extend(cache, feeds), None
+
+    def _call_decode(self, cache, tokens_b):
+        self.stats["forward_calls"] += 1
+        self.stats["decode_steps"] += 1
+        if self.episode.record_routing:
+            logits_bv, routed = self.model.decode_step(cache, tokens_b, record_routing=True)
+            return logits_bv, _routing_rows(routed, [1] * len(tokens_b))
+        return self.model.decode_step(cache, tokens_b), None
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+def _obs_role(info) -> str:
+    return "tool" if (info or {}).get("role") == "tool" else "user"
+
+
+def _routing_rows(routed, counts: list[int]) -> list[list]:
+    """Routed experts from extend/decode_step -> per row, a list (one per fed token) of [n_moe_layers][k].
+
+    Accepts a padded tensor ``[B, T, L, k]`` (row r's first counts[r] positions), a ``[B, L, k]`` tensor
+    for one token per row, or a list of per-row tensors ``[n_r, L, k]``.
+    """
+    if isinstance(routed, torch.Tensor):
+        if routed.dim() == 3:
+            routed = routed[:, None]
+        return [routed[r, :n].tolist() for r, n in enumerate(counts)]
+    return [torch.as_tensor(x)[:n].tolist() if n else [] for x, n in zip(routed, counts)]
+
+
+def _pad_routing(routing: list, n_tokens: int) -> list:
+    """Tokens never fed (the closing token of the last turn) repeat the previous token's experts: a token's
+    routing only affects its own position, whose output no loss term reads."""
+    out = list(routing[:n_tokens])
+    while len(out) < n_tokens and out:
+        out.append(out[-1])
+    return out

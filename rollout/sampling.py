@@ -1,0 +1,97 @@
+"""Token sampling with temperature, top-k and top-p, and the two log-probabilities RL needs.
+
+Shapes: ``B`` rows, ``V`` vocabulary. For each sampled token we return
+  - ``sample_logp``: its log-prob under the distribution actually sampled from (banned tokens removed,
+    logits / temperature, top-k, then top-p, renormalised; 0 for greedy, which picks with probability 1),
+  - ``plain_logp``: its log-prob under the plain softmax of the raw logits (temperature 1, nothing
+    removed): what the training forward recomputes, so the two can be compared token for token.
+
+The order temperature -> top-k -> top-p follows transformers' logits processors. Top-p keeps the
+smallest prefix of the sorted distribution whose mass reaches ``top_p`` (the token that crosses the
+threshold is kept; the most likely token always is). ``naive_*`` twins loop over rows in plain Python
+and are what the tests hold the fast path to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def sampling_logprobs(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      banned_v: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probs ``[B, V]`` (fp32) of the sampling distribution; removed tokens get -inf. temperature > 0."""
+    if temperature <= 0:
+        raise ValueError(f"sampling_logprobs needs temperature > 0 (greedy has no distribution), got {temperature}")
+    x_bv = logits_bv.float() / temperature
+    if banned_v is not None:
+        x_bv = x_bv.masked_fill(banned_v, NEG_INF)
+    vocab = x_bv.shape[-1]
+    if 0 < top_k < vocab:
+        kth_b1 = torch.topk(x_bv, top_k, dim=-1).values[:, -1:]
+        x_bv = x_bv.masked_fill(x_bv < kth_b1, NEG_INF)
+    if top_p < 1.0:
+        sorted_bv, order_bv = torch.sort(x_bv, dim=-1, descending=True)
+        probs_bv = torch.softmax(sorted_bv, dim=-1)
+        mass_before_bv = torch.cumsum(probs_bv, dim=-1) - probs_bv
+        drop_sorted_bv = mass_before_bv >= top_p
+        drop_sorted_bv[:, 0] = False
+        drop_bv = torch.zeros_like(drop_sorted_bv).scatter(-1, order_bv, drop_sorted_bv)
+        x_bv = x_bv.masked_fill(drop_bv, NEG_INF)
+    return torch.log_softmax(x_bv, dim=-1)
+
+
+def sample(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           banned_v: torch.Tensor | None = None, generator: torch.Generator | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one token per row -> (tokens [B] long, sample_logp [B], plain_logp [B]) (fp32)."""
+    logits_bv = logits_bv.float()
+    plain_bv = torch.log_softmax(logits_bv, dim=-1)
+    if temperature == 0:
+        masked_bv = logits_bv if banned_v is None else logits_bv.masked_fill(banned_v, NEG_INF)
+        tokens_b = masked_bv.argmax(dim=-1)
+        sample_logp_b = torch.zeros(tokens_b.shape, dtype=torch.float32)
+    else:
+        logp_bv = sampling_logprobs(logits_bv, temperature, top_k, top_p, banned_v)
+        tokens_b = torch.multinomial(logp_bv.exp(), 1, generator=generator).squeeze(-1)
+        sample_logp_b = logp_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
+    plain_logp_b = plain_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
+    return tokens_b, sample_logp_b, plain_logp_b
+
+
+# ----------------------------------------------------------------------------- naive twins
+
+
+def naive_sampling_probs(logits_v: list[float], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                         banned: set[int] = frozenset()) -> list[float]:
+    """One row, plain Python: the probability of every token under the sampling distribution."""
+    scaled = [(x / temperature if i not in banned else NEG_INF) for i, x in enumerate(logits_v)]
+    order = sorted(range(len(scaled)), key=lambda i: -scaled[i])
+    keep = [i for i in order if scaled[i] > NEG_INF]
+    if 0 < top_k < len(keep):
+        kth = scaled[keep[top_k - 1]]
+        keep = [i for i in keep if scaled[i] >= kth]  # ties with the k-th are kept, like the fast path
+    if top_p < 1.0:
+        top = max(scaled[i] for i in keep)
+        z = sum(math.exp(scaled[i] - top) for i in keep)
+        kept, mass = [], 0.0
+        for i in keep:
+            if kept and mass >= top_p:
+                break
+            kept.append(i)
+            mass += math.exp(scaled[i] - top) / z
+        keep = kept
+    top = max(scaled[i] for i in keep)
+    z = sum(math.exp(scaled[i] - top) for i in keep)
+    probs = [0.0] * len(scaled)
+    for i in keep:
+        probs[i] = math.exp(scaled[i] - top) / z
+    return probs
+
+
+def naive_plain_logprob(logits_v: list[float], token: int) -> float:
+    top = max(logits_v)
+    return logits_v[token] - top - math.log(sum(math.exp(x - top) for x in logits_v))

@@ -1,0 +1,180 @@
+"""Stand-ins for tests and benchmarks: a toy recurrent LM with the decoding API of ``model.HybridLM``,
+small multi-turn environments, and fault injection (an env that raises, hangs, or kills its process).
+
+They live in the package (not under tests/) so that Ray worker processes can import them by name:
+env ids ``rollout.testing:hybrid_rl_test/<Name>-v0`` import this module before ``gymnasium.make``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium
+import torch
+from torch import nn
+
+# ----------------------------------------------------------------------------- toy model
+
+
+@dataclass
+class ToyOutput:
+    logits: torch.Tensor  # [B, T, V] fp32
+    routed_experts: torch.Tensor | None = None
+
+
+class ToyCache:
+    """Per-row recurrent state ``h [B, D]`` and lengths; the HybridCache row operations."""
+
+    def __init__(self, h_bd: torch.Tensor, lengths_b: torch.Tensor):
+        self.h_bd, self.lengths = h_bd, lengths_b
+
+    @property
+    def batch_size(self) -> int:
+        return self.h_bd.shape[0]
+
+    def fork(self, row: int, n: int) -> "ToyCache":
+        return ToyCache(self.h_bd[row:row + 1].repeat(n, 1), self.lengths[row:row + 1].repeat(n))
+
+    def select(self, rows) -> "ToyCache":
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return ToyCache(self.h_bd[idx].clone(), self.lengths[idx].clone())
+
+    @staticmethod
+    def cat(caches) -> "ToyCache":
+        return ToyCache(torch.cat([c.h_bd for c in caches]), torch.cat([c.lengths for c in caches]))
+
+    def nbytes(self) -> int:
+        return self.h_bd.numel() * self.h_bd.element_size()
+
+
+class ToyLM(nn.Module):
+    """h_t = tanh(A h_{t-1} + E[x_t]); logits_t = W h_t. Training forward and cached decoding agree exactly."""
+
+    def __init__(self, vocab_size: int = 272, dim: int = 32, seed: int = 0, logit_scale: float = 3.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.vocab_size, self.dim = vocab_size, dim
+        self.embed = nn.Parameter(torch.randn(vocab_size, dim, generator=g) * 0.5)
+        self.recur = nn.Parameter(torch.randn(dim, dim, generator=g) / dim ** 0.5)
+        self.head = nn.Parameter(torch.randn(vocab_size, dim, generator=g) * logit_scale / dim ** 0.5)
+
+    def _step(self, h_bd, x_b):
+        return torch.tanh(h_bd @ self.recur.T + self.embed[x_b])
+
+    def forward(self, input_ids, doc_ids=None, routing=None, record_routing=False) -> ToyOutput:
+        b, t = input_ids.shape
+        h = torch.zeros(b, self.dim)
+        out = []
+        for i in range(t):
+            h = self._step(h, input_ids[:, i])
+            out.append(h)
+        return ToyOutput(logits=(torch.stack(out, 1) @ self.head.T).float())
+
+    def new_cache(self, batch_size: int) -> ToyCache:
+        return ToyCache(torch.zeros(batch_size, self.dim), torch.zeros(batch_size, dtype=torch.long))
+
+    def extend(self, cache: ToyCache, tokens) -> torch.Tensor:
+        rows = []
+        for r, toks in enumerate(tokens):
+            h = cache.h_bd[r:r + 1]
+            for x in list(toks):
+                h = self._step(h, torch.tensor([int(x)]))
+            rows.append(h)
+            cache.lengths[r] += len(toks)
+        cache.h_bd = torch.cat(rows)
+        return cache.h_bd @ self.head.T
+
+    def decode_step(self, cache: ToyCache, token_ids_b: torch.Tensor) -> torch.Tensor:
+        cache.h_bd = self._step(cache.h_bd, token_ids_b.long())
+        cache.lengths += 1
+        return cache.h_bd @ self.head.T
+
+
+# ----------------------------------------------------------------------------- environments
+
+
+class FixedTurnsEnv(gymnasium.Env):
+    """Exactly ``turns`` turns; reward 1 per turn whose action contains ``target``; success if all did.
+
+    The observation grows a little each turn so episodes at different turns have different lengths.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, turns: int = 4, target: str = "a", system_prompt: str | None = "Answer briefly.",
+                 obs_len: int = 24):
+        self.turns, self.target, self.obs_len = turns, target, obs_len
+        self.system_prompt = system_prompt
+        self.tools: list = []
+        self.observation_space = gymnasium.spaces.Text(10_000)
+        self.action_space = gymnasium.spaces.Text(10_000)
+        self._t, self._hits, self._seed = 0, 0, 0
+
+    def _obs(self) -> str:
+        pad = "abcdefghijklmnopqrstuvwxyz"[(self._seed + self._t) % 26] * max(0, self.obs_len - 12)
+        return f"turn {self._t + 1}/{self.turns} {pad}"
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._t, self._hits, self._seed = 0, 0, int(seed or 0)
+        return self._obs(), {"role": "user"}
+
+    def step(self, action: str):
+        hit = self.target in action
+        self._hits += hit
+        self._t += 1
+        done = self._t >= self.turns
+        info = {"role": "tool" if self._t % 2 else "user", "invalid_action": False,
+                "reward_components": {"hit": float(hit)}}
+        if done:
+            info["success"] = self._hits == self.turns
+        return ("" if done else self._obs()), float(hit), done, False, info
+
+    def expert_action(self) -> str:
+        return self.target
+
+
+class FaultyEnv(FixedTurnsEnv):
+    """FixedTurnsEnv that misbehaves on purpose.
+
+    raise_prob: each reset/step raises RuntimeError with this probability (seeded by the episode seed).
+    hang_s: a step sleeps this long when ``hang_on_seed`` equals the episode seed.
+    kill_once_file: the first step that finds this file missing creates it and SIGKILLs its own process
+    (a worker killed mid-rollout, exactly once across restarts).
+    """
+
+    def __init__(self, raise_prob: float = 0.0, hang_s: float = 0.0, hang_on_seed: int = -1,
+                 kill_once_file: str = "", **kw):
+        super().__init__(**kw)
+        self.raise_prob, self.hang_s, self.hang_on_seed, self.kill_once_file = raise_prob, hang_s, hang_on_seed, kill_once_file
+        self._rng = random.Random(0)
+
+    def reset(self, *, seed=None, options=None):
+        self._rng = random.Random(int(seed or 0) * 7919 + 1)
+        if self._rng.random() < self.raise_prob:
+            raise RuntimeError(f"injected reset failure (seed {seed})")
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action: str):
+        if self.kill_once_file and not Path(self.kill_once_file).exists():
+            Path(self.kill_once_file).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.hang_s and self._seed == self.hang_on_seed:
+            time.sleep(self.hang_s)
+        if self._rng.random() < self.raise_prob:
+            raise RuntimeError(f"injected step failure (seed {self._seed}, turn {self._t})")
+        return super().step(action)
+
+
+FIXED_TURNS_ID = "rollout.testing:hybrid_rl_test/FixedTurns-v0"
+FAULTY_ID = "rollout.testing:hybrid_rl_test/Faulty-v0"
+
+for _name, _cls in (("FixedTurns", FixedTurnsEnv), ("Faulty", FaultyEnv)):
+    if f"hybrid_rl_test/{_name}-v0" not in gymnasium.registry:
+        gymnasium.register(f"hybrid_rl_test/{_name}-v0", entry_point=_cls, disable_env_checker=True,
+                           order_enforce=False)
