@@ -1,0 +1,36 @@
+"""``hybrid-rl bench NAME [options]``: run one benchmark; each prints a table and JSON.
+
+A benchmark is a module with ``main(argv) -> int``, listed in ``BENCHMARKS``. Only those whose
+module is present are offered, so a missing optional benchmark never breaks the others.
+``hybrid-rl bench NAME --help`` shows a benchmark's own options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+
+# name -> (module, one-line help)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "model": ("benchmarks.bench_model", "forward/decode speed and equivalence against transformers' NemotronH"),
+    "memory": ("benchmarks.bench_memory", "decode-cache memory vs an all-attention twin at 8K/128K/1M tokens"),
+    "rollout": ("benchmarks.bench_rollout", "rollout throughput of the engine against a TRL-style baseline"),
+}
+
+
+def available() -> dict[str, tuple[str, str]]:
+    return {name: spec for name, spec in BENCHMARKS.items() if importlib.util.find_spec(spec[0]) is not None}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    names = available()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "benchmarks:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, h) in names.items())
+    parser.add_argument("name", choices=list(names), help="the benchmark to run")
+    parser.add_argument("argv", nargs=argparse.REMAINDER, help="options passed to the benchmark (see NAME --help)")
+
+
+def run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(available()[args.name][0])
+    return int(module.main(list(args.argv)) or 0)
