@@ -52,7 +52,7 @@ class TextEnv(gym.Env):
                      False for games of chance such as Blackjack (the success rate is only reported).
     """
 
-    metadata: dict[str, Any] = {"render_modes": ["ansi"]}
+    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}
     system_prompt: str | None = None
     tools: list[dict] = []
     solvable: bool = True

@@ -1,0 +1,222 @@
+"""``hybrid-rl envs check ID``: gymnasium's checker plus the hybrid-rl contract.
+
+Checks, each reported by name:
+  gymnasium         gymnasium.utils.env_checker.check_env on the unwrapped env (its warnings are reported)
+  text_spaces       observation and action spaces are ``gymnasium.spaces.Text``; observations are str
+  info_contract     step info has ``success``/``role``/``invalid_action`` of the right types, and
+                    ``reward_components`` (when given) sum to the reward
+  determinism       the same seed and the same (noisy) expert actions give the same episode
+  bad_actions       garbage, malformed tool calls, "", 100 KB, non-ASCII and non-strings never raise,
+                    and unparseable ones are flagged ``invalid_action`` with an explanation
+  truncation        an agent that only sends garbage is truncated at the turn limit (or the env ends
+                    the episode itself, unsuccessfully); truncation never comes before the limit
+  expert            the expert ends episodes by termination; its success rate on eval seeds is
+                    reported, and must be >= 99% when the env is ``solvable``
+
+On the last allowed turn gymnasium's ``TimeLimit`` sets ``truncated`` even when the environment
+terminated on that very turn (always so for the one-turn Arithmetic): ``terminated`` then wins.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import gymnasium as gym
+from gymnasium.utils.env_checker import check_env as gym_check_env
+
+from envs.episode import Episode, expert_policy, run_episode
+from envs.registry import make, resolve_id, seeds
+
+__all__ = ["CheckReport", "check", "BAD_ACTIONS", "SUCCESS_FLOOR"]
+
+SUCCESS_FLOOR = 0.99
+BAD_ACTIONS: dict[str, object] = {
+    "empty": "",
+    "whitespace": "   \n\t ",
+    "garbage": "qwzx #$%^ ~~",
+    "malformed_tool_call": '<tool_call>{"name": "calc", "arguments": </tool_call>',
+    "unclosed_tool_call": '<tool_call>{"name": "calc"',
+    "unknown_tool": '<tool_call>{"name": "nope", "arguments": {}}</tool_call>',
+    "huge_number": "9" * 400,
+    "negative": "-3",
+    "non_ascii": "\u2603 \u00e9\u00e8 \x00\x7f",
+    "100kb": "x" * 100_000,
+    "100kb_digits": "7" * 100_000,
+    "not_a_string": None,
+}
+MUST_BE_INVALID = ("empty", "whitespace", "garbage", "100kb", "100kb_digits", "not_a_string")
+
+
+@dataclass
+class CheckReport:
+    env_id: str
+    results: dict[str, str] = field(default_factory=dict)  # check -> "ok" or the failure
+    warnings: list[str] = field(default_factory=list)
+    expert: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(v == "ok" for v in self.results.values())
+
+    def format(self) -> str:
+        lines = [f"{self.env_id}: {'PASS' if self.passed else 'FAIL'}"]
+        lines += [f"  {'ok  ' if v == 'ok' else 'FAIL'} {name}" + ("" if v == "ok" else f": {v}") for name, v in self.results.items()]
+        if self.expert:
+            e = self.expert
+            lines.append(f"  expert on {e['episodes']} eval seeds: success {e['success_rate']:.1%}, "
+                         f"mean return {e['mean_return']:.3f}, mean turns {e['mean_turns']:.2f}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def check(env_id: str, episodes: int = 100, **kwargs) -> CheckReport:
+    """Run every check on ``env_id`` (made with ``kwargs``); the expert plays ``episodes`` eval seeds."""
+    env_id = resolve_id(env_id)
+    report = CheckReport(env_id)
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("gymnasium", lambda: _gymnasium(env_id, kwargs, report)),
+        ("text_spaces", lambda: _text_spaces(env_id, kwargs)),
+        ("info_contract", lambda: _info_contract(env_id, kwargs)),
+        ("determinism", lambda: _determinism(env_id, kwargs)),
+        ("bad_actions", lambda: _bad_actions(env_id, kwargs)),
+        ("truncation", lambda: _truncation(env_id, kwargs)),
+        ("expert", lambda: _expert(env_id, episodes, kwargs, report)),
+    ]
+    for name, run in steps:
+        try:
+            run()
+            report.results[name] = "ok"
+        except Exception as err:  # a failed check is a report line, not a crash of the others
+            report.results[name] = f"{type(err).__name__}: {err}" if str(err) else traceback.format_exc(limit=2)
+    return report
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # gymnasium colours its warnings
+
+
+class CheckFailed(AssertionError):
+    pass
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+def _gymnasium(env_id: str, kwargs: dict, report: CheckReport) -> None:
+    env = make(env_id, **kwargs)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gym_check_env(env.unwrapped, skip_close_check=False)
+        report.warnings += sorted({_ANSI.sub("", str(w.message)) for w in caught})
+    finally:
+        env.close()
+
+
+def _text_spaces(env_id: str, kwargs: dict) -> None:
+    env = make(env_id, **kwargs)
+    for name in ("observation_space", "action_space"):
+        space = getattr(env, name)
+        _require(isinstance(space, gym.spaces.Text), f"{name} is {space!r}; text environments use gymnasium.spaces.Text (envs.text_space).")
+    obs, info = env.reset(seed=0)
+    _require(isinstance(obs, str), f"reset returned a {type(obs).__name__} observation; expected str.")
+    _require(obs in env.observation_space, f"reset observation {obs[:40]!r} is not in observation_space (length or characters).")
+    prompt, tools = getattr(env.unwrapped, "system_prompt", None), getattr(env.unwrapped, "tools", [])
+    _require(prompt is None or isinstance(prompt, str), f"system_prompt must be str or None, got {type(prompt).__name__}.")
+    _require(isinstance(tools, (list, tuple)) and all(isinstance(t, dict) and "name" in t for t in tools),
+             "tools must be a list of specs with a 'name' (and 'description', 'parameters').")
+
+
+def _check_step(env: gym.Env, out: tuple, where: str) -> None:
+    obs, reward, terminated, truncated, info = out
+    _require(isinstance(obs, str), f"{where}: observation is {type(obs).__name__}, expected str.")
+    _require(obs in env.observation_space, f"{where}: observation {obs[:40]!r} is not in observation_space.")
+    _require(isinstance(reward, (int, float)) and math.isfinite(reward), f"{where}: reward {reward!r} is not a finite number.")
+    _require(isinstance(terminated, bool) and isinstance(truncated, bool), f"{where}: terminated/truncated must be bool.")
+    _require(isinstance(info.get("success", False), bool), f"{where}: info['success'] must be a bool.")
+    _require(info.get("role", "user") in ("user", "tool"), f"{where}: info['role'] is {info.get('role')!r}; expected 'user' or 'tool'.")
+    _require(isinstance(info.get("invalid_action", False), bool), f"{where}: info['invalid_action'] must be a bool.")
+    components = info.get("reward_components")
+    if components is not None:
+        _require(math.isclose(sum(components.values()), reward, abs_tol=1e-6),
+                 f"{where}: reward_components {components} sum to {sum(components.values())}, but the reward is {reward}.")
+
+
+def _info_contract(env_id: str, kwargs: dict) -> None:
+    env = make(env_id, **kwargs)
+    act = expert_policy(env, 0.3) if hasattr(env.unwrapped, "expert_action") else (lambda _o: env.action_space.sample())
+    limit = env.spec.max_episode_steps if env.spec else None
+    for seed in seeds(env_id, "train", 5):
+        obs, _ = env.reset(seed=seed)
+        for turn in range(1, 10_000):
+            out = env.step(act(obs))
+            _check_step(env, out, f"seed {seed} turn {turn}")
+            obs, _, terminated, truncated, info = out
+            _require(not truncated or turn == limit, f"seed {seed}: truncated at turn {turn}, before the limit {limit}.")
+            if terminated or truncated:
+                _require("success" in info, "the last step's info has no 'success' key; set it (bool) at the episode's end.")
+                break
+
+
+def _determinism(env_id: str, kwargs: dict) -> None:
+    if not hasattr(make(env_id, **kwargs).unwrapped, "expert_action"):
+        return
+    for seed in seeds(env_id, "train", 5):
+        first, second = (_trace(env_id, seed, kwargs) for _ in range(2))
+        _require(first == second, f"seed {seed}: two runs with the same seed and actions differ:\n{first}\n---\n{second}")
+
+
+def _trace(env_id: str, seed: int, kwargs: dict) -> list:
+    env = make(env_id, **kwargs)
+    episode = run_episode(env, expert_policy(env, 0.3), seed=seed)
+    return [episode.messages, episode.rewards, episode.terminated, episode.truncated]
+
+
+def _bad_actions(env_id: str, kwargs: dict) -> None:
+    env = make(env_id, **kwargs)
+    for name, action in BAD_ACTIONS.items():
+        env.reset(seed=0)
+        try:
+            out = env.step(action)
+        except Exception as err:
+            raise CheckFailed(f"step({name}) raised {type(err).__name__}: {err}; step must never raise on model output.") from None
+        _check_step(env, out, f"step({name})")
+        if name in MUST_BE_INVALID:
+            _require(out[4].get("invalid_action") is True, f"step({name}) was not flagged info['invalid_action']=True.")
+            _require(len(out[0].strip()) > 0, f"step({name}) gave an empty observation; say what was wrong.")
+
+
+def _truncation(env_id: str, kwargs: dict) -> None:
+    env = make(env_id, **kwargs)
+    limit = env.spec.max_episode_steps if env.spec else None
+    _require(limit is not None, "no max_episode_steps: register the env with a turn limit.")
+    episode = run_episode(env, lambda _obs: "qwzx", seed=0)
+    if episode.truncated:
+        _require(episode.num_turns == limit, f"truncated after {episode.num_turns} turns; the limit is {limit}.")
+    _require(not episode.success, "garbage actions succeeded; the task is not verified.")
+
+
+def _expert(env_id: str, episodes: int, kwargs: dict, report: CheckReport) -> None:
+    env = make(env_id, **kwargs)
+    if not hasattr(env.unwrapped, "expert_action"):
+        report.warnings.append("no expert_action(): this env cannot produce SFT demonstrations.")
+        return
+    act = expert_policy(env, 0.0)
+    runs: list[Episode] = [run_episode(env, act, seed=s) for s in seeds(env_id, "eval", episodes)]
+    n = max(len(runs), 1)
+    report.expert = {"episodes": len(runs), "success_rate": sum(r.success for r in runs) / n,
+                     "mean_return": sum(r.episode_return for r in runs) / n,
+                     "mean_turns": sum(r.num_turns for r in runs) / n}
+    for r in runs:
+        _require(not r.success or r.terminated, f"seed {r.seed}: a successful episode was truncated instead of terminated.")
+    if getattr(env.unwrapped, "solvable", True):
+        rate = report.expert["success_rate"]
+        failed = [r.seed for r in runs if not r.success][:5]
+        _require(rate >= SUCCESS_FLOOR, f"expert success {rate:.1%} < {SUCCESS_FLOOR:.0%} on eval seeds (failing seeds: {failed}); "
+                                        f"fix the expert, raise max_episode_steps, or set solvable = False for a game of chance.")
