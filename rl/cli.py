@@ -1,0 +1,40 @@
+"""``hybrid-rl rl [config.yaml] [key=value ...]``: GRPO-style RL from an SFT checkpoint (``init_from=``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from hybrid_rl.cli import add_config_arguments, resolve_config
+from hybrid_rl.log import setup_logging
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "rl_quick.yaml")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rl.config import RLStageConfig
+
+    cfg = resolve_config(RLStageConfig, args)
+    if cfg is None:
+        return 0
+    setup_logging(cfg.run.log_level, cfg.run.quiet)
+    _check_envs(cfg.envs)
+    from rl.train import train
+
+    result = train(cfg)
+    print(json.dumps({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"], **result["eval"]}, indent=1))
+    return 0
+
+
+def _check_envs(env_ids) -> None:
+    """Unknown env ids fail before any work, with gymnasium's did-you-mean."""
+    import envs
+    from hybrid_rl.config import ConfigError
+
+    for env_id in env_ids:
+        try:
+            envs.resolve_id(env_id)
+        except envs.UnknownEnvironmentError as err:
+            raise ConfigError(f"envs: {err}") from None

@@ -1,0 +1,166 @@
+"""The typed config of the RL stage (``hybrid-rl rl``): one dataclass per section, units in names.
+
+Sizes, in one place (``RLStageConfig.__post_init__`` checks them):
+
+    a group        = rollout.samples_per_prompt episodes of one env seed (the GRPO baseline)
+    a step's batch = rollout.prompts_per_step groups = prompts_per_step * samples_per_prompt episodes
+    a micro-batch  = whole episodes, right-padded to the longest, at most train.micro_batch_tokens
+                     tokens (rows * longest row); gradients accumulate over the step's micro-batches
+    an update      = one AdamW step per batch (on-policy: the ratio starts at exactly 1)
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hybrid_rl.metrics import LoggingConfig
+from hybrid_rl.run import RunConfig
+from model.config import HybridConfig
+from rl.advantages import ADVANTAGES
+from rl.kl import KL_ESTIMATORS
+from rl.losses import AGGREGATIONS, POLICY_LOSSES
+from rollout.config import PoolConfig, SamplingConfig
+
+__all__ = ["RolloutSection", "AlgoConfig", "TrainConfig", "EvalConfig", "CheckpointConfig", "RLStageConfig"]
+
+
+def _check_choice(field_name: str, value: str, choices) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, list(choices), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{field_name}: got {value!r}, expected one of {', '.join(map(repr, choices))}.{hint}")
+
+
+@dataclass
+class RolloutSection:
+    prompts_per_step: int = 8  # env seeds per step, each one a group
+    samples_per_prompt: int = 8  # episodes per seed (G): the group baseline needs at least 2
+    max_new_tokens: int = 32  # tokens the model may generate in one turn (then the end-of-turn token is forced)
+    max_episode_tokens: int = 512  # prompt + all turns; a longer episode is truncated
+    env_timeout_s: float = 30.0  # a slower env reset/step marks the episode `timeout` (excluded from the loss)
+    end_on_invalid_action: bool = False  # end an episode at its first unparsable action
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # temperature 1: sample the policy being trained
+    pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_workers=1))
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "max_new_tokens", "max_episode_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_prompt < 2:
+            raise ValueError(
+                f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}: a group of one episode has no "
+                "baseline, so every advantage would be 0. Use e.g. samples_per_prompt=8."
+            )
+
+    @property
+    def episodes_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "grpo"  # rl/advantages.py: grpo | drgrpo | rloo
+    policy_loss: str = "grpo"  # rl/losses.py: grpo | dapo | gspo | reinforce
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
+    clip_eps_low: float = 0.2  # ratio floor 1 - eps_low (grpo uses it on both sides)
+    clip_eps_high: float = 0.28  # ratio ceiling 1 + eps_high for dapo/gspo (DAPO's clip-higher value)
+    kl_estimator: str = "k3"  # rl/kl.py: k1 | k2 | k3
+    kl_beta: float = 0.0  # weight of the KL to the initial policy; 0 = no reference model is kept
+    routing_replay: bool = False  # train on the experts the rollout picked (R3), recorded per token
+    mode: Literal["sync", "async"] = "sync"  # async: rollouts of step k+1 run while step k trains
+    max_staleness: int = 1  # async only: batches are at most this many policy versions old
+
+    def __post_init__(self):
+        _check_choice("advantage", self.advantage, ADVANTAGES)
+        _check_choice("policy_loss", self.policy_loss, POLICY_LOSSES)
+        _check_choice("loss_agg", self.loss_agg, AGGREGATIONS)
+        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.clip_eps_low < 0 or self.clip_eps_high < 0:
+            raise ValueError(f"clip_eps_low/clip_eps_high must be >= 0, got {self.clip_eps_low}/{self.clip_eps_high}")
+        if self.kl_beta < 0:
+            raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
+        if self.max_staleness != 1:
+            raise ValueError(f"max_staleness must be 1 (one batch in flight while one trains), got {self.max_staleness}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20  # GRPO steps (= optimizer steps = policy versions)
+    lr: float = 1e-4  # constant after warmup: RL from an SFT policy wants small, steady steps
+    warmup_steps: int = 0  # linear warmup from 0
+    weight_decay: float = 0.0  # no decay: it pulls the SFT weights toward 0 for no RL reason
+    beta1: float = 0.9
+    beta2: float = 0.99
+    max_grad_norm: float = 1.0  # clip the global grad norm; 0 = off
+    micro_batch_tokens: int = 4096  # padded tokens per micro-batch (rows x longest row)
+    moe_bias_update_rate: float = 1e-3  # aux-loss-free balancing step per optimizer step; 0 = off
+    torch_threads: int = 0  # torch threads of the trainer process (0 = torch's default)
+
+    def __post_init__(self):
+        for name in ("steps", "lr", "micro_batch_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "moe_bias_update_rate", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 10  # steps between evals on held-out seeds; 0 = only at the end
+    episodes_per_env: int = 32  # on envs.seeds(env, "eval", n): never seen in training
+    temperature: float = 0.0  # 0 = greedy, the policy's best guess
+    at_start: bool = True  # evaluate the initial (SFT) policy at step 0 too
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.episodes_per_env < 1 or self.temperature < 0:
+            raise ValueError(f"every_steps must be >= 0, episodes_per_env >= 1, temperature >= 0; got {self}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # older step_N are deleted; 0 = keep all
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.keep_last < 0:
+            raise ValueError(f"every_steps and keep_last must be >= 0, got {self.every_steps}, {self.keep_last}")
+
+
+@dataclass
+class RLStageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    # the architecture when init_from is empty (a policy from scratch); ignored when init_from is set
+    model: HybridConfig = field(default_factory=lambda: HybridConfig.from_preset("micro"))
+    init_from: str = ""  # HF checkpoint folder to start from (an SFT step_N), or an SFT run dir (its latest step)
+    resume: bool = False  # continue run.name from its latest step_N (optimizer, RNG, step and data cursor)
+    envs: list[str] = field(default_factory=lambda: ["hybrid_rl/GuessNumber-v0"])  # prompts are split evenly
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if not self.envs:
+            raise ValueError("envs is empty: name at least one environment, e.g. envs=[hybrid_rl/GuessNumber-v0]")
+        if self.rollout.prompts_per_step % len(self.envs):
+            raise ValueError(
+                f"rollout.prompts_per_step ({self.rollout.prompts_per_step}) must be a multiple of the number of envs "
+                f"({len(self.envs)}) so that every env gets the same share of groups; e.g. "
+                f"rollout.prompts_per_step={len(self.envs) * max(1, self.rollout.prompts_per_step // len(self.envs))}"
+            )
+        if self.train.micro_batch_tokens < self.rollout.max_episode_tokens:
+            raise ValueError(
+                f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) is smaller than rollout.max_episode_tokens "
+                f"({self.rollout.max_episode_tokens}): the longest episode must fit in one micro-batch."
+            )
+        if self.resume and not self.run.name:
+            raise ValueError("resume=true needs run.name: the run directory to continue")
+
+    @property
+    def prompts_per_env(self) -> int:
+        return self.rollout.prompts_per_step // len(self.envs)
