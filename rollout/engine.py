@@ -121,6 +121,7 @@ class Engine:
             self.generator.seed()
         self.envs = EnvPool()
         self.step_hook: Callable[[], None] | None = None  # called before every decode step (weight updates)
+        self.batch_trace: list[int] | None = None  # set to [] to record the rows sampled at every step
         self.stats = dict(forward_calls=0, decode_steps=0, extend_calls=0, prefill_tokens=0, fed_tokens=0,
                           generated_tokens=0, episodes=0)
 
@@ -142,6 +143,8 @@ class Engine:
                     cache, logits_bv = self._admit(rows, cache, logits_bv, prefixes, pending, finished)
                     if not rows:
                         break
+                    if self.batch_trace is not None:
+                        self.batch_trace.append(len(rows))
                     tokens_b, sample_logp_b, plain_logp_b = sample(
                         logits_bv, self.sampling.temperature, self.sampling.top_k, self.sampling.top_p,
                         self.banned_v, self.generator)

@@ -1,0 +1,108 @@
+"""Evaluation: play environment seeds with a policy and summarise success, return, turns and tokens.
+
+``evaluate(model, tokenizer, env_ids, ...)`` runs in this process (no Ray): the SFT loop calls it every
+N steps. ``hybrid-rl eval`` runs the same requests on the Ray workers and the same ``summarize``.
+Failed episodes (env_error / timeout) are counted but left out of every mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from rollout.config import EpisodeConfig, SamplingConfig
+from rollout.engine import Engine, GroupRequest
+from rollout.trajectory import Trajectory
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+@dataclass
+class EvalResult:
+    summary: dict[str, dict[str, float]]  # env id (and "all") -> metric -> value
+    trajectories: list[Trajectory] = field(default_factory=list)
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        """Flat names for MetricsLogger: ``eval/success_rate`` (all envs) and ``eval/<Env>/success_rate``."""
+        out = {}
+        for env_id, stats in self.summary.items():
+            scope = "" if env_id == "all" else env_id.rpartition("/")[2] + "/"
+            out.update({f"{prefix}{scope}{k}": float(v) for k, v in stats.items()})
+        return out
+
+    def table(self) -> str:
+        return format_table(self.summary)
+
+
+def eval_requests(env_ids: list[str], seeds: list[int] | dict[str, list[int]] | None = None, episodes: int = 8,
+                  split: str = "eval") -> list[GroupRequest]:
+    """One single-sample request per (env, seed); seeds default to ``envs.seeds(env_id, split, episodes)``."""
+    if isinstance(env_ids, str):
+        env_ids = [env_ids]
+    requests = []
+    for env_id in env_ids:
+        if isinstance(seeds, dict):
+            env_seeds = seeds[env_id]
+        elif seeds is not None:
+            env_seeds = list(seeds)
+        else:
+            import envs
+
+            env_seeds = envs.seeds(env_id.rpartition(":")[2], split, episodes)
+        requests += [GroupRequest(env_id, int(s), group_id=len(requests) + i) for i, s in enumerate(env_seeds)]
+    return requests
+
+
+def evaluate(model, tokenizer, env_ids, seeds=None, episodes: int = 8, split: str = "eval",
+             sampling: SamplingConfig | None = None, episode: EpisodeConfig | None = None) -> EvalResult:
+    """Greedy by default; in this process, no Ray."""
+    engine = Engine(model, tokenizer, sampling or GREEDY, episode or EpisodeConfig())
+    try:
+        trajectories = engine.play(eval_requests(env_ids, seeds, episodes, split))
+    finally:
+        engine.close()
+    trajectories.sort(key=lambda t: t.group_id)
+    return EvalResult(summarize(trajectories), trajectories)
+
+
+def summarize(trajectories: list[Trajectory]) -> dict[str, dict[str, float]]:
+    by_env: dict[str, list[Trajectory]] = {}
+    for t in trajectories:
+        by_env.setdefault(t.env_id, []).append(t)
+    out = {env_id: _stats(ts) for env_id, ts in sorted(by_env.items())}
+    if len(by_env) > 1:
+        out["all"] = _stats(trajectories)
+    return out
+
+
+def _stats(trajs: list[Trajectory]) -> dict[str, float]:
+    ok = [t for t in trajs if not t.failed]
+
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs) if xs else math.nan
+
+    return {
+        "episodes": float(len(trajs)),
+        "failed": float(len(trajs) - len(ok)),
+        "success_rate": mean(float(t.success) for t in ok),
+        "return_mean": mean(t.episode_return for t in ok),
+        "turns_mean": mean(t.num_turns for t in ok),
+        "tokens_mean": mean(t.num_tokens for t in ok),
+        "action_tokens_mean": mean(t.num_action_tokens for t in ok),
+        "invalid_actions_mean": mean(t.num_invalid_actions for t in ok),
+        "truncated_rate": mean(float(t.status == "truncated") for t in ok),
+    }
+
+
+COLUMNS = [("episodes", "episodes", "{:.0f}"), ("failed", "failed", "{:.0f}"), ("success_rate", "success", "{:.3f}"),
+           ("return_mean", "return", "{:.3f}"), ("turns_mean", "turns", "{:.2f}"), ("tokens_mean", "tokens", "{:.1f}"),
+           ("action_tokens_mean", "action tok", "{:.1f}")]
+
+
+def format_table(summary: dict[str, dict[str, float]]) -> str:
+    header = ["env"] + [title for _, title, _ in COLUMNS]
+    rows = [[env_id] + [fmt.format(stats[key]) for key, _, fmt in COLUMNS] for env_id, stats in summary.items()]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -1,0 +1,35 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # helpers.py
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node binds to 127.0.0.1
+
+
+def _model_available() -> bool:
+    try:
+        from model import HybridLM  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+MODEL_KINDS = ["toy"] + (["micro"] if _model_available() else [])
+
+
+@pytest.fixture(params=MODEL_KINDS)
+def model_kind(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """ONE local Ray per pytest session (ray.init costs ~7 s): 2 CPUs, no dashboard, small object store."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 ** 2,
+                 log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

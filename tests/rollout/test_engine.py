@@ -1,0 +1,226 @@
+"""The engine over a model: token format, log-prob agreement, continuous batching, extension, faults."""
+
+import pytest
+import torch
+
+from helpers import TOK, forced_close_positions, make_model
+from rollout import logprobs as lp
+from rollout.config import EpisodeConfig, SamplingConfig
+from rollout.engine import Engine, GroupRequest
+from rollout.evaluate import evaluate
+from rollout.testing import FAULTY_ID, FIXED_TURNS_ID
+
+
+def play(model, requests, sampling=None, episode=None, **kw):
+    engine = Engine(model, TOK, sampling or SamplingConfig(seed=0, ascii_only=True),
+                    episode or EpisodeConfig(max_turn_tokens=6, max_batch_episodes=4), **kw)
+    return engine, engine.play(requests)
+
+
+def groups(n, samples=1, env_id=FIXED_TURNS_ID, **env_kwargs):
+    return [GroupRequest(env_id, seed=s, group_id=s, num_samples=samples, env_kwargs=env_kwargs) for s in range(n)]
+
+
+def test_ids_equal_render_chat_of_the_conversation(model_kind):
+    model = make_model(model_kind)
+    _, trajs = play(model, groups(3, samples=2, turns=3))
+    assert len(trajs) == 6
+    saw_forced = False
+    for t in trajs:
+        ids, mask = TOK.render_chat(t.messages)
+        assert t.token_ids == ids
+        forced = forced_close_positions(t)
+        saw_forced |= bool(forced)
+        # identical mask except at closing tokens the engine added itself (not sampled: not trained on)
+        assert [m for i, m in enumerate(mask) if i not in forced] == [a for i, a in enumerate(t.is_action) if i not in forced]
+        assert all(mask[i] == 1 and t.is_action[i] == 0 for i in forced)
+        assert t.status == "terminated" and t.num_turns == 3
+    assert saw_forced, "max_turn_tokens=6 should cut some turns"
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(seed=1), SamplingConfig(seed=2, temperature=0.7, top_p=0.9, top_k=40)])
+def test_rollout_logprobs_equal_training_forward(model_kind, sampling):
+    """Multi-turn episodes and forked GRPO groups; plain-softmax log-probs agree to 1e-4 in fp32."""
+    model = make_model(model_kind)
+    _, trajs = play(model, groups(3, samples=3, turns=3), sampling=sampling,
+                    episode=EpisodeConfig(max_turn_tokens=8, max_batch_episodes=5))
+    assert sum(t.num_turns for t in trajs) == 27
+    stats = lp.logprob_mismatch(model, trajs)
+    assert stats["rollout/logprob_mismatch_tokens"] > 100
+    assert stats["rollout/logprob_mismatch_max"] <= 1e-4
+    # the batched helper equals its naive twin
+    naive = lp.naive_training_logprobs(model, trajs[0])
+    assert lp.training_logprobs(model, trajs[:3])[0] == pytest.approx(naive, abs=1e-5)
+    # sample_logprobs: under the distribution sampled from (specials banned and renormalised, so at
+    # temperature 1 without truncation a token is at least as likely there as under the plain softmax)
+    acts = [(a, b) for t in trajs for a, b, m in zip(t.logprobs, t.sample_logprobs, t.is_action) if m]
+    if sampling.temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k == 0:
+        assert all(b >= a - 1e-6 for a, b in acts)
+    else:
+        assert max(abs(a - b) for a, b in acts) > 1e-3
+
+
+class SpyModel(torch.nn.Module):
+    """Records every decoding call: (kind, batch rows, tokens per row)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+        self.config = getattr(inner, "config", None)
+        self.vocab_size = getattr(inner, "vocab_size", None)
+
+    def new_cache(self, n):
+        return self.inner.new_cache(n)
+
+    def extend(self, cache, tokens, **kw):
+        self.calls.append(("extend", len(tokens), [len(t) for t in tokens]))
+        return self.inner.extend(cache, tokens, **kw)
+
+    def decode_step(self, cache, ids, **kw):
+        self.calls.append(("decode", len(ids), [1] * len(ids)))
+        return self.inner.decode_step(cache, ids, **kw)
+
+
+def test_continuous_batching_refills_rows_at_once():
+    spy = SpyModel(make_model("toy"))
+    reqs = [GroupRequest(FIXED_TURNS_ID, s, s, env_kwargs={"turns": 1 + s % 3}) for s in range(9)]
+    # stop strings on common letters give turns of random length, so rows fall out of step
+    sampling = SamplingConfig(seed=0, ascii_only=True, stop_strings=list("abcdefghij"))
+    engine = Engine(spy, TOK, sampling, EpisodeConfig(max_turn_tokens=12, max_batch_episodes=3))
+    engine.batch_trace = []
+    trajs = engine.play(reqs)
+    assert sorted(t.seed for t in trajs) == list(range(9))
+    sizes = engine.batch_trace
+    assert max(sizes) == 3 and max(b for _, b, _ in spy.calls) <= 3
+    # every sampling step is full while episodes wait, then the batch drains: once below 3, never back up
+    first_drop = next(i for i, b in enumerate(sizes) if b < 3)
+    assert first_drop > 0 and all(b < 3 for b in sizes[first_drop:])
+    assert sizes[first_drop:] == sorted(sizes[first_drop:], reverse=True)
+    # turn boundaries of rows at different turns share forwards with other rows' decoding
+    assert any(kind == "extend" and len(set(per_row)) > 1 for kind, _, per_row in spy.calls)
+
+
+def test_history_is_never_prefilled_twice_and_groups_prefill_once():
+    spy = SpyModel(make_model("toy"))
+    engine, trajs = play(spy, groups(2, samples=4, turns=3), episode=EpisodeConfig(max_turn_tokens=5, max_batch_episodes=8))
+    fed = sum(sum(per_row) for _, _, per_row in spy.calls)
+    prompt_len = {t.group_id: t.token_ids.index(TOK.role_ids["assistant"]) + 1 for t in trajs}
+    # every token is fed exactly once, except the shared prompt of a group (fed once for its 4 samples)
+    # and the episode's last sampled token and a closing token the engine appended (nothing reads them)
+    unfed = sum(1 + (len(t.token_ids) - 1 in forced_close_positions(t)) for t in trajs)
+    expected = sum(len(t.token_ids) for t in trajs) - unfed - sum(3 * n for n in prompt_len.values())
+    assert fed == expected
+    assert engine.stats["prefill_tokens"] == sum(prompt_len.values())
+
+
+def test_reprefill_baseline_plays_the_same_greedy_episodes():
+    model = make_model("toy")
+    greedy = SamplingConfig(temperature=0.0)
+    ep = EpisodeConfig(max_turn_tokens=5, max_batch_episodes=3)
+    _, fast = play(model, groups(4, turns=3), sampling=greedy, episode=ep)
+    slow_engine, slow = play(model, groups(4, turns=3), sampling=greedy, episode=ep, reprefill=True)
+    key = lambda t: t.seed  # noqa: E731
+    assert [t.token_ids for t in sorted(fast, key=key)] == [t.token_ids for t in sorted(slow, key=key)]
+    flat = lambda ts: [x for t in sorted(ts, key=key) for x in t.logprobs]  # noqa: E731
+    assert flat(fast) == pytest.approx(flat(slow), abs=1e-5)
+
+
+def test_token_limits_per_turn_and_per_episode():
+    model = make_model("toy")
+    _, trajs = play(model, groups(3, turns=10), episode=EpisodeConfig(max_turn_tokens=4, max_episode_tokens=120))
+    for t in trajs:
+        assert len(t.token_ids) <= 120
+        assert t.status == "truncated" and "max_episode_tokens" in t.error
+        assert TOK.render_chat(t.messages)[0] == t.token_ids
+        # no turn generated more than 4 action tokens
+        run = 0
+        for a in t.is_action:
+            run = run + 1 if a else 0
+            assert run <= 4
+
+
+def test_stop_strings_end_the_turn():
+    model = make_model("toy")
+    greedy = SamplingConfig(temperature=0.0, ascii_only=True)
+    _, base = play(model, groups(1, turns=1), sampling=greedy, episode=EpisodeConfig(max_turn_tokens=12))
+    action = base[0].messages[-1]["content"]
+    assert len(action) >= 4
+    stop = action[2:4]
+    _, cut = play(model, groups(1, turns=1), sampling=SamplingConfig(temperature=0.0, ascii_only=True, stop_strings=[stop]),
+                  episode=EpisodeConfig(max_turn_tokens=12))
+    assert cut[0].messages[-1]["content"] == action[:action.index(stop) + len(stop)]
+    assert TOK.render_chat(cut[0].messages)[0] == cut[0].token_ids
+
+
+def test_env_errors_and_hangs_end_only_their_episode():
+    model = make_model("toy")
+    reqs = [GroupRequest(FAULTY_ID, s, s, num_samples=2, env_kwargs={"raise_prob": 0.1, "turns": 4, "hang_s": 3.0,
+                                                                      "hang_on_seed": 5}) for s in range(12)]
+    _, trajs = play(model, reqs, episode=EpisodeConfig(max_turn_tokens=4, max_batch_episodes=6, env_timeout_s=0.5))
+    assert len(trajs) == 24
+    status = [t.status for t in trajs]
+    assert status.count("env_error") >= 1
+    assert {t.status for t in trajs if t.seed == 5} == {"timeout"}
+    assert status.count("terminated") >= 12
+    for t in trajs:
+        t.check()
+        if t.failed:
+            assert t.error
+    result_ok = [t for t in trajs if not t.failed]
+    assert all(t.num_turns == 4 for t in result_ok)
+
+
+def test_invalid_action_can_end_the_episode():
+    from envs.guess_number import GuessNumber  # noqa: F401  (registers the built-ins)
+
+    model = make_model("toy")
+    _, trajs = play(model, groups(2, env_id="hybrid_rl/GuessNumber-v0"),
+                    episode=EpisodeConfig(max_turn_tokens=4, end_on_invalid_action=True))
+    for t in trajs:
+        assert t.num_invalid_actions <= 1
+        if t.num_invalid_actions:
+            assert t.status == "invalid_action"
+
+
+def test_policy_version_is_recorded_per_token():
+    model = make_model("toy")
+    engine = Engine(model, TOK, SamplingConfig(seed=0), EpisodeConfig(max_turn_tokens=3), policy_version=7)
+    calls = []
+
+    def bump():  # the worker's hook: new weights arrive between decode steps
+        calls.append(1)
+        if len(calls) == 6:
+            engine.policy_version = 8
+
+    engine.step_hook = bump
+    trajs = engine.play(groups(2, turns=3))
+    versions = {v for t in trajs for v in t.policy_version}
+    assert versions == {7, 8}
+    for t in trajs:
+        assert t.policy_version == sorted(t.policy_version)
+
+
+def test_routed_experts_are_recorded_and_replay_reproduces_logprobs():
+    pytest.importorskip("model")
+    model = make_model("micro")
+    _, trajs = play(model, groups(2, samples=2, turns=2), episode=EpisodeConfig(max_turn_tokens=6, record_routing=True))
+    n_moe, k = model.config.layer_pattern.count("E"), model.config.num_experts_per_tok
+    for t in trajs:
+        r = torch.tensor(t.routed_experts)
+        assert r.shape == (len(t.token_ids), n_moe, k)
+        assert r.min() >= 0
+    free = lp.logprob_mismatch(model, trajs)
+    replay = lp.logprob_mismatch(model, trajs, replay_routing=True)
+    assert free["rollout/logprob_mismatch_max"] <= 1e-4
+    assert replay["rollout/logprob_mismatch_max"] <= 1e-4
+
+
+def test_evaluate_in_process_summarises_per_env():
+    model = make_model("toy")
+    result = evaluate(model, TOK, [FIXED_TURNS_ID], seeds=[0, 1, 2, 3], episode=EpisodeConfig(max_turn_tokens=4))
+    stats = result.summary[FIXED_TURNS_ID]
+    assert stats["episodes"] == 4 and stats["failed"] == 0
+    assert stats["turns_mean"] == 4
+    assert 0.0 <= stats["success_rate"] <= 1.0
+    assert "success" in result.table() and FIXED_TURNS_ID in result.table()
+    assert result.metrics()["eval/FixedTurns-v0/turns_mean"] == 4

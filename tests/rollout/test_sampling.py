@@ -1,0 +1,68 @@
+"""Sampling against its naive twins: the distribution, both log-probs, and greedy."""
+
+import math
+
+import pytest
+import torch
+
+from rollout.sampling import naive_plain_logprob, naive_sampling_probs, sample, sampling_logprobs
+
+SETTINGS = [
+    dict(temperature=1.0, top_k=0, top_p=1.0),
+    dict(temperature=0.7, top_k=0, top_p=1.0),
+    dict(temperature=1.3, top_k=5, top_p=1.0),
+    dict(temperature=1.0, top_k=0, top_p=0.8),
+    dict(temperature=0.9, top_k=7, top_p=0.6),
+    dict(temperature=1.0, top_k=1, top_p=1.0),
+    dict(temperature=2.0, top_k=0, top_p=0.05),
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_sampling_distribution_matches_naive(setting):
+    g = torch.Generator().manual_seed(0)
+    logits_bv = torch.randn(4, 23, generator=g) * 2
+    banned_v = torch.zeros(23, dtype=torch.bool)
+    banned_v[[0, 3, 11]] = True
+    fast_bv = sampling_logprobs(logits_bv, banned_v=banned_v, **setting).exp()
+    for r in range(4):
+        naive = naive_sampling_probs(logits_bv[r].tolist(), banned={0, 3, 11}, **setting)
+        assert fast_bv[r].tolist() == pytest.approx(naive, abs=1e-6)
+        assert all(fast_bv[r, i] == 0 for i in (0, 3, 11))
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_sampled_tokens_and_logprobs(setting):
+    g = torch.Generator().manual_seed(1)
+    logits_bv = torch.randn(6, 31, generator=g) * 3
+    tokens_b, sample_logp_b, plain_logp_b = sample(logits_bv, generator=g, **setting)
+    for r in range(6):
+        probs = naive_sampling_probs(logits_bv[r].tolist(), **setting)
+        tok = int(tokens_b[r])
+        assert probs[tok] > 0, "sampled a token outside the support"
+        assert float(sample_logp_b[r]) == pytest.approx(math.log(probs[tok]), abs=1e-5)
+        assert float(plain_logp_b[r]) == pytest.approx(naive_plain_logprob(logits_bv[r].tolist(), tok), abs=1e-5)
+
+
+def test_empirical_frequencies_follow_the_distribution():
+    g = torch.Generator().manual_seed(2)
+    logits_v = torch.randn(8, generator=g)
+    n = 20000
+    tokens_b, _, _ = sample(logits_v.expand(n, -1), temperature=0.8, top_p=0.9, generator=g)
+    freq = torch.bincount(tokens_b, minlength=8).float() / n
+    probs = naive_sampling_probs(logits_v.tolist(), temperature=0.8, top_p=0.9)
+    assert freq.tolist() == pytest.approx(probs, abs=0.015)
+
+
+def test_greedy_picks_the_best_allowed_token_with_probability_one():
+    logits_bv = torch.tensor([[0.0, 5.0, 1.0], [3.0, 2.0, 1.0]])
+    banned_v = torch.tensor([False, True, False])
+    tokens_b, sample_logp_b, plain_logp_b = sample(logits_bv, temperature=0.0, banned_v=banned_v)
+    assert tokens_b.tolist() == [2, 0]
+    assert sample_logp_b.tolist() == [0.0, 0.0]
+    assert float(plain_logp_b[0]) == pytest.approx(naive_plain_logprob([0.0, 5.0, 1.0], 2))
+
+
+def test_temperature_must_be_positive_for_a_distribution():
+    with pytest.raises(ValueError, match="temperature"):
+        sampling_logprobs(torch.zeros(1, 3), temperature=0.0)
