@@ -138,6 +138,8 @@ class Arithmetic(TextEnv):
     Observation: "23+45=". Action: "68". Reward 1.0 if right, else 0; any answer ends the episode.
     """
 
+    ends_on_invalid = True
+
     def __init__(self, max_operand: int = 99, render_mode: str | None = None, expert_noise: float = 0.0):
         super().__init__(render_mode=render_mode, expert_noise=expert_noise)
         if max_operand < 1:
@@ -153,7 +155,7 @@ class Arithmetic(TextEnv):
     def step_text(self, text: str):
         guess = first_int(text)
         if guess is None:
-            return self.invalid(f"no number in {quote(text)}; answer with the sum.", terminated=True)
+            return self.invalid(f"no number in {quote(text)}; answer with the sum.")
         right = guess == self.a + self.b
         return self.result("correct" if right else f"wrong, {self.a + self.b}", {"success": float(right)},
                            terminated=True, success=right)

@@ -12,7 +12,7 @@ import sys
 
 import yaml
 
-from envs.check import check
+from envs.checker import check
 from envs.episode import expert_episode, expert_stats
 from envs.registry import UnknownEnvironmentError, describe, env_ids, max_turns, resolve_id, seeds
 

@@ -57,6 +57,7 @@ class TextEnv(gym.Env):
     tools: list[dict] = []
     solvable: bool = True
     invalid_penalty: float = 0.05  # what an unparseable action costs; small, so exploring stays cheap
+    ends_on_invalid: bool = False  # True for one-turn tasks: any answer, parseable or not, ends the episode
 
     def __init__(self, render_mode: str | None = None, expert_noise: float = 0.0):
         if render_mode not in (None, "ansi"):
@@ -110,10 +111,10 @@ class TextEnv(gym.Env):
                 "reward_components": {k: float(v) for k, v in components.items()}}
         return observation, reward, bool(terminated), False, info
 
-    def invalid(self, problem: str, *, terminated: bool = False):
+    def invalid(self, problem: str):
         """An action that could not be used: say why, charge ``invalid_penalty``, go on (or end)."""
         return self.result(f"Invalid: {problem}", {"invalid": -self.invalid_penalty},
-                           terminated=terminated, invalid=True)
+                           terminated=self.ends_on_invalid, invalid=True)
 
     def wants_noise(self, noise: float | None) -> bool:
         """True with probability ``noise`` (or the env's ``expert_noise``): the expert should err now."""

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import warnings
 from dataclasses import dataclass, field
@@ -90,7 +91,13 @@ def env_ids() -> list[str]:
 
 
 def resolve_id(env_id: str) -> str:
-    """``GuessNumber-v0`` -> ``hybrid_rl/GuessNumber-v0``; raises ``UnknownEnvironmentError`` if unknown."""
+    """``GuessNumber-v0`` -> ``hybrid_rl/GuessNumber-v0``; raises ``UnknownEnvironmentError`` if unknown.
+
+    Like ``gymnasium.make``, ``module:id`` imports ``module`` first (for an env registered there).
+    """
+    if ":" in env_id:
+        module, _, env_id = env_id.partition(":")
+        importlib.import_module(module)
     if "/" not in env_id and f"{NAMESPACE}/{env_id}" in gym.registry:
         return f"{NAMESPACE}/{env_id}"
     if env_id in gym.registry:

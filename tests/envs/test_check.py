@@ -1,0 +1,81 @@
+"""Every registered environment passes the checker; the checker itself catches broken envs."""
+
+import gymnasium as gym
+import pytest
+
+import envs
+from envs.checker import SUCCESS_FLOOR, check
+
+
+def test_every_builtin_passes_the_check(env_id):
+    report = check(env_id, episodes=100)
+    assert report.passed, report.format()
+    assert report.expert["episodes"] == 100
+    if env_id != "hybrid_rl/Blackjack-v1":
+        assert report.expert["success_rate"] >= SUCCESS_FLOOR, report.format()
+
+
+def test_blackjack_expert_is_reported_not_demanded():
+    report = check("Blackjack-v1", episodes=300)
+    assert report.passed
+    assert 0.3 < report.expert["success_rate"] < 0.6  # basic strategy wins ~43% of hands
+
+
+def test_every_registered_id_passes_the_check():
+    failed = [r.format() for r in (check(i, episodes=20) for i in envs.env_ids()) if not r.passed]
+    assert not failed, "\n".join(failed)
+
+
+class _Broken(envs.TextEnv):
+    """Raises on empty actions and misreports its reward components."""
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observe("Say hi.")
+
+    def step_text(self, text):
+        if not text:
+            raise ValueError("empty")
+        obs, reward, term, trunc, info = self.result("ok", {"success": 1.0}, terminated=True, success=True)
+        return obs, reward + 0.5, term, trunc, info
+
+    def expert_action(self, noise=None):
+        return "hi"
+
+
+class _Unsolved(_Broken):
+    """Its expert never wins."""
+
+    def step_text(self, text):
+        return self.result("no", {}, terminated=True)
+
+
+@pytest.fixture
+def registered():
+    added = []
+
+    def register(name, cls):
+        gym.register(id=f"hybrid_rl_test/{name}", entry_point=cls, max_episode_steps=2)
+        added.append(f"hybrid_rl_test/{name}")
+        return added[-1]
+
+    yield register
+    for env_id in added:
+        gym.registry.pop(env_id, None)
+
+
+def test_check_catches_raising_steps_and_wrong_reward_components(registered):
+    report = check(registered("Broken-v0", _Broken), episodes=5)
+    assert not report.passed
+    assert "step(empty) raised ValueError" in report.results["bad_actions"]
+    assert "reward_components" in report.results["info_contract"]
+
+
+def test_check_demands_a_winning_expert_on_solvable_envs(registered):
+    report = check(registered("Unsolved-v0", _Unsolved), episodes=5)
+    assert "expert success 0.0% < 99%" in report.results["expert"]
+    _Unsolved.solvable = False
+    try:
+        assert check("hybrid_rl_test/Unsolved-v0", episodes=5).results["expert"] == "ok"
+    finally:
+        del _Unsolved.solvable
