@@ -46,7 +46,7 @@ from typing import Any, Iterable, Literal
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LoggingConfig", "MetricsLogger", "METRIC_PREFIXES", "env_key",
+    "LoggingConfig", "MetricsLogger", "METRIC_PREFIXES", "env_key", "moe_load_metrics", "resolve_wandb_mode",
     "read_metrics", "read_samples", "read_run_info", "read_wandb_offline_run", "read_tensorboard_scalars",
     "WandbRun",
 ]
@@ -92,6 +92,27 @@ def env_key(env_id: str) -> str:
     if env_id.startswith("hybrid_rl/"):
         env_id = env_id[len("hybrid_rl/"):]
     return env_id.replace("/", ".")
+
+
+def moe_load_metrics(counts_by_layer: dict[int, Any], per_expert_up_to: int = 16, prefix: str = "moe") -> dict[str, float]:
+    """Expert-load metrics from routed-token counts: ``{layer index: counts [n_experts]}`` -> metric dict.
+
+    Per layer: ``load_max`` and ``load_min`` (an expert's share times n_experts: 1 everywhere is a
+    perfect balance), ``dead_experts`` (experts that got no token). Per expert
+    (``expert_load/layer<i>/e<j>``, the share of the layer's routed slots) only when the layer has
+    at most ``per_expert_up_to`` experts: a 128-expert model would log thousands of series per step.
+    """
+    out: dict[str, float] = {}
+    for layer, counts in sorted(counts_by_layer.items()):
+        counts = [float(c) for c in (counts.tolist() if hasattr(counts, "tolist") else counts)]
+        total, n = sum(counts), len(counts)
+        shares = [c / total if total else 0.0 for c in counts]
+        out[f"{prefix}/load_max/layer{layer}"] = max(shares) * n
+        out[f"{prefix}/load_min/layer{layer}"] = min(shares) * n
+        out[f"{prefix}/dead_experts/layer{layer}"] = float(sum(c == 0 for c in counts))
+        if n <= per_expert_up_to:
+            out.update({f"{prefix}/expert_load/layer{layer}/e{e}": share for e, share in enumerate(shares)})
+    return out
 
 
 # ------------------------------------------------------------------------------------------ logger

@@ -204,7 +204,8 @@ def render(runs: list[RunData], title: str) -> str:
         body.append("<p>No metrics logged yet.</p>")
     for section, figs in sections.items():
         body.append(f'<h2 id="{esc(section)}">{esc(section)}</h2><div class="plots">{"".join(figs)}</div>')
-    body.append('<h2 id="summary">last values</h2>' + _summary_table(keys, runs))
+    ordered = [key for lines in groups.values() for _, key in lines]
+    body.append('<h2 id="summary">last values</h2>' + _summary_table(ordered, runs))
     body.append('<h2 id="runs">runs &amp; config</h2>' + "".join(_run_block(r, len(runs) > 1) for r in runs))
     body.append('<h2 id="samples">sample episodes</h2>' + "".join(_samples_block(r, len(runs) > 1) for r in runs))
     body.append('<div id="report-status" data-status="pending">checking plots…</div>')

@@ -234,3 +234,26 @@ def test_tensorboard_failing_mid_run_warns_once_and_is_dropped(tmp_path, monkeyp
     messages, active = _run_with(tmp_path, ["jsonl", "tensorboard"])
     assert len(messages) == 1 and "No space left" in messages[0]
     assert active == ["jsonl"]
+
+
+def test_moe_load_metrics_gives_balance_per_layer_and_shares_for_small_layers():
+    from hybrid_rl.metrics import moe_load_metrics
+
+    got = moe_load_metrics({1: [2, 2, 4, 0], 5: [1] * 32})
+    assert got["moe/load_max/layer1"] == 2.0 and got["moe/load_min/layer1"] == 0.0
+    assert got["moe/dead_experts/layer1"] == 1.0
+    assert [got[f"moe/expert_load/layer1/e{e}"] for e in range(4)] == [0.25, 0.25, 0.5, 0.0]
+    assert got["moe/load_max/layer5"] == 1.0 and not any(k.startswith("moe/expert_load/layer5") for k in got)
+
+
+def test_every_name_the_job_logs_is_documented(full_run):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "METRICS.md").read_text()
+    documented = set(re.findall(r"`((?:train|rollout|eval|perf|moe)/[^`\s]+)`", doc))
+    patterns = [re.compile(re.escape(n).replace("<env>", "[^/]+").replace("<i>", r"\d+").replace("<j>", r"\d+") + "$")
+                for n in documented]
+    _, logged, _ = full_run
+    names = {k for row in logged for k in row if k != "step"}
+    assert [n for n in sorted(names) if not any(p.match(n) for p in patterns)] == []
