@@ -167,12 +167,12 @@ class MetricsLogger:
         self._samples_written += len(rows)
         self._each("log_samples", rows, int(step))
 
-    def close(self) -> None:
-        """Finish every backend (fsync metrics.jsonl, finish wandb) and rebuild report.html."""
+    def close(self, failed: bool = False) -> None:
+        """Finish every backend (fsync metrics.jsonl, finish wandb; as failed when ``failed``) and rebuild report.html."""
         if self._closed:
             return
         self._closed = True
-        self._each("close")
+        self._each("close", failed)
         self._write_run_info()
         if self.cfg.report:
             try:
@@ -185,8 +185,8 @@ class MetricsLogger:
     def __enter__(self) -> "MetricsLogger":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
 
     @property
     def active_backends(self) -> list[str]:
@@ -288,7 +288,7 @@ class _Backend:
 
     def log_samples(self, rows: list[dict], step: int) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool) -> None: ...
 
     def abort(self) -> None:
         """Release what can be released after a failure; errors here are ignored."""
@@ -322,7 +322,7 @@ class _JsonlBackend(_Backend):
             self.samples.write(json.dumps({"step": step, **row}, default=str) + "\n")
         self.samples.flush()
 
-    def close(self):
+    def close(self, failed):
         for f in (self.file, self.samples):
             if f is not None and not f.closed:
                 f.flush()
@@ -369,7 +369,7 @@ class _TensorBoardBackend(_Backend):
         probe = self.dir / ".write-probe"
         probe.write_text("")
         probe.unlink()
-        self.writer = SummaryWriter(log_dir=str(self.dir))
+        self.writer = SummaryWriter(log_dir=str(self.dir), flush_secs=10)  # a crashed run loses at most 10 s of events
         info = owner.info
         self.writer.add_text("run", f"name: {info['name']}  \ngroup: {info['group']}  \ntags: {', '.join(info['tags'])}  \n"
                                     f"git commit: {info['git_commit']}", 0)
@@ -387,7 +387,7 @@ class _TensorBoardBackend(_Backend):
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         self.writer.add_text("samples", "\n".join(lines), step)
 
-    def close(self):
+    def close(self, failed):
         self.writer.close()
 
     def abort(self):
@@ -440,8 +440,8 @@ class _WandbBackend(_Backend):
         data = [[_table_cell(r.get(c)) for c in columns] + [_render_conversation(r)] for r in rows]
         self.run.log({"samples/episodes": self.wandb.Table(columns=columns + ["conversation"], data=data)}, step=step)
 
-    def close(self):
-        self.run.finish()
+    def close(self, failed):
+        self.run.finish(exit_code=1 if failed else 0)
 
     def abort(self):
         self.run.finish(exit_code=1)

@@ -257,3 +257,21 @@ def test_every_name_the_job_logs_is_documented(full_run):
     _, logged, _ = full_run
     names = {k for row in logged for k in row if k != "step"}
     assert [n for n in sorted(names) if not any(p.match(n) for p in patterns)] == []
+
+
+def test_a_stage_that_raises_marks_the_wandb_run_failed(tmp_path, monkeypatch):
+    module, calls = _fake_wandb()
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    with pytest.raises(KeyError):
+        with MetricsLogger(LoggingConfig(backends=["jsonl", "wandb"], **QUIET), tmp_path / "r") as log:
+            log.log({"train/loss": 1.0}, 0)
+            raise KeyError("boom")
+    assert calls["finished"] == [1]
+    assert [r["train/loss"] for r in read_metrics(tmp_path / "r")] == [1.0]
+
+
+def test_progress_bars_are_off_in_ci(monkeypatch):
+    from hybrid_rl.log import progress
+
+    monkeypatch.setenv("CI", "true")
+    assert progress(range(3), total=3, desc="eval", unit="episode").disable
