@@ -1,0 +1,46 @@
+"""``hybrid-rl sft [config.yaml] [key=value ...]``: supervised fine-tuning (default: configs/sft_quick.yaml).
+
+Resume a stopped run with ``run.name=NAME resume=true``; start from other weights with
+``init_from=runs/NAME/step_N``. Start several processes with ``accelerate launch -m hybrid_rl.cli sft ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hybrid_rl.cli import add_config_arguments, resolve_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "sft_quick.yaml")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hybrid_rl.log import setup_logging
+    from sft.config import SFTStageConfig
+    from sft.data import DataError
+
+    cfg = resolve_config(SFTStageConfig, args)
+    if cfg is None:
+        return 0
+    setup_logging(cfg.run.log_level, cfg.run.quiet)
+    from sft.train import train
+
+    try:
+        summary = train(cfg)
+    except DataError as err:
+        print(f"hybrid-rl sft: error: {err}", file=sys.stderr)
+        return 2
+    if summary.get("wall_s") is not None:  # the main process prints the outcome
+        print(_summary_text(summary))
+    return 0
+
+
+def _summary_text(summary: dict) -> str:
+    lines = [f"sft: {summary['steps']} steps in {summary['wall_s']:.0f} s; checkpoint {summary['checkpoint']}"]
+    start, end = summary.get("eval_start") or {}, summary.get("eval_end") or {}
+    for key in sorted(k for k in end if k.startswith("eval/success/")):
+        before = f"{start[key]:.2f} -> " if key in start else ""
+        lines.append(f"  {key[len('eval/success/'):]:<24} success {before}{end[key]:.2f}")
+    return "\n".join(lines)

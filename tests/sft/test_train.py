@@ -1,0 +1,127 @@
+"""The SFT loop with the real HybridLM: invariance to packing/micro-batching, exact resume, checkpoints."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hybrid_rl.checkpoint import list_checkpoints, load_trainer_state
+from hybrid_rl.cli import main as cli_main
+from model import HybridLM
+from model.config import HybridConfig
+from sft.packing import MicroBatchStream, loss_sum, reference_loss
+from sft.train import lr_at
+from sft_testlib import losses, run_sft
+
+
+def _docs(n: int, seed: int = 0):
+    """Chat-like documents: bos, prompt bytes, then an assistant span (masked) and its end token."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        prompt = [rng.randrange(16, 272) for _ in range(rng.randint(3, 20))]
+        answer = [rng.randrange(16, 272) for _ in range(rng.randint(1, 8))]
+        ids = [1, 4] + prompt + [7, 5] + answer + [7]
+        docs.append((ids, [0] * (len(prompt) + 4) + [1] * (len(answer) + 1)))
+    return docs
+
+
+def test_hybrid_lm_packed_micro_batched_loss_and_grads_equal_one_doc_at_a_time():
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.from_preset("micro"))
+    docs = _docs(12)
+    ref = reference_loss(lambda x: model(x).logits, docs)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    stream = MicroBatchStream(docs, row_tokens=96, rows_per_micro_batch=2, seed=1, pad_id=0)
+    batches = [stream.micro_batch_at(i) for i in range(stream.micro_batches_per_epoch)]
+    assert len(batches) >= 2 and any((b["doc_ids"].amax(1) >= 2).any() for b in batches)  # really packed
+    n_tokens = sum(int((b["targets"] >= 0).sum()) for b in batches)
+    total = 0.0
+    for b in batches:
+        loss = loss_sum(model(b["input_ids"], doc_ids=b["doc_ids"]).logits, b["targets"]) / n_tokens
+        loss.backward()
+        total += loss.item()
+    assert total == pytest.approx(ref.item(), rel=1e-4)
+    assert set(ref_grads) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if name in ref_grads:
+            torch.testing.assert_close(p.grad, ref_grads[name], rtol=2e-3, atol=2e-5, msg=name)
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    class C:
+        lr, warmup_steps, max_steps, min_lr_ratio = 1.0, 4, 14, 0.1
+
+    assert [lr_at(s, C) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(9, C) == pytest.approx(0.55) and lr_at(14, C) == pytest.approx(0.1) and lr_at(99, C) == pytest.approx(0.1)
+
+
+def test_grad_accum_equals_one_bigger_micro_batch(tmp_path, chat_jsonl):
+    a = run_sft(tmp_path, "accum1", "train.max_steps=2", "train.micro_batch_tokens=256", "train.grad_accum_steps=1",
+                data=chat_jsonl)
+    b = run_sft(tmp_path, "accum2", "train.max_steps=2", "train.micro_batch_tokens=128", "train.grad_accum_steps=2",
+                data=chat_jsonl)
+    la, lb = losses(a), losses(b)
+    assert la.keys() == {1, 2} and la[1] == pytest.approx(lb[1], rel=1e-5) and la[2] == pytest.approx(lb[2], rel=1e-4)
+    wa, wb = load_file(a / "step_2" / "model.safetensors"), load_file(b / "step_2" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_resume_after_step_k_matches_the_uninterrupted_run(tmp_path, chat_jsonl):
+    k = 3
+    full = run_sft(tmp_path, "full", "train.max_steps=8", f"train.save_every={k}", "train.keep_last_checkpoints=0",
+                   data=chat_jsonl)
+    assert [s for s, _ in list_checkpoints(full)] == [3, 6, 8]
+    # "stopped after step k": a run directory holding only what the run had written by then
+    stopped = tmp_path / "runs" / "stopped"
+    stopped.mkdir()
+    shutil.copytree(full / f"step_{k}", stopped / f"step_{k}")
+    shutil.copy(full / "config.yaml", stopped / "config.yaml")
+    state = load_trainer_state(stopped / f"step_{k}", restore_rng=False)
+    assert state["step"] == k and state["cursor"] == k and "exp_avg" in str(state["optimizer"]["state"][0].keys())
+    run_sft(tmp_path, "stopped", "train.max_steps=8", f"train.save_every={k}", "train.keep_last_checkpoints=0",
+            "resume=true", data=chat_jsonl)
+    resumed, uninterrupted = losses(stopped), losses(full)
+    assert sorted(resumed) == list(range(k + 1, 9))
+    for step in range(k + 1, k + 6):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7), step
+    wf, wr = load_file(full / "step_8" / "model.safetensors"), load_file(stopped / "step_8" / "model.safetensors")
+    for name in wf:
+        torch.testing.assert_close(wr[name], wf[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_loss_goes_down_and_checkpoints_are_pruned(tmp_path, chat_jsonl):
+    run = run_sft(tmp_path, "learn", "train.max_steps=12", "train.save_every=4", "train.keep_last_checkpoints=2",
+                  data=chat_jsonl)
+    ls = losses(run)
+    assert ls[12] < 0.7 * ls[1]
+    assert [s for s, _ in list_checkpoints(run)] == [8, 12]
+
+
+def test_bad_data_through_the_cli_names_the_line_and_exits_2(tmp_path, chat_jsonl, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(chat_jsonl.read_text() + "{oops\n")
+    rc = cli_main(["sft", f"run.output_dir={tmp_path}", "run.name=bad", f"data.jsonl_paths=[{bad}]", "data.envs=[]",
+                   "logging.backends=[jsonl]", "run.quiet=true"])
+    assert rc == 2 and f"{bad}:49" in capsys.readouterr().err
+    run = run_sft(tmp_path, "skip", "train.max_steps=1", "data.on_bad_sample=skip", data=bad)
+    from hybrid_rl.metrics import read_metrics
+
+    first = read_metrics(run)[0]
+    assert first["train/skipped_samples"] == 1 and first["train/skipped_samples/not_json"] == 1
+    assert first["train/samples/jsonl"] == 48
+
+
+def test_unknown_key_and_bad_sizes_fail_before_work(tmp_path, capsys):
+    assert cli_main(["sft", "train.micro_batch_tokns=4"]) == 2
+    assert "train.micro_batch_tokens" in capsys.readouterr().err
+    assert cli_main(["sft", "data.max_seq_tokens=100", "train.micro_batch_tokens=250"]) == 2
+    assert "multiple of data.max_seq_tokens" in capsys.readouterr().err
