@@ -30,7 +30,6 @@ wandb's own ``wandb leet inspect --json``), ``read_tensorboard_scalars`` (tensor
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -577,9 +576,3 @@ def read_tensorboard_scalars(run_dir: str | Path, subdir: str = "tensorboard") -
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
-
-def config_dict(cfg: Any) -> dict:
-    """The plain dict view of a stage config for ``MetricsLogger(config_dict=...)``."""
-    from hybrid_rl.config import to_dict
-
-    return to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
