@@ -98,6 +98,7 @@ class FrozenLake(GridAdapter):
     ``PFFF/FHFH/FFFH/HFFG`` (one row per line). Actions: left, down, right, up.
     Options: ``size`` (4: 4x4), ``frozen_prob`` (share of frozen tiles in a random map), ``is_slippery``
     (False: moves do what they say; True: gymnasium's slippery ice, and the expert can no longer win always).
+    The turn limit (20) fits 4x4 maps; for bigger ones pass ``max_episode_steps`` (e.g. 4 * size * size).
     """
 
     MOVES = ("left", "down", "right", "up")
