@@ -32,7 +32,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def available_commands() -> dict[str, tuple[str, str]]:
-    return {name: spec for name, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
+    """Commands whose module is present, found without importing anything (keeps --help fast)."""
+    return {name: spec for name, spec in COMMANDS.items() if _module_exists(spec[0])}
+
+
+def _module_exists(dotted: str) -> bool:
+    package, _, module = dotted.partition(".")
+    spec = importlib.util.find_spec(package)  # a top-level lookup imports nothing
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any((Path(loc) / f"{module}.py").is_file() or (Path(loc) / module / "__init__.py").is_file()
+               for loc in spec.submodule_search_locations)
 
 
 def main(argv: list[str] | None = None) -> int:
