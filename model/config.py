@@ -50,7 +50,10 @@ class HybridConfig:
     n_groups: int = 2  # B/C groups; head h reads group h // (heads / n_groups)
     conv_kernel: int = 4
     chunk_size: int = 64  # SSD chunk length for training/prefill; any sequence length works
-    time_step_min_clamp: float = 0.0  # dt >= this after softplus, in every path (0 = no clamp, like Megatron/mamba_ssm)
+    # dt >= this after the softplus, in every path (prefill, extend, one-step decode) so they agree.
+    # 1e-3 = transformers 5.23's torch path, which clamps at time_step_min (1e-3) in its chunked scan:
+    # our logits then equal its forward. 0 = no clamp (Megatron, mamba_ssm, vLLM).
+    time_step_min_clamp: float = 1e-3
 
     # MoE ('E' layers): sigmoid router on the full hidden state, bias for selection only
     n_routed_experts: int = 16

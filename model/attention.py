@@ -1,0 +1,58 @@
+"""Grouped-query causal attention without positional encoding (Nemotron-H: position comes from Mamba).
+
+Three modes share the projections:
+* full sequence (training): SDPA, causal; with packed rows the mask is causal AND same-document.
+* extend (prefill of new tokens into a cache): the new keys/values are written into the preallocated
+  KV buffers at each row's own offset ``cache.lengths[b] + j``; query j of row b sees the keys
+  ``< lengths[b] + j + 1`` (rows of different lengths share one batched call).
+* one-step decode: the same with a single query per row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention_naive(q_bhtd, k_bktd, v_bktd, mask_btt):
+    """Reference: explicit softmax(q k^T / sqrt(d)) v with the KV heads repeated. mask True = may attend."""
+    rep = q_bhtd.shape[1] // k_bktd.shape[1]
+    k = k_bktd.repeat_interleave(rep, dim=1)
+    v = v_bktd.repeat_interleave(rep, dim=1)
+    scores = (q_bhtd.float() @ k.float().transpose(-1, -2)) / q_bhtd.shape[-1] ** 0.5
+    scores = scores.masked_fill(~mask_btt[:, None], float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q_bhtd.dtype)
+
+
+def packed_causal_mask(seg_bt):
+    """[B,T,T] bool: causal and within the same document."""
+    t = seg_bt.shape[1]
+    causal = torch.tril(torch.ones(t, t, dtype=torch.bool, device=seg_bt.device))
+    return causal & (seg_bt[:, :, None] == seg_bt[:, None, :])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, h_btd, ctx, layer_idx: int):
+        b, t, _ = h_btd.shape
+        q = self.q_proj(h_btd).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B,H,T,Dh]
+        k = self.k_proj(h_btd).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,T,Dh]
+        v = self.v_proj(h_btd).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.cache is None:
+            if ctx.seg_bt is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                mask = packed_causal_mask(ctx.seg_bt)[:, None]
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            k_all, v_all = ctx.cache.write_kv(layer_idx, k, v, ctx.start_b, ctx.kv_used)
+            o = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=ctx.kv_mask, enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1).to(h_btd.dtype))

@@ -1,0 +1,46 @@
+"""Batched cached generation over ``HybridLM.extend`` / ``decode_step`` (benchmarks and quick checks).
+
+The rollout engine (rollout/) does continuous batching on the same cache API; this is the simple
+fixed-batch loop: prefill every prompt in one ``extend``, then one ``decode_step`` per new token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample(logits_bv, greedy: bool = True, temperature: float = 1.0, top_k: int | None = None, generator=None):
+    """Next token per row [B] from fp32 logits."""
+    if greedy or temperature <= 0:
+        return logits_bv.argmax(-1)
+    logits = logits_bv / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
+             top_k: int | None = None, eos_token_id: int | None = None, generator=None):
+    """Prompts as a [B, T] tensor or a list of token lists (ragged is fine).
+
+    Returns the new tokens [B, max_new_tokens]; after a row emits ``eos_token_id`` the rest of the row
+    is ``config.pad_token_id``."""
+    prompts = list(input_ids) if not torch.is_tensor(input_ids) else list(input_ids.unbind(0))
+    cache = model.new_cache(len(prompts))
+    logits = model.extend(cache, prompts)
+    device = cache.lengths.device
+    out = torch.full((len(prompts), max_new_tokens), model.config.pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        tok = sample(logits, greedy, temperature, top_k, generator)
+        tok = torch.where(done, torch.full_like(tok, model.config.pad_token_id), tok)
+        out[:, i] = tok
+        if eos_token_id is not None:
+            done |= tok == eos_token_id
+            if bool(done.all()):
+                break
+        if i + 1 < max_new_tokens:
+            logits = model.decode_step(cache, tok)
+    return out

@@ -1,0 +1,319 @@
+"""``HybridLM``: the Nemotron-3 hybrid language model, its training forward, cached decoding and MTP.
+
+Each layer is one mixer with a pre-norm residual, ``h = h + mixer(rmsnorm(h))``; the mixer kind comes
+from a letter of ``layer_pattern`` (M Mamba-2, * attention, E MoE, - MLP).  Parameter names equal
+transformers' in-memory ``NemotronHForCausalLM`` names with ``backbone.`` for ``model.``, so HF interop
+is a rename (``hf_state_dict`` / ``from_hf_state_dict`` below).
+
+Three ways through the same layers (``_Ctx.mode``):
+  full    training / scoring: ``forward(input_ids [B,T], doc_ids=None, routing=None)``
+  extend  append per-row token lists to a ``HybridCache`` (prefill = extend of an empty row); rows are
+          right-padded to one batch, padding is inert (Mamba dt = 0, attention masked, not counted)
+  step    ``decode_step``: one token for every row, the fast path
+
+MTP (Super): one block ``mtp.layers.{0..}`` of ``mtp_layer_pattern``; layer 0 fuses
+``eh_proj(cat[enorm(emb(t+1)), hnorm(h_t)])`` where h_t is the main model's final (normed) hidden state,
+as in vLLM's NemotronH-MTP; the last layer ends with ``final_layernorm``; logits use the shared lm_head.
+Only MTP logits are provided (no speculative decoding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .cache import HybridCache, cache_bytes
+from .config import HybridConfig
+from .mamba import Mamba2Mixer
+from .moe import MLP, MoE
+from .norms import RMSNorm
+
+MIXERS = {
+    "M": Mamba2Mixer,
+    "*": Attention,
+    "E": MoE,
+    "-": lambda cfg: MLP(cfg.hidden_size, cfg.intermediate_size),
+}
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V] fp32
+    routed_experts: torch.Tensor | None = None  # [B, T, n_moe_layers, k] long, with record_routing=True
+    hidden_states: torch.Tensor | None = None  # [B, T, D] final normed hidden, with return_hidden=True
+
+
+class _Ctx:
+    """What the mixers need to know about the current call besides their input."""
+
+    def __init__(self, mode, moe_slot, cache=None, seg_bt=None, valid_bt=None, n_new_b=None, start_b=None,
+                 kv_mask=None, kv_used=0, replay=None, record=False):
+        self.mode, self.moe_slot, self.cache = mode, moe_slot, cache
+        self.seg_bt, self.valid_bt, self.n_new_b, self.start_b = seg_bt, valid_bt, n_new_b, start_b
+        self.kv_mask, self.kv_used = kv_mask, kv_used
+        self.replay = replay  # [N, n_moe, k] or None
+        self.recorded = {} if record else None
+
+    def replay_for(self, layer_idx):
+        if self.replay is None or layer_idx not in self.moe_slot:
+            return None
+        return self.replay[:, self.moe_slot[layer_idx]]
+
+    def record(self, layer_idx, idx_nk):
+        if self.recorded is not None and layer_idx in self.moe_slot:
+            self.recorded[self.moe_slot[layer_idx]] = idx_nk
+
+    def routed(self, lead_shape):
+        """Recorded experts as [*lead_shape, n_moe, k] (None when not recording or no MoE layer)."""
+        if not self.recorded:
+            return None
+        stacked = torch.stack([self.recorded[s] for s in sorted(self.recorded)], dim=1)  # [N, n_moe, k]
+        return stacked.view(*lead_shape, *stacked.shape[1:])
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: HybridConfig, kind: str):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mixer = MIXERS[kind](cfg)
+
+    def forward(self, h, ctx, layer_idx):
+        return h + self.mixer(self.norm(h), ctx, layer_idx)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_pattern)
+        self.norm_f = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(Block):
+    def __init__(self, cfg: HybridConfig, kind: str, first: bool, last: bool):
+        super().__init__(cfg, kind)
+        if first:
+            self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        if last:
+            self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTP(nn.Module):
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        n = len(cfg.mtp_layer_pattern)
+        self.layers = nn.ModuleList(
+            MTPLayer(cfg, kind, first=i == 0, last=i == n - 1) for i, kind in enumerate(cfg.mtp_layer_pattern)
+        )
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        if not isinstance(config, HybridConfig):
+            raise TypeError(f"HybridLM needs a HybridConfig, got {type(config).__name__}; "
+                            "use HybridConfig.from_preset('tiny') or HybridConfig(...)")
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.num_mtp_layers:
+            self.mtp = MTP(config)
+        self.moe_layers = [i for i, kind in enumerate(config.layer_pattern) if kind == "E"]
+        self._moe_slot = {layer: slot for slot, layer in enumerate(self.moe_layers)}
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self):
+        """transformers' NemotronH init: normal(initializer_range) for matrices, Mamba's A/D/dt init,
+        out_proj scaled by 1/sqrt(num_layers)."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("A_log", "D", "dt_bias") or "norm" in name.rsplit(".", 2)[-2] or "conv1d" in name:
+                continue
+            if name.endswith("out_proj.weight"):
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                p.div_(math.sqrt(self.config.num_layers))
+            else:
+                nn.init.normal_(p, std=std)
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, input_ids, doc_ids=None, routing=None, record_routing: bool = False,
+                return_hidden: bool = False) -> ModelOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        seg = self._segments(doc_ids, input_ids) if doc_ids is not None else None
+        replay = self._check_routing(routing, b, t)
+        ctx = _Ctx("full", self._moe_slot, seg_bt=seg, replay=replay, record=record_routing)
+        h = self._layers(self.backbone.embeddings(input_ids), ctx)
+        h = self.backbone.norm_f(h)
+        return ModelOutput(self.lm_head(h).float(), ctx.routed((b, t)), h if return_hidden else None)
+
+    def _layers(self, h, ctx):
+        for i, block in enumerate(self.backbone.layers):
+            h = block(h, ctx, i)
+        return h
+
+    @staticmethod
+    def _segments(doc_ids, input_ids):
+        """doc ids -> non-decreasing segment index (a new segment wherever the id changes); None if one."""
+        if doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        change = (doc_ids[:, 1:] != doc_ids[:, :-1]).long()
+        if not bool(change.any()):
+            return None
+        return F.pad(torch.cumsum(change, dim=1), (1, 0))
+
+    def _check_routing(self, routing, b, t):
+        if routing is None:
+            return None
+        want = (b, t, len(self.moe_layers), self.config.num_experts_per_tok)
+        if tuple(routing.shape) != want:
+            raise ValueError(f"routing must have shape [B, T, n_moe_layers, k] = {list(want)}, "
+                             f"got {list(routing.shape)}")
+        if routing.min() < 0 or routing.max() >= self.config.n_routed_experts:
+            raise ValueError(f"routing holds expert ids outside [0, {self.config.n_routed_experts})")
+        return routing.reshape(b * t, *want[2:])
+
+    # ------------------------------------------------------------------ cached decoding
+    def new_cache(self, batch_size: int, dtype: torch.dtype | None = None, capacity: int = 64) -> HybridCache:
+        """Empty rows. KV/conv dtype: bf16 on CUDA (autocast), the parameter dtype elsewhere."""
+        w = self.backbone.embeddings.weight
+        if dtype is None:
+            dtype = torch.bfloat16 if w.device.type == "cuda" else w.dtype
+        return HybridCache.empty(self.config, batch_size, w.device, dtype, capacity)
+
+    def _logits_from_cache(self, cache):
+        return self.lm_head(cache.last_hidden.to(self.lm_head.weight.dtype)).float()
+
+    @torch.no_grad()
+    def extend(self, cache: HybridCache, tokens, record_routing: bool = False):
+        """Append each row's new tokens; returns last-position logits [B, V] (and routed experts
+        [B, T_max, n_moe, k] with -1 at padding when ``record_routing``)."""
+        if len(tokens) != cache.batch_size:
+            raise ValueError(f"extend got token lists for {len(tokens)} rows, the cache has {cache.batch_size}")
+        device = cache.lengths.device
+        rows = [torch.as_tensor(r, dtype=torch.long, device=device).reshape(-1) for r in tokens]
+        n_new = [int(r.numel()) for r in rows]
+        t = max(n_new)
+        if t == 0:
+            return (self._logits_from_cache(cache), None) if record_routing else self._logits_from_cache(cache)
+        ids = torch.zeros(cache.batch_size, t, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            ids[i, : r.numel()] = r
+        n_new_b = torch.tensor(n_new, device=device)
+        ragged = min(n_new) != t
+        valid = (torch.arange(t, device=device) < n_new_b[:, None]) if ragged else None
+        start = cache.lengths.clone()
+        used = int(start.max()) + t
+        cache.reserve(used)
+        q_pos = start[:, None] + torch.arange(t, device=device)  # [B,T]
+        kv_mask = (torch.arange(used, device=device) <= q_pos[..., None])[:, None]  # [B,1,T,used]
+        ctx = _Ctx("extend", self._moe_slot, cache=cache, valid_bt=valid, n_new_b=n_new_b if ragged else None,
+                   start_b=start, kv_mask=kv_mask, kv_used=used, record=record_routing)
+        h = self.backbone.norm_f(self._layers(self.backbone.embeddings(ids), ctx))
+        has = n_new_b > 0
+        last = h[torch.arange(cache.batch_size, device=device), (n_new_b - 1).clamp(min=0)]
+        cache.last_hidden = torch.where(has[:, None], last.to(cache.last_hidden.dtype), cache.last_hidden)
+        cache.lengths = start + n_new_b
+        logits = self._logits_from_cache(cache)
+        if not record_routing:
+            return logits
+        routed = ctx.routed((cache.batch_size, t))
+        if routed is not None and valid is not None:
+            routed = routed.masked_fill(~valid[..., None, None], -1)
+        return logits, routed
+
+    @torch.no_grad()
+    def decode_step(self, cache: HybridCache, token_ids, record_routing: bool = False):
+        """One token for every row; returns logits [B, V] (and routed experts [B, n_moe, k])."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=cache.lengths.device).reshape(-1)
+        if ids.numel() != cache.batch_size:
+            raise ValueError(f"decode_step got {ids.numel()} tokens for a cache of {cache.batch_size} rows")
+        start = cache.lengths
+        used = int(start.max()) + 1
+        cache.reserve(used)
+        kv_mask = (torch.arange(used, device=ids.device) <= start[:, None])[:, None, None]  # [B,1,1,used]
+        ctx = _Ctx("step", self._moe_slot, cache=cache, start_b=start, kv_mask=kv_mask, kv_used=used,
+                   record=record_routing)
+        h = self.backbone.norm_f(self._layers(self.backbone.embeddings(ids)[:, None], ctx))
+        cache.last_hidden = h[:, 0].to(cache.last_hidden.dtype)
+        cache.lengths = start + 1
+        logits = self.lm_head(h[:, 0]).float()
+        if record_routing:
+            return logits, ctx.routed((cache.batch_size,))
+        return logits
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
+                 top_k: int | None = None, eos_token_id: int | None = None, generator=None):
+        """Batched cached generation; returns the new tokens [B, max_new_tokens] (see model/generate.py)."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k,
+                        eos_token_id=eos_token_id, generator=generator)
+
+    # ------------------------------------------------------------------ MTP
+    def mtp_logits(self, input_ids, hidden=None):
+        """Logits of the MTP block: position t predicts token t+2 from h_t and token t+1. [B, T-1, V]."""
+        if not self.config.num_mtp_layers:
+            raise ValueError("this model has no MTP block (config.num_mtp_layers = 0)")
+        if hidden is None:
+            hidden = self.forward(input_ids, return_hidden=True).hidden_states
+        emb = self.backbone.embeddings(input_ids[:, 1:])
+        h_prev = hidden[:, :-1]
+        first, ctx = self.mtp.layers[0], _Ctx("full", {})
+        h = first.eh_proj(torch.cat([first.enorm(emb), first.hnorm(h_prev)], dim=-1))
+        base = self.config.num_layers
+        for i, layer in enumerate(self.mtp.layers):
+            h = layer(h, ctx, base + i)
+        return self.lm_head(self.mtp.layers[-1].final_layernorm(h)).float()
+
+    # ------------------------------------------------------------------ MoE balancing
+    @torch.no_grad()
+    def moe_balance_update(self, rate: float) -> dict[str, float]:
+        """Aux-loss-free selection-bias update from the loads counted since the last call.
+
+        Each MoE layer's ``e_score_correction_bias`` moves by ``rate`` toward under-used experts
+        (``+rate`` below the mean load, ``-rate`` above).  Returns ``moe/layer{i}/...`` statistics."""
+        out: dict[str, float] = {}
+        worst = 0.0
+        for i in self.moe_layers:
+            stats = self.backbone.layers[i].mixer.balance_update(rate)
+            for k, v in stats.items():
+                out[f"moe/layer{i}/{k}"] = v
+            worst = max(worst, stats.get("max_load_over_mean", 0.0))
+        if self.moe_layers:
+            out["moe/max_load_over_mean"] = worst
+        return out
+
+    # ------------------------------------------------------------------ sizes
+    @staticmethod
+    def cache_bytes(config_or_preset, seq_len: int, batch: int = 1) -> int:
+        return cache_bytes(config_or_preset, seq_len, batch)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------- transformers in-memory names
+def hf_state_dict(model: HybridLM) -> dict[str, torch.Tensor]:
+    """Our state dict under transformers' in-memory NemotronH names (``model.`` prefix, no ``mtp.*``)."""
+    return {("model." + k[len("backbone."):] if k.startswith("backbone.") else k): v
+            for k, v in model.state_dict().items() if not k.startswith("mtp.")}
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' in-memory names -> ours."""
+    return {("backbone." + k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()}

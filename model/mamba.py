@@ -1,0 +1,285 @@
+"""Mamba-2 mixer: causal depthwise conv, the chunked SSD scan, and the one-step recurrence.
+
+Legend: B batch, T time, C conv channels (x|B|C slice), H heads, P head dim, G groups, N state size,
+Q chunk length, c chunk index, K conv kernel.
+
+The recurrence per head (``ssd_naive``, the reference everything else is tested against):
+
+    S_t = exp(dt_t * A) * S_{t-1} + dt_t * x_t (outer) B_t        S: [P, N], kept in fp32
+    y_t = S_t @ C_t + D * x_t
+
+``ssd_chunked`` computes the same thing in chunks of Q steps (the SSD algorithm of Mamba-2): a masked
+quadratic block inside each chunk, one state per chunk, a decay recurrence across chunks, and the
+state read-out.  Departures from transformers' torch path (which we match to fp32 round-off):
+
+* B and C stay per group; heads of a group share one C.B^T product and one batched matmul
+  (transformers repeats B and C to every head first).
+* Packed rows: ``seg_bt`` (non-decreasing segment index per token) zeroes every decay that crosses a
+  document boundary, so the state and the conv window restart at each document -- equal to running
+  the documents separately.
+* dt is clamped to ``dt >= time_step_min_clamp`` after the softplus in *every* path (prefill, extend
+  and the one-step decode), so prefill and decode agree.  transformers 5.23 clamps at
+  ``time_step_min`` (1e-3) in its chunked path only; our default clamp equals it, so our logits match
+  its forward exactly, and our decode matches our prefill.
+* Tokens of an ``extend`` that are only right padding get dt = 0: exp(0 * A) = 1 and dt * x = 0, so
+  they leave the state untouched, which lets rows of different lengths share one batched scan.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norms import fp32_region, gated_group_rms_norm
+
+
+# ----------------------------------------------------------------------------- the scan, naive and fast
+def ssd_naive(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, initial_state=None, seg_bt=None):
+    """Sequential reference recurrence. Returns (y [B,T,H,P] fp32, final state [B,H,P,N] fp32)."""
+    b, t, h, p = x_bthp.shape
+    g, n = B_btgn.shape[2], B_btgn.shape[3]
+    rep = h // g
+    x, dt = x_bthp.float(), dt_bth.float()
+    Bh = B_btgn.float().repeat_interleave(rep, dim=2)  # [B,T,H,N]
+    Ch = C_btgn.float().repeat_interleave(rep, dim=2)
+    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.float()
+    ys = []
+    for i in range(t):
+        if seg_bt is not None and i > 0:
+            keep = (seg_bt[:, i] == seg_bt[:, i - 1]).float()[:, None, None, None]
+            state = state * keep
+        decay = torch.exp(dt[:, i] * A_h.float())[:, :, None, None]  # [B,H,1,1]
+        state = decay * state + (dt[:, i, :, None] * x[:, i])[..., None] * Bh[:, i, :, None, :]
+        y = (state * Ch[:, i, :, None, :]).sum(-1) + D_h.float()[:, None] * x[:, i]
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def _segsum(a_q):
+    """[..., Q] -> [..., Q, Q] with out[l, s] = sum(a[s+1..l]) for l >= s, -inf above the diagonal.
+
+    Built from a masked cumulative sum (not a difference of cumsums) so that nearby positions do not
+    lose precision when the total decay of a chunk is large."""
+    q = a_q.shape[-1]
+    a = a_q[..., None].expand(*a_q.shape, q)  # [..., l, s] = a[l]
+    strict = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a_q.device), diagonal=-1)
+    out = torch.cumsum(a.masked_fill(~strict, 0.0), dim=-2)
+    causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a_q.device))
+    return out.masked_fill(~causal, -math.inf)
+
+
+def ssd_chunked(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_state=None, seg_bt=None):
+    """Chunked SSD scan, equal to ``ssd_naive``. Returns (y [B,T,H,P] fp32, final state [B,H,P,N] fp32).
+
+    ``seg_bt`` must be non-decreasing along T (segment index of packed documents)."""
+    b, t, h, p = x_bthp.shape
+    g, n = B_btgn.shape[2], B_btgn.shape[3]
+    rep, q = h // g, chunk_size
+    pad = (-t) % q
+    nc = (t + pad) // q
+    x = x_bthp.float()
+    dt = dt_bth.float()
+    xdt = x * dt[..., None]
+    dA = dt * A_h.float()  # [B,T,H]
+    Bm, Cm = B_btgn.float(), C_btgn.float()
+    if pad:
+        xdt, dA = F.pad(xdt, (0, 0, 0, 0, 0, pad)), F.pad(dA, (0, 0, 0, pad))
+        Bm, Cm = F.pad(Bm, (0, 0, 0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, 0, 0, pad))
+        if seg_bt is not None:
+            seg_bt = torch.cat([seg_bt, seg_bt[:, -1:].expand(b, pad)], dim=1)
+    # chunked layouts
+    xdt_c = xdt.view(b, nc, q, g, rep, p).permute(0, 1, 3, 4, 2, 5)  # [B,c,G,R,Q,P]
+    B_c = Bm.view(b, nc, q, g, n).transpose(2, 3)  # [B,c,G,Q,N]
+    C_c = Cm.view(b, nc, q, g, n).transpose(2, 3)  # [B,c,G,Q,N]
+    dA_c = dA.view(b, nc, q, g, rep).permute(0, 1, 3, 4, 2)  # [B,c,G,R,Q]
+    cs = torch.cumsum(dA_c, dim=-1)  # [B,c,G,R,Q]
+    seg_c = None if seg_bt is None else seg_bt.view(b, nc, q)
+
+    # 1. intra-chunk (diagonal blocks): y[l] = sum_s C_l.B_s * exp(cs_l - cs_s) * xdt_s
+    logL = _segsum(dA_c)  # [B,c,G,R,Q,Q]
+    if seg_c is not None:
+        same = (seg_c[..., :, None] == seg_c[..., None, :])[:, :, None, None]  # [B,c,1,1,Q,Q]
+        logL = logL.masked_fill(~same, -math.inf)
+    CB = C_c @ B_c.transpose(-1, -2)  # [B,c,G,Q,Q]
+    y = (torch.exp(logL) * CB[:, :, :, None]) @ xdt_c  # [B,c,G,R,Q,P]
+
+    # 2. state contributed by each chunk, at its last position
+    decay_to_end = torch.exp(cs[..., -1:] - cs)  # [B,c,G,R,Q]
+    if seg_c is not None:
+        decay_to_end = decay_to_end * (seg_c == seg_c[..., -1:])[:, :, None, None].float()
+    states = (xdt_c * decay_to_end[..., None]).transpose(-1, -2) @ B_c[:, :, :, None]  # [B,c,G,R,P,N]
+
+    # 3. across chunks: state at the start of each chunk (and the final one)
+    init = x.new_zeros(b, 1, g, rep, p, n) if initial_state is None else \
+        initial_state.float().view(b, 1, g, rep, p, n)
+    states = torch.cat([init, states], dim=1)  # [B,c+1,G,R,P,N]
+    chunk_decay = _segsum(F.pad(cs[..., -1].permute(0, 2, 3, 1), (1, 0)))  # [B,G,R,c+1,c+1]
+    if seg_c is not None:
+        end_seg = torch.cat([seg_c[:, :1, 0], seg_c[:, :, -1]], dim=1)  # [B,c+1]: segment of each state
+        same = (end_seg[:, :, None] == end_seg[:, None, :])[:, None, None]
+        chunk_decay = chunk_decay.masked_fill(~same, -math.inf)
+    w = torch.exp(chunk_decay)  # [B,G,R,z_to=c+1,z_from=c+1]
+    flat = states.permute(0, 2, 3, 1, 4, 5).reshape(b, g, rep, nc + 1, p * n)
+    new_states = (w @ flat).view(b, g, rep, nc + 1, p, n)
+    start_states, final_state = new_states[:, :, :, :-1], new_states[:, :, :, -1]
+
+    # 4. read the start state out at every position of the chunk
+    out_decay = torch.exp(cs)  # [B,c,G,R,Q]
+    if seg_c is not None:
+        out_decay = out_decay * (seg_c == end_seg[:, :-1, None])[:, :, None, None].float()
+    start = start_states.permute(0, 3, 1, 2, 4, 5)  # [B,c,G,R,P,N]
+    y_off = (C_c[:, :, :, None] @ start.transpose(-1, -2)) * out_decay[..., None]  # [B,c,G,R,Q,P]
+
+    y = (y + y_off).permute(0, 1, 4, 2, 3, 5).reshape(b, nc * q, h, p)[:, :t]
+    y = y + D_h.float()[:, None] * x
+    return y, final_state.reshape(b, h, p, n)
+
+
+def ssd_step(state_bhpn, x_bhp, dt_bh, A_h, B_bgn, C_bgn, D_h):
+    """One recurrence step, in place on the fp32 state. Returns y [B,H,P] fp32."""
+    b, h, p = x_bhp.shape
+    g, n = B_bgn.shape[1], B_bgn.shape[2]
+    x = x_bhp.float().view(b, g, h // g, p)
+    dt = dt_bh.float().view(b, g, h // g)
+    state = state_bhpn.view(b, g, h // g, p, n)
+    state.mul_(torch.exp(dt * A_h.float().view(g, h // g))[..., None, None])
+    state.add_((x * dt[..., None])[..., None] * B_bgn.float()[:, :, None, None, :])
+    y = state @ C_bgn.float()[:, :, None, :, None]  # [B,G,R,P,1]
+    return y.view(b, h, p) + D_h.float()[:, None] * x_bhp.float()
+
+
+# ----------------------------------------------------------------------------- causal conv
+def causal_conv(x_btc, weight_kc, bias_c, prefix_bkc=None, seg_bt=None):
+    """Depthwise causal conv over time. prefix_bkc: the K-1 inputs before x (None = zeros).
+
+    With ``seg_bt`` an output only sums inputs of its own segment (a document restarts its window)."""
+    b, t, c = x_btc.shape
+    k = weight_kc.shape[0]
+    if prefix_bkc is None:
+        prefix_bkc = x_btc.new_zeros(b, k - 1, c)
+    xp = torch.cat([prefix_bkc.to(x_btc.dtype), x_btc], dim=1)  # [B,K-1+T,C]
+    if seg_bt is not None:
+        segp = torch.cat([seg_bt[:, :1].expand(b, k - 1), seg_bt], dim=1)
+    out = bias_c.to(x_btc.dtype).expand(b, t, c)
+    for j in range(k):
+        term = xp[:, j:j + t] * weight_kc[j]
+        if seg_bt is not None and j < k - 1:
+            term = term * (segp[:, j:j + t] == seg_bt)[..., None]
+        out = out + term
+    return out
+
+
+def causal_conv_naive(x_btc, weight_kc, bias_c):
+    """Reference: torch's grouped conv1d with left padding."""
+    c, k = x_btc.shape[-1], weight_kc.shape[0]
+    y = F.conv1d(x_btc.transpose(1, 2), weight_kc.t()[:, None, :], bias_c, padding=k - 1, groups=c)
+    return y[..., : x_btc.shape[1]].transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- the mixer
+class CausalConv1d(nn.Module):
+    """Holds the conv weights under transformers' names (``conv1d.weight [C,1,K]``, ``conv1d.bias``)."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(kernel)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def weight_kc(self):
+        return self.weight[:, 0, :].t()  # [K, C]
+
+
+class GatedRMSNorm(nn.Module):
+    def __init__(self, size: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y, z):
+        return gated_group_rms_norm(y, z, self.weight, self.group_size, self.eps)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.heads, self.head_dim = cfg.mamba_num_heads, cfg.mamba_head_dim
+        self.groups, self.state_size = cfg.n_groups, cfg.ssm_state_size
+        self.d_inner, self.conv_dim = cfg.mamba_d_inner, cfg.mamba_conv_dim
+        self.in_proj = nn.Linear(cfg.hidden_size, cfg.mamba_in_proj_dim, bias=False)
+        self.conv1d = CausalConv1d(self.conv_dim, cfg.conv_kernel)
+        self.dt_bias = nn.Parameter(torch.empty(self.heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.groups, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=False)
+        dt = torch.exp(torch.rand(self.heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        with torch.no_grad():
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def _split(self, zxbcdt):
+        return zxbcdt.split([self.d_inner, self.conv_dim, self.heads], dim=-1)
+
+    def _dt(self, dt_raw):
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        return dt.clamp(min=self.cfg.time_step_min_clamp) if self.cfg.time_step_min_clamp > 0 else dt
+
+    def _xbc(self, xbc):
+        gn = self.groups * self.state_size
+        return xbc.split([self.d_inner, gn, gn], dim=-1)
+
+    def forward(self, h_btd, ctx, layer_idx: int):
+        if ctx.mode == "step":
+            return self._step(h_btd, ctx.cache, layer_idx)
+        b, t, _ = h_btd.shape
+        z, xbc, dt_raw = self._split(self.in_proj(h_btd))
+        cache = ctx.cache
+        prefix = cache.conv[layer_idx] if cache is not None else None
+        xbc_conv = F.silu(causal_conv(xbc, self.conv1d.weight_kc(), self.conv1d.bias, prefix, ctx.seg_bt))
+        if cache is not None:
+            cache.conv[layer_idx] = _last_conv_inputs(prefix, xbc, ctx.n_new_b)
+        x, Bm, Cm = self._xbc(xbc_conv)
+        dt = self._dt(dt_raw)
+        if ctx.valid_bt is not None:
+            dt = dt * ctx.valid_bt[..., None]
+        with fp32_region(h_btd):
+            y, final = ssd_chunked(
+                x.view(b, t, self.heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
+                Bm.view(b, t, self.groups, self.state_size), Cm.view(b, t, self.groups, self.state_size),
+                self.D, self.cfg.chunk_size,
+                initial_state=cache.ssm[layer_idx] if cache is not None else None, seg_bt=ctx.seg_bt,
+            )
+        if cache is not None:
+            cache.ssm[layer_idx] = final
+        y = self.norm(y.reshape(b, t, self.d_inner), z)
+        return self.out_proj(y.to(h_btd.dtype))
+
+    def _step(self, h_b1d, cache, layer_idx):
+        b = h_b1d.shape[0]
+        z, xbc, dt_raw = self._split(self.in_proj(h_b1d[:, 0]))
+        window = torch.cat([cache.conv[layer_idx], xbc[:, None].to(cache.conv[layer_idx].dtype)], dim=1)  # [B,K,C]
+        cache.conv[layer_idx] = window[:, 1:]
+        xbc_conv = F.silu((window * self.conv1d.weight_kc()).sum(1) + self.conv1d.bias)
+        x, Bm, Cm = self._xbc(xbc_conv.to(h_b1d.dtype))
+        with fp32_region(h_b1d):
+            y = ssd_step(cache.ssm[layer_idx], x.view(b, self.heads, self.head_dim), self._dt(dt_raw),
+                         -torch.exp(self.A_log.float()), Bm.view(b, self.groups, self.state_size),
+                         Cm.view(b, self.groups, self.state_size), self.D)
+        y = self.norm(y.reshape(b, self.d_inner), z)
+        return self.out_proj(y.to(h_b1d.dtype))[:, None]
+
+
+def _last_conv_inputs(prefix_bkc, xbc_btc, n_new_b):
+    """The K-1 conv inputs before each row's next token, after appending n_new_b[b] of xbc's rows."""
+    full = torch.cat([prefix_bkc.to(xbc_btc.dtype), xbc_btc], dim=1)  # [B,K-1+T,C]
+    km1 = prefix_bkc.shape[1]
+    if n_new_b is None:
+        return full[:, full.shape[1] - km1:].contiguous()
+    idx = n_new_b[:, None] + torch.arange(km1, device=full.device)  # [B,K-1]
+    return full.gather(1, idx[..., None].expand(-1, -1, full.shape[2]))
