@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import hf_twin
+from model_test_utils import hf_twin
 
 CONFIGS = {
     "all-kinds": {},
@@ -43,7 +43,7 @@ def test_cached_prefill_then_decode_matches_transformers_forward(make_model, nam
 def test_param_names_are_transformers_names_with_backbone(make_model):
     from transformers import NemotronHForCausalLM
 
-    from conftest import to_hf_config
+    from model_test_utils import to_hf_config
 
     model = make_model(moe_latent_size=24)
     hf = NemotronHForCausalLM(to_hf_config(model.config))
