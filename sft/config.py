@@ -63,7 +63,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clip the global grad norm; 0 = no clipping
     moe_bias_update_rate: float = 1e-3  # aux-loss-free balancing step per optimizer step; 0 = off
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
-    log_every: int = 10  # steps between train/ metric lines
+    log_every: int = 1  # steps between train/ perf/ moe/ records (docs/METRICS.md: every step)
     eval_every: int = 100  # steps between evals on held-out seeds; 0 = only at the end
     save_every: int = 100  # steps between checkpoints; 0 = only at the end
     keep_last_checkpoints: int = 2  # older step_N are deleted; 0 = keep all
@@ -76,10 +76,10 @@ class TrainConfig:
                      "save_every", "keep_last_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every <= 0:
+            raise ValueError(f"log_every must be positive (1 = every step), got {self.log_every}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.log_every <= 0:
-            raise ValueError(f"log_every must be positive, got {self.log_every}")
 
 
 @dataclass

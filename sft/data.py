@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from hybrid_rl.metrics import env_key
 from model.tokenizer import ROLES
 
 log = logging.getLogger("hybrid_rl.sft.data")
@@ -53,12 +54,12 @@ class DataError(ValueError):
 
 @dataclass
 class DataReport:
-    kept: Counter = field(default_factory=Counter)  # per source kind: env:<id>, jsonl, hf
+    kept: Counter = field(default_factory=Counter)  # per source: the env id, jsonl, hf
     skipped: Counter = field(default_factory=Counter)  # per reason kind
     examples: list[str] = field(default_factory=list)  # the first MAX_REPORTED "where: why" lines
 
     def metrics(self) -> dict[str, float]:
-        out = {f"train/samples/{k.replace('hybrid_rl/', '')}": float(v) for k, v in self.kept.items()}
+        out = {f"train/samples/{env_key(k)}": float(v) for k, v in self.kept.items()}
         out["train/skipped_samples"] = float(sum(self.skipped.values()))
         out.update({f"train/skipped_samples/{k}": float(v) for k, v in self.skipped.items()})
         return out
@@ -221,7 +222,7 @@ def load_samples(data_cfg, tokenizer, demos_path: Path | None = None) -> tuple[l
         convs = list(env_conversations(spec.env_id, spec.episodes, data_cfg.keep_failed_demos))
         demos += [obj for _, obj in convs]
         samples += render_samples(convs, tokenizer, data_cfg.max_seq_tokens, data_cfg.on_bad_sample, report,
-                                  f"env:{spec.env_id}")
+                                  spec.env_id)
     if demos and demos_path is not None and data_cfg.save_demos:
         write_jsonl(demos, demos_path)
         log.info("wrote %d expert demonstrations to %s (re-use with data.jsonl_paths)", len(demos), demos_path)

@@ -36,7 +36,7 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from hybrid_rl.config import to_dict
 from hybrid_rl.run import make_run_dir, seed_everything
 from sft.config import SFTStageConfig
-from sft.data import load_samples
+from sft.data import expert_conversation, load_samples
 from sft.packing import IGNORE, MicroBatchStream, loss_sum
 
 log = logging.getLogger("hybrid_rl.sft")
@@ -54,33 +54,47 @@ def lr_at(step: int, cfg) -> float:
 
 
 def evaluate(model, tokenizer, env_ids: list[str], episodes_per_env: int, max_new_tokens: int) -> tuple[dict, list]:
-    """Greedy episodes on each env's held-out eval seeds: ``eval/...`` metrics and the trajectories."""
-    import envs
+    """Greedy episodes on each env's held-out eval seeds (``rollout.evaluate``): ``eval/...`` metrics, trajectories."""
     from hybrid_rl.metrics import env_key
-    from rollout.config import EpisodeConfig, SamplingConfig
-    from rollout.engine import Engine, GroupRequest
+    from rollout.config import EpisodeConfig
+    from rollout.evaluate import evaluate as play
 
-    was_training = model.training
+    was_training, t0 = model.training, time.time()
     model.eval()
-    engine = Engine(model, tokenizer, SamplingConfig(temperature=0.0, seed=0), EpisodeConfig(max_turn_tokens=max_new_tokens))
     try:
-        requests = [GroupRequest(env_id, seed, group_id=k) for env_id in env_ids
-                    for k, seed in enumerate(envs.seeds(env_id, "eval", episodes_per_env))]
         with torch.no_grad():
-            trajs = engine.play(requests)
+            result = play(model, tokenizer, env_ids, episodes=episodes_per_env,
+                          episode=EpisodeConfig(max_turn_tokens=max_new_tokens, max_batch_episodes=64))
     finally:
-        engine.close()
         model.train(was_training)
     model.moe_balance_update(0.0)  # drop the expert loads counted while decoding: balancing follows training only
+    names = {"success_rate": "success", "return_mean": "return", "turns_mean": "turns",
+             "invalid_actions_mean": "invalid_actions"}
     metrics = {}
-    for env_id in env_ids:
-        mine = [t for t in trajs if t.env_id == env_id]
-        key = env_key(env_id)
-        metrics[f"eval/success/{key}"] = sum(t.success for t in mine) / len(mine)
-        metrics[f"eval/return/{key}"] = sum(t.episode_return for t in mine) / len(mine)
-        metrics[f"eval/turns/{key}"] = sum(t.num_turns for t in mine) / len(mine)
-    metrics["eval/success"] = sum(metrics[f"eval/success/{env_key(e)}"] for e in env_ids) / len(env_ids)
-    return metrics, trajs
+    for env_id, stats in result.summary.items():
+        suffix = "" if env_id == "all" else "/" + env_key(env_id)
+        metrics.update({f"eval/{new}{suffix}": stats[old] for old, new in names.items()})
+        metrics[f"eval/env_errors{suffix}"] = stats["failed"] / max(stats["episodes"], 1)
+    if len(env_ids) == 1:  # summarize gives "all" only for several envs; the two-part names are the mean
+        metrics.update({f"eval/{new}": metrics[f"eval/{new}/{env_key(env_ids[0])}"] for new in names.values()})
+    metrics["perf/eval_s"] = time.time() - t0
+    return metrics, result.trajectories
+
+
+def heldout_loss(model, docs, row_tokens: int, pad_id: int, device) -> float:
+    """Mean loss per assistant token on held-out documents (expert demonstrations on eval seeds)."""
+    stream = MicroBatchStream(docs, row_tokens, 8, seed=0, pad_id=pad_id)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(stream.micro_batches_per_epoch):
+            b = {k: v.to(device) for k, v in stream.micro_batch_at(i).items()}
+            total += float(loss_sum(model(b["input_ids"], doc_ids=b["doc_ids"]).logits, b["targets"]))
+            count += int((b["targets"] != IGNORE).sum())
+    model.train(was_training)
+    model.moe_balance_update(0.0)
+    return total / max(count, 1)
 
 
 def train(cfg: SFTStageConfig) -> dict:
@@ -88,7 +102,7 @@ def train(cfg: SFTStageConfig) -> dict:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import broadcast_object_list
 
-    from hybrid_rl.metrics import MetricsLogger, config_dict
+    from hybrid_rl.metrics import MetricsLogger, moe_load_metrics
     from model import HybridLM
     from model.hf import load_pretrained, save_pretrained
     from model.tokenizer import ByteTokenizer
@@ -130,11 +144,11 @@ def train(cfg: SFTStageConfig) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=lr_at(0, tc), betas=(tc.beta1, tc.beta2), fused=False)
-    step, cursor = 0, 0  # optimizer steps done; next global micro-batch index
+    step, cursor, tokens_trained = 0, 0, 0  # optimizer steps done; next global micro-batch; assistant tokens trained
     if resume_dir is not None:
         state = load_trainer_state(resume_dir)  # restores the RNGs too
         optimizer.load_state_dict(state["optimizer"])
-        step, cursor = state["step"], state["cursor"]
+        step, cursor, tokens_trained = state["step"], state["cursor"], state["tokens"]
         if state.get("data_fingerprint") != fingerprint:
             log.warning("the training data differs from the data of the checkpoint; the data cursor may point elsewhere")
         log.info("resumed from %s at step %d (micro-batch %d)", resume_dir, step, cursor)
@@ -143,22 +157,26 @@ def train(cfg: SFTStageConfig) -> dict:
 
     logger = None
     if is_main:
-        logger = MetricsLogger(cfg.logging, run_dir, run_dir.name, config_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
+        logger = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
         logger.log({**report.metrics(), "train/samples": len(samples), "train/packing_fill": stream.fill()}, step)
     summary = {"run_dir": str(run_dir), "start_step": step, "eval_start": None, "eval_end": None}
     eval_env_ids = cfg.eval_env_ids
+    heldout_docs = _heldout_docs(cfg, tokenizer) if is_main else []
 
     def run_eval():
         metrics, trajs = evaluate(core, tokenizer, eval_env_ids, cfg.eval.episodes_per_env, cfg.eval.max_new_tokens)
+        if heldout_docs:
+            metrics["eval/loss"] = heldout_loss(core, heldout_docs, cfg.data.max_seq_tokens, tokenizer.pad_id, acc.device)
         logger.log(metrics, step)
-        logger.log_samples([{"env_id": t.env_id, "seed": t.seed, "success": t.success, "messages": t.messages}
-                            for t in trajs[:4]], step)
-        log.info("step %d eval: %s", step, "  ".join(f"{k.split('/', 1)[1]}={v:.2f}" for k, v in metrics.items()
-                                                     if k.startswith("eval/success")))
+        logger.log_samples([{"env_id": t.env_id, "seed": t.seed, "status": t.status, "return": t.episode_return,
+                             "success": t.success, "num_turns": t.num_turns, "messages": t.messages}
+                            for t in trajs[:: max(1, len(trajs) // 4)]], step)
+        log.info("step %d eval: %s", step, "  ".join(f"{k[5:]}={v:.3f}" for k, v in metrics.items()
+                                                     if k.startswith(("eval/success", "eval/loss"))))
         return metrics
 
     def save():
-        state = {"optimizer": optimizer.state_dict(), "step": step, "cursor": cursor,
+        state = {"optimizer": optimizer.state_dict(), "step": step, "cursor": cursor, "tokens": tokens_trained,
                  "data_fingerprint": fingerprint, "world_size": world, "config": to_dict(cfg)}
         if is_main:
             path = save_checkpoint(run_dir, step, lambda d: save_pretrained(core, d, tokenizer), state,
@@ -172,8 +190,8 @@ def train(cfg: SFTStageConfig) -> dict:
 
     # ---------------------------------------------------------------- the loop
     model.train()
-    t_last, tokens_since = time.time(), 0
     while step < tc.max_steps:
+        t_step = time.time()
         first = cursor + rank * tc.grad_accum_steps  # this process's micro-batches of the step
         batches = [stream.micro_batch_at(first + g) for g in range(tc.grad_accum_steps)]
         n_local = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
@@ -187,34 +205,34 @@ def train(cfg: SFTStageConfig) -> dict:
                 loss_mb = loss_sum(logits, b["targets"])
             acc.backward(loss_mb * world / max(n_tokens, 1))
             loss_total += loss_mb.detach()
-            tokens_since += int((b["input_ids"] != tokenizer.pad_id).sum())
-        grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else _grad_norm(model)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if world > 1:  # every replica must see the same expert loads, so biases stay identical
-            for buf in (m.expert_load for m in core.modules() if hasattr(m, "expert_load")):
+
+        loads = {i: core.backbone.layers[i].mixer.expert_load for i in core.moe_layers}
+        if world > 1:  # every replica must see the same expert loads, so that the biases stay identical
+            for buf in loads.values():
                 torch.distributed.all_reduce(buf)
-        moe_stats = core.moe_balance_update(tc.moe_bias_update_rate)
+        moe_metrics = moe_load_metrics({i: buf.cpu() for i, buf in loads.items()})
+        core.moe_balance_update(tc.moe_bias_update_rate)
         loss = float(acc.reduce(loss_total, "sum")) / max(n_tokens, 1)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"train/loss is {loss} at step {step + 1}; lower train.lr or check the data")
         step += 1
         cursor += tc.grad_accum_steps * world
-
-        if is_main and (step % tc.log_every == 0 or step == tc.max_steps or step == 1):
-            dt = time.time() - t_last
+        tokens_trained += n_tokens
+        if is_main and (step % tc.log_every == 0 or step == 1 or step == tc.max_steps):
+            step_s = time.time() - t_step
             logger.log({"train/loss": loss, "train/lr": lr_at(step - 1, tc), "train/grad_norm": float(grad_norm),
-                        "train/trained_tokens": n_tokens, "train/epoch": cursor / stream.micro_batches_per_epoch,
-                        "perf/tokens_per_s": tokens_since * world / dt, "perf/elapsed_s": time.time() - t_start,
-                        **moe_stats}, step)
-            t_last, tokens_since = time.time(), 0
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"train/loss is {loss} at step {step}; lower train.lr or check the data")
+                        "train/tokens": tokens_trained, "train/epoch": cursor / stream.micro_batches_per_epoch,
+                        "perf/tokens_per_s": tc.micro_batch_tokens * tc.grad_accum_steps * world / step_s,
+                        "perf/step_s": step_s, **moe_metrics}, step)
         if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
             save()
         if is_main and eval_env_ids and tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
             run_eval()
-            t_last = time.time()
         acc.wait_for_everyone()
 
     if step > summary["start_step"] or not latest_checkpoint(run_dir):
@@ -223,13 +241,21 @@ def train(cfg: SFTStageConfig) -> dict:
         if eval_env_ids:
             summary["eval_end"] = run_eval()
         summary.update(steps=step, wall_s=time.time() - t_start, checkpoint=str(run_dir / f"step_{step}"))
-        logger.log({"perf/wall_s": summary["wall_s"]}, step)
         logger.close()
     acc.wait_for_everyone()
     acc.end_training()
     return summary
 
 
-def _grad_norm(model) -> torch.Tensor:
-    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
+def _heldout_docs(cfg: SFTStageConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Expert demonstrations on the eval seeds of the demonstration envs (for eval/loss)."""
+    import envs
+
+    docs = []
+    for env_id in [e.env_id for e in cfg.data.envs if e.env_id in cfg.eval_env_ids]:
+        for seed in envs.seeds(env_id, "eval", cfg.eval.episodes_per_env):
+            messages, _ = expert_conversation(env_id, seed)
+            ids, mask = tokenizer.render_chat(messages)
+            if len(ids) <= cfg.data.max_seq_tokens:
+                docs.append((ids, mask))
+    return docs

@@ -29,7 +29,7 @@ def write_chat_jsonl(path: Path, n: int = 48, seed: int = 0) -> Path:
 # fast settings: 128-token rows, no eval, no dashboards; each test adds what it checks
 FAST = [
     "model.preset=micro", "data.max_seq_tokens=128", "train.micro_batch_tokens=256", "train.warmup_steps=2",
-    "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.lr=3e-3", "logging.backends=[jsonl]",
+    "train.eval_every=0", "train.save_every=0", "train.lr=3e-3", "logging.backends=[jsonl]",
     "logging.report=false", "eval.at_start=false", "run.quiet=true",
 ]
 

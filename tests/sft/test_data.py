@@ -100,7 +100,7 @@ def test_expert_demonstrations_on_train_seeds_saved_to_jsonl_and_read_back(tmp_p
 
     cfg = DataConfig(envs=[EnvDemoConfig("hybrid_rl/GuessNumber-v0", 5), EnvDemoConfig("hybrid_rl/FrozenLake-v1", 3)])
     samples, report = load_samples(cfg, TOK, demos_path=tmp_path / "demos.jsonl")
-    assert report.kept == {"env:hybrid_rl/GuessNumber-v0": 5, "env:hybrid_rl/FrozenLake-v1": 3}
+    assert report.kept == {"hybrid_rl/GuessNumber-v0": 5, "hybrid_rl/FrozenLake-v1": 3}
     train_seeds = envs.seeds("hybrid_rl/GuessNumber-v0", "train", 5)
     assert [s.source for s in samples[:5]] == [f"hybrid_rl/GuessNumber-v0 seed {k}" for k in train_seeds]
     messages, success = expert_conversation("hybrid_rl/FrozenLake-v1", 0)
