@@ -1,0 +1,289 @@
+"""HF NemotronH interop: our save -> transformers load, transformers save -> our load, configs, bad inputs."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from model.config import HybridConfig
+from model.hf import (
+    CheckpointError, from_disk_state_dict, hf_config_to_hybrid, hybrid_to_hf_config, load_pretrained, parse_size,
+    save_pretrained, to_disk_state_dict,
+)
+
+transformers = pytest.importorskip("transformers")
+
+# every layer kind, LatentMoE, 2 B/C groups, MTP block (transformers ignores mtp.*)
+SMALL = dict(
+    vocab_size=272, hidden_size=64, layer_pattern="ME*-M*E", num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, intermediate_size=96, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
+    chunk_size=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=48, moe_latent_size=24, routed_scaling_factor=2.5,
+)
+
+
+def small_cfg(**overrides) -> HybridConfig:
+    return HybridConfig(**{**SMALL, **overrides})
+
+
+def make_model(cfg: HybridConfig, seed: int = 0):
+    from model import HybridLM
+
+    torch.manual_seed(seed)
+    model = HybridLM(cfg)
+    with torch.no_grad():  # non-trivial values everywhere, including the router bias and norms
+        for name, t in model.state_dict().items():
+            if name.endswith(("norm.weight", "norm_f.weight", "e_score_correction_bias")) or "layernorm" in name:
+                t.add_(0.1 * torch.randn_like(t))
+    return model.eval()
+
+
+def ids(cfg, b=2, t=19, seed=1):
+    return torch.randint(0, cfg.vocab_size, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def our_logits(model, x):
+    with torch.no_grad():
+        return model(x).logits.float()
+
+
+def hf_logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits.float()
+
+
+# ---------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("preset", HybridConfig.preset_names())
+def test_config_roundtrip_and_matches_transformers(preset, tmp_path):
+    cfg = HybridConfig.from_preset(preset)
+    ours = hybrid_to_hf_config(cfg)
+    assert hf_config_to_hybrid(json.loads(json.dumps(ours))) == cfg
+    (tmp_path / "config.json").write_text(json.dumps(ours))
+    theirs_dir = tmp_path / "theirs"
+    transformers.AutoConfig.from_pretrained(tmp_path).save_pretrained(theirs_dir)
+    theirs = json.loads((theirs_dir / "config.json").read_text())
+    assert json.loads(json.dumps(ours)) == theirs  # byte-for-byte the keys and values transformers writes
+
+
+def test_config_legacy_spellings():
+    cfg = small_cfg(time_step_min_clamp=2e-3)
+    legacy = {k: v for k, v in hybrid_to_hf_config(cfg).items()
+              if k not in ("layers_block_type", "mtp_layers_block_type", "n_groups", "conv_kernel", "chunk_size",
+                           "layer_norm_epsilon", "time_step_limit", "time_step_min")}
+    legacy.update(hybrid_override_pattern=cfg.layer_pattern, mtp_hybrid_override_pattern="*E",
+                  mamba_n_groups=2, mamba_d_conv=4, mamba_chunk_size=8, layer_norm_epsilon=1e-5, mamba_dt_min=2e-3,
+                  num_hidden_layers=len(cfg.layer_pattern), rope_theta=10000, torch_dtype="bfloat16")
+    assert hf_config_to_hybrid(legacy) == cfg.replace(preset="")
+    names = dict(legacy, hybrid_override_pattern=None)
+    names.pop("hybrid_override_pattern")
+    names["layers_block_type"] = ["mamba", "moe", "attention", "mlp", "mamba", "attention", "moe"]
+    assert hf_config_to_hybrid(names).layer_pattern == cfg.layer_pattern
+
+
+def test_config_fields_mapped():
+    cfg = small_cfg(num_mtp_layers=1, mtp_layer_pattern="*E", time_step_min_clamp=5e-3, rms_norm_eps=1e-6)
+    hf = hybrid_to_hf_config(cfg)
+    assert hf["model_type"] == "nemotron_h" and hf["architectures"] == ["NemotronHForCausalLM"]
+    assert hf["layers_block_type"][:3] == ["linear_attention", "moe", "full_attention"]
+    assert hf["num_nextn_predict_layers"] == 1 and hf["mtp_layers_block_type"] == ["full_attention", "moe"]
+    assert hf["layer_norm_epsilon"] == 1e-6 and hf["time_step_min"] == hf["time_step_limit"][0] == 5e-3
+    assert hf_config_to_hybrid(hf) == cfg
+    no_clamp = small_cfg(time_step_min_clamp=0.0)
+    hf = hybrid_to_hf_config(no_clamp)
+    assert hf["time_step_min"] == 0.001 and hf["hybrid_rl_time_step_min_clamp"] == 0.0  # transformers needs min > 0
+    assert hf_config_to_hybrid(hf) == no_clamp
+    assert hf_config_to_hybrid({k: v for k, v in hf.items() if not k.startswith("hybrid_rl")}).time_step_min_clamp == 1e-3
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"model_type": "llama"}, "model_type 'llama'"),
+    ({"layers_block_type": ["linear_attention", "conv"]}, "unknown layer type 'conv'"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_hidden_act": "silu"}, "squared ReLU"),
+    ({"num_attention_heads": 5}, "multiple of num_key_value_heads"),
+])
+def test_config_errors(change, match):
+    hf = {**hybrid_to_hf_config(small_cfg()), **change}
+    with pytest.raises(CheckpointError, match=match):
+        hf_config_to_hybrid(hf)
+    hf = hybrid_to_hf_config(small_cfg())
+    del hf["layers_block_type"]
+    with pytest.raises(CheckpointError, match="hybrid_override_pattern"):
+        hf_config_to_hybrid(hf)
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size(100) == 100
+    assert parse_size("20KB") == 20_000
+    with pytest.raises(ValueError, match="2GB"):
+        parse_size("big")
+
+
+def test_expert_layout_roundtrip():
+    up = torch.randn(3, 5, 4)
+    state = {"backbone.layers.1.mixer.experts.up_proj": up, "lm_head.weight": torch.randn(2, 2)}
+    disk = to_disk_state_dict(state)
+    assert sorted(disk) == ["backbone.layers.1.mixer.experts.0.up_proj.weight",
+                            "backbone.layers.1.mixer.experts.1.up_proj.weight",
+                            "backbone.layers.1.mixer.experts.2.up_proj.weight", "lm_head.weight"]
+    back = from_disk_state_dict(disk)
+    assert torch.equal(back["backbone.layers.1.mixer.experts.up_proj"], up)
+    del disk["backbone.layers.1.mixer.experts.1.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"experts\.1\.up_proj\.weight is missing"):
+        from_disk_state_dict(disk)
+
+
+# ---------------------------------------------------------------------- weights, both directions
+
+
+def test_our_save_loads_in_transformers(tmp_path):
+    cfg = small_cfg(num_mtp_layers=1)
+    model = make_model(cfg)
+    save_pretrained(model, tmp_path / "ckpt")
+    files = sorted(os.listdir(tmp_path / "ckpt"))
+    assert files == ["config.json", "generation_config.json", "model.safetensors"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dir left behind
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "NemotronHForCausalLM"
+    x = ids(cfg)
+    torch.testing.assert_close(hf_logits(hf, x), our_logits(model, x), atol=1e-4, rtol=0)
+    # and back: our load of our save gives the same weights, MTP block included
+    again = load_pretrained(tmp_path / "ckpt")
+    for name, t in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], t), name
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_transformers_save_loads_here(tmp_path, shard):
+    cfg = small_cfg()
+    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in hybrid_to_hf_config(cfg).items()
+                                                  if k not in ("time_step_limit", "transformers_version")})
+    torch.manual_seed(3)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():
+        for name, t in hf.state_dict().items():
+            if name.endswith("e_score_correction_bias") or "norm" in name:
+                t.add_(0.1 * torch.randn_like(t))
+    kwargs = {"max_shard_size": shard} if shard else {}
+    hf.save_pretrained(tmp_path, **kwargs)
+    assert (tmp_path / "model.safetensors.index.json").exists() == bool(shard)
+    model = load_pretrained(tmp_path)
+    x = ids(cfg)
+    torch.testing.assert_close(our_logits(model, x), hf_logits(hf, x), atol=1e-4, rtol=0)
+
+
+def test_sharded_save_and_dtype(tmp_path):
+    cfg = small_cfg()
+    model = make_model(cfg)
+    save_pretrained(model, tmp_path / "bf16", max_shard_bytes="30KB", dtype=torch.bfloat16)
+    index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert "backbone.layers.1.mixer.experts.3.down_proj.weight" in index["weight_map"]
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = load_pretrained(tmp_path / "bf16")
+    assert loaded.backbone.embeddings.weight.dtype == torch.bfloat16
+    ref = model.state_dict()
+    for name, t in loaded.state_dict().items():
+        torch.testing.assert_close(t.float(), ref[name].to(t.dtype).float(), atol=0, rtol=0)
+    as_fp32 = load_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert as_fp32.lm_head.weight.dtype == torch.float32
+
+
+def test_tokenizer_saved_beside(tmp_path):
+    from model.tokenizer import ByteTokenizer, load_tokenizer
+
+    save_pretrained(make_model(small_cfg()), tmp_path, tokenizer=ByteTokenizer())
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [7, 2]  # stop at end of turn, and at <eos>
+
+
+def test_save_is_atomic_and_replaces_whole(tmp_path, monkeypatch):
+    model = make_model(small_cfg())
+    target = tmp_path / "ckpt"
+    save_pretrained(model, target, max_shard_bytes="30KB")
+    assert (target / "model.safetensors.index.json").exists()
+    import model.hf as hf_mod
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(hf_mod, "_write_json", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pretrained(model, target)
+    assert (target / "model.safetensors.index.json").exists()  # the old checkpoint is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # and no temp dir remains
+    monkeypatch.undo()
+    save_pretrained(model, target)  # single file now: the old shards are gone, not mixed in
+    assert sorted(os.listdir(target)) == ["config.json", "generation_config.json", "model.safetensors"]
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_pretrained(model, target, overwrite=False)
+
+
+# ---------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture
+def saved(tmp_path):
+    save_pretrained(make_model(small_cfg()), tmp_path / "ok")
+    return tmp_path / "ok"
+
+
+def _rewrite(directory, edit):
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_missing_tensor_named(saved):
+    _rewrite(saved, lambda t: t.pop("backbone.layers.2.mixer.q_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\), first backbone\.layers\.2\.mixer\.q_proj\.weight"):
+        load_pretrained(saved)
+
+
+def test_extra_tensor_named(saved):
+    _rewrite(saved, lambda t: t.update({"backbone.layers.0.mixer.bogus": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\), first backbone\.layers\.0\.mixer\.bogus"):
+        load_pretrained(saved)
+
+
+def test_misshaped_tensor_named(saved):
+    _rewrite(saved, lambda t: t.update({"backbone.norm_f.weight": torch.ones(65)}))
+    with pytest.raises(CheckpointError, match=r"backbone\.norm_f\.weight has shape \[65\], expected \[64\]"):
+        load_pretrained(saved)
+
+
+def test_config_does_not_match_weights(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["hidden_size"] = 32
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json belongs to these weights"):
+        load_pretrained(saved)
+
+
+def test_directory_errors(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pretrained(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError, match="not a checkpoint directory"):
+        load_pretrained(saved / "config.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json.*--init"):
+        load_pretrained(tmp_path / "empty")
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_pretrained(saved)
+
+
+def test_unknown_model_type(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["model_type"] = "mamba2"
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type 'mamba2', expected 'nemotron_h'"):
+        load_pretrained(saved)
