@@ -10,7 +10,7 @@ Numbers come from ``model.cache_bytes`` (the analytic size of ``HybridCache``); 
 
 Context lengths: ``8K`` = 8,192 and ``128K`` = 131,072 tokens (powers of two, as context windows are
 quoted), ``1M`` = 1,000,000 tokens (as the "1M-token context" claims are quoted); any integer works.
-Prints a table and one JSON document (``--json-out`` also writes it to a file).
+Prints a table and the result as one JSON line (``--json-out`` also writes it to a file).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
     result = measure(args.presets, args.contexts, args.batch, args.kv_dtype)
     print(table(result))
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result)  # one line: benchmarks.record reads the JSON lines of a benchmark's output
     print(text)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
