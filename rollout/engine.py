@@ -146,7 +146,7 @@ class Engine:
                     if self.batch_trace is not None:
                         self.batch_trace.append(len(rows))
                     tokens_b, sample_logp_b, plain_logp_b = sample(
-                        logits_bv, self.sampling.temperature, self.sampling.top_k, self.sampling.top_p,
+                        logits_bv.float().cpu(), self.sampling.temperature, self.sampling.top_k, self.sampling.top_p,
                         self.banned_v, self.generator)
                     keep = []
                     for i, ep in enumerate(rows):

@@ -95,6 +95,18 @@ class ToyLM(nn.Module):
         return cache.h_bd @ self.head.T
 
 
+@dataclass
+class ToyModel:
+    """Picklable builder of a ToyLM (what a Ray worker calls to make its model copy)."""
+
+    vocab_size: int = 272
+    dim: int = 32
+    seed: int = 0
+
+    def __call__(self) -> ToyLM:
+        return ToyLM(self.vocab_size, self.dim, self.seed)
+
+
 # ----------------------------------------------------------------------------- environments
 
 
@@ -162,8 +174,14 @@ class FaultyEnv(FixedTurnsEnv):
 
     def step(self, action: str):
         if self.kill_once_file and not Path(self.kill_once_file).exists():
-            Path(self.kill_once_file).write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+            try:  # O_EXCL: of several processes racing here, exactly one dies
+                fd = os.open(self.kill_once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                fd = None
+            if fd is not None:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os.kill(os.getpid(), signal.SIGKILL)
         if self.hang_s and self._seed == self.hang_on_seed:
             time.sleep(self.hang_s)
         if self._rng.random() < self.raise_prob:

@@ -1,0 +1,98 @@
+"""The Ray pool on this machine: 2 workers, weight versions, a killed worker, raising envs, a stall.
+
+One pool for the module (worker start-up imports torch in two processes); the stall test, which
+restarts a worker, runs last.
+"""
+
+import pytest
+
+from helpers import TOK
+from rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
+from rollout.engine import GroupRequest
+from rollout.logprobs import logprob_mismatch
+from rollout.testing import FAULTY_ID, FIXED_TURNS_ID, ToyLM, ToyModel
+
+HANG_GUARD = pytest.mark.timeout(240) if hasattr(pytest.mark, "timeout") else (lambda f: f)
+
+
+def toy(seed):
+    return ToyLM(vocab_size=TOK.vocab_size, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session):
+    from rollout.worker import RolloutPool
+
+    cfg = PoolConfig(num_workers=2, num_cpus_per_worker=0.5, torch_threads=1, task_timeout_s=120)
+    p = RolloutPool(ToyModel(TOK.vocab_size, seed=0), cfg, SamplingConfig(seed=0, ascii_only=True),
+                    EpisodeConfig(max_turn_tokens=4, max_batch_episodes=8, env_timeout_s=5))
+    yield p
+    p.close()
+
+
+def groups(n, samples=2, env_id=FIXED_TURNS_ID, **env_kwargs):
+    return [GroupRequest(env_id, seed=s, group_id=s, num_samples=samples, env_kwargs=env_kwargs) for s in range(n)]
+
+
+def test_two_workers_share_the_groups(pool):
+    trajs = pool.run_groups(groups(6, turns=2))
+    assert [(t.group_id, t.sample_index) for t in trajs] == [(g, k) for g in range(6) for k in range(2)]
+    assert len({t.worker for t in trajs}) == 2
+    assert all(t.status == "terminated" for t in trajs)
+
+
+def test_weights_pushed_as_version_k_are_used_by_trajectories_marked_k(pool):
+    model_a, model_b = toy(11), toy(12)
+    for version, model, other in ((1, model_a, model_b), (2, model_b, model_a)):
+        pool.push_weights(model.state_dict(), version)
+        trajs = pool.run_groups(groups(4, turns=2))
+        assert {v for t in trajs for v in t.policy_version} == {version}
+        assert logprob_mismatch(model, trajs)["rollout/logprob_mismatch_max"] <= 1e-4
+        assert logprob_mismatch(other, trajs)["rollout/logprob_mismatch_max"] > 1e-2  # the check can fail
+
+
+@HANG_GUARD
+def test_a_worker_killed_mid_rollout_loses_no_group(pool, tmp_path):
+    model = toy(21)
+    pool.push_weights(model.state_dict(), 3)
+    marker = tmp_path / "killed"  # the first env step that finds no marker SIGKILLs its worker process
+    restarts = pool.restarts
+    trajs = pool.run_groups(groups(8, env_id=FAULTY_ID, turns=3, kill_once_file=str(marker)))
+    assert marker.exists()
+    assert pool.restarts == restarts + 1
+    assert [(t.group_id, t.sample_index) for t in trajs] == [(g, k) for g in range(8) for k in range(2)]
+    assert all(t.status == "terminated" for t in trajs)
+    # the restarted worker got the current weights back before re-running its groups
+    assert {v for t in trajs for v in t.policy_version} == {3}
+    assert logprob_mismatch(model, trajs)["rollout/logprob_mismatch_max"] <= 1e-4
+
+
+def test_an_env_raising_in_10_percent_of_steps_does_not_stop_the_run(pool):
+    trajs = pool.run_groups(groups(20, env_id=FAULTY_ID, turns=3, raise_prob=0.1))
+    assert len(trajs) == 40
+    failed = [t for t in trajs if t.status == "env_error"]
+    assert 1 <= len(failed) < 40
+    assert all("injected" in t.error for t in failed)
+    assert all(t.status == "terminated" for t in trajs if not t.failed)
+
+
+def test_pool_evaluate_summarises(pool):
+    result = pool.evaluate([FIXED_TURNS_ID], seeds=[0, 1, 2, 3, 4])
+    assert result.summary[FIXED_TURNS_ID]["episodes"] == 5
+    assert result.summary[FIXED_TURNS_ID]["turns_mean"] == 4
+
+
+@HANG_GUARD
+def test_a_stalled_worker_raises_a_clear_timeout_then_the_pool_recovers(pool):
+    from rollout.worker import RolloutTimeoutError
+
+    old = pool.cfg.task_timeout_s
+    pool.cfg.task_timeout_s = 4.0
+    try:
+        # env_timeout_s=5 > task timeout: the env hang (60 s) stalls the whole task
+        with pytest.raises(RolloutTimeoutError, match="did not return groups"):
+            pool.run_groups(groups(2, samples=1, env_id=FAULTY_ID, turns=2, hang_s=60.0, hang_on_seed=0))
+    finally:
+        pool.cfg.task_timeout_s = old
+    trajs = pool.run_groups(groups(2, samples=1, turns=1))
+    assert len(trajs) == 2
