@@ -27,6 +27,7 @@ import hashlib
 import logging
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -135,9 +136,10 @@ def train(cfg: SFTStageConfig) -> dict:
     docs = [(s.ids, s.mask) for s in samples]
     fingerprint = hashlib.sha256(repr(docs).encode()).hexdigest()[:16]
     stream = MicroBatchStream(docs, cfg.data.max_seq_tokens, cfg.rows_per_micro_batch, cfg.run.seed, tokenizer.pad_id)
-    log.info("%d samples, %d rows of %d tokens (%.0f%% filled), %d micro-batches per epoch, %d processes",
-             len(samples), len(stream.rows), cfg.data.max_seq_tokens, 100 * stream.fill(),
-             stream.micro_batches_per_epoch, world)
+    if is_main:
+            log.info("%d samples, %d rows of %d tokens (%.0f%% filled), %d micro-batches per epoch, %d processes",
+                 len(samples), len(stream.rows), cfg.data.max_seq_tokens, 100 * stream.fill(),
+                 stream.micro_batches_per_epoch, world)
 
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -152,7 +154,9 @@ def train(cfg: SFTStageConfig) -> dict:
         if state.get("data_fingerprint") != fingerprint:
             log.warning("the training data differs from the data of the checkpoint; the data cursor may point elsewhere")
         log.info("resumed from %s at step %d (micro-batch %d)", resume_dir, step, cursor)
-    model, optimizer = acc.prepare(model, optimizer)
+    with warnings.catch_warnings():  # torch renames broadcast_buffers; accelerate's DDP kwargs still use the old name
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        model, optimizer = acc.prepare(model, optimizer)
     core = acc.unwrap_model(model)
 
     logger = None

@@ -15,7 +15,7 @@ from model import HybridLM
 from model.config import HybridConfig
 from sft.packing import MicroBatchStream, loss_sum, reference_loss
 from sft.train import lr_at
-from sft_testlib import losses, run_sft
+from sft_testlib import FAST, losses, run_sft
 
 
 def _docs(n: int, seed: int = 0):
@@ -125,3 +125,31 @@ def test_unknown_key_and_bad_sizes_fail_before_work(tmp_path, capsys):
     assert "train.micro_batch_tokens" in capsys.readouterr().err
     assert cli_main(["sft", "data.max_seq_tokens=100", "train.micro_batch_tokens=250"]) == 2
     assert "multiple of data.max_seq_tokens" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_slow_equals_one_process_with_the_same_global_batch(tmp_path, chat_jsonl):
+    """`accelerate launch` with 2 CPU processes (gloo), 1 micro-batch each == 1 process, 2 accumulated."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    common = [f"data.jsonl_paths=[{chat_jsonl}]", "data.envs=[]", "train.max_steps=3", "train.micro_batch_tokens=128"]
+    single = run_sft(tmp_path, "one", "train.grad_accum_steps=2", *common)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "hybrid_rl.cli", "sft", f"run.output_dir={tmp_path / 'runs'}",
+           "run.name=two", "train.grad_accum_steps=1", *FAST, *common]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "runs" / "two"
+    assert load_trainer_state(two / "step_3", restore_rng=False)["world_size"] == 2
+    l1, l2 = losses(single), losses(two)
+    assert sorted(l2) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert l2[step] == pytest.approx(l1[step], rel=1e-5), step
+    w1, w2 = load_file(single / "step_3" / "model.safetensors"), load_file(two / "step_3" / "model.safetensors")
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6, msg=name)
