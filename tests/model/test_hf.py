@@ -287,3 +287,41 @@ def test_unknown_model_type(saved):
     (saved / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="model_type 'mamba2', expected 'nemotron_h'"):
         load_pretrained(saved)
+
+
+# ---------------------------------------------------------------------- hybrid-rl convert
+
+
+def test_convert_cli_init_convert_info(tmp_path, capsys):
+    from hybrid_rl.cli import main
+
+    fresh, resharded = tmp_path / "fresh", tmp_path / "bf16"
+    assert main(["convert", "--init", "micro", str(fresh), "hidden_size=64", "--seed", "1"]) == 0
+    assert json.loads((fresh / "config.json").read_text())["hidden_size"] == 64
+    assert main(["convert", str(fresh), str(resharded), "--dtype", "bf16", "--max-shard-size", "100KB"]) == 0
+    assert (resharded / "model.safetensors.index.json").exists() and (resharded / "tokenizer.json").exists()
+    a, b = load_pretrained(fresh), load_pretrained(resharded)
+    for name, t in b.state_dict().items():
+        assert torch.equal(t, a.state_dict()[name].to(t.dtype)), name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(resharded)
+    tok = transformers.AutoTokenizer.from_pretrained(resharded)
+    assert hf.dtype == torch.bfloat16 and len(tok) == 272
+    assert main(["convert", "--info", str(resharded)]) == 0
+    assert "MEM*E-" in capsys.readouterr().out
+
+
+def test_convert_cli_errors(tmp_path, capsys):
+    from hybrid_rl.cli import main
+
+    assert main(["convert", "--init", "micro", str(tmp_path / "m")]) == 0
+    assert main(["convert", "--init", "micro", str(tmp_path / "m")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["convert", "--init", "micro", str(tmp_path / "m"), "--overwrite"]) == 0
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "m" / "config.json"), str(tmp_path / "x")]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert main(["convert", "--init", "micro", str(tmp_path / "y"), "hiden_size=3"]) == 2
+    assert "hidden_size" in capsys.readouterr().err
+    assert main(["convert", "--init", "micro", str(tmp_path / "z"), "vocab_size=100"]) != 0
+    assert not (tmp_path / "z").exists() and not (tmp_path / "x").exists()
