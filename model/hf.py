@@ -483,14 +483,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def count_parameters(cfg: HybridConfig) -> int:
-    """Parameter count of a config without building it (meta device)."""
-    from model import HybridLM
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in HybridLM(cfg).parameters())
-
-
 def human_bytes(n: float) -> str:
     if n <= 0:
         return "0 B"
