@@ -131,6 +131,8 @@ def test_expert_layout_roundtrip():
                             "backbone.layers.1.mixer.experts.2.up_proj.weight", "lm_head.weight"]
     back = from_disk_state_dict(disk)
     assert torch.equal(back["backbone.layers.1.mixer.experts.up_proj"], up)
+    renamed = from_disk_state_dict({k.replace("backbone.", "model."): v for k, v in disk.items()})
+    assert sorted(renamed) == sorted(back)  # a file written from transformers' in-memory names reads the same
     del disk["backbone.layers.1.mixer.experts.1.up_proj.weight"]
     with pytest.raises(CheckpointError, match=r"experts\.1\.up_proj\.weight is missing"):
         from_disk_state_dict(disk)
