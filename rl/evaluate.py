@@ -1,43 +1,38 @@
 """Greedy episodes on held-out seeds: the numbers the RL loop logs as eval/… and the pipeline compares.
 
-Seeds come from ``envs.seeds(env_id, "eval", n)``, disjoint from every training seed. The engine plays
-in this process on the model it is given (no weight copy), with sampling seeded so that temperature > 0
-evals are repeatable too.
+Seeds come from ``envs.seeds(env_id, "eval", n)``, disjoint from every training seed. The episodes are
+played by ``rollout.evaluate`` in this process on the model it is given; the names are those of
+docs/METRICS.md (the same as the SFT stage's evals, so SFT and RL curves line up).
 """
 
 from __future__ import annotations
 
+import time
+
 from hybrid_rl.metrics import env_key
+
+NAMES = {"success_rate": "success", "return_mean": "return", "turns_mean": "turns", "invalid_actions_mean": "invalid_actions"}
 
 
 def evaluate(model, tokenizer, env_ids, episodes_per_env: int, *, temperature: float = 0.0, max_new_tokens: int = 32,
-             max_episode_tokens: int = 512, seed: int = 0):
-    """eval/success/<env>, eval/return/<env>, eval/turns/<env> and their means over envs (eval/success, ...)."""
-    import envs
+             max_episode_tokens: int = 2048, seed: int = 0) -> tuple[dict[str, float], list]:
+    """(eval/success/<env>, eval/return/<env>, ... and the means over envs; the trajectories)."""
+    import torch
+
     from rollout.config import EpisodeConfig, SamplingConfig
-    from rollout.engine import Engine, GroupRequest
+    from rollout.evaluate import evaluate as play
 
+    t0 = time.perf_counter()
     sampling = SamplingConfig(temperature=temperature, seed=seed)
-    episode = EpisodeConfig(max_turn_tokens=max_new_tokens, max_episode_tokens=max_episode_tokens,
-                            max_batch_episodes=64)
-    requests = [GroupRequest(env_id, s, group_id=i * episodes_per_env + j)
-                for i, env_id in enumerate(env_ids) for j, s in enumerate(envs.seeds(env_id, "eval", episodes_per_env))]
-    engine = Engine(model, tokenizer, sampling, episode, worker_name="eval")
-    try:
-        trajectories = engine.play(requests)
-    finally:
-        engine.close()
-    return summarize(trajectories, env_ids)
-
-
-def summarize(trajectories, env_ids) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for env_id in env_ids:
-        ts = [t for t in trajectories if t.env_id == env_id]
-        n = max(len(ts), 1)
-        out[f"eval/success/{env_key(env_id)}"] = sum(t.success for t in ts) / n
-        out[f"eval/return/{env_key(env_id)}"] = sum(t.episode_return for t in ts) / n
-        out[f"eval/turns/{env_key(env_id)}"] = sum(t.num_turns for t in ts) / n
-    for what in ("success", "return", "turns"):
-        out[f"eval/{what}"] = sum(out[f"eval/{what}/{env_key(e)}"] for e in env_ids) / len(env_ids)
-    return out
+    episode = EpisodeConfig(max_turn_tokens=max_new_tokens, max_episode_tokens=max_episode_tokens, max_batch_episodes=64)
+    with torch.no_grad():
+        result = play(model, tokenizer, list(env_ids), episodes=episodes_per_env, sampling=sampling, episode=episode)
+    metrics = {}
+    for env_id, stats in result.summary.items():
+        suffix = "" if env_id == "all" else "/" + env_key(env_id)
+        metrics.update({f"eval/{new}{suffix}": stats[old] for old, new in NAMES.items()})
+        metrics[f"eval/env_errors{suffix}"] = stats["failed"] / max(stats["episodes"], 1)
+    if len(env_ids) == 1:  # summarize gives "all" only for several envs
+        metrics.update({f"eval/{new}": metrics[f"eval/{new}/{env_key(env_ids[0])}"] for new in [*NAMES.values(), "env_errors"]})
+    metrics["perf/eval_s"] = time.perf_counter() - t0
+    return metrics, result.trajectories

@@ -38,7 +38,7 @@ from hybrid_rl.run import make_run_dir, seed_everything
 from rl.advantages import get_advantage_fn
 from rl.batch import Batch, collate, micro_batches, trim
 from rl.config import RLStageConfig
-from rl.kl import get_kl_estimator
+from rl.kl import get_kl_estimator, kl_k3
 from rl.losses import ClipRange, aggregate_loss, get_policy_loss, token_entropy, token_logprobs
 from rl.pool import make_pool
 from rl.routing import routing_mismatch
@@ -87,8 +87,10 @@ def evaluate_policy(model, tokenizer, cfg: RLStageConfig) -> dict[str, float]:
     """Greedy episodes on each env's held-out eval seeds, in this process: eval/success/<env>, ..."""
     from rl.evaluate import evaluate
 
-    return evaluate(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env, temperature=cfg.eval.temperature,
-                    max_new_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
+    metrics, trajectories = evaluate(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env, temperature=cfg.eval.temperature,
+                                     max_new_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
+    model.moe_balance_update(0.0)  # forget the expert loads counted while evaluating: balancing follows training
+    return metrics, trajectories
 
 
 # ------------------------------------------------------------------------------ one update
@@ -139,7 +141,7 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
             sums["loss"] += float(loss)
             sums["clipped"] += float(clipped_bt.sum())
             sums["entropy"] += float((token_entropy(out.logits) * mask_bt).sum())
-            sums["mismatch"] += float(((logp_bt - mb.rollout_logp_bt).abs() * mask_bt).sum())
+            sums["mismatch"] += float((kl_k3(mb.rollout_logp_bt, logp_bt) * mask_bt).sum())  # KL(rollout || trainer)
             sums["ratio"] += float((torch.exp(logp_bt - old_logp_bt) * mask_bt).sum())
             if mb.routing_btlk is not None:
                 trainer_routing = out.routed_experts if replay is None else _natural_routing(model, mb)
@@ -151,9 +153,9 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     optimizer.step()
     per_tok = lambda x: x / max(n_tokens, 1)  # noqa: E731
-    stats = {"train/loss": sums["loss"], "train/clip_frac": per_tok(sums["clipped"]), "train/entropy": per_tok(sums["entropy"]),
-             "train/ratio_mean": per_tok(sums["ratio"]), "train/grad_norm": grad_norm, "train/action_tokens": n_tokens,
-             "rollout/logprob_mismatch": per_tok(sums["mismatch"])}
+    stats = {"train/loss": sums["loss"], "train/clip_fraction": per_tok(sums["clipped"]), "train/entropy": per_tok(sums["entropy"]),
+             "train/ratio_mean": per_tok(sums["ratio"]), "train/grad_norm": grad_norm,
+             "train/rollout_mismatch_kl": per_tok(sums["mismatch"])}
     if ref_model is not None and cfg.algo.kl_beta > 0:
         stats["train/kl"] = sums["kl"]
     if sums["route_n"]:
@@ -168,25 +170,32 @@ def _natural_routing(model, mb: Batch):
 
 
 def rollout_metrics(trajectories, version: int) -> dict[str, float]:
-    """rollout/ metrics of a step: returns, success and turns per env, failures, staleness."""
-    out: dict[str, float] = {}
+    """rollout/ metrics of a step (per env and overall) and the batch's staleness, as in docs/METRICS.md."""
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
+    out: dict[str, float] = {}
     for env_id in sorted({t.env_id for t in trajectories}):
         ts = [t for t in trajectories if t.env_id == env_id]
-        out[f"rollout/reward/{env_key(env_id)}"] = mean([t.episode_return for t in ts])
-        out[f"rollout/success/{env_key(env_id)}"] = mean([float(t.success) for t in ts])
-        out[f"rollout/turns/{env_key(env_id)}"] = mean([t.num_turns for t in ts])
+        ok = [t for t in ts if not t.failed]
+        key = env_key(env_id)
+        out[f"rollout/reward/{key}"] = mean([t.episode_return for t in ok])
+        out[f"rollout/success/{key}"] = mean([float(t.success) for t in ok])
+        out[f"rollout/turns/{key}"] = mean([t.num_turns for t in ok])
+        out[f"rollout/invalid_actions/{key}"] = mean([t.num_invalid_actions for t in ok])
+        out[f"rollout/env_errors/{key}"] = mean([float(t.status == "env_error") for t in ts])
+        out[f"rollout/timeouts/{key}"] = mean([float(t.status == "timeout") for t in ts])
+    ok = [t for t in trajectories if not t.failed]
+    groups: dict[int, set[float]] = {}
+    for t in ok:
+        groups.setdefault(t.group_id, set()).add(t.episode_return)
     versions = [v for t in trajectories for v, a in zip(t.policy_version, t.is_action) if a]
     out.update({
-        "rollout/reward": mean([t.episode_return for t in trajectories]),
-        "rollout/success": mean([float(t.success) for t in trajectories]),
-        "rollout/turns": mean([t.num_turns for t in trajectories]),
-        "rollout/failed_frac": mean([float(t.failed) for t in trajectories]),
-        "rollout/invalid_actions": mean([t.num_invalid_actions for t in trajectories]),
-        "rollout/episode_tokens": mean([t.num_tokens for t in trajectories]),
-        "rollout/action_tokens": float(sum(t.num_action_tokens for t in trajectories)),
-        "rollout/staleness_mean": mean([version - v for v in versions]),
-        "rollout/staleness_max": float(max((version - v for v in versions), default=0)),
+        "rollout/reward": mean([t.episode_return for t in ok]),
+        "rollout/success": mean([float(t.success) for t in ok]),
+        "rollout/turns": mean([t.num_turns for t in ok]),
+        "rollout/zero_std_groups": mean([float(len(r) == 1) for r in groups.values()]),
+        "rollout/tokens_per_episode": mean([t.num_action_tokens for t in trajectories]),
+        "train/staleness_mean": mean([version - v for v in versions]),
+        "train/staleness_max": float(max((version - v for v in versions), default=0)),
     })
     return out
 
@@ -207,8 +216,6 @@ def train(cfg: RLStageConfig) -> dict:
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.algo.kl_beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                                   weight_decay=cfg.train.weight_decay)
-    warmup = cfg.train.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     start_step = 0
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         from model.hf import load_pretrained
@@ -216,7 +223,6 @@ def train(cfg: RLStageConfig) -> dict:
         model.load_state_dict(load_pretrained(ckpt).float().state_dict())
         state = load_trainer_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
         log.info("resumed %s at step %d", ckpt, start_step)
     log.info("RL from %s: %s, %d x %d episodes per step, %d steps -> %s", source, cfg.envs,
@@ -233,9 +239,9 @@ def train(cfg: RLStageConfig) -> dict:
     final_eval: dict[str, float] = {}
     try:
         if cfg.eval.at_start and start_step == 0:
-            t0 = time.perf_counter()
-            final_eval = evaluate_policy(model, tokenizer, cfg)
-            metrics.log({**final_eval, "perf/eval_s": time.perf_counter() - t0}, step=0)
+            final_eval, eval_trajs = evaluate_policy(model, tokenizer, cfg)
+            metrics.log(final_eval, step=0)
+            metrics.log_samples([_sample_row(t) for t in eval_trajs[:4]], step=0)
 
         def push_and_play(step):  # weights of version `step` -> this step's episodes
             t0 = time.perf_counter()
@@ -254,25 +260,26 @@ def train(cfg: RLStageConfig) -> dict:
                 trajs, sync_s, rollout_s = push_and_play(step)
             t_train = time.perf_counter()
             batch, batch_stats = make_batch(trajs, cfg, pad_id)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
             update_stats = {}
             if batch is not None:
                 update_stats = policy_update(model, optimizer, batch, cfg, ref_model, old_from_rollout=is_async)
-            scheduler.step()
             moe_stats = model.moe_balance_update(cfg.train.moe_bias_update_rate) if cfg.train.moe_bias_update_rate else {}
             train_s = time.perf_counter() - t_train
             row = {**rollout_metrics(trajs, step), **batch_stats, **update_stats, **moe_stats,
-                   "train/lr": scheduler.get_last_lr()[0], "perf/rollout_s": rollout_s, "perf/train_s": train_s,
+                   "train/lr": lr_at(step, cfg), "perf/rollout_s": rollout_s, "perf/train_s": train_s,
                    "perf/weight_sync_s": sync_s, "perf/step_s": time.perf_counter() - t_step,
-                   "perf/rollout_tokens_per_s": sum(t.num_tokens for t in trajs) / max(rollout_s, 1e-9)}
+                   "perf/rollout_tokens_per_s": sum(t.num_tokens for t in trajs) / max(rollout_s, 1e-9),
+                   "perf/tokens_per_s": sum(t.num_tokens for t in trajs) / max(time.perf_counter() - t_step, 1e-9)}
             done = step + 1
             if (cfg.eval.every_steps and done % cfg.eval.every_steps == 0) or done == cfg.train.steps:
-                t0 = time.perf_counter()
-                final_eval = evaluate_policy(model, tokenizer, cfg)
-                row.update(final_eval, **{"perf/eval_s": time.perf_counter() - t0})
+                final_eval, _ = evaluate_policy(model, tokenizer, cfg)
+                row.update(final_eval)
             metrics.log(row, step=done)
             metrics.log_samples([_sample_row(t) for t in trajs[:: max(1, len(trajs) // 4)]], step=done)
             if (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == cfg.train.steps:
-                save_rl_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.checkpoint.keep_last)
+                save_rl_checkpoint(run_dir, done, model, tokenizer, optimizer, cfg.checkpoint.keep_last)
     finally:
         if executor is not None:
             executor.shutdown(wait=True)
@@ -282,13 +289,19 @@ def train(cfg: RLStageConfig) -> dict:
     return {"run_dir": str(run_dir), "checkpoint": str(ckpt) if ckpt else "", "eval": final_eval}
 
 
-def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, keep_last):
+def lr_at(step: int, cfg: RLStageConfig) -> float:
+    """Linear warmup over train.warmup_steps, then constant (set by hand each step: resume needs only the step)."""
+    warmup = cfg.train.warmup_steps
+    return cfg.train.lr * min(1.0, (step + 1) / warmup) if warmup else cfg.train.lr
+
+
+def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer, keep_last):
     from model.hf import save_pretrained
 
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
+    state = {"optimizer": optimizer.state_dict(), "step": step}
     return save_checkpoint(run_dir, step, lambda d: save_pretrained(model, d, tokenizer), state, keep_last=keep_last)
 
 
 def _sample_row(t) -> dict:
-    return {"env": t.env_id, "seed": t.seed, "return": t.episode_return, "success": t.success,
-            "status": t.status, "turns": t.num_turns, "messages": t.messages}
+    return {"env_id": t.env_id, "seed": t.seed, "status": t.status, "return": t.episode_return, "success": t.success,
+            "num_turns": t.num_turns, "messages": t.messages}

@@ -1,0 +1,227 @@
+"""``hybrid-rl pipeline [config] [key=value ...]``: the whole recipe, end to end (``make quickstart``).
+
+    1. demonstrations: a NOISY expert (``demos.noise``) plays each env's train seeds; its conversations,
+       failed episodes included, are the SFT data, so SFT learns an imperfect policy
+    2. SFT (``sft.train.train``) from scratch on those demonstrations
+    3. GRPO (``rl.train.train``) from the SFT checkpoint
+    4. eval of the SFT and the RL checkpoints on the same held-out seeds, greedy (``rl.evaluate``)
+    5. a results table, printed and written to ``runs/<name>/results.{json,md}``
+
+Runs land in ``runs/<name>/{sft,rl,eval}``, one wandb group (``<name>``) for the three; each has its
+metrics.jsonl, TensorBoard files and report.html. The default recipe is configs/quickstart.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybrid_rl.cli import add_config_arguments, resolve_config
+from hybrid_rl.metrics import LoggingConfig, env_key
+from hybrid_rl.run import RunConfig
+from model.config import HybridConfig
+from rl.config import AlgoConfig, CheckpointConfig
+from rl.config import EvalConfig as RLEvalConfig
+from rl.config import RolloutSection
+from rl.config import TrainConfig as RLTrainConfig
+from sft.config import DataConfig
+from sft.config import EvalConfig as SFTEvalConfig
+from sft.config import TrainConfig as SFTTrainConfig
+
+log = logging.getLogger("hybrid_rl.pipeline")
+
+
+@dataclass
+class DemoConfig:
+    noise: float = 0.4  # probability that the expert plays a random (legal-looking) action instead of its best
+    episodes_per_env: int = 300  # on each env's train seeds
+    keep_failed: bool = True  # an imperfect teacher's failures are part of its demonstrations
+
+    def __post_init__(self):
+        if not 0.0 <= self.noise <= 1.0 or self.episodes_per_env < 1:
+            raise ValueError(f"noise must be in [0, 1] and episodes_per_env >= 1, got {self.noise}, {self.episodes_per_env}")
+
+
+@dataclass
+class SFTPart:
+    data: DataConfig = field(default_factory=DataConfig)  # data.envs/jsonl_paths are filled by the pipeline
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    eval: SFTEvalConfig = field(default_factory=lambda: SFTEvalConfig(at_start=False))
+
+
+@dataclass
+class RLPart:
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
+    eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class FinalEvalConfig:
+    episodes_per_env: int = 100  # held-out eval seeds, the same for both checkpoints
+    temperature: float = 0.0  # greedy
+    max_new_tokens: int = 16
+
+    def __post_init__(self):
+        if self.episodes_per_env < 1 or self.temperature < 0 or self.max_new_tokens < 1:
+            raise ValueError(f"episodes_per_env >= 1, temperature >= 0 and max_new_tokens >= 1 expected, got {self}")
+
+
+@dataclass
+class PipelineConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="quickstart"))
+    model: HybridConfig = field(default_factory=lambda: HybridConfig.from_preset("micro"))
+    envs: list[str] = field(default_factory=lambda: ["hybrid_rl/GuessNumber-v0"])
+    demos: DemoConfig = field(default_factory=DemoConfig)
+    sft: SFTPart = field(default_factory=SFTPart)
+    rl: RLPart = field(default_factory=RLPart)
+    eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if not self.envs:
+            raise ValueError("envs is empty: name at least one environment with an expert, e.g. [hybrid_rl/GuessNumber-v0]")
+
+
+# ------------------------------------------------------------------------------ the stages
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "quickstart.yaml")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hybrid_rl.log import setup_logging
+    from rl.cli import _check_envs
+
+    cfg = resolve_config(PipelineConfig, args)
+    if cfg is None:
+        return 0
+    setup_logging(cfg.run.log_level, cfg.run.quiet)
+    _check_envs(cfg.envs)
+    results = pipeline(cfg)
+    print(results["markdown"])
+    return 0
+
+
+def pipeline(cfg: PipelineConfig) -> dict:
+    """Demos -> SFT -> RL -> eval of both; returns the results dict (also written to results.json/.md)."""
+    from hybrid_rl.config import save_config
+    from rl.train import train as rl_train
+    from sft.train import train as sft_train
+
+    t0 = time.time()
+    name = cfg.run.name or f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path(cfg.run.output_dir) / name
+    if base.exists() and any(base.iterdir()) and not cfg.run.overwrite:
+        raise FileExistsError(f"{base} already exists; pick another run.name or pass run.overwrite=true")
+    base.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, base / "config.yaml")
+    stage_run = lambda stage: RunConfig(**{**vars(cfg.run), "name": f"{name}/{stage}", "group": cfg.run.group or name,  # noqa: E731
+                                           "tags": [*cfg.run.tags, stage]})
+
+    demos = write_demos(cfg, base / "demonstrations.jsonl")
+    log.info("demonstrations: %s", demos)
+
+    from sft.config import SFTStageConfig
+
+    data = DataConfig(**{**vars(cfg.sft.data), "envs": [], "jsonl_paths": [str(base / "demonstrations.jsonl")]})
+    sft_eval = SFTEvalConfig(**{**vars(cfg.sft.eval), "env_ids": list(cfg.envs)})
+    sft_cfg = SFTStageConfig(run=stage_run("sft"), model=cfg.model, data=data, train=cfg.sft.train, eval=sft_eval,
+                             logging=cfg.logging)
+    t_sft = time.time()
+    sft_summary = sft_train(sft_cfg)
+    t_sft = time.time() - t_sft
+
+    from rl.config import RLStageConfig
+
+    rl_cfg = RLStageConfig(run=stage_run("rl"), model=cfg.model, init_from=sft_summary["checkpoint"], envs=list(cfg.envs),
+                           rollout=cfg.rl.rollout, algo=cfg.rl.algo, train=cfg.rl.train, eval=cfg.rl.eval,
+                           checkpoint=cfg.rl.checkpoint, logging=cfg.logging)
+    t_rl = time.time()
+    rl_result = rl_train(rl_cfg)
+    t_rl = time.time() - t_rl
+
+    t_eval = time.time()
+    table = compare_checkpoints(cfg, stage_run("eval"), {"sft": sft_summary["checkpoint"], "rl": rl_result["checkpoint"]})
+    results = {
+        "name": name, "envs": list(cfg.envs), "eval_seeds": f"envs.seeds(env, 'eval', {cfg.eval.episodes_per_env})",
+        "demos": demos, "results": table,
+        "time_s": {"sft": round(t_sft, 1), "rl": round(t_rl, 1), "eval": round(time.time() - t_eval, 1),
+                   "total": round(time.time() - t0, 1)},
+        "runs": {"sft": sft_summary["run_dir"], "rl": rl_result["run_dir"], "eval": str(base / "eval")},
+        "checkpoints": {"sft": sft_summary["checkpoint"], "rl": rl_result["checkpoint"]},
+    }
+    results["markdown"] = results_markdown(results)
+    (base / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "markdown"}, indent=1) + "\n")
+    (base / "results.md").write_text(results["markdown"])
+    return results
+
+
+def write_demos(cfg: PipelineConfig, path: Path) -> dict:
+    """The noisy expert's conversations as SFT JSONL ({"messages": ...}); returns its success rate per env."""
+    import envs
+
+    stats = {}
+    with path.open("w") as fh:
+        for env_id in cfg.envs:
+            wins = kept = 0
+            for seed in envs.seeds(env_id, "train", cfg.demos.episodes_per_env):
+                episode = envs.expert_episode(env_id, seed, noise=cfg.demos.noise)
+                messages = list(episode.messages)
+                while messages and messages[-1]["role"] != "assistant":  # nothing to learn after the last action
+                    messages.pop()
+                wins += episode.success
+                if messages and (episode.success or cfg.demos.keep_failed):
+                    kept += 1
+                    fh.write(json.dumps({"messages": messages, "env_id": env_id, "seed": seed}) + "\n")
+            stats[env_key(env_id)] = {"episodes": kept, "expert_success": wins / cfg.demos.episodes_per_env,
+                                      "noise": cfg.demos.noise}
+    return stats
+
+
+def compare_checkpoints(cfg: PipelineConfig, run: RunConfig, checkpoints: dict[str, str]) -> dict:
+    """Greedy eval of each checkpoint on the same held-out seeds, logged as a run of its own."""
+    from hybrid_rl.metrics import MetricsLogger
+    from hybrid_rl.run import make_run_dir
+    from model.hf import load_pretrained
+    from model.tokenizer import ByteTokenizer
+    from rl.evaluate import evaluate
+
+    run_dir = make_run_dir(run, "eval", cfg)
+    logger = MetricsLogger(cfg.logging, run_dir, run.name.replace("/", "-"), {"checkpoints": checkpoints},
+                           group=run.group, tags=run.tags)
+    table: dict[str, dict[str, float]] = {}
+    try:
+        for i, (stage, path) in enumerate(checkpoints.items()):
+            metrics, trajectories = evaluate(load_pretrained(path).float(), ByteTokenizer(), cfg.envs, cfg.eval.episodes_per_env,
+                                             temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens)
+            logger.log_samples([{"stage": stage, "env_id": t.env_id, "seed": t.seed, "status": t.status,
+                                 "return": t.episode_return, "success": t.success, "num_turns": t.num_turns,
+                                 "messages": t.messages} for t in trajectories[:4]], step=i)
+            table[stage] = metrics
+            logger.log(metrics, step=i)  # step 0 = the SFT checkpoint, step 1 = the RL checkpoint
+    finally:
+        logger.close()
+    return table
+
+
+def results_markdown(results: dict) -> str:
+    table = results["results"]
+    lines = [f"## {results['name']}: SFT vs RL on held-out seeds ({results['eval_seeds']}, greedy)", "",
+             "| env | metric | SFT | RL | change |", "|---|---|---:|---:|---:|"]
+    for env_id in results["envs"]:
+        for what in ("success", "return", "turns"):
+            key = f"eval/{what}/{env_key(env_id)}"
+            sft, rl = table["sft"][key], table["rl"][key]
+            lines.append(f"| {env_key(env_id)} | {what} | {sft:.3f} | {rl:.3f} | {rl - sft:+.3f} |")
+    t = results["time_s"]
+    lines += ["", f"time: SFT {t['sft']:.0f} s, RL {t['rl']:.0f} s, eval {t['eval']:.0f} s, total {t['total']:.0f} s",
+              f"runs: {', '.join(results['runs'].values())}", ""]
+    return "\n".join(lines)

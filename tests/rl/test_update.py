@@ -1,0 +1,122 @@
+"""The update on a real micro model: micro-batch split invariance, ratio 1 on policy, routing replay."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hybrid_rl.config import load_config
+from model import HybridConfig, HybridLM
+from rl.batch import collate
+from rl.config import RLStageConfig
+from rl.train import make_batch, policy_update
+from rollout.trajectory import Trajectory
+
+
+class GradRecorder:
+    """An optimizer stand-in that keeps the gradients of its step instead of applying them."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+
+def _model():
+    torch.manual_seed(0)
+    return HybridLM(HybridConfig.from_preset("micro"))
+
+
+def _trajectories(model, n=6, seed=0, routing=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        t = int(torch.randint(6, 30, (1,), generator=g))
+        ids = torch.randint(3, 250, (t,), generator=g).tolist()
+        action = [0] * 3 + (torch.rand(t - 3, generator=g) > 0.4).long().tolist()
+        routed = None
+        if routing:
+            with torch.no_grad():
+                routed = model(torch.tensor([ids]), record_routing=True).routed_experts[0].tolist()
+        out.append(Trajectory(env_id="hybrid_rl/GuessNumber-v0", seed=i // 2, group_id=i // 2, status="terminated",
+                              token_ids=ids, is_action=action, logprobs=[-1.0 * a for a in action],
+                              sample_logprobs=[0.0] * t, policy_version=[0] * t, routed_experts=routed,
+                              episode_return=float(i % 2) + 0.1 * i))
+    return out
+
+
+def _cfg(*overrides):
+    return load_config(RLStageConfig, None, ["rollout.max_episode_tokens=32", "train.max_grad_norm=0", *overrides])
+
+
+@pytest.mark.parametrize("loss, agg", [("grpo", "token-mean"), ("gspo", "seq-mean-token-mean"), ("dapo", "seq-mean-token-sum")])
+def test_micro_batch_split_does_not_change_the_update(loss, agg):
+    model = _model()
+    trajs = _trajectories(model)
+    grads = []
+    for tokens in (4096, 64):  # everything in one micro-batch, then 2-row micro-batches
+        cfg = _cfg(f"train.micro_batch_tokens={tokens}", f"algo.policy_loss={loss}", f"algo.loss_agg={agg}")
+        batch, _ = make_batch(trajs, cfg, pad_id=0)
+        m = copy.deepcopy(model)
+        rec = GradRecorder(m)
+        policy_update(m, rec, batch, cfg)
+        grads.append(rec.grads)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_first_on_policy_step_has_ratio_one_and_nothing_clipped():
+    model = _model()
+    cfg = _cfg()
+    batch, _ = make_batch(_trajectories(model), cfg, pad_id=0)
+    stats = policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch, cfg)
+    assert stats["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["train/clip_fraction"] == 0.0
+    assert stats["train/grad_norm"] > 0
+
+
+def test_failed_and_zero_advantage_episodes_are_not_trained():
+    model = _model()
+    trajs = _trajectories(model, n=6)
+    trajs[0].status = "env_error"  # excluded from its group and from the loss
+    trajs[2].episode_return = trajs[3].episode_return  # group 1 all equal: advantage 0, skipped
+    batch, stats = make_batch(trajs, _cfg(), pad_id=0)
+    assert batch.num_rows == 2  # group 0 has one valid episode (no baseline), group 1 is all-equal: only group 2
+    assert stats["train/trained_episodes_frac"] == pytest.approx(2 / 6)
+
+
+def test_routing_replay_of_own_routing_changes_nothing_and_reports_zero_mismatch():
+    model = _model()
+    trajs = _trajectories(model, routing=True)
+    grads, stats = [], []
+    for replay in (False, True):
+        cfg = _cfg(f"algo.routing_replay={str(replay).lower()}")
+        batch, _ = make_batch(trajs, cfg, pad_id=0)
+        assert batch.routing_btlk is not None
+        m = copy.deepcopy(model)
+        rec = GradRecorder(m)
+        stats.append(policy_update(m, rec, batch, cfg))
+        grads.append(rec.grads)
+    for s in stats:
+        assert s["train/routing_mismatch"] == 0.0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_routing_replay_of_other_routing_is_used_and_measured():
+    model = _model()
+    trajs = _trajectories(model, routing=True)
+    n_exp = model.config.n_routed_experts
+    for t in trajs:  # pretend the rollout picked other experts everywhere
+        t.routed_experts = [[[(e + 1) % n_exp for e in layer] for layer in tok] for tok in t.routed_experts]
+    cfg = _cfg("algo.routing_replay=true")
+    batch, _ = make_batch(trajs, cfg, pad_id=0)
+    stats = policy_update(model, GradRecorder(model), batch, cfg)
+    assert stats["train/routing_mismatch"] > 0.5
