@@ -22,13 +22,9 @@ class EvalResult:
     summary: dict[str, dict[str, float]]  # env id (and "all") -> metric -> value
     trajectories: list[Trajectory] = field(default_factory=list)
 
-    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        """Flat names for MetricsLogger: ``eval/success_rate`` (all envs) and ``eval/<Env>/success_rate``."""
-        out = {}
-        for env_id, stats in self.summary.items():
-            scope = "" if env_id == "all" else env_id.rpartition("/")[2] + "/"
-            out.update({f"{prefix}{scope}{k}": float(v) for k, v in stats.items()})
-        return out
+    def metrics(self, section: str = "eval") -> dict[str, float]:
+        """docs/METRICS.md names: ``eval/success/<env>`` ... and the mean over environments ``eval/success``."""
+        return metrics_from_summary(self.summary, section)
 
     def table(self) -> str:
         return format_table(self.summary)
@@ -92,7 +88,45 @@ def _stats(trajs: list[Trajectory]) -> dict[str, float]:
         "action_tokens_mean": mean(t.num_action_tokens for t in ok),
         "invalid_actions_mean": mean(t.num_invalid_actions for t in ok),
         "truncated_rate": mean(float(t.status == "truncated") for t in ok),
+        "env_errors": sum(t.status == "env_error" for t in trajs) / max(len(trajs), 1),
+        "timeouts": sum(t.status == "timeout" for t in trajs) / max(len(trajs), 1),
     }
+
+
+# summary key -> metric name (docs/METRICS.md)
+METRIC_NAMES = {"success_rate": "success", "return_mean": "return", "turns_mean": "turns", "env_errors": "env_errors",
+                "timeouts": "timeouts", "invalid_actions_mean": "invalid_actions"}
+
+
+def metrics_from_summary(summary: dict[str, dict[str, float]], section: str = "eval") -> dict[str, float]:
+    """``{section}/{name}/{env}`` per environment and ``{section}/{name}`` over all of them."""
+    from hybrid_rl.metrics import env_key
+
+    out: dict[str, float] = {}
+    envs = [e for e in summary if e != "all"]
+    for env_id in envs:
+        out.update({f"{section}/{name}/{env_key(env_id.rpartition(':')[2])}": float(summary[env_id][key]) for key, name in METRIC_NAMES.items()})
+    overall = summary["all"] if "all" in summary else summary[envs[0]] if envs else {}
+    out.update({f"{section}/{name}": float(overall[key]) for key, name in METRIC_NAMES.items() if key in overall})
+    return out
+
+
+def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
+    """The ``rollout/*`` names of a training step's batch (docs/METRICS.md), for the RL loop.
+
+    ``rollout/reward`` is the mean return; groups are (env_id, group_id); failed episodes are left out
+    of the group statistics."""
+    out = metrics_from_summary(summarize(trajectories), "rollout")
+    out = {k.replace("rollout/return", "rollout/reward"): v for k, v in out.items()}
+    groups: dict[tuple, list[float]] = {}
+    for t in trajectories:
+        if not t.failed:
+            groups.setdefault((t.env_id, t.group_id), []).append(t.episode_return)
+    multi = [g for g in groups.values() if len(g) > 1]
+    out["rollout/zero_std_groups"] = sum(max(g) == min(g) for g in multi) / len(multi) if multi else math.nan
+    ok = [t for t in trajectories if not t.failed]
+    out["rollout/tokens_per_episode"] = sum(t.num_action_tokens for t in ok) / len(ok) if ok else math.nan
+    return out
 
 
 COLUMNS = [("episodes", "episodes", "{:.0f}"), ("failed", "failed", "{:.0f}"), ("success_rate", "success", "{:.3f}"),

@@ -223,4 +223,6 @@ def test_evaluate_in_process_summarises_per_env():
     assert stats["turns_mean"] == 4
     assert 0.0 <= stats["success_rate"] <= 1.0
     assert "success" in result.table() and FIXED_TURNS_ID in result.table()
-    assert result.metrics()["eval/FixedTurns-v0/turns_mean"] == 4
+    metrics = result.metrics()
+    assert metrics["eval/turns/hybrid_rl_test.FixedTurns-v0"] == 4 and metrics["eval/turns"] == 4
+    assert metrics["eval/env_errors"] == 0

@@ -1,0 +1,126 @@
+"""``hybrid-rl eval``: play a checkpoint on environment seeds with the rollout workers.
+
+    hybrid-rl eval --checkpoint runs/sft/step_200 --env hybrid_rl/GuessNumber-v0 --episodes 64
+    hybrid-rl eval configs/eval.yaml eval.episodes=16 pool.num_workers=0   # no Ray, in this process
+
+Prints a table (success rate, return, turns and tokens per episode, per environment) and writes
+``eval.json`` (and ``trajectories.jsonl``) into the run directory. Greedy decoding by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybrid_rl.cli import add_config_arguments, resolve_config
+from hybrid_rl.config import ConfigError, to_dict
+from hybrid_rl.log import setup_logging
+from hybrid_rl.run import make_run_dir, seed_everything
+from rollout.config import EvalConfig
+
+log = logging.getLogger("hybrid_rl.rollout")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, None)
+    parser.add_argument("--checkpoint", help="checkpoint folder (HF NemotronH layout) = eval.checkpoint")
+    parser.add_argument("--env", action="append", dest="env_ids", metavar="ID",
+                        help="environment id, repeatable = eval.envs")
+    parser.add_argument("--episodes", type=int, help="episodes per environment = eval.episodes")
+    parser.add_argument("--workers", type=int, help="Ray rollout workers (0 = in this process) = pool.num_workers")
+    parser.add_argument("--address", help="join this Ray cluster = pool.address")
+    parser.add_argument("--name", help="run directory name = run.name")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.checkpoint:
+        out.append(f"eval.checkpoint={args.checkpoint}")
+    if args.env_ids:
+        out.append("eval.envs=[" + ",".join(args.env_ids) + "]")
+    for flag, key in (("episodes", "eval.episodes"), ("workers", "pool.num_workers"), ("address", "pool.address"),
+                      ("name", "run.name")):
+        if getattr(args, flag) is not None:
+            out.append(f"{key}={getattr(args, flag)}")
+    return out
+
+
+@dataclass
+class CheckpointTokenizer:
+    """Picklable: the checkpoint's tokenizer, built inside each worker."""
+
+    path: str
+
+    def __call__(self):
+        from model.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.path) if (Path(self.path) / "tokenizer_config.json").exists() else load_tokenizer(None)
+
+
+def run(args: argparse.Namespace) -> int:
+    args.overrides = list(args.overrides or []) + _flag_overrides(args)
+    cfg = resolve_config(EvalConfig, args)
+    if cfg is None:
+        return 0
+    check(cfg)
+    setup_logging(cfg.run.log_level, cfg.run.quiet)
+    seed_everything(cfg.run.seed)
+    run_dir = make_run_dir(cfg.run, "eval", cfg)
+    t0 = time.time()
+    result = evaluate_checkpoint(cfg)
+    elapsed = time.time() - t0
+    print(result.table())
+    tokens = sum(t.num_action_tokens for t in result.trajectories)
+    report = {
+        "checkpoint": cfg.eval.checkpoint, "envs": cfg.eval.envs, "episodes_per_env": cfg.eval.episodes,
+        "summary": result.summary, "metrics": result.metrics(),
+        "perf": {"eval_s": elapsed, "episodes_per_s": len(result.trajectories) / elapsed,
+                 "rollout_tokens_per_s": tokens / elapsed},
+        "config": to_dict(cfg),
+    }
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    if cfg.eval.save_trajectories:
+        from rollout.trajectory import write_jsonl
+
+        write_jsonl(result.trajectories, run_dir / "trajectories.jsonl")
+    print(f"wrote {run_dir / 'eval.json'}")
+    return 0
+
+
+def check(cfg: EvalConfig) -> None:
+    if not cfg.eval.checkpoint:
+        raise ConfigError("eval.checkpoint is empty: pass --checkpoint DIR (a folder with config.json and safetensors).")
+    if not (Path(cfg.eval.checkpoint) / "config.json").is_file():
+        raise ConfigError(f"eval.checkpoint {cfg.eval.checkpoint!r} has no config.json; pass a checkpoint folder "
+                          "written by save_pretrained (e.g. runs/<name>/step_N).")
+    if not cfg.eval.envs:
+        raise ConfigError("eval.envs is empty: pass --env ID (repeatable), e.g. --env hybrid_rl/GuessNumber-v0.")
+    import envs
+
+    for env_id in cfg.eval.envs:
+        if ":" not in env_id:
+            envs.resolve_id(env_id)  # unknown ids fail now, with did-you-mean
+
+
+def evaluate_checkpoint(cfg: EvalConfig):
+    from rollout.evaluate import eval_requests, evaluate
+
+    if cfg.pool.num_workers == 0:
+        from rollout.worker import CheckpointModel
+
+        model = CheckpointModel(cfg.eval.checkpoint)()
+        return evaluate(model, CheckpointTokenizer(cfg.eval.checkpoint)(), cfg.eval.envs, episodes=cfg.eval.episodes,
+                        split=cfg.eval.seed_split, sampling=cfg.sampling, episode=cfg.episode)
+    from rollout.worker import CheckpointModel, RolloutPool
+
+    requests = eval_requests(cfg.eval.envs, None, cfg.eval.episodes, cfg.eval.seed_split)
+    with RolloutPool(CheckpointModel(cfg.eval.checkpoint), cfg.pool, cfg.sampling, cfg.episode,
+                     CheckpointTokenizer(cfg.eval.checkpoint)) as pool:
+        from rollout.evaluate import EvalResult, summarize
+
+        trajectories = pool.run_groups(requests)
+    return EvalResult(summarize(trajectories), trajectories)
