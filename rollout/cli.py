@@ -26,7 +26,7 @@ log = logging.getLogger("hybrid_rl.rollout")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, None)
+    add_config_arguments(parser, "eval.yaml")
     parser.add_argument("--checkpoint", help="checkpoint folder (HF NemotronH layout) = eval.checkpoint")
     parser.add_argument("--env", action="append", dest="env_ids", metavar="ID",
                         help="environment id, repeatable = eval.envs")

@@ -224,6 +224,9 @@ class Engine:
         except (EnvFailure, EnvTimeout) as err:
             self._env_failed(ep, err, "reset")
             return ep
+        if not isinstance(obs, str):
+            self._env_failed(ep, EnvFailure(f"reset returned a {type(obs).__name__} observation, expected str"), "reset")
+            return ep
         tok = self.tokenizer
         system = getattr(env.unwrapped, "system_prompt", None)
         ids = [tok.bos_id]
@@ -264,6 +267,10 @@ class Engine:
                 lambda: ep.env.step(action), cfg.env_timeout_s)
         except (EnvFailure, EnvTimeout) as err:
             self._env_failed(ep, err, "step")
+            return True
+        if not isinstance(obs, str) or not isinstance(reward, (int, float)):
+            self._env_failed(ep, EnvFailure(f"step returned observation {type(obs).__name__} and reward "
+                                            f"{type(reward).__name__}, expected str and a number"), "step")
             return True
         traj.step_rewards.append(float(reward))
         info = info or {}

@@ -203,7 +203,7 @@ def test_policy_version_is_recorded_per_token():
 def test_routed_experts_are_recorded_and_replay_reproduces_logprobs():
     pytest.importorskip("model")
     model = make_model("micro")
-    _, trajs = play(model, groups(2, samples=2, turns=2), episode=EpisodeConfig(max_turn_tokens=6, record_routing=True))
+    _, trajs = play(model, groups(1, samples=2, turns=2), episode=EpisodeConfig(max_turn_tokens=5, record_routing=True))
     n_moe, k = model.config.layer_pattern.count("E"), model.config.num_experts_per_tok
     for t in trajs:
         r = torch.tensor(t.routed_experts)
@@ -226,3 +226,21 @@ def test_evaluate_in_process_summarises_per_env():
     metrics = result.metrics()
     assert metrics["eval/turns/hybrid_rl_test.FixedTurns-v0"] == 4 and metrics["eval/turns"] == 4
     assert metrics["eval/env_errors"] == 0
+
+
+def test_env_returning_non_text_is_an_env_error(monkeypatch):
+    from rollout.testing import FixedTurnsEnv
+
+    monkeypatch.setattr(FixedTurnsEnv, "_obs", lambda self: 42 if self._t == 1 else "ok")
+    _, trajs = play(make_model("toy"), groups(2, turns=3))
+    assert {t.status for t in trajs} == {"env_error"}
+    assert all("expected str" in t.error and t.num_turns == 1 for t in trajs)
+
+
+def test_import_rollout_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, rollout; rollout.evaluate; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
