@@ -158,12 +158,14 @@ class FaultyEnv(FixedTurnsEnv):
     hang_s: a step sleeps this long when ``hang_on_seed`` equals the episode seed.
     kill_once_file: the first step that finds this file missing creates it and SIGKILLs its own process
     (a worker killed mid-rollout, exactly once across restarts).
+    pause_dir / pause_at_turn: at that turn, touch ``reached-<seed>-<pid>`` there and wait for a ``go`` file.
     """
 
     def __init__(self, raise_prob: float = 0.0, hang_s: float = 0.0, hang_on_seed: int = -1,
-                 kill_once_file: str = "", **kw):
+                 kill_once_file: str = "", pause_dir: str = "", pause_at_turn: int = -1, **kw):
         super().__init__(**kw)
         self.raise_prob, self.hang_s, self.hang_on_seed, self.kill_once_file = raise_prob, hang_s, hang_on_seed, kill_once_file
+        self.pause_dir, self.pause_at_turn = pause_dir, pause_at_turn
         self._rng = random.Random(0)
 
     def reset(self, *, seed=None, options=None):
@@ -182,6 +184,11 @@ class FaultyEnv(FixedTurnsEnv):
                 os.write(fd, str(os.getpid()).encode())
                 os.close(fd)
                 os.kill(os.getpid(), signal.SIGKILL)
+        if self.pause_dir and self._t == self.pause_at_turn:  # a rendezvous with a test: "reached", wait for "go"
+            Path(self.pause_dir, f"reached-{self._seed}-{os.getpid()}").touch()
+            deadline = time.monotonic() + 120
+            while not Path(self.pause_dir, "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         if self.hang_s and self._seed == self.hang_on_seed:
             time.sleep(self.hang_s)
         if self._rng.random() < self.raise_prob:

@@ -25,7 +25,7 @@ def pool(ray_session):
 
     cfg = PoolConfig(num_workers=2, num_cpus_per_worker=0.5, torch_threads=1, task_timeout_s=120)
     p = RolloutPool(ToyModel(TOK.vocab_size, seed=0), cfg, SamplingConfig(seed=0, ascii_only=True),
-                    EpisodeConfig(max_turn_tokens=4, max_batch_episodes=8, env_timeout_s=5))
+                    EpisodeConfig(max_turn_tokens=4, max_batch_episodes=8, env_timeout_s=30))
     yield p
     p.close()
 
@@ -67,6 +67,39 @@ def test_a_worker_killed_mid_rollout_loses_no_group(pool, tmp_path):
     assert logprob_mismatch(model, trajs)["rollout/logprob_mismatch_max"] <= 1e-4
 
 
+@HANG_GUARD
+def test_weights_pushed_during_a_rollout_land_between_decode_steps(pool, tmp_path):
+    import threading
+    import time
+
+    model_a, model_b = toy(31), toy(32)
+    pool.push_weights(model_a.state_dict(), 5)
+    box = {}
+    reqs = groups(2, env_id=FAULTY_ID, turns=4, pause_dir=str(tmp_path), pause_at_turn=2)
+    thread = threading.Thread(target=lambda: box.update(trajs=pool.run_groups(reqs)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120  # hang guard only
+    while not list(tmp_path.glob("reached-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("reached-*")), "no episode reached turn 2"
+    pool.push_weights(model_b.state_dict(), 6)  # while the episodes wait in env.step
+    (tmp_path / "go").touch()
+    thread.join(120)
+    trajs = box["trajs"]
+    assert len(trajs) == 4
+    for t in trajs:
+        assert t.policy_version == sorted(t.policy_version)
+        assert set(t.policy_version) == {5, 6}, "every episode was paused at turn 2 when version 6 arrived"
+        first_v6 = t.policy_version.index(6)
+        assert t.num_turns == 4 and sum(t.is_action[first_v6:]) > 0
+    # tokens sampled before the push are model A's
+    from rollout.logprobs import training_logprobs
+
+    for t, recomputed in zip(trajs, training_logprobs(model_a, trajs)):
+        cut = t.policy_version.index(6)
+        assert max(abs(a - b) for a, b, m in zip(t.logprobs[:cut], recomputed[:cut], t.is_action[:cut]) if m) <= 1e-4
+
+
 def test_an_env_raising_in_10_percent_of_steps_does_not_stop_the_run(pool):
     trajs = pool.run_groups(groups(20, env_id=FAULTY_ID, turns=3, raise_prob=0.1))
     assert len(trajs) == 40
@@ -89,7 +122,7 @@ def test_a_stalled_worker_raises_a_clear_timeout_then_the_pool_recovers(pool):
     old = pool.cfg.task_timeout_s
     pool.cfg.task_timeout_s = 4.0
     try:
-        # env_timeout_s=5 > task timeout: the env hang (60 s) stalls the whole task
+        # env_timeout_s=30 > task timeout: the env hang (60 s) stalls the whole task
         with pytest.raises(RolloutTimeoutError, match="did not return groups"):
             pool.run_groups(groups(2, samples=1, env_id=FAULTY_ID, turns=2, hang_s=60.0, hang_on_seed=0))
     finally:
