@@ -77,7 +77,7 @@ def ssd_chunked(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_st
     ``seg_bt`` must be non-decreasing along T (segment index of packed documents)."""
     b, t, h, p = x_bthp.shape
     g, n = B_btgn.shape[2], B_btgn.shape[3]
-    rep, q = h // g, chunk_size
+    rep, q = h // g, min(chunk_size, t)  # a shorter chunk is exact too, and avoids padding short inputs
     pad = (-t) % q
     nc = (t + pad) // q
     x = x_bthp.float()
@@ -139,16 +139,20 @@ def ssd_chunked(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_st
 
 
 def ssd_step(state_bhpn, x_bhp, dt_bh, A_h, B_bgn, C_bgn, D_h):
-    """One recurrence step, in place on the fp32 state. Returns y [B,H,P] fp32."""
+    """One recurrence step, in place on the fp32 state. Returns y [B,H,P] fp32.
+
+    Elementwise in-place updates and a vecdot: at decode sizes these beat batched matmuls of
+    [P,1]x[1,N] / [P,N]x[N,1] blocks several times over (the state is read and written twice)."""
     b, h, p = x_bhp.shape
     g, n = B_bgn.shape[1], B_bgn.shape[2]
-    x = x_bhp.float().view(b, g, h // g, p)
-    dt = dt_bh.float().view(b, g, h // g)
-    state = state_bhpn.view(b, g, h // g, p, n)
-    state.mul_(torch.exp(dt * A_h.float().view(g, h // g))[..., None, None])
-    state.add_((x * dt[..., None])[..., None] * B_bgn.float()[:, :, None, None, :])
-    y = state @ C_bgn.float()[:, :, None, :, None]  # [B,G,R,P,1]
-    return y.view(b, h, p) + D_h.float()[:, None] * x_bhp.float()
+    r = h // g
+    dt = dt_bh.float()
+    x = x_bhp.float()
+    state = state_bhpn.view(b, g, r, p, n)
+    state.mul_(torch.exp(dt * A_h.float()).view(b, g, r, 1, 1))
+    state.addcmul_((x * dt[..., None]).view(b, g, r, p, 1), B_bgn.float().view(b, g, 1, 1, n))
+    y = torch.linalg.vecdot(state, C_bgn.float().view(b, g, 1, 1, n)).view(b, h, p)
+    return torch.addcmul(y, D_h.float()[:, None], x)
 
 
 # ----------------------------------------------------------------------------- causal conv
@@ -263,10 +267,11 @@ class Mamba2Mixer(nn.Module):
     def _step(self, h_b1d, cache, layer_idx):
         b = h_b1d.shape[0]
         z, xbc, dt_raw = self._split(self.in_proj(h_b1d[:, 0]))
-        window = torch.cat([cache.conv[layer_idx], xbc[:, None].to(cache.conv[layer_idx].dtype)], dim=1)  # [B,K,C]
-        cache.conv[layer_idx] = window[:, 1:]
-        xbc_conv = F.silu((window * self.conv1d.weight_kc()).sum(1) + self.conv1d.bias)
-        x, Bm, Cm = self._xbc(xbc_conv.to(h_b1d.dtype))
+        conv_state = cache.conv[layer_idx]  # [B,K-1,C]
+        w_kc = self.conv1d.weight_kc()
+        xbc_conv = torch.addcmul(self.conv1d.bias, xbc, w_kc[-1]) + (conv_state * w_kc[:-1]).sum(1)
+        cache.conv[layer_idx] = torch.cat([conv_state[:, 1:], xbc[:, None].to(conv_state.dtype)], dim=1)
+        x, Bm, Cm = self._xbc(F.silu(xbc_conv).to(h_b1d.dtype))
         with fp32_region(h_b1d):
             y = ssd_step(cache.ssm[layer_idx], x.view(b, self.heads, self.head_dim), self._dt(dt_raw),
                          -torch.exp(self.A_log.float()), Bm.view(b, self.groups, self.state_size),

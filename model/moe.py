@@ -7,10 +7,12 @@ only selects; it is the aux-loss-free balancer, moved by ``balance_update`` outs
 Routed experts run in ``moe_latent_size`` when set (fc1_latent_proj before, fc2_latent_proj after their
 weighted sum); the shared expert runs on the full hidden state and is added after.
 
-Dispatch (``dispatch_grouped``): the N*k (token, expert) pairs are sorted by expert, the token rows are
-gathered once, each active expert runs one matmul over its contiguous slice, and the weighted results
-are scattered back with ``index_add_``.  No Python loop over tokens.  Without autograd on CPU the
-per-expert loop is a single ``torch._grouped_mm`` call.  ``dispatch_naive`` is the reference.
+Dispatch (``dispatch_grouped``): the N*k (token, expert) pairs are sorted by expert and the token rows
+gathered once; each active expert runs one matmul over its contiguous slice (training), or, without
+autograd, all experts run as one padded batched matmul (decode: two ops instead of 2E).  Results are
+gathered back to pair order and summed with the routing weights.  No Python loop over tokens, no
+scatter-add.  ``torch._grouped_mm`` is not used: on CPU it has no backward and is slow on the
+transposed weight layout.  ``dispatch_naive`` is the reference.
 
 Routing replay: ``routing`` gives the experts to use ([N, k]); the weights are recomputed from the
 current scores, as R3 prescribes.
@@ -67,26 +69,46 @@ def dispatch_naive(x_nd, idx_nk, w_nk, up_eid, down_edi):
 
 
 def dispatch_grouped(x_nd, idx_nk, w_nk, up_eid, down_edi):
-    """Tokens grouped per expert; equal to ``dispatch_naive``. Returns [N, D] fp32."""
+    """Tokens grouped per expert; equal to ``dispatch_naive``. Returns [N, D_out] fp32.
+
+    Without autograd and with reasonably balanced loads, the groups are padded to the largest one and
+    run as two batched matmuls over all experts (fewest ops: the decode path).  Otherwise each active
+    expert runs one matmul over its contiguous slice of the sorted pairs.  Either way the results are
+    gathered back to (token, slot) order and summed with the routing weights: gathers only, no scatter."""
     n, k = idx_nk.shape
     num_experts = up_eid.shape[0]
-    flat = idx_nk.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # pair ids sorted by expert
-    token = order // k  # [N*k] source row of each sorted pair
+    flat = idx_nk.reshape(-1)  # [N*k] expert of each (token, slot) pair
     counts = torch.bincount(flat, minlength=num_experts)
-    xs = x_nd[token]  # [N*k, D]
-    if not torch.is_grad_enabled() and x_nd.device.type == "cpu" and hasattr(torch, "_grouped_mm"):
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        hidden = relu2(torch._grouped_mm(xs, up_eid.transpose(1, 2), offs=offs))
-        ys = torch._grouped_mm(hidden, down_edi.transpose(1, 2), offs=offs)
+    order = torch.argsort(flat, stable=True)  # pairs sorted by expert
+    cap = int(counts.max())
+    if not torch.is_grad_enabled() and cap * num_experts <= 2 * n * k + 8 * num_experts:
+        ys = _padded_experts(x_nd, flat, order, counts, cap, up_eid, down_edi)
     else:
-        parts = []
-        for e, chunk in enumerate(xs.split(counts.tolist())):
-            if chunk.shape[0]:
-                parts.append(F.linear(relu2(F.linear(chunk, up_eid[e])), down_edi[e]))
-        ys = torch.cat(parts) if parts else xs.new_zeros(0, down_edi.shape[1])
-    ys = ys.float() * w_nk.reshape(-1)[order, None]
-    return torch.zeros(n, ys.shape[1], dtype=torch.float32, device=x_nd.device).index_add_(0, token, ys)
+        xs = x_nd.index_select(0, order // k)  # [N*k, D] rows in expert order
+        parts = [F.linear(relu2(F.linear(chunk, up_eid[e])), down_edi[e])
+                 for e, chunk in enumerate(xs.split(counts.tolist())) if chunk.shape[0]]
+        ys_sorted = torch.cat(parts)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        ys = ys_sorted.index_select(0, inverse)  # back to pair order
+    return (ys.view(n, k, -1).float() * w_nk[..., None]).sum(1)
+
+
+def _padded_experts(x_nd, flat, order, counts, cap, up_eid, down_edi):
+    """All experts as one bmm over groups padded to ``cap`` rows; returns [N*k, D_out] in pair order."""
+    n, num_experts, nk = x_nd.shape[0], up_eid.shape[0], flat.numel()
+    k = nk // n
+    start = torch.cumsum(counts, 0) - counts
+    expert_sorted = flat[order]
+    slot_sorted = expert_sorted * cap + torch.arange(nk, device=flat.device) - start[expert_sorted]
+    token_of_slot = torch.full((num_experts * cap,), n, dtype=torch.long, device=flat.device)  # n = a zero row
+    token_of_slot[slot_sorted] = order // k
+    xp = torch.cat([x_nd, x_nd.new_zeros(1, x_nd.shape[1])]).index_select(0, token_of_slot)
+    hidden = relu2(torch.bmm(xp.view(num_experts, cap, -1), up_eid.transpose(1, 2)))
+    yp = torch.bmm(hidden, down_edi.transpose(1, 2)).view(num_experts * cap, -1)
+    slot = torch.empty_like(slot_sorted)
+    slot[order] = slot_sorted
+    return yp.index_select(0, slot)
 
 
 class TopkRouter(nn.Module):
