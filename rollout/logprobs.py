@@ -37,12 +37,15 @@ def _batch_logprobs(model, chunk: list[Trajectory], pad_id: int, replay_routing:
     ids_bt = torch.full((len(chunk), width), pad_id, dtype=torch.long)
     for r, t in enumerate(chunk):
         ids_bt[r, :lengths[r]] = torch.tensor(t.token_ids, dtype=torch.long)
+    device = next(model.parameters()).device
+    ids_bt = ids_bt.to(device)
     kwargs = {}
     if replay_routing:
-        kwargs["routing"] = _routing_tensor(chunk, width)
+        kwargs["routing"] = _routing_tensor(chunk, width).to(device)
     logits_btv = model(ids_bt, **kwargs).logits.float()
     logp_btv = torch.log_softmax(logits_btv[:, :-1], dim=-1)
     logp_bt = logp_btv.gather(-1, ids_bt[:, 1:, None]).squeeze(-1)
+    logp_bt = logp_bt.cpu()
     return [[0.0] + logp_bt[r, :lengths[r] - 1].tolist() for r in range(len(chunk))]
 
 
@@ -61,7 +64,7 @@ def _routing_tensor(chunk: list[Trajectory], width: int) -> torch.Tensor:
 def naive_training_logprobs(model, traj: Trajectory) -> list[float]:
     """One trajectory, one unpadded forward, a Python loop over positions."""
     with torch.no_grad():
-        logits_tv = model(torch.tensor([traj.token_ids])).logits[0].float()
+        logits_tv = model(torch.tensor([traj.token_ids], device=next(model.parameters()).device)).logits[0].float().cpu()
     out = [0.0]
     for t in range(1, len(traj.token_ids)):
         out.append(float(torch.log_softmax(logits_tv[t - 1], dim=-1)[traj.token_ids[t]]))

@@ -32,7 +32,7 @@ import torch
 from rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 from rollout.engine import Engine, GroupRequest
 from rollout.evaluate import EvalResult, eval_requests, summarize
-from rollout.trajectory import Trajectory
+from rollout.trajectory import Trajectory, write_jsonl
 
 log = logging.getLogger("hybrid_rl.rollout")
 
@@ -219,8 +219,10 @@ class RolloutPool:
                   f"push weights version {version}")
 
     # ------------------------------------------------------------------ rollouts
-    def run_groups(self, requests: list[GroupRequest]) -> list[Trajectory]:
-        """Play every group on the workers; trajectories sorted by (group_id, sample_index)."""
+    def run_groups(self, requests: list[GroupRequest], jsonl_path=None) -> list[Trajectory]:
+        """Play every group on the workers; trajectories sorted by (group_id, sample_index).
+
+        ``jsonl_path``: also append them to this JSONL file (one trajectory per line)."""
         ray = self._ray
         for w in sorted(self._stale):
             self._revive(w)
@@ -252,6 +254,8 @@ class RolloutPool:
                 idle.append(w)
             self._check_stalls(running)
         out.sort(key=lambda t: (t.group_id, t.sample_index))
+        if jsonl_path is not None:
+            write_jsonl(out, jsonl_path, append=True)
         return out
 
     def _check_stalls(self, running: dict) -> None:

@@ -34,8 +34,11 @@ def groups(n, samples=2, env_id=FIXED_TURNS_ID, **env_kwargs):
     return [GroupRequest(env_id, seed=s, group_id=s, num_samples=samples, env_kwargs=env_kwargs) for s in range(n)]
 
 
-def test_two_workers_share_the_groups(pool):
-    trajs = pool.run_groups(groups(6, turns=2))
+def test_two_workers_share_the_groups(pool, tmp_path):
+    trajs = pool.run_groups(groups(6, turns=2), jsonl_path=tmp_path / "t.jsonl")
+    from rollout.trajectory import read_jsonl
+
+    assert read_jsonl(tmp_path / "t.jsonl") == trajs
     assert [(t.group_id, t.sample_index) for t in trajs] == [(g, k) for g in range(6) for k in range(2)]
     assert len({t.worker for t in trajs}) == 2
     assert all(t.status == "terminated" for t in trajs)
