@@ -68,6 +68,7 @@ class AlgoConfig:
     clip_eps_high: float = 0.28  # ratio ceiling 1 + eps_high for dapo/gspo (DAPO's clip-higher value)
     kl_estimator: str = "k3"  # rl/kl.py: k1 | k2 | k3
     kl_beta: float = 0.0  # weight of the KL to the initial policy; 0 = no reference model is kept
+    skip_zero_advantage: bool = True  # leave advantage-0 episodes out of the update (no policy gradient; saves compute)
     routing_replay: bool = False  # train on the experts the rollout picked (R3), recorded per token
     mode: Literal["sync", "async"] = "sync"  # async: rollouts of step k+1 run while step k trains
     max_staleness: int = 1  # async only: batches are at most this many policy versions old

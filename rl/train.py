@@ -15,8 +15,8 @@ Departures from the GRPO paper (Shao et al. 2024), and why:
   the initial policy is the reference.
 - Failed episodes (env_error / timeout) are left out of group statistics and of the loss. Episodes with
   advantage 0 (groups whose samples all scored the same) carry no policy gradient and are skipped in the
-  update when there is no KL term: the normaliser counts only the trained episodes (DAPO's dynamic
-  sampling, without re-sampling).
+  update when there is no KL term (``algo.skip_zero_advantage``): the normaliser counts only the trained
+  episodes (DAPO's dynamic sampling, without re-sampling).
 - Token-mean loss aggregation by default (DAPO / Dr.GRPO); ``algo.loss_agg`` gives the others.
 """
 
@@ -103,7 +103,8 @@ def make_batch(trajectories, cfg: RLStageConfig, pad_id: int):
     group_n = torch.tensor([t.group_id for t in trajectories])
     valid_n = torch.tensor([not t.failed and t.num_action_tokens > 0 for t in trajectories])
     adv_n = adv_fn(rewards_n, group_n, valid_n)
-    keep = valid_n & (adv_n != 0) if cfg.algo.kl_beta == 0 else valid_n
+    skip = cfg.algo.skip_zero_advantage and cfg.algo.kl_beta == 0  # with a KL term every episode has a gradient
+    keep = valid_n & (adv_n != 0) if skip else valid_n
     kept = [t for t, k in zip(trajectories, keep.tolist()) if k]
     stats = {"train/adv_abs_mean": float(adv_n[valid_n].abs().mean()) if valid_n.any() else 0.0,
              "train/trained_episodes_frac": float(keep.float().mean())}
@@ -243,21 +244,23 @@ def train(cfg: RLStageConfig) -> dict:
             metrics.log(final_eval, step=0)
             metrics.log_samples([_sample_row(t) for t in eval_trajs[:4]], step=0)
 
-        def push_and_play(step):  # weights of version `step` -> this step's episodes
+        def push_and_play(weights, version, play_step):  # policy version = updates applied so far
             t0 = time.perf_counter()
-            pool.push_weights({k: v.detach().clone() for k, v in model.state_dict().items()}, step)
+            pool.push_weights(weights, version)
             t1 = time.perf_counter()
-            trajs = pool.run_groups(train_requests(cfg, step))
+            trajs = pool.run_groups(train_requests(cfg, play_step))
             return trajs, t1 - t0, time.perf_counter() - t1
 
-        pending = executor.submit(push_and_play, start_step) if is_async else None
+        snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731 (taken between updates)
+        pending = executor.submit(push_and_play, snapshot(), start_step, start_step) if is_async else None
         for step in range(start_step, cfg.train.steps):
             t_step = time.perf_counter()
-            if is_async:  # this step's batch was played by version step-1 (or step at the start): staleness <= 1
+            if is_async:  # this batch was played by version step-1 (step 0: version 0) while step-1 trained
                 trajs, sync_s, rollout_s = pending.result()
-                pending = executor.submit(push_and_play, step + 1) if step + 1 < cfg.train.steps else None
+                if step + 1 < cfg.train.steps:
+                    pending = executor.submit(push_and_play, snapshot(), step, step + 1)
             else:
-                trajs, sync_s, rollout_s = push_and_play(step)
+                trajs, sync_s, rollout_s = push_and_play(snapshot(), step, step)
             t_train = time.perf_counter()
             batch, batch_stats = make_batch(trajs, cfg, pad_id)
             for group in optimizer.param_groups:

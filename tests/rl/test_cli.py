@@ -71,3 +71,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
     r_straight = [r for r in read_metrics(tmp_path / "runs" / "straight") if r["step"] == 2 and "rollout/reward" in r]
     r_resumed = [r for r in read_metrics(tmp_path / "runs" / "stopped") if r["step"] == 2 and "rollout/reward" in r]
     assert r_straight[0]["rollout/reward"] == r_resumed[0]["rollout/reward"]
+
+
+def test_async_mode_trains_on_batches_one_version_old(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["rl", *SMOKE, "algo.mode=async", "train.steps=3", "eval.at_start=false", "run.name=async"]) == 0
+    capsys.readouterr()
+    rows = [r for r in read_metrics(tmp_path / "runs" / "async") if "rollout/reward" in r]
+    assert [r["train/staleness_max"] for r in rows] == [0.0, 1.0, 1.0]  # the first batch comes from version 0

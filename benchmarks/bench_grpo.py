@@ -1,0 +1,152 @@
+"""One GRPO step, our loop vs TRL's ``GRPOTrainer``, on the same ``tiny`` model in the same run.
+
+The step (docs/PEERS.md): 8 prompts x 8 samples of ``hybrid_rl/Arithmetic-v0`` ("a+b=", reward 1 for the
+right sum), at most 32 new tokens, one optimizer update (AdamW). Both sides start from the same weights,
+see the same chat-rendered prompt ids and the same reward function; each runs ``--steps`` steps and the
+median of the steps after the first (warm-up) is reported.
+
+    ours  rl.train: push weights to the in-process engine -> play the groups (cached, continuous batching)
+          -> group advantages -> one update in micro-batches
+    TRL   GRPOTrainer on transformers' NemotronHForCausalLM (model.generate, then its loss)
+
+Output: a table and one JSON line ``{"benchmark": "grpo", "ours_s_per_step", "trl_s_per_step", "speedup", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 32
+ENV = "hybrid_rl/Arithmetic-v0"
+
+
+def arithmetic_prompts(n: int, seed0: int = 0) -> list[tuple[str, int]]:
+    """(observation "a+b=", a+b) of the env's first train seeds, as the env itself renders them."""
+    import envs
+
+    out = []
+    for seed in envs.seeds(ENV, "train", n * (seed0 + 1))[n * seed0:]:
+        env = envs.make(ENV)
+        obs, _ = env.reset(seed=seed)
+        a, b = (int(x) for x in obs.rstrip("=").split("+"))
+        out.append((obs, a + b))
+        env.close()
+    return out
+
+
+def reward_of(text: str, answer: int) -> float:
+    from envs import first_int
+
+    return float(first_int(text) == answer)
+
+
+def bench_ours(steps: int, threads: int) -> list[float]:
+    from hybrid_rl.config import load_config
+    from model import HybridConfig, HybridLM
+    from model.tokenizer import ByteTokenizer
+    from rl.config import RLStageConfig
+    from rl.pool import LocalPool
+    from rl.train import make_batch, policy_update, train_requests
+    from rollout.config import EpisodeConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = load_config(RLStageConfig, None, [
+        "model.preset=tiny", f"envs=[{ENV}]", f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}",
+        f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.max_episode_tokens=128", "train.micro_batch_tokens=8192",
+        "train.lr=1e-5", "algo.skip_zero_advantage=false"])  # TRL trains on every completion: the same work
+    model = HybridLM(HybridConfig.from_preset("tiny")).train()
+    tokenizer = ByteTokenizer()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    episode = EpisodeConfig(max_turn_tokens=NEW_TOKENS, max_episode_tokens=128, max_batch_episodes=PROMPTS * SAMPLES)
+    pool = LocalPool(model, tokenizer, cfg.rollout.sampling, episode, seed=0)
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        pool.push_weights(model.state_dict(), step)
+        trajectories = pool.run_groups(train_requests(cfg, step))
+        batch, _ = make_batch(trajectories, cfg, tokenizer.pad_id)
+        policy_update(model, optimizer, batch, cfg)
+        model.moe_balance_update(1e-3)
+        times.append(time.perf_counter() - t0)
+    pool.close()
+    return times
+
+
+def bench_trl(steps: int, threads: int, workdir: str) -> list[float]:
+    import datasets
+    from transformers import NemotronHConfig, NemotronHForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from model import HybridConfig
+    from model.hf import hybrid_to_hf_config
+    from model.tokenizer import ByteTokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf_cfg = NemotronHConfig(**{k: v for k, v in hybrid_to_hf_config(HybridConfig.from_preset("tiny")).items()
+                                if k not in ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version")})
+    model = NemotronHForCausalLM(hf_cfg).float()
+    tokenizer = ByteTokenizer().to_hf()
+    tokenizer.padding_side = "left"
+    prompts = arithmetic_prompts(PROMPTS * steps)
+    answers = {obs: ans for obs, ans in prompts}
+    data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": obs}], "obs": obs} for obs, _ in prompts])
+
+    def reward(completions, obs, **_):
+        return [reward_of(c[0]["content"] if isinstance(c, list) else c, answers[o]) for c, o in zip(completions, obs)]
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    args = GRPOConfig(output_dir=workdir, per_device_train_batch_size=PROMPTS * SAMPLES, num_generations=SAMPLES,
+                      max_completion_length=NEW_TOKENS, gradient_accumulation_steps=1, max_steps=steps,
+                      learning_rate=1e-5, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+                      bf16=False, seed=0, dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer,
+                          callbacks=[Timer()])
+    trainer.train()
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_grpo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="GRPO steps per side; the first is warm-up")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
+    parser.add_argument("--skip-trl", action="store_true", help="only time our loop")
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (the first step is warm-up)")
+    ours = bench_ours(args.steps, args.threads)
+    result = {"benchmark": "grpo", "model": "tiny", "env": ENV, "prompts": PROMPTS, "samples": SAMPLES,
+              "max_new_tokens": NEW_TOKENS, "threads": args.threads, "steps": args.steps,
+              "ours_s_per_step": statistics.median(ours[1:]), "ours_steps_s": [round(t, 3) for t in ours]}
+    if not args.skip_trl:
+        with tempfile.TemporaryDirectory() as workdir:
+            trl_times = bench_trl(args.steps, args.threads, workdir)
+        result.update(trl_s_per_step=statistics.median(trl_times[1:]), trl_steps_s=[round(t, 3) for t in trl_times])
+        result["speedup"] = result["trl_s_per_step"] / result["ours_s_per_step"]
+    print(f"one GRPO step ({PROMPTS} prompts x {SAMPLES} samples, <= {NEW_TOKENS} new tokens, tiny model, "
+          f"{args.threads} threads): ours {result['ours_s_per_step']:.2f} s"
+          + (f", TRL {result['trl_s_per_step']:.2f} s, ratio {result['speedup']:.2f}x" if "speedup" in result else ""),
+          file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
