@@ -244,3 +244,15 @@ def test_import_rollout_does_not_import_ray():
     code = "import sys, rollout; rollout.evaluate; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_a_group_larger_than_the_batch_is_forked_in_parts_from_one_prefill():
+    spy = SpyModel(make_model("toy"))
+    engine, trajs = play(spy, groups(2, samples=5, turns=2), episode=EpisodeConfig(max_turn_tokens=4, max_batch_episodes=3))
+    assert sorted((t.group_id, t.sample_index) for t in trajs) == [(g, k) for g in range(2) for k in range(5)]
+    prompt_len = trajs[0].token_ids.index(TOK.role_ids["assistant"]) + 1
+    assert engine.stats["prefill_tokens"] == 2 * prompt_len
+    for g in range(2):  # the samples of a group start from the same prompt and then differ
+        same = [t for t in trajs if t.group_id == g]
+        assert len({tuple(t.token_ids[:prompt_len]) for t in same}) == 1
+        assert len({tuple(t.token_ids) for t in same}) > 1
