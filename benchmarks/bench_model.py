@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "threads": args.threads,
         "torch": torch.__version__,
+        # other processes on the machine slow both sides alike; ratios stay comparable, absolutes do not
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "matmul_1024_gflops": round(gflops, 1),
         "mflop_per_token_forward": round(flop_per_token / 1e6, 2),
         "train_batch": [batch, seq],
