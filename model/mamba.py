@@ -74,10 +74,12 @@ def _segsum(a_q):
 def ssd_chunked(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_state=None, seg_bt=None):
     """Chunked SSD scan, equal to ``ssd_naive``. Returns (y [B,T,H,P] fp32, final state [B,H,P,N] fp32).
 
-    ``seg_bt`` must be non-decreasing along T (segment index of packed documents)."""
+    ``seg_bt`` must be non-decreasing along T (segment index of packed documents).  Chunk states are
+    kept transposed, ``[N, R*P]`` per group, so that the state and read-out products are plain batched
+    matmuls over the heads of a group (no broadcast copies)."""
     b, t, h, p = x_bthp.shape
     g, n = B_btgn.shape[2], B_btgn.shape[3]
-    rep, q = h // g, min(chunk_size, t)  # a shorter chunk is exact too, and avoids padding short inputs
+    r, q = h // g, min(chunk_size, t)  # a shorter chunk is exact too, and avoids padding short inputs
     pad = (-t) % q
     nc = (t + pad) // q
     x = x_bthp.float()
@@ -90,12 +92,11 @@ def ssd_chunked(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_st
         Bm, Cm = F.pad(Bm, (0, 0, 0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, 0, 0, pad))
         if seg_bt is not None:
             seg_bt = torch.cat([seg_bt, seg_bt[:, -1:].expand(b, pad)], dim=1)
-    # chunked layouts
-    xdt_c = xdt.view(b, nc, q, g, rep, p).permute(0, 1, 3, 4, 2, 5)  # [B,c,G,R,Q,P]
+    xdt6 = xdt.view(b, nc, q, g, r, p)  # [B,c,Q,G,R,P]
     B_c = Bm.view(b, nc, q, g, n).transpose(2, 3)  # [B,c,G,Q,N]
     C_c = Cm.view(b, nc, q, g, n).transpose(2, 3)  # [B,c,G,Q,N]
-    dA_c = dA.view(b, nc, q, g, rep).permute(0, 1, 3, 4, 2)  # [B,c,G,R,Q]
-    cs = torch.cumsum(dA_c, dim=-1)  # [B,c,G,R,Q]
+    cs = torch.cumsum(dA.view(b, nc, q, g, r), dim=2)  # [B,c,Q,G,R] decay from chunk start
+    cs_h = cs.permute(0, 1, 3, 4, 2)  # [B,c,G,R,Q]
     seg_c = None if seg_bt is None else seg_bt.view(b, nc, q)
 
     # 1. intra-chunk (diagonal blocks): y[l] = sum_s C_l.B_s * exp(cs_l - cs_s) * xdt_s
@@ -103,40 +104,41 @@ def ssd_chunked(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_st
     causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=x.device))
     if seg_c is not None:
         causal = causal & (seg_c[..., :, None] == seg_c[..., None, :])[:, :, None, None]  # [B,c,1,1,Q,Q]
-    logL = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -math.inf)  # [B,c,G,R,Q,Q]
+    logL = (cs_h[..., :, None] - cs_h[..., None, :]).masked_fill(~causal, -math.inf)  # [B,c,G,R,Q,Q]
     CB = C_c @ B_c.transpose(-1, -2)  # [B,c,G,Q,Q]
-    y = (torch.exp(logL) * CB[:, :, :, None]) @ xdt_c  # [B,c,G,R,Q,P]
+    y_diag = (torch.exp(logL) * CB[:, :, :, None]) @ xdt6.permute(0, 1, 3, 4, 2, 5)  # [B,c,G,R,Q,P]
 
-    # 2. state contributed by each chunk, at its last position
-    decay_to_end = torch.exp(cs[..., -1:] - cs)  # [B,c,G,R,Q]
+    # 2. state contributed by each chunk at its last position, as [N, R*P] per group
+    decay_to_end = torch.exp(cs[:, :, -1:] - cs)  # [B,c,Q,G,R]
     if seg_c is not None:
-        decay_to_end = decay_to_end * (seg_c == seg_c[..., -1:])[:, :, None, None].float()
-    states = (xdt_c * decay_to_end[..., None]).transpose(-1, -2) @ B_c[:, :, :, None]  # [B,c,G,R,P,N]
+        decay_to_end = decay_to_end * (seg_c == seg_c[..., -1:])[..., None, None]
+    xd = (xdt6 * decay_to_end[..., None]).transpose(2, 3).reshape(b, nc, g, q, r * p)  # [B,c,G,Q,RP]
+    states = B_c.transpose(-1, -2) @ xd  # [B,c,G,N,RP]
 
     # 3. across chunks: state at the start of each chunk (and the final one)
-    init = x.new_zeros(b, 1, g, rep, p, n) if initial_state is None else \
-        initial_state.float().view(b, 1, g, rep, p, n)
-    states = torch.cat([init, states], dim=1)  # [B,c+1,G,R,P,N]
-    chunk_decay = _segsum(F.pad(cs[..., -1].permute(0, 2, 3, 1), (1, 0)))  # [B,G,R,c+1,c+1]
+    if initial_state is None:
+        init = x.new_zeros(b, 1, g, n, r * p)
+    else:
+        init = initial_state.float().view(b, g, r, p, n).permute(0, 1, 4, 2, 3).reshape(b, 1, g, n, r * p)
+    states = torch.cat([init, states], dim=1)  # [B,c+1,G,N,RP]
+    chunk_decay = _segsum(F.pad(cs[:, :, -1].permute(0, 2, 3, 1), (1, 0)))  # [B,G,R,to=c+1,from=c+1]
     if seg_c is not None:
         end_seg = torch.cat([seg_c[:, :1, 0], seg_c[:, :, -1]], dim=1)  # [B,c+1]: segment of each state
         same = (end_seg[:, :, None] == end_seg[:, None, :])[:, None, None]
         chunk_decay = chunk_decay.masked_fill(~same, -math.inf)
-    w = torch.exp(chunk_decay)  # [B,G,R,z_to=c+1,z_from=c+1]
-    flat = states.permute(0, 2, 3, 1, 4, 5).reshape(b, g, rep, nc + 1, p * n)
-    new_states = (w @ flat).view(b, g, rep, nc + 1, p, n)
-    start_states, final_state = new_states[:, :, :, :-1], new_states[:, :, :, -1]
+    new_states = torch.einsum("bgrtz,bzgnrp->btgnrp", torch.exp(chunk_decay), states.view(b, nc + 1, g, n, r, p))
+    start = new_states[:, :-1].reshape(b, nc, g, n, r * p)
+    final_state = new_states[:, -1].permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
 
     # 4. read the start state out at every position of the chunk
-    out_decay = torch.exp(cs)  # [B,c,G,R,Q]
+    out_decay = torch.exp(cs)  # [B,c,Q,G,R]
     if seg_c is not None:
-        out_decay = out_decay * (seg_c == end_seg[:, :-1, None])[:, :, None, None].float()
-    start = start_states.permute(0, 3, 1, 2, 4, 5)  # [B,c,G,R,P,N]
-    y_off = (C_c[:, :, :, None] @ start.transpose(-1, -2)) * out_decay[..., None]  # [B,c,G,R,Q,P]
+        out_decay = out_decay * (seg_c == end_seg[:, :-1, None])[..., None, None]
+    y_off = (C_c @ start).view(b, nc, g, q, r, p) * out_decay.transpose(2, 3)[..., None]  # [B,c,G,Q,R,P]
 
-    y = (y + y_off).permute(0, 1, 4, 2, 3, 5).reshape(b, nc * q, h, p)[:, :t]
+    y = (y_diag.permute(0, 1, 4, 2, 3, 5) + y_off.transpose(2, 3)).reshape(b, nc * q, h, p)[:, :t]
     y = y + D_h.float()[:, None] * x
-    return y, final_state.reshape(b, h, p, n)
+    return y, final_state
 
 
 def ssd_step(state_bhpn, x_bhp, dt_bh, A_h, B_bgn, C_bgn, D_h):
