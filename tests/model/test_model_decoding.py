@@ -184,3 +184,18 @@ def test_bad_inputs_have_clear_errors(make_model):
         model.decode_step(model.new_cache(2), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="doc_ids shape"):
         model(ids_of(model, 1, 4), doc_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_bf16_autocast_keeps_ssm_state_fp32_and_stays_close(make_model):
+    model = make_model(seed=12)
+    ids = ids_of(model, 2, 20)
+    ref = model(ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(ids).logits
+        cache = model.new_cache(2, dtype=torch.bfloat16)
+        model.extend(cache, ids[:, :19])
+        step = model.decode_step(cache, ids[:, 19])
+    assert low.dtype == torch.float32 and all(s.dtype == torch.float32 for s in cache.ssm.values())
+    assert next(iter(cache.k.values())).dtype == torch.bfloat16
+    scale = ref.abs().mean()  # mean, not max: bf16 may flip a near-tied expert choice for a token
+    assert (low - ref).abs().mean() < 0.05 * scale and (step - ref[:, 19]).abs().mean() < 0.05 * scale
