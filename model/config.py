@@ -102,6 +102,10 @@ class HybridConfig:
             raise ValueError(f"n_shared_experts must be 0 or 1, got {self.n_shared_experts}")
         if self.moe_latent_size is not None and self.moe_latent_size <= 0:
             raise ValueError(f"moe_latent_size must be positive or null, got {self.moe_latent_size}")
+        if self.time_step_min_clamp < 0:
+            raise ValueError(f"time_step_min_clamp must be >= 0 (0 = no clamp), got {self.time_step_min_clamp}")
+        if self.num_mtp_layers and not self.mtp_layer_pattern:
+            raise ValueError("mtp_layer_pattern is empty but num_mtp_layers = 1; give the MTP block's layers, e.g. '*E'")
         if self.num_mtp_layers not in (0, 1):
             raise ValueError(f"num_mtp_layers must be 0 or 1 (one MTP block reused for draft steps), got {self.num_mtp_layers}")
 

@@ -199,3 +199,12 @@ def test_bf16_autocast_keeps_ssm_state_fp32_and_stays_close(make_model):
     assert next(iter(cache.k.values())).dtype == torch.bfloat16
     scale = ref.abs().mean()  # mean, not max: bf16 may flip a near-tied expert choice for a token
     assert (low - ref).abs().mean() < 0.05 * scale and (step - ref[:, 19]).abs().mean() < 0.05 * scale
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="time_step_min_clamp"):
+        HybridConfig.from_preset("micro", time_step_min_clamp=-1.0)
+    with pytest.raises(ValueError, match="mtp_layer_pattern"):
+        HybridConfig.from_preset("micro", num_mtp_layers=1, mtp_layer_pattern="")
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        HybridConfig.from_preset("micro", num_experts_per_tok=9)
