@@ -256,3 +256,18 @@ def test_a_group_larger_than_the_batch_is_forked_in_parts_from_one_prefill():
         same = [t for t in trajs if t.group_id == g]
         assert len({tuple(t.token_ids[:prompt_len]) for t in same}) == 1
         assert len({tuple(t.token_ids) for t in same}) > 1
+
+
+def test_continuous_batching_plays_the_same_greedy_episodes_as_one_at_a_time():
+    """The naive twin of the batched engine: each episode alone in a batch of one. (For the real model,
+    batched rows against the training forward is test_rollout_logprobs_equal_training_forward.)"""
+    model = make_model("toy")
+    greedy = SamplingConfig(temperature=0.0, ascii_only=True)
+    reqs = [GroupRequest(FIXED_TURNS_ID, s, s, env_kwargs={"turns": 1 + s % 3}) for s in range(5)]
+    _, batched = play(model, reqs, sampling=greedy, episode=EpisodeConfig(max_turn_tokens=5, max_batch_episodes=3))
+    _, alone = play(model, reqs, sampling=greedy, episode=EpisodeConfig(max_turn_tokens=5, max_batch_episodes=1))
+    by_seed = lambda ts: {t.seed: t for t in ts}  # noqa: E731
+    b, a = by_seed(batched), by_seed(alone)
+    assert [b[s].token_ids for s in range(5)] == [a[s].token_ids for s in range(5)]
+    flat = lambda d: [x for s in range(5) for x in d[s].logprobs]  # noqa: E731
+    assert flat(b) == pytest.approx(flat(a), abs=1e-4)
