@@ -177,6 +177,18 @@ def ensure_ray(cfg: PoolConfig):
     return ray
 
 
+def check_resources(cfg: PoolConfig, cluster: dict) -> None:
+    """Fail now, not after task_timeout_s, when the workers can never all be placed."""
+    for key, per_worker, field_name in (("CPU", cfg.num_cpus_per_worker, "num_cpus_per_worker"),
+                                        ("GPU", cfg.num_gpus_per_worker, "num_gpus_per_worker")):
+        need, have = cfg.num_workers * per_worker, cluster.get(key, 0.0)
+        if need > have + 1e-9:
+            raise ValueError(
+                f"pool.num_workers={cfg.num_workers} x pool.{field_name}={per_worker:g} needs {need:g} {key}s but the "
+                f"Ray cluster has {have:g}; lower pool.{field_name} (fractions are fine, e.g. 0.5) or pool.num_workers, "
+                f"or start Ray with more (pool.ray_num_cpus).")
+
+
 def split_requests(requests: list[GroupRequest], num_workers: int, groups_per_task: int = 0) -> list[list[GroupRequest]]:
     """Tasks of whole groups: an even split over the workers (0) or chunks of ``groups_per_task``."""
     if not requests:
@@ -193,6 +205,7 @@ class RolloutPool:
             raise ValueError("RolloutPool needs pool.num_workers >= 1; use rollout.evaluate / Engine for no Ray")
         ray = ensure_ray(self.cfg)
         self._ray = ray
+        check_resources(self.cfg, ray.cluster_resources())
         self._exc = _actor_death_errors(ray)
         options: dict[str, Any] = dict(num_cpus=self.cfg.num_cpus_per_worker, num_gpus=self.cfg.num_gpus_per_worker,
                                        max_restarts=-1, max_task_retries=0)

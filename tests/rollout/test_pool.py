@@ -132,3 +132,13 @@ def test_a_stalled_worker_raises_a_clear_timeout_then_the_pool_recovers(pool):
         pool.cfg.task_timeout_s = old
     trajs = pool.run_groups(groups(2, samples=1, turns=1))
     assert len(trajs) == 2
+
+
+def test_unplaceable_workers_fail_at_once_with_the_fix():
+    from rollout.worker import check_resources
+
+    with pytest.raises(ValueError, match="num_cpus_per_worker"):
+        check_resources(PoolConfig(num_workers=4, num_cpus_per_worker=1), {"CPU": 2.0})
+    with pytest.raises(ValueError, match="num_gpus_per_worker"):
+        check_resources(PoolConfig(num_workers=1, num_gpus_per_worker=1), {"CPU": 2.0})
+    check_resources(PoolConfig(num_workers=4, num_cpus_per_worker=0.5), {"CPU": 2.0})
