@@ -11,8 +11,8 @@ episode. The loop, per decode step:
    distribution and under the plain softmax).
 3. advance each episode: a turn ends at ``<|end|>``, at ``max_turn_tokens``, at the episode token limit
    or at a stop string (then ``<|end|>`` is appended as a NON-action token, so the ids stay identical to
-   ``render_chat`` of the conversation). The environment steps; its next observation is rendered as one
-   message plus the generation prefix and queued for the row.
+   ``render_chat`` of the conversation). The environments of all rows whose turn ended step
+   concurrently; each next observation is rendered as one message plus the generation prefix and queued.
 4. finished rows leave the batch (``cache.select``), their slots are refilled at step 1 at once.
 5. forward: every remaining row feeds the tokens it has not fed yet (``token_ids[fed:]``): one token on
    an ordinary step (``model.decode_step``), the closing token plus the next observation at a turn
@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 import torch
 
 from rollout.config import EpisodeConfig, SamplingConfig
-from rollout.envpool import EnvFailure, EnvPool, EnvTimeout, call_with_timeout
+from rollout.envpool import EnvFailure, EnvPool, EnvTimeout, call_all_with_timeout, call_with_timeout
 from rollout.sampling import sample
 from rollout.trajectory import Trajectory
 
@@ -148,12 +148,21 @@ class Engine:
                     tokens_b, sample_logp_b, plain_logp_b = sample(
                         logits_bv.float().cpu(), self.sampling.temperature, self.sampling.top_k, self.sampling.top_p,
                         self.banned_v, self.generator)
-                    keep = []
+                    keep, stepping = [], []
                     for i, ep in enumerate(rows):
-                        if self._advance(ep, int(tokens_b[i]), float(sample_logp_b[i]), float(plain_logp_b[i])):
-                            finished.append(self._finish(ep))
-                        else:
+                        action = self._append_sampled(ep, int(tokens_b[i]), float(sample_logp_b[i]), float(plain_logp_b[i]))
+                        if action is None:
                             keep.append(i)
+                        else:
+                            stepping.append((i, action))
+                    if stepping:
+                        over = self._step_envs([(rows[i], action) for i, action in stepping])
+                        for (i, _), done in zip(stepping, over):
+                            if done:
+                                finished.append(self._finish(rows[i]))
+                            else:
+                                keep.append(i)
+                        keep.sort()
                     if len(keep) < len(rows):
                         rows[:] = [rows[i] for i in keep]
                         cache = cache.select(keep) if keep else None
@@ -244,8 +253,8 @@ class Engine:
         return ep
 
     # ------------------------------------------------------------------ one token of one episode
-    def _advance(self, ep: _Episode, token: int, sample_logp: float, plain_logp: float) -> bool:
-        """Append a sampled token; at the end of a turn step the env. True when the episode is over."""
+    def _append_sampled(self, ep: _Episode, token: int, sample_logp: float, plain_logp: float) -> str | None:
+        """Append a sampled token; return the turn's action text when the turn is over, else None."""
         traj, cfg = ep.traj, self.episode
         traj.token_ids.append(token)
         traj.is_action.append(1)
@@ -257,17 +266,25 @@ class Engine:
             n_turn = len(traj.token_ids) - ep.turn_start
             if not (n_turn >= cfg.max_turn_tokens or len(traj.token_ids) >= cfg.max_episode_tokens - 1
                     or self._hit_stop_string(traj.token_ids, ep.turn_start)):
-                return False
+                return None
             self._append(traj, [self.end_id], action=False)  # forced close: same ids as render_chat
         action = self.tokenizer.decode(traj.token_ids[ep.turn_start:-1])
         traj.messages.append({"role": "assistant", "content": action})
         traj.num_turns += 1
-        try:
-            obs, reward, terminated, truncated, info = call_with_timeout(
-                lambda: ep.env.step(action), cfg.env_timeout_s)
-        except (EnvFailure, EnvTimeout) as err:
-            self._env_failed(ep, err, "step")
+        return action
+
+    def _step_envs(self, stepping: list[tuple[_Episode, str]]) -> list[bool]:
+        """Step the environments of every row whose turn ended, concurrently (a slow env costs its latency
+        once per decode step, not once per row); then queue each next observation. True = episode over."""
+        outcomes = call_all_with_timeout([_step_fn(ep.env, action) for ep, action in stepping], self.episode.env_timeout_s)
+        return [self._after_step(ep, outcome) for (ep, _), outcome in zip(stepping, outcomes)]
+
+    def _after_step(self, ep: _Episode, outcome) -> bool:
+        traj, cfg = ep.traj, self.episode
+        if isinstance(outcome, (EnvFailure, EnvTimeout)):
+            self._env_failed(ep, outcome, "step")
             return True
+        obs, reward, terminated, truncated, info = outcome
         if not isinstance(obs, str) or not isinstance(reward, (int, float)):
             self._env_failed(ep, EnvFailure(f"step returned observation {type(obs).__name__} and reward "
                                             f"{type(reward).__name__}, expected str and a number"), "step")
@@ -386,6 +403,14 @@ class Engine:
 
     def close(self) -> None:
         self.envs.close()
+
+
+def _step_fn(env, action: str):
+    def step():
+        obs, reward, terminated, truncated, info = env.step(action)  # a wrong arity is the env's error too
+        return obs, reward, terminated, truncated, info
+
+    return step
 
 
 def _obs_role(info) -> str:

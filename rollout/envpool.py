@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 import traceback
 from collections import defaultdict
 from typing import Any, Callable
@@ -67,6 +68,41 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> Any:
         err = box["error"]
         raise EnvFailure(f"{type(err).__name__}: {err}", box["trace"]) from err
     return box["value"]
+
+
+def call_all_with_timeout(fns: list[Callable[[], Any]], timeout_s: float) -> list[Any]:
+    """Run the calls concurrently; each result is its value, or the EnvFailure / EnvTimeout it ended with.
+
+    One call runs in this thread when there is no limit; otherwise each gets a daemon thread and all
+    share one deadline ``timeout_s`` from now (0 = wait for all)."""
+    if len(fns) == 1 and not timeout_s:
+        try:
+            return [call_with_timeout(fns[0], 0)]
+        except EnvFailure as err:
+            return [err]
+    boxes: list[dict[str, Any]] = [{} for _ in fns]
+
+    def target(fn, box):
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001
+            box["error"], box["trace"] = err, traceback.format_exc()
+
+    threads = [threading.Thread(target=target, args=(fn, box), daemon=True, name="env-call") for fn, box in zip(fns, boxes)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout_s
+    out: list[Any] = []
+    for thread, box in zip(threads, boxes):
+        thread.join(max(deadline - time.monotonic(), 0.0) if timeout_s else None)
+        if thread.is_alive():
+            out.append(EnvTimeout(f"no answer within {timeout_s:g} s"))
+        elif "error" in box:
+            err = box["error"]
+            out.append(EnvFailure(f"{type(err).__name__}: {err}", box["trace"]))
+        else:
+            out.append(box["value"])
+    return out
 
 
 class EnvPool:

@@ -271,3 +271,40 @@ def test_continuous_batching_plays_the_same_greedy_episodes_as_one_at_a_time():
     assert [b[s].token_ids for s in range(5)] == [a[s].token_ids for s in range(5)]
     flat = lambda d: [x for s in range(5) for x in d[s].logprobs]  # noqa: E731
     assert flat(b) == pytest.approx(flat(a), abs=1e-4)
+
+
+def test_rows_ending_a_turn_together_step_their_envs_concurrently():
+    """Each step waits at a barrier for all 3 episodes' steps: sequential stepping would break it."""
+    import threading
+
+    import gymnasium
+
+    from rollout.testing import FixedTurnsEnv
+
+    class BarrierEnv(FixedTurnsEnv):
+        def __init__(self, barrier=None, **kw):
+            super().__init__(**kw)
+            self.barrier = barrier
+
+        def step(self, action):
+            self.barrier.wait(timeout=30)  # BrokenBarrierError -> env_error if the steps were sequential
+            return super().step(action)
+
+    if "hybrid_rl_test/Barrier-v0" not in gymnasium.registry:
+        gymnasium.register("hybrid_rl_test/Barrier-v0", entry_point=BarrierEnv, disable_env_checker=True)
+    barrier = threading.Barrier(3)
+    reqs = [GroupRequest("hybrid_rl_test/Barrier-v0", s, s, env_kwargs={"barrier": barrier, "turns": 2}) for s in range(3)]
+    engine = Engine(make_model("toy"), TOK, SamplingConfig(seed=0),
+                    EpisodeConfig(max_turn_tokens=4, max_batch_episodes=3, env_timeout_s=60))
+    engine.banned_v[TOK.end_id] = True  # every turn runs to max_turn_tokens: the 3 rows end turns together
+    trajs = engine.play(reqs)
+    assert [t.status for t in trajs] == ["terminated"] * 3
+
+
+def test_an_env_step_with_the_wrong_arity_is_an_env_error(monkeypatch):
+    from rollout.testing import FixedTurnsEnv
+
+    monkeypatch.setattr(FixedTurnsEnv, "step", lambda self, action: ("obs", 0.0, False, {}))
+    _, trajs = play(make_model("toy"), groups(2, turns=2), episode=EpisodeConfig(max_turn_tokens=3, env_timeout_s=0))
+    assert {t.status for t in trajs} == {"env_error"}
+    assert all("ValueError" in t.error for t in trajs)
