@@ -6,7 +6,8 @@ Sizes, in one place (``RLStageConfig.__post_init__`` checks them):
     a step's batch = rollout.prompts_per_step groups = prompts_per_step * samples_per_prompt episodes
     a micro-batch  = whole episodes, right-padded to the longest, at most train.micro_batch_tokens
                      tokens (rows * longest row); gradients accumulate over the step's micro-batches
-    an update      = one AdamW step per batch (on-policy: the ratio starts at exactly 1)
+    an update      = one AdamW step per batch by default (on-policy: the ratio is exactly 1), or
+                     algo.updates_per_batch steps, each over the whole batch (GRPO's mu iterations)
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class AlgoConfig:
     kl_beta: float = 0.0  # weight of the KL to the initial policy; 0 = no reference model is kept
     skip_zero_advantage: bool = True  # leave advantage-0 episodes out of the update (no policy gradient; saves compute)
     routing_replay: bool = False  # train on the experts the rollout picked (R3), recorded per token
+    updates_per_batch: int = 1  # optimizer steps on each rollout batch (GRPO's mu); > 1 takes ratios vs the rollout's log-probs
     mode: Literal["sync", "async"] = "sync"  # async: rollouts of step k+1 run while step k trains
     max_staleness: int = 1  # async only: batches are at most this many policy versions old
 
@@ -82,6 +84,8 @@ class AlgoConfig:
             raise ValueError(f"clip_eps_low/clip_eps_high must be >= 0, got {self.clip_eps_low}/{self.clip_eps_high}")
         if self.kl_beta < 0:
             raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
+        if self.updates_per_batch < 1:
+            raise ValueError(f"updates_per_batch must be >= 1, got {self.updates_per_batch}")
         if self.max_staleness != 1:
             raise ValueError(f"max_staleness must be 1 (one batch in flight while one trains), got {self.max_staleness}")
 

@@ -65,12 +65,13 @@ class RLPart:
 @dataclass
 class FinalEvalConfig:
     episodes_per_env: int = 100  # held-out eval seeds, the same for both checkpoints
-    temperature: float = 0.0  # greedy
+    # 0 = greedy (each policy's single best guess); 1 = the policy as RL samples it (seeded, repeatable)
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
     max_new_tokens: int = 16
 
     def __post_init__(self):
-        if self.episodes_per_env < 1 or self.temperature < 0 or self.max_new_tokens < 1:
-            raise ValueError(f"episodes_per_env >= 1, temperature >= 0 and max_new_tokens >= 1 expected, got {self}")
+        if self.episodes_per_env < 1 or not self.temperatures or min(self.temperatures) < 0 or self.max_new_tokens < 1:
+            raise ValueError(f"episodes_per_env >= 1, temperatures non-empty and >= 0, max_new_tokens >= 1 expected, got {self}")
 
 
 @dataclass
@@ -214,13 +215,15 @@ def compare_checkpoints(cfg: PipelineConfig, run: RunConfig, checkpoints: dict[s
 
 def results_markdown(results: dict) -> str:
     table = results["results"]
-    lines = [f"## {results['name']}: SFT vs RL on held-out seeds ({results['eval_seeds']}, greedy)", "",
-             "| env | metric | SFT | RL | change |", "|---|---|---:|---:|---:|"]
+    lines = [f"## {results['name']}: SFT vs RL on held-out seeds ({results['eval_seeds']})", "",
+             "| env | sampling | metric | SFT | RL | change |", "|---|---|---|---:|---:|---:|"]
     for env_id in results["envs"]:
-        for what in ("success", "return", "turns"):
-            key = f"eval/{what}/{env_key(env_id)}"
-            sft, rl = table["sft"][key], table["rl"][key]
-            lines.append(f"| {env_key(env_id)} | {what} | {sft:.3f} | {rl:.3f} | {rl - sft:+.3f} |")
+        for temp in table["sft"]:
+            how = "greedy" if temp == "T=0" else temp
+            for what in ("success", "return", "turns"):
+                key = f"eval/{what}/{env_key(env_id)}"
+                sft, rl = table["sft"][temp][key], table["rl"][temp][key]
+                lines.append(f"| {env_key(env_id)} | {how} | {what} | {sft:.3f} | {rl:.3f} | {rl - sft:+.3f} |")
     t = results["time_s"]
     lines += ["", f"time: SFT {t['sft']:.0f} s, RL {t['rl']:.0f} s, eval {t['eval']:.0f} s, total {t['total']:.0f} s",
               f"runs: {', '.join(results['runs'].values())}", ""]

@@ -7,10 +7,12 @@
 Departures from the GRPO paper (Shao et al. 2024), and why:
 - Episodes are multi-turn: the reward is the episode return, one advantage per episode broadcast over
   all of its action tokens; observation tokens are context, never trained on.
-- One optimizer step per batch (no PPO epochs): a synchronous step is exactly on-policy, the ratio is
-  1 and the clipped loss reduces to REINFORCE with a group baseline (as in nanochat's chat_rl.py). The
-  clip matters in async mode, where the batch is one version old and the ratio is taken against the
-  rollout's log-probs (importance correction, clipped as in PPO).
+- One optimizer step per batch by default: a synchronous step is exactly on-policy, the ratio is 1 and
+  the clipped loss reduces to REINFORCE with a group baseline (as in nanochat's chat_rl.py). The clip
+  matters in async mode, where the batch is one version old, and with ``algo.updates_per_batch > 1``
+  (GRPO's mu): the ratio is then taken against the rollout's own log-probs (importance correction,
+  clipped as in PPO; the engine computes them with the same model code, ``train/rollout_mismatch_kl``
+  shows how far they are from the trainer's).
 - No KL penalty by default (beta 0, as DAPO and Dr.GRPO); with ``algo.kl_beta > 0`` a frozen copy of
   the initial policy is the reference.
 - Failed episodes (env_error / timeout) are left out of group statistics and of the loss. Episodes with
@@ -266,8 +268,9 @@ def train(cfg: RLStageConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             update_stats = {}
-            if batch is not None:
-                update_stats = policy_update(model, optimizer, batch, cfg, ref_model, old_from_rollout=is_async)
+            for _ in range(cfg.algo.updates_per_batch if batch is not None else 0):  # the last update's stats are logged
+                update_stats = policy_update(model, optimizer, batch, cfg, ref_model,
+                                             old_from_rollout=is_async or cfg.algo.updates_per_batch > 1)
             moe_stats = model.moe_balance_update(cfg.train.moe_bias_update_rate) if cfg.train.moe_bias_update_rate else {}
             train_s = time.perf_counter() - t_train
             row = {**rollout_metrics(trajs, step), **batch_stats, **update_stats, **moe_stats,

@@ -1,0 +1,48 @@
+"""`hybrid-rl pipeline` end to end on a toy budget: demos -> SFT -> GRPO -> eval of both, one wandb group."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hybrid_rl.cli import main
+from hybrid_rl.metrics import read_metrics, read_run_info
+
+TOY = ["run.name=pipe", "model.hidden_size=64", "demos.episodes_per_env=16", "sft.train.max_steps=4",
+       "sft.train.warmup_steps=1", "sft.train.micro_batch_tokens=1024", "sft.eval.episodes_per_env=2",
+       "rl.rollout.prompts_per_step=2", "rl.rollout.samples_per_prompt=2", "rl.rollout.pool.num_workers=0",
+       "rl.train.steps=2", "rl.train.micro_batch_tokens=1024", "rl.eval.episodes_per_env=2", "rl.eval.at_start=false",
+       "eval.episodes_per_env=3", "logging.backends=[jsonl]", "logging.report=false", "run.quiet=true"]
+
+
+def test_pipeline_config_errors_name_the_section(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", "rl.algo.advantage=grp"]) == 2
+    assert "rl.algo" in capsys.readouterr().err
+    assert main(["pipeline", "demos.noise=2"]) == 2
+    assert "noise" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_slow(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", *TOY]) == 0
+    out = capsys.readouterr().out
+    assert "SFT" in out and "RL" in out and "GuessNumber-v0" in out
+    base = tmp_path / "runs" / "pipe"
+    results = json.loads((base / "results.json").read_text())
+    assert set(results["results"]) == {"sft", "rl"}
+    for stage in ("sft", "rl"):
+        for temp in ("T=0", "T=1"):
+            assert 0.0 <= results["results"][stage][temp]["eval/success/GuessNumber-v0"] <= 1.0
+    assert (base / "results.md").read_text().startswith("## pipe")
+    assert results["checkpoints"]["rl"] == "runs/pipe/rl/step_2"
+    demos = [json.loads(line) for line in (base / "demonstrations.jsonl").read_text().splitlines()]
+    assert len(demos) == 16 and all(d["messages"][-1]["role"] == "assistant" for d in demos)
+    for stage in ("sft", "rl", "eval"):
+        assert read_run_info(base / stage)["group"] == "pipe"
+        assert read_metrics(base / stage)
+    eval_rows = read_metrics(base / "eval")
+    assert [r["step"] for r in eval_rows if "eval/success" in r] == [0, 1]  # step 0 = SFT, step 1 = RL
