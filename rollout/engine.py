@@ -21,6 +21,11 @@ episode. The loop, per decode step:
 Rows at different turns and lengths share each forward. Environment errors and time-outs end only
 their own episode (status ``env_error`` / ``timeout``, kept in the records). ``reprefill=True`` is the
 baseline the benchmark compares against: rebuild a row's cache from the whole history at every turn.
+
+Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
+past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action always renders
+back to the same ids. ``Trajectory.sample_logprobs`` are under that renormalised distribution;
+``Trajectory.logprobs`` under the plain softmax, which is what the trainer's forward recomputes.
 """
 
 from __future__ import annotations
