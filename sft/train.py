@@ -108,7 +108,7 @@ def train(cfg: SFTStageConfig) -> dict:
     from model.hf import load_pretrained, save_pretrained
     from model.tokenizer import ByteTokenizer
 
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     tc = cfg.train
     mixed = tc.mixed_precision if tc.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
     acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
@@ -137,7 +137,7 @@ def train(cfg: SFTStageConfig) -> dict:
     fingerprint = hashlib.sha256(repr(docs).encode()).hexdigest()[:16]
     stream = MicroBatchStream(docs, cfg.data.max_seq_tokens, cfg.rows_per_micro_batch, cfg.run.seed, tokenizer.pad_id)
     if is_main:
-            log.info("%d samples, %d rows of %d tokens (%.0f%% filled), %d micro-batches per epoch, %d processes",
+        log.info("%d samples, %d rows of %d tokens (%.0f%% filled), %d micro-batches per epoch, %d processes",
                  len(samples), len(stream.rows), cfg.data.max_seq_tokens, 100 * stream.fill(),
                  stream.micro_batches_per_epoch, world)
 
@@ -146,18 +146,18 @@ def train(cfg: SFTStageConfig) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=lr_at(0, tc), betas=(tc.beta1, tc.beta2), fused=False)
-    step, cursor, tokens_trained = 0, 0, 0  # optimizer steps done; next global micro-batch; assistant tokens trained
-    if resume_dir is not None:
-        state = load_trainer_state(resume_dir)  # restores the RNGs too
-        optimizer.load_state_dict(state["optimizer"])
-        step, cursor, tokens_trained = state["step"], state["cursor"], state["tokens"]
-        if state.get("data_fingerprint") != fingerprint:
-            log.warning("the training data differs from the data of the checkpoint; the data cursor may point elsewhere")
-        log.info("resumed from %s at step %d (micro-batch %d)", resume_dir, step, cursor)
     with warnings.catch_warnings():  # torch renames broadcast_buffers; accelerate's DDP kwargs still use the old name
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         model, optimizer = acc.prepare(model, optimizer)
     core = acc.unwrap_model(model)
+    step, cursor, tokens_trained = 0, 0, 0  # optimizer steps done; next global micro-batch; assistant tokens trained
+    if resume_dir is not None:
+        state = load_trainer_state(resume_dir)  # restores the RNGs too
+        optimizer.load_state_dict(state["optimizer"])  # after prepare: the state follows the params' device
+        step, cursor, tokens_trained = state["step"], state["cursor"], state["tokens"]
+        if state.get("data_fingerprint") != fingerprint:
+            log.warning("the training data differs from the data of the checkpoint; the data cursor may point elsewhere")
+        log.info("resumed from %s at step %d (micro-batch %d)", resume_dir, step, cursor)
 
     logger = None
     if is_main:
@@ -245,6 +245,7 @@ def train(cfg: SFTStageConfig) -> dict:
         if eval_env_ids:
             summary["eval_end"] = run_eval()
         summary.update(steps=step, wall_s=time.time() - t_start, checkpoint=str(run_dir / f"step_{step}"))
+        logger.log({"perf/wall_s": summary["wall_s"], "perf/cpu_s": time.process_time() - cpu_start}, step)
         logger.close()
     acc.wait_for_everyone()
     acc.end_training()

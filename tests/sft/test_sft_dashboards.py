@@ -12,8 +12,8 @@ def test_sft_run_reaches_wandb_offline_and_tensorboard(tmp_path, chat_jsonl, mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = run_sft(tmp_path, "dash", "train.max_steps=3", "train.lr=2e-3", "run.tags=[sft,e2e]",
-                  "data.envs=[{env_id: hybrid_rl/GuessNumber-v0, episodes: 6}]", f"data.jsonl_paths=[{chat_jsonl}]",
-                  "eval.episodes_per_env=2", "eval.max_new_tokens=4", "logging.backends=[jsonl,tensorboard,wandb]",
+                  "data.envs=[{env_id: hybrid_rl/GuessNumber-v0, episodes: 4}]", f"data.jsonl_paths=[{chat_jsonl}]",
+                  "eval.episodes_per_env=1", "eval.max_new_tokens=4", "logging.backends=[jsonl,tensorboard,wandb]",
                   "logging.wandb_mode=offline")
     rows = read_metrics(run)
     truth = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -28,7 +28,7 @@ def test_sft_run_reaches_wandb_offline_and_tensorboard(tmp_path, chat_jsonl, mon
         assert history[step]["train/loss"] == pytest.approx(loss, rel=1e-6)
     assert history[3]["eval/success/GuessNumber-v0"] == pytest.approx(success[0])
     assert any(k.startswith("moe/load_max/layer") for k in history[1])
-    assert history[0]["train/samples/GuessNumber-v0"] == 6 and history[0]["train/skipped_samples"] == 0
+    assert history[0]["train/samples/GuessNumber-v0"] == 4 and history[0]["train/skipped_samples"] == 0
 
     tb = read_tensorboard_scalars(run)
     assert [s for s, _ in tb["train/loss"]] == [1, 2, 3]

@@ -109,3 +109,30 @@ def test_expert_demonstrations_on_train_seeds_saved_to_jsonl_and_read_back(tmp_p
     assert len(rows) == 8 and rows[5]["messages"] == messages
     again, _ = load_samples(DataConfig(jsonl_paths=[str(tmp_path / "demos.jsonl")]), TOK)
     assert [s.ids for s in again] == [s.ids for s in samples]
+
+
+def test_sft_rendering_of_a_rollout_conversation_is_the_rollout_token_ids():
+    """rollout plays episodes turn by turn; SFT renders the finished conversation: same ids, and every token
+    rollout generated is trained by SFT (the only extra SFT-trained tokens are <|end|> that rollout forced
+    after a turn hit max_turn_tokens, which the policy did not produce)."""
+    import torch
+
+    from model import HybridLM
+    from model.config import HybridConfig
+    from rollout.config import EpisodeConfig, SamplingConfig
+    from rollout.evaluate import evaluate
+    from sft.data import render_samples, DataReport
+
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.from_preset("micro")).eval()
+    result = evaluate(model, TOK, ["hybrid_rl/GuessNumber-v0", "hybrid_rl/FrozenLake-v1"], episodes=2,
+                      sampling=SamplingConfig(temperature=1.0, ascii_only=True, seed=0),
+                      episode=EpisodeConfig(max_turn_tokens=6, max_episode_tokens=512))
+    trajs = [t for t in result.trajectories if any(t.is_action)]
+    assert len(trajs) == 4
+    samples = render_samples([(f"traj {k}", {"messages": t.messages}) for k, t in enumerate(trajs)], TOK, 512,
+                             "error", DataReport(), "rollout")
+    for t, s in zip(trajs, samples):
+        assert s.ids == t.token_ids
+        extra = [i for i, (m, a) in enumerate(zip(s.mask, t.is_action)) if m != a]
+        assert all(s.mask[i] == 1 and t.is_action[i] == 0 and s.ids[i] == TOK.end_id for i in extra)

@@ -33,13 +33,13 @@ def _docs(n: int, seed: int = 0):
 def test_hybrid_lm_packed_micro_batched_loss_and_grads_equal_one_doc_at_a_time():
     torch.manual_seed(0)
     model = HybridLM(HybridConfig.from_preset("micro"))
-    docs = _docs(12)
+    docs = _docs(7)
     ref = reference_loss(lambda x: model(x).logits, docs)
     ref.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    stream = MicroBatchStream(docs, row_tokens=96, rows_per_micro_batch=2, seed=1, pad_id=0)
+    stream = MicroBatchStream(docs, row_tokens=64, rows_per_micro_batch=2, seed=1, pad_id=0)
     batches = [stream.micro_batch_at(i) for i in range(stream.micro_batches_per_epoch)]
     assert len(batches) >= 2 and any((b["doc_ids"].amax(1) >= 2).any() for b in batches)  # really packed
     n_tokens = sum(int((b["targets"] >= 0).sum()) for b in batches)
@@ -76,10 +76,10 @@ def test_grad_accum_equals_one_bigger_micro_batch(tmp_path, chat_jsonl):
 
 
 def test_resume_after_step_k_matches_the_uninterrupted_run(tmp_path, chat_jsonl):
-    k = 3
-    full = run_sft(tmp_path, "full", "train.max_steps=8", f"train.save_every={k}", "train.keep_last_checkpoints=0",
+    k = 2
+    full = run_sft(tmp_path, "full", "train.max_steps=7", f"train.save_every={k}", "train.keep_last_checkpoints=0",
                    data=chat_jsonl)
-    assert [s for s, _ in list_checkpoints(full)] == [3, 6, 8]
+    assert [s for s, _ in list_checkpoints(full)] == [2, 4, 6, 7]
     # "stopped after step k": a run directory holding only what the run had written by then
     stopped = tmp_path / "runs" / "stopped"
     stopped.mkdir()
@@ -87,23 +87,23 @@ def test_resume_after_step_k_matches_the_uninterrupted_run(tmp_path, chat_jsonl)
     shutil.copy(full / "config.yaml", stopped / "config.yaml")
     state = load_trainer_state(stopped / f"step_{k}", restore_rng=False)
     assert state["step"] == k and state["cursor"] == k and "exp_avg" in str(state["optimizer"]["state"][0].keys())
-    run_sft(tmp_path, "stopped", "train.max_steps=8", f"train.save_every={k}", "train.keep_last_checkpoints=0",
+    run_sft(tmp_path, "stopped", "train.max_steps=7", f"train.save_every={k}", "train.keep_last_checkpoints=0",
             "resume=true", data=chat_jsonl)
     resumed, uninterrupted = losses(stopped), losses(full)
-    assert sorted(resumed) == list(range(k + 1, 9))
+    assert sorted(resumed) == list(range(k + 1, 8))
     for step in range(k + 1, k + 6):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-7), step
-    wf, wr = load_file(full / "step_8" / "model.safetensors"), load_file(stopped / "step_8" / "model.safetensors")
+    wf, wr = load_file(full / "step_7" / "model.safetensors"), load_file(stopped / "step_7" / "model.safetensors")
     for name in wf:
         torch.testing.assert_close(wr[name], wf[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_loss_goes_down_and_checkpoints_are_pruned(tmp_path, chat_jsonl):
-    run = run_sft(tmp_path, "learn", "train.max_steps=12", "train.save_every=4", "train.keep_last_checkpoints=2",
+    run = run_sft(tmp_path, "learn", "train.max_steps=8", "train.save_every=3", "train.keep_last_checkpoints=2",
                   data=chat_jsonl)
     ls = losses(run)
-    assert ls[12] < 0.7 * ls[1]
-    assert [s for s, _ in list_checkpoints(run)] == [8, 12]
+    assert ls[8] < 0.7 * ls[1]
+    assert [s for s, _ in list_checkpoints(run)] == [6, 8]
 
 
 def test_bad_data_through_the_cli_names_the_line_and_exits_2(tmp_path, chat_jsonl, capsys):
