@@ -6,8 +6,8 @@ Three measurements, each a comparison made in the same run (absolute numbers dri
 
 1. throughput: ``groups x group_size`` episodes of a multi-turn environment (FixedTurns, 4 turns) with
    the model in one process: episodes/s, generated tokens/s, all tokens/s.
-2. extension vs re-prefill: one episode of 4, 8 and 16 turns played twice with greedy decoding (the
-   same tokens): once extending the cache with only the new tokens each turn (what the engine does),
+2. extension vs re-prefill: one episode of 4, 8 and 16 turns (observations of 24 and of 256 characters)
+   played twice with greedy decoding (the same tokens): once extending the cache with only the new tokens each turn (what the engine does),
    once rebuilding the cache from the whole history at every turn (what a generate()-per-turn loop,
    e.g. TRL's, does). Extension grows linearly in the turns, re-prefilling quadratically; both the
    seconds and the tokens pushed through the model are reported.
@@ -30,9 +30,6 @@ from rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 from rollout.engine import Engine, GroupRequest
 from rollout.testing import FIXED_TURNS_ID
 
-ENV_KW = {"obs_len": 24}
-
-
 def build_model(preset: str, seed: int = 0):
     from model import HybridConfig, HybridLM
 
@@ -40,9 +37,10 @@ def build_model(preset: str, seed: int = 0):
     return HybridLM(HybridConfig.from_preset(preset)).float().eval()
 
 
-def requests(groups: int, group_size: int, turns: int) -> list[GroupRequest]:
+def requests(groups: int, group_size: int, turns: int, obs_len: int = 24) -> list[GroupRequest]:
+    """FixedTurns groups; ``obs_len`` characters per observation (long ones stand for tool output)."""
     return [GroupRequest(FIXED_TURNS_ID, seed=g, group_id=g, num_samples=group_size,
-                         env_kwargs={**ENV_KW, "turns": turns}) for g in range(groups)]
+                         env_kwargs={"obs_len": obs_len, "turns": turns}) for g in range(groups)]
 
 
 def measure_throughput(model, tok, args) -> dict:
@@ -60,20 +58,20 @@ def measure_throughput(model, tok, args) -> dict:
             "batch_rows": args.batch}
 
 
-def measure_extension(model, tok, args) -> list[dict]:
+def measure_extension(model, tok, args, obs_len: int) -> tuple[list[dict], dict]:
     rows = []
     greedy = SamplingConfig(temperature=0.0, ascii_only=True)
     episode = EpisodeConfig(max_turn_tokens=args.max_turn_tokens, max_batch_episodes=1, env_timeout_s=0,
                             max_episode_tokens=1 << 20)
     for turns in args.turns:
-        result = {"turns": turns}
+        result = {"turns": turns, "obs_len": obs_len}
         ids = {}
         for mode, reprefill in (("extend", False), ("reprefill", True)):
             best = float("inf")
             for _ in range(args.repeats):
                 engine = Engine(model, tok, greedy, episode, reprefill=reprefill)
                 t0 = time.perf_counter()
-                (traj,) = engine.play(requests(1, 1, turns))
+                (traj,) = engine.play(requests(1, 1, turns, obs_len))
                 best = min(best, time.perf_counter() - t0)
             ids[mode] = traj.token_ids
             result[f"{mode}_s"] = best
@@ -83,8 +81,8 @@ def measure_extension(model, tok, args) -> list[dict]:
         result["speedup"] = result["reprefill_s"] / result["extend_s"]
         rows.append(result)
     first, last = rows[0], rows[-1]
-    growth = last["turns"] / first["turns"]
-    return rows, {"turns_ratio": growth, "extend_time_ratio": last["extend_s"] / first["extend_s"],
+    return rows, {"obs_len": obs_len, "turns_ratio": last["turns"] / first["turns"],
+                  "extend_time_ratio": last["extend_s"] / first["extend_s"],
                   "reprefill_time_ratio": last["reprefill_s"] / first["reprefill_s"],
                   "extend_tokens_ratio": last["extend_model_tokens"] / first["extend_model_tokens"],
                   "reprefill_tokens_ratio": last["reprefill_model_tokens"] / first["reprefill_model_tokens"]}
@@ -123,21 +121,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="rows decoded together (max_batch_episodes)")
     parser.add_argument("--max-turn-tokens", type=int, default=16)
     parser.add_argument("--turns", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--obs-lens", type=int, nargs="+", default=[24, 256],
+                        help="characters per observation in the extension comparison (256 ~ a short tool output)")
     parser.add_argument("--repeats", type=int, default=2, help="best of N for the extension comparison")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     parser.add_argument("--no-ray", action="store_true", help="skip the 1 vs 2 worker comparison")
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args) -> int:
     tok = ByteTokenizer()
     model = build_model(args.preset)
     result = {"benchmark": "rollout", "preset": args.preset, "torch_threads": args.threads,
               "group_size": args.group_size, "max_turn_tokens": args.max_turn_tokens,
               "cpu_count": os.cpu_count(), "load_avg_1m_start": os.getloadavg()[0]}
     result["throughput"] = measure_throughput(model, tok, args)
-    rows, growth = measure_extension(model, tok, args)
-    result["extension_vs_reprefill"] = rows
-    result["growth_first_to_last"] = growth
+    result["extension_vs_reprefill"], result["growth_first_to_last"] = [], []
+    for obs_len in args.obs_lens:
+        rows, growth = measure_extension(model, tok, args, obs_len)
+        result["extension_vs_reprefill"] += rows
+        result["growth_first_to_last"].append(growth)
     if not args.no_ray:
         result["ray"] = measure_ray(model, args)
     result["load_avg_1m_end"] = os.getloadavg()[0]  # other processes on the machine skew every figure
@@ -154,9 +164,10 @@ def table(result: dict) -> str:
     tp = result["throughput"]
     lines = [f"throughput ({result['preset']}, {tp['episodes']} episodes of {tp['turns']} turns): "
              f"{tp['episodes_per_s']:.2f} episodes/s, {tp['generated_tokens_per_s']:.0f} generated tok/s, "
-             f"{tp['tokens_per_s']:.0f} tok/s", "turns  extend_s  reprefill_s  speedup  model tokens (extend / reprefill)"]
+             f"{tp['tokens_per_s']:.0f} tok/s",
+             "obs_len  turns  extend_s  reprefill_s  speedup  model tokens (extend / reprefill)"]
     for r in result["extension_vs_reprefill"]:
-        lines.append(f"{r['turns']:>5}  {r['extend_s']:8.3f}  {r['reprefill_s']:11.3f}  {r['speedup']:7.2f}  "
+        lines.append(f"{r['obs_len']:>7}  {r['turns']:>5}  {r['extend_s']:8.3f}  {r['reprefill_s']:11.3f}  {r['speedup']:7.2f}  "
                      f"{r['extend_model_tokens']} / {r['reprefill_model_tokens']}")
     if "ray" in result:
         ray_r = result["ray"]
