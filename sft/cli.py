@@ -1,7 +1,9 @@
 """``hybrid-rl sft [config.yaml] [key=value ...]``: supervised fine-tuning (default: configs/sft_quick.yaml).
 
 Resume a stopped run with ``run.name=NAME resume=true``; start from other weights with
-``init_from=runs/NAME/step_N``. Start several processes with ``accelerate launch -m hybrid_rl.cli sft ...``.
+``init_from=runs/NAME/step_N``. Data-parallel: ``accelerate launch --multi_gpu --num_processes N -m hybrid_rl.cli
+sft ...`` (GPUs with NCCL; on a machine without GPUs the same command runs N CPU processes over gloo, which
+is what tests/sft checks). ``grad_accum_steps`` is per process: the global batch is N times bigger.
 """
 
 from __future__ import annotations
