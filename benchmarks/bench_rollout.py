@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--obs-lens", type=int, nargs="+", default=[24, 256],
                         help="characters per observation in the extension comparison (256 ~ a short tool output)")
-    parser.add_argument("--repeats", type=int, default=2, help="best of N for the extension comparison")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N for the extension comparison (a shared machine is noisy)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     parser.add_argument("--no-ray", action="store_true", help="skip the 1 vs 2 worker comparison")
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
