@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     setup_logging(cfg.run.log_level, cfg.run.quiet)
     _check_envs(cfg.envs)
-    results = pipeline(cfg)
+    from sft.data import DataError
+
+    try:
+        results = pipeline(cfg)
+    except DataError as err:  # e.g. a demonstration longer than sft.data.max_seq_tokens
+        print(f"hybrid-rl pipeline: error: {err}", file=sys.stderr)
+        return 2
     print(results["markdown"])
     return 0
 
@@ -188,7 +195,7 @@ def write_demos(cfg: PipelineConfig, path: Path) -> dict:
 
 
 def compare_checkpoints(cfg: PipelineConfig, run: RunConfig, checkpoints: dict[str, str]) -> dict:
-    """Greedy eval of each checkpoint on the same held-out seeds, logged as a run of its own."""
+    """Eval of each checkpoint on the same held-out seeds at each eval temperature, logged as a run of its own."""
     from hybrid_rl.metrics import MetricsLogger
     from hybrid_rl.run import make_run_dir
     from model.hf import load_pretrained
@@ -198,16 +205,24 @@ def compare_checkpoints(cfg: PipelineConfig, run: RunConfig, checkpoints: dict[s
     run_dir = make_run_dir(run, "eval", cfg)
     logger = MetricsLogger(cfg.logging, run_dir, run.name.replace("/", "-"), {"checkpoints": checkpoints},
                            group=run.group, tags=run.tags)
-    table: dict[str, dict[str, float]] = {}
+    table: dict[str, dict[str, dict[str, float]]] = {}  # stage -> "T=0" -> eval/... metrics
     try:
         for i, (stage, path) in enumerate(checkpoints.items()):
-            metrics, trajectories = evaluate(load_pretrained(path).float(), ByteTokenizer(), cfg.envs, cfg.eval.episodes_per_env,
-                                             temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens)
-            logger.log_samples([{"stage": stage, "env_id": t.env_id, "seed": t.seed, "status": t.status,
-                                 "return": t.episode_return, "success": t.success, "num_turns": t.num_turns,
-                                 "messages": t.messages} for t in trajectories[:4]], step=i)
-            table[stage] = metrics
-            logger.log(metrics, step=i)  # step 0 = the SFT checkpoint, step 1 = the RL checkpoint
+            model = load_pretrained(path).float()
+            row = {}
+            for temp in cfg.eval.temperatures:
+                metrics, trajectories = evaluate(model, ByteTokenizer(), cfg.envs, cfg.eval.episodes_per_env,
+                                                 temperature=temp, max_new_tokens=cfg.eval.max_new_tokens)
+                table.setdefault(stage, {})[f"T={temp:g}"] = metrics
+                if temp == 0:  # greedy under the plain names; sampled success beside them
+                    row.update(metrics)
+                else:
+                    row.update({k.replace("eval/success", f"eval/success_t{temp:g}", 1): v
+                                for k, v in metrics.items() if k.startswith("eval/success")})
+                logger.log_samples([{"stage": stage, "temperature": temp, "env_id": t.env_id, "seed": t.seed,
+                                     "status": t.status, "return": t.episode_return, "success": t.success,
+                                     "num_turns": t.num_turns, "messages": t.messages} for t in trajectories[:2]], step=i)
+            logger.log(row, step=i)  # step 0 = the SFT checkpoint, step 1 = the RL checkpoint
     finally:
         logger.close()
     return table
