@@ -272,10 +272,14 @@ class Mamba2Mixer(nn.Module):
         b = h_b1d.shape[0]
         z, xbc, dt_raw = self._split(self.in_proj(h_b1d[:, 0]))
         conv_state = cache.conv[layer_idx]  # [B,K-1,C]
-        w_kc = self.conv1d.weight_kc()
-        xbc_conv = torch.addcmul(self.conv1d.bias, xbc, w_kc[-1]) + (conv_state * w_kc[:-1]).sum(1)
+        w_kc = self.conv1d.weight_kc().contiguous()  # [K,C]; the strided view makes every tap slow
+        # taps in causal_conv's order (oldest first), so that decode matches prefill
+        taps = [*conv_state.unbind(1), xbc]  # K x [B,C]
+        xbc_conv = torch.addcmul(self.conv1d.bias, taps[0], w_kc[0])  # [B,C]
+        for j in range(1, len(taps)):
+            xbc_conv.addcmul_(taps[j], w_kc[j])
         cache.conv[layer_idx] = torch.cat([conv_state[:, 1:], xbc[:, None].to(conv_state.dtype)], dim=1)
-        x, Bm, Cm = self._xbc(F.silu(xbc_conv).to(h_b1d.dtype))
+        x, Bm, Cm = self._xbc(F.silu(xbc_conv, inplace=True).to(h_b1d.dtype))
         with fp32_region(h_b1d):
             y = ssd_step(cache.ssm[layer_idx], x.view(b, self.heads, self.head_dim), self._dt(dt_raw),
                          -torch.exp(self.A_log.float()), Bm.view(b, self.groups, self.state_size),
