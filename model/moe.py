@@ -68,46 +68,51 @@ def dispatch_naive(x_nd, idx_nk, w_nk, up_eid, down_edi):
     return out
 
 
-def dispatch_grouped(x_nd, idx_nk, w_nk, up_eid, down_edi):
+def dispatch_grouped(x_nd, idx_nk, w_nk, up_eid, down_edi, transposed=None, counts_e=None):
     """Tokens grouped per expert; equal to ``dispatch_naive``. Returns [N, D_out] fp32.
 
     Without autograd and with reasonably balanced loads, the groups are padded to the largest one and
-    run as two batched matmuls over all experts (fewest ops: the decode path).  Otherwise each active
-    expert runs one matmul over its contiguous slice of the sorted pairs.  Either way the results are
-    gathered back to (token, slot) order and summed with the routing weights: gathers only, no scatter."""
+    run as two batched matmuls over all experts (fewest ops: the decode path); ``transposed`` =
+    (up^T [E,D,I], down^T [E,I,D_out]) contiguous copies speed those up (``Experts.transposed``).
+    Otherwise each active expert runs one matmul over its contiguous slice of the sorted pairs.  Either
+    way the results are gathered back to (token, slot) order and summed with the routing weights:
+    gathers only, no scatter.  ``counts_e`` (pairs per expert) may be passed when already known."""
     n, k = idx_nk.shape
     num_experts = up_eid.shape[0]
     flat = idx_nk.reshape(-1)  # [N*k] expert of each (token, slot) pair
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.bincount(flat, minlength=num_experts) if counts_e is None else counts_e
+    if not torch.is_grad_enabled():
+        cap = int(counts.max())
+        if cap * num_experts <= 2 * n * k + 8 * num_experts:
+            if transposed is None:
+                transposed = (up_eid.transpose(1, 2), down_edi.transpose(1, 2))
+            ys = _padded_experts(x_nd, flat, cap, *transposed)
+            return torch.bmm(w_nk[:, None, :], ys.view(n, k, -1).float())[:, 0]
     order = torch.argsort(flat, stable=True)  # pairs sorted by expert
-    cap = int(counts.max())
-    if not torch.is_grad_enabled() and cap * num_experts <= 2 * n * k + 8 * num_experts:
-        ys = _padded_experts(x_nd, flat, order, counts, cap, up_eid, down_edi)
-    else:
-        xs = x_nd.index_select(0, order // k)  # [N*k, D] rows in expert order
-        parts = [F.linear(relu2(F.linear(chunk, up_eid[e])), down_edi[e])
-                 for e, chunk in enumerate(xs.split(counts.tolist())) if chunk.shape[0]]
-        ys_sorted = torch.cat(parts)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        ys = ys_sorted.index_select(0, inverse)  # back to pair order
+    xs = x_nd.index_select(0, order // k)  # [N*k, D] rows in expert order
+    parts = [F.linear(relu2(F.linear(chunk, up_eid[e])), down_edi[e])
+             for e, chunk in enumerate(xs.split(counts.tolist())) if chunk.shape[0]]
+    ys_sorted = torch.cat(parts)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    ys = ys_sorted.index_select(0, inverse)  # back to pair order
     return (ys.view(n, k, -1).float() * w_nk[..., None]).sum(1)
 
 
-def _padded_experts(x_nd, flat, order, counts, cap, up_eid, down_edi):
-    """All experts as one bmm over groups padded to ``cap`` rows; returns [N*k, D_out] in pair order."""
-    n, num_experts, nk = x_nd.shape[0], up_eid.shape[0], flat.numel()
+def _padded_experts(x_nd, flat, cap, up_edi, down_eid):
+    """All experts as one bmm over groups padded to ``cap`` rows; returns [N*k, D_out] in pair order.
+
+    A pair's row in the padded [E*cap] layout is expert * cap + its rank among that expert's pairs
+    (a cumulative count over a one-hot: no sort)."""
+    n, num_experts, nk = x_nd.shape[0], up_edi.shape[0], flat.numel()
     k = nk // n
-    start = torch.cumsum(counts, 0) - counts
-    expert_sorted = flat[order]
-    slot_sorted = expert_sorted * cap + torch.arange(nk, device=flat.device) - start[expert_sorted]
+    rank = F.one_hot(flat, num_experts).cumsum(0).gather(1, flat[:, None])[:, 0] - 1  # [N*k]
+    slot = flat * cap + rank  # [N*k]
     token_of_slot = torch.full((num_experts * cap,), n, dtype=torch.long, device=flat.device)  # n = a zero row
-    token_of_slot[slot_sorted] = order // k
+    token_of_slot[slot] = torch.arange(nk, device=flat.device) // k
     xp = torch.cat([x_nd, x_nd.new_zeros(1, x_nd.shape[1])]).index_select(0, token_of_slot)
-    hidden = relu2(torch.bmm(xp.view(num_experts, cap, -1), up_eid.transpose(1, 2)))
-    yp = torch.bmm(hidden, down_edi.transpose(1, 2)).view(num_experts * cap, -1)
-    slot = torch.empty_like(slot_sorted)
-    slot[order] = slot_sorted
+    hidden = relu2(torch.bmm(xp.view(num_experts, cap, -1), up_edi))  # [E,cap,I]
+    yp = torch.bmm(hidden, down_eid).view(num_experts * cap, -1)
     return yp.index_select(0, slot)
 
 
@@ -128,6 +133,20 @@ class Experts(nn.Module):
         d_e, i = cfg.moe_expert_dim, cfg.moe_intermediate_size
         self.up_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, i, d_e))
         self.down_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, d_e, i))
+        self._transposed, self._transposed_key = None, None
+
+    @torch.no_grad()
+    def transposed(self):
+        """(up^T [E, D_e, I], down^T [E, I, D_e]) contiguous, for the no-autograd padded path (a CPU
+        bmm over a transposed view of the weights is ~1.3x slower).  A copy of the expert weights, kept
+        (not saved) while the parameters are unchanged: rebuilt when their version counter, storage,
+        dtype or device changes (optimizer steps and load_state_dict bump the version)."""
+        up, down = self.up_proj, self.down_proj
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device, p.shape) for p in (up, down))
+        if key != self._transposed_key:
+            self._transposed = (up.detach().transpose(1, 2).contiguous(), down.detach().transpose(1, 2).contiguous())
+            self._transposed_key = key
+        return self._transposed
 
 
 class MoE(nn.Module):
@@ -151,9 +170,12 @@ class MoE(nn.Module):
         idx, w = route(h, self.gate.weight, self.gate.e_score_correction_bias, self.cfg.num_experts_per_tok,
                        self.cfg.routed_scaling_factor, self.cfg.norm_topk_prob, replay)
         ctx.record(layer_idx, idx)
-        self._count(idx, ctx.valid_bt)
+        counts = self._count(idx, ctx.valid_bt)
         x = self.fc1_latent_proj(h) if self.cfg.moe_latent_size is not None else h
-        y = dispatch_grouped(x, idx, w, self.experts.up_proj, self.experts.down_proj).to(x.dtype)
+        decoding = not torch.is_grad_enabled() and x.dtype == self.experts.up_proj.dtype
+        y = dispatch_grouped(x, idx, w, self.experts.up_proj, self.experts.down_proj,
+                             transposed=self.experts.transposed() if decoding else None,
+                             counts_e=counts).to(x.dtype)
         if self.cfg.moe_latent_size is not None:
             y = self.fc2_latent_proj(y)
         if self.cfg.n_shared_experts:
@@ -162,9 +184,14 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def _count(self, idx_nk, valid_bt):
-        if valid_bt is not None:
-            idx_nk = idx_nk[valid_bt.reshape(-1)]
-        self.expert_load += torch.bincount(idx_nk.reshape(-1), minlength=self.expert_load.shape[0]).float()
+        """Adds the loads of the valid tokens; returns the pairs per expert of all tokens [E] long."""
+        counts = torch.bincount(idx_nk.reshape(-1), minlength=self.expert_load.shape[0])
+        if valid_bt is None:
+            self.expert_load += counts
+            return counts
+        self.expert_load += torch.bincount(idx_nk[valid_bt.reshape(-1)].reshape(-1),
+                                           minlength=self.expert_load.shape[0])
+        return counts
 
     @torch.no_grad()
     def balance_update(self, rate: float) -> dict[str, float]:
