@@ -40,6 +40,8 @@ def summarize_run(run_dir: str | Path) -> dict:
         "wall_s": next((r["perf/wall_s"] for r in reversed(rows) if "perf/wall_s" in r), None),
         "cpu_s": next((r["perf/cpu_s"] for r in reversed(rows) if "perf/cpu_s" in r), None),
         "train_s": sum(r.get("perf/step_s", 0.0) for r in train),
+        "step_s_min": min((r["perf/step_s"] for r in train if "perf/step_s" in r), default=float("nan")),
+        "step_s_median": sorted(r.get("perf/step_s", 0.0) for r in train)[len(train) // 2],
         "eval_s": sum(r.get("perf/eval_s", 0.0) for r in evals),
         "loss_first": train[0]["train/loss"], "loss_last": train[-1]["train/loss"],
         "eval_loss_last": evals[-1].get("eval/loss"),
@@ -63,6 +65,8 @@ def markdown(s: dict) -> str:
         f"- wall time of the whole command (demonstrations, training, evals, checkpoints): {s['wall_s']:.0f} s; "
         f"training steps {s['train_s']:.0f} s, evals {s['eval_s']:.0f} s; median {s['tokens_per_s']:.0f} tokens/s"
         + (f"; CPU time of the process {s['cpu_s']:.0f} s" if s["cpu_s"] is not None else ""),
+        f"- one optimizer step: median {s['step_s_median']:.2f} s, fastest {s['step_s_min']:.2f} s; the spread is the "
+        "load of other jobs on the shared cores (step x fastest step = training time on an idle machine)",
         f"- train loss per assistant token: {s['loss_first']:.3f} at step 1 -> {s['loss_last']:.3f} at step {s['max_steps']}"
         + (f"; held-out loss {s['eval_loss_last']:.3f}" if s["eval_loss_last"] is not None else ""),
         f"- machine: {platform.machine()} Linux, 2 CPU cores shared with other jobs (timings vary with their load); "
