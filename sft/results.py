@@ -65,8 +65,8 @@ def markdown(s: dict) -> str:
         f"- wall time of the whole command (demonstrations, training, evals, checkpoints): {s['wall_s']:.0f} s; "
         f"training steps {s['train_s']:.0f} s, evals {s['eval_s']:.0f} s; median {s['tokens_per_s']:.0f} tokens/s"
         + (f"; CPU time of the process {s['cpu_s']:.0f} s" if s["cpu_s"] is not None else ""),
-        f"- one optimizer step: median {s['step_s_median']:.2f} s, fastest {s['step_s_min']:.2f} s; the spread is the "
-        "load of other jobs on the shared cores (step x fastest step = training time on an idle machine)",
+        f"- one optimizer step: median {s['step_s_median']:.2f} s, fastest {s['step_s_min']:.2f} s ({s['max_steps']} steps at "
+        f"the fastest rate: {s['max_steps'] * s['step_s_min']:.0f} s); the spread is the load of other jobs on the shared cores",
         f"- train loss per assistant token: {s['loss_first']:.3f} at step 1 -> {s['loss_last']:.3f} at step {s['max_steps']}"
         + (f"; held-out loss {s['eval_loss_last']:.3f}" if s["eval_loss_last"] is not None else ""),
         f"- machine: {platform.machine()} Linux, 2 CPU cores shared with other jobs (timings vary with their load); "
