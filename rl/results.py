@@ -1,0 +1,92 @@
+"""Write the RL section of docs/RESULTS.md from a pipeline run's own files (never by hand).
+
+    python -m rl.results runs/quickstart [--doc docs/RESULTS.md]
+
+Reads ``results.json`` (the SFT vs RL table on held-out seeds), the RL run's ``metrics.jsonl`` (rollout
+success at the first and last steps, step times) and ``config.yaml``; replaces the block between
+``<!-- quickstart:begin -->`` and ``<!-- quickstart:end -->`` (appended under "## RL" when absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+BEGIN, END = "<!-- quickstart:begin (written by python -m rl.results) -->", "<!-- quickstart:end -->"
+
+
+def render(base: Path) -> str:
+    from hybrid_rl.metrics import env_key, read_metrics, read_run_info
+
+    res = json.loads((base / "results.json").read_text())
+    cfg = yaml.safe_load((base / "config.yaml").read_text())
+    rl_rows = [r for r in read_metrics(Path(res["runs"]["rl"])) if "rollout/reward" in r]
+    demos = "; ".join(f"{env}: {d['episodes']} episodes, noise {d['noise']}, the noisy expert succeeds {d['expert_success']:.2f}"
+                      for env, d in res["demos"].items())
+    algo, train, rollout = cfg["rl"]["algo"], cfg["rl"]["train"], cfg["rl"]["rollout"]
+    lines = [
+        f"`{base}` (`hybrid-rl pipeline`, configs/quickstart.yaml): a `{cfg['model'].get('preset') or 'custom'}` model; "
+        f"demonstrations from a noisy expert ({demos}); SFT {cfg['sft']['train']['max_steps']} steps; GRPO "
+        f"{train['steps']} steps of {rollout['prompts_per_step']} prompts x {rollout['samples_per_prompt']} samples "
+        f"({algo['advantage']} advantages, {algo['policy_loss']} loss, {algo['loss_agg']}, {algo['updates_per_batch']} "
+        f"update(s) per batch, lr {train['lr']}, {algo['mode']} rollouts on {rollout['pool']['num_workers']} Ray worker(s)). "
+        f"Eval: the SFT and the RL checkpoints on the same {cfg['eval']['episodes_per_env']} held-out seeds per env.",
+        "",
+        "| env | sampling | SFT success | RL success | SFT return | RL return | SFT turns | RL turns |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    table = res["results"]
+    for env_id in res["envs"]:
+        key = env_key(env_id)
+        for temp in table["sft"]:
+            s, r = table["sft"][temp], table["rl"][temp]
+            how = "greedy" if temp == "T=0" else f"sampled ({temp})"
+            lines.append(f"| {key} | {how} | {s[f'eval/success/{key}']:.2f} | {r[f'eval/success/{key}']:.2f} | "
+                         f"{s[f'eval/return/{key}']:.3f} | {r[f'eval/return/{key}']:.3f} | "
+                         f"{s[f'eval/turns/{key}']:.2f} | {r[f'eval/turns/{key}']:.2f} |")
+    t = res["time_s"]
+    lines += ["", f"- wall time of the whole command: {t['total']:.0f} s (SFT {t['sft']:.0f} s, RL {t['rl']:.0f} s, "
+                  f"eval {t['eval']:.0f} s)"]
+    if rl_rows:
+        first, last = rl_rows[: max(1, len(rl_rows) // 5)], rl_rows[-max(1, len(rl_rows) // 5):]
+        mean = lambda rows, k: statistics.mean(r[k] for r in rows if r.get(k) is not None)  # noqa: E731
+        lines.append(f"- training rollouts (sampled, train seeds): success {mean(first, 'rollout/success'):.2f} over the "
+                     f"first {len(first)} steps -> {mean(last, 'rollout/success'):.2f} over the last {len(last)}; "
+                     f"median step {statistics.median(r['perf/step_s'] for r in rl_rows):.1f} s")
+    info = read_run_info(Path(res["runs"]["rl"]))
+    lines.append(f"- machine: {platform.machine()} {platform.system()}, 2 CPU cores shared with other jobs (timings vary "
+                 f"with their load); commit `{str(info.get('git_commit', ''))[:12]}`")
+    return "\n".join([BEGIN, *lines, END])
+
+
+def write(doc: Path, block: str) -> None:
+    text = doc.read_text() if doc.exists() else "# Results\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        if "\n## RL" not in text:
+            text = text.rstrip("\n") + "\n\n## RL\n\n"
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rl.results", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="the pipeline's run directory (with results.json)")
+    parser.add_argument("--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md")
+    args = parser.parse_args(argv)
+    block = render(args.run)
+    write(args.doc, block)
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
