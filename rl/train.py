@@ -85,8 +85,8 @@ def train_requests(cfg: RLStageConfig, step: int):
     return out
 
 
-def evaluate_policy(model, tokenizer, cfg: RLStageConfig) -> dict[str, float]:
-    """Greedy episodes on each env's held-out eval seeds, in this process: eval/success/<env>, ..."""
+def evaluate_policy(model, tokenizer, cfg: RLStageConfig) -> tuple[dict[str, float], list]:
+    """Episodes (greedy by default) on each env's held-out eval seeds, in this process: (eval/... metrics, trajectories)."""
     from rl.evaluate import evaluate
 
     metrics, trajectories = evaluate(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env, temperature=cfg.eval.temperature,
