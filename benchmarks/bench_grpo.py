@@ -66,17 +66,20 @@ def bench_ours(steps: int, threads: int) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     episode = EpisodeConfig(max_turn_tokens=NEW_TOKENS, max_episode_tokens=128, max_batch_episodes=PROMPTS * SAMPLES)
     pool = LocalPool(model, tokenizer, cfg.rollout.sampling, episode, seed=0)
-    times = []
+    times, phases = [], []
     for step in range(steps):
         t0 = time.perf_counter()
         pool.push_weights(model.state_dict(), step)
         trajectories = pool.run_groups(train_requests(cfg, step))
+        t1 = time.perf_counter()
         batch, _ = make_batch(trajectories, cfg, tokenizer.pad_id)
         policy_update(model, optimizer, batch, cfg)
         model.moe_balance_update(1e-3)
         times.append(time.perf_counter() - t0)
+        phases.append({"rollout_s": round(t1 - t0, 3), "update_s": round(time.perf_counter() - t1, 3),
+                       "tokens": sum(t.num_tokens for t in trajectories)})
     pool.close()
-    return times
+    return times, phases
 
 
 def bench_trl(steps: int, threads: int, workdir: str) -> list[float]:
@@ -84,15 +87,25 @@ def bench_trl(steps: int, threads: int, workdir: str) -> list[float]:
     from transformers import NemotronHConfig, NemotronHForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from model import HybridConfig
-    from model.hf import hybrid_to_hf_config
+    from model import HybridConfig, HybridLM
+    from model.hybrid import hf_state_dict
     from model.tokenizer import ByteTokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    hf_cfg = NemotronHConfig(**{k: v for k, v in hybrid_to_hf_config(HybridConfig.from_preset("tiny")).items()
-                                if k not in ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version")})
+    c = HybridConfig.from_preset("tiny")
+    hf_cfg = NemotronHConfig(  # docs/PEERS.md's `tiny`, field by field
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, hybrid_override_pattern=c.layer_pattern,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        intermediate_size=c.intermediate_size, ssm_state_size=c.ssm_state_size, mamba_num_heads=c.mamba_num_heads,
+        mamba_head_dim=c.mamba_head_dim, n_groups=c.n_groups, conv_kernel=c.conv_kernel, chunk_size=c.chunk_size,
+        n_routed_experts=c.n_routed_experts, num_experts_per_tok=c.num_experts_per_tok,
+        moe_intermediate_size=c.moe_intermediate_size, moe_shared_expert_intermediate_size=c.moe_shared_expert_intermediate_size,
+        moe_latent_size=c.moe_latent_size, n_shared_experts=c.n_shared_experts, routed_scaling_factor=c.routed_scaling_factor,
+        norm_topk_prob=c.norm_topk_prob, layer_norm_epsilon=c.rms_norm_eps, time_step_min=c.time_step_min_clamp,
+        tie_word_embeddings=c.tie_word_embeddings)
     model = NemotronHForCausalLM(hf_cfg).float()
+    model.load_state_dict(hf_state_dict(HybridLM(c)), strict=True)  # the same initial weights as our side
     tokenizer = ByteTokenizer().to_hf()
     tokenizer.padding_side = "left"
     prompts = arithmetic_prompts(PROMPTS * steps)
@@ -131,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is warm-up)")
-    ours = bench_ours(args.steps, args.threads)
+    ours, phases = bench_ours(args.steps, args.threads)
     result = {"benchmark": "grpo", "model": "tiny", "env": ENV, "prompts": PROMPTS, "samples": SAMPLES,
               "max_new_tokens": NEW_TOKENS, "threads": args.threads, "steps": args.steps,
-              "ours_s_per_step": statistics.median(ours[1:]), "ours_steps_s": [round(t, 3) for t in ours]}
+              "ours_s_per_step": statistics.median(ours[1:]), "ours_steps_s": [round(t, 3) for t in ours],
+              "ours_phases": phases}
     if not args.skip_trl:
         with tempfile.TemporaryDirectory() as workdir:
             trl_times = bench_trl(args.steps, args.threads, workdir)
