@@ -41,6 +41,7 @@ bench: install
 	$(CLI) bench model
 	$(CLI) bench memory
 	$(CLI) bench rollout
+	$(CLI) bench grpo
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -15,7 +15,8 @@ import importlib.util
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "model": ("benchmarks.bench_model", "forward/decode speed and equivalence against transformers' NemotronH"),
     "memory": ("benchmarks.bench_memory", "decode-cache memory vs an all-attention twin at 8K/128K/1M tokens"),
-    "rollout": ("benchmarks.bench_rollout", "rollout throughput of the engine against a TRL-style baseline"),
+    "rollout": ("benchmarks.bench_rollout", "rollout throughput, cache extension vs re-prefill, 1 vs 2 Ray workers"),
+    "grpo": ("benchmarks.bench_grpo", "one GRPO step of ours against TRL's GRPOTrainer on the same tiny model"),
 }
 
 
