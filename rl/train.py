@@ -122,7 +122,7 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
     agg = cfg.algo.loss_agg
     n_tokens, n_seqs = float(batch.action_mask_bt.sum()), float(batch.num_rows)
     lengths = [int(m.nonzero().max()) + 1 if m.any() else 1 for m in batch.action_mask_bt]
-    sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, mismatch=0.0, ratio=0.0, route_diff=0.0, route_n=0.0)
+    sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, mismatch=0.0, mismatch_max=0.0, ratio=0.0, route_diff=0.0, route_n=0.0)
     optimizer.zero_grad(set_to_none=True)
     for rows in micro_batches(lengths, cfg.train.micro_batch_tokens):
         mb = trim(batch.rows(rows))
@@ -145,6 +145,8 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
             sums["clipped"] += float(clipped_bt.sum())
             sums["entropy"] += float((token_entropy(out.logits) * mask_bt).sum())
             sums["mismatch"] += float((kl_k3(mb.rollout_logp_bt, logp_bt) * mask_bt).sum())  # KL(rollout || trainer)
+            abs_diff = ((mb.rollout_logp_bt - logp_bt).abs() * mask_bt).max()
+            sums["mismatch_max"] = max(sums["mismatch_max"], float(abs_diff))
             sums["ratio"] += float((torch.exp(logp_bt - old_logp_bt) * mask_bt).sum())
             if mb.routing_btlk is not None:
                 trainer_routing = out.routed_experts if replay is None else _natural_routing(model, mb)
@@ -158,7 +160,8 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
     per_tok = lambda x: x / max(n_tokens, 1)  # noqa: E731
     stats = {"train/loss": sums["loss"], "train/clip_fraction": per_tok(sums["clipped"]), "train/entropy": per_tok(sums["entropy"]),
              "train/ratio_mean": per_tok(sums["ratio"]), "train/grad_norm": grad_norm,
-             "train/rollout_mismatch_kl": per_tok(sums["mismatch"])}
+             "train/rollout_mismatch_kl": per_tok(sums["mismatch"]),
+             "train/rollout_logprob_diff_max": sums["mismatch_max"]}
     if ref_model is not None and cfg.algo.kl_beta > 0:
         stats["train/kl"] = sums["kl"]
     if sums["route_n"]:

@@ -51,6 +51,8 @@ def test_rl_smoke_two_steps(tmp_path, monkeypatch, capsys):
                 "perf/weight_sync_s", "eval/success/GuessNumber-v0", "train/lr"):
         assert key in last, key
     assert last["train/staleness_max"] == 0.0  # sync mode is on-policy
+    diffs = [r["train/rollout_logprob_diff_max"] for r in rows if "train/rollout_logprob_diff_max" in r]
+    assert diffs and max(diffs) <= 1e-4  # rollout and trainer share the model code: same log-probs
     assert (tmp_path / "runs" / "smoke" / "step_2" / "config.json").is_file()
 
 
