@@ -66,6 +66,11 @@ def render(results_dir: Path) -> str:
     files = sorted(results_dir.glob("*.json"))
     if not files:
         parts.append("\nNo results recorded yet.\n")
+    headline = [(path.stem, key, value) for path in files for record in read_json_lines(path)
+                for key, value in flatten(record) if "speedup" in key.rsplit(".", 1)[-1]]
+    if headline:
+        parts.append("\n## Headline ratios (ours / peer, or 2 workers / 1, same run)\n\n| benchmark | figure | ratio |\n|---|---|---|\n")
+        parts.extend(f"| {name} | `{key}` | {fmt(value)}x |\n" for name, key, value in headline)
     for path in files:
         records = read_json_lines(path)
         parts.append(f"\n## {path.stem}\n\nFrom `benchmarks/results/{path.name}`.\n")

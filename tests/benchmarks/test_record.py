@@ -11,6 +11,7 @@ def test_flatten_nested_records():
 
 
 def test_render_keeps_every_figure_and_ignores_non_json_lines(tmp_path):
-    (tmp_path / "model.json").write_text("some table\n" + json.dumps({"decode": {"ratio": 6.25}}) + "\n{broken\n")
+    (tmp_path / "model.json").write_text("some table\n" + json.dumps({"decode": {"ratio": 6.25}, "train_speedup": 1.5}) + "\n{broken\n")
     page = render(tmp_path)
     assert "## model" in page and "`decode.ratio` | 6.25" in page and "broken" not in page
+    assert "| model | `train_speedup` | 1.5x |" in page  # speedups are repeated in the headline table
