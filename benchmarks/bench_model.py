@@ -31,21 +31,9 @@ from model.hybrid import hf_state_dict
 
 
 def hf_config(cfg: HybridConfig):
-    from transformers import NemotronHConfig
+    from model.hf import transformers_config
 
-    return NemotronHConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, hybrid_override_pattern=cfg.layer_pattern,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size, ssm_state_size=cfg.ssm_state_size,
-        mamba_num_heads=cfg.mamba_num_heads, mamba_head_dim=cfg.mamba_head_dim, n_groups=cfg.n_groups,
-        conv_kernel=cfg.conv_kernel, chunk_size=cfg.chunk_size, n_routed_experts=cfg.n_routed_experts,
-        num_experts_per_tok=cfg.num_experts_per_tok, moe_intermediate_size=cfg.moe_intermediate_size,
-        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
-        moe_latent_size=cfg.moe_latent_size, n_shared_experts=cfg.n_shared_experts,
-        routed_scaling_factor=cfg.routed_scaling_factor, norm_topk_prob=cfg.norm_topk_prob,
-        layer_norm_epsilon=cfg.rms_norm_eps, time_step_min=cfg.time_step_min_clamp,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-    )
+    return transformers_config(cfg)
 
 
 def active_params(cfg: HybridConfig, model: HybridLM) -> int:

@@ -186,6 +186,14 @@ def hybrid_to_hf_config(cfg: HybridConfig, dtype: torch.dtype | None = None) -> 
     return dict(sorted(out.items()))
 
 
+def transformers_config(cfg: HybridConfig):
+    """The same config as a live ``transformers`` NemotronHConfig (for building its model beside ours)."""
+    import transformers
+
+    fields = {k: v for k, v in hybrid_to_hf_config(cfg).items() if k not in ("time_step_limit", "transformers_version")}
+    return transformers.AutoConfig.for_model(**fields)
+
+
 def _transformers_version() -> str:
     try:
         import transformers

@@ -9,7 +9,7 @@ import torch
 from model.config import HybridConfig
 from model.hf import (
     CheckpointError, from_disk_state_dict, hf_config_to_hybrid, hybrid_to_hf_config, load_pretrained, parse_size,
-    save_pretrained, to_disk_state_dict,
+    save_pretrained, to_disk_state_dict, transformers_config,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -161,8 +161,7 @@ def test_our_save_loads_in_transformers(tmp_path):
 @pytest.mark.parametrize("shard", [None, "20KB"])
 def test_transformers_save_loads_here(tmp_path, shard):
     cfg = small_cfg()
-    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in hybrid_to_hf_config(cfg).items()
-                                                  if k not in ("time_step_limit", "transformers_version")})
+    hf_cfg = transformers_config(cfg)
     torch.manual_seed(3)
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
     with torch.no_grad():
