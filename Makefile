@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/hybrid-rl
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test test-all test-deps install bench clean
+.PHONY: quickstart test test-slow test-all test-deps install bench clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ quickstart: install
 
 test: install test-deps
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install test-deps
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 test-all: install test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
