@@ -16,10 +16,10 @@ Prints a table and the result as one JSON line (``--json-out`` also writes it to
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from benchmarks.record import emit
 from model.config import HybridConfig
 
 DEFAULT_PRESETS = ["nemotron3-nano", "nemotron3-super"]
@@ -108,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
     result = measure(args.presets, args.contexts, args.batch, args.kv_dtype)
     print(table(result))
-    text = json.dumps(result)  # one line: benchmarks.record reads the JSON lines of a benchmark's output
-    print(text)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit(result, args.json_out)  # one JSON line: what benchmarks.record reads
     return 0
 
 

@@ -17,7 +17,6 @@ Three measurements, each a comparison made in the same run (absolute numbers dri
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,10 +24,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.record import emit
 from model.tokenizer import ByteTokenizer
 from rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 from rollout.engine import Engine, GroupRequest
 from rollout.testing import FIXED_TURNS_ID
+
 
 def build_model(preset: str, seed: int = 0):
     from model import HybridConfig, HybridLM
@@ -152,11 +153,7 @@ def _run(args) -> int:
         result["ray"] = measure_ray(model, args)
     result["load_avg_1m_end"] = os.getloadavg()[0]  # other processes on the machine skew every figure
     print(table(result), file=sys.stderr)
-    text = json.dumps(result)  # one line: benchmarks.record reads the JSON lines of a benchmark's output
-    print(text)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit(result, args.json_out)  # one JSON line: what benchmarks.record reads
     return 0
 
 

@@ -27,6 +27,15 @@ Re-run with `make bench`, save each command's output under `benchmarks/results/N
 """
 
 
+def emit(result: dict, json_out: Path | None = None) -> None:
+    """Print a benchmark's result as one JSON line (what ``read_json_lines`` reads) and optionally save it."""
+    text = json.dumps(result)
+    print(text)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text + "\n")
+
+
 def read_json_lines(path: Path) -> list[dict]:
     records = []
     for line in path.read_text().splitlines():
