@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .attention import Attention
 from .cache import HybridCache, cache_bytes
 from .config import HybridConfig
@@ -247,13 +248,32 @@ class HybridLM(nn.Module):
         kv_mask = (torch.arange(used, device=ids.device) <= start[:, None])[:, None, None]  # [B,1,1,used]
         ctx = _Ctx("step", self._moe_slot, cache=cache, start_b=start, kv_mask=kv_mask, kv_used=used,
                    record=record_routing)
-        h = self.backbone.norm_f(self._layers(self.backbone.embeddings(ids)[:, None], ctx))
-        cache.last_hidden = h[:, 0].to(cache.last_hidden.dtype)
+        h = self.backbone.embeddings(ids)
+        if kernels.usable(h):
+            h = self._layers_step_fused(h, ctx)
+        else:
+            h = self.backbone.norm_f(self._layers(h[:, None], ctx))[:, 0]
+        cache.last_hidden = h.to(cache.last_hidden.dtype)
         cache.lengths = start + 1
-        logits = self.lm_head(h[:, 0]).float()
+        logits = self.lm_head(h).float()
         if record_routing:
             return logits, ctx.routed((cache.batch_size,))
         return logits
+
+    def _layers_step_fused(self, h_bd, ctx):
+        """The layers of ``decode_step`` with each residual add and the next pre-norm fused into one kernel
+        call (model/kernels, CPU fp32).  Returns the final normed hidden state [B, D]."""
+        lib, p = kernels.library(), kernels.ptr
+        layers = self.backbone.layers
+        norms = [block.norm for block in layers] + [self.backbone.norm_f]
+        b, d = h_bd.shape
+        x = torch.empty_like(h_bd)
+        lib.add_rms_norm(p(h_bd), None, p(norms[0].weight), p(x), b, d, norms[0].eps)
+        for i, block in enumerate(layers):
+            delta = block.mixer(x[:, None], ctx, i).contiguous()
+            x = torch.empty_like(h_bd)  # the mixer may keep a view of the previous input
+            lib.add_rms_norm(p(h_bd), p(delta), p(norms[i + 1].weight), p(x), b, d, norms[i + 1].eps)
+        return x
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,

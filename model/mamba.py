@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .norms import fp32_region, gated_group_rms_norm
 
 
@@ -264,13 +265,16 @@ class Mamba2Mixer(nn.Module):
                 initial_state=cache.ssm[layer_idx] if cache is not None else None, seg_bt=ctx.seg_bt,
             )
         if cache is not None:
-            cache.ssm[layer_idx] = final
+            cache.ssm[layer_idx] = final.contiguous()  # the decode step updates it in place, row-major
         y = self.norm(y.reshape(b, t, self.d_inner), z)
         return self.out_proj(y.to(h_btd.dtype))
 
     def _step(self, h_b1d, cache, layer_idx):
         b = h_b1d.shape[0]
-        z, xbc, dt_raw = self._split(self.in_proj(h_b1d[:, 0]))
+        proj = self.in_proj(h_b1d[:, 0])
+        if kernels.usable(proj, cache.conv[layer_idx], cache.ssm[layer_idx], self.in_proj.weight):
+            return self.out_proj(self._step_fused(proj, cache, layer_idx))[:, None]
+        z, xbc, dt_raw = self._split(proj)
         conv_state = cache.conv[layer_idx]  # [B,K-1,C]
         w_kc = self.conv1d.weight_kc().contiguous()  # [K,C]; the strided view makes every tap slow
         # taps in causal_conv's order (oldest first), so that decode matches prefill
@@ -286,6 +290,22 @@ class Mamba2Mixer(nn.Module):
                          Cm.view(b, self.groups, self.state_size), self.D)
         y = self.norm(y.reshape(b, self.d_inner), z)
         return self.out_proj(y.to(h_b1d.dtype))[:, None]
+
+
+    def _step_fused(self, proj, cache, layer_idx):
+        """``_step`` between the projections as one kernel call (model/kernels, CPU fp32)."""
+        conv_w, a = kernels.derived(self, "step", (self.conv1d.weight, self.A_log), lambda: (
+            self.conv1d.weight_kc().contiguous(), -torch.exp(self.A_log.float())))
+        b, cfg = proj.shape[0], self.cfg
+        out = proj.new_empty(b, self.d_inner)
+        scratch = proj.new_empty(b, self.conv_dim)
+        p = kernels.ptr
+        kernels.library().mamba_step(
+            p(proj), p(cache.conv[layer_idx]), p(conv_w), p(self.conv1d.bias), p(self.dt_bias), p(a), p(self.D),
+            p(self.norm.weight), p(cache.ssm[layer_idx]), p(out), p(scratch),
+            b, cfg.conv_kernel, self.heads, self.head_dim, self.groups, self.state_size, self.norm.group_size,
+            proj.stride(0), cfg.time_step_min_clamp, self.norm.eps)
+        return out
 
 
 def _last_conv_inputs(prefix_bkc, xbc_btc, n_new_b):

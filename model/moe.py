@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .norms import fp32_region
 
 
@@ -167,6 +168,9 @@ class MoE(nn.Module):
         shape = h_btd.shape
         h = h_btd.reshape(-1, shape[-1])
         replay = ctx.replay_for(layer_idx)
+        if ctx.mode == "step" and replay is None and kernels.usable(h, self.gate.weight, self.experts.up_proj,
+                                                                    self.expert_load):
+            return self._step_fused(h, ctx, layer_idx).view(shape)
         idx, w = route(h, self.gate.weight, self.gate.e_score_correction_bias, self.cfg.num_experts_per_tok,
                        self.cfg.routed_scaling_factor, self.cfg.norm_topk_prob, replay)
         ctx.record(layer_idx, idx)
@@ -181,6 +185,53 @@ class MoE(nn.Module):
         if self.cfg.n_shared_experts:
             y = y + self.shared_experts(h)
         return y.view(shape)
+
+    def _step_fused(self, h_nd, ctx, layer_idx):
+        """The decode step through model/kernels (CPU fp32): one matmul for the router, latent and shared
+        up-projections, two kernel calls for the router (with the load count) and all routed experts,
+        one matmul for the latent and shared down-projections together."""
+        cfg = self.cfg
+        n, e, k = h_nd.shape[0], cfg.n_routed_experts, cfg.num_experts_per_tok
+        latent, shared = cfg.moe_latent_size is not None, bool(cfg.n_shared_experts)
+        d_e, i_s = cfg.moe_expert_dim, (cfg.moe_shared_expert_intermediate_size if shared else 0)
+        w_in, w_out = kernels.derived(self, "step", self._step_params(), self._step_weights)
+        proj = F.linear(h_nd, w_in)  # [N, E | latent | shared up]
+        idx = torch.empty(n, k, dtype=torch.long)
+        w = torch.empty(n, k)
+        lib, p = kernels.library(), kernels.ptr
+        lib.moe_route(p(proj), p(self.gate.e_score_correction_bias), p(idx), p(w), p(self.expert_load), n, e, k,
+                      int(cfg.norm_topk_prob), proj.stride(0), cfg.routed_scaling_factor)
+        ctx.record(layer_idx, idx)
+        x = proj[:, e:e + d_e] if latent else h_nd  # the routed experts' input
+        up_t, down_t = self.experts.transposed()
+        buf = h_nd.new_empty(n, d_e + i_s)  # [routed sum | relu^2(shared up)]
+        lib.moe_experts(p(x), p(idx), p(w), p(up_t), p(down_t), p(buf), p(proj[:, proj.shape[1] - i_s:]) if shared else None,
+                        n, k, e, d_e, cfg.moe_intermediate_size, x.stride(0), buf.stride(0), proj.stride(0), i_s)
+        if latent:
+            return F.linear(buf, w_out)  # fc2_latent_proj and the shared down-projection in one matmul
+        y = buf[:, :d_e]
+        return y + self.shared_experts.down_proj(buf[:, d_e:]) if shared else y.contiguous()
+
+    def _step_params(self):
+        params = [self.gate.weight]
+        if self.cfg.moe_latent_size is not None:
+            params += [self.fc1_latent_proj.weight, self.fc2_latent_proj.weight]
+        if self.cfg.n_shared_experts:
+            params += [self.shared_experts.up_proj.weight, self.shared_experts.down_proj.weight]
+        return params
+
+    def _step_weights(self):
+        """(input weights [E + latent + shared, D], output weights [D, latent + shared] or None)."""
+        latent, shared = self.cfg.moe_latent_size is not None, bool(self.cfg.n_shared_experts)
+        w_in = [self.gate.weight]
+        w_out = []
+        if latent:
+            w_in.append(self.fc1_latent_proj.weight)
+            w_out.append(self.fc2_latent_proj.weight)
+        if shared:
+            w_in.append(self.shared_experts.up_proj.weight)
+            w_out.append(self.shared_experts.down_proj.weight)
+        return torch.cat(w_in).contiguous(), (torch.cat(w_out, dim=1).contiguous() if latent else None)
 
     @torch.no_grad()
     def _count(self, idx_nk, valid_bt):

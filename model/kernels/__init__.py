@@ -1,0 +1,125 @@
+"""Fused CPU kernels for cached decoding, compiled on first use and called through ctypes.
+
+The decode step of a small model on a CPU is dominated by per-op overhead and by passes over the
+Mamba state, not by arithmetic.  ``decode.c`` fuses each of those stretches into one call:
+
+* ``mamba_step``: conv-window shift, depthwise conv, SiLU, dt softplus/clamp, the SSM state update
+  and read-out in one pass over the fp32 state, the D skip, the SiLU gate and the grouped RMS norm;
+* ``moe_route`` / ``moe_experts``: the sigmoid router with selection bias, top-k, renormalisation and
+  scaling, then every routed expert as one small GEMM over its own tokens (no padding, no gathers).
+
+The source is compiled once per machine with the system C compiler (``cc -O3 -march=native
+-fopenmp``; fused multiply-adds allowed) into ``$HYBRID_RL_KERNEL_DIR`` (default ``~/.cache/hybrid_rl/kernels``), named by a hash
+of source, flags and compiler, written atomically.  OpenMP threads come from the runtime torch
+already loaded (libgomp), so ``torch.set_num_threads`` governs them too.
+
+The kernels are an accelerator only: every caller keeps its PyTorch path, used on other devices and
+dtypes, under autograd, when no compiler is found, or with ``HYBRID_RL_KERNELS=0``.  Tests check that
+both paths agree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("decode.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_lib = None
+_failed: str | None = None
+
+_F = ctypes.c_void_p  # float* / long* (data pointers)
+MAX_EXPERTS = 4096  # as in decode.c
+_SIGNATURES = {
+    "mamba_step": [_F] * 11 + [ctypes.c_int] * 8 + [ctypes.c_float] * 2,
+    "moe_route": [_F] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float],
+    "moe_experts": [_F] * 7 + [ctypes.c_int] * 9,
+    "add_rms_norm": [_F] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float],
+    "attn_step": [_F] * 6 + [ctypes.c_int] * 6,
+}
+
+
+def enabled() -> bool:
+    return os.environ.get("HYBRID_RL_KERNELS", "1") not in ("0", "false", "no", "off")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256((_SOURCE.read_text() + " ".join(_FLAGS) + version).encode()).hexdigest()[:16]
+    out_dir = Path(os.environ.get("HYBRID_RL_KERNEL_DIR", Path.home() / ".cache" / "hybrid_rl" / "kernels"))
+    out = out_dir / f"decode-{key}.so"
+    if not out.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed on {_SOURCE}:\n{proc.stderr[-2000:]}")
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when disabled or unavailable (the reason is warned once)."""
+    global _lib, _failed
+    if _lib is not None or not enabled():
+        return _lib if enabled() else None
+    if _failed is not None:
+        return None
+    try:
+        _lib = _build()
+    except Exception as exc:  # noqa: BLE001 - any build/load failure falls back to PyTorch
+        _failed = str(exc)
+        warnings.warn(f"hybrid-rl CPU decode kernels unavailable, using the PyTorch path: {exc}", stacklevel=2)
+        return None
+    return _lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when the kernels can take these tensors: CPU, float32, contiguous, no autograd, no autocast."""
+    if not enabled() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            return False
+    return library() is not None
+
+
+def ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def derived(owner, name: str, params, make):
+    """``make()`` (a tensor or tuple, e.g. a contiguous transposed copy of weights), cached on ``owner``
+    while ``params`` are unchanged: rebuilt when a version counter (optimizer steps, load_state_dict),
+    storage, dtype or device changes."""
+    key = tuple((p._version, p.data_ptr(), p.dtype, p.device, p.shape) for p in params)
+    cached = owner.__dict__.get("_derived_" + name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, make())
+        owner.__dict__["_derived_" + name] = cached
+    return cached[1]

@@ -1,0 +1,349 @@
+/* Fused fp32 CPU kernels for one cached decoding step (see __init__.py; PyTorch twins in model/).
+ *
+ * Layouts are row-major and contiguous; every pointer is a float32 tensor's data unless marked long.
+ * Arithmetic follows the PyTorch path operation by operation (same association order where it
+ * matters), so the two agree to fp32 round-off; the tests compare them.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_EXPERTS 4096
+
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* lane-wise mask ? a : b (a vector comparison yields an all-ones / all-zeros mask per lane) */
+static inline v8f select8(v8i mask, v8f a, v8f b) { return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask)); }
+
+/* exp(x) on 8 lanes: 2^n * e^r with |r| <= ln2/2 and Cephes' expf polynomial (about 1 ulp). */
+static inline v8f exp8(v8f x) {
+    const v8f hi = {88.3762626647949f, 88.3762626647949f, 88.3762626647949f, 88.3762626647949f,
+                    88.3762626647949f, 88.3762626647949f, 88.3762626647949f, 88.3762626647949f};
+    const v8f lo = -hi, magic = x * 0.0f + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    x = select8(x < lo, lo, x);
+    x = select8(x > hi, hi, x);
+    const v8f t = x * 1.44269504088896341f + magic;
+    const v8f n = t - magic;
+    const v8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v8f p = r * 0.0f + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const v8i bits = ((v8i)t - (v8i)magic + 127) << 23;
+    return p * (v8f)bits;
+}
+
+/* x * sigmoid(x) over n values, in place (vectorised; scalar tail). */
+static void silu_inplace(float *x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const v8f v = load8(x + i);
+        store8(x + i, v / (1.0f + exp8(-v)));
+    }
+    for (; i < n; i++) x[i] = silu(x[i]);
+}
+
+static inline float hsum8(v8f v) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+static void exp_inplace(float *x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) store8(x + i, exp8(load8(x + i)));
+    for (; i < n; i++) x[i] = expf(x[i]);
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+    v8f acc = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
+    float s = hsum8(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* One Mamba-2 decode step for B rows.
+ *
+ * proj      [B, 2*Di + 2*G*N + H]  in_proj output: z | x B C (conv input) | dt_raw; row stride `stride`
+ * conv      [B, K-1, Cc]           last K-1 conv inputs (updated in place), Cc = Di + 2*G*N
+ * conv_w    [K, Cc], conv_b [Cc]
+ * dt_bias, A (= -exp(A_log)), D: [H]
+ * norm_w    [Di]                   gated RMS norm weight, groups of `group` channels
+ * state     [B, H, P, N]           fp32 SSM state (updated in place)
+ * out       [B, Di]                normed, gated output (input of out_proj)
+ * scratch   [B, Cc]                workspace
+ */
+void mamba_step(const float *proj, float *conv, const float *conv_w, const float *conv_b,
+                const float *dt_bias, const float *A, const float *D, const float *norm_w,
+                float *state, float *out, float *scratch,
+                int B, int K, int H, int P, int G, int N, int group, int stride,
+                float dt_min, float eps) {
+    const int Di = H * P, GN = G * N, Cc = Di + 2 * GN, R = H / G;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < B; b++) {
+        const float *z = proj + (int64_t)b * stride;
+        const float *xbc = z + Di;
+        const float *dt_raw = xbc + Cc;
+        float *win = conv + (int64_t)b * (K - 1) * Cc;
+        float *u = scratch + (int64_t)b * Cc;  /* conv output after SiLU: x | B | C */
+        for (int c = 0; c < Cc; c++) {
+            float acc = conv_b[c];
+            for (int j = 0; j < K - 1; j++) acc += win[j * Cc + c] * conv_w[j * Cc + c];
+            u[c] = acc + xbc[c] * conv_w[(K - 1) * Cc + c];
+        }
+        silu_inplace(u, Cc);
+        if (K > 1) {
+            memmove(win, win + Cc, sizeof(float) * (size_t)(K - 2) * Cc);
+            memcpy(win + (K - 2) * Cc, xbc, sizeof(float) * Cc);
+        }
+        const float *x = u, *Bm = u + Di, *Cm = u + Di + GN;
+        float *y = out + (int64_t)b * Di;
+        for (int h = 0; h < H; h++) {
+            float dt = softplus(dt_raw[h] + dt_bias[h]);
+            if (dt_min > 0.0f && dt < dt_min) dt = dt_min;
+            const float dA = expf(dt * A[h]);
+            const float *Bg = Bm + (h / R) * N, *Cg = Cm + (h / R) * N;
+            float *s = state + (((int64_t)b * H + h) * P) * N;
+            for (int p = 0; p < P; p++, s += N) {
+                const float xv = x[h * P + p], xdt = xv * dt;
+                float yv;
+                int n = 0;
+                if (N % 8 == 0) {
+                    v8f acc = {0};
+                    for (; n < N; n += 8) {
+                        v8f sv = load8(s + n) * dA + xdt * load8(Bg + n);
+                        store8(s + n, sv);
+                        acc += sv * load8(Cg + n);
+                    }
+                    yv = hsum8(acc);
+                } else {
+                    yv = 0.0f;
+                    for (; n < N; n++) {
+                        s[n] = s[n] * dA + xdt * Bg[n];
+                        yv += s[n] * Cg[n];
+                    }
+                }
+                y[h * P + p] = yv + D[h] * xv;
+            }
+        }
+        float *gate = u; /* x | B | C are consumed: reuse the row's scratch for silu(z) */
+        memcpy(gate, z, sizeof(float) * Di);
+        silu_inplace(gate, Di);
+        for (int c = 0; c < Di; c++) y[c] *= gate[c];
+        for (int g0 = 0; g0 < Di; g0 += group) {
+            float ss = 0.0f;
+            for (int c = g0; c < g0 + group; c++) ss += y[c] * y[c];
+            const float inv = 1.0f / sqrtf(ss / (float)group + eps);
+            for (int c = g0; c < g0 + group; c++) y[c] = y[c] * inv * norm_w[c];
+        }
+    }
+}
+
+/* Router: sigmoid scores from logits [N, E] (row stride logits_stride); top-k of score + bias (largest first, lower id on ties);
+ * weights = chosen scores, renormalised when norm_topk, times scaling.  idx: long [N, k].
+ * load [E] (the MoE layer's balance counter) gets +1 per chosen expert. */
+void moe_route(const float *logits, const float *bias, int64_t *idx, float *w, float *load,
+               int N, int E, int k, int norm_topk, int logits_stride, float scaling) {
+    for (int n = 0; n < N; n++) {
+        const float *l = logits + (int64_t)n * logits_stride;
+        float score[MAX_EXPERTS], key[MAX_EXPERTS];
+        const int e_cap = E < MAX_EXPERTS ? E : MAX_EXPERTS;
+        for (int e = 0; e < e_cap; e++) {
+            score[e] = 1.0f / (1.0f + expf(-l[e]));
+            key[e] = score[e] + bias[e];
+        }
+        float total = 0.0f;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int e = 0; e < e_cap; e++)
+                if (key[e] != -INFINITY && (best < 0 || key[e] > key[best])) best = e;
+            if (best < 0) best = 0;
+            key[best] = -INFINITY;
+            idx[(int64_t)n * k + j] = best;
+            load[best] += 1.0f;
+            w[(int64_t)n * k + j] = score[best];
+            total += score[best];
+        }
+        for (int j = 0; j < k; j++) {
+            float v = w[(int64_t)n * k + j];
+            if (norm_topk) v = v / (total + 1e-20f);
+            w[(int64_t)n * k + j] = v * scaling;
+        }
+    }
+}
+
+/* C[m, n] = A[m, K] @ Bt[K, n] (Bt row-major: row k holds n outputs), then relu^2 when act.
+ * Column panels of 16 outer (the panel of Bt stays in L1 across row blocks), blocks of 6 rows inner:
+ * 12 accumulator vectors, 2 loads of Bt and 6 broadcasts per k. */
+static inline v8f relu2_8(v8f v) {
+    const v8i pos = v > 0.0f;
+    return select8(pos, v * v, v * 0.0f);
+}
+
+static void gemm_rows(const float *A, int m, int K, const float *Bt, int n, float *C, int act) {
+    int c = 0;
+    for (; c + 16 <= n; c += 16) {
+        for (int r0 = 0; r0 < m; r0 += 6) {
+            const int mr = m - r0 < 6 ? m - r0 : 6;
+            const float *a[6];
+            for (int r = 0; r < 6; r++) a[r] = A + (int64_t)(r0 + (r < mr ? r : 0)) * K;
+            v8f acc[6][2] = {{{0}}};
+            for (int kk = 0; kk < K; kk++) {
+                const v8f b0 = load8(Bt + (int64_t)kk * n + c), b1 = load8(Bt + (int64_t)kk * n + c + 8);
+                for (int r = 0; r < 6; r++) {
+                    const float av = a[r][kk];
+                    acc[r][0] += av * b0;
+                    acc[r][1] += av * b1;
+                }
+            }
+            for (int r = 0; r < mr; r++) {
+                store8(C + (int64_t)(r0 + r) * n + c, act ? relu2_8(acc[r][0]) : acc[r][0]);
+                store8(C + (int64_t)(r0 + r) * n + c + 8, act ? relu2_8(acc[r][1]) : acc[r][1]);
+            }
+        }
+    }
+    for (; c < n; c++) {
+        for (int r = 0; r < m; r++) {
+            float acc = 0.0f;
+            for (int kk = 0; kk < K; kk++) acc += A[(int64_t)r * K + kk] * Bt[(int64_t)kk * n + c];
+            if (act) acc = acc > 0.0f ? acc * acc : 0.0f;
+            C[(int64_t)r * n + c] = acc;
+        }
+    }
+}
+
+/* Routed experts for N tokens: out[t] = sum_j w[t, j] * down(relu^2(up(x[t]))) of expert idx[t, j].
+ * With `shared` (row stride shared_stride, Is values), out[t, De:De+Is] = relu^2(shared[t]) as well, so
+ * that one matmul can apply the latent and shared down-projections together.
+ * x [N, De] (row stride x_stride); out rows of stride out_stride; idx long [N, k]; w [N, k]; up_t [E, De, I]; down_t [E, I, De]; out [N, De].
+ * Each expert runs one GEMM pair over exactly its own tokens (counting sort; no padding); the
+ * weighted sum over a token's k slots is taken in slot order. */
+void moe_experts(const float *x, const int64_t *idx, const float *w, const float *up_t,
+                 const float *down_t, float *out, const float *shared, int N, int k, int E, int De, int I,
+                 int x_stride, int out_stride, int shared_stride, int Is) {
+    const int NK = N * k;
+    int *count = calloc((size_t)E + 1, sizeof(int));
+    int *start = calloc((size_t)E + 1, sizeof(int));
+    int *pairs = malloc(sizeof(int) * (size_t)NK);  /* pair ids sorted by expert */
+    float *ypair = malloc(sizeof(float) * (size_t)NK * De);
+    for (int p = 0; p < NK; p++) count[idx[p]]++;
+    for (int e = 0; e < E; e++) start[e + 1] = start[e] + count[e];
+    memset(count, 0, sizeof(int) * (size_t)E);
+    for (int p = 0; p < NK; p++) {
+        const int e = (int)idx[p];
+        pairs[start[e] + count[e]++] = p;
+    }
+    int cap = 0;
+    for (int e = 0; e < E; e++) cap = count[e] > cap ? count[e] : cap;
+#pragma omp parallel
+    {
+        float *xs = malloc(sizeof(float) * (size_t)(cap > 0 ? cap : 1) * De);
+        float *hid = malloc(sizeof(float) * (size_t)(cap > 0 ? cap : 1) * I);
+        float *ys = malloc(sizeof(float) * (size_t)(cap > 0 ? cap : 1) * De);
+#pragma omp for schedule(dynamic, 1)
+        for (int e = 0; e < E; e++) {
+            const int ne = count[e];
+            if (ne == 0) continue;
+            for (int r = 0; r < ne; r++)
+                memcpy(xs + (int64_t)r * De, x + (int64_t)(pairs[start[e] + r] / k) * x_stride, sizeof(float) * De);
+            gemm_rows(xs, ne, De, up_t + (int64_t)e * De * I, I, hid, 1);
+            gemm_rows(hid, ne, I, down_t + (int64_t)e * I * De, De, ys, 0);
+            for (int r = 0; r < ne; r++)
+                memcpy(ypair + (int64_t)pairs[start[e] + r] * De, ys + (int64_t)r * De, sizeof(float) * De);
+        }
+        free(xs);
+        free(hid);
+        free(ys);
+#pragma omp for schedule(static)
+        for (int t = 0; t < N; t++) {
+            float *o = out + (int64_t)t * out_stride;
+            if (shared != NULL) { /* relu^2 of the shared expert's up-projection, beside the routed sum */
+                const float *si = shared + (int64_t)t * shared_stride;
+                for (int d = 0; d < Is; d++) o[De + d] = si[d] > 0.0f ? si[d] * si[d] : 0.0f;
+            }
+            for (int d = 0; d < De; d++) o[d] = 0.0f;
+            for (int j = 0; j < k; j++) {
+                const float wj = w[(int64_t)t * k + j];
+                const float *yp = ypair + ((int64_t)t * k + j) * De;
+                for (int d = 0; d < De; d++) o[d] += wj * yp[d];
+            }
+        }
+    }
+    free(count);
+    free(start);
+    free(pairs);
+    free(ypair);
+}
+
+/* h += delta (when delta is not NULL), then out = rms_norm(h) * w, row by row.  h, delta, out [B, D]. */
+void add_rms_norm(float *h, const float *delta, const float *w, float *out, int B, int D, float eps) {
+#pragma omp parallel for schedule(static) if (B * D >= 16384)
+    for (int b = 0; b < B; b++) {
+        float *hb = h + (int64_t)b * D, *ob = out + (int64_t)b * D;
+        if (delta != NULL) {
+            const float *db = delta + (int64_t)b * D;
+            for (int d = 0; d < D; d++) hb[d] += db[d];
+        }
+        float ss = 0.0f;
+        for (int d = 0; d < D; d++) ss += hb[d] * hb[d];
+        const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+        for (int d = 0; d < D; d++) ob[d] = hb[d] * inv * w[d];
+    }
+}
+
+/* One attention decode step for B rows, GQA without positions.
+ * qkv [B, (Hq + 2*Hkv) * Dh] (row stride qkv_stride): q | k | v of the new token.
+ * kbuf, vbuf [B, Hkv, cap, Dh]: the new k, v are written at position len[b]; the query then attends
+ * to positions 0..len[b].  out [B, Hq * Dh].  scores [B, Hq, cap] is workspace. */
+void attn_step(const float *qkv, float *kbuf, float *vbuf, const int64_t *len, float *out, float *scores,
+               int B, int Hq, int Hkv, int Dh, int cap, int qkv_stride) {
+    const int R = Hq / Hkv;
+    const float scale = 1.0f / sqrtf((float)Dh);
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < B; b++) {
+        const float *q = qkv + (int64_t)b * qkv_stride, *kn = q + Hq * Dh, *vn = kn + Hkv * Dh;
+        const int64_t L = len[b] + 1;
+        for (int g = 0; g < Hkv; g++) {
+            float *kb = kbuf + (((int64_t)b * Hkv + g) * cap) * Dh, *vb = vbuf + (((int64_t)b * Hkv + g) * cap) * Dh;
+            memcpy(kb + len[b] * Dh, kn + g * Dh, sizeof(float) * Dh);
+            memcpy(vb + len[b] * Dh, vn + g * Dh, sizeof(float) * Dh);
+            for (int r = 0; r < R; r++) {
+                const int hq = g * R + r;
+                const float *qh = q + hq * Dh;
+                float *sc = scores + ((int64_t)b * Hq + hq) * cap, *o = out + (int64_t)b * Hq * Dh + hq * Dh;
+                float mx = -INFINITY;
+                for (int64_t t = 0; t < L; t++) {
+                    sc[t] = dot(qh, kb + t * Dh, Dh) * scale;
+                    mx = sc[t] > mx ? sc[t] : mx;
+                }
+                for (int64_t t = 0; t < L; t++) sc[t] -= mx;
+                exp_inplace(sc, (int)L);
+                float tot = 0.0f;
+                for (int64_t t = 0; t < L; t++) tot += sc[t];
+                for (int d = 0; d < Dh; d++) o[d] = 0.0f;
+                for (int64_t t = 0; t < L; t++) {
+                    const float pt = sc[t] / tot;
+                    for (int d = 0; d < Dh; d++) o[d] += pt * vb[t * Dh + d];
+                }
+            }
+        }
+    }
+}
