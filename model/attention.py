@@ -45,7 +45,7 @@ class Attention(nn.Module):
 
     def forward(self, h_btd, ctx, layer_idx: int):
         b, t, _ = h_btd.shape
-        if ctx.mode == "step" and kernels.usable(h_btd, self.q_proj.weight, ctx.cache.k[layer_idx], ctx.cache.v[layer_idx]):
+        if ctx.fused:
             return self._step_fused(h_btd[:, 0], ctx.cache, layer_idx, ctx.start_b)[:, None]
         q = self.q_proj(h_btd).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B,H,T,Dh]
         k = self.k_proj(h_btd).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,T,Dh]

@@ -110,11 +110,13 @@ class HybridCache:
                            {i: cat(lambda c: c.k[i][:, :, :cap]) for i in first.k},
                            {i: cat(lambda c: c.v[i][:, :, :cap]) for i in first.v}, cat(lambda c: c.last_hidden))
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The floating-point state: last hidden, conv windows, SSM states, KV buffers."""
+        return [self.last_hidden, *self.conv.values(), *self.ssm.values(), *self.k.values(), *self.v.values()]
+
     def nbytes(self) -> int:
         """Bytes held now (KV buffers at their allocated capacity)."""
-        tensors = [self.lengths, self.last_hidden, *self.conv.values(), *self.ssm.values(),
-                   *self.k.values(), *self.v.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in [self.lengths, *self.tensors()])
 
     def __len__(self) -> int:
         return self.batch_size

@@ -53,8 +53,9 @@ class _Ctx:
     """What the mixers need to know about the current call besides their input."""
 
     def __init__(self, mode, moe_slot, cache=None, seg_bt=None, valid_bt=None, n_new_b=None, start_b=None,
-                 kv_mask=None, kv_used=0, replay=None, record=False):
+                 kv_mask=None, kv_used=0, replay=None, record=False, fused=False):
         self.mode, self.moe_slot, self.cache = mode, moe_slot, cache
+        self.fused = fused  # decode step through model/kernels (checked once for all layers)
         self.seg_bt, self.valid_bt, self.n_new_b, self.start_b = seg_bt, valid_bt, n_new_b, start_b
         self.kv_mask, self.kv_used = kv_mask, kv_used
         self.replay = replay  # [N, n_moe, k] or None
@@ -245,13 +246,15 @@ class HybridLM(nn.Module):
         start = cache.lengths
         used = int(start.max()) + 1
         cache.reserve(used)
-        kv_mask = (torch.arange(used, device=ids.device) <= start[:, None])[:, None, None]  # [B,1,1,used]
-        ctx = _Ctx("step", self._moe_slot, cache=cache, start_b=start, kv_mask=kv_mask, kv_used=used,
-                   record=record_routing)
         h = self.backbone.embeddings(ids)
-        if kernels.usable(h):
+        if kernels.usable(h, self.lm_head.weight, *cache.tensors()):  # once per step, not per layer
+            ctx = _Ctx("step", self._moe_slot, cache=cache, start_b=start, kv_used=used, record=record_routing,
+                       fused=True)
             h = self._layers_step_fused(h, ctx)
         else:
+            kv_mask = (torch.arange(used, device=ids.device) <= start[:, None])[:, None, None]  # [B,1,1,used]
+            ctx = _Ctx("step", self._moe_slot, cache=cache, start_b=start, kv_mask=kv_mask, kv_used=used,
+                       record=record_routing)
             h = self.backbone.norm_f(self._layers(h[:, None], ctx))[:, 0]
         cache.last_hidden = h.to(cache.last_hidden.dtype)
         cache.lengths = start + 1

@@ -245,10 +245,12 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, h_btd, ctx, layer_idx: int):
         if ctx.mode == "step":
-            return self._step(h_btd, ctx.cache, layer_idx)
+            return self._step(h_btd, ctx, layer_idx)
+        cache = ctx.cache
+        if ctx.mode == "extend" and kernels.usable(h_btd, self.in_proj.weight, cache.conv[layer_idx], cache.ssm[layer_idx]):
+            return self.out_proj(self._scan_fused(self.in_proj(h_btd), cache, layer_idx, ctx.n_new_b))
         b, t, _ = h_btd.shape
         z, xbc, dt_raw = self._split(self.in_proj(h_btd))
-        cache = ctx.cache
         prefix = cache.conv[layer_idx] if cache is not None else None
         xbc_conv = F.silu(causal_conv(xbc, self.conv1d.weight_kc(), self.conv1d.bias, prefix, ctx.seg_bt))
         if cache is not None:
@@ -269,12 +271,11 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(b, t, self.d_inner), z)
         return self.out_proj(y.to(h_btd.dtype))
 
-    def _step(self, h_b1d, cache, layer_idx):
-        b = h_b1d.shape[0]
-        proj = self.in_proj(h_b1d[:, 0])
-        if kernels.usable(proj, cache.conv[layer_idx], cache.ssm[layer_idx], self.in_proj.weight):
-            return self.out_proj(self._step_fused(proj, cache, layer_idx))[:, None]
-        z, xbc, dt_raw = self._split(proj)
+    def _step(self, h_b1d, ctx, layer_idx):
+        b, cache = h_b1d.shape[0], ctx.cache
+        if ctx.fused:
+            return self.out_proj(self._scan_fused(self.in_proj(h_b1d), cache, layer_idx, None))
+        z, xbc, dt_raw = self._split(self.in_proj(h_b1d[:, 0]))
         conv_state = cache.conv[layer_idx]  # [B,K-1,C]
         w_kc = self.conv1d.weight_kc().contiguous()  # [K,C]; the strided view makes every tap slow
         # taps in causal_conv's order (oldest first), so that decode matches prefill
@@ -292,19 +293,21 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(h_b1d.dtype))[:, None]
 
 
-    def _step_fused(self, proj, cache, layer_idx):
-        """``_step`` between the projections as one kernel call (model/kernels, CPU fp32)."""
-        conv_w, a = kernels.derived(self, "step", (self.conv1d.weight, self.A_log), lambda: (
+    def _scan_fused(self, proj_bti, cache, layer_idx, n_new_b):
+        """Everything between the projections for the new tokens of each row (a decode step or a cache
+        extension), continuing the cached conv window and SSM state: one kernel call (model/kernels,
+        CPU fp32, no autograd).  ``n_new_b``: valid tokens per row (None: all).  Returns [B, T, d_inner]."""
+        conv_w, a = kernels.derived(self, "scan", (self.conv1d.weight, self.A_log), lambda: (
             self.conv1d.weight_kc().contiguous(), -torch.exp(self.A_log.float())))
-        b, cfg = proj.shape[0], self.cfg
-        out = proj.new_empty(b, self.d_inner)
-        scratch = proj.new_empty(b, self.conv_dim)
+        (b, t, _), cfg = proj_bti.shape, self.cfg
+        out = proj_bti.new_empty(b, t, self.d_inner)
+        scratch = proj_bti.new_empty(b, t + cfg.conv_kernel - 1, self.conv_dim)
         p = kernels.ptr
-        kernels.library().mamba_step(
-            p(proj), p(cache.conv[layer_idx]), p(conv_w), p(self.conv1d.bias), p(self.dt_bias), p(a), p(self.D),
-            p(self.norm.weight), p(cache.ssm[layer_idx]), p(out), p(scratch),
-            b, cfg.conv_kernel, self.heads, self.head_dim, self.groups, self.state_size, self.norm.group_size,
-            proj.stride(0), cfg.time_step_min_clamp, self.norm.eps)
+        kernels.library().mamba_scan(
+            p(proj_bti), None if n_new_b is None else p(n_new_b.contiguous()), p(cache.conv[layer_idx]), p(conv_w),
+            p(self.conv1d.bias), p(self.dt_bias), p(a), p(self.D), p(self.norm.weight), p(cache.ssm[layer_idx]), p(out),
+            p(scratch), b, t, cfg.conv_kernel, self.heads, self.head_dim, self.groups, self.state_size,
+            self.norm.group_size, proj_bti.stride(1), cfg.time_step_min_clamp, self.norm.eps)
         return out
 
 

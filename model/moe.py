@@ -134,20 +134,26 @@ class Experts(nn.Module):
         d_e, i = cfg.moe_expert_dim, cfg.moe_intermediate_size
         self.up_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, i, d_e))
         self.down_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, d_e, i))
-        self._transposed, self._transposed_key = None, None
 
-    @torch.no_grad()
     def transposed(self):
         """(up^T [E, D_e, I], down^T [E, I, D_e]) contiguous, for the no-autograd padded path (a CPU
-        bmm over a transposed view of the weights is ~1.3x slower).  A copy of the expert weights, kept
-        (not saved) while the parameters are unchanged: rebuilt when their version counter, storage,
-        dtype or device changes (optimizer steps and load_state_dict bump the version)."""
-        up, down = self.up_proj, self.down_proj
-        key = tuple((p._version, p.data_ptr(), p.dtype, p.device, p.shape) for p in (up, down))
-        if key != self._transposed_key:
-            self._transposed = (up.detach().transpose(1, 2).contiguous(), down.detach().transpose(1, 2).contiguous())
-            self._transposed_key = key
-        return self._transposed
+        bmm over a transposed view of the weights is ~1.3x slower).  A copy kept (not saved) while the
+        parameters are unchanged (``kernels.derived``: optimizer steps and load_state_dict rebuild it)."""
+        return kernels.derived(self, "transposed", (self.up_proj, self.down_proj), lambda: (
+            self.up_proj.detach().transpose(1, 2).contiguous(), self.down_proj.detach().transpose(1, 2).contiguous()))
+
+    def packed(self):
+        """The expert weights as model/kernels' ``moe_experts`` takes them: up^T [E, D_e, I] and down^T
+        [E, I, D_e], each cut into panels of 16 output columns stored one after another (zero-padded)."""
+        return kernels.derived(self, "packed", (self.up_proj, self.down_proj), lambda: (
+            _pack_panels(self.up_proj.detach().transpose(1, 2)), _pack_panels(self.down_proj.detach().transpose(1, 2))))
+
+
+def _pack_panels(b_ekn):
+    """[E, K, n] -> [E, ceil(n/16), K, 16] contiguous: 16-column panels, zero-padded."""
+    e, k, n = b_ekn.shape
+    padded = F.pad(b_ekn, (0, (-n) % 16))
+    return padded.view(e, k, -1, 16).permute(0, 2, 1, 3).contiguous()
 
 
 class MoE(nn.Module):
@@ -168,9 +174,9 @@ class MoE(nn.Module):
         shape = h_btd.shape
         h = h_btd.reshape(-1, shape[-1])
         replay = ctx.replay_for(layer_idx)
-        if ctx.mode == "step" and replay is None and kernels.usable(h, self.gate.weight, self.experts.up_proj,
-                                                                    self.expert_load):
-            return self._step_fused(h, ctx, layer_idx).view(shape)
+        if replay is None and (ctx.fused or ctx.mode == "extend" and kernels.usable(
+                h, self.gate.weight, self.experts.up_proj, self.expert_load)):
+            return self._forward_fused(h, ctx, layer_idx).view(shape)
         idx, w = route(h, self.gate.weight, self.gate.e_score_correction_bias, self.cfg.num_experts_per_tok,
                        self.cfg.routed_scaling_factor, self.cfg.norm_topk_prob, replay)
         ctx.record(layer_idx, idx)
@@ -186,10 +192,11 @@ class MoE(nn.Module):
             y = y + self.shared_experts(h)
         return y.view(shape)
 
-    def _step_fused(self, h_nd, ctx, layer_idx):
-        """The decode step through model/kernels (CPU fp32): one matmul for the router, latent and shared
-        up-projections, two kernel calls for the router (with the load count) and all routed experts,
-        one matmul for the latent and shared down-projections together."""
+    def _forward_fused(self, h_nd, ctx, layer_idx):
+        """Decode steps and cache extension through model/kernels (CPU fp32, no autograd): one matmul for
+        the router, latent and shared up-projections, two kernel calls for the router (with the load
+        count) and all routed experts at their exact sizes, one matmul for the latent and shared
+        down-projections together."""
         cfg = self.cfg
         n, e, k = h_nd.shape[0], cfg.n_routed_experts, cfg.num_experts_per_tok
         latent, shared = cfg.moe_latent_size is not None, bool(cfg.n_shared_experts)
@@ -199,13 +206,17 @@ class MoE(nn.Module):
         idx = torch.empty(n, k, dtype=torch.long)
         w = torch.empty(n, k)
         lib, p = kernels.library(), kernels.ptr
-        lib.moe_route(p(proj), p(self.gate.e_score_correction_bias), p(idx), p(w), p(self.expert_load), n, e, k,
-                      int(cfg.norm_topk_prob), proj.stride(0), cfg.routed_scaling_factor)
+        count_here = ctx.valid_bt is None  # else only the tokens that are not padding count
+        lib.moe_route(p(proj), p(self.gate.e_score_correction_bias), p(idx), p(w),
+                      p(self.expert_load) if count_here else None, n, e, k, int(cfg.norm_topk_prob), proj.stride(0),
+                      cfg.routed_scaling_factor)
         ctx.record(layer_idx, idx)
+        if not count_here:
+            self._count(idx, ctx.valid_bt)
         x = proj[:, e:e + d_e] if latent else h_nd  # the routed experts' input
-        up_t, down_t = self.experts.transposed()
+        up_p, down_p = self.experts.packed()
         buf = h_nd.new_empty(n, d_e + i_s)  # [routed sum | relu^2(shared up)]
-        lib.moe_experts(p(x), p(idx), p(w), p(up_t), p(down_t), p(buf), p(proj[:, proj.shape[1] - i_s:]) if shared else None,
+        lib.moe_experts(p(x), p(idx), p(w), p(up_p), p(down_p), p(buf), p(proj[:, proj.shape[1] - i_s:]) if shared else None,
                         n, k, e, d_e, cfg.moe_intermediate_size, x.stride(0), buf.stride(0), proj.stride(0), i_s)
         if latent:
             return F.linear(buf, w_out)  # fc2_latent_proj and the shared down-projection in one matmul

@@ -3,8 +3,10 @@
 The decode step of a small model on a CPU is dominated by per-op overhead and by passes over the
 Mamba state, not by arithmetic.  ``decode.c`` fuses each of those stretches into one call:
 
-* ``mamba_step``: conv-window shift, depthwise conv, SiLU, dt softplus/clamp, the SSM state update
-  and read-out in one pass over the fp32 state, the D skip, the SiLU gate and the grouped RMS norm;
+* ``mamba_scan``: the Mamba-2 mixer between its projections for the new tokens of every row (one in
+  a decode step, a turn's worth in a cache extension): conv window, depthwise conv, SiLU, dt
+  softplus/clamp, the SSM recurrence with the state in fp32, the D skip, the SiLU gate and the
+  grouped RMS norm;
 * ``moe_route`` / ``moe_experts``: the sigmoid router with selection bias, top-k, renormalisation and
   scaling, then every routed expert as one small GEMM over its own tokens (no padding, no gathers).
 
@@ -39,7 +41,7 @@ _failed: str | None = None
 _F = ctypes.c_void_p  # float* / long* (data pointers)
 MAX_EXPERTS = 4096  # as in decode.c
 _SIGNATURES = {
-    "mamba_step": [_F] * 11 + [ctypes.c_int] * 8 + [ctypes.c_float] * 2,
+    "mamba_scan": [_F] * 12 + [ctypes.c_int] * 9 + [ctypes.c_float] * 2,
     "moe_route": [_F] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float],
     "moe_experts": [_F] * 7 + [ctypes.c_int] * 9,
     "add_rms_norm": [_F] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float],

@@ -80,86 +80,101 @@ static inline float dot(const float *a, const float *b, int n) {
     return s;
 }
 
-/* One Mamba-2 decode step for B rows.
+/* The Mamba-2 mixer between its projections for B rows of T new tokens (decode: T = 1; cache
+ * extension: the new tokens of each row, right-padded to T), continuing from the cached conv window
+ * and SSM state.  The recurrence runs token by token (on a CPU it is cheaper than the chunked scan:
+ * each head's [P, N] state stays in L1 across the row's tokens).
  *
- * proj      [B, 2*Di + 2*G*N + H]  in_proj output: z | x B C (conv input) | dt_raw; row stride `stride`
- * conv      [B, K-1, Cc]           last K-1 conv inputs (updated in place), Cc = Di + 2*G*N
+ * proj      [B, T, 2*Di + 2*G*N + H]  in_proj output: z | x B C (conv input) | dt_raw; token stride
+ *                                    `stride`, row stride T * stride
+ * n_new     long [B] or NULL        valid tokens per row (NULL: all T); padding leaves the state alone
+ *                                    and gets zero output
+ * conv      [B, K-1, Cc]            last K-1 conv inputs (updated in place), Cc = Di + 2*G*N
  * conv_w    [K, Cc], conv_b [Cc]
  * dt_bias, A (= -exp(A_log)), D: [H]
- * norm_w    [Di]                   gated RMS norm weight, groups of `group` channels
- * state     [B, H, P, N]           fp32 SSM state (updated in place)
- * out       [B, Di]                normed, gated output (input of out_proj)
- * scratch   [B, Cc]                workspace
+ * norm_w    [Di]                    gated RMS norm weight, groups of `group` channels
+ * state     [B, H, P, N]            fp32 SSM state (updated in place)
+ * out       [B, T, Di]              normed, gated output (input of out_proj)
+ * scratch   [B, T + K - 1, Cc]      workspace
  */
-void mamba_step(const float *proj, float *conv, const float *conv_w, const float *conv_b,
+void mamba_scan(const float *proj, const int64_t *n_new, float *conv, const float *conv_w, const float *conv_b,
                 const float *dt_bias, const float *A, const float *D, const float *norm_w,
                 float *state, float *out, float *scratch,
-                int B, int K, int H, int P, int G, int N, int group, int stride,
+                int B, int T, int K, int H, int P, int G, int N, int group, int stride,
                 float dt_min, float eps) {
     const int Di = H * P, GN = G * N, Cc = Di + 2 * GN, R = H / G;
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < B; b++) {
-        const float *z = proj + (int64_t)b * stride;
-        const float *xbc = z + Di;
-        const float *dt_raw = xbc + Cc;
+        const int nb = n_new == NULL ? T : (int)n_new[b];
+        const float *row = proj + (int64_t)b * T * stride;
         float *win = conv + (int64_t)b * (K - 1) * Cc;
-        float *u = scratch + (int64_t)b * Cc;  /* conv output after SiLU: x | B | C */
-        for (int c = 0; c < Cc; c++) {
-            float acc = conv_b[c];
-            for (int j = 0; j < K - 1; j++) acc += win[j * Cc + c] * conv_w[j * Cc + c];
-            u[c] = acc + xbc[c] * conv_w[(K - 1) * Cc + c];
+        /* xp: the K-1 cached inputs, then the row's new conv inputs; u: conv output after SiLU */
+        float *xp = scratch + (int64_t)b * (T + K - 1) * Cc;
+        memcpy(xp, win, sizeof(float) * (size_t)(K - 1) * Cc);
+        for (int t = 0; t < nb; t++) memcpy(xp + (int64_t)(K - 1 + t) * Cc, row + (int64_t)t * stride + Di, sizeof(float) * Cc);
+        memcpy(win, xp + (int64_t)nb * Cc, sizeof(float) * (size_t)(K - 1) * Cc);
+        float *y = out + (int64_t)b * T * Di;
+        memset(y + (int64_t)nb * Di, 0, sizeof(float) * (size_t)(T - nb) * Di);
+        /* conv over time, in place: output t only reads inputs t..t+K-1, so write it over input t */
+        for (int t = 0; t < nb; t++) {
+            float *u = xp + (int64_t)t * Cc;
+            for (int c = 0; c < Cc; c++) {
+                float acc = conv_b[c];
+                for (int j = 0; j < K; j++) acc += u[(int64_t)j * Cc + c] * conv_w[j * Cc + c];
+                u[c] = acc;
+            }
+            silu_inplace(u, Cc);
         }
-        silu_inplace(u, Cc);
-        if (K > 1) {
-            memmove(win, win + Cc, sizeof(float) * (size_t)(K - 2) * Cc);
-            memcpy(win + (K - 2) * Cc, xbc, sizeof(float) * Cc);
-        }
-        const float *x = u, *Bm = u + Di, *Cm = u + Di + GN;
-        float *y = out + (int64_t)b * Di;
         for (int h = 0; h < H; h++) {
-            float dt = softplus(dt_raw[h] + dt_bias[h]);
-            if (dt_min > 0.0f && dt < dt_min) dt = dt_min;
-            const float dA = expf(dt * A[h]);
-            const float *Bg = Bm + (h / R) * N, *Cg = Cm + (h / R) * N;
-            float *s = state + (((int64_t)b * H + h) * P) * N;
-            for (int p = 0; p < P; p++, s += N) {
-                const float xv = x[h * P + p], xdt = xv * dt;
-                float yv;
-                int n = 0;
-                if (N % 8 == 0) {
-                    v8f acc = {0};
-                    for (; n < N; n += 8) {
-                        v8f sv = load8(s + n) * dA + xdt * load8(Bg + n);
-                        store8(s + n, sv);
-                        acc += sv * load8(Cg + n);
+            const float *Bh = xp + Di + (h / R) * N, *Ch = xp + Di + GN + (h / R) * N;
+            float *s0 = state + (((int64_t)b * H + h) * P) * N;
+            for (int t = 0; t < nb; t++) {
+                const float *x = xp + (int64_t)t * Cc + h * P, *Bg = Bh + (int64_t)t * Cc, *Cg = Ch + (int64_t)t * Cc;
+                float dt = softplus(row[(int64_t)t * stride + Di + Cc + h] + dt_bias[h]);
+                if (dt_min > 0.0f && dt < dt_min) dt = dt_min;
+                const float dA = expf(dt * A[h]);
+                float *yt = y + (int64_t)t * Di + h * P, *s = s0;
+                for (int p = 0; p < P; p++, s += N) {
+                    const float xv = x[p], xdt = xv * dt;
+                    float yv;
+                    int n = 0;
+                    if (N % 8 == 0) {
+                        v8f acc = {0};
+                        for (; n < N; n += 8) {
+                            v8f sv = load8(s + n) * dA + xdt * load8(Bg + n);
+                            store8(s + n, sv);
+                            acc += sv * load8(Cg + n);
+                        }
+                        yv = hsum8(acc);
+                    } else {
+                        yv = 0.0f;
+                        for (; n < N; n++) {
+                            s[n] = s[n] * dA + xdt * Bg[n];
+                            yv += s[n] * Cg[n];
+                        }
                     }
-                    yv = hsum8(acc);
-                } else {
-                    yv = 0.0f;
-                    for (; n < N; n++) {
-                        s[n] = s[n] * dA + xdt * Bg[n];
-                        yv += s[n] * Cg[n];
-                    }
+                    yt[p] = yv + D[h] * xv;
                 }
-                y[h * P + p] = yv + D[h] * xv;
             }
         }
-        float *gate = u; /* x | B | C are consumed: reuse the row's scratch for silu(z) */
-        memcpy(gate, z, sizeof(float) * Di);
-        silu_inplace(gate, Di);
-        for (int c = 0; c < Di; c++) y[c] *= gate[c];
-        for (int g0 = 0; g0 < Di; g0 += group) {
-            float ss = 0.0f;
-            for (int c = g0; c < g0 + group; c++) ss += y[c] * y[c];
-            const float inv = 1.0f / sqrtf(ss / (float)group + eps);
-            for (int c = g0; c < g0 + group; c++) y[c] = y[c] * inv * norm_w[c];
+        for (int t = 0; t < nb; t++) {
+            float *yt = y + (int64_t)t * Di, *gate = xp + (int64_t)t * Cc; /* x | B | C are consumed */
+            memcpy(gate, row + (int64_t)t * stride, sizeof(float) * Di);
+            silu_inplace(gate, Di);
+            for (int c = 0; c < Di; c++) yt[c] *= gate[c];
+            for (int g0 = 0; g0 < Di; g0 += group) {
+                float ss = 0.0f;
+                for (int c = g0; c < g0 + group; c++) ss += yt[c] * yt[c];
+                const float inv = 1.0f / sqrtf(ss / (float)group + eps);
+                for (int c = g0; c < g0 + group; c++) yt[c] = yt[c] * inv * norm_w[c];
+            }
         }
     }
 }
 
 /* Router: sigmoid scores from logits [N, E] (row stride logits_stride); top-k of score + bias (largest first, lower id on ties);
  * weights = chosen scores, renormalised when norm_topk, times scaling.  idx: long [N, k].
- * load [E] (the MoE layer's balance counter) gets +1 per chosen expert. */
+ * load [E] (the MoE layer's balance counter), unless NULL, gets +1 per chosen expert. */
 void moe_route(const float *logits, const float *bias, int64_t *idx, float *w, float *load,
                int N, int E, int k, int norm_topk, int logits_stride, float scaling) {
     for (int n = 0; n < N; n++) {
@@ -178,7 +193,7 @@ void moe_route(const float *logits, const float *bias, int64_t *idx, float *w, f
             if (best < 0) best = 0;
             key[best] = -INFINITY;
             idx[(int64_t)n * k + j] = best;
-            load[best] += 1.0f;
+            if (load != NULL) load[best] += 1.0f;
             w[(int64_t)n * k + j] = score[best];
             total += score[best];
         }
@@ -190,24 +205,27 @@ void moe_route(const float *logits, const float *bias, int64_t *idx, float *w, f
     }
 }
 
-/* C[m, n] = A[m, K] @ Bt[K, n] (Bt row-major: row k holds n outputs), then relu^2 when act.
- * Column panels of 16 outer (the panel of Bt stays in L1 across row blocks), blocks of 6 rows inner:
- * 12 accumulator vectors, 2 loads of Bt and 6 broadcasts per k. */
+/* C[m, n] = A[m, K] @ B[K, n], then relu^2 when act.  A rows have stride lda, C rows ldc.  B comes
+ * packed in panels of 16 columns, each panel contiguous [K][16] (zero columns pad n up to a multiple of
+ * 16), so that the weights stream sequentially.  Blocks of 6 rows x 16 columns: 12 accumulator
+ * vectors, 2 loads of B and 6 broadcasts of A per k. */
 static inline v8f relu2_8(v8f v) {
     const v8i pos = v > 0.0f;
     return select8(pos, v * v, v * 0.0f);
 }
 
-static void gemm_rows(const float *A, int m, int K, const float *Bt, int n, float *C, int act) {
-    int c = 0;
-    for (; c + 16 <= n; c += 16) {
+static void gemm_packed(const float *A, int m, int K, int lda, const float *Bp, int n, float *C, int ldc, int act) {
+    const int panels = (n + 15) / 16;
+    for (int j = 0; j < panels; j++) {
+        const float *Bj = Bp + (int64_t)j * K * 16;
+        const int c = 16 * j, nc = n - c < 16 ? n - c : 16;
         for (int r0 = 0; r0 < m; r0 += 6) {
             const int mr = m - r0 < 6 ? m - r0 : 6;
             const float *a[6];
-            for (int r = 0; r < 6; r++) a[r] = A + (int64_t)(r0 + (r < mr ? r : 0)) * K;
+            for (int r = 0; r < 6; r++) a[r] = A + (int64_t)(r0 + (r < mr ? r : 0)) * lda;
             v8f acc[6][2] = {{{0}}};
             for (int kk = 0; kk < K; kk++) {
-                const v8f b0 = load8(Bt + (int64_t)kk * n + c), b1 = load8(Bt + (int64_t)kk * n + c + 8);
+                const v8f b0 = load8(Bj + (int64_t)kk * 16), b1 = load8(Bj + (int64_t)kk * 16 + 8);
                 for (int r = 0; r < 6; r++) {
                     const float av = a[r][kk];
                     acc[r][0] += av * b0;
@@ -215,17 +233,15 @@ static void gemm_rows(const float *A, int m, int K, const float *Bt, int n, floa
                 }
             }
             for (int r = 0; r < mr; r++) {
-                store8(C + (int64_t)(r0 + r) * n + c, act ? relu2_8(acc[r][0]) : acc[r][0]);
-                store8(C + (int64_t)(r0 + r) * n + c + 8, act ? relu2_8(acc[r][1]) : acc[r][1]);
+                float *cr = C + (int64_t)(r0 + r) * ldc + c;
+                const v8f o0 = act ? relu2_8(acc[r][0]) : acc[r][0], o1 = act ? relu2_8(acc[r][1]) : acc[r][1];
+                if (nc == 16) {
+                    store8(cr, o0);
+                    store8(cr + 8, o1);
+                } else {
+                    for (int l = 0; l < nc; l++) cr[l] = l < 8 ? o0[l] : o1[l - 8];
+                }
             }
-        }
-    }
-    for (; c < n; c++) {
-        for (int r = 0; r < m; r++) {
-            float acc = 0.0f;
-            for (int kk = 0; kk < K; kk++) acc += A[(int64_t)r * K + kk] * Bt[(int64_t)kk * n + c];
-            if (act) acc = acc > 0.0f ? acc * acc : 0.0f;
-            C[(int64_t)r * n + c] = acc;
         }
     }
 }
@@ -233,13 +249,14 @@ static void gemm_rows(const float *A, int m, int K, const float *Bt, int n, floa
 /* Routed experts for N tokens: out[t] = sum_j w[t, j] * down(relu^2(up(x[t]))) of expert idx[t, j].
  * With `shared` (row stride shared_stride, Is values), out[t, De:De+Is] = relu^2(shared[t]) as well, so
  * that one matmul can apply the latent and shared down-projections together.
- * x [N, De] (row stride x_stride); out rows of stride out_stride; idx long [N, k]; w [N, k]; up_t [E, De, I]; down_t [E, I, De]; out [N, De].
+ * x [N, De] (row stride x_stride); out rows of stride out_stride; idx long [N, k]; w [N, k];
+ * up_p, down_p: each expert's up^T [De, I] and down^T [I, De] packed as gemm_packed takes them.
  * Each expert runs one GEMM pair over exactly its own tokens (counting sort; no padding); the
  * weighted sum over a token's k slots is taken in slot order. */
-void moe_experts(const float *x, const int64_t *idx, const float *w, const float *up_t,
-                 const float *down_t, float *out, const float *shared, int N, int k, int E, int De, int I,
+void moe_experts(const float *x, const int64_t *idx, const float *w, const float *up_p,
+                 const float *down_p, float *out, const float *shared, int N, int k, int E, int De, int I,
                  int x_stride, int out_stride, int shared_stride, int Is) {
-    const int NK = N * k;
+    const int NK = N * k, Ip = (I + 15) / 16 * 16, Dp = (De + 15) / 16 * 16;
     int *count = calloc((size_t)E + 1, sizeof(int));
     int *start = calloc((size_t)E + 1, sizeof(int));
     int *pairs = malloc(sizeof(int) * (size_t)NK);  /* pair ids sorted by expert */
@@ -264,8 +281,8 @@ void moe_experts(const float *x, const int64_t *idx, const float *w, const float
             if (ne == 0) continue;
             for (int r = 0; r < ne; r++)
                 memcpy(xs + (int64_t)r * De, x + (int64_t)(pairs[start[e] + r] / k) * x_stride, sizeof(float) * De);
-            gemm_rows(xs, ne, De, up_t + (int64_t)e * De * I, I, hid, 1);
-            gemm_rows(hid, ne, I, down_t + (int64_t)e * I * De, De, ys, 0);
+            gemm_packed(xs, ne, De, De, up_p + (int64_t)e * De * Ip, I, hid, I, 1);
+            gemm_packed(hid, ne, I, I, down_p + (int64_t)e * I * Dp, De, ys, De, 0);
             for (int r = 0; r < ne; r++)
                 memcpy(ypair + (int64_t)pairs[start[e] + r] * De, ys + (int64_t)r * De, sizeof(float) * De);
         }
