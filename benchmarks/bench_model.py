@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     train = interleaved({
         "ours": train_step_fn(ours, lambda m, x: m(x).logits, train_ids),
         "transformers": train_step_fn(theirs, lambda m, x: m(input_ids=x).logits, train_ids),
-    }, rounds=1 if args.quick else 3)
+    }, rounds=1 if args.quick else 5)
     ours.eval()
     theirs.eval()
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=cfg.pad_token_id)
         outputs["transformers"] = out[:, prompt_len:]
 
-    decode = interleaved({"ours": ours_decode, "transformers": hf_decode}, rounds=1 if args.quick else 2)
+    decode = interleaved({"ours": ours_decode, "transformers": hf_decode}, rounds=1 if args.quick else 4)
     same = float((outputs["ours"] == outputs["transformers"]).float().mean())
 
     def side(train_s, decode_s):

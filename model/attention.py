@@ -45,8 +45,6 @@ class Attention(nn.Module):
 
     def forward(self, h_btd, ctx, layer_idx: int):
         b, t, _ = h_btd.shape
-        if ctx.fused:
-            return self._step_fused(h_btd[:, 0], ctx.cache, layer_idx, ctx.start_b)[:, None]
         q = self.q_proj(h_btd).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B,H,T,Dh]
         k = self.k_proj(h_btd).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,T,Dh]
         v = self.v_proj(h_btd).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -61,17 +59,7 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=ctx.kv_mask, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1).to(h_btd.dtype))
 
-    def _step_fused(self, h_bd, cache, layer_idx, lengths_b):
-        """One decode step through model/kernels (CPU fp32): q, k and v in one matmul, then one kernel call
-        writes the new k, v at each row's position and attends over the row's keys."""
-        w_qkv = kernels.derived(self, "qkv", (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),
-                                lambda: torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
-        qkv = F.linear(h_bd, w_qkv)
-        kbuf, vbuf = cache.k[layer_idx], cache.v[layer_idx]
-        b, cap = h_bd.shape[0], kbuf.shape[2]
-        out = h_bd.new_empty(b, self.heads * self.head_dim)
-        scores = h_bd.new_empty(b, self.heads, cap)
-        p = kernels.ptr
-        kernels.library().attn_step(p(qkv), p(kbuf), p(vbuf), p(lengths_b.contiguous()), p(out), p(scores),
-                                    b, self.heads, self.kv_heads, self.head_dim, cap, qkv.stride(0))
-        return self.o_proj(out)
+    def qkv_weight(self):
+        """[q; k; v] projection weights in one matrix, kept while unchanged."""
+        return kernels.derived(self, "qkv", (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),
+                               lambda: torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))

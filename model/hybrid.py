@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import fused, kernels
 from .attention import Attention
 from .cache import HybridCache, cache_bytes
 from .config import HybridConfig
@@ -53,9 +53,8 @@ class _Ctx:
     """What the mixers need to know about the current call besides their input."""
 
     def __init__(self, mode, moe_slot, cache=None, seg_bt=None, valid_bt=None, n_new_b=None, start_b=None,
-                 kv_mask=None, kv_used=0, replay=None, record=False, fused=False):
+                 kv_mask=None, kv_used=0, replay=None, record=False):
         self.mode, self.moe_slot, self.cache = mode, moe_slot, cache
-        self.fused = fused  # decode step through model/kernels (checked once for all layers)
         self.seg_bt, self.valid_bt, self.n_new_b, self.start_b = seg_bt, valid_bt, n_new_b, start_b
         self.kv_mask, self.kv_used = kv_mask, kv_used
         self.replay = replay  # [N, n_moe, k] or None
@@ -247,10 +246,14 @@ class HybridLM(nn.Module):
         used = int(start.max()) + 1
         cache.reserve(used)
         h = self.backbone.embeddings(ids)
-        if kernels.usable(h, self.lm_head.weight, *cache.tensors()):  # once per step, not per layer
-            ctx = _Ctx("step", self._moe_slot, cache=cache, start_b=start, kv_used=used, record=record_routing,
-                       fused=True)
-            h = self._layers_step_fused(h, ctx)
+        if kernels.usable(h, self.lm_head.weight, *cache.tensors()) and fused.available():
+            # every layer in one kernel call (model/fused.py); same arithmetic as the path below
+            ctx = _Ctx("step", self._moe_slot, record=record_routing)
+            if self.__dict__.get("_program") is None:  # not a submodule: kept out of state_dict and .to()
+                self.__dict__["_program"] = fused.DecodeProgram(self)
+            h, routes = self._program.run(h, cache, record_routing)
+            if record_routing:
+                ctx.recorded = dict(enumerate(routes))
         else:
             kv_mask = (torch.arange(used, device=ids.device) <= start[:, None])[:, None, None]  # [B,1,1,used]
             ctx = _Ctx("step", self._moe_slot, cache=cache, start_b=start, kv_mask=kv_mask, kv_used=used,
@@ -262,21 +265,6 @@ class HybridLM(nn.Module):
         if record_routing:
             return logits, ctx.routed((cache.batch_size,))
         return logits
-
-    def _layers_step_fused(self, h_bd, ctx):
-        """The layers of ``decode_step`` with each residual add and the next pre-norm fused into one kernel
-        call (model/kernels, CPU fp32).  Returns the final normed hidden state [B, D]."""
-        lib, p = kernels.library(), kernels.ptr
-        layers = self.backbone.layers
-        norms = [block.norm for block in layers] + [self.backbone.norm_f]
-        b, d = h_bd.shape
-        x = torch.empty_like(h_bd)
-        lib.add_rms_norm(p(h_bd), None, p(norms[0].weight), p(x), b, d, norms[0].eps)
-        for i, block in enumerate(layers):
-            delta = block.mixer(x[:, None], ctx, i).contiguous()
-            x = torch.empty_like(h_bd)  # the mixer may keep a view of the previous input
-            lib.add_rms_norm(p(h_bd), p(delta), p(norms[i + 1].weight), p(x), b, d, norms[i + 1].eps)
-        return x
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,

@@ -165,6 +165,10 @@ def causal_conv(x_btc, weight_kc, bias_c, prefix_bkc=None, seg_bt=None):
 
     One fused multiply-add per tap (cheaper forward and backward than conv1d with its layout copies).
     With ``seg_bt`` an output only sums inputs of its own segment (a document restarts its window)."""
+    if prefix_bkc is None and torch.is_grad_enabled():  # training: hand-written backward, same values
+        from .train_ops import causal_conv_train
+
+        return causal_conv_train(x_btc, weight_kc, bias_c, seg_bt)
     b, t, c = x_btc.shape
     k = weight_kc.shape[0]
     if prefix_bkc is None:
@@ -273,8 +277,6 @@ class Mamba2Mixer(nn.Module):
 
     def _step(self, h_b1d, ctx, layer_idx):
         b, cache = h_b1d.shape[0], ctx.cache
-        if ctx.fused:
-            return self.out_proj(self._scan_fused(self.in_proj(h_b1d), cache, layer_idx, None))
         z, xbc, dt_raw = self._split(self.in_proj(h_b1d[:, 0]))
         conv_state = cache.conv[layer_idx]  # [B,K-1,C]
         w_kc = self.conv1d.weight_kc().contiguous()  # [K,C]; the strided view makes every tap slow
@@ -293,12 +295,17 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(h_b1d.dtype))[:, None]
 
 
-    def _scan_fused(self, proj_bti, cache, layer_idx, n_new_b):
-        """Everything between the projections for the new tokens of each row (a decode step or a cache
-        extension), continuing the cached conv window and SSM state: one kernel call (model/kernels,
-        CPU fp32, no autograd).  ``n_new_b``: valid tokens per row (None: all).  Returns [B, T, d_inner]."""
-        conv_w, a = kernels.derived(self, "scan", (self.conv1d.weight, self.A_log), lambda: (
+    def scan_weights(self):
+        """(conv weight [K, C] contiguous, A = -exp(A_log)) for the kernels, kept while unchanged."""
+        return kernels.derived(self, "scan", (self.conv1d.weight, self.A_log), lambda: (
             self.conv1d.weight_kc().contiguous(), -torch.exp(self.A_log.float())))
+
+    def _scan_fused(self, proj_bti, cache, layer_idx, n_new_b):
+        """Everything between the projections for the new tokens of each row of a cache extension,
+        continuing the cached conv window and SSM state: one kernel call (model/kernels, CPU fp32, no
+        autograd; decode steps run the same kernel from model/fused.py).  ``n_new_b``: valid tokens per
+        row (None: all).  Returns [B, T, d_inner]."""
+        conv_w, a = self.scan_weights()
         (b, t, _), cfg = proj_bti.shape, self.cfg
         out = proj_bti.new_empty(b, t, self.d_inner)
         scratch = proj_bti.new_empty(b, t + cfg.conv_kernel - 1, self.conv_dim)

@@ -89,6 +89,10 @@ def dispatch_grouped(x_nd, idx_nk, w_nk, up_eid, down_edi, transposed=None, coun
                 transposed = (up_eid.transpose(1, 2), down_edi.transpose(1, 2))
             ys = _padded_experts(x_nd, flat, cap, *transposed)
             return torch.bmm(w_nk[:, None, :], ys.view(n, k, -1).float())[:, 0]
+    if torch.is_grad_enabled():  # training: one autograd Function, gradients straight into [E, ...] buffers
+        from .train_ops import grouped_experts
+
+        return grouped_experts(x_nd, idx_nk, w_nk, up_eid, down_edi, counts)
     order = torch.argsort(flat, stable=True)  # pairs sorted by expert
     xs = x_nd.index_select(0, order // k)  # [N*k, D] rows in expert order
     parts = [F.linear(relu2(F.linear(chunk, up_eid[e])), down_edi[e])
@@ -174,8 +178,8 @@ class MoE(nn.Module):
         shape = h_btd.shape
         h = h_btd.reshape(-1, shape[-1])
         replay = ctx.replay_for(layer_idx)
-        if replay is None and (ctx.fused or ctx.mode == "extend" and kernels.usable(
-                h, self.gate.weight, self.experts.up_proj, self.expert_load)):
+        if replay is None and ctx.mode == "extend" and kernels.usable(h, self.gate.weight, self.experts.up_proj,
+                                                                      self.expert_load):
             return self._forward_fused(h, ctx, layer_idx).view(shape)
         idx, w = route(h, self.gate.weight, self.gate.e_score_correction_bias, self.cfg.num_experts_per_tok,
                        self.cfg.routed_scaling_factor, self.cfg.norm_topk_prob, replay)
@@ -193,15 +197,15 @@ class MoE(nn.Module):
         return y.view(shape)
 
     def _forward_fused(self, h_nd, ctx, layer_idx):
-        """Decode steps and cache extension through model/kernels (CPU fp32, no autograd): one matmul for
-        the router, latent and shared up-projections, two kernel calls for the router (with the load
-        count) and all routed experts at their exact sizes, one matmul for the latent and shared
-        down-projections together."""
+        """Cache extension through model/kernels (CPU fp32, no autograd; decode steps run the same kernels
+        from model/fused.py): one matmul for the router, latent and shared up-projections, two kernel
+        calls for the router (with the load count) and all routed experts at their exact sizes, one
+        matmul for the latent and shared down-projections together."""
         cfg = self.cfg
         n, e, k = h_nd.shape[0], cfg.n_routed_experts, cfg.num_experts_per_tok
         latent, shared = cfg.moe_latent_size is not None, bool(cfg.n_shared_experts)
         d_e, i_s = cfg.moe_expert_dim, (cfg.moe_shared_expert_intermediate_size if shared else 0)
-        w_in, w_out = kernels.derived(self, "step", self._step_params(), self._step_weights)
+        w_in, w_out = self.step_weights()
         proj = F.linear(h_nd, w_in)  # [N, E | latent | shared up]
         idx = torch.empty(n, k, dtype=torch.long)
         w = torch.empty(n, k)
@@ -222,6 +226,11 @@ class MoE(nn.Module):
             return F.linear(buf, w_out)  # fc2_latent_proj and the shared down-projection in one matmul
         y = buf[:, :d_e]
         return y + self.shared_experts.down_proj(buf[:, d_e:]) if shared else y.contiguous()
+
+    def step_weights(self):
+        """(input weights [E + latent + shared, D], output weights [D, latent + shared] or None), kept
+        while the parameters are unchanged."""
+        return kernels.derived(self, "step", self._step_params(), self._step_weights)
 
     def _step_params(self):
         params = [self.gate.weight]

@@ -46,7 +46,11 @@ _SIGNATURES = {
     "moe_experts": [_F] * 7 + [ctypes.c_int] * 9,
     "add_rms_norm": [_F] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float],
     "attn_step": [_F] * 6 + [ctypes.c_int] * 6,
+    "set_sgemm": [_F],
+    "decode_work_size": [ctypes.c_int, _F, _F, ctypes.c_int, ctypes.c_int],
+    "decode_layers": [ctypes.c_int] + [_F] * 9 + [ctypes.c_int] * 2,
 }
+_RESULTS = {"decode_work_size": ctypes.c_int64}
 
 
 def enabled() -> bool:
@@ -80,7 +84,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(out))
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, _RESULTS.get(name)
     return lib
 
 
@@ -125,3 +129,4 @@ def derived(owner, name: str, params, make):
             cached = (key, make())
         owner.__dict__["_derived_" + name] = cached
     return cached[1]
+

@@ -364,3 +364,126 @@ void attn_step(const float *qkv, float *kbuf, float *vbuf, const int64_t *len, f
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The whole decode step's layer stack in one call.  Python builds the program once per model (and
+ * again when a weight changes): per layer a kind and fixed-size slots of pointers, ints and floats
+ * (layouts below, mirrored in __init__.py).  Dense projections use MKL's SGEMM, whose address
+ * Python passes in from the torch library already loaded (set_sgemm), so the arithmetic is the one
+ * torch's own linear layers use.
+ * --------------------------------------------------------------------------------------------- */
+typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *, const float *,
+                        const float *, const int *, const float *, const int *, const float *, float *, const int *);
+static sgemm_t sgemm_fn = NULL;
+
+void set_sgemm(void *fn) { sgemm_fn = (sgemm_t)fn; }
+
+/* C[M, N] = A[M, K] (row stride lda) @ W[N, K]^T, rows of C with stride ldc (row-major, torch's
+ * Linear layout for W): column-major SGEMM computing C^T = W . A^T. */
+static void linear_rm(const float *A, int M, int K, int lda, const float *W, int N, float *C, int ldc) {
+    const char t = 'T', n = 'N';
+    const float one = 1.0f, zero = 0.0f;
+    sgemm_fn(&t, &n, &N, &M, &K, &one, W, &K, A, &lda, &zero, C, &ldc);
+}
+
+enum { SLOT_P = 16, SLOT_I = 12, SLOT_F = 4 };
+enum { KIND_MAMBA = 0, KIND_MOE = 1, KIND_ATTN = 2, KIND_MLP = 3 };
+
+/* Workspace floats one layer needs for B rows (Python sizes the buffer with the same formula). */
+static int64_t layer_work(int kind, const int *I, int B, int D) {
+    switch (kind) {
+    case KIND_MAMBA: {  /* K H P G N group in_dim */
+        const int64_t Di = (int64_t)I[1] * I[2], Cc = Di + 2 * (int64_t)I[3] * I[4];
+        return B * ((int64_t)I[6] + (int64_t)I[0] * Cc + Di + D);
+    }
+    case KIND_MOE: {  /* E k De I Is latent norm_topk: idx (2 floats each), weights, proj, buf, delta */
+        return B * (3 * (int64_t)I[1] + I[0] + (I[5] ? I[2] : 0) + I[4] + I[2] + I[4] + D);
+    }
+    case KIND_ATTN: {  /* Hq Hkv Dh cap */
+        return B * ((int64_t)(I[0] + 2 * I[1]) * I[2] + (int64_t)I[0] * I[2] + (int64_t)I[0] * I[3] + D);
+    }
+    default:  /* MLP: intermediate */
+        return B * ((int64_t)I[0] + D);
+    }
+}
+
+int64_t decode_work_size(int L, const int *kinds, const int *ints, int B, int D) {
+    int64_t most = 0;
+    for (int l = 0; l < L; l++) {
+        const int64_t w = layer_work(kinds[l], ints + (int64_t)l * SLOT_I, B, D);
+        most = w > most ? w : most;
+    }
+    return most;
+}
+
+/* h [B, D]: residual stream (updated); x [B, D]: the first layer's normed input, on return the final
+ * normed hidden state; len long [B]: tokens in the cache before this one; routes long
+ * [n_moe, B, k] or NULL (experts chosen per MoE layer); work: decode_work_size floats. */
+void decode_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h, float *x,
+                   float *work, const int64_t *len, int64_t *routes, int B, int D) {
+    int moe_slot = 0;
+    for (int l = 0; l < L; l++) {
+        void *const *P = ptrs + (int64_t)l * SLOT_P;
+        const int *I = ints + (int64_t)l * SLOT_I;
+        const float *F = fls + (int64_t)l * SLOT_F;
+        float *delta = NULL;
+        switch (kinds[l]) {
+        case KIND_MAMBA: {
+            const int K = I[0], H = I[1], Pd = I[2], G = I[3], N = I[4], group = I[5], in_dim = I[6];
+            const int Di = H * Pd, Cc = Di + 2 * G * N;
+            float *proj = work, *scratch = proj + (int64_t)B * in_dim, *y = scratch + (int64_t)B * K * Cc;
+            delta = y + (int64_t)B * Di;
+            linear_rm(x, B, D, D, P[0], in_dim, proj, in_dim);
+            mamba_scan(proj, NULL, P[8], P[2], P[3], P[4], P[5], P[6], P[7], P[9], y, scratch,
+                       B, 1, K, H, Pd, G, N, group, in_dim, F[0], F[1]);
+            linear_rm(y, B, Di, Di, P[1], D, delta, D);
+            break;
+        }
+        case KIND_MOE: {
+            const int E = I[0], k = I[1], De = I[2], Ie = I[3], Is = I[4], latent = I[5];
+            const int in_dim = E + (latent ? De : 0) + Is;
+            int64_t *idx = (int64_t *)work;  /* first: 8-byte aligned */
+            float *wts = (float *)(idx + (int64_t)B * k), *proj = wts + (int64_t)B * k;
+            float *buf = proj + (int64_t)B * in_dim;
+            delta = buf + (int64_t)B * (De + Is);
+            linear_rm(x, B, D, D, P[0], in_dim, proj, in_dim);
+            moe_route(proj, P[3], idx, wts, P[4], B, E, k, I[6], in_dim, F[0]);
+            if (routes != NULL) memcpy(routes + (int64_t)moe_slot * B * k, idx, sizeof(int64_t) * (size_t)B * k);
+            moe_slot++;
+            moe_experts(latent ? proj + E : x, idx, wts, P[5], P[6], buf, Is ? proj + in_dim - Is : NULL,
+                        B, k, E, De, Ie, latent ? in_dim : D, De + Is, in_dim, Is);
+            if (latent) {
+                linear_rm(buf, B, De + Is, De + Is, P[1], D, delta, D);  /* [fc2_latent | shared down] */
+            } else {
+                /* routed sum in D space; + shared down-projection of relu^2(shared up) */
+                if (Is) {
+                    linear_rm(buf + De, B, Is, De + Is, P[2], D, delta, D);
+                    for (int64_t i = 0; i < B; i++)
+                        for (int d = 0; d < D; d++) delta[i * D + d] += buf[i * (De + Is) + d];
+                } else {
+                    for (int64_t i = 0; i < B; i++) memcpy(delta + i * D, buf + i * (De + Is), sizeof(float) * D);
+                }
+            }
+            break;
+        }
+        case KIND_ATTN: {
+            const int Hq = I[0], Hkv = I[1], Dh = I[2], cap = I[3], qkv_dim = (Hq + 2 * Hkv) * Dh;
+            float *qkv = work, *out = qkv + (int64_t)B * qkv_dim, *scores = out + (int64_t)B * Hq * Dh;
+            delta = scores + (int64_t)B * Hq * cap;
+            linear_rm(x, B, D, D, P[0], qkv_dim, qkv, qkv_dim);
+            attn_step(qkv, P[2], P[3], len, out, scores, B, Hq, Hkv, Dh, cap, qkv_dim);
+            linear_rm(out, B, Hq * Dh, Hq * Dh, P[1], D, delta, D);
+            break;
+        }
+        default: {  /* squared-ReLU MLP */
+            const int Im = I[0];
+            float *hid = work;
+            delta = hid + (int64_t)B * Im;
+            linear_rm(x, B, D, D, P[0], Im, hid, Im);
+            for (int64_t i = 0; i < (int64_t)B * Im; i++) hid[i] = hid[i] > 0.0f ? hid[i] * hid[i] : 0.0f;
+            linear_rm(hid, B, Im, Im, P[1], D, delta, D);
+        }
+        }
+        add_rms_norm(h, delta, P[SLOT_P - 1], x, B, D, F[SLOT_F - 1]);
+    }
+}

@@ -1,0 +1,147 @@
+"""The layer stack of ``HybridLM.decode_step`` as one kernel call (model/kernels, CPU fp32).
+
+At decode sizes the per-layer work is a few small matrix products and a pass over the Mamba state, so
+the Python around each layer (module calls, allocations, dispatch) costs as much as the arithmetic.
+``decode_layers`` runs every layer of one step in C: per layer the projections (MKL's SGEMM, the
+routine torch's linear layers call), the fused mixer kernel, the residual add and the next pre-norm.
+
+The program is a per-layer kind plus fixed slots of pointers, ints and floats; the layouts are fixed
+by ``decode_layers`` in decode.c:
+
+  Mamba      ptrs: in_proj, out_proj, conv_w [K,C], conv_b, dt_bias, A, D, gated-norm w, conv state, SSM
+             state; ints: K, H, P, G, N, norm group, in_proj width; floats: dt clamp, gated-norm eps
+  MoE        ptrs: [gate|latent|shared-up] weights, [fc2_latent|shared-down] (latent) , shared down
+             (no latent), selection bias, load counter, packed up, packed down; ints: E, k, expert dim,
+             I, shared I, latent?, norm_topk; floats: routed scaling
+  attention  ptrs: [q|k|v] weights, o_proj, K buffer, V buffer; ints: Hq, Hkv, Dh, capacity
+  MLP        ptrs: up, down; ints: intermediate
+  every layer: pointer slot 15 = the next norm's weight, float slot 3 = its eps.
+
+Pointers are collected anew each step (cache buffers move when they grow; the derived weight copies
+are rebuilt after an optimizer step), which costs microseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from . import kernels
+
+SLOT_P, SLOT_I, SLOT_F = 16, 12, 4
+KINDS = {"M": 0, "E": 1, "*": 2, "-": 3}
+_sgemm = None
+
+
+def sgemm_address() -> int | None:
+    """Address of MKL's Fortran SGEMM inside the loaded torch library (None when this torch has none)."""
+    global _sgemm
+    if _sgemm is None:
+        try:
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+            _sgemm = ctypes.cast(lib.SGEMM, ctypes.c_void_p).value or 0
+        except (OSError, AttributeError):
+            _sgemm = 0
+    return _sgemm or None
+
+
+def available() -> bool:
+    lib = kernels.library()
+    if lib is None or sgemm_address() is None:
+        return False
+    if not getattr(lib, "_sgemm_set", False):
+        lib.set_sgemm(sgemm_address())
+        lib._sgemm_set = True
+    return True
+
+
+class DecodeProgram:
+    """Constant part of the program for one model: kinds, ints, floats (capacity filled in per step)."""
+
+    def __init__(self, model):
+        cfg = model.config
+        self.model = model
+        self.n = len(cfg.layer_pattern)
+        self.kinds = torch.tensor([KINDS[k] for k in cfg.layer_pattern], dtype=torch.int32)
+        self.ints = torch.zeros(self.n, SLOT_I, dtype=torch.int32)
+        self.floats = torch.zeros(self.n, SLOT_F, dtype=torch.float32)
+        norms = [block.norm for block in model.backbone.layers[1:]] + [model.backbone.norm_f]
+        for i, (kind, block) in enumerate(zip(cfg.layer_pattern, model.backbone.layers)):
+            mixer = block.mixer
+            if kind == "M":
+                self.ints[i, :7] = torch.tensor([cfg.conv_kernel, mixer.heads, mixer.head_dim, mixer.groups,
+                                                 mixer.state_size, mixer.norm.group_size, cfg.mamba_in_proj_dim])
+                self.floats[i, :2] = torch.tensor([cfg.time_step_min_clamp, mixer.norm.eps])
+            elif kind == "E":
+                shared = cfg.moe_shared_expert_intermediate_size if cfg.n_shared_experts else 0
+                self.ints[i, :7] = torch.tensor([cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_expert_dim,
+                                                 cfg.moe_intermediate_size, shared, int(cfg.moe_latent_size is not None),
+                                                 int(cfg.norm_topk_prob)])
+                self.floats[i, 0] = cfg.routed_scaling_factor
+            elif kind == "*":
+                self.ints[i, :3] = torch.tensor([mixer.heads, mixer.kv_heads, mixer.head_dim])
+            else:
+                self.ints[i, 0] = cfg.intermediate_size
+            self.floats[i, SLOT_F - 1] = norms[i].eps
+        self.next_norm = [n.weight for n in norms]
+        self.n_moe = cfg.layer_pattern.count("E")
+        self._work = torch.empty(0)
+        self._params = [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
+        self._signature, self._ptrs = None, None
+
+    def pointers(self, cache) -> torch.Tensor:
+        """The pointer slots as an int64 tensor; reused while no weight and no cache buffer has changed."""
+        signature = (tuple((t._version, t.data_ptr()) for t in self._params),
+                     tuple(t.data_ptr() for store in (cache.conv, cache.ssm, cache.k, cache.v) for t in store.values()))
+        if signature != self._signature:
+            self._ptrs = torch.tensor(self._collect(cache), dtype=torch.int64)
+            self._signature = signature
+        return self._ptrs
+
+    def _collect(self, cache) -> list[int]:
+        ptrs = [0] * (self.n * SLOT_P)
+        p = kernels.ptr
+        for i, block in enumerate(self.model.backbone.layers):
+            mixer, base = block.mixer, i * SLOT_P
+            slots: list = []
+            if self.kinds[i] == 0:
+                conv_w, a = mixer.scan_weights()
+                slots = [mixer.in_proj.weight, mixer.out_proj.weight, conv_w, mixer.conv1d.bias, mixer.dt_bias, a,
+                         mixer.D, mixer.norm.weight, cache.conv[i], cache.ssm[i]]
+            elif self.kinds[i] == 1:
+                w_in, w_out = mixer.step_weights()
+                up_p, down_p = mixer.experts.packed()
+                shared_down = (mixer.shared_experts.down_proj.weight
+                               if mixer.cfg.n_shared_experts and w_out is None else None)
+                slots = [w_in, w_out, shared_down, mixer.gate.e_score_correction_bias, mixer.expert_load, up_p, down_p]
+            elif self.kinds[i] == 2:
+                slots = [mixer.qkv_weight(), mixer.o_proj.weight, cache.k[i], cache.v[i]]
+            else:
+                slots = [mixer.up_proj.weight, mixer.down_proj.weight]
+            for j, t in enumerate(slots):
+                ptrs[base + j] = p(t) if t is not None else 0
+            ptrs[base + SLOT_P - 1] = p(self.next_norm[i])
+        return ptrs
+
+    def run(self, h_bd, cache, record: bool):
+        """h_bd: embeddings [B, D] (consumed as the residual stream). Returns (final normed hidden [B, D],
+        routes [n_moe, B, k] long or None)."""
+        b, d = h_bd.shape
+        if self.n and cache.k:
+            self.ints[self.kinds == 2, 3] = cache.capacity
+        lib = kernels.library()
+        size = lib.decode_work_size(self.n, kernels.ptr(self.kinds), kernels.ptr(self.ints), b, d)
+        if self._work.numel() < size:
+            self._work = torch.empty(size)
+        x = torch.empty_like(h_bd)
+        first = self.model.backbone.layers[0].norm
+        lib.add_rms_norm(kernels.ptr(h_bd), None, kernels.ptr(first.weight), kernels.ptr(x), b, d, first.eps)
+        routes = torch.empty(self.n_moe, b, self.model.config.num_experts_per_tok, dtype=torch.long) if record else None
+        ptrs = self.pointers(cache)
+        lib.decode_layers(self.n, kernels.ptr(self.kinds), kernels.ptr(ptrs), kernels.ptr(self.ints),
+                          kernels.ptr(self.floats),
+                          kernels.ptr(h_bd), kernels.ptr(x), kernels.ptr(self._work), kernels.ptr(cache.lengths),
+                          kernels.ptr(routes) if record else None, b, d)
+        return x, routes

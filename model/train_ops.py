@@ -1,0 +1,356 @@
+"""Training-path autograd Functions with hand-written backwards (fewer, larger ops than autograd's).
+
+Each replaces a stretch of plain PyTorch whose autograd graph is dominated by per-op overhead and by
+temporaries, not by arithmetic; each is tested against that code (values and gradients) in
+tests/model/test_model_train_ops.py.
+
+* ``causal_conv_train``: the depthwise causal conv of the Mamba mixer (with packed-document resets).
+  Forward: one fused multiply-add per tap into one output buffer.  Backward: the same shifted taps on
+  the output gradient for the input, one product-and-reduction per tap for the weight, a sum for the
+  bias (autograd instead zero-fills a padded copy per tap and multiplies through every slice).
+* ``grouped_experts``: the routed experts of an MoE layer (sort pairs by expert, per expert
+  ``down(relu(up x)^2)``, gather back, weight and sum over the k slots).  The backward writes each
+  expert's weight gradient into one preallocated ``[E, ...]`` tensor (autograd instead adds a
+  full-size zero gradient per expert slice), and uses gathers and a sum over slots instead of the
+  scatter-adds of ``index_select``'s backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- causal conv
+def _conv_masks(seg_bt, k):
+    """Per shift s = 1..K-1 the [B, T-s, 1] mask (x dtype applied later): input t-s and output t share a
+    document.  ``None`` entries where there is no segment information."""
+    if seg_bt is None:
+        return [None] * k
+    t = seg_bt.shape[1]
+    return [None] + [(seg_bt[:, : t - s] == seg_bt[:, s:])[..., None] if s < t else None for s in range(1, k)]
+
+
+class _CausalConv(torch.autograd.Function):
+    """out[:, i] = bias + sum_j w[j] * x[:, i - (K-1-j)] (zero before the start, masked across documents).
+
+    Same operation order as ``model.mamba.causal_conv`` (bias, then the taps oldest first), so values are
+    bitwise equal to it."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, seg_bt):
+        b, t, c = x.shape
+        k = w.shape[0]
+        masks = [None if m is None else m.to(x.dtype) for m in _conv_masks(seg_bt, k)]
+        out = x.new_empty(b, t, c)
+        out.copy_(bias.expand(b, t, c))
+        for j in range(k):
+            s = k - 1 - j
+            if s >= t:
+                continue
+            tap = x[:, : t - s]
+            if masks[s] is not None:
+                tap = tap * masks[s]
+            out[:, s:].addcmul_(tap, w[j])
+        ctx.save_for_backward(x, w)
+        ctx.masks = masks
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        masks = ctx.masks
+        b, t, c = x.shape
+        k = w.shape[0]
+        g = g.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        if need_x:
+            gx = torch.mul(g, w[k - 1])
+            for j in range(k - 1):
+                s = k - 1 - j
+                if s >= t:
+                    continue
+                gs = g[:, s:] if masks[s] is None else g[:, s:] * masks[s]
+                gx[:, : t - s].addcmul_(gs, w[j])
+        if need_w:
+            gw = w.new_zeros(k, c)
+            for j in range(k):
+                s = k - 1 - j
+                if s >= t:
+                    continue
+                prod = g[:, s:] * x[:, : t - s]
+                if masks[s] is not None:
+                    prod.mul_(masks[s])
+                torch.sum(prod, dim=(0, 1), out=gw[j])
+        if need_b:
+            gb = g.sum(dim=(0, 1))
+        return gx, gw, gb, None
+
+
+def causal_conv_train(x_btc, weight_kc, bias_c, seg_bt=None):
+    """Depthwise causal conv with zero history (the training forward); see ``model.mamba.causal_conv``."""
+    w = weight_kc.to(x_btc.dtype).contiguous()
+    return _CausalConv.apply(x_btc, w, bias_c.to(x_btc.dtype), seg_bt)
+
+
+# ----------------------------------------------------------------------------- grouped experts
+class _GroupedExperts(torch.autograd.Function):
+    """out[n] = sum_j w[n, j] * down[e] relu(up[e] x[n])^2 with e = idx[n, j]; pairs pre-sorted by expert.
+
+    ``order``: the (token, slot) pairs sorted by expert (stable), ``counts``: pairs per expert (a list)."""
+
+    @staticmethod
+    def forward(ctx, x_nd, w_nk, up_eid, down_edi, order, counts, k):
+        n = x_nd.shape[0]
+        nk = order.numel()
+        src = torch.div(order, k, rounding_mode="floor")  # token of each sorted pair
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(nk, device=order.device)
+        xs = x_nd.index_select(0, src)  # [NK, D] expert order
+        hidden = xs.new_empty(nk, up_eid.shape[1])
+        ys = xs.new_empty(nk, down_edi.shape[1])
+        bounds = _bounds(counts)
+        for e, lo, hi in bounds:
+            torch.mm(xs[lo:hi], up_eid[e].t(), out=hidden[lo:hi])
+        r = torch.relu_(hidden)  # in place: only relu(h) is needed from here on
+        act = r.square()
+        for e, lo, hi in bounds:
+            torch.mm(act[lo:hi], down_edi[e].t(), out=ys[lo:hi])
+        ys_pair = ys.index_select(0, inverse).view(n, k, -1)  # [N, k, D_out] (token, slot) order
+        out = torch.bmm(w_nk.float()[:, None, :], ys_pair.float())[:, 0]
+        ctx.save_for_backward(xs, w_nk, up_eid, down_edi, order, src, inverse, r, act, ys_pair)
+        ctx.bounds, ctx.k = bounds, k
+        return out
+
+    @staticmethod
+    def backward(ctx, g_nd):
+        xs, w_nk, up_eid, down_edi, order, src, inverse, r, act, ys_pair = ctx.saved_tensors
+        bounds, k = ctx.bounds, ctx.k
+        n, nk = w_nk.shape[0], order.numel()
+        need_x, need_w, need_up, need_down = ctx.needs_input_grad[:4]
+        g = g_nd.float().contiguous()
+        grad_w = torch.bmm(ys_pair.float(), g[:, :, None])[..., 0].to(w_nk.dtype) if need_w else None
+        # gradient of each sorted pair's expert output: w[pair] * g[token]
+        gs = g.index_select(0, src).mul_(w_nk.reshape(-1).float().index_select(0, order)[:, None]).to(xs.dtype)
+        grad_down = _expert_grad_buffer(down_edi, bounds) if need_down else None
+        ga = xs.new_empty(nk, r.shape[1])
+        for e, lo, hi in bounds:
+            if need_down:
+                torch.mm(gs[lo:hi].t(), act[lo:hi], out=grad_down[e])
+            torch.mm(gs[lo:hi], down_edi[e], out=ga[lo:hi])
+        gh = ga.mul_(r).mul_(2.0)  # d relu(h)^2 / dh = 2 relu(h)
+        grad_up = _expert_grad_buffer(up_eid, bounds) if need_up else None
+        gxs = xs.new_empty(nk, xs.shape[1]) if need_x else None
+        for e, lo, hi in bounds:
+            if need_up:
+                torch.mm(gh[lo:hi].t(), xs[lo:hi], out=grad_up[e])
+            if need_x:
+                torch.mm(gh[lo:hi], up_eid[e], out=gxs[lo:hi])
+        grad_x = gxs.index_select(0, inverse).view(n, k, -1).sum(1) if need_x else None
+        return grad_x, grad_w, grad_up, grad_down, None, None, None
+
+
+def _bounds(counts):
+    """[(expert, first row, end row)] of the experts with rows."""
+    out, lo = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            out.append((e, lo, lo + c))
+            lo += c
+    return out
+
+
+def _expert_grad_buffer(param, bounds):
+    """[E, ...] gradient buffer: written whole by the per-expert products, zero for unused experts."""
+    if len(bounds) == param.shape[0]:
+        return param.new_empty(param.shape)
+    buf = param.new_empty(param.shape)
+    used = torch.zeros(param.shape[0], dtype=torch.bool)
+    used[[e for e, _, _ in bounds]] = True
+    buf[~used.to(param.device)] = 0
+    return buf
+
+
+def grouped_experts(x_nd, idx_nk, w_nk, up_eid, down_edi, counts_e=None):
+    """Routed experts with autograd, equal to ``model.moe.dispatch_naive``. Returns [N, D_out] fp32.
+
+    Under autocast the expert matmuls run in the autocast dtype (as ``F.linear`` would), the routing
+    weights and the sum over slots in fp32."""
+    n, k = idx_nk.shape
+    flat = idx_nk.reshape(-1)
+    counts = torch.bincount(flat, minlength=up_eid.shape[0]) if counts_e is None else counts_e
+    order = torch.argsort(flat, stable=True)
+    dev = x_nd.device.type
+    region = contextlib.nullcontext()
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x_nd, up_eid, down_edi = x_nd.to(dtype), up_eid.to(dtype), down_edi.to(dtype)
+        region = torch.autocast(device_type=dev, enabled=False)
+    with region:
+        return _GroupedExperts.apply(x_nd, w_nk, up_eid, down_edi, order, counts.tolist(), k)
+
+
+# ----------------------------------------------------------------------------- chunked SSD scan
+def _ssd_masks(seg_bt, b, nc, q):
+    """(within-chunk [B,c,1,1,Q,Q] same-document mask or None, decay-to-end [B,c,1,1,Q] mask,
+    start read-out [B,c,1,1,Q] mask, chunk-to-chunk keep [B,c,1,1]), all float or None without segments."""
+    if seg_bt is None:
+        return None, None, None, None
+    seg_c = seg_bt.view(b, nc, q)
+    within = (seg_c[..., :, None] == seg_c[..., None, :])[:, :, None, None]
+    to_end = (seg_c == seg_c[..., -1:])[:, :, None, None].float()
+    end_seg = torch.cat([seg_c[:, :1, 0], seg_c[:, :, -1]], dim=1)  # [B,c+1]: segment of each chunk state
+    from_start = (seg_c == end_seg[:, :-1, None])[:, :, None, None].float()
+    keep = (end_seg[:, 1:] == end_seg[:, :-1])[:, :, None, None].float()
+    return within, to_end, from_start, keep
+
+
+class _SSDChunked(torch.autograd.Function):
+    """The chunked SSD scan of ``model.mamba.ssd_chunked`` (fp32 inputs, T a multiple of ``q``).
+
+    Heads are kept head-major inside a chunk (``[B,c,G,R,Q,P]``) so that every product is a plain batched
+    matmul; the chunk-to-chunk state passing is a short recurrence over the chunks (each factor a decay
+    <= 1, so no large exponent appears).  The backward is written out: one exp in all (the decay matrix
+    is kept from the forward), two batched matmuls for the diagonal blocks, and small products for the
+    states."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, Bm, Cm, D, init, seg_bt, q):
+        b, t, h, p = x.shape
+        g, n = Bm.shape[2], Bm.shape[3]
+        r, nc = h // g, t // q
+        within, to_end, from_start, keep = _ssd_masks(seg_bt, b, nc, q)
+        head_major = (0, 1, 3, 4, 2, 5)  # [B,c,Q,G,R,P] -> [B,c,G,R,Q,P]
+        xh = x.view(b, nc, q, g, r, p).permute(head_major)
+        dth = dt.view(b, nc, q, g, r, 1).permute(head_major)
+        X = torch.mul(xh, dth).contiguous()  # x * dt, [B,c,G,R,Q,P]
+        cs = torch.cumsum((dt * A).view(b, nc, q, h).transpose(2, 3), dim=-1).view(b, nc, g, r, q)  # [B,c,G,R,Q]
+        Bc = Bm.view(b, nc, q, g, n).transpose(2, 3)  # [B,c,G,Q,N]
+        Cc = Cm.view(b, nc, q, g, n).transpose(2, 3)
+
+        # 1. diagonal blocks: Y = (exp(cs_l - cs_s) * C_l.B_s, causal, same document) @ X
+        mask = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+        if within is not None:
+            mask = mask & within
+        L = (cs[..., :, None] - cs[..., None, :]).masked_fill_(~mask, -math.inf).exp_()  # [B,c,G,R,Q,Q]
+        CB = Cc @ Bc.transpose(-1, -2)  # [B,c,G,Q,Q]
+        M = L * CB[:, :, :, None]
+        Y = M @ X  # [B,c,G,R,Q,P]
+
+        # 2. the state each chunk leaves at its end, [B,c,G,R,N,P]
+        cs_last = cs[..., -1:]
+        dte = torch.exp(cs_last - cs)  # [B,c,G,R,Q]
+        if to_end is not None:
+            dte = dte * to_end
+        Xd = X * dte[..., None]
+        S = Bc.transpose(-1, -2)[:, :, :, None] @ Xd
+
+        # 3. chunk to chunk: start[c] = state entering chunk c
+        decay = torch.exp(cs_last[..., 0])  # [B,c,G,R]
+        if keep is not None:
+            decay = decay * keep
+        start = torch.empty_like(S)
+        cur = x.new_zeros(b, g, r, n, p) if init is None else init.reshape(b, g, r, p, n).transpose(-1, -2)
+        for c in range(nc):
+            start[:, c] = cur
+            cur = torch.addcmul(S[:, c], decay[:, c, :, :, None, None], cur)
+        final = cur.transpose(-1, -2).reshape(b, h, p, n)
+
+        # 4. read the start states out
+        od = torch.exp(cs)  # [B,c,G,R,Q]
+        if from_start is not None:
+            od = od * from_start
+        Yo = Cc[:, :, :, None] @ start  # [B,c,G,R,Q,P]
+        Y.addcmul_(Yo, od[..., None])
+        y = x.new_empty(b, t, h, p)
+        torch.addcmul(Y.permute(0, 1, 4, 2, 3, 5), x.view(b, nc, q, g, r, p), D.view(g, r, 1),
+                      out=y.view(b, nc, q, g, r, p))
+
+        ctx.save_for_backward(x, dt, A, Bm, Cm, D, X, cs, L, M, CB, dte, Xd, decay, start, od, Yo)
+        ctx.has_init, ctx.q = init is not None, q
+        return y, final
+
+    @staticmethod
+    def backward(ctx, gy, gfinal):
+        x, dt, A, Bm, Cm, D, X, cs, L, M, CB, dte, Xd, decay, start, od, Yo = ctx.saved_tensors
+        q = ctx.q
+        b, t, h, p = x.shape
+        g, n = Bm.shape[2], Bm.shape[3]
+        r, nc = h // g, t // q
+        head_major = (0, 1, 3, 4, 2, 5)
+        Bc = Bm.view(b, nc, q, g, n).transpose(2, 3)  # [B,c,G,Q,N]
+        Cc = Cm.view(b, nc, q, g, n).transpose(2, 3)
+        if gy is None:
+            gy = x.new_zeros(b, t, h, p)
+        gY = gy.reshape(b, nc, q, g, r, p).permute(head_major).contiguous()  # [B,c,G,R,Q,P]
+
+        # 4. read-out
+        g_cs = (gY * Yo).sum(-1).mul_(od)  # through od = exp(cs) (masked)
+        gYo = gY * od[..., None]
+        g_start = Cc.transpose(-1, -2)[:, :, :, None] @ gYo  # [B,c,G,R,N,P]
+        gC = (gYo @ start.transpose(-1, -2)).sum(3)  # [B,c,G,Q,N]
+
+        # 3. chunk to chunk, backwards
+        gS = torch.empty_like(start)
+        g_decay = decay.new_empty(decay.shape)
+        gcur = x.new_zeros(b, g, r, n, p) if gfinal is None else gfinal.reshape(b, g, r, p, n).transpose(-1, -2)
+        for c in range(nc - 1, -1, -1):
+            gS[:, c] = gcur
+            g_decay[:, c] = torch.linalg.vecdot(gcur.flatten(-2), start[:, c].flatten(-2))
+            gcur = torch.addcmul(g_start[:, c], decay[:, c, :, :, None, None], gcur)
+        g_init = gcur.transpose(-1, -2).reshape(b, h, p, n) if ctx.has_init else None
+        g_cs_last = g_decay * decay  # [B,c,G,R]
+
+        # 2. chunk end states: S = B^T @ Xd, Xd = X * dte
+        gXd = Bc[:, :, :, None] @ gS  # [B,c,G,R,Q,P]
+        gB = (Xd @ gS.transpose(-1, -2)).sum(3)  # [B,c,G,Q,N]
+        g_dte = torch.linalg.vecdot(gXd, X).mul_(dte)  # [B,c,G,R,Q], times dte (d exp)
+        g_cs_last = g_cs_last + g_dte.sum(-1)
+        g_cs.sub_(g_dte)
+        gX = gXd.mul_(dte[..., None])
+
+        # 1. diagonal blocks
+        gX.add_(M.transpose(-1, -2) @ gY)
+        gM = gY @ X.transpose(-1, -2)  # [B,c,G,R,Q,Q]
+        gLM = gM.mul_(L)  # d/d(CB) summed over heads, and d/d(log L) after times CB
+        gCB = gLM.sum(3)
+        gLog = gLM.mul_(CB[:, :, :, None])
+        g_cs.add_(gLog.sum(-1)).sub_(gLog.sum(-2))
+        gC = gC.add_(gCB @ Bc)
+        gB = gB.add_(gCB.transpose(-1, -2) @ Cc)
+
+        # cumsum over the chunk, dt * A, x * dt, and the D skip
+        g_cs[..., -1] += g_cs_last
+        g_dA = g_cs.flip(-1).cumsum(-1).flip(-1).view(b, nc, h, q).transpose(2, 3).reshape(b, t, h)
+        gXn = gX.permute(0, 1, 4, 2, 3, 5).reshape(b, t, h, p)  # natural layout
+        g_dt = g_dA * A + torch.linalg.vecdot(gXn, x)
+        gA = (g_dA * dt).sum((0, 1))
+        gx = torch.mul(gy, D[:, None])
+        gx.addcmul_(gXn, dt[..., None])
+        gD = torch.linalg.vecdot(gy, x).sum((0, 1))
+        gBm = gB.transpose(2, 3).reshape(b, t, g, n)
+        gCm = gC.transpose(2, 3).reshape(b, t, g, n)
+        return gx, g_dt, gA, gBm, gCm, gD, g_init, None, None
+
+
+def ssd_chunked_train(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_state=None, seg_bt=None):
+    """``model.mamba.ssd_chunked`` with a hand-written backward. Returns (y [B,T,H,P] fp32, final state
+    [B,H,P,N] fp32); T is padded to a multiple of the chunk inside (dt = 0 there: inert)."""
+    b, t, h, p = x_bthp.shape
+    q = min(chunk_size, t)
+    pad = (-t) % q
+    x, dt = x_bthp.float(), dt_bth.float()
+    Bm, Cm = B_btgn.float(), C_btgn.float()
+    if pad:
+        x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
+        Bm, Cm = F.pad(Bm, (0, 0, 0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, 0, 0, pad))
+        if seg_bt is not None:
+            seg_bt = torch.cat([seg_bt, seg_bt[:, -1:].expand(b, pad)], dim=1)
+    init = None if initial_state is None else initial_state.float()
+    y, final = _SSDChunked.apply(x, dt, A_h.float(), Bm.contiguous(), Cm.contiguous(), D_h.float(), init,
+                                 None if seg_bt is None else seg_bt.contiguous(), q)
+    return (y[:, :t] if pad else y), final
