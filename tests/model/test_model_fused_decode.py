@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import HybridLM, kernels
+from model import HybridLM, fused, kernels
 from model_test_utils import randomize, small_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,3 +138,16 @@ def test_kernels_build_into_the_cache_dir_and_a_missing_compiler_falls_back(tmp_
     assert missing.returncode == 0, missing.stderr
     assert "LIB False TOKENS 4" in missing.stdout
     assert "kernels unavailable, using the PyTorch path" in missing.stdout and "no-such-cc" in missing.stdout
+
+
+def test_decode_step_runs_the_layer_program_and_without_sgemm_the_pytorch_path(monkeypatch):
+    model = randomize(HybridLM(small_config()).eval(), seed=7)
+    prompts = [torch.arange(6), torch.arange(2)]
+    with_program, _, _ = decode_run(model, prompts, 3)
+    assert isinstance(model.__dict__.get("_program"), fused.DecodeProgram)
+    plain = randomize(HybridLM(small_config()).eval(), seed=7)
+    monkeypatch.setattr(fused, "_sgemm", 0)  # as if this torch build had no MKL SGEMM
+    without, _, _ = decode_run(plain, prompts, 3)
+    assert "_program" not in plain.__dict__
+    for a, b in zip(with_program, without):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
