@@ -56,7 +56,7 @@ def matmul_gflops(reps: int) -> float:
         t0 = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t0)
-    return 2 * 1024**3 / statistics.median(times) / 1e9
+    return 2 * 1024**3 / min(times) / 1e9  # the machine's capability: its best, not a loaded moment
 
 
 def train_step_fn(model, logits_of, ids):
@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "decode_roofline_fraction": round(decode_tps * flop_per_token / (gflops * 1e9), 4),
         }
 
+    gflops = max(gflops, matmul_gflops(10 if args.quick else 30))  # again after the runs: the better of two
     ours_fig = side(train["ours"], decode["ours"])
     hf_fig = side(train["transformers"], decode["transformers"])
     result = {

@@ -78,6 +78,10 @@ def ssd_chunked(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_st
     ``seg_bt`` must be non-decreasing along T (segment index of packed documents).  Chunk states are
     kept transposed, ``[N, R*P]`` per group, so that the state and read-out products are plain batched
     matmuls over the heads of a group (no broadcast copies)."""
+    if torch.is_grad_enabled():  # training: the same scan with a hand-written backward
+        from .train_ops import ssd_chunked_train
+
+        return ssd_chunked_train(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_state, seg_bt)
     b, t, h, p = x_bthp.shape
     g, n = B_btgn.shape[2], B_btgn.shape[3]
     r, q = h // g, min(chunk_size, t)  # a shorter chunk is exact too, and avoids padding short inputs
