@@ -24,6 +24,13 @@ import torch
 import torch.nn.functional as F
 
 
+def _autocast_off(device_type):
+    """Autocast disabled inside (for a backward run while an autocast context is active)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- causal conv
 def _conv_masks(seg_bt, k):
     """Per shift s = 1..K-1 the [B, T-s, 1] mask (x dtype applied later): input t-s and output t share a
@@ -107,71 +114,69 @@ class _GroupedExperts(torch.autograd.Function):
     def forward(ctx, x_nd, w_nk, up_eid, down_edi, order, counts, k):
         n = x_nd.shape[0]
         nk = order.numel()
+        used = [e for e, c in enumerate(counts) if c]
         src = torch.div(order, k, rounding_mode="floor")  # token of each sorted pair
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(nk, device=order.device))
         xs = x_nd.index_select(0, src)  # [NK, D] expert order
         hidden = xs.new_empty(nk, up_eid.shape[1])
         ys = xs.new_empty(nk, down_edi.shape[1])
-        bounds = _bounds(counts)
-        for e, lo, hi in bounds:
-            torch.mm(xs[lo:hi], up_eid[e].t(), out=hidden[lo:hi])
+        xs_e, hidden_e, ys_e = xs.split(counts), hidden.split(counts), ys.split(counts)
+        up_t, down_t = up_eid.transpose(1, 2).unbind(0), down_edi.transpose(1, 2).unbind(0)
+        for e in used:
+            torch.mm(xs_e[e], up_t[e], out=hidden_e[e])
         r = torch.relu_(hidden)  # in place: only relu(h) is needed from here on
         act = torch.mul(r, r)  # (square() is a slow pow on CPU)
-        for e, lo, hi in bounds:
-            torch.mm(act[lo:hi], down_edi[e].t(), out=ys[lo:hi])
+        act_e = act.split(counts)
+        for e in used:
+            torch.mm(act_e[e], down_t[e], out=ys_e[e])
         ys_pair = ys.index_select(0, inverse).view(n, k, -1)  # [N, k, D_out] (token, slot) order
         acc = torch.promote_types(ys.dtype, torch.float32)  # weights and slot sum in fp32 (or wider)
         out = torch.bmm(w_nk.to(acc)[:, None, :], ys_pair.to(acc))[:, 0]
         ctx.save_for_backward(xs, w_nk, up_eid, down_edi, order, src, inverse, r, act, ys_pair)
-        ctx.bounds, ctx.k = bounds, k
+        ctx.counts, ctx.used, ctx.k = counts, used, k
         return out
 
     @staticmethod
     def backward(ctx, g_nd):
+        with _autocast_off(g_nd.device.type):  # the products keep the forward's dtypes
+            return _GroupedExperts._backward(ctx, g_nd)
+
+    @staticmethod
+    def _backward(ctx, g_nd):
         xs, w_nk, up_eid, down_edi, order, src, inverse, r, act, ys_pair = ctx.saved_tensors
-        bounds, k = ctx.bounds, ctx.k
+        counts, used, k = ctx.counts, ctx.used, ctx.k
         n, nk = w_nk.shape[0], order.numel()
         need_x, need_w, need_up, need_down = ctx.needs_input_grad[:4]
         g = g_nd.contiguous()
         grad_w = torch.linalg.vecdot(ys_pair.to(g.dtype), g[:, None, :]).to(w_nk.dtype) if need_w else None
         # gradient of each sorted pair's expert output: w[pair] * g[token]
         gs = g.index_select(0, src).mul_(w_nk.reshape(-1).to(g.dtype).index_select(0, order)[:, None]).to(xs.dtype)
-        grad_down = _expert_grad_buffer(down_edi, bounds) if need_down else None
         ga = xs.new_empty(nk, r.shape[1])
-        for e, lo, hi in bounds:
+        gs_e, act_e, ga_e, downs = gs.split(counts), act.split(counts), ga.split(counts), down_edi.unbind(0)
+        grad_down = _expert_grad_buffer(down_edi, used) if need_down else None
+        for e in used:
             if need_down:
-                torch.mm(gs[lo:hi].t(), act[lo:hi], out=grad_down[e])
-            torch.mm(gs[lo:hi], down_edi[e], out=ga[lo:hi])
+                torch.mm(gs_e[e].t(), act_e[e], out=grad_down[e])
+            torch.mm(gs_e[e], downs[e], out=ga_e[e])
         gh = ga.mul_(r).mul_(2.0)  # d relu(h)^2 / dh = 2 relu(h)
-        grad_up = _expert_grad_buffer(up_eid, bounds) if need_up else None
+        grad_up = _expert_grad_buffer(up_eid, used) if need_up else None
         gxs = xs.new_empty(nk, xs.shape[1]) if need_x else None
-        for e, lo, hi in bounds:
+        gh_e, xs_e, ups = gh.split(counts), xs.split(counts), up_eid.unbind(0)
+        gxs_e = gxs.split(counts) if need_x else None
+        for e in used:
             if need_up:
-                torch.mm(gh[lo:hi].t(), xs[lo:hi], out=grad_up[e])
+                torch.mm(gh_e[e].t(), xs_e[e], out=grad_up[e])
             if need_x:
-                torch.mm(gh[lo:hi], up_eid[e], out=gxs[lo:hi])
+                torch.mm(gh_e[e], ups[e], out=gxs_e[e])
         grad_x = gxs.index_select(0, inverse).view(n, k, -1).sum(1) if need_x else None
         return grad_x, grad_w, grad_up, grad_down, None, None, None
 
 
-def _bounds(counts):
-    """[(expert, first row, end row)] of the experts with rows."""
-    out, lo = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            out.append((e, lo, lo + c))
-            lo += c
-    return out
-
-
-def _expert_grad_buffer(param, bounds):
+def _expert_grad_buffer(param, used):
     """[E, ...] gradient buffer: written whole by the per-expert products, zero for unused experts."""
-    if len(bounds) == param.shape[0]:
-        return param.new_empty(param.shape)
     buf = param.new_empty(param.shape)
-    used = torch.zeros(param.shape[0], dtype=torch.bool)
-    used[[e for e, _, _ in bounds]] = True
-    buf[~used.to(param.device)] = 0
+    for e in sorted(set(range(param.shape[0])) - set(used)):
+        buf[e].zero_()
     return buf
 
 
@@ -275,6 +280,11 @@ class _SSDChunked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gfinal):
+        with _autocast_off(ctx.saved_tensors[0].device.type):  # the scan stays in fp32
+            return _SSDChunked._backward(ctx, gy, gfinal)
+
+    @staticmethod
+    def _backward(ctx, gy, gfinal):
         x, dt, A, Bc, Cc, D, X, cs, L, M, CB, dte, Bd, decay, start, od, Cd = ctx.saved_tensors
         q = ctx.q
         b, t, h, p = x.shape
