@@ -13,6 +13,13 @@ tests/model/test_model_train_ops.py.
   expert's weight gradient into one preallocated ``[E, ...]`` tensor (autograd instead adds a
   full-size zero gradient per expert slice), and uses gathers and a sum over slots instead of the
   scatter-adds of ``index_select``'s backward.
+* ``ssd_chunked_train``: the chunked SSD scan (the decay matrix computed once and kept, per-position
+  decays applied to B and C rather than to x and y, a short recurrence across chunks, matmul results
+  accumulated in place).
+* ``rms_norm_train`` / ``gated_group_rms_norm_train``: the block norms and the Mamba output norm.
+
+The callers (``causal_conv``, ``ssd_chunked``, ``dispatch_grouped``, ``rms_norm``,
+``gated_group_rms_norm``) use these only with autograd enabled; inference keeps its own code.
 """
 
 from __future__ import annotations
@@ -384,10 +391,10 @@ class _RMSNorm(torch.autograd.Function):
             x = y * gate
         else:
             x = y
-        xg = x.view(*shape[:-1], shape[-1] // group, group)
+        xg = x.reshape(*shape[:-1], shape[-1] // group, group)
         rstd = torch.linalg.vector_norm(xg, dim=-1, keepdim=True).square_().div_(group).add_(eps).rsqrt_()
         normed = xg * rstd
-        out = (normed.view(shape) * w)
+        out = normed.view(shape) * w
         if z is not None:
             ctx.save_for_backward(w, normed, rstd, y, z, sz, gate)
         else:
