@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("decode.c")
+_SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # decode.c (and any other kernel file), one library
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _lib = None
 _failed: str | None = None
@@ -66,7 +66,8 @@ def _build() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256((_SOURCE.read_text() + " ".join(_FLAGS) + version).encode()).hexdigest()[:16]
+    text = "".join(src.name + src.read_text() for src in _SOURCES)
+    key = hashlib.sha256((text + " ".join(_FLAGS) + version).encode()).hexdigest()[:16]
     out_dir = Path(os.environ.get("HYBRID_RL_KERNEL_DIR", Path.home() / ".cache" / "hybrid_rl" / "kernels"))
     out = out_dir / f"decode-{key}.so"
     if not out.exists():
@@ -74,18 +75,31 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            proc = subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"{cc} failed on {_SOURCE}:\n{proc.stderr[-2000:]}")
+                raise RuntimeError(f"{cc} failed on {', '.join(s.name for s in _SOURCES)}:\n{proc.stderr[-2000:]}")
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
     for name, args in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, _RESULTS.get(name)
+        _bind(lib, name, args, _RESULTS.get(name))
     return lib
+
+
+def _bind(lib, name, args, result):
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = args, result
+
+
+def declare(name: str, args: list, result=None) -> None:
+    """Declare the ctypes signature of a kernel function (for kernel files other than decode.c)."""
+    _SIGNATURES[name] = args
+    if result is not None:
+        _RESULTS[name] = result
+    if _lib is not None:
+        _bind(_lib, name, args, result)
 
 
 def library() -> ctypes.CDLL | None:
