@@ -2,8 +2,9 @@
 
 At decode sizes the per-layer work is a few small matrix products and a pass over the Mamba state, so
 the Python around each layer (module calls, allocations, dispatch) costs as much as the arithmetic.
-``decode_layers`` runs every layer of one step in C: per layer the projections (MKL's SGEMM, the
-routine torch's linear layers call), the fused mixer kernel, the residual add and the next pre-norm.
+``decode_layers`` runs every layer of one step in C: per layer the projections (a GEMM over weights
+kept as 16-column panels, which stream from memory once per step), the fused mixer kernel, the
+residual add and the next pre-norm.
 
 The program is a per-layer kind plus fixed slots of pointers, ints and floats; the layouts are fixed
 by ``decode_layers`` in decode.c:
@@ -16,15 +17,13 @@ by ``decode_layers`` in decode.c:
   attention  ptrs: [q|k|v] weights, o_proj, K buffer, V buffer; ints: Hq, Hkv, Dh, capacity
   MLP        ptrs: up, down; ints: intermediate
   every layer: pointer slot 15 = the next norm's weight, float slot 3 = its eps.
+  Dense weights are passed as 16-column panels (``dense_panels``), rebuilt when a parameter changes.
 
-Pointers are collected anew each step (cache buffers move when they grow; the derived weight copies
-are rebuilt after an optimizer step), which costs microseconds.
+The pointer table is rebuilt only when a parameter's version or storage or a cache buffer changes
+(cache buffers move when they grow; derived weights are rebuilt after an optimizer step).
 """
 
 from __future__ import annotations
-
-import ctypes
-import os
 
 import torch
 
@@ -32,29 +31,33 @@ from . import kernels
 
 SLOT_P, SLOT_I, SLOT_F = 16, 12, 4
 KINDS = {"M": 0, "E": 1, "*": 2, "-": 3}
-_sgemm = None
-
-
-def sgemm_address() -> int | None:
-    """Address of MKL's Fortran SGEMM inside the loaded torch library (None when this torch has none)."""
-    global _sgemm
-    if _sgemm is None:
-        try:
-            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-            _sgemm = ctypes.cast(lib.SGEMM, ctypes.c_void_p).value or 0
-        except (OSError, AttributeError):
-            _sgemm = 0
-    return _sgemm or None
 
 
 def available() -> bool:
-    lib = kernels.library()
-    if lib is None or sgemm_address() is None:
-        return False
-    if not getattr(lib, "_sgemm_set", False):
-        lib.set_sgemm(sgemm_address())
-        lib._sgemm_set = True
-    return True
+    return kernels.library() is not None
+
+
+def dense_panels(mixer, kind: str) -> tuple:
+    """The mixer's dense projection weights as panels (``kernels.linear_panels``), in the program's
+    slot order; kept while the parameters are unchanged (rebuilt after an optimizer step)."""
+    if kind == "M":
+        params = (mixer.in_proj.weight, mixer.out_proj.weight)
+        weights = lambda: params  # noqa: E731
+    elif kind == "E":
+        params = tuple(mixer._step_params())
+        shared_down = mixer.shared_experts.down_proj.weight if mixer.cfg.n_shared_experts else None
+
+        def weights():
+            w_in, w_out = mixer.step_weights()
+            return w_in, w_out, shared_down if w_out is None else None
+    elif kind == "*":
+        params = (mixer.q_proj.weight, mixer.k_proj.weight, mixer.v_proj.weight, mixer.o_proj.weight)
+        weights = lambda: (mixer.qkv_weight(), mixer.o_proj.weight)  # noqa: E731
+    else:
+        params = (mixer.up_proj.weight, mixer.down_proj.weight)
+        weights = lambda: params  # noqa: E731
+    return kernels.derived(mixer, "panels", params, lambda: tuple(
+        None if w is None else kernels.linear_panels(w) for w in weights()))
 
 
 class DecodeProgram:
@@ -106,20 +109,18 @@ class DecodeProgram:
         for i, block in enumerate(self.model.backbone.layers):
             mixer, base = block.mixer, i * SLOT_P
             slots: list = []
+            dense = dense_panels(mixer, self.model.config.layer_pattern[i])
             if self.kinds[i] == 0:
                 conv_w, a = mixer.scan_weights()
-                slots = [mixer.in_proj.weight, mixer.out_proj.weight, conv_w, mixer.conv1d.bias, mixer.dt_bias, a,
-                         mixer.D, mixer.norm.weight, cache.conv[i], cache.ssm[i]]
+                slots = [*dense, conv_w, mixer.conv1d.bias, mixer.dt_bias, a, mixer.D, mixer.norm.weight,
+                         cache.conv[i], cache.ssm[i]]
             elif self.kinds[i] == 1:
-                w_in, w_out = mixer.step_weights()
                 up_p, down_p = mixer.experts.packed()
-                shared_down = (mixer.shared_experts.down_proj.weight
-                               if mixer.cfg.n_shared_experts and w_out is None else None)
-                slots = [w_in, w_out, shared_down, mixer.gate.e_score_correction_bias, mixer.expert_load, up_p, down_p]
+                slots = [*dense, mixer.gate.e_score_correction_bias, mixer.expert_load, up_p, down_p]
             elif self.kinds[i] == 2:
-                slots = [mixer.qkv_weight(), mixer.o_proj.weight, cache.k[i], cache.v[i]]
+                slots = [*dense, cache.k[i], cache.v[i]]
             else:
-                slots = [mixer.up_proj.weight, mixer.down_proj.weight]
+                slots = list(dense)
             for j, t in enumerate(slots):
                 ptrs[base + j] = p(t) if t is not None else 0
             ptrs[base + SLOT_P - 1] = p(self.next_norm[i])

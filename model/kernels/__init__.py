@@ -46,7 +46,7 @@ _SIGNATURES = {
     "moe_experts": [_F] * 7 + [ctypes.c_int] * 9,
     "add_rms_norm": [_F] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float],
     "attn_step": [_F] * 6 + [ctypes.c_int] * 6,
-    "set_sgemm": [_F],
+    "linear_packed": [_F] * 3 + [ctypes.c_int] * 5,
     "decode_work_size": [ctypes.c_int, _F, _F, ctypes.c_int, ctypes.c_int],
     "decode_layers": [ctypes.c_int] + [_F] * 9 + [ctypes.c_int] * 2,
 }
@@ -130,6 +130,19 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 def ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
+
+
+def pack_panels(b_ekn: torch.Tensor) -> torch.Tensor:
+    """[E, K, n] -> [E, ceil(n/16), K, 16] contiguous: the 16-column panels the GEMMs of decode.c take
+    (zero-padded), so that a weight streams sequentially."""
+    e, k, n = b_ekn.shape
+    padded = torch.nn.functional.pad(b_ekn, (0, (-n) % 16))
+    return padded.view(e, k, -1, 16).permute(0, 2, 1, 3).contiguous()
+
+
+def linear_panels(weight_nk: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight [N, K] (y = x @ W^T) as panels of W^T: [ceil(N/16), K, 16]."""
+    return pack_panels(weight_nk.detach().t()[None])[0]
 
 
 def derived(owner, name: str, params, make):

@@ -214,16 +214,27 @@ static inline v8f relu2_8(v8f v) {
     return select8(pos, v * v, v * 0.0f);
 }
 
-static void gemm_packed(const float *A, int m, int K, int lda, const float *Bp, int n, float *C, int ldc, int act) {
-    const int panels = (n + 15) / 16;
-    for (int j = 0; j < panels; j++) {
-        const float *Bj = Bp + (int64_t)j * K * 16;
-        const int c = 16 * j, nc = n - c < 16 ? n - c : 16;
-        for (int r0 = 0; r0 < m; r0 += 6) {
-            const int mr = m - r0 < 6 ? m - r0 : 6;
-            const float *a[6];
-            for (int r = 0; r < 6; r++) a[r] = A + (int64_t)(r0 + (r < mr ? r : 0)) * lda;
-            v8f acc[6][2] = {{{0}}};
+/* One 16-column panel Bj [K][16] for all m rows of A: C[:, 0:nc] (= A @ Bj, relu^2 when act).
+ * `next` (or NULL): the panel to be used after this one; its K cache lines are prefetched during the
+ * first row block, so that streaming weights from memory overlaps the arithmetic. */
+static void panel_rows(const float *A, int m, int K, int lda, const float *Bj, const float *next, float *C, int ldc,
+                       int nc, int act) {
+    for (int r0 = 0; r0 < m; r0 += 6) {
+        const int mr = m - r0 < 6 ? m - r0 : 6;
+        const float *a[6];
+        for (int r = 0; r < 6; r++) a[r] = A + (int64_t)(r0 + (r < mr ? r : 0)) * lda;
+        v8f acc[6][2] = {{{0}}};
+        if (r0 == 0 && next != NULL) {
+            for (int kk = 0; kk < K; kk++) {
+                __builtin_prefetch(next + (int64_t)kk * 16, 0, 2);
+                const v8f b0 = load8(Bj + (int64_t)kk * 16), b1 = load8(Bj + (int64_t)kk * 16 + 8);
+                for (int r = 0; r < 6; r++) {
+                    const float av = a[r][kk];
+                    acc[r][0] += av * b0;
+                    acc[r][1] += av * b1;
+                }
+            }
+        } else {
             for (int kk = 0; kk < K; kk++) {
                 const v8f b0 = load8(Bj + (int64_t)kk * 16), b1 = load8(Bj + (int64_t)kk * 16 + 8);
                 for (int r = 0; r < 6; r++) {
@@ -232,18 +243,48 @@ static void gemm_packed(const float *A, int m, int K, int lda, const float *Bp, 
                     acc[r][1] += av * b1;
                 }
             }
-            for (int r = 0; r < mr; r++) {
-                float *cr = C + (int64_t)(r0 + r) * ldc + c;
-                const v8f o0 = act ? relu2_8(acc[r][0]) : acc[r][0], o1 = act ? relu2_8(acc[r][1]) : acc[r][1];
-                if (nc == 16) {
-                    store8(cr, o0);
-                    store8(cr + 8, o1);
-                } else {
-                    for (int l = 0; l < nc; l++) cr[l] = l < 8 ? o0[l] : o1[l - 8];
-                }
+        }
+        for (int r = 0; r < mr; r++) {
+            float *cr = C + (int64_t)(r0 + r) * ldc;
+            const v8f o0 = act ? relu2_8(acc[r][0]) : acc[r][0], o1 = act ? relu2_8(acc[r][1]) : acc[r][1];
+            if (nc == 16) {
+                store8(cr, o0);
+                store8(cr + 8, o1);
+            } else {
+                for (int l = 0; l < nc; l++) cr[l] = l < 8 ? o0[l] : o1[l - 8];
             }
         }
     }
+}
+
+/* C[m, n] = A[m, K] @ B[K, n], then relu^2 when act.  A rows have stride lda, C rows ldc.  B comes
+ * packed in panels of 16 columns, each panel contiguous [K][16] (zero columns pad n up to a multiple of
+ * 16), so that the weights stream sequentially.  Blocks of 6 rows x 16 columns: 12 accumulator
+ * vectors, 2 loads of B and 6 broadcasts of A per k.  Serial (callers parallelise over experts). */
+static void gemm_packed(const float *A, int m, int K, int lda, const float *Bp, int n, float *C, int ldc, int act) {
+    const int panels = (n + 15) / 16;
+    for (int j = 0; j < panels; j++) {
+        const float *Bj = Bp + (int64_t)j * K * 16;
+        const int c = 16 * j, nc = n - c < 16 ? n - c : 16;
+        panel_rows(A, m, K, lda, Bj, j + 1 < panels ? Bj + (int64_t)K * 16 : NULL, C + c, ldc, nc, act);
+    }
+}
+
+/* The same product with the panels shared out among the threads (a dense layer of a decode step). */
+static void gemm_packed_par(const float *A, int m, int K, int lda, const float *Bp, int n, float *C, int ldc) {
+    const int panels = (n + 15) / 16;
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < panels; j++) {
+        const float *Bj = Bp + (int64_t)j * K * 16;
+        const int c = 16 * j, nc = n - c < 16 ? n - c : 16;
+        panel_rows(A, m, K, lda, Bj, j + 1 < panels ? Bj + (int64_t)K * 16 : NULL, C + c, ldc, nc, 0);
+    }
+}
+
+/* Python-callable: C[M, N] = A[M, K] (row stride lda) @ W^T for a weight W [N, K] given as its panels
+ * (model/kernels.pack_panels). */
+void linear_packed(const float *A, const float *Wp, float *C, int M, int K, int lda, int N, int ldc) {
+    gemm_packed_par(A, M, K, lda, Wp, N, C, ldc);
 }
 
 /* Routed experts for N tokens: out[t] = sum_j w[t, j] * down(relu^2(up(x[t]))) of expert idx[t, j].
@@ -368,22 +409,13 @@ void attn_step(const float *qkv, float *kbuf, float *vbuf, const int64_t *len, f
 /* ---------------------------------------------------------------------------------------------
  * The whole decode step's layer stack in one call.  Python builds the program once per model (and
  * again when a weight changes): per layer a kind and fixed-size slots of pointers, ints and floats
- * (layouts below, mirrored in __init__.py).  Dense projections use MKL's SGEMM, whose address
- * Python passes in from the torch library already loaded (set_sgemm), so the arithmetic is the one
- * torch's own linear layers use.
+ * (layouts below, mirrored in model/fused.py).  Dense projections take their weights as 16-column
+ * panels (pack_panels in Python) and run gemm_packed_par: at decode sizes (a few dozen rows) the
+ * weights stream from memory once per step, sequentially and prefetched a panel ahead.
  * --------------------------------------------------------------------------------------------- */
-typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *, const float *,
-                        const float *, const int *, const float *, const int *, const float *, float *, const int *);
-static sgemm_t sgemm_fn = NULL;
-
-void set_sgemm(void *fn) { sgemm_fn = (sgemm_t)fn; }
-
-/* C[M, N] = A[M, K] (row stride lda) @ W[N, K]^T, rows of C with stride ldc (row-major, torch's
- * Linear layout for W): column-major SGEMM computing C^T = W . A^T. */
-static void linear_rm(const float *A, int M, int K, int lda, const float *W, int N, float *C, int ldc) {
-    const char t = 'T', n = 'N';
-    const float one = 1.0f, zero = 0.0f;
-    sgemm_fn(&t, &n, &N, &M, &K, &one, W, &K, A, &lda, &zero, C, &ldc);
+/* C[M, N] = A[M, K] (row stride lda) @ W^T, W given as its 16-column panels (pack_panels). */
+static void linear_rm(const float *A, int M, int K, int lda, const float *Wp, int N, float *C, int ldc) {
+    gemm_packed_par(A, M, K, lda, Wp, N, C, ldc);
 }
 
 enum { SLOT_P = 16, SLOT_I = 12, SLOT_F = 4 };

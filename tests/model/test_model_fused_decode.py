@@ -140,13 +140,13 @@ def test_kernels_build_into_the_cache_dir_and_a_missing_compiler_falls_back(tmp_
     assert "kernels unavailable, using the PyTorch path" in missing.stdout and "no-such-cc" in missing.stdout
 
 
-def test_decode_step_runs_the_layer_program_and_without_sgemm_the_pytorch_path(monkeypatch):
+def test_decode_step_runs_the_layer_program_and_without_kernels_the_pytorch_path(monkeypatch):
     model = randomize(HybridLM(small_config()).eval(), seed=7)
     prompts = [torch.arange(6), torch.arange(2)]
     with_program, _, _ = decode_run(model, prompts, 3)
     assert isinstance(model.__dict__.get("_program"), fused.DecodeProgram)
     plain = randomize(HybridLM(small_config()).eval(), seed=7)
-    monkeypatch.setattr(fused, "_sgemm", 0)  # as if this torch build had no MKL SGEMM
+    monkeypatch.setenv("HYBRID_RL_KERNELS", "0")
     without, _, _ = decode_run(plain, prompts, 3)
     assert "_program" not in plain.__dict__
     for a, b in zip(with_program, without):
