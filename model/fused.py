@@ -128,7 +128,7 @@ class DecodeProgram:
 
     def run(self, h_bd, cache, record: bool):
         """h_bd: embeddings [B, D] (consumed as the residual stream). Returns (final normed hidden [B, D],
-        routes [n_moe, B, k] long or None)."""
+        logits [B, V], routes [n_moe, B, k] long or None)."""
         b, d = h_bd.shape
         if self.n and cache.k:
             self.ints[self.kinds == 2, 3] = cache.capacity
@@ -145,4 +145,8 @@ class DecodeProgram:
                           kernels.ptr(self.floats),
                           kernels.ptr(h_bd), kernels.ptr(x), kernels.ptr(self._work), kernels.ptr(cache.lengths),
                           kernels.ptr(routes) if record else None, b, d)
-        return x, routes
+        head = self.model.lm_head.weight
+        panels = kernels.derived(self.model.lm_head, "panels", (head,), lambda: kernels.linear_panels(head))
+        logits = h_bd.new_empty(b, head.shape[0])
+        lib.linear_packed(kernels.ptr(x), kernels.ptr(panels), kernels.ptr(logits), b, d, d, head.shape[0], head.shape[0])
+        return x, logits, routes

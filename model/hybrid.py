@@ -251,7 +251,7 @@ class HybridLM(nn.Module):
             ctx = _Ctx("step", self._moe_slot, record=record_routing)
             if self.__dict__.get("_program") is None:  # not a submodule: kept out of state_dict and .to()
                 self.__dict__["_program"] = fused.DecodeProgram(self)
-            h, routes = self._program.run(h, cache, record_routing)
+            h, logits, routes = self._program.run(h, cache, record_routing)
             if record_routing:
                 ctx.recorded = dict(enumerate(routes))
         else:
@@ -259,9 +259,9 @@ class HybridLM(nn.Module):
             ctx = _Ctx("step", self._moe_slot, cache=cache, start_b=start, kv_mask=kv_mask, kv_used=used,
                        record=record_routing)
             h = self.backbone.norm_f(self._layers(h[:, None], ctx))[:, 0]
+            logits = self.lm_head(h).float()
         cache.last_hidden = h.to(cache.last_hidden.dtype)
         cache.lengths = start + 1
-        logits = self.lm_head(h).float()
         if record_routing:
             return logits, ctx.routed((cache.batch_size,))
         return logits
