@@ -258,7 +258,17 @@ class Mamba2Mixer(nn.Module):
         if ctx.mode == "extend" and kernels.usable(h_btd, self.in_proj.weight, cache.conv[layer_idx], cache.ssm[layer_idx]):
             return self.out_proj(self._scan_fused(self.in_proj(h_btd), cache, layer_idx, ctx.n_new_b))
         b, t, _ = h_btd.shape
-        z, xbc, dt_raw = self._split(self.in_proj(h_btd))
+        if cache is None and ctx.valid_bt is None and torch.is_grad_enabled():
+            # training: the whole mixer between the projections as one Function (CPU fp32 kernels)
+            from .train_ops import mamba_mixer_train, mixer_kernels_usable
+
+            proj = self.in_proj(h_btd)
+            if mixer_kernels_usable(proj, self.conv1d.weight, self.dt_bias, self.A_log, self.D, self.norm.weight,
+                                    seg_bt=ctx.seg_bt, chunk_size=self.cfg.chunk_size):
+                return self.out_proj(mamba_mixer_train(self, proj, ctx.seg_bt))
+            z, xbc, dt_raw = self._split(proj)
+        else:
+            z, xbc, dt_raw = self._split(self.in_proj(h_btd))
         prefix = cache.conv[layer_idx] if cache is not None else None
         xbc_conv = F.silu(causal_conv(xbc, self.conv1d.weight_kc(), self.conv1d.bias, prefix, ctx.seg_bt))
         if cache is not None:

@@ -25,10 +25,13 @@ The callers (``causal_conv``, ``ssd_chunked``, ``dispatch_grouped``, ``rms_norm`
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 
 import torch
 import torch.nn.functional as F
+
+from . import kernels
 
 
 def _autocast_off(device_type):
@@ -291,7 +294,7 @@ class _SSDChunked(torch.autograd.Function):
             return _SSDChunked._backward(ctx, gy, gfinal)
 
     @staticmethod
-    def _backward(ctx, gy, gfinal):
+    def _backward(ctx, gy, gfinal, out=None):
         x, dt, A, Bc, Cc, D, X, cs, L, M, CB, dte, Bd, decay, start, od, Cd = ctx.saved_tensors
         q = ctx.q
         b, t, h, p = x.shape
@@ -342,11 +345,19 @@ class _SSDChunked(torch.autograd.Function):
         g_dt = torch.addcmul(torch.linalg.vecdot(gX, xh), g_dA, A.view(g, r, 1))
         gA = (g_dA * dt.view(b, nc, q, g, r).permute(0, 1, 3, 4, 2)).sum((0, 1, 4)).reshape(h)
         g_dt = g_dt.permute(0, 1, 4, 2, 3).reshape(b, t, h)
-        gx = torch.mul(gy, D[:, None])
-        gx.view(b, nc, q, g, r, p).addcmul_(gX.permute(0, 1, 4, 2, 3, 5), dt.view(b, nc, q, g, r, 1))
         gD = torch.linalg.vecdot(gy, x).sum((0, 1))
-        gBm = gB.transpose(2, 3).reshape(b, t, g, n)
-        gCm = gC.transpose(2, 3).reshape(b, t, g, n)
+        if out is None:
+            gx = torch.mul(gy, D[:, None])
+        else:  # [B,T, x | B | C] buffer: the gradients go straight into their columns (no cat after)
+            gx = out[..., : h * p].view(b, t, h, p)
+            torch.mul(gy, D[:, None], out=gx)
+        gx.view(b, nc, q, g, r, p).addcmul_(gX.permute(0, 1, 4, 2, 3, 5), dt.view(b, nc, q, g, r, 1))
+        if out is None:
+            gBm = gB.transpose(2, 3).reshape(b, t, g, n)
+            gCm = gC.transpose(2, 3).reshape(b, t, g, n)
+        else:
+            gBm = out[..., h * p: h * p + g * n].view(b, nc, q, g, n).copy_(gB.transpose(2, 3))
+            gCm = out[..., h * p + g * n:].view(b, nc, q, g, n).copy_(gC.transpose(2, 3))
         return gx, g_dt, gA, gBm, gCm, gD, g_init, None, None
 
 
@@ -430,3 +441,117 @@ def rms_norm_train(x, weight, eps):
 def gated_group_rms_norm_train(y, z, weight, group_size, eps):
     """``model.norms.gated_group_rms_norm`` with a hand-written backward (fp32 inside, z's dtype out)."""
     return _RMSNorm.apply(y.float(), z.float(), weight.float(), group_size, eps).to(z.dtype)
+
+
+# ----------------------------------------------------------------------------- the whole Mamba mixer
+_I64, _F32 = ctypes.c_int64, ctypes.c_float
+_P = ctypes.c_void_p
+kernels.declare("conv_silu_fwd", [_P] * 5 + [ctypes.c_int] * 4 + [_I64])
+kernels.declare("conv_silu_bwd", [_P] * 9 + [ctypes.c_int] * 4 + [_I64] * 2)
+kernels.declare("gated_norm_fwd", [_P] * 5 + [_I64, ctypes.c_int, ctypes.c_int, _I64, _F32])
+kernels.declare("gated_norm_bwd", [_P] * 8 + [_I64, ctypes.c_int, ctypes.c_int, _I64, _I64])
+
+
+class _Saved:
+    """Stands in for an autograd ctx when one Function runs another's forward and backward inside."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+class _MambaMixer(torch.autograd.Function):
+    """Everything of the Mamba-2 mixer between its projections, training forward, CPU fp32 with the
+    model/kernels train kernels: ``proj`` [B,T, z | xBC | dt] -> the gated, normed [B,T,d_inner].
+
+    conv + SiLU and the gated group norm are one kernel pass each way (their backwards recompute the conv
+    output and the gates rather than keeping them); the chunked scan is ``_SSDChunked``'s forward and
+    backward.  The backward writes every gradient of ``proj`` into one [B,T,in_proj] buffer (no cat of
+    the split's pieces)."""
+
+    @staticmethod
+    def forward(ctx, proj, conv_w, conv_b, dt_bias, A_log, D, norm_w, seg_bt, dims):
+        d_inner, heads, head_dim, groups, state, q, clamp, group, eps = dims
+        lib = kernels.library()
+        b, t, width = proj.shape
+        gn = groups * state
+        conv_dim, k = d_inner + 2 * gn, conv_w.shape[0]
+        rs = proj.stride(1)
+        xc = proj.new_empty(b, t, conv_dim)
+        lib.conv_silu_fwd(_ptr(proj[..., d_inner:]), _ptr(conv_w), _ptr(conv_b), _ptr(seg_bt), _ptr(xc),
+                          b, t, conv_dim, k, rs)
+        v = proj[..., d_inner + conv_dim:] + dt_bias
+        dt = F.softplus(v)
+        if clamp > 0:
+            dt.clamp_(min=clamp)
+        A = -torch.exp(A_log)
+        sctx = _Saved()
+        y, _ = _SSDChunked.forward(sctx, xc[..., :d_inner].view(b, t, heads, head_dim), dt, A,
+                                   xc[..., d_inner:d_inner + gn].view(b, t, groups, state),
+                                   xc[..., d_inner + gn:].view(b, t, groups, state), D, None, seg_bt, q)
+        out = proj.new_empty(b, t, d_inner)
+        rstd = proj.new_empty(b * t, d_inner // group)
+        lib.gated_norm_fwd(_ptr(y), _ptr(proj), _ptr(norm_w), _ptr(out), _ptr(rstd), b * t, d_inner, group, rs, eps)
+        ctx.save_for_backward(proj, conv_w, conv_b, norm_w, v, A, y, rstd, seg_bt, *sctx.saved_tensors)
+        ctx.dims, ctx.q = dims, q
+        return out
+
+    @staticmethod
+    def backward(ctx, go):
+        proj, conv_w, conv_b, norm_w, v, A, y, rstd, seg_bt = ctx.saved_tensors[:9]
+        d_inner, heads, head_dim, groups, state, q, clamp, group, eps = ctx.dims
+        lib = kernels.library()
+        b, t, width = proj.shape
+        conv_dim, k = d_inner + 2 * groups * state, conv_w.shape[0]
+        rs = proj.stride(1)
+        go = go.contiguous()
+        gproj = proj.new_empty(b, t, width)
+        gy = proj.new_empty(b, t, d_inner)
+        g_norm_w = norm_w.new_empty(d_inner)
+        lib.gated_norm_bwd(_ptr(go), _ptr(y), _ptr(proj), _ptr(norm_w), _ptr(rstd), _ptr(gy), _ptr(gproj),
+                           _ptr(g_norm_w), b * t, d_inner, group, rs, width)
+        sctx = _Saved()
+        sctx.saved_tensors, sctx.q, sctx.has_init = ctx.saved_tensors[9:], ctx.q, False
+        g_xc = proj.new_empty(b, t, conv_dim)
+        _, g_dt, gA, _, _, gD, _, _, _ = _SSDChunked._backward(sctx, gy.view(b, t, heads, head_dim), None, out=g_xc)
+        g_conv_w, g_conv_b = conv_w.new_empty(k, conv_dim), conv_b.new_empty(conv_dim)
+        lib.conv_silu_bwd(_ptr(proj[..., d_inner:]), _ptr(conv_w), _ptr(conv_b), _ptr(seg_bt), _ptr(g_xc),
+                          _ptr(g_xc), _ptr(gproj[..., d_inner:]), _ptr(g_conv_w), _ptr(g_conv_b), b, t, conv_dim, k,
+                          rs, width)
+        g_v = gproj[..., d_inner + conv_dim:]
+        torch.mul(g_dt, torch.sigmoid(v), out=g_v)  # softplus' = sigmoid
+        if clamp > 0:
+            g_v.masked_fill_(F.softplus(v) < clamp, 0.0)  # clamp(min): no gradient below it
+        g_dt_bias = g_v.sum((0, 1))
+        return gproj, g_conv_w, g_conv_b, g_dt_bias, gA * A, gD, g_norm_w, None, None
+
+
+def mixer_kernels_usable(proj, *params, seg_bt=None, chunk_size=1):
+    """True when ``mamba_mixer_train`` can run: CPU fp32 contiguous tensors, no autocast, the kernels
+    built, T a multiple of the chunk (or shorter than one)."""
+    if torch.is_autocast_enabled("cpu") or proj.device.type != "cpu" or not proj.is_contiguous():
+        return False
+    t = proj.shape[1]
+    if t % min(chunk_size, t):
+        return False
+    for p in (proj, *params):
+        if p.device.type != "cpu" or p.dtype != torch.float32:
+            return False
+    if seg_bt is not None and seg_bt.device.type != "cpu":
+        return False
+    return kernels.library() is not None
+
+
+def mamba_mixer_train(mixer, proj, seg_bt=None):
+    """The training forward of ``Mamba2Mixer`` between in_proj and out_proj through ``_MambaMixer``
+    (check ``mixer_kernels_usable`` first).  Returns [B,T,d_inner] fp32."""
+    cfg = mixer.cfg
+    q = min(cfg.chunk_size, proj.shape[1])
+    dims = (mixer.d_inner, mixer.heads, mixer.head_dim, mixer.groups, mixer.state_size, q,
+            float(cfg.time_step_min_clamp), mixer.norm.group_size, float(mixer.norm.eps))
+    seg = None if seg_bt is None else seg_bt.to(torch.int64).contiguous()
+    return _MambaMixer.apply(proj, mixer.conv1d.weight_kc().contiguous(), mixer.conv1d.bias, mixer.dt_bias,
+                             mixer.A_log, mixer.D, mixer.norm.weight, seg, dims)

@@ -1,0 +1,271 @@
+/* Fused fp32 CPU kernels for the training path of the Mamba mixer (forward and backward), called from
+ * the autograd Function ``_MambaMixer`` in model/train_ops.py (which also holds their PyTorch twins
+ * and is tested against the unfused PyTorch path, values and gradients).
+ *
+ * Each kernel is one pass (or two) over [rows, channels] data that PyTorch does in several: the
+ * causal depthwise conv with its SiLU, and the gated group RMS norm.  The backwards recompute the
+ * cheap forward quantities (conv pre-activation, sigmoid gates) instead of keeping them.
+ *
+ * Row strides are in floats; "rows" are the B*T tokens.  seg: long [B, T] document index of packed rows
+ * (non-decreasing along T) or NULL.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float tv8f __attribute__((vector_size(32)));
+typedef int32_t tv8i __attribute__((vector_size(32)));
+
+static inline tv8f tld8(const float *p) {
+    tv8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void tst8(float *p, tv8f v) { memcpy(p, &v, sizeof v); }
+
+static inline tv8f tsel8(tv8i mask, tv8f a, tv8f b) { return (tv8f)(((tv8i)a & mask) | ((tv8i)b & ~mask)); }
+
+/* exp(x) on 8 lanes (Cephes' expf polynomial, about 1 ulp), as in decode.c. */
+static inline tv8f texp8(tv8f x) {
+    const tv8f hi = x * 0.0f + 88.3762626647949f;
+    const tv8f lo = -hi, magic = x * 0.0f + 12582912.0f;
+    x = tsel8(x < lo, lo, x);
+    x = tsel8(x > hi, hi, x);
+    const tv8f t = x * 1.44269504088896341f + magic;
+    const tv8f n = t - magic;
+    const tv8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    tv8f p = r * 0.0f + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const tv8i bits = ((tv8i)t - (tv8i)magic + 127) << 23;
+    return p * (tv8f)bits;
+}
+
+static inline tv8f tsigmoid8(tv8f v) { return 1.0f / (1.0f + texp8(-v)); }
+
+static inline float tsigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+static inline float thsum8(tv8f v) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+/* taps of row (b, t) that read an input of the same document before the start: valid[s] for shift s */
+static void conv_valid(const int64_t *seg, int b, int t, int T, int K, int *valid) {
+    for (int s = 0; s < K; s++) {
+        valid[s] = t - s >= 0 && (seg == NULL || seg[(int64_t)b * T + t - s] == seg[(int64_t)b * T + t]);
+    }
+}
+
+/* u[c] = bias[c] + sum_j w[j, c] x[t - (K-1-j), c] (valid taps, oldest first) for one row */
+static void conv_row(const float *x, int64_t xs, const float *w, const float *bias, const int *valid,
+                     int t, int C, int K, float *u) {
+    const float *xt = x + (int64_t)t * xs;
+    int c = 0;
+    for (; c + 8 <= C; c += 8) {
+        tv8f acc = tld8(bias + c);
+        for (int j = 0; j < K; j++) {
+            const int s = K - 1 - j;
+            if (valid[s]) acc += tld8(xt - (int64_t)s * xs + c) * tld8(w + (int64_t)j * C + c);
+        }
+        tst8(u + c, acc);
+    }
+    for (; c < C; c++) {
+        float acc = bias[c];
+        for (int j = 0; j < K; j++) {
+            const int s = K - 1 - j;
+            if (valid[s]) acc += xt[-(int64_t)s * xs + c] * w[(int64_t)j * C + c];
+        }
+        u[c] = acc;
+    }
+}
+
+#define MAXK 64
+
+/* out [B, T, C] = silu(causal depthwise conv of x), x: rows of stride xs (first C columns read). */
+void conv_silu_fwd(const float *x, const float *w, const float *bias, const int64_t *seg, float *out,
+                   int B, int T, int C, int K, int64_t xs) {
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < (int64_t)B * T; row++) {
+        const int b = (int)(row / T), t = (int)(row % T);
+        int valid[MAXK];
+        conv_valid(seg, b, t, T, K, valid);
+        float *u = out + row * C;
+        conv_row(x + (int64_t)b * T * xs, xs, w, bias, valid, t, C, K, u);
+        int c = 0;
+        for (; c + 8 <= C; c += 8) {
+            const tv8f v = tld8(u + c);
+            tst8(u + c, v * tsigmoid8(v));
+        }
+        for (; c < C; c++) u[c] = u[c] * tsigmoid(u[c]);
+    }
+}
+
+/* Backward of conv_silu_fwd.  g [B, T, C] contiguous: gradient of the output; gu [B, T, C]: workspace
+ * (gets the gradient of the conv output, the pre-activation recomputed); gx: rows of stride gxs (first C
+ * columns written); gw [K, C], gb [C] written.  gu may be g itself. */
+void conv_silu_bwd(const float *x, const float *w, const float *bias, const int64_t *seg, const float *g,
+                   float *gu, float *gx, float *gw, float *gb, int B, int T, int C, int K, int64_t xs,
+                   int64_t gxs) {
+    const int64_t rows = (int64_t)B * T;
+    memset(gw, 0, sizeof(float) * (size_t)K * C);
+    memset(gb, 0, sizeof(float) * (size_t)C);
+#pragma omp parallel
+    {
+        float *u = malloc(sizeof(float) * (size_t)C); /* one row's conv output (gu may alias g) */
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; row++) {
+            const int b = (int)(row / T), t = (int)(row % T);
+            int valid[MAXK];
+            conv_valid(seg, b, t, T, K, valid);
+            float *gr = gu + row * C;
+            const float *g0 = g + row * C;
+            conv_row(x + (int64_t)b * T * xs, xs, w, bias, valid, t, C, K, u);
+            int c = 0;
+            for (; c + 8 <= C; c += 8) { /* d silu(u) = s (1 + u (1 - s)) */
+                const tv8f v = tld8(u + c), s = tsigmoid8(v);
+                tst8(gr + c, tld8(g0 + c) * s * (1.0f + v * (1.0f - s)));
+            }
+            for (; c < C; c++) {
+                const float v = u[c], s = tsigmoid(v);
+                gr[c] = g0[c] * s * (1.0f + v * (1.0f - s));
+            }
+        }
+        free(u);
+        /* implicit barrier: gu complete */
+        float *part = calloc((size_t)(K + 1) * C, sizeof(float)); /* [K, C] weight, [C] bias partials */
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; row++) {
+            const int b = (int)(row / T), t = (int)(row % T);
+            int valid[MAXK], ahead[MAXK];
+            conv_valid(seg, b, t, T, K, valid);
+            /* ahead[s]: output t + s reads this input through tap K-1-s */
+            for (int s = 0; s < K; s++) {
+                ahead[s] = t + s < T && (seg == NULL || seg[(int64_t)b * T + t + s] == seg[(int64_t)b * T + t]);
+            }
+            const float *gur = gu + row * C, *xt = x + (int64_t)b * T * xs + (int64_t)t * xs;
+            float *gxr = gx + (int64_t)b * T * gxs + (int64_t)t * gxs;
+            int c = 0;
+            for (; c + 8 <= C; c += 8) {
+                tv8f acc = tld8(gur + c) * tld8(w + (int64_t)(K - 1) * C + c);
+                for (int s = 1; s < K; s++) {
+                    if (ahead[s]) acc += tld8(gur + (int64_t)s * C + c) * tld8(w + (int64_t)(K - 1 - s) * C + c);
+                }
+                tst8(gxr + c, acc);
+                const tv8f gv = tld8(gur + c);
+                tst8(part + (int64_t)K * C + c, tld8(part + (int64_t)K * C + c) + gv);
+                for (int s = 0; s < K; s++) {
+                    if (valid[s]) {
+                        float *pj = part + (int64_t)(K - 1 - s) * C + c;
+                        tst8(pj, tld8(pj) + gv * tld8(xt - (int64_t)s * xs + c));
+                    }
+                }
+            }
+            for (; c < C; c++) {
+                float acc = gur[c] * w[(int64_t)(K - 1) * C + c];
+                for (int s = 1; s < K; s++) {
+                    if (ahead[s]) acc += gur[(int64_t)s * C + c] * w[(int64_t)(K - 1 - s) * C + c];
+                }
+                gxr[c] = acc;
+                part[(int64_t)K * C + c] += gur[c];
+                for (int s = 0; s < K; s++) {
+                    if (valid[s]) part[(int64_t)(K - 1 - s) * C + c] += gur[c] * xt[-(int64_t)s * xs + c];
+                }
+            }
+        }
+#pragma omp critical
+        {
+            for (int c = 0; c < K * C; c++) gw[c] += part[c];
+            for (int c = 0; c < C; c++) gb[c] += part[(int64_t)K * C + c];
+        }
+        free(part);
+    }
+}
+
+/* Gated group RMS norm: a = y * silu(z); out = a * rsqrt(mean over each group of a^2 + eps) * w.
+ * y, out: [rows, D] contiguous; z: rows of stride zs; rstd [rows, D / group] written (for the backward). */
+void gated_norm_fwd(const float *y, const float *z, const float *w, float *out, float *rstd, int64_t rows,
+                    int D, int group, int64_t zs, float eps) {
+    const int ng = D / group;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < rows; row++) {
+        const float *yr = y + row * D, *zr = z + row * zs;
+        float *o = out + row * D;
+        for (int gi = 0; gi < ng; gi++) {
+            const int c0 = gi * group;
+            tv8f ss8 = {0};
+            float ss = 0.0f;
+            int c = c0;
+            for (; c + 8 <= c0 + group; c += 8) {
+                const tv8f zv = tld8(zr + c), a = tld8(yr + c) * zv * tsigmoid8(zv);
+                tst8(o + c, a);
+                ss8 += a * a;
+            }
+            for (; c < c0 + group; c++) {
+                const float a = yr[c] * zr[c] * tsigmoid(zr[c]);
+                o[c] = a;
+                ss += a * a;
+            }
+            const float r = 1.0f / sqrtf((thsum8(ss8) + ss) / (float)group + eps);
+            rstd[row * ng + gi] = r;
+            for (c = c0; c < c0 + group; c++) o[c] = o[c] * r * w[c];
+        }
+    }
+}
+
+/* Backward of gated_norm_fwd.  go [rows, D] contiguous; gy [rows, D] contiguous and gz (rows of stride
+ * gzs) written; gw [D] written. */
+void gated_norm_bwd(const float *go, const float *y, const float *z, const float *w, const float *rstd,
+                    float *gy, float *gz, float *gw, int64_t rows, int D, int group, int64_t zs, int64_t gzs) {
+    const int ng = D / group;
+    memset(gw, 0, sizeof(float) * (size_t)D);
+#pragma omp parallel
+    {
+        float *part = calloc((size_t)D, sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; row++) {
+            const float *gor = go + row * D, *yr = y + row * D, *zr = z + row * zs;
+            float *gyr = gy + row * D, *gzr = gz + row * gzs;
+            for (int gi = 0; gi < ng; gi++) {
+                const int c0 = gi * group, c1 = c0 + group;
+                const float r = rstd[row * ng + gi];
+                /* pass 1: dot = sum(go * w * normed) / group, and the weight gradient */
+                tv8f d8 = {0};
+                float d = 0.0f;
+                int c = c0;
+                for (; c + 8 <= c1; c += 8) {
+                    const tv8f zv = tld8(zr + c), nv = tld8(yr + c) * zv * tsigmoid8(zv) * r, gv = tld8(gor + c);
+                    d8 += gv * tld8(w + c) * nv;
+                    tst8(part + c, tld8(part + c) + gv * nv);
+                }
+                for (; c < c1; c++) {
+                    const float nv = yr[c] * zr[c] * tsigmoid(zr[c]) * r;
+                    d += gor[c] * w[c] * nv;
+                    part[c] += gor[c] * nv;
+                }
+                const float dot = (thsum8(d8) + d) / (float)group;
+                /* pass 2: ga = (go w - normed dot) r; gy = ga silu(z); gz = ga y s (1 + z (1 - s)) */
+                for (c = c0; c + 8 <= c1; c += 8) {
+                    const tv8f zv = tld8(zr + c), yv = tld8(yr + c), s = tsigmoid8(zv), gate = zv * s;
+                    const tv8f ga = (tld8(gor + c) * tld8(w + c) - yv * gate * r * dot) * r;
+                    tst8(gyr + c, ga * gate);
+                    tst8(gzr + c, ga * yv * s * (1.0f + zv * (1.0f - s)));
+                }
+                for (; c < c1; c++) {
+                    const float zv = zr[c], yv = yr[c], s = tsigmoid(zv), gate = zv * s;
+                    const float ga = (gor[c] * w[c] - yv * gate * r * dot) * r;
+                    gyr[c] = ga * gate;
+                    gzr[c] = ga * yv * s * (1.0f + zv * (1.0f - s));
+                }
+            }
+        }
+#pragma omp critical
+        for (int c = 0; c < D; c++) gw[c] += part[c];
+        free(part);
+    }
+}
