@@ -383,23 +383,26 @@ void attn_step(const float *qkv, float *kbuf, float *vbuf, const int64_t *len, f
             float *kb = kbuf + (((int64_t)b * Hkv + g) * cap) * Dh, *vb = vbuf + (((int64_t)b * Hkv + g) * cap) * Dh;
             memcpy(kb + len[b] * Dh, kn + g * Dh, sizeof(float) * Dh);
             memcpy(vb + len[b] * Dh, vn + g * Dh, sizeof(float) * Dh);
+            /* the R query heads of the group read each cached key and value once */
+            const float *qg = q + (int64_t)g * R * Dh;
+            float *sg = scores + ((int64_t)b * Hq + g * R) * cap, *og = out + (int64_t)b * Hq * Dh + g * R * Dh;
+            for (int64_t t = 0; t < L; t++)
+                for (int r = 0; r < R; r++) sg[r * cap + t] = dot(qg + r * Dh, kb + t * Dh, Dh) * scale;
             for (int r = 0; r < R; r++) {
-                const int hq = g * R + r;
-                const float *qh = q + hq * Dh;
-                float *sc = scores + ((int64_t)b * Hq + hq) * cap, *o = out + (int64_t)b * Hq * Dh + hq * Dh;
-                float mx = -INFINITY;
-                for (int64_t t = 0; t < L; t++) {
-                    sc[t] = dot(qh, kb + t * Dh, Dh) * scale;
-                    mx = sc[t] > mx ? sc[t] : mx;
-                }
+                float *sc = sg + (int64_t)r * cap, mx = -INFINITY, tot = 0.0f;
+                for (int64_t t = 0; t < L; t++) mx = sc[t] > mx ? sc[t] : mx;
                 for (int64_t t = 0; t < L; t++) sc[t] -= mx;
                 exp_inplace(sc, (int)L);
-                float tot = 0.0f;
                 for (int64_t t = 0; t < L; t++) tot += sc[t];
-                for (int d = 0; d < Dh; d++) o[d] = 0.0f;
-                for (int64_t t = 0; t < L; t++) {
-                    const float pt = sc[t] / tot;
-                    for (int d = 0; d < Dh; d++) o[d] += pt * vb[t * Dh + d];
+                for (int64_t t = 0; t < L; t++) sc[t] /= tot;
+                for (int d = 0; d < Dh; d++) og[r * Dh + d] = 0.0f;
+            }
+            for (int64_t t = 0; t < L; t++) {
+                const float *vt = vb + t * Dh;
+                for (int r = 0; r < R; r++) {
+                    const float pt = sg[r * cap + t];
+                    float *o = og + r * Dh;
+                    for (int d = 0; d < Dh; d++) o[d] += pt * vt[d];
                 }
             }
         }
