@@ -287,6 +287,11 @@ void linear_packed(const float *A, const float *Wp, float *C, int M, int K, int 
     gemm_packed_par(A, M, K, lda, Wp, N, C, ldc);
 }
 
+static int cmp_desc(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x < y) - (x > y);
+}
+
 /* Routed experts for N tokens: out[t] = sum_j w[t, j] * down(relu^2(up(x[t]))) of expert idx[t, j].
  * With `shared` (row stride shared_stride, Is values), out[t, De:De+Is] = relu^2(shared[t]) as well, so
  * that one matmul can apply the latent and shared down-projections together.
@@ -311,15 +316,20 @@ void moe_experts(const float *x, const int64_t *idx, const float *w, const float
     }
     int cap = 0;
     for (int e = 0; e < E; e++) cap = count[e] > cap ? count[e] : cap;
+    /* largest experts first, so that the threads finish together */
+    int64_t *order = malloc(sizeof(int64_t) * (size_t)E);  /* (count << 32 | expert), sorted descending */
+    int n_used = 0;
+    for (int e = 0; e < E; e++)
+        if (count[e] > 0) order[n_used++] = ((int64_t)count[e] << 32) | (int64_t)(E - 1 - e);
+    qsort(order, (size_t)n_used, sizeof(int64_t), cmp_desc);
 #pragma omp parallel
     {
         float *xs = malloc(sizeof(float) * (size_t)(cap > 0 ? cap : 1) * De);
         float *hid = malloc(sizeof(float) * (size_t)(cap > 0 ? cap : 1) * I);
         float *ys = malloc(sizeof(float) * (size_t)(cap > 0 ? cap : 1) * De);
 #pragma omp for schedule(dynamic, 1)
-        for (int e = 0; e < E; e++) {
-            const int ne = count[e];
-            if (ne == 0) continue;
+        for (int i = 0; i < n_used; i++) {
+            const int e = E - 1 - (int)(order[i] & 0xffffffff), ne = count[e];
             for (int r = 0; r < ne; r++)
                 memcpy(xs + (int64_t)r * De, x + (int64_t)(pairs[start[e] + r] / k) * x_stride, sizeof(float) * De);
             gemm_packed(xs, ne, De, De, up_p + (int64_t)e * De * Ip, I, hid, I, 1);
@@ -345,6 +355,7 @@ void moe_experts(const float *x, const int64_t *idx, const float *w, const float
             }
         }
     }
+    free(order);
     free(count);
     free(start);
     free(pairs);
