@@ -217,32 +217,47 @@ static inline v8f relu2_8(v8f v) {
 /* One 16-column panel Bj [K][16] for all m rows of A: C[:, 0:nc] (= A @ Bj, relu^2 when act).
  * `next` (or NULL): the panel to be used after this one; its K cache lines are prefetched during the
  * first row block, so that streaming weights from memory overlaps the arithmetic. */
+/* acc[0..MR) += rows a[0..MR) of A times the panel Bj, prefetching one line of `pre` per k when
+ * given.  MR is a constant at every call site, so each row count gets its own unrolled loop. */
+static inline __attribute__((always_inline)) void block_mr(const float *const *a, int K, const float *Bj,
+                                                           const float *pre, v8f acc[6][2], const int MR) {
+    if (pre != NULL) {
+        for (int kk = 0; kk < K; kk++) {
+            __builtin_prefetch(pre + (int64_t)kk * 16, 0, 2);
+            const v8f b0 = load8(Bj + (int64_t)kk * 16), b1 = load8(Bj + (int64_t)kk * 16 + 8);
+            for (int r = 0; r < MR; r++) {
+                const float av = a[r][kk];
+                acc[r][0] += av * b0;
+                acc[r][1] += av * b1;
+            }
+        }
+    } else {
+        for (int kk = 0; kk < K; kk++) {
+            const v8f b0 = load8(Bj + (int64_t)kk * 16), b1 = load8(Bj + (int64_t)kk * 16 + 8);
+            for (int r = 0; r < MR; r++) {
+                const float av = a[r][kk];
+                acc[r][0] += av * b0;
+                acc[r][1] += av * b1;
+            }
+        }
+    }
+}
+
 static void panel_rows(const float *A, int m, int K, int lda, const float *Bj, const float *next, float *C, int ldc,
                        int nc, int act) {
     for (int r0 = 0; r0 < m; r0 += 6) {
         const int mr = m - r0 < 6 ? m - r0 : 6;
         const float *a[6];
-        for (int r = 0; r < 6; r++) a[r] = A + (int64_t)(r0 + (r < mr ? r : 0)) * lda;
+        for (int r = 0; r < mr; r++) a[r] = A + (int64_t)(r0 + r) * lda;
         v8f acc[6][2] = {{{0}}};
-        if (r0 == 0 && next != NULL) {
-            for (int kk = 0; kk < K; kk++) {
-                __builtin_prefetch(next + (int64_t)kk * 16, 0, 2);
-                const v8f b0 = load8(Bj + (int64_t)kk * 16), b1 = load8(Bj + (int64_t)kk * 16 + 8);
-                for (int r = 0; r < 6; r++) {
-                    const float av = a[r][kk];
-                    acc[r][0] += av * b0;
-                    acc[r][1] += av * b1;
-                }
-            }
-        } else {
-            for (int kk = 0; kk < K; kk++) {
-                const v8f b0 = load8(Bj + (int64_t)kk * 16), b1 = load8(Bj + (int64_t)kk * 16 + 8);
-                for (int r = 0; r < 6; r++) {
-                    const float av = a[r][kk];
-                    acc[r][0] += av * b0;
-                    acc[r][1] += av * b1;
-                }
-            }
+        const float *pre = r0 == 0 ? next : NULL;
+        switch (mr) {
+        case 6: block_mr(a, K, Bj, pre, acc, 6); break;
+        case 5: block_mr(a, K, Bj, pre, acc, 5); break;
+        case 4: block_mr(a, K, Bj, pre, acc, 4); break;
+        case 3: block_mr(a, K, Bj, pre, acc, 3); break;
+        case 2: block_mr(a, K, Bj, pre, acc, 2); break;
+        default: block_mr(a, K, Bj, pre, acc, 1);
         }
         for (int r = 0; r < mr; r++) {
             float *cr = C + (int64_t)(r0 + r) * ldc;
