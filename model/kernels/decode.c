@@ -275,13 +275,15 @@ static void panel_rows(const float *A, int m, int K, int lda, const float *Bj, c
 /* C[m, n] = A[m, K] @ B[K, n], then relu^2 when act.  A rows have stride lda, C rows ldc.  B comes
  * packed in panels of 16 columns, each panel contiguous [K][16] (zero columns pad n up to a multiple of
  * 16), so that the weights stream sequentially.  Blocks of 6 rows x 16 columns: 12 accumulator
- * vectors, 2 loads of B and 6 broadcasts of A per k.  Serial (callers parallelise over experts). */
-static void gemm_packed(const float *A, int m, int K, int lda, const float *Bp, int n, float *C, int ldc, int act) {
+ * vectors, 2 loads of B and 6 broadcasts of A per k.  Serial (callers parallelise over experts);
+ * `then` (or NULL): the panels used next, whose start is prefetched during the last panel. */
+static void gemm_packed(const float *A, int m, int K, int lda, const float *Bp, int n, float *C, int ldc, int act,
+                        const float *then) {
     const int panels = (n + 15) / 16;
     for (int j = 0; j < panels; j++) {
         const float *Bj = Bp + (int64_t)j * K * 16;
         const int c = 16 * j, nc = n - c < 16 ? n - c : 16;
-        panel_rows(A, m, K, lda, Bj, j + 1 < panels ? Bj + (int64_t)K * 16 : NULL, C + c, ldc, nc, act);
+        panel_rows(A, m, K, lda, Bj, j + 1 < panels ? Bj + (int64_t)K * 16 : then, C + c, ldc, nc, act);
     }
 }
 
@@ -347,8 +349,9 @@ void moe_experts(const float *x, const int64_t *idx, const float *w, const float
             const int e = E - 1 - (int)(order[i] & 0xffffffff), ne = count[e];
             for (int r = 0; r < ne; r++)
                 memcpy(xs + (int64_t)r * De, x + (int64_t)(pairs[start[e] + r] / k) * x_stride, sizeof(float) * De);
-            gemm_packed(xs, ne, De, De, up_p + (int64_t)e * De * Ip, I, hid, I, 1);
-            gemm_packed(hid, ne, I, I, down_p + (int64_t)e * I * Dp, De, ys, De, 0);
+            const float *down = down_p + (int64_t)e * I * Dp;
+            gemm_packed(xs, ne, De, De, up_p + (int64_t)e * De * Ip, I, hid, I, 1, down);
+            gemm_packed(hid, ne, I, I, down, De, ys, De, 0, NULL);
             for (int r = 0; r < ne; r++)
                 memcpy(ypair + (int64_t)pairs[start[e] + r] * De, ys + (int64_t)r * De, sizeof(float) * De);
         }
