@@ -34,6 +34,24 @@ import torch.nn.functional as F
 from . import kernels
 
 
+# signatures of model/kernels/train.c (CPU fp32 kernels of the training path)
+_I64, _F32, _INT, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+kernels.declare("conv_silu_fwd", [_P] * 5 + [_INT] * 4 + [_I64])
+kernels.declare("conv_silu_bwd", [_P] * 9 + [_INT] * 4 + [_I64] * 2)
+kernels.declare("gated_norm_fwd", [_P] * 5 + [_I64, _INT, _INT, _I64, _F32])
+kernels.declare("gated_norm_bwd", [_P] * 8 + [_I64, _INT, _INT, _I64, _I64])
+kernels.declare("ssd_decay_fwd", [_P] * 4 + [_INT] * 5)
+kernels.declare("ssd_decay_bwd", [_P] * 6 + [_INT] * 5)
+kernels.declare("ssd_in", [_P] * 3 + [_INT] * 5 + [_I64])
+kernels.declare("ssd_out", [_P] * 4 + [_INT] * 5 + [_I64])
+kernels.declare("ssd_gy_in", [_P] * 4 + [_INT] * 5 + [_I64])
+kernels.declare("ssd_gx", [_P] * 7 + [_INT] * 5 + [_I64] * 2)
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
 def _autocast_off(device_type):
     """Autocast disabled inside (for a backward run while an autocast context is active)."""
     if torch.is_autocast_enabled(device_type):
@@ -239,20 +257,30 @@ class _SSDChunked(torch.autograd.Function):
         g, n = Bm.shape[2], Bm.shape[3]
         r, nc = h // g, t // q
         within, to_end, from_start, keep = _ssd_masks(seg_bt, b, nc, q)
+        use_k = _ssd_kernels(x, dt, q)  # CPU fp32: the layout passes and the decay blocks in C
         X = x.new_empty(b, nc, g, r, q, p)  # x * dt, head-major
-        torch.mul(x.view(b, nc, q, g, r, p).permute(_HEAD_MAJOR), dt.view(b, nc, q, g, r, 1).permute(_HEAD_MAJOR),
-                  out=X)
+        if use_k:
+            kernels.library().ssd_in(_ptr(x), _ptr(dt), _ptr(X), b, nc, h, q, p, x.stride(1))
+        else:
+            torch.mul(x.view(b, nc, q, g, r, p).permute(_HEAD_MAJOR),
+                      dt.view(b, nc, q, g, r, 1).permute(_HEAD_MAJOR), out=X)
         cs = torch.cumsum((dt * A).view(b, nc, q, h).transpose(2, 3), dim=-1).reshape(b, nc, g, r, q)
         Bc = Bm.view(b, nc, q, g, n).transpose(2, 3)  # [B,c,G,Q,N]
         Cc = Cm.view(b, nc, q, g, n).transpose(2, 3)
 
         # 1. diagonal blocks: M = exp(cs_l - cs_s) * C_l.B_s (causal, same document), Y = M @ X
-        mask = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-        if within is not None:
-            mask = mask & within
-        L = (cs[..., :, None] - cs[..., None, :]).masked_fill_(~mask, -math.inf).exp_()  # [B,c,G,R,Q,Q]
         CB = Cc @ Bc.transpose(-1, -2)  # [B,c,G,Q,Q]
-        M = L * CB[:, :, :, None]
+        seg64 = None
+        if use_k:  # one pass, L not kept (the backward's kernel recomputes it)
+            seg64 = None if seg_bt is None else seg_bt.to(torch.int64).contiguous()
+            L, M = None, x.new_empty(b, nc, g, r, q, q)
+            kernels.library().ssd_decay_fwd(_ptr(cs), _ptr(CB), _ptr(seg64), _ptr(M), b, nc, g, r, q)
+        else:
+            mask = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+            if within is not None:
+                mask = mask & within
+            L = (cs[..., :, None] - cs[..., None, :]).masked_fill_(~mask, -math.inf).exp_()  # [B,c,G,R,Q,Q]
+            M = L * CB[:, :, :, None]
 
         # 2. the state each chunk leaves at its end: S = (B * decay to the end)^T @ X   [B,c,G,R,N,P]
         cs_last = cs[..., -1:]
@@ -281,10 +309,13 @@ class _SSDChunked(torch.autograd.Function):
         Y = Cd @ start
         _bmm3(Y, q, p).baddbmm_(_bmm3(M, q, q), _bmm3(X, q, p))
         y = x.new_empty(b, t, h, p)
-        torch.addcmul(Y.permute(0, 1, 4, 2, 3, 5), x.view(b, nc, q, g, r, p), D.view(g, r, 1),
-                      out=y.view(b, nc, q, g, r, p))
+        if use_k:
+            kernels.library().ssd_out(_ptr(Y), _ptr(x), _ptr(D), _ptr(y), b, nc, h, q, p, x.stride(1))
+        else:
+            torch.addcmul(Y.permute(0, 1, 4, 2, 3, 5), x.view(b, nc, q, g, r, p), D.view(g, r, 1),
+                          out=y.view(b, nc, q, g, r, p))
 
-        ctx.save_for_backward(x, dt, A, Bc, Cc, D, X, cs, L, M, CB, dte, Bd, decay, start, od, Cd)
+        ctx.save_for_backward(x, dt, A, Bc, Cc, D, X, cs, L, M, CB, dte, Bd, decay, start, od, Cd, seg64)
         ctx.has_init, ctx.q = init is not None, q
         return y, final
 
@@ -295,15 +326,21 @@ class _SSDChunked(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, gy, gfinal, out=None):
-        x, dt, A, Bc, Cc, D, X, cs, L, M, CB, dte, Bd, decay, start, od, Cd = ctx.saved_tensors
+        x, dt, A, Bc, Cc, D, X, cs, L, M, CB, dte, Bd, decay, start, od, Cd, seg64 = ctx.saved_tensors
         q = ctx.q
         b, t, h, p = x.shape
         g, n = Bc.shape[2], Bc.shape[4]
         r, nc = h // g, t // q
         if gy is None:
             gy = x.new_zeros(b, t, h, p)
+        use_k = L is None  # the forward ran the kernels
         gY = x.new_empty(b, nc, g, r, q, p)
-        gY.copy_(gy.reshape(b, nc, q, g, r, p).permute(_HEAD_MAJOR))
+        if use_k:
+            gy = gy.contiguous()
+            gD_part = x.new_empty(b * nc, h)
+            kernels.library().ssd_gy_in(_ptr(gy), _ptr(x), _ptr(gY), _ptr(gD_part), b, nc, h, q, p, x.stride(1))
+        else:
+            gY.copy_(gy.reshape(b, nc, q, g, r, p).permute(_HEAD_MAJOR))
 
         # 4. read-out: Y += Cd @ start with Cd = C * od
         Z = gY @ start.transpose(-1, -2)  # d/dCd  [B,c,G,R,Q,N]
@@ -332,26 +369,36 @@ class _SSDChunked(torch.autograd.Function):
         # 1. diagonal blocks: Y += M @ X with M = L * CB, L = exp(cs_l - cs_s)
         _bmm3(gX, q, p).baddbmm_(_bmm3(M, q, q).transpose(1, 2), _bmm3(gY, q, p))
         gM = gY @ X.transpose(-1, -2)  # [B,c,G,R,Q,Q]
-        gM.mul_(L)
-        gCB = gM.sum(3)  # [B,c,G,Q,Q]
-        gM.mul_(CB[:, :, :, None])  # d/d(cs_l - cs_s)
-        g_cs.add_(gM.sum(-1)).sub_(gM.sum(-2))
+        if L is None:  # the kernel: L recomputed, gCB and both sums of the cs gradient in one pass
+            gCB = CB.new_empty(CB.shape)
+            kernels.library().ssd_decay_bwd(_ptr(gM), _ptr(cs), _ptr(CB), _ptr(seg64), _ptr(gCB), _ptr(g_cs),
+                                            b, nc, g, r, q)
+        else:
+            gM.mul_(L)
+            gCB = gM.sum(3)  # [B,c,G,Q,Q]
+            gM.mul_(CB[:, :, :, None])  # d/d(cs_l - cs_s)
+            g_cs.add_(gM.sum(-1)).sub_(gM.sum(-2))
         gC.add_(gCB @ Bc)
         gB.add_(gCB.transpose(-1, -2) @ Cc)
 
         # cumsum over the chunk, dt * A, x * dt, and the D skip
         g_dA = g_cs.flip(-1).cumsum(-1).flip(-1)  # [B,c,G,R,Q]
-        xh = x.view(b, nc, q, g, r, p).permute(_HEAD_MAJOR)
-        g_dt = torch.addcmul(torch.linalg.vecdot(gX, xh), g_dA, A.view(g, r, 1))
         gA = (g_dA * dt.view(b, nc, q, g, r).permute(0, 1, 3, 4, 2)).sum((0, 1, 4)).reshape(h)
-        g_dt = g_dt.permute(0, 1, 4, 2, 3).reshape(b, t, h)
-        gD = torch.linalg.vecdot(gy, x).sum((0, 1))
-        if out is None:
-            gx = torch.mul(gy, D[:, None])
-        else:  # [B,T, x | B | C] buffer: the gradients go straight into their columns (no cat after)
-            gx = out[..., : h * p].view(b, t, h, p)
+        # [B,T, x | B | C] buffer given: the gradients go straight into their columns (no cat after)
+        gx = x.new_empty(b, t, h, p) if out is None else out[..., : h * p].view(b, t, h, p)
+        if use_k:  # gx = gy D + gX dt and gX . x in one pass
+            g_dtx = dt.new_empty(b, t, h)
+            kernels.library().ssd_gx(_ptr(gy), _ptr(gX), _ptr(x), _ptr(dt), _ptr(D), _ptr(gx), _ptr(g_dtx),
+                                     b, nc, h, q, p, x.stride(1), gx.stride(1))
+            g_dt = torch.addcmul(g_dtx, g_dA.permute(0, 1, 4, 2, 3).reshape(b, t, h), A)
+            gD = gD_part.sum(0)
+        else:
+            xh = x.view(b, nc, q, g, r, p).permute(_HEAD_MAJOR)
+            g_dt = torch.addcmul(torch.linalg.vecdot(gX, xh), g_dA, A.view(g, r, 1))
+            g_dt = g_dt.permute(0, 1, 4, 2, 3).reshape(b, t, h)
+            gD = torch.linalg.vecdot(gy, x).sum((0, 1))
             torch.mul(gy, D[:, None], out=gx)
-        gx.view(b, nc, q, g, r, p).addcmul_(gX.permute(0, 1, 4, 2, 3, 5), dt.view(b, nc, q, g, r, 1))
+            gx.view(b, nc, q, g, r, p).addcmul_(gX.permute(0, 1, 4, 2, 3, 5), dt.view(b, nc, q, g, r, 1))
         if out is None:
             gBm = gB.transpose(2, 3).reshape(b, t, g, n)
             gCm = gC.transpose(2, 3).reshape(b, t, g, n)
@@ -359,6 +406,17 @@ class _SSDChunked(torch.autograd.Function):
             gBm = out[..., h * p: h * p + g * n].view(b, nc, q, g, n).copy_(gB.transpose(2, 3))
             gCm = out[..., h * p + g * n:].view(b, nc, q, g, n).copy_(gC.transpose(2, 3))
         return gx, g_dt, gA, gBm, gCm, gD, g_init, None, None
+
+
+def _ssd_kernels(x, dt, q):
+    """The SSD kernels of model/kernels/train.c apply: CPU fp32, x [B,T,H,P] with contiguous heads and
+    batch stride T * token stride, dt contiguous, chunk <= 1024, the library built."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or dt.dtype != torch.float32 or q > 1024:
+        return False
+    b, t, h, p = x.shape
+    if x.stride(3) != 1 or x.stride(2) != p or x.stride(0) != t * x.stride(1) or not dt.is_contiguous():
+        return False
+    return kernels.library() is not None
 
 
 _HEAD_MAJOR = (0, 1, 3, 4, 2, 5)  # [B,c,Q,G,R,P] -> [B,c,G,R,Q,P]
@@ -444,12 +502,6 @@ def gated_group_rms_norm_train(y, z, weight, group_size, eps):
 
 
 # ----------------------------------------------------------------------------- the whole Mamba mixer
-_I64, _F32 = ctypes.c_int64, ctypes.c_float
-_P = ctypes.c_void_p
-kernels.declare("conv_silu_fwd", [_P] * 5 + [ctypes.c_int] * 4 + [_I64])
-kernels.declare("conv_silu_bwd", [_P] * 9 + [ctypes.c_int] * 4 + [_I64] * 2)
-kernels.declare("gated_norm_fwd", [_P] * 5 + [_I64, ctypes.c_int, ctypes.c_int, _I64, _F32])
-kernels.declare("gated_norm_bwd", [_P] * 8 + [_I64, ctypes.c_int, ctypes.c_int, _I64, _I64])
 
 
 class _Saved:
@@ -457,10 +509,6 @@ class _Saved:
 
     def save_for_backward(self, *tensors):
         self.saved_tensors = tensors
-
-
-def _ptr(t):
-    return None if t is None else t.data_ptr()
 
 
 class _MambaMixer(torch.autograd.Function):

@@ -269,3 +269,167 @@ void gated_norm_bwd(const float *go, const float *y, const float *z, const float
         free(part);
     }
 }
+
+/* ---------------------------------------------------------------- chunked SSD scan: the decay blocks
+ * Per chunk (b, c), group g, head r of the group, positions l, s of the chunk (Q of them):
+ *     L[l, s] = exp(cs[l] - cs[s]) for s <= l within the same document, else 0
+ *     M = L * CB                                  (CB[l, s] = C_l . B_s, shared by the heads of a group)
+ * cs [B, NC, G, R, Q] (in-chunk cumulative dt * A), CB [B, NC, G, Q, Q], M [B, NC, G, R, Q, Q]; seg as above
+ * (documents restart inside a chunk: s must not lie before the first position of l's document). */
+static void first_of_doc(const int64_t *seg, int64_t t0, int Q, int *lo) {
+    lo[0] = 0;
+    for (int l = 1; l < Q; l++) lo[l] = (seg != NULL && seg[t0 + l] != seg[t0 + l - 1]) ? l : lo[l - 1];
+}
+
+void ssd_decay_fwd(const float *cs, const float *CB, const int64_t *seg, float *M, int B, int NC, int G, int R,
+                   int Q) {
+    const int64_t blocks = (int64_t)B * NC * G * R;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t bcg = blk / R, bc = bcg / G;
+        int lo[1024];
+        first_of_doc(seg, bc * Q, Q, lo); /* chunk bc starts at token (b * NC + c) * Q of the [B, T] seg */
+        const float *c0 = cs + blk * Q, *cb = CB + bcg * Q * Q;
+        float *m = M + blk * Q * Q;
+        for (int l = 0; l < Q; l++) {
+            const float cl = c0[l];
+            float *mr = m + (int64_t)l * Q;
+            const float *cbr = cb + (int64_t)l * Q;
+            int s = 0;
+            for (; s + 8 <= Q; s += 8) {
+                tv8i idx = {s, s + 1, s + 2, s + 3, s + 4, s + 5, s + 6, s + 7};
+                const tv8i in = (idx >= lo[l]) & (idx <= l);
+                const tv8f v = texp8(cl - tld8(c0 + s)) * tld8(cbr + s);
+                tst8(mr + s, tsel8(in, v, (tv8f){0}));
+            }
+            for (; s < Q; s++) mr[s] = (s >= lo[l] && s <= l) ? expf(cl - c0[s]) * cbr[s] : 0.0f;
+        }
+    }
+}
+
+/* Backward of ssd_decay_fwd.  gM [B, NC, G, R, Q, Q]: the gradient of M (read only); writes
+ * gCB [B, NC, G, Q, Q] (= sum over r of gM * L) and adds to gcs [B, NC, G, R, Q] the gradient through L
+ * (d/dcs[l] += sum_s gM L CB, d/dcs[s] -= sum_l gM L CB). */
+void ssd_decay_bwd(const float *gM, const float *cs, const float *CB, const int64_t *seg, float *gCB, float *gcs,
+                   int B, int NC, int G, int R, int Q) {
+    const int64_t blocks = (int64_t)B * NC * G;
+#pragma omp parallel for schedule(static)
+    for (int64_t bcg = 0; bcg < blocks; bcg++) {
+        const int64_t bc = bcg / G;
+        int lo[1024];
+        float col[1024];
+        first_of_doc(seg, bc * Q, Q, lo);
+        const float *cb = CB + bcg * Q * Q;
+        float *gcb = gCB + bcg * Q * Q;
+        memset(gcb, 0, sizeof(float) * (size_t)Q * Q);
+        for (int r = 0; r < R; r++) {
+            const int64_t blk = bcg * R + r;
+            const float *c0 = cs + blk * Q, *gm = gM + blk * Q * Q;
+            float *gc = gcs + blk * Q;
+            memset(col, 0, sizeof(float) * (size_t)Q);
+            for (int l = 0; l < Q; l++) {
+                const float cl = c0[l];
+                const float *gmr = gm + (int64_t)l * Q, *cbr = cb + (int64_t)l * Q;
+                float *gcbr = gcb + (int64_t)l * Q;
+                float row = 0.0f;
+                int s = lo[l];
+                tv8f row8 = {0};
+                for (; s + 8 <= l + 1; s += 8) {
+                    const tv8f v = tld8(gmr + s) * texp8(cl - tld8(c0 + s));
+                    tst8(gcbr + s, tld8(gcbr + s) + v);
+                    const tv8f v2 = v * tld8(cbr + s);
+                    row8 += v2;
+                    tst8(col + s, tld8(col + s) + v2);
+                }
+                for (; s <= l; s++) {
+                    const float v = gmr[s] * expf(cl - c0[s]);
+                    gcbr[s] += v;
+                    const float v2 = v * cbr[s];
+                    row += v2;
+                    col[s] += v2;
+                }
+                gc[l] += thsum8(row8) + row;
+            }
+            for (int s = 0; s < Q; s++) gc[s] -= col[s];
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- chunked SSD scan: layout passes
+ * x [B, T, H, P] with row stride xs (per token; heads and head dims contiguous), dt [B, T, H] contiguous;
+ * the head-major layout [B, NC, H, Q, P] (H = G * R) is the scan's.  One (b, c, h) block per task. */
+void ssd_in(const float *x, const float *dt, float *X, int B, int NC, int H, int Q, int P, int64_t xs) {
+    const int64_t blocks = (int64_t)B * NC * H, T = (int64_t)NC * Q;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t bc = blk / H, h = blk % H, b = bc / NC, t0 = (bc % NC) * Q;
+        for (int q = 0; q < Q; q++) {
+            const int64_t t = b * T + t0 + q;
+            const float *xr = x + b * T * xs + (t0 + q) * xs + h * P;
+            const float d = dt[t * H + h];
+            float *o = X + (blk * Q + q) * P;
+            for (int p = 0; p < P; p++) o[p] = xr[p] * d;
+        }
+    }
+}
+
+/* y [B, T, H, P] contiguous = Y (head-major) + D[h] x */
+void ssd_out(const float *Y, const float *x, const float *D, float *y, int B, int NC, int H, int Q, int P, int64_t xs) {
+    const int64_t blocks = (int64_t)B * NC * H, T = (int64_t)NC * Q;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t bc = blk / H, h = blk % H, b = bc / NC, t0 = (bc % NC) * Q;
+        const float dh = D[h];
+        for (int q = 0; q < Q; q++) {
+            const float *xr = x + b * T * xs + (t0 + q) * xs + h * P, *yr = Y + (blk * Q + q) * P;
+            float *o = y + ((b * T + t0 + q) * H + h) * P;
+            for (int p = 0; p < P; p++) o[p] = yr[p] + dh * xr[p];
+        }
+    }
+}
+
+/* Backward, first pass: gY (head-major) = gy [B, T, H, P] contiguous; gDpart [B * NC, H] = sum of gy x */
+void ssd_gy_in(const float *gy, const float *x, float *gY, float *gDpart, int B, int NC, int H, int Q, int P,
+               int64_t xs) {
+    const int64_t blocks = (int64_t)B * NC * H, T = (int64_t)NC * Q;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t bc = blk / H, h = blk % H, b = bc / NC, t0 = (bc % NC) * Q;
+        float acc = 0.0f;
+        for (int q = 0; q < Q; q++) {
+            const float *xr = x + b * T * xs + (t0 + q) * xs + h * P, *g = gy + ((b * T + t0 + q) * H + h) * P;
+            float *o = gY + (blk * Q + q) * P;
+#pragma omp simd reduction(+ : acc)
+            for (int p = 0; p < P; p++) {
+                o[p] = g[p];
+                acc += g[p] * xr[p];
+            }
+        }
+        gDpart[blk] = acc;
+    }
+}
+
+/* Backward, last pass: gx (rows of stride gxs) = gy D[h] + gX (head-major) dt; gdtx [B, T, H] = sum_p gX x */
+void ssd_gx(const float *gy, const float *gX, const float *x, const float *dt, const float *D, float *gx,
+            float *gdtx, int B, int NC, int H, int Q, int P, int64_t xs, int64_t gxs) {
+    const int64_t blocks = (int64_t)B * NC * H, T = (int64_t)NC * Q;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t bc = blk / H, h = blk % H, b = bc / NC, t0 = (bc % NC) * Q;
+        const float dh = D[h];
+        for (int q = 0; q < Q; q++) {
+            const int64_t t = b * T + t0 + q;
+            const float *xr = x + b * T * xs + (t0 + q) * xs + h * P, *g = gy + (t * H + h) * P;
+            const float *gr = gX + (blk * Q + q) * P;
+            float *o = gx + b * T * gxs + (t0 + q) * gxs + h * P;
+            const float d = dt[t * H + h];
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int p = 0; p < P; p++) {
+                o[p] = g[p] * dh + gr[p] * d;
+                acc += gr[p] * xr[p];
+            }
+            gdtx[t * H + h] = acc;
+        }
+    }
+}

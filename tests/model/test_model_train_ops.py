@@ -230,6 +230,32 @@ def test_norm_functions_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda y, z, w: _RMSNorm.apply(y, z, w, 4, 1e-5), (y, z, w))
 
 
+@pytest.mark.parametrize("chunk", [5, 16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_ssd_decay_kernels_equal_pytorch_path(monkeypatch, chunk, packed):
+    """The decay-block kernels (CPU fp32) against the PyTorch ops of the same Function."""
+    from model import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler")
+    gen = _gen(chunk)
+    b, t, h, p, g, n = 2, 40, 4, 3, 2, 5
+    x = torch.randn(b, t, h, p, generator=gen, requires_grad=True)
+    dt = (torch.rand(b, t, h, generator=gen) * 0.5).requires_grad_()
+    A = (-torch.rand(h, generator=gen) * 2).requires_grad_()
+    Bm, Cm = (torch.randn(b, t, g, n, generator=gen, requires_grad=True) for _ in range(2))
+    D = torch.randn(h, generator=gen, requires_grad=True)
+    seg = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [0] * 33 + [1] * 7]) if packed else None
+    gy = torch.randn(b, t, h, p, generator=gen)
+    gf = torch.randn(b, h, p, n, generator=gen)
+    res = []
+    for on in ("1", "0"):
+        monkeypatch.setenv("HYBRID_RL_KERNELS", on)
+        y, final = ssd_chunked_train(x, dt, A, Bm, Cm, D, chunk, seg_bt=seg)
+        res.append((y, final, *torch.autograd.grad((y * gy).sum() + (final * gf).sum(), [x, dt, A, Bm, Cm, D])))
+    _close_all(res[0], res[1], 1e-4, 1e-4)
+
+
 # ----------------------------------------------------------------------------- the fused Mamba mixer
 def _mixer_run(mixer, h, seg, kernels_on, monkeypatch, gen_seed):
     from model.hybrid import _Ctx
