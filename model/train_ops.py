@@ -46,6 +46,12 @@ kernels.declare("ssd_in", [_P] * 3 + [_INT] * 5 + [_I64])
 kernels.declare("ssd_out", [_P] * 4 + [_INT] * 5 + [_I64])
 kernels.declare("ssd_gy_in", [_P] * 4 + [_INT] * 5 + [_I64])
 kernels.declare("ssd_gx", [_P] * 7 + [_INT] * 5 + [_I64] * 2)
+kernels.declare("rows_gather", [_P] * 3 + [_I64, _INT, _I64])
+kernels.declare("moe_combine", [_P] * 4 + [_I64, _INT, _INT])
+kernels.declare("moe_combine_bwd", [_P] * 6 + [_I64, _INT, _INT])
+kernels.declare("moe_gather_sum", [_P] * 3 + [_I64, _INT, _INT])
+kernels.declare("relu2_fwd", [_P] * 2 + [_I64])
+kernels.declare("relu2_bwd", [_P] * 2 + [_I64])
 
 
 def _ptr(t):
@@ -145,23 +151,38 @@ class _GroupedExperts(torch.autograd.Function):
         used = [e for e, c in enumerate(counts) if c]
         src = torch.div(order, k, rounding_mode="floor")  # token of each sorted pair
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(nk, device=order.device))
-        xs = x_nd.index_select(0, src)  # [NK, D] expert order
+        use_k = _moe_kernels(x_nd, w_nk, up_eid, down_edi)  # CPU fp32: gathers and relu^2 in C
+        lib = kernels.library() if use_k else None
+        if use_k:
+            xs = x_nd.new_empty(nk, x_nd.shape[1])
+            lib.rows_gather(_ptr(x_nd), _ptr(src), _ptr(xs), nk, x_nd.shape[1], x_nd.shape[1])
+        else:
+            xs = x_nd.index_select(0, src)  # [NK, D] expert order
         hidden = xs.new_empty(nk, up_eid.shape[1])
         ys = xs.new_empty(nk, down_edi.shape[1])
         xs_e, hidden_e, ys_e = xs.split(counts), hidden.split(counts), ys.split(counts)
         up_t, down_t = up_eid.transpose(1, 2).unbind(0), down_edi.transpose(1, 2).unbind(0)
         for e in used:
             torch.mm(xs_e[e], up_t[e], out=hidden_e[e])
-        r = torch.relu_(hidden)  # in place: only relu(h) is needed from here on
-        act = torch.mul(r, r)  # (square() is a slow pow on CPU)
+        if use_k:
+            r, act = hidden, torch.empty_like(hidden)
+            lib.relu2_fwd(_ptr(r), _ptr(act), r.numel())
+        else:
+            r = torch.relu_(hidden)  # in place: only relu(h) is needed from here on
+            act = torch.mul(r, r)  # (square() is a slow pow on CPU)
         act_e = act.split(counts)
         for e in used:
             torch.mm(act_e[e], down_t[e], out=ys_e[e])
-        ys_pair = ys.index_select(0, inverse).view(n, k, -1)  # [N, k, D_out] (token, slot) order
-        acc = torch.promote_types(ys.dtype, torch.float32)  # weights and slot sum in fp32 (or wider)
-        out = torch.bmm(w_nk.to(acc)[:, None, :], ys_pair.to(acc))[:, 0]
+        if use_k:  # weighted sum over the slots straight from the sorted rows
+            out = ys.new_empty(n, ys.shape[1])
+            lib.moe_combine(_ptr(ys), _ptr(inverse), _ptr(w_nk), _ptr(out), n, k, ys.shape[1])
+            ys_pair = ys
+        else:
+            ys_pair = ys.index_select(0, inverse).view(n, k, -1)  # [N, k, D_out] (token, slot) order
+            acc = torch.promote_types(ys.dtype, torch.float32)  # weights and slot sum in fp32 (or wider)
+            out = torch.bmm(w_nk.to(acc)[:, None, :], ys_pair.to(acc))[:, 0]
         ctx.save_for_backward(xs, w_nk, up_eid, down_edi, order, src, inverse, r, act, ys_pair)
-        ctx.counts, ctx.used, ctx.k = counts, used, k
+        ctx.counts, ctx.used, ctx.k, ctx.use_k = counts, used, k, use_k
         return out
 
     @staticmethod
@@ -176,9 +197,17 @@ class _GroupedExperts(torch.autograd.Function):
         n, nk = w_nk.shape[0], order.numel()
         need_x, need_w, need_up, need_down = ctx.needs_input_grad[:4]
         g = g_nd.contiguous()
-        grad_w = torch.linalg.vecdot(ys_pair.to(g.dtype), g[:, None, :]).to(w_nk.dtype) if need_w else None
-        # gradient of each sorted pair's expert output: w[pair] * g[token]
-        gs = g.index_select(0, src).mul_(w_nk.reshape(-1).to(g.dtype).index_select(0, order)[:, None]).to(xs.dtype)
+        lib = kernels.library() if ctx.use_k else None
+        if lib is not None and g.dtype == torch.float32:  # ys_pair holds the sorted rows here
+            grad_w, gs = torch.empty_like(w_nk), xs.new_empty(nk, g.shape[1])
+            lib.moe_combine_bwd(_ptr(g), _ptr(ys_pair), _ptr(inverse), _ptr(w_nk), _ptr(grad_w), _ptr(gs), n, k,
+                                g.shape[1])
+        else:
+            if ctx.use_k:
+                ys_pair = ys_pair.index_select(0, inverse).view(n, k, -1)
+            grad_w = torch.linalg.vecdot(ys_pair.to(g.dtype), g[:, None, :]).to(w_nk.dtype) if need_w else None
+            # gradient of each sorted pair's expert output: w[pair] * g[token]
+            gs = g.index_select(0, src).mul_(w_nk.reshape(-1).to(g.dtype).index_select(0, order)[:, None]).to(xs.dtype)
         ga = xs.new_empty(nk, r.shape[1])
         gs_e, act_e, ga_e, downs = gs.split(counts), act.split(counts), ga.split(counts), down_edi.unbind(0)
         grad_down = _expert_grad_buffer(down_edi, used) if need_down else None
@@ -186,7 +215,11 @@ class _GroupedExperts(torch.autograd.Function):
             if need_down:
                 torch.mm(gs_e[e].t(), act_e[e], out=grad_down[e])
             torch.mm(gs_e[e], downs[e], out=ga_e[e])
-        gh = ga.mul_(r).mul_(2.0)  # d relu(h)^2 / dh = 2 relu(h)
+        if lib is not None:
+            lib.relu2_bwd(_ptr(ga), _ptr(r), ga.numel())
+            gh = ga
+        else:
+            gh = ga.mul_(r).mul_(2.0)  # d relu(h)^2 / dh = 2 relu(h)
         grad_up = _expert_grad_buffer(up_eid, used) if need_up else None
         gxs = xs.new_empty(nk, xs.shape[1]) if need_x else None
         gh_e, xs_e, ups = gh.split(counts), xs.split(counts), up_eid.unbind(0)
@@ -196,8 +229,21 @@ class _GroupedExperts(torch.autograd.Function):
                 torch.mm(gh_e[e].t(), xs_e[e], out=grad_up[e])
             if need_x:
                 torch.mm(gh_e[e], ups[e], out=gxs_e[e])
-        grad_x = gxs.index_select(0, inverse).view(n, k, -1).sum(1) if need_x else None
+        grad_x = None
+        if need_x and lib is not None:
+            grad_x = gxs.new_empty(n, gxs.shape[1])
+            lib.moe_gather_sum(_ptr(gxs), _ptr(inverse), _ptr(grad_x), n, k, gxs.shape[1])
+        elif need_x:
+            grad_x = gxs.index_select(0, inverse).view(n, k, -1).sum(1)
         return grad_x, grad_w, grad_up, grad_down, None, None, None
+
+
+def _moe_kernels(x_nd, w_nk, up_eid, down_edi):
+    """The routed-expert kernels of model/kernels/train.c apply: CPU fp32 contiguous, library built."""
+    for t in (x_nd, w_nk, up_eid, down_edi):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            return False
+    return kernels.library() is not None
 
 
 def _expert_grad_buffer(param, used):

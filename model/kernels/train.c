@@ -433,3 +433,84 @@ void ssd_gx(const float *gy, const float *gX, const float *x, const float *dt, c
         }
     }
 }
+
+/* ---------------------------------------------------------------- routed experts (training)
+ * Pairs (token n, slot j) are p = n k + j; inv[p]: the pair's row among the pairs sorted by expert. */
+
+/* out [M, D] = rows idx[i] of src (row stride ss) */
+void rows_gather(const float *src, const int64_t *idx, float *out, int64_t M, int D, int64_t ss) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < M; i++) memcpy(out + i * D, src + idx[i] * ss, sizeof(float) * (size_t)D);
+}
+
+/* out [N, D] = sum_j w[n, j] ys[inv[n k + j]]  (ys [N k, D] sorted by expert) */
+void moe_combine(const float *ys, const int64_t *inv, const float *w, float *out, int64_t N, int k, int D) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float *o = out + n * D;
+        for (int j = 0; j < k; j++) {
+            const float wj = w[n * k + j], *y = ys + inv[n * k + j] * D;
+            if (j == 0) {
+                for (int d = 0; d < D; d++) o[d] = wj * y[d];
+            } else {
+                for (int d = 0; d < D; d++) o[d] += wj * y[d];
+            }
+        }
+    }
+}
+
+/* Backward of moe_combine: grad_w [N, k] = ys[inv[p]] . g[n];  gs [N k, D] (sorted) with gs[inv[p]] = w[p] g[n] */
+void moe_combine_bwd(const float *g, const float *ys, const int64_t *inv, const float *w, float *grad_w, float *gs,
+                     int64_t N, int k, int D) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const float *gn = g + n * D;
+        for (int j = 0; j < k; j++) {
+            const int64_t row = inv[n * k + j];
+            const float wj = w[n * k + j], *y = ys + row * D;
+            float *o = gs + row * D;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int d = 0; d < D; d++) {
+                acc += y[d] * gn[d];
+                o[d] = wj * gn[d];
+            }
+            grad_w[n * k + j] = acc;
+        }
+    }
+}
+
+/* out [N, D] = sum_j gxs[inv[n k + j]] */
+void moe_gather_sum(const float *gxs, const int64_t *inv, float *out, int64_t N, int k, int D) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float *o = out + n * D;
+        memcpy(o, gxs + inv[n * k] * D, sizeof(float) * (size_t)D);
+        for (int j = 1; j < k; j++) {
+            const float *x = gxs + inv[n * k + j] * D;
+            for (int d = 0; d < D; d++) o[d] += x[d];
+        }
+    }
+}
+
+/* h [n] -> relu(h) in place, act = relu(h)^2 */
+void relu2_fwd(float *h, float *act, int64_t n) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i0 = 0; i0 < n; i0 += 4096) {
+        const int64_t i1 = i0 + 4096 < n ? i0 + 4096 : n;
+        for (int64_t i = i0; i < i1; i++) {
+            const float r = h[i] > 0.0f ? h[i] : 0.0f;
+            h[i] = r;
+            act[i] = r * r;
+        }
+    }
+}
+
+/* ga [n] = 2 ga r in place (d relu(h)^2 / dh = 2 relu(h)) */
+void relu2_bwd(float *ga, const float *r, int64_t n) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i0 = 0; i0 < n; i0 += 4096) {
+        const int64_t i1 = i0 + 4096 < n ? i0 + 4096 : n;
+        for (int64_t i = i0; i < i1; i++) ga[i] = ga[i] * r[i] * 2.0f;
+    }
+}

@@ -82,7 +82,9 @@ def test_causal_conv_gradcheck_float64():
 
 # ----------------------------------------------------------------------------- grouped experts
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_grouped_experts_equal_naive_values_and_grads(k):
+@pytest.mark.parametrize("kernels_on", ["1", "0"])  # CPU fp32: the C gathers and relu^2, or PyTorch's
+def test_grouped_experts_equal_naive_values_and_grads(k, kernels_on, monkeypatch):
+    monkeypatch.setenv("HYBRID_RL_KERNELS", kernels_on)
     gen = _gen(k)
     n, d, i, e = 29, 8, 12, 6
     x = torch.randn(n, d, generator=gen, requires_grad=True)
