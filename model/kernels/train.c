@@ -493,24 +493,26 @@ void moe_gather_sum(const float *gxs, const int64_t *inv, float *out, int64_t N,
     }
 }
 
-/* h [n] -> relu(h) in place, act = relu(h)^2 */
+/* h [n] -> relu(h) in place, act = relu(h)^2 (explicit vectors: a scalar select compiles to a branch) */
 void relu2_fwd(float *h, float *act, int64_t n) {
+    const int64_t n8 = n / 8 * 8;
 #pragma omp parallel for schedule(static)
-    for (int64_t i0 = 0; i0 < n; i0 += 4096) {
-        const int64_t i1 = i0 + 4096 < n ? i0 + 4096 : n;
-        for (int64_t i = i0; i < i1; i++) {
-            const float r = h[i] > 0.0f ? h[i] : 0.0f;
-            h[i] = r;
-            act[i] = r * r;
-        }
+    for (int64_t i = 0; i < n8; i += 8) {
+        const tv8f v = tld8(h + i), r = tsel8(v > 0.0f, v, (tv8f){0});
+        tst8(h + i, r);
+        tst8(act + i, r * r);
+    }
+    for (int64_t i = n8; i < n; i++) {
+        const float r = h[i] > 0.0f ? h[i] : 0.0f;
+        h[i] = r;
+        act[i] = r * r;
     }
 }
 
 /* ga [n] = 2 ga r in place (d relu(h)^2 / dh = 2 relu(h)) */
 void relu2_bwd(float *ga, const float *r, int64_t n) {
+    const int64_t n8 = n / 8 * 8;
 #pragma omp parallel for schedule(static)
-    for (int64_t i0 = 0; i0 < n; i0 += 4096) {
-        const int64_t i1 = i0 + 4096 < n ? i0 + 4096 : n;
-        for (int64_t i = i0; i < i1; i++) ga[i] = ga[i] * r[i] * 2.0f;
-    }
+    for (int64_t i = 0; i < n8; i += 8) tst8(ga + i, tld8(ga + i) * tld8(r + i) * 2.0f);
+    for (int64_t i = n8; i < n; i++) ga[i] = ga[i] * r[i] * 2.0f;
 }
