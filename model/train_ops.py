@@ -52,6 +52,10 @@ kernels.declare("moe_combine_bwd", [_P] * 6 + [_I64, _INT, _INT])
 kernels.declare("moe_gather_sum", [_P] * 3 + [_I64, _INT, _INT])
 kernels.declare("relu2_fwd", [_P] * 2 + [_I64])
 kernels.declare("relu2_bwd", [_P] * 2 + [_I64])
+kernels.declare("rms_norm_fwd", [_P] * 4 + [_I64, _INT, _F32])
+kernels.declare("rms_norm_bwd", [_P] * 6 + [_I64, _INT])
+kernels.declare("relu2_out", [_P] * 2 + [_I64])
+kernels.declare("relu2_grad", [_P] * 3 + [_I64])
 
 
 def _ptr(t):
@@ -500,6 +504,13 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, z, w, group, eps):
         shape = y.shape
+        ctx.kernel = z is None and group == shape[-1] and _cpu_f32(y, w)
+        if ctx.kernel:  # the plain norm in one pass each way (model/kernels/train.c)
+            x = y.contiguous()
+            out, rstd = torch.empty_like(x), x.new_empty(x.numel() // group)
+            kernels.library().rms_norm_fwd(_ptr(x), _ptr(w), _ptr(out), _ptr(rstd), rstd.numel(), group, eps)
+            ctx.save_for_backward(w, x, rstd)
+            return out
         if z is not None:
             sz = torch.sigmoid(z)
             gate = sz.mul(z)  # silu(z)
@@ -519,6 +530,13 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go):
+        if ctx.kernel and go.dtype == torch.float32:
+            w, x, rstd = ctx.saved_tensors
+            go = go.contiguous()
+            gx, gw = torch.empty_like(x), torch.empty_like(w)
+            kernels.library().rms_norm_bwd(_ptr(go), _ptr(x), _ptr(w), _ptr(rstd), _ptr(gx), _ptr(gw), rstd.numel(),
+                                           x.shape[-1])
+            return gx, None, gw if ctx.needs_input_grad[2] else None, None, None
         w, normed, rstd = ctx.saved_tensors[:3]
         group = ctx.group
         shape = go.shape
@@ -535,6 +553,40 @@ class _RMSNorm(torch.autograd.Function):
             # d silu(z) = s (1 + z (1 - s)) = s + silu(z) - s silu(z),  s = sigmoid(z)
             gz = gx.mul_(y).mul_(torch.addcmul(sz + gate, sz, gate, value=-1.0))
         return gy, gz, gw, None, None
+
+
+def _cpu_f32(*tensors):
+    """All on the CPU in fp32, and the train kernels built."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return kernels.library() is not None
+
+
+class _Relu2(torch.autograd.Function):
+    """relu(h)^2 (the dense MLP's activation), CPU fp32 in one kernel pass each way; h is kept."""
+
+    @staticmethod
+    def forward(ctx, h):
+        h = h.contiguous()
+        act = torch.empty_like(h)
+        kernels.library().relu2_out(_ptr(h), _ptr(act), h.numel())
+        ctx.save_for_backward(h)
+        return act
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        g = g.contiguous().to(h.dtype)
+        gh = torch.empty_like(h)
+        kernels.library().relu2_grad(_ptr(g), _ptr(h), _ptr(gh), h.numel())
+        return gh
+
+
+def relu2_train(h):
+    """relu(h)^2 with autograd: ``_Relu2`` on CPU fp32 (no autocast), else PyTorch's ops."""
+    if _cpu_f32(h) and not torch.is_autocast_enabled("cpu"):
+        return _Relu2.apply(h)
+    return torch.square(F.relu(h))
 
 
 def rms_norm_train(x, weight, eps):

@@ -516,3 +516,70 @@ void relu2_bwd(float *ga, const float *r, int64_t n) {
     for (int64_t i = 0; i < n8; i += 8) tst8(ga + i, tld8(ga + i) * tld8(r + i) * 2.0f);
     for (int64_t i = n8; i < n; i++) ga[i] = ga[i] * r[i] * 2.0f;
 }
+
+/* ---------------------------------------------------------------- block RMS norm and the dense relu^2
+ * RMS norm over rows of D: out = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps); x, out [rows, D]
+ * contiguous, rstd [rows] written (for the backward). */
+void rms_norm_fwd(const float *x, const float *w, float *out, float *rstd, int64_t rows, int D, float eps) {
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < rows; row++) {
+        const float *xr = x + row * D;
+        float *o = out + row * D;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int c = 0; c < D; c++) ss += xr[c] * xr[c];
+        const float r = 1.0f / sqrtf(ss / (float)D + eps);
+        rstd[row] = r;
+        for (int c = 0; c < D; c++) o[c] = xr[c] * r * w[c];
+    }
+}
+
+/* Backward of rms_norm_fwd: gx [rows, D] = (go w - n dot) rstd with n = x rstd, dot = mean(go w n); gw [D]. */
+void rms_norm_bwd(const float *go, const float *x, const float *w, const float *rstd, float *gx, float *gw,
+                  int64_t rows, int D) {
+    memset(gw, 0, sizeof(float) * (size_t)D);
+#pragma omp parallel
+    {
+        float *part = calloc((size_t)D, sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; row++) {
+            const float *g = go + row * D, *xr = x + row * D;
+            float *o = gx + row * D;
+            const float r = rstd[row];
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int c = 0; c < D; c++) {
+                const float n = xr[c] * r;
+                dot += g[c] * w[c] * n;
+                part[c] += g[c] * n;
+            }
+            dot /= (float)D;
+            for (int c = 0; c < D; c++) o[c] = (g[c] * w[c] - xr[c] * r * dot) * r;
+        }
+#pragma omp critical
+        for (int c = 0; c < D; c++) gw[c] += part[c];
+        free(part);
+    }
+}
+
+/* act [n] = relu(h)^2 (h unchanged) */
+void relu2_out(const float *h, float *act, int64_t n) {
+    const int64_t n8 = n / 8 * 8;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n8; i += 8) {
+        const tv8f v = tld8(h + i), r = tsel8(v > 0.0f, v, (tv8f){0});
+        tst8(act + i, r * r);
+    }
+    for (int64_t i = n8; i < n; i++) act[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
+}
+
+/* gh [n] = 2 g relu(h) */
+void relu2_grad(const float *g, const float *h, float *gh, int64_t n) {
+    const int64_t n8 = n / 8 * 8;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n8; i += 8) {
+        const tv8f v = tld8(h + i);
+        tst8(gh + i, tld8(g + i) * tsel8(v > 0.0f, v, (tv8f){0}) * 2.0f);
+    }
+    for (int64_t i = n8; i < n; i++) gh[i] = g[i] * (h[i] > 0.0f ? h[i] : 0.0f) * 2.0f;
+}

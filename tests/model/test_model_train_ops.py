@@ -304,6 +304,29 @@ def test_mamba_mixer_kernels_equal_pytorch_path(monkeypatch, t, chunk, packed):
         torch.testing.assert_close(a, b, atol=1e-4 * max(1.0, b.abs().max().item()), rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("kernels_on", ["1", "0"])
+def test_block_norm_and_relu2_kernels_equal_references(monkeypatch, kernels_on):
+    """rms_norm (plain) and the dense MLP's relu^2 with autograd, C kernels or PyTorch, against naive
+    references; sizes not a multiple of the vector width."""
+    from model.moe import relu2
+    from model.train_ops import relu2_train
+
+    monkeypatch.setenv("HYBRID_RL_KERNELS", kernels_on)
+    gen = _gen(21)
+    x = torch.randn(5, 3, 37, generator=gen, requires_grad=True)
+    w = torch.randn(37, generator=gen, requires_grad=True)
+    out, ref = rms_norm(x, w, 1e-5), rms_norm_naive(x, w, 1e-5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    gy = torch.randn(out.shape, generator=gen)
+    _close_all(_grads(out, [x, w], gy), _grads(ref, [x, w], gy), 1e-5, 1e-5)
+    h = torch.randn(7, 45, generator=gen, requires_grad=True)
+    for fn in (relu2, relu2_train):
+        a, b = fn(h), F.relu(h) ** 2
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        g = torch.randn(a.shape, generator=gen)
+        _close_all(_grads(a, [h], g), _grads(b, [h], g), 1e-6, 1e-6)
+
+
 # ----------------------------------------------------------------------------- the whole model
 @pytest.mark.parametrize("packed", [False, True])
 def test_training_forward_equals_inference_forward(make_model, packed):
