@@ -25,11 +25,15 @@ The pointer table is rebuilt only when a parameter's version or storage or a cac
 
 from __future__ import annotations
 
+import copy
+import threading
+
 import torch
 
 from . import kernels
 
 SLOT_P, SLOT_I, SLOT_F = 16, 12, 4
+_RUN_LOCK = threading.Lock()  # one decode step at a time per process (each uses every OpenMP thread)
 KINDS = {"M": 0, "E": 1, "*": 2, "-": 3}
 
 
@@ -88,15 +92,22 @@ class DecodeProgram:
             else:
                 self.ints[i, 0] = cfg.intermediate_size
             self.floats[i, SLOT_F - 1] = norms[i].eps
-        self.next_norm = [n.weight for n in norms]
+        self.config = copy.deepcopy(cfg)  # the program is rebuilt when the model's config differs from it
         self.n_moe = cfg.layer_pattern.count("E")
-        self._work = torch.empty(0)
-        self._params = [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
+        self._work = torch.empty(0, dtype=torch.float32)
+        # where each parameter and buffer lives (read anew each step: walking the modules costs ~0.5 ms)
+        self._homes = [(m._parameters, n) for m in model.modules() for n in m._parameters] + \
+                      [(m._buffers, n) for m in model.modules() for n in m._buffers]
         self._signature, self._ptrs = None, None
 
     def pointers(self, cache) -> torch.Tensor:
         """The pointer slots as an int64 tensor; reused while no weight and no cache buffer has changed."""
-        signature = (tuple((t._version, t.data_ptr()) for t in self._params),
+        tensors = [home[name] for home, name in self._homes]
+        try:
+            state = tuple((id(t), t._version, t.data_ptr()) for t in tensors if t is not None)
+        except RuntimeError:  # inference tensors keep no version counter
+            state = tuple((id(t), kernels.version(t), t.data_ptr()) for t in tensors if t is not None)
+        signature = (kernels.optimizer_steps(), state,
                      tuple(t.data_ptr() for store in (cache.conv, cache.ssm, cache.k, cache.v) for t in store.values()))
         if signature != self._signature:
             self._ptrs = torch.tensor(self._collect(cache), dtype=torch.int64)
@@ -106,6 +117,8 @@ class DecodeProgram:
     def _collect(self, cache) -> list[int]:
         ptrs = [0] * (self.n * SLOT_P)
         p = kernels.ptr
+        layers = self.model.backbone.layers
+        next_norm = [block.norm.weight for block in layers[1:]] + [self.model.backbone.norm_f.weight]
         for i, block in enumerate(self.model.backbone.layers):
             mixer, base = block.mixer, i * SLOT_P
             slots: list = []
@@ -123,19 +136,23 @@ class DecodeProgram:
                 slots = list(dense)
             for j, t in enumerate(slots):
                 ptrs[base + j] = p(t) if t is not None else 0
-            ptrs[base + SLOT_P - 1] = p(self.next_norm[i])
+            ptrs[base + SLOT_P - 1] = p(next_norm[i])
         return ptrs
 
     def run(self, h_bd, cache, record: bool):
         """h_bd: embeddings [B, D] (consumed as the residual stream). Returns (final normed hidden [B, D],
         logits [B, V], routes [n_moe, B, k] long or None)."""
+        with _RUN_LOCK:  # the tables and the workspace are shared by every caller of this model
+            return self._run(h_bd, cache, record)
+
+    def _run(self, h_bd, cache, record: bool):
         b, d = h_bd.shape
         if self.n and cache.k:
             self.ints[self.kinds == 2, 3] = cache.capacity
         lib = kernels.library()
         size = lib.decode_work_size(self.n, kernels.ptr(self.kinds), kernels.ptr(self.ints), b, d)
         if self._work.numel() < size:
-            self._work = torch.empty(size)
+            self._work = torch.empty(size, dtype=torch.float32)
         x = torch.empty_like(h_bd)
         first = self.model.backbone.layers[0].norm
         lib.add_rms_norm(kernels.ptr(h_bd), None, kernels.ptr(first.weight), kernels.ptr(x), b, d, first.eps)

@@ -249,7 +249,8 @@ class HybridLM(nn.Module):
         if kernels.usable(h, self.lm_head.weight, *cache.tensors()) and fused.available():
             # every layer in one kernel call (model/fused.py); same arithmetic as the path below
             ctx = _Ctx("step", self._moe_slot, record=record_routing)
-            if self.__dict__.get("_program") is None:  # not a submodule: kept out of state_dict and .to()
+            program = self.__dict__.get("_program")  # not a submodule: kept out of state_dict and .to()
+            if program is None or program.config != self.config:
                 self.__dict__["_program"] = fused.DecodeProgram(self)
             h, logits, routes = self._program.run(h, cache, record_routing)
             if record_routing:

@@ -299,7 +299,8 @@ class Mamba2Mixer(nn.Module):
         xbc_conv = torch.addcmul(self.conv1d.bias, taps[0], w_kc[0])  # [B,C]
         for j in range(1, len(taps)):
             xbc_conv.addcmul_(taps[j], w_kc[j])
-        cache.conv[layer_idx] = torch.cat([conv_state[:, 1:], xbc[:, None].to(conv_state.dtype)], dim=1)
+        window = torch.cat([conv_state, xbc[:, None].to(conv_state.dtype)], dim=1)  # K inputs; keep the last K-1
+        cache.conv[layer_idx] = window[:, 1:].contiguous()
         x, Bm, Cm = self._xbc(F.silu(xbc_conv, inplace=True).to(h_b1d.dtype))
         with fp32_region(h_b1d):
             y = ssd_step(cache.ssm[layer_idx], x.view(b, self.heads, self.head_dim), self._dt(dt_raw),
@@ -324,8 +325,9 @@ class Mamba2Mixer(nn.Module):
         out = proj_bti.new_empty(b, t, self.d_inner)
         scratch = proj_bti.new_empty(b, t + cfg.conv_kernel - 1, self.conv_dim)
         p = kernels.ptr
+        n_new = None if n_new_b is None else n_new_b.to(torch.long).contiguous()  # alive during the call
         kernels.library().mamba_scan(
-            p(proj_bti), None if n_new_b is None else p(n_new_b.contiguous()), p(cache.conv[layer_idx]), p(conv_w),
+            p(proj_bti), None if n_new is None else p(n_new), p(cache.conv[layer_idx]), p(conv_w),
             p(self.conv1d.bias), p(self.dt_bias), p(a), p(self.D), p(self.norm.weight), p(cache.ssm[layer_idx]), p(out),
             p(scratch), b, t, cfg.conv_kernel, self.heads, self.head_dim, self.groups, self.state_size,
             self.norm.group_size, proj_bti.stride(1), cfg.time_step_min_clamp, self.norm.eps)

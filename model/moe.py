@@ -212,7 +212,7 @@ class MoE(nn.Module):
         w_in, w_out = self.step_weights()
         proj = F.linear(h_nd, w_in)  # [N, E | latent | shared up]
         idx = torch.empty(n, k, dtype=torch.long)
-        w = torch.empty(n, k)
+        w = torch.empty(n, k, dtype=torch.float32)
         lib, p = kernels.library(), kernels.ptr
         count_here = ctx.valid_bt is None  # else only the tokens that are not padding count
         lib.moe_route(p(proj), p(self.gate.e_score_correction_bias), p(idx), p(w),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # decode.c (and any other kernel file), one library
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -39,7 +41,6 @@ _lib = None
 _failed: str | None = None
 
 _F = ctypes.c_void_p  # float* / long* (data pointers)
-MAX_EXPERTS = 4096  # as in decode.c
 _SIGNATURES = {
     "mamba_scan": [_F] * 12 + [ctypes.c_int] * 9 + [ctypes.c_float] * 2,
     "moe_route": [_F] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float],
@@ -57,6 +58,17 @@ def enabled() -> bool:
     return os.environ.get("HYBRID_RL_KERNELS", "1") not in ("0", "false", "no", "off")
 
 
+def _cpu_id() -> str:
+    """Machine type and CPU feature flags (Linux), so that a build for one CPU is never loaded on another."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return platform.machine() + platform.processor() + flags
+
+
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
@@ -67,7 +79,8 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     text = "".join(src.name + src.read_text() for src in _SOURCES)
-    key = hashlib.sha256((text + " ".join(_FLAGS) + version).encode()).hexdigest()[:16]
+    # -march=native: a cache directory shared by different CPUs (NFS homes) keeps one build per CPU
+    key = hashlib.sha256((text + " ".join(_FLAGS) + version + _cpu_id()).encode()).hexdigest()[:16]
     out_dir = Path(os.environ.get("HYBRID_RL_KERNEL_DIR", Path.home() / ".cache" / "hybrid_rl" / "kernels"))
     out = out_dir / f"decode-{key}.so"
     if not out.exists():
@@ -145,11 +158,48 @@ def linear_panels(weight_nk: torch.Tensor) -> torch.Tensor:
     return pack_panels(weight_nk.detach().t()[None])[0]
 
 
+_optimizer_steps = 0
+
+
+def _count_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# Some optimizers (e.g. AdamW(fused=True) on a CPU) update parameters without bumping their version
+# counters; every optimizer step of the process therefore invalidates the derived weights as well.
+register_optimizer_step_post_hook(_count_step)
+
+
+def optimizer_steps() -> int:
+    """Optimizer steps taken in this process (any optimizer)."""
+    return _optimizer_steps
+
+
+def version(t: torch.Tensor) -> int:
+    """``t._version`` (in-place updates), 0 for inference tensors (which keep no version counter)."""
+    return 0 if t.is_inference() else t._version
+
+
+def weights_state(params) -> tuple:
+    """What ``derived`` and the decode program compare to notice changed weights: the process's optimizer
+    step count, and per tensor its identity, version, storage, dtype, device and shape.  In-place edits
+    through ``.data`` bump no version: call ``invalidate(model)`` after them."""
+    return (_optimizer_steps, *((id(p), version(p), p.data_ptr(), p.dtype, p.device, p.shape) for p in params))
+
+
+def invalidate(module: torch.nn.Module) -> None:
+    """Drop every derived weight copy and decode program kept on ``module`` and its submodules."""
+    for m in module.modules():
+        for name in [n for n in m.__dict__ if n.startswith("_derived_") or n == "_program"]:
+            del m.__dict__[name]
+
+
 def derived(owner, name: str, params, make):
     """``make()`` (a tensor or tuple, e.g. a contiguous transposed copy of weights), cached on ``owner``
-    while ``params`` are unchanged: rebuilt when a version counter (optimizer steps, load_state_dict),
-    storage, dtype or device changes."""
-    key = tuple((p._version, p.data_ptr(), p.dtype, p.device, p.shape) for p in params)
+    while ``params`` are unchanged: rebuilt when an optimizer steps, or a parameter's version counter
+    (in-place updates, load_state_dict), identity, storage, dtype or device changes."""
+    key = weights_state(params)
     cached = owner.__dict__.get("_derived_" + name)
     if cached is None or cached[0] != key:
         with torch.no_grad():

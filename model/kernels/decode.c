@@ -9,8 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_EXPERTS 4096
-
 typedef float v8f __attribute__((vector_size(32)));
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
@@ -34,7 +32,8 @@ static inline v8f select8(v8i mask, v8f a, v8f b) { return (v8f)(((v8i)a & mask)
 static inline v8f exp8(v8f x) {
     const v8f hi = {88.3762626647949f, 88.3762626647949f, 88.3762626647949f, 88.3762626647949f,
                     88.3762626647949f, 88.3762626647949f, 88.3762626647949f, 88.3762626647949f};
-    const v8f lo = -hi, magic = x * 0.0f + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const v8f zero = {0};
+    const v8f lo = -hi, magic = zero + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
     x = select8(x < lo, lo, x);
     x = select8(x > hi, hi, x);
     const v8f t = x * 1.44269504088896341f + magic;
@@ -177,21 +176,21 @@ void mamba_scan(const float *proj, const int64_t *n_new, float *conv, const floa
  * load [E] (the MoE layer's balance counter), unless NULL, gets +1 per chosen expert. */
 void moe_route(const float *logits, const float *bias, int64_t *idx, float *w, float *load,
                int N, int E, int k, int norm_topk, int logits_stride, float scaling) {
+    float *score = malloc(sizeof(float) * (size_t)E * 2), *key = score + E;
+    unsigned char *taken = malloc((size_t)E);
     for (int n = 0; n < N; n++) {
         const float *l = logits + (int64_t)n * logits_stride;
-        float score[MAX_EXPERTS], key[MAX_EXPERTS];
-        const int e_cap = E < MAX_EXPERTS ? E : MAX_EXPERTS;
-        for (int e = 0; e < e_cap; e++) {
+        for (int e = 0; e < E; e++) {
             score[e] = 1.0f / (1.0f + expf(-l[e]));
             key[e] = score[e] + bias[e];
         }
+        memset(taken, 0, (size_t)E);
         float total = 0.0f;
         for (int j = 0; j < k; j++) {
-            int best = -1;
-            for (int e = 0; e < e_cap; e++)
-                if (key[e] != -INFINITY && (best < 0 || key[e] > key[best])) best = e;
-            if (best < 0) best = 0;
-            key[best] = -INFINITY;
+            int best = -1;  /* the largest key not yet taken (-inf keys included; NaN only when nothing else is left) */
+            for (int e = 0; e < E; e++)
+                if (!taken[e] && (best < 0 || key[e] > key[best] || key[best] != key[best])) best = e;
+            taken[best] = 1;
             idx[(int64_t)n * k + j] = best;
             if (load != NULL) load[best] += 1.0f;
             w[(int64_t)n * k + j] = score[best];
@@ -203,6 +202,8 @@ void moe_route(const float *logits, const float *bias, int64_t *idx, float *w, f
             w[(int64_t)n * k + j] = v * scaling;
         }
     }
+    free(score);
+    free(taken);
 }
 
 /* C[m, n] = A[m, K] @ B[K, n], then relu^2 when act.  A rows have stride lda, C rows ldc.  B comes

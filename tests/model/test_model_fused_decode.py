@@ -21,6 +21,8 @@ CONFIGS = {
     "odd_sizes": dict(ssm_state_size=6, mamba_head_dim=10, head_dim=12, moe_intermediate_size=20,
                       moe_shared_expert_intermediate_size=36, conv_kernel=3, n_groups=1),
     "no_clamp": dict(time_step_min_clamp=0.0, norm_topk_prob=False),
+    "conv1_odd_hidden": dict(conv_kernel=1, hidden_size=40, moe_latent_size=13, num_attention_heads=2,
+                             num_key_value_heads=1),
 }
 
 
@@ -151,3 +153,121 @@ def test_decode_step_runs_the_layer_program_and_without_kernels_the_pytorch_path
     assert "_program" not in plain.__dict__
     for a, b in zip(with_program, without):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- robustness of the fused path
+def _fresh_twin(model):
+    twin = HybridLM(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def _assert_same_decode(model, reference, prompts, steps=3):
+    for a, b in zip(decode_run(reference, prompts, steps)[0], decode_run(model, prompts, steps)[0]):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+def test_fused_decode_batch_one_across_cache_growth(monkeypatch):
+    """Capacity 1 grows several times during decoding (the KV buffers move; the program follows)."""
+    model = randomize(HybridLM(small_config()).eval(), seed=8)
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("HYBRID_RL_KERNELS", flag)
+        cache = model.new_cache(1, capacity=1)
+        out = [model.extend(cache, [torch.arange(3)])]
+        for t in range(12):
+            out.append(model.decode_step(cache, torch.tensor([t % 97])))
+        runs[flag] = out
+        assert cache.capacity >= 15
+    for a, b in zip(runs["0"], runs["1"]):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+def test_fused_path_follows_fused_adamw_assign_loads_and_config_changes():
+    model = randomize(HybridLM(small_config(moe_latent_size=24)).eval(), seed=9)
+    prompts = [torch.arange(5), torch.arange(2)]
+    decode_run(model, prompts, 2)  # builds the program and the derived weights
+    # AdamW(fused=True) on a CPU updates parameters without bumping their version counters
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(torch.arange(12)[None]).logits.square().mean().backward()
+    opt.step()
+    _assert_same_decode(model, _fresh_twin(model), prompts)
+    # parameters replaced by new tensors
+    other = randomize(HybridLM(model.config), seed=10).state_dict()
+    model.load_state_dict(other, assign=True)
+    _assert_same_decode(model, _fresh_twin(model), prompts)
+    # a config value read by the kernels
+    model.config.routed_scaling_factor = 0.5
+    twin = HybridLM(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref = twin(torch.arange(6)[None]).logits[0, -1]
+    cache = model.new_cache(1)
+    model.extend(cache, [torch.arange(5)])
+    torch.testing.assert_close(model.decode_step(cache, torch.tensor([5]))[0], ref, atol=1e-4, rtol=0)
+    # .data edits bump no version: invalidate() is the documented way
+    with torch.no_grad():
+        model.backbone.norm_f.weight.data.mul_(2.0)
+    kernels.invalidate(model)
+    _assert_same_decode(model, _fresh_twin(model), prompts)
+
+
+def test_router_kernel_handles_inf_bias_and_many_experts():
+    lib = kernels.library()
+    for e, k in ((6, 3), (5000, 4)):
+        gen = torch.Generator().manual_seed(e)
+        logits = torch.randn(4, e, generator=gen)
+        bias = torch.full((e,), float("-inf"))
+        bias[[0, e - 1]] = 0.0  # two selectable experts; the rest masked with -inf
+        bias[e - 1] = 10.0
+        idx, w = torch.empty(4, k, dtype=torch.long), torch.empty(4, k)
+        load = torch.zeros(e)
+        lib.moe_route(kernels.ptr(logits), kernels.ptr(bias), kernels.ptr(idx), kernels.ptr(w), kernels.ptr(load),
+                      4, e, k, 1, e, 2.0)
+        assert (idx[:, 0] == e - 1).all() and (idx[:, 1] == 0).all()  # beyond any fixed table size
+        assert all(len(set(row)) == k for row in idx.tolist())  # no expert chosen twice
+        assert load.sum() == 4 * k and load[e - 1] == 4
+        scores = torch.sigmoid(logits).gather(1, idx)
+        torch.testing.assert_close(w, 2.0 * scores / scores.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+def test_fused_decode_under_a_low_precision_default_dtype_and_inference_mode():
+    with torch.inference_mode():
+        model = randomize(HybridLM(small_config()).eval(), seed=11)
+        prompts = [torch.arange(4), torch.arange(7)]
+        ref = decode_run(model, prompts, 2)[0]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # workspaces must still be fp32
+    try:
+        with torch.inference_mode():  # inference tensors keep no version counter
+            got = decode_run(model, prompts, 2)[0]
+    finally:
+        torch.set_default_dtype(old)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+def test_two_threads_decoding_one_model_agree_with_one_thread():
+    import threading
+
+    model = randomize(HybridLM(small_config()).eval(), seed=12)
+    jobs = {"a": [torch.arange(3)], "b": [torch.arange(9), torch.arange(2), torch.arange(5)]}
+    expected = {name: decode_run(model, prompts, 8, seed=1)[0] for name, prompts in jobs.items()}
+    results, errors = {}, []
+
+    def work(name):
+        try:
+            for _ in range(3):
+                results[name] = decode_run(model, jobs[name], 8, seed=1)[0]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for name in jobs:
+        for a, b in zip(expected[name], results[name]):
+            torch.testing.assert_close(b, a, atol=0, rtol=0)
