@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-
 
 def attention_naive(q_bhtd, k_bktd, v_bktd, mask_btt):
     """Reference: explicit softmax(q k^T / sqrt(d)) v with the KV heads repeated. mask True = may attend."""
@@ -58,8 +56,3 @@ class Attention(nn.Module):
             k_all, v_all = ctx.cache.write_kv(layer_idx, k, v, ctx.start_b, ctx.kv_used)
             o = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=ctx.kv_mask, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1).to(h_btd.dtype))
-
-    def qkv_weight(self):
-        """[q; k; v] projection weights in one matrix, kept while unchanged."""
-        return kernels.derived(self, "qkv", (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight),
-                               lambda: torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))

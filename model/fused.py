@@ -56,7 +56,7 @@ def dense_panels(mixer, kind: str) -> tuple:
             return w_in, w_out, shared_down if w_out is None else None
     elif kind == "*":
         params = (mixer.q_proj.weight, mixer.k_proj.weight, mixer.v_proj.weight, mixer.o_proj.weight)
-        weights = lambda: (mixer.qkv_weight(), mixer.o_proj.weight)  # noqa: E731
+        weights = lambda: (torch.cat(params[:3]), params[3])  # noqa: E731 - [q; k; v] as one projection
     else:
         params = (mixer.up_proj.weight, mixer.down_proj.weight)
         weights = lambda: params  # noqa: E731
