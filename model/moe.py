@@ -154,14 +154,8 @@ class Experts(nn.Module):
         """The expert weights as model/kernels' ``moe_experts`` takes them: up^T [E, D_e, I] and down^T
         [E, I, D_e], each cut into panels of 16 output columns stored one after another (zero-padded)."""
         return kernels.derived(self, "packed", (self.up_proj, self.down_proj), lambda: (
-            _pack_panels(self.up_proj.detach().transpose(1, 2)), _pack_panels(self.down_proj.detach().transpose(1, 2))))
-
-
-def _pack_panels(b_ekn):
-    """[E, K, n] -> [E, ceil(n/16), K, 16] contiguous: 16-column panels, zero-padded."""
-    e, k, n = b_ekn.shape
-    padded = F.pad(b_ekn, (0, (-n) % 16))
-    return padded.view(e, k, -1, 16).permute(0, 2, 1, 3).contiguous()
+            kernels.pack_panels(self.up_proj.detach().transpose(1, 2)),
+            kernels.pack_panels(self.down_proj.detach().transpose(1, 2))))
 
 
 class MoE(nn.Module):
