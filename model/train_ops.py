@@ -56,6 +56,8 @@ kernels.declare("rms_norm_fwd", [_P] * 4 + [_I64, _INT, _F32])
 kernels.declare("rms_norm_bwd", [_P] * 6 + [_I64, _INT])
 kernels.declare("relu2_out", [_P] * 2 + [_I64])
 kernels.declare("relu2_grad", [_P] * 3 + [_I64])
+kernels.declare("ssd_scale_fwd", [_P] * 3 + [_INT] * 6 + [_I64])
+kernels.declare("ssd_scale_bwd", [_P] * 5 + [_INT] * 6 + [_I64])
 
 
 def _ptr(t):
@@ -307,7 +309,7 @@ class _SSDChunked(torch.autograd.Function):
         g, n = Bm.shape[2], Bm.shape[3]
         r, nc = h // g, t // q
         within, to_end, from_start, keep = _ssd_masks(seg_bt, b, nc, q)
-        use_k = _ssd_kernels(x, dt, q)  # CPU fp32: the layout passes and the decay blocks in C
+        use_k = _ssd_kernels(x, dt, Bm, Cm, q)  # CPU fp32: layout passes, decay blocks, B and C per head in C
         X = x.new_empty(b, nc, g, r, q, p)  # x * dt, head-major
         if use_k:
             kernels.library().ssd_in(_ptr(x), _ptr(dt), _ptr(X), b, nc, h, q, p, x.stride(1))
@@ -337,7 +339,7 @@ class _SSDChunked(torch.autograd.Function):
         dte = torch.exp(cs_last - cs)  # [B,c,G,R,Q]
         if to_end is not None:
             dte = dte * to_end
-        Bd = Bc[:, :, :, None] * dte[..., None]  # [B,c,G,R,Q,N]
+        Bd = _scale_heads(Bm, dte, r) if use_k else Bc[:, :, :, None] * dte[..., None]  # [B,c,G,R,Q,N]
         S = Bd.transpose(-1, -2) @ X
 
         # 3. chunk to chunk: start[c] = the state entering chunk c
@@ -355,7 +357,7 @@ class _SSDChunked(torch.autograd.Function):
         od = torch.exp(cs)  # [B,c,G,R,Q]
         if from_start is not None:
             od = od * from_start
-        Cd = Cc[:, :, :, None] * od[..., None]  # [B,c,G,R,Q,N]
+        Cd = _scale_heads(Cm, od, r) if use_k else Cc[:, :, :, None] * od[..., None]  # [B,c,G,R,Q,N]
         Y = Cd @ start
         _bmm3(Y, q, p).baddbmm_(_bmm3(M, q, q), _bmm3(X, q, p))
         y = x.new_empty(b, t, h, p)
@@ -395,8 +397,11 @@ class _SSDChunked(torch.autograd.Function):
         # 4. read-out: Y += Cd @ start with Cd = C * od
         Z = gY @ start.transpose(-1, -2)  # d/dCd  [B,c,G,R,Q,N]
         g_start = Cd.transpose(-1, -2) @ gY  # [B,c,G,R,N,P]
-        g_cs = torch.linalg.vecdot(Z, Cc[:, :, :, None]).mul_(od)  # through od = exp(cs) (masked)
-        gC = (Z * od[..., None]).sum(3)  # [B,c,G,Q,N]
+        if use_k:
+            gC, g_cs = _scale_heads_backward(Z, Cc, od)
+        else:
+            g_cs = torch.linalg.vecdot(Z, Cc[:, :, :, None]).mul_(od)  # through od = exp(cs) (masked)
+            gC = (Z * od[..., None]).sum(3)  # [B,c,G,Q,N]
 
         # 3. chunk to chunk, backwards
         gS = torch.empty_like(start)
@@ -411,8 +416,11 @@ class _SSDChunked(torch.autograd.Function):
         # 2. chunk end states: S = Bd^T @ X with Bd = B * dte
         gX = Bd @ gS  # [B,c,G,R,Q,P]
         W = X @ gS.transpose(-1, -2)  # d/dBd  [B,c,G,R,Q,N]
-        g_dte = torch.linalg.vecdot(W, Bc[:, :, :, None]).mul_(dte)  # times dte: d/d(cs_last - cs)
-        gB = (W * dte[..., None]).sum(3)  # [B,c,G,Q,N]
+        if use_k:
+            gB, g_dte = _scale_heads_backward(W, Bc, dte)
+        else:
+            g_dte = torch.linalg.vecdot(W, Bc[:, :, :, None]).mul_(dte)  # times dte: d/d(cs_last - cs)
+            gB = (W * dte[..., None]).sum(3)  # [B,c,G,Q,N]
         g_cs.sub_(g_dte)
         g_cs[..., -1] += g_dte.sum(-1) + g_decay * decay
 
@@ -458,15 +466,36 @@ class _SSDChunked(torch.autograd.Function):
         return gx, g_dt, gA, gBm, gCm, gD, g_init, None, None
 
 
-def _ssd_kernels(x, dt, q):
-    """The SSD kernels of model/kernels/train.c apply: CPU fp32, x [B,T,H,P] with contiguous heads and
-    batch stride T * token stride, dt contiguous, chunk <= 1024, the library built."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or dt.dtype != torch.float32 or q > 1024:
+def _ssd_kernels(x, dt, Bm, Cm, q):
+    """The SSD kernels of model/kernels/train.c apply: CPU fp32, x [B,T,H,P] and B, C [B,T,G,N] each with
+    contiguous rows per token and batch stride T * token stride, dt contiguous, chunk <= 1024, the
+    library built."""
+    if not _cpu_f32(x, dt, Bm, Cm) or q > 1024 or not dt.is_contiguous():
         return False
-    b, t, h, p = x.shape
-    if x.stride(3) != 1 or x.stride(2) != p or x.stride(0) != t * x.stride(1) or not dt.is_contiguous():
-        return False
-    return kernels.library() is not None
+    for v in (x, Bm, Cm):
+        b, t, h, p = v.shape
+        if v.stride(3) != 1 or v.stride(2) != p or v.stride(0) != t * v.stride(1):
+            return False
+    return True
+
+
+def _scale_heads(V_btgn, scale, r):
+    """[B,c,G,R,Q,N] = V (B or C, per group) times the per-head, per-position ``scale`` [B,c,G,R,Q]."""
+    b, nc, g, _, q = scale.shape
+    n = V_btgn.shape[3]
+    out = V_btgn.new_empty(b, nc, g, r, q, n)
+    kernels.library().ssd_scale_fwd(_ptr(V_btgn), _ptr(scale), _ptr(out), b, nc, g, r, q, n, V_btgn.stride(1))
+    return out
+
+
+def _scale_heads_backward(Z, V_c, scale):
+    """Gradients of ``_scale_heads`` from Z [B,c,G,R,Q,N]: (d/dV [B,c,G,Q,N], d/dscale times scale
+    [B,c,G,R,Q]).  ``V_c``: the [B,c,G,Q,N] view of V (token stride = its stride 3)."""
+    b, nc, g, r, q, n = Z.shape
+    gV, gs = Z.new_empty(b, nc, g, q, n), scale.new_empty(scale.shape)
+    kernels.library().ssd_scale_bwd(_ptr(Z), _ptr(V_c), _ptr(scale), _ptr(gV), _ptr(gs), b, nc, g, r, q, n,
+                                    V_c.stride(3))
+    return gV, gs
 
 
 _HEAD_MAJOR = (0, 1, 3, 4, 2, 5)  # [B,c,Q,G,R,P] -> [B,c,G,R,Q,P]

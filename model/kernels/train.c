@@ -583,3 +583,49 @@ void relu2_grad(const float *g, const float *h, float *gh, int64_t n) {
     }
     for (int64_t i = n8; i < n; i++) gh[i] = g[i] * (h[i] > 0.0f ? h[i] : 0.0f) * 2.0f;
 }
+
+/* ---------------------------------------------------------------- chunked SSD scan: B and C per head
+ * V: B or C of the chunk, [B, T, G, N] with token stride vs (batch stride T vs); scale [B, NC, G, R, Q]
+ * (decay to the chunk end for B, from its start for C).  Forward: Vd [B, NC, G, R, Q, N] = V * scale. */
+void ssd_scale_fwd(const float *V, const float *scale, float *Vd, int B, int NC, int G, int R, int Q, int N,
+                   int64_t vs) {
+    const int64_t blocks = (int64_t)B * NC * G * R;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t bcg = blk / R, bc = bcg / G, g = bcg % G;
+        for (int q = 0; q < Q; q++) {
+            const float *v = V + (bc * Q + q) * vs + g * N;
+            const float s = scale[blk * Q + q];
+            float *o = Vd + (blk * Q + q) * N;
+            for (int n = 0; n < N; n++) o[n] = v[n] * s;
+        }
+    }
+}
+
+/* Backward of ssd_scale_fwd given Z = d/dVd: gV [B, NC, G, Q, N] = sum_r Z scale (written);
+ * gscale [B, NC, G, R, Q] = scale * (Z . V over N) (written). */
+void ssd_scale_bwd(const float *Z, const float *V, const float *scale, float *gV, float *gscale, int B, int NC,
+                   int G, int R, int Q, int N, int64_t vs) {
+    const int64_t blocks = (int64_t)B * NC * G;
+#pragma omp parallel for schedule(static)
+    for (int64_t bcg = 0; bcg < blocks; bcg++) {
+        const int64_t bc = bcg / G, g = bcg % G;
+        for (int q = 0; q < Q; q++) {
+            const float *v = V + (bc * Q + q) * vs + g * N;
+            float *o = gV + (bcg * Q + q) * N;
+            for (int n = 0; n < N; n++) o[n] = 0.0f;
+            for (int r = 0; r < R; r++) {
+                const int64_t row = (bcg * R + r) * Q + q;
+                const float *z = Z + row * N;
+                const float s = scale[row];
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int n = 0; n < N; n++) {
+                    acc += z[n] * v[n];
+                    o[n] += z[n] * s;
+                }
+                gscale[row] = s * acc;
+            }
+        }
+    }
+}
