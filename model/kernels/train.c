@@ -106,75 +106,85 @@ void conv_silu_fwd(const float *x, const float *w, const float *bias, const int6
     }
 }
 
-/* Backward of conv_silu_fwd.  g [B, T, C] contiguous: gradient of the output; gu [B, T, C]: workspace
- * (gets the gradient of the conv output, the pre-activation recomputed); gx: rows of stride gxs (first C
- * columns written); gw [K, C], gb [C] written.  gu may be g itself. */
+/* gradient of the conv output at row (b, t): g * silu'(u), u recomputed; into dst [C] */
+static void conv_grad_row(const float *x, const float *w, const float *bias, const int64_t *seg, const float *g,
+                          float *dst, int b, int t, int T, int C, int K, int64_t xs) {
+    int valid[MAXK];
+    conv_valid(seg, b, t, T, K, valid);
+    conv_row(x + (int64_t)b * T * xs, xs, w, bias, valid, t, C, K, dst);
+    const float *gr = g + ((int64_t)b * T + t) * C;
+    int c = 0;
+    for (; c + 8 <= C; c += 8) { /* d silu(u) = s (1 + u (1 - s)) */
+        const tv8f v = tld8(dst + c), sv = tsigmoid8(v);
+        tst8(dst + c, tld8(gr + c) * sv * (1.0f + v * (1.0f - sv)));
+    }
+    for (; c < C; c++) {
+        const float v = dst[c], sv = tsigmoid(v);
+        dst[c] = gr[c] * sv * (1.0f + v * (1.0f - sv));
+    }
+}
+
+#define CONV_SPAN 64 /* rows of one batch row per task */
+
+/* Backward of conv_silu_fwd.  g [B, T, C] contiguous: gradient of the output; gx: rows of stride gxs
+ * (first C columns written); gw [K, C], gb [C] written.  Each task walks a span of rows keeping the
+ * conv-output gradients of the next K rows in a small ring (recomputed, never written out).  gu: unused. */
 void conv_silu_bwd(const float *x, const float *w, const float *bias, const int64_t *seg, const float *g,
                    float *gu, float *gx, float *gw, float *gb, int B, int T, int C, int K, int64_t xs,
                    int64_t gxs) {
-    const int64_t rows = (int64_t)B * T;
+    (void)gu;
+    const int spans = (T + CONV_SPAN - 1) / CONV_SPAN;
     memset(gw, 0, sizeof(float) * (size_t)K * C);
     memset(gb, 0, sizeof(float) * (size_t)C);
 #pragma omp parallel
     {
-        float *u = malloc(sizeof(float) * (size_t)C); /* one row's conv output (gu may alias g) */
-#pragma omp for schedule(static)
-        for (int64_t row = 0; row < rows; row++) {
-            const int b = (int)(row / T), t = (int)(row % T);
-            int valid[MAXK];
-            conv_valid(seg, b, t, T, K, valid);
-            float *gr = gu + row * C;
-            const float *g0 = g + row * C;
-            conv_row(x + (int64_t)b * T * xs, xs, w, bias, valid, t, C, K, u);
-            int c = 0;
-            for (; c + 8 <= C; c += 8) { /* d silu(u) = s (1 + u (1 - s)) */
-                const tv8f v = tld8(u + c), s = tsigmoid8(v);
-                tst8(gr + c, tld8(g0 + c) * s * (1.0f + v * (1.0f - s)));
-            }
-            for (; c < C; c++) {
-                const float v = u[c], s = tsigmoid(v);
-                gr[c] = g0[c] * s * (1.0f + v * (1.0f - s));
-            }
-        }
-        free(u);
-        /* implicit barrier: gu complete */
         float *part = calloc((size_t)(K + 1) * C, sizeof(float)); /* [K, C] weight, [C] bias partials */
+        float *ring = malloc(sizeof(float) * (size_t)K * C);       /* gradient rows t .. t+K-1, slot t % K */
 #pragma omp for schedule(static)
-        for (int64_t row = 0; row < rows; row++) {
-            const int b = (int)(row / T), t = (int)(row % T);
-            int valid[MAXK], ahead[MAXK];
-            conv_valid(seg, b, t, T, K, valid);
-            /* ahead[s]: output t + s reads this input through tap K-1-s */
-            for (int s = 0; s < K; s++) {
-                ahead[s] = t + s < T && (seg == NULL || seg[(int64_t)b * T + t + s] == seg[(int64_t)b * T + t]);
-            }
-            const float *gur = gu + row * C, *xt = x + (int64_t)b * T * xs + (int64_t)t * xs;
-            float *gxr = gx + (int64_t)b * T * gxs + (int64_t)t * gxs;
-            int c = 0;
-            for (; c + 8 <= C; c += 8) {
-                tv8f acc = tld8(gur + c) * tld8(w + (int64_t)(K - 1) * C + c);
-                for (int s = 1; s < K; s++) {
-                    if (ahead[s]) acc += tld8(gur + (int64_t)s * C + c) * tld8(w + (int64_t)(K - 1 - s) * C + c);
-                }
-                tst8(gxr + c, acc);
-                const tv8f gv = tld8(gur + c);
-                tst8(part + (int64_t)K * C + c, tld8(part + (int64_t)K * C + c) + gv);
+        for (int64_t task = 0; task < (int64_t)B * spans; task++) {
+            const int b = (int)(task / spans), ta = (int)(task % spans) * CONV_SPAN;
+            const int tb = ta + CONV_SPAN < T ? ta + CONV_SPAN : T;
+            for (int t = ta; t < ta + K - 1 && t < T; t++)
+                conv_grad_row(x, w, bias, seg, g, ring + (int64_t)(t % K) * C, b, t, T, C, K, xs);
+            for (int t = ta; t < tb; t++) {
+                const int tn = t + K - 1;
+                if (tn < T) conv_grad_row(x, w, bias, seg, g, ring + (int64_t)(tn % K) * C, b, tn, T, C, K, xs);
+                int valid[MAXK], ahead[MAXK];
+                conv_valid(seg, b, t, T, K, valid);
+                /* ahead[s]: output t + s reads this input through tap K-1-s */
                 for (int s = 0; s < K; s++) {
-                    if (valid[s]) {
-                        float *pj = part + (int64_t)(K - 1 - s) * C + c;
-                        tst8(pj, tld8(pj) + gv * tld8(xt - (int64_t)s * xs + c));
+                    ahead[s] = t + s < T && (seg == NULL || seg[(int64_t)b * T + t + s] == seg[(int64_t)b * T + t]);
+                }
+                const float *gur = ring + (int64_t)(t % K) * C;
+                const float *xt = x + (int64_t)b * T * xs + (int64_t)t * xs;
+                float *gxr = gx + (int64_t)b * T * gxs + (int64_t)t * gxs;
+                int c = 0;
+                for (; c + 8 <= C; c += 8) {
+                    const tv8f gv = tld8(gur + c);
+                    tv8f acc = gv * tld8(w + (int64_t)(K - 1) * C + c);
+                    for (int s = 1; s < K; s++) {
+                        if (ahead[s])
+                            acc += tld8(ring + (int64_t)((t + s) % K) * C + c) * tld8(w + (int64_t)(K - 1 - s) * C + c);
+                    }
+                    tst8(gxr + c, acc);
+                    tst8(part + (int64_t)K * C + c, tld8(part + (int64_t)K * C + c) + gv);
+                    for (int s = 0; s < K; s++) {
+                        if (valid[s]) {
+                            float *pj = part + (int64_t)(K - 1 - s) * C + c;
+                            tst8(pj, tld8(pj) + gv * tld8(xt - (int64_t)s * xs + c));
+                        }
                     }
                 }
-            }
-            for (; c < C; c++) {
-                float acc = gur[c] * w[(int64_t)(K - 1) * C + c];
-                for (int s = 1; s < K; s++) {
-                    if (ahead[s]) acc += gur[(int64_t)s * C + c] * w[(int64_t)(K - 1 - s) * C + c];
-                }
-                gxr[c] = acc;
-                part[(int64_t)K * C + c] += gur[c];
-                for (int s = 0; s < K; s++) {
-                    if (valid[s]) part[(int64_t)(K - 1 - s) * C + c] += gur[c] * xt[-(int64_t)s * xs + c];
+                for (; c < C; c++) {
+                    float acc = gur[c] * w[(int64_t)(K - 1) * C + c];
+                    for (int s = 1; s < K; s++) {
+                        if (ahead[s]) acc += ring[(int64_t)((t + s) % K) * C + c] * w[(int64_t)(K - 1 - s) * C + c];
+                    }
+                    gxr[c] = acc;
+                    part[(int64_t)K * C + c] += gur[c];
+                    for (int s = 0; s < K; s++) {
+                        if (valid[s]) part[(int64_t)(K - 1 - s) * C + c] += gur[c] * xt[-(int64_t)s * xs + c];
+                    }
                 }
             }
         }
@@ -183,6 +193,7 @@ void conv_silu_bwd(const float *x, const float *w, const float *bias, const int6
             for (int c = 0; c < K * C; c++) gw[c] += part[c];
             for (int c = 0; c < C; c++) gb[c] += part[(int64_t)K * C + c];
         }
+        free(ring);
         free(part);
     }
 }
@@ -219,7 +230,7 @@ void gated_norm_fwd(const float *y, const float *z, const float *w, float *out, 
 }
 
 /* Backward of gated_norm_fwd.  go [rows, D] contiguous; gy [rows, D] contiguous and gz (rows of stride
- * gzs) written; gw [D] written. */
+ * gzs) written; gw [D] written.  The sigmoid of z is computed once per element (kept for the group). */
 void gated_norm_bwd(const float *go, const float *y, const float *z, const float *w, const float *rstd,
                     float *gy, float *gz, float *gw, int64_t rows, int D, int group, int64_t zs, int64_t gzs) {
     const int ng = D / group;
@@ -227,6 +238,7 @@ void gated_norm_bwd(const float *go, const float *y, const float *z, const float
 #pragma omp parallel
     {
         float *part = calloc((size_t)D, sizeof(float));
+        float *sg = malloc(sizeof(float) * (size_t)(group + 8)); /* sigmoid(z) of the group */
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < rows; row++) {
             const float *gor = go + row * D, *yr = y + row * D, *zr = z + row * zs;
@@ -239,33 +251,36 @@ void gated_norm_bwd(const float *go, const float *y, const float *z, const float
                 float d = 0.0f;
                 int c = c0;
                 for (; c + 8 <= c1; c += 8) {
-                    const tv8f zv = tld8(zr + c), nv = tld8(yr + c) * zv * tsigmoid8(zv) * r, gv = tld8(gor + c);
+                    const tv8f zv = tld8(zr + c), sv = tsigmoid8(zv), nv = tld8(yr + c) * zv * sv * r, gv = tld8(gor + c);
+                    tst8(sg + (c - c0), sv);
                     d8 += gv * tld8(w + c) * nv;
                     tst8(part + c, tld8(part + c) + gv * nv);
                 }
                 for (; c < c1; c++) {
-                    const float nv = yr[c] * zr[c] * tsigmoid(zr[c]) * r;
+                    const float sv = tsigmoid(zr[c]), nv = yr[c] * zr[c] * sv * r;
+                    sg[c - c0] = sv;
                     d += gor[c] * w[c] * nv;
                     part[c] += gor[c] * nv;
                 }
                 const float dot = (thsum8(d8) + d) / (float)group;
                 /* pass 2: ga = (go w - normed dot) r; gy = ga silu(z); gz = ga y s (1 + z (1 - s)) */
                 for (c = c0; c + 8 <= c1; c += 8) {
-                    const tv8f zv = tld8(zr + c), yv = tld8(yr + c), s = tsigmoid8(zv), gate = zv * s;
+                    const tv8f zv = tld8(zr + c), yv = tld8(yr + c), sv = tld8(sg + (c - c0)), gate = zv * sv;
                     const tv8f ga = (tld8(gor + c) * tld8(w + c) - yv * gate * r * dot) * r;
                     tst8(gyr + c, ga * gate);
-                    tst8(gzr + c, ga * yv * s * (1.0f + zv * (1.0f - s)));
+                    tst8(gzr + c, ga * yv * sv * (1.0f + zv * (1.0f - sv)));
                 }
                 for (; c < c1; c++) {
-                    const float zv = zr[c], yv = yr[c], s = tsigmoid(zv), gate = zv * s;
+                    const float zv = zr[c], yv = yr[c], sv = sg[c - c0], gate = zv * sv;
                     const float ga = (gor[c] * w[c] - yv * gate * r * dot) * r;
                     gyr[c] = ga * gate;
-                    gzr[c] = ga * yv * s * (1.0f + zv * (1.0f - s));
+                    gzr[c] = ga * yv * sv * (1.0f + zv * (1.0f - sv));
                 }
             }
         }
 #pragma omp critical
         for (int c = 0; c < D; c++) gw[c] += part[c];
+        free(sg);
         free(part);
     }
 }

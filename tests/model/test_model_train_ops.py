@@ -270,19 +270,22 @@ def _mixer_run(mixer, h, seg, kernels_on, monkeypatch, gen_seed):
     return out, torch.autograd.grad((out * go).sum(), params)
 
 
-@pytest.mark.parametrize("t,chunk", [(24, 8), (13, 64), (16, 16)])
+@pytest.mark.parametrize("t,chunk", [(24, 8), (13, 64), (16, 16), (48, 16), (160, 32)])
 @pytest.mark.parametrize("packed", [False, True])
-def test_mamba_mixer_kernels_equal_pytorch_path(monkeypatch, t, chunk, packed):
+@pytest.mark.parametrize("dims", [(6, 6, 3, 5), (4, 8, 2, 8)])  # heads, head dim, groups, state
+def test_mamba_mixer_kernels_equal_pytorch_path(monkeypatch, t, chunk, packed, dims):
     """The CPU-kernel mixer Function (conv+SiLU, gated norm in C, one gradient buffer) against the
-    unfused PyTorch training path, values and every gradient; odd channel counts exercise the tails."""
+    unfused PyTorch training path, values and every gradient; odd channel counts exercise the tails,
+    multiples of 8 the vector paths (the conv backward's row tiles among them)."""
     from model import HybridConfig, kernels
     from model.mamba import Mamba2Mixer
     from model.train_ops import _MambaMixer, mamba_mixer_train
 
     if kernels.library() is None:
         pytest.skip("no C compiler")
-    cfg = HybridConfig(hidden_size=24, mamba_num_heads=6, mamba_head_dim=6, n_groups=3, ssm_state_size=5,
-                       conv_kernel=4, chunk_size=chunk, layer_pattern="M")
+    heads, head_dim, groups, state = dims
+    cfg = HybridConfig(hidden_size=24, mamba_num_heads=heads, mamba_head_dim=head_dim, n_groups=groups,
+                       ssm_state_size=state, conv_kernel=4, chunk_size=chunk, layer_pattern="M")
     torch.manual_seed(t + chunk)
     mixer = Mamba2Mixer(cfg)
     with torch.no_grad():
