@@ -17,9 +17,22 @@ tests/model/test_model_train_ops.py.
   decays applied to B and C rather than to x and y, a short recurrence across chunks, matmul results
   accumulated in place).
 * ``rms_norm_train`` / ``gated_group_rms_norm_train``: the block norms and the Mamba output norm.
+* ``mamba_mixer_train``: on CPU fp32, the whole Mamba mixer between in_proj and out_proj as one
+  Function (``_MambaMixer``): conv + SiLU and the gated group norm as one kernel pass each way (their
+  backwards recompute the conv output and the gates), the SSD scan as above, and one
+  ``[B, T, in_proj]`` gradient buffer that every piece writes its columns of (no cat of split grads).
+* ``relu2_train``: the dense MLP's relu^2.
+
+CPU fp32 kernels (model/kernels/train.c, compiled with the decode kernels into one library) do the
+memory-bound passes where they apply: conv + SiLU, the gated and the plain RMS norm, relu^2, the SSD's
+decay blocks, head-major layout passes and per-head B/C scaling, the experts' gathers and slot sums.
+Each has a PyTorch path (in the same Function; for the mixer, the unfused ops of ``Mamba2Mixer``),
+used on other devices and dtypes, under autocast, without a C compiler, or with
+``HYBRID_RL_KERNELS=0``; the tests run both paths against the references.
 
 The callers (``causal_conv``, ``ssd_chunked``, ``dispatch_grouped``, ``rms_norm``,
-``gated_group_rms_norm``) use these only with autograd enabled; inference keeps its own code.
+``gated_group_rms_norm``, ``Mamba2Mixer.forward``, ``moe.relu2``) use these only with autograd
+enabled; inference keeps its own code.
 """
 
 from __future__ import annotations
