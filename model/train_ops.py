@@ -201,7 +201,7 @@ class _GroupedExperts(torch.autograd.Function):
             acc = torch.promote_types(ys.dtype, torch.float32)  # weights and slot sum in fp32 (or wider)
             out = torch.bmm(w_nk.to(acc)[:, None, :], ys_pair.to(acc))[:, 0]
         ctx.save_for_backward(xs, w_nk, up_eid, down_edi, order, src, inverse, r, act, ys_pair)
-        ctx.counts, ctx.used, ctx.k, ctx.use_k = counts, used, k, use_k
+        ctx.counts, ctx.used, ctx.k, ctx.use_k, ctx.lib = counts, used, k, use_k, lib
         return out
 
     @staticmethod
@@ -216,7 +216,7 @@ class _GroupedExperts(torch.autograd.Function):
         n, nk = w_nk.shape[0], order.numel()
         need_x, need_w, need_up, need_down = ctx.needs_input_grad[:4]
         g = g_nd.contiguous()
-        lib = kernels.library() if ctx.use_k else None
+        lib = ctx.lib  # the forward's (None: PyTorch ops)
         if lib is not None and g.dtype == torch.float32:  # ys_pair holds the sorted rows here
             grad_w, gs = torch.empty_like(w_nk), xs.new_empty(nk, g.shape[1])
             lib.moe_combine_bwd(_ptr(g), _ptr(ys_pair), _ptr(inverse), _ptr(w_nk), _ptr(grad_w), _ptr(gs), n, k,
@@ -323,9 +323,10 @@ class _SSDChunked(torch.autograd.Function):
         r, nc = h // g, t // q
         within, to_end, from_start, keep = _ssd_masks(seg_bt, b, nc, q)
         use_k = _ssd_kernels(x, dt, Bm, Cm, q)  # CPU fp32: layout passes, decay blocks, B and C per head in C
+        lib = ctx.lib = kernels.library() if use_k else None
         X = x.new_empty(b, nc, g, r, q, p)  # x * dt, head-major
         if use_k:
-            kernels.library().ssd_in(_ptr(x), _ptr(dt), _ptr(X), b, nc, h, q, p, x.stride(1))
+            lib.ssd_in(_ptr(x), _ptr(dt), _ptr(X), b, nc, h, q, p, x.stride(1))
         else:
             torch.mul(x.view(b, nc, q, g, r, p).permute(_HEAD_MAJOR),
                       dt.view(b, nc, q, g, r, 1).permute(_HEAD_MAJOR), out=X)
@@ -339,7 +340,7 @@ class _SSDChunked(torch.autograd.Function):
         if use_k:  # one pass, L not kept (the backward's kernel recomputes it)
             seg64 = None if seg_bt is None else seg_bt.to(torch.int64).contiguous()
             L, M = None, x.new_empty(b, nc, g, r, q, q)
-            kernels.library().ssd_decay_fwd(_ptr(cs), _ptr(CB), _ptr(seg64), _ptr(M), b, nc, g, r, q)
+            lib.ssd_decay_fwd(_ptr(cs), _ptr(CB), _ptr(seg64), _ptr(M), b, nc, g, r, q)
         else:
             mask = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
             if within is not None:
@@ -352,7 +353,7 @@ class _SSDChunked(torch.autograd.Function):
         dte = torch.exp(cs_last - cs)  # [B,c,G,R,Q]
         if to_end is not None:
             dte = dte * to_end
-        Bd = _scale_heads(Bm, dte, r) if use_k else Bc[:, :, :, None] * dte[..., None]  # [B,c,G,R,Q,N]
+        Bd = _scale_heads(lib, Bm, dte, r) if use_k else Bc[:, :, :, None] * dte[..., None]  # [B,c,G,R,Q,N]
         S = Bd.transpose(-1, -2) @ X
 
         # 3. chunk to chunk: start[c] = the state entering chunk c
@@ -370,12 +371,12 @@ class _SSDChunked(torch.autograd.Function):
         od = torch.exp(cs)  # [B,c,G,R,Q]
         if from_start is not None:
             od = od * from_start
-        Cd = _scale_heads(Cm, od, r) if use_k else Cc[:, :, :, None] * od[..., None]  # [B,c,G,R,Q,N]
+        Cd = _scale_heads(lib, Cm, od, r) if use_k else Cc[:, :, :, None] * od[..., None]  # [B,c,G,R,Q,N]
         Y = Cd @ start
         _bmm3(Y, q, p).baddbmm_(_bmm3(M, q, q), _bmm3(X, q, p))
         y = x.new_empty(b, t, h, p)
         if use_k:
-            kernels.library().ssd_out(_ptr(Y), _ptr(x), _ptr(D), _ptr(y), b, nc, h, q, p, x.stride(1))
+            lib.ssd_out(_ptr(Y), _ptr(x), _ptr(D), _ptr(y), b, nc, h, q, p, x.stride(1))
         else:
             torch.addcmul(Y.permute(0, 1, 4, 2, 3, 5), x.view(b, nc, q, g, r, p), D.view(g, r, 1),
                           out=y.view(b, nc, q, g, r, p))
@@ -398,12 +399,12 @@ class _SSDChunked(torch.autograd.Function):
         r, nc = h // g, t // q
         if gy is None:
             gy = x.new_zeros(b, t, h, p)
-        use_k = L is None  # the forward ran the kernels
+        use_k, lib = L is None, ctx.lib  # the forward ran the kernels
         gY = x.new_empty(b, nc, g, r, q, p)
         if use_k:
             gy = gy.contiguous()
             gD_part = x.new_empty(b * nc, h)
-            kernels.library().ssd_gy_in(_ptr(gy), _ptr(x), _ptr(gY), _ptr(gD_part), b, nc, h, q, p, x.stride(1))
+            lib.ssd_gy_in(_ptr(gy), _ptr(x), _ptr(gY), _ptr(gD_part), b, nc, h, q, p, x.stride(1))
         else:
             gY.copy_(gy.reshape(b, nc, q, g, r, p).permute(_HEAD_MAJOR))
 
@@ -411,7 +412,7 @@ class _SSDChunked(torch.autograd.Function):
         Z = gY @ start.transpose(-1, -2)  # d/dCd  [B,c,G,R,Q,N]
         g_start = Cd.transpose(-1, -2) @ gY  # [B,c,G,R,N,P]
         if use_k:
-            gC, g_cs = _scale_heads_backward(Z, Cc, od)
+            gC, g_cs = _scale_heads_backward(lib, Z, Cc, od)
         else:
             g_cs = torch.linalg.vecdot(Z, Cc[:, :, :, None]).mul_(od)  # through od = exp(cs) (masked)
             gC = (Z * od[..., None]).sum(3)  # [B,c,G,Q,N]
@@ -430,7 +431,7 @@ class _SSDChunked(torch.autograd.Function):
         gX = Bd @ gS  # [B,c,G,R,Q,P]
         W = X @ gS.transpose(-1, -2)  # d/dBd  [B,c,G,R,Q,N]
         if use_k:
-            gB, g_dte = _scale_heads_backward(W, Bc, dte)
+            gB, g_dte = _scale_heads_backward(lib, W, Bc, dte)
         else:
             g_dte = torch.linalg.vecdot(W, Bc[:, :, :, None]).mul_(dte)  # times dte: d/d(cs_last - cs)
             gB = (W * dte[..., None]).sum(3)  # [B,c,G,Q,N]
@@ -442,7 +443,7 @@ class _SSDChunked(torch.autograd.Function):
         gM = gY @ X.transpose(-1, -2)  # [B,c,G,R,Q,Q]
         if L is None:  # the kernel: L recomputed, gCB and both sums of the cs gradient in one pass
             gCB = CB.new_empty(CB.shape)
-            kernels.library().ssd_decay_bwd(_ptr(gM), _ptr(cs), _ptr(CB), _ptr(seg64), _ptr(gCB), _ptr(g_cs),
+            lib.ssd_decay_bwd(_ptr(gM), _ptr(cs), _ptr(CB), _ptr(seg64), _ptr(gCB), _ptr(g_cs),
                                             b, nc, g, r, q)
         else:
             gM.mul_(L)
@@ -459,7 +460,7 @@ class _SSDChunked(torch.autograd.Function):
         gx = x.new_empty(b, t, h, p) if out is None else out[..., : h * p].view(b, t, h, p)
         if use_k:  # gx = gy D + gX dt and gX . x in one pass
             g_dtx = dt.new_empty(b, t, h)
-            kernels.library().ssd_gx(_ptr(gy), _ptr(gX), _ptr(x), _ptr(dt), _ptr(D), _ptr(gx), _ptr(g_dtx),
+            lib.ssd_gx(_ptr(gy), _ptr(gX), _ptr(x), _ptr(dt), _ptr(D), _ptr(gx), _ptr(g_dtx),
                                      b, nc, h, q, p, x.stride(1), gx.stride(1))
             g_dt = torch.addcmul(g_dtx, g_dA.permute(0, 1, 4, 2, 3).reshape(b, t, h), A)
             gD = gD_part.sum(0)
@@ -492,21 +493,21 @@ def _ssd_kernels(x, dt, Bm, Cm, q):
     return True
 
 
-def _scale_heads(V_btgn, scale, r):
+def _scale_heads(lib, V_btgn, scale, r):
     """[B,c,G,R,Q,N] = V (B or C, per group) times the per-head, per-position ``scale`` [B,c,G,R,Q]."""
     b, nc, g, _, q = scale.shape
     n = V_btgn.shape[3]
     out = V_btgn.new_empty(b, nc, g, r, q, n)
-    kernels.library().ssd_scale_fwd(_ptr(V_btgn), _ptr(scale), _ptr(out), b, nc, g, r, q, n, V_btgn.stride(1))
+    lib.ssd_scale_fwd(_ptr(V_btgn), _ptr(scale), _ptr(out), b, nc, g, r, q, n, V_btgn.stride(1))
     return out
 
 
-def _scale_heads_backward(Z, V_c, scale):
+def _scale_heads_backward(lib, Z, V_c, scale):
     """Gradients of ``_scale_heads`` from Z [B,c,G,R,Q,N]: (d/dV [B,c,G,Q,N], d/dscale times scale
     [B,c,G,R,Q]).  ``V_c``: the [B,c,G,Q,N] view of V (token stride = its stride 3)."""
     b, nc, g, r, q, n = Z.shape
     gV, gs = Z.new_empty(b, nc, g, q, n), scale.new_empty(scale.shape)
-    kernels.library().ssd_scale_bwd(_ptr(Z), _ptr(V_c), _ptr(scale), _ptr(gV), _ptr(gs), b, nc, g, r, q, n,
+    lib.ssd_scale_bwd(_ptr(Z), _ptr(V_c), _ptr(scale), _ptr(gV), _ptr(gs), b, nc, g, r, q, n,
                                     V_c.stride(3))
     return gV, gs
 
@@ -550,7 +551,8 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.kernel:  # the plain norm in one pass each way (model/kernels/train.c)
             x = y.contiguous()
             out, rstd = torch.empty_like(x), x.new_empty(x.numel() // group)
-            kernels.library().rms_norm_fwd(_ptr(x), _ptr(w), _ptr(out), _ptr(rstd), rstd.numel(), group, eps)
+            ctx.lib = kernels.library()
+            ctx.lib.rms_norm_fwd(_ptr(x), _ptr(w), _ptr(out), _ptr(rstd), rstd.numel(), group, eps)
             ctx.save_for_backward(w, x, rstd)
             return out
         if z is not None:
@@ -576,7 +578,7 @@ class _RMSNorm(torch.autograd.Function):
             w, x, rstd = ctx.saved_tensors
             go = go.contiguous()
             gx, gw = torch.empty_like(x), torch.empty_like(w)
-            kernels.library().rms_norm_bwd(_ptr(go), _ptr(x), _ptr(w), _ptr(rstd), _ptr(gx), _ptr(gw), rstd.numel(),
+            ctx.lib.rms_norm_bwd(_ptr(go), _ptr(x), _ptr(w), _ptr(rstd), _ptr(gx), _ptr(gw), rstd.numel(),
                                            x.shape[-1])
             return gx, None, gw if ctx.needs_input_grad[2] else None, None, None
         w, normed, rstd = ctx.saved_tensors[:3]
@@ -611,7 +613,8 @@ class _Relu2(torch.autograd.Function):
     def forward(ctx, h):
         h = h.contiguous()
         act = torch.empty_like(h)
-        kernels.library().relu2_out(_ptr(h), _ptr(act), h.numel())
+        ctx.lib = kernels.library()
+        ctx.lib.relu2_out(_ptr(h), _ptr(act), h.numel())
         ctx.save_for_backward(h)
         return act
 
@@ -620,7 +623,7 @@ class _Relu2(torch.autograd.Function):
         (h,) = ctx.saved_tensors
         g = g.contiguous().to(h.dtype)
         gh = torch.empty_like(h)
-        kernels.library().relu2_grad(_ptr(g), _ptr(h), _ptr(gh), h.numel())
+        ctx.lib.relu2_grad(_ptr(g), _ptr(h), _ptr(gh), h.numel())
         return gh
 
 
@@ -663,7 +666,7 @@ class _MambaMixer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, proj, conv_w, conv_b, dt_bias, A_log, D, norm_w, seg_bt, dims):
         d_inner, heads, head_dim, groups, state, q, clamp, group, eps = dims
-        lib = kernels.library()
+        lib = ctx.lib = kernels.library()
         b, t, width = proj.shape
         gn = groups * state
         conv_dim, k = d_inner + 2 * gn, conv_w.shape[0]
@@ -691,7 +694,7 @@ class _MambaMixer(torch.autograd.Function):
     def backward(ctx, go):
         proj, conv_w, conv_b, norm_w, v, A, y, rstd, seg_bt = ctx.saved_tensors[:9]
         d_inner, heads, head_dim, groups, state, q, clamp, group, eps = ctx.dims
-        lib = kernels.library()
+        lib = ctx.lib  # the forward's (the kernels stay in use for this step)
         b, t, width = proj.shape
         conv_dim, k = d_inner + 2 * groups * state, conv_w.shape[0]
         rs = proj.stride(1)
@@ -702,7 +705,7 @@ class _MambaMixer(torch.autograd.Function):
         lib.gated_norm_bwd(_ptr(go), _ptr(y), _ptr(proj), _ptr(norm_w), _ptr(rstd), _ptr(gy), _ptr(gproj),
                            _ptr(g_norm_w), b * t, d_inner, group, rs, width)
         sctx = _Saved()
-        sctx.saved_tensors, sctx.q, sctx.has_init = ctx.saved_tensors[9:], ctx.q, False
+        sctx.saved_tensors, sctx.q, sctx.has_init, sctx.lib = ctx.saved_tensors[9:], ctx.q, False, ctx.lib
         g_xc = proj.new_empty(b, t, conv_dim)
         _, g_dt, gA, _, _, gD, _, _, _ = _SSDChunked._backward(sctx, gy.view(b, t, heads, head_dim), None, out=g_xc)
         g_conv_w, g_conv_b = conv_w.new_empty(k, conv_dim), conv_b.new_empty(conv_dim)

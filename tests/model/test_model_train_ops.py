@@ -343,3 +343,20 @@ def test_training_forward_equals_inference_forward(make_model, packed):
     logits.logsumexp(-1).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
                and p.grad is not None)
+
+
+def test_kernels_switched_off_between_forward_and_backward(make_model, monkeypatch):
+    """A backward runs the kernels its forward chose, even if HYBRID_RL_KERNELS changes in between."""
+    model = make_model(seed=5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=_gen(31))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for switch in (False, True):
+        monkeypatch.setenv("HYBRID_RL_KERNELS", "1")
+        loss = model(ids).logits.logsumexp(-1).sum()
+        if switch:
+            monkeypatch.setenv("HYBRID_RL_KERNELS", "0")
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    for a, b in zip(*grads):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
