@@ -28,7 +28,8 @@ def generate(model, input_ids, max_new_tokens: int, greedy: bool = True, tempera
     Returns the new tokens [B, max_new_tokens]; after a row emits ``eos_token_id`` the rest of the row
     is ``config.pad_token_id``."""
     prompts = list(input_ids) if not torch.is_tensor(input_ids) else list(input_ids.unbind(0))
-    cache = model.new_cache(len(prompts))
+    longest = max((len(p) for p in prompts), default=0)
+    cache = model.new_cache(len(prompts), capacity=max(1, longest + max_new_tokens))  # no KV growth
     logits = model.extend(cache, prompts)
     device = cache.lengths.device
     out = torch.full((len(prompts), max_new_tokens), model.config.pad_token_id, dtype=torch.long, device=device)
