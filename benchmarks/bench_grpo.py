@@ -15,6 +15,7 @@ Output: a table and one JSON line ``{"benchmark": "grpo", "ours_s_per_step", "tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -130,7 +131,8 @@ def bench_trl(steps: int, threads: int, workdir: str) -> list[float]:
                       bf16=False, seed=0, dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer,
                           callbacks=[Timer()])
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # its per-step log dicts; stdout carries only our JSON line
+        trainer.train()
     return times
 
 
