@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-_SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # decode.c (and any other kernel file), one library
+_SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # decode.c, train.c: one library
+_HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # vec.h: helpers they share
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _lib = None
 _failed: str | None = None
@@ -78,7 +79,7 @@ def _build() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    text = "".join(src.name + src.read_text() for src in _SOURCES)
+    text = "".join(src.name + src.read_text() for src in [*_SOURCES, *_HEADERS])
     # -march=native: a cache directory shared by different CPUs (NFS homes) keeps one build per CPU
     key = hashlib.sha256((text + " ".join(_FLAGS) + version + _cpu_id()).encode()).hexdigest()[:16]
     out_dir = Path(os.environ.get("HYBRID_RL_KERNEL_DIR", Path.home() / ".cache" / "hybrid_rl" / "kernels"))

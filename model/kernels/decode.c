@@ -9,46 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v8f __attribute__((vector_size(32)));
-
-static inline float silu(float x) { return x / (1.0f + expf(-x)); }
-
-static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
-
-static inline v8f load8(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
-
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-/* lane-wise mask ? a : b (a vector comparison yields an all-ones / all-zeros mask per lane) */
-static inline v8f select8(v8i mask, v8f a, v8f b) { return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask)); }
-
-/* exp(x) on 8 lanes: 2^n * e^r with |r| <= ln2/2 and Cephes' expf polynomial (about 1 ulp). */
-static inline v8f exp8(v8f x) {
-    const v8f hi = {88.3762626647949f, 88.3762626647949f, 88.3762626647949f, 88.3762626647949f,
-                    88.3762626647949f, 88.3762626647949f, 88.3762626647949f, 88.3762626647949f};
-    const v8f zero = {0};
-    const v8f lo = -hi, magic = zero + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    x = select8(x < lo, lo, x);
-    x = select8(x > hi, hi, x);
-    const v8f t = x * 1.44269504088896341f + magic;
-    const v8f n = t - magic;
-    const v8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v8f p = r * 0.0f + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const v8i bits = ((v8i)t - (v8i)magic + 127) << 23;
-    return p * (v8f)bits;
-}
+#include "vec.h"
 
 /* x * sigmoid(x) over n values, in place (vectorised; scalar tail). */
 static void silu_inplace(float *x, int n) {
@@ -58,10 +19,6 @@ static void silu_inplace(float *x, int n) {
         store8(x + i, v / (1.0f + exp8(-v)));
     }
     for (; i < n; i++) x[i] = silu(x[i]);
-}
-
-static inline float hsum8(v8f v) {
-    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
 static void exp_inplace(float *x, int n) {

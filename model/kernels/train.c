@@ -14,46 +14,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float tv8f __attribute__((vector_size(32)));
-typedef int32_t tv8i __attribute__((vector_size(32)));
+#include "vec.h"
 
-static inline tv8f tld8(const float *p) {
-    tv8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void tst8(float *p, tv8f v) { memcpy(p, &v, sizeof v); }
-
-static inline tv8f tsel8(tv8i mask, tv8f a, tv8f b) { return (tv8f)(((tv8i)a & mask) | ((tv8i)b & ~mask)); }
-
-/* exp(x) on 8 lanes (Cephes' expf polynomial, about 1 ulp), as in decode.c. */
-static inline tv8f texp8(tv8f x) {
-    const tv8f hi = x * 0.0f + 88.3762626647949f;
-    const tv8f lo = -hi, magic = x * 0.0f + 12582912.0f;
-    x = tsel8(x < lo, lo, x);
-    x = tsel8(x > hi, hi, x);
-    const tv8f t = x * 1.44269504088896341f + magic;
-    const tv8f n = t - magic;
-    const tv8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    tv8f p = r * 0.0f + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const tv8i bits = ((tv8i)t - (tv8i)magic + 127) << 23;
-    return p * (tv8f)bits;
-}
-
-static inline tv8f tsigmoid8(tv8f v) { return 1.0f / (1.0f + texp8(-v)); }
+static inline v8f tsigmoid8(v8f v) { return 1.0f / (1.0f + exp8(-v)); }
 
 static inline float tsigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
-static inline float thsum8(tv8f v) {
-    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
 
 /* taps of row (b, t) that read an input of the same document before the start: valid[s] for shift s */
 static void conv_valid(const int64_t *seg, int b, int t, int T, int K, int *valid) {
@@ -68,12 +34,12 @@ static void conv_row(const float *x, int64_t xs, const float *w, const float *bi
     const float *xt = x + (int64_t)t * xs;
     int c = 0;
     for (; c + 8 <= C; c += 8) {
-        tv8f acc = tld8(bias + c);
+        v8f acc = load8(bias + c);
         for (int j = 0; j < K; j++) {
             const int s = K - 1 - j;
-            if (valid[s]) acc += tld8(xt - (int64_t)s * xs + c) * tld8(w + (int64_t)j * C + c);
+            if (valid[s]) acc += load8(xt - (int64_t)s * xs + c) * load8(w + (int64_t)j * C + c);
         }
-        tst8(u + c, acc);
+        store8(u + c, acc);
     }
     for (; c < C; c++) {
         float acc = bias[c];
@@ -99,8 +65,8 @@ void conv_silu_fwd(const float *x, const float *w, const float *bias, const int6
         conv_row(x + (int64_t)b * T * xs, xs, w, bias, valid, t, C, K, u);
         int c = 0;
         for (; c + 8 <= C; c += 8) {
-            const tv8f v = tld8(u + c);
-            tst8(u + c, v * tsigmoid8(v));
+            const v8f v = load8(u + c);
+            store8(u + c, v * tsigmoid8(v));
         }
         for (; c < C; c++) u[c] = u[c] * tsigmoid(u[c]);
     }
@@ -115,8 +81,8 @@ static void conv_grad_row(const float *x, const float *w, const float *bias, con
     const float *gr = g + ((int64_t)b * T + t) * C;
     int c = 0;
     for (; c + 8 <= C; c += 8) { /* d silu(u) = s (1 + u (1 - s)) */
-        const tv8f v = tld8(dst + c), sv = tsigmoid8(v);
-        tst8(dst + c, tld8(gr + c) * sv * (1.0f + v * (1.0f - sv)));
+        const v8f v = load8(dst + c), sv = tsigmoid8(v);
+        store8(dst + c, load8(gr + c) * sv * (1.0f + v * (1.0f - sv)));
     }
     for (; c < C; c++) {
         const float v = dst[c], sv = tsigmoid(v);
@@ -160,18 +126,18 @@ void conv_silu_bwd(const float *x, const float *w, const float *bias, const int6
                 float *gxr = gx + (int64_t)b * T * gxs + (int64_t)t * gxs;
                 int c = 0;
                 for (; c + 8 <= C; c += 8) {
-                    const tv8f gv = tld8(gur + c);
-                    tv8f acc = gv * tld8(w + (int64_t)(K - 1) * C + c);
+                    const v8f gv = load8(gur + c);
+                    v8f acc = gv * load8(w + (int64_t)(K - 1) * C + c);
                     for (int s = 1; s < K; s++) {
                         if (ahead[s])
-                            acc += tld8(ring + (int64_t)((t + s) % K) * C + c) * tld8(w + (int64_t)(K - 1 - s) * C + c);
+                            acc += load8(ring + (int64_t)((t + s) % K) * C + c) * load8(w + (int64_t)(K - 1 - s) * C + c);
                     }
-                    tst8(gxr + c, acc);
-                    tst8(part + (int64_t)K * C + c, tld8(part + (int64_t)K * C + c) + gv);
+                    store8(gxr + c, acc);
+                    store8(part + (int64_t)K * C + c, load8(part + (int64_t)K * C + c) + gv);
                     for (int s = 0; s < K; s++) {
                         if (valid[s]) {
                             float *pj = part + (int64_t)(K - 1 - s) * C + c;
-                            tst8(pj, tld8(pj) + gv * tld8(xt - (int64_t)s * xs + c));
+                            store8(pj, load8(pj) + gv * load8(xt - (int64_t)s * xs + c));
                         }
                     }
                 }
@@ -209,12 +175,12 @@ void gated_norm_fwd(const float *y, const float *z, const float *w, float *out, 
         float *o = out + row * D;
         for (int gi = 0; gi < ng; gi++) {
             const int c0 = gi * group;
-            tv8f ss8 = {0};
+            v8f ss8 = {0};
             float ss = 0.0f;
             int c = c0;
             for (; c + 8 <= c0 + group; c += 8) {
-                const tv8f zv = tld8(zr + c), a = tld8(yr + c) * zv * tsigmoid8(zv);
-                tst8(o + c, a);
+                const v8f zv = load8(zr + c), a = load8(yr + c) * zv * tsigmoid8(zv);
+                store8(o + c, a);
                 ss8 += a * a;
             }
             for (; c < c0 + group; c++) {
@@ -222,7 +188,7 @@ void gated_norm_fwd(const float *y, const float *z, const float *w, float *out, 
                 o[c] = a;
                 ss += a * a;
             }
-            const float r = 1.0f / sqrtf((thsum8(ss8) + ss) / (float)group + eps);
+            const float r = 1.0f / sqrtf((hsum8(ss8) + ss) / (float)group + eps);
             rstd[row * ng + gi] = r;
             for (c = c0; c < c0 + group; c++) o[c] = o[c] * r * w[c];
         }
@@ -247,14 +213,14 @@ void gated_norm_bwd(const float *go, const float *y, const float *z, const float
                 const int c0 = gi * group, c1 = c0 + group;
                 const float r = rstd[row * ng + gi];
                 /* pass 1: dot = sum(go * w * normed) / group, and the weight gradient */
-                tv8f d8 = {0};
+                v8f d8 = {0};
                 float d = 0.0f;
                 int c = c0;
                 for (; c + 8 <= c1; c += 8) {
-                    const tv8f zv = tld8(zr + c), sv = tsigmoid8(zv), nv = tld8(yr + c) * zv * sv * r, gv = tld8(gor + c);
-                    tst8(sg + (c - c0), sv);
-                    d8 += gv * tld8(w + c) * nv;
-                    tst8(part + c, tld8(part + c) + gv * nv);
+                    const v8f zv = load8(zr + c), sv = tsigmoid8(zv), nv = load8(yr + c) * zv * sv * r, gv = load8(gor + c);
+                    store8(sg + (c - c0), sv);
+                    d8 += gv * load8(w + c) * nv;
+                    store8(part + c, load8(part + c) + gv * nv);
                 }
                 for (; c < c1; c++) {
                     const float sv = tsigmoid(zr[c]), nv = yr[c] * zr[c] * sv * r;
@@ -262,13 +228,13 @@ void gated_norm_bwd(const float *go, const float *y, const float *z, const float
                     d += gor[c] * w[c] * nv;
                     part[c] += gor[c] * nv;
                 }
-                const float dot = (thsum8(d8) + d) / (float)group;
+                const float dot = (hsum8(d8) + d) / (float)group;
                 /* pass 2: ga = (go w - normed dot) r; gy = ga silu(z); gz = ga y s (1 + z (1 - s)) */
                 for (c = c0; c + 8 <= c1; c += 8) {
-                    const tv8f zv = tld8(zr + c), yv = tld8(yr + c), sv = tld8(sg + (c - c0)), gate = zv * sv;
-                    const tv8f ga = (tld8(gor + c) * tld8(w + c) - yv * gate * r * dot) * r;
-                    tst8(gyr + c, ga * gate);
-                    tst8(gzr + c, ga * yv * sv * (1.0f + zv * (1.0f - sv)));
+                    const v8f zv = load8(zr + c), yv = load8(yr + c), sv = load8(sg + (c - c0)), gate = zv * sv;
+                    const v8f ga = (load8(gor + c) * load8(w + c) - yv * gate * r * dot) * r;
+                    store8(gyr + c, ga * gate);
+                    store8(gzr + c, ga * yv * sv * (1.0f + zv * (1.0f - sv)));
                 }
                 for (; c < c1; c++) {
                     const float zv = zr[c], yv = yr[c], sv = sg[c - c0], gate = zv * sv;
@@ -312,10 +278,10 @@ void ssd_decay_fwd(const float *cs, const float *CB, const int64_t *seg, float *
             const float *cbr = cb + (int64_t)l * Q;
             int s = 0;
             for (; s + 8 <= Q; s += 8) {
-                tv8i idx = {s, s + 1, s + 2, s + 3, s + 4, s + 5, s + 6, s + 7};
-                const tv8i in = (idx >= lo[l]) & (idx <= l);
-                const tv8f v = texp8(cl - tld8(c0 + s)) * tld8(cbr + s);
-                tst8(mr + s, tsel8(in, v, (tv8f){0}));
+                v8i idx = {s, s + 1, s + 2, s + 3, s + 4, s + 5, s + 6, s + 7};
+                const v8i in = (idx >= lo[l]) & (idx <= l);
+                const v8f v = exp8(cl - load8(c0 + s)) * load8(cbr + s);
+                store8(mr + s, select8(in, v, (v8f){0}));
             }
             for (; s < Q; s++) mr[s] = (s >= lo[l] && s <= l) ? expf(cl - c0[s]) * cbr[s] : 0.0f;
         }
@@ -348,13 +314,13 @@ void ssd_decay_bwd(const float *gM, const float *cs, const float *CB, const int6
                 float *gcbr = gcb + (int64_t)l * Q;
                 float row = 0.0f;
                 int s = lo[l];
-                tv8f row8 = {0};
+                v8f row8 = {0};
                 for (; s + 8 <= l + 1; s += 8) {
-                    const tv8f v = tld8(gmr + s) * texp8(cl - tld8(c0 + s));
-                    tst8(gcbr + s, tld8(gcbr + s) + v);
-                    const tv8f v2 = v * tld8(cbr + s);
+                    const v8f v = load8(gmr + s) * exp8(cl - load8(c0 + s));
+                    store8(gcbr + s, load8(gcbr + s) + v);
+                    const v8f v2 = v * load8(cbr + s);
                     row8 += v2;
-                    tst8(col + s, tld8(col + s) + v2);
+                    store8(col + s, load8(col + s) + v2);
                 }
                 for (; s <= l; s++) {
                     const float v = gmr[s] * expf(cl - c0[s]);
@@ -363,7 +329,7 @@ void ssd_decay_bwd(const float *gM, const float *cs, const float *CB, const int6
                     row += v2;
                     col[s] += v2;
                 }
-                gc[l] += thsum8(row8) + row;
+                gc[l] += hsum8(row8) + row;
             }
             for (int s = 0; s < Q; s++) gc[s] -= col[s];
         }
@@ -513,9 +479,9 @@ void relu2_fwd(float *h, float *act, int64_t n) {
     const int64_t n8 = n / 8 * 8;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n8; i += 8) {
-        const tv8f v = tld8(h + i), r = tsel8(v > 0.0f, v, (tv8f){0});
-        tst8(h + i, r);
-        tst8(act + i, r * r);
+        const v8f v = load8(h + i), r = select8(v > 0.0f, v, (v8f){0});
+        store8(h + i, r);
+        store8(act + i, r * r);
     }
     for (int64_t i = n8; i < n; i++) {
         const float r = h[i] > 0.0f ? h[i] : 0.0f;
@@ -528,7 +494,7 @@ void relu2_fwd(float *h, float *act, int64_t n) {
 void relu2_bwd(float *ga, const float *r, int64_t n) {
     const int64_t n8 = n / 8 * 8;
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n8; i += 8) tst8(ga + i, tld8(ga + i) * tld8(r + i) * 2.0f);
+    for (int64_t i = 0; i < n8; i += 8) store8(ga + i, load8(ga + i) * load8(r + i) * 2.0f);
     for (int64_t i = n8; i < n; i++) ga[i] = ga[i] * r[i] * 2.0f;
 }
 
@@ -582,8 +548,8 @@ void relu2_out(const float *h, float *act, int64_t n) {
     const int64_t n8 = n / 8 * 8;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n8; i += 8) {
-        const tv8f v = tld8(h + i), r = tsel8(v > 0.0f, v, (tv8f){0});
-        tst8(act + i, r * r);
+        const v8f v = load8(h + i), r = select8(v > 0.0f, v, (v8f){0});
+        store8(act + i, r * r);
     }
     for (int64_t i = n8; i < n; i++) act[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
 }
@@ -593,8 +559,8 @@ void relu2_grad(const float *g, const float *h, float *gh, int64_t n) {
     const int64_t n8 = n / 8 * 8;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n8; i += 8) {
-        const tv8f v = tld8(h + i);
-        tst8(gh + i, tld8(g + i) * tsel8(v > 0.0f, v, (tv8f){0}) * 2.0f);
+        const v8f v = load8(h + i);
+        store8(gh + i, load8(g + i) * select8(v > 0.0f, v, (v8f){0}) * 2.0f);
     }
     for (int64_t i = n8; i < n; i++) gh[i] = g[i] * (h[i] > 0.0f ? h[i] : 0.0f) * 2.0f;
 }
