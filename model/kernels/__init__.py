@@ -1,22 +1,28 @@
-"""Fused CPU kernels for cached decoding, compiled on first use and called through ctypes.
+"""Fused fp32 CPU kernels, compiled on first use and called through ctypes.
 
-The decode step of a small model on a CPU is dominated by per-op overhead and by passes over the
-Mamba state, not by arithmetic.  ``decode.c`` fuses each of those stretches into one call:
+The decode step of a small model on a CPU is dominated by per-op overhead, by passes over the Mamba
+state and by streaming the weights, not by arithmetic.  ``decode.c`` fuses each of those stretches:
 
 * ``mamba_scan``: the Mamba-2 mixer between its projections for the new tokens of every row (one in
   a decode step, a turn's worth in a cache extension): conv window, depthwise conv, SiLU, dt
   softplus/clamp, the SSM recurrence with the state in fp32, the D skip, the SiLU gate and the
   grouped RMS norm;
 * ``moe_route`` / ``moe_experts``: the sigmoid router with selection bias, top-k, renormalisation and
-  scaling, then every routed expert as one small GEMM over its own tokens (no padding, no gathers).
+  scaling, then every routed expert as one small GEMM over its own tokens (no padding, no gathers);
+* ``decode_layers``: a whole decode step's layer stack in one call (model/fused.py), its projections
+  through a GEMM over weights kept in 16-column panels (``pack_panels``).
 
-The source is compiled once per machine with the system C compiler (``cc -O3 -march=native
--fopenmp``; fused multiply-adds allowed) into ``$HYBRID_RL_KERNEL_DIR`` (default ``~/.cache/hybrid_rl/kernels``), named by a hash
-of source, flags and compiler, written atomically.  OpenMP threads come from the runtime torch
-already loaded (libgomp), so ``torch.set_num_threads`` governs them too.
+``train.c`` holds the training kernels (forward and backward) that model/train_ops.py's autograd
+Functions call; ``vec.h`` the vector helpers both share.
+
+The sources are compiled once per machine with the system C compiler (``cc -O3 -march=native
+-fopenmp``; fused multiply-adds allowed) into one library in ``$HYBRID_RL_KERNEL_DIR`` (default
+``~/.cache/hybrid_rl/kernels``), named by a hash of sources, flags, compiler and CPU, written
+atomically.  OpenMP threads come from the runtime torch already loaded (libgomp), so
+``torch.set_num_threads`` governs them too.
 
 The kernels are an accelerator only: every caller keeps its PyTorch path, used on other devices and
-dtypes, under autograd, when no compiler is found, or with ``HYBRID_RL_KERNELS=0``.  Tests check that
+dtypes, under autocast, when no compiler is found, or with ``HYBRID_RL_KERNELS=0``.  Tests check that
 both paths agree.
 """
 
