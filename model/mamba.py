@@ -72,6 +72,15 @@ def _segsum(a_q):
     return out.masked_fill(~causal, -math.inf)
 
 
+def pad_time(pad, tensors_bt, seg_bt=None):
+    """Zero-pads each [B, T, ...] tensor by ``pad`` steps along T (zero dt: inert steps of the scan);
+    the segment index of packed rows continues with the last segment. Returns (tensors, seg_bt)."""
+    padded = tuple(F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in tensors_bt)
+    if seg_bt is not None:
+        seg_bt = torch.cat([seg_bt, seg_bt[:, -1:].expand(seg_bt.shape[0], pad)], dim=1)
+    return padded, seg_bt
+
+
 def ssd_chunked(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_state=None, seg_bt=None):
     """Chunked SSD scan, equal to ``ssd_naive``. Returns (y [B,T,H,P] fp32, final state [B,H,P,N] fp32).
 
@@ -93,10 +102,7 @@ def ssd_chunked(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_st
     dA = dt * A_h.float()  # [B,T,H]
     Bm, Cm = B_btgn.float(), C_btgn.float()
     if pad:
-        xdt, dA = F.pad(xdt, (0, 0, 0, 0, 0, pad)), F.pad(dA, (0, 0, 0, pad))
-        Bm, Cm = F.pad(Bm, (0, 0, 0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, 0, 0, pad))
-        if seg_bt is not None:
-            seg_bt = torch.cat([seg_bt, seg_bt[:, -1:].expand(b, pad)], dim=1)
+        (xdt, dA, Bm, Cm), seg_bt = pad_time(pad, (xdt, dA, Bm, Cm), seg_bt)
     xdt6 = xdt.view(b, nc, q, g, r, p)  # [B,c,Q,G,R,P]
     B_c = Bm.view(b, nc, q, g, n).transpose(2, 3)  # [B,c,G,Q,N]
     C_c = Cm.view(b, nc, q, g, n).transpose(2, 3)  # [B,c,G,Q,N]

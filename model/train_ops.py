@@ -523,16 +523,15 @@ def _bmm3(t6, rows, cols):
 def ssd_chunked_train(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_state=None, seg_bt=None):
     """``model.mamba.ssd_chunked`` with a hand-written backward. Returns (y [B,T,H,P] fp32, final state
     [B,H,P,N] fp32); T is padded to a multiple of the chunk inside (dt = 0 there: inert)."""
-    b, t, h, p = x_bthp.shape
+    t = x_bthp.shape[1]
     q = min(chunk_size, t)
     pad = (-t) % q
     x, dt = x_bthp.float(), dt_bth.float()
     Bm, Cm = B_btgn.float(), C_btgn.float()
     if pad:
-        x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
-        Bm, Cm = F.pad(Bm, (0, 0, 0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, 0, 0, pad))
-        if seg_bt is not None:
-            seg_bt = torch.cat([seg_bt, seg_bt[:, -1:].expand(b, pad)], dim=1)
+        from .mamba import pad_time
+
+        (x, dt, Bm, Cm), seg_bt = pad_time(pad, (x, dt, Bm, Cm), seg_bt)
     init = None if initial_state is None else initial_state.float()
     y, final = _SSDChunked.apply(x, dt, A_h.float(), Bm.contiguous(), Cm.contiguous(), D_h.float(), init,
                                  None if seg_bt is None else seg_bt.contiguous(), q)

@@ -205,14 +205,20 @@ def _gated_norm_naive(y, z, weight, group_size, eps):
     return (g.flatten(-2) * weight.float()).to(z.dtype)
 
 
-def test_norm_functions_equal_naive_values_and_grads():
-    gen = _gen(11)
-    x = torch.randn(3, 7, 16, generator=gen, requires_grad=True)
-    w = torch.randn(16, generator=gen, requires_grad=True)
+def _check_rms_norm(gen, shape):
+    """rms_norm equals the naive reference in values and gradients; returns (x, w, gy) for more checks."""
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    w = torch.randn(shape[-1], generator=gen, requires_grad=True)
     out, ref = rms_norm(x, w, 1e-5), rms_norm_naive(x, w, 1e-5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     gy = torch.randn(out.shape, generator=gen)
     _close_all(_grads(out, [x, w], gy), _grads(ref, [x, w], gy), 1e-5, 1e-5)
+    return x, w, gy
+
+
+def test_norm_functions_equal_naive_values_and_grads():
+    gen = _gen(11)
+    x, w, gy = _check_rms_norm(gen, (3, 7, 16))
 
     y = torch.randn(3, 7, 16, generator=gen, requires_grad=True)
     z = torch.randn(3, 7, 40, generator=gen)[..., 5:21].requires_grad_()  # a strided slice, as in the mixer
@@ -316,12 +322,7 @@ def test_block_norm_and_relu2_kernels_equal_references(monkeypatch, kernels_on):
 
     monkeypatch.setenv("HYBRID_RL_KERNELS", kernels_on)
     gen = _gen(21)
-    x = torch.randn(5, 3, 37, generator=gen, requires_grad=True)
-    w = torch.randn(37, generator=gen, requires_grad=True)
-    out, ref = rms_norm(x, w, 1e-5), rms_norm_naive(x, w, 1e-5)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    gy = torch.randn(out.shape, generator=gen)
-    _close_all(_grads(out, [x, w], gy), _grads(ref, [x, w], gy), 1e-5, 1e-5)
+    _check_rms_norm(gen, (5, 3, 37))
     h = torch.randn(7, 45, generator=gen, requires_grad=True)
     for fn in (relu2, relu2_train):
         a, b = fn(h), F.relu(h) ** 2
