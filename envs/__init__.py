@@ -10,7 +10,7 @@ from envs.registry import (
     register_builtins, resolve_id, seeds,
 )
 from envs.tools import ToolCall, ToolCallError, ToolResult, call_tool, format_tool_call, parse_tool_call
-from envs.episode import Episode, expert_episode, expert_policy, expert_stats, run_episode
+from envs.episode import POLICIES, Episode, expert_episode, expert_policy, expert_stats, run_episode
 from envs.checker import CheckReport, check
 
 __all__ = [
@@ -18,7 +18,7 @@ __all__ = [
     "NAMESPACE", "ENTRY_POINT_GROUP", "UnknownEnvironmentError", "make", "resolve_id", "env_ids", "describe",
     "max_turns", "seeds", "register_builtins", "load_plugins",
     "ToolCall", "ToolCallError", "ToolResult", "parse_tool_call", "format_tool_call", "call_tool",
-    "Episode", "run_episode", "expert_policy", "expert_episode", "expert_stats", "check", "CheckReport",
+    "Episode", "POLICIES", "run_episode", "expert_policy", "expert_episode", "expert_stats", "check", "CheckReport",
 ]
 
 register_builtins()

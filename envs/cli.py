@@ -2,7 +2,7 @@
 
     hybrid-rl envs list
     hybrid-rl envs check [ID ...] [--episodes 200]        (no ID: every registered environment)
-    hybrid-rl envs expert ID [--episodes 200] [--noise 0.2] [--show 1] [--arg size=8]
+    hybrid-rl envs expert ID [--policy heuristic] [--episodes 200] [--noise 0.2] [--show 1] [--arg size=8]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import yaml
 
 from envs.checker import check
-from envs.episode import expert_episode, expert_stats
+from envs.episode import POLICIES, expert_episode, expert_stats
 from envs.registry import UnknownEnvironmentError, describe, env_ids, max_turns, resolve_id, seeds
 
 
@@ -24,8 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p_check.add_argument("env_ids", nargs="*", metavar="ID", help="environment ids (default: all)")
     p_check.add_argument("--episodes", type=int, default=200, help="eval seeds the expert plays (default 200)")
     _add_env_args(p_check)
-    p_expert = sub.add_parser("expert", help="the expert's success rate on eval seeds, and sample transcripts")
+    p_expert = sub.add_parser("expert", help="a teacher's success rate (the expert's by default) on eval seeds, and sample transcripts")
     p_expert.add_argument("env_id", metavar="ID")
+    p_expert.add_argument("--policy", choices=POLICIES, default="expert",
+                          help="the teacher: expert (optimal solver), heuristic (plausible, systematically worse) "
+                               "or random (default expert)")
     p_expert.add_argument("--episodes", type=int, default=200, help="episodes to play (default 200)")
     p_expert.add_argument("--split", choices=("train", "eval"), default="eval")
     p_expert.add_argument("--noise", type=float, default=None, help="probability of a random action (default: the env's)")
@@ -86,9 +89,11 @@ def _expert(args: argparse.Namespace) -> int:
     kwargs = _env_kwargs(args.arg)
     env_id = resolve_id(args.env_id)
     for seed in seeds(env_id, args.split, args.show):
-        print(f"--- {env_id} seed {seed}\n{expert_episode(env_id, seed, noise=args.noise, **kwargs).transcript()}")
-    stats = expert_stats(env_id, args.episodes, split=args.split, noise=args.noise, **kwargs)
-    print(f"{env_id} expert (noise {args.noise if args.noise is not None else 'default'}) on {stats['episodes']} "
+        episode = expert_episode(env_id, seed, noise=args.noise, policy=args.policy, **kwargs)
+        print(f"--- {env_id} seed {seed}\n{episode.transcript()}")
+    stats = expert_stats(env_id, args.episodes, split=args.split, noise=args.noise, policy=args.policy, **kwargs)
+    noise = "n/a" if args.policy == "random" else args.noise if args.noise is not None else "default"
+    print(f"{env_id} {args.policy} (noise {noise}) on {stats['episodes']} "
           f"{args.split} seeds: success {stats['success_rate']:.1%}, mean return {stats['mean_return']:.3f}, "
           f"mean turns {stats['mean_turns']:.2f}")
     return 0

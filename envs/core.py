@@ -10,7 +10,9 @@ habits every hybrid-rl environment shares, so that a new environment is a short 
 - ``result(...)`` / ``invalid(...)`` build the step tuple with the ``info`` keys the rollout reads:
   ``success``, ``role`` ("user" or "tool"), ``invalid_action`` and ``reward_components``
   (the reward is their sum, so the two can never disagree);
-- ``expert_rng`` for a scripted expert whose noise is reproducible under the reset seed.
+- ``expert_rng`` for a scripted expert whose noise is reproducible under the reset seed;
+- ``heuristic_action`` (optional): a second teacher, a rule of thumb deliberately worse than the expert,
+  and ``random_action``: a random legal-looking action, the floor.
 
 Observations are kept short and regular on purpose: the smallest models (~1M parameters, byte-level
 tokens) must learn these tasks from a few minutes of SFT on a CPU.
@@ -43,7 +45,8 @@ def text_space(max_length: int) -> gym.spaces.Text:
 
 
 class TextEnv(gym.Env):
-    """Base class for text environments: implement ``reset`` and ``step_text``, optionally ``expert_action``.
+    """Base class for text environments: implement ``reset`` and ``step_text``, optionally ``expert_action``
+    and ``heuristic_action``.
 
     Class attributes a subclass may set:
       system_prompt: text for the system turn, or None.
@@ -115,6 +118,33 @@ class TextEnv(gym.Env):
         """An action that could not be used: say why, charge ``invalid_penalty``, go on (or end)."""
         return self.result(f"Invalid: {problem}", {"invalid": -self.invalid_penalty},
                            terminated=self.ends_on_invalid, invalid=True)
+
+    def heuristic_action(self, noise: float | None = None) -> str:
+        """A plausible but systematically sub-optimal policy: a teacher that RL can improve on.
+
+        The expert (``expert_action``) is optimal, and its noise averages out under imitation, so a model
+        trained on it has nothing left to gain from RL. A heuristic is a rule of thumb whose mistakes are
+        consistent (deterministic given what the observations show: learnable by imitation) and leave room
+        above it. ``noise`` works as for the expert: with that probability (default: the env's
+        ``expert_noise``) a random action from ``expert_rng`` instead.
+        Environments that have no heuristic raise ``ValueError``.
+        """
+        raise ValueError(
+            f"{type(self).__name__} has no heuristic_action(): policy='heuristic' needs one. Implement "
+            f"heuristic_action(self, noise=None) -> str on {type(self).__name__} (a plausible rule of thumb that "
+            f"is worse than the expert), or use policy='expert' or 'random'.")
+
+    def random_action(self) -> str:
+        """A uniformly random legal-looking action: the floor among teachers (``policy="random"``).
+
+        By default the expert's noise at probability 1 (``expert_action(noise=1.0)``); an environment whose
+        expert noise is smarter than random (GuessNumber guesses inside the consistent interval) overrides it.
+        """
+        expert = getattr(self, "expert_action", None)
+        if expert is None:
+            raise ValueError(f"{type(self).__name__} has neither random_action() nor expert_action(); implement "
+                             f"random_action(self) -> str (a random legal-looking action) for policy='random'.")
+        return expert(noise=1.0)
 
     def wants_noise(self, noise: float | None) -> bool:
         """True with probability ``noise`` (or the env's ``expert_noise``): the expert should err now."""

@@ -1,5 +1,11 @@
 """Play whole episodes: an expert's demonstrations for SFT, the checker's runs, the CLI's statistics.
 
+Three teachers (``policy=``): ``"expert"``, the environment's scripted solver (``expert_action``, optimal,
+``noise`` makes it err at random); ``"heuristic"``, a plausible rule of thumb that is systematically worse
+(``heuristic_action``: its mistakes are consistent, so a model that imitates it is about as good as it, and
+RL has room above it); ``"random"``, a random legal-looking move every turn (``random_action``, by
+default the expert with noise 1.0; ``noise`` is ignored).
+
 An ``Episode`` keeps the conversation as chat messages (``system`` when the environment has a system
 prompt, then ``user``/``tool`` observations and ``assistant`` actions), which is what SFT renders.
 """
@@ -11,9 +17,12 @@ from typing import Callable
 
 import gymnasium as gym
 
+from envs.core import TextEnv
 from envs.registry import make, seeds
 
-__all__ = ["Episode", "run_episode", "expert_policy", "expert_episode", "expert_stats"]
+__all__ = ["Episode", "run_episode", "expert_policy", "expert_episode", "expert_stats", "POLICIES"]
+
+POLICIES = ("expert", "heuristic", "random")
 
 
 @dataclass
@@ -61,21 +70,24 @@ def run_episode(env: gym.Env, act: Callable[[str], str], seed: int | None = None
             return episode
 
 
-def expert_episode(env_id: str, seed: int, noise: float | None = None, **kwargs) -> Episode:
-    """One demonstration: the environment's ``expert_action(noise=...)`` plays seed ``seed``."""
+def expert_episode(env_id: str, seed: int, noise: float | None = None, policy: str = "expert", **kwargs) -> Episode:
+    """One demonstration: the teacher ``policy`` (see ``POLICIES``) plays seed ``seed`` of ``env_id``."""
+    _check_policy(policy)
     env = make(env_id, **kwargs)
     try:
-        act = expert_policy(env, noise)
+        act = expert_policy(env, noise, policy=policy)
         return run_episode(env, act, seed=seed)
     finally:
         env.close()
 
 
-def expert_stats(env_id: str, episodes: int, split: str = "eval", noise: float | None = None, **kwargs) -> dict[str, float]:
-    """The expert's success rate, mean return and mean turns over the first ``episodes`` seeds of ``split``."""
+def expert_stats(env_id: str, episodes: int, split: str = "eval", noise: float | None = None,
+                 policy: str = "expert", **kwargs) -> dict[str, float]:
+    """The teacher's success rate, mean return and mean turns over the first ``episodes`` seeds of ``split``."""
+    _check_policy(policy)
     env = make(env_id, **kwargs)
     try:
-        act = expert_policy(env, noise)
+        act = expert_policy(env, noise, policy=policy)
         runs = [run_episode(env, act, seed=s) for s in seeds(env_id, split, episodes)]
     finally:
         env.close()
@@ -88,12 +100,49 @@ def expert_stats(env_id: str, episodes: int, split: str = "eval", noise: float |
     }
 
 
-def expert_policy(env: gym.Env, noise: float | None = None) -> Callable[[str], str]:
-    """``act(observation)`` that asks the environment's expert; ``noise=None`` keeps the env's default."""
-    expert = getattr(env.unwrapped, "expert_action", None)
+def expert_policy(env: gym.Env, noise: float | None = None, policy: str = "expert") -> Callable[[str], str]:
+    """``act(observation)`` that asks the environment's teacher ``policy``; ``noise=None`` keeps the env's default.
+
+    "expert": ``expert_action(noise)``; "heuristic": ``heuristic_action(noise)``; "random": ``random_action()``
+    when the env has one (every ``TextEnv``), else ``expert_action(noise=1.0)``; ``noise`` is ignored.
+    """
+    _check_policy(policy)
+    unwrapped = env.unwrapped
+    name = env.spec.id if env.spec else type(unwrapped).__name__
+    expert = getattr(unwrapped, "expert_action", None)
+    if policy == "heuristic":
+        heuristic = getattr(unwrapped, "heuristic_action", None)
+        if heuristic is None or not _overrides(unwrapped, "heuristic_action"):
+            raise ValueError(f"{name} has no heuristic_action(), so policy='heuristic' cannot play it. Implement "
+                             f"heuristic_action(self, noise=None) -> str on {type(unwrapped).__name__} (a plausible "
+                             f"rule of thumb, worse than the expert; see docs/ENVIRONMENTS.md), or use "
+                             f"policy='expert' or 'random'.")
+        return _with_noise(heuristic, noise)
+    if policy == "random":
+        random_action = getattr(unwrapped, "random_action", None)
+        if random_action is not None and (expert is not None or _overrides(unwrapped, "random_action")):
+            return lambda _obs: random_action()
+        if expert is None:
+            raise ValueError(f"{name} has neither random_action() nor expert_action(), so policy='random' cannot "
+                             f"play it. Implement random_action(self) -> str (a random legal-looking action) or "
+                             f"expert_action(self, noise=None) -> str on {type(unwrapped).__name__}.")
+        return lambda _obs: expert(noise=1.0)
     if expert is None:
-        name = env.spec.id if env.spec else type(env.unwrapped).__name__
         raise ValueError(f"{name} has no expert_action(); add one (a scripted solver) to produce demonstrations.")
+    return _with_noise(expert, noise)
+
+
+def _overrides(env: gym.Env, method: str) -> bool:
+    """True unless ``method`` is ``TextEnv``'s placeholder (a plain ``gymnasium.Env`` that has it counts)."""
+    return getattr(type(env), method, None) is not getattr(TextEnv, method)
+
+
+def _with_noise(action: Callable[..., str], noise: float | None) -> Callable[[str], str]:
     if noise is None:
-        return lambda _obs: expert()
-    return lambda _obs: expert(noise=noise)
+        return lambda _obs: action()
+    return lambda _obs: action(noise=noise)
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}: expected one of {', '.join(repr(p) for p in POLICIES)}.")

@@ -12,8 +12,12 @@ class GuessNumber(TextEnv):
     Actions: a number ("8"; the first number in the text counts).
     Reward: 1.0 for the right number, minus ``turn_penalty`` for every turn (so fewer turns is better).
     Expert: binary search over the interval the feedback so far allows; with noise, a random guess
-    inside that interval (still consistent, just slower).
+    inside that interval (still consistent, just slower). Heuristic (``heuristic_action``): coarse then
+    linear, steps of ``HEURISTIC_STEP`` (10, 20, 30, ... until "lower", then down by one): consistent with the
+    feedback but slower than binary search (at n=100 it often runs out of turns).
     """
+
+    HEURISTIC_STEP = 10
 
     def __init__(self, n: int = 16, turn_penalty: float = 0.02, render_mode: str | None = None, expert_noise: float = 0.0):
         super().__init__(render_mode=render_mode, expert_noise=expert_noise)
@@ -48,3 +52,21 @@ class GuessNumber(TextEnv):
         if self.wants_noise(noise):
             return str(int(self.expert_rng.integers(self.low, self.high + 1)))
         return str((self.low + self.high) // 2)
+
+    def random_action(self) -> str:
+        """Any number in [1, n], feedback ignored (the expert's noise guesses inside the consistent interval,
+        which is far better than random)."""
+        return str(int(self.expert_rng.integers(1, self.n + 1)))
+
+    def heuristic_action(self, noise: float | None = None) -> str:
+        """Coarse then linear: while no guess was too high, jump ``HEURISTIC_STEP`` past the last "higher"
+        (10, 20, 30, ..., capped at n); after a "lower", walk down one at a time from the highest number
+        still possible. Each guess depends only on the last guess and its feedback ("higher": +10,
+        "lower": -1), so it is easy to imitate; it needs up to n/10 + 9 guesses where binary search needs
+        log2(n). With ``noise``, a random guess inside the consistent interval, as the expert's noise.
+        """
+        if self.wants_noise(noise):
+            return str(int(self.expert_rng.integers(self.low, self.high + 1)))
+        if self.high < self.n:  # some guess was too high: linear search down
+            return str(self.high)
+        return str(min(self.low - 1 + self.HEURISTIC_STEP, self.high))

@@ -31,6 +31,17 @@ def test_expert_command_prints_success_rate_and_transcripts(capsys):
     assert "on 30 eval seeds: success 100.0%" in out
 
 
+def test_expert_command_plays_the_heuristic_and_random_teachers(capsys):
+    assert main(["envs", "expert", "GuessNumber-v0", "--policy", "heuristic", "--episodes", "20", "--show", "1",
+                 "--arg", "n=100"]) == 0
+    out = capsys.readouterr().out
+    assert "[assistant] 10\n" in out and "hybrid_rl/GuessNumber-v0 heuristic (noise default) on 20 eval seeds" in out
+    assert main(["envs", "expert", "FrozenLake-v1", "--policy", "random", "--episodes", "5"]) == 0
+    assert "FrozenLake-v1 random (noise n/a) on 5 eval seeds" in capsys.readouterr().out
+    assert main(["envs", "expert", "Mastermind-v0", "--policy", "heuristic", "--episodes", "5"]) == 2
+    assert "Mastermind-v0 has no heuristic_action()" in capsys.readouterr().err
+
+
 def test_unknown_id_exits_2_with_did_you_mean_and_the_list(capsys):
     assert main(["envs", "check", "Mastermnd-v0"]) == 2
     err = capsys.readouterr().err
