@@ -1,10 +1,19 @@
 """``report.html``: one self-contained page per run (or a comparison of runs) that opens offline.
 
 ``build_report(run_dir)`` reads what ``MetricsLogger`` left in the run directory (``metrics.jsonl``,
-``samples.jsonl``, ``run.json``, ``config.yaml``) and writes ``run_dir/report.html``: a plot of every
-logged series over steps, grouped by section (train, rollout, eval, perf, moe), the last value of
-each metric, the run info and config, and sample episodes shown as conversations.
+``samples.jsonl``, ``run.json``, ``config.yaml``) and writes ``run_dir/report.html``. The page opens
+with the answer asked first, is it learning: the *learning* section (see ``learning_panels``). Below
+it: a plot of every logged series over steps, grouped by section (train, rollout, eval, perf, moe),
+the last value of each metric, the run info and config, and sample episodes shown as conversations.
 ``build_comparison(run_dirs, out)`` draws several runs on the same plots.
+
+The learning section: a headline per environment (one line per run in a comparison) with held-out
+success first → last eval and training success and reward as the mean of the first / last
+``HEADLINE_WINDOW`` logged steps; then per environment a success plot and a reward plot, each
+training step a faint dot under a centered moving average, with every held-out eval point
+(``eval/success…``, ``eval/return``) on the same axes as markers joined by a dotted line; then a table of
+all those eval points. An SFT run (no ``rollout/`` series) shows ``train/loss`` with ``eval/loss``
+instead, and its held-out success per environment.
 
 Plots are matplotlib PNGs embedded as base64; there is no external JS or CSS, so the file can be
 mailed or opened from a laptop without network. A few lines of inline script check that every plot
@@ -119,12 +128,17 @@ def group_series(keys: list[str]) -> dict[str, list[tuple[str, str]]]:
     return {g: groups[g] for g in order}
 
 
-def plot_png(group: str, lines: list[tuple[str, str]], runs: list[RunData]) -> bytes:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_png(group: str, lines: list[tuple[str, str]], runs: list[RunData]) -> bytes:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.4, 2.8), dpi=90)
     cmap = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20")
     n_drawn = 0
@@ -143,11 +157,191 @@ def plot_png(group: str, lines: list[tuple[str, str]], runs: list[RunData]) -> b
     ax.grid(alpha=0.3)
     if n_drawn > 1 and n_drawn <= 24:
         ax.legend(fontsize=6, ncol=1 if n_drawn <= 6 else 2, loc="best", framealpha=0.7)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ learning
+
+HEADLINE_WINDOW = 5  # training numbers in the headline: mean of the first / last 5 logged steps
+SMOOTH_MAX_WINDOW = 21  # points in the centered moving average of a long series
+EVAL_MARKERS = ("s", "^", "D", "v", "P")  # one per held-out series of a plot (greedy, T=1, ...)
+EVAL_SUCCESS = re.compile(r"^eval/success[^/]*")  # eval/success, eval/success_t1, ... (+ /<env>)
+LABELS = {"rollout/success": "training success", "rollout/reward": "training reward", "train/loss": "train loss",
+          "eval/loss": "held-out loss", "eval/return": "held-out return", "eval/success": "held-out success"}
+NOT_IN_HEADLINE = ("eval/return",)  # drawn on the reward plot; the headline keeps to success and reward
+
+
+@dataclass
+class Panel:
+    """One plot of the learning section: a training series (faint points + smoothed line) and held-out eval points."""
+    title: str
+    env: str  # the environment part of the names ("" for names without one)
+    train: str | None  # metric name of the training series
+    evals: list[str]  # metric names of the held-out series, drawn as markers on the same axes
+
+
+def learning_panels(keys: list[str]) -> list[Panel]:
+    """The learning plots for these series: per environment, success and reward (RL) or held-out success (SFT).
+
+    Environments are the ``<env>`` parts of ``rollout/success|reward/<env>`` and ``eval/success…/<env>``
+    names; with one environment (or none per environment) the two-part means stand in for it. A run
+    without ``rollout/`` series (SFT) gets a loss plot (``train/loss`` with ``eval/loss``) first.
+    """
+    rl = any(k.startswith(("rollout/success", "rollout/reward")) for k in keys)
+    success_bases = _unique(EVAL_SUCCESS.match(k).group(0) for k in keys if EVAL_SUCCESS.match(k))
+    envs = _unique(k.split("/")[2] for k in keys if len(k.split("/")) == 3
+                   and k.rsplit("/", 1)[0] in ("rollout/success", "rollout/reward", *success_bases))
+    panels = []
+    if not rl:
+        panels.append(Panel("loss", "", _pick("train/loss", "", keys), _picks(["eval/loss"], "", keys)))
+    for env in envs or [""]:
+        name = f" · {env}" if env else ""
+        success_evals = _picks(success_bases, env, keys, single=len(envs) <= 1)
+        if rl:
+            panels.append(Panel("success" + name, env, _pick("rollout/success", env, keys, len(envs) <= 1), success_evals))
+            panels.append(Panel("reward" + name, env, _pick("rollout/reward", env, keys, len(envs) <= 1),
+                                _picks(["eval/return"], env, keys, len(envs) <= 1)))
+        else:
+            panels.append(Panel("held-out success" + name, env, None, success_evals))
+    return [p for p in panels if p.train or p.evals]
+
+
+def _pick(base: str, env: str, keys: list[str], single: bool = True) -> str | None:
+    """``<base>/<env>`` if logged; else ``<base>`` (the mean over environments) when there is only one environment."""
+    for key in ([f"{base}/{env}"] if env else []) + ([base] if single else []):
+        if key in keys:
+            return key
+    return None
+
+
+def _picks(bases: list[str], env: str, keys: list[str], single: bool = True) -> list[str]:
+    return [k for k in (_pick(b, env, keys, single) for b in bases) if k]
+
+
+def _unique(items) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def label(key: str) -> str:
+    """What a learning series is, in words: ``eval/success_t1/Wordle-v0`` -> ``held-out success (T=1)``."""
+    base = "/".join(key.split("/")[:2])
+    temp = re.fullmatch(r"eval/success_t(.+)", base)
+    return f"held-out success (T={temp.group(1)})" if temp else LABELS.get(base, base)
+
+
+def finite(series: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
+    """The points of a series that hold a number (``null`` in metrics.jsonl is NaN here)."""
+    pairs = [(s, v) for s, v in zip(*series) if not math.isnan(v)]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def smooth_window(n: int) -> int:
+    """Points in the centered moving average of an ``n``-point series: odd, about n/10, none (1) under 10 points."""
+    return 1 if n < 10 else min(SMOOTH_MAX_WINDOW, 2 * (n // 20) + 3)
+
+
+def centered_mean(values: list[float], window: int) -> list[float]:
+    """Centered moving average over ``window`` points; the window is cut short at the ends of the series."""
+    half = window // 2
+    spans = [values[max(0, i - half):i + half + 1] for i in range(len(values))]
+    return [sum(span) / len(span) for span in spans]
+
+
+@dataclass
+class Drawn:
+    png: bytes
+    eval_points: int  # held-out points drawn (all runs)
+    windows: set[int]  # moving-average windows used
+
+
+def learning_png(panel: Panel, runs: list[RunData]) -> Drawn:
+    """Draw one learning panel: per run, the training series raw and smoothed, and every held-out point."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.4), dpi=90)
+    many = len(runs) > 1
+    eval_points, windows = 0, set()
+    for r_i, run in enumerate(runs):
+        prefix = f"{run.name} " if many else ""
+        if panel.train in run.series:
+            steps, values = finite(run.series[panel.train])
+            window = smooth_window(len(steps))
+            windows.add(window)
+            color = f"C{r_i % 10}" if many else "C0"
+            ax.plot(steps, values, ".", color=color, alpha=0.3, markersize=4)
+            ax.plot(steps, centered_mean(values, window), LINESTYLES[r_i % len(LINESTYLES)], color=color, linewidth=1.6,
+                    label=prefix + label(panel.train))
+        for e_i, key in enumerate(k for k in panel.evals if k in run.series):
+            steps, values = finite(run.series[key])
+            color = f"C{r_i % 10}" if many else f"C{(1 + e_i) % 10}"
+            ax.plot(steps, values, ":", marker=EVAL_MARKERS[e_i % len(EVAL_MARKERS)], color=color, markersize=6,
+                    markeredgecolor="black", markeredgewidth=0.6, linewidth=1.2, zorder=3, label=prefix + label(key))
+            eval_points += len(steps)
+    ax.set_title(panel.title, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="best", framealpha=0.7)
+    return Drawn(_png(fig), eval_points, windows)
+
+
+def headline_lines(panels: list[Panel], runs: list[RunData]) -> list[str]:
+    """One line per environment (per run when comparing runs): held-out and training numbers, first → last."""
+    lines = []
+    for run in runs:
+        per_env = []
+        for env in _unique(p.env for p in panels):
+            parts = [part for p in panels if p.env == env for part in _panel_numbers(p, run)]
+            if parts:
+                per_env.append((f"{env}: " if env else "") + "; ".join(parts))
+        if len(runs) > 1:
+            lines.append(f"{run.name}: " + (" | ".join(per_env) or "no learning series"))
+        elif per_env:
+            lines += per_env
+    return lines
+
+
+def _panel_numbers(panel: Panel, run: RunData) -> list[str]:
+    parts = [_eval_change(key, finite(run.series[key])) for key in panel.evals
+             if key in run.series and not key.startswith(NOT_IN_HEADLINE)]
+    if panel.train in run.series:
+        parts.append(_train_change(panel.train, finite(run.series[panel.train])))
+    return [p for p in parts if p]
+
+
+def _eval_change(key: str, series: tuple[list[int], list[float]]) -> str:
+    """``held-out success 0.39 → 0.52 (step 0 → 40, 3 evals)``: first and last held-out point."""
+    steps, values = series
+    if not steps:
+        return ""
+    if len(steps) == 1:
+        return f"{label(key)} {_num(key, values[0])} (step {steps[0]} only)"
+    return f"{label(key)} {_num(key, values[0])} → {_num(key, values[-1])} (step {steps[0]} → {steps[-1]}, {len(steps)} evals)"
+
+
+def _train_change(key: str, series: tuple[list[int], list[float]]) -> str:
+    """``training success 0.45 → 0.60 (mean of first / last 5 logged steps)``: the two windows never overlap."""
+    steps, values = series
+    if not steps:
+        return ""
+    if len(steps) == 1:
+        return f"{label(key)} {_num(key, values[0])} (step {steps[0]} only)"
+    k = min(HEADLINE_WINDOW, len(steps) // 2)
+    first, last = sum(values[:k]) / k, sum(values[-k:]) / k
+    return f"{label(key)} {_num(key, first)} → {_num(key, last)} (mean of first / last {k} logged steps)"
+
+
+def _num(key: str, v: float) -> str:
+    """Success rates with two decimals (0.50), anything else with 3 significant digits."""
+    return f"{v:.2f}" if "success" in key else f"{v:.3g}"
 
 
 # ------------------------------------------------------------------------------------------- HTML
@@ -157,7 +351,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;pad
 h1{font-size:1.4rem;margin:1.2rem 0 .3rem}h2{font-size:1.1rem;margin:1.6rem 0 .5rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
 nav a{margin-right:1rem;color:#0b63c5;text-decoration:none}
 .plots{display:flex;flex-wrap:wrap;gap:.6rem}.plots figure{margin:0;background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:4px}
-.plots img{display:block;width:396px;height:252px}
+.plots img{display:block;width:396px;height:252px}.plots.learning img{width:504px;height:306px}
+ul.headline{font-size:1rem;font-weight:600;margin:.4rem 0 .8rem;padding-left:1.2rem}p.caption{font-size:.8rem;color:#555;max-width:60rem}
 table{border-collapse:collapse;font-size:.85rem;background:#fff}td,th{border:1px solid #e3e3e3;padding:.2rem .5rem;text-align:left;vertical-align:top}
 th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:.6rem;font-size:.8rem;overflow:auto;max-height:32rem}
@@ -198,8 +393,12 @@ def render(runs: list[RunData], title: str) -> str:
         png = base64.b64encode(plot_png(group, lines, runs)).decode("ascii")
         sections.setdefault(group.split("/")[0], []).append(
             f'<figure><img alt="{esc(group)}" title="{esc(group)}" src="data:image/png;base64,{png}"></figure>')
-    body = [f"<h1>{esc(title)}</h1>", f"<p>built {time.strftime('%Y-%m-%d %H:%M:%S')} · {len(keys)} series · {len(groups)} plots</p>"]
-    body.append("<nav>" + "".join(f'<a href="#{s}">{s}</a>' for s in sections) + '<a href="#summary">summary</a><a href="#runs">runs &amp; config</a><a href="#samples">samples</a></nav>')
+    panels = learning_panels(keys)
+    body = [f"<h1>{esc(title)}</h1>",
+            f"<p>built {time.strftime('%Y-%m-%d %H:%M:%S')} · {len(keys)} series · {len(panels) + len(groups)} plots</p>"]
+    body.append('<nav><a href="#learning">learning</a>' + "".join(f'<a href="#{s}">{s}</a>' for s in sections)
+                + '<a href="#summary">summary</a><a href="#runs">runs &amp; config</a><a href="#samples">samples</a></nav>')
+    body.append(_learning_section(panels, runs))
     if not groups:
         body.append("<p>No metrics logged yet.</p>")
     for section, figs in sections.items():
@@ -212,6 +411,54 @@ def render(runs: list[RunData], title: str) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{CSS}</style><script>{HEAD_SCRIPT}</script></head><body>{''.join(body)}"
             f"<script>{STATUS_SCRIPT}</script></body></html>\n")
+
+
+def _learning_section(panels: list[Panel], runs: list[RunData]) -> str:
+    """Headline, learning plots with their caption, and the table of held-out eval points."""
+    head = '<h2 id="learning">learning</h2>'
+    if not panels:
+        return head + "<p>No reward, success, loss or held-out eval series logged yet.</p>"
+    lines = headline_lines(panels, runs)
+    headline = '<ul class="headline">' + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>" if lines else ""
+    figs, windows = [], set()
+    for panel in panels:
+        drawn = learning_png(panel, runs)
+        windows |= drawn.windows
+        png = base64.b64encode(drawn.png).decode("ascii")
+        alt = html.escape(f"learning: {panel.title}")
+        figs.append(f'<figure data-panel="{html.escape(panel.title)}" data-eval-points="{drawn.eval_points}">'
+                    f'<img alt="{alt}" title="{alt}" src="data:image/png;base64,{png}"></figure>')
+    return (head + headline + f'<div class="plots learning">{"".join(figs)}</div>'
+            + f'<p class="caption">{_caption(windows)}</p>' + _eval_points_table(panels, runs))
+
+
+def _caption(windows: set[int]) -> str:
+    smoothed = sorted(w for w in windows if w > 1)
+    how = ("none: fewer than 10 points" if not smoothed else f"{smoothed[0]} points" if len(smoothed) == 1
+           else f"{smoothed[0]}–{smoothed[-1]} points, wider for longer series")
+    return ("Faint dots: the training series at each logged step; solid line: its centered moving average "
+            f"(window {how}; cut short at the ends of the run). Markers joined by a dotted line: every held-out eval point "
+            f"logged (the legend names each series). Headline training numbers: mean of the first / last "
+            f"{HEADLINE_WINDOW} logged steps (fewer when the run is short); held-out: first → last eval.")
+
+
+def _eval_points_table(panels: list[Panel], runs: list[RunData]) -> str:
+    """Every held-out point of the learning plots, as numbers: one row per run and series."""
+    keys = _unique(k for p in panels for k in p.evals)
+    rows = []
+    for run in runs:
+        for key in keys:
+            steps, values = finite(run.series.get(key, ([], [])))
+            if steps:
+                points = " · ".join(f"{s}: {_num(key, v)}" for s, v in zip(steps, values))
+                run_cell = f"<td>{html.escape(run.name)}</td>" if len(runs) > 1 else ""
+                rows.append(f'<tr data-series="{html.escape(key)}" data-steps="{",".join(map(str, steps))}">{run_cell}'
+                            f'<td>{html.escape(key)}</td><td class="num">{len(steps)}</td><td>{points}</td></tr>')
+    if not rows:
+        return "<p>No held-out eval points logged.</p>"
+    run_head = "<th>run</th>" if len(runs) > 1 else ""
+    return (f'<table class="eval-points"><tr>{run_head}<th>held-out series</th><th>points</th><th>step: value</th></tr>'
+            + "".join(rows) + "</table>")
 
 
 def _fmt(v: float) -> str:

@@ -14,6 +14,9 @@ from hybrid_rl.cli import main
 from hybrid_rl.metrics import LoggingConfig
 from hybrid_rl.report import build_report, check_in_browser, find_chromium, group_series
 
+# an SFT-like job: the learning section leads with loss and held-out success per env (test_dashboards_learning.py)
+LEARNING = ["learning: loss", "learning: held-out success · GuessNumber-v0", "learning: held-out success · Wordle-v0"]
+N_PLOTS = len(LEARNING) + 11
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboards"
 CHROMIUM_INSTALL = "apt-get update && apt-get install -y chromium"
 
@@ -36,7 +39,7 @@ def test_every_series_is_plotted_in_one_self_contained_page(runs):
     page = path.read_text()
     assert path == runs / "alpha" / "report.html"
     imgs = _imgs(page)
-    assert [alt for alt, _ in imgs] == ["train/loss", "train/lr", "train/grad_norm", "eval/success", "eval/return",
+    assert [alt for alt, _ in imgs] == LEARNING + ["train/loss", "train/lr", "train/grad_norm", "eval/success", "eval/return",
                                         "eval/turns", "eval/env_errors", "eval/timeouts", "perf/tokens_per_s",
                                         "moe/expert_load/layer1", "moe/expert_load/layer3"]
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000 for _, png in imgs)
@@ -68,7 +71,7 @@ def test_cli_rebuilds_one_report_and_compares_runs(runs, capsys):
     default = runs / "compare-alpha-beta.html"
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(default)
     page = default.read_text()
-    assert len(_imgs(page)) == 11 and "<th>alpha (step)</th><th>beta (step)</th>" in page
+    assert len(_imgs(page)) == N_PLOTS and "<th>alpha (step)</th><th>beta (step)</th>" in page
     out = runs / "elsewhere" / "cmp.html"
     assert main(["report", str(runs / "alpha"), str(runs / "beta"), "--out", str(out)]) == 0 and out.exists()
 
@@ -86,7 +89,7 @@ def test_report_renders_in_headless_chromium(runs):
         pytest.skip(message)
     path = build_report(runs / "alpha")
     check = check_in_browser(path, screenshot=ARTIFACTS / "report.png")
-    assert (check.status, check.images, check.broken, check.errors, check.console_errors) == ("ok", 11, 0, 0, [])
+    assert (check.status, check.images, check.broken, check.errors, check.console_errors) == ("ok", N_PLOTS, 0, 0, [])
     assert check.screenshot is not None and check.screenshot.stat().st_size > 10_000
 
     broken = path.with_name("broken.html")  # the check itself catches a broken plot and a script error
