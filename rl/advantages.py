@@ -1,23 +1,44 @@
 """Advantage estimators for group-based RL: one pure function per variant, picked by name.
 
-Every estimator maps the episode returns of a batch of groups to one advantage per episode:
+Every estimator maps returns to advantages, each return compared with the others of its baseline group:
 
-    rewards_n   [N] float   episode return of each trajectory
-    group_n     [N] int     group id (the G samples of one prompt share an id)
+    returns_n   [N] float   a return: an episode's (``algo.credit: episode``), or one turn's discounted
+                            reward-to-go (``algo.credit: turn``, see ``turn_returns``)
+    group_n     [N] int     baseline group id: the G samples of one prompt (episode credit), or the
+                            samples of one prompt at one turn index (turn credit)
     valid_n     [N] bool    False for failed episodes (env_error / timeout): they are left out of the
                             group statistics and get advantage 0 (the loop also drops them from the loss)
     -> adv_n    [N] float
 
 Variants (``ADVANTAGES[name]``):
-    grpo   (r - mean_g) / (std_g + eps)            Shao et al. 2024, DeepSeekMath
+    rloo    r - mean of the *other* valid samples   Ahmadian et al. 2024 (REINFORCE leave-one-out); the
+                                                    default, as NeMo-RL's Nemotron 3 Nano recipe
     drgrpo  r - mean_g                              Liu et al. 2025, "Understanding R1-Zero-like training"
-    rloo    r - mean of the *other* valid samples   Ahmadian et al. 2024 (REINFORCE leave-one-out)
+    grpo    (r - mean_g) / max(std_g, std_batch)    Shao et al. 2024, DeepSeekMath, with the floor below
 
-Departures from the GRPO paper, and why:
+Departures from the papers, and why:
+- grpo's divisor is never below the std of the whole batch's returns (group mean, batch std, as the
+  "Lite PPO" recipe of Liu et al. 2025, "Tricks or Traps"). The paper's group std alone turns a group
+  whose returns differ only by a small shaping term (a per-turn cost on an all-fail FrozenLake group:
+  -0.02 for falling at turn 2, -0.20 for surviving 20 turns) into unit-sized advantages, as large as a
+  success against a failure; with the batch floor such a group keeps its true, small scale. A batch in
+  which *every* group differs only by shaping terms still gets unit-scale advantages under grpo; rloo
+  and drgrpo never rescale.
 - std is the population std (divide by n, not n-1), so a group of one valid sample is well defined
-  (advantage 0) instead of NaN; with all-equal rewards every variant gives exactly 0.
+  (advantage 0) instead of NaN; with all-equal returns every variant gives exactly 0.
 - Failed episodes do not count as reward 0: an infrastructure failure says nothing about the policy,
   so it is neither a positive nor a negative example for the other samples of its group.
+
+Turn credit (``turn_returns``): the return of turn t of an episode is its discounted reward-to-go
+G_t = sum_{k>=t} gamma^(k-t) r_k, and its baseline group is the prompt's samples that reached turn t.
+With rloo the baseline of G_t is the mean reward-to-go of the *other* samples at turn t: it is built
+from independent episodes only, so it does not depend on this episode's action at turn t nor on when
+this episode stops, and the policy gradient stays unbiased. The construction verl#7244 warns about,
+summing per-turn-index-normalised rewards over the episode's own remaining turns, subtracts a number of
+baseline terms that this episode's stopping turn decides: an action-dependent baseline, biased toward
+longer or shorter episodes. A turn that no other sample reached has no baseline and gets advantage 0.
+drgrpo and grpo include the sample itself in the mean (as GRPO does per episode): a scale of (n-1)/n of
+rloo per turn, plus grpo's std.
 
 Each fast (vectorised, scatter-based) function has a naive twin (``*_naive``, Python loops over groups)
 that the tests compare for values and gradients.
@@ -74,10 +95,12 @@ def _group_stats(rewards_n, group_n, valid_n):
     return count_g[idx_n], sum_g[idx_n], mean_g[idx_n], var_g.sqrt()[idx_n], const_n
 
 
-@register_advantage("grpo")
-def grpo_advantages(rewards_n, group_n, valid_n):
-    _, _, mean_n, std_n, const_n = _group_stats(rewards_n, group_n, valid_n)
-    return torch.where(valid_n & ~const_n, (rewards_n - mean_n) / (std_n + EPS), torch.zeros_like(rewards_n))
+@register_advantage("rloo")
+def rloo_advantages(rewards_n, group_n, valid_n):
+    count_n, sum_n, _, _, const_n = _group_stats(rewards_n, group_n, valid_n)
+    others_mean_n = (sum_n - rewards_n) / (count_n - 1).clamp(min=1)
+    alone_n = count_n <= 1  # no other sample to compare with: no signal
+    return torch.where(valid_n & ~alone_n & ~const_n, rewards_n - others_mean_n, torch.zeros_like(rewards_n))
 
 
 @register_advantage("drgrpo")
@@ -86,12 +109,45 @@ def drgrpo_advantages(rewards_n, group_n, valid_n):
     return torch.where(valid_n & ~const_n, rewards_n - mean_n, torch.zeros_like(rewards_n))
 
 
-@register_advantage("rloo")
-def rloo_advantages(rewards_n, group_n, valid_n):
-    count_n, sum_n, _, _, const_n = _group_stats(rewards_n, group_n, valid_n)
-    others_mean_n = (sum_n - rewards_n) / (count_n - 1).clamp(min=1)
-    alone_n = count_n <= 1  # no other sample to compare with: no signal
-    return torch.where(valid_n & ~alone_n & ~const_n, rewards_n - others_mean_n, torch.zeros_like(rewards_n))
+@register_advantage("grpo")
+def grpo_advantages(rewards_n, group_n, valid_n):
+    _, _, mean_n, std_n, const_n = _group_stats(rewards_n, group_n, valid_n)
+    scale_n = torch.maximum(std_n, _batch_std(rewards_n, valid_n))
+    return torch.where(valid_n & ~const_n, (rewards_n - mean_n) / (scale_n + EPS), torch.zeros_like(rewards_n))
+
+
+def _batch_std(rewards_n, valid_n):
+    """Population std of the valid returns of the whole batch (0 when fewer than two)."""
+    r_n = rewards_n[valid_n]
+    return ((r_n - r_n.mean()) ** 2).mean().sqrt() if r_n.numel() > 1 else rewards_n.new_zeros(())
+
+
+# ------------------------------------------------------------------------------ turn credit
+
+
+def turn_returns(step_rewards: list[list[float]], gamma: float) -> list[list[float]]:
+    """Per episode, the discounted reward-to-go of each turn: G_t = r_t + gamma * G_{t+1}."""
+    out = []
+    for rewards in step_rewards:
+        g, rtg = 0.0, [0.0] * len(rewards)
+        for t in range(len(rewards) - 1, -1, -1):
+            g = rewards[t] + gamma * g
+            rtg[t] = g
+        out.append(rtg)
+    return out
+
+
+def turn_groups(group_ids: list[int], num_turns: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Flatten (episode, turn) pairs: (episode index, turn index, baseline group id) per pair, where the
+    baseline group is (prompt group, turn index), numbered densely."""
+    keys: dict[tuple[int, int], int] = {}
+    episode, turn, group = [], [], []
+    for i, (g, n) in enumerate(zip(group_ids, num_turns)):
+        for t in range(n):
+            episode.append(i)
+            turn.append(t)
+            group.append(keys.setdefault((g, t), len(keys)))
+    return episode, turn, group
 
 
 # ------------------------------------------------------------------------------ naive twins
@@ -107,14 +163,18 @@ def _groups_naive(group_n, valid_n):
 
 def grpo_advantages_naive(rewards_n, group_n, valid_n):
     out = [rewards_n[0] * 0] * len(rewards_n)
+    every = [rewards_n[i] for i in range(len(rewards_n)) if valid_n[i]]
+    batch_mean = sum(every) / max(len(every), 1)
+    batch_std = (sum((r - batch_mean) ** 2 for r in every) / len(every)) ** 0.5 if len(every) > 1 else rewards_n[0] * 0
     for members in _groups_naive(group_n, valid_n).values():
         rs = [rewards_n[i] for i in members]
         if len(set(float(r.detach()) for r in rs)) == 1:
             continue
         mean = sum(rs) / len(rs)
         std = (sum((r - mean) ** 2 for r in rs) / len(rs)) ** 0.5 if len(rs) > 1 else rs[0] * 0
+        scale = std if float(std.detach()) >= float(batch_std.detach()) else batch_std
         for i in members:
-            out[i] = (rewards_n[i] - mean) / (std + EPS)
+            out[i] = (rewards_n[i] - mean) / (scale + EPS)
     return torch.stack(out)
 
 

@@ -62,14 +62,23 @@ class RolloutSection:
 
 @dataclass
 class AlgoConfig:
-    advantage: str = "grpo"  # rl/advantages.py: grpo | drgrpo | rloo
+    advantage: str = "rloo"  # rl/advantages.py: rloo | drgrpo | grpo
+    credit: Literal["episode", "turn"] = "episode"  # one advantage per episode, or per turn from its reward-to-go
+    gamma: float = 1.0  # turn credit: discount of later turns' rewards in a turn's reward-to-go
     policy_loss: str = "grpo"  # rl/losses.py: grpo | dapo | gspo | reinforce
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     clip_eps_low: float = 0.2  # ratio floor 1 - eps_low (grpo uses it on both sides)
-    clip_eps_high: float = 0.28  # ratio ceiling 1 + eps_high for dapo/gspo (DAPO's clip-higher value)
+    clip_eps_high: float = 0.28  # ratio ceiling 1 + eps_high for dapo (DAPO's clip-higher value)
+    seq_clip_eps_low: float = 3e-4  # gspo: range of the length-normalised sequence ratio (GSPO paper)
+    seq_clip_eps_high: float = 4e-4
     kl_estimator: str = "k3"  # rl/kl.py: k1 | k2 | k3
     kl_beta: float = 0.0  # weight of the KL to the initial policy; 0 = no reference model is kept
+    entropy_coef: float = 0.0  # bonus: minus this times the mean entropy of the sampling distribution on action tokens
+    overlong_penalty: float = 0.0  # subtracted from the reward of a turn that hit rollout.max_new_tokens (DAPO's overlong shaping)
+    env_weights: dict[str, float] = field(default_factory=dict)  # env id -> weight of its episodes' advantages (default 1)
     skip_zero_advantage: bool = True  # leave advantage-0 episodes out of the update (no policy gradient; saves compute)
+    dynamic_sampling: bool = False  # DAPO: play more groups until prompts_per_step of them are informative
+    max_refill_rounds: int = 4  # dynamic sampling: at most this many extra rounds of prompts_per_step groups per step
     routing_replay: bool = False  # train on the experts the rollout picked (R3), recorded per token
     updates_per_batch: int = 1  # optimizer steps on each rollout batch (GRPO's mu); > 1 takes ratios vs the rollout's log-probs
     mode: Literal["sync", "async"] = "sync"  # async: rollouts of step k+1 run while step k trains
@@ -80,10 +89,22 @@ class AlgoConfig:
         _check_choice("policy_loss", self.policy_loss, POLICY_LOSSES)
         _check_choice("loss_agg", self.loss_agg, AGGREGATIONS)
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        if self.clip_eps_low < 0 or self.clip_eps_high < 0:
-            raise ValueError(f"clip_eps_low/clip_eps_high must be >= 0, got {self.clip_eps_low}/{self.clip_eps_high}")
-        if self.kl_beta < 0:
-            raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
+        if self.clip_eps_low < 0 or self.clip_eps_high < 0 or self.seq_clip_eps_low < 0 or self.seq_clip_eps_high < 0:
+            raise ValueError(f"clip ranges must be >= 0, got clip_eps_low/high {self.clip_eps_low}/{self.clip_eps_high}, "
+                             f"seq_clip_eps_low/high {self.seq_clip_eps_low}/{self.seq_clip_eps_high}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.credit == "turn" and self.policy_loss == "gspo":
+            raise ValueError("policy_loss=gspo takes one ratio and one advantage per sequence, so it cannot use credit=turn; "
+                             "use credit=episode with gspo, or policy_loss=grpo|dapo with credit=turn")
+        for name in ("kl_beta", "entropy_coef", "overlong_penalty"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        bad = {k: v for k, v in self.env_weights.items() if v < 0}
+        if bad:
+            raise ValueError(f"env_weights must be >= 0, got {bad}")
+        if self.max_refill_rounds < 0:
+            raise ValueError(f"max_refill_rounds must be >= 0, got {self.max_refill_rounds}")
         if self.updates_per_batch < 1:
             raise ValueError(f"updates_per_batch must be >= 1, got {self.updates_per_batch}")
         if self.max_staleness != 1:
@@ -100,7 +121,9 @@ class TrainConfig:
     beta2: float = 0.99
     max_grad_norm: float = 1.0  # clip the global grad norm; 0 = off
     micro_batch_tokens: int = 4096  # padded tokens per micro-batch (rows x longest row)
-    moe_bias_update_rate: float = 1e-3  # aux-loss-free balancing step per optimizer step; 0 = off
+    # aux-loss-free balancing step per optimizer step; 0 = off (the default: a bias update changes the policy
+    # outside the gradient, which no ratio or clip accounts for; NeMo-RL's Nano recipe freezes it too)
+    moe_bias_update_rate: float = 0.0
     torch_threads: int = 0  # torch threads of the trainer process (0 = torch's default)
 
     def __post_init__(self):
@@ -163,6 +186,15 @@ class RLStageConfig:
                 f"train.micro_batch_tokens ({self.train.micro_batch_tokens}) is smaller than rollout.max_episode_tokens "
                 f"({self.rollout.max_episode_tokens}): the longest episode must fit in one micro-batch."
             )
+        if self.rollout.sampling.temperature <= 0:
+            raise ValueError(
+                f"rollout.sampling.temperature must be > 0 for RL, got {self.rollout.sampling.temperature}: greedy "
+                "rollouts have no distribution to score or explore with. Use e.g. rollout.sampling.temperature=1.0 "
+                "(greedy is for eval.temperature)."
+            )
+        unknown = sorted(set(self.algo.env_weights) - set(self.envs))
+        if unknown:
+            raise ValueError(f"algo.env_weights names env(s) {unknown} that are not in envs {self.envs}")
         if self.resume and not self.run.name:
             raise ValueError("resume=true needs run.name: the run directory to continue")
 

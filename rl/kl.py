@@ -6,7 +6,9 @@
                                                 on on-policy samples its gradient is exactly grad KL
     k3 = exp(-log_ratio) - 1 + log_ratio        unbiased, always >= 0, low variance (GRPO paper's choice)
 
-Shapes: logp_bt, ref_logp_bt [B, T] -> kl_bt [B, T]. The loop averages the estimate over action tokens
+Shapes: logp_bt, ref_logp_bt [B, T], optional mask_bt [B, T] -> kl_bt [B, T], exactly 0 off the mask (the
+log-ratio is selected before the exp, so an infinite log-prob off the mask never makes inf * 0 = NaN,
+neither in the value nor in the gradient). The loop averages the estimate over action tokens
 with the same aggregation as the policy loss and adds ``beta * kl`` (beta 0 by default, as in DAPO and
 Dr.GRPO, so the reference model is not even loaded).
 
@@ -21,7 +23,7 @@ from typing import Callable
 
 import torch
 
-KLFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+KLFn = Callable[..., torch.Tensor]
 KL_ESTIMATORS: dict[str, KLFn] = {}
 
 
@@ -41,19 +43,25 @@ def get_kl_estimator(name: str) -> KLFn:
     return KL_ESTIMATORS[name]
 
 
+def _log_ratio(logp_bt, ref_logp_bt, mask_bt=None):
+    if mask_bt is None:
+        return logp_bt - ref_logp_bt
+    return torch.where(mask_bt.bool(), logp_bt - ref_logp_bt, torch.zeros_like(logp_bt))
+
+
 @register_kl("k1")
-def kl_k1(logp_bt, ref_logp_bt):
-    return logp_bt - ref_logp_bt
+def kl_k1(logp_bt, ref_logp_bt, mask_bt=None):
+    return _log_ratio(logp_bt, ref_logp_bt, mask_bt)
 
 
 @register_kl("k2")
-def kl_k2(logp_bt, ref_logp_bt):
-    return 0.5 * (logp_bt - ref_logp_bt) ** 2
+def kl_k2(logp_bt, ref_logp_bt, mask_bt=None):
+    return 0.5 * _log_ratio(logp_bt, ref_logp_bt, mask_bt) ** 2
 
 
 @register_kl("k3")
-def kl_k3(logp_bt, ref_logp_bt):
-    log_ratio_bt = logp_bt - ref_logp_bt
+def kl_k3(logp_bt, ref_logp_bt, mask_bt=None):
+    log_ratio_bt = _log_ratio(logp_bt, ref_logp_bt, mask_bt)
     return torch.exp(-log_ratio_bt) - 1.0 + log_ratio_bt
 
 

@@ -5,14 +5,21 @@ Legend (shapes in names):
     old_logp_bt   [B, T]  log-prob under the policy that the ratio is taken against (no grad): the
                           trainer's own detached log-probs on a synchronous step (ratio exactly 1), the
                           rollout's log-probs when the batch is stale (async mode: importance correction)
-    adv_b         [B]     one advantage per sequence (episode), broadcast over its action tokens
+    adv_bt        [B, T]  the advantage of each action token: its episode's (``algo.credit: episode``)
+                          or its turn's (``algo.credit: turn``)
     mask_bt       [B, T]  1 on trained (model-generated) tokens, 0 on prompts/observations/padding
-    -> loss_bt    [B, T]  per-token loss (0 off the mask), clipped_bt [B, T] bool: the clip was active
+    -> loss_bt    [B, T]  per-token loss (exactly 0 off the mask), clipped_bt [B, T] bool: the clip was active
+
+Masking selects (``torch.where``), never multiplies: a position off the mask may hold an infinite
+log-ratio (a token the truncated sampling distribution excludes), and ``inf * 0`` is NaN.
 
 Variants (``POLICY_LOSSES[name]``, cf. verl's ``register_policy_loss``):
     grpo       PPO clipped ratio per token, symmetric eps (Schulman 2017; GRPO, Shao 2024)
     dapo       the same with clip-higher: eps_low < eps_high lets rare tokens grow (Yu et al. 2025)
-    gspo       one ratio per sequence, exp(mean_t log ratio), clipped per sequence (Zheng et al. 2025)
+    gspo       one ratio per sequence, exp(mean_t log ratio), clipped per sequence (Zheng et al. 2025);
+               its clip range is ``algo.seq_clip_eps_low/high`` (3e-4 / 4e-4 as in the paper): a
+               length-normalised ratio moves far less than a token's, and the token range (0.2) would
+               leave it effectively unclipped. Its advantage is the sequence's mean token advantage.
     reinforce  -A * log pi, no ratio, no clipping (plain on-policy REINFORCE with a group baseline)
 
 Aggregation (``aggregate_loss``), with the normalisers of the *whole* optimizer step passed in so that
@@ -43,6 +50,8 @@ import torch
 class ClipRange:
     low: float = 0.2  # ratio floor is 1 - low
     high: float = 0.2  # ratio ceiling is 1 + high (DAPO's clip-higher uses 0.28)
+    seq_low: float = 3e-4  # gspo's sequence-ratio range (GSPO paper)
+    seq_high: float = 4e-4
 
 
 PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ClipRange], tuple[torch.Tensor, torch.Tensor]]
@@ -72,31 +81,41 @@ def _clipped_objective(ratio, adv, low, high):
     return -torch.minimum(unclipped, clipped), clipped < unclipped
 
 
+def _masked(loss_bt, clipped_bt, mask_bt):
+    on_bt = mask_bt.bool()
+    return torch.where(on_bt, loss_bt, torch.zeros_like(loss_bt)), clipped_bt & on_bt
+
+
+def _log_ratio(logp_bt, old_logp_bt, mask_bt):
+    """logp - old on the mask, 0 elsewhere (so no inf - inf off the mask)."""
+    return torch.where(mask_bt.bool(), logp_bt - old_logp_bt, torch.zeros_like(logp_bt))
+
+
 @register_policy_loss("grpo")
-def grpo_loss(logp_bt, old_logp_bt, adv_b, mask_bt, clip: ClipRange):
-    ratio_bt = torch.exp(logp_bt - old_logp_bt)
-    loss_bt, clipped_bt = _clipped_objective(ratio_bt, adv_b[:, None], clip.low, clip.low)
-    return loss_bt * mask_bt, clipped_bt & mask_bt.bool()
+def grpo_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
+    ratio_bt = torch.exp(_log_ratio(logp_bt, old_logp_bt, mask_bt))
+    return _masked(*_clipped_objective(ratio_bt, adv_bt, clip.low, clip.low), mask_bt)
 
 
 @register_policy_loss("dapo")
-def dapo_loss(logp_bt, old_logp_bt, adv_b, mask_bt, clip: ClipRange):
-    ratio_bt = torch.exp(logp_bt - old_logp_bt)
-    loss_bt, clipped_bt = _clipped_objective(ratio_bt, adv_b[:, None], clip.low, clip.high)
-    return loss_bt * mask_bt, clipped_bt & mask_bt.bool()
+def dapo_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
+    ratio_bt = torch.exp(_log_ratio(logp_bt, old_logp_bt, mask_bt))
+    return _masked(*_clipped_objective(ratio_bt, adv_bt, clip.low, clip.high), mask_bt)
 
 
 @register_policy_loss("gspo")
-def gspo_loss(logp_bt, old_logp_bt, adv_b, mask_bt, clip: ClipRange):
+def gspo_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
+    on_bt = mask_bt.bool()
     n_b = mask_bt.sum(1).clamp(min=1)
-    log_ratio_b = ((logp_bt - old_logp_bt) * mask_bt).sum(1) / n_b  # length-normalised sequence ratio
-    loss_b, clipped_b = _clipped_objective(torch.exp(log_ratio_b), adv_b, clip.low, clip.high)
-    return loss_b[:, None] * mask_bt, clipped_b[:, None] & mask_bt.bool()
+    log_ratio_b = _log_ratio(logp_bt, old_logp_bt, mask_bt).sum(1) / n_b  # length-normalised sequence ratio
+    adv_b = torch.where(on_bt, adv_bt, torch.zeros_like(adv_bt)).sum(1) / n_b
+    loss_b, clipped_b = _clipped_objective(torch.exp(log_ratio_b), adv_b, clip.seq_low, clip.seq_high)
+    return _masked(loss_b[:, None].expand_as(logp_bt), clipped_b[:, None].expand_as(on_bt), mask_bt)
 
 
 @register_policy_loss("reinforce")
-def reinforce_loss(logp_bt, old_logp_bt, adv_b, mask_bt, clip: ClipRange):
-    return -adv_b[:, None] * logp_bt * mask_bt, torch.zeros_like(mask_bt, dtype=torch.bool)
+def reinforce_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
+    return _masked(-adv_bt * logp_bt, torch.zeros_like(mask_bt, dtype=torch.bool), mask_bt)
 
 
 # ------------------------------------------------------------------------------ aggregation
@@ -106,12 +125,14 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
 def aggregate_loss(loss_bt, mask_bt, mode: str, num_tokens: float, num_seqs: float):
     """Reduce a micro-batch's per-token loss with the step-wide normalisers (see module docstring)."""
+    on_bt = mask_bt.bool()
+    kept_bt = torch.where(on_bt, loss_bt, torch.zeros_like(loss_bt))
     if mode == "token-mean":
-        return (loss_bt * mask_bt).sum() / max(num_tokens, 1)
+        return kept_bt.sum() / max(num_tokens, 1)
     if mode == "seq-mean-token-sum":
-        return (loss_bt * mask_bt).sum() / max(num_seqs, 1)
+        return kept_bt.sum() / max(num_seqs, 1)
     if mode == "seq-mean-token-mean":
-        per_seq_b = (loss_bt * mask_bt).sum(1) / mask_bt.sum(1).clamp(min=1)
+        per_seq_b = kept_bt.sum(1) / mask_bt.sum(1).clamp(min=1)
         return per_seq_b.sum() / max(num_seqs, 1)
     close = difflib.get_close_matches(mode, AGGREGATIONS, n=1)
     raise ValueError(f"unknown loss aggregation {mode!r}{f' (did you mean {close[0]!r}?)' if close else ''}; valid: {', '.join(AGGREGATIONS)}")
@@ -120,16 +141,39 @@ def aggregate_loss(loss_bt, mask_bt, mode: str, num_tokens: float, num_seqs: flo
 # ------------------------------------------------------------------------------ token statistics
 
 
-def token_logprobs(logits_btv, targets_bt):
-    """log softmax(logits)[target] per position, in fp32: [B, T, V], [B, T] -> [B, T]."""
-    logz_bt = torch.logsumexp(logits_btv.float(), dim=-1)
-    return logits_btv.float().gather(-1, targets_bt[..., None]).squeeze(-1) - logz_bt
+LOGP_FLOOR = -1e4  # an action token the trainer's truncated distribution excludes: probability ~0, finite
 
 
-def token_entropy(logits_btv):
-    """Entropy of the next-token distribution at each position: [B, T, V] -> [B, T]."""
-    logp_btv = torch.log_softmax(logits_btv.float(), dim=-1)
-    return -(logp_btv.exp() * logp_btv).sum(-1)
+@dataclass
+class ScoringDist:
+    """The distribution the rollout engine sampled from, which the trainer must score tokens under:
+    logits / temperature, banned ids removed, then top-k and top-p (``rollout.sampling.sampling_logprobs``)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    banned_v: torch.Tensor | None = None
+
+
+def policy_logprobs(logits_btv, targets_bt, mask_bt, dist: ScoringDist | None = None, with_entropy: bool = False):
+    """Log-prob of each target under ``dist`` (fp32, differentiable) and optionally its entropy [B, T].
+
+    Off the mask the target is replaced by the most likely kept token, so every returned value is finite
+    (an observation token may lie outside the top-p set); an action token the truncation drops gets
+    ``LOGP_FLOOR``."""
+    from rollout.sampling import sampling_logprobs
+
+    dist = dist or ScoringDist()
+    b, t, v = logits_btv.shape
+    logp_btv = sampling_logprobs(logits_btv.reshape(b * t, v), dist.temperature, dist.top_k, dist.top_p,
+                                 dist.banned_v).view(b, t, v)
+    safe_bt = torch.where(mask_bt.bool(), targets_bt, logp_btv.detach().argmax(-1))
+    logp_bt = logp_btv.gather(-1, safe_bt[..., None]).squeeze(-1).clamp(min=LOGP_FLOOR)
+    if not with_entropy:
+        return logp_bt, None
+    finite_btv = torch.isfinite(logp_btv)
+    plogp_btv = torch.where(finite_btv, logp_btv.exp() * logp_btv.masked_fill(~finite_btv, 0.0), torch.zeros_like(logp_btv))
+    return logp_bt, -plogp_btv.sum(-1)
 
 
 # ------------------------------------------------------------------------------ naive twins
@@ -140,35 +184,36 @@ def _ppo_token_naive(lp, old, a, low, high):
     return -torch.minimum(r * a, r.clamp(1 - low, 1 + high) * a)
 
 
-def grpo_loss_naive(logp_bt, old_logp_bt, adv_b, mask_bt, clip):
-    return _per_token_naive(logp_bt, old_logp_bt, adv_b, mask_bt, lambda lp, o, a: _ppo_token_naive(lp, o, a, clip.low, clip.low))
+def grpo_loss_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip):
+    return _per_token_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, lambda lp, o, a: _ppo_token_naive(lp, o, a, clip.low, clip.low))
 
 
-def dapo_loss_naive(logp_bt, old_logp_bt, adv_b, mask_bt, clip):
-    return _per_token_naive(logp_bt, old_logp_bt, adv_b, mask_bt, lambda lp, o, a: _ppo_token_naive(lp, o, a, clip.low, clip.high))
+def dapo_loss_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip):
+    return _per_token_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, lambda lp, o, a: _ppo_token_naive(lp, o, a, clip.low, clip.high))
 
 
-def reinforce_loss_naive(logp_bt, old_logp_bt, adv_b, mask_bt, clip):
-    return _per_token_naive(logp_bt, old_logp_bt, adv_b, mask_bt, lambda lp, o, a: -a * lp)
+def reinforce_loss_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip):
+    return _per_token_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, lambda lp, o, a: -a * lp)
 
 
-def _per_token_naive(logp_bt, old_logp_bt, adv_b, mask_bt, fn):
+def _per_token_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, fn):
     rows = []
     for b in range(logp_bt.shape[0]):
         row = []
         for t in range(logp_bt.shape[1]):
-            row.append(fn(logp_bt[b, t], old_logp_bt[b, t], adv_b[b]) if mask_bt[b, t] else logp_bt[b, t] * 0)
+            row.append(fn(logp_bt[b, t], old_logp_bt[b, t], adv_bt[b, t]) if mask_bt[b, t] else torch.zeros((), dtype=logp_bt.dtype))
         rows.append(torch.stack(row))
     return torch.stack(rows)
 
 
-def gspo_loss_naive(logp_bt, old_logp_bt, adv_b, mask_bt, clip):
+def gspo_loss_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip):
     rows = []
     for b in range(logp_bt.shape[0]):
-        terms = [logp_bt[b, t] - old_logp_bt[b, t] for t in range(logp_bt.shape[1]) if mask_bt[b, t]]
-        s = torch.exp(sum(terms) / max(len(terms), 1)) if terms else logp_bt[b, 0] * 0 + 1
-        seq_loss = -torch.minimum(s * adv_b[b], s.clamp(1 - clip.low, 1 + clip.high) * adv_b[b])
-        rows.append(torch.stack([seq_loss if mask_bt[b, t] else seq_loss * 0 for t in range(logp_bt.shape[1])]))
+        on = [t for t in range(logp_bt.shape[1]) if mask_bt[b, t]]
+        s = torch.exp(sum(logp_bt[b, t] - old_logp_bt[b, t] for t in on) / max(len(on), 1)) if on else logp_bt[b, 0] * 0 + 1
+        adv = sum(adv_bt[b, t] for t in on) / max(len(on), 1) if on else adv_bt[b, 0] * 0
+        seq_loss = -torch.minimum(s * adv, s.clamp(1 - clip.seq_low, 1 + clip.seq_high) * adv)
+        rows.append(torch.stack([seq_loss if mask_bt[b, t] else torch.zeros((), dtype=logp_bt.dtype) for t in range(logp_bt.shape[1])]))
     return torch.stack(rows)
 
 
@@ -183,16 +228,6 @@ def aggregate_loss_naive(loss_bt, mask_bt, mode, num_tokens, num_seqs):
         else:
             total = total + (sum(toks) / len(toks)) / max(num_seqs, 1) if toks else total
     return total
-
-
-def token_logprobs_naive(logits_btv, targets_bt):
-    out = torch.empty(targets_bt.shape)
-    for b in range(targets_bt.shape[0]):
-        for t in range(targets_bt.shape[1]):
-            row = [float(x) for x in logits_btv[b, t]]
-            m = max(row)
-            out[b, t] = row[int(targets_bt[b, t])] - (m + math.log(sum(math.exp(x - m) for x in row)))
-    return out
 
 
 NAIVE = {"grpo": grpo_loss_naive, "dapo": dapo_loss_naive, "gspo": gspo_loss_naive, "reinforce": reinforce_loss_naive}

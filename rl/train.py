@@ -37,11 +37,11 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from hybrid_rl.config import to_dict
 from hybrid_rl.metrics import MetricsLogger, env_key
 from hybrid_rl.run import make_run_dir, seed_everything
-from rl.advantages import get_advantage_fn
+from rl.advantages import get_advantage_fn, turn_groups, turn_returns
 from rl.batch import Batch, collate, micro_batches, trim
 from rl.config import RLStageConfig
 from rl.kl import get_kl_estimator, kl_k3
-from rl.losses import ClipRange, aggregate_loss, get_policy_loss, token_entropy, token_logprobs
+from rl.losses import ClipRange, ScoringDist, aggregate_loss, get_policy_loss, policy_logprobs
 from rl.pool import make_pool
 from rl.routing import routing_mismatch
 
@@ -70,19 +70,59 @@ def load_policy(cfg: RLStageConfig):
     return load_pretrained(path).float(), tokenizer, str(path)
 
 
-def train_requests(cfg: RLStageConfig, step: int):
-    """This step's groups: prompts_per_env train seeds of each env, chosen by the step alone (resume-exact)."""
+def rounds_per_step(cfg: RLStageConfig) -> int:
+    """Rounds of prompts_per_step groups a step may play: 1, or 1 + max_refill_rounds with dynamic sampling."""
+    return 1 + (cfg.algo.max_refill_rounds if cfg.algo.dynamic_sampling else 0)
+
+
+def train_requests(cfg: RLStageConfig, step: int, round_: int = 0):
+    """Round ``round_`` of this step's groups: prompts_per_env train seeds of each env, chosen by (step, round)
+    alone (resume-exact); refill rounds take seeds no other (step, round) takes."""
     import envs
     from rollout.engine import GroupRequest
 
     out = []
     per_env = cfg.prompts_per_env
+    slot = step * rounds_per_step(cfg) + round_
     for e, env_id in enumerate(cfg.envs):
-        seeds = envs.seeds(env_id, "train", (step + 1) * per_env)[step * per_env:]
+        seeds = envs.seeds(env_id, "train", (slot + 1) * per_env)[slot * per_env:]
         for j, seed in enumerate(seeds):
-            out.append(GroupRequest(env_id, seed, group_id=step * cfg.rollout.prompts_per_step + e * per_env + j,
+            out.append(GroupRequest(env_id, seed, group_id=slot * cfg.rollout.prompts_per_step + e * per_env + j,
                                     num_samples=cfg.rollout.samples_per_prompt))
     return out
+
+
+def play_step(pool, cfg: RLStageConfig, step: int):
+    """This step's episodes -> (played, trained-on candidates, stats). Without dynamic sampling both are the
+    one round's episodes. With it (DAPO), rounds of new groups are played until ``prompts_per_step`` groups
+    are informative (some advantage is not 0) or ``max_refill_rounds`` extra rounds are spent; the batch
+    keeps the first ``prompts_per_step`` informative groups and drops the rest."""
+    played, kept_groups, rounds = [], [], 0
+    for round_ in range(rounds_per_step(cfg)):
+        trajs = pool.run_groups(train_requests(cfg, step, round_))
+        played += trajs
+        rounds += 1
+        if not cfg.algo.dynamic_sampling:
+            return trajs, trajs, {}
+        kept_groups += [g for g in _by_group(trajs) if _informative(g, cfg)]
+        if len(kept_groups) >= cfg.rollout.prompts_per_step:
+            break
+    kept_groups = kept_groups[:cfg.rollout.prompts_per_step]
+    n_played = len(_by_group(played))
+    stats = {"rollout/groups_played": float(n_played), "rollout/groups_dropped": float(n_played - len(kept_groups)),
+             "rollout/refill_rounds": float(rounds - 1)}
+    return played, [t for g in kept_groups for t in g], stats
+
+
+def _by_group(trajectories) -> list[list]:
+    groups: dict[int, list] = {}
+    for t in trajectories:
+        groups.setdefault(t.group_id, []).append(t)
+    return list(groups.values())
+
+
+def _informative(group, cfg: RLStageConfig) -> bool:
+    return any(a != 0 for adv in token_advantages(group, cfg.algo)[0] for a in adv)
 
 
 def evaluate_policy(model, tokenizer, cfg: RLStageConfig) -> tuple[dict[str, float], list]:
@@ -95,59 +135,125 @@ def evaluate_policy(model, tokenizer, cfg: RLStageConfig) -> tuple[dict[str, flo
     return metrics, trajectories
 
 
-# ------------------------------------------------------------------------------ one update
+# ------------------------------------------------------------------------------ advantages
+
+
+def turn_rewards(t, algo) -> list[float]:
+    """The rewards of each action turn of ``t``, with the overlong penalty on turns closed by force. They sum
+    to ``episode_return`` (minus penalties): a return no step reward accounts for is put on the last turn."""
+    n = max(len(t.step_rewards), max(t.action_turn_index(), default=-1) + 1, 1)
+    rewards = [*t.step_rewards, *[0.0] * (n - len(t.step_rewards))]
+    rewards[-1] += t.episode_return - sum(t.step_rewards)
+    for k in t.overlong_turns:
+        if k < n:
+            rewards[k] -= algo.overlong_penalty
+    return rewards
+
+
+def token_advantages(trajectories, algo) -> tuple[list[list[float]], list[bool]]:
+    """(per trajectory the advantage of each token (0 off the actions), per trajectory whether it is valid).
+
+    ``credit: episode``: one return per episode (the sum of its turn rewards), one advantage broadcast over
+    its action tokens. ``credit: turn``: each turn's discounted reward-to-go against the baseline of the
+    group's samples at the same turn index (rl/advantages.py explains why that baseline is unbiased).
+    Advantages are scaled by the episode's env weight (``algo.env_weights``)."""
+    adv_fn = get_advantage_fn(algo.advantage)
+    valid = [not t.failed and t.num_action_tokens > 0 for t in trajectories]
+    rewards = [turn_rewards(t, algo) for t in trajectories]
+    if algo.credit == "episode":
+        returns = [[sum(r)] for r in rewards]
+        episode_i, turn_i, group_i = list(range(len(trajectories))), [0] * len(trajectories), [t.group_id for t in trajectories]
+    else:
+        returns = turn_returns(rewards, algo.gamma)
+        episode_i, turn_i, group_i = turn_groups([t.group_id for t in trajectories], [len(r) for r in returns])
+    flat_adv = adv_fn(torch.tensor([returns[e][k] for e, k in zip(episode_i, turn_i)], dtype=torch.float64),
+                      torch.tensor(group_i, dtype=torch.long),
+                      torch.tensor([valid[e] for e in episode_i], dtype=torch.bool)).tolist() if episode_i else []
+    per_turn = [[0.0] * len(r) for r in returns]
+    for e, k, a in zip(episode_i, turn_i, flat_adv):
+        per_turn[e][k] = a * algo.env_weights.get(trajectories[e].env_id, 1.0)
+    out = []
+    for t, adv in zip(trajectories, per_turn):
+        turn_of = t.action_turn_index()
+        out.append([(adv[0] if algo.credit == "episode" else adv[k]) if k >= 0 else 0.0 for k in turn_of])
+    return out, valid
 
 
 def make_batch(trajectories, cfg: RLStageConfig, pad_id: int):
-    """Advantages per group, then the trained episodes as one padded Batch (None when nothing to train)."""
-    adv_fn = get_advantage_fn(cfg.algo.advantage)
-    rewards_n = torch.tensor([t.episode_return for t in trajectories], dtype=torch.float32)
-    group_n = torch.tensor([t.group_id for t in trajectories])
-    valid_n = torch.tensor([not t.failed and t.num_action_tokens > 0 for t in trajectories])
-    adv_n = adv_fn(rewards_n, group_n, valid_n)
-    skip = cfg.algo.skip_zero_advantage and cfg.algo.kl_beta == 0  # with a KL term every episode has a gradient
-    keep = valid_n & (adv_n != 0) if skip else valid_n
-    kept = [t for t, k in zip(trajectories, keep.tolist()) if k]
-    stats = {"train/adv_abs_mean": float(adv_n[valid_n].abs().mean()) if valid_n.any() else 0.0,
-             "train/trained_episodes_frac": float(keep.float().mean())}
-    if not kept:
+    """Advantages, then the trained episodes as one padded Batch (None when nothing to train), and stats.
+
+    The loss normalisers count every valid episode's action tokens, trained or not (see rl/batch.py)."""
+    adv, valid = token_advantages(trajectories, cfg.algo)
+    informative = [v and any(a != 0 for a in a_t) for v, a_t in zip(valid, adv)]
+    skip = cfg.algo.skip_zero_advantage and cfg.algo.kl_beta == 0 and cfg.algo.entropy_coef == 0  # else all have a gradient
+    keep = [i for i, t in enumerate(trajectories) if (informative[i] if skip else valid[i])]
+    trained_tokens = [abs(a) for i in keep for a, m in zip(adv[i], trajectories[i].is_action) if m and informative[i]]
+    stats = {"train/adv_abs_mean": sum(trained_tokens) / len(trained_tokens) if trained_tokens else 0.0,
+             "train/informative_episodes_frac": sum(informative) / max(sum(valid), 1),
+             "train/trained_episodes_frac": len(keep) / max(len(trajectories), 1)}
+    for env_id in sorted({t.env_id for t in trajectories}):
+        idx = [i for i, t in enumerate(trajectories) if t.env_id == env_id and valid[i]]
+        stats[f"train/informative_episodes_frac/{env_key(env_id)}"] = sum(informative[i] for i in idx) / max(len(idx), 1)
+    if not keep:
         return None, stats
-    return collate(kept, adv_n[keep], pad_id, with_routing=cfg.algo.routing_replay or kept[0].routed_experts is not None), stats
+    kept = [trajectories[i] for i in keep]
+    norm_tokens = float(sum(t.num_action_tokens for t, v in zip(trajectories, valid) if v))
+    return collate(kept, [adv[i] for i in keep], pad_id, with_routing=cfg.algo.routing_replay or kept[0].routed_experts is not None,
+                   norm_tokens=norm_tokens, norm_seqs=float(sum(valid))), stats
 
 
-def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=None, old_from_rollout: bool = False):
-    """One optimizer step over ``batch`` in micro-batches (gradients accumulate); returns train/ metrics."""
+# ------------------------------------------------------------------------------ one update
+
+
+def scoring_dist(cfg: RLStageConfig, tokenizer, model) -> ScoringDist:
+    """The distribution the rollout engine samples from (temperature, banned ids, top-k/top-p)."""
+    from rollout.engine import banned_token_mask, model_vocab_size
+
+    s = cfg.rollout.sampling
+    return ScoringDist(s.temperature, s.top_k, s.top_p, banned_token_mask(tokenizer, model_vocab_size(model), s.ascii_only))
+
+
+def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=None, old_from_rollout: bool = False,
+                  dist: ScoringDist | None = None):
+    """One optimizer step over ``batch`` in micro-batches (gradients accumulate); returns train/ metrics.
+
+    Tokens are scored under ``dist``, the distribution the rollout sampled from. The rollout-mismatch
+    figures compare the batch's rollout log-probs with this update's log-probs *before* its optimizer
+    step: on the first update of a synchronous step that is engine vs trainer on the same weights."""
     loss_fn, kl_fn = get_policy_loss(cfg.algo.policy_loss), get_kl_estimator(cfg.algo.kl_estimator)
-    clip = ClipRange(cfg.algo.clip_eps_low, cfg.algo.clip_eps_high)
+    clip = ClipRange(cfg.algo.clip_eps_low, cfg.algo.clip_eps_high, cfg.algo.seq_clip_eps_low, cfg.algo.seq_clip_eps_high)
     agg = cfg.algo.loss_agg
-    n_tokens, n_seqs = float(batch.action_mask_bt.sum()), float(batch.num_rows)
+    n_tokens, n_seqs = batch.norm_tokens, batch.norm_seqs
+    batch_tokens = float(batch.action_mask_bt.sum())
     lengths = [int(m.nonzero().max()) + 1 if m.any() else 1 for m in batch.action_mask_bt]
     sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, mismatch=0.0, mismatch_max=0.0, ratio=0.0, route_diff=0.0, route_n=0.0)
     optimizer.zero_grad(set_to_none=True)
     for rows in micro_batches(lengths, cfg.train.micro_batch_tokens):
         mb = trim(batch.rows(rows))
-        mask_bt = mb.action_mask_bt
+        mask_bt, on_bt = mb.action_mask_bt, mb.action_mask_bt.bool()
         replay = mb.routing_btlk if cfg.algo.routing_replay else None
         out = model(mb.input_ids_bt, routing=replay, record_routing=mb.routing_btlk is not None and replay is None)
-        logp_bt = token_logprobs(out.logits, mb.target_ids_bt)
+        logp_bt, entropy_bt = policy_logprobs(out.logits, mb.target_ids_bt, mask_bt, dist, with_entropy=True)
         old_logp_bt = mb.rollout_logp_bt if old_from_rollout else logp_bt.detach()
-        loss_bt, clipped_bt = loss_fn(logp_bt, old_logp_bt, mb.adv_b, mask_bt, clip)
+        loss_bt, clipped_bt = loss_fn(logp_bt, old_logp_bt, mb.adv_bt, mask_bt, clip)
         loss = aggregate_loss(loss_bt, mask_bt, agg, n_tokens, n_seqs)
+        if cfg.algo.entropy_coef:
+            loss = loss - cfg.algo.entropy_coef * aggregate_loss(entropy_bt, mask_bt, agg, n_tokens, n_seqs)
         if ref_model is not None and cfg.algo.kl_beta > 0:
             with torch.no_grad():
-                ref_logp_bt = token_logprobs(ref_model(mb.input_ids_bt, routing=replay).logits, mb.target_ids_bt)
-            kl = aggregate_loss(kl_fn(logp_bt, ref_logp_bt), mask_bt, agg, n_tokens, n_seqs)
+                ref_logp_bt, _ = policy_logprobs(ref_model(mb.input_ids_bt, routing=replay).logits, mb.target_ids_bt, mask_bt, dist)
+            kl = aggregate_loss(kl_fn(logp_bt, ref_logp_bt, mask_bt), mask_bt, agg, n_tokens, n_seqs)
             loss = loss + cfg.algo.kl_beta * kl
             sums["kl"] += float(kl)
         loss.backward()
         with torch.no_grad():
+            on = lambda x: torch.where(on_bt, x, torch.zeros_like(x))  # noqa: E731
             sums["loss"] += float(loss)
             sums["clipped"] += float(clipped_bt.sum())
-            sums["entropy"] += float((token_entropy(out.logits) * mask_bt).sum())
-            sums["mismatch"] += float((kl_k3(mb.rollout_logp_bt, logp_bt) * mask_bt).sum())  # KL(rollout || trainer)
-            abs_diff = ((mb.rollout_logp_bt - logp_bt).abs() * mask_bt).max()
-            sums["mismatch_max"] = max(sums["mismatch_max"], float(abs_diff))
-            sums["ratio"] += float((torch.exp(logp_bt - old_logp_bt) * mask_bt).sum())
+            sums["entropy"] += float(on(entropy_bt).sum())
+            sums["mismatch"] += float(kl_k3(mb.rollout_logp_bt, logp_bt, mask_bt).sum())  # KL(rollout || trainer)
+            sums["mismatch_max"] = max(sums["mismatch_max"], float(on((mb.rollout_logp_bt - logp_bt).abs()).max()))
+            sums["ratio"] += float(on(torch.exp(on(logp_bt - old_logp_bt))).sum())
             if mb.routing_btlk is not None:
                 trainer_routing = out.routed_experts if replay is None else _natural_routing(model, mb)
                 diff, n = routing_mismatch(mb.routing_btlk, trainer_routing, mask_bt)
@@ -157,7 +263,7 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     optimizer.step()
-    per_tok = lambda x: x / max(n_tokens, 1)  # noqa: E731
+    per_tok = lambda x: x / max(batch_tokens, 1)  # noqa: E731
     stats = {"train/loss": sums["loss"], "train/clip_fraction": per_tok(sums["clipped"]), "train/entropy": per_tok(sums["entropy"]),
              "train/ratio_mean": per_tok(sums["ratio"]), "train/grad_norm": grad_norm,
              "train/rollout_mismatch_kl": per_tok(sums["mismatch"]),
@@ -222,7 +328,7 @@ def train(cfg: RLStageConfig) -> dict:
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.algo.kl_beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
                                   weight_decay=cfg.train.weight_decay)
-    start_step = 0
+    start_step, resumed_batch = 0, None
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         from model.hf import load_pretrained
 
@@ -230,6 +336,7 @@ def train(cfg: RLStageConfig) -> dict:
         state = load_trainer_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
+        resumed_batch = state.get("next_batch")
         log.info("resumed %s at step %d", ckpt, start_step)
     log.info("RL from %s: %s, %d x %d episodes per step, %d steps -> %s", source, cfg.envs,
              cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt, cfg.train.steps, run_dir)
@@ -239,6 +346,7 @@ def train(cfg: RLStageConfig) -> dict:
                             max_batch_episodes=cfg.rollout.episodes_per_step, env_timeout_s=cfg.rollout.env_timeout_s,
                             end_on_invalid_action=cfg.rollout.end_on_invalid_action, record_routing=cfg.algo.routing_replay)
     pool = make_pool(model, tokenizer, cfg.rollout.sampling, episode, cfg.rollout.pool, seed=cfg.run.seed)
+    dist = scoring_dist(cfg, tokenizer, model)
     pad_id = int(getattr(tokenizer, "pad_id", 0) or 0)
     is_async = cfg.algo.mode == "async"
     executor = ThreadPoolExecutor(max_workers=1) if is_async else None
@@ -247,48 +355,56 @@ def train(cfg: RLStageConfig) -> dict:
         if cfg.eval.at_start and start_step == 0:
             final_eval, eval_trajs = evaluate_policy(model, tokenizer, cfg)
             metrics.log(final_eval, step=0)
-            metrics.log_samples([_sample_row(t) for t in eval_trajs[:4]], step=0)
+            metrics.log_samples([sample_row(t) for t in eval_trajs[:4]], step=0)
 
-        def push_and_play(weights, version, play_step):  # policy version = updates applied so far
+        def push_and_play(weights, version, at_step):  # policy version = updates applied so far
             t0 = time.perf_counter()
             pool.push_weights(weights, version)
             t1 = time.perf_counter()
-            trajs = pool.run_groups(train_requests(cfg, play_step))
-            return trajs, t1 - t0, time.perf_counter() - t1
+            played, kept, stats = play_step(pool, cfg, at_step)
+            return played, kept, stats, t1 - t0, time.perf_counter() - t1
 
         snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731 (taken between updates)
-        pending = executor.submit(push_and_play, snapshot(), start_step, start_step) if is_async else None
+        pending = None
+        if is_async and start_step < cfg.train.steps:
+            # the batch of start_step is played by version start_step-1: kept in the checkpoint when resuming
+            pending = _done(_batch_from_state(resumed_batch)) if resumed_batch else \
+                executor.submit(push_and_play, snapshot(), start_step, start_step)
         for step in range(start_step, cfg.train.steps):
             t_step = time.perf_counter()
             if is_async:  # this batch was played by version step-1 (step 0: version 0) while step-1 trained
-                trajs, sync_s, rollout_s = pending.result()
+                played, kept, play_stats, sync_s, rollout_s = pending.result()
                 if step + 1 < cfg.train.steps:
                     pending = executor.submit(push_and_play, snapshot(), step, step + 1)
             else:
-                trajs, sync_s, rollout_s = push_and_play(snapshot(), step, step)
+                played, kept, play_stats, sync_s, rollout_s = push_and_play(snapshot(), step, step)
             t_train = time.perf_counter()
-            batch, batch_stats = make_batch(trajs, cfg, pad_id)
+            batch, batch_stats = make_batch(kept, cfg, pad_id)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            update_stats = {}
-            for _ in range(cfg.algo.updates_per_batch if batch is not None else 0):  # the last update's stats are logged
-                update_stats = policy_update(model, optimizer, batch, cfg, ref_model,
+            update_stats, mismatch = {}, {}
+            for u in range(cfg.algo.updates_per_batch if batch is not None else 0):
+                update_stats = policy_update(model, optimizer, batch, cfg, ref_model, dist=dist,
                                              old_from_rollout=is_async or cfg.algo.updates_per_batch > 1)
+                if u == 0:  # before any step on this batch: rollout vs trainer (sync: on the same weights)
+                    mismatch = {k: update_stats[k] for k in MISMATCH_KEYS}
             moe_stats = model.moe_balance_update(cfg.train.moe_bias_update_rate) if cfg.train.moe_bias_update_rate else {}
             train_s = time.perf_counter() - t_train
-            row = {**rollout_metrics(trajs, step), **batch_stats, **update_stats, **moe_stats,
+            row = {**rollout_metrics(played, step), **play_stats, **batch_stats, **update_stats, **mismatch, **moe_stats,
                    "train/lr": lr_at(step, cfg), "perf/rollout_s": rollout_s, "perf/train_s": train_s,
                    "perf/weight_sync_s": sync_s, "perf/step_s": time.perf_counter() - t_step,
-                   "perf/rollout_tokens_per_s": sum(t.num_tokens for t in trajs) / max(rollout_s, 1e-9),
-                   "perf/tokens_per_s": sum(t.num_tokens for t in trajs) / max(time.perf_counter() - t_step, 1e-9)}
+                   "perf/rollout_tokens_per_s": sum(t.num_tokens for t in played) / max(rollout_s, 1e-9),
+                   "perf/tokens_per_s": sum(t.num_tokens for t in played) / max(time.perf_counter() - t_step, 1e-9)}
             done = step + 1
             if (cfg.eval.every_steps and done % cfg.eval.every_steps == 0) or done == cfg.train.steps:
                 final_eval, _ = evaluate_policy(model, tokenizer, cfg)
                 row.update(final_eval)
             metrics.log(row, step=done)
-            metrics.log_samples([_sample_row(t) for t in trajs[:: max(1, len(trajs) // 4)]], step=done)
+            metrics.log_samples([sample_row(t) for t in played[:: max(1, len(played) // 4)]], step=done)
             if (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == cfg.train.steps:
-                save_rl_checkpoint(run_dir, done, model, tokenizer, optimizer, cfg.checkpoint.keep_last)
+                # async: the next batch (played by this step's starting version) goes into the checkpoint
+                next_batch = pending.result() if is_async and done < cfg.train.steps else None
+                save_rl_checkpoint(run_dir, done, model, tokenizer, optimizer, cfg.checkpoint.keep_last, next_batch)
     finally:
         if executor is not None:
             executor.shutdown(wait=True)
@@ -298,19 +414,48 @@ def train(cfg: RLStageConfig) -> dict:
     return {"run_dir": str(run_dir), "checkpoint": str(ckpt) if ckpt else "", "eval": final_eval}
 
 
+MISMATCH_KEYS = ("train/rollout_mismatch_kl", "train/rollout_logprob_diff_max")
+
+
+def _done(value):
+    """A finished future holding ``value``."""
+    from concurrent.futures import Future
+
+    future = Future()
+    future.set_result(value)
+    return future
+
+
+def _batch_state(result) -> dict:
+    played, kept, stats, sync_s, rollout_s = result
+    kept_ids = {id(t) for t in kept}
+    return {"played": [t.to_dict() for t in played], "kept": [i for i, t in enumerate(played) if id(t) in kept_ids],
+            "stats": stats, "sync_s": sync_s, "rollout_s": rollout_s}
+
+
+def _batch_from_state(state: dict):
+    from rollout.trajectory import Trajectory
+
+    played = [Trajectory.from_dict(d) for d in state["played"]]
+    return played, [played[i] for i in state["kept"]], state["stats"], state["sync_s"], state["rollout_s"]
+
+
 def lr_at(step: int, cfg: RLStageConfig) -> float:
     """Linear warmup over train.warmup_steps, then constant (set by hand each step: resume needs only the step)."""
     warmup = cfg.train.warmup_steps
     return cfg.train.lr * min(1.0, (step + 1) / warmup) if warmup else cfg.train.lr
 
 
-def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer, keep_last):
+def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer, keep_last, next_batch=None):
+    """step_N: the HF model folder, plus the optimizer, the step and (async) the already played next batch."""
     from model.hf import save_pretrained
 
     state = {"optimizer": optimizer.state_dict(), "step": step}
+    if next_batch is not None:
+        state["next_batch"] = _batch_state(next_batch)
     return save_checkpoint(run_dir, step, lambda d: save_pretrained(model, d, tokenizer), state, keep_last=keep_last)
 
 
-def _sample_row(t) -> dict:
+def sample_row(t) -> dict:
     return {"env_id": t.env_id, "seed": t.seed, "status": t.status, "return": t.episode_return, "success": t.success,
             "num_turns": t.num_turns, "messages": t.messages}

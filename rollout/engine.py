@@ -81,6 +81,15 @@ class _Prefix:
         self.cache, self.logits_1v, self.routing, self.episodes = cache, logits_1v, routing, deque(episodes)
 
 
+def _reward_components(info: dict, reward: float) -> dict[str, float]:
+    """The step's named reward parts from ``info["reward_components"]``; ``{"reward": r}`` when absent or unusable."""
+    parts = info.get("reward_components")
+    try:
+        return {str(k): float(v) for k, v in parts.items()} if isinstance(parts, dict) and parts else {"reward": reward}
+    except (TypeError, ValueError):
+        return {"reward": reward}
+
+
 def model_vocab_size(model) -> int:
     cfg = getattr(model, "config", None)
     return int(getattr(cfg, "vocab_size", 0) or getattr(model, "vocab_size"))
@@ -273,6 +282,8 @@ class Engine:
                     or self._hit_stop_string(traj.token_ids, ep.turn_start)):
                 return None
             self._append(traj, [self.end_id], action=False)  # forced close: same ids as render_chat
+            if n_turn >= cfg.max_turn_tokens:
+                traj.overlong_turns.append(traj.num_turns)
         action = self.tokenizer.decode(traj.token_ids[ep.turn_start:-1])
         traj.messages.append({"role": "assistant", "content": action})
         traj.num_turns += 1
@@ -296,6 +307,7 @@ class Engine:
             return True
         traj.step_rewards.append(float(reward))
         info = info or {}
+        traj.reward_components.append(_reward_components(info, float(reward)))
         invalid = bool(info.get("invalid_action", False))
         traj.num_invalid_actions += invalid
         if terminated or truncated:

@@ -7,6 +7,11 @@ what the training forward recomputes), ``sample_logprobs`` (under the distributi
 from: temperature / top-k / top-p; 0 elsewhere and 0 for greedy), ``policy_version`` (the weights
 version in use when the token was appended). ``routed_experts`` is ``[T][n_moe_layers][k]`` when the
 rollout recorded routing, else None.
+
+Per turn (one entry per env step): ``step_rewards`` (the env's reward), ``reward_components`` (the named
+parts of that reward, ``info["reward_components"]``, or ``{"reward": r}`` when the env gives none).
+``overlong_turns`` lists the turns whose action hit ``max_turn_tokens`` and was closed by force.
+The action tokens of turn k are the k-th run of consecutive ``is_action`` ones (``action_turn_index``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class Trajectory:
     policy_version: list[int] = field(default_factory=list)
     routed_experts: list[list[list[int]]] | None = None
     step_rewards: list[float] = field(default_factory=list)
+    reward_components: list[dict[str, float]] = field(default_factory=list)
+    overlong_turns: list[int] = field(default_factory=list)
     episode_return: float = 0.0
     success: bool = False
     num_turns: int = 0
@@ -60,6 +67,16 @@ class Trajectory:
     @property
     def num_action_tokens(self) -> int:
         return int(sum(self.is_action))
+
+    def action_turn_index(self) -> list[int]:
+        """Per token, the turn its action belongs to (0, 1, ...), -1 off the actions."""
+        out, turn, prev = [], -1, 0
+        for a in self.is_action:
+            if a and not prev:
+                turn += 1
+            out.append(turn if a else -1)
+            prev = a
+        return out
 
     def check(self) -> None:
         """Raise ValueError when the per-token arrays disagree in length."""

@@ -100,6 +100,7 @@ class RolloutWorker:
         self.model.to(self.device)
         if sampling.seed is not None:  # different streams per worker, reproducible per (seed, worker)
             sampling = SamplingConfig(**{**sampling.__dict__, "seed": sampling.seed + 1000 * index})
+        self.seed = sampling.seed
         self.name = f"w{index}@{_node_id()[:8]}"
         self.engine = Engine(self.model, (tokenizer_fn or default_tokenizer)(), sampling, episode,
                              worker_name=self.name)
@@ -128,6 +129,8 @@ class RolloutWorker:
             state_dict, version = pending
             self.model.load_state_dict({k: v.to(self.device) for k, v in state_dict.items()})
             self.engine.policy_version = version
+            if self.seed is not None:  # a stream per (seed, worker, version): a resumed run samples as the uninterrupted one
+                self.engine.generator.manual_seed(self.seed * 1_000_003 + version)
 
     def run(self, requests: list[GroupRequest]) -> list[Trajectory]:
         with self._lock:

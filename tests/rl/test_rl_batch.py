@@ -12,7 +12,7 @@ from rollout.trajectory import Trajectory
 
 def _traj(ids, action, group=0, ret=0.0, status="terminated", version=0, routed=None):
     return Trajectory(env_id="hybrid_rl/GuessNumber-v0", seed=0, group_id=group, status=status, token_ids=list(ids),
-                      is_action=list(action), logprobs=[-0.5 * a for a in action], sample_logprobs=[0.0] * len(ids),
+                      is_action=list(action), logprobs=[-0.4 * a for a in action], sample_logprobs=[-0.5 * a for a in action],
                       policy_version=[version] * len(ids), routed_experts=routed, episode_return=ret,
                       num_turns=1)
 
@@ -24,9 +24,17 @@ def test_collate_shifts_targets_and_masks_padding():
     assert batch.input_ids_bt.tolist() == [[1, 5, 6, 7], [1, 9, 0, 0]]
     assert batch.target_ids_bt.tolist() == [[5, 6, 7, 2], [9, 2, 0, 0]]
     assert batch.action_mask_bt.tolist() == [[0, 1, 1, 1], [1, 1, 0, 0]]
-    assert batch.rollout_logp_bt[0].tolist() == [0.0, -0.5, -0.5, -0.5]
-    assert batch.adv_b.tolist() == [1.0, -1.0]
+    assert batch.rollout_logp_bt[0].tolist() == [0.0, -0.5, -0.5, -0.5]  # the sampled distribution's, not the plain softmax's
+    assert batch.adv_bt.tolist() == [[0.0, 1.0, 1.0, 1.0], [-1.0, -1.0, 0.0, 0.0]]  # the episode's, on its action tokens
+    assert (batch.norm_tokens, batch.norm_seqs) == (5.0, 2.0)
     assert trim(batch.rows([1])).input_ids_bt.tolist() == [[1, 9]]  # columns after the last action dropped
+
+
+def test_collate_per_token_advantages():
+    a = _traj([1, 5, 6, 7, 2], [0, 1, 0, 1, 1])
+    batch = collate([a], [[0.0, 0.5, 0.0, -1.0, -1.0]], norm_tokens=30.0, norm_seqs=8.0)
+    assert batch.adv_bt.tolist() == [[0.5, 0.0, -1.0, -1.0]]
+    assert (batch.rows([0]).norm_tokens, trim(batch).norm_seqs) == (30.0, 8.0)  # the step's normalisers travel along
 
 
 def test_collate_routing():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -81,3 +82,46 @@ def test_async_mode_trains_on_batches_one_version_old(tmp_path, monkeypatch, cap
     capsys.readouterr()
     rows = [r for r in read_metrics(tmp_path / "runs" / "async") if "rollout/reward" in r]
     assert [r["train/staleness_max"] for r in rows] == [0.0, 1.0, 1.0]  # the first batch comes from version 0
+
+
+def test_logged_mismatch_is_engine_against_trainer_on_the_same_weights(tmp_path, monkeypatch, capsys):
+    # four updates per batch at T=0.7, top-p 0.9: the logged mismatch is the first update's (same weights as the
+    # rollout), not the last one's (three Adam steps later); tokens are scored under the sampled distribution
+    monkeypatch.chdir(tmp_path)
+    assert main(["rl", *SMOKE, "train.steps=2", "run.name=mm", "algo.updates_per_batch=4", "train.lr=1e-2",
+                 "rollout.sampling.temperature=0.7", "rollout.sampling.top_p=0.9", "eval.at_start=false",
+                 "algo.skip_zero_advantage=false", "algo.entropy_coef=0.01"]) == 0
+    capsys.readouterr()
+    rows = [r for r in read_metrics(tmp_path / "runs" / "mm") if "train/rollout_logprob_diff_max" in r]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["train/rollout_logprob_diff_max"] <= 1e-4 and abs(r["train/rollout_mismatch_kl"]) <= 1e-6, r
+        assert r["train/ratio_mean"] != 1.0  # the last update is off the rollout's weights: ratios moved
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_async_resume_continues_exactly(workers, tmp_path, monkeypatch, capsys):
+    # async: the batch of step k is played by version k-1; a resume at k must train on that batch, not replay it.
+    # With a Ray worker (the process's one local Ray, started by the pool if no test started it yet), the worker
+    # reseeds its sampler per policy version, so the resumed run samples what the uninterrupted one did.
+    from model.hf import load_pretrained
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    common = [*SMOKE, "algo.mode=async", "eval.at_start=false", "checkpoint.every_steps=1", "checkpoint.keep_last=0",
+              f"rollout.pool.num_workers={workers}", "rollout.pool.ray_num_cpus=2", "rollout.sampling.seed=5", "train.lr=1e-2",
+              "algo.entropy_coef=0.01"]  # every episode has a gradient: each step moves the weights
+    assert main(["rl", *common, "train.steps=3", "run.name=straight"]) == 0
+    assert main(["rl", *common, "train.steps=3", "run.name=stopped"]) == 0
+    for lost in ("step_2", "step_3"):  # the job died after writing step_1
+        shutil.rmtree(tmp_path / "runs" / "stopped" / lost)
+    assert main(["rl", *common, "train.steps=3", "run.name=stopped", "resume=true"]) == 0
+    capsys.readouterr()
+    a = load_pretrained(tmp_path / "runs" / "straight" / "step_3").state_dict()
+    b = load_pretrained(tmp_path / "runs" / "stopped" / "step_3").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    keys = ("rollout/reward", "rollout/turns", "train/loss", "train/staleness_max")
+    pick = lambda run: [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "runs" / run) if "rollout/reward" in r]  # noqa: E731
+    straight, resumed = pick("straight"), pick("stopped")
+    assert straight[1:] == resumed[-2:] and [r["train/staleness_max"] for r in resumed[-2:]] == [1.0, 1.0]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from rl.kl import KL_ESTIMATORS
 from rl.losses import (
-    AGGREGATIONS, NAIVE, POLICY_LOSSES, ClipRange, aggregate_loss, aggregate_loss_naive, get_policy_loss,
-    token_entropy, token_logprobs, token_logprobs_naive,
+    AGGREGATIONS, NAIVE, POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, aggregate_loss_naive, get_policy_loss,
+    policy_logprobs,
 )
+from rollout.sampling import naive_sampling_probs
 
 CLIP = ClipRange(low=0.2, high=0.28)
 
@@ -17,7 +21,8 @@ def _batch(seed=0, b=6, t=9):
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(b, t, generator=g, dtype=torch.float64) * 3
     old = logp + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64)  # ratios well past the clip range
-    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    adv = torch.randn(b, generator=g, dtype=torch.float64)[:, None].repeat(1, t)
+    adv[1::2] = torch.randn(b // 2, t, generator=g, dtype=torch.float64)  # per-turn credit: advantages vary along a row
     mask = (torch.rand(b, t, generator=g) > 0.3).double()
     mask[0] = 0  # a sequence with no action token
     return logp, old, adv, mask
@@ -49,10 +54,12 @@ def test_first_on_policy_step_has_ratio_one_and_reinforce_gradient(name):
     l2 = logp.clone().requires_grad_(True)
     loss, clipped = POLICY_LOSSES[name](l1, l1.detach(), adv, mask, CLIP)
     assert not clipped.any()
-    torch.testing.assert_close(loss, -adv[:, None] * mask)  # ratio exactly 1
+    expected = -adv * mask if name != "gspo" else -((adv * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None] * mask
+    torch.testing.assert_close(loss, expected)  # ratio exactly 1
     mode = "seq-mean-token-mean" if name == "gspo" else "token-mean"
     aggregate_loss(loss, mask, mode, float(mask.sum()), 6.0).backward()
-    ref, _ = POLICY_LOSSES["reinforce"](l2, l2.detach(), adv, mask, CLIP)
+    ref_adv = adv if name != "gspo" else ((adv * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(adv)
+    ref, _ = POLICY_LOSSES["reinforce"](l2, l2.detach(), ref_adv, mask, CLIP)
     aggregate_loss(ref, mask, mode, float(mask.sum()), 6.0).backward()
     torch.testing.assert_close(l1.grad, l2.grad)
 
@@ -76,7 +83,7 @@ def test_clip_higher_is_asymmetric():
     logp = torch.log(torch.tensor([[1.25, 0.75]], dtype=torch.float64))  # ratios 1.25 and 0.75 against old = 0
     old = torch.zeros(1, 2, dtype=torch.float64)
     mask = torch.ones(1, 2, dtype=torch.float64)
-    pos, neg = torch.tensor([1.0], dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64)
+    pos, neg = torch.ones(1, 2, dtype=torch.float64), -torch.ones(1, 2, dtype=torch.float64)
     _, clipped_sym = POLICY_LOSSES["grpo"](logp, old, pos, mask, CLIP)
     _, clipped_hi = POLICY_LOSSES["dapo"](logp, old, pos, mask, CLIP)
     assert clipped_sym.tolist() == [[True, False]]  # 1.25 > 1.2 clipped for a positive advantage
@@ -85,13 +92,60 @@ def test_clip_higher_is_asymmetric():
     assert clipped_neg.tolist() == [[False, True]]  # 0.75 < 0.8 clipped for a negative advantage
 
 
-def test_token_logprobs_and_entropy():
+def test_gspo_clips_the_sequence_ratio_with_its_own_range():
+    # a length-normalised ratio of 1.01 is far outside GSPO's 4e-4 range, though well inside the token range 0.28
+    logp = torch.full((1, 4), 0.01, dtype=torch.float64)
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.float64)
+    _, clipped = POLICY_LOSSES["gspo"](logp, old, torch.ones(1, 4, dtype=torch.float64), mask, CLIP)
+    assert clipped.all()
+    _, clipped_wide = POLICY_LOSSES["gspo"](logp, old, torch.ones(1, 4, dtype=torch.float64), mask,
+                                            ClipRange(0.2, 0.28, seq_low=0.2, seq_high=0.28))
+    assert not clipped_wide.any()
+
+
+@pytest.mark.parametrize("name", list(POLICY_LOSSES))
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_infinite_values_off_the_mask_leave_loss_and_gradient_finite(name, mode):
+    # off the mask a log-prob may be -inf (a token outside the top-p set): inf * 0 must never reach the loss
+    logp, old, adv, mask = _batch()
+    logp = logp.masked_fill(mask == 0, float("-inf"))
+    old = old.masked_fill(mask == 0, float("inf"))
+    l1 = logp.clone().requires_grad_(True)
+    loss_bt, _ = POLICY_LOSSES[name](l1, old, adv, mask, CLIP)
+    loss = aggregate_loss(loss_bt, mask, mode, float(mask.sum()), 6.0)
+    for kl in KL_ESTIMATORS.values():
+        loss = loss + aggregate_loss(kl(l1, old.clamp(max=0), mask), mask, mode, float(mask.sum()), 6.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(l1.grad).all()
+    assert (loss_bt[mask == 0] == 0).all()
+
+
+def test_policy_logprobs_score_the_distribution_the_engine_samples_from():
+    # temperature 0.7, top-p 0.9, top-k 6 and a banned id: the trainer's log-prob is the sampler's, token for token
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 5, 11, generator=g)
+    logits = torch.randn(2, 5, 11, generator=g) * 2
     targets = torch.randint(0, 11, (2, 5), generator=g)
-    torch.testing.assert_close(token_logprobs(logits, targets), token_logprobs_naive(logits, targets))
-    uniform = torch.zeros(1, 1, 11)
-    torch.testing.assert_close(token_entropy(uniform), torch.log(torch.tensor([[11.0]])))
+    banned = torch.zeros(11, dtype=torch.bool)
+    banned[3] = True
+    dist = ScoringDist(temperature=0.7, top_k=6, top_p=0.9, banned_v=banned)
+    mask = torch.ones(2, 5)
+    for b in range(2):
+        for t in range(5):  # make each target a token the sampler can draw
+            probs = naive_sampling_probs(logits[b, t].tolist(), 0.7, 6, 0.9, {3})
+            targets[b, t] = max(range(11), key=lambda i: (probs[i] > 0, -i * (b + t) % 7))
+    logp, entropy = policy_logprobs(logits, targets, mask, dist, with_entropy=True)
+    for b in range(2):
+        for t in range(5):
+            probs = naive_sampling_probs(logits[b, t].tolist(), 0.7, 6, 0.9, {3})
+            assert abs(float(logp[b, t]) - math.log(probs[int(targets[b, t])])) < 1e-5
+            ent = -sum(p * math.log(p) for p in probs if p > 0)
+            assert abs(float(entropy[b, t]) - ent) < 1e-5
+    # off the mask every value is finite, even where the target is outside the kept set
+    off, _ = policy_logprobs(logits, torch.full((2, 5), 3), torch.zeros(2, 5), dist)
+    assert torch.isfinite(off).all()
+    plain, _ = policy_logprobs(logits, targets, mask)  # no dist: the plain softmax
+    torch.testing.assert_close(plain, torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1))
 
 
 def test_unknown_names_suggest():

@@ -1,0 +1,155 @@
+"""Advantages as the loop builds them: shaping noise stays small, per-turn credit, step-size normalisers,
+dynamic sampling with refill, overlong penalty, env weights, and the config checks around them."""
+
+from __future__ import annotations
+
+import pytest
+
+from hybrid_rl.config import load_config
+from rl.advantages import ADVANTAGES
+from rl.config import RLStageConfig
+from rl.train import make_batch, play_step, token_advantages, turn_rewards
+from rollout.trajectory import Trajectory
+
+
+def _cfg(*overrides):
+    return load_config(RLStageConfig, None, ["rollout.max_episode_tokens=64", "train.micro_batch_tokens=256", *overrides])
+
+
+def _episode(group, rewards, success=None, tokens_per_turn=2, sample=0, env="hybrid_rl/FrozenLake-v1", overlong=()):
+    """A trajectory of len(rewards) turns: a 3-token prompt, then per turn its action tokens and a 2-token observation."""
+    ids, action = [1, 2, 3], [0, 0, 0]
+    for _ in rewards:
+        ids += [7] * tokens_per_turn + [4, 5]
+        action += [1] * tokens_per_turn + [0, 0]
+    n = len(ids)
+    return Trajectory(env_id=env, seed=group, group_id=group, sample_index=sample, status="terminated", token_ids=ids,
+                      is_action=action, logprobs=[0.0] * n, sample_logprobs=[0.0] * n, policy_version=[0] * n,
+                      step_rewards=list(rewards), episode_return=float(sum(rewards)),
+                      success=bool(success if success is not None else sum(rewards) > 0.5), num_turns=len(rewards),
+                      overlong_turns=list(overlong))
+
+
+def _fail(group, turns, sample):  # FrozenLake's per-turn cost, then a hole (or the turn limit)
+    return _episode(group, [-0.01] * turns, success=False, sample=sample)
+
+
+def _win(group, turns, sample):
+    return _episode(group, [-0.01] * (turns - 1) + [0.99], success=True, sample=sample)
+
+
+def _adv_by_episode(trajs, cfg):
+    adv, _ = token_advantages(trajs, cfg.algo)
+    return [max(a, key=abs) if any(a) else 0.0 for a in adv]
+
+
+@pytest.mark.parametrize("name", list(ADVANTAGES))
+def test_an_all_fail_group_of_different_lengths_gets_no_unit_sized_advantage(name):
+    # group 0: every episode fails, after 2..20 turns (returns -0.02..-0.20); group 1: half succeed
+    lengths = [2, 5, 9, 14, 20, 3, 11, 17]
+    trajs = [_fail(0, n, i) for i, n in enumerate(lengths)]
+    trajs += [_win(1, 6, i) if i % 2 else _fail(1, 6, i) for i in range(8)]
+    adv = _adv_by_episode(trajs, _cfg(f"algo.advantage={name}"))
+    assert max(abs(a) for a in adv[:8]) < 0.35, adv[:8]  # the shaping term keeps its small scale
+    assert min(abs(a) for a in adv[8:]) > 0.45, adv[8:]  # success against failure is what moves the policy
+    if name != "grpo":  # alone in its batch too: rloo and drgrpo never rescale
+        alone = _adv_by_episode(trajs[:8], _cfg(f"algo.advantage={name}"))
+        assert max(abs(a) for a in alone) < 0.2
+
+
+def test_turn_credit_separates_a_good_turn_from_a_fatal_one():
+    # 2-turn env: sample 0 earns +0.8 at turn 1 then falls (-1) at turn 2; the others earn nothing and survive
+    trajs = [_episode(0, [0.8, -1.0], sample=0), _episode(0, [0.0, 0.0], sample=1), _episode(0, [0.0, 0.0], sample=2)]
+    cfg = _cfg("algo.credit=turn", "algo.gamma=0.5")
+    adv, valid = token_advantages(trajs, cfg.algo)
+    turn_of = trajs[0].action_turn_index()
+    turn1 = {a for a, k in zip(adv[0], turn_of) if k == 0}
+    turn2 = {a for a, k in zip(adv[0], turn_of) if k == 1}
+    assert len(turn1) == len(turn2) == 1 and all(valid)
+    assert turn1.pop() > 0 > turn2.pop()  # G_1 = 0.8 - 0.5 * 1 = 0.3 > 0 = the others'; G_2 = -1 < 0
+    # episode credit gives every token of sample 0 the same (negative) advantage
+    ep_adv, _ = token_advantages(trajs, _cfg().algo)
+    assert len({a for a, k in zip(ep_adv[0], turn_of) if k >= 0}) == 1 and ep_adv[0][3] < 0
+
+
+def test_turn_credit_baseline_comes_from_the_other_samples_at_that_turn():
+    # reward-to-go (gamma 1): sample 0 turns (1, 1); sample 1 (0.5, 0.5, 0.5); sample 2 (1,)
+    trajs = [_episode(0, [0.0, 1.0], sample=0), _episode(0, [0.0, 0.0, 0.5], sample=1), _episode(0, [1.0], sample=2)]
+    adv, _ = token_advantages(trajs, _cfg("algo.credit=turn", "algo.advantage=rloo").algo)
+    by_turn = [{k: a for a, k in zip(adv[i], t.action_turn_index()) if k >= 0} for i, t in enumerate(trajs)]
+    assert by_turn[0] == {0: 1 - (0.5 + 1) / 2, 1: 1 - 0.5}  # turn 1: only sample 1 is the baseline
+    assert by_turn[1] == {0: 0.5 - 1, 1: 0.5 - 1, 2: 0.0}  # turn 2: no other sample reached it -> no baseline, 0
+    assert by_turn[2] == {0: 1 - (1 + 0.5) / 2}
+
+
+def test_overlong_turns_are_penalised_and_env_weights_scale_advantages():
+    t = _episode(0, [0.0, 1.0], overlong=[0])
+    assert turn_rewards(t, _cfg("algo.overlong_penalty=0.5").algo) == [-0.5, 1.0]
+    trajs = [_win(0, 3, 0), _fail(0, 3, 1)]
+    plain = _adv_by_episode(trajs, _cfg())
+    weighted = _adv_by_episode(trajs, _cfg("algo.env_weights={hybrid_rl/FrozenLake-v1: 0.5}", "envs=[hybrid_rl/FrozenLake-v1]"))
+    assert weighted == [0.5 * a for a in plain]
+
+
+def test_the_step_size_does_not_depend_on_how_many_groups_were_informative():
+    informative = [_win(0, 3, 0), _fail(0, 3, 1)]
+    constant = [_fail(g, 3, i) for g in range(1, 8) for i in range(2)]  # all-equal groups: advantage 0
+    alone, _ = make_batch(informative, _cfg(), pad_id=0)
+    among, stats = make_batch(informative + constant, _cfg(), pad_id=0)
+    assert among.num_rows == 2  # the advantage-0 episodes are skipped (compute) ...
+    assert among.norm_tokens == 8 * alone.norm_tokens  # ... but still count in the normaliser
+    assert stats["train/informative_episodes_frac"] == pytest.approx(2 / 16)
+    assert stats["train/adv_abs_mean"] == pytest.approx(1.0)  # over the trained tokens only
+
+
+class ScriptedPool:
+    """Plays every request with fixed outcomes: groups whose seed is divisible by 3 are informative."""
+
+    def __init__(self):
+        self.rounds = []
+
+    def run_groups(self, requests):
+        self.rounds.append([r.group_id for r in requests])
+        out = []
+        for r in requests:
+            for i in range(r.num_samples):
+                ok = r.seed % 3 == 0 and i == 0
+                out.append(_win(r.group_id, 2, i) if ok else _fail(r.group_id, 2, i))
+        return out
+
+
+def test_dynamic_sampling_refills_until_the_step_has_enough_informative_groups():
+    import envs
+
+    cfg = _cfg("algo.dynamic_sampling=true", "algo.max_refill_rounds=6", "rollout.prompts_per_step=4",
+               "rollout.samples_per_prompt=2", "envs=[hybrid_rl/FrozenLake-v1]")
+    pool = ScriptedPool()
+    played, kept, stats = play_step(pool, cfg, step=1)
+    assert len({t.group_id for t in kept}) == 4
+    assert all(t.seed % 3 == 0 for t in kept)
+    assert stats["rollout/groups_played"] == len({t.group_id for t in played}) == 4 * len(pool.rounds)
+    assert stats["rollout/groups_dropped"] == stats["rollout/groups_played"] - 4
+    assert stats["rollout/refill_rounds"] == len(pool.rounds) - 1 >= 1
+    ids = [g for r in pool.rounds for g in r]
+    assert len(ids) == len(set(ids))  # every round plays new groups
+    seeds = envs.seeds("hybrid_rl/FrozenLake-v1", "train", 200)
+    step0 = {t.seed for t in play_step(ScriptedPool(), cfg, step=0)[0]}
+    assert not step0 & {t.seed for t in played} and {t.seed for t in played} <= set(seeds)  # steps never share seeds
+    capped = _cfg("algo.dynamic_sampling=true", "algo.max_refill_rounds=0", "rollout.prompts_per_step=4",
+                  "rollout.samples_per_prompt=2", "envs=[hybrid_rl/FrozenLake-v1]")
+    _, kept_capped, stats_capped = play_step(ScriptedPool(), capped, step=1)
+    assert stats_capped["rollout/refill_rounds"] == 0 and len({t.group_id for t in kept_capped}) < 4
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("rollout.sampling.temperature=0", ["temperature", "> 0", "greedy"]),
+    ("algo.credit=turn algo.policy_loss=gspo", ["gspo", "credit=turn"]),
+    ("algo.env_weights={hybrid_rl/Taxi-v3:2.0}", ["env_weights", "Taxi"]),
+    ("algo.gamma=0", ["gamma", "(0, 1]"]),
+    ("algo.credit=step", ["algo.credit", "'turn'"]),
+])
+def test_bad_algo_settings_are_named(override, expected):
+    with pytest.raises(Exception) as err:
+        _cfg(*override.split())
+    for piece in expected:
+        assert piece in str(err.value), str(err.value)
