@@ -244,7 +244,7 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
                 ref_logp_bt, _ = policy_logprobs(ref_model(mb.input_ids_bt, routing=replay).logits, mb.target_ids_bt, mask_bt, dist)
             kl = aggregate_loss(kl_fn(logp_bt, ref_logp_bt, mask_bt), mask_bt, agg, n_tokens, n_seqs)
             loss = loss + cfg.algo.kl_beta * kl
-            sums["kl"] += float(kl)
+            sums["kl"] += float(kl.detach())
         loss.backward()
         with torch.no_grad():
             on = lambda x: torch.where(on_bt, x, torch.zeros_like(x))  # noqa: E731
