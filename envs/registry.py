@@ -30,6 +30,8 @@ __all__ = ["NAMESPACE", "ENTRY_POINT_GROUP", "BUILTINS", "UnknownEnvironmentErro
 NAMESPACE = "hybrid_rl"
 ENTRY_POINT_GROUP = "hybrid_rl.envs"
 EVAL_SEED_START = 1_000_000_000  # train seeds are 0, 1, ...; eval seeds start here, so they never meet
+VAL_SEED_START = 500_000_000  # validation seeds (for choosing a recipe without looking at the held-out eval seeds)
+SPLIT_START = {"train": 0, "val": VAL_SEED_START, "eval": EVAL_SEED_START}
 
 
 @dataclass(frozen=True)
@@ -160,15 +162,16 @@ def max_turns(env_id: str) -> int | None:
 
 
 def seeds(env_id: str, split: str, n: int) -> list[int]:
-    """``n`` seeds of ``split`` ("train" or "eval"); the two splits never share a seed.
+    """``n`` seeds of ``split`` ("train", "val" or "eval"); no two splits share a seed.
 
-    Train seeds count up from 0, eval seeds from ``EVAL_SEED_START``. The same seed gives the same
-    episode on every machine (every environment draws only from its seeded ``np_random``).
+    Train seeds count up from 0, validation seeds from ``VAL_SEED_START``, eval seeds from
+    ``EVAL_SEED_START``. Tune recipes on "val"; report on "eval". The same seed gives the same episode
+    on every machine (every environment draws only from its seeded ``np_random``).
     """
     resolve_id(env_id)  # an unknown id fails here, with suggestions, rather than in a worker later
-    if split not in ("train", "eval"):
-        raise ValueError(f"split={split!r}: expected 'train' or 'eval'.")
-    if not 0 <= n <= EVAL_SEED_START:
-        raise ValueError(f"n={n}: expected between 0 and {EVAL_SEED_START} seeds.")
-    start = 0 if split == "train" else EVAL_SEED_START
+    if split not in SPLIT_START:
+        raise ValueError(f"split={split!r}: expected one of {', '.join(map(repr, SPLIT_START))}.")
+    if not 0 <= n <= VAL_SEED_START:
+        raise ValueError(f"n={n}: expected between 0 and {VAL_SEED_START} seeds.")
+    start = SPLIT_START[split]
     return list(range(start, start + n))

@@ -15,7 +15,7 @@ NAMES = {"success_rate": "success", "return_mean": "return", "turns_mean": "turn
 
 
 def evaluate(model, tokenizer, env_ids, episodes_per_env: int, *, temperature: float = 0.0, max_new_tokens: int = 32,
-             max_episode_tokens: int = 2048, seed: int = 0) -> tuple[dict[str, float], list]:
+             max_episode_tokens: int = 2048, seed: int = 0, split: str = "eval") -> tuple[dict[str, float], list]:
     """(eval/success/<env>, eval/return/<env>, ... and the means over envs; the trajectories)."""
     import torch
 
@@ -26,7 +26,7 @@ def evaluate(model, tokenizer, env_ids, episodes_per_env: int, *, temperature: f
     sampling = SamplingConfig(temperature=temperature, seed=seed)
     episode = EpisodeConfig(max_turn_tokens=max_new_tokens, max_episode_tokens=max_episode_tokens, max_batch_episodes=64)
     with torch.no_grad():
-        result = play(model, tokenizer, list(env_ids), episodes=episodes_per_env, sampling=sampling, episode=episode)
+        result = play(model, tokenizer, list(env_ids), episodes=episodes_per_env, split=split, sampling=sampling, episode=episode)
     metrics = {}
     for env_id, stats in result.summary.items():
         suffix = "" if env_id == "all" else "/" + env_key(env_id)

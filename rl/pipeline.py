@@ -1,10 +1,12 @@
 """``hybrid-rl pipeline [config] [key=value ...]``: the whole recipe, end to end (``make quickstart``).
 
-    1. demonstrations: a NOISY expert (``demos.noise``) plays each env's train seeds; its conversations,
-       failed episodes included, are the SFT data, so SFT learns an imperfect policy
+    1. demonstrations: an imperfect teacher (``demos.teacher``: the env's heuristic, or its expert, with
+       ``demos.noise``) plays each env's train seeds; its conversations, failed episodes included, are the
+       SFT data, so SFT learns an imperfect policy that RL has to go past
     2. SFT (``sft.train.train``) from scratch on those demonstrations
     3. GRPO (``rl.train.train``) from the SFT checkpoint
-    4. eval of the SFT and the RL checkpoints on the same held-out seeds, greedy (``rl.evaluate``)
+    4. eval of the SFT and the RL checkpoints on the same held-out seeds, greedy (``rl.evaluate``), beside
+       the scripted baselines on those seeds: a random policy, the teacher, and the optimal expert
     5. a results table, printed and written to ``runs/<name>/results.{json,md}``
 
 Runs land in ``runs/<name>/{sft,rl,eval}``, one wandb group (``<name>``) for the three; each has its
@@ -20,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from hybrid_rl.cli import add_config_arguments, resolve_config
 from hybrid_rl.metrics import LoggingConfig, env_key
@@ -38,11 +41,18 @@ log = logging.getLogger("hybrid_rl.pipeline")
 
 @dataclass
 class DemoConfig:
-    noise: float = 0.4  # probability that the expert plays a random (legal-looking) action instead of its best
+    # who plays the demonstrations: the env's "heuristic" (plausible, systematically sub-optimal), its
+    # optimal "expert", or "random" (envs.POLICIES)
+    teacher: str = "heuristic"
+    noise: float = 0.0  # probability that the teacher plays a random (legal-looking) action instead of its own
     episodes_per_env: int = 300  # on each env's train seeds
     keep_failed: bool = True  # an imperfect teacher's failures are part of its demonstrations
 
     def __post_init__(self):
+        from envs.episode import POLICIES
+
+        if self.teacher not in POLICIES:
+            raise ValueError(f"teacher: got {self.teacher!r}, expected one of {', '.join(map(repr, POLICIES))}")
         if not 0.0 <= self.noise <= 1.0 or self.episodes_per_env < 1:
             raise ValueError(f"noise must be in [0, 1] and episodes_per_env >= 1, got {self.noise}, {self.episodes_per_env}")
 
@@ -69,6 +79,9 @@ class FinalEvalConfig:
     # 0 = greedy (each policy's single best guess); 1 = the policy as RL samples it (seeded, repeatable)
     temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
     max_new_tokens: int = 16
+    # the seeds both checkpoints play: "eval" (held out, for reporting) or "val" (for choosing a recipe
+    # without ever looking at the held-out seeds)
+    split: Literal["eval", "val"] = "eval"
 
     def __post_init__(self):
         if self.episodes_per_env < 1 or not self.temperatures or min(self.temperatures) < 0 or self.max_new_tokens < 1:
@@ -159,8 +172,8 @@ def pipeline(cfg: PipelineConfig) -> dict:
     t_eval = time.time()
     table = compare_checkpoints(cfg, stage_run("eval"), {"sft": sft_summary["checkpoint"], "rl": rl_result["checkpoint"]})
     results = {
-        "name": name, "envs": list(cfg.envs), "eval_seeds": f"envs.seeds(env, 'eval', {cfg.eval.episodes_per_env})",
-        "demos": demos, "results": table,
+        "name": name, "envs": list(cfg.envs), "eval_seeds": f"envs.seeds(env, '{cfg.eval.split}', {cfg.eval.episodes_per_env})",
+        "demos": demos, "results": table, "baselines": scripted_baselines(cfg),
         "time_s": {"sft": round(t_sft, 1), "rl": round(t_rl, 1), "eval": round(time.time() - t_eval, 1),
                    "total": round(time.time() - t0, 1)},
         "runs": {"sft": sft_summary["run_dir"], "rl": rl_result["run_dir"], "eval": str(base / "eval")},
@@ -172,8 +185,23 @@ def pipeline(cfg: PipelineConfig) -> dict:
     return results
 
 
+def scripted_baselines(cfg: PipelineConfig) -> dict:
+    """Held-out success and mean turns of the scripted policies on the eval seeds the checkpoints play:
+    {"random" | "teacher" | "expert": {env_key: {"success", "turns", "return"}}}."""
+    import envs
+
+    out: dict[str, dict] = {}
+    for who, policy, noise in (("random", "random", None), ("teacher", cfg.demos.teacher, cfg.demos.noise),
+                               ("expert", "expert", 0.0)):
+        for env_id in cfg.envs:
+            stats = envs.expert_stats(env_id, cfg.eval.episodes_per_env, split=cfg.eval.split, noise=noise, policy=policy)
+            out.setdefault(who, {})[env_key(env_id)] = {"success": stats["success_rate"], "turns": stats["mean_turns"],
+                                                        "return": stats["mean_return"]}
+    return out
+
+
 def write_demos(cfg: PipelineConfig, path: Path) -> dict:
-    """The noisy expert's conversations as SFT JSONL ({"messages": ...}); returns its success rate per env."""
+    """The teacher's conversations as SFT JSONL ({"messages": ...}); returns its success rate per env."""
     import envs
 
     stats = {}
@@ -181,7 +209,7 @@ def write_demos(cfg: PipelineConfig, path: Path) -> dict:
         for env_id in cfg.envs:
             wins = kept = 0
             for seed in envs.seeds(env_id, "train", cfg.demos.episodes_per_env):
-                episode = envs.expert_episode(env_id, seed, noise=cfg.demos.noise)
+                episode = envs.expert_episode(env_id, seed, noise=cfg.demos.noise, policy=cfg.demos.teacher)
                 messages = list(episode.messages)
                 while messages and messages[-1]["role"] != "assistant":  # nothing to learn after the last action
                     messages.pop()
@@ -189,8 +217,8 @@ def write_demos(cfg: PipelineConfig, path: Path) -> dict:
                 if messages and (episode.success or cfg.demos.keep_failed):
                     kept += 1
                     fh.write(json.dumps({"messages": messages, "env_id": env_id, "seed": seed}) + "\n")
-            stats[env_key(env_id)] = {"episodes": kept, "expert_success": wins / cfg.demos.episodes_per_env,
-                                      "noise": cfg.demos.noise}
+            stats[env_key(env_id)] = {"episodes": kept, "teacher": cfg.demos.teacher, "noise": cfg.demos.noise,
+                                      "teacher_success": wins / cfg.demos.episodes_per_env}
     return stats
 
 
@@ -211,7 +239,7 @@ def compare_checkpoints(cfg: PipelineConfig, run: RunConfig, checkpoints: dict[s
             model = load_pretrained(path).float()
             row = {}
             for temp in cfg.eval.temperatures:
-                metrics, trajectories = evaluate(model, ByteTokenizer(), cfg.envs, cfg.eval.episodes_per_env,
+                metrics, trajectories = evaluate(model, ByteTokenizer(), cfg.envs, cfg.eval.episodes_per_env, split=cfg.eval.split,
                                                  temperature=temp, max_new_tokens=cfg.eval.max_new_tokens)
                 table.setdefault(stage, {})[f"T={temp:g}"] = metrics
                 if temp == 0:  # greedy under the plain names; sampled success beside them
@@ -228,10 +256,23 @@ def compare_checkpoints(cfg: PipelineConfig, run: RunConfig, checkpoints: dict[s
     return table
 
 
+def success_se(p: float, n: int) -> float:
+    """Binomial standard error of a success rate p over n episodes."""
+    return (p * (1 - p) / max(n, 1)) ** 0.5
+
+
 def results_markdown(results: dict) -> str:
-    table = results["results"]
-    lines = [f"## {results['name']}: SFT vs RL on held-out seeds ({results['eval_seeds']})", "",
-             "| env | sampling | metric | SFT | RL | change |", "|---|---|---|---:|---:|---:|"]
+    table, base = results["results"], results.get("baselines", {})
+    n = int(results["eval_seeds"].rsplit(",", 1)[-1].strip(" )"))
+    lines = [f"## {results['name']}: held-out success ({results['eval_seeds']}), greedy, +- binomial standard error", "",
+             "| env | random | teacher | SFT | RL | expert |", "|---|---:|---:|---:|---:|---:|"]
+    for env_id in results["envs"]:
+        key = env_key(env_id)
+        cell = lambda p: f"{p:.2f} +- {success_se(p, n):.2f}"  # noqa: E731
+        scripted = {who: cell(base[who][key]["success"]) if who in base else "-" for who in ("random", "teacher", "expert")}
+        lines.append(f"| {key} | {scripted['random']} | {scripted['teacher']} | {cell(table['sft']['T=0'][f'eval/success/{key}'])} "
+                     f"| {cell(table['rl']['T=0'][f'eval/success/{key}'])} | {scripted['expert']} |")
+    lines += ["", "| env | sampling | metric | SFT | RL | change |", "|---|---|---|---:|---:|---:|"]
     for env_id in results["envs"]:
         for temp in table["sft"]:
             how = "greedy" if temp == "T=0" else temp

@@ -27,21 +27,35 @@ def render(base: Path) -> str:
     res = json.loads((base / "results.json").read_text())
     cfg = yaml.safe_load((base / "config.yaml").read_text())
     rl_rows = [r for r in read_metrics(Path(res["runs"]["rl"])) if "rollout/reward" in r]
-    demos = "; ".join(f"{env}: {d['episodes']} episodes, noise {d['noise']}, the noisy expert succeeds {d['expert_success']:.2f}"
+    demos = "; ".join(f"{env}: {d['episodes']} episodes of the {d.get('teacher', 'expert')} teacher with noise {d['noise']}, "
+                      f"which succeeds {d.get('teacher_success', d.get('expert_success', 0.0)):.2f} on them"
                       for env, d in res["demos"].items())
     algo, train, rollout = cfg["rl"]["algo"], cfg["rl"]["train"], cfg["rl"]["rollout"]
     lines = [
         f"`{base}` (`hybrid-rl pipeline`, configs/quickstart.yaml): a `{cfg['model'].get('preset') or 'custom'}` model; "
-        f"demonstrations from a noisy expert ({demos}); SFT {cfg['sft']['train']['max_steps']} steps; GRPO "
+        f"demonstrations from an imperfect teacher ({demos}); SFT {cfg['sft']['train']['max_steps']} steps; GRPO "
         f"{train['steps']} steps of {rollout['prompts_per_step']} prompts x {rollout['samples_per_prompt']} samples "
         f"({algo['advantage']} advantages, {algo['policy_loss']} loss, {algo['loss_agg']}, {algo['updates_per_batch']} "
         f"update(s) per batch, lr {train['lr']}, {algo['mode']} rollouts on {rollout['pool']['num_workers']} Ray worker(s)). "
         f"Eval: the SFT and the RL checkpoints on the same {cfg['eval']['episodes_per_env']} held-out seeds per env.",
         "",
-        "| env | sampling | SFT success | RL success | SFT return | RL return | SFT turns | RL turns |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    table = res["results"]
+    table, base_rows = res["results"], res.get("baselines", {})
+    n = int(cfg["eval"]["episodes_per_env"])
+    if base_rows:
+        from rl.pipeline import success_se
+
+        lines += ["Held-out greedy success, +- binomial standard error (the scripted policies play the same seeds):", "",
+                  "| env | random | teacher | SFT | RL | optimal expert |", "|---|---:|---:|---:|---:|---:|"]
+        cell = lambda p: f"{p:.2f} +- {success_se(p, n):.2f}"  # noqa: E731
+        for env_id in res["envs"]:
+            key = env_key(env_id)
+            lines.append(f"| {key} | {cell(base_rows['random'][key]['success'])} | {cell(base_rows['teacher'][key]['success'])} "
+                         f"| {cell(table['sft']['T=0'][f'eval/success/{key}'])} | {cell(table['rl']['T=0'][f'eval/success/{key}'])} "
+                         f"| {cell(base_rows['expert'][key]['success'])} |")
+        lines.append("")
+    lines += ["| env | sampling | SFT success | RL success | SFT return | RL return | SFT turns | RL turns |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for env_id in res["envs"]:
         key = env_key(env_id)
         for temp in table["sft"]:

@@ -51,9 +51,11 @@ def test_unknown_version_is_reported_by_gymnasium_too():
 
 def test_seeds_are_reproducible_and_train_eval_disjoint():
     train, eval_ = envs.seeds("GuessNumber-v0", "train", 500), envs.seeds("GuessNumber-v0", "eval", 500)
+    val = envs.seeds("GuessNumber-v0", "val", 500)
     assert len(train) == len(set(train)) == 500 and not set(train) & set(eval_)
+    assert not set(val) & (set(train) | set(eval_))
     assert train == envs.seeds("hybrid_rl/GuessNumber-v0", "train", 500)
-    with pytest.raises(ValueError, match="'train' or 'eval'"):
+    with pytest.raises(ValueError, match="'train', 'val', 'eval'"):
         envs.seeds("GuessNumber-v0", "test", 3)
     with pytest.raises(envs.UnknownEnvironmentError):
         envs.seeds("NoSuchEnv-v0", "train", 3)

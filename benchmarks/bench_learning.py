@@ -1,0 +1,109 @@
+"""Does RL learn? The pipeline recipe (configs/quickstart.yaml) on several environments and seeds.
+
+For each environment and seed, ``hybrid-rl pipeline`` runs with only ``envs`` and ``run.seed`` changed:
+a teacher's demonstrations, SFT, GRPO (evaluated on held-out seeds every ``--eval-every`` RL steps), then
+both checkpoints on the same held-out seeds. Beside them, on those seeds: a random policy, the teacher
+and the optimal expert. Per environment the JSON holds each seed's greedy success and mean turns for the
+five policies, the wall time, the held-out success against RL step, and the mean and standard error
+over seeds (and of the paired differences RL - SFT and RL - teacher).
+
+    hybrid-rl bench learning                     # 3 envs x 3 seeds, ~1 h on a 2-core CPU
+    hybrid-rl bench learning --envs hybrid_rl/FrozenLake-v1 --seeds 0
+    python -m benchmarks.plot_learning           # PNGs + the table in docs/RESULTS.md, from the JSON
+
+Output: one JSON line ``{"benchmark": "learning", ...}``, also saved to benchmarks/results/learning.json.
+Runs land in ``runs/learning/<env>-s<seed>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ENVS = ["hybrid_rl/FrozenLake-v1", "hybrid_rl/GuessNumber-v0?n=100", "hybrid_rl/KeyDoor-v0"]
+POLICIES = ("random", "teacher", "sft", "rl", "expert")
+
+
+def run_one(env_id: str, seed: int, args) -> dict:
+    """One pipeline run -> that run's figures (greedy success and turns of each policy, curve, wall time)."""
+    from hybrid_rl.config import load_config
+    from hybrid_rl.metrics import env_key, read_metrics
+    from rl.pipeline import PipelineConfig, pipeline
+
+    key = env_key(env_id)
+    name = f"learning/{key.replace('?', '-').replace('=', '')}-s{seed}"
+    overrides = [f"envs=[{env_id}]", f"run.seed={seed}", f"run.name={name}", "run.overwrite=true",
+                 f"eval.episodes_per_env={args.episodes}", f"rl.eval.every_steps={args.eval_every}",
+                 f"rl.eval.episodes_per_env={args.curve_episodes}", "rl.eval.at_start=true", *args.set]
+    cfg = load_config(PipelineConfig, args.config, overrides)
+    t0 = time.time()
+    res = pipeline(cfg)
+    wall = time.time() - t0
+    greedy = {stage: res["results"][stage]["T=0"] for stage in ("sft", "rl")}
+    out = {"env": env_id, "seed": seed, "episodes": args.episodes, "wall_s": round(wall, 1), "run": res["runs"]["rl"]}
+    for who in ("random", "teacher", "expert"):
+        out[who] = {"success": res["baselines"][who][key]["success"], "turns": res["baselines"][who][key]["turns"]}
+    for stage in ("sft", "rl"):
+        out[stage] = {"success": greedy[stage][f"eval/success/{key}"], "turns": greedy[stage][f"eval/turns/{key}"]}
+    out["curve"] = [[r["step"], r[f"eval/success/{key}"]] for r in read_metrics(Path(res["runs"]["rl"]))
+                    if f"eval/success/{key}" in r]
+    out["curve_episodes"] = args.curve_episodes
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean, std and standard error over seeds of each policy's success and turns, and of paired differences."""
+    def stats(xs):
+        mean = statistics.fmean(xs)
+        std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return {"mean": mean, "std": std, "se": std / len(xs) ** 0.5, "n": len(xs)}
+
+    out = {who: {m: stats([r[who][m] for r in runs]) for m in ("success", "turns")} for who in POLICIES}
+    for a, b in (("rl", "sft"), ("rl", "teacher")):
+        out[f"{a}_minus_{b}"] = stats([r[a]["success"] - r[b]["success"] for r in runs])
+    out["wall_s"] = stats([r["wall_s"] for r in runs])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.record import emit
+
+    parser = argparse.ArgumentParser(prog="hybrid-rl bench learning", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envs", nargs="+", default=DEFAULT_ENVS, help="env ids (arguments after ?, e.g. GuessNumber-v0?n=100)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="run seeds (run.seed)")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"), help="the pipeline recipe")
+    parser.add_argument("--episodes", type=int, default=100, help="held-out episodes per policy")
+    parser.add_argument("--eval-every", type=int, default=10, help="RL steps between held-out evals (the curve)")
+    parser.add_argument("--curve-episodes", type=int, default=50, help="held-out episodes per curve point")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more pipeline overrides (all envs)")
+    parser.add_argument("--json-out", default=str(ROOT / "benchmarks" / "results" / "learning.json"))
+    args = parser.parse_args(argv)
+
+    runs = []
+    for env_id in args.envs:
+        for seed in args.seeds:
+            runs.append(run_one(env_id, seed, args))
+            r = runs[-1]
+            print(f"{env_id} seed {seed}: " + ", ".join(f"{who} {r[who]['success']:.2f}" for who in POLICIES)
+                  + f" ({r['wall_s']:.0f} s)", file=sys.stderr)
+    result = {"benchmark": "learning", "config": Path(args.config).name, "overrides": args.set, "episodes": args.episodes,
+              "machine": f"{platform.machine()} {platform.system()}, {_cores()} CPU cores",
+              "envs": {env_id: {"runs": [r for r in runs if r["env"] == env_id],
+                                "summary": summarize([r for r in runs if r["env"] == env_id])} for env_id in args.envs}}
+    emit(result, Path(args.json_out) if args.json_out else None)
+    return 0
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Figures and the table of ``hybrid-rl bench learning``, from its JSON (never by hand).
+
+    python -m benchmarks.plot_learning [--json benchmarks/results/learning.json] [--doc docs/RESULTS.md]
+
+Writes ``docs/img/learning-<env>.png`` (held-out greedy success against RL step, mean +- std over seeds,
+with the teacher, the optimal expert and a random policy as horizontal lines) and replaces the block
+between ``<!-- learning:begin -->`` and ``<!-- learning:end -->`` in docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- learning:begin (written by python -m benchmarks.plot_learning) -->", "<!-- learning:end -->"
+NAMES = {"random": "random", "teacher": "teacher", "sft": "SFT", "rl": "RL", "expert": "optimal expert"}
+
+
+def slug(env_id: str) -> str:
+    from hybrid_rl.metrics import env_key
+
+    return env_key(env_id).replace("?", "-").replace("=", "").replace("&", "-")
+
+
+def plot_env(env_id: str, data: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    curves = [dict(map(tuple, r["curve"])) for r in data["runs"]]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    ys = np.array([[c[s] for s in steps] for c in curves])
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    if steps:
+        mean, std = ys.mean(0), ys.std(0)
+        ax.plot(steps, mean, "o-", color="C0", label=f"RL checkpoint (mean of {len(curves)} seeds)")
+        ax.fill_between(steps, mean - std, mean + std, color="C0", alpha=0.2, label="+- std over seeds")
+    summary = data["summary"]
+    for who, color, style in (("teacher", "C1", "--"), ("expert", "C2", ":"), ("random", "C7", "-.")):
+        ax.axhline(summary[who]["success"]["mean"], color=color, ls=style, label=f"{NAMES[who]} {summary[who]['success']['mean']:.2f}")
+    n = data["runs"][0].get("curve_episodes", "?") if data["runs"] else "?"
+    ax.set(xlabel="RL step (0 = the SFT checkpoint)", ylabel=f"held-out greedy success ({n} episodes)", ylim=(-0.02, 1.02),
+           title=env_id.replace("hybrid_rl/", ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def table(result: dict) -> list[str]:
+    """Markdown: per env, mean +- standard error over seeds of greedy success (and turns) per policy."""
+    lines = ["| env | seeds | " + " | ".join(NAMES[w] for w in NAMES) + " | RL - SFT | RL - teacher | wall per run |",
+             "|---|---:|" + "---:|" * (len(NAMES) + 3)]
+    for env_id, data in result["envs"].items():
+        s = data["summary"]
+        cells = [f"{s[w]['success']['mean']:.2f} +- {s[w]['success']['se']:.2f}" for w in NAMES]
+        diffs = [f"{s[d]['mean']:+.2f} +- {s[d]['se']:.2f}" for d in ("rl_minus_sft", "rl_minus_teacher")]
+        lines.append(f"| {env_id.replace('hybrid_rl/', '')} | {s['rl']['success']['n']} | " + " | ".join(cells + diffs)
+                     + f" | {s['wall_s']['mean']:.0f} s |")
+    lines += ["", "Mean turns (greedy, held out):", "",
+              "| env | " + " | ".join(NAMES[w] for w in NAMES) + " |", "|---|" + "---:|" * len(NAMES)]
+    for env_id, data in result["envs"].items():
+        s = data["summary"]
+        lines.append(f"| {env_id.replace('hybrid_rl/', '')} | " + " | ".join(f"{s[w]['turns']['mean']:.2f}" for w in NAMES) + " |")
+    return lines
+
+
+def render(result: dict, img_dir: Path, doc_dir: Path) -> str:
+    lines = [BEGIN, "", f"`hybrid-rl bench learning` ({result['config']}"
+             + (f", overrides {' '.join(result['overrides'])}" if result["overrides"] else "")
+             + f"; {result['machine']}): held-out greedy success on {result['episodes']} eval seeds per run, "
+             "mean +- standard error over the run seeds. Per-run figures are in benchmarks/results/learning.json.", ""]
+    lines += table(result)
+    lines.append("")
+    for env_id, data in result["envs"].items():
+        png = plot_env(env_id, data, img_dir / f"learning-{slug(env_id)}.png")
+        lines.append(f"![{env_id}]({png.relative_to(doc_dir).as_posix()})")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot_learning", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "learning.json"))
+    parser.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"))
+    args = parser.parse_args(argv)
+    from benchmarks.record import read_json_lines
+
+    result = [r for r in read_json_lines(Path(args.json)) if r.get("benchmark") == "learning"][-1]
+    doc = Path(args.doc)
+    block = render(result, doc.parent / "img", doc.parent)
+    text = doc.read_text() if doc.exists() else "# Results\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Learning across environments and seeds\n\n" + block + "\n"
+    doc.write_text(text)
+    print(f"wrote {doc}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
