@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ENVS = ["hybrid_rl/FrozenLake-v1", "hybrid_rl/GuessNumber-v0?n=100", "hybrid_rl/KeyDoor-v0"]
+DEFAULT_ENVS = ["hybrid_rl/FrozenLake-v1", "hybrid_rl/GuessNumber-v0(n=100)", "hybrid_rl/KeyDoor-v0"]
 POLICIES = ("random", "teacher", "sft", "rl", "expert")
 
 
@@ -33,10 +33,11 @@ def run_one(env_id: str, seed: int, args) -> dict:
     """One pipeline run -> that run's figures (greedy success and turns of each policy, curve, wall time)."""
     from hybrid_rl.config import load_config
     from hybrid_rl.metrics import env_key, read_metrics
+    from benchmarks.plot_learning import slug
     from rl.pipeline import PipelineConfig, pipeline
 
     key = env_key(env_id)
-    name = f"learning/{key.replace('?', '-').replace('=', '')}-s{seed}"
+    name = f"learning/{slug(env_id)}-s{seed}"
     overrides = [f"envs=[{env_id}]", f"run.seed={seed}", f"run.name={name}", "run.overwrite=true",
                  f"eval.episodes_per_env={args.episodes}", f"rl.eval.every_steps={args.eval_every}",
                  f"rl.eval.episodes_per_env={args.curve_episodes}", "rl.eval.at_start=true", *args.set]
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.record import emit
 
     parser = argparse.ArgumentParser(prog="hybrid-rl bench learning", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--envs", nargs="+", default=DEFAULT_ENVS, help="env ids (arguments after ?, e.g. GuessNumber-v0?n=100)")
+    parser.add_argument("--envs", nargs="+", default=DEFAULT_ENVS, help="env ids (arguments in parentheses, e.g. GuessNumber-v0(n=100))")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="run seeds (run.seed)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"), help="the pipeline recipe")
     parser.add_argument("--episodes", type=int, default=100, help="held-out episodes per policy")

@@ -22,7 +22,7 @@ NAMES = {"random": "random", "teacher": "teacher", "sft": "SFT", "rl": "RL", "ex
 def slug(env_id: str) -> str:
     from hybrid_rl.metrics import env_key
 
-    return env_key(env_id).replace("?", "-").replace("=", "").replace("&", "-")
+    return env_key(env_id).replace("(", "-").replace(")", "").replace("=", "").replace(";", "-")
 
 
 def plot_env(env_id: str, data: dict, out: Path) -> Path:

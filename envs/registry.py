@@ -8,10 +8,11 @@
   ``hybrid_rl/`` one when that exists, and an unknown id fails with gymnasium's did-you-mean plus
   the list of hybrid_rl environments.
 - ``max_episode_steps`` is the turn limit (gymnasium's ``TimeLimit`` truncates the episode).
-- An env id may carry constructor arguments after ``?``, as in a URL: ``hybrid_rl/GuessNumber-v0?n=100``
-  (values read as YAML scalars, several joined by ``&``). Such an id names one setting of an environment
-  everywhere a plain id goes (configs, seeds, metric names), so ``envs=[hybrid_rl/GuessNumber-v0?n=100]``
-  trains, evaluates and logs that setting with no other key.
+- An env id may carry constructor arguments in parentheses: ``hybrid_rl/GuessNumber-v0(n=100)``, several
+  separated by ``;`` (``(n=100;turn_penalty=0.01)``; values read as YAML scalars; no ``,`` so that the id
+  stays one item of a YAML list). Such an id names one setting of an environment everywhere a plain id
+  goes (configs, seeds, metric names): ``envs=[hybrid_rl/GuessNumber-v0(n=100)]`` trains, evaluates and
+  logs that setting with no other key.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ BUILTINS: tuple[Builtin, ...] = (
     Builtin("Calculator-v0", "envs.calculator:Calculator", 8),
     Builtin("Arithmetic-v0", "envs.calculator:Arithmetic", 1),
     Builtin("Mastermind-v0", "envs.mastermind:Mastermind", 10),
+    Builtin("Buttons-v0", "envs.buttons:Buttons", 16),
 )
 
 _plugin_ids: dict[str, list[str]] = {}  # entry-point name -> ids it registered
@@ -97,17 +99,21 @@ def env_ids() -> list[str]:
 
 
 def split_args(env_id: str) -> tuple[str, dict]:
-    """``"GuessNumber-v0?n=100&turn_penalty=0.01"`` -> ``("GuessNumber-v0", {"n": 100, "turn_penalty": 0.01})``."""
+    """``"GuessNumber-v0(n=100;turn_penalty=0.01)"`` -> ``("GuessNumber-v0", {"n": 100, "turn_penalty": 0.01})``."""
     import yaml
 
-    base, _, query = env_id.partition("?")
+    if "(" not in env_id:
+        return env_id, {}
+    base, _, args = env_id.partition("(")
+    hint = "write arguments as ID(key=value;key2=value2), e.g. hybrid_rl/GuessNumber-v0(n=100)"
+    if not args.endswith(")"):
+        raise ValueError(f"env id {env_id!r}: no closing ')'; {hint}")
     kwargs = {}
-    for part in filter(None, query.split("&")):
+    for part in filter(None, args[:-1].split(";")):
         key, eq, value = part.partition("=")
-        if not eq or not key.isidentifier():
-            raise ValueError(f"env id {env_id!r}: {part!r} is not key=value; write arguments as ID?key=value&key2=value2 "
-                             "(e.g. hybrid_rl/GuessNumber-v0?n=100)")
-        kwargs[key] = yaml.safe_load(value)
+        if not eq or not key.strip().isidentifier():
+            raise ValueError(f"env id {env_id!r}: {part!r} is not key=value; {hint}")
+        kwargs[key.strip()] = yaml.safe_load(value)
     return base, kwargs
 
 
@@ -115,7 +121,7 @@ def resolve_id(env_id: str) -> str:
     """``GuessNumber-v0`` -> ``hybrid_rl/GuessNumber-v0``; raises ``UnknownEnvironmentError`` if unknown.
 
     Like ``gymnasium.make``, ``module:id`` imports ``module`` first (for an env registered there).
-    Arguments after ``?`` are not part of the registered id (``make`` passes them on).
+    Arguments in parentheses are not part of the registered id (``make`` passes them on).
     """
     env_id, _ = split_args(env_id)
     if ":" in env_id:
@@ -141,7 +147,7 @@ def _unknown_message(gym_message: str) -> str:
 
 def make(env_id: str, **kwargs) -> gym.Env:
     """``gymnasium.make`` for text environments (``max_episode_steps=`` changes the turn limit); arguments
-    in the id (``ID?n=100``) come first, ``kwargs`` override them."""
+    in the id (``ID(n=100)``) come first, ``kwargs`` override them."""
     _, id_kwargs = split_args(env_id)
     return gym.make(resolve_id(env_id), **{**id_kwargs, **kwargs})
 

@@ -29,12 +29,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_envs(env_ids) -> None:
-    """Unknown env ids fail before any work, with gymnasium's did-you-mean."""
+    """Unknown env ids and malformed id arguments fail before any work, with gymnasium's did-you-mean."""
     import envs
     from hybrid_rl.config import ConfigError
 
     for env_id in env_ids:
         try:
             envs.resolve_id(env_id)
-        except envs.UnknownEnvironmentError as err:
+        except (envs.UnknownEnvironmentError, ValueError) as err:
             raise ConfigError(f"envs: {err}") from None

@@ -98,13 +98,13 @@ def test_plugins_register_through_the_entry_point_group_and_a_broken_one_only_wa
 
 
 def test_arguments_in_the_id_name_one_setting_everywhere():
-    env = envs.make("hybrid_rl/GuessNumber-v0?n=100&turn_penalty=0.05")
+    env = envs.make("hybrid_rl/GuessNumber-v0(n=100;turn_penalty=0.05)")
     obs, _ = env.reset(seed=1)
     assert obs == "Guess a number between 1 and 100." and env.unwrapped.turn_penalty == 0.05
-    assert envs.make("GuessNumber-v0?n=100", n=50).unwrapped.n == 50  # explicit kwargs win
-    assert envs.seeds("hybrid_rl/GuessNumber-v0?n=100", "eval", 3) == envs.seeds("hybrid_rl/GuessNumber-v0", "eval", 3)
+    assert envs.make("GuessNumber-v0(n=100)", n=50).unwrapped.n == 50  # explicit kwargs win
+    assert envs.seeds("hybrid_rl/GuessNumber-v0(n=100)", "eval", 3) == envs.seeds("hybrid_rl/GuessNumber-v0", "eval", 3)
     from hybrid_rl.metrics import env_key
 
-    assert env_key("hybrid_rl/GuessNumber-v0?n=100") == "GuessNumber-v0?n=100"
+    assert env_key("hybrid_rl/GuessNumber-v0(n=100)") == "GuessNumber-v0(n=100)"
     with pytest.raises(ValueError, match="key=value"):
-        envs.make("hybrid_rl/GuessNumber-v0?n")
+        envs.make("hybrid_rl/GuessNumber-v0(n)")

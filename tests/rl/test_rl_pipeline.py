@@ -22,6 +22,13 @@ def test_pipeline_config_errors_name_the_section(tmp_path, monkeypatch, capsys):
     assert "rl.algo" in capsys.readouterr().err
     assert main(["pipeline", "demos.noise=2"]) == 2
     assert "noise" in capsys.readouterr().err
+    assert main(["pipeline", "demos.teacher=heuristc"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher" in err and "'heuristic'" in err
+    assert main(["pipeline", "eval.split=test"]) == 2
+    assert "eval.split" in capsys.readouterr().err
+    assert main(["pipeline", "envs=[hybrid_rl/GuessNumber-v0(n)]"]) == 2
+    assert "key=value" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
@@ -38,6 +45,9 @@ def test_pipeline_end_to_end_slow(tmp_path, monkeypatch, capsys):
         for temp in ("T=0", "T=1"):
             assert 0.0 <= results["results"][stage][temp]["eval/success/GuessNumber-v0"] <= 1.0
     assert (base / "results.md").read_text().startswith("## pipe")
+    for who in ("random", "teacher", "expert"):  # the scripted policies on the same held-out seeds
+        assert 0.0 <= results["baselines"][who]["GuessNumber-v0"]["success"] <= 1.0
+    assert results["baselines"]["expert"]["GuessNumber-v0"]["success"] == 1.0
     assert results["checkpoints"]["rl"] == "runs/pipe/rl/step_2"
     demos = [json.loads(line) for line in (base / "demonstrations.jsonl").read_text().splitlines()]
     assert len(demos) == 16 and all(d["messages"][-1]["role"] == "assistant" for d in demos)
