@@ -7,6 +7,7 @@ from envs.checker import BAD_ACTIONS
 
 # An action each env can parse but must refuse by its rules, and the words its explanation contains.
 INVALID_MOVES = {
+    "hybrid_rl/Buttons-v0": ("-3", "no key"),
     "hybrid_rl/GuessNumber-v0": ("99", "out of range"),
     "hybrid_rl/FrozenLake-v1": ("jump", "left down right up"),
     "hybrid_rl/Taxi-v3": ("fly", "pickup"),
