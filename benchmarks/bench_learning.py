@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ENVS = ["hybrid_rl/FrozenLake-v1", "hybrid_rl/GuessNumber-v0(n=100)", "hybrid_rl/KeyDoor-v0"]
+DEFAULT_ENVS = ["hybrid_rl/FrozenLake-v1", "hybrid_rl/GuessNumber-v0(n=100)", "hybrid_rl/Buttons-v0"]
 POLICIES = ("random", "teacher", "sft", "rl", "expert")
 
 

@@ -1,25 +1,34 @@
 """The GRPO loop (``hybrid-rl rl``), flat, top to bottom. Each step:
 
-    push weights (versioned) -> play prompts_per_step groups of samples_per_prompt episodes
-    -> advantages per group -> one AdamW update over micro-batches -> MoE balance update -> log
+    push weights (versioned) -> play prompts_per_step groups of samples_per_prompt episodes (more rounds
+    with dynamic sampling) -> per-token advantages -> AdamW update(s) over micro-batches -> log
     -> eval on held-out seeds every eval.every_steps -> checkpoint (atomic, resumable)
 
 Departures from the GRPO paper (Shao et al. 2024), and why:
-- Episodes are multi-turn: the reward is the episode return, one advantage per episode broadcast over
-  all of its action tokens; observation tokens are context, never trained on.
+- Episodes are multi-turn. ``algo.credit: episode`` gives every action token its episode's advantage;
+  ``algo.credit: turn`` gives each turn's tokens the advantage of that turn's discounted reward-to-go
+  (rl/advantages.py: the baseline is the other samples' reward-to-go at the same turn index, which
+  keeps the gradient unbiased). Observation tokens are context, never trained on.
+- The default advantage is leave-one-out (rloo), not the paper's std-normalised one: per-turn costs make
+  an all-fail group's returns differ a little, and dividing by that small std turns length noise into
+  unit-sized advantages (rl/advantages.py keeps ``grpo``, with a batch-std floor).
+- Tokens are scored under the distribution the engine sampled from (temperature, banned ids, top-k,
+  top-p: ``rl.losses.ScoringDist``), so ratios and gradients are for the policy that acted.
 - One optimizer step per batch by default: a synchronous step is exactly on-policy, the ratio is 1 and
   the clipped loss reduces to REINFORCE with a group baseline (as in nanochat's chat_rl.py). The clip
   matters in async mode, where the batch is one version old, and with ``algo.updates_per_batch > 1``
   (GRPO's mu): the ratio is then taken against the rollout's own log-probs (importance correction,
-  clipped as in PPO; the engine computes them with the same model code, ``train/rollout_mismatch_kl``
-  shows how far they are from the trainer's).
+  clipped as in PPO).
 - No KL penalty by default (beta 0, as DAPO and Dr.GRPO); with ``algo.kl_beta > 0`` a frozen copy of
   the initial policy is the reference.
 - Failed episodes (env_error / timeout) are left out of group statistics and of the loss. Episodes with
-  advantage 0 (groups whose samples all scored the same) carry no policy gradient and are skipped in the
-  update when there is no KL term (``algo.skip_zero_advantage``): the normaliser counts only the trained
-  episodes (DAPO's dynamic sampling, without re-sampling).
+  advantage 0 carry no policy gradient and are skipped in the update when no KL or entropy term needs
+  them (``algo.skip_zero_advantage``), but they still count in the loss normaliser, so one informative
+  group out of eight moves the policy an eighth as far as eight would. ``algo.dynamic_sampling`` (DAPO)
+  plays new groups instead, until the step has ``prompts_per_step`` informative ones.
 - Token-mean loss aggregation by default (DAPO / Dr.GRPO); ``algo.loss_agg`` gives the others.
+- The MoE bias balancing is off during RL by default (``train.moe_bias_update_rate``): it would move the
+  policy outside the gradient, which no ratio accounts for.
 """
 
 from __future__ import annotations

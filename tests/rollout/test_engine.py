@@ -308,3 +308,22 @@ def test_an_env_step_with_the_wrong_arity_is_an_env_error(monkeypatch):
     _, trajs = play(make_model("toy"), groups(2, turns=2), episode=EpisodeConfig(max_turn_tokens=3, env_timeout_s=0))
     assert {t.status for t in trajs} == {"env_error"}
     assert all("ValueError" in t.error for t in trajs)
+
+
+def test_turns_closed_at_the_token_limit_and_reward_components_are_recorded_per_turn():
+    import envs
+
+    model = make_model("toy")
+    _, trajs = play(model, [GroupRequest("hybrid_rl/FrozenLake-v1", seed=s, group_id=s) for s in range(3)],
+                    episode=EpisodeConfig(max_turn_tokens=2, max_episode_tokens=600))
+    for t in trajs:
+        assert len(t.reward_components) == len(t.step_rewards) == t.num_turns
+        for parts, r in zip(t.reward_components, t.step_rewards):
+            assert abs(sum(parts.values()) - r) < 1e-9 and parts.keys() & {"turn", "invalid"}  # FrozenLake's named parts
+        # a turn is overlong when it filled its 2 tokens without the model ending it
+        turn_of = t.action_turn_index()
+        lengths = [turn_of.count(k) for k in range(t.num_turns)]
+        ended = [t.token_ids[max(i for i, k in enumerate(turn_of) if k == turn)] == TOK.end_id for turn in range(t.num_turns)]
+        assert t.overlong_turns == [k for k in range(t.num_turns) if lengths[k] == 2 and not ended[k]]
+    assert any(t.overlong_turns for t in trajs)
+    assert envs  # the built-ins are registered
