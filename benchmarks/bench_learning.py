@@ -18,6 +18,7 @@ Runs land in ``runs/learning/<env>-s<seed>/``.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -85,19 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", default=str(ROOT / "benchmarks" / "results" / "learning.json"))
     args = parser.parse_args(argv)
 
-    runs = []
+    runs, json_out = [], Path(args.json_out) if args.json_out else None
     for env_id in args.envs:
         for seed in args.seeds:
             runs.append(run_one(env_id, seed, args))
             r = runs[-1]
             print(f"{env_id} seed {seed}: " + ", ".join(f"{who} {r[who]['success']:.2f}" for who in POLICIES)
                   + f" ({r['wall_s']:.0f} s)", file=sys.stderr)
-    result = {"benchmark": "learning", "config": Path(args.config).name, "overrides": args.set, "episodes": args.episodes,
-              "machine": f"{platform.machine()} {platform.system()}, {_cores()} CPU cores",
-              "envs": {env_id: {"runs": [r for r in runs if r["env"] == env_id],
-                                "summary": summarize([r for r in runs if r["env"] == env_id])} for env_id in args.envs}}
-    emit(result, Path(args.json_out) if args.json_out else None)
+            if json_out:  # the runs so far, so an interrupted benchmark keeps what it measured
+                json_out.parent.mkdir(parents=True, exist_ok=True)
+                json_out.write_text(json.dumps(collect(runs, args)) + "\n")
+    emit(collect(runs, args), json_out)
     return 0
+
+
+def collect(runs: list[dict], args) -> dict:
+    envs_done = [e for e in args.envs if any(r["env"] == e for r in runs)]
+    return {"benchmark": "learning", "config": Path(args.config).name, "overrides": args.set, "episodes": args.episodes,
+            "machine": f"{platform.machine()} {platform.system()}, {_cores()} CPU cores",
+            "complete": len(runs) == len(args.envs) * len(args.seeds),
+            "envs": {env_id: {"runs": [r for r in runs if r["env"] == env_id],
+                              "summary": summarize([r for r in runs if r["env"] == env_id])} for env_id in envs_done}}
 
 
 def _cores() -> int:
