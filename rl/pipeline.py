@@ -5,7 +5,7 @@
        SFT data, so SFT learns an imperfect policy that RL has to go past
     2. SFT (``sft.train.train``) from scratch on those demonstrations
     3. GRPO (``rl.train.train``) from the SFT checkpoint
-    4. eval of the SFT and the RL checkpoints on the same held-out seeds, greedy (``rl.evaluate``), beside
+    4. eval of the SFT and the RL checkpoints on the same held-out seeds, greedy (``rollout.evaluate.evaluate_policy``), beside
        the scripted baselines on those seeds: a random policy, the teacher, and the optimal expert
     5. a results table, printed and written to ``runs/<name>/results.{json,md}``
 
@@ -78,14 +78,14 @@ class FinalEvalConfig:
     episodes_per_env: int = 100  # held-out eval seeds, the same for both checkpoints
     # 0 = greedy (each policy's single best guess); 1 = the policy as RL samples it (seeded, repeatable)
     temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    max_new_tokens: int = 16
+    max_turn_tokens: int = 16
     # the seeds both checkpoints play: "eval" (held out, for reporting) or "val" (for choosing a recipe
     # without ever looking at the held-out seeds)
     split: Literal["eval", "val"] = "eval"
 
     def __post_init__(self):
-        if self.episodes_per_env < 1 or not self.temperatures or min(self.temperatures) < 0 or self.max_new_tokens < 1:
-            raise ValueError(f"episodes_per_env >= 1, temperatures non-empty and >= 0, max_new_tokens >= 1 expected, got {self}")
+        if self.episodes_per_env < 1 or not self.temperatures or min(self.temperatures) < 0 or self.max_turn_tokens < 1:
+            raise ValueError(f"episodes_per_env >= 1, temperatures non-empty and >= 0, max_turn_tokens >= 1 expected, got {self}")
 
 
 @dataclass
@@ -228,7 +228,7 @@ def compare_checkpoints(cfg: PipelineConfig, run: RunConfig, checkpoints: dict[s
     from hybrid_rl.run import make_run_dir
     from model.hf import load_pretrained
     from model.tokenizer import ByteTokenizer
-    from rl.evaluate import evaluate
+    from rollout.evaluate import evaluate_policy, sample_row
 
     run_dir = make_run_dir(run, "eval", cfg)
     logger = MetricsLogger(cfg.logging, run_dir, run.name.replace("/", "-"), {"checkpoints": checkpoints},
@@ -239,17 +239,16 @@ def compare_checkpoints(cfg: PipelineConfig, run: RunConfig, checkpoints: dict[s
             model = load_pretrained(path).float()
             row = {}
             for temp in cfg.eval.temperatures:
-                metrics, trajectories = evaluate(model, ByteTokenizer(), cfg.envs, cfg.eval.episodes_per_env, split=cfg.eval.split,
-                                                 temperature=temp, max_new_tokens=cfg.eval.max_new_tokens)
+                metrics, trajectories = evaluate_policy(model, ByteTokenizer(), cfg.envs, cfg.eval.episodes_per_env,
+                                                        split=cfg.eval.split, temperature=temp,
+                                                        max_turn_tokens=cfg.eval.max_turn_tokens)
                 table.setdefault(stage, {})[f"T={temp:g}"] = metrics
                 if temp == 0:  # greedy under the plain names; sampled success beside them
                     row.update(metrics)
                 else:
                     row.update({k.replace("eval/success", f"eval/success_t{temp:g}", 1): v
                                 for k, v in metrics.items() if k.startswith("eval/success")})
-                logger.log_samples([{"stage": stage, "temperature": temp, "env_id": t.env_id, "seed": t.seed,
-                                     "status": t.status, "return": t.episode_return, "success": t.success,
-                                     "num_turns": t.num_turns, "messages": t.messages} for t in trajectories[:2]], step=i)
+                logger.log_samples([sample_row(t, stage=stage, temperature=temp) for t in trajectories[:2]], step=i)
             logger.log(row, step=i)  # step 0 = the SFT checkpoint, step 1 = the RL checkpoint
     finally:
         logger.close()

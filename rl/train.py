@@ -53,6 +53,8 @@ from rl.kl import get_kl_estimator, kl_k3
 from rl.losses import ClipRange, ScoringDist, aggregate_loss, get_policy_loss, policy_logprobs
 from rl.pool import make_pool
 from rl.routing import routing_mismatch
+from rollout.evaluate import evaluate_policy as evaluate_policy_on
+from rollout.evaluate import rollout_metrics, sample_row
 
 log = logging.getLogger("hybrid_rl.rl")
 
@@ -136,12 +138,8 @@ def _informative(group, cfg: RLStageConfig) -> bool:
 
 def evaluate_policy(model, tokenizer, cfg: RLStageConfig) -> tuple[dict[str, float], list]:
     """Episodes (greedy by default) on each env's held-out eval seeds, in this process: (eval/... metrics, trajectories)."""
-    from rl.evaluate import evaluate
-
-    metrics, trajectories = evaluate(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env, temperature=cfg.eval.temperature,
-                                     max_new_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
-    model.moe_balance_update(0.0)  # forget the expert loads counted while evaluating: balancing follows training
-    return metrics, trajectories
+    return evaluate_policy_on(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env, temperature=cfg.eval.temperature,
+                              max_turn_tokens=cfg.rollout.max_turn_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
 
 
 # ------------------------------------------------------------------------------ advantages
@@ -290,35 +288,10 @@ def _natural_routing(model, mb: Batch):
     return model(mb.input_ids_bt, record_routing=True).routed_experts
 
 
-def rollout_metrics(trajectories, version: int) -> dict[str, float]:
-    """rollout/ metrics of a step (per env and overall) and the batch's staleness, as in docs/METRICS.md."""
-    mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
-    out: dict[str, float] = {}
-    for env_id in sorted({t.env_id for t in trajectories}):
-        ts = [t for t in trajectories if t.env_id == env_id]
-        ok = [t for t in ts if not t.failed]
-        key = env_key(env_id)
-        out[f"rollout/reward/{key}"] = mean([t.episode_return for t in ok])
-        out[f"rollout/success/{key}"] = mean([float(t.success) for t in ok])
-        out[f"rollout/turns/{key}"] = mean([t.num_turns for t in ok])
-        out[f"rollout/invalid_actions/{key}"] = mean([t.num_invalid_actions for t in ok])
-        out[f"rollout/env_errors/{key}"] = mean([float(t.status == "env_error") for t in ts])
-        out[f"rollout/timeouts/{key}"] = mean([float(t.status == "timeout") for t in ts])
-    ok = [t for t in trajectories if not t.failed]
-    groups: dict[int, set[float]] = {}
-    for t in ok:
-        groups.setdefault(t.group_id, set()).add(t.episode_return)
-    versions = [v for t in trajectories for v, a in zip(t.policy_version, t.is_action) if a]
-    out.update({
-        "rollout/reward": mean([t.episode_return for t in ok]),
-        "rollout/success": mean([float(t.success) for t in ok]),
-        "rollout/turns": mean([t.num_turns for t in ok]),
-        "rollout/zero_std_groups": mean([float(len(r) == 1) for r in groups.values()]),
-        "rollout/tokens_per_episode": mean([t.num_action_tokens for t in trajectories]),
-        "train/staleness_mean": mean([version - v for v in versions]),
-        "train/staleness_max": float(max((version - v for v in versions), default=0)),
-    })
-    return out
+def staleness_metrics(trajectories, version: int) -> dict[str, float]:
+    """How many policy versions behind the trainer (``version``) the batch's action tokens were sampled."""
+    behind = [version - v for t in trajectories for v, a in zip(t.policy_version, t.is_action) if a]
+    return {"train/staleness_mean": sum(behind) / len(behind) if behind else 0.0, "train/staleness_max": float(max(behind, default=0))}
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -326,7 +299,6 @@ def rollout_metrics(trajectories, version: int) -> dict[str, float]:
 
 def train(cfg: RLStageConfig) -> dict:
     """Run the RL stage; returns {"run_dir", "checkpoint", "eval": {...}} of the final policy."""
-    from rollout.config import EpisodeConfig
 
     seed_everything(cfg.run.seed)
     if cfg.train.torch_threads:
@@ -351,9 +323,7 @@ def train(cfg: RLStageConfig) -> dict:
              cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt, cfg.train.steps, run_dir)
 
     metrics = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
-    episode = EpisodeConfig(max_turn_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens,
-                            max_batch_episodes=cfg.rollout.episodes_per_step, env_timeout_s=cfg.rollout.env_timeout_s,
-                            end_on_invalid_action=cfg.rollout.end_on_invalid_action, record_routing=cfg.algo.routing_replay)
+    episode = cfg.rollout.episode_config(record_routing=cfg.algo.routing_replay)
     pool = make_pool(model, tokenizer, cfg.rollout.sampling, episode, cfg.rollout.pool, seed=cfg.run.seed)
     dist = scoring_dist(cfg, tokenizer, model)
     pad_id = int(getattr(tokenizer, "pad_id", 0) or 0)
@@ -399,7 +369,7 @@ def train(cfg: RLStageConfig) -> dict:
                     mismatch = {k: update_stats[k] for k in MISMATCH_KEYS}
             moe_stats = model.moe_balance_update(cfg.train.moe_bias_update_rate) if cfg.train.moe_bias_update_rate else {}
             train_s = time.perf_counter() - t_train
-            row = {**rollout_metrics(played, step), **play_stats, **batch_stats, **update_stats, **mismatch, **moe_stats,
+            row = {**rollout_metrics(played), **staleness_metrics(played, step), **play_stats, **batch_stats, **update_stats, **mismatch, **moe_stats,
                    "train/lr": lr_at(step, cfg), "perf/rollout_s": rollout_s, "perf/train_s": train_s,
                    "perf/weight_sync_s": sync_s, "perf/step_s": time.perf_counter() - t_step,
                    "perf/rollout_tokens_per_s": sum(t.num_tokens for t in played) / max(rollout_s, 1e-9),
@@ -465,6 +435,3 @@ def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer, keep_last, ne
     return save_checkpoint(run_dir, step, lambda d: save_pretrained(model, d, tokenizer), state, keep_last=keep_last)
 
 
-def sample_row(t) -> dict:
-    return {"env_id": t.env_id, "seed": t.seed, "status": t.status, "return": t.episode_return, "success": t.success,
-            "num_turns": t.num_turns, "messages": t.messages}
