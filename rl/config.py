@@ -88,7 +88,6 @@ class AlgoConfig:
     routing_replay: bool = False  # train on the experts the rollout picked (R3), recorded per token
     updates_per_batch: int = 1  # optimizer steps on each rollout batch (GRPO's mu); > 1 takes ratios vs the rollout's log-probs
     mode: Literal["sync", "async"] = "sync"  # async: rollouts of step k+1 run while step k trains
-    max_staleness: int = 1  # async only: batches are at most this many policy versions old
 
     def __post_init__(self):
         _check_choice("advantage", self.advantage, ADVANTAGES)
@@ -113,8 +112,6 @@ class AlgoConfig:
             raise ValueError(f"max_refill_rounds must be >= 0, got {self.max_refill_rounds}")
         if self.updates_per_batch < 1:
             raise ValueError(f"updates_per_batch must be >= 1, got {self.updates_per_batch}")
-        if self.max_staleness != 1:
-            raise ValueError(f"max_staleness must be 1 (one batch in flight while one trains), got {self.max_staleness}")
 
 
 @dataclass

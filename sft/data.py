@@ -21,7 +21,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 from hybrid_rl.metrics import env_key
 from model.tokenizer import ROLES
@@ -239,6 +239,3 @@ def load_samples(data_cfg, tokenizer, demos_path: Path | None = None) -> tuple[l
         raise DataError(f"no usable training samples (skipped: {dict(report.skipped) or 'none'}); check data.* in the config")
     return samples, report
 
-
-def trained_token_count(samples: Sequence[Sample]) -> int:
-    return sum(s.num_trained_tokens for s in samples)
