@@ -52,7 +52,7 @@ def bench_ours(steps: int, threads: int) -> list[float]:
     from model import HybridConfig, HybridLM
     from model.tokenizer import ByteTokenizer
     from rl.config import RLStageConfig
-    from rl.pool import LocalPool
+    from rollout.pool import LocalPool
     from rl.train import make_batch, policy_update, train_requests
     from rollout.config import EpisodeConfig
 

@@ -35,7 +35,7 @@ def run_one(env_id: str, seed: int, args) -> dict:
     from hybrid_rl.config import load_config
     from hybrid_rl.metrics import env_key, read_metrics
     from benchmarks.plot_learning import slug
-    from rl.pipeline import PipelineConfig, pipeline
+    from pipeline.recipe import PipelineConfig, pipeline
 
     key = env_key(env_id)
     name = f"learning/{slug(env_id)}-s{seed}"

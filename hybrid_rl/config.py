@@ -16,6 +16,8 @@ override them. The resolved config (preset values written out) round-trips throu
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import difflib
 import types
@@ -292,3 +294,34 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     tmp.write_text(dump_yaml(cfg))
     tmp.replace(path)
     return path
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the recipes add_config_arguments defaults to
+
+
+# ------------------------------------------------------------------ a stage command's config arguments
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    """``[config.yaml] [key=value ...] [--print-config]`` for a stage command."""
+    default_note = f" (default: configs/{default_config})" if default_config else ""
+    parser.add_argument("config", nargs="?", help=f"YAML recipe{default_note}")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 model.hidden_size=64 tags=[a,b]")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.set_defaults(default_config=default_config)
+
+
+def resolve_config(cls: type, args: argparse.Namespace) -> Any | None:
+    """Load ``cls`` from the command's config file and overrides; prints it and returns None with --print-config."""
+    overrides = list(args.overrides or [])
+    path = args.config
+    if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):
+        overrides.insert(0, path)  # `hybrid-rl sft key=value` with no file
+        path = None
+    if path is None and args.default_config:
+        path = CONFIG_DIR / args.default_config
+    cfg = load_config(cls, path, overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return None
+    return cfg

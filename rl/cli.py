@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from hybrid_rl.cli import add_config_arguments, resolve_config
+from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.log import setup_logging
 
 
@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     setup_logging(cfg.run.log_level, cfg.run.quiet)
-    _check_envs(cfg.envs)
+    check_env_ids(cfg.envs)
     from rl.train import train
 
     result = train(cfg)
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_envs(env_ids) -> None:
+def check_env_ids(env_ids) -> None:
     """Unknown env ids and malformed id arguments fail before any work, with gymnasium's did-you-mean."""
     import envs
     from hybrid_rl.config import ConfigError

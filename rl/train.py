@@ -51,10 +51,10 @@ from rl.batch import Batch, collate, micro_batches, trim
 from rl.config import RLStageConfig
 from rl.kl import get_kl_estimator, kl_k3
 from rl.losses import ClipRange, ScoringDist, aggregate_loss, get_policy_loss, policy_logprobs
-from rl.pool import make_pool
 from rl.routing import routing_mismatch
 from rollout.evaluate import evaluate_policy as evaluate_policy_on
 from rollout.evaluate import rollout_metrics, sample_row
+from rollout.pool import make_pool
 
 log = logging.getLogger("hybrid_rl.rl")
 

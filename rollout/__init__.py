@@ -1,7 +1,8 @@
 """Rollout: the generation engine over model/, multi-turn episodes, trajectories, Ray workers.
 
 ``import rollout`` does not import Ray: ``Engine``, ``evaluate`` and ``logprob_mismatch`` run in-process
-(the SFT loop evaluates with them); ``RolloutPool`` / ``RolloutWorker`` load Ray on first use.
+(the SFT loop evaluates with them); ``RolloutPool`` / ``RolloutWorker`` (rollout/pool.py, rollout/worker.py)
+load Ray on first use.
 """
 
 from rollout.config import EpisodeConfig, EvalConfig, PoolConfig, SamplingConfig
@@ -14,15 +15,19 @@ __all__ = [
     "Trajectory", "STATUSES", "read_jsonl", "write_jsonl", "Engine", "GroupRequest", "SamplingConfig",
     "EpisodeConfig", "PoolConfig", "EvalConfig", "evaluate", "EvalResult", "summarize", "format_table",
     "logprob_mismatch", "training_logprobs", "RolloutPool", "RolloutWorker", "RolloutTimeoutError",
-    "RolloutWorkerError", "CheckpointModel", "PresetModel",
+    "RolloutWorkerError", "CheckpointModel", "ConfigModel", "LocalPool", "make_pool",
 ]
 
-_RAY_NAMES = {"RolloutPool", "RolloutWorker", "RolloutTimeoutError", "RolloutWorkerError", "CheckpointModel", "PresetModel"}
+_POOL_NAMES = {"RolloutPool", "RolloutTimeoutError", "RolloutWorkerError", "CheckpointModel", "ConfigModel", "LocalPool", "make_pool"}
 
 
 def __getattr__(name):
-    if name in _RAY_NAMES:
+    if name in _POOL_NAMES:
+        from rollout import pool
+
+        return getattr(pool, name)
+    if name == "RolloutWorker":
         from rollout import worker
 
-        return getattr(worker, name)
+        return worker.RolloutWorker
     raise AttributeError(f"module 'rollout' has no attribute {name!r}")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid_rl.cli import add_config_arguments, resolve_config
+from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.config import ConfigError, to_dict
 from hybrid_rl.log import setup_logging
 from hybrid_rl.run import make_run_dir, seed_everything
@@ -110,12 +110,12 @@ def evaluate_checkpoint(cfg: EvalConfig):
     from rollout.evaluate import eval_requests, evaluate
 
     if cfg.pool.num_workers == 0:
-        from rollout.worker import CheckpointModel
+        from rollout.pool import CheckpointModel
 
         model = CheckpointModel(cfg.eval.checkpoint)()
         return evaluate(model, CheckpointTokenizer(cfg.eval.checkpoint)(), cfg.eval.envs, episodes=cfg.eval.episodes,
                         split=cfg.eval.seed_split, sampling=cfg.sampling, episode=cfg.episode)
-    from rollout.worker import CheckpointModel, RolloutPool
+    from rollout.pool import CheckpointModel, RolloutPool
 
     requests = eval_requests(cfg.eval.envs, None, cfg.eval.episodes, cfg.eval.seed_split)
     with RolloutPool(CheckpointModel(cfg.eval.checkpoint), cfg.pool, cfg.sampling, cfg.episode,

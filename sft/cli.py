@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hybrid_rl.cli import add_config_arguments, resolve_config
+from hybrid_rl.config import add_config_arguments, resolve_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

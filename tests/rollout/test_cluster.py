@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
     from rollout.engine import GroupRequest
     from rollout.testing import FIXED_TURNS_ID, ToyModel
-    from rollout.worker import RolloutPool
+    from rollout.pool import RolloutPool
 
     node = dict(num_cpus=1, object_store_memory=80 * 1024 ** 2)
     cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))

@@ -21,7 +21,7 @@ def toy(seed):
 
 @pytest.fixture(scope="module")
 def pool(ray_session):
-    from rollout.worker import RolloutPool
+    from rollout.pool import RolloutPool
 
     cfg = PoolConfig(num_workers=2, num_cpus_per_worker=0.5, torch_threads=1, task_timeout_s=120)
     p = RolloutPool(ToyModel(TOK.vocab_size, seed=0), cfg, SamplingConfig(seed=0, ascii_only=True),
@@ -120,7 +120,7 @@ def test_pool_evaluate_summarises(pool):
 
 @HANG_GUARD
 def test_a_stalled_worker_raises_a_clear_timeout_then_the_pool_recovers(pool):
-    from rollout.worker import RolloutTimeoutError
+    from rollout.pool import RolloutTimeoutError
 
     old = pool.cfg.task_timeout_s
     pool.cfg.task_timeout_s = 4.0
@@ -135,7 +135,7 @@ def test_a_stalled_worker_raises_a_clear_timeout_then_the_pool_recovers(pool):
 
 
 def test_unplaceable_workers_fail_at_once_with_the_fix():
-    from rollout.worker import check_resources
+    from rollout.pool import check_resources
 
     with pytest.raises(ValueError, match="num_cpus_per_worker"):
         check_resources(PoolConfig(num_workers=4, num_cpus_per_worker=1), {"CPU": 2.0})

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from hybrid_rl.cli import add_config_arguments, resolve_config
+from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.metrics import LoggingConfig, env_key
 from hybrid_rl.run import RunConfig
 from model.config import HybridConfig
@@ -113,13 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hybrid_rl.log import setup_logging
-    from rl.cli import _check_envs
+    from rl.cli import check_env_ids
 
     cfg = resolve_config(PipelineConfig, args)
     if cfg is None:
         return 0
     setup_logging(cfg.run.log_level, cfg.run.quiet)
-    _check_envs(cfg.envs)
+    check_env_ids(cfg.envs)
     from sft.data import DataError
 
     try:
