@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.record import emit
-from model.tokenizer import ByteTokenizer
-from rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
-from rollout.engine import Engine, GroupRequest
-from rollout.testing import FIXED_TURNS_ID
+from hybrid_rl.benchmarks.record import emit
+from hybrid_rl.model.tokenizer import ByteTokenizer
+from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
+from hybrid_rl.rollout.engine import Engine, GroupRequest
+from hybrid_rl.rollout.testing import FIXED_TURNS_ID
 
 
 def build_model(preset: str, seed: int = 0):
-    from model import HybridConfig, HybridLM
+    from hybrid_rl.model import HybridConfig, HybridLM
 
     torch.manual_seed(seed)
     return HybridLM(HybridConfig.from_preset(preset)).float().eval()
@@ -93,7 +93,7 @@ def measure_ray(model, args) -> dict:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    from rollout.pool import ConfigModel, RolloutPool
+    from hybrid_rl.rollout.pool import ConfigModel, RolloutPool
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 ** 2)

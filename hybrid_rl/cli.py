@@ -17,13 +17,13 @@ from hybrid_rl.config import ConfigError
 
 # command -> (module, one-line help). Order is the order of the help text.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pipeline": ("pipeline.recipe", "SFT then GRPO then eval, end to end (the quickstart)"),
-    "sft": ("sft.cli", "supervised fine-tuning on expert demonstrations or chat data"),
-    "rl": ("rl.cli", "GRPO-style RL on the environment registry"),
-    "eval": ("rollout.cli", "evaluate a checkpoint on environment seeds with the rollout workers"),
-    "envs": ("envs.cli", "list and check the registered text environments"),
-    "convert": ("model.cli", "convert checkpoints between HF NemotronH and hybrid-rl"),
-    "bench": ("benchmarks.cli", "benchmarks against transformers / TRL (JSON output)"),
+    "pipeline": ("hybrid_rl.pipeline.recipe", "SFT then GRPO then eval, end to end (the quickstart)"),
+    "sft": ("hybrid_rl.sft.cli", "supervised fine-tuning on expert demonstrations or chat data"),
+    "rl": ("hybrid_rl.rl.cli", "GRPO-style RL on the environment registry"),
+    "eval": ("hybrid_rl.rollout.cli", "evaluate a checkpoint on environment seeds with the rollout workers"),
+    "envs": ("hybrid_rl.envs.cli", "list and check the registered text environments"),
+    "convert": ("hybrid_rl.model.cli", "convert checkpoints between HF NemotronH and hybrid-rl"),
+    "bench": ("hybrid_rl.benchmarks.cli", "benchmarks against transformers / TRL (JSON output)"),
     "report": ("hybrid_rl.report", "build report.html for one run, or compare several"),
 }
 
@@ -34,8 +34,8 @@ def available_commands() -> dict[str, tuple[str, str]]:
 
 
 def _module_exists(dotted: str) -> bool:
-    package, _, module = dotted.partition(".")
-    spec = importlib.util.find_spec(package)  # a top-level lookup imports nothing
+    package, _, module = dotted.rpartition(".")
+    spec = importlib.util.find_spec(package)  # imports only the parents of `package` (here: hybrid_rl)
     if spec is None or not spec.submodule_search_locations:
         return False
     return any((Path(loc) / f"{module}.py").is_file() or (Path(loc) / module / "__init__.py").is_file()

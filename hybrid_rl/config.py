@@ -1,6 +1,6 @@
 """Typed, validated configs: YAML recipes + dotted ``key=value`` overrides -> nested dataclasses.
 
-Every component owns a dataclass (``model.config.HybridConfig``, ``sft.config.SFTConfig``, ...);
+Every component owns a dataclass (``hybrid_rl.model.config.HybridConfig``, ``hybrid_rl.sft.config.SFTConfig``, ...);
 a stage's config is a dataclass whose fields are those sections. This module turns a YAML file and
 command-line overrides into an instance, and fails *before any work starts* when:
 
@@ -20,6 +20,7 @@ import argparse
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from pathlib import Path
@@ -296,7 +297,16 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the recipes add_config_arguments defaults to
+def _config_dir() -> Path:
+    """The folder of the package ``hybrid_rl.configs`` (configs/ in the repository; shipped in the wheel)."""
+    spec = importlib.util.find_spec("hybrid_rl.configs")  # finds the folder without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("hybrid_rl.configs is not installed: run `pip install -e .` in the repository "
+                          "(or install hybrid-rl) so that the hybrid_rl.* subpackages resolve")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
+CONFIG_DIR = _config_dir()  # the recipes add_config_arguments defaults to
 
 
 # ------------------------------------------------------------------ a stage command's config arguments

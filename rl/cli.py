@@ -14,14 +14,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rl.config import RLStageConfig
+    from hybrid_rl.rl.config import RLStageConfig
 
     cfg = resolve_config(RLStageConfig, args)
     if cfg is None:
         return 0
     setup_logging(cfg.run.log_level, cfg.run.quiet)
     check_env_ids(cfg.envs)
-    from rl.train import train
+    from hybrid_rl.rl.train import train
 
     result = train(cfg)
     print(json.dumps({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"], **result["eval"]}, indent=1))
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check_env_ids(env_ids) -> None:
     """Unknown env ids and malformed id arguments fail before any work, with gymnasium's did-you-mean."""
-    import envs
+    from hybrid_rl import envs
     from hybrid_rl.config import ConfigError
 
     for env_id in env_ids:

@@ -18,11 +18,11 @@ from typing import Literal
 
 from hybrid_rl.metrics import LoggingConfig
 from hybrid_rl.run import RunConfig
-from model.config import HybridConfig
-from rl.advantages import ADVANTAGES
-from rl.kl import KL_ESTIMATORS
-from rl.losses import AGGREGATIONS, POLICY_LOSSES
-from rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
+from hybrid_rl.model.config import HybridConfig
+from hybrid_rl.rl.advantages import ADVANTAGES
+from hybrid_rl.rl.kl import KL_ESTIMATORS
+from hybrid_rl.rl.losses import AGGREGATIONS, POLICY_LOSSES
+from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 
 __all__ = ["RolloutSection", "AlgoConfig", "TrainConfig", "EvalConfig", "CheckpointConfig", "RLStageConfig"]
 

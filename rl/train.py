@@ -13,7 +13,7 @@ Departures from the GRPO paper (Shao et al. 2024), and why:
   an all-fail group's returns differ a little, and dividing by that small std turns length noise into
   unit-sized advantages (rl/advantages.py keeps ``grpo``, with a batch-std floor).
 - Tokens are scored under the distribution the engine sampled from (temperature, banned ids, top-k,
-  top-p: ``rl.losses.ScoringDist``), so ratios and gradients are for the policy that acted.
+  top-p: ``hybrid_rl.rl.losses.ScoringDist``), so ratios and gradients are for the policy that acted.
 - One optimizer step per batch by default: a synchronous step is exactly on-policy, the ratio is 1 and
   the clipped loss reduces to REINFORCE with a group baseline (as in nanochat's chat_rl.py). The clip
   matters in async mode, where the batch is one version old, and with ``algo.updates_per_batch > 1``
@@ -46,15 +46,15 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from hybrid_rl.config import to_dict
 from hybrid_rl.metrics import MetricsLogger, env_key
 from hybrid_rl.run import make_run_dir, seed_everything
-from rl.advantages import get_advantage_fn, turn_groups, turn_returns
-from rl.batch import Batch, collate, micro_batches, trim
-from rl.config import RLStageConfig
-from rl.kl import get_kl_estimator, kl_k3
-from rl.losses import ClipRange, ScoringDist, aggregate_loss, get_policy_loss, policy_logprobs
-from rl.routing import routing_mismatch
-from rollout.evaluate import evaluate_policy as evaluate_policy_on
-from rollout.evaluate import rollout_metrics, sample_row
-from rollout.pool import make_pool
+from hybrid_rl.rl.advantages import get_advantage_fn, turn_groups, turn_returns
+from hybrid_rl.rl.batch import Batch, collate, micro_batches, trim
+from hybrid_rl.rl.config import RLStageConfig
+from hybrid_rl.rl.kl import get_kl_estimator, kl_k3
+from hybrid_rl.rl.losses import ClipRange, ScoringDist, aggregate_loss, get_policy_loss, policy_logprobs
+from hybrid_rl.rl.routing import routing_mismatch
+from hybrid_rl.rollout.evaluate import evaluate_policy as evaluate_policy_on
+from hybrid_rl.rollout.evaluate import rollout_metrics, sample_row
+from hybrid_rl.rollout.pool import make_pool
 
 log = logging.getLogger("hybrid_rl.rl")
 
@@ -64,9 +64,9 @@ log = logging.getLogger("hybrid_rl.rl")
 
 def load_policy(cfg: RLStageConfig):
     """(model, tokenizer, source): the init_from checkpoint (an SFT step_N or run dir), or a fresh model."""
-    from model import HybridLM
-    from model.hf import load_pretrained
-    from model.tokenizer import load_tokenizer
+    from hybrid_rl.model import HybridLM
+    from hybrid_rl.model.hf import load_pretrained
+    from hybrid_rl.model.tokenizer import load_tokenizer
 
     if not cfg.init_from:
         return HybridLM(cfg.model), load_tokenizer(None), "scratch"
@@ -89,8 +89,8 @@ def rounds_per_step(cfg: RLStageConfig) -> int:
 def train_requests(cfg: RLStageConfig, step: int, round_: int = 0):
     """Round ``round_`` of this step's groups: prompts_per_env train seeds of each env, chosen by (step, round)
     alone (resume-exact); refill rounds take seeds no other (step, round) takes."""
-    import envs
-    from rollout.engine import GroupRequest
+    from hybrid_rl import envs
+    from hybrid_rl.rollout.engine import GroupRequest
 
     out = []
     per_env = cfg.prompts_per_env
@@ -214,7 +214,7 @@ def make_batch(trajectories, cfg: RLStageConfig, pad_id: int):
 
 def scoring_dist(cfg: RLStageConfig, tokenizer, model) -> ScoringDist:
     """The distribution the rollout engine samples from (temperature, banned ids, top-k/top-p)."""
-    from rollout.engine import banned_token_mask, model_vocab_size
+    from hybrid_rl.rollout.engine import banned_token_mask, model_vocab_size
 
     s = cfg.rollout.sampling
     return ScoringDist(s.temperature, s.top_k, s.top_p, banned_token_mask(tokenizer, model_vocab_size(model), s.ascii_only))
@@ -311,7 +311,7 @@ def train(cfg: RLStageConfig) -> dict:
                                   weight_decay=cfg.train.weight_decay)
     start_step, resumed_batch = 0, None
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        from model.hf import load_pretrained
+        from hybrid_rl.model.hf import load_pretrained
 
         model.load_state_dict(load_pretrained(ckpt).float().state_dict())
         state = load_trainer_state(ckpt)
@@ -413,7 +413,7 @@ def _batch_state(result) -> dict:
 
 
 def _batch_from_state(state: dict):
-    from rollout.trajectory import Trajectory
+    from hybrid_rl.rollout.trajectory import Trajectory
 
     played = [Trajectory.from_dict(d) for d in state["played"]]
     return played, [played[i] for i in state["kept"]], state["stats"], state["sync_s"], state["rollout_s"]
@@ -427,7 +427,7 @@ def lr_at(step: int, cfg: RLStageConfig) -> float:
 
 def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer, keep_last, next_batch=None):
     """step_N: the HF model folder, plus the optimizer, the step and (async) the already played next batch."""
-    from model.hf import save_pretrained
+    from hybrid_rl.model.hf import save_pretrained
 
     state = {"optimizer": optimizer.state_dict(), "step": step}
     if next_batch is not None:

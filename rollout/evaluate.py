@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from rollout.config import EpisodeConfig, SamplingConfig
-from rollout.engine import Engine, GroupRequest
-from rollout.trajectory import Trajectory
+from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
+from hybrid_rl.rollout.engine import Engine, GroupRequest
+from hybrid_rl.rollout.trajectory import Trajectory
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -42,7 +42,7 @@ def eval_requests(env_ids: list[str], seeds: list[int] | dict[str, list[int]] | 
         elif seeds is not None:
             env_seeds = list(seeds)
         else:
-            import envs
+            from hybrid_rl import envs
 
             env_seeds = envs.seeds(env_id.rpartition(":")[2], split, episodes)
         requests += [GroupRequest(env_id, int(s), group_id=len(requests) + i) for i, s in enumerate(env_seeds)]

@@ -36,11 +36,11 @@ from typing import Any, Callable
 
 import torch
 
-from rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
-from rollout.engine import Engine, GroupRequest
-from rollout.evaluate import EvalResult, eval_requests, summarize
-from rollout.trajectory import Trajectory, write_jsonl
-from rollout.worker import RolloutWorker
+from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
+from hybrid_rl.rollout.engine import Engine, GroupRequest
+from hybrid_rl.rollout.evaluate import EvalResult, eval_requests, summarize
+from hybrid_rl.rollout.trajectory import Trajectory, write_jsonl
+from hybrid_rl.rollout.worker import RolloutWorker
 
 log = logging.getLogger("hybrid_rl.rollout")
 
@@ -58,12 +58,12 @@ class RolloutWorkerError(RuntimeError):
 
 @dataclass
 class CheckpointModel:
-    """``model.hf.load_pretrained(path)`` inside the worker (fp32 on CPU)."""
+    """``hybrid_rl.model.hf.load_pretrained(path)`` inside the worker (fp32 on CPU)."""
 
     path: str
 
     def __call__(self):
-        from model.hf import load_pretrained
+        from hybrid_rl.model.hf import load_pretrained
 
         return load_pretrained(self.path).float()
 
@@ -77,12 +77,12 @@ class ConfigModel:
 
     @classmethod
     def preset(cls, name: str, seed: int = 0) -> "ConfigModel":
-        from model import HybridConfig
+        from hybrid_rl.model import HybridConfig
 
         return cls(HybridConfig.from_preset(name), seed)
 
     def __call__(self):
-        from model import HybridLM
+        from hybrid_rl.model import HybridLM
 
         torch.manual_seed(self.seed)
         return HybridLM(self.config).float()

@@ -1,5 +1,5 @@
 """The Ray rollout worker: one actor = one model copy, a tokenizer and an ``Engine`` (with its environment
-instances) playing the groups it is handed. ``rollout.pool.RolloutPool`` starts and drives them.
+instances) playing the groups it is handed. ``hybrid_rl.rollout.pool.RolloutPool`` starts and drives them.
 
 Weights: ``set_weights`` loads now when idle, else between two decode steps of the running task; every
 token records the version it was sampled with (``Trajectory.policy_version``), and a seeded worker
@@ -14,13 +14,13 @@ from typing import Callable
 
 import torch
 
-from rollout.config import EpisodeConfig, SamplingConfig
-from rollout.engine import Engine, GroupRequest
-from rollout.trajectory import Trajectory
+from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
+from hybrid_rl.rollout.engine import Engine, GroupRequest
+from hybrid_rl.rollout.trajectory import Trajectory
 
 
 def default_tokenizer():
-    from model.tokenizer import ByteTokenizer
+    from hybrid_rl.model.tokenizer import ByteTokenizer
 
     return ByteTokenizer()
 

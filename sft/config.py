@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hybrid_rl.run import RunConfig
-from model.config import HybridConfig
+from hybrid_rl.model.config import HybridConfig
 
 try:
     from hybrid_rl.metrics import LoggingConfig

@@ -5,8 +5,8 @@ One function, ``train(cfg)``, read in order:
 1. accelerate: device, bf16 autocast on GPU, DDP when started with ``accelerate launch`` (gloo on CPU).
 2. the run directory, the tokenizer, the model (random init, ``init_from`` weights, or the latest
    ``step_N`` of this run when ``resume=true``).
-3. data: sources -> validated, rendered samples (``sft.data``) -> a deterministic stream of packed
-   micro-batches (``sft.packing``); the data cursor is the index of the next global micro-batch.
+3. data: sources -> validated, rendered samples (``hybrid_rl.sft.data``) -> a deterministic stream of packed
+   micro-batches (``hybrid_rl.sft.packing``); the data cursor is the index of the next global micro-batch.
 4. per optimizer step: each process takes its ``grad_accum_steps`` micro-batches of the step, the
    trained-token count of the whole step is summed over processes, and every micro-batch backpropagates
    ``loss_sum * world_size / n_tokens_step``: the gradient of the mean token loss of the global batch,
@@ -36,10 +36,10 @@ import torch
 from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from hybrid_rl.config import to_dict
 from hybrid_rl.run import make_run_dir, seed_everything
-from sft.config import SFTStageConfig
-from sft.data import expert_conversation, load_samples
-from rollout.evaluate import evaluate_policy, sample_row
-from sft.packing import IGNORE, MicroBatchStream, loss_sum
+from hybrid_rl.sft.config import SFTStageConfig
+from hybrid_rl.sft.data import expert_conversation, load_samples
+from hybrid_rl.rollout.evaluate import evaluate_policy, sample_row
+from hybrid_rl.sft.packing import IGNORE, MicroBatchStream, loss_sum
 
 log = logging.getLogger("hybrid_rl.sft")
 
@@ -77,9 +77,9 @@ def train(cfg: SFTStageConfig) -> dict:
     from accelerate.utils import broadcast_object_list
 
     from hybrid_rl.metrics import MetricsLogger, moe_load_metrics
-    from model import HybridLM
-    from model.hf import load_pretrained, save_pretrained
-    from model.tokenizer import ByteTokenizer
+    from hybrid_rl.model import HybridLM
+    from hybrid_rl.model.hf import load_pretrained, save_pretrained
+    from hybrid_rl.model.tokenizer import ByteTokenizer
 
     t_start, cpu_start = time.time(), time.process_time()
     tc = cfg.train
@@ -226,7 +226,7 @@ def train(cfg: SFTStageConfig) -> dict:
 
 def _heldout_docs(cfg: SFTStageConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
     """Expert demonstrations on the eval seeds of the demonstration envs (for eval/loss)."""
-    import envs
+    from hybrid_rl import envs
 
     docs = []
     for env_id in [e.env_id for e in cfg.data.envs if e.env_id in cfg.eval_env_ids]:

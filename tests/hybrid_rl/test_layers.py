@@ -7,31 +7,51 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["hybrid_rl", "model", "envs", "rollout", "sft", "rl", "pipeline", "benchmarks"]
+SUBPACKAGES = ["model", "envs", "rollout", "sft", "rl", "pipeline", "benchmarks"]  # hybrid_rl.<name>, folder <name>/
+# package -> its folder in the repository (pyproject.toml's package-dir); "hybrid_rl" is the foundation: every
+# hybrid_rl.* module that is not in one of the subpackages
+FOLDERS = {"hybrid_rl": "hybrid_rl", **{f"hybrid_rl.{name}": name for name in SUBPACKAGES}}
+PACKAGES = list(FOLDERS)
+MODEL, ENVS, ROLLOUT, SFT, RL, PIPELINE, BENCHMARKS = (f"hybrid_rl.{name}" for name in SUBPACKAGES)
 # package -> packages it must never import, and why
 FORBIDDEN = {
-    "hybrid_rl": ({"model", "envs", "rollout", "sft", "rl", "pipeline", "benchmarks"}, "the foundation knows no stage "
+    "hybrid_rl": ({MODEL, ENVS, ROLLOUT, SFT, RL, PIPELINE, BENCHMARKS}, "the foundation knows no stage "
                   "(the dispatcher names command modules as strings)"),
-    "model": ({"envs", "rollout", "sft", "rl", "pipeline", "benchmarks"}, "the model knows no rollout, RL or envs"),
-    "envs": ({"model", "rollout", "sft", "rl", "pipeline", "benchmarks"}, "envs never see tokens"),
-    "rollout": ({"sft", "rl", "pipeline", "benchmarks"}, "rollout knows no loss"),
-    "sft": ({"rl", "pipeline", "benchmarks"}, "SFT does not import RL"),
-    "rl": ({"sft", "pipeline", "benchmarks"}, "RL does not import SFT; the pipeline chains them"),
-    "pipeline": ({"benchmarks"}, "the application layer is not built on the benchmarks"),
+    MODEL: ({ENVS, ROLLOUT, SFT, RL, PIPELINE, BENCHMARKS}, "the model knows no rollout, RL or envs"),
+    ENVS: ({MODEL, ROLLOUT, SFT, RL, PIPELINE, BENCHMARKS}, "envs never see tokens"),
+    ROLLOUT: ({SFT, RL, PIPELINE, BENCHMARKS}, "rollout knows no loss"),
+    SFT: ({RL, PIPELINE, BENCHMARKS}, "SFT does not import RL"),
+    RL: ({SFT, PIPELINE, BENCHMARKS}, "RL does not import SFT; the pipeline chains them"),
+    PIPELINE: ({BENCHMARKS}, "the application layer is not built on the benchmarks"),
 }
-STAGES = {"sft", "rl"}
-STAGE_IMPORTERS = {"pipeline", "benchmarks"}  # the application layer and the benchmarks on top of it
+STAGES = {SFT, RL}
+STAGE_IMPORTERS = {PIPELINE, BENCHMARKS}  # the application layer and the benchmarks on top of it
+
+
+def package_of(module: str) -> str:
+    """``hybrid_rl.model.hf`` -> ``hybrid_rl.model``; ``hybrid_rl.config`` -> ``hybrid_rl`` (the foundation);
+    anything outside hybrid_rl -> its top-level name."""
+    parts = module.split(".")
+    if parts[0] != "hybrid_rl":
+        return parts[0]
+    return f"hybrid_rl.{parts[1]}" if len(parts) > 1 and parts[1] in SUBPACKAGES else "hybrid_rl"
+
+
+def imported_modules(path: Path) -> list[tuple[str, int]]:
+    """(module, line) for every absolute import in one file; ``from a import b`` gives ``a.b`` (b may be a module)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out += [(f"{node.module}.{a.name}", node.lineno) for a in node.names]
+    return out
 
 
 def imports(pkg: str) -> list[tuple[str, str, int]]:
-    """(imported top-level package, file, line) for every absolute import in ``pkg``."""
-    out = []
-    for path in sorted((ROOT / pkg).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
-            out += [(n.split(".")[0], str(path.relative_to(ROOT)), node.lineno) for n in names]
-    return out
+    """(imported package, file, line) for every absolute import in ``pkg`` (a key of FOLDERS)."""
+    return [(package_of(module), str(path.relative_to(ROOT)), line)
+            for path in sorted((ROOT / FOLDERS[pkg]).rglob("*.py")) for module, line in imported_modules(path)]
 
 
 def test_every_package_imports_only_the_layers_below_it():
@@ -50,15 +70,25 @@ def test_stage_commands_import_the_foundation_not_the_dispatcher():
     clis = [p for p in ROOT.glob("*/cli.py") if p.parent.name != "hybrid_rl"] + [ROOT / "pipeline" / "recipe.py"]
     assert len(clis) >= 5
     for path in clis:
-        tree = ast.parse(path.read_text())
-        modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert "hybrid_rl.cli" not in modules, f"{path.relative_to(ROOT)} imports the dispatcher hybrid_rl.cli"
+        modules = {m for m, _ in imported_modules(path)}
+        assert not any(m == "hybrid_rl.cli" or m.startswith("hybrid_rl.cli.") for m in modules), \
+            f"{path.relative_to(ROOT)} imports the dispatcher hybrid_rl.cli"
+
+
+def test_nothing_imports_the_old_top_level_names():
+    """model, envs, ... are hybrid_rl.model, hybrid_rl.envs, ...: an install has no top-level ``model``."""
+    files = [p for folder in [*FOLDERS.values(), "tests", "examples"] for p in sorted((ROOT / folder).rglob("*.py"))]
+    broken = [f"{p.relative_to(ROOT)}:{line} imports {module}" for p in files for module, line in imported_modules(p)
+              if module.split(".")[0] in SUBPACKAGES]
+    assert not broken, "\n".join(broken)
 
 
 def test_the_rules_see_a_violation(tmp_path, monkeypatch):
-    # the scanner itself: an import inside a function of a fake 'envs' is found
+    # the scanner itself: imports inside a function of a fake envs/ are found, in every spelling
     fake = tmp_path / "envs"
     fake.mkdir()
-    (fake / "bad.py").write_text("def f():\n    from model import HybridLM\n")
+    (fake / "bad.py").write_text("def f():\n    from hybrid_rl.model import HybridLM\n    from hybrid_rl import rollout\n"
+                                 "    import hybrid_rl.sft.data\n    from hybrid_rl import config\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
-    assert ("model", "envs/bad.py", 2) in imports("envs")
+    assert imports(ENVS) == [(MODEL, "envs/bad.py", 2), (ROLLOUT, "envs/bad.py", 3), (SFT, "envs/bad.py", 4),
+                             ("hybrid_rl", "envs/bad.py", 5)]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from rl.batch import collate, micro_batches, trim
-from rl.routing import routing_mismatch, routing_mismatch_naive
-from rl.train import staleness_metrics
-from rollout.evaluate import rollout_metrics
-from rollout.trajectory import Trajectory
+from hybrid_rl.rl.batch import collate, micro_batches, trim
+from hybrid_rl.rl.routing import routing_mismatch, routing_mismatch_naive
+from hybrid_rl.rl.train import staleness_metrics
+from hybrid_rl.rollout.evaluate import rollout_metrics
+from hybrid_rl.rollout.trajectory import Trajectory
 
 
 def _traj(ids, action, group=0, ret=0.0, status="terminated", version=0, routed=None):

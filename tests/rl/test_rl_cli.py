@@ -58,7 +58,7 @@ def test_rl_smoke_two_steps(tmp_path, monkeypatch, capsys):
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
-    from model.hf import load_pretrained
+    from hybrid_rl.model.hf import load_pretrained
 
     monkeypatch.chdir(tmp_path)
     common = [*SMOKE, "eval.at_start=false", "checkpoint.every_steps=1", "checkpoint.keep_last=0"]
@@ -104,7 +104,7 @@ def test_async_resume_continues_exactly(workers, tmp_path, monkeypatch, capsys):
     # async: the batch of step k is played by version k-1; a resume at k must train on that batch, not replay it.
     # With a Ray worker (the process's one local Ray, started by the pool if no test started it yet), the worker
     # reseeds its sampler per policy version, so the resumed run samples what the uninterrupted one did.
-    from model.hf import load_pretrained
+    from hybrid_rl.model.hf import load_pretrained
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
