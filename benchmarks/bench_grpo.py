@@ -29,7 +29,7 @@ ENV = "hybrid_rl/Arithmetic-v0"
 
 def arithmetic_prompts(n: int, seed0: int = 0) -> list[tuple[str, int]]:
     """(observation "a+b=", a+b) of the env's first train seeds, as the env itself renders them."""
-    import envs
+    from hybrid_rl import envs
 
     out = []
     for seed in envs.seeds(ENV, "train", n * (seed0 + 1))[n * seed0:]:
@@ -42,19 +42,19 @@ def arithmetic_prompts(n: int, seed0: int = 0) -> list[tuple[str, int]]:
 
 
 def reward_of(text: str, answer: int) -> float:
-    from envs import first_int
+    from hybrid_rl.envs import first_int
 
     return float(first_int(text) == answer)
 
 
 def bench_ours(steps: int, threads: int) -> list[float]:
     from hybrid_rl.config import load_config
-    from model import HybridConfig, HybridLM
-    from model.tokenizer import ByteTokenizer
-    from rl.config import RLStageConfig
-    from rl.pool import LocalPool
-    from rl.train import make_batch, policy_update, train_requests
-    from rollout.config import EpisodeConfig
+    from hybrid_rl.model import HybridConfig, HybridLM
+    from hybrid_rl.model.tokenizer import ByteTokenizer
+    from hybrid_rl.rl.config import RLStageConfig
+    from hybrid_rl.rollout.pool import LocalPool
+    from hybrid_rl.rl.train import make_batch, policy_update, train_requests
+    from hybrid_rl.rollout.config import EpisodeConfig
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -88,9 +88,9 @@ def bench_trl(steps: int, threads: int, workdir: str) -> list[float]:
     from transformers import NemotronHConfig, NemotronHForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from model import HybridConfig, HybridLM
-    from model.hybrid import hf_state_dict
-    from model.tokenizer import ByteTokenizer
+    from hybrid_rl.model import HybridConfig, HybridLM
+    from hybrid_rl.model.hybrid import hf_state_dict
+    from hybrid_rl.model.tokenizer import ByteTokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -139,7 +139,7 @@ def bench_trl(steps: int, threads: int, workdir: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_grpo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hybrid_rl.benchmarks.bench_grpo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="GRPO steps per side; the first is warm-up")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
     parser.add_argument("--skip-trl", action="store_true", help="only time our loop")

@@ -9,7 +9,7 @@ over seeds (and of the paired differences RL - SFT and RL - teacher).
 
     hybrid-rl bench learning                     # 3 envs x 3 seeds, ~1 h on a 2-core CPU
     hybrid-rl bench learning --envs hybrid_rl/FrozenLake-v1 --seeds 0
-    python -m benchmarks.plot_learning           # PNGs + the table in docs/RESULTS.md, from the JSON
+    python -m hybrid_rl.benchmarks.plot_learning           # PNGs + the table in docs/RESULTS.md, from the JSON
 
 Output: one JSON line ``{"benchmark": "learning", ...}``, also saved to benchmarks/results/learning.json.
 Runs land in ``runs/learning/<env>-s<seed>/``.
@@ -34,8 +34,8 @@ def run_one(env_id: str, seed: int, args) -> dict:
     """One pipeline run -> that run's figures (greedy success and turns of each policy, curve, wall time)."""
     from hybrid_rl.config import load_config
     from hybrid_rl.metrics import env_key, read_metrics
-    from benchmarks.plot_learning import slug
-    from rl.pipeline import PipelineConfig, pipeline
+    from hybrid_rl.benchmarks.plot_learning import slug
+    from hybrid_rl.pipeline.recipe import PipelineConfig, pipeline
 
     key = env_key(env_id)
     name = f"learning/{slug(env_id)}-s{seed}"
@@ -73,12 +73,13 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.record import emit
+    from hybrid_rl.benchmarks.record import emit
+    from hybrid_rl.config import CONFIG_DIR
 
     parser = argparse.ArgumentParser(prog="hybrid-rl bench learning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=DEFAULT_ENVS, help="env ids (arguments in parentheses, e.g. GuessNumber-v0(n=100))")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="run seeds (run.seed)")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"), help="the pipeline recipe")
+    parser.add_argument("--config", default=str(CONFIG_DIR / "quickstart.yaml"), help="the pipeline recipe")
     parser.add_argument("--episodes", type=int, default=100, help="held-out episodes per policy")
     parser.add_argument("--eval-every", type=int, default=10, help="RL steps between held-out evals (the curve)")
     parser.add_argument("--curve-episodes", type=int, default=50, help="held-out episodes per curve point")

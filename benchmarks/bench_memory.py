@@ -19,8 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.record import emit
-from model.config import HybridConfig
+from hybrid_rl.benchmarks.record import emit
+from hybrid_rl.model.config import HybridConfig
 
 DEFAULT_PRESETS = ["nemotron3-nano", "nemotron3-super"]
 DEFAULT_CONTEXTS = ["8K", "128K", "1M"]
@@ -43,7 +43,7 @@ def all_attention_twin(cfg: HybridConfig) -> HybridConfig:
 
 def cache_breakdown(cfg: HybridConfig, tokens: int, batch: int = 1, kv_bytes: int = 2, conv_bytes: int = 2) -> dict:
     """Bytes of KV / SSM / conv state, taken apart from ``model.cache_bytes`` by varying its inputs."""
-    from model import cache_bytes
+    from hybrid_rl.model import cache_bytes
 
     total = cache_bytes(cfg, tokens, batch, kv_bytes=kv_bytes, conv_bytes=conv_bytes)
     state = cache_bytes(cfg, 0, batch, kv_bytes=kv_bytes, conv_bytes=conv_bytes)  # constant in context length

@@ -26,12 +26,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import HybridConfig, HybridLM
-from model.hybrid import hf_state_dict
+from hybrid_rl.model import HybridConfig, HybridLM
+from hybrid_rl.model.hybrid import hf_state_dict
 
 
 def hf_config(cfg: HybridConfig):
-    from model.hf import transformers_config
+    from hybrid_rl.model.hf import transformers_config
 
     return transformers_config(cfg)
 

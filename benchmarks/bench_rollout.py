@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.record import emit
-from model.tokenizer import ByteTokenizer
-from rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
-from rollout.engine import Engine, GroupRequest
-from rollout.testing import FIXED_TURNS_ID
+from hybrid_rl.benchmarks.record import emit
+from hybrid_rl.model.tokenizer import ByteTokenizer
+from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
+from hybrid_rl.rollout.engine import Engine, GroupRequest
+from hybrid_rl.rollout.testing import FIXED_TURNS_ID
 
 
 def build_model(preset: str, seed: int = 0):
-    from model import HybridConfig, HybridLM
+    from hybrid_rl.model import HybridConfig, HybridLM
 
     torch.manual_seed(seed)
     return HybridLM(HybridConfig.from_preset(preset)).float().eval()
@@ -93,7 +93,7 @@ def measure_ray(model, args) -> dict:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    from rollout.worker import PresetModel, RolloutPool
+    from hybrid_rl.rollout.pool import ConfigModel, RolloutPool
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024 ** 2)
@@ -101,7 +101,7 @@ def measure_ray(model, args) -> dict:
     episode = EpisodeConfig(max_turn_tokens=args.max_turn_tokens, max_batch_episodes=args.batch, env_timeout_s=0)
     for workers in (1, 2):
         cfg = PoolConfig(num_workers=workers, num_cpus_per_worker=1, torch_threads=1, task_timeout_s=600)
-        with RolloutPool(PresetModel(args.preset), cfg, SamplingConfig(seed=0, ascii_only=True), episode) as pool:
+        with RolloutPool(ConfigModel.preset(args.preset), cfg, SamplingConfig(seed=0, ascii_only=True), episode) as pool:
             pool.push_weights(model.state_dict(), 1)
             pool.run_groups(requests(workers, 1, 2))  # warm-up on every worker
             t0 = time.perf_counter()

@@ -13,11 +13,11 @@ import importlib.util
 
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "model": ("benchmarks.bench_model", "forward/decode speed and equivalence against transformers' NemotronH"),
-    "memory": ("benchmarks.bench_memory", "decode-cache memory vs an all-attention twin at 8K/128K/1M tokens"),
-    "rollout": ("benchmarks.bench_rollout", "rollout throughput, cache extension vs re-prefill, 1 vs 2 Ray workers"),
-    "grpo": ("benchmarks.bench_grpo", "one GRPO step of ours against TRL's GRPOTrainer on the same tiny model"),
-    "learning": ("benchmarks.bench_learning", "the pipeline recipe on several envs x seeds: random, teacher, SFT, RL, expert"),
+    "model": ("hybrid_rl.benchmarks.bench_model", "forward/decode speed and equivalence against transformers' NemotronH"),
+    "memory": ("hybrid_rl.benchmarks.bench_memory", "decode-cache memory vs an all-attention twin at 8K/128K/1M tokens"),
+    "rollout": ("hybrid_rl.benchmarks.bench_rollout", "rollout throughput, cache extension vs re-prefill, 1 vs 2 Ray workers"),
+    "grpo": ("hybrid_rl.benchmarks.bench_grpo", "one GRPO step of ours against TRL's GRPOTrainer on the same tiny model"),
+    "learning": ("hybrid_rl.benchmarks.bench_learning", "the pipeline recipe on several envs x seeds: random, teacher, SFT, RL, expert"),
 }
 
 

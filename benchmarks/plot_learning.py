@@ -1,6 +1,6 @@
 """Figures and the table of ``hybrid-rl bench learning``, from its JSON (never by hand).
 
-    python -m benchmarks.plot_learning [--json benchmarks/results/learning.json] [--doc docs/RESULTS.md]
+    python -m hybrid_rl.benchmarks.plot_learning [--json benchmarks/results/learning.json] [--doc docs/RESULTS.md]
 
 Writes ``docs/img/learning-<env>.png`` (held-out greedy success against RL step, mean +- std over seeds,
 with the teacher, the optimal expert and a random policy as horizontal lines) and replaces the block
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- learning:begin (written by python -m benchmarks.plot_learning) -->", "<!-- learning:end -->"
+BEGIN, END = "<!-- learning:begin (written by python -m hybrid_rl.benchmarks.plot_learning) -->", "<!-- learning:end -->"
 NAMES = {"random": "random", "teacher": "teacher", "sft": "SFT", "rl": "RL", "expert": "optimal expert"}
 
 
@@ -88,11 +88,11 @@ def render(result: dict, img_dir: Path, doc_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot_learning", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hybrid_rl.benchmarks.plot_learning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "learning.json"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"))
     args = parser.parse_args(argv)
-    from benchmarks.record import read_json_lines
+    from hybrid_rl.benchmarks.record import read_json_lines
 
     result = [r for r in read_json_lines(Path(args.json)) if r.get("benchmark") == "learning"][-1]
     doc = Path(args.doc)

@@ -1,17 +1,17 @@
 """Text environments for agentic RL: the API, the registry, the built-ins, experts and the checker.
 
-``import envs`` registers the built-ins (``hybrid_rl/GuessNumber-v0``, ...) in gymnasium's registry and
+``from hybrid_rl import envs`` registers the built-ins (``hybrid_rl/GuessNumber-v0``, ...) in gymnasium's registry and
 loads third-party environments from the entry-point group ``hybrid_rl.envs``. See docs/ENVIRONMENTS.md.
 """
 
-from envs.core import CHARSET, MAX_ACTION_CHARS, MAX_OBS_CHARS, TextEnv, first_int, first_word, quote, text_space
-from envs.registry import (
+from hybrid_rl.envs.core import CHARSET, MAX_ACTION_CHARS, MAX_OBS_CHARS, TextEnv, first_int, first_word, quote, text_space
+from hybrid_rl.envs.registry import (
     ENTRY_POINT_GROUP, NAMESPACE, UnknownEnvironmentError, describe, env_ids, load_plugins, make, max_turns,
     register_builtins, resolve_id, seeds,
 )
-from envs.tools import ToolCall, ToolCallError, ToolResult, call_tool, format_tool_call, parse_tool_call
-from envs.episode import POLICIES, Episode, expert_episode, expert_policy, expert_stats, run_episode
-from envs.checker import CheckReport, check
+from hybrid_rl.envs.tools import ToolCall, ToolCallError, ToolResult, call_tool, format_tool_call, parse_tool_call
+from hybrid_rl.envs.episode import POLICIES, Episode, expert_episode, expert_policy, expert_stats, run_episode
+from hybrid_rl.envs.checker import CheckReport, check
 
 __all__ = [
     "TextEnv", "text_space", "CHARSET", "MAX_OBS_CHARS", "MAX_ACTION_CHARS", "first_int", "first_word", "quote",

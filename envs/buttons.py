@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from envs.core import TextEnv, first_int, quote
+from hybrid_rl.envs.core import TextEnv, first_int, quote
 
 __all__ = ["Buttons", "presses_to"]
 

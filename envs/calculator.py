@@ -2,7 +2,7 @@
 
 - ``Calculator``: a two-operation question ("What is (12+7)*3?") answered by calling the ``calc`` tool
   once per operation and then answering with the number: multi-step tool use. Tool calls use the one
-  format of ``envs.tools``; a malformed call is answered with what was wrong.
+  format of ``hybrid_rl.envs.tools``; a malformed call is answered with what was wrong.
 - ``Arithmetic``: single-turn "23+45=" -> "68" (the task used to compare with peer trainers).
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import ast
 import operator
 
-from envs.core import TextEnv, first_int, quote
-from envs.tools import ToolCallError, call_tool, format_tool_call, parse_tool_call
+from hybrid_rl.envs.core import TextEnv, first_int, quote
+from hybrid_rl.envs.tools import ToolCallError, call_tool, format_tool_call, parse_tool_call
 
 __all__ = ["Calculator", "Arithmetic", "calc"]
 

@@ -29,8 +29,8 @@ from typing import Callable
 import gymnasium as gym
 from gymnasium.utils.env_checker import check_env as gym_check_env
 
-from envs.episode import Episode, expert_policy, run_episode
-from envs.registry import make, resolve_id, seeds
+from hybrid_rl.envs.episode import Episode, expert_policy, run_episode
+from hybrid_rl.envs.registry import make, resolve_id, seeds
 
 __all__ = ["CheckReport", "check", "BAD_ACTIONS", "SUCCESS_FLOOR"]
 

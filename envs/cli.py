@@ -12,9 +12,9 @@ import sys
 
 import yaml
 
-from envs.checker import check
-from envs.episode import POLICIES, expert_episode, expert_stats
-from envs.registry import UnknownEnvironmentError, describe, env_ids, max_turns, resolve_id, seeds
+from hybrid_rl.envs.checker import check
+from hybrid_rl.envs.episode import POLICIES, expert_episode, expert_stats
+from hybrid_rl.envs.registry import UnknownEnvironmentError, describe, env_ids, max_turns, resolve_id, seeds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,8 +17,8 @@ from typing import Callable
 
 import gymnasium as gym
 
-from envs.core import TextEnv
-from envs.registry import make, seeds
+from hybrid_rl.envs.core import TextEnv
+from hybrid_rl.envs.registry import make, seeds
 
 __all__ = ["Episode", "run_episode", "expert_policy", "expert_episode", "expert_stats", "POLICIES"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from envs.core import TextEnv, first_int
+from hybrid_rl.envs.core import TextEnv, first_int
 
 
 class GuessNumber(TextEnv):

@@ -9,7 +9,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from envs.core import TextEnv, quote
+from hybrid_rl.envs.core import TextEnv, quote
 
 __all__ = ["Mastermind", "score"]
 

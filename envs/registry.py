@@ -1,8 +1,8 @@
 """The registry is gymnasium's own: built-ins and plug-ins are ``gymnasium.register``-ed ids.
 
-- Built-ins live in the ``hybrid_rl/`` namespace (``BUILTINS`` below, registered on ``import envs``).
+- Built-ins live in the ``hybrid_rl/`` namespace (``BUILTINS`` below, registered on ``from hybrid_rl import envs``).
 - Third-party packages declare an entry point in the group ``hybrid_rl.envs``; its object is loaded
-  on ``import envs`` and, if callable, called: it registers its ids with ``gymnasium.register``.
+  on ``from hybrid_rl import envs`` and, if callable, called: it registers its ids with ``gymnasium.register``.
   Installing such a package is all it takes for its environments to appear.
 - ``make`` is ``gymnasium.make`` with two conveniences: a bare name (``GuessNumber-v0``) means the
   ``hybrid_rl/`` one when that exists, and an unknown id fails with gymnasium's did-you-mean plus
@@ -45,15 +45,15 @@ class Builtin:
 
 # Turn limits leave the expert room (GuessNumber: binary search over 16 needs 5 guesses).
 BUILTINS: tuple[Builtin, ...] = (
-    Builtin("GuessNumber-v0", "envs.guess_number:GuessNumber", 8),
-    Builtin("FrozenLake-v1", "envs.toy_text:FrozenLake", 20),
-    Builtin("Taxi-v3", "envs.toy_text:Taxi", 40),
-    Builtin("CliffWalking-v1", "envs.toy_text:CliffWalking", 40),
-    Builtin("Blackjack-v1", "envs.toy_text:Blackjack", 10),
-    Builtin("Calculator-v0", "envs.calculator:Calculator", 8),
-    Builtin("Arithmetic-v0", "envs.calculator:Arithmetic", 1),
-    Builtin("Mastermind-v0", "envs.mastermind:Mastermind", 10),
-    Builtin("Buttons-v0", "envs.buttons:Buttons", 16),
+    Builtin("GuessNumber-v0", "hybrid_rl.envs.guess_number:GuessNumber", 8),
+    Builtin("FrozenLake-v1", "hybrid_rl.envs.toy_text:FrozenLake", 20),
+    Builtin("Taxi-v3", "hybrid_rl.envs.toy_text:Taxi", 40),
+    Builtin("CliffWalking-v1", "hybrid_rl.envs.toy_text:CliffWalking", 40),
+    Builtin("Blackjack-v1", "hybrid_rl.envs.toy_text:Blackjack", 10),
+    Builtin("Calculator-v0", "hybrid_rl.envs.calculator:Calculator", 8),
+    Builtin("Arithmetic-v0", "hybrid_rl.envs.calculator:Arithmetic", 1),
+    Builtin("Mastermind-v0", "hybrid_rl.envs.mastermind:Mastermind", 10),
+    Builtin("Buttons-v0", "hybrid_rl.envs.buttons:Buttons", 16),
 )
 
 _plugin_ids: dict[str, list[str]] = {}  # entry-point name -> ids it registered

@@ -24,7 +24,7 @@ from gymnasium.envs.toy_text.cliffwalking import CliffWalkingEnv
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv, generate_random_map
 from gymnasium.envs.toy_text.taxi import TaxiEnv
 
-from envs.core import TextEnv, first_word, quote
+from hybrid_rl.envs.core import TextEnv, first_word, quote
 
 __all__ = ["FrozenLake", "Taxi", "CliffWalking", "Blackjack", "best_actions"]
 

@@ -1,7 +1,7 @@
 """Checkpoints that a stage can resume from: ``run_dir/step_N/`` = model files + ``trainer_state.pt``.
 
 Shared by the SFT and RL loops. A checkpoint directory holds whatever ``write_model(dir)`` writes (the
-HF NemotronH files via ``model.hf.save_pretrained``) and ``trainer_state.pt``: a dict the loop fills
+HF NemotronH files via ``hybrid_rl.model.hf.save_pretrained``) and ``trainer_state.pt``: a dict the loop fills
 (optimizer, scheduler, data cursor, step) plus the RNG states added here.
 
 Atomic: everything is written into ``run_dir/.step_N.tmp-<pid>/`` and renamed to ``step_N`` in one

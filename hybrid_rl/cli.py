@@ -12,21 +12,18 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
 
-from hybrid_rl.config import ConfigError, dump_yaml, load_config
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from hybrid_rl.config import ConfigError
 
 # command -> (module, one-line help). Order is the order of the help text.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pipeline": ("rl.pipeline", "SFT then GRPO then eval, end to end (the quickstart)"),
-    "sft": ("sft.cli", "supervised fine-tuning on expert demonstrations or chat data"),
-    "rl": ("rl.cli", "GRPO-style RL on the environment registry"),
-    "eval": ("rollout.cli", "evaluate a checkpoint on environment seeds with the rollout workers"),
-    "envs": ("envs.cli", "list and check the registered text environments"),
-    "convert": ("model.cli", "convert checkpoints between HF NemotronH and hybrid-rl"),
-    "bench": ("benchmarks.cli", "benchmarks against transformers / TRL (JSON output)"),
+    "pipeline": ("hybrid_rl.pipeline.recipe", "SFT then GRPO then eval, end to end (the quickstart)"),
+    "sft": ("hybrid_rl.sft.cli", "supervised fine-tuning on expert demonstrations or chat data"),
+    "rl": ("hybrid_rl.rl.cli", "GRPO-style RL on the environment registry"),
+    "eval": ("hybrid_rl.rollout.cli", "evaluate a checkpoint on environment seeds with the rollout workers"),
+    "envs": ("hybrid_rl.envs.cli", "list and check the registered text environments"),
+    "convert": ("hybrid_rl.model.cli", "convert checkpoints between HF NemotronH and hybrid-rl"),
+    "bench": ("hybrid_rl.benchmarks.cli", "benchmarks against transformers / TRL (JSON output)"),
     "report": ("hybrid_rl.report", "build report.html for one run, or compare several"),
 }
 
@@ -37,8 +34,8 @@ def available_commands() -> dict[str, tuple[str, str]]:
 
 
 def _module_exists(dotted: str) -> bool:
-    package, _, module = dotted.partition(".")
-    spec = importlib.util.find_spec(package)  # a top-level lookup imports nothing
+    package, _, module = dotted.rpartition(".")
+    spec = importlib.util.find_spec(package)  # imports only the parents of `package` (here: hybrid_rl)
     if spec is None or not spec.submodule_search_locations:
         return False
     return any((Path(loc) / f"{module}.py").is_file() or (Path(loc) / module / "__init__.py").is_file()
@@ -76,34 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError) as err:
         print(f"hybrid-rl {name}: error: {err}", file=sys.stderr)
         return 2
-
-
-# ------------------------------------------------------------------ helpers for stage commands
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
-    """``[config.yaml] [key=value ...] [--print-config]`` for a stage command."""
-    default_note = f" (default: configs/{default_config})" if default_config else ""
-    parser.add_argument("config", nargs="?", help=f"YAML recipe{default_note}")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 model.hidden_size=64 tags=[a,b]")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.set_defaults(default_config=default_config)
-
-
-def resolve_config(cls: type, args: argparse.Namespace) -> Any | None:
-    """Load ``cls`` from the command's config file and overrides; prints it and returns None with --print-config."""
-    overrides = list(args.overrides or [])
-    path = args.config
-    if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):
-        overrides.insert(0, path)  # `hybrid-rl sft key=value` with no file
-        path = None
-    if path is None and args.default_config:
-        path = CONFIG_DIR / args.default_config
-    cfg = load_config(cls, path, overrides)
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return None
-    return cfg
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Typed, validated configs: YAML recipes + dotted ``key=value`` overrides -> nested dataclasses.
 
-Every component owns a dataclass (``model.config.HybridConfig``, ``sft.config.SFTConfig``, ...);
+Every component owns a dataclass (``hybrid_rl.model.config.HybridConfig``, ``hybrid_rl.sft.config.SFTConfig``, ...);
 a stage's config is a dataclass whose fields are those sections. This module turns a YAML file and
 command-line overrides into an instance, and fails *before any work starts* when:
 
@@ -16,8 +16,11 @@ override them. The resolved config (preset values written out) round-trips throu
 
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from pathlib import Path
@@ -292,3 +295,43 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     tmp.write_text(dump_yaml(cfg))
     tmp.replace(path)
     return path
+
+
+def _config_dir() -> Path:
+    """The folder of the package ``hybrid_rl.configs`` (configs/ in the repository; shipped in the wheel)."""
+    spec = importlib.util.find_spec("hybrid_rl.configs")  # finds the folder without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("hybrid_rl.configs is not installed: run `pip install -e .` in the repository "
+                          "(or install hybrid-rl) so that the hybrid_rl.* subpackages resolve")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
+CONFIG_DIR = _config_dir()  # the recipes add_config_arguments defaults to
+
+
+# ------------------------------------------------------------------ a stage command's config arguments
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    """``[config.yaml] [key=value ...] [--print-config]`` for a stage command."""
+    default_note = f" (default: configs/{default_config})" if default_config else ""
+    parser.add_argument("config", nargs="?", help=f"YAML recipe{default_note}")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 model.hidden_size=64 tags=[a,b]")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.set_defaults(default_config=default_config)
+
+
+def resolve_config(cls: type, args: argparse.Namespace) -> Any | None:
+    """Load ``cls`` from the command's config file and overrides; prints it and returns None with --print-config."""
+    overrides = list(args.overrides or [])
+    path = args.config
+    if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):
+        overrides.insert(0, path)  # `hybrid-rl sft key=value` with no file
+        path = None
+    if path is None and args.default_config:
+        path = CONFIG_DIR / args.default_config
+    cfg = load_config(cls, path, overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return None
+    return cfg

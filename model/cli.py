@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from model.hf import CheckpointError
+    from hybrid_rl.model.hf import CheckpointError
 
     try:
         return _run(args)
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from model.hf import parse_size
+    from hybrid_rl.model.hf import parse_size
 
     try:
         parse_size(args.max_shard_size)
@@ -99,7 +99,7 @@ def _check_dst(src: Path | None, dst: Path, overwrite: bool) -> None:
 
 
 def _convert(src: Path, dst: Path, args: argparse.Namespace) -> int:
-    from model.hf import load_pretrained, save_pretrained
+    from hybrid_rl.model.hf import load_pretrained, save_pretrained
 
     _check_dst(src, dst, args.overwrite)
     model = load_pretrained(src, dtype=DTYPES.get(args.dtype))
@@ -112,10 +112,10 @@ def _convert(src: Path, dst: Path, args: argparse.Namespace) -> int:
 
 def _init(preset: str, dst: Path, args: argparse.Namespace) -> int:
     from hybrid_rl.config import load_config
-    from model import HybridLM
-    from model.config import HybridConfig
-    from model.hf import save_pretrained
-    from model.tokenizer import ByteTokenizer
+    from hybrid_rl.model import HybridLM
+    from hybrid_rl.model.config import HybridConfig
+    from hybrid_rl.model.hf import save_pretrained
+    from hybrid_rl.model.tokenizer import ByteTokenizer
 
     _check_dst(None, dst, args.overwrite)
     cfg = load_config(HybridConfig, None, [f"preset={preset}", *args.overrides])
@@ -134,7 +134,7 @@ def _init(preset: str, dst: Path, args: argparse.Namespace) -> int:
 def _info(src: Path) -> int:
     import json
 
-    from model.hf import read_config
+    from hybrid_rl.model.hf import read_config
 
     cfg = read_config(src)
     raw = json.loads((src / "config.json").read_text())
@@ -150,7 +150,7 @@ def _info(src: Path) -> int:
 
 
 def _summary(model: torch.nn.Module) -> str:
-    from model.hf import human_bytes
+    from hybrid_rl.model.hf import human_bytes
 
     n = sum(p.numel() for p in model.parameters())
     size = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -130,9 +130,6 @@ class HybridConfig:
     def moe_expert_dim(self) -> int:  # width the routed experts run in
         return self.moe_latent_size or self.hidden_size
 
-    def layer_kinds(self) -> list[str]:
-        return [LAYER_KINDS[c] for c in self.layer_pattern]
-
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset_names(cls) -> list[str]:

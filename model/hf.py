@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from model.config import HF_BLOCK_NAMES, HybridConfig
+from hybrid_rl.model.config import HF_BLOCK_NAMES, HybridConfig
 
 __all__ = [
     "CheckpointError", "hf_config_to_hybrid", "hybrid_to_hf_config", "load_pretrained", "save_pretrained",
@@ -329,7 +329,7 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device | N
     ``dtype`` None keeps the float dtype stored on disk. The model is built on the meta device and
     the loaded tensors are assigned, so a checkpoint takes its own size in memory once.
     """
-    from model import HybridLM
+    from hybrid_rl.model import HybridLM
 
     directory = _check_dir(directory)
     cfg = read_config(directory)

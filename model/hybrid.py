@@ -315,9 +315,6 @@ class HybridLM(nn.Module):
     def cache_bytes(config_or_preset, seq_len: int, batch: int = 1) -> int:
         return cache_bytes(config_or_preset, seq_len, batch)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 # ---------------------------------------------------------------------- transformers in-memory names
 def hf_state_dict(model: HybridLM) -> dict[str, torch.Tensor]:

@@ -97,7 +97,7 @@ def _conv_masks(seg_bt, k):
 class _CausalConv(torch.autograd.Function):
     """out[:, i] = bias + sum_j w[j] * x[:, i - (K-1-j)] (zero before the start, masked across documents).
 
-    Same operation order as ``model.mamba.causal_conv`` (bias, then the taps oldest first), so values are
+    Same operation order as ``hybrid_rl.model.mamba.causal_conv`` (bias, then the taps oldest first), so values are
     bitwise equal to it."""
 
     @staticmethod
@@ -152,7 +152,7 @@ class _CausalConv(torch.autograd.Function):
 
 
 def causal_conv_train(x_btc, weight_kc, bias_c, seg_bt=None):
-    """Depthwise causal conv with zero history (the training forward); see ``model.mamba.causal_conv``."""
+    """Depthwise causal conv with zero history (the training forward); see ``hybrid_rl.model.mamba.causal_conv``."""
     w = weight_kc.to(x_btc.dtype).contiguous()
     return _CausalConv.apply(x_btc, w, bias_c.to(x_btc.dtype), seg_bt)
 
@@ -274,7 +274,7 @@ def _expert_grad_buffer(param, used):
 
 
 def grouped_experts(x_nd, idx_nk, w_nk, up_eid, down_edi, counts_e=None):
-    """Routed experts with autograd, equal to ``model.moe.dispatch_naive``. Returns [N, D_out] fp32.
+    """Routed experts with autograd, equal to ``hybrid_rl.model.moe.dispatch_naive``. Returns [N, D_out] fp32.
 
     Under autocast the expert matmuls run in the autocast dtype (as ``F.linear`` would), the routing
     weights and the sum over slots in fp32."""
@@ -308,7 +308,7 @@ def _ssd_masks(seg_bt, b, nc, q):
 
 
 class _SSDChunked(torch.autograd.Function):
-    """The chunked SSD scan of ``model.mamba.ssd_chunked`` (fp32 inputs, T a multiple of ``q``).
+    """The chunked SSD scan of ``hybrid_rl.model.mamba.ssd_chunked`` (fp32 inputs, T a multiple of ``q``).
 
     Heads are kept head-major inside a chunk (``[B,c,G,R,Q,P]``) so that every product is a plain batched
     matmul; the chunk-to-chunk state passing is a short recurrence over the chunks (each factor a decay
@@ -521,7 +521,7 @@ def _bmm3(t6, rows, cols):
 
 
 def ssd_chunked_train(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_state=None, seg_bt=None):
-    """``model.mamba.ssd_chunked`` with a hand-written backward. Returns (y [B,T,H,P] fp32, final state
+    """``hybrid_rl.model.mamba.ssd_chunked`` with a hand-written backward. Returns (y [B,T,H,P] fp32, final state
     [B,H,P,N] fp32); T is padded to a multiple of the chunk inside (dt = 0 there: inert)."""
     t = x_bthp.shape[1]
     q = min(chunk_size, t)
@@ -634,12 +634,12 @@ def relu2_train(h):
 
 
 def rms_norm_train(x, weight, eps):
-    """``model.norms.rms_norm`` with a hand-written backward (fp32 inside, cast back)."""
+    """``hybrid_rl.model.norms.rms_norm`` with a hand-written backward (fp32 inside, cast back)."""
     return _RMSNorm.apply(x.float(), None, weight.float(), x.shape[-1], eps).to(x.dtype)
 
 
 def gated_group_rms_norm_train(y, z, weight, group_size, eps):
-    """``model.norms.gated_group_rms_norm`` with a hand-written backward (fp32 inside, z's dtype out)."""
+    """``hybrid_rl.model.norms.gated_group_rms_norm`` with a hand-written backward (fp32 inside, z's dtype out)."""
     return _RMSNorm.apply(y.float(), z.float(), weight.float(), group_size, eps).to(z.dtype)
 
 

@@ -8,7 +8,7 @@ at position t, so a row of length T gives T-1 training positions:
     action_mask_bt    [B, T-1]  1 where the target was sampled by the policy (is_action), 0 elsewhere/padding
     rollout_logp_bt   [B, T-1]  the rollout's log-prob of each target action token under the distribution
                                 it sampled from (``Trajectory.sample_logprobs``: temperature, banned ids,
-                                top-k/top-p), which the trainer scores the same way (``rl.losses.policy_logprobs``)
+                                top-k/top-p), which the trainer scores the same way (``hybrid_rl.rl.losses.policy_logprobs``)
     adv_bt            [B, T-1]  the advantage of each target action token (its episode's or its turn's)
     routing_btlk      [B, T-1, n_moe_layers, k]  experts the rollout used at each input position (or None)
 

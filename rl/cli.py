@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from hybrid_rl.cli import add_config_arguments, resolve_config
+from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.log import setup_logging
 
 
@@ -14,23 +14,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rl.config import RLStageConfig
+    from hybrid_rl.rl.config import RLStageConfig
 
     cfg = resolve_config(RLStageConfig, args)
     if cfg is None:
         return 0
     setup_logging(cfg.run.log_level, cfg.run.quiet)
-    _check_envs(cfg.envs)
-    from rl.train import train
+    check_env_ids(cfg.envs)
+    from hybrid_rl.rl.train import train
 
     result = train(cfg)
     print(json.dumps({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"], **result["eval"]}, indent=1))
     return 0
 
 
-def _check_envs(env_ids) -> None:
+def check_env_ids(env_ids) -> None:
     """Unknown env ids and malformed id arguments fail before any work, with gymnasium's did-you-mean."""
-    import envs
+    from hybrid_rl import envs
     from hybrid_rl.config import ConfigError
 
     for env_id in env_ids:

@@ -18,11 +18,11 @@ from typing import Literal
 
 from hybrid_rl.metrics import LoggingConfig
 from hybrid_rl.run import RunConfig
-from model.config import HybridConfig
-from rl.advantages import ADVANTAGES
-from rl.kl import KL_ESTIMATORS
-from rl.losses import AGGREGATIONS, POLICY_LOSSES
-from rollout.config import PoolConfig, SamplingConfig
+from hybrid_rl.model.config import HybridConfig
+from hybrid_rl.rl.advantages import ADVANTAGES
+from hybrid_rl.rl.kl import KL_ESTIMATORS
+from hybrid_rl.rl.losses import AGGREGATIONS, POLICY_LOSSES
+from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 
 __all__ = ["RolloutSection", "AlgoConfig", "TrainConfig", "EvalConfig", "CheckpointConfig", "RLStageConfig"]
 
@@ -38,7 +38,7 @@ def _check_choice(field_name: str, value: str, choices) -> None:
 class RolloutSection:
     prompts_per_step: int = 8  # env seeds per step, each one a group
     samples_per_prompt: int = 8  # episodes per seed (G): the group baseline needs at least 2
-    max_new_tokens: int = 32  # tokens the model may generate in one turn (then the end-of-turn token is forced)
+    max_turn_tokens: int = 32  # tokens the model may generate in one turn (then the end-of-turn token is forced)
     max_episode_tokens: int = 512  # prompt + all turns; a longer episode is truncated
     env_timeout_s: float = 30.0  # a slower env reset/step marks the episode `timeout` (excluded from the loss)
     end_on_invalid_action: bool = False  # end an episode at its first unparsable action
@@ -46,7 +46,7 @@ class RolloutSection:
     pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_workers=1))
 
     def __post_init__(self):
-        for name in ("prompts_per_step", "max_new_tokens", "max_episode_tokens"):
+        for name in ("prompts_per_step", "max_turn_tokens", "max_episode_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.samples_per_prompt < 2:
@@ -58,6 +58,12 @@ class RolloutSection:
     @property
     def episodes_per_step(self) -> int:
         return self.prompts_per_step * self.samples_per_prompt
+
+    def episode_config(self, record_routing: bool = False) -> EpisodeConfig:
+        """The engine's episode limits for this stage's rollouts (the one place they are built)."""
+        return EpisodeConfig(max_turn_tokens=self.max_turn_tokens, max_episode_tokens=self.max_episode_tokens,
+                             max_batch_episodes=self.episodes_per_step, env_timeout_s=self.env_timeout_s,
+                             end_on_invalid_action=self.end_on_invalid_action, record_routing=record_routing)
 
 
 @dataclass
@@ -74,7 +80,7 @@ class AlgoConfig:
     kl_estimator: str = "k3"  # rl/kl.py: k1 | k2 | k3
     kl_beta: float = 0.0  # weight of the KL to the initial policy; 0 = no reference model is kept
     entropy_coef: float = 0.0  # bonus: minus this times the mean entropy of the sampling distribution on action tokens
-    overlong_penalty: float = 0.0  # subtracted from the reward of a turn that hit rollout.max_new_tokens (DAPO's overlong shaping)
+    overlong_penalty: float = 0.0  # subtracted from the reward of a turn that hit rollout.max_turn_tokens (DAPO's overlong shaping)
     env_weights: dict[str, float] = field(default_factory=dict)  # env id -> weight of its episodes' advantages (default 1)
     skip_zero_advantage: bool = True  # leave advantage-0 episodes out of the update (no policy gradient; saves compute)
     dynamic_sampling: bool = False  # DAPO: play more groups until prompts_per_step of them are informative
@@ -82,7 +88,6 @@ class AlgoConfig:
     routing_replay: bool = False  # train on the experts the rollout picked (R3), recorded per token
     updates_per_batch: int = 1  # optimizer steps on each rollout batch (GRPO's mu); > 1 takes ratios vs the rollout's log-probs
     mode: Literal["sync", "async"] = "sync"  # async: rollouts of step k+1 run while step k trains
-    max_staleness: int = 1  # async only: batches are at most this many policy versions old
 
     def __post_init__(self):
         _check_choice("advantage", self.advantage, ADVANTAGES)
@@ -107,8 +112,6 @@ class AlgoConfig:
             raise ValueError(f"max_refill_rounds must be >= 0, got {self.max_refill_rounds}")
         if self.updates_per_batch < 1:
             raise ValueError(f"updates_per_batch must be >= 1, got {self.updates_per_batch}")
-        if self.max_staleness != 1:
-            raise ValueError(f"max_staleness must be 1 (one batch in flight while one trains), got {self.max_staleness}")
 
 
 @dataclass

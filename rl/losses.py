@@ -147,7 +147,7 @@ LOGP_FLOOR = -1e4  # an action token the trainer's truncated distribution exclud
 @dataclass
 class ScoringDist:
     """The distribution the rollout engine sampled from, which the trainer must score tokens under:
-    logits / temperature, banned ids removed, then top-k and top-p (``rollout.sampling.sampling_logprobs``)."""
+    logits / temperature, banned ids removed, then top-k and top-p (``hybrid_rl.rollout.sampling.sampling_logprobs``)."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -161,7 +161,7 @@ def policy_logprobs(logits_btv, targets_bt, mask_bt, dist: ScoringDist | None = 
     Off the mask the target is replaced by the most likely kept token, so every returned value is finite
     (an observation token may lie outside the top-p set); an action token the truncation drops gets
     ``LOGP_FLOOR``."""
-    from rollout.sampling import sampling_logprobs
+    from hybrid_rl.rollout.sampling import sampling_logprobs
 
     dist = dist or ScoringDist()
     b, t, v = logits_btv.shape

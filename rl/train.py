@@ -13,7 +13,7 @@ Departures from the GRPO paper (Shao et al. 2024), and why:
   an all-fail group's returns differ a little, and dividing by that small std turns length noise into
   unit-sized advantages (rl/advantages.py keeps ``grpo``, with a batch-std floor).
 - Tokens are scored under the distribution the engine sampled from (temperature, banned ids, top-k,
-  top-p: ``rl.losses.ScoringDist``), so ratios and gradients are for the policy that acted.
+  top-p: ``hybrid_rl.rl.losses.ScoringDist``), so ratios and gradients are for the policy that acted.
 - One optimizer step per batch by default: a synchronous step is exactly on-policy, the ratio is 1 and
   the clipped loss reduces to REINFORCE with a group baseline (as in nanochat's chat_rl.py). The clip
   matters in async mode, where the batch is one version old, and with ``algo.updates_per_batch > 1``
@@ -46,13 +46,15 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from hybrid_rl.config import to_dict
 from hybrid_rl.metrics import MetricsLogger, env_key
 from hybrid_rl.run import make_run_dir, seed_everything
-from rl.advantages import get_advantage_fn, turn_groups, turn_returns
-from rl.batch import Batch, collate, micro_batches, trim
-from rl.config import RLStageConfig
-from rl.kl import get_kl_estimator, kl_k3
-from rl.losses import ClipRange, ScoringDist, aggregate_loss, get_policy_loss, policy_logprobs
-from rl.pool import make_pool
-from rl.routing import routing_mismatch
+from hybrid_rl.rl.advantages import get_advantage_fn, turn_groups, turn_returns
+from hybrid_rl.rl.batch import Batch, collate, micro_batches, trim
+from hybrid_rl.rl.config import RLStageConfig
+from hybrid_rl.rl.kl import get_kl_estimator, kl_k3
+from hybrid_rl.rl.losses import ClipRange, ScoringDist, aggregate_loss, get_policy_loss, policy_logprobs
+from hybrid_rl.rl.routing import routing_mismatch
+from hybrid_rl.rollout.evaluate import evaluate_policy as evaluate_policy_on
+from hybrid_rl.rollout.evaluate import rollout_metrics, sample_row
+from hybrid_rl.rollout.pool import make_pool
 
 log = logging.getLogger("hybrid_rl.rl")
 
@@ -62,9 +64,9 @@ log = logging.getLogger("hybrid_rl.rl")
 
 def load_policy(cfg: RLStageConfig):
     """(model, tokenizer, source): the init_from checkpoint (an SFT step_N or run dir), or a fresh model."""
-    from model import HybridLM
-    from model.hf import load_pretrained
-    from model.tokenizer import load_tokenizer
+    from hybrid_rl.model import HybridLM
+    from hybrid_rl.model.hf import load_pretrained
+    from hybrid_rl.model.tokenizer import load_tokenizer
 
     if not cfg.init_from:
         return HybridLM(cfg.model), load_tokenizer(None), "scratch"
@@ -87,8 +89,8 @@ def rounds_per_step(cfg: RLStageConfig) -> int:
 def train_requests(cfg: RLStageConfig, step: int, round_: int = 0):
     """Round ``round_`` of this step's groups: prompts_per_env train seeds of each env, chosen by (step, round)
     alone (resume-exact); refill rounds take seeds no other (step, round) takes."""
-    import envs
-    from rollout.engine import GroupRequest
+    from hybrid_rl import envs
+    from hybrid_rl.rollout.engine import GroupRequest
 
     out = []
     per_env = cfg.prompts_per_env
@@ -136,12 +138,8 @@ def _informative(group, cfg: RLStageConfig) -> bool:
 
 def evaluate_policy(model, tokenizer, cfg: RLStageConfig) -> tuple[dict[str, float], list]:
     """Episodes (greedy by default) on each env's held-out eval seeds, in this process: (eval/... metrics, trajectories)."""
-    from rl.evaluate import evaluate
-
-    metrics, trajectories = evaluate(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env, temperature=cfg.eval.temperature,
-                                     max_new_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
-    model.moe_balance_update(0.0)  # forget the expert loads counted while evaluating: balancing follows training
-    return metrics, trajectories
+    return evaluate_policy_on(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env, temperature=cfg.eval.temperature,
+                              max_turn_tokens=cfg.rollout.max_turn_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
 
 
 # ------------------------------------------------------------------------------ advantages
@@ -216,7 +214,7 @@ def make_batch(trajectories, cfg: RLStageConfig, pad_id: int):
 
 def scoring_dist(cfg: RLStageConfig, tokenizer, model) -> ScoringDist:
     """The distribution the rollout engine samples from (temperature, banned ids, top-k/top-p)."""
-    from rollout.engine import banned_token_mask, model_vocab_size
+    from hybrid_rl.rollout.engine import banned_token_mask, model_vocab_size
 
     s = cfg.rollout.sampling
     return ScoringDist(s.temperature, s.top_k, s.top_p, banned_token_mask(tokenizer, model_vocab_size(model), s.ascii_only))
@@ -290,35 +288,10 @@ def _natural_routing(model, mb: Batch):
     return model(mb.input_ids_bt, record_routing=True).routed_experts
 
 
-def rollout_metrics(trajectories, version: int) -> dict[str, float]:
-    """rollout/ metrics of a step (per env and overall) and the batch's staleness, as in docs/METRICS.md."""
-    mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
-    out: dict[str, float] = {}
-    for env_id in sorted({t.env_id for t in trajectories}):
-        ts = [t for t in trajectories if t.env_id == env_id]
-        ok = [t for t in ts if not t.failed]
-        key = env_key(env_id)
-        out[f"rollout/reward/{key}"] = mean([t.episode_return for t in ok])
-        out[f"rollout/success/{key}"] = mean([float(t.success) for t in ok])
-        out[f"rollout/turns/{key}"] = mean([t.num_turns for t in ok])
-        out[f"rollout/invalid_actions/{key}"] = mean([t.num_invalid_actions for t in ok])
-        out[f"rollout/env_errors/{key}"] = mean([float(t.status == "env_error") for t in ts])
-        out[f"rollout/timeouts/{key}"] = mean([float(t.status == "timeout") for t in ts])
-    ok = [t for t in trajectories if not t.failed]
-    groups: dict[int, set[float]] = {}
-    for t in ok:
-        groups.setdefault(t.group_id, set()).add(t.episode_return)
-    versions = [v for t in trajectories for v, a in zip(t.policy_version, t.is_action) if a]
-    out.update({
-        "rollout/reward": mean([t.episode_return for t in ok]),
-        "rollout/success": mean([float(t.success) for t in ok]),
-        "rollout/turns": mean([t.num_turns for t in ok]),
-        "rollout/zero_std_groups": mean([float(len(r) == 1) for r in groups.values()]),
-        "rollout/tokens_per_episode": mean([t.num_action_tokens for t in trajectories]),
-        "train/staleness_mean": mean([version - v for v in versions]),
-        "train/staleness_max": float(max((version - v for v in versions), default=0)),
-    })
-    return out
+def staleness_metrics(trajectories, version: int) -> dict[str, float]:
+    """How many policy versions behind the trainer (``version``) the batch's action tokens were sampled."""
+    behind = [version - v for t in trajectories for v, a in zip(t.policy_version, t.is_action) if a]
+    return {"train/staleness_mean": sum(behind) / len(behind) if behind else 0.0, "train/staleness_max": float(max(behind, default=0))}
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -326,7 +299,6 @@ def rollout_metrics(trajectories, version: int) -> dict[str, float]:
 
 def train(cfg: RLStageConfig) -> dict:
     """Run the RL stage; returns {"run_dir", "checkpoint", "eval": {...}} of the final policy."""
-    from rollout.config import EpisodeConfig
 
     seed_everything(cfg.run.seed)
     if cfg.train.torch_threads:
@@ -339,7 +311,7 @@ def train(cfg: RLStageConfig) -> dict:
                                   weight_decay=cfg.train.weight_decay)
     start_step, resumed_batch = 0, None
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        from model.hf import load_pretrained
+        from hybrid_rl.model.hf import load_pretrained
 
         model.load_state_dict(load_pretrained(ckpt).float().state_dict())
         state = load_trainer_state(ckpt)
@@ -351,9 +323,7 @@ def train(cfg: RLStageConfig) -> dict:
              cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt, cfg.train.steps, run_dir)
 
     metrics = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
-    episode = EpisodeConfig(max_turn_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens,
-                            max_batch_episodes=cfg.rollout.episodes_per_step, env_timeout_s=cfg.rollout.env_timeout_s,
-                            end_on_invalid_action=cfg.rollout.end_on_invalid_action, record_routing=cfg.algo.routing_replay)
+    episode = cfg.rollout.episode_config(record_routing=cfg.algo.routing_replay)
     pool = make_pool(model, tokenizer, cfg.rollout.sampling, episode, cfg.rollout.pool, seed=cfg.run.seed)
     dist = scoring_dist(cfg, tokenizer, model)
     pad_id = int(getattr(tokenizer, "pad_id", 0) or 0)
@@ -399,7 +369,7 @@ def train(cfg: RLStageConfig) -> dict:
                     mismatch = {k: update_stats[k] for k in MISMATCH_KEYS}
             moe_stats = model.moe_balance_update(cfg.train.moe_bias_update_rate) if cfg.train.moe_bias_update_rate else {}
             train_s = time.perf_counter() - t_train
-            row = {**rollout_metrics(played, step), **play_stats, **batch_stats, **update_stats, **mismatch, **moe_stats,
+            row = {**rollout_metrics(played), **staleness_metrics(played, step), **play_stats, **batch_stats, **update_stats, **mismatch, **moe_stats,
                    "train/lr": lr_at(step, cfg), "perf/rollout_s": rollout_s, "perf/train_s": train_s,
                    "perf/weight_sync_s": sync_s, "perf/step_s": time.perf_counter() - t_step,
                    "perf/rollout_tokens_per_s": sum(t.num_tokens for t in played) / max(rollout_s, 1e-9),
@@ -443,7 +413,7 @@ def _batch_state(result) -> dict:
 
 
 def _batch_from_state(state: dict):
-    from rollout.trajectory import Trajectory
+    from hybrid_rl.rollout.trajectory import Trajectory
 
     played = [Trajectory.from_dict(d) for d in state["played"]]
     return played, [played[i] for i in state["kept"]], state["stats"], state["sync_s"], state["rollout_s"]
@@ -457,7 +427,7 @@ def lr_at(step: int, cfg: RLStageConfig) -> float:
 
 def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer, keep_last, next_batch=None):
     """step_N: the HF model folder, plus the optimizer, the step and (async) the already played next batch."""
-    from model.hf import save_pretrained
+    from hybrid_rl.model.hf import save_pretrained
 
     state = {"optimizer": optimizer.state_dict(), "step": step}
     if next_batch is not None:
@@ -465,6 +435,3 @@ def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer, keep_last, ne
     return save_checkpoint(run_dir, step, lambda d: save_pretrained(model, d, tokenizer), state, keep_last=keep_last)
 
 
-def sample_row(t) -> dict:
-    return {"env_id": t.env_id, "seed": t.seed, "status": t.status, "return": t.episode_return, "success": t.success,
-            "num_turns": t.num_turns, "messages": t.messages}

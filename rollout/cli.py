@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid_rl.cli import add_config_arguments, resolve_config
+from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.config import ConfigError, to_dict
 from hybrid_rl.log import setup_logging
 from hybrid_rl.run import make_run_dir, seed_everything
-from rollout.config import EvalConfig
+from hybrid_rl.rollout.config import EvalConfig
 
 log = logging.getLogger("hybrid_rl.rollout")
 
@@ -56,7 +56,7 @@ class CheckpointTokenizer:
     path: str
 
     def __call__(self):
-        from model.tokenizer import load_tokenizer
+        from hybrid_rl.model.tokenizer import load_tokenizer
 
         return load_tokenizer(self.path) if (Path(self.path) / "tokenizer_config.json").exists() else load_tokenizer(None)
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     }
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     if cfg.eval.save_trajectories:
-        from rollout.trajectory import write_jsonl
+        from hybrid_rl.rollout.trajectory import write_jsonl
 
         write_jsonl(result.trajectories, run_dir / "trajectories.jsonl")
     print(f"wrote {run_dir / 'eval.json'}")
@@ -99,7 +99,7 @@ def check(cfg: EvalConfig) -> None:
                           "written by save_pretrained (e.g. runs/<name>/step_N).")
     if not cfg.eval.envs:
         raise ConfigError("eval.envs is empty: pass --env ID (repeatable), e.g. --env hybrid_rl/GuessNumber-v0.")
-    import envs
+    from hybrid_rl import envs
 
     for env_id in cfg.eval.envs:
         if ":" not in env_id:
@@ -107,20 +107,20 @@ def check(cfg: EvalConfig) -> None:
 
 
 def evaluate_checkpoint(cfg: EvalConfig):
-    from rollout.evaluate import eval_requests, evaluate
+    from hybrid_rl.rollout.evaluate import eval_requests, evaluate
 
     if cfg.pool.num_workers == 0:
-        from rollout.worker import CheckpointModel
+        from hybrid_rl.rollout.pool import CheckpointModel
 
         model = CheckpointModel(cfg.eval.checkpoint)()
         return evaluate(model, CheckpointTokenizer(cfg.eval.checkpoint)(), cfg.eval.envs, episodes=cfg.eval.episodes,
                         split=cfg.eval.seed_split, sampling=cfg.sampling, episode=cfg.episode)
-    from rollout.worker import CheckpointModel, RolloutPool
+    from hybrid_rl.rollout.pool import CheckpointModel, RolloutPool
 
     requests = eval_requests(cfg.eval.envs, None, cfg.eval.episodes, cfg.eval.seed_split)
     with RolloutPool(CheckpointModel(cfg.eval.checkpoint), cfg.pool, cfg.sampling, cfg.episode,
                      CheckpointTokenizer(cfg.eval.checkpoint)) as pool:
-        from rollout.evaluate import EvalResult, summarize
+        from hybrid_rl.rollout.evaluate import EvalResult, summarize
 
         trajectories = pool.run_groups(requests)
     return EvalResult(summarize(trajectories), trajectories)

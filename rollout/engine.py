@@ -37,10 +37,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from rollout.config import EpisodeConfig, SamplingConfig
-from rollout.envpool import EnvFailure, EnvPool, EnvTimeout, call_all_with_timeout, call_with_timeout
-from rollout.sampling import sample
-from rollout.trajectory import Trajectory
+from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
+from hybrid_rl.rollout.envpool import EnvFailure, EnvPool, EnvTimeout, call_all_with_timeout, call_with_timeout
+from hybrid_rl.rollout.sampling import sample
+from hybrid_rl.rollout.trajectory import Trajectory
 
 log = logging.getLogger("hybrid_rl.rollout")
 

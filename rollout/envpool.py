@@ -32,7 +32,7 @@ def make_env(env_id: str, **kwargs):
         module, _, env_id = env_id.partition(":")
         importlib.import_module(module)
     try:
-        import envs
+        from hybrid_rl import envs
 
         maker = getattr(envs, "make", None)
     except ImportError:

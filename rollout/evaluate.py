@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from rollout.config import EpisodeConfig, SamplingConfig
-from rollout.engine import Engine, GroupRequest
-from rollout.trajectory import Trajectory
+from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
+from hybrid_rl.rollout.engine import Engine, GroupRequest
+from hybrid_rl.rollout.trajectory import Trajectory
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -42,7 +42,7 @@ def eval_requests(env_ids: list[str], seeds: list[int] | dict[str, list[int]] | 
         elif seeds is not None:
             env_seeds = list(seeds)
         else:
-            import envs
+            from hybrid_rl import envs
 
             env_seeds = envs.seeds(env_id.rpartition(":")[2], split, episodes)
         requests += [GroupRequest(env_id, int(s), group_id=len(requests) + i) for i, s in enumerate(env_seeds)]
@@ -112,7 +112,7 @@ def metrics_from_summary(summary: dict[str, dict[str, float]], section: str = "e
 
 
 def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
-    """The ``rollout/*`` names of a training step's batch (docs/METRICS.md), for the RL loop.
+    """The ``rollout/*`` names of a training step's episodes (docs/METRICS.md), for the RL loop.
 
     ``rollout/reward`` is the mean return; groups are (env_id, group_id); failed episodes are left out
     of the group statistics."""
@@ -122,11 +122,44 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     for t in trajectories:
         if not t.failed:
             groups.setdefault((t.env_id, t.group_id), []).append(t.episode_return)
-    multi = [g for g in groups.values() if len(g) > 1]
-    out["rollout/zero_std_groups"] = sum(max(g) == min(g) for g in multi) / len(multi) if multi else math.nan
+    # a group of one valid episode has no baseline either: no learning signal
+    out["rollout/zero_std_groups"] = sum(max(g) == min(g) for g in groups.values()) / len(groups) if groups else math.nan
     ok = [t for t in trajectories if not t.failed]
     out["rollout/tokens_per_episode"] = sum(t.num_action_tokens for t in ok) / len(ok) if ok else math.nan
     return out
+
+
+def sample_row(t: Trajectory, **extra) -> dict:
+    """One episode as a ``MetricsLogger.log_samples`` row (docs/METRICS.md)."""
+    return {**extra, "env_id": t.env_id, "seed": t.seed, "status": t.status, "return": t.episode_return,
+            "success": t.success, "num_turns": t.num_turns, "messages": t.messages}
+
+
+def evaluate_policy(model, tokenizer, env_ids: list[str], episodes_per_env: int, *, max_turn_tokens: int,
+                    max_episode_tokens: int = 2048, temperature: float = 0.0, split: str = "eval",
+                    seed: int = 0) -> tuple[dict[str, float], list[Trajectory]]:
+    """The stages' held-out eval: ``episodes_per_env`` seeds of ``split`` per env, played in this process
+    (greedy unless ``temperature``), without autograd, in eval mode -> (``eval/...`` metrics, trajectories).
+    Expert loads counted while decoding are dropped (MoE balancing follows training only)."""
+    import time
+
+    import torch
+
+    t0, was_training = time.perf_counter(), model.training
+    sampling = SamplingConfig(temperature=temperature, seed=seed)
+    episode = EpisodeConfig(max_turn_tokens=max_turn_tokens, max_episode_tokens=max_episode_tokens, max_batch_episodes=64)
+    model.eval()
+    try:
+        with torch.no_grad():
+            result = evaluate(model, tokenizer, list(env_ids), episodes=episodes_per_env, split=split,
+                              sampling=sampling, episode=episode)
+    finally:
+        model.train(was_training)
+    if hasattr(model, "moe_balance_update"):
+        model.moe_balance_update(0.0)
+    metrics = metrics_from_summary(result.summary, "eval")
+    metrics["perf/eval_s"] = time.perf_counter() - t0
+    return metrics, result.trajectories
 
 
 COLUMNS = [("episodes", "episodes", "{:.0f}"), ("failed", "failed", "{:.0f}"), ("success_rate", "success", "{:.3f}"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from rollout.trajectory import Trajectory
+from hybrid_rl.rollout.trajectory import Trajectory
 
 
 def training_logprobs(model, trajectories: list[Trajectory], batch_size: int = 8, pad_id: int = 0,

@@ -2,7 +2,7 @@
 small multi-turn environments, and fault injection (an env that raises, hangs, or kills its process).
 
 They live in the package (not under tests/) so that Ray worker processes can import them by name:
-env ids ``rollout.testing:hybrid_rl_test/<Name>-v0`` import this module before ``gymnasium.make``.
+env ids ``hybrid_rl.rollout.testing:hybrid_rl_test/<Name>-v0`` import this module before ``gymnasium.make``.
 """
 
 from __future__ import annotations
@@ -196,8 +196,8 @@ class FaultyEnv(FixedTurnsEnv):
         return super().step(action)
 
 
-FIXED_TURNS_ID = "rollout.testing:hybrid_rl_test/FixedTurns-v0"
-FAULTY_ID = "rollout.testing:hybrid_rl_test/Faulty-v0"
+FIXED_TURNS_ID = "hybrid_rl.rollout.testing:hybrid_rl_test/FixedTurns-v0"
+FAULTY_ID = "hybrid_rl.rollout.testing:hybrid_rl_test/Faulty-v0"
 
 for _name, _cls in (("FixedTurns", FixedTurnsEnv), ("Faulty", FaultyEnv)):
     if f"hybrid_rl_test/{_name}-v0" not in gymnasium.registry:

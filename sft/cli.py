@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hybrid_rl.cli import add_config_arguments, resolve_config
+from hybrid_rl.config import add_config_arguments, resolve_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,14 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hybrid_rl.log import setup_logging
-    from sft.config import SFTStageConfig
-    from sft.data import DataError
+    from hybrid_rl.sft.config import SFTStageConfig
+    from hybrid_rl.sft.data import DataError
 
     cfg = resolve_config(SFTStageConfig, args)
     if cfg is None:
         return 0
     setup_logging(cfg.run.log_level, cfg.run.quiet)
-    from sft.train import train
+    from hybrid_rl.sft.train import train
 
     try:
         summary = train(cfg)

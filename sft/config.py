@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hybrid_rl.run import RunConfig
-from model.config import HybridConfig
+from hybrid_rl.model.config import HybridConfig
 
 try:
     from hybrid_rl.metrics import LoggingConfig
@@ -86,7 +86,7 @@ class TrainConfig:
 class EvalConfig:
     env_ids: list[str] = field(default_factory=list)  # empty = the envs of data.envs
     episodes_per_env: int = 32  # on the env's held-out *eval* seeds
-    max_new_tokens: int = 64  # per assistant turn
+    max_turn_tokens: int = 64  # per assistant turn
     at_start: bool = True  # also evaluate the untrained (random-init or init_from) model at step 0
 
 

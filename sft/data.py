@@ -6,7 +6,7 @@ Sources (any mix, see ``DataConfig``):
   - JSONL files, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line;
   - a local HF ``datasets`` directory (``save_to_disk``) with a ``messages`` column.
 
-Rendering is ``model.tokenizer.render_chat`` and nothing else, so a conversation's ids and mask are the
+Rendering is ``hybrid_rl.model.tokenizer.render_chat`` and nothing else, so a conversation's ids and mask are the
 very ids the rollout loop builds turn by turn (mask = the assistant's content and closing end token).
 
 Every sample is validated; a bad one is reported with where it came from (``file.jsonl:LINE``,
@@ -21,10 +21,10 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 from hybrid_rl.metrics import env_key
-from model.tokenizer import ROLES
+from hybrid_rl.model.tokenizer import ROLES
 
 log = logging.getLogger("hybrid_rl.sft.data")
 
@@ -80,7 +80,7 @@ def expert_conversation(env_id: str, seed: int) -> tuple[list[dict], bool]:
     The final observation (after the episode ends) is dropped: nothing is trained on it and the rollout
     loop never feeds it to the model.
     """
-    import envs
+    from hybrid_rl import envs
 
     episode = envs.expert_episode(env_id, seed)
     messages = list(episode.messages)
@@ -91,7 +91,7 @@ def expert_conversation(env_id: str, seed: int) -> tuple[list[dict], bool]:
 
 def env_conversations(env_id: str, episodes: int, keep_failed: bool = False) -> Iterator[tuple[str, object]]:
     """(source, {"messages": ...}) for ``episodes`` expert episodes on the env's train seeds."""
-    import envs
+    from hybrid_rl import envs
 
     failed = 0
     for seed in envs.seeds(env_id, "train", episodes):
@@ -239,6 +239,3 @@ def load_samples(data_cfg, tokenizer, demos_path: Path | None = None) -> tuple[l
         raise DataError(f"no usable training samples (skipped: {dict(report.skipped) or 'none'}); check data.* in the config")
     return samples, report
 
-
-def trained_token_count(samples: Sequence[Sample]) -> int:
-    return sum(s.num_trained_tokens for s in samples)

@@ -1,4 +1,4 @@
-"""Write the SFT section of docs/RESULTS.md from a run directory: ``python -m sft.results runs/sft-quick``.
+"""Write the SFT section of docs/RESULTS.md from a run directory: ``python -m hybrid_rl.sft.results runs/sft-quick``.
 
 Every number comes from the run's own files (``metrics.jsonl``, ``config.yaml``, ``run.json``), so the
 doc never holds a hand-copied figure. Only the block between the SFT markers is replaced; the other
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-BEGIN, END = "<!-- sft-quick:begin (written by python -m sft.results) -->", "<!-- sft-quick:end -->"
+BEGIN, END = "<!-- sft-quick:begin (written by python -m hybrid_rl.sft.results) -->", "<!-- sft-quick:end -->"
 
 
 def summarize_run(run_dir: str | Path) -> dict:
@@ -87,7 +87,7 @@ def write_section(doc: Path, block: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sft.results", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hybrid_rl.sft.results", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a finished `hybrid-rl sft` run directory, e.g. runs/sft-quick")
     parser.add_argument("--doc", default=str(Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"))
     args = parser.parse_args(argv)

@@ -5,8 +5,8 @@ One function, ``train(cfg)``, read in order:
 1. accelerate: device, bf16 autocast on GPU, DDP when started with ``accelerate launch`` (gloo on CPU).
 2. the run directory, the tokenizer, the model (random init, ``init_from`` weights, or the latest
    ``step_N`` of this run when ``resume=true``).
-3. data: sources -> validated, rendered samples (``sft.data``) -> a deterministic stream of packed
-   micro-batches (``sft.packing``); the data cursor is the index of the next global micro-batch.
+3. data: sources -> validated, rendered samples (``hybrid_rl.sft.data``) -> a deterministic stream of packed
+   micro-batches (``hybrid_rl.sft.packing``); the data cursor is the index of the next global micro-batch.
 4. per optimizer step: each process takes its ``grad_accum_steps`` micro-batches of the step, the
    trained-token count of the whole step is summed over processes, and every micro-batch backpropagates
    ``loss_sum * world_size / n_tokens_step``: the gradient of the mean token loss of the global batch,
@@ -36,9 +36,10 @@ import torch
 from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from hybrid_rl.config import to_dict
 from hybrid_rl.run import make_run_dir, seed_everything
-from sft.config import SFTStageConfig
-from sft.data import expert_conversation, load_samples
-from sft.packing import IGNORE, MicroBatchStream, loss_sum
+from hybrid_rl.sft.config import SFTStageConfig
+from hybrid_rl.sft.data import expert_conversation, load_samples
+from hybrid_rl.rollout.evaluate import evaluate_policy, sample_row
+from hybrid_rl.sft.packing import IGNORE, MicroBatchStream, loss_sum
 
 log = logging.getLogger("hybrid_rl.sft")
 
@@ -52,34 +53,6 @@ def lr_at(step: int, cfg) -> float:
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
-
-
-def evaluate(model, tokenizer, env_ids: list[str], episodes_per_env: int, max_new_tokens: int) -> tuple[dict, list]:
-    """Greedy episodes on each env's held-out eval seeds (``rollout.evaluate``): ``eval/...`` metrics, trajectories."""
-    from hybrid_rl.metrics import env_key
-    from rollout.config import EpisodeConfig
-    from rollout.evaluate import evaluate as play
-
-    was_training, t0 = model.training, time.time()
-    model.eval()
-    try:
-        with torch.no_grad():
-            result = play(model, tokenizer, env_ids, episodes=episodes_per_env,
-                          episode=EpisodeConfig(max_turn_tokens=max_new_tokens, max_batch_episodes=64))
-    finally:
-        model.train(was_training)
-    model.moe_balance_update(0.0)  # drop the expert loads counted while decoding: balancing follows training only
-    names = {"success_rate": "success", "return_mean": "return", "turns_mean": "turns",
-             "invalid_actions_mean": "invalid_actions"}
-    metrics = {}
-    for env_id, stats in result.summary.items():
-        suffix = "" if env_id == "all" else "/" + env_key(env_id)
-        metrics.update({f"eval/{new}{suffix}": stats[old] for old, new in names.items()})
-        metrics[f"eval/env_errors{suffix}"] = stats["failed"] / max(stats["episodes"], 1)
-    if len(env_ids) == 1:  # summarize gives "all" only for several envs; the two-part names are the mean
-        metrics.update({f"eval/{new}": metrics[f"eval/{new}/{env_key(env_ids[0])}"] for new in names.values()})
-    metrics["perf/eval_s"] = time.time() - t0
-    return metrics, result.trajectories
 
 
 def heldout_loss(model, docs, row_tokens: int, pad_id: int, device) -> float:
@@ -104,9 +77,9 @@ def train(cfg: SFTStageConfig) -> dict:
     from accelerate.utils import broadcast_object_list
 
     from hybrid_rl.metrics import MetricsLogger, moe_load_metrics
-    from model import HybridLM
-    from model.hf import load_pretrained, save_pretrained
-    from model.tokenizer import ByteTokenizer
+    from hybrid_rl.model import HybridLM
+    from hybrid_rl.model.hf import load_pretrained, save_pretrained
+    from hybrid_rl.model.tokenizer import ByteTokenizer
 
     t_start, cpu_start = time.time(), time.process_time()
     tc = cfg.train
@@ -168,13 +141,12 @@ def train(cfg: SFTStageConfig) -> dict:
     heldout_docs = _heldout_docs(cfg, tokenizer) if is_main else []
 
     def run_eval():
-        metrics, trajs = evaluate(core, tokenizer, eval_env_ids, cfg.eval.episodes_per_env, cfg.eval.max_new_tokens)
+        metrics, trajs = evaluate_policy(core, tokenizer, eval_env_ids, cfg.eval.episodes_per_env,
+                                         max_turn_tokens=cfg.eval.max_turn_tokens)
         if heldout_docs:
             metrics["eval/loss"] = heldout_loss(core, heldout_docs, cfg.data.max_seq_tokens, tokenizer.pad_id, acc.device)
         logger.log(metrics, step)
-        logger.log_samples([{"env_id": t.env_id, "seed": t.seed, "status": t.status, "return": t.episode_return,
-                             "success": t.success, "num_turns": t.num_turns, "messages": t.messages}
-                            for t in trajs[:: max(1, len(trajs) // 4)]], step)
+        logger.log_samples([sample_row(t) for t in trajs[:: max(1, len(trajs) // 4)]], step)
         log.info("step %d eval: %s", step, "  ".join(f"{k[5:]}={v:.3f}" for k, v in metrics.items()
                                                      if k.startswith(("eval/success", "eval/loss"))))
         return metrics
@@ -254,7 +226,7 @@ def train(cfg: SFTStageConfig) -> dict:
 
 def _heldout_docs(cfg: SFTStageConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
     """Expert demonstrations on the eval seeds of the demonstration envs (for eval/loss)."""
-    import envs
+    from hybrid_rl import envs
 
     docs = []
     for env_id in [e.env_id for e in cfg.data.envs if e.env_id in cfg.eval_env_ids]:

@@ -53,7 +53,6 @@ _SIGNATURES = {
     "moe_route": [_F] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float],
     "moe_experts": [_F] * 7 + [ctypes.c_int] * 9,
     "add_rms_norm": [_F] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float],
-    "attn_step": [_F] * 6 + [ctypes.c_int] * 6,
     "linear_packed": [_F] * 3 + [ctypes.c_int] * 5,
     "decode_work_size": [ctypes.c_int, _F, _F, ctypes.c_int, ctypes.c_int],
     "decode_layers": [ctypes.c_int] + [_F] * 9 + [ctypes.c_int] * 2,

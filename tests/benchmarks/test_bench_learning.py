@@ -13,8 +13,8 @@ TINY = ["demos.episodes_per_env=6", "sft.train.max_steps=2", "sft.eval.episodes_
 
 
 def test_bench_learning_records_every_policy_and_the_curve(tmp_path, monkeypatch, capsys):
-    import envs
-    from benchmarks import plot_learning
+    from hybrid_rl import envs
+    from hybrid_rl.benchmarks import plot_learning
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "learning.json"

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from benchmarks.bench_memory import all_attention_twin, main, measure, parse_context
-from model.config import HybridConfig
+from hybrid_rl.benchmarks.bench_memory import all_attention_twin, main, measure, parse_context
+from hybrid_rl.model.config import HybridConfig
 
 GiB, MiB = 1024**3, 1024**2
 

@@ -1,6 +1,6 @@
 import pytest
 
-import envs
+from hybrid_rl import envs
 
 BUILTIN_IDS = [f"hybrid_rl/{b.name}" for b in envs.registry.BUILTINS]
 

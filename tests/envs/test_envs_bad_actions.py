@@ -2,8 +2,8 @@
 
 import pytest
 
-import envs
-from envs.checker import BAD_ACTIONS
+from hybrid_rl import envs
+from hybrid_rl.envs.checker import BAD_ACTIONS
 
 # An action each env can parse but must refuse by its rules, and the words its explanation contains.
 INVALID_MOVES = {

@@ -6,9 +6,9 @@ from collections import deque
 import numpy as np
 import pytest
 
-import envs
-from envs.mastermind import feedback_table, score
-from envs.toy_text import basic_strategy_hits
+from hybrid_rl import envs
+from hybrid_rl.envs.mastermind import feedback_table, score
+from hybrid_rl.envs.toy_text import basic_strategy_hits
 
 
 def test_guess_number_feedback_rewards_and_success():

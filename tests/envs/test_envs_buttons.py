@@ -4,10 +4,10 @@ from collections import deque
 
 import pytest
 
-import envs
-from envs.buttons import presses_to
-from envs.checker import BAD_ACTIONS, MUST_BE_INVALID, check
-from envs.episode import expert_policy
+from hybrid_rl import envs
+from hybrid_rl.envs.buttons import presses_to
+from hybrid_rl.envs.checker import BAD_ACTIONS, MUST_BE_INVALID, check
+from hybrid_rl.envs.episode import expert_policy
 from hybrid_rl.cli import main
 
 ENV_ID = "hybrid_rl/Buttons-v0"

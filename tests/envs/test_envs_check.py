@@ -3,8 +3,8 @@
 import gymnasium as gym
 import pytest
 
-import envs
-from envs.checker import SUCCESS_FLOOR, check
+from hybrid_rl import envs
+from hybrid_rl.envs.checker import SUCCESS_FLOOR, check
 
 
 def test_every_builtin_passes_the_check(env_id):

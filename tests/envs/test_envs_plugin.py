@@ -2,7 +2,7 @@
 
 The example package is copied to a temp dir (pip builds in the source tree), installed with
 ``pip install --no-deps --no-build-isolation --target``, and used from a fresh interpreter whose
-PYTHONPATH includes the target: exactly what an installed plug-in looks like to ``import envs``.
+PYTHONPATH includes the target: exactly what an installed plug-in looks like to ``from hybrid_rl import envs``.
 """
 
 import os
@@ -16,7 +16,7 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hybrid-rl-example-env"
 
 PLAY = """
-import envs
+from hybrid_rl import envs
 env = envs.make("ReverseWord-v0")
 obs, info = env.reset(seed=1)
 word = obs.split()[-1]
@@ -63,6 +63,6 @@ def test_installed_plugin_passes_the_check(plugin_path):
 
 
 def test_without_the_plugin_the_env_is_unknown():
-    result = subprocess.run([sys.executable, "-c", "import envs; envs.make('ReverseWord-v0')"],
+    result = subprocess.run([sys.executable, "-c", "from hybrid_rl import envs; envs.make('ReverseWord-v0')"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "ReverseWord" in result.stderr and "hybrid_rl/GuessNumber-v0" in result.stderr

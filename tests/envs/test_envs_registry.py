@@ -3,8 +3,8 @@ import warnings
 import gymnasium as gym
 import pytest
 
-import envs
-from envs import registry
+from hybrid_rl import envs
+from hybrid_rl.envs import registry
 
 
 def test_import_registers_every_builtin_in_the_hybrid_rl_namespace():
@@ -75,7 +75,7 @@ class _FakeEntryPoint:
 
 def test_plugins_register_through_the_entry_point_group_and_a_broken_one_only_warns(monkeypatch):
     def good():
-        gym.register(id="hybrid_rl_test/Plugged-v0", entry_point="envs.guess_number:GuessNumber", max_episode_steps=4)
+        gym.register(id="hybrid_rl_test/Plugged-v0", entry_point="hybrid_rl.envs.guess_number:GuessNumber", max_episode_steps=4)
 
     def broken():
         raise ImportError("missing dependency")

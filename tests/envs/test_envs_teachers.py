@@ -3,8 +3,8 @@
 import gymnasium as gym
 import pytest
 
-import envs
-from envs.episode import expert_policy
+from hybrid_rl import envs
+from hybrid_rl.envs.episode import expert_policy
 
 # (env_id, kwargs): the environments with a heuristic; GuessNumber at the headline n=100 and the default n=16
 HEURISTIC_ENVS = [("FrozenLake-v1", {}), ("Taxi-v3", {}), ("GuessNumber-v0", {"n": 100}), ("GuessNumber-v0", {})]

@@ -2,9 +2,9 @@ import time
 
 import pytest
 
-import envs
-from envs.calculator import calc
-from envs.tools import ToolCall, ToolCallError, call_tool, format_tool_call, parse_tool_call
+from hybrid_rl import envs
+from hybrid_rl.envs.calculator import calc
+from hybrid_rl.envs.tools import ToolCall, ToolCallError, call_tool, format_tool_call, parse_tool_call
 
 
 def test_format_and_parse_round_trip():

@@ -9,7 +9,7 @@ import pytest
 
 from hybrid_rl.config import ConfigError, apply_overrides, dump_yaml, load_config, save_config, to_dict, valid_keys
 from hybrid_rl.run import RunConfig
-from model.config import HybridConfig
+from hybrid_rl.model.config import HybridConfig
 
 
 @dataclass

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import HybridLM
+from hybrid_rl.model import HybridLM
 from model_test_utils import randomize, small_config
 
 

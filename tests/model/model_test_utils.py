@@ -2,8 +2,8 @@
 
 import torch
 
-from model import HybridConfig, HybridLM
-from model.hybrid import hf_state_dict
+from hybrid_rl.model import HybridConfig, HybridLM
+from hybrid_rl.model.hybrid import hf_state_dict
 
 
 def small_config(**overrides) -> HybridConfig:

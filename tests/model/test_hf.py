@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from model.config import HybridConfig
-from model.hf import (
+from hybrid_rl.model.config import HybridConfig
+from hybrid_rl.model.hf import (
     CheckpointError, from_disk_state_dict, hf_config_to_hybrid, hybrid_to_hf_config, load_pretrained, parse_size,
     save_pretrained, to_disk_state_dict, transformers_config,
 )
@@ -28,7 +28,7 @@ def small_cfg(**overrides) -> HybridConfig:
 
 
 def make_model(cfg: HybridConfig, seed: int = 0):
-    from model import HybridLM
+    from hybrid_rl.model import HybridLM
 
     torch.manual_seed(seed)
     model = HybridLM(cfg)
@@ -195,7 +195,7 @@ def test_sharded_save_and_dtype(tmp_path):
 
 
 def test_tokenizer_saved_beside(tmp_path):
-    from model.tokenizer import ByteTokenizer, load_tokenizer
+    from hybrid_rl.model.tokenizer import ByteTokenizer, load_tokenizer
 
     save_pretrained(make_model(small_cfg()), tmp_path, tokenizer=ByteTokenizer())
     assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
@@ -208,7 +208,7 @@ def test_save_is_atomic_and_replaces_whole(tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
     save_pretrained(model, target, max_shard_bytes="30KB")
     assert (target / "model.safetensors.index.json").exists()
-    import model.hf as hf_mod
+    import hybrid_rl.model.hf as hf_mod
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import HybridCache, HybridConfig, HybridLM, cache_bytes
+from hybrid_rl.model import HybridCache, HybridConfig, HybridLM, cache_bytes
 
 ATOL = 1e-4
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import HybridLM, fused, kernels
+from hybrid_rl.model import HybridLM, fused, kernels
 from model_test_utils import randomize, small_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,7 +127,7 @@ def _python(code, env):
 
 
 def test_kernels_build_into_the_cache_dir_and_a_missing_compiler_falls_back(tmp_path):
-    code = ("import torch, warnings; from model import kernels, HybridLM, HybridConfig\n"
+    code = ("import torch, warnings; from hybrid_rl.model import kernels, HybridLM, HybridConfig\n"
             "m = HybridLM(HybridConfig.from_preset('micro')).eval()\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always'); out = m.generate(torch.tensor([[1, 2, 3]]), 4)\n"

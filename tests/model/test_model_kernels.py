@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from model.attention import attention_naive, packed_causal_mask
-from model.mamba import causal_conv, causal_conv_naive, ssd_chunked, ssd_naive, ssd_step
-from model.moe import dispatch_grouped, dispatch_naive, route
-from model.norms import rms_norm, rms_norm_naive
+from hybrid_rl.model.attention import attention_naive, packed_causal_mask
+from hybrid_rl.model.mamba import causal_conv, causal_conv_naive, ssd_chunked, ssd_naive, ssd_step
+from hybrid_rl.model.moe import dispatch_grouped, dispatch_naive, route
+from hybrid_rl.model.norms import rms_norm, rms_norm_naive
 
 torch.set_default_dtype(torch.float32)
 
@@ -140,8 +140,8 @@ def test_padded_dispatch_with_transposed_weights_equals_naive():
 
 
 def test_expert_transposed_copy_follows_parameter_updates():
-    from model import HybridConfig
-    from model.moe import Experts
+    from hybrid_rl.model import HybridConfig
+    from hybrid_rl.model.moe import Experts
 
     experts = Experts(HybridConfig.from_preset("micro"))
     torch.nn.init.normal_(experts.up_proj)

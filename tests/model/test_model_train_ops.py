@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.mamba import causal_conv, causal_conv_naive, ssd_chunked, ssd_naive
-from model.moe import dispatch_grouped, dispatch_naive, route
-from model.norms import gated_group_rms_norm, rms_norm, rms_norm_naive
-from model.train_ops import (
+from hybrid_rl.model.mamba import causal_conv, causal_conv_naive, ssd_chunked, ssd_naive
+from hybrid_rl.model.moe import dispatch_grouped, dispatch_naive, route
+from hybrid_rl.model.norms import gated_group_rms_norm, rms_norm, rms_norm_naive
+from hybrid_rl.model.train_ops import (
     _CausalConv,
     _GroupedExperts,
     _RMSNorm,
@@ -242,7 +242,7 @@ def test_norm_functions_gradcheck_float64():
 @pytest.mark.parametrize("packed", [False, True])
 def test_ssd_decay_kernels_equal_pytorch_path(monkeypatch, chunk, packed):
     """The decay-block kernels (CPU fp32) against the PyTorch ops of the same Function."""
-    from model import kernels
+    from hybrid_rl.model import kernels
 
     if kernels.library() is None:
         pytest.skip("no C compiler")
@@ -266,7 +266,7 @@ def test_ssd_decay_kernels_equal_pytorch_path(monkeypatch, chunk, packed):
 
 # ----------------------------------------------------------------------------- the fused Mamba mixer
 def _mixer_run(mixer, h, seg, kernels_on, monkeypatch, gen_seed):
-    from model.hybrid import _Ctx
+    from hybrid_rl.model.hybrid import _Ctx
 
     monkeypatch.setenv("HYBRID_RL_KERNELS", "1" if kernels_on else "0")
     h = h.detach().requires_grad_()
@@ -283,9 +283,9 @@ def test_mamba_mixer_kernels_equal_pytorch_path(monkeypatch, t, chunk, packed, d
     """The CPU-kernel mixer Function (conv+SiLU, gated norm in C, one gradient buffer) against the
     unfused PyTorch training path, values and every gradient; odd channel counts exercise the tails,
     multiples of 8 the vector paths (the conv backward's row tiles among them)."""
-    from model import HybridConfig, kernels
-    from model.mamba import Mamba2Mixer
-    from model.train_ops import _MambaMixer, mamba_mixer_train
+    from hybrid_rl.model import HybridConfig, kernels
+    from hybrid_rl.model.mamba import Mamba2Mixer
+    from hybrid_rl.model.train_ops import _MambaMixer, mamba_mixer_train
 
     if kernels.library() is None:
         pytest.skip("no C compiler")
@@ -317,8 +317,8 @@ def test_mamba_mixer_kernels_equal_pytorch_path(monkeypatch, t, chunk, packed, d
 def test_block_norm_and_relu2_kernels_equal_references(monkeypatch, kernels_on):
     """rms_norm (plain) and the dense MLP's relu^2 with autograd, C kernels or PyTorch, against naive
     references; sizes not a multiple of the vector width."""
-    from model.moe import relu2
-    from model.train_ops import relu2_train
+    from hybrid_rl.model.moe import relu2
+    from hybrid_rl.model.train_ops import relu2_train
 
     monkeypatch.setenv("HYBRID_RL_KERNELS", kernels_on)
     gen = _gen(21)

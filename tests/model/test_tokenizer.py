@@ -2,8 +2,8 @@
 
 import pytest
 
-from model.config import PRESETS
-from model.tokenizer import (
+from hybrid_rl.model.config import PRESETS
+from hybrid_rl.model.tokenizer import (
     CHAT_TEMPLATE, ByteTokenizer, HFChatTokenizer, generation_prefix, load_tokenizer, render_chat, render_message,
 )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.advantages import ADVANTAGES, NAIVE, get_advantage_fn
+from hybrid_rl.rl.advantages import ADVANTAGES, NAIVE, get_advantage_fn
 
 
 def _batch(seed=0, groups=5, per_group=4):

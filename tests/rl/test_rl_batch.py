@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from rl.batch import collate, micro_batches, trim
-from rl.routing import routing_mismatch, routing_mismatch_naive
-from rl.train import rollout_metrics
-from rollout.trajectory import Trajectory
+from hybrid_rl.rl.batch import collate, micro_batches, trim
+from hybrid_rl.rl.routing import routing_mismatch, routing_mismatch_naive
+from hybrid_rl.rl.train import staleness_metrics
+from hybrid_rl.rollout.evaluate import rollout_metrics
+from hybrid_rl.rollout.trajectory import Trajectory
 
 
 def _traj(ids, action, group=0, ret=0.0, status="terminated", version=0, routed=None):
@@ -74,7 +75,7 @@ def test_routing_mismatch_matches_naive():
 def test_rollout_metrics_staleness_and_failures():
     trajs = [_traj([1, 5, 2], [0, 1, 1], ret=1.0, version=3), _traj([1, 5, 2], [0, 1, 1], status="timeout", version=4)]
     trajs[0].success = True
-    m = rollout_metrics(trajs, version=4)
+    m = {**rollout_metrics(trajs), **staleness_metrics(trajs, version=4)}
     assert m["train/staleness_max"] == 1.0 and m["train/staleness_mean"] == 0.5
     assert m["rollout/timeouts/GuessNumber-v0"] == 0.5
     assert m["rollout/success/GuessNumber-v0"] == 1.0  # failed episodes are left out of the means

@@ -13,7 +13,7 @@ from hybrid_rl.metrics import read_metrics
 
 # a micro policy from scratch, tiny groups, in-process rollouts: the loop's plumbing, not learning
 SMOKE = ["init_from=", "algo.mode=sync", "algo.updates_per_batch=1", "model.preset=micro", "model.hidden_size=64", "envs=[hybrid_rl/GuessNumber-v0]",
-         "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=3",
+         "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_turn_tokens=3",
          "rollout.max_episode_tokens=256", "rollout.pool.num_workers=0", "train.micro_batch_tokens=512",
          "eval.episodes_per_env=2", "eval.every_steps=0", "logging.backends=[jsonl]", "logging.report=false",
          "run.quiet=true"]
@@ -58,7 +58,7 @@ def test_rl_smoke_two_steps(tmp_path, monkeypatch, capsys):
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
-    from model.hf import load_pretrained
+    from hybrid_rl.model.hf import load_pretrained
 
     monkeypatch.chdir(tmp_path)
     common = [*SMOKE, "eval.at_start=false", "checkpoint.every_steps=1", "checkpoint.keep_last=0"]
@@ -104,7 +104,7 @@ def test_async_resume_continues_exactly(workers, tmp_path, monkeypatch, capsys):
     # async: the batch of step k is played by version k-1; a resume at k must train on that batch, not replay it.
     # With a Ray worker (the process's one local Ray, started by the pool if no test started it yet), the worker
     # reseeds its sampler per policy version, so the resumed run samples what the uninterrupted one did.
-    from model.hf import load_pretrained
+    from hybrid_rl.model.hf import load_pretrained
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from hybrid_rl.config import load_config
-from rl.advantages import ADVANTAGES
-from rl.config import RLStageConfig
-from rl.train import make_batch, play_step, token_advantages, turn_rewards
-from rollout.trajectory import Trajectory
+from hybrid_rl.rl.advantages import ADVANTAGES
+from hybrid_rl.rl.config import RLStageConfig
+from hybrid_rl.rl.train import make_batch, play_step, token_advantages, turn_rewards
+from hybrid_rl.rollout.trajectory import Trajectory
 
 
 def _cfg(*overrides):
@@ -119,7 +119,7 @@ class ScriptedPool:
 
 
 def test_dynamic_sampling_refills_until_the_step_has_enough_informative_groups():
-    import envs
+    from hybrid_rl import envs
 
     cfg = _cfg("algo.dynamic_sampling=true", "algo.max_refill_rounds=6", "rollout.prompts_per_step=4",
                "rollout.samples_per_prompt=2", "envs=[hybrid_rl/FrozenLake-v1]")

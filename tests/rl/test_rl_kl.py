@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rl.kl import KL_ESTIMATORS, exact_kl, get_kl_estimator, kl_naive
+from hybrid_rl.rl.kl import KL_ESTIMATORS, exact_kl, get_kl_estimator, kl_naive
 
 
 def _dists(seed=0, v=7, spread=1.0):

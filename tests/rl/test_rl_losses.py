@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from rl.kl import KL_ESTIMATORS
-from rl.losses import (
+from hybrid_rl.rl.kl import KL_ESTIMATORS
+from hybrid_rl.rl.losses import (
     AGGREGATIONS, NAIVE, POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, aggregate_loss_naive, get_policy_loss,
     policy_logprobs,
 )
-from rollout.sampling import naive_sampling_probs
+from hybrid_rl.rollout.sampling import naive_sampling_probs
 
 CLIP = ClipRange(low=0.2, high=0.28)
 

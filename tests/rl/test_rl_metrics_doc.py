@@ -11,7 +11,7 @@ from hybrid_rl.metrics import read_metrics
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "METRICS.md"
 SMOKE = ["init_from=", "model.preset=micro", "model.hidden_size=64", "envs=[hybrid_rl/GuessNumber-v0]",
-         "rollout.prompts_per_step=2", "rollout.samples_per_prompt=3", "rollout.max_new_tokens=3",
+         "rollout.prompts_per_step=2", "rollout.samples_per_prompt=3", "rollout.max_turn_tokens=3",
          "rollout.max_episode_tokens=256", "rollout.pool.num_workers=0", "train.micro_batch_tokens=512",
          "eval.episodes_per_env=2", "eval.every_steps=0", "logging.backends=[jsonl]", "logging.report=false",
          "run.quiet=true", "train.steps=2"]

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from hybrid_rl.config import load_config
-from model import HybridConfig, HybridLM
-from rl.batch import collate
-from rl.config import RLStageConfig
-from rl.train import make_batch, policy_update
-from rollout.trajectory import Trajectory
+from hybrid_rl.model import HybridConfig, HybridLM
+from hybrid_rl.rl.batch import collate
+from hybrid_rl.rl.config import RLStageConfig
+from hybrid_rl.rl.train import make_batch, policy_update
+from hybrid_rl.rollout.trajectory import Trajectory
 
 
 class GradRecorder:

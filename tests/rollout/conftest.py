@@ -10,7 +10,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node bi
 
 def _model_available() -> bool:
     try:
-        from model import HybridLM  # noqa: F401
+        from hybrid_rl.model import HybridLM  # noqa: F401
     except ImportError:
         return False
     return True

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from model.tokenizer import ByteTokenizer
-from rollout.testing import ToyLM
+from hybrid_rl.model.tokenizer import ByteTokenizer
+from hybrid_rl.rollout.testing import ToyLM
 
 TOK = ByteTokenizer()
 
@@ -14,7 +14,7 @@ def make_model(kind: str, seed: int = 0):
     """'toy' (exact recurrent stand-in) or a model preset name ('micro', 'tiny'), fp32."""
     if kind == "toy":
         return ToyLM(vocab_size=TOK.vocab_size, seed=seed)
-    from model import HybridConfig, HybridLM
+    from hybrid_rl.model import HybridConfig, HybridLM
 
     torch.manual_seed(seed)
     return HybridLM(HybridConfig.from_preset(kind)).float().eval()

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-pytest.importorskip("model.hybrid")
+pytest.importorskip("hybrid_rl.model.hybrid")
 
 
 def test_bench_rollout_prints_one_json_line(capsys):
-    from benchmarks.bench_rollout import main
+    from hybrid_rl.benchmarks.bench_rollout import main
 
     assert main(["--preset", "micro", "--groups", "1", "--group-size", "2", "--turns", "1", "2", "--obs-lens", "16",
                  "--max-turn-tokens", "3", "--repeats", "1", "--no-ray"]) == 0

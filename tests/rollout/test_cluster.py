@@ -16,10 +16,10 @@ SCRIPT = textwrap.dedent("""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray.cluster_utils import Cluster
-    from rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
-    from rollout.engine import GroupRequest
-    from rollout.testing import FIXED_TURNS_ID, ToyModel
-    from rollout.worker import RolloutPool
+    from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
+    from hybrid_rl.rollout.engine import GroupRequest
+    from hybrid_rl.rollout.testing import FIXED_TURNS_ID, ToyModel
+    from hybrid_rl.rollout.pool import RolloutPool
 
     node = dict(num_cpus=1, object_store_memory=80 * 1024 ** 2)
     cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from helpers import TOK, forced_close_positions, make_model
-from rollout import logprobs as lp
-from rollout.config import EpisodeConfig, SamplingConfig
-from rollout.engine import Engine, GroupRequest
-from rollout.evaluate import evaluate
-from rollout.testing import FAULTY_ID, FIXED_TURNS_ID
+from hybrid_rl.rollout import logprobs as lp
+from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
+from hybrid_rl.rollout.engine import Engine, GroupRequest
+from hybrid_rl.rollout.evaluate import evaluate
+from hybrid_rl.rollout.testing import FAULTY_ID, FIXED_TURNS_ID
 
 
 def play(model, requests, sampling=None, episode=None, **kw):
@@ -171,7 +171,7 @@ def test_env_errors_and_hangs_end_only_their_episode():
 
 
 def test_invalid_action_can_end_the_episode():
-    from envs.guess_number import GuessNumber  # noqa: F401  (registers the built-ins)
+    from hybrid_rl.envs.guess_number import GuessNumber  # noqa: F401  (registers the built-ins)
 
     model = make_model("toy")
     _, trajs = play(model, groups(2, env_id="hybrid_rl/GuessNumber-v0"),
@@ -201,7 +201,7 @@ def test_policy_version_is_recorded_per_token():
 
 
 def test_routed_experts_are_recorded_and_replay_reproduces_logprobs():
-    pytest.importorskip("model")
+    pytest.importorskip("hybrid_rl.model")
     model = make_model("micro")
     _, trajs = play(model, groups(1, samples=2, turns=2), episode=EpisodeConfig(max_turn_tokens=5, record_routing=True))
     n_moe, k = model.config.layer_pattern.count("E"), model.config.num_experts_per_tok
@@ -229,7 +229,7 @@ def test_evaluate_in_process_summarises_per_env():
 
 
 def test_env_returning_non_text_is_an_env_error(monkeypatch):
-    from rollout.testing import FixedTurnsEnv
+    from hybrid_rl.rollout.testing import FixedTurnsEnv
 
     monkeypatch.setattr(FixedTurnsEnv, "_obs", lambda self: 42 if self._t == 1 else "ok")
     _, trajs = play(make_model("toy"), groups(2, turns=3))
@@ -241,7 +241,7 @@ def test_import_rollout_does_not_import_ray():
     import subprocess
     import sys
 
-    code = "import sys, rollout; rollout.evaluate; print('ray' in sys.modules)"
+    code = "import sys, hybrid_rl.rollout as rollout; rollout.evaluate; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 
@@ -279,7 +279,7 @@ def test_rows_ending_a_turn_together_step_their_envs_concurrently():
 
     import gymnasium
 
-    from rollout.testing import FixedTurnsEnv
+    from hybrid_rl.rollout.testing import FixedTurnsEnv
 
     class BarrierEnv(FixedTurnsEnv):
         def __init__(self, barrier=None, **kw):
@@ -302,7 +302,7 @@ def test_rows_ending_a_turn_together_step_their_envs_concurrently():
 
 
 def test_an_env_step_with_the_wrong_arity_is_an_env_error(monkeypatch):
-    from rollout.testing import FixedTurnsEnv
+    from hybrid_rl.rollout.testing import FixedTurnsEnv
 
     monkeypatch.setattr(FixedTurnsEnv, "step", lambda self, action: ("obs", 0.0, False, {}))
     _, trajs = play(make_model("toy"), groups(2, turns=2), episode=EpisodeConfig(max_turn_tokens=3, env_timeout_s=0))
@@ -311,7 +311,7 @@ def test_an_env_step_with_the_wrong_arity_is_an_env_error(monkeypatch):
 
 
 def test_turns_closed_at_the_token_limit_and_reward_components_are_recorded_per_turn():
-    import envs
+    from hybrid_rl import envs
 
     model = make_model("toy")
     _, trajs = play(model, [GroupRequest("hybrid_rl/FrozenLake-v1", seed=s, group_id=s) for s in range(3)],

@@ -6,16 +6,16 @@ import pytest
 
 from hybrid_rl.cli import main
 
-pytest.importorskip("model.hf")
+pytest.importorskip("hybrid_rl.model.hf")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     import torch
 
-    from model import HybridConfig, HybridLM
-    from model.hf import save_pretrained
-    from model.tokenizer import ByteTokenizer
+    from hybrid_rl.model import HybridConfig, HybridLM
+    from hybrid_rl.model.hf import save_pretrained
+    from hybrid_rl.model.tokenizer import ByteTokenizer
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "micro"

@@ -7,10 +7,10 @@ restarts a worker, runs last.
 import pytest
 
 from helpers import TOK
-from rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
-from rollout.engine import GroupRequest
-from rollout.logprobs import logprob_mismatch
-from rollout.testing import FAULTY_ID, FIXED_TURNS_ID, ToyLM, ToyModel
+from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
+from hybrid_rl.rollout.engine import GroupRequest
+from hybrid_rl.rollout.logprobs import logprob_mismatch
+from hybrid_rl.rollout.testing import FAULTY_ID, FIXED_TURNS_ID, ToyLM, ToyModel
 
 HANG_GUARD = pytest.mark.timeout(240) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 
@@ -21,7 +21,7 @@ def toy(seed):
 
 @pytest.fixture(scope="module")
 def pool(ray_session):
-    from rollout.worker import RolloutPool
+    from hybrid_rl.rollout.pool import RolloutPool
 
     cfg = PoolConfig(num_workers=2, num_cpus_per_worker=0.5, torch_threads=1, task_timeout_s=120)
     p = RolloutPool(ToyModel(TOK.vocab_size, seed=0), cfg, SamplingConfig(seed=0, ascii_only=True),
@@ -36,7 +36,7 @@ def groups(n, samples=2, env_id=FIXED_TURNS_ID, **env_kwargs):
 
 def test_two_workers_share_the_groups(pool, tmp_path):
     trajs = pool.run_groups(groups(6, turns=2), jsonl_path=tmp_path / "t.jsonl")
-    from rollout.trajectory import read_jsonl
+    from hybrid_rl.rollout.trajectory import read_jsonl
 
     assert read_jsonl(tmp_path / "t.jsonl") == trajs
     assert [(t.group_id, t.sample_index) for t in trajs] == [(g, k) for g in range(6) for k in range(2)]
@@ -96,7 +96,7 @@ def test_weights_pushed_during_a_rollout_land_between_decode_steps(pool, tmp_pat
         first_v6 = t.policy_version.index(6)
         assert t.num_turns == 4 and sum(t.is_action[first_v6:]) > 0
     # tokens sampled before the push are model A's
-    from rollout.logprobs import training_logprobs
+    from hybrid_rl.rollout.logprobs import training_logprobs
 
     for t, recomputed in zip(trajs, training_logprobs(model_a, trajs)):
         cut = t.policy_version.index(6)
@@ -120,7 +120,7 @@ def test_pool_evaluate_summarises(pool):
 
 @HANG_GUARD
 def test_a_stalled_worker_raises_a_clear_timeout_then_the_pool_recovers(pool):
-    from rollout.worker import RolloutTimeoutError
+    from hybrid_rl.rollout.pool import RolloutTimeoutError
 
     old = pool.cfg.task_timeout_s
     pool.cfg.task_timeout_s = 4.0
@@ -135,7 +135,7 @@ def test_a_stalled_worker_raises_a_clear_timeout_then_the_pool_recovers(pool):
 
 
 def test_unplaceable_workers_fail_at_once_with_the_fix():
-    from rollout.worker import check_resources
+    from hybrid_rl.rollout.pool import check_resources
 
     with pytest.raises(ValueError, match="num_cpus_per_worker"):
         check_resources(PoolConfig(num_workers=4, num_cpus_per_worker=1), {"CPU": 2.0})

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rollout.sampling import naive_plain_logprob, naive_sampling_probs, sample, sampling_logprobs
+from hybrid_rl.rollout.sampling import naive_plain_logprob, naive_sampling_probs, sample, sampling_logprobs
 
 SETTINGS = [
     dict(temperature=1.0, top_k=0, top_p=1.0),

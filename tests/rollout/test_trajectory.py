@@ -1,6 +1,6 @@
 import pytest
 
-from rollout.trajectory import Trajectory, read_jsonl, write_jsonl
+from hybrid_rl.rollout.trajectory import Trajectory, read_jsonl, write_jsonl
 
 
 def make_traj(**kw):

@@ -13,7 +13,7 @@ def test_sft_run_reaches_wandb_offline_and_tensorboard(tmp_path, chat_jsonl, mon
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = run_sft(tmp_path, "dash", "train.max_steps=3", "train.lr=2e-3", "run.tags=[sft,e2e]",
                   "data.envs=[{env_id: hybrid_rl/GuessNumber-v0, episodes: 4}]", f"data.jsonl_paths=[{chat_jsonl}]",
-                  "eval.episodes_per_env=1", "eval.max_new_tokens=4", "logging.backends=[jsonl,tensorboard,wandb]",
+                  "eval.episodes_per_env=1", "eval.max_turn_tokens=4", "logging.backends=[jsonl,tensorboard,wandb]",
                   "logging.wandb_mode=offline")
     rows = read_metrics(run)
     truth = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}

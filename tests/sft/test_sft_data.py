@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from model.tokenizer import ByteTokenizer, render_chat
-from sft.config import DataConfig, EnvDemoConfig
-from sft.data import DataError, expert_conversation, load_samples, read_jsonl
+from hybrid_rl.model.tokenizer import ByteTokenizer, render_chat
+from hybrid_rl.sft.config import DataConfig, EnvDemoConfig
+from hybrid_rl.sft.data import DataError, expert_conversation, load_samples, read_jsonl
 
 TOK = ByteTokenizer()
 GOOD = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
@@ -96,7 +96,7 @@ def test_hf_datasets_directory(tmp_path):
 
 
 def test_expert_demonstrations_on_train_seeds_saved_to_jsonl_and_read_back(tmp_path):
-    import envs
+    from hybrid_rl import envs
 
     cfg = DataConfig(envs=[EnvDemoConfig("hybrid_rl/GuessNumber-v0", 5), EnvDemoConfig("hybrid_rl/FrozenLake-v1", 3)])
     samples, report = load_samples(cfg, TOK, demos_path=tmp_path / "demos.jsonl")
@@ -117,11 +117,11 @@ def test_sft_rendering_of_a_rollout_conversation_is_the_rollout_token_ids():
     after a turn hit max_turn_tokens, which the policy did not produce)."""
     import torch
 
-    from model import HybridLM
-    from model.config import HybridConfig
-    from rollout.config import EpisodeConfig, SamplingConfig
-    from rollout.evaluate import evaluate
-    from sft.data import render_samples, DataReport
+    from hybrid_rl.model import HybridLM
+    from hybrid_rl.model.config import HybridConfig
+    from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
+    from hybrid_rl.rollout.evaluate import evaluate
+    from hybrid_rl.sft.data import render_samples, DataReport
 
     torch.manual_seed(0)
     model = HybridLM(HybridConfig.from_preset("micro")).eval()

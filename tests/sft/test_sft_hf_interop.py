@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from model.hf import load_pretrained
-from model.tokenizer import render_chat
+from hybrid_rl.model.hf import load_pretrained
+from hybrid_rl.model.tokenizer import render_chat
 from sft_testlib import run_sft
 
 

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from sft.packing import IGNORE, MicroBatchStream, build_micro_batch, loss_sum, pack_rows, reference_loss, shift_targets
+from hybrid_rl.sft.packing import IGNORE, MicroBatchStream, build_micro_batch, loss_sum, pack_rows, reference_loss, shift_targets
 
 
 class DocCausalLM(torch.nn.Module):

@@ -6,7 +6,7 @@ import pytest
 
 from hybrid_rl.cli import main as cli_main
 from hybrid_rl.metrics import read_metrics
-from sft.results import markdown, summarize_run
+from hybrid_rl.sft.results import markdown, summarize_run
 
 ENVS = ("GuessNumber-v0", "FrozenLake-v1")
 

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from hybrid_rl.checkpoint import list_checkpoints, load_trainer_state
 from hybrid_rl.cli import main as cli_main
-from model import HybridLM
-from model.config import HybridConfig
-from sft.packing import MicroBatchStream, loss_sum, reference_loss
-from sft.train import lr_at
+from hybrid_rl.model import HybridLM
+from hybrid_rl.model.config import HybridConfig
+from hybrid_rl.sft.packing import MicroBatchStream, loss_sum, reference_loss
+from hybrid_rl.sft.train import lr_at
 from sft_testlib import FAST, losses, run_sft
 
 

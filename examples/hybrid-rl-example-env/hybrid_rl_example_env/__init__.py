@@ -1,4 +1,4 @@
-"""hybrid-rl plug-in: ``import envs`` calls ``register()`` through the ``hybrid_rl.envs`` entry point.
+"""hybrid-rl plug-in: ``from hybrid_rl import envs`` calls ``register()`` through the ``hybrid_rl.envs`` entry point.
 
 Keep this module light: it is imported whenever hybrid-rl's environments load. The environment class
 lives in its own module, which gymnasium imports only when the environment is made.

@@ -1,6 +1,6 @@
 """ReverseWord: spell a short word backwards (three tries)."""
 
-from envs import TextEnv
+from hybrid_rl.envs import TextEnv
 
 WORDS = ("cat", "dog", "sun", "map", "pen", "cup", "box", "leaf", "star", "moon", "frog", "lamp")
 

@@ -1,6 +1,6 @@
 """Write the RL section of docs/RESULTS.md from a pipeline run's own files (never by hand).
 
-    python -m rl.results runs/quickstart [--doc docs/RESULTS.md]
+    python -m hybrid_rl.pipeline.results runs/quickstart [--doc docs/RESULTS.md]
 
 Reads ``results.json`` (the SFT vs RL table on held-out seeds), the RL run's ``metrics.jsonl`` (rollout
 success at the first and last steps, step times) and ``config.yaml``; replaces the block between
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-BEGIN, END = "<!-- quickstart:begin (written by python -m rl.results) -->", "<!-- quickstart:end -->"
+BEGIN, END = "<!-- quickstart:begin (written by python -m hybrid_rl.pipeline.results) -->", "<!-- quickstart:end -->"
 
 
 def render(base: Path) -> str:
@@ -43,7 +43,7 @@ def render(base: Path) -> str:
     table, base_rows = res["results"], res.get("baselines", {})
     n = int(cfg["eval"]["episodes_per_env"])
     if base_rows:
-        from rl.pipeline import success_se
+        from hybrid_rl.pipeline.recipe import success_se
 
         lines += ["Held-out greedy success, +- binomial standard error (the scripted policies play the same seeds):", "",
                   "| env | random | teacher | SFT | RL | optimal expert |", "|---|---:|---:|---:|---:|---:|"]
@@ -92,7 +92,7 @@ def write(doc: Path, block: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rl.results", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hybrid_rl.pipeline.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="the pipeline's run directory (with results.json)")
     parser.add_argument("--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md")
     args = parser.parse_args(argv)

@@ -3,9 +3,9 @@
     1. demonstrations: an imperfect teacher (``demos.teacher``: the env's heuristic, or its expert, with
        ``demos.noise``) plays each env's train seeds; its conversations, failed episodes included, are the
        SFT data, so SFT learns an imperfect policy that RL has to go past
-    2. SFT (``sft.train.train``) from scratch on those demonstrations
-    3. GRPO (``rl.train.train``) from the SFT checkpoint
-    4. eval of the SFT and the RL checkpoints on the same held-out seeds, greedy (``rl.evaluate``), beside
+    2. SFT (``hybrid_rl.sft.train.train``) from scratch on those demonstrations
+    3. GRPO (``hybrid_rl.rl.train.train``) from the SFT checkpoint
+    4. eval of the SFT and the RL checkpoints on the same held-out seeds, greedy (``hybrid_rl.rollout.evaluate.evaluate_policy``), beside
        the scripted baselines on those seeds: a random policy, the teacher, and the optimal expert
     5. a results table, printed and written to ``runs/<name>/results.{json,md}``
 
@@ -24,17 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from hybrid_rl.cli import add_config_arguments, resolve_config
+from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.metrics import LoggingConfig, env_key
 from hybrid_rl.run import RunConfig
-from model.config import HybridConfig
-from rl.config import AlgoConfig, CheckpointConfig
-from rl.config import EvalConfig as RLEvalConfig
-from rl.config import RolloutSection
-from rl.config import TrainConfig as RLTrainConfig
-from sft.config import DataConfig
-from sft.config import EvalConfig as SFTEvalConfig
-from sft.config import TrainConfig as SFTTrainConfig
+from hybrid_rl.model.config import HybridConfig
+from hybrid_rl.rl.config import AlgoConfig, CheckpointConfig
+from hybrid_rl.rl.config import EvalConfig as RLEvalConfig
+from hybrid_rl.rl.config import RolloutSection
+from hybrid_rl.rl.config import TrainConfig as RLTrainConfig
+from hybrid_rl.sft.config import DataConfig
+from hybrid_rl.sft.config import EvalConfig as SFTEvalConfig
+from hybrid_rl.sft.config import TrainConfig as SFTTrainConfig
 
 log = logging.getLogger("hybrid_rl.pipeline")
 
@@ -49,7 +49,7 @@ class DemoConfig:
     keep_failed: bool = True  # an imperfect teacher's failures are part of its demonstrations
 
     def __post_init__(self):
-        from envs.episode import POLICIES
+        from hybrid_rl.envs.episode import POLICIES
 
         if self.teacher not in POLICIES:
             raise ValueError(f"teacher: got {self.teacher!r}, expected one of {', '.join(map(repr, POLICIES))}")
@@ -78,14 +78,14 @@ class FinalEvalConfig:
     episodes_per_env: int = 100  # held-out eval seeds, the same for both checkpoints
     # 0 = greedy (each policy's single best guess); 1 = the policy as RL samples it (seeded, repeatable)
     temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    max_new_tokens: int = 16
+    max_turn_tokens: int = 16
     # the seeds both checkpoints play: "eval" (held out, for reporting) or "val" (for choosing a recipe
     # without ever looking at the held-out seeds)
     split: Literal["eval", "val"] = "eval"
 
     def __post_init__(self):
-        if self.episodes_per_env < 1 or not self.temperatures or min(self.temperatures) < 0 or self.max_new_tokens < 1:
-            raise ValueError(f"episodes_per_env >= 1, temperatures non-empty and >= 0, max_new_tokens >= 1 expected, got {self}")
+        if self.episodes_per_env < 1 or not self.temperatures or min(self.temperatures) < 0 or self.max_turn_tokens < 1:
+            raise ValueError(f"episodes_per_env >= 1, temperatures non-empty and >= 0, max_turn_tokens >= 1 expected, got {self}")
 
 
 @dataclass
@@ -113,14 +113,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hybrid_rl.log import setup_logging
-    from rl.cli import _check_envs
+    from hybrid_rl.rl.cli import check_env_ids
 
     cfg = resolve_config(PipelineConfig, args)
     if cfg is None:
         return 0
     setup_logging(cfg.run.log_level, cfg.run.quiet)
-    _check_envs(cfg.envs)
-    from sft.data import DataError
+    check_env_ids(cfg.envs)
+    from hybrid_rl.sft.data import DataError
 
     try:
         results = pipeline(cfg)
@@ -134,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
 def pipeline(cfg: PipelineConfig) -> dict:
     """Demos -> SFT -> RL -> eval of both; returns the results dict (also written to results.json/.md)."""
     from hybrid_rl.config import save_config
-    from rl.train import train as rl_train
-    from sft.train import train as sft_train
+    from hybrid_rl.rl.train import train as rl_train
+    from hybrid_rl.sft.train import train as sft_train
 
     t0 = time.time()
     name = cfg.run.name or f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -150,7 +150,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
     demos = write_demos(cfg, base / "demonstrations.jsonl")
     log.info("demonstrations: %s", demos)
 
-    from sft.config import SFTStageConfig
+    from hybrid_rl.sft.config import SFTStageConfig
 
     data = DataConfig(**{**vars(cfg.sft.data), "envs": [], "jsonl_paths": [str(base / "demonstrations.jsonl")]})
     sft_eval = SFTEvalConfig(**{**vars(cfg.sft.eval), "env_ids": list(cfg.envs)})
@@ -160,7 +160,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
     sft_summary = sft_train(sft_cfg)
     t_sft = time.time() - t_sft
 
-    from rl.config import RLStageConfig
+    from hybrid_rl.rl.config import RLStageConfig
 
     rl_cfg = RLStageConfig(run=stage_run("rl"), model=cfg.model, init_from=sft_summary["checkpoint"], envs=list(cfg.envs),
                            rollout=cfg.rl.rollout, algo=cfg.rl.algo, train=cfg.rl.train, eval=cfg.rl.eval,
@@ -188,7 +188,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
 def scripted_baselines(cfg: PipelineConfig) -> dict:
     """Held-out success and mean turns of the scripted policies on the eval seeds the checkpoints play:
     {"random" | "teacher" | "expert": {env_key: {"success", "turns", "return"}}}."""
-    import envs
+    from hybrid_rl import envs
 
     out: dict[str, dict] = {}
     for who, policy, noise in (("random", "random", None), ("teacher", cfg.demos.teacher, cfg.demos.noise),
@@ -202,7 +202,7 @@ def scripted_baselines(cfg: PipelineConfig) -> dict:
 
 def write_demos(cfg: PipelineConfig, path: Path) -> dict:
     """The teacher's conversations as SFT JSONL ({"messages": ...}); returns its success rate per env."""
-    import envs
+    from hybrid_rl import envs
 
     stats = {}
     with path.open("w") as fh:
@@ -226,9 +226,9 @@ def compare_checkpoints(cfg: PipelineConfig, run: RunConfig, checkpoints: dict[s
     """Eval of each checkpoint on the same held-out seeds at each eval temperature, logged as a run of its own."""
     from hybrid_rl.metrics import MetricsLogger
     from hybrid_rl.run import make_run_dir
-    from model.hf import load_pretrained
-    from model.tokenizer import ByteTokenizer
-    from rl.evaluate import evaluate
+    from hybrid_rl.model.hf import load_pretrained
+    from hybrid_rl.model.tokenizer import ByteTokenizer
+    from hybrid_rl.rollout.evaluate import evaluate_policy, sample_row
 
     run_dir = make_run_dir(run, "eval", cfg)
     logger = MetricsLogger(cfg.logging, run_dir, run.name.replace("/", "-"), {"checkpoints": checkpoints},
@@ -239,17 +239,16 @@ def compare_checkpoints(cfg: PipelineConfig, run: RunConfig, checkpoints: dict[s
             model = load_pretrained(path).float()
             row = {}
             for temp in cfg.eval.temperatures:
-                metrics, trajectories = evaluate(model, ByteTokenizer(), cfg.envs, cfg.eval.episodes_per_env, split=cfg.eval.split,
-                                                 temperature=temp, max_new_tokens=cfg.eval.max_new_tokens)
+                metrics, trajectories = evaluate_policy(model, ByteTokenizer(), cfg.envs, cfg.eval.episodes_per_env,
+                                                        split=cfg.eval.split, temperature=temp,
+                                                        max_turn_tokens=cfg.eval.max_turn_tokens)
                 table.setdefault(stage, {})[f"T={temp:g}"] = metrics
                 if temp == 0:  # greedy under the plain names; sampled success beside them
                     row.update(metrics)
                 else:
                     row.update({k.replace("eval/success", f"eval/success_t{temp:g}", 1): v
                                 for k, v in metrics.items() if k.startswith("eval/success")})
-                logger.log_samples([{"stage": stage, "temperature": temp, "env_id": t.env_id, "seed": t.seed,
-                                     "status": t.status, "return": t.episode_return, "success": t.success,
-                                     "num_turns": t.num_turns, "messages": t.messages} for t in trajectories[:2]], step=i)
+                logger.log_samples([sample_row(t, stage=stage, temperature=temp) for t in trajectories[:2]], step=i)
             logger.log(row, step=i)  # step 0 = the SFT checkpoint, step 1 = the RL checkpoint
     finally:
         logger.close()
