@@ -84,6 +84,9 @@ class AlgoConfig:
     env_weights: dict[str, float] = field(default_factory=dict)  # env id -> weight of its episodes' advantages (default 1)
     skip_zero_advantage: bool = True  # leave advantage-0 episodes out of the update (no policy gradient; saves compute)
     dynamic_sampling: bool = False  # DAPO: play more groups until prompts_per_step of them are informative
+    # what makes a group informative for dynamic sampling: "success" (DAPO: some but not all of its episodes
+    # succeed, so per-turn costs and penalties alone never fill a batch) or "advantage" (any non-zero advantage)
+    dynamic_sampling_filter: Literal["success", "advantage"] = "success"
     max_refill_rounds: int = 4  # dynamic sampling: at most this many extra rounds of prompts_per_step groups per step
     routing_replay: bool = False  # train on the experts the rollout picked (R3), recorded per token
     updates_per_batch: int = 1  # optimizer steps on each rollout batch (GRPO's mu); > 1 takes ratios vs the rollout's log-probs

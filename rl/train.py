@@ -133,6 +133,8 @@ def _by_group(trajectories) -> list[list]:
 
 
 def _informative(group, cfg: RLStageConfig) -> bool:
+    if cfg.algo.dynamic_sampling_filter == "success":  # DAPO's filter: accuracy strictly between 0 and 1
+        return len({t.success for t in group if not t.failed}) == 2
     return any(a != 0 for adv in token_advantages(group, cfg.algo)[0] for a in adv)
 
 

@@ -122,7 +122,7 @@ def test_dynamic_sampling_refills_until_the_step_has_enough_informative_groups()
     from hybrid_rl import envs
 
     cfg = _cfg("algo.dynamic_sampling=true", "algo.max_refill_rounds=6", "rollout.prompts_per_step=4",
-               "rollout.samples_per_prompt=2", "envs=[hybrid_rl/FrozenLake-v1]")
+               "rollout.samples_per_prompt=2", "envs=[hybrid_rl/FrozenLake-v1]", "algo.dynamic_sampling_filter=advantage")
     pool = ScriptedPool()
     played, kept, stats = play_step(pool, cfg, step=1)
     assert len({t.group_id for t in kept}) == 4
@@ -136,9 +136,26 @@ def test_dynamic_sampling_refills_until_the_step_has_enough_informative_groups()
     step0 = {t.seed for t in play_step(ScriptedPool(), cfg, step=0)[0]}
     assert not step0 & {t.seed for t in played} and {t.seed for t in played} <= set(seeds)  # steps never share seeds
     capped = _cfg("algo.dynamic_sampling=true", "algo.max_refill_rounds=0", "rollout.prompts_per_step=4",
-                  "rollout.samples_per_prompt=2", "envs=[hybrid_rl/FrozenLake-v1]")
+                  "rollout.samples_per_prompt=2", "envs=[hybrid_rl/FrozenLake-v1]", "algo.dynamic_sampling_filter=advantage")
     _, kept_capped, stats_capped = play_step(ScriptedPool(), capped, step=1)
     assert stats_capped["rollout/refill_rounds"] == 0 and len({t.group_id for t in kept_capped}) < 4
+
+
+def test_dapo_filter_keeps_groups_whose_outcomes_differ_not_those_that_differ_only_by_shaping():
+    # every group fails, but with different episode lengths (per-turn cost): informative by advantage, not by outcome
+    class AllFail(ScriptedPool):
+        def run_groups(self, requests):
+            self.rounds.append([r.group_id for r in requests])
+            return [_fail(r.group_id, 2 + i, i) for r in requests for i in range(r.num_samples)]
+
+    common = ["algo.dynamic_sampling=true", "algo.max_refill_rounds=2", "rollout.prompts_per_step=2",
+              "rollout.samples_per_prompt=2", "envs=[hybrid_rl/FrozenLake-v1]"]
+    _, kept, stats = play_step(AllFail(), _cfg(*common), step=0)
+    assert kept == [] and stats["rollout/refill_rounds"] == 2 and stats["rollout/groups_dropped"] == 6
+    _, kept_adv, _ = play_step(AllFail(), _cfg(*common, "algo.dynamic_sampling_filter=advantage"), step=0)
+    assert len({t.group_id for t in kept_adv}) == 2
+    _, kept_mixed, _ = play_step(ScriptedPool(), _cfg(*common), step=0)
+    assert all(len({t.success for t in kept_mixed if t.group_id == g}) == 2 for g in {t.group_id for t in kept_mixed})
 
 
 @pytest.mark.parametrize("override, expected", [
