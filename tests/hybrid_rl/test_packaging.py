@@ -77,8 +77,13 @@ def test_wheel_installs_only_hybrid_rl_and_runs_from_any_directory(tmp_path):
 
     # a fresh interpreter that sees the wheel and the dependencies, not the checkout: -S skips site (and so
     # any editable install's finder, a .pth file); the dependencies are this interpreter's import path
-    # (site-packages and whatever its .pth files added), less the checkout
-    deps = [p for p in sys.path if p and Path(p).is_dir() and not Path(p).resolve().is_relative_to(ROOT)]
+    # (site-packages and whatever its .pth files added), less the checkout's own folders (a venv inside the
+    # checkout, as `make` creates it, is kept: its site-packages hold the dependencies)
+    def from_checkout(p: str) -> bool:
+        resolved = Path(p).resolve()
+        return resolved.is_relative_to(ROOT) and "site-packages" not in resolved.parts
+
+    deps = [p for p in sys.path if p and Path(p).is_dir() and not from_checkout(p)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), *deps]), "CI": "true"}
 
     def run(*args: str) -> subprocess.CompletedProcess:
