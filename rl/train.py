@@ -147,10 +147,12 @@ def evaluate_policy(model, tokenizer, cfg: RLStageConfig) -> tuple[dict[str, flo
 # ------------------------------------------------------------------------------ advantages
 
 
-def turn_rewards(t, algo) -> list[float]:
+def turn_rewards(t, algo, turn_of: list[int] | None = None) -> list[float]:
     """The rewards of each action turn of ``t``, with the overlong penalty on turns closed by force. They sum
-    to ``episode_return`` (minus penalties): a return no step reward accounts for is put on the last turn."""
-    n = max(len(t.step_rewards), max(t.action_turn_index(), default=-1) + 1, 1)
+    to ``episode_return`` (minus penalties): a return no step reward accounts for is put on the last turn.
+    ``turn_of``: ``t.action_turn_index()`` when the caller has it already."""
+    turn_of = t.action_turn_index() if turn_of is None else turn_of
+    n = max(len(t.step_rewards), max(turn_of, default=-1) + 1, 1)
     rewards = [*t.step_rewards, *[0.0] * (n - len(t.step_rewards))]
     rewards[-1] += t.episode_return - sum(t.step_rewards)
     for k in t.overlong_turns:
@@ -168,7 +170,8 @@ def token_advantages(trajectories, algo) -> tuple[list[list[float]], list[bool]]
     Advantages are scaled by the episode's env weight (``algo.env_weights``)."""
     adv_fn = get_advantage_fn(algo.advantage)
     valid = [not t.failed and t.num_action_tokens > 0 for t in trajectories]
-    rewards = [turn_rewards(t, algo) for t in trajectories]
+    turns_of = [t.action_turn_index() for t in trajectories]
+    rewards = [turn_rewards(t, algo, turn_of) for t, turn_of in zip(trajectories, turns_of)]
     if algo.credit == "episode":
         returns = [[sum(r)] for r in rewards]
         episode_i, turn_i, group_i = list(range(len(trajectories))), [0] * len(trajectories), [t.group_id for t in trajectories]
@@ -182,8 +185,7 @@ def token_advantages(trajectories, algo) -> tuple[list[list[float]], list[bool]]
     for e, k, a in zip(episode_i, turn_i, flat_adv):
         per_turn[e][k] = a * algo.env_weights.get(trajectories[e].env_id, 1.0)
     out = []
-    for t, adv in zip(trajectories, per_turn):
-        turn_of = t.action_turn_index()
+    for turn_of, adv in zip(turns_of, per_turn):
         out.append([(adv[0] if algo.credit == "episode" else adv[k]) if k >= 0 else 0.0 for k in turn_of])
     return out, valid
 
