@@ -60,7 +60,7 @@ def bench_ours(steps: int, threads: int) -> list[float]:
     torch.manual_seed(0)
     cfg = load_config(RLStageConfig, None, [
         "model.preset=tiny", f"envs=[{ENV}]", f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}",
-        f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.max_episode_tokens=128", "train.micro_batch_tokens=8192",
+        f"rollout.max_turn_tokens={NEW_TOKENS}", "rollout.max_episode_tokens=128", "train.micro_batch_tokens=8192",
         "train.lr=1e-5", "algo.skip_zero_advantage=false"])  # TRL trains on every completion: the same work
     model = HybridLM(HybridConfig.from_preset("tiny")).train()
     tokenizer = ByteTokenizer()
