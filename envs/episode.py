@@ -19,6 +19,7 @@ import gymnasium as gym
 
 from hybrid_rl.envs.core import TextEnv
 from hybrid_rl.envs.registry import make, seeds
+from hybrid_rl.registry import check_name
 
 __all__ = ["Episode", "run_episode", "expert_policy", "expert_episode", "expert_stats", "POLICIES"]
 
@@ -144,5 +145,4 @@ def _with_noise(action: Callable[..., str], noise: float | None) -> Callable[[st
 
 
 def _check_policy(policy: str) -> None:
-    if policy not in POLICIES:
-        raise ValueError(f"policy={policy!r}: expected one of {', '.join(repr(p) for p in POLICIES)}.")
+    check_name("teacher policy", policy, POLICIES)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import gymnasium as gym
 from gymnasium.envs.registration import load_env_creator
 
+from hybrid_rl.registry import check_name
+
 __all__ = ["NAMESPACE", "ENTRY_POINT_GROUP", "BUILTINS", "UnknownEnvironmentError", "register_builtins",
            "load_plugins", "make", "resolve_id", "env_ids", "describe", "max_turns", "seeds", "EVAL_SEED_START"]
 
@@ -175,8 +177,7 @@ def seeds(env_id: str, split: str, n: int) -> list[int]:
     on every machine (every environment draws only from its seeded ``np_random``).
     """
     resolve_id(env_id)  # an unknown id fails here, with suggestions, rather than in a worker later
-    if split not in SPLIT_START:
-        raise ValueError(f"split={split!r}: expected one of {', '.join(map(repr, SPLIT_START))}.")
+    check_name("seed split", split, SPLIT_START)
     if not 0 <= n <= VAL_SEED_START:
         raise ValueError(f"n={n}: expected between 0 and {VAL_SEED_START} seeds.")
     start = SPLIT_START[split]

@@ -28,6 +28,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from hybrid_rl.registry import UnknownNameError, check_name
 __all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "save_config", "apply_overrides", "valid_keys"]
 
 
@@ -138,7 +139,10 @@ def from_dict(cls: type, data: Any, path: str = "", root: type | None = None) ->
     data = dict(data)
     preset_hook = getattr(cls, "preset_defaults", None)
     if preset_hook is not None and data.get("preset"):
-        base = preset_hook(data["preset"])  # raises ConfigError naming the valid presets
+        try:
+            base = preset_hook(data["preset"])
+        except ValueError as err:  # an unknown preset: the message names the closest and the valid ones
+            raise ConfigError(f"{path}preset: {err}") from None
         data = {**base, **data}
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -224,10 +228,10 @@ def _convert(value: Any, tp, key: str, root: type) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key + ".", root)
     if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(repr(a) for a in args)}.{hint}")
+        try:
+            check_name("choice", value, args)
+        except UnknownNameError as err:
+            raise ConfigError(f"{key}: {err}") from None
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -17,8 +17,9 @@ Presets (``HybridConfig.from_preset(name, **overrides)``):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
+
+from hybrid_rl.registry import Registry
 
 LAYER_KINDS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 # transformers >= 5.14 spells the layer list as layers_block_type names
@@ -133,18 +134,12 @@ class HybridConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset_names(cls) -> list[str]:
-        return list(PRESETS)
+        return PRESETS.names()
 
     @classmethod
     def preset_defaults(cls, name: str) -> dict:
         """The preset's field values (used by the config loader for ``model: {preset: NAME}``)."""
-        if name not in PRESETS:
-            from hybrid_rl.config import ConfigError
-
-            close = difflib.get_close_matches(name, PRESETS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown model preset {name!r}.{hint} Valid presets: {', '.join(PRESETS)}.")
-        return {**PRESETS[name], "preset": name}
+        return {**PRESETS.get(name), "preset": name}
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "HybridConfig":
@@ -154,7 +149,7 @@ class HybridConfig:
         return dataclasses.replace(self, **changes)
 
 
-PRESETS: dict[str, dict] = {
+PRESETS: Registry[dict] = Registry("model preset", {
     "micro": dict(
         vocab_size=320, hidden_size=128, layer_pattern="MEM*E-",
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=256,
@@ -195,4 +190,4 @@ PRESETS: dict[str, dict] = {
         moe_shared_expert_intermediate_size=5376, n_shared_experts=1, moe_latent_size=1024,
         routed_scaling_factor=5.0, num_mtp_layers=1,
     ),
-}
+})

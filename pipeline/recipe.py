@@ -26,6 +26,7 @@ from typing import Literal
 
 from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.metrics import LoggingConfig, env_key
+from hybrid_rl.registry import check_name
 from hybrid_rl.run import RunConfig
 from hybrid_rl.model.config import HybridConfig
 from hybrid_rl.rl.config import AlgoConfig, CheckpointConfig
@@ -51,8 +52,7 @@ class DemoConfig:
     def __post_init__(self):
         from hybrid_rl.envs.episode import POLICIES
 
-        if self.teacher not in POLICIES:
-            raise ValueError(f"teacher: got {self.teacher!r}, expected one of {', '.join(map(repr, POLICIES))}")
+        check_name("teacher", self.teacher, POLICIES)
         if not 0.0 <= self.noise <= 1.0 or self.episodes_per_env < 1:
             raise ValueError(f"noise must be in [0, 1] and episodes_per_env >= 1, got {self.noise}, {self.episodes_per_env}")
 

@@ -10,7 +10,7 @@ Every estimator maps returns to advantages, each return compared with the others
                             group statistics and get advantage 0 (the loop also drops them from the loss)
     -> adv_n    [N] float
 
-Variants (``ADVANTAGES[name]``):
+Variants (``ADVANTAGES.get(name)``):
     rloo    r - mean of the *other* valid samples   Ahmadian et al. 2024 (REINFORCE leave-one-out); the
                                                     default, as NeMo-RL's Nemotron 3 Nano recipe
     drgrpo  r - mean_g                              Liu et al. 2025, "Understanding R1-Zero-like training"
@@ -46,30 +46,15 @@ that the tests compare for values and gradients.
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import torch
 
+from hybrid_rl.registry import Registry
+
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-ADVANTAGES: dict[str, AdvantageFn] = {}
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
 EPS = 1e-6
-
-
-def register_advantage(name: str):
-    def wrap(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGES[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_advantage_fn(name: str) -> AdvantageFn:
-    if name not in ADVANTAGES:
-        close = difflib.get_close_matches(name, ADVANTAGES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown advantage estimator {name!r}.{hint} Valid: {', '.join(ADVANTAGES)}.")
-    return ADVANTAGES[name]
 
 
 # ------------------------------------------------------------------------------ group statistics
@@ -95,7 +80,7 @@ def _group_stats(rewards_n, group_n, valid_n):
     return count_g[idx_n], sum_g[idx_n], mean_g[idx_n], var_g.sqrt()[idx_n], const_n
 
 
-@register_advantage("rloo")
+@ADVANTAGES.register("rloo")
 def rloo_advantages(rewards_n, group_n, valid_n):
     count_n, sum_n, _, _, const_n = _group_stats(rewards_n, group_n, valid_n)
     others_mean_n = (sum_n - rewards_n) / (count_n - 1).clamp(min=1)
@@ -103,13 +88,13 @@ def rloo_advantages(rewards_n, group_n, valid_n):
     return torch.where(valid_n & ~alone_n & ~const_n, rewards_n - others_mean_n, torch.zeros_like(rewards_n))
 
 
-@register_advantage("drgrpo")
+@ADVANTAGES.register("drgrpo")
 def drgrpo_advantages(rewards_n, group_n, valid_n):
     _, _, mean_n, _, const_n = _group_stats(rewards_n, group_n, valid_n)
     return torch.where(valid_n & ~const_n, rewards_n - mean_n, torch.zeros_like(rewards_n))
 
 
-@register_advantage("grpo")
+@ADVANTAGES.register("grpo")
 def grpo_advantages(rewards_n, group_n, valid_n):
     _, _, mean_n, std_n, const_n = _group_stats(rewards_n, group_n, valid_n)
     scale_n = torch.maximum(std_n, _batch_std(rewards_n, valid_n))

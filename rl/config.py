@@ -12,7 +12,6 @@ Sizes, in one place (``RLStageConfig.__post_init__`` checks them):
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,13 +24,6 @@ from hybrid_rl.rl.losses import AGGREGATIONS, POLICY_LOSSES
 from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 
 __all__ = ["RolloutSection", "AlgoConfig", "TrainConfig", "EvalConfig", "CheckpointConfig", "RLStageConfig"]
-
-
-def _check_choice(field_name: str, value: str, choices) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(value, list(choices), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{field_name}: got {value!r}, expected one of {', '.join(map(repr, choices))}.{hint}")
 
 
 @dataclass
@@ -93,10 +85,9 @@ class AlgoConfig:
     mode: Literal["sync", "async"] = "sync"  # async: rollouts of step k+1 run while step k trains
 
     def __post_init__(self):
-        _check_choice("advantage", self.advantage, ADVANTAGES)
-        _check_choice("policy_loss", self.policy_loss, POLICY_LOSSES)
-        _check_choice("loss_agg", self.loss_agg, AGGREGATIONS)
-        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        for registry, name in ((ADVANTAGES, self.advantage), (POLICY_LOSSES, self.policy_loss),
+                               (AGGREGATIONS, self.loss_agg), (KL_ESTIMATORS, self.kl_estimator)):
+            registry.get(name)  # an unknown name fails here, naming the closest valid one
         if self.clip_eps_low < 0 or self.clip_eps_high < 0 or self.seq_clip_eps_low < 0 or self.seq_clip_eps_high < 0:
             raise ValueError(f"clip ranges must be >= 0, got clip_eps_low/high {self.clip_eps_low}/{self.clip_eps_high}, "
                              f"seq_clip_eps_low/high {self.seq_clip_eps_low}/{self.seq_clip_eps_high}")

@@ -18,29 +18,14 @@ paper; k2 is offered because its gradient is the unbiased one (Tang & Munos 2025
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import torch
 
+from hybrid_rl.registry import Registry
+
 KLFn = Callable[..., torch.Tensor]
-KL_ESTIMATORS: dict[str, KLFn] = {}
-
-
-def register_kl(name: str):
-    def wrap(fn: KLFn) -> KLFn:
-        KL_ESTIMATORS[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_kl_estimator(name: str) -> KLFn:
-    if name not in KL_ESTIMATORS:
-        close = difflib.get_close_matches(name, KL_ESTIMATORS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown KL estimator {name!r}.{hint} Valid: {', '.join(KL_ESTIMATORS)}.")
-    return KL_ESTIMATORS[name]
+KL_ESTIMATORS: Registry[KLFn] = Registry("KL estimator")
 
 
 def _log_ratio(logp_bt, ref_logp_bt, mask_bt=None):
@@ -49,17 +34,17 @@ def _log_ratio(logp_bt, ref_logp_bt, mask_bt=None):
     return torch.where(mask_bt.bool(), logp_bt - ref_logp_bt, torch.zeros_like(logp_bt))
 
 
-@register_kl("k1")
+@KL_ESTIMATORS.register("k1")
 def kl_k1(logp_bt, ref_logp_bt, mask_bt=None):
     return _log_ratio(logp_bt, ref_logp_bt, mask_bt)
 
 
-@register_kl("k2")
+@KL_ESTIMATORS.register("k2")
 def kl_k2(logp_bt, ref_logp_bt, mask_bt=None):
     return 0.5 * _log_ratio(logp_bt, ref_logp_bt, mask_bt) ** 2
 
 
-@register_kl("k3")
+@KL_ESTIMATORS.register("k3")
 def kl_k3(logp_bt, ref_logp_bt, mask_bt=None):
     log_ratio_bt = _log_ratio(logp_bt, ref_logp_bt, mask_bt)
     return torch.exp(-log_ratio_bt) - 1.0 + log_ratio_bt

@@ -13,7 +13,7 @@ Legend (shapes in names):
 Masking selects (``torch.where``), never multiplies: a position off the mask may hold an infinite
 log-ratio (a token the truncated sampling distribution excludes), and ``inf * 0`` is NaN.
 
-Variants (``POLICY_LOSSES[name]``, cf. verl's ``register_policy_loss``):
+Variants (``POLICY_LOSSES.get(name)``, cf. verl's ``register_policy_loss``):
     grpo       PPO clipped ratio per token, symmetric eps (Schulman 2017; GRPO, Shao 2024)
     dapo       the same with clip-higher: eps_low < eps_high lets rare tokens grow (Yu et al. 2025)
     gspo       one ratio per sequence, exp(mean_t log ratio), clipped per sequence (Zheng et al. 2025);
@@ -38,13 +38,13 @@ gradients.
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from hybrid_rl.registry import Registry
 
 @dataclass
 class ClipRange:
@@ -55,23 +55,7 @@ class ClipRange:
 
 
 PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ClipRange], tuple[torch.Tensor, torch.Tensor]]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
-
-
-def register_policy_loss(name: str):
-    def wrap(fn: PolicyLossFn) -> PolicyLossFn:
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_policy_loss(name: str) -> PolicyLossFn:
-    if name not in POLICY_LOSSES:
-        close = difflib.get_close_matches(name, POLICY_LOSSES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown policy loss {name!r}.{hint} Valid: {', '.join(POLICY_LOSSES)}.")
-    return POLICY_LOSSES[name]
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
 
 
 def _clipped_objective(ratio, adv, low, high):
@@ -91,19 +75,19 @@ def _log_ratio(logp_bt, old_logp_bt, mask_bt):
     return torch.where(mask_bt.bool(), logp_bt - old_logp_bt, torch.zeros_like(logp_bt))
 
 
-@register_policy_loss("grpo")
+@POLICY_LOSSES.register("grpo")
 def grpo_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
     ratio_bt = torch.exp(_log_ratio(logp_bt, old_logp_bt, mask_bt))
     return _masked(*_clipped_objective(ratio_bt, adv_bt, clip.low, clip.low), mask_bt)
 
 
-@register_policy_loss("dapo")
+@POLICY_LOSSES.register("dapo")
 def dapo_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
     ratio_bt = torch.exp(_log_ratio(logp_bt, old_logp_bt, mask_bt))
     return _masked(*_clipped_objective(ratio_bt, adv_bt, clip.low, clip.high), mask_bt)
 
 
-@register_policy_loss("gspo")
+@POLICY_LOSSES.register("gspo")
 def gspo_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
     on_bt = mask_bt.bool()
     n_b = mask_bt.sum(1).clamp(min=1)
@@ -113,29 +97,38 @@ def gspo_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
     return _masked(loss_b[:, None].expand_as(logp_bt), clipped_b[:, None].expand_as(on_bt), mask_bt)
 
 
-@register_policy_loss("reinforce")
+@POLICY_LOSSES.register("reinforce")
 def reinforce_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
     return _masked(-adv_bt * logp_bt, torch.zeros_like(mask_bt, dtype=torch.bool), mask_bt)
 
 
 # ------------------------------------------------------------------------------ aggregation
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+# (kept_bt: the per-token loss, 0 off the mask; mask_bt; the step's num_tokens, num_seqs) -> scalar
+AggregationFn = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+AGGREGATIONS: Registry[AggregationFn] = Registry("loss aggregation")
+
+
+@AGGREGATIONS.register("token-mean")
+def token_mean(kept_bt, mask_bt, num_tokens: float, num_seqs: float):
+    return kept_bt.sum() / max(num_tokens, 1)
+
+
+@AGGREGATIONS.register("seq-mean-token-sum")
+def seq_mean_token_sum(kept_bt, mask_bt, num_tokens: float, num_seqs: float):
+    return kept_bt.sum() / max(num_seqs, 1)
+
+
+@AGGREGATIONS.register("seq-mean-token-mean")
+def seq_mean_token_mean(kept_bt, mask_bt, num_tokens: float, num_seqs: float):
+    per_seq_b = kept_bt.sum(1) / mask_bt.sum(1).clamp(min=1)
+    return per_seq_b.sum() / max(num_seqs, 1)
 
 
 def aggregate_loss(loss_bt, mask_bt, mode: str, num_tokens: float, num_seqs: float):
     """Reduce a micro-batch's per-token loss with the step-wide normalisers (see module docstring)."""
-    on_bt = mask_bt.bool()
-    kept_bt = torch.where(on_bt, loss_bt, torch.zeros_like(loss_bt))
-    if mode == "token-mean":
-        return kept_bt.sum() / max(num_tokens, 1)
-    if mode == "seq-mean-token-sum":
-        return kept_bt.sum() / max(num_seqs, 1)
-    if mode == "seq-mean-token-mean":
-        per_seq_b = kept_bt.sum(1) / mask_bt.sum(1).clamp(min=1)
-        return per_seq_b.sum() / max(num_seqs, 1)
-    close = difflib.get_close_matches(mode, AGGREGATIONS, n=1)
-    raise ValueError(f"unknown loss aggregation {mode!r}{f' (did you mean {close[0]!r}?)' if close else ''}; valid: {', '.join(AGGREGATIONS)}")
+    kept_bt = torch.where(mask_bt.bool(), loss_bt, torch.zeros_like(loss_bt))
+    return AGGREGATIONS.get(mode)(kept_bt, mask_bt, num_tokens, num_seqs)
 
 
 # ------------------------------------------------------------------------------ token statistics

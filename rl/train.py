@@ -46,11 +46,11 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from hybrid_rl.config import to_dict
 from hybrid_rl.metrics import MetricsLogger, env_key
 from hybrid_rl.run import make_run_dir, seed_everything
-from hybrid_rl.rl.advantages import get_advantage_fn, turn_groups, turn_returns
+from hybrid_rl.rl.advantages import ADVANTAGES, turn_groups, turn_returns
 from hybrid_rl.rl.batch import Batch, collate, micro_batches, trim
 from hybrid_rl.rl.config import RLStageConfig
-from hybrid_rl.rl.kl import get_kl_estimator, kl_k3
-from hybrid_rl.rl.losses import ClipRange, ScoringDist, aggregate_loss, get_policy_loss, policy_logprobs
+from hybrid_rl.rl.kl import KL_ESTIMATORS, kl_k3
+from hybrid_rl.rl.losses import POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, policy_logprobs
 from hybrid_rl.rl.routing import routing_mismatch
 from hybrid_rl.rollout.evaluate import evaluate_policy as evaluate_policy_on
 from hybrid_rl.rollout.evaluate import rollout_metrics, sample_row
@@ -168,7 +168,7 @@ def token_advantages(trajectories, algo) -> tuple[list[list[float]], list[bool]]
     its action tokens. ``credit: turn``: each turn's discounted reward-to-go against the baseline of the
     group's samples at the same turn index (rl/advantages.py explains why that baseline is unbiased).
     Advantages are scaled by the episode's env weight (``algo.env_weights``)."""
-    adv_fn = get_advantage_fn(algo.advantage)
+    adv_fn = ADVANTAGES.get(algo.advantage)
     valid = [not t.failed and t.num_action_tokens > 0 for t in trajectories]
     turns_of = [t.action_turn_index() for t in trajectories]
     rewards = [turn_rewards(t, algo, turn_of) for t, turn_of in zip(trajectories, turns_of)]
@@ -231,7 +231,7 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
     Tokens are scored under ``dist``, the distribution the rollout sampled from. The rollout-mismatch
     figures compare the batch's rollout log-probs with this update's log-probs *before* its optimizer
     step: on the first update of a synchronous step that is engine vs trainer on the same weights."""
-    loss_fn, kl_fn = get_policy_loss(cfg.algo.policy_loss), get_kl_estimator(cfg.algo.kl_estimator)
+    loss_fn, kl_fn = POLICY_LOSSES.get(cfg.algo.policy_loss), KL_ESTIMATORS.get(cfg.algo.kl_estimator)
     clip = ClipRange(cfg.algo.clip_eps_low, cfg.algo.clip_eps_high, cfg.algo.seq_clip_eps_low, cfg.algo.seq_clip_eps_high)
     agg = cfg.algo.loss_agg
     n_tokens, n_seqs = batch.norm_tokens, batch.norm_seqs

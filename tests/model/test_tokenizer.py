@@ -22,7 +22,7 @@ def test_ids_and_vocab_fit_every_preset():
     assert (TOK.pad_id, TOK.bos_id, TOK.eos_id, TOK.end_id) == (0, 1, 2, 7)
     assert [TOK.role_id(r) for r in ("system", "user", "assistant", "tool")] == [3, 4, 5, 6]
     assert TOK.vocab_size == 272 and TOK.encode("A") == [16 + 65]
-    assert all(p["vocab_size"] >= TOK.vocab_size for p in PRESETS.values())
+    assert all(PRESETS.get(p)["vocab_size"] >= TOK.vocab_size for p in PRESETS.names())
 
 
 @pytest.mark.parametrize("text", TEXTS)

@@ -43,7 +43,7 @@ def _adv_by_episode(trajs, cfg):
     return [max(a, key=abs) if any(a) else 0.0 for a in adv]
 
 
-@pytest.mark.parametrize("name", list(ADVANTAGES))
+@pytest.mark.parametrize("name", ADVANTAGES.names())
 def test_an_all_fail_group_of_different_lengths_gets_no_unit_sized_advantage(name):
     # group 0: every episode fails, after 2..20 turns (returns -0.02..-0.20); group 1: half succeed
     lengths = [2, 5, 9, 14, 20, 3, 11, 17]

@@ -9,7 +9,7 @@ import torch
 
 from hybrid_rl.rl.kl import KL_ESTIMATORS
 from hybrid_rl.rl.losses import (
-    AGGREGATIONS, NAIVE, POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, aggregate_loss_naive, get_policy_loss,
+    AGGREGATIONS, NAIVE, POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, aggregate_loss_naive,
     policy_logprobs,
 )
 from hybrid_rl.rollout.sampling import naive_sampling_probs
@@ -28,14 +28,14 @@ def _batch(seed=0, b=6, t=9):
     return logp, old, adv, mask
 
 
-@pytest.mark.parametrize("name", list(POLICY_LOSSES))
-@pytest.mark.parametrize("mode", AGGREGATIONS)
+@pytest.mark.parametrize("name", POLICY_LOSSES.names())
+@pytest.mark.parametrize("mode", AGGREGATIONS.names())
 def test_fast_matches_naive_values_and_gradients(name, mode):
     logp, old, adv, mask = _batch()
     n_tok, n_seq = float(mask.sum()), float(mask.shape[0])
     l1 = logp.clone().requires_grad_(True)
     l2 = logp.clone().requires_grad_(True)
-    loss_fast, _ = POLICY_LOSSES[name](l1, old, adv, mask, CLIP)
+    loss_fast, _ = POLICY_LOSSES.get(name)(l1, old, adv, mask, CLIP)
     loss_naive = NAIVE[name](l2, old, adv, mask, CLIP)
     torch.testing.assert_close(loss_fast, loss_naive)
     agg_fast = aggregate_loss(loss_fast, mask, mode, n_tok, n_seq)
@@ -52,29 +52,29 @@ def test_first_on_policy_step_has_ratio_one_and_reinforce_gradient(name):
     logp, _, adv, mask = _batch()
     l1 = logp.clone().requires_grad_(True)
     l2 = logp.clone().requires_grad_(True)
-    loss, clipped = POLICY_LOSSES[name](l1, l1.detach(), adv, mask, CLIP)
+    loss, clipped = POLICY_LOSSES.get(name)(l1, l1.detach(), adv, mask, CLIP)
     assert not clipped.any()
     expected = -adv * mask if name != "gspo" else -((adv * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None] * mask
     torch.testing.assert_close(loss, expected)  # ratio exactly 1
     mode = "seq-mean-token-mean" if name == "gspo" else "token-mean"
     aggregate_loss(loss, mask, mode, float(mask.sum()), 6.0).backward()
     ref_adv = adv if name != "gspo" else ((adv * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(adv)
-    ref, _ = POLICY_LOSSES["reinforce"](l2, l2.detach(), ref_adv, mask, CLIP)
+    ref, _ = POLICY_LOSSES.get("reinforce")(l2, l2.detach(), ref_adv, mask, CLIP)
     aggregate_loss(ref, mask, mode, float(mask.sum()), 6.0).backward()
     torch.testing.assert_close(l1.grad, l2.grad)
 
 
-@pytest.mark.parametrize("name", list(POLICY_LOSSES))
-@pytest.mark.parametrize("mode", AGGREGATIONS)
+@pytest.mark.parametrize("name", POLICY_LOSSES.names())
+@pytest.mark.parametrize("mode", AGGREGATIONS.names())
 def test_micro_batch_split_does_not_change_the_gradient(name, mode):
     logp, old, adv, mask = _batch(seed=3, b=8)
     n_tok, n_seq = float(mask.sum()), float(mask.shape[0])
     whole = logp.clone().requires_grad_(True)
-    loss, _ = POLICY_LOSSES[name](whole, old, adv, mask, CLIP)
+    loss, _ = POLICY_LOSSES.get(name)(whole, old, adv, mask, CLIP)
     aggregate_loss(loss, mask, mode, n_tok, n_seq).backward()
     split = logp.clone().requires_grad_(True)
     for rows in (slice(0, 3), slice(3, 4), slice(4, 8)):  # uneven micro-batches, gradients accumulate
-        loss, _ = POLICY_LOSSES[name](split[rows], old[rows], adv[rows], mask[rows], CLIP)
+        loss, _ = POLICY_LOSSES.get(name)(split[rows], old[rows], adv[rows], mask[rows], CLIP)
         aggregate_loss(loss, mask[rows], mode, n_tok, n_seq).backward()
     torch.testing.assert_close(whole.grad, split.grad)
 
@@ -84,11 +84,11 @@ def test_clip_higher_is_asymmetric():
     old = torch.zeros(1, 2, dtype=torch.float64)
     mask = torch.ones(1, 2, dtype=torch.float64)
     pos, neg = torch.ones(1, 2, dtype=torch.float64), -torch.ones(1, 2, dtype=torch.float64)
-    _, clipped_sym = POLICY_LOSSES["grpo"](logp, old, pos, mask, CLIP)
-    _, clipped_hi = POLICY_LOSSES["dapo"](logp, old, pos, mask, CLIP)
+    _, clipped_sym = POLICY_LOSSES.get("grpo")(logp, old, pos, mask, CLIP)
+    _, clipped_hi = POLICY_LOSSES.get("dapo")(logp, old, pos, mask, CLIP)
     assert clipped_sym.tolist() == [[True, False]]  # 1.25 > 1.2 clipped for a positive advantage
     assert clipped_hi.tolist() == [[False, False]]  # 1.25 < 1.28: clip-higher lets it through
-    _, clipped_neg = POLICY_LOSSES["dapo"](logp, old, neg, mask, CLIP)
+    _, clipped_neg = POLICY_LOSSES.get("dapo")(logp, old, neg, mask, CLIP)
     assert clipped_neg.tolist() == [[False, True]]  # 0.75 < 0.8 clipped for a negative advantage
 
 
@@ -97,24 +97,24 @@ def test_gspo_clips_the_sequence_ratio_with_its_own_range():
     logp = torch.full((1, 4), 0.01, dtype=torch.float64)
     old = torch.zeros(1, 4, dtype=torch.float64)
     mask = torch.ones(1, 4, dtype=torch.float64)
-    _, clipped = POLICY_LOSSES["gspo"](logp, old, torch.ones(1, 4, dtype=torch.float64), mask, CLIP)
+    _, clipped = POLICY_LOSSES.get("gspo")(logp, old, torch.ones(1, 4, dtype=torch.float64), mask, CLIP)
     assert clipped.all()
-    _, clipped_wide = POLICY_LOSSES["gspo"](logp, old, torch.ones(1, 4, dtype=torch.float64), mask,
+    _, clipped_wide = POLICY_LOSSES.get("gspo")(logp, old, torch.ones(1, 4, dtype=torch.float64), mask,
                                             ClipRange(0.2, 0.28, seq_low=0.2, seq_high=0.28))
     assert not clipped_wide.any()
 
 
-@pytest.mark.parametrize("name", list(POLICY_LOSSES))
-@pytest.mark.parametrize("mode", AGGREGATIONS)
+@pytest.mark.parametrize("name", POLICY_LOSSES.names())
+@pytest.mark.parametrize("mode", AGGREGATIONS.names())
 def test_infinite_values_off_the_mask_leave_loss_and_gradient_finite(name, mode):
     # off the mask a log-prob may be -inf (a token outside the top-p set): inf * 0 must never reach the loss
     logp, old, adv, mask = _batch()
     logp = logp.masked_fill(mask == 0, float("-inf"))
     old = old.masked_fill(mask == 0, float("inf"))
     l1 = logp.clone().requires_grad_(True)
-    loss_bt, _ = POLICY_LOSSES[name](l1, old, adv, mask, CLIP)
+    loss_bt, _ = POLICY_LOSSES.get(name)(l1, old, adv, mask, CLIP)
     loss = aggregate_loss(loss_bt, mask, mode, float(mask.sum()), 6.0)
-    for kl in KL_ESTIMATORS.values():
+    for kl in map(KL_ESTIMATORS.get, KL_ESTIMATORS.names()):
         loss = loss + aggregate_loss(kl(l1, old.clamp(max=0), mask), mask, mode, float(mask.sum()), 6.0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(l1.grad).all()
@@ -150,6 +150,6 @@ def test_policy_logprobs_score_the_distribution_the_engine_samples_from():
 
 def test_unknown_names_suggest():
     with pytest.raises(ValueError, match="Did you mean 'gspo'"):
-        get_policy_loss("gpso")
+        POLICY_LOSSES.get("gpso")
     with pytest.raises(ValueError, match="token-mean"):
         aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1), "token_mean", 1, 1)
