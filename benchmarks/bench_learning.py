@@ -35,14 +35,14 @@ def run_one(env_id: str, seed: int, args) -> dict:
     from hybrid_rl.config import load_config
     from hybrid_rl.metrics import env_key, read_metrics
     from hybrid_rl.benchmarks.plot_learning import slug
-    from hybrid_rl.pipeline.recipe import PipelineConfig, pipeline
+    from hybrid_rl.pipeline.recipe import PipelineStageConfig, pipeline
 
     key = env_key(env_id)
     name = f"learning/{slug(env_id)}-s{seed}"
     overrides = [f"envs=[{env_id}]", f"run.seed={seed}", f"run.name={name}", "run.overwrite=true",
                  f"eval.episodes_per_env={args.episodes}", f"rl.eval.every_steps={args.eval_every}",
                  f"rl.eval.episodes_per_env={args.curve_episodes}", "rl.eval.at_start=true", *args.set]
-    cfg = load_config(PipelineConfig, args.config, overrides)
+    cfg = load_config(PipelineStageConfig, args.config, overrides)
     t0 = time.time()
     res = pipeline(cfg)
     wall = time.time() - t0

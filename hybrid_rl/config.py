@@ -1,8 +1,9 @@
 """Typed, validated configs: YAML recipes + dotted ``key=value`` overrides -> nested dataclasses.
 
-Every component owns a dataclass (``hybrid_rl.model.config.HybridConfig``, ``hybrid_rl.sft.config.SFTConfig``, ...);
-a stage's config is a dataclass whose fields are those sections. This module turns a YAML file and
-command-line overrides into an instance, and fails *before any work starts* when:
+Every component owns a dataclass (``hybrid_rl.model.config.HybridConfig``, ``hybrid_rl.sft.config.SFTTrainConfig``,
+...); a stage's config (``SFTStageConfig``, ``RLStageConfig``, ...) is a dataclass whose fields are those
+sections. This module turns a YAML file and command-line overrides into an instance, and fails *before
+any work starts* when:
 
 - a key is unknown  -> names the full dotted key and the closest valid keys (``model.hiden_size``
   suggests ``model.hidden_size``);

@@ -29,13 +29,8 @@ from hybrid_rl.metrics import LoggingConfig, env_key
 from hybrid_rl.registry import check_name
 from hybrid_rl.run import RunConfig
 from hybrid_rl.model.config import HybridConfig
-from hybrid_rl.rl.config import AlgoConfig, CheckpointConfig
-from hybrid_rl.rl.config import EvalConfig as RLEvalConfig
-from hybrid_rl.rl.config import RolloutSection
-from hybrid_rl.rl.config import TrainConfig as RLTrainConfig
-from hybrid_rl.sft.config import DataConfig
-from hybrid_rl.sft.config import EvalConfig as SFTEvalConfig
-from hybrid_rl.sft.config import TrainConfig as SFTTrainConfig
+from hybrid_rl.rl.config import AlgoConfig, CheckpointConfig, RLEvalConfig, RLRolloutConfig, RLTrainConfig
+from hybrid_rl.sft.config import DataConfig, SFTEvalConfig, SFTTrainConfig
 
 log = logging.getLogger("hybrid_rl.pipeline")
 
@@ -58,15 +53,15 @@ class DemoConfig:
 
 
 @dataclass
-class SFTPart:
+class PipelineSFTConfig:
     data: DataConfig = field(default_factory=DataConfig)  # data.envs/jsonl_paths are filled by the pipeline
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     eval: SFTEvalConfig = field(default_factory=lambda: SFTEvalConfig(at_start=False))
 
 
 @dataclass
-class RLPart:
-    rollout: RolloutSection = field(default_factory=RolloutSection)
+class PipelineRLConfig:
+    rollout: RLRolloutConfig = field(default_factory=RLRolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
@@ -74,7 +69,7 @@ class RLPart:
 
 
 @dataclass
-class FinalEvalConfig:
+class PipelineEvalConfig:
     episodes_per_env: int = 100  # held-out eval seeds, the same for both checkpoints
     # 0 = greedy (each policy's single best guess); 1 = the policy as RL samples it (seeded, repeatable)
     temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
@@ -89,14 +84,14 @@ class FinalEvalConfig:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineStageConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(name="quickstart"))
     model: HybridConfig = field(default_factory=lambda: HybridConfig.from_preset("micro"))
     envs: list[str] = field(default_factory=lambda: ["hybrid_rl/GuessNumber-v0"])
     demos: DemoConfig = field(default_factory=DemoConfig)
-    sft: SFTPart = field(default_factory=SFTPart)
-    rl: RLPart = field(default_factory=RLPart)
-    eval: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+    sft: PipelineSFTConfig = field(default_factory=PipelineSFTConfig)
+    rl: PipelineRLConfig = field(default_factory=PipelineRLConfig)
+    eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
@@ -115,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from hybrid_rl.log import setup_logging
     from hybrid_rl.rl.cli import check_env_ids
 
-    cfg = resolve_config(PipelineConfig, args)
+    cfg = resolve_config(PipelineStageConfig, args)
     if cfg is None:
         return 0
     setup_logging(cfg.run.log_level, cfg.run.quiet)
@@ -131,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def pipeline(cfg: PipelineConfig) -> dict:
+def pipeline(cfg: PipelineStageConfig) -> dict:
     """Demos -> SFT -> RL -> eval of both; returns the results dict (also written to results.json/.md)."""
     from hybrid_rl.config import save_config
     from hybrid_rl.rl.train import train as rl_train
@@ -185,7 +180,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
     return results
 
 
-def scripted_baselines(cfg: PipelineConfig) -> dict:
+def scripted_baselines(cfg: PipelineStageConfig) -> dict:
     """Held-out success and mean turns of the scripted policies on the eval seeds the checkpoints play:
     {"random" | "teacher" | "expert": {env_key: {"success", "turns", "return"}}}."""
     from hybrid_rl import envs
@@ -200,7 +195,7 @@ def scripted_baselines(cfg: PipelineConfig) -> dict:
     return out
 
 
-def write_demos(cfg: PipelineConfig, path: Path) -> dict:
+def write_demos(cfg: PipelineStageConfig, path: Path) -> dict:
     """The teacher's conversations as SFT JSONL ({"messages": ...}); returns its success rate per env."""
     from hybrid_rl import envs
 
@@ -222,7 +217,7 @@ def write_demos(cfg: PipelineConfig, path: Path) -> dict:
     return stats
 
 
-def compare_checkpoints(cfg: PipelineConfig, run: RunConfig, checkpoints: dict[str, str]) -> dict:
+def compare_checkpoints(cfg: PipelineStageConfig, run: RunConfig, checkpoints: dict[str, str]) -> dict:
     """Eval of each checkpoint on the same held-out seeds at each eval temperature, logged as a run of its own."""
     from hybrid_rl.metrics import MetricsLogger
     from hybrid_rl.run import make_run_dir

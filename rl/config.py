@@ -23,11 +23,11 @@ from hybrid_rl.rl.kl import KL_ESTIMATORS
 from hybrid_rl.rl.losses import AGGREGATIONS, POLICY_LOSSES
 from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 
-__all__ = ["RolloutSection", "AlgoConfig", "TrainConfig", "EvalConfig", "CheckpointConfig", "RLStageConfig"]
+__all__ = ["RLRolloutConfig", "AlgoConfig", "RLTrainConfig", "RLEvalConfig", "CheckpointConfig", "RLStageConfig"]
 
 
 @dataclass
-class RolloutSection:
+class RLRolloutConfig:
     prompts_per_step: int = 8  # env seeds per step, each one a group
     samples_per_prompt: int = 8  # episodes per seed (G): the group baseline needs at least 2
     max_turn_tokens: int = 32  # tokens the model may generate in one turn (then the end-of-turn token is forced)
@@ -109,7 +109,7 @@ class AlgoConfig:
 
 
 @dataclass
-class TrainConfig:
+class RLTrainConfig:
     steps: int = 20  # GRPO steps (= optimizer steps = policy versions)
     lr: float = 1e-4  # constant after warmup: RL from an SFT policy wants small, steady steps
     warmup_steps: int = 0  # linear warmup from 0
@@ -133,7 +133,7 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class RLEvalConfig:
     every_steps: int = 10  # steps between evals on held-out seeds; 0 = only at the end
     episodes_per_env: int = 32  # on envs.seeds(env, "eval", n): never seen in training
     temperature: float = 0.0  # 0 = greedy, the policy's best guess
@@ -162,10 +162,10 @@ class RLStageConfig:
     init_from: str = ""  # HF checkpoint folder to start from (an SFT step_N), or an SFT run dir (its latest step)
     resume: bool = False  # continue run.name from its latest step_N (optimizer, RNG, step and data cursor)
     envs: list[str] = field(default_factory=lambda: ["hybrid_rl/GuessNumber-v0"])  # prompts are split evenly
-    rollout: RolloutSection = field(default_factory=RolloutSection)
+    rollout: RLRolloutConfig = field(default_factory=RLRolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
+    eval: RLEvalConfig = field(default_factory=RLEvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -5,7 +5,7 @@
 load Ray on first use.
 """
 
-from hybrid_rl.rollout.config import EpisodeConfig, EvalConfig, PoolConfig, SamplingConfig
+from hybrid_rl.rollout.config import EpisodeConfig, EvalStageConfig, PoolConfig, SamplingConfig
 from hybrid_rl.rollout.engine import Engine, GroupRequest
 from hybrid_rl.rollout.evaluate import EvalResult, evaluate, format_table, summarize
 from hybrid_rl.rollout.logprobs import logprob_mismatch, training_logprobs
@@ -13,7 +13,7 @@ from hybrid_rl.rollout.trajectory import STATUSES, Trajectory, read_jsonl, write
 
 __all__ = [
     "Trajectory", "STATUSES", "read_jsonl", "write_jsonl", "Engine", "GroupRequest", "SamplingConfig",
-    "EpisodeConfig", "PoolConfig", "EvalConfig", "evaluate", "EvalResult", "summarize", "format_table",
+    "EpisodeConfig", "PoolConfig", "EvalStageConfig", "evaluate", "EvalResult", "summarize", "format_table",
     "logprob_mismatch", "training_logprobs", "RolloutPool", "RolloutWorker", "RolloutTimeoutError",
     "RolloutWorkerError", "CheckpointModel", "ConfigModel", "LocalPool", "make_pool",
 ]

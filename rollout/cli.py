@@ -20,7 +20,7 @@ from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.config import ConfigError, to_dict
 from hybrid_rl.log import setup_logging
 from hybrid_rl.run import make_run_dir, seed_everything
-from hybrid_rl.rollout.config import EvalConfig
+from hybrid_rl.rollout.config import EvalStageConfig
 
 log = logging.getLogger("hybrid_rl.rollout")
 
@@ -63,7 +63,7 @@ class CheckpointTokenizer:
 
 def run(args: argparse.Namespace) -> int:
     args.overrides = list(args.overrides or []) + _flag_overrides(args)
-    cfg = resolve_config(EvalConfig, args)
+    cfg = resolve_config(EvalStageConfig, args)
     if cfg is None:
         return 0
     check(cfg)
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check(cfg: EvalConfig) -> None:
+def check(cfg: EvalStageConfig) -> None:
     if not cfg.eval.checkpoint:
         raise ConfigError("eval.checkpoint is empty: pass --checkpoint DIR (a folder with config.json and safetensors).")
     if not (Path(cfg.eval.checkpoint) / "config.json").is_file():
@@ -106,7 +106,7 @@ def check(cfg: EvalConfig) -> None:
             envs.resolve_id(env_id)  # unknown ids fail now, with did-you-mean
 
 
-def evaluate_checkpoint(cfg: EvalConfig):
+def evaluate_checkpoint(cfg: EvalStageConfig):
     from hybrid_rl.rollout.evaluate import eval_requests, evaluate
 
     if cfg.pool.num_workers == 0:

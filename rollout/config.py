@@ -1,7 +1,7 @@
 """Typed configs of the rollout stage: sampling, episode limits, the Ray worker pool, and `eval`.
 
 Each section is a dataclass the YAML loader (hybrid_rl.config) validates; the RL stage embeds
-``SamplingConfig``/``EpisodeConfig``/``PoolConfig`` in its own config, `hybrid-rl eval` uses ``EvalConfig``.
+``SamplingConfig``/``EpisodeConfig``/``PoolConfig`` in its own config, `hybrid-rl eval` uses ``EvalStageConfig``.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class PoolConfig:
 
 
 @dataclass
-class EvalSection:
+class CheckpointEvalConfig:
     checkpoint: str = ""  # HF-format checkpoint folder (model/hf.py layout)
     envs: list[str] = field(default_factory=list)  # env ids, e.g. [hybrid_rl/GuessNumber-v0]
     episodes: int = 32  # per env, on envs.seeds(env_id, "eval", episodes)
@@ -93,9 +93,9 @@ class EvalSection:
 
 
 @dataclass
-class EvalConfig:
+class EvalStageConfig:
     run: RunConfig = field(default_factory=RunConfig)
-    eval: EvalSection = field(default_factory=EvalSection)
+    eval: CheckpointEvalConfig = field(default_factory=CheckpointEvalConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)

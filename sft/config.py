@@ -20,7 +20,7 @@ try:
 except ImportError:  # the metrics package lands separately; any mapping is accepted meanwhile
     LoggingConfig = dict  # type: ignore[misc,assignment]
 
-__all__ = ["EnvDemoConfig", "DataConfig", "TrainConfig", "EvalConfig", "SFTStageConfig"]
+__all__ = ["EnvDemoConfig", "DataConfig", "SFTTrainConfig", "SFTEvalConfig", "SFTStageConfig"]
 
 
 @dataclass
@@ -50,7 +50,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class SFTTrainConfig:
     lr: float = 3e-3  # peak learning rate, after warmup
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
     warmup_steps: int = 20  # linear warmup from 0
@@ -83,7 +83,7 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class SFTEvalConfig:
     env_ids: list[str] = field(default_factory=list)  # empty = the envs of data.envs
     episodes_per_env: int = 32  # on the env's held-out *eval* seeds
     max_turn_tokens: int = 64  # per assistant turn
@@ -97,8 +97,8 @@ class SFTStageConfig:
     init_from: str | None = None  # an HF-format checkpoint dir to start from; null = random init
     resume: bool = False  # continue run.name from its latest step_N (weights, optimizer, RNG, data cursor)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
