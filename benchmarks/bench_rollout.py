@@ -28,7 +28,7 @@ from hybrid_rl.benchmarks.record import emit
 from hybrid_rl.model.tokenizer import ByteTokenizer
 from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 from hybrid_rl.rollout.engine import Engine, GroupRequest
-from hybrid_rl.rollout.testing import FIXED_TURNS_ID
+from hybrid_rl.benchmarks.fixed_turns import FIXED_TURNS_ID
 
 
 def build_model(preset: str, seed: int = 0):

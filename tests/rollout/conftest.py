@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # helpers.py
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # helpers.py, rollout_fixtures.py
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node binds to 127.0.0.1
 
 
@@ -24,12 +25,18 @@ def model_kind(request):
     return request.param
 
 
+def fixtures_on_worker_path() -> dict:
+    """A Ray runtime env that puts this folder first on the workers' PYTHONPATH."""
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)}}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """ONE local Ray per pytest session (ray.init costs ~7 s): 2 CPUs, no dashboard, small object store."""
+    """ONE local Ray per pytest session (ray.init costs ~7 s): 2 CPUs, no dashboard, small object store; its
+    workers import rollout_fixtures from this folder."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 ** 2,
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False, runtime_env=fixtures_on_worker_path())
     yield ray
     ray.shutdown()

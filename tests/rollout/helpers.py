@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from hybrid_rl.model.tokenizer import ByteTokenizer
-from hybrid_rl.rollout.testing import ToyLM
+from rollout_fixtures import ToyLM
 
 TOK = ByteTokenizer()
 

@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent("""
     from ray.cluster_utils import Cluster
     from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
     from hybrid_rl.rollout.engine import GroupRequest
-    from hybrid_rl.rollout.testing import FIXED_TURNS_ID, ToyModel
+    from hybrid_rl.benchmarks.fixed_turns import FIXED_TURNS_ID
+    from rollout_fixtures import ToyModel
     from hybrid_rl.rollout.pool import RolloutPool
 
     node = dict(num_cpus=1, object_store_memory=80 * 1024 ** 2)
@@ -45,7 +46,9 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_two_node_cluster_places_workers_on_both_nodes_slow():
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    here = os.path.dirname(os.path.abspath(__file__))  # rollout_fixtures, for the script and the cluster's workers
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=400, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from helpers import TOK, forced_close_positions, make_model
+from hybrid_rl.benchmarks.fixed_turns import FIXED_TURNS_ID, FixedTurnsEnv
 from hybrid_rl.rollout import logprobs as lp
 from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
 from hybrid_rl.rollout.engine import Engine, GroupRequest
 from hybrid_rl.rollout.evaluate import evaluate
-from hybrid_rl.rollout.testing import FAULTY_ID, FIXED_TURNS_ID
+from rollout_fixtures import FAULTY_ID
 
 
 def play(model, requests, sampling=None, episode=None, **kw):
@@ -224,13 +225,11 @@ def test_evaluate_in_process_summarises_per_env():
     assert 0.0 <= stats["success_rate"] <= 1.0
     assert "success" in result.table() and FIXED_TURNS_ID in result.table()
     metrics = result.metrics()
-    assert metrics["eval/turns/hybrid_rl_test.FixedTurns-v0"] == 4 and metrics["eval/turns"] == 4
+    assert metrics["eval/turns/hybrid_rl_bench.FixedTurns-v0"] == 4 and metrics["eval/turns"] == 4
     assert metrics["eval/env_errors"] == 0
 
 
 def test_env_returning_non_text_is_an_env_error(monkeypatch):
-    from hybrid_rl.rollout.testing import FixedTurnsEnv
-
     monkeypatch.setattr(FixedTurnsEnv, "_obs", lambda self: 42 if self._t == 1 else "ok")
     _, trajs = play(make_model("toy"), groups(2, turns=3))
     assert {t.status for t in trajs} == {"env_error"}
@@ -279,8 +278,6 @@ def test_rows_ending_a_turn_together_step_their_envs_concurrently():
 
     import gymnasium
 
-    from hybrid_rl.rollout.testing import FixedTurnsEnv
-
     class BarrierEnv(FixedTurnsEnv):
         def __init__(self, barrier=None, **kw):
             super().__init__(**kw)
@@ -302,8 +299,6 @@ def test_rows_ending_a_turn_together_step_their_envs_concurrently():
 
 
 def test_an_env_step_with_the_wrong_arity_is_an_env_error(monkeypatch):
-    from hybrid_rl.rollout.testing import FixedTurnsEnv
-
     monkeypatch.setattr(FixedTurnsEnv, "step", lambda self, action: ("obs", 0.0, False, {}))
     _, trajs = play(make_model("toy"), groups(2, turns=2), episode=EpisodeConfig(max_turn_tokens=3, env_timeout_s=0))
     assert {t.status for t in trajs} == {"env_error"}

@@ -7,10 +7,11 @@ restarts a worker, runs last.
 import pytest
 
 from helpers import TOK
+from hybrid_rl.benchmarks.fixed_turns import FIXED_TURNS_ID
 from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 from hybrid_rl.rollout.engine import GroupRequest
 from hybrid_rl.rollout.logprobs import logprob_mismatch
-from hybrid_rl.rollout.testing import FAULTY_ID, FIXED_TURNS_ID, ToyLM, ToyModel
+from rollout_fixtures import FAULTY_ID, ToyLM, ToyModel
 
 HANG_GUARD = pytest.mark.timeout(240) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 

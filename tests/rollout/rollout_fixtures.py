@@ -1,8 +1,9 @@
-"""Stand-ins for tests and benchmarks: a toy recurrent LM with the decoding API of ``model.HybridLM``,
-small multi-turn environments, and fault injection (an env that raises, hangs, or kills its process).
+"""Stand-ins of the rollout tests: a toy recurrent LM with the decoding API of ``model.HybridLM``, and
+fault injection (FaultyEnv: the benchmark's FixedTurns environment that raises, hangs, or kills its process).
 
-They live in the package (not under tests/) so that Ray worker processes can import them by name:
-env ids ``hybrid_rl.rollout.testing:hybrid_rl_test/<Name>-v0`` import this module before ``gymnasium.make``.
+Ray workers import this module by name (to unpickle a ``ToyModel``, and for ``FAULTY_ID``: an id
+``module:env`` makes ``gymnasium.make`` import the module first), so the tests' Ray puts this folder on
+the workers' ``PYTHONPATH`` (conftest.py's ``ray_session``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import gymnasium
 import torch
 from torch import nn
+
+from hybrid_rl.benchmarks.fixed_turns import FixedTurnsEnv
 
 # ----------------------------------------------------------------------------- toy model
 
@@ -107,48 +110,7 @@ class ToyModel:
         return ToyLM(self.vocab_size, self.dim, self.seed)
 
 
-# ----------------------------------------------------------------------------- environments
-
-
-class FixedTurnsEnv(gymnasium.Env):
-    """Exactly ``turns`` turns; reward 1 per turn whose action contains ``target``; success if all did.
-
-    The observation grows a little each turn so episodes at different turns have different lengths.
-    """
-
-    metadata = {"render_modes": []}
-
-    def __init__(self, turns: int = 4, target: str = "a", system_prompt: str | None = "Answer briefly.",
-                 obs_len: int = 24):
-        self.turns, self.target, self.obs_len = turns, target, obs_len
-        self.system_prompt = system_prompt
-        self.tools: list = []
-        self.observation_space = gymnasium.spaces.Text(10_000)
-        self.action_space = gymnasium.spaces.Text(10_000)
-        self._t, self._hits, self._seed = 0, 0, 0
-
-    def _obs(self) -> str:
-        pad = "abcdefghijklmnopqrstuvwxyz"[(self._seed + self._t) % 26] * max(0, self.obs_len - 12)
-        return f"turn {self._t + 1}/{self.turns} {pad}"
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self._t, self._hits, self._seed = 0, 0, int(seed or 0)
-        return self._obs(), {"role": "user"}
-
-    def step(self, action: str):
-        hit = self.target in action
-        self._hits += hit
-        self._t += 1
-        done = self._t >= self.turns
-        info = {"role": "tool" if self._t % 2 else "user", "invalid_action": False,
-                "reward_components": {"hit": float(hit)}}
-        if done:
-            info["success"] = self._hits == self.turns
-        return ("" if done else self._obs()), float(hit), done, False, info
-
-    def expert_action(self) -> str:
-        return self.target
+# ----------------------------------------------------------------------------- fault injection
 
 
 class FaultyEnv(FixedTurnsEnv):
@@ -196,10 +158,7 @@ class FaultyEnv(FixedTurnsEnv):
         return super().step(action)
 
 
-FIXED_TURNS_ID = "hybrid_rl.rollout.testing:hybrid_rl_test/FixedTurns-v0"
-FAULTY_ID = "hybrid_rl.rollout.testing:hybrid_rl_test/Faulty-v0"
+FAULTY_ID = "rollout_fixtures:hybrid_rl_test/Faulty-v0"
 
-for _name, _cls in (("FixedTurns", FixedTurnsEnv), ("Faulty", FaultyEnv)):
-    if f"hybrid_rl_test/{_name}-v0" not in gymnasium.registry:
-        gymnasium.register(f"hybrid_rl_test/{_name}-v0", entry_point=_cls, disable_env_checker=True,
-                           order_enforce=False)
+if "hybrid_rl_test/Faulty-v0" not in gymnasium.registry:
+    gymnasium.register("hybrid_rl_test/Faulty-v0", entry_point=FaultyEnv, disable_env_checker=True, order_enforce=False)
