@@ -15,6 +15,15 @@ MTP (Super): one block ``mtp.layers.{0..}`` of ``mtp_layer_pattern``; layer 0 fu
 ``eh_proj(cat[enorm(emb(t+1)), hnorm(h_t)])`` where h_t is the main model's final (normed) hidden state,
 as in vLLM's NemotronH-MTP; the last layer ends with ``final_layernorm``; logits use the shared lm_head.
 Only MTP logits are provided (no speculative decoding).
+
+Implementations (``HybridLM(config, impl=...)``, chosen once when the model is built; the parameters
+and state_dict are the same for all):
+  fast       the default: model/fast's layers (hand-written backwards, padded expert dispatch) and, on
+             CPU fp32, the C kernels of model/fast/kernels (a decode step is one kernel call)
+  torch      the same layers in PyTorch ops only (what other devices and dtypes run anyway);
+             ``HYBRID_RL_KERNELS=0`` in the environment builds a "fast" model as this one
+  reference  the readable modules of model/ (mamba.py, moe.py, norms.py) alone: one path, autograd
+             through it, the oracle the others are tested against
 """
 
 from __future__ import annotations
@@ -26,20 +35,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused, kernels
+from . import fast
 from .attention import Attention
 from .cache import HybridCache, cache_bytes
 from .config import HybridConfig
+from .fast import fused, kernels
 from .mamba import Mamba2Mixer
 from .moe import MLP, MoE
 from .norms import RMSNorm
 
-MIXERS = {
+IMPLS = ("fast", "torch", "reference")
+# layer kind -> mixer of cfg, and "norm" -> RMSNorm of (size, eps): the reference implementation
+REFERENCE_LAYERS = {
     "M": Mamba2Mixer,
     "*": Attention,
     "E": MoE,
     "-": lambda cfg: MLP(cfg.hidden_size, cfg.intermediate_size),
+    "norm": RMSNorm,
 }
+
+
+def resolve_impl(impl: str) -> str:
+    """The implementation a model built with ``impl`` runs (``HYBRID_RL_KERNELS=0`` turns "fast" into "torch")."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown model implementation {impl!r}; choose one of {', '.join(IMPLS)}")
+    return "torch" if impl == "fast" and not kernels.enabled() else impl
+
+
+def layer_builders(impl: str) -> dict:
+    """The layer builders of a resolved implementation (``REFERENCE_LAYERS``' keys)."""
+    return REFERENCE_LAYERS if impl == "reference" else fast.layers(use_kernels=impl == "fast")
 
 
 @dataclass
@@ -78,54 +103,56 @@ class _Ctx:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: HybridConfig, kind: str):
+    def __init__(self, cfg: HybridConfig, kind: str, layers: dict):
         super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mixer = MIXERS[kind](cfg)
+        self.norm = layers["norm"](cfg.hidden_size, cfg.rms_norm_eps)
+        self.mixer = layers[kind](cfg)
 
     def forward(self, h, ctx, layer_idx):
         return h + self.mixer(self.norm(h), ctx, layer_idx)
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: HybridConfig):
+    def __init__(self, cfg: HybridConfig, layers: dict):
         super().__init__()
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_pattern)
-        self.norm_f = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, kind, layers) for kind in cfg.layer_pattern)
+        self.norm_f = layers["norm"](cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class MTPLayer(Block):
-    def __init__(self, cfg: HybridConfig, kind: str, first: bool, last: bool):
-        super().__init__(cfg, kind)
+    def __init__(self, cfg: HybridConfig, kind: str, layers: dict, first: bool, last: bool):
+        super().__init__(cfg, kind, layers)
         if first:
-            self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.enorm = layers["norm"](cfg.hidden_size, cfg.rms_norm_eps)
+            self.hnorm = layers["norm"](cfg.hidden_size, cfg.rms_norm_eps)
             self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         if last:
-            self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.final_layernorm = layers["norm"](cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class MTP(nn.Module):
-    def __init__(self, cfg: HybridConfig):
+    def __init__(self, cfg: HybridConfig, layers: dict):
         super().__init__()
         n = len(cfg.mtp_layer_pattern)
-        self.layers = nn.ModuleList(
-            MTPLayer(cfg, kind, first=i == 0, last=i == n - 1) for i, kind in enumerate(cfg.mtp_layer_pattern)
-        )
+        self.layers = nn.ModuleList(MTPLayer(cfg, kind, layers, first=i == 0, last=i == n - 1)
+                                    for i, kind in enumerate(cfg.mtp_layer_pattern))
 
 
 class HybridLM(nn.Module):
-    def __init__(self, config: HybridConfig):
+    def __init__(self, config: HybridConfig, impl: str = "fast"):
+        """``impl``: "fast", "torch" or "reference" (the module docstring); ``self.impl`` is the one running."""
         super().__init__()
         if not isinstance(config, HybridConfig):
             raise TypeError(f"HybridLM needs a HybridConfig, got {type(config).__name__}; "
                             "use HybridConfig.from_preset('tiny') or HybridConfig(...)")
         self.config = config
-        self.backbone = Backbone(config)
+        self.impl = resolve_impl(impl)
+        layers = layer_builders(self.impl)
+        self.backbone = Backbone(config, layers)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.num_mtp_layers:
-            self.mtp = MTP(config)
+            self.mtp = MTP(config, layers)
         self.moe_layers = [i for i, kind in enumerate(config.layer_pattern) if kind == "E"]
         self._moe_slot = {layer: slot for slot, layer in enumerate(self.moe_layers)}
         self.reset_parameters()
@@ -246,13 +273,11 @@ class HybridLM(nn.Module):
         used = int(start.max()) + 1
         cache.reserve(used)
         h = self.backbone.embeddings(ids)
-        if kernels.usable(h, self.lm_head.weight, *cache.tensors()) and fused.available():
-            # every layer in one kernel call (model/fused.py); same arithmetic as the path below
+        program = fused.program_for(self, h, cache) if self.impl == "fast" else None
+        if program is not None:
+            # every layer in one kernel call (model/fast/fused.py); same arithmetic as the path below
             ctx = _Ctx("step", self._moe_slot, record=record_routing)
-            program = self.__dict__.get("_program")  # not a submodule: kept out of state_dict and .to()
-            if program is None or program.config != self.config:
-                self.__dict__["_program"] = fused.DecodeProgram(self)
-            h, logits, routes = self._program.run(h, cache, record_routing)
+            h, logits, routes = program.run(h, cache, record_routing)
             if record_routing:
                 ctx.recorded = dict(enumerate(routes))
         else:

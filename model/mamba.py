@@ -23,17 +23,22 @@ state read-out.  Departures from transformers' torch path (which we match to fp3
   its forward exactly, and our decode matches our prefill.
 * Tokens of an ``extend`` that are only right padding get dt = 0: exp(0 * A) = 1 and dt * x = 0, so
   they leave the state untouched, which lets rows of different lengths share one batched scan.
+
+This is the reference implementation: one readable path for training, scoring and cache extension
+(autograd runs through ``ssd_chunked`` itself), and the one-step recurrence for decode steps.
+model/fast/ keeps the same mixer with hand-written backwards and CPU kernels (``FastMamba2Mixer``),
+tested against this one in values and gradients.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .norms import fp32_region, gated_group_rms_norm
 
 
@@ -87,10 +92,6 @@ def ssd_chunked(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_st
     ``seg_bt`` must be non-decreasing along T (segment index of packed documents).  Chunk states are
     kept transposed, ``[N, R*P]`` per group, so that the state and read-out products are plain batched
     matmuls over the heads of a group (no broadcast copies)."""
-    if torch.is_grad_enabled():  # training: the same scan with a hand-written backward
-        from .train_ops import ssd_chunked_train
-
-        return ssd_chunked_train(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_state, seg_bt)
     b, t, h, p = x_bthp.shape
     g, n = B_btgn.shape[2], B_btgn.shape[3]
     r, q = h // g, min(chunk_size, t)  # a shorter chunk is exact too, and avoids padding short inputs
@@ -175,10 +176,6 @@ def causal_conv(x_btc, weight_kc, bias_c, prefix_bkc=None, seg_bt=None):
 
     One fused multiply-add per tap (cheaper forward and backward than conv1d with its layout copies).
     With ``seg_bt`` an output only sums inputs of its own segment (a document restarts its window)."""
-    if prefix_bkc is None and torch.is_grad_enabled():  # training: hand-written backward, same values
-        from .train_ops import causal_conv_train
-
-        return causal_conv_train(x_btc, weight_kc, bias_c, seg_bt)
     b, t, c = x_btc.shape
     k = weight_kc.shape[0]
     if prefix_bkc is None:
@@ -203,6 +200,17 @@ def causal_conv_naive(x_btc, weight_kc, bias_c):
 
 
 # ----------------------------------------------------------------------------- the mixer
+class MixerOps(NamedTuple):
+    """The pieces of the mixer's body an implementation may replace, each with the reference's signature."""
+
+    conv: Callable  # causal_conv(x_btc, weight_kc, bias_c, prefix_bkc, seg_bt) -> [B,T,C]
+    scan: Callable  # ssd_chunked(x, dt, A, B, C, D, chunk_size, initial_state, seg_bt) -> (y, final state)
+    gated_norm: Callable  # gated_group_rms_norm(y, z, weight, group_size, eps) -> [B,T,d_inner]
+
+
+REFERENCE_OPS = MixerOps(causal_conv, ssd_chunked, gated_group_rms_norm)
+
+
 class CausalConv1d(nn.Module):
     """Holds the conv weights under transformers' names (``conv1d.weight [C,1,K]``, ``conv1d.bias``)."""
 
@@ -260,40 +268,32 @@ class Mamba2Mixer(nn.Module):
     def forward(self, h_btd, ctx, layer_idx: int):
         if ctx.mode == "step":
             return self._step(h_btd, ctx, layer_idx)
-        cache = ctx.cache
-        if ctx.mode == "extend" and kernels.usable(h_btd, self.in_proj.weight, cache.conv[layer_idx], cache.ssm[layer_idx]):
-            return self.out_proj(self._scan_fused(self.in_proj(h_btd), cache, layer_idx, ctx.n_new_b))
-        b, t, _ = h_btd.shape
-        if cache is None and ctx.valid_bt is None and torch.is_grad_enabled():
-            # training: the whole mixer between the projections as one Function (CPU fp32 kernels)
-            from .train_ops import mamba_mixer_train, mixer_kernels_usable
+        return self.out_proj(self._mix(self.in_proj(h_btd), ctx, layer_idx, REFERENCE_OPS).to(h_btd.dtype))
 
-            proj = self.in_proj(h_btd)
-            if mixer_kernels_usable(proj, self.conv1d.weight, self.dt_bias, self.A_log, self.D, self.norm.weight,
-                                    seg_bt=ctx.seg_bt, chunk_size=self.cfg.chunk_size):
-                return self.out_proj(mamba_mixer_train(self, proj, ctx.seg_bt))
-            z, xbc, dt_raw = self._split(proj)
-        else:
-            z, xbc, dt_raw = self._split(self.in_proj(h_btd))
+    def _mix(self, proj_bti, ctx, layer_idx, ops):
+        """Everything between the projections for a whole sequence or a cache extension (continuing the
+        cached conv window and SSM state), through ``ops``. Returns the gated, normed [B, T, d_inner]."""
+        b, t, _ = proj_bti.shape
+        cache = ctx.cache
+        z, xbc, dt_raw = self._split(proj_bti)
         prefix = cache.conv[layer_idx] if cache is not None else None
-        xbc_conv = F.silu(causal_conv(xbc, self.conv1d.weight_kc(), self.conv1d.bias, prefix, ctx.seg_bt))
+        xbc_conv = F.silu(ops.conv(xbc, self.conv1d.weight_kc(), self.conv1d.bias, prefix, ctx.seg_bt))
         if cache is not None:
             cache.conv[layer_idx] = _last_conv_inputs(prefix, xbc, ctx.n_new_b)
         x, Bm, Cm = self._xbc(xbc_conv)
         dt = self._dt(dt_raw)
         if ctx.valid_bt is not None:
             dt = dt * ctx.valid_bt[..., None]
-        with fp32_region(h_btd):
-            y, final = ssd_chunked(
+        with fp32_region(proj_bti):
+            y, final = ops.scan(
                 x.view(b, t, self.heads, self.head_dim), dt, -torch.exp(self.A_log.float()),
                 Bm.view(b, t, self.groups, self.state_size), Cm.view(b, t, self.groups, self.state_size),
-                self.D, self.cfg.chunk_size,
-                initial_state=cache.ssm[layer_idx] if cache is not None else None, seg_bt=ctx.seg_bt,
+                self.D, self.cfg.chunk_size, cache.ssm[layer_idx] if cache is not None else None, ctx.seg_bt,
             )
         if cache is not None:
             cache.ssm[layer_idx] = final.contiguous()  # the decode step updates it in place, row-major
-        y = self.norm(y.reshape(b, t, self.d_inner), z)
-        return self.out_proj(y.to(h_btd.dtype))
+        norm = self.norm
+        return ops.gated_norm(y.reshape(b, t, self.d_inner), z, norm.weight, norm.group_size, norm.eps)
 
     def _step(self, h_b1d, ctx, layer_idx):
         b, cache = h_b1d.shape[0], ctx.cache
@@ -314,30 +314,6 @@ class Mamba2Mixer(nn.Module):
                          Cm.view(b, self.groups, self.state_size), self.D)
         y = self.norm(y.reshape(b, self.d_inner), z)
         return self.out_proj(y.to(h_b1d.dtype))[:, None]
-
-
-    def scan_weights(self):
-        """(conv weight [K, C] contiguous, A = -exp(A_log)) for the kernels, kept while unchanged."""
-        return kernels.derived(self, "scan", (self.conv1d.weight, self.A_log), lambda: (
-            self.conv1d.weight_kc().contiguous(), -torch.exp(self.A_log.float())))
-
-    def _scan_fused(self, proj_bti, cache, layer_idx, n_new_b):
-        """Everything between the projections for the new tokens of each row of a cache extension,
-        continuing the cached conv window and SSM state: one kernel call (model/kernels, CPU fp32, no
-        autograd; decode steps run the same kernel from model/fused.py).  ``n_new_b``: valid tokens per
-        row (None: all).  Returns [B, T, d_inner]."""
-        conv_w, a = self.scan_weights()
-        (b, t, _), cfg = proj_bti.shape, self.cfg
-        out = proj_bti.new_empty(b, t, self.d_inner)
-        scratch = proj_bti.new_empty(b, t + cfg.conv_kernel - 1, self.conv_dim)
-        p = kernels.ptr
-        n_new = None if n_new_b is None else n_new_b.to(torch.long).contiguous()  # alive during the call
-        kernels.library().mamba_scan(
-            p(proj_bti), None if n_new is None else p(n_new), p(cache.conv[layer_idx]), p(conv_w),
-            p(self.conv1d.bias), p(self.dt_bias), p(a), p(self.D), p(self.norm.weight), p(cache.ssm[layer_idx]), p(out),
-            p(scratch), b, t, cfg.conv_kernel, self.heads, self.head_dim, self.groups, self.state_size,
-            self.norm.group_size, proj_bti.stride(1), cfg.time_step_min_clamp, self.norm.eps)
-        return out
 
 
 def _last_conv_inputs(prefix_bkc, xbc_btc, n_new_b):

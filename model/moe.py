@@ -8,11 +8,13 @@ Routed experts run in ``moe_latent_size`` when set (fc1_latent_proj before, fc2_
 weighted sum); the shared expert runs on the full hidden state and is added after.
 
 Dispatch (``dispatch_grouped``): the N*k (token, expert) pairs are sorted by expert and the token rows
-gathered once; each active expert runs one matmul over its contiguous slice (training), or, without
-autograd, all experts run as one padded batched matmul (decode: two ops instead of 2E).  Results are
-gathered back to pair order and summed with the routing weights.  No Python loop over tokens, no
-scatter-add.  ``torch._grouped_mm`` is not used: on CPU it has no backward and is slow on the
-transposed weight layout.  ``dispatch_naive`` is the reference.
+gathered once; each active expert runs one matmul over its contiguous slice.  Results are gathered back
+to pair order and summed with the routing weights.  No Python loop over tokens, no scatter-add.
+``torch._grouped_mm`` is not used: on CPU it has no backward and is slow on the transposed weight
+layout.  ``dispatch_naive`` (every pair on its own) is what it is tested against.
+
+This is the reference implementation, one path with autograd through PyTorch's ops; model/fast/ keeps
+the padded decode dispatch, the hand-written expert backward and the CPU kernels (``FastMoE``).
 
 Routing replay: ``routing`` gives the experts to use ([N, k]); the weights are recomputed from the
 current scores, as R3 prescribes.
@@ -24,15 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .norms import fp32_region
 
 
 def relu2(x):
-    if torch.is_grad_enabled():  # training: one kernel pass each way on CPU fp32
-        from .train_ops import relu2_train
-
-        return relu2_train(x)
     return torch.square(F.relu(x))
 
 
@@ -73,30 +70,15 @@ def dispatch_naive(x_nd, idx_nk, w_nk, up_eid, down_edi):
     return out
 
 
-def dispatch_grouped(x_nd, idx_nk, w_nk, up_eid, down_edi, transposed=None, counts_e=None):
+def dispatch_grouped(x_nd, idx_nk, w_nk, up_eid, down_edi, counts_e=None):
     """Tokens grouped per expert; equal to ``dispatch_naive``. Returns [N, D_out] fp32.
 
-    Without autograd and with reasonably balanced loads, the groups are padded to the largest one and
-    run as two batched matmuls over all experts (fewest ops: the decode path); ``transposed`` =
-    (up^T [E,D,I], down^T [E,I,D_out]) contiguous copies speed those up (``Experts.transposed``).
-    Otherwise each active expert runs one matmul over its contiguous slice of the sorted pairs.  Either
-    way the results are gathered back to (token, slot) order and summed with the routing weights:
-    gathers only, no scatter.  ``counts_e`` (pairs per expert) may be passed when already known."""
+    Each active expert runs one matmul over its contiguous slice of the pairs sorted by expert; the
+    results are gathered back to (token, slot) order and summed with the routing weights (gathers
+    only, no scatter).  ``counts_e`` (pairs per expert) may be passed when already known."""
     n, k = idx_nk.shape
-    num_experts = up_eid.shape[0]
     flat = idx_nk.reshape(-1)  # [N*k] expert of each (token, slot) pair
-    counts = torch.bincount(flat, minlength=num_experts) if counts_e is None else counts_e
-    if not torch.is_grad_enabled():
-        cap = int(counts.max())
-        if cap * num_experts <= 2 * n * k + 8 * num_experts:
-            if transposed is None:
-                transposed = (up_eid.transpose(1, 2), down_edi.transpose(1, 2))
-            ys = _padded_experts(x_nd, flat, cap, *transposed)
-            return torch.bmm(w_nk[:, None, :], ys.view(n, k, -1).float())[:, 0]
-    if torch.is_grad_enabled():  # training: one autograd Function, gradients straight into [E, ...] buffers
-        from .train_ops import grouped_experts
-
-        return grouped_experts(x_nd, idx_nk, w_nk, up_eid, down_edi, counts)
+    counts = torch.bincount(flat, minlength=up_eid.shape[0]) if counts_e is None else counts_e
     order = torch.argsort(flat, stable=True)  # pairs sorted by expert
     xs = x_nd.index_select(0, order // k)  # [N*k, D] rows in expert order
     parts = [F.linear(relu2(F.linear(chunk, up_eid[e])), down_edi[e])
@@ -106,23 +88,6 @@ def dispatch_grouped(x_nd, idx_nk, w_nk, up_eid, down_edi, transposed=None, coun
     inverse[order] = torch.arange(order.numel(), device=order.device)
     ys = ys_sorted.index_select(0, inverse)  # back to pair order
     return (ys.view(n, k, -1).float() * w_nk[..., None]).sum(1)
-
-
-def _padded_experts(x_nd, flat, cap, up_edi, down_eid):
-    """All experts as one bmm over groups padded to ``cap`` rows; returns [N*k, D_out] in pair order.
-
-    A pair's row in the padded [E*cap] layout is expert * cap + its rank among that expert's pairs
-    (a cumulative count over a one-hot: no sort)."""
-    n, num_experts, nk = x_nd.shape[0], up_edi.shape[0], flat.numel()
-    k = nk // n
-    rank = F.one_hot(flat, num_experts).cumsum(0).gather(1, flat[:, None])[:, 0] - 1  # [N*k]
-    slot = flat * cap + rank  # [N*k]
-    token_of_slot = torch.full((num_experts * cap,), n, dtype=torch.long, device=flat.device)  # n = a zero row
-    token_of_slot[slot] = torch.arange(nk, device=flat.device) // k
-    xp = torch.cat([x_nd, x_nd.new_zeros(1, x_nd.shape[1])]).index_select(0, token_of_slot)
-    hidden = relu2(torch.bmm(xp.view(num_experts, cap, -1), up_edi))  # [E,cap,I]
-    yp = torch.bmm(hidden, down_eid).view(num_experts * cap, -1)
-    return yp.index_select(0, slot)
 
 
 class TopkRouter(nn.Module):
@@ -143,29 +108,16 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, i, d_e))
         self.down_proj = nn.Parameter(torch.empty(cfg.n_routed_experts, d_e, i))
 
-    def transposed(self):
-        """(up^T [E, D_e, I], down^T [E, I, D_e]) contiguous, for the no-autograd padded path (a CPU
-        bmm over a transposed view of the weights is ~1.3x slower).  A copy kept (not saved) while the
-        parameters are unchanged (``kernels.derived``: optimizer steps and load_state_dict rebuild it)."""
-        return kernels.derived(self, "transposed", (self.up_proj, self.down_proj), lambda: (
-            self.up_proj.detach().transpose(1, 2).contiguous(), self.down_proj.detach().transpose(1, 2).contiguous()))
-
-    def packed(self):
-        """The expert weights as model/kernels' ``moe_experts`` takes them: up^T [E, D_e, I] and down^T
-        [E, I, D_e], each cut into panels of 16 output columns stored one after another (zero-padded)."""
-        return kernels.derived(self, "packed", (self.up_proj, self.down_proj), lambda: (
-            kernels.pack_panels(self.up_proj.detach().transpose(1, 2)),
-            kernels.pack_panels(self.down_proj.detach().transpose(1, 2))))
-
 
 class MoE(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, mlp=MLP):
+        """``mlp(hidden, intermediate)`` builds the shared expert (the implementation's MLP)."""
         super().__init__()
         self.cfg = cfg
         self.gate = TopkRouter(cfg)
         self.experts = Experts(cfg)
         if cfg.n_shared_experts:
-            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_shared_expert_intermediate_size)
+            self.shared_experts = mlp(cfg.hidden_size, cfg.moe_shared_expert_intermediate_size)
         if cfg.moe_latent_size is not None:
             self.fc1_latent_proj = nn.Linear(cfg.hidden_size, cfg.moe_latent_size, bias=False)
             self.fc2_latent_proj = nn.Linear(cfg.moe_latent_size, cfg.hidden_size, bias=False)
@@ -175,81 +127,21 @@ class MoE(nn.Module):
     def forward(self, h_btd, ctx, layer_idx: int):
         shape = h_btd.shape
         h = h_btd.reshape(-1, shape[-1])
-        replay = ctx.replay_for(layer_idx)
-        if replay is None and ctx.mode == "extend" and kernels.usable(h, self.gate.weight, self.experts.up_proj,
-                                                                      self.expert_load):
-            return self._forward_fused(h, ctx, layer_idx).view(shape)
         idx, w = route(h, self.gate.weight, self.gate.e_score_correction_bias, self.cfg.num_experts_per_tok,
-                       self.cfg.routed_scaling_factor, self.cfg.norm_topk_prob, replay)
+                       self.cfg.routed_scaling_factor, self.cfg.norm_topk_prob, ctx.replay_for(layer_idx))
         ctx.record(layer_idx, idx)
         counts = self._count(idx, ctx.valid_bt)
         x = self.fc1_latent_proj(h) if self.cfg.moe_latent_size is not None else h
-        decoding = not torch.is_grad_enabled() and x.dtype == self.experts.up_proj.dtype
-        y = dispatch_grouped(x, idx, w, self.experts.up_proj, self.experts.down_proj,
-                             transposed=self.experts.transposed() if decoding else None,
-                             counts_e=counts).to(x.dtype)
+        y = self._experts(x, idx, w, counts).to(x.dtype)
         if self.cfg.moe_latent_size is not None:
             y = self.fc2_latent_proj(y)
         if self.cfg.n_shared_experts:
             y = y + self.shared_experts(h)
         return y.view(shape)
 
-    def _forward_fused(self, h_nd, ctx, layer_idx):
-        """Cache extension through model/kernels (CPU fp32, no autograd; decode steps run the same kernels
-        from model/fused.py): one matmul for the router, latent and shared up-projections, two kernel
-        calls for the router (with the load count) and all routed experts at their exact sizes, one
-        matmul for the latent and shared down-projections together."""
-        cfg = self.cfg
-        n, e, k = h_nd.shape[0], cfg.n_routed_experts, cfg.num_experts_per_tok
-        latent, shared = cfg.moe_latent_size is not None, bool(cfg.n_shared_experts)
-        d_e, i_s = cfg.moe_expert_dim, (cfg.moe_shared_expert_intermediate_size if shared else 0)
-        w_in, w_out = self.step_weights()
-        proj = F.linear(h_nd, w_in)  # [N, E | latent | shared up]
-        idx = torch.empty(n, k, dtype=torch.long)
-        w = torch.empty(n, k, dtype=torch.float32)
-        lib, p = kernels.library(), kernels.ptr
-        count_here = ctx.valid_bt is None  # else only the tokens that are not padding count
-        lib.moe_route(p(proj), p(self.gate.e_score_correction_bias), p(idx), p(w),
-                      p(self.expert_load) if count_here else None, n, e, k, int(cfg.norm_topk_prob), proj.stride(0),
-                      cfg.routed_scaling_factor)
-        ctx.record(layer_idx, idx)
-        if not count_here:
-            self._count(idx, ctx.valid_bt)
-        x = proj[:, e:e + d_e] if latent else h_nd  # the routed experts' input
-        up_p, down_p = self.experts.packed()
-        buf = h_nd.new_empty(n, d_e + i_s)  # [routed sum | relu^2(shared up)]
-        lib.moe_experts(p(x), p(idx), p(w), p(up_p), p(down_p), p(buf), p(proj[:, proj.shape[1] - i_s:]) if shared else None,
-                        n, k, e, d_e, cfg.moe_intermediate_size, x.stride(0), buf.stride(0), proj.stride(0), i_s)
-        if latent:
-            return F.linear(buf, w_out)  # fc2_latent_proj and the shared down-projection in one matmul
-        y = buf[:, :d_e]
-        return y + self.shared_experts.down_proj(buf[:, d_e:]) if shared else y.contiguous()
-
-    def step_weights(self):
-        """(input weights [E + latent + shared, D], output weights [D, latent + shared] or None), kept
-        while the parameters are unchanged."""
-        return kernels.derived(self, "step", self._step_params(), self._step_weights)
-
-    def _step_params(self):
-        params = [self.gate.weight]
-        if self.cfg.moe_latent_size is not None:
-            params += [self.fc1_latent_proj.weight, self.fc2_latent_proj.weight]
-        if self.cfg.n_shared_experts:
-            params += [self.shared_experts.up_proj.weight, self.shared_experts.down_proj.weight]
-        return params
-
-    def _step_weights(self):
-        """(input weights [E + latent + shared, D], output weights [D, latent + shared] or None)."""
-        latent, shared = self.cfg.moe_latent_size is not None, bool(self.cfg.n_shared_experts)
-        w_in = [self.gate.weight]
-        w_out = []
-        if latent:
-            w_in.append(self.fc1_latent_proj.weight)
-            w_out.append(self.fc2_latent_proj.weight)
-        if shared:
-            w_in.append(self.shared_experts.up_proj.weight)
-            w_out.append(self.shared_experts.down_proj.weight)
-        return torch.cat(w_in).contiguous(), (torch.cat(w_out, dim=1).contiguous() if latent else None)
+    def _experts(self, x_nd, idx_nk, w_nk, counts_e):
+        """The routed experts' weighted sum [N, D_e] fp32."""
+        return dispatch_grouped(x_nd, idx_nk, w_nk, self.experts.up_proj, self.experts.down_proj, counts_e)
 
     @torch.no_grad()
     def _count(self, idx_nk, valid_bt):

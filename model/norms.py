@@ -1,4 +1,5 @@
-"""RMSNorm variants of Nemotron-H, and the fp32 island used under bf16 autocast.
+"""RMSNorm variants of Nemotron-H, and the fp32 island used under bf16 autocast (the reference: one
+path, autograd through PyTorch's ops; model/fast/train_ops.py has the hand-written backwards).
 
 The block norms and the final norm normalise over the hidden size; the Mamba output norm gates first
 (``y * silu(z)``) and then normalises each of the ``n_groups`` slices of ``d_inner`` separately, as
@@ -22,10 +23,6 @@ def fp32_region(x: torch.Tensor):
 
 
 def rms_norm(x, weight, eps):
-    if torch.is_grad_enabled():  # training: the same norm with a hand-written backward
-        from .train_ops import rms_norm_train
-
-        return rms_norm_train(x, weight, eps)
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
@@ -36,10 +33,6 @@ def rms_norm_naive(x, weight, eps):
 
 def gated_group_rms_norm(y, z, weight, group_size, eps):
     """norm(y * silu(z)) with one RMS statistic per group of ``group_size`` channels."""
-    if torch.is_grad_enabled():  # training: the same norm with a hand-written backward
-        from .train_ops import gated_group_rms_norm_train
-
-        return gated_group_rms_norm_train(y, z, weight, group_size, eps)
     g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, group_size))
     return (F.rms_norm(g, (group_size,), None, eps).flatten(-2) * weight.float()).to(z.dtype)
 

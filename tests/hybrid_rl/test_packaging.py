@@ -66,7 +66,8 @@ def test_wheel_installs_only_hybrid_rl_and_runs_from_any_directory(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         members = zf.namelist()
     assert {m.split("/")[0] for m in members if ".dist-info/" not in m} == {"hybrid_rl"}, sorted(members)[:20]
-    for data in ["hybrid_rl/configs/quickstart.yaml", "hybrid_rl/model/kernels/decode.c", "hybrid_rl/model/kernels/vec.h"]:
+    for data in ["hybrid_rl/configs/quickstart.yaml", "hybrid_rl/model/fast/kernels/decode.c",
+                 "hybrid_rl/model/fast/kernels/vec.h"]:
         assert data in members, data
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=600)

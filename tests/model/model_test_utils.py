@@ -67,3 +67,10 @@ def hf_twin(model: HybridLM):
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=True)
     assert not missing and not unexpected
     return hf
+
+
+def twin(model: HybridLM, impl: str) -> HybridLM:
+    """A model of implementation ``impl`` (HybridLM's ``impl=``) holding ``model``'s weights, in eval mode."""
+    other = HybridLM(model.config, impl=impl).eval()
+    other.load_state_dict(model.state_dict())
+    return other

@@ -1,4 +1,5 @@
-"""model/kernels: the fused CPU decode kernels against the PyTorch path they replace, and their build."""
+"""model/fast: the CPU decode kernels, each on its own and as the whole-model decode program, against
+the PyTorch path they replace (a "torch" twin) and the reference; the padded expert dispatch; the build."""
 
 import os
 import subprocess
@@ -8,8 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_rl.model import HybridLM, fused, kernels
-from model_test_utils import randomize, small_config
+import torch.nn.functional as F
+
+from hybrid_rl.model import HybridLM
+from hybrid_rl.model.fast import fused, kernels
+from hybrid_rl.model.fast.layers import FastMamba2Mixer, FastMoE, dispatch_padded
+from hybrid_rl.model.hybrid import _Ctx
+from hybrid_rl.model.mamba import REFERENCE_OPS, Mamba2Mixer
+from hybrid_rl.model.moe import dispatch_naive, route
+from hybrid_rl.model.norms import rms_norm
+from model_test_utils import randomize, small_config, twin
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels are not built")
@@ -40,25 +49,25 @@ def decode_run(model, prompts, steps, seed=0):
     return out, routes, cache
 
 
-def both_paths(model, monkeypatch, prompts, steps=6):
-    runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("HYBRID_RL_KERNELS", flag)
-        for m in model.modules():
-            if hasattr(m, "expert_load"):
-                m.expert_load.zero_()
-        logits, routes, cache = decode_run(model, prompts, steps)
-        loads = [m.expert_load.clone() for m in model.modules() if hasattr(m, "expert_load")]
-        runs[flag] = (logits, routes, cache, loads)
-    return runs["0"], runs["1"]
+def both_paths(model, prompts, steps=6):
+    """(the run of a "torch" twin of ``model``, the run of ``model``): (logits, routes, cache, expert loads)."""
+    runs = []
+    for m in (twin(model, "torch"), model):
+        for layer in m.modules():
+            if hasattr(layer, "expert_load"):
+                layer.expert_load.zero_()
+        logits, routes, cache = decode_run(m, prompts, steps)
+        runs.append((logits, routes, cache, [layer.expert_load.clone() for layer in m.modules()
+                                             if hasattr(layer, "expert_load")]))
+    return runs
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_fused_decode_equals_pytorch_path(name, monkeypatch):
+def test_fused_decode_equals_pytorch_path(name):
     model = randomize(HybridLM(small_config(**CONFIGS[name])).eval(), seed=3)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (9, 3, 14, 1)]  # ragged rows
-    (ref_logits, ref_routes, ref_cache, ref_loads), (logits, routes, cache, loads) = both_paths(model, monkeypatch, prompts)
+    (ref_logits, ref_routes, ref_cache, ref_loads), (logits, routes, cache, loads) = both_paths(model, prompts)
     for a, b in zip(ref_logits, logits):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
     for a, b in zip(ref_routes, routes):  # same experts chosen (order within a token's k is free)
@@ -87,7 +96,7 @@ def test_fused_decode_equals_full_forward():
         torch.testing.assert_close(model.decode_step(cache, ids[:, t]), ref[:, t], atol=1e-4, rtol=0)
 
 
-def test_fused_path_sees_weight_updates(monkeypatch):
+def test_fused_path_sees_weight_updates():
     """The derived weight copies (concatenated projections, packed experts) follow optimizer steps."""
     model = randomize(HybridLM(small_config(moe_latent_size=24)).eval(), seed=5)
     prompts = [torch.arange(5), torch.arange(3)]
@@ -95,16 +104,16 @@ def test_fused_path_sees_weight_updates(monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model(torch.arange(12)[None]).logits.square().mean().backward()
     opt.step()
-    (ref, _, _, _), (got, _, _, _) = both_paths(model, monkeypatch, prompts, steps=3)
+    (ref, _, _, _), (got, _, _, _) = both_paths(model, prompts, steps=3)
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
 
 
 def test_packed_expert_panels_hold_the_transposed_weights():
     model = randomize(HybridLM(small_config(moe_intermediate_size=20)), seed=6)
-    experts = next(m for m in model.modules() if hasattr(m, "packed"))
-    up_p, down_p = experts.packed()
-    up_t, down_t = experts.transposed()
+    moe = next(m for m in model.modules() if isinstance(m, FastMoE))
+    up_p, down_p = moe.packed_experts()
+    up_t, down_t = moe.transposed_experts()
     for packed, plain in ((up_p, up_t), (down_p, down_t)):
         e, panels, k, width = packed.shape
         assert width == 16 and panels == -(-plain.shape[2] // 16)
@@ -127,7 +136,8 @@ def _python(code, env):
 
 
 def test_kernels_build_into_the_cache_dir_and_a_missing_compiler_falls_back(tmp_path):
-    code = ("import torch, warnings; from hybrid_rl.model import kernels, HybridLM, HybridConfig\n"
+    code = ("import torch, warnings; from hybrid_rl.model import HybridLM, HybridConfig\n"
+            "from hybrid_rl.model.fast import kernels\n"
             "m = HybridLM(HybridConfig.from_preset('micro')).eval()\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always'); out = m.generate(torch.tensor([[1, 2, 3]]), 4)\n"
@@ -147,8 +157,9 @@ def test_decode_step_runs_the_layer_program_and_without_kernels_the_pytorch_path
     prompts = [torch.arange(6), torch.arange(2)]
     with_program, _, _ = decode_run(model, prompts, 3)
     assert isinstance(model.__dict__.get("_program"), fused.DecodeProgram)
+    monkeypatch.setenv("HYBRID_RL_KERNELS", "0")  # read when a model is built: a "fast" model runs as "torch"
     plain = randomize(HybridLM(small_config()).eval(), seed=7)
-    monkeypatch.setenv("HYBRID_RL_KERNELS", "0")
+    assert plain.impl == "torch"
     without, _, _ = decode_run(plain, prompts, 3)
     assert "_program" not in plain.__dict__
     for a, b in zip(with_program, without):
@@ -156,30 +167,23 @@ def test_decode_step_runs_the_layer_program_and_without_kernels_the_pytorch_path
 
 
 # ----------------------------------------------------------------------------- robustness of the fused path
-def _fresh_twin(model):
-    twin = HybridLM(model.config).eval()
-    twin.load_state_dict(model.state_dict())
-    return twin
-
-
 def _assert_same_decode(model, reference, prompts, steps=3):
     for a, b in zip(decode_run(reference, prompts, steps)[0], decode_run(model, prompts, steps)[0]):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
 
 
-def test_fused_decode_batch_one_across_cache_growth(monkeypatch):
+def test_fused_decode_batch_one_across_cache_growth():
     """Capacity 1 grows several times during decoding (the KV buffers move; the program follows)."""
     model = randomize(HybridLM(small_config()).eval(), seed=8)
-    runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("HYBRID_RL_KERNELS", flag)
-        cache = model.new_cache(1, capacity=1)
-        out = [model.extend(cache, [torch.arange(3)])]
+    runs = []
+    for m in (twin(model, "torch"), model):
+        cache = m.new_cache(1, capacity=1)
+        out = [m.extend(cache, [torch.arange(3)])]
         for t in range(12):
-            out.append(model.decode_step(cache, torch.tensor([t % 97])))
-        runs[flag] = out
+            out.append(m.decode_step(cache, torch.tensor([t % 97])))
+        runs.append(out)
         assert cache.capacity >= 15
-    for a, b in zip(runs["0"], runs["1"]):
+    for a, b in zip(*runs):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
 
 
@@ -191,17 +195,15 @@ def test_fused_path_follows_fused_adamw_assign_loads_and_config_changes():
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     model(torch.arange(12)[None]).logits.square().mean().backward()
     opt.step()
-    _assert_same_decode(model, _fresh_twin(model), prompts)
+    _assert_same_decode(model, twin(model, "fast"), prompts)
     # parameters replaced by new tensors
     other = randomize(HybridLM(model.config), seed=10).state_dict()
     model.load_state_dict(other, assign=True)
-    _assert_same_decode(model, _fresh_twin(model), prompts)
+    _assert_same_decode(model, twin(model, "fast"), prompts)
     # a config value read by the kernels
     model.config.routed_scaling_factor = 0.5
-    twin = HybridLM(model.config).eval()
-    twin.load_state_dict(model.state_dict())
     with torch.no_grad():
-        ref = twin(torch.arange(6)[None]).logits[0, -1]
+        ref = twin(model, "fast")(torch.arange(6)[None]).logits[0, -1]
     cache = model.new_cache(1)
     model.extend(cache, [torch.arange(5)])
     torch.testing.assert_close(model.decode_step(cache, torch.tensor([5]))[0], ref, atol=1e-4, rtol=0)
@@ -209,7 +211,7 @@ def test_fused_path_follows_fused_adamw_assign_loads_and_config_changes():
     with torch.no_grad():
         model.backbone.norm_f.weight.data.mul_(2.0)
     kernels.invalidate(model)
-    _assert_same_decode(model, _fresh_twin(model), prompts)
+    _assert_same_decode(model, twin(model, "fast"), prompts)
 
 
 def test_router_kernel_handles_inf_bias_and_many_experts():
@@ -271,3 +273,130 @@ def test_two_threads_decoding_one_model_agree_with_one_thread():
     for name in jobs:
         for a, b in zip(expected[name], results[name]):
             torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the decode program's kernels, one by one
+def test_linear_packed_kernel_equals_linear():
+    gen = torch.Generator().manual_seed(20)
+    x = torch.randn(5, 40, generator=gen)[:, 3:36]  # rows with a stride: [5, 33] of a [5, 40] buffer
+    w = torch.randn(37, 33, generator=gen)  # 37 outputs: a partial last panel
+    out, panels = torch.empty(5, 37), kernels.linear_panels(w)  # panels alive during the call
+    kernels.library().linear_packed(kernels.ptr(x), kernels.ptr(panels), kernels.ptr(out), 5, 33, x.stride(0), 37, 37)
+    torch.testing.assert_close(out, F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_add_rms_norm_kernel_equals_residual_add_and_rms_norm():
+    gen = torch.Generator().manual_seed(21)
+    h, delta, w = torch.randn(3, 37, generator=gen), torch.randn(3, 37, generator=gen), torch.randn(37, generator=gen)
+    for d in (None, delta):
+        got, out = h.clone(), torch.empty(3, 37)
+        kernels.library().add_rms_norm(kernels.ptr(got), None if d is None else kernels.ptr(d), kernels.ptr(w),
+                                       kernels.ptr(out), 3, 37, 1e-5)
+        ref = h if d is None else h + d
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)  # the residual stream, updated in place
+        torch.testing.assert_close(out, rms_norm(ref, w, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_topk", [True, False])
+def test_router_kernel_equals_route(norm_topk):
+    gen = torch.Generator().manual_seed(22)
+    n, d, e, k = 9, 16, 7, 3
+    h, gate, bias = torch.randn(n, d, generator=gen), torch.randn(e, d, generator=gen), 0.1 * torch.randn(e, generator=gen)
+    idx_ref, w_ref = route(h, gate, bias, k, 2.5, norm_topk)
+    logits = F.linear(h, gate)
+    idx, w, load = torch.empty(n, k, dtype=torch.long), torch.empty(n, k), torch.zeros(e)
+    kernels.library().moe_route(kernels.ptr(logits), kernels.ptr(bias), kernels.ptr(idx), kernels.ptr(w),
+                                kernels.ptr(load), n, e, k, int(norm_topk), e, 2.5)
+    order, order_ref = idx.argsort(-1), idx_ref.argsort(-1)  # the same experts, in any slot order
+    assert torch.equal(idx.gather(1, order), idx_ref.gather(1, order_ref))
+    torch.testing.assert_close(w.gather(1, order), w_ref.gather(1, order_ref), atol=1e-6, rtol=1e-5)
+    assert torch.equal(load, torch.bincount(idx_ref.reshape(-1), minlength=e).float())
+
+
+def test_experts_kernel_equals_naive_dispatch_and_shared_activation():
+    model = randomize(HybridLM(small_config(moe_intermediate_size=20)), seed=23)
+    moe = next(m for m in model.modules() if isinstance(m, FastMoE))
+    cfg, gen = moe.cfg, torch.Generator().manual_seed(23)
+    n, k, d = 11, cfg.num_experts_per_tok, cfg.hidden_size
+    x, shared_up = torch.randn(n, d, generator=gen), torch.randn(n, 48, generator=gen)
+    idx, w = route(x, moe.gate.weight.detach(), torch.zeros(cfg.n_routed_experts), k, 2.5, True)
+    up_p, down_p = moe.packed_experts()
+    out = torch.empty(n, d + 48)
+    p = kernels.ptr
+    kernels.library().moe_experts(p(x), p(idx), p(w), p(up_p), p(down_p), p(out), p(shared_up), n, k,
+                                  cfg.n_routed_experts, d, cfg.moe_intermediate_size, d, d + 48, 48, 48)
+    with torch.no_grad():
+        ref = dispatch_naive(x, idx, w, moe.experts.up_proj, moe.experts.down_proj)
+    torch.testing.assert_close(out[:, :d], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, d:], F.relu(shared_up).square(), atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_mamba_scan_kernel_equals_reference_mixer_on_a_ragged_extension():
+    """One ``mamba_scan`` call against the reference mixer's body, continuing a cached conv window and
+    SSM state; rows of 5, 2 and 0 new tokens (padding leaves the state alone)."""
+    cfg = small_config(layer_pattern="M")
+    model = randomize(HybridLM(cfg), seed=24)
+    fast_mixer = model.backbone.layers[0].mixer
+    ref_mixer = Mamba2Mixer(cfg)
+    ref_mixer.load_state_dict(fast_mixer.state_dict())
+    assert isinstance(fast_mixer, FastMamba2Mixer)
+    gen = torch.Generator().manual_seed(24)
+    n_new = torch.tensor([5, 2, 0])
+    proj = torch.randn(3, 5, cfg.mamba_in_proj_dim, generator=gen)
+    caches = [model.new_cache(3) for _ in range(2)]
+    for cache in caches:  # the same non-trivial history in both
+        cache.conv[0].copy_(torch.randn(cache.conv[0].shape, generator=torch.Generator().manual_seed(1)))
+        cache.ssm[0].copy_(torch.randn(cache.ssm[0].shape, generator=torch.Generator().manual_seed(2)))
+    got = fast_mixer._scan_fused(proj, caches[0], 0, n_new)
+    valid = torch.arange(5) < n_new[:, None]
+    ctx = _Ctx("extend", {}, cache=caches[1], valid_bt=valid, n_new_b=n_new)
+    ref = ref_mixer._mix(proj, ctx, 0, REFERENCE_OPS)
+    torch.testing.assert_close(got[valid], ref[valid], atol=1e-4, rtol=1e-4)
+    assert got[~valid].abs().max() == 0
+    torch.testing.assert_close(caches[0].conv[0], caches[1].conv[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(caches[0].ssm[0], caches[1].ssm[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["M", "E", "*", "-"])
+def test_decode_program_of_each_layer_kind_equals_reference(pattern):
+    """``decode_layers`` with one layer of each kind (the attention step has no other kernel test)."""
+    model = randomize(HybridLM(small_config(layer_pattern=pattern)).eval(), seed=25)
+    prompts = [torch.arange(7), torch.arange(3), torch.arange(1)]
+    got = decode_run(model, prompts, 5)[0]
+    assert isinstance(model.__dict__.get("_program"), fused.DecodeProgram)
+    for a, b in zip(decode_run(twin(model, "reference"), prompts, 5)[0], got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the padded expert dispatch
+def test_padded_dispatch_with_transposed_weights_equals_naive():
+    gen = torch.Generator().manual_seed(1)
+    n, d, i, e, k = 19, 8, 12, 4, 2
+    x = torch.randn(n, d, generator=gen)
+    up, down = torch.randn(e, i, d, generator=gen) * 0.3, torch.randn(e, d, i, generator=gen) * 0.3
+    idx, w = route(x, torch.randn(e, d, generator=gen), torch.zeros(e), k, 1.0, True)
+    ref = dispatch_naive(x, idx, w, up, down)
+    transposed = (up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous())
+    with torch.no_grad():
+        for t in (transposed, None):
+            torch.testing.assert_close(dispatch_padded(x, idx, w, up, down, transposed=t), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_transposed_copy_follows_parameter_updates():
+    from hybrid_rl.model import HybridConfig
+
+    moe = FastMoE(HybridConfig.from_preset("micro"), use_kernels=False)
+    experts = moe.experts
+    torch.nn.init.normal_(experts.up_proj)
+    torch.nn.init.normal_(experts.down_proj)
+    up_t, down_t = moe.transposed_experts()
+    assert torch.equal(up_t, experts.up_proj.transpose(1, 2)) and torch.equal(down_t, experts.down_proj.transpose(1, 2))
+    assert moe.transposed_experts()[0] is up_t  # kept while unchanged
+    opt = torch.optim.SGD(experts.parameters(), lr=0.1)
+    (experts.up_proj.sum() + experts.down_proj.pow(2).sum()).backward()
+    opt.step()
+    up_t, down_t = moe.transposed_experts()
+    assert torch.equal(up_t, experts.up_proj.transpose(1, 2)) and torch.equal(down_t, experts.down_proj.transpose(1, 2))
+    experts.load_state_dict({"up_proj": torch.zeros_like(experts.up_proj), "down_proj": experts.down_proj.detach()})
+    assert moe.transposed_experts()[0].abs().max() == 0

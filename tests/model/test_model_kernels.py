@@ -1,4 +1,7 @@
-"""Every fast path against its naive twin: values and gradients."""
+"""The reference model's math (model/mamba.py, moe.py, norms.py, attention.py) against its naive twins,
+values and gradients: the chunked scan against the recurrence (autograd through the readable scan),
+grouped dispatch against every pair on its own.  model/fast is held to these references in
+test_model_train_ops.py, test_model_fused_decode.py and test_model_impls.py."""
 
 import pytest
 import torch
@@ -124,35 +127,3 @@ def test_packed_attention_mask_and_norms():
     torch.testing.assert_close(sdpa, y, atol=1e-5, rtol=1e-5)
     x, wt = torch.randn(3, 16, generator=gen), torch.randn(16, generator=gen)
     torch.testing.assert_close(rms_norm(x, wt, 1e-5), rms_norm_naive(x, wt, 1e-5), atol=1e-6, rtol=1e-5)
-
-
-def test_padded_dispatch_with_transposed_weights_equals_naive():
-    gen = torch.Generator().manual_seed(1)
-    n, d, i, e, k = 19, 8, 12, 4, 2
-    x = torch.randn(n, d, generator=gen)
-    up, down = torch.randn(e, i, d, generator=gen) * 0.3, torch.randn(e, d, i, generator=gen) * 0.3
-    idx, w = route(x, torch.randn(e, d, generator=gen), torch.zeros(e), k, 1.0, True)
-    ref = dispatch_naive(x, idx, w, up, down)
-    transposed = (up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous())
-    with torch.no_grad():
-        torch.testing.assert_close(dispatch_grouped(x, idx, w, up, down, transposed=transposed), ref,
-                                   atol=1e-5, rtol=1e-5)
-
-
-def test_expert_transposed_copy_follows_parameter_updates():
-    from hybrid_rl.model import HybridConfig
-    from hybrid_rl.model.moe import Experts
-
-    experts = Experts(HybridConfig.from_preset("micro"))
-    torch.nn.init.normal_(experts.up_proj)
-    torch.nn.init.normal_(experts.down_proj)
-    up_t, down_t = experts.transposed()
-    assert torch.equal(up_t, experts.up_proj.transpose(1, 2)) and torch.equal(down_t, experts.down_proj.transpose(1, 2))
-    assert experts.transposed()[0] is up_t  # kept while unchanged
-    opt = torch.optim.SGD(experts.parameters(), lr=0.1)
-    (experts.up_proj.sum() + experts.down_proj.pow(2).sum()).backward()
-    opt.step()
-    up_t, down_t = experts.transposed()
-    assert torch.equal(up_t, experts.up_proj.transpose(1, 2)) and torch.equal(down_t, experts.down_proj.transpose(1, 2))
-    experts.load_state_dict({"up_proj": torch.zeros_like(experts.up_proj), "down_proj": experts.down_proj.detach()})
-    assert experts.transposed()[0].abs().max() == 0

@@ -1,5 +1,5 @@
 /* Fused fp32 CPU kernels for the training path of the Mamba mixer (forward and backward), called from
- * the autograd Function ``_MambaMixer`` in model/train_ops.py (which also holds their PyTorch twins
+ * the autograd Function ``_MambaMixer`` in model/fast/train_ops.py (which also holds their PyTorch twins
  * and is tested against the unfused PyTorch path, values and gradients).
  *
  * Each kernel is one pass (or two) over [rows, channels] data that PyTorch does in several: the

@@ -9,10 +9,10 @@ state and by streaming the weights, not by arithmetic.  ``decode.c`` fuses each 
   grouped RMS norm;
 * ``moe_route`` / ``moe_experts``: the sigmoid router with selection bias, top-k, renormalisation and
   scaling, then every routed expert as one small GEMM over its own tokens (no padding, no gathers);
-* ``decode_layers``: a whole decode step's layer stack in one call (model/fused.py), its projections
-  through a GEMM over weights kept in 16-column panels (``pack_panels``).
+* ``decode_layers``: a whole decode step's layer stack in one call (model/fast/fused.py), its
+  projections through a GEMM over weights kept in 16-column panels (``pack_panels``).
 
-``train.c`` holds the training kernels (forward and backward) that model/train_ops.py's autograd
+``train.c`` holds the training kernels (forward and backward) that model/fast/train_ops.py's autograd
 Functions call; ``vec.h`` the vector helpers both share.
 
 The sources are compiled once per machine with the system C compiler (``cc -O3 -march=native
@@ -21,9 +21,10 @@ The sources are compiled once per machine with the system C compiler (``cc -O3 -
 atomically.  OpenMP threads come from the runtime torch already loaded (libgomp), so
 ``torch.set_num_threads`` governs them too.
 
-The kernels are an accelerator only: every caller keeps its PyTorch path, used on other devices and
-dtypes, under autocast, when no compiler is found, or with ``HYBRID_RL_KERNELS=0``.  Tests check that
-both paths agree.
+The kernels are an accelerator only, used by models built with ``impl="fast"`` (the default): every
+caller keeps its PyTorch path, used on other devices and dtypes, under autocast, and when no compiler
+is found.  ``HYBRID_RL_KERNELS=0`` builds such models as ``impl="torch"`` (``enabled``, read when a
+model is built).  Tests check that the paths agree.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ _RESULTS = {"decode_work_size": ctypes.c_int64}
 
 
 def enabled() -> bool:
+    """False when the environment turns the kernels off (``HYBRID_RL_KERNELS=0``)."""
     return os.environ.get("HYBRID_RL_KERNELS", "1") not in ("0", "false", "no", "off")
 
 
@@ -122,12 +124,11 @@ def declare(name: str, args: list, result=None) -> None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None when disabled or unavailable (the reason is warned once)."""
+    """The compiled kernels, built on first use, or None when they cannot be built (the reason is warned
+    once)."""
     global _lib, _failed
-    if _lib is not None or not enabled():
-        return _lib if enabled() else None
-    if _failed is not None:
-        return None
+    if _lib is not None or _failed is not None:
+        return _lib
     try:
         _lib = _build()
     except Exception as exc:  # noqa: BLE001 - any build/load failure falls back to PyTorch
@@ -139,7 +140,7 @@ def library() -> ctypes.CDLL | None:
 
 def usable(*tensors: torch.Tensor) -> bool:
     """True when the kernels can take these tensors: CPU, float32, contiguous, no autograd, no autocast."""
-    if not enabled() or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return False
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():

@@ -1,4 +1,4 @@
-"""The layer stack of ``HybridLM.decode_step`` as one kernel call (model/kernels, CPU fp32).
+"""The layer stack of ``HybridLM.decode_step`` as one kernel call (model/fast/kernels, CPU fp32).
 
 At decode sizes the per-layer work is a few small matrix products and a pass over the Mamba state, so
 the Python around each layer (module calls, allocations, dispatch) costs as much as the arithmetic.
@@ -37,8 +37,16 @@ _RUN_LOCK = threading.Lock()  # one decode step at a time per process (each uses
 KINDS = {"M": 0, "E": 1, "*": 2, "-": 3}
 
 
-def available() -> bool:
-    return kernels.library() is not None
+def program_for(model, h_bd, cache):
+    """The model's decode program when the kernels can take this step (CPU fp32, no autograd), else None.
+
+    Kept on the model (outside its state_dict and ``.to()``), rebuilt when the model's config changes."""
+    if not kernels.usable(h_bd, model.lm_head.weight, *cache.tensors()):
+        return None
+    program = model.__dict__.get("_program")
+    if program is None or program.config != model.config:
+        program = model.__dict__["_program"] = DecodeProgram(model)
+    return program
 
 
 def dense_panels(mixer, kind: str) -> tuple:
@@ -48,7 +56,7 @@ def dense_panels(mixer, kind: str) -> tuple:
         params = (mixer.in_proj.weight, mixer.out_proj.weight)
         weights = lambda: params  # noqa: E731
     elif kind == "E":
-        params = tuple(mixer._step_params())
+        params = tuple(mixer.step_params())
         shared_down = mixer.shared_experts.down_proj.weight if mixer.cfg.n_shared_experts else None
 
         def weights():
@@ -128,7 +136,7 @@ class DecodeProgram:
                 slots = [*dense, conv_w, mixer.conv1d.bias, mixer.dt_bias, a, mixer.D, mixer.norm.weight,
                          cache.conv[i], cache.ssm[i]]
             elif self.kinds[i] == 1:
-                up_p, down_p = mixer.experts.packed()
+                up_p, down_p = mixer.packed_experts()
                 slots = [*dense, mixer.gate.e_score_correction_bias, mixer.expert_load, up_p, down_p]
             elif self.kinds[i] == 2:
                 slots = [*dense, cache.k[i], cache.v[i]]

@@ -1,7 +1,7 @@
 """Training-path autograd Functions with hand-written backwards (fewer, larger ops than autograd's).
 
 Each replaces a stretch of plain PyTorch whose autograd graph is dominated by per-op overhead and by
-temporaries, not by arithmetic; each is tested against that code (values and gradients) in
+temporaries, not by arithmetic; each is tested against the reference (values and gradients) in
 tests/model/test_model_train_ops.py.
 
 * ``causal_conv_train``: the depthwise causal conv of the Mamba mixer (with packed-document resets).
@@ -23,16 +23,15 @@ tests/model/test_model_train_ops.py.
   ``[B, T, in_proj]`` gradient buffer that every piece writes its columns of (no cat of split grads).
 * ``relu2_train``: the dense MLP's relu^2.
 
-CPU fp32 kernels (model/kernels/train.c, compiled with the decode kernels into one library) do the
-memory-bound passes where they apply: conv + SiLU, the gated and the plain RMS norm, relu^2, the SSD's
-decay blocks, head-major layout passes and per-head B/C scaling, the experts' gathers and slot sums.
-Each has a PyTorch path (in the same Function; for the mixer, the unfused ops of ``Mamba2Mixer``),
-used on other devices and dtypes, under autocast, without a C compiler, or with
-``HYBRID_RL_KERNELS=0``; the tests run both paths against the references.
+CPU fp32 kernels (model/fast/kernels/train.c, compiled with the decode kernels into one library) do
+the memory-bound passes where they apply: conv + SiLU, the gated and the plain RMS norm, relu^2, the
+SSD's decay blocks, head-major layout passes and per-head B/C scaling, the experts' gathers and slot
+sums.  Each Function takes the library (``lib``; ``None``: PyTorch ops) from its caller, whose model
+chose once whether to use the kernels (``impl="fast"`` or ``"torch"``); a Function still runs its
+PyTorch ops on other devices and dtypes and under autocast, and its backward uses what its forward did.
 
-The callers (``causal_conv``, ``ssd_chunked``, ``dispatch_grouped``, ``rms_norm``,
-``gated_group_rms_norm``, ``Mamba2Mixer.forward``, ``moe.relu2``) use these only with autograd
-enabled; inference keeps its own code.
+The callers are the fast layers (model/fast/layers.py), with autograd enabled only: inference runs
+the reference code or the decode kernels.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..mamba import pad_time
 from . import kernels
 
 
@@ -75,6 +75,11 @@ kernels.declare("ssd_scale_bwd", [_P] * 5 + [_INT] * 6 + [_I64])
 
 def _ptr(t):
     return None if t is None else t.data_ptr()
+
+
+def _library(use_kernels: bool):
+    """The compiled kernels when the caller uses them and they are built, else None (PyTorch ops)."""
+    return kernels.library() if use_kernels else None
 
 
 def _autocast_off(device_type):
@@ -164,14 +169,14 @@ class _GroupedExperts(torch.autograd.Function):
     ``order``: the (token, slot) pairs sorted by expert (stable), ``counts``: pairs per expert (a list)."""
 
     @staticmethod
-    def forward(ctx, x_nd, w_nk, up_eid, down_edi, order, counts, k):
+    def forward(ctx, x_nd, w_nk, up_eid, down_edi, order, counts, k, lib):
         n = x_nd.shape[0]
         nk = order.numel()
         used = [e for e, c in enumerate(counts) if c]
         src = torch.div(order, k, rounding_mode="floor")  # token of each sorted pair
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(nk, device=order.device))
-        use_k = _moe_kernels(x_nd, w_nk, up_eid, down_edi)  # CPU fp32: gathers and relu^2 in C
-        lib = kernels.library() if use_k else None
+        use_k = lib is not None and _cpu_f32_contiguous(x_nd, w_nk, up_eid, down_edi)  # gathers and relu^2 in C
+        lib = lib if use_k else None
         if use_k:
             xs = x_nd.new_empty(nk, x_nd.shape[1])
             lib.rows_gather(_ptr(x_nd), _ptr(src), _ptr(xs), nk, x_nd.shape[1], x_nd.shape[1])
@@ -254,15 +259,12 @@ class _GroupedExperts(torch.autograd.Function):
             lib.moe_gather_sum(_ptr(gxs), _ptr(inverse), _ptr(grad_x), n, k, gxs.shape[1])
         elif need_x:
             grad_x = gxs.index_select(0, inverse).view(n, k, -1).sum(1)
-        return grad_x, grad_w, grad_up, grad_down, None, None, None
+        return grad_x, grad_w, grad_up, grad_down, None, None, None, None
 
 
-def _moe_kernels(x_nd, w_nk, up_eid, down_edi):
-    """The routed-expert kernels of model/kernels/train.c apply: CPU fp32 contiguous, library built."""
-    for t in (x_nd, w_nk, up_eid, down_edi):
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-            return False
-    return kernels.library() is not None
+def _cpu_f32_contiguous(*tensors):
+    """The routed-expert kernels of model/fast/kernels/train.c apply: CPU fp32 contiguous."""
+    return _cpu_f32(*tensors) and all(t.is_contiguous() for t in tensors)
 
 
 def _expert_grad_buffer(param, used):
@@ -273,7 +275,7 @@ def _expert_grad_buffer(param, used):
     return buf
 
 
-def grouped_experts(x_nd, idx_nk, w_nk, up_eid, down_edi, counts_e=None):
+def grouped_experts(x_nd, idx_nk, w_nk, up_eid, down_edi, counts_e=None, use_kernels=False):
     """Routed experts with autograd, equal to ``hybrid_rl.model.moe.dispatch_naive``. Returns [N, D_out] fp32.
 
     Under autocast the expert matmuls run in the autocast dtype (as ``F.linear`` would), the routing
@@ -289,7 +291,7 @@ def grouped_experts(x_nd, idx_nk, w_nk, up_eid, down_edi, counts_e=None):
         x_nd, up_eid, down_edi = x_nd.to(dtype), up_eid.to(dtype), down_edi.to(dtype)
         region = torch.autocast(device_type=dev, enabled=False)
     with region:
-        return _GroupedExperts.apply(x_nd, w_nk, up_eid, down_edi, order, counts.tolist(), k)
+        return _GroupedExperts.apply(x_nd, w_nk, up_eid, down_edi, order, counts.tolist(), k, _library(use_kernels))
 
 
 # ----------------------------------------------------------------------------- chunked SSD scan
@@ -317,13 +319,13 @@ class _SSDChunked(torch.autograd.Function):
     kept from the forward), and the matmul results accumulate in place (baddbmm)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, Bm, Cm, D, init, seg_bt, q):
+    def forward(ctx, x, dt, A, Bm, Cm, D, init, seg_bt, q, lib):
         b, t, h, p = x.shape
         g, n = Bm.shape[2], Bm.shape[3]
         r, nc = h // g, t // q
         within, to_end, from_start, keep = _ssd_masks(seg_bt, b, nc, q)
-        use_k = _ssd_kernels(x, dt, Bm, Cm, q)  # CPU fp32: layout passes, decay blocks, B and C per head in C
-        lib = ctx.lib = kernels.library() if use_k else None
+        use_k = lib is not None and _ssd_kernels(x, dt, Bm, Cm, q)  # layout passes, decay blocks, B and C per head in C
+        lib = ctx.lib = lib if use_k else None
         X = x.new_empty(b, nc, g, r, q, p)  # x * dt, head-major
         if use_k:
             lib.ssd_in(_ptr(x), _ptr(dt), _ptr(X), b, nc, h, q, p, x.stride(1))
@@ -477,13 +479,12 @@ class _SSDChunked(torch.autograd.Function):
         else:
             gBm = out[..., h * p: h * p + g * n].view(b, nc, q, g, n).copy_(gB.transpose(2, 3))
             gCm = out[..., h * p + g * n:].view(b, nc, q, g, n).copy_(gC.transpose(2, 3))
-        return gx, g_dt, gA, gBm, gCm, gD, g_init, None, None
+        return gx, g_dt, gA, gBm, gCm, gD, g_init, None, None, None
 
 
 def _ssd_kernels(x, dt, Bm, Cm, q):
-    """The SSD kernels of model/kernels/train.c apply: CPU fp32, x [B,T,H,P] and B, C [B,T,G,N] each with
-    contiguous rows per token and batch stride T * token stride, dt contiguous, chunk <= 1024, the
-    library built."""
+    """The SSD kernels of model/fast/kernels/train.c apply: CPU fp32, x [B,T,H,P] and B, C [B,T,G,N] each
+    with contiguous rows per token and batch stride T * token stride, dt contiguous, chunk <= 1024."""
     if not _cpu_f32(x, dt, Bm, Cm) or q > 1024 or not dt.is_contiguous():
         return False
     for v in (x, Bm, Cm):
@@ -520,7 +521,8 @@ def _bmm3(t6, rows, cols):
     return t6.view(-1, rows, cols)
 
 
-def ssd_chunked_train(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_state=None, seg_bt=None):
+def ssd_chunked_train(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, initial_state=None, seg_bt=None,
+                      use_kernels=False):
     """``hybrid_rl.model.mamba.ssd_chunked`` with a hand-written backward. Returns (y [B,T,H,P] fp32, final state
     [B,H,P,N] fp32); T is padded to a multiple of the chunk inside (dt = 0 there: inert)."""
     t = x_bthp.shape[1]
@@ -529,12 +531,10 @@ def ssd_chunked_train(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, init
     x, dt = x_bthp.float(), dt_bth.float()
     Bm, Cm = B_btgn.float(), C_btgn.float()
     if pad:
-        from .mamba import pad_time
-
         (x, dt, Bm, Cm), seg_bt = pad_time(pad, (x, dt, Bm, Cm), seg_bt)
     init = None if initial_state is None else initial_state.float()
     y, final = _SSDChunked.apply(x, dt, A_h.float(), Bm.contiguous(), Cm.contiguous(), D_h.float(), init,
-                                 None if seg_bt is None else seg_bt.contiguous(), q)
+                                 None if seg_bt is None else seg_bt.contiguous(), q, _library(use_kernels))
     return (y[:, :t] if pad else y), final
 
 
@@ -544,13 +544,13 @@ class _RMSNorm(torch.autograd.Function):
     ``group`` < its size (w spans the whole last dim).  Optionally gated first: x = y * silu(z)."""
 
     @staticmethod
-    def forward(ctx, y, z, w, group, eps):
+    def forward(ctx, y, z, w, group, eps, lib):
         shape = y.shape
-        ctx.kernel = z is None and group == shape[-1] and _cpu_f32(y, w)
-        if ctx.kernel:  # the plain norm in one pass each way (model/kernels/train.c)
+        ctx.kernel = lib is not None and z is None and group == shape[-1] and _cpu_f32(y, w)
+        if ctx.kernel:  # the plain norm in one pass each way (model/fast/kernels/train.c)
             x = y.contiguous()
             out, rstd = torch.empty_like(x), x.new_empty(x.numel() // group)
-            ctx.lib = kernels.library()
+            ctx.lib = lib
             ctx.lib.rms_norm_fwd(_ptr(x), _ptr(w), _ptr(out), _ptr(rstd), rstd.numel(), group, eps)
             ctx.save_for_backward(w, x, rstd)
             return out
@@ -579,7 +579,7 @@ class _RMSNorm(torch.autograd.Function):
             gx, gw = torch.empty_like(x), torch.empty_like(w)
             ctx.lib.rms_norm_bwd(_ptr(go), _ptr(x), _ptr(w), _ptr(rstd), _ptr(gx), _ptr(gw), rstd.numel(),
                                            x.shape[-1])
-            return gx, None, gw if ctx.needs_input_grad[2] else None, None, None
+            return gx, None, gw if ctx.needs_input_grad[2] else None, None, None, None
         w, normed, rstd = ctx.saved_tensors[:3]
         group = ctx.group
         shape = go.shape
@@ -588,31 +588,29 @@ class _RMSNorm(torch.autograd.Function):
         dot = torch.linalg.vecdot(gn, normed).div_(group)[..., None]
         gx = torch.addcmul(gn, normed, dot, value=-1.0).mul_(rstd).view(shape)
         if len(ctx.saved_tensors) == 3:
-            return gx, None, gw, None, None
+            return gx, None, gw, None, None, None
         y, z, sz, gate = ctx.saved_tensors[3:]
         gy = gx * gate if ctx.needs_input_grad[0] else None
         gz = None
         if ctx.needs_input_grad[1]:
             # d silu(z) = s (1 + z (1 - s)) = s + silu(z) - s silu(z),  s = sigmoid(z)
             gz = gx.mul_(y).mul_(torch.addcmul(sz + gate, sz, gate, value=-1.0))
-        return gy, gz, gw, None, None
+        return gy, gz, gw, None, None, None
 
 
 def _cpu_f32(*tensors):
-    """All on the CPU in fp32, and the train kernels built."""
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return False
-    return kernels.library() is not None
+    """All on the CPU in fp32 (what the train kernels take)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 class _Relu2(torch.autograd.Function):
     """relu(h)^2 (the dense MLP's activation), CPU fp32 in one kernel pass each way; h is kept."""
 
     @staticmethod
-    def forward(ctx, h):
+    def forward(ctx, h, lib):
         h = h.contiguous()
         act = torch.empty_like(h)
-        ctx.lib = kernels.library()
+        ctx.lib = lib
         ctx.lib.relu2_out(_ptr(h), _ptr(act), h.numel())
         ctx.save_for_backward(h)
         return act
@@ -623,24 +621,25 @@ class _Relu2(torch.autograd.Function):
         g = g.contiguous().to(h.dtype)
         gh = torch.empty_like(h)
         ctx.lib.relu2_grad(_ptr(g), _ptr(h), _ptr(gh), h.numel())
-        return gh
+        return gh, None
 
 
-def relu2_train(h):
-    """relu(h)^2 with autograd: ``_Relu2`` on CPU fp32 (no autocast), else PyTorch's ops."""
-    if _cpu_f32(h) and not torch.is_autocast_enabled("cpu"):
-        return _Relu2.apply(h)
+def relu2_train(h, use_kernels=False):
+    """relu(h)^2 with autograd: ``_Relu2`` with the kernels on CPU fp32 (no autocast), else PyTorch's ops."""
+    lib = _library(use_kernels)
+    if lib is not None and _cpu_f32(h) and not torch.is_autocast_enabled("cpu"):
+        return _Relu2.apply(h, lib)
     return torch.square(F.relu(h))
 
 
-def rms_norm_train(x, weight, eps):
+def rms_norm_train(x, weight, eps, use_kernels=False):
     """``hybrid_rl.model.norms.rms_norm`` with a hand-written backward (fp32 inside, cast back)."""
-    return _RMSNorm.apply(x.float(), None, weight.float(), x.shape[-1], eps).to(x.dtype)
+    return _RMSNorm.apply(x.float(), None, weight.float(), x.shape[-1], eps, _library(use_kernels)).to(x.dtype)
 
 
 def gated_group_rms_norm_train(y, z, weight, group_size, eps):
     """``hybrid_rl.model.norms.gated_group_rms_norm`` with a hand-written backward (fp32 inside, z's dtype out)."""
-    return _RMSNorm.apply(y.float(), z.float(), weight.float(), group_size, eps).to(z.dtype)
+    return _RMSNorm.apply(y.float(), z.float(), weight.float(), group_size, eps, None).to(z.dtype)
 
 
 # ----------------------------------------------------------------------------- the whole Mamba mixer
@@ -681,7 +680,7 @@ class _MambaMixer(torch.autograd.Function):
         sctx = _Saved()
         y, _ = _SSDChunked.forward(sctx, xc[..., :d_inner].view(b, t, heads, head_dim), dt, A,
                                    xc[..., d_inner:d_inner + gn].view(b, t, groups, state),
-                                   xc[..., d_inner + gn:].view(b, t, groups, state), D, None, seg_bt, q)
+                                   xc[..., d_inner + gn:].view(b, t, groups, state), D, None, seg_bt, q, lib)
         out = proj.new_empty(b, t, d_inner)
         rstd = proj.new_empty(b * t, d_inner // group)
         lib.gated_norm_fwd(_ptr(y), _ptr(proj), _ptr(norm_w), _ptr(out), _ptr(rstd), b * t, d_inner, group, rs, eps)
@@ -706,7 +705,7 @@ class _MambaMixer(torch.autograd.Function):
         sctx = _Saved()
         sctx.saved_tensors, sctx.q, sctx.has_init, sctx.lib = ctx.saved_tensors[9:], ctx.q, False, ctx.lib
         g_xc = proj.new_empty(b, t, conv_dim)
-        _, g_dt, gA, _, _, gD, _, _, _ = _SSDChunked._backward(sctx, gy.view(b, t, heads, head_dim), None, out=g_xc)
+        _, g_dt, gA, _, _, gD, *_ = _SSDChunked._backward(sctx, gy.view(b, t, heads, head_dim), None, out=g_xc)
         g_conv_w, g_conv_b = conv_w.new_empty(k, conv_dim), conv_b.new_empty(conv_dim)
         lib.conv_silu_bwd(_ptr(proj[..., d_inner:]), _ptr(conv_w), _ptr(conv_b), _ptr(seg_bt), _ptr(g_xc),
                           _ptr(g_xc), _ptr(gproj[..., d_inner:]), _ptr(g_conv_w), _ptr(g_conv_b), b, t, conv_dim, k,

@@ -257,7 +257,7 @@ static void gemm_packed_par(const float *A, int m, int K, int lda, const float *
 }
 
 /* Python-callable: C[M, N] = A[M, K] (row stride lda) @ W^T for a weight W [N, K] given as its panels
- * (model/kernels.pack_panels). */
+ * (model/fast/kernels.pack_panels). */
 void linear_packed(const float *A, const float *Wp, float *C, int M, int K, int lda, int N, int ldc) {
     gemm_packed_par(A, M, K, lda, Wp, N, C, ldc);
 }
@@ -399,7 +399,7 @@ void attn_step(const float *qkv, float *kbuf, float *vbuf, const int64_t *len, f
 /* ---------------------------------------------------------------------------------------------
  * The whole decode step's layer stack in one call.  Python builds the program once per model (and
  * again when a weight changes): per layer a kind and fixed-size slots of pointers, ints and floats
- * (layouts below, mirrored in model/fused.py).  Dense projections take their weights as 16-column
+ * (layouts below, mirrored in model/fast/fused.py).  Dense projections take their weights as 16-column
  * panels (pack_panels in Python) and run gemm_packed_par: at decode sizes (a few dozen rows) the
  * weights stream from memory once per step, sequentially and prefetched a panel ahead.
  * --------------------------------------------------------------------------------------------- */
