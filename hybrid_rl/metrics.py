@@ -23,7 +23,8 @@ Files in the run directory:
   it was offline).
 - ``report.html``: rebuilt at ``close()`` (``hybrid-rl report RUN_DIR`` rebuilds it by hand).
 
-Readers for tests and tools: ``read_metrics``, ``read_samples``, ``read_wandb_offline_run`` (through
+Readers for tests and tools: ``read_metrics``, ``read_samples``, ``read_run_info`` (owned by
+``hybrid_rl.runfiles``, through which the report reads a run; re-exported here), ``read_wandb_offline_run`` (through
 wandb's own ``wandb leet inspect --json``), ``read_tensorboard_scalars`` (tensorboard's
 ``EventAccumulator``).
 """
@@ -42,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from hybrid_rl.runfiles import METRIC_PREFIXES, read_metrics, read_run_info, read_samples
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -50,7 +53,6 @@ __all__ = [
     "WandbRun",
 ]
 
-METRIC_PREFIXES = ("train/", "rollout/", "eval/", "perf/", "moe/")
 Backend = Literal["jsonl", "console", "tensorboard", "wandb"]
 
 
@@ -474,36 +476,6 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- readers
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of ``metrics.jsonl`` (a torn last line, from a crash mid-write, is skipped)."""
-    return _read_jsonl(Path(run_dir) / "metrics.jsonl")
-
-
-def read_samples(run_dir: str | Path) -> list[dict]:
-    return _read_jsonl(Path(run_dir) / "samples.jsonl")
-
-
-def read_run_info(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}:{i + 1} is not valid JSON: {line[:120]!r}") from None
-    return rows
 
 
 @dataclass

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hybrid_rl.metrics import METRIC_PREFIXES, read_metrics, read_run_info, read_samples
+from hybrid_rl.runfiles import METRIC_PREFIXES, read_metrics, read_run_info, read_samples
 
 __all__ = ["build_report", "build_comparison", "load_run", "check_in_browser", "find_chromium", "add_arguments", "run"]
 
