@@ -4,7 +4,9 @@
 loads third-party environments from the entry-point group ``hybrid_rl.envs``. See docs/ENVIRONMENTS.md.
 """
 
-from hybrid_rl.envs.core import CHARSET, MAX_ACTION_CHARS, MAX_OBS_CHARS, TextEnv, first_int, first_word, quote, text_space
+from hybrid_rl.envs.core import (
+    CHARSET, MAX_ACTION_CHARS, MAX_OBS_CHARS, TextEnv, episode_success, first_int, first_word, quote, text_space,
+)
 from hybrid_rl.envs.registry import (
     ENTRY_POINT_GROUP, NAMESPACE, UnknownEnvironmentError, describe, env_ids, load_plugins, make, max_turns,
     register_builtins, resolve_id, seeds,
@@ -15,6 +17,7 @@ from hybrid_rl.envs.checker import CheckReport, check
 
 __all__ = [
     "TextEnv", "text_space", "CHARSET", "MAX_OBS_CHARS", "MAX_ACTION_CHARS", "first_int", "first_word", "quote",
+    "episode_success",
     "NAMESPACE", "ENTRY_POINT_GROUP", "UnknownEnvironmentError", "make", "resolve_id", "env_ids", "describe",
     "max_turns", "seeds", "register_builtins", "load_plugins",
     "ToolCall", "ToolCallError", "ToolResult", "parse_tool_call", "format_tool_call", "call_tool",

@@ -2,16 +2,25 @@
 
 Checks, each reported by name:
   gymnasium         gymnasium.utils.env_checker.check_env on the unwrapped env (its warnings are reported)
-  text_spaces       observation and action spaces are ``gymnasium.spaces.Text``; observations are str
-  info_contract     step info has ``success``/``role``/``invalid_action`` of the right types, and
+  text_spaces       observation and action spaces are ``gymnasium.spaces.Text``; observations are str and
+                    members of the observation space
+  info_contract     every step's observation is a str in the observation space and its reward a finite
+                    number; ``success``/``role``/``invalid_action``, when given, have the right types, and
                     ``reward_components`` (when given) sum to the reward
-  determinism       the same seed and the same (noisy) expert actions give the same episode
-  bad_actions       garbage, malformed tool calls, "", 100 KB, non-ASCII and non-strings never raise,
-                    and unparseable ones are flagged ``invalid_action`` with an explanation
+  determinism       the same seed and the same actions give the same episode
+  bad_actions       garbage, malformed tool calls, "", 100 KB and non-ASCII text never raise
   truncation        an agent that only sends garbage is truncated at the turn limit (or the env ends
-                    the episode itself, unsuccessfully); truncation never comes before the limit
+                    the episode itself); truncation never comes before the limit
   expert            the expert ends episodes by termination; its success rate on eval seeds is
                     reported, and must be >= 99% when the env is ``solvable``
+
+Only real contract breaks fail: an exception on model text, an observation that is not a str or that
+the env's own observation space rejects, nondeterminism under a seed, a key given with the wrong type.
+What a plain gymnasium text env may leave out is a warning: the info keys (``success`` then defaults to
+"terminated with a positive reward", ``invalid_action`` to False), flagging bad actions as invalid, a
+turn limit, an expert, a non-string action handled without raising, and a garbage agent that succeeds.
+Envs without an expert are probed with their ``random_action`` or gymnasium's random agent (samples of
+the action space, seeded by the episode's seed).
 
 On the last allowed turn gymnasium's ``TimeLimit`` sets ``truncated`` even when the environment
 terminated on that very turn (always so for the one-turn Arithmetic): ``terminated`` then wins.
@@ -20,6 +29,7 @@ terminated on that very turn (always so for the one-turn Arithmetic): ``terminat
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import traceback
 import warnings
@@ -27,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import gymnasium as gym
+import numpy as np
 from gymnasium.utils.env_checker import check_env as gym_check_env
 
 from hybrid_rl.envs.episode import Episode, expert_policy, run_episode
@@ -49,7 +60,9 @@ BAD_ACTIONS: dict[str, object] = {
     "100kb_digits": "7" * 100_000,
     "not_a_string": None,
 }
-MUST_BE_INVALID = ("empty", "whitespace", "garbage", "100kb", "100kb_digits", "not_a_string")
+MUST_BE_INVALID = ("empty", "whitespace", "garbage", "100kb", "100kb_digits", "not_a_string")  # or a warning
+INFO_DEFAULTS = {"success": "terminated with a positive reward", "role": "'user'", "invalid_action": "False",
+                 "reward_components": "{'reward': reward}"}
 
 
 @dataclass
@@ -81,10 +94,10 @@ def check(env_id: str, episodes: int = 100, **kwargs) -> CheckReport:
     steps: list[tuple[str, Callable[[], None]]] = [
         ("gymnasium", lambda: _gymnasium(env_id, kwargs, report)),
         ("text_spaces", lambda: _text_spaces(env_id, kwargs)),
-        ("info_contract", lambda: _info_contract(env_id, kwargs)),
+        ("info_contract", lambda: _info_contract(env_id, kwargs, report)),
         ("determinism", lambda: _determinism(env_id, kwargs)),
-        ("bad_actions", lambda: _bad_actions(env_id, kwargs)),
-        ("truncation", lambda: _truncation(env_id, kwargs)),
+        ("bad_actions", lambda: _bad_actions(env_id, kwargs, report)),
+        ("truncation", lambda: _truncation(env_id, kwargs, report)),
         ("expert", lambda: _expert(env_id, episodes, kwargs, report)),
     ]
     for name, run in steps:
@@ -126,47 +139,64 @@ def _text_spaces(env_id: str, kwargs: dict) -> None:
         _require(isinstance(space, gym.spaces.Text), f"{name} is {space!r}; text environments use gymnasium.spaces.Text (envs.text_space).")
     obs, info = env.reset(seed=0)
     _require(isinstance(obs, str), f"reset returned a {type(obs).__name__} observation; expected str.")
-    _require(obs in env.observation_space, f"reset observation {obs[:40]!r} is not in observation_space (length or characters).")
+    _require(obs in env.observation_space, f"reset observation {obs[:40]!r} is not in observation_space {env.observation_space!r}; "
+                                           f"{_SPACE_HINT}")
     prompt, tools = getattr(env.unwrapped, "system_prompt", None), getattr(env.unwrapped, "tools", [])
     _require(prompt is None or isinstance(prompt, str), f"system_prompt must be str or None, got {type(prompt).__name__}.")
     _require(isinstance(tools, (list, tuple)) and all(isinstance(t, dict) and "name" in t for t in tools),
              "tools must be a list of specs with a 'name' (and 'description', 'parameters').")
 
 
+_SPACE_HINT = ("raise its max_length or widen its charset (gymnasium's default Text charset is letters and digits "
+               "only; envs.text_space(n) allows printable ASCII).")
+
+
 def _check_step(env: gym.Env, out: tuple, where: str) -> None:
     obs, reward, terminated, truncated, info = out
     _require(isinstance(obs, str), f"{where}: observation is {type(obs).__name__}, expected str.")
-    _require(obs in env.observation_space, f"{where}: observation {obs[:40]!r} is not in observation_space.")
-    _require(isinstance(reward, (int, float)) and math.isfinite(reward), f"{where}: reward {reward!r} is not a finite number.")
-    _require(isinstance(terminated, bool) and isinstance(truncated, bool), f"{where}: terminated/truncated must be bool.")
-    _require(isinstance(info.get("success", False), bool), f"{where}: info['success'] must be a bool.")
+    _require(obs in env.observation_space, f"{where}: observation {obs[:40]!r} is not in observation_space; {_SPACE_HINT}")
+    _require(isinstance(reward, numbers.Real) and math.isfinite(reward), f"{where}: reward {reward!r} is not a finite number.")
+    _require(isinstance(terminated, (bool, np.bool_)) and isinstance(truncated, (bool, np.bool_)),
+             f"{where}: terminated/truncated must be bool.")
+    _require(isinstance(info, dict), f"{where}: info is {type(info).__name__}, expected dict.")
+    _require(isinstance(info.get("success", False), (bool, np.bool_)), f"{where}: info['success'] must be a bool.")
     _require(info.get("role", "user") in ("user", "tool"), f"{where}: info['role'] is {info.get('role')!r}; expected 'user' or 'tool'.")
-    _require(isinstance(info.get("invalid_action", False), bool), f"{where}: info['invalid_action'] must be a bool.")
+    _require(isinstance(info.get("invalid_action", False), (bool, np.bool_)), f"{where}: info['invalid_action'] must be a bool.")
     components = info.get("reward_components")
     if components is not None:
         _require(math.isclose(sum(components.values()), reward, abs_tol=1e-6),
                  f"{where}: reward_components {components} sum to {sum(components.values())}, but the reward is {reward}.")
 
 
-def _info_contract(env_id: str, kwargs: dict) -> None:
+def _probe_policy(env: gym.Env) -> Callable[[str], str]:
+    """What the checks play: the expert with noise when there is one, else the env's random agent."""
+    return expert_policy(env, 0.3) if hasattr(env.unwrapped, "expert_action") else expert_policy(env, policy="random")
+
+
+def _info_contract(env_id: str, kwargs: dict, report: CheckReport) -> None:
     env = make(env_id, **kwargs)
-    act = expert_policy(env, 0.3) if hasattr(env.unwrapped, "expert_action") else (lambda _o: env.action_space.sample())
+    act = _probe_policy(env)
     limit = env.spec.max_episode_steps if env.spec else None
+    seen: set[str] = set()
     for seed in seeds(env_id, "train", 5):
         obs, _ = env.reset(seed=seed)
+        env.action_space.seed(seed)
         for turn in range(1, 10_000):
             out = env.step(act(obs))
             _check_step(env, out, f"seed {seed} turn {turn}")
             obs, _, terminated, truncated, info = out
+            seen.update(k for k in INFO_DEFAULTS if k in info and k != "success")
             _require(not truncated or turn == limit, f"seed {seed}: truncated at turn {turn}, before the limit {limit}.")
             if terminated or truncated:
-                _require("success" in info, "the last step's info has no 'success' key; set it (bool) at the episode's end.")
+                seen.update({"success"} & set(info))
                 break
+    missing = [f"{k} (read as {v})" for k, v in INFO_DEFAULTS.items() if k not in seen]
+    if missing:
+        report.warnings.append(f"info never gives {', '.join(missing)}; set them to say what the defaults cannot "
+                               f"(success at the episode's end, invalid_action for unusable model text).")
 
 
 def _determinism(env_id: str, kwargs: dict) -> None:
-    if not hasattr(make(env_id, **kwargs).unwrapped, "expert_action"):
-        return
     for seed in seeds(env_id, "train", 5):
         first, second = (_trace(env_id, seed, kwargs) for _ in range(2))
         _require(first == second, f"seed {seed}: two runs with the same seed and actions differ:\n{first}\n---\n{second}")
@@ -174,32 +204,47 @@ def _determinism(env_id: str, kwargs: dict) -> None:
 
 def _trace(env_id: str, seed: int, kwargs: dict) -> list:
     env = make(env_id, **kwargs)
-    episode = run_episode(env, expert_policy(env, 0.3), seed=seed)
+    episode = run_episode(env, _probe_policy(env), seed=seed)
     return [episode.messages, episode.rewards, episode.terminated, episode.truncated]
 
 
-def _bad_actions(env_id: str, kwargs: dict) -> None:
+def _bad_actions(env_id: str, kwargs: dict, report: CheckReport) -> None:
     env = make(env_id, **kwargs)
+    unflagged, silent = [], []
     for name, action in BAD_ACTIONS.items():
         env.reset(seed=0)
         try:
             out = env.step(action)
         except Exception as err:
-            raise CheckFailed(f"step({name}) raised {type(err).__name__}: {err}; step must never raise on model output.") from None
+            message = f"step({name}) raised {type(err).__name__}: {err}"
+            if isinstance(action, str):
+                raise CheckFailed(f"{message}; step must never raise on model output.") from None
+            report.warnings.append(f"{message}; model output is always text, but a step that never raises is safer.")
+            continue
         _check_step(env, out, f"step({name})")
-        if name in MUST_BE_INVALID:
-            _require(out[4].get("invalid_action") is True, f"step({name}) was not flagged info['invalid_action']=True.")
-            _require(len(out[0].strip()) > 0, f"step({name}) gave an empty observation; say what was wrong.")
+        if name in MUST_BE_INVALID and out[4].get("invalid_action") is not True:
+            unflagged.append(name)
+        if name in MUST_BE_INVALID and not out[0].strip():
+            silent.append(name)
+    if unflagged:
+        report.warnings.append(f"step({', '.join(unflagged)}) not flagged info['invalid_action']=True: such turns are "
+                               f"not counted as invalid actions.")
+    if silent:
+        report.warnings.append(f"step({', '.join(silent)}) gave an empty observation; say what was wrong.")
 
 
-def _truncation(env_id: str, kwargs: dict) -> None:
+def _truncation(env_id: str, kwargs: dict, report: CheckReport) -> None:
     env = make(env_id, **kwargs)
     limit = env.spec.max_episode_steps if env.spec else None
-    _require(limit is not None, "no max_episode_steps: register the env with a turn limit.")
+    if limit is None:
+        report.warnings.append("no max_episode_steps: an episode ends only at the rollout's token limit; register "
+                               "the env with a turn limit (gymnasium.register(..., max_episode_steps=N)).")
+        return
     episode = run_episode(env, lambda _obs: "qwzx", seed=0)
     if episode.truncated:
         _require(episode.num_turns == limit, f"truncated after {episode.num_turns} turns; the limit is {limit}.")
-    _require(not episode.success, "garbage actions succeeded; the task is not verified.")
+    if episode.success:
+        report.warnings.append("an agent that only says 'qwzx' succeeded: is the task verified?")
 
 
 def _expert(env_id: str, episodes: int, kwargs: dict, report: CheckReport) -> None:

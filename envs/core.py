@@ -10,6 +10,8 @@ habits every hybrid-rl environment shares, so that a new environment is a short 
 - ``result(...)`` / ``invalid(...)`` build the step tuple with the ``info`` keys the rollout reads:
   ``success``, ``role`` ("user" or "tool"), ``invalid_action`` and ``reward_components``
   (the reward is their sum, so the two can never disagree);
+- ``episode_success``: how the rollout reads ``success`` from any gymnasium env, with the default that lets an
+  env without hybrid-rl's info keys train unchanged (a missing ``invalid_action`` reads as False);
 - ``expert_rng`` for a scripted expert whose noise is reproducible under the reset seed;
 - ``heuristic_action`` (optional): a second teacher, a rule of thumb deliberately worse than the expert,
   and ``random_action``: a random legal-looking action, the floor.
@@ -29,7 +31,7 @@ import numpy as np
 
 __all__ = [
     "TextEnv", "text_space", "CHARSET", "MAX_OBS_CHARS", "MAX_ACTION_CHARS",
-    "first_int", "first_word", "quote",
+    "first_int", "first_word", "quote", "episode_success",
 ]
 
 # Printable ASCII plus whitespace: what our observations are made of. Model output outside it is
@@ -37,6 +39,15 @@ __all__ = [
 CHARSET = string.printable
 MAX_OBS_CHARS = 4096    # a long tool result or a rules text still fits; anything near this is a bug
 MAX_ACTION_CHARS = 2048  # room for a tool call with JSON; longer output is rejected, not parsed
+
+
+def episode_success(info: dict | None, reward: float, terminated: bool) -> bool:
+    """Did the episode that ended with this step succeed? ``info["success"]`` when the env says so; else
+    "terminated with a positive reward" (the last step's), so a plain gymnasium env trains unchanged."""
+    info = info or {}
+    if "success" in info:
+        return bool(info["success"])
+    return bool(terminated) and reward > 0
 
 
 def text_space(max_length: int) -> gym.spaces.Text:

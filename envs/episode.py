@@ -4,7 +4,8 @@ Three teachers (``policy=``): ``"expert"``, the environment's scripted solver (`
 ``noise`` makes it err at random); ``"heuristic"``, a plausible rule of thumb that is systematically worse
 (``heuristic_action``: its mistakes are consistent, so a model that imitates it is about as good as it, and
 RL has room above it); ``"random"``, a random legal-looking move every turn (``random_action``, by
-default the expert with noise 1.0; ``noise`` is ignored).
+default the expert with noise 1.0; ``noise`` is ignored; an env with neither samples its ``action_space``,
+gymnasium's random agent, seeded by the episode's seed).
 
 An ``Episode`` keeps the conversation as chat messages (``system`` when the environment has a system
 prompt, then ``user``/``tool`` observations and ``assistant`` actions), which is what SFT renders.
@@ -17,7 +18,7 @@ from typing import Callable
 
 import gymnasium as gym
 
-from hybrid_rl.envs.core import TextEnv
+from hybrid_rl.envs.core import TextEnv, episode_success
 from hybrid_rl.envs.registry import make, seeds
 from hybrid_rl.registry import check_name
 
@@ -50,13 +51,18 @@ class Episode:
 
 
 def run_episode(env: gym.Env, act: Callable[[str], str], seed: int | None = None, options: dict | None = None) -> Episode:
-    """Play one episode of ``env`` with ``act(observation) -> action`` until it terminates or truncates."""
+    """Play one episode of ``env`` with ``act(observation) -> action`` until it terminates or truncates.
+
+    The seed also seeds ``env.action_space``, so a policy that samples it replays the same episode; the
+    system prompt is read after ``reset`` (an adapter may take it from the episode's data)."""
     spec_id = env.spec.id if env.spec is not None else type(env.unwrapped).__name__
     episode = Episode(env_id=spec_id, seed=seed if seed is not None else -1)
+    obs, info = env.reset(seed=seed, options=options)
+    if seed is not None:
+        env.action_space.seed(seed)
     system_prompt = getattr(env.unwrapped, "system_prompt", None)
     if system_prompt:
         episode.messages.append({"role": "system", "content": system_prompt})
-    obs, info = env.reset(seed=seed, options=options)
     episode.messages.append({"role": info.get("role", "user"), "content": obs})
     while True:
         action = act(obs)
@@ -67,7 +73,7 @@ def run_episode(env: gym.Env, act: Callable[[str], str], seed: int | None = None
         episode.infos.append(info)
         if terminated or truncated:
             episode.terminated, episode.truncated = bool(terminated), bool(truncated)
-            episode.success = bool(info.get("success", False))
+            episode.success = episode_success(info, float(reward), terminated)
             return episode
 
 
@@ -105,7 +111,8 @@ def expert_policy(env: gym.Env, noise: float | None = None, policy: str = "exper
     """``act(observation)`` that asks the environment's teacher ``policy``; ``noise=None`` keeps the env's default.
 
     "expert": ``expert_action(noise)``; "heuristic": ``heuristic_action(noise)``; "random": ``random_action()``
-    when the env has one (every ``TextEnv``), else ``expert_action(noise=1.0)``; ``noise`` is ignored.
+    when the env has one (every ``TextEnv``), else ``expert_action(noise=1.0)``, else a sample of
+    ``env.action_space`` (gymnasium's random agent); ``noise`` is ignored.
     """
     _check_policy(policy)
     unwrapped = env.unwrapped
@@ -123,10 +130,8 @@ def expert_policy(env: gym.Env, noise: float | None = None, policy: str = "exper
         random_action = getattr(unwrapped, "random_action", None)
         if random_action is not None and (expert is not None or _overrides(unwrapped, "random_action")):
             return lambda _obs: random_action()
-        if expert is None:
-            raise ValueError(f"{name} has neither random_action() nor expert_action(), so policy='random' cannot "
-                             f"play it. Implement random_action(self) -> str (a random legal-looking action) or "
-                             f"expert_action(self, noise=None) -> str on {type(unwrapped).__name__}.")
+        if expert is None:  # gymnasium's random agent (run_episode seeds the space with the episode's seed)
+            return lambda _obs: env.action_space.sample()
         return lambda _obs: expert(noise=1.0)
     if expert is None:
         raise ValueError(f"{name} has no expert_action(); add one (a scripted solver) to produce demonstrations.")

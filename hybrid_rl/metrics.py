@@ -88,8 +88,10 @@ def env_key(env_id: str) -> str:
     """The environment part of a per-environment metric name: ``hybrid_rl/GuessNumber-v0`` -> ``GuessNumber-v0``.
 
     Metric names group on ``/`` (``eval/success/<env>``), so an id's namespace is dropped for our own
-    environments and joined with ``.`` for third-party ones.
+    environments and joined with ``.`` for third-party ones; a ``module:`` prefix (what to import) is dropped.
     """
+    base, paren, args = env_id.partition("(")
+    env_id = base.rpartition(":")[2] + paren + args
     if env_id.startswith("hybrid_rl/"):
         env_id = env_id[len("hybrid_rl/"):]
     return env_id.replace("/", ".")

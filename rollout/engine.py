@@ -19,7 +19,9 @@ episode. The loop, per decode step:
    boundary (``model.extend``: only the new tokens, the history is never re-prefilled or re-tokenized).
 
 Rows at different turns and lengths share each forward. Environment errors and time-outs end only
-their own episode (status ``env_error`` / ``timeout``, kept in the records). ``reprefill=True`` is the
+their own episode (status ``env_error`` / ``timeout``, kept in the records). An env without hybrid-rl's
+info keys plays as it is: ``success`` defaults to "terminated with a positive reward"
+(``envs.episode_success``), ``invalid_action`` to False. ``reprefill=True`` is the
 baseline the benchmark compares against: rebuild a row's cache from the whole history at every turn.
 
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
@@ -31,12 +33,14 @@ back to the same ids. ``Trajectory.sample_logprobs`` are under that renormalised
 from __future__ import annotations
 
 import logging
+import numbers
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 
+from hybrid_rl.envs.core import episode_success
 from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
 from hybrid_rl.rollout.envpool import EnvFailure, EnvPool, EnvTimeout, call_all_with_timeout, call_with_timeout
 from hybrid_rl.rollout.sampling import sample
@@ -301,7 +305,7 @@ class Engine:
             self._env_failed(ep, outcome, "step")
             return True
         obs, reward, terminated, truncated, info = outcome
-        if not isinstance(obs, str) or not isinstance(reward, (int, float)):
+        if not isinstance(obs, str) or not isinstance(reward, numbers.Real):  # numpy scalars are Real too
             self._env_failed(ep, EnvFailure(f"step returned observation {type(obs).__name__} and reward "
                                             f"{type(reward).__name__}, expected str and a number"), "step")
             return True
@@ -312,7 +316,7 @@ class Engine:
         traj.num_invalid_actions += invalid
         if terminated or truncated:
             traj.status = "terminated" if terminated else "truncated"
-            traj.success = bool(info.get("success", False))
+            traj.success = episode_success(info, float(reward), terminated)
             return True
         if invalid and cfg.end_on_invalid_action:
             traj.status = "invalid_action"

@@ -106,5 +106,6 @@ def test_arguments_in_the_id_name_one_setting_everywhere():
     from hybrid_rl.metrics import env_key
 
     assert env_key("hybrid_rl/GuessNumber-v0(n=100)") == "GuessNumber-v0(n=100)"
+    assert env_key("my_module:my/Env-v0(n=1)") == "my.Env-v0(n=1)"  # the module only says what to import
     with pytest.raises(ValueError, match="key=value"):
         envs.make("hybrid_rl/GuessNumber-v0(n)")
