@@ -41,7 +41,7 @@ import numpy as np
 from gymnasium.utils.env_checker import check_env as gym_check_env
 
 from hybrid_rl.envs.episode import Episode, expert_policy, run_episode
-from hybrid_rl.envs.registry import make, resolve_id, seeds
+from hybrid_rl.envs.registry import LEGACY_HINT, make, resolve_id, seeds
 
 __all__ = ["CheckReport", "check", "BAD_ACTIONS", "SUCCESS_FLOOR"]
 
@@ -124,12 +124,24 @@ def _require(condition: bool, message: str) -> None:
 def _gymnasium(env_id: str, kwargs: dict, report: CheckReport) -> None:
     env = make(env_id, **kwargs)
     try:
+        _require(not _old_step_api(env.unwrapped),
+                 f"step returns the old gym 4-tuple (obs, reward, done, info). {LEGACY_HINT}")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             gym_check_env(env.unwrapped, skip_close_check=False)
         report.warnings += sorted({_ANSI.sub("", str(w.message)) for w in caught})
     finally:
         env.close()
+
+
+def _old_step_api(env: gym.Env) -> bool:
+    """True when ``step`` returns old gym's 4-tuple (an env that raises here is left to the other checks)."""
+    try:
+        env.reset(seed=0)
+        out = env.step("")
+    except Exception:
+        return False
+    return isinstance(out, tuple) and len(out) == 4
 
 
 def _text_spaces(env_id: str, kwargs: dict) -> None:

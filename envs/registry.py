@@ -147,11 +147,20 @@ def _unknown_message(gym_message: str) -> str:
             f"Run `hybrid-rl envs list` for descriptions; a plug-in's environments appear once its package is installed.")
 
 
+LEGACY_HINT = ("An env written for old gym (reset -> obs, step -> (obs, reward, done, info)) plays through an adapter: "
+               "gymnasium.register(ID, entry_point='hybrid_rl.envs.adapters:LegacyStepAPI', kwargs={'env': 'module:Class'}).")
+
+
 def make(env_id: str, **kwargs) -> gym.Env:
     """``gymnasium.make`` for text environments (``max_episode_steps=`` changes the turn limit); arguments
     in the id (``ID(n=100)``) come first, ``kwargs`` override them."""
     _, id_kwargs = split_args(env_id)
-    return gym.make(resolve_id(env_id), **{**id_kwargs, **kwargs})
+    try:
+        return gym.make(resolve_id(env_id), **{**id_kwargs, **kwargs})
+    except TypeError as err:  # gymnasium refuses a class that is not a gymnasium.Env
+        if "gymnasium.Env" not in str(err):
+            raise
+        raise TypeError(f"{err}\n{LEGACY_HINT}") from None
 
 
 def describe(env_id: str) -> str:

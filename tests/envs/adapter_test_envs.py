@@ -1,0 +1,59 @@
+"""Environments written for other frameworks, unchanged, for the adapter tests: ``OldReverse`` in old gym's
+API (``reset() -> obs``, ``seed(n)``, a 4-tuple ``step``). Importing this module registers the ids the
+tests name as ``adapter_test_envs:<id>``."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import gymnasium as gym
+
+WORDS = ("ab", "cat", "dog", "sun", "tree")
+
+
+class OldReverse:
+    """Say the word backwards (old gym API: no gymnasium base class, no spaces)."""
+
+    def __init__(self, turns: int = 3):
+        self.turns, self.rng, self.word, self.t = turns, random.Random(0), "", 0
+
+    def seed(self, seed=None):
+        self.rng = random.Random(seed)
+
+    def reset(self):
+        self.word, self.t = self.rng.choice(WORDS), 0
+        return f"Reverse: {self.word}"
+
+    def step(self, action):
+        self.t += 1
+        if str(action).strip() == self.word[::-1]:
+            return "right", 1.0, True, {}
+        return f"no, reverse {self.word}", 0.0, self.t >= self.turns, {"TimeLimit.truncated": self.t >= self.turns}
+
+
+class HalfPorted(gym.Env):
+    """A gymnasium.Env whose step still returns old gym's 4-tuple."""
+
+    def __init__(self):
+        self.observation_space = self.action_space = gym.spaces.Text(32, charset=string.printable)
+        self.inner = OldReverse()
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.inner.seed(seed)
+        return self.inner.reset().replace(":", ""), {}
+
+    def step(self, action):
+        return self.inner.step(action)
+
+
+def _register(env_id: str, **spec) -> None:
+    if env_id not in gym.registry:
+        gym.register(env_id, **spec)
+
+
+_register("adapter_test_envs/OldReverse-v0", entry_point="hybrid_rl.envs.adapters:LegacyStepAPI",
+          kwargs={"env": "adapter_test_envs:OldReverse"}, max_episode_steps=3)
+_register("adapter_test_envs/OldReverseRaw-v0", entry_point=OldReverse, max_episode_steps=3)
+_register("adapter_test_envs/HalfPorted-v0", entry_point=HalfPorted, max_episode_steps=3)
