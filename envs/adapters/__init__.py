@@ -2,9 +2,11 @@
 thing it wraps (docs/ENVIRONMENTS.md, "Environments as they are").
 
 - ``LegacyStepAPI``: old gym's 4-tuple ``step`` (``legacy.py``).
+- ``TRLEnv``: TRL's ``environment_factory`` objects, public methods as tools, ``get_reward()`` (``trl.py``).
 """
 
 from hybrid_rl.envs.adapters.legacy import LegacyStepAPI
-from hybrid_rl.envs.adapters.target import resolve_target
+from hybrid_rl.envs.adapters.target import load_rows, resolve_target
+from hybrid_rl.envs.adapters.trl import TRLEnv
 
-__all__ = ["LegacyStepAPI", "resolve_target"]
+__all__ = ["LegacyStepAPI", "TRLEnv", "resolve_target", "load_rows"]

@@ -1,6 +1,7 @@
-"""What an adapter wraps, named in code or in a config: a class or factory, or the text ``"module:Name"``.
+"""What an adapter wraps, named in code or in a config: a class or factory, or the text ``"module:Name"``;
+and the rows (dataset) some adapters draw their tasks from: a list of dicts, or a JSONL file.
 
-A wrong target fails when the environment is made, with what was wrong and how to write it; the
+A wrong target or rows fail when the environment is made, with what was wrong and how to write it; the
 message names the adapter, so a config with several of them says which one is broken.
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -32,3 +35,24 @@ def resolve_target(target: Any, what: str) -> Callable[..., Any]:
     if not callable(obj):
         raise ValueError(f"{what}={target!r} is a {type(obj).__name__}, not a class or factory; {hint}.")
     return obj
+
+
+def load_rows(rows: Any, what: str) -> list[dict]:
+    """``rows`` as a list of dicts: a list as it is, a path read as JSONL (one JSON object per line)."""
+    if rows is None:
+        return []
+    if isinstance(rows, (str, Path)):
+        path = Path(rows)
+        if not path.is_file():
+            raise ValueError(f"{what}={str(rows)!r}: no such file; give a JSONL file (one JSON object per line) or a list of dicts.")
+        rows = [_json_line(line, f"{path}:{i}", what) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if not isinstance(rows, (list, tuple)) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{what} must be a list of dicts or a JSONL path, got {type(rows).__name__}.")
+    return list(rows)
+
+
+def _json_line(line: str, where: str, what: str) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what}: {where} is not JSON ({err.msg}); write one JSON object per line.") from None

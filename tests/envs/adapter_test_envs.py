@@ -1,5 +1,5 @@
 """Environments written for other frameworks, unchanged, for the adapter tests: ``OldReverse`` in old gym's
-API (``reset() -> obs``, ``seed(n)``, a 4-tuple ``step``). Importing this module registers the ids the
+API (``reset() -> obs``, ``seed(n)``, a 4-tuple ``step``); ``Vault`` in TRL's ``environment_factory`` style. Importing this module registers the ids the
 tests name as ``adapter_test_envs:<id>``."""
 
 from __future__ import annotations
@@ -48,6 +48,27 @@ class HalfPorted(gym.Env):
         return self.inner.step(action)
 
 
+class Vault:
+    """Open a vault: peek at the digits of its code, then unlock it (a TRL environment_factory environment)."""
+
+    def reset(self, seed=None, **row):
+        self.code = random.Random(seed).randint(100, 999)
+        self.opened, self.row = False, row
+        return "A vault with a 3-digit code."
+
+    def peek(self, digit: int) -> str:
+        """Show one digit of the code (0, 1 or 2)."""
+        return str(self.code)[digit]
+
+    def unlock(self, code: int) -> str:
+        """Try a code."""
+        self.opened = int(code) == self.code
+        return "open" if self.opened else "wrong code"
+
+    def get_reward(self) -> float:
+        return 1.0 if self.opened else 0.0
+
+
 def _register(env_id: str, **spec) -> None:
     if env_id not in gym.registry:
         gym.register(env_id, **spec)
@@ -57,3 +78,5 @@ _register("adapter_test_envs/OldReverse-v0", entry_point="hybrid_rl.envs.adapter
           kwargs={"env": "adapter_test_envs:OldReverse"}, max_episode_steps=3)
 _register("adapter_test_envs/OldReverseRaw-v0", entry_point=OldReverse, max_episode_steps=3)
 _register("adapter_test_envs/HalfPorted-v0", entry_point=HalfPorted, max_episode_steps=3)
+_register("adapter_test_envs/Vault-v0", entry_point="hybrid_rl.envs.adapters:TRLEnv",
+          kwargs={"factory": "adapter_test_envs:Vault"}, max_episode_steps=6)

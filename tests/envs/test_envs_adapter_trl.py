@@ -1,0 +1,111 @@
+"""A TRL environment_factory environment (tests/envs/adapter_test_envs.py: Vault) plays through TRLEnv:
+public methods are tools in hybrid-rl's tool-call format, get_reward() the reward at the first answer;
+tool-call mistakes are invalid actions that say how to call; the checker passes it and RL trains on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import adapter_test_envs
+from hybrid_rl import envs
+from hybrid_rl.cli import main
+from hybrid_rl.envs.adapters import TRLEnv
+from hybrid_rl.metrics import read_metrics
+from test_envs_plain import RL_SMOKE
+
+VAULT_ID = "adapter_test_envs:adapter_test_envs/Vault-v0"
+
+
+def call(name, **arguments):
+    return envs.format_tool_call(name, arguments)
+
+
+def test_tools_are_the_public_methods_and_get_reward_scores_the_answer():
+    env = envs.make(VAULT_ID)
+    obs, info = env.reset(seed=5)
+    assert obs == "A vault with a 3-digit code." and info["role"] == "user"
+    tools = env.unwrapped.tools
+    assert [t["name"] for t in tools] == ["peek", "unlock"]
+    assert tools[0]["parameters"]["properties"] == {"digit": {"type": "integer"}}
+    assert "peek(digit: integer): Show one digit" in env.unwrapped.system_prompt and "<tool_call>" in env.unwrapped.system_prompt
+    code = str(env.unwrapped.inner.code)
+    digits = [env.step(call("peek", digit=i)) for i in range(3)]
+    assert "".join(d[0] for d in digits) == code
+    assert all(d[4]["role"] == "tool" and not d[4]["invalid_action"] and not d[2] for d in digits)
+    assert env.step(call("unlock", code=int(code)))[0] == "open"
+    obs, reward, terminated, truncated, info = env.step("I opened it.")
+    assert (reward, terminated, info["success"]) == (1.0, True, True)
+    env.reset(seed=5)
+    assert env.step("no idea")[1:3] == (0.0, True)  # an answer without unlocking: get_reward() is 0
+
+
+@pytest.mark.parametrize("action, message", [
+    (call("smash"), "unknown tool 'smash'; available tools: peek, unlock"),
+    (call("unlock", cod=1), "bad arguments for unlock: Vault.unlock() got an unexpected keyword argument 'cod' "
+                            "Call it as unlock(code: integer)."),
+    (call("peek", digit=7), "IndexError: string index out of range Call it as peek(digit: integer)."),
+    ('<tool_call>{"name": "peek", "arguments": </tool_call>', "not valid JSON"),
+])
+def test_tool_call_mistakes_are_invalid_and_say_how_to_call(action, message):
+    env = envs.make(VAULT_ID)
+    env.reset(seed=0)
+    obs, reward, terminated, _, info = env.step(action)
+    assert message in obs and info["invalid_action"] and not terminated and reward == 0.0
+
+
+def test_rows_give_the_prompt_and_reach_reset():
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Open it."}], "level": 2}]
+    env = TRLEnv(adapter_test_envs.Vault, rows=rows)
+    obs, _ = env.reset(seed=1)
+    assert obs == "Open it.\nA vault with a 3-digit code."
+    assert env.system_prompt.startswith("Be brief.\nTools:")
+    assert env.inner.row["level"] == 2 and env.inner.row["prompt"] == rows[0]["prompt"]
+
+
+def test_vault_passes_the_check():
+    report = envs.check(VAULT_ID, episodes=3)
+    assert report.passed, report.format()
+
+
+class _NoReset:
+    def peek(self):
+        return "x"
+
+
+class _Silent(adapter_test_envs.Vault):
+    def reset(self, **row):
+        super().reset(**row)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"factory": "adapter_test_envs:Vualt"}, "Did you mean adapter_test_envs:Vault?"),
+    ({"factory": _NoReset}, "_NoReset without reset(); a TRL environment defines reset(**kwargs)"),
+    ({"factory": adapter_test_envs.Vault, "rows": "no/such/rows.jsonl"}, "no such file; give a JSONL file"),
+])
+def test_bad_adapter_input_names_the_problem_and_the_fix(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        TRLEnv(**kwargs)
+    assert message in str(err.value)
+
+
+def test_nothing_to_show_the_model_says_what_to_return():
+    with pytest.raises(ValueError, match="returned None and no row has a 'prompt'.*Return the task's text from reset"):
+        TRLEnv(_Silent).reset(seed=0)
+
+
+def test_bad_rows_file_names_the_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a"}\n{prompt: b}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2 is not JSON"):
+        TRLEnv(adapter_test_envs.Vault, rows=str(path))
+
+
+def test_vault_trains_with_rl(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["rl", *RL_SMOKE, f"envs=[{VAULT_ID}]", "run.name=vault"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"].endswith("step_2")
+    rows = read_metrics(tmp_path / "runs" / "vault")
+    assert [r["step"] for r in rows if "rollout/reward" in r] == [1, 2]
+    assert "rollout/success/adapter_test_envs.Vault-v0" in rows[-1]
