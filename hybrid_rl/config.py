@@ -327,7 +327,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
 
 
 def resolve_config(cls: type, args: argparse.Namespace) -> Any | None:
-    """Load ``cls`` from the command's config file and overrides; prints it and returns None with --print-config."""
+    """Load ``cls`` from the command's config file and overrides; prints it and returns None with --print-config.
+    A config with a ``run`` section also sets up logging from it (``run.log_level``, ``run.quiet``), as
+    every stage command does first."""
     overrides = list(args.overrides or [])
     path = args.config
     if path is not None and "=" in path and not path.endswith((".yaml", ".yml")):
@@ -339,4 +341,8 @@ def resolve_config(cls: type, args: argparse.Namespace) -> Any | None:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return None
+    if hasattr(cfg, "run"):
+        from hybrid_rl.log import setup_logging
+
+        setup_logging(cfg.run.log_level, cfg.run.quiet)
     return cfg

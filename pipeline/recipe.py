@@ -107,13 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybrid_rl.log import setup_logging
     from hybrid_rl.rl.cli import check_env_ids
 
     cfg = resolve_config(PipelineStageConfig, args)
     if cfg is None:
         return 0
-    setup_logging(cfg.run.log_level, cfg.run.quiet)
     check_env_ids(cfg.envs)
     from hybrid_rl.sft.data import DataError
 

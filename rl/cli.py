@@ -6,7 +6,6 @@ import argparse
 import json
 
 from hybrid_rl.config import add_config_arguments, resolve_config
-from hybrid_rl.log import setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +18,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(RLStageConfig, args)
     if cfg is None:
         return 0
-    setup_logging(cfg.run.log_level, cfg.run.quiet)
     check_env_ids(cfg.envs)
     from hybrid_rl.rl.train import train
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.config import ConfigError, to_dict
-from hybrid_rl.log import setup_logging
 from hybrid_rl.run import make_run_dir, seed_everything
 from hybrid_rl.rollout.config import EvalStageConfig
 
@@ -67,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     check(cfg)
-    setup_logging(cfg.run.log_level, cfg.run.quiet)
     seed_everything(cfg.run.seed)
     run_dir = make_run_dir(cfg.run, "eval", cfg)
     t0 = time.time()

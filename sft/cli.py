@@ -19,14 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybrid_rl.log import setup_logging
     from hybrid_rl.sft.config import SFTStageConfig
     from hybrid_rl.sft.data import DataError
 
     cfg = resolve_config(SFTStageConfig, args)
     if cfg is None:
         return 0
-    setup_logging(cfg.run.log_level, cfg.run.quiet)
     from hybrid_rl.sft.train import train
 
     try:
