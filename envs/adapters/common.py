@@ -1,5 +1,6 @@
-"""What an adapter wraps, named in code or in a config: a class or factory, or the text ``"module:Name"``;
-and the rows (dataset) some adapters draw their tasks from: a list of dicts, or a JSONL file.
+"""What the adapters share. What an adapter wraps, named in code or in a config: a class or factory, or the
+text ``"module:Name"``; the rows (dataset) some adapters draw their tasks from: a list of dicts, or a JSONL
+file; a row's chat prompt split into system and user text; the system prompt that lists the tools.
 
 A wrong target or rows fail when the environment is made, with what was wrong and how to write it; the
 message names the adapter, so a config with several of them says which one is broken.
@@ -12,6 +13,8 @@ import importlib
 import json
 from pathlib import Path
 from typing import Any, Callable
+
+from hybrid_rl.envs.tools import CLOSE_TAG, OPEN_TAG
 
 
 def resolve_target(target: Any, what: str) -> Callable[..., Any]:
@@ -56,3 +59,35 @@ def _json_line(line: str, where: str, what: str) -> dict:
         return json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"{what}: {where} is not JSON ({err.msg}); write one JSON object per line.") from None
+
+
+def split_prompt(prompt: Any) -> tuple[str, str]:
+    """A row's prompt -> (system text, user text): plain text is the user's; chat messages are split by role
+    (``system``/``developer`` and ``user``), a message's content is text or a list of ``{"text": ...}`` parts."""
+    if not prompt:
+        return "", ""
+    if isinstance(prompt, str):
+        return "", prompt
+    by_role = lambda roles: "\n".join(_text(m.get("content")) for m in prompt if m.get("role") in roles)  # noqa: E731
+    return by_role(("system", "developer")), by_role(("user",))
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return "" if content is None else str(content)
+
+
+def tools_prompt(tools: list[dict]) -> str:
+    """The system prompt's tool list: each tool's call signature and description, then the call format."""
+    if not tools:
+        return ""
+    lines = [f"- {signature(t)}: {t['description']}" if t.get("description") else f"- {signature(t)}" for t in tools]
+    return "\n".join(["Tools:", *lines, f'Call one as {OPEN_TAG}{{"name": "{tools[0]["name"]}", "arguments": {{...}}}}'
+                      f"{CLOSE_TAG}; reply without a tool call to finish."])
+
+
+def signature(tool: dict) -> str:
+    """``peek(digit: integer)`` from a tool spec's JSON schema."""
+    args = ", ".join(f"{name}: {p.get('type', 'any')}" for name, p in tool.get("parameters", {}).get("properties", {}).items())
+    return f"{tool['name']}({args})"

@@ -31,9 +31,9 @@ import functools
 import inspect
 from typing import Any, Callable
 
-from hybrid_rl.envs.adapters.target import load_rows, resolve_target
+from hybrid_rl.envs.adapters.common import load_rows, resolve_target, signature, split_prompt, tools_prompt
 from hybrid_rl.envs.core import TextEnv
-from hybrid_rl.envs.tools import CLOSE_TAG, OPEN_TAG, ToolCallError, call_tool, parse_tool_call
+from hybrid_rl.envs.tools import ToolCallError, call_tool, parse_tool_call
 
 __all__ = ["TRLEnv", "tool_methods", "tool_spec"]
 
@@ -102,31 +102,8 @@ def tool_spec(name: str, fn: Callable[..., Any]) -> dict:
                            "required": [p.name for p in params if p.default is p.empty]}}
 
 
-def tools_prompt(tools: list[dict]) -> str:
-    if not tools:
-        return ""
-    lines = [f"- {_signature(t)}: {t['description']}" if t["description"] else f"- {_signature(t)}" for t in tools]
-    return "\n".join(["Tools:", *lines, f'Call one as {OPEN_TAG}{{"name": "{tools[0]["name"]}", "arguments": {{...}}}}'
-                      f"{CLOSE_TAG}; reply without a tool call to finish."])
-
-
-def split_prompt(prompt: Any) -> tuple[str, str]:
-    """A row's ``prompt`` -> (system text, user text): plain text is the user's; chat messages are split by role."""
-    if not prompt:
-        return "", ""
-    if isinstance(prompt, str):
-        return "", prompt
-    by_role = lambda roles: "\n".join(str(m.get("content", "")) for m in prompt if m.get("role") in roles)  # noqa: E731
-    return by_role(("system", "developer")), by_role(("user",))
-
-
-def _signature(tool: dict) -> str:
-    args = ", ".join(f"{name}: {p['type']}" for name, p in tool["parameters"]["properties"].items())
-    return f"{tool['name']}({args})"
-
-
 def _usage(name: str, fn: Callable[..., Any]) -> str:
-    return _signature(tool_spec(name, fn))
+    return signature(tool_spec(name, fn))
 
 
 def _takes(fn: Callable[..., Any], name: str) -> bool:

@@ -1,0 +1,154 @@
+"""NeMo-Gym resource servers over HTTP: ``NemoGymEnv`` plays the rows of a NeMo-Gym dataset against a
+running resource server, with the standard library's HTTP client only::
+
+    gymnasium.register("my/Synonyms-v0", entry_point="hybrid_rl.envs.adapters:NemoGymEnv",
+                       kwargs={"url": "http://127.0.0.1:8000", "rows": "data/synonyms.jsonl"}, max_episode_steps=8)
+
+An episode, in NeMo-Gym's shapes (docs/ENVIRONMENTS.md):
+
+1. ``reset``: the seed picks a row (``{"responses_create_params": {"input": ..., "tools": [...]}, ...}``); a new
+   session (cookies, as NeMo-Gym's session middleware sets them) is opened with ``POST /seed_session`` and the
+   row. The first observation is the row's user input; its system/developer input and the tool list make the
+   system prompt.
+2. a tool call in hybrid-rl's format (``envs.tools``) is ``POST /<tool name>`` with the arguments as the JSON
+   body; the JSON answer is the next observation (role ``tool``). A malformed call, a tool the row does not
+   list, or a 4xx answer (the server refused the arguments) is an invalid action whose observation says why.
+3. an answer without a tool call ends the episode: ``POST /verify`` with the row and ``response.output``, the
+   episode as Responses API items (``function_call``, ``function_call_output``, a final ``message``); its
+   ``reward`` is the reward, or the sum of ``reward_components`` when there is no ``reward``. Components
+   that do not sum to the reward are reported with the difference as ``rest``. Success: a positive reward.
+
+A server that is down, answers 5xx or malformed JSON, or outlives ``timeout_s`` raises ``NemoGymError``
+with what failed and what to check; the rollout engine turns it into an ``env_error`` episode, never a
+crash (and its own ``rollout.env_timeout_s`` into ``timeout``).
+
+Departures from NeMo-Gym: its agent server calls the model through the Responses API; here the rollout
+engine is the agent and the model writes tool calls as text, so the output items carry no ids or
+reasoning items; ``/aggregate_metrics`` and ``/close_session`` are not called; every seed split draws from
+the same rows (give the eval its own file under another id).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from http.cookiejar import CookieJar
+from typing import Any
+
+from hybrid_rl.envs.adapters.common import load_rows, split_prompt, tools_prompt
+from hybrid_rl.envs.core import TextEnv
+from hybrid_rl.envs.tools import ToolCallError, parse_tool_call
+
+__all__ = ["NemoGymEnv", "NemoGymError", "verified_reward"]
+
+MAX_TOOL_OUTPUT_CHARS = 1000  # as envs.call_tool: a tool answer is an observation, not a document
+
+
+class NemoGymError(RuntimeError):
+    """The resource server failed (down, 5xx, malformed JSON, too slow): the episode is ``env_error``."""
+
+
+class _Refused(NemoGymError):
+    """A 4xx answer: the server refused the request (for a tool call, the model's arguments)."""
+
+    def __init__(self, message: str, status: int, body: str):
+        super().__init__(message)
+        self.status, self.body = status, body
+
+
+class NemoGymEnv(TextEnv):
+    """A NeMo-Gym resource server's task rows, played over HTTP."""
+
+    invalid_penalty = 0.0  # the reward is the server's (/verify)
+
+    def __init__(self, url: str, rows: Any, timeout_s: float = 20.0, render_mode: str | None = None):
+        super().__init__(render_mode=render_mode)
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"NemoGymEnv url={url!r}: give the resource server's base URL, e.g. 'http://127.0.0.1:8000'.")
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+        self.rows = load_rows(rows, "NemoGymEnv rows")
+        bad = [i for i, row in enumerate(self.rows) if "input" not in (row.get("responses_create_params") or {})]
+        if not self.rows or bad:
+            raise ValueError(f"NemoGymEnv rows: {'no rows' if not self.rows else f'rows {bad[:5]} have no responses_create_params.input'}; "
+                             f"each row is a NeMo-Gym task, {{\"responses_create_params\": {{\"input\": [...], \"tools\": [...]}}, ...}}.")
+        self.row: dict = {}
+        self.output: list[dict] = []  # the episode as Responses API output items, for /verify
+        self.opener = urllib.request.build_opener()
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.row = self.rows[int(self.np_random.integers(len(self.rows)))]
+        self.output = []
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))  # a new session
+        self._post("/seed_session", self.row)
+        params = self.row["responses_create_params"]
+        self.tools = [{"name": t["name"], "description": t.get("description", ""), "parameters": t.get("parameters", {})}
+                      for t in params.get("tools", []) if isinstance(t, dict) and "name" in t]
+        system, prompt = split_prompt(params["input"])
+        self.system_prompt = "\n".join(text for text in (system, tools_prompt(self.tools)) if text) or None
+        return self.observe(prompt)
+
+    def step_text(self, text: str):
+        try:
+            call = parse_tool_call(text)
+        except ToolCallError as err:
+            return self.result(f"error: {err}", {}, invalid=True, role="tool")
+        if call is None:
+            return self._verify(text)
+        names = [t["name"] for t in self.tools]
+        if call.name not in names:
+            return self.result(f"error: unknown tool {call.name!r}; available tools: {', '.join(names) or 'none'}.", {},
+                               invalid=True, role="tool")
+        call_id = f"call_{len(self.output)}"
+        self.output.append({"type": "function_call", "name": call.name, "arguments": json.dumps(call.arguments), "call_id": call_id})
+        try:
+            observation, invalid = json.dumps(self._post(f"/{call.name}", call.arguments)), False
+        except _Refused as err:
+            observation, invalid = f"error: {call.name} refused the call (HTTP {err.status}): {err.body}", True
+        self.output.append({"type": "function_call_output", "call_id": call_id, "output": observation})
+        return self.result(observation[:MAX_TOOL_OUTPUT_CHARS], {}, invalid=invalid, role="tool")
+
+    def _verify(self, text: str):
+        self.output.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]})
+        reward, components = verified_reward(self._post("/verify", {**self.row, "response": {"output": self.output}}))
+        return self.result("done", components, terminated=True, success=reward > 0)
+
+    def _post(self, path: str, body: Any) -> Any:
+        """POST ``body`` as JSON, return the JSON answer; raise ``NemoGymError`` naming what failed."""
+        where = f"POST {self.url}{path}"
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with self.opener.open(request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:300]
+            if 400 <= err.code < 500:
+                raise _Refused(f"{where} answered HTTP {err.code}: {detail}", err.code, detail) from None
+            raise NemoGymError(f"{where} answered HTTP {err.code}: {detail}; the resource server failed, see its log.") from None
+        except (urllib.error.URLError, OSError) as err:  # refused, unreachable, timed out
+            reason = getattr(err, "reason", err)
+            raise NemoGymError(f"{where} failed: {reason} (timeout {self.timeout_s:g} s); is the resource server running "
+                               f"at {self.url}? Start it, or fix NemoGymEnv url.") from None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise NemoGymError(f"{where} answered {raw[:80]!r}, which is not JSON; a resource server answers JSON.") from None
+
+
+def verified_reward(answer: Any) -> tuple[float, dict[str, float]]:
+    """``/verify``'s answer -> (reward, components summing to it)."""
+    if not isinstance(answer, dict) or not ("reward" in answer or "reward_components" in answer):
+        raise NemoGymError(f"/verify answered {str(answer)[:120]}; expected a JSON object with 'reward' (a number) "
+                           f"or 'reward_components' (name -> number).")
+    try:
+        parts = {str(k): float(v) for k, v in (answer.get("reward_components") or {}).items()}
+        reward = float(answer["reward"]) if "reward" in answer else sum(parts.values())
+    except (TypeError, ValueError, AttributeError):
+        raise NemoGymError(f"/verify answered reward {answer.get('reward')!r}, reward_components "
+                           f"{answer.get('reward_components')!r}; expected numbers.") from None
+    if not parts:
+        return reward, {"reward": reward}
+    rest = reward - sum(parts.values())
+    return reward, parts if abs(rest) < 1e-9 else {**parts, "rest": rest}
