@@ -19,7 +19,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from hybrid_rl.envs.adapters.target import resolve_target
+from hybrid_rl.envs.adapters.common import resolve_target
 from hybrid_rl.envs.core import MAX_ACTION_CHARS, MAX_OBS_CHARS, text_space
 
 __all__ = ["LegacyStepAPI"]
