@@ -111,8 +111,11 @@ class AlgoConfig:
 @dataclass
 class RLTrainConfig:
     steps: int = 20  # GRPO steps (= optimizer steps = policy versions)
-    lr: float = 1e-4  # constant after warmup: RL from an SFT policy wants small, steady steps
+    lr: float = 1e-4  # constant after warmup by default: RL from an SFT policy wants small, steady steps
     warmup_steps: int = 0  # linear warmup from 0
+    # cosine decay from lr to lr * min_lr_ratio at the last step; 1 = constant (the default). A decay settles
+    # the final policy (TRL's GRPO decays linearly to 0 by default; the SFT stage uses the same cosine)
+    min_lr_ratio: float = 1.0
     weight_decay: float = 0.0  # no decay: it pulls the SFT weights toward 0 for no RL reason
     beta1: float = 0.9
     beta2: float = 0.99
@@ -130,6 +133,8 @@ class RLTrainConfig:
         for name in ("warmup_steps", "weight_decay", "max_grad_norm", "moe_bias_update_rate", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (1 = constant rate), got {self.min_lr_ratio}")
 
 
 @dataclass

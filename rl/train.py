@@ -46,6 +46,7 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from hybrid_rl.config import to_dict
 from hybrid_rl.metrics import MetricsLogger, env_key
 from hybrid_rl.run import make_run_dir, seed_everything
+from hybrid_rl.schedule import warmup_cosine
 from hybrid_rl.rl.advantages import ADVANTAGES, turn_groups, turn_returns
 from hybrid_rl.rl.batch import Batch, collate, micro_batches, trim
 from hybrid_rl.rl.config import RLStageConfig
@@ -424,9 +425,10 @@ def _batch_from_state(state: dict):
 
 
 def lr_at(step: int, cfg: RLStageConfig) -> float:
-    """Linear warmup over train.warmup_steps, then constant (set by hand each step: resume needs only the step)."""
-    warmup = cfg.train.warmup_steps
-    return cfg.train.lr * min(1.0, (step + 1) / warmup) if warmup else cfg.train.lr
+    """Linear warmup over train.warmup_steps, then constant, or (``train.min_lr_ratio < 1``) cosine down to
+    ``lr * min_lr_ratio`` at the last step. Set by hand each step: resume needs only the step."""
+    tc = cfg.train
+    return warmup_cosine(step, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
 
 
 def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer, keep_last, next_batch=None):

@@ -39,6 +39,7 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from hybrid_rl.config import to_dict
 from hybrid_rl.rollout.evaluate import evaluate_policy, sample_row
 from hybrid_rl.run import make_run_dir, seed_everything
+from hybrid_rl.schedule import warmup_cosine
 from hybrid_rl.sft.config import SFTStageConfig, SFTTrainConfig
 from hybrid_rl.sft.data import expert_conversation, load_samples
 from hybrid_rl.sft.packing import IGNORE, MicroBatchStream, loss_sum
@@ -129,11 +130,7 @@ def restore(resume_dir: Path | None, optimizer, fingerprint: str) -> Progress:
 
 def lr_at(step: int, cfg) -> float:
     """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``lr * min_lr_ratio`` at ``max_steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    return warmup_cosine(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
 
 
 # ------------------------------------------------------------------------------ one step

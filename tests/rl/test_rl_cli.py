@@ -27,6 +27,7 @@ SMOKE = ["init_from=", "algo.mode=sync", "algo.updates_per_batch=1", "model.pres
     ("algo.mode=asynch", ["algo.mode", "'async'"]),
     ("envs=[hybrid_rl/GuesNumber-v0]", ["GuesNumber", "GuessNumber-v0"]),
     ("train.lr=fast", ["train.lr", "'fast'", "expected float"]),
+    ("train.min_lr_ratio=1.5", ["min_lr_ratio", "[0, 1]", "constant"]),
 ])
 def test_bad_config_fails_before_any_work(override, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -55,6 +56,19 @@ def test_rl_smoke_two_steps(tmp_path, monkeypatch, capsys):
     diffs = [r["train/rollout_logprob_diff_max"] for r in rows if "train/rollout_logprob_diff_max" in r]
     assert diffs and max(diffs) <= 1e-4  # rollout and trainer share the model code: same log-probs
     assert (tmp_path / "runs" / "smoke" / "step_2" / "config.json").is_file()
+
+
+def test_lr_is_constant_by_default_and_decays_to_its_floor_with_min_lr_ratio():
+    from hybrid_rl.config import load_config
+    from hybrid_rl.rl.config import RLStageConfig
+    from hybrid_rl.rl.train import lr_at
+
+    constant = load_config(RLStageConfig, None, ["train.lr=0.01", "train.steps=5", "train.warmup_steps=2"])
+    assert [lr_at(s, constant) for s in range(6)] == pytest.approx([0.005, 0.01, 0.01, 0.01, 0.01, 0.01])
+    decay = load_config(RLStageConfig, None, ["train.lr=0.01", "train.steps=5", "train.min_lr_ratio=0.1"])
+    lrs = [lr_at(s, decay) for s in range(5)]
+    assert lrs[0] == pytest.approx(0.01) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(5, decay) == pytest.approx(0.001) and lr_at(50, decay) == pytest.approx(0.001)  # the floor
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
