@@ -12,6 +12,7 @@ Sizes, in one place (``RLStageConfig.__post_init__`` checks them):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -74,6 +75,9 @@ class AlgoConfig:
     entropy_coef: float = 0.0  # bonus: minus this times the mean entropy of the sampling distribution on action tokens
     overlong_penalty: float = 0.0  # subtracted from the reward of a turn that hit rollout.max_turn_tokens (DAPO's overlong shaping)
     env_weights: dict[str, float] = field(default_factory=dict)  # env id -> weight of its episodes' advantages (default 1)
+    # reward component name (an env's info["reward_components"] keys, e.g. success, turn, invalid) -> its weight
+    # in the reward RL optimises (default 1 each; the env's own reward is the sum with all weights 1)
+    reward_weights: dict[str, float] = field(default_factory=dict)
     skip_zero_advantage: bool = True  # leave advantage-0 episodes out of the update (no policy gradient; saves compute)
     dynamic_sampling: bool = False  # DAPO: play more groups until prompts_per_step of them are informative
     # what makes a group informative for dynamic sampling: "success" (DAPO: some but not all of its episodes
@@ -102,6 +106,9 @@ class AlgoConfig:
         bad = {k: v for k, v in self.env_weights.items() if v < 0}
         if bad:
             raise ValueError(f"env_weights must be >= 0, got {bad}")
+        bad = {k: v for k, v in self.reward_weights.items() if not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"reward_weights must be finite numbers, got {bad}: e.g. algo.reward_weights={{turn: 0.5}}")
         if self.max_refill_rounds < 0:
             raise ValueError(f"max_refill_rounds must be >= 0, got {self.max_refill_rounds}")
         if self.updates_per_batch < 1:

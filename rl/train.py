@@ -34,6 +34,7 @@ Departures from the GRPO paper (Shao et al. 2024), and why:
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import math
 import time
@@ -149,17 +150,35 @@ def evaluate_policy(model, tokenizer, cfg: RLStageConfig) -> tuple[dict[str, flo
 
 
 def turn_rewards(t, algo, turn_of: list[int] | None = None) -> list[float]:
-    """The rewards of each action turn of ``t``, with the overlong penalty on turns closed by force. They sum
-    to ``episode_return`` (minus penalties): a return no step reward accounts for is put on the last turn.
+    """The rewards of each action turn of ``t`` (its components weighted by ``algo.reward_weights``), with the
+    overlong penalty on turns closed by force. Unweighted they sum to ``episode_return`` (minus penalties):
+    a return no step reward accounts for is put on the last turn.
     ``turn_of``: ``t.action_turn_index()`` when the caller has it already."""
     turn_of = t.action_turn_index() if turn_of is None else turn_of
     n = max(len(t.step_rewards), max(turn_of, default=-1) + 1, 1)
-    rewards = [*t.step_rewards, *[0.0] * (n - len(t.step_rewards))]
+    step_rewards = weighted_rewards(t, algo.reward_weights) if algo.reward_weights else t.step_rewards
+    rewards = [*step_rewards, *[0.0] * (n - len(step_rewards))]
     rewards[-1] += t.episode_return - sum(t.step_rewards)
     for k in t.overlong_turns:
         if k < n:
             rewards[k] -= algo.overlong_penalty
     return rewards
+
+
+def weighted_rewards(t, weights: dict[str, float]) -> list[float]:
+    """Each turn's reward recombined from its named components (``t.reward_components``), a component
+    weighted by ``weights[name]`` (1 when not named)."""
+    return [sum(weights.get(name, 1.0) * value for name, value in parts.items()) for parts in t.reward_components]
+
+
+def check_reward_weights(trajectories, algo) -> None:
+    """Warn about ``algo.reward_weights`` names that none of the first step's episodes reported (a typo, or
+    a component that only rare events produce), with the names they did report."""
+    seen = {name for t in trajectories for parts in t.reward_components for name in parts}
+    for name in sorted(set(algo.reward_weights) - seen):
+        close = difflib.get_close_matches(name, sorted(seen), n=1)
+        log.warning("algo.reward_weights names %r, which no episode of the first step reported%s; reported: %s",
+                    name, f" (did you mean {close[0]!r}?)" if close else "", ", ".join(sorted(seen)) or "none")
 
 
 def token_advantages(trajectories, algo) -> tuple[list[list[float]], list[bool]]:
@@ -363,6 +382,8 @@ def train(cfg: RLStageConfig) -> dict:
             else:
                 played, kept, play_stats, sync_s, rollout_s = push_and_play(snapshot(), step, step)
             t_train = time.perf_counter()
+            if step == start_step and cfg.algo.reward_weights:
+                check_reward_weights(played, cfg.algo)
             batch, batch_stats = make_batch(kept, cfg, pad_id)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)

@@ -114,8 +114,9 @@ def metrics_from_summary(summary: dict[str, dict[str, float]], section: str = "e
 def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     """The ``rollout/*`` names of a training step's episodes (docs/METRICS.md), for the RL loop.
 
-    ``rollout/reward`` is the mean return; groups are (env_id, group_id); failed episodes are left out
-    of the group statistics."""
+    ``rollout/reward`` is the mean return and ``rollout/reward_components/<name>`` the mean per episode of
+    each named part of it; groups are (env_id, group_id); failed episodes are left out of the group
+    statistics."""
     out = metrics_from_summary(summarize(trajectories), "rollout")
     out = {k.replace("rollout/return", "rollout/reward"): v for k, v in out.items()}
     groups: dict[tuple, list[float]] = {}
@@ -126,6 +127,8 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     out["rollout/zero_std_groups"] = sum(max(g) == min(g) for g in groups.values()) / len(groups) if groups else math.nan
     ok = [t for t in trajectories if not t.failed]
     out["rollout/tokens_per_episode"] = sum(t.num_action_tokens for t in ok) / len(ok) if ok else math.nan
+    for name in sorted({name for t in ok for parts in t.reward_components for name in parts}):
+        out[f"rollout/reward_components/{name}"] = sum(parts.get(name, 0.0) for t in ok for parts in t.reward_components) / len(ok)
     return out
 
 
