@@ -16,6 +16,8 @@ INVALID_MOVES = {
     "hybrid_rl/Calculator-v0": ("the answer", "no number"),
     "hybrid_rl/Arithmetic-v0": ("twelve", "no number"),
     "hybrid_rl/Mastermind-v0": ("ABCDEZ", "not a code"),
+    "hybrid_rl/MathWords-v0": ("twelve", "end with 'Answer: <value>'"),
+    "hybrid_rl/Dataset-v0": ("twelve", "end with 'Answer: <value>'"),
 }
 
 
