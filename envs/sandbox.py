@@ -1,0 +1,148 @@
+"""Run model-written Python in a separate, limited process, and describe what happened in one message.
+
+``run_python(code, limits)`` starts ``sandbox_child.py`` in an isolated interpreter (``python -I -S
+-B``, an empty environment) whose working directory is a fresh temporary directory, in its own
+session; the child sets its limits and kernel isolation, then runs the code (see sandbox_child.py for
+the layers and their order). Here, around it:
+
+- the wall-time limit: past ``wall_s`` the whole process group is killed (``os.killpg``); so is any
+  process left behind when the code ends;
+- the output: stdout and stderr go to an anonymous temporary file (never to a pipe that could fill
+  memory here), capped by RLIMIT_FSIZE in the child; the first ``output_bytes`` come back;
+- the verdict: ``SandboxResult.status`` is "ok", "error" (the code raised), "blocked" (the sandbox
+  refused something) or "killed" (a limit stopped it), and ``message`` says which in words the model
+  can act on ("killed: CPU time limit 2 s exceeded"). Nothing the code does raises here.
+
+What the sandbox does not protect against is listed in docs/ENVIRONMENTS.md ("The Python sandbox").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["SandboxLimits", "SandboxResult", "run_python", "CHILD"]
+
+CHILD = Path(__file__).with_name("sandbox_child.py")
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    cpu_s: int = 2            # CPU seconds; the tasks need well under 0.5 s
+    wall_s: float = 10.0      # wall seconds: a sleeping or blocked process is killed too; loose for a busy host
+    memory_mb: int = 256      # address space (RLIMIT_AS); an interpreter without site-packages needs ~20 MB
+    output_bytes: int = 1000  # what comes back to the model (an observation stays short)
+    file_bytes: int = 1 << 20  # largest file the code may write, its output included
+    open_files: int = 32
+    processes: int = 8        # RLIMIT_NPROC: threads count too; not enforced for root (see the docs)
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if value <= 0:
+                raise ValueError(f"SandboxLimits.{name}={value}: every limit must be positive.")
+
+
+@dataclass
+class SandboxResult:
+    status: str               # "ok" | "error" | "blocked" | "killed"
+    output: str               # stdout and stderr, truncated to output_bytes
+    message: str = ""         # the verdict in words, "" when the code ran to the end
+    layers: tuple[str, ...] = ()  # kernel isolation in force: "net", "fs", "seccomp"
+
+    def text(self) -> str:
+        """The tool message: the output, then the verdict on its own line."""
+        parts = [self.output.rstrip("\n")] if self.output.strip() else []
+        if self.message:
+            parts.append(self.message)
+        return "\n".join(parts) or "(no output)"
+
+
+def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
+    """Run ``code`` under ``limits``; returns what it printed and how it ended."""
+    with tempfile.TemporaryDirectory(prefix="hybrid-rl-sandbox-") as tmp, tempfile.TemporaryFile() as out:
+        status_r, status_w = os.pipe()
+        try:
+            returncode, timed_out = _spawn(code, tmp, limits, out, status_w)
+        finally:
+            os.close(status_w)
+            status = _read_status(status_r)
+        out.seek(0)
+        raw = out.read(limits.output_bytes + 1)
+        size = out.seek(0, os.SEEK_END)
+    output = raw[:limits.output_bytes].decode("utf-8", "replace")
+    if size > limits.output_bytes:
+        output += f"\n[output truncated at {limits.output_bytes} bytes]"
+    verdict, message = _verdict(returncode, timed_out, status, size, limits)
+    return SandboxResult(verdict, output, message, tuple(status.get("layers", ())))
+
+
+def _spawn(code: str, tmp: str, limits: SandboxLimits, out, status_w: int) -> tuple[int, bool]:
+    argv = [sys.executable, "-I", "-S", "-B", str(CHILD), tmp, json.dumps(asdict(limits)), str(status_w)]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, cwd=tmp, env={},
+                            pass_fds=(status_w,), start_new_session=True)
+    timed_out = False
+    try:
+        proc.communicate(code.encode("utf-8", "replace"), timeout=limits.wall_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    except BrokenPipeError:  # the child died before reading its code; its exit status says why
+        pass
+    finally:
+        _kill_group(proc.pid)
+        proc.wait()
+    return proc.returncode, timed_out
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left
+        pass
+
+
+def _read_status(fd: int) -> dict:
+    """The child's last status line (JSON), or {} when it never wrote one."""
+    os.set_blocking(fd, False)
+    try:
+        data = os.read(fd, 1 << 16)
+    except BlockingIOError:
+        data = b""
+    finally:
+        os.close(fd)
+    for line in reversed(data.decode("utf-8", "replace").splitlines()):
+        try:
+            status = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(status, dict):
+            return status
+    return {}
+
+
+def _verdict(returncode: int, timed_out: bool, status: dict, size: int, limits: SandboxLimits) -> tuple[str, str]:
+    if timed_out:
+        return "killed", f"killed: wall-time limit {limits.wall_s:g} s exceeded"
+    if returncode in (-signal.SIGXCPU, -signal.SIGKILL) and "status" not in status:
+        return "killed", f"killed: CPU time limit {limits.cpu_s} s exceeded"
+    if status.get("status") == "blocked":
+        return "blocked", f"blocked: {status['message']}"
+    if status.get("status") == "error":
+        message = status["message"]
+        if message.startswith("MemoryError"):
+            message += f" (memory limit {limits.memory_mb} MB)"
+        elif "File too large" in message:
+            message += f" (file size limit {limits.file_bytes} bytes)"
+        return "error", f"error: {message}"
+    if status.get("status") == "ok" or returncode == 0:  # 0 without a status line: os._exit(0)
+        return "ok", ""
+    if size >= limits.file_bytes:
+        return "killed", f"killed: output limit {limits.file_bytes} bytes exceeded"
+    if returncode < 0:
+        return "killed", f"killed: signal {signal.Signals(-returncode).name if -returncode in signal.valid_signals() else -returncode}"
+    return "error", f"error: the process exited with status {returncode}"

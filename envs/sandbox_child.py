@@ -1,0 +1,263 @@
+"""The sandbox's child side: set up the limits, then run the model's code (read from stdin).
+
+Run by ``hybrid_rl.envs.sandbox`` as ``python -I -S -B sandbox_child.py TMPDIR LIMITS_JSON STATUS_FD``:
+an isolated interpreter (no site-packages, no environment variables, no user site, no bytecode
+written) whose working directory is a fresh temporary directory. Before the first line of the model's
+code runs, in this order:
+
+1. resource limits: CPU time, address space, file size, open files, core dumps off;
+2. kernel isolation where the kernel allows it (each layer is reported, none is assumed):
+   - ``net``: a new network namespace (no interfaces but a loopback that is down);
+   - ``fs``: a new mount namespace in which every mount is read-only except a bind mount of the
+     temporary directory;
+   - ``seccomp``: a filter that refuses (EPERM) creating sockets, fork/vfork/exec, clone without
+     CLONE_THREAD (threads stay allowed), signals to other processes, ptrace, mount and namespace calls
+     and io_uring (whose operations would bypass the filter);
+3. the process limit (RLIMIT_NPROC, after the namespaces so that it counts this sandbox's processes);
+4. an audit hook (``sys.addaudithook``) that refuses the same things one level up, where Python can
+   still say why: sockets, processes, signals, ctypes, and writes outside the temporary directory.
+
+The audit hook is what turns an attempt into a clear message ("blocked: network access is not allowed
+in the sandbox"); the kernel layers are what hold when the hook is bypassed. The last line sent on
+STATUS_FD is a JSON object: ``layers`` (the kernel layers in force) and ``status`` ("ok", "error" or
+"blocked") with ``message``.
+
+Standard library only: this file runs without the project on its path.
+"""
+
+import json
+import os
+import platform
+import resource
+import struct
+import sys
+import traceback
+
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, CLONE_THREAD = 0x00020000, 0x10000000, 0x40000000, 0x00010000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+MS_NOATIME, MS_NODIRATIME, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 16384, 1 << 18, 1 << 21
+# Mount options the kernel locks in a new namespace: a remount must repeat them or it is refused.
+LOCKED_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+                  "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
+
+# Syscall numbers the seccomp filter refuses, per architecture (AUDIT_ARCH value, numbers).
+DENIED_SYSCALLS = {
+    "x86_64": (0xC000003E, {
+        "socket": 41, "socketpair": 53, "fork": 57, "vfork": 58, "execve": 59, "execveat": 322,
+        "ptrace": 101, "process_vm_writev": 311, "pidfd_send_signal": 424, "unshare": 272, "setns": 308,
+        "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "open_tree": 428, "move_mount": 429,
+        "fsopen": 430, "fsconfig": 431, "fsmount": 432, "mount_setattr": 442,
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
+    "aarch64": (0xC00000B7, {
+        "socket": 198, "socketpair": 199, "execve": 221, "execveat": 281,
+        "ptrace": 117, "process_vm_writev": 271, "pidfd_send_signal": 424, "unshare": 97, "setns": 268,
+        "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "open_tree": 428, "move_mount": 429,
+        "fsopen": 430, "fsconfig": 431, "fsmount": 432, "mount_setattr": 442,
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
+}
+# Calls the filter allows only in a form that stays inside this process (x86_64, aarch64 numbers).
+CLONE = {"x86_64": 56, "aarch64": 220}
+CLONE3 = 435  # refused with ENOSYS: the C library then falls back to clone, whose flags the filter can read
+KILLS = {"x86_64": (62, 200, 234), "aarch64": (129, 130, 131)}  # kill, tkill, tgkill: only to this process
+
+
+class SandboxViolation(PermissionError):
+    """An attempt the sandbox refuses; the message is what the model is told."""
+
+
+# ---------------------------------------------------------------------- resource limits
+
+def set_limits(limits: dict) -> None:
+    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))  # SIGXCPU, then SIGKILL
+    memory = limits["memory_mb"] * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"], limits["file_bytes"]))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits["open_files"], limits["open_files"]))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+# ---------------------------------------------------------------------- kernel isolation
+
+def isolate(tmp: str, limits: dict) -> list[str]:
+    """Namespaces, read-only mounts and the seccomp filter; returns the layers that took effect."""
+    import ctypes  # the audit hook installed afterwards refuses every later use of ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    layers = []
+    if _unshare(libc):
+        layers.append("net")
+        if _read_only_except(libc, tmp):
+            layers.append("fs")
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
+    if _seccomp(libc, ctypes):
+        layers.append("seccomp")
+    return layers
+
+
+def _unshare(libc) -> bool:
+    """New mount and network namespaces: directly as root, else inside a new user namespace."""
+    attempts = [CLONE_NEWNS | CLONE_NEWNET, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET]
+    if os.geteuid() != 0:
+        attempts = attempts[1:]
+    return any(libc.unshare(flags) == 0 for flags in attempts)
+
+
+def _read_only_except(libc, tmp: str) -> bool:
+    """Every mount read-only, the temporary directory (bind-mounted onto itself) writable."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:  # nothing propagates to the host
+        return False
+    if libc.mount(tmp.encode(), tmp.encode(), None, MS_BIND, None) != 0:
+        return False
+    os.chdir(tmp)  # the old working directory is the one under the bind mount, soon read-only
+    ok = True
+    for fields in mounts:
+        point = fields[4].encode().decode("unicode_escape").encode("latin-1")  # mountinfo escapes as \040
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for option in fields[5].split(","):
+            flags |= LOCKED_OPTIONS.get(option, 0)
+        ok &= libc.mount(None, point, None, flags, None) == 0
+    return ok
+
+
+def _seccomp(libc, ctypes) -> bool:
+    machine = platform.machine()
+    if machine not in DENIED_SYSCALLS:
+        return False
+    program = _filter(machine, os.getpid())
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    fprog = SockFprog(len(program) // 8, program)
+    PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return False
+    return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
+
+
+def _filter(machine: str, pid: int) -> bytes:
+    """The classic-BPF program, as bytes of ``struct sock_filter``; jumps resolved from labels."""
+    LD, JA, JEQ, JGE, JSET, RET = 0x20, 0x05, 0x15, 0x35, 0x45, 0x06
+    NR, ARCH, ARG0 = 0, 4, 16  # offsets in struct seccomp_data (ARG0: its low 32 bits, little-endian)
+    ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    arch, denied = DENIED_SYSCALLS[machine]
+    code: list[tuple] = [(LD, ARCH), (JEQ, arch, None, "eperm"), (LD, NR)]
+    if machine == "x86_64":
+        code.append((JGE, 0x40000000, "eperm", None))  # the x32 ABI's numbers
+    code += [(JEQ, nr, "eperm", None) for nr in denied.values()]
+    code += [(JEQ, CLONE3, "enosys", None), (JEQ, CLONE[machine], "clone", None)]
+    code += [(JEQ, nr, "kill", None) for nr in KILLS[machine]]
+    code += [(JA, "allow"),  # BPF jumps only forward: the argument checks come before the verdicts
+             ("clone", LD, ARG0), (JSET, CLONE_THREAD, "allow", "eperm"),
+             ("kill", LD, ARG0), (JEQ, pid, "allow", "eperm"),
+             ("allow", RET, ALLOW), ("eperm", RET, EPERM), ("enosys", RET, ENOSYS)]
+    labels = {ins[0]: i for i, ins in enumerate(code) if isinstance(ins[0], str)}
+    out = b""
+    for i, ins in enumerate(code):
+        ins = ins[1:] if isinstance(ins[0], str) else ins
+        if ins[0] == JA:
+            out += struct.pack("<HBBI", JA, 0, 0, labels[ins[1]] - i - 1)
+        elif ins[0] in (JEQ, JGE, JSET):
+            jt, jf = (0 if t is None else labels[t] - i - 1 for t in ins[2:])
+            out += struct.pack("<HBBI", ins[0], jt, jf, ins[1])
+        else:
+            out += struct.pack("<HBBI", ins[0], 0, 0, ins[1])
+    return out
+
+
+# ---------------------------------------------------------------------- the audit hook
+
+NETWORK = "network access is not allowed in the sandbox"
+PROCESSES = "starting processes is not allowed in the sandbox"
+SIGNALS = "sending signals is not allowed in the sandbox"
+CTYPES = "ctypes is not allowed in the sandbox"
+WRITES = "writing outside the working directory is not allowed in the sandbox"
+EVENTS = {"os.fork": PROCESSES, "os.forkpty": PROCESSES, "os.posix_spawn": PROCESSES, "os.exec": PROCESSES,
+          "os.spawn": PROCESSES, "os.system": PROCESSES, "subprocess.Popen": PROCESSES, "pty.spawn": PROCESSES,
+          "os.kill": SIGNALS, "os.killpg": SIGNALS, "signal.pthread_kill": SIGNALS}
+BLOCKED_IMPORTS = {"_posixsubprocess": PROCESSES}  # its fork_exec raises no audit event of its own
+PATH_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link",
+               "os.symlink", "os.truncate", "os.utime", "shutil.rmtree", "os.chflags", "os.lchflags")
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def make_hook(tmp: str, violations: list[str]):
+    root = os.path.realpath(tmp)
+
+    def inside(path) -> bool:
+        if isinstance(path, int):  # an already open descriptor
+            return True
+        full = os.path.realpath(os.fsdecode(path))
+        return full == root or full.startswith(root + os.sep)
+
+    def refuse(message: str, event: str):
+        violations.append(message)
+        raise SandboxViolation(f"{message} ({event})")
+
+    def hook(event: str, args: tuple) -> None:
+        if event in EVENTS:
+            refuse(EVENTS[event], event)
+        elif event.startswith("socket."):
+            refuse(NETWORK, event)
+        elif event.startswith("ctypes."):
+            refuse(CTYPES, event)
+        elif event == "import" and args[0] in BLOCKED_IMPORTS:
+            refuse(BLOCKED_IMPORTS[args[0]], f"import {args[0]}")
+        elif event == "open" and _writes(args) and args[0] is not None and not inside(args[0]):
+            refuse(WRITES, f"open {args[0]!r}")
+        elif event in PATH_EVENTS and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+            refuse(WRITES, event)
+
+    return hook
+
+
+def _writes(args: tuple) -> bool:
+    """An "open" event's (path, mode, flags) asks for writing."""
+    mode, flags = args[1], args[2]
+    if isinstance(mode, str) and any(c in mode for c in "wax+"):
+        return True
+    return isinstance(flags, int) and bool(flags & WRITE_FLAGS)
+
+
+# ---------------------------------------------------------------------- running the code
+
+def run(code: str, violations: list[str]) -> dict:
+    try:
+        exec(compile(code, "<code>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    except SystemExit as err:
+        if err.code not in (None, 0):
+            return {"status": "error", "message": f"SystemExit: {err.code}"}
+    except BaseException as err:
+        if violations:
+            return {"status": "blocked", "message": violations[0]}
+        return {"status": "error", "message": _describe(err)}
+    finally:
+        sys.stdout.flush()
+    if violations:  # the code caught the refusal and went on: still say so
+        return {"status": "blocked", "message": violations[0]}
+    return {"status": "ok", "message": ""}
+
+
+def _describe(err: BaseException) -> str:
+    """``ZeroDivisionError: division by zero (line 3)``: the last frame of the model's code."""
+    lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if f.filename == "<code>"]
+    where = f" (line {lines[-1]})" if lines else ""
+    return f"{type(err).__name__}{f': {err}' if str(err) else ''}{where}"
+
+
+def main() -> None:
+    tmp, limits, status_fd = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    code = sys.stdin.read()
+    set_limits(limits)
+    layers = isolate(tmp, limits)
+    violations: list[str] = []
+    sys.addaudithook(make_hook(tmp, violations))
+    sys.modules.pop("ctypes", None)
+    result = run(code, violations)
+    os.write(status_fd, (json.dumps({"layers": layers, **result}) + "\n").encode())
+
+
+if __name__ == "__main__":
+    main()
