@@ -18,6 +18,7 @@ INVALID_MOVES = {
     "hybrid_rl/Mastermind-v0": ("ABCDEZ", "not a code"),
     "hybrid_rl/MathWords-v0": ("twelve", "end with 'Answer: <value>'"),
     "hybrid_rl/Dataset-v0": ("twelve", "end with 'Answer: <value>'"),
+    "hybrid_rl/PythonTool-v0": ("the answer", "no number"),
 }
 
 
