@@ -120,15 +120,13 @@ class DatasetEnv(AnswerEnv):
         self.splits = split_rows(pool, eval_fraction, val_fraction, eval_rows)
         charset = set(CHARSET).union(*(row.prompt for row in pool + (eval_rows or [])))
         self.observation_space = gym.spaces.Text(MAX_OBS_CHARS, min_length=0, charset="".join(sorted(charset)))
-        self.row: Row | None = None
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         split = split_of(seed)
         rows = self.splits[split]
         index = int(self.np_random.integers(len(rows))) if seed is None else (seed - SPLIT_START[split]) % len(rows)
-        self.row = rows[index]
-        return self.ask(self.row.prompt, self.row.reference)
+        return self.ask(rows[index].prompt, rows[index].reference)
 
 
 def split_of(seed: int | None) -> str:
@@ -164,5 +162,4 @@ def _share(n: int, fraction: float) -> int:
 def generated_rows() -> list[Row]:
     from hybrid_rl.envs.math_words import problem
 
-    return [Row(p.question, str(p.answer), f"MathWords seed {seed}") for seed, p in
-            ((seed, problem(seed)) for seed in range(GENERATED_ROWS))]
+    return [Row(p.question, str(p.answer)) for p in map(problem, range(GENERATED_ROWS))]

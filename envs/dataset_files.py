@@ -33,7 +33,6 @@ HF_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
 class Row:
     prompt: str
     reference: str  # the answer the verifier compares with, already taken out by reference_format
-    where: str  # file:line (or file[index], rows[index]) for messages
 
 
 def load_rows(source: Any, prompt_key: str = "prompt", answer_key: str = "answer",
@@ -133,4 +132,4 @@ def _row(record: Any, where: str, prompt_key: str, answer_key: str, take_referen
     reference = take_reference(str(answer))
     if reference is None:
         return f"{where}: {answer_key!r} {quote(str(answer))} has no answer in the {reference_format!r} format"
-    return Row(prompt, reference, where)
+    return Row(prompt, reference)
