@@ -18,9 +18,24 @@ from pathlib import Path
 
 import pytest
 
+from hybrid_rl.envs import sandbox
 from hybrid_rl.envs.sandbox import CHILD, SandboxLimits, run_python
 
 LIMITS = SandboxLimits(cpu_s=1, wall_s=5.0, memory_mb=256, output_bytes=200, file_bytes=1 << 20)
+
+
+SPAWNED: list[int] = []  # the pids of this module's sandboxes: each leads its own process group
+
+
+class RecordingPopen(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        SPAWNED.append(self.pid)
+
+
+@pytest.fixture(autouse=True)
+def record_sandboxes(monkeypatch):
+    monkeypatch.setattr(sandbox.subprocess, "Popen", RecordingPopen)
 
 
 def run(code: str, limits: SandboxLimits = LIMITS):
@@ -32,18 +47,21 @@ def run(code: str, limits: SandboxLimits = LIMITS):
 
 
 def _sandbox_processes() -> list[int]:
+    """Live processes in the process group of any sandbox this module started (other test runs' are not)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and str(CHILD).encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
         except OSError:  # the process ended while we looked
             continue
+        fields = stat.rpartition(")")[2].split()
+        if fields and int(fields[2]) in SPAWNED and fields[0] != "Z":
+            found.append(int(entry.name))
     return found
 
 
 def test_output_and_exceptions_come_back():
-    assert run("print(sum(range(10)))").text() == "45"
+    assert run("print(sum(range(10)))").text() == "45" and SPAWNED  # the process check sees our sandboxes
     result = run("x = 1\nprint('before')\nx // 0")
     assert result.status == "error"
     assert result.text() == "before\nerror: ZeroDivisionError: integer division or modulo by zero (line 3)"
@@ -82,11 +100,10 @@ FORK_BOMBS = {
 
 @pytest.mark.parametrize("kind", list(FORK_BOMBS))
 def test_a_fork_bomb_starts_no_process(kind):
-    before = _sandbox_processes()
     result = run(FORK_BOMBS[kind])
     assert result.status == "blocked"
     assert result.message == "blocked: starting processes is not allowed in the sandbox"
-    assert _sandbox_processes() == before == []
+    assert _sandbox_processes() == []
     os.kill(os.getpid(), 0)  # and this process is alive
 
 
