@@ -72,6 +72,8 @@ class ByteTokenizer:
 
     # transformers-style aliases so code written for either reads the same
     pad_token_id, bos_token_id, eos_token_id = pad_id, bos_id, eos_id
+    bos_prefix = (bos_id,)  # ids before the first message of a conversation
+    end_suffix = ()  # ids a rendered assistant turn has after its end token (none here)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -109,7 +111,7 @@ class ByteTokenizer:
         return [self.role_ids["assistant"]]
 
     def render_chat(self, messages: Sequence[dict], add_bos: bool = True) -> tuple[list[int], list[int]]:
-        return _render_concat(self, messages, [self.bos_id] if add_bos else [], len(self.generation_prefix()))
+        return _render_concat(self, messages, list(self.bos_prefix) if add_bos else [])
 
     # ------------------------------------------------------------------ transformers export
     def to_hf(self):
@@ -183,16 +185,19 @@ def _bytes_to_unicode() -> dict[int, str]:
 # ---------------------------------------------------------------------- rendering (shared)
 
 
-def _render_concat(tok, messages: Sequence[dict], head: list[int], n_role_ids: int) -> tuple[list[int], list[int]]:
-    """head + per-message renders. Mask: 1 on an assistant message's tokens after its first
-    ``n_role_ids`` (the generation prefix), i.e. its content and end token; 0 elsewhere."""
+def _render_concat(tok, messages: Sequence[dict], head: list[int]) -> tuple[list[int], list[int]]:
+    """head + per-message renders. Mask: 1 on what the policy generates of an assistant message (its
+    content and end token: not the generation prefix before it, not ``end_suffix`` after it); 0 elsewhere."""
+    n_prefix, n_suffix = len(tok.generation_prefix()), len(tok.end_suffix)
     ids, mask = list(head), [0] * len(head)
     for k, message in enumerate(messages):
         role, content = _unpack(message, k)
         piece = tok.render_message(role, content)
         ids += piece
-        n_fixed = n_role_ids if role == "assistant" else len(piece)
-        mask += [0] * n_fixed + [1] * (len(piece) - n_fixed)
+        if role == "assistant":
+            mask += [0] * n_prefix + [1] * (len(piece) - n_prefix - n_suffix) + [0] * n_suffix
+        else:
+            mask += [0] * len(piece)
     return ids, mask
 
 
@@ -237,13 +242,20 @@ class HFChatTokenizer:
     concatenation (the property rollout relies on); if it does not it raises, naming the first message
     where they differ.
 
+    What the template writes before the first message (its bos token, if any) is ``bos_prefix``; what
+    it writes after the end token of an assistant turn (ChatML's newline) is ``end_suffix``: the policy
+    stops at the end token, so the engine appends ``end_suffix`` itself, as tokens it did not generate,
+    and the assistant mask leaves it out.
+
     Limits: templates that rewrite earlier turns (e.g. drop reasoning from past assistant turns), that
     inject a default system prompt only when none is given, or that put the stop token outside the
     assistant turn do not decompose into per-turn pieces; use such a tokenizer for SFT only through
     ``render_chat(..., strict=False)``, which then gives the template's ids with a mask built by
-    prefix differencing. Text is tokenized in one piece per message, so ids can differ from a single
-    tokenization of the concatenated string (BPE merges never cross a message boundary). The assistant
-    mask assumes a rendered assistant message starts with ``generation_prefix()``: tokens after it are 1.
+    prefix differencing. Each per-turn piece is the tokenization of its own text, so a template whose
+    message boundaries are not special tokens could merge across them (strict ``render_chat`` catches it).
+    The template's rendering of a conversation and a rollout's ids differ only inside generated turns: the
+    rollout keeps the ids it sampled, which need not be the canonical tokenization of their text
+    (docs/INTERFACES.md, "Real tokenizers").
     """
 
     def __init__(self, hf_tokenizer, end_token: str | None = None):
@@ -259,11 +271,21 @@ class HFChatTokenizer:
         self.pad_token_id, self.bos_token_id, self.eos_token_id = self.pad_id, self.bos_id, self.eos_id
         self._anchor = [{"role": "system", "content": "x"}]
         self._anchor_ids = self._template(self._anchor)
+        self._generation_prefix: list[int] | None = None
         # what the template emits before the first message: its bos token if it writes one
         bos = hf_tokenizer.bos_token_id
-        self._bos_prefix = [bos] if bos is not None and self._anchor_ids[:1] == [bos] else []
+        self.bos_prefix = [bos] if bos is not None and self._anchor_ids[:1] == [bos] else []
         end = end_token if end_token is not None else self._guess_end_token()
         self.end_id = hf_tokenizer.convert_tokens_to_ids(end)
+        self.end_suffix = self._end_suffix(end)
+
+    def _end_suffix(self, end: str) -> list[int]:
+        """The ids after the last end token of a rendered assistant message."""
+        piece = self.render_message("assistant", "x")
+        if self.end_id not in piece:
+            raise ValueError(f"the chat template does not close an assistant message with {end!r}, so a generated "
+                             "turn cannot stop at it; pass end_token= the token that ends an assistant turn")
+        return piece[len(piece) - piece[::-1].index(self.end_id):]
 
     def _template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
         out = self.hf.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=add_generation_prompt)
@@ -298,22 +320,24 @@ class HFChatTokenizer:
         return full[len(self._anchor_ids):]
 
     def generation_prefix(self) -> list[int]:
-        msgs = self._anchor + [{"role": "user", "content": "x"}]
-        without, with_prompt = self._template(msgs), self._template(msgs, add_generation_prompt=True)
-        return with_prompt[len(without):]
+        if self._generation_prefix is None:
+            msgs = self._anchor + [{"role": "user", "content": "x"}]
+            without, with_prompt = self._template(msgs), self._template(msgs, add_generation_prompt=True)
+            self._generation_prefix = with_prompt[len(without):]
+        return list(self._generation_prefix)
 
     def render_chat(self, messages: Sequence[dict], add_bos: bool = True, strict: bool = True):
-        head = self._bos_prefix if add_bos else []
-        ids, mask = _render_concat(self, messages, head, len(self.generation_prefix()))
+        head = self.bos_prefix if add_bos else []
+        ids, mask = _render_concat(self, messages, head)
         full = self._template(messages)
         if not add_bos:
-            full = full[len(self._bos_prefix):]
+            full = full[len(self.bos_prefix):]
         if full == ids:
             return ids, mask
         if not strict:
             return _mask_by_prefix(self, messages, add_bos)
         k = next(k for k in range(len(messages)) if self._template(messages[: k + 1])
-                 != self._bos_prefix + _render_concat(self, messages[: k + 1], [], 0)[0])
+                 != self.bos_prefix + _render_concat(self, messages[: k + 1], [])[0])
         raise ValueError(
             f"the chat template of {type(self.hf).__name__} does not render message {k} as its per-turn piece, "
             "so rollout (turn by turn) and SFT (whole conversation) would see different ids; "
@@ -322,7 +346,8 @@ class HFChatTokenizer:
 
 
 def _mask_by_prefix(tok: HFChatTokenizer, messages: Sequence[dict], add_bos: bool) -> tuple[list[int], list[int]]:
-    """The template's own ids; mask = tokens added by each assistant message after the generation prompt."""
+    """The template's own ids; mask = tokens added by each assistant message after the generation prompt,
+    up to its ``end_suffix``."""
     ids = tok._template(messages)
     mask = [0] * len(ids)
     for k, message in enumerate(messages):
@@ -331,10 +356,18 @@ def _mask_by_prefix(tok: HFChatTokenizer, messages: Sequence[dict], add_bos: boo
         upto = tok._template(messages[: k + 1])
         if ids[: len(upto)] != upto:
             continue  # the template rewrites this turn once later turns follow: it is not in the ids
-        start = len(tok._template(messages[:k], add_generation_prompt=True)) if k else len(tok._bos_prefix)
-        mask[start: len(upto)] = [1] * (len(upto) - start)
-    cut = 0 if add_bos else len(tok._bos_prefix)
+        start = len(tok._template(messages[:k], add_generation_prompt=True)) if k else len(tok.bos_prefix)
+        stop = len(upto) - len(tok.end_suffix)  # the suffix after the end token is not generated
+        mask[start:stop] = [1] * (stop - start)
+    cut = 0 if add_bos else len(tok.bos_prefix)
     return ids[cut:], mask[cut:]
+
+
+def checkpoint_tokenizer(directory: str | os.PathLike | None):
+    """The tokenizer saved beside a checkpoint (``load_tokenizer``); ``ByteTokenizer`` when it has none."""
+    if not directory or not (Path(directory) / "tokenizer_config.json").is_file():
+        return ByteTokenizer()
+    return load_tokenizer(directory)
 
 
 def load_tokenizer(directory: str | os.PathLike | None = None):

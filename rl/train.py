@@ -68,10 +68,10 @@ def load_policy(cfg: RLStageConfig):
     """(model, tokenizer, source): the init_from checkpoint (an SFT step_N or run dir), or a fresh model."""
     from hybrid_rl.model import HybridLM
     from hybrid_rl.model.hf import load_pretrained
-    from hybrid_rl.model.tokenizer import load_tokenizer
+    from hybrid_rl.model.tokenizer import checkpoint_tokenizer
 
     if not cfg.init_from:
-        return HybridLM(cfg.model), load_tokenizer(None), "scratch"
+        return HybridLM(cfg.model), checkpoint_tokenizer(None), "scratch"
     path = Path(cfg.init_from)
     if not (path / "config.json").is_file():  # a run directory: its newest checkpoint
         latest = latest_checkpoint(path)
@@ -79,8 +79,7 @@ def load_policy(cfg: RLStageConfig):
             raise FileNotFoundError(f"init_from={cfg.init_from}: neither a checkpoint (no config.json) nor a run directory "
                                     "with step_N checkpoints. Pass e.g. runs/<sft-run>/step_200.")
         path = latest
-    tokenizer = load_tokenizer(path) if (path / "tokenizer_config.json").is_file() else load_tokenizer(None)
-    return load_pretrained(path).float(), tokenizer, str(path)
+    return load_pretrained(path).float(), checkpoint_tokenizer(path), str(path)
 
 
 def rounds_per_step(cfg: RLStageConfig) -> int:

@@ -55,9 +55,9 @@ class CheckpointTokenizer:
     path: str
 
     def __call__(self):
-        from hybrid_rl.model.tokenizer import load_tokenizer
+        from hybrid_rl.model.tokenizer import checkpoint_tokenizer
 
-        return load_tokenizer(self.path) if (Path(self.path) / "tokenizer_config.json").exists() else load_tokenizer(None)
+        return checkpoint_tokenizer(self.path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,13 +5,14 @@ GRPO groups (``GroupRequest``: env id, seed, G samples) to completion and return
 episode. The loop, per decode step:
 
 1. admit: fill free rows of the batch (at most ``max_batch_episodes``) with waiting episodes. A new group
-   resets its G environments, renders the prompt ``[bos] + system + observation + generation_prefix``,
+   resets its G environments, renders the prompt ``bos_prefix + system + observation + generation_prefix``,
    prefills it ONCE and forks that cache row for its G samples (identical prompts share one prefill).
 2. sample one token for every row (``sampling.sample``: the token, its log-prob under the sampling
    distribution and under the plain softmax).
 3. advance each episode: a turn ends at ``<|end|>``, at ``max_turn_tokens``, at the episode token limit
-   or at a stop string (then ``<|end|>`` is appended as a NON-action token, so the ids stay identical to
-   ``render_chat`` of the conversation). The environments of all rows whose turn ended step
+   or at a stop string (then ``<|end|>`` is appended as a NON-action token), followed by the tokenizer's
+   ``end_suffix`` (none for the byte tokenizer, ChatML's newline), also NON-action, so the ids stay identical
+   to ``render_chat`` of the conversation. The environments of all rows whose turn ended step
    concurrently; each next observation is rendered as one message plus the generation prefix and queued.
 4. finished rows leave the batch (``cache.select``), their slots are refilled at step 1 at once.
 5. forward: every remaining row feeds the tokens it has not fed yet (``token_ids[fed:]``): one token on
@@ -25,9 +26,11 @@ info keys plays as it is: ``success`` defaults to "terminated with a positive re
 baseline the benchmark compares against: rebuild a row's cache from the whole history at every turn.
 
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
-past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action always renders
-back to the same ids. ``Trajectory.sample_logprobs`` are under that renormalised distribution;
-``Trajectory.logprobs`` under the plain softmax, which is what the trainer's forward recomputes.
+past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action is text only
+(with the byte tokenizer it renders back to the same ids; a BPE tokenizer may tokenize the text otherwise
+than it was sampled, and the trajectory keeps the sampled ids). ``Trajectory.sample_logprobs`` are under
+that renormalised distribution; ``Trajectory.logprobs`` under the plain softmax, which is what the
+trainer's forward recomputes.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ class Engine:
         self.worker_name = worker_name
         self.reprefill = reprefill
         self.end_id = int(tokenizer.end_id)
+        self.end_suffix = [int(i) for i in tokenizer.end_suffix]  # after a turn's end token, not generated
         self.banned_v = banned_token_mask(tokenizer, model_vocab_size(model), self.sampling.ascii_only)
         self.generator = torch.Generator()
         if self.sampling.seed is not None:
@@ -256,7 +260,7 @@ class Engine:
             return ep
         tok = self.tokenizer
         system = getattr(env.unwrapped, "system_prompt", None)
-        ids = [tok.bos_id]
+        ids = list(tok.bos_prefix)
         if system:
             ids += tok.render_message("system", system)
             traj.messages.append({"role": "system", "content": system})
@@ -265,7 +269,7 @@ class Engine:
         traj.messages.append({"role": role, "content": obs})
         self._append(traj, ids, action=False)
         ep.turn_start = len(ids)
-        if len(ids) + 2 > self.episode.max_episode_tokens:
+        if len(ids) + 2 + len(self.end_suffix) > self.episode.max_episode_tokens:
             traj.status, traj.error = "truncated", f"prompt of {len(ids)} tokens leaves no room under max_episode_tokens"
             ep.fed = -1  # never enters the batch
         return ep
@@ -282,13 +286,15 @@ class Engine:
         self.stats["generated_tokens"] += 1
         if token != self.end_id:
             n_turn = len(traj.token_ids) - ep.turn_start
-            if not (n_turn >= cfg.max_turn_tokens or len(traj.token_ids) >= cfg.max_episode_tokens - 1
+            room = cfg.max_episode_tokens - 1 - len(self.end_suffix)  # for the closing token and the suffix
+            if not (n_turn >= cfg.max_turn_tokens or len(traj.token_ids) >= room
                     or self._hit_stop_string(traj.token_ids, ep.turn_start)):
                 return None
             self._append(traj, [self.end_id], action=False)  # forced close: same ids as render_chat
             if n_turn >= cfg.max_turn_tokens:
                 traj.overlong_turns.append(traj.num_turns)
         action = self.tokenizer.decode(traj.token_ids[ep.turn_start:-1])
+        self._append(traj, self.end_suffix, action=False)
         traj.messages.append({"role": "assistant", "content": action})
         traj.num_turns += 1
         return action
@@ -323,7 +329,7 @@ class Engine:
             return True
         role = _obs_role(info)
         obs_ids = self.tokenizer.render_message(role, obs) + self.tokenizer.generation_prefix()
-        if len(traj.token_ids) + len(obs_ids) + 2 > cfg.max_episode_tokens:
+        if len(traj.token_ids) + len(obs_ids) + 2 + len(self.end_suffix) > cfg.max_episode_tokens:
             traj.status = "truncated"
             traj.error = f"max_episode_tokens ({cfg.max_episode_tokens}) reached after turn {traj.num_turns}"
             return True

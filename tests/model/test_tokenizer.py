@@ -4,8 +4,10 @@ import pytest
 
 from hybrid_rl.model.config import PRESETS
 from hybrid_rl.model.tokenizer import (
-    CHAT_TEMPLATE, ByteTokenizer, HFChatTokenizer, generation_prefix, load_tokenizer, render_chat, render_message,
+    CHAT_TEMPLATE, ByteTokenizer, HFChatTokenizer, checkpoint_tokenizer, generation_prefix, load_tokenizer, render_chat,
+    render_message,
 )
+from hybrid_rl.model.tokenizer import _mask_by_prefix
 
 TOK = ByteTokenizer()
 TEXTS = ["", "hello world", "héllo  wörld\n\t", "日本語 🙂 emoji", "\x00\x01 bytes", "a" * 300, " leading space"]
@@ -128,6 +130,8 @@ def test_autotokenizer_chat_template_same_ids(hf_tok):
 
 def test_load_tokenizer(hf_dir, tmp_path):
     assert isinstance(load_tokenizer(None), ByteTokenizer)
+    assert isinstance(checkpoint_tokenizer(tmp_path), ByteTokenizer)  # a checkpoint saved without one
+    assert isinstance(checkpoint_tokenizer(hf_dir), ByteTokenizer)
     assert isinstance(load_tokenizer(hf_dir), ByteTokenizer)
     with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
         load_tokenizer(tmp_path)
@@ -143,7 +147,8 @@ def test_hf_adapter_on_our_export(hf_tok):
 
 
 def test_hf_adapter_chatml_style_template(hf_dir):
-    """A template whose turns carry a newline after the role; pieces still decompose."""
+    """A template whose turns carry a newline after the role and after the end token; pieces still decompose,
+    and the newline after an assistant's end token is ``end_suffix``: not generated, so not in the mask."""
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(hf_dir))
@@ -153,10 +158,20 @@ def test_hf_adapter_chatml_style_template(hf_dir):
     )
     w = HFChatTokenizer(hf)
     nl = TOK.encode("\n")
-    assert w.generation_prefix() == [5] + nl and w.end_id == 7 and w._bos_prefix == []
+    assert w.generation_prefix() == [5] + nl and w.end_id == 7 and w.bos_prefix == [] and w.end_suffix == nl
     ids, mask = w.render_chat(CONVERSATION)
     assert ids == _ids(hf.apply_chat_template(CONVERSATION, tokenize=True))
-    assert [i for i, m in zip(ids, mask) if m] == TOK.encode("5") + [7] + nl + TOK.encode("8 — final ✓") + [7] + nl
+    assert [i for i, m in zip(ids, mask) if m] == TOK.encode("5") + [7] + TOK.encode("8 — final ✓") + [7]
+    assert _mask_by_prefix(w, CONVERSATION, add_bos=True) == (ids, mask)  # the non-strict mask agrees
+
+
+def test_hf_adapter_template_without_end_token_in_assistant_turn(hf_dir):
+    """A stop token the template never writes into an assistant turn: the error names it and the fix."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(hf_dir))
+    with pytest.raises(ValueError, match="does not close an assistant message with '<eos>'.*pass end_token="):
+        HFChatTokenizer(hf, end_token="<eos>")
 
 
 def test_hf_adapter_rejects_non_decomposing_template(hf_dir):
