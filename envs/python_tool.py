@@ -26,7 +26,7 @@ from hybrid_rl.envs.core import TextEnv, first_int, quote
 from hybrid_rl.envs.sandbox import SandboxLimits, run_python
 from hybrid_rl.envs.tools import ToolCallError, format_tool_call, parse_tool_call
 
-__all__ = ["PythonTool", "Task", "TASKS", "PYTHON_SPEC"]
+__all__ = ["PythonTool", "Task", "TASKS", "COMPUTATION", "PYTHON_SPEC"]
 
 PYTHON_SPEC = {
     "name": "python",
@@ -90,8 +90,24 @@ def kth_smallest(rng: np.random.Generator) -> Task:
                 f"{k}-th number?", code, sorted(values)[k - 1], round(k / n * 10007))
 
 
+def math_words(rng: np.random.Generator) -> Task:
+    """A generated word problem (envs/math_words.py) computed as one expression: ``print((12+5)*2)``; the
+    estimate is the common slip of stopping after the first operation."""
+    from hybrid_rl.envs.math_words import problem
+
+    p = problem(int(rng.integers(2**31)))
+    expression = p.working[0].split("=")[0]
+    for equation in p.working[1:]:
+        left = equation.split("=")[0]
+        operator = next(c for c in "+-*/" if c in left)  # the operands are non-negative: one operator
+        expression = f"({expression}){operator}{left.split(operator, 1)[1]}"
+    return Task(p.question, f"print({expression.replace('/', '//')})", p.answer, p.values[0])  # even splits: whole
+
+
 TASKS: dict[str, Callable[[np.random.Generator], Task]] = {
-    "digit_powers": digit_powers, "primes": primes, "power_mod": power_mod, "kth_smallest": kth_smallest}
+    "digit_powers": digit_powers, "primes": primes, "power_mod": power_mod, "kth_smallest": kth_smallest,
+    "math_words": math_words}
+COMPUTATION = ("digit_powers", "primes", "power_mod", "kth_smallest")  # the default: questions that need code
 
 
 class PythonTool(TextEnv):
@@ -102,16 +118,20 @@ class PythonTool(TextEnv):
     {"code": "print(6*7)"}}</tool_call>`` or the answer ("42"). Reward: ``success`` 1.0 for the right
     answer, ``turn`` -0.02 per turn, ``sandbox`` -0.05 for code that the sandbox blocked or killed,
     ``invalid`` -0.05 for an unusable action. Any answer ends the episode.
+    ``tasks``: names from ``TASKS`` (in an env id joined by "+": ``PythonTool-v0(tasks=primes+power_mod)``);
+    by default the four that need code. ``math_words`` is the generated word problems of MathWords-v0 as
+    one expression each: the math set with the Python tool.
     """
 
     system_prompt = ('Run Python with the python tool: <tool_call>{"name": "python", "arguments": {"code": '
                      '"print(2+3)"}}</tool_call> then reply with the number.')
     tools = [PYTHON_SPEC]
 
-    def __init__(self, tasks: tuple[str, ...] | list[str] = tuple(TASKS), turn_penalty: float = 0.02,
+    def __init__(self, tasks: str | tuple[str, ...] | list[str] = COMPUTATION, turn_penalty: float = 0.02,
                  sandbox_penalty: float = 0.05, cpu_s: int = 2, wall_s: float = 10.0, memory_mb: int = 256,
                  render_mode: str | None = None, expert_noise: float = 0.0):
         super().__init__(render_mode=render_mode, expert_noise=expert_noise)
+        tasks = tuple(tasks.split("+")) if isinstance(tasks, str) else tuple(tasks)  # "primes+power_mod" in an env id
         unknown = sorted(set(tasks) - set(TASKS))
         if unknown or not tasks:
             raise ValueError(f"tasks={list(tasks)}: choose one or more of {sorted(TASKS)}.")
