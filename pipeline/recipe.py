@@ -3,7 +3,9 @@
     1. demonstrations: an imperfect teacher (``demos.teacher``: the env's heuristic, or its expert, with
        ``demos.noise``) plays each env's train seeds; its conversations, failed episodes included, are the
        SFT data, so SFT learns an imperfect policy that RL has to go past
-    2. SFT (``hybrid_rl.sft.train.train``) from scratch on those demonstrations
+    2. SFT (``hybrid_rl.sft.train.train``) on those demonstrations: from scratch (``model.preset``, the byte
+       tokenizer), or from ``init_from``, a NemotronH checkpoint with its own tokenizer, which every later
+       stage then uses too (RL rollouts and training, the eval, the exported checkpoints)
     3. GRPO (``hybrid_rl.rl.train.train``) from the SFT checkpoint
     4. eval of the SFT and the RL checkpoints on the same held-out seeds, greedy (``hybrid_rl.rollout.evaluate.evaluate_policy``), beside
        the scripted baselines on those seeds: a random policy, the teacher, and the optimal expert
@@ -86,6 +88,11 @@ class PipelineEvalConfig:
 @dataclass
 class PipelineStageConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(name="quickstart"))
+    # a NemotronH checkpoint directory (transformers' or ours, config.json + safetensors) with its tokenizer
+    # saved beside it (tokenizer.save_pretrained(DIR), a chat template included): SFT starts from it and
+    # every stage uses its tokenizer; model.* (the preset too) is then ignored. Empty: SFT of model.* from
+    # scratch with the byte tokenizer
+    init_from: str = ""
     model: HybridConfig = field(default_factory=lambda: HybridConfig.from_preset("micro"))
     envs: list[str] = field(default_factory=lambda: ["hybrid_rl/GuessNumber-v0"])
     demos: DemoConfig = field(default_factory=DemoConfig)
@@ -130,6 +137,7 @@ def pipeline(cfg: PipelineStageConfig) -> dict:
     from hybrid_rl.rl.train import train as rl_train
     from hybrid_rl.sft.train import train as sft_train
 
+    check_init_from(cfg.init_from)
     t0 = time.time()
     name = cfg.run.name or f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
     base = Path(cfg.run.output_dir) / name
@@ -147,8 +155,8 @@ def pipeline(cfg: PipelineStageConfig) -> dict:
 
     data = DataConfig(**{**vars(cfg.sft.data), "envs": [], "jsonl_paths": [str(base / "demonstrations.jsonl")]})
     sft_eval = SFTEvalConfig(**{**vars(cfg.sft.eval), "env_ids": list(cfg.envs)})
-    sft_cfg = SFTStageConfig(run=stage_run("sft"), model=cfg.model, data=data, train=cfg.sft.train, eval=sft_eval,
-                             logging=cfg.logging)
+    sft_cfg = SFTStageConfig(run=stage_run("sft"), model=cfg.model, init_from=cfg.init_from or None, data=data,
+                             train=cfg.sft.train, eval=sft_eval, logging=cfg.logging)
     t_sft = time.time()
     sft_summary = sft_train(sft_cfg)
     t_sft = time.time() - t_sft
@@ -176,6 +184,32 @@ def pipeline(cfg: PipelineStageConfig) -> dict:
     (base / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "markdown"}, indent=1) + "\n")
     (base / "results.md").write_text(results["markdown"])
     return results
+
+
+def check_init_from(directory: str) -> None:
+    """A ``ConfigError`` naming the problem and the fix unless ``directory`` is empty or a NemotronH checkpoint
+    with a chat tokenizer whose ids fit the model's embeddings."""
+    from hybrid_rl.config import ConfigError
+    from hybrid_rl.model.hf import CheckpointError, read_config
+    from hybrid_rl.model.tokenizer import load_tokenizer
+
+    if not directory:
+        return
+    try:
+        model_cfg = read_config(directory)
+    except (OSError, CheckpointError) as err:
+        raise ConfigError(f"init_from={directory} is not a NemotronH checkpoint: {err}") from None
+    if not (Path(directory) / "tokenizer_config.json").is_file():
+        raise ConfigError(f"init_from={directory} has no tokenizer (no tokenizer_config.json); save the model's tokenizer "
+                          "beside its weights with tokenizer.save_pretrained(DIR), a chat_template included")
+    try:
+        tokenizer = load_tokenizer(directory)
+    except ValueError as err:  # no chat template, or one that cannot end an assistant turn
+        raise ConfigError(f"init_from={directory}: {err}") from None
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"init_from={directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                          f"embeddings only {model_cfg.vocab_size}; save the model after "
+                          "model.resize_token_embeddings(len(tokenizer)), or use the tokenizer it was trained with")
 
 
 def scripted_baselines(cfg: PipelineStageConfig) -> dict:
@@ -225,7 +259,7 @@ def compare_checkpoints(cfg: PipelineStageConfig, run: RunConfig, checkpoints: d
     from hybrid_rl.metrics import MetricsLogger
     from hybrid_rl.run import make_run_dir
     from hybrid_rl.model.hf import load_pretrained
-    from hybrid_rl.model.tokenizer import ByteTokenizer
+    from hybrid_rl.model.tokenizer import checkpoint_tokenizer
     from hybrid_rl.rollout.evaluate import evaluate_policy, sample_row
 
     run_dir = make_run_dir(run, "eval", cfg)
@@ -234,10 +268,10 @@ def compare_checkpoints(cfg: PipelineStageConfig, run: RunConfig, checkpoints: d
     table: dict[str, dict[str, dict[str, float]]] = {}  # stage -> "T=0" -> eval/... metrics
     try:
         for i, (stage, path) in enumerate(checkpoints.items()):
-            model = load_pretrained(path).float()
+            model, tokenizer = load_pretrained(path).float(), checkpoint_tokenizer(path)
             row = {}
             for temp in cfg.eval.temperatures:
-                metrics, trajectories = evaluate_policy(model, ByteTokenizer(), cfg.envs, cfg.eval.episodes_per_env,
+                metrics, trajectories = evaluate_policy(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env,
                                                         split=cfg.eval.split, temperature=temp,
                                                         max_turn_tokens=cfg.eval.max_turn_tokens)
                 table.setdefault(stage, {})[f"T={temp:g}"] = metrics

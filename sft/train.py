@@ -4,8 +4,8 @@
 ``train_step``, with eval and checkpoints between steps.
 
 1. accelerate: device, bf16 autocast on GPU, DDP when started with ``accelerate launch`` (gloo on CPU).
-2. the run directory, the tokenizer, the model (random init, ``init_from`` weights, or the latest
-   ``step_N`` of this run when ``resume=true``).
+2. the run directory, the model (random init, ``init_from`` weights, or the latest ``step_N`` of this run
+   when ``resume=true``) and the tokenizer saved beside those weights (the byte tokenizer when there is none).
 3. data: sources -> validated, rendered samples (``hybrid_rl.sft.data``) -> a deterministic stream of packed
    micro-batches (``hybrid_rl.sft.packing``); the data cursor is the index of the next global micro-batch.
 4. per optimizer step (``train_step``): each process takes its ``grad_accum_steps`` micro-batches of the
@@ -239,7 +239,7 @@ def save(acc, run_dir: Path, core, tokenizer, optimizer, progress: Progress, cfg
 def train(cfg: SFTStageConfig) -> dict:
     """Run the SFT stage; returns a summary (run dir, eval at start/end, wall time, steps)."""
     from hybrid_rl.metrics import MetricsLogger
-    from hybrid_rl.model.tokenizer import ByteTokenizer
+    from hybrid_rl.model.tokenizer import checkpoint_tokenizer
 
     t_start, cpu_start = time.time(), time.process_time()
     tc = cfg.train
@@ -247,7 +247,7 @@ def train(cfg: SFTStageConfig) -> dict:
     world, is_main = acc.num_processes, acc.is_main_process
     run_dir, resume_dir = open_run_dir(cfg, acc)
     seed_everything(cfg.run.seed)
-    tokenizer = ByteTokenizer()
+    tokenizer = checkpoint_tokenizer(resume_dir or cfg.init_from)
     model = load_model(cfg, resume_dir, tokenizer.vocab_size)
     samples, report = load_samples(cfg.data, tokenizer, demos_path=run_dir / "demonstrations.jsonl" if is_main else None)
     docs = [(s.ids, s.mask) for s in samples]
