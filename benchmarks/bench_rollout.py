@@ -1,23 +1,31 @@
-"""Rollout benchmark: throughput of the engine, cache extension against re-prefilling, 1 vs 2 Ray workers.
+"""Rollout benchmark: throughput of the engine against the model's raw decode, a slow environment against an
+instant one, cache extension against re-prefilling, 1 vs 2 Ray workers.
 
     hybrid-rl bench rollout [--preset tiny] [--groups 8] [--group-size 4] [--turns 4 8 16] [--no-ray]
 
-Three measurements, each a comparison made in the same run (absolute numbers drift between machines):
+Four measurements, each a comparison made in the same run (absolute numbers drift between machines):
 
 1. throughput: ``groups x group_size`` episodes of a multi-turn environment (FixedTurns, 4 turns) with
-   the model in one process: episodes/s, generated tokens/s, all tokens/s.
-2. extension vs re-prefill: one episode of 4, 8 and 16 turns (observations of 24 and of 256 characters)
+   the model in one process: episodes/s, generated tokens/s, all tokens/s; and, interleaved with it, the
+   same model's raw ``decode_step`` loop (greedy, nothing else) at the same batch size. Their ratio is the
+   share of the model's decode speed the engine keeps while it samples, ends turns, steps environments
+   and prefills observations. Medians of ``--repeats`` rounds.
+2. slow environment: the same episodes with an environment that sleeps ``--env-delay`` seconds (50 ms)
+   in every step, against the instant one; the ratio of wall times says how much of the environments'
+   latency the engine hides behind decoding.
+3. extension vs re-prefill: one episode of 4, 8 and 16 turns (observations of 24 and of 256 characters)
    played twice with greedy decoding (the same tokens): once extending the cache with only the new tokens each turn (what the engine does),
    once rebuilding the cache from the whole history at every turn (what a generate()-per-turn loop,
    e.g. TRL's, does). Extension grows linearly in the turns, re-prefilling quadratically; both the
    seconds and the tokens pushed through the model are reported.
-3. Ray: the same groups on a pool of 1 and of 2 workers (1 CPU and 1 torch thread each).
+4. Ray: the same groups on a pool of 1 and of 2 workers (1 CPU and 1 torch thread each).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,25 +46,64 @@ def build_model(preset: str, seed: int = 0):
     return HybridLM(HybridConfig.from_preset(preset)).float().eval()
 
 
-def requests(groups: int, group_size: int, turns: int, obs_len: int = 24) -> list[GroupRequest]:
+def requests(groups: int, group_size: int, turns: int, obs_len: int = 24, step_delay_s: float = 0.0) -> list[GroupRequest]:
     """FixedTurns groups; ``obs_len`` characters per observation (long ones stand for tool output)."""
-    return [GroupRequest(FIXED_TURNS_ID, seed=g, group_id=g, num_samples=group_size,
-                         env_kwargs={"obs_len": obs_len, "turns": turns}) for g in range(groups)]
+    kwargs = {"obs_len": obs_len, "turns": turns, "step_delay_s": step_delay_s}
+    return [GroupRequest(FIXED_TURNS_ID, seed=g, group_id=g, num_samples=group_size, env_kwargs=kwargs)
+            for g in range(groups)]
 
 
-def measure_throughput(model, tok, args) -> dict:
+def play_timed(model, tok, args, reqs: list[GroupRequest]) -> dict:
+    """A new engine (sampling seed 0) plays ``reqs``: seconds, trajectories, the forwards it made."""
     episode = EpisodeConfig(max_turn_tokens=args.max_turn_tokens, max_batch_episodes=args.batch, env_timeout_s=0)
     engine = Engine(model, tok, SamplingConfig(seed=0, ascii_only=True), episode)
-    engine.play(requests(1, 2, 2))  # warm-up
+    engine.batch_trace = []
     t0 = time.perf_counter()
-    trajs = engine.play(requests(args.groups, args.group_size, 4))
+    trajs = engine.play(reqs)
     elapsed = time.perf_counter() - t0
+    return {"seconds": elapsed, "trajs": sorted(trajs, key=lambda t: (t.group_id, t.sample_index)),
+            "stats": dict(engine.stats, mean_batch_rows=statistics.fmean(engine.batch_trace))}
+
+
+def raw_decode_tokens_per_s(model, batch: int, prompt_tokens: int, new_tokens: int) -> float:
+    """The model's own decode loop at ``batch`` rows: ``decode_step`` then argmax, nothing else (after a prefill)."""
+    cache = model.new_cache(batch)
+    prompt = torch.randint(10, 100, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        tokens_b = model.extend(cache, prompt).argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            tokens_b = model.decode_step(cache, tokens_b).argmax(-1)
+        return batch * new_tokens / (time.perf_counter() - t0)
+
+
+def measure_throughput(model, tok, args) -> tuple[dict, dict]:
+    """The engine on the instant env, the raw decode loop at the same batch, and the engine on the slow env,
+    interleaved round by round (load from other processes hits all three alike); medians of ``repeats``."""
+    play_timed(model, tok, args, requests(1, 2, 2))  # warm-up
+    raw_decode_tokens_per_s(model, args.batch, args.raw_prompt_tokens, 4)
+    fast, raw, slow = [], [], []
+    for _ in range(args.repeats):
+        fast.append(play_timed(model, tok, args, requests(args.groups, args.group_size, 4)))
+        raw.append(raw_decode_tokens_per_s(model, args.batch, args.raw_prompt_tokens, args.raw_new_tokens))
+        slow.append(play_timed(model, tok, args, requests(args.groups, args.group_size, 4, step_delay_s=args.env_delay)))
+    run = sorted(fast, key=lambda r: r["seconds"])[len(fast) // 2]
+    trajs, elapsed = run["trajs"], run["seconds"]
     generated = sum(t.num_action_tokens for t in trajs)
     total = sum(t.num_tokens for t in trajs)
-    return {"env": FIXED_TURNS_ID, "turns": 4, "episodes": len(trajs), "seconds": elapsed,
-            "episodes_per_s": len(trajs) / elapsed, "generated_tokens_per_s": generated / elapsed,
-            "tokens_per_s": total / elapsed, "mean_tokens_per_episode": total / len(trajs),
-            "batch_rows": args.batch}
+    raw_tps = statistics.median(raw)
+    throughput = {"env": FIXED_TURNS_ID, "turns": 4, "episodes": len(trajs), "seconds": elapsed,
+                  "episodes_per_s": len(trajs) / elapsed, "generated_tokens_per_s": generated / elapsed,
+                  "tokens_per_s": total / elapsed, "mean_tokens_per_episode": total / len(trajs),
+                  "batch_rows": args.batch, "engine_stats": run["stats"], "repeats": args.repeats,
+                  "raw_decode": {"batch": args.batch, "prompt_tokens": args.raw_prompt_tokens,
+                                 "new_tokens": args.raw_new_tokens, "tokens_per_s": raw_tps},
+                  "engine_vs_raw_decode": generated / elapsed / raw_tps}
+    slow_s = statistics.median(r["seconds"] for r in slow)
+    same = all([t.token_ids for t in r["trajs"]] == [t.token_ids for t in trajs] for r in slow)
+    slow_env = {"episodes": len(trajs), "step_delay_s": args.env_delay, "instant_s": elapsed, "slow_s": slow_s,
+                "slow_vs_instant": slow_s / elapsed, "same_tokens": same}
+    return throughput, slow_env
 
 
 def measure_extension(model, tok, args, obs_len: int) -> tuple[list[dict], dict]:
@@ -124,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--obs-lens", type=int, nargs="+", default=[24, 256],
                         help="characters per observation in the extension comparison (256 ~ a short tool output)")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N for the extension comparison (a shared machine is noisy)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="best of N for the extension comparison, median of N for throughput (a shared machine is noisy)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    parser.add_argument("--env-delay", type=float, default=0.05, help="seconds per step of the slow environment")
+    parser.add_argument("--raw-prompt-tokens", type=int, default=32, help="prompt before the raw decode loop")
+    parser.add_argument("--raw-new-tokens", type=int, default=64, help="decode steps of the raw decode loop")
     parser.add_argument("--no-ray", action="store_true", help="skip the 1 vs 2 worker comparison")
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -143,7 +194,7 @@ def _run(args) -> int:
     result = {"benchmark": "rollout", "preset": args.preset, "torch_threads": args.threads,
               "group_size": args.group_size, "max_turn_tokens": args.max_turn_tokens,
               "cpu_count": os.cpu_count(), "load_avg_1m_start": os.getloadavg()[0]}
-    result["throughput"] = measure_throughput(model, tok, args)
+    result["throughput"], result["slow_env"] = measure_throughput(model, tok, args)
     result["extension_vs_reprefill"], result["growth_first_to_last"] = [], []
     for obs_len in args.obs_lens:
         rows, growth = measure_extension(model, tok, args, obs_len)
@@ -161,7 +212,10 @@ def table(result: dict) -> str:
     tp = result["throughput"]
     lines = [f"throughput ({result['preset']}, {tp['episodes']} episodes of {tp['turns']} turns): "
              f"{tp['episodes_per_s']:.2f} episodes/s, {tp['generated_tokens_per_s']:.0f} generated tok/s, "
-             f"{tp['tokens_per_s']:.0f} tok/s",
+             f"{tp['tokens_per_s']:.0f} tok/s; raw decode_step at batch {tp['batch_rows']}: "
+             f"{tp['raw_decode']['tokens_per_s']:.0f} tok/s (engine {100 * tp['engine_vs_raw_decode']:.1f}% of it)",
+             f"slow env ({1000 * result['slow_env']['step_delay_s']:g} ms/step): {result['slow_env']['slow_s']:.2f} s "
+             f"vs instant {result['slow_env']['instant_s']:.2f} s (x{result['slow_env']['slow_vs_instant']:.2f})",
              "obs_len  turns  extend_s  reprefill_s  speedup  model tokens (extend / reprefill)"]
     for r in result["extension_vs_reprefill"]:
         lines.append(f"{r['obs_len']:>7}  {r['turns']:>5}  {r['extend_s']:8.3f}  {r['reprefill_s']:11.3f}  {r['speedup']:7.2f}  "

@@ -2,13 +2,16 @@
 of a set length, a reward per turn whose action holds the target.
 
 It measures the engine, not a policy: episode length and observation size are arguments
-(``env_kwargs={"turns": 16, "obs_len": 256}``), so a benchmark sweeps them directly. It lives in a
+(``env_kwargs={"turns": 16, "obs_len": 256}``), so a benchmark sweeps them directly; ``step_delay_s``
+makes every step sleep that long, standing for an environment that runs a tool or a remote call. It lives in a
 package module because Ray workers import it by name: the id ``FIXED_TURNS_ID`` (``module:env``) makes
 ``gymnasium.make`` import this module first, in whichever process plays the episode. The rollout tests
 play it too.
 """
 
 from __future__ import annotations
+
+import time
 
 import gymnasium
 
@@ -26,8 +29,8 @@ class FixedTurnsEnv(gymnasium.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, turns: int = 4, target: str = "a", system_prompt: str | None = "Answer briefly.",
-                 obs_len: int = 24):
-        self.turns, self.target, self.obs_len = turns, target, obs_len
+                 obs_len: int = 24, step_delay_s: float = 0.0):
+        self.turns, self.target, self.obs_len, self.step_delay_s = turns, target, obs_len, step_delay_s
         self.system_prompt = system_prompt
         self.tools: list = []
         self.observation_space = gymnasium.spaces.Text(10_000)
@@ -44,6 +47,8 @@ class FixedTurnsEnv(gymnasium.Env):
         return self._obs(), {"role": "user"}
 
     def step(self, action: str):
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         hit = self.target in action
         self._hits += hit
         self._t += 1

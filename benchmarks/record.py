@@ -312,7 +312,7 @@ def rollout_extension(r: dict, doc_dir: Path) -> str:
 
 
 def rollout_throughput(r: dict) -> str:
-    """Episodes and tokens per second of the engine in one process (no peer: an absolute figure)."""
+    """Episodes and tokens per second of the engine in one process, against the model's raw decode loop."""
     t = r.get("throughput")
     if not t:
         return ""
@@ -321,8 +321,41 @@ def rollout_throughput(r: dict) -> str:
     row = [f"`{t.get('env', DASH)}`", num(t.get("turns")), num(t.get("episodes")), num(t.get("seconds")),
            num(t.get("episodes_per_s")), num(t.get("generated_tokens_per_s")), num(t.get("tokens_per_s")),
            num(t.get("mean_tokens_per_episode"))]
-    return ("\n### Engine throughput (one process)\n\nAn absolute figure, without a peer: it drifts with the "
-            "machine.\n\n" + table(header, [row]))
+    text = ("\n### Engine throughput (one process)\n\nThe engine playing multi-turn episodes (sampling, turn ends, "
+            "environment steps, observation prefills) against the same model's raw `decode_step` loop at the same "
+            "batch size, measured interleaved in the same run (medians of the rounds).\n\n" + table(header, [row]))
+    raw = t.get("raw_decode")
+    if raw:
+        share = ratio(t.get("engine_vs_raw_decode"), t.get("generated_tokens_per_s"), raw.get("tokens_per_s"))
+        text += ("\n" + table(["batch rows", "engine generated tokens/s", "raw decode_step tokens/s", "engine / raw"],
+                              [[num(raw.get("batch")), num(t.get("generated_tokens_per_s")),
+                                num(raw.get("tokens_per_s")), percent(share)]])
+                 + f"\nThe raw loop: {num(raw.get('prompt_tokens'))}-token prompt, then {num(raw.get('new_tokens'))} "
+                 "greedy `decode_step`s.\n")
+    stats = t.get("engine_stats")
+    if stats:
+        text += (f"The engine made {num(stats.get('decode_steps'))} decode steps and {num(stats.get('extend_calls'))} "
+                 f"extend calls, with {num(stats.get('mean_batch_rows'))} rows per step on average.\n")
+    return text
+
+
+def delay_ms(slow_env: dict) -> str:
+    """The slow environment's sleep per step in milliseconds."""
+    return f"{1000 * slow_env['step_delay_s']:g}" if "step_delay_s" in slow_env else DASH
+
+
+def rollout_slow_env(r: dict) -> str:
+    """The same episodes with an environment that sleeps in every step, against an instant one."""
+    s = r.get("slow_env")
+    if not s:
+        return ""
+    rows = [[num(s.get("episodes")), f"{delay_ms(s)} ms", num(s.get("slow_s")), num(s.get("instant_s")),
+             times(ratio(s.get("slow_vs_instant"), s.get("slow_s"), s.get("instant_s"))),
+             {True: "yes", False: "**no**"}.get(s.get("same_tokens"), DASH)]]
+    return ("\n### A slow environment\n\nThe same episodes with an environment that sleeps in every step, "
+            "against the instant one: how much of the environments' latency the engine hides behind "
+            "decoding.\n\n"
+            + table(["episodes", "per step", "slow env s", "instant env s", "slow / instant", "same tokens"], rows))
 
 
 def rollout_ray(r: dict) -> str:
@@ -343,7 +376,8 @@ def rollout_ray(r: dict) -> str:
 
 
 def rollout_headlines(r: dict) -> list[Headline]:
-    """Extension vs re-prefill at the most turns, for each observation length, and Ray 2 vs 1 workers."""
+    """Extension vs re-prefill at the most turns, for each observation length, the engine against the raw
+    decode loop, the slow environment against the instant one, and Ray 2 vs 1 workers."""
     longest: dict[int, dict] = {}
     for row in r.get("extension_vs_reprefill", []):
         if row["turns"] >= longest.get(row["obs_len"], {"turns": -1})["turns"]:
@@ -352,6 +386,19 @@ def rollout_headlines(r: dict) -> list[Headline]:
                           f"{num(row['extend_s'])} s", f"{num(row['reprefill_s'])} s",
                           times(ratio(row.get("speedup"), row["reprefill_s"], row["extend_s"])))
                  for obs_len, row in longest.items()]
+    t = r.get("throughput", {})
+    raw = t.get("raw_decode")
+    if raw:
+        headlines.append(Headline(f"engine generated tokens/s vs raw `decode_step` at batch {num(raw.get('batch'))}",
+                                  num(t.get("generated_tokens_per_s")), num(raw.get("tokens_per_s")),
+                                  times(ratio(t.get("engine_vs_raw_decode"), t.get("generated_tokens_per_s"),
+                                              raw.get("tokens_per_s")))))
+    slow = r.get("slow_env")
+    if slow:
+        headlines.append(Headline(f"{num(slow.get('episodes'))} episodes, {delay_ms(slow)} ms-per-step "
+                                  "env vs instant env (wall time)", f"{num(slow.get('slow_s'))} s",
+                                  f"{num(slow.get('instant_s'))} s",
+                                  times(ratio(None, slow.get("instant_s"), slow.get("slow_s")))))
     ray = r.get("ray")
     if ray:
         one, two = ray.get("workers_1", {}), ray.get("workers_2", {})
@@ -363,13 +410,14 @@ def rollout_headlines(r: dict) -> list[Headline]:
 
 
 def render_rollout(r: dict, doc_dir: Path) -> Section:
-    """Multi-turn rollout: cache extension vs re-prefill, engine throughput, Ray 2 vs 1 workers."""
+    """Multi-turn rollout: cache extension vs re-prefill, engine throughput vs raw decode, a slow environment,
+    Ray 2 vs 1 workers."""
     body = (
-        "## Rollout: cache extension vs re-prefilling, and Ray workers\n\n"
+        "## Rollout: cache extension vs re-prefilling, engine throughput, and Ray workers\n\n"
         f"- **Settings:** preset `{r.get('preset', DASH)}`, groups of {num(r.get('group_size'))} samples, at most "
         f"{num(r.get('max_turn_tokens'))} tokens per turn.\n"
         + machine(r) + "\n"
-        + rollout_extension(r, doc_dir) + rollout_throughput(r) + rollout_ray(r)
+        + rollout_extension(r, doc_dir) + rollout_throughput(r) + rollout_slow_env(r) + rollout_ray(r)
     )
     return Section(rollout_headlines(r), body)
 

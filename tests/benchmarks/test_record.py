@@ -22,6 +22,11 @@ ROLLOUT = {"benchmark": "rollout", "preset": "tiny", "cpu_count": 2,
                {"turns": t, "obs_len": 24, "extend_s": 0.1 * t, "reprefill_s": 0.1 * t * s, "speedup": s,
                 "extend_model_tokens": 10 * t, "reprefill_model_tokens": 10 * t * t, "same_tokens": True}
                for t, s in ((2, 1.25), (4, 2.5))],
+           "throughput": {"env": "bench/FixedTurns-v0", "turns": 4, "episodes": 32, "seconds": 2.0,
+                          "generated_tokens_per_s": 300.0, "engine_stats": {"decode_steps": 60, "extend_calls": 7,
+                                                                            "mean_batch_rows": 28.5},
+                          "raw_decode": {"batch": 32, "prompt_tokens": 32, "new_tokens": 64, "tokens_per_s": 2000.0}},
+           "slow_env": {"episodes": 32, "step_delay_s": 0.05, "slow_s": 3.0, "instant_s": 2.0, "same_tokens": True},
            "ray": {"workers_1": {"episodes": 8, "episodes_per_s": 4.0}, "workers_2": {"episodes": 8, "episodes_per_s": 7.0},
                    "speedup_2_vs_1": 1.75}}
 MEMORY = {"benchmark": "memory", "kv_dtype": "bf16", "ssm_dtype": "fp32", "conv_dtype": "bf16",
@@ -88,6 +93,24 @@ def test_rollout_section_ratios_and_plot(page, docs):
     assert "| episodes/s | 7.00 | 4.00 | 1.75x |" in rollout
     assert "![" in rollout and "(img/bench-rollout-extension.png)" in rollout
     assert (docs / "img" / "bench-rollout-extension.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_rollout_section_engine_vs_raw_decode_and_slow_env(page):
+    rollout = section(page, "Rollout")
+    assert "| 32 | 300 | 2,000 | 15.0% |" in rollout  # engine / raw computed when not stored
+    assert "60 decode steps and 7 extend calls, with 28.50 rows" in rollout
+    assert "| 32 | 50 ms | 3.00 | 2.00 | 1.50x | yes |" in rollout
+    glance = section(page, "At a glance")
+    assert "| engine generated tokens/s vs raw `decode_step` at batch 32 | 300 | 2,000 | 0.15x |" in glance
+    assert "| 32 episodes, 50 ms-per-step env vs instant env (wall time) | 3.00 s | 2.00 s | 0.67x |" in glance
+
+
+def test_rollout_result_from_before_the_raw_decode_keys_renders(tmp_path):
+    old = {k: v for k, v in ROLLOUT.items() if k != "slow_env"}
+    old["throughput"] = {k: v for k, v in ROLLOUT["throughput"].items() if k not in ("raw_decode", "engine_stats")}
+    rollout = section(render(write_results(tmp_path / "results", {"rollout": old}), tmp_path / "docs"), "Rollout")
+    assert "### Engine throughput" in rollout and "raw decode_step tokens/s" not in rollout
+    assert "slow environment" not in rollout
 
 
 def test_memory_section_ratios_and_plot(page, docs):

@@ -1,4 +1,5 @@
-"""Smoke test of `hybrid-rl bench rollout` at toy sizes (the JSON shape, and that both modes agree)."""
+"""Smoke test of `hybrid-rl bench rollout` at toy sizes (the JSON shape, and that both modes agree; a slow
+environment plays the same tokens as an instant one)."""
 
 import json
 
@@ -11,11 +12,18 @@ def test_bench_rollout_prints_one_json_line(capsys):
     from hybrid_rl.benchmarks.bench_rollout import main
 
     assert main(["--preset", "micro", "--groups", "1", "--group-size", "2", "--turns", "1", "2", "--obs-lens", "16",
-                 "--max-turn-tokens", "3", "--repeats", "1", "--no-ray"]) == 0
+                 "--max-turn-tokens", "3", "--repeats", "1", "--no-ray", "--env-delay", "0.01", "--batch", "2",
+                 "--raw-new-tokens", "2"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert result["throughput"]["episodes"] == 2 and result["throughput"]["episodes_per_s"] > 0
+    throughput = result["throughput"]
+    assert throughput["episodes"] == 2 and throughput["episodes_per_s"] > 0
+    assert throughput["raw_decode"]["batch"] == 2 and throughput["raw_decode"]["tokens_per_s"] > 0
+    assert throughput["engine_vs_raw_decode"] == pytest.approx(
+        throughput["generated_tokens_per_s"] / throughput["raw_decode"]["tokens_per_s"])
+    slow = result["slow_env"]
+    assert slow["episodes"] == 2 and slow["step_delay_s"] == 0.01 and slow["same_tokens"]
     rows = result["extension_vs_reprefill"]
     assert [r["turns"] for r in rows] == [1, 2] and all(r["same_tokens"] for r in rows)
     # re-prefilling pushes more tokens through the model than extending, more so with more turns
