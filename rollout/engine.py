@@ -16,8 +16,10 @@ episode. The loop, per decode step:
    concurrently; each next observation is rendered as one message plus the generation prefix and queued.
 4. finished rows leave the batch (``cache.select``), their slots are refilled at step 1 at once.
 5. forward: every remaining row feeds the tokens it has not fed yet (``token_ids[fed:]``): one token on
-   an ordinary step (``model.decode_step``), the closing token plus the next observation at a turn
-   boundary (``model.extend``: only the new tokens, the history is never re-prefilled or re-tokenized).
+   an ordinary step, the closing token plus the next observation at a turn boundary. Every row's first
+   token goes through one ``model.decode_step`` of the whole batch; the rows at a turn boundary then
+   feed the rest (only the new tokens: the history is never re-prefilled or re-tokenized) in one
+   ``model.extend`` of those rows alone, so an observation never pads the other rows' forward.
 
 Rows at different turns and lengths share each forward. Environment errors and time-outs end only
 their own episode (status ``env_error`` / ``timeout``, kept in the records). An env without hybrid-rl's
@@ -44,6 +46,7 @@ from typing import Callable, Iterable
 import torch
 
 from hybrid_rl.envs.core import episode_success
+from hybrid_rl.model.cache import HybridCache
 from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
 from hybrid_rl.rollout.envpool import EnvFailure, EnvPool, EnvTimeout, call_all_with_timeout, call_with_timeout
 from hybrid_rl.rollout.sampling import sample
@@ -376,20 +379,40 @@ class Engine:
 
     # ------------------------------------------------------------------ model calls
     def _forward(self, cache, rows: list[_Episode]):
-        """Feed every row its unfed tokens -> (cache, logits [B, V]); rows may be reordered (reprefill)."""
+        """Feed every row its unfed tokens -> (cache, logits [B, V]); rows may be reordered (reprefill).
+
+        Every row's first unfed token goes through one ``decode_step`` of the whole batch; the rest of the
+        feeds of rows at a turn boundary (the end suffix and the next observation) then go through one
+        ``extend`` of those rows only, so a boundary never pads the whole batch to the observation's length."""
         feeds = [ep.traj.token_ids[ep.fed:] for ep in rows]
         if self.reprefill and any(len(f) > 1 for f in feeds):
             return self._forward_reprefill(cache, rows, feeds)
-        if all(len(f) == 1 for f in feeds):
-            logits_bv, routing = self._call_decode(cache, torch.tensor([f[0] for f in feeds]))
-        else:
-            logits_bv, routing = self._call_extend(cache, feeds)
+        logits_bv, routing = self._call_decode(cache, torch.tensor([f[0] for f in feeds]))
+        long_rows = [r for r, f in enumerate(feeds) if len(f) > 1]
+        if long_rows:
+            cache, logits_bv, routing = self._extend_rows(cache, long_rows, [feeds[r][1:] for r in long_rows],
+                                                          logits_bv, routing)
         for r, ep in enumerate(rows):
             ep.fed += len(feeds[r])
             if routing is not None and ep.routing is not None:
                 ep.routing.extend(routing[r])
         self.stats["fed_tokens"] += sum(map(len, feeds))
         return cache, logits_bv
+
+    def _extend_rows(self, cache, long_rows: list[int], rests: list[list[int]], logits_bv, routing):
+        """Extend rows ``long_rows`` of ``cache`` with ``rests`` -> (cache, logits, routing); their logits
+        replace those of the decode step before, their routing follows it."""
+        n_rows = logits_bv.shape[0]
+        sub = cache if len(long_rows) == n_rows else cache.select(long_rows)
+        sub_logits_bv, sub_routing = self._call_extend(sub, rests)
+        if sub is not cache:
+            cache = _put_rows(cache, n_rows, long_rows, sub)
+        idx = torch.tensor(long_rows)
+        logits_bv = logits_bv.index_copy(0, idx, sub_logits_bv.to(logits_bv.dtype))
+        if routing is not None:
+            for i, r in enumerate(long_rows):
+                routing[r] = routing[r] + sub_routing[i]
+        return cache, logits_bv, routing
 
     def _forward_reprefill(self, cache, rows, feeds):
         """Baseline: rows at a turn boundary rebuild their cache from the whole history (quadratic)."""
@@ -455,6 +478,26 @@ def _routing_rows(routed, counts: list[int]) -> list[list]:
             routed = routed[:, None]
         return [routed[r, :n].tolist() for r, n in enumerate(counts)]
     return [torch.as_tensor(x)[:n].tolist() if n else [] for x, n in zip(routed, counts)]
+
+
+def _put_rows(cache, n_rows: int, rows: list[int], sub):
+    """``cache`` (``n_rows`` rows) with its rows ``rows`` replaced by the rows of ``sub``, in order. A ``HybridCache`` is written
+    in place (only those rows are copied, the KV buffers grown first if ``sub``'s did); another cache goes
+    through the row operations every cache has (one cat, one select: copies of the whole cache)."""
+    if not isinstance(cache, HybridCache):
+        order = list(range(n_rows))
+        for i, r in enumerate(rows):
+            order[r] = n_rows + i
+        return type(cache).cat([cache, sub]).select(order)
+    cache.reserve(sub.capacity)
+    idx = torch.tensor(rows, device=cache.lengths.device)
+    cache.lengths[idx] = sub.lengths
+    for dst_b, src_b in zip(cache.tensors(), sub.tensors()):
+        if dst_b.shape[1:] == src_b.shape[1:]:
+            dst_b[idx] = src_b
+        else:  # a KV buffer [B, Hkv, capacity, Dh] with more capacity than sub's
+            dst_b[idx, :, :src_b.shape[2]] = src_b
+    return cache
 
 
 def _pad_routing(routing: list, n_tokens: int) -> list:
