@@ -1,10 +1,12 @@
 """Write the RL section of docs/RESULTS.md from a pipeline run's own files (never by hand).
 
     python -m hybrid_rl.pipeline.results runs/quickstart [--doc docs/RESULTS.md]
+    python -m hybrid_rl.pipeline.results runs/math-tool --block math-tool --recipe configs/math_tool.yaml
 
 Reads ``results.json`` (the SFT vs RL table on held-out seeds), the RL run's ``metrics.jsonl`` (rollout
 success at the first and last steps, step times) and ``config.yaml``; replaces the block between
-``<!-- quickstart:begin -->`` and ``<!-- quickstart:end -->`` (appended under "## RL" when absent).
+``<!-- BLOCK:begin -->`` and ``<!-- BLOCK:end -->`` (``--block``, default quickstart; appended under
+"## RL" when absent).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import yaml
 
-BEGIN, END = "<!-- quickstart:begin (written by python -m hybrid_rl.pipeline.results) -->", "<!-- quickstart:end -->"
+def markers(block: str) -> tuple[str, str]:
+    return f"<!-- {block}:begin (written by python -m hybrid_rl.pipeline.results) -->", f"<!-- {block}:end -->"
 
 
-def render(base: Path) -> str:
+def render(base: Path, block: str = "quickstart", recipe: str = "configs/quickstart.yaml") -> str:
     from hybrid_rl.metrics import env_key, read_metrics, read_run_info
 
     res = json.loads((base / "results.json").read_text())
@@ -32,7 +35,7 @@ def render(base: Path) -> str:
                       for env, d in res["demos"].items())
     algo, train, rollout = cfg["rl"]["algo"], cfg["rl"]["train"], cfg["rl"]["rollout"]
     lines = [
-        f"`{base}` (`hybrid-rl pipeline`, configs/quickstart.yaml): a `{cfg['model'].get('preset') or 'custom'}` model; "
+        f"`{base}` (`hybrid-rl pipeline`, {recipe}): a `{cfg['model'].get('preset') or 'custom'}` model; "
         f"demonstrations from an imperfect teacher ({demos}); SFT {cfg['sft']['train']['max_steps']} steps; GRPO "
         f"{train['steps']} steps of {rollout['prompts_per_step']} prompts x {rollout['samples_per_prompt']} samples "
         f"({algo['advantage']} advantages, {algo['policy_loss']} loss, {algo['loss_agg']}, {algo['updates_per_batch']} "
@@ -76,10 +79,12 @@ def render(base: Path) -> str:
     info = read_run_info(Path(res["runs"]["rl"]))
     lines.append(f"- machine: {platform.machine()} {platform.system()}, 2 CPU cores shared with other jobs (timings vary "
                  f"with their load); commit `{str(info.get('git_commit', ''))[:12]}`")
-    return "\n".join([BEGIN, *lines, END])
+    return "\n".join([markers(block)[0], *lines, markers(block)[1]])
 
 
-def write(doc: Path, block: str) -> None:
+def write(doc: Path, block: str, name: str = "quickstart") -> None:
+    """Put ``block`` (rendered for ``name``) between its markers in ``doc``."""
+    BEGIN, END = markers(name)
     text = doc.read_text() if doc.exists() else "# Results\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
@@ -95,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hybrid_rl.pipeline.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="the pipeline's run directory (with results.json)")
     parser.add_argument("--doc", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md")
+    parser.add_argument("--block", default="quickstart", help="the name in the page's begin/end markers")
+    parser.add_argument("--recipe", default="configs/quickstart.yaml", help="the config the run was made with, as the page names it")
     args = parser.parse_args(argv)
-    block = render(args.run)
-    write(args.doc, block)
+    block = render(args.run, args.block, args.recipe)
+    write(args.doc, block, args.block)
     print(block)
     return 0
 
