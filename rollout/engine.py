@@ -12,14 +12,15 @@ episode. The loop, per decode step:
 3. advance each episode: a turn ends at ``<|end|>``, at ``max_turn_tokens``, at the episode token limit
    or at a stop string (then ``<|end|>`` is appended as a NON-action token), followed by the tokenizer's
    ``end_suffix`` (none for the byte tokenizer, ChatML's newline), also NON-action, so the ids stay identical
-   to ``render_chat`` of the conversation. The environments of all rows whose turn ended step
-   concurrently; each next observation is rendered as one message plus the generation prefix and queued.
-4. finished rows leave the batch (``cache.select``), their slots are refilled at step 1 at once.
-5. forward: every remaining row feeds the tokens it has not fed yet (``token_ids[fed:]``): one token on
-   an ordinary step, the closing token plus the next observation at a turn boundary. Every row's first
-   token goes through one ``model.decode_step`` of the whole batch; the rows at a turn boundary then
-   feed the rest (only the new tokens: the history is never re-prefilled or re-tokenized) in one
-   ``model.extend`` of those rows alone, so an observation never pads the other rows' forward.
+   to ``render_chat`` of the conversation. The environments of all rows whose turn ended start stepping,
+   concurrently, in threads.
+4. decode: every row feeds its first unfed token (the sampled one, or at a turn boundary the closing one)
+   in one ``model.decode_step`` of the whole batch, while the environments step.
+5. the environments' answers: finished rows leave the batch (``cache.select``; their slots are refilled
+   at step 1 at once), each next observation is rendered as one message plus the generation prefix.
+6. extend: the rows at a turn boundary feed the rest (the end suffix and the observation; only the new
+   tokens, the history is never re-prefilled or re-tokenized) in one ``model.extend`` of those rows
+   alone, so an observation never pads the other rows' forward.
 
 Rows at different turns and lengths share each forward. Environment errors and time-outs end only
 their own episode (status ``env_error`` / ``timeout``, kept in the records). An env without hybrid-rl's
@@ -48,7 +49,7 @@ import torch
 from hybrid_rl.envs.core import episode_success
 from hybrid_rl.model.cache import HybridCache
 from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
-from hybrid_rl.rollout.envpool import EnvFailure, EnvPool, EnvTimeout, call_all_with_timeout, call_with_timeout
+from hybrid_rl.rollout.envpool import EnvCalls, EnvFailure, EnvPool, EnvTimeout, call_with_timeout
 from hybrid_rl.rollout.sampling import sample
 from hybrid_rl.rollout.trajectory import Trajectory
 
@@ -180,10 +181,12 @@ class Engine:
                             keep.append(i)
                         else:
                             stepping.append((i, action))
+                    env_calls = EnvCalls([_step_fn(rows[i].env, action) for i, action in stepping])
+                    logits_bv, routing = self._decode(cache, rows)  # while the environments step
                     if stepping:
-                        over = self._step_envs([(rows[i], action) for i, action in stepping])
-                        for (i, _), done in zip(stepping, over):
-                            if done:
+                        outcomes = env_calls.results(self.episode.env_timeout_s)
+                        for (i, _), outcome in zip(stepping, outcomes):
+                            if self._after_step(rows[i], outcome):
                                 finished.append(self._finish(rows[i]))
                             else:
                                 keep.append(i)
@@ -191,8 +194,10 @@ class Engine:
                     if len(keep) < len(rows):
                         rows[:] = [rows[i] for i in keep]
                         cache = cache.select(keep) if keep else None
+                        logits_bv = logits_bv[keep]
+                        routing = [routing[i] for i in keep] if routing is not None else None
                     if rows:
-                        cache, logits_bv = self._forward(cache, rows)
+                        cache, logits_bv = self._feed_rest(cache, rows, logits_bv, routing)
                     else:
                         cache, logits_bv = None, None
         finally:
@@ -302,12 +307,6 @@ class Engine:
         traj.num_turns += 1
         return action
 
-    def _step_envs(self, stepping: list[tuple[_Episode, str]]) -> list[bool]:
-        """Step the environments of every row whose turn ended, concurrently (a slow env costs its latency
-        once per decode step, not once per row); then queue each next observation. True = episode over."""
-        outcomes = call_all_with_timeout([_step_fn(ep.env, action) for ep, action in stepping], self.episode.env_timeout_s)
-        return [self._after_step(ep, outcome) for (ep, _), outcome in zip(stepping, outcomes)]
-
     def _after_step(self, ep: _Episode, outcome) -> bool:
         traj, cfg = ep.traj, self.episode
         if isinstance(outcome, (EnvFailure, EnvTimeout)):
@@ -378,62 +377,39 @@ class Engine:
         return traj
 
     # ------------------------------------------------------------------ model calls
-    def _forward(self, cache, rows: list[_Episode]):
-        """Feed every row its unfed tokens -> (cache, logits [B, V]); rows may be reordered (reprefill).
+    def _decode(self, cache, rows: list[_Episode]):
+        """Every row's first unfed token (a sampled token, or at a turn boundary the closing one) through one
+        ``decode_step`` of the batch -> (logits [B, V], routing per row or None); ``_feed_rest`` books it."""
+        self.stats["fed_tokens"] += len(rows)
+        return self._call_decode(cache, torch.tensor([ep.traj.token_ids[ep.fed] for ep in rows]))
 
-        Every row's first unfed token goes through one ``decode_step`` of the whole batch; the rest of the
-        feeds of rows at a turn boundary (the end suffix and the next observation) then go through one
-        ``extend`` of those rows only, so a boundary never pads the whole batch to the observation's length."""
-        feeds = [ep.traj.token_ids[ep.fed:] for ep in rows]
-        if self.reprefill and any(len(f) > 1 for f in feeds):
-            return self._forward_reprefill(cache, rows, feeds)
-        logits_bv, routing = self._call_decode(cache, torch.tensor([f[0] for f in feeds]))
-        long_rows = [r for r, f in enumerate(feeds) if len(f) > 1]
-        if long_rows:
-            cache, logits_bv, routing = self._extend_rows(cache, long_rows, [feeds[r][1:] for r in long_rows],
-                                                          logits_bv, routing)
+    def _feed_rest(self, cache, rows: list[_Episode], logits_bv, routing):
+        """After the decode step, the rows at a turn boundary feed the rest of their unfed tokens (end suffix
+        and next observation) in one ``extend`` of those rows only, so an observation never pads the other
+        rows' forward -> (cache, logits [B, V]). ``reprefill``: they rebuild their cache from the whole history."""
         for r, ep in enumerate(rows):
-            ep.fed += len(feeds[r])
+            ep.fed += 1
             if routing is not None and ep.routing is not None:
                 ep.routing.extend(routing[r])
-        self.stats["fed_tokens"] += sum(map(len, feeds))
-        return cache, logits_bv
-
-    def _extend_rows(self, cache, long_rows: list[int], rests: list[list[int]], logits_bv, routing):
-        """Extend rows ``long_rows`` of ``cache`` with ``rests`` -> (cache, logits, routing); their logits
-        replace those of the decode step before, their routing follows it."""
-        n_rows = logits_bv.shape[0]
-        sub = cache if len(long_rows) == n_rows else cache.select(long_rows)
-        sub_logits_bv, sub_routing = self._call_extend(sub, rests)
+        long_rows = [r for r, ep in enumerate(rows) if ep.fed < len(ep.traj.token_ids)]
+        if not long_rows:
+            return cache, logits_bv
+        eps = [rows[r] for r in long_rows]
+        if self.reprefill:
+            sub, feeds = self.model.new_cache(len(eps)), [ep.traj.token_ids for ep in eps]
+        else:
+            sub = cache if len(long_rows) == len(rows) else cache.select(long_rows)
+            feeds = [ep.traj.token_ids[ep.fed:] for ep in eps]
+        sub_logits_bv, sub_routing = self._call_extend(sub, feeds)
         if sub is not cache:
-            cache = _put_rows(cache, n_rows, long_rows, sub)
+            cache = _put_rows(cache, len(rows), long_rows, sub)
+        for i, ep in enumerate(eps):
+            if sub_routing is not None and ep.routing is not None and not self.reprefill:
+                ep.routing.extend(sub_routing[i])
+            ep.fed = len(ep.traj.token_ids)
+        self.stats["fed_tokens"] += sum(map(len, feeds))
         idx = torch.tensor(long_rows)
-        logits_bv = logits_bv.index_copy(0, idx, sub_logits_bv.to(logits_bv.dtype))
-        if routing is not None:
-            for i, r in enumerate(long_rows):
-                routing[r] = routing[r] + sub_routing[i]
-        return cache, logits_bv, routing
-
-    def _forward_reprefill(self, cache, rows, feeds):
-        """Baseline: rows at a turn boundary rebuild their cache from the whole history (quadratic)."""
-        full = [ep.traj.token_ids[:ep.fed + len(f)] for ep, f in zip(rows, feeds)]
-        fresh = self.model.new_cache(len(rows))
-        logits_bv, _ = self._call_extend(fresh, [full[r] if len(feeds[r]) > 1 else [] for r in range(len(rows))])
-        # rows feeding one token keep their cache: take those rows from the old cache after a decode step
-        one = [r for r in range(len(rows)) if len(feeds[r]) == 1]
-        if one:
-            sub = cache.select(one)
-            sub_logits, _ = self._call_extend(sub, [feeds[r] for r in one])
-            logits_bv = logits_bv.clone()
-            logits_bv[one] = sub_logits
-        many = [r for r in range(len(rows)) if len(feeds[r]) > 1]
-        merged = type(fresh).cat([fresh.select(many)] + ([sub] if one else []))
-        order = many + one
-        rows[:] = [rows[r] for r in order]
-        for ep, r in zip(rows, order):
-            ep.fed += len(feeds[r])
-        self.stats["fed_tokens"] += sum(len(full[r]) if len(feeds[r]) > 1 else 1 for r in range(len(feeds)))
-        return merged, logits_bv[order]
+        return cache, logits_bv.index_copy(0, idx, sub_logits_bv.to(logits_bv.dtype))
 
     def _call_extend(self, cache, feeds):
         self.stats["forward_calls"] += 1

@@ -70,39 +70,40 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> Any:
     return box["value"]
 
 
-def call_all_with_timeout(fns: list[Callable[[], Any]], timeout_s: float) -> list[Any]:
-    """Run the calls concurrently; each result is its value, or the EnvFailure / EnvTimeout it ended with.
+class EnvCalls:
+    """Env calls started now, each in its own daemon thread, so that the caller works while they run
+    (the engine decodes the batch while the environments of the rows whose turn ended step).
+    ``results(timeout_s)`` waits for them: all share one deadline ``timeout_s`` from the start (0 = wait
+    for all); each result is the call's value, or the EnvFailure / EnvTimeout it ended with."""
 
-    One call runs in this thread when there is no limit; otherwise each gets a daemon thread and all
-    share one deadline ``timeout_s`` from now (0 = wait for all)."""
-    if len(fns) == 1 and not timeout_s:
-        try:
-            return [call_with_timeout(fns[0], 0)]
-        except EnvFailure as err:
-            return [err]
-    boxes: list[dict[str, Any]] = [{} for _ in fns]
+    def __init__(self, fns: list[Callable[[], Any]]):
+        self._boxes: list[dict[str, Any]] = [{} for _ in fns]
+        self._threads = [threading.Thread(target=self._run, args=(fn, box), daemon=True, name="env-call")
+                         for fn, box in zip(fns, self._boxes)]
+        self._started = time.monotonic()
+        for thread in self._threads:
+            thread.start()
 
-    def target(fn, box):
+    @staticmethod
+    def _run(fn, box):
         try:
             box["value"] = fn()
         except BaseException as err:  # noqa: BLE001
             box["error"], box["trace"] = err, traceback.format_exc()
 
-    threads = [threading.Thread(target=target, args=(fn, box), daemon=True, name="env-call") for fn, box in zip(fns, boxes)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout_s
-    out: list[Any] = []
-    for thread, box in zip(threads, boxes):
-        thread.join(max(deadline - time.monotonic(), 0.0) if timeout_s else None)
-        if thread.is_alive():
-            out.append(EnvTimeout(f"no answer within {timeout_s:g} s"))
-        elif "error" in box:
-            err = box["error"]
-            out.append(EnvFailure(f"{type(err).__name__}: {err}", box["trace"]))
-        else:
-            out.append(box["value"])
-    return out
+    def results(self, timeout_s: float) -> list[Any]:
+        deadline = self._started + timeout_s
+        out: list[Any] = []
+        for thread, box in zip(self._threads, self._boxes):
+            thread.join(max(deadline - time.monotonic(), 0.0) if timeout_s else None)
+            if thread.is_alive():
+                out.append(EnvTimeout(f"no answer within {timeout_s:g} s"))
+            elif "error" in box:
+                err = box["error"]
+                out.append(EnvFailure(f"{type(err).__name__}: {err}", box["trace"]))
+            else:
+                out.append(box["value"])
+        return out
 
 
 class EnvPool:

@@ -110,8 +110,9 @@ def test_history_is_never_prefilled_twice_and_groups_prefill_once():
     fed = sum(sum(per_row) for _, _, per_row in spy.calls)
     prompt_len = {t.group_id: t.token_ids.index(TOK.role_ids["assistant"]) + 1 for t in trajs}
     # every token is fed exactly once, except the shared prompt of a group (fed once for its 4 samples)
-    # and the episode's last sampled token and a closing token the engine appended (nothing reads them)
-    unfed = sum(1 + (len(t.token_ids) - 1 in forced_close_positions(t)) for t in trajs)
+    # and a closing token the engine appended to the last turn (nothing reads it; the last sampled token
+    # is fed by the decode step that runs while the final env step does)
+    unfed = sum(len(t.token_ids) - 1 in forced_close_positions(t) for t in trajs)
     expected = sum(len(t.token_ids) for t in trajs) - unfed - sum(3 * n for n in prompt_len.values())
     assert fed == expected
     assert engine.stats["prefill_tokens"] == sum(prompt_len.values())
