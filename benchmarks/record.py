@@ -323,7 +323,8 @@ def rollout_throughput(r: dict) -> str:
            num(t.get("mean_tokens_per_episode"))]
     text = ("\n### Engine throughput (one process)\n\nThe engine playing multi-turn episodes (sampling, turn ends, "
             "environment steps, observation prefills) against the same model's raw `decode_step` loop at the same "
-            "batch size, measured interleaved in the same run (medians of the rounds).\n\n" + table(header, [row]))
+            "batch size, measured interleaved in the same run (medians of the rounds). Where the engine's time goes: "
+            "the module docstring of `rollout/engine.py`.\n\n" + table(header, [row]))
     raw = t.get("raw_decode")
     if raw:
         share = ratio(t.get("engine_vs_raw_decode"), t.get("generated_tokens_per_s"), raw.get("tokens_per_s"))
