@@ -309,6 +309,160 @@ def _ssd_masks(seg_bt, b, nc, q):
     return within, to_end, from_start, keep
 
 
+def _ssd_stages(lib, x, dt, Bm, Cm, q):
+    """The stages of ``_SSDChunked`` for these inputs: the C kernels where the caller passed the library
+    (``lib``) and they apply (``_ssd_kernels``), else PyTorch ops."""
+    if lib is not None and _ssd_kernels(x, dt, Bm, Cm, q):
+        return _SSDKernelStages(lib)
+    return _SSDTorchStages()
+
+
+class _SSDTorchStages:
+    """The memory-bound stages of ``_SSDChunked`` in PyTorch ops (any device and dtype): the head-major
+    layout passes, the decay blocks, the per-head scaling of B and C, and their backwards.  The same
+    methods as ``_SSDKernelStages``; a forward picks one and its backward uses the same."""
+
+    def x_in(self, x, dt, g, q):
+        """X = x * dt, head-major [B,c,G,R,Q,P]."""
+        b, t, h, p = x.shape
+        nc, r = t // q, h // g
+        X = x.new_empty(b, nc, g, r, q, p)
+        torch.mul(x.view(b, nc, q, g, r, p).permute(_HEAD_MAJOR),
+                  dt.view(b, nc, q, g, r, 1).permute(_HEAD_MAJOR), out=X)
+        return X
+
+    def decay_blocks(self, cs, CB, within, seg_bt):
+        """(M = L * CB per head [B,c,G,R,Q,Q] with L = exp(cs_l - cs_s) causal and within a document,
+        what ``decay_blocks_backward`` needs: L)."""
+        q = cs.shape[-1]
+        mask = torch.ones(q, q, dtype=torch.bool, device=cs.device).tril()
+        if within is not None:
+            mask = mask & within
+        L = (cs[..., :, None] - cs[..., None, :]).masked_fill_(~mask, -math.inf).exp_()  # [B,c,G,R,Q,Q]
+        return L * CB[:, :, :, None], L
+
+    def scale_heads(self, V_btgn, V_c, scale):
+        """[B,c,G,R,Q,N] = V (B or C, per group; ``V_c`` its [B,c,G,Q,N] view) times the per-head,
+        per-position ``scale`` [B,c,G,R,Q]."""
+        return V_c[:, :, :, None] * scale[..., None]
+
+    def out(self, Y, x, D):
+        """y [B,T,H,P] = Y (head-major) + x * D."""
+        b, nc, g, r, q, p = Y.shape
+        y = x.new_empty(x.shape)
+        torch.addcmul(Y.permute(0, 1, 4, 2, 3, 5), x.view(b, nc, q, g, r, p), D.view(g, r, 1),
+                      out=y.view(b, nc, q, g, r, p))
+        return y
+
+    def out_backward(self, gy, x, g, q):
+        """(gy as ``x_in_backward`` reads it, gY = gy head-major [B,c,G,R,Q,P], partial sums of the D
+        gradient or None)."""
+        b, t, h, p = x.shape
+        nc, r = t // q, h // g
+        gY = x.new_empty(b, nc, g, r, q, p)
+        gY.copy_(gy.reshape(b, nc, q, g, r, p).permute(_HEAD_MAJOR))
+        return gy, gY, None
+
+    def scale_heads_backward(self, Z, V_c, scale):
+        """Gradients of ``scale_heads`` from Z [B,c,G,R,Q,N]: (d/dV [B,c,G,Q,N], d/dscale times scale
+        [B,c,G,R,Q])."""
+        g_scale = torch.linalg.vecdot(Z, V_c[:, :, :, None]).mul_(scale)
+        gV = (Z * scale[..., None]).sum(3)
+        return gV, g_scale
+
+    def decay_blocks_backward(self, gM, L, cs, CB, g_cs):
+        """d/dCB [B,c,G,Q,Q] from gM = d/dM; adds the gradient through L to ``g_cs`` (gM is overwritten)."""
+        gM.mul_(L)
+        gCB = gM.sum(3)  # [B,c,G,Q,Q]
+        gM.mul_(CB[:, :, :, None])  # d/d(cs_l - cs_s)
+        g_cs.add_(gM.sum(-1)).sub_(gM.sum(-2))
+        return gCB
+
+    def x_in_backward(self, gy, gX, x, dt, D, A, g_dA, gD_part, gx):
+        """Writes gx = gy D + gX dt into ``gx`` [B,T,H,P]; returns (d/ddt [B,T,H] with g_dA * A added,
+        d/dD [H])."""
+        b, nc, g, r, q, p = gX.shape
+        t, h = nc * q, g * r
+        xh = x.view(b, nc, q, g, r, p).permute(_HEAD_MAJOR)
+        g_dt = torch.addcmul(torch.linalg.vecdot(gX, xh), g_dA, A.view(g, r, 1))
+        g_dt = g_dt.permute(0, 1, 4, 2, 3).reshape(b, t, h)
+        gD = torch.linalg.vecdot(gy, x).sum((0, 1))
+        torch.mul(gy, D[:, None], out=gx)
+        gx.view(b, nc, q, g, r, p).addcmul_(gX.permute(0, 1, 4, 2, 3, 5), dt.view(b, nc, q, g, r, 1))
+        return g_dt, gD
+
+
+class _SSDKernelStages:
+    """The stages of ``_SSDTorchStages`` as the C kernels of model/fast/kernels/train.c (CPU fp32, the
+    layouts ``_ssd_kernels`` checks): one pass each; the decay blocks keep no L (the backward's kernel
+    recomputes it)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def x_in(self, x, dt, g, q):
+        b, t, h, p = x.shape
+        nc, r = t // q, h // g
+        X = x.new_empty(b, nc, g, r, q, p)
+        self.lib.ssd_in(_ptr(x), _ptr(dt), _ptr(X), b, nc, h, q, p, x.stride(1))
+        return X
+
+    def decay_blocks(self, cs, CB, within, seg_bt):
+        """(M, what ``decay_blocks_backward`` needs: the segments as int64 or None)."""
+        b, nc, g, r, q = cs.shape
+        seg64 = None if seg_bt is None else seg_bt.to(torch.int64).contiguous()
+        M = cs.new_empty(b, nc, g, r, q, q)
+        self.lib.ssd_decay_fwd(_ptr(cs), _ptr(CB), _ptr(seg64), _ptr(M), b, nc, g, r, q)
+        return M, seg64
+
+    def scale_heads(self, V_btgn, V_c, scale):
+        b, nc, g, r, q = scale.shape
+        n = V_btgn.shape[3]
+        out = V_btgn.new_empty(b, nc, g, r, q, n)
+        self.lib.ssd_scale_fwd(_ptr(V_btgn), _ptr(scale), _ptr(out), b, nc, g, r, q, n, V_btgn.stride(1))
+        return out
+
+    def out(self, Y, x, D):
+        b, nc, g, r, q, p = Y.shape
+        y = x.new_empty(x.shape)
+        self.lib.ssd_out(_ptr(Y), _ptr(x), _ptr(D), _ptr(y), b, nc, g * r, q, p, x.stride(1))
+        return y
+
+    def out_backward(self, gy, x, g, q):
+        b, t, h, p = x.shape
+        nc, r = t // q, h // g
+        gY = x.new_empty(b, nc, g, r, q, p)
+        gy = gy.contiguous()
+        gD_part = x.new_empty(b * nc, h)
+        self.lib.ssd_gy_in(_ptr(gy), _ptr(x), _ptr(gY), _ptr(gD_part), b, nc, h, q, p, x.stride(1))
+        return gy, gY, gD_part
+
+    def scale_heads_backward(self, Z, V_c, scale):
+        """``V_c``: the [B,c,G,Q,N] view of V (token stride = its stride 3)."""
+        b, nc, g, r, q, n = Z.shape
+        gV, g_scale = Z.new_empty(b, nc, g, q, n), scale.new_empty(scale.shape)
+        self.lib.ssd_scale_bwd(_ptr(Z), _ptr(V_c), _ptr(scale), _ptr(gV), _ptr(g_scale), b, nc, g, r, q, n,
+                               V_c.stride(3))
+        return gV, g_scale
+
+    def decay_blocks_backward(self, gM, seg64, cs, CB, g_cs):
+        """L recomputed, gCB and both sums of the cs gradient in one pass."""
+        b, nc, g, r, q = cs.shape
+        gCB = CB.new_empty(CB.shape)
+        self.lib.ssd_decay_bwd(_ptr(gM), _ptr(cs), _ptr(CB), _ptr(seg64), _ptr(gCB), _ptr(g_cs), b, nc, g, r, q)
+        return gCB
+
+    def x_in_backward(self, gy, gX, x, dt, D, A, g_dA, gD_part, gx):
+        """gx = gy D + gX dt and gX . x in one pass."""
+        b, nc, g, r, q, p = gX.shape
+        t, h = nc * q, g * r
+        g_dtx = dt.new_empty(b, t, h)
+        self.lib.ssd_gx(_ptr(gy), _ptr(gX), _ptr(x), _ptr(dt), _ptr(D), _ptr(gx), _ptr(g_dtx),
+                        b, nc, h, q, p, x.stride(1), gx.stride(1))
+        g_dt = torch.addcmul(g_dtx, g_dA.permute(0, 1, 4, 2, 3).reshape(b, t, h), A)
+        return g_dt, gD_part.sum(0)
+
+
 class _SSDChunked(torch.autograd.Function):
     """The chunked SSD scan of ``hybrid_rl.model.mamba.ssd_chunked`` (fp32 inputs, T a multiple of ``q``).
 
@@ -316,7 +470,8 @@ class _SSDChunked(torch.autograd.Function):
     matmul; the chunk-to-chunk state passing is a short recurrence over the chunks (each factor a decay
     <= 1, so no large exponent appears).  The per-position decays scale B and C (``[.., Q, N]``, half the
     size of x) rather than x or y, and the backward is written out: one exp in all (the decay matrix is
-    kept from the forward), and the matmul results accumulate in place (baddbmm)."""
+    kept from the forward), and the matmul results accumulate in place (baddbmm).  The layout passes,
+    decay blocks and per-head scaling run as ``ctx.stages`` (kernels or PyTorch ops, picked once)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, Bm, Cm, D, init, seg_bt, q, lib):
@@ -324,38 +479,22 @@ class _SSDChunked(torch.autograd.Function):
         g, n = Bm.shape[2], Bm.shape[3]
         r, nc = h // g, t // q
         within, to_end, from_start, keep = _ssd_masks(seg_bt, b, nc, q)
-        use_k = lib is not None and _ssd_kernels(x, dt, Bm, Cm, q)  # layout passes, decay blocks, B and C per head in C
-        lib = ctx.lib = lib if use_k else None
-        X = x.new_empty(b, nc, g, r, q, p)  # x * dt, head-major
-        if use_k:
-            lib.ssd_in(_ptr(x), _ptr(dt), _ptr(X), b, nc, h, q, p, x.stride(1))
-        else:
-            torch.mul(x.view(b, nc, q, g, r, p).permute(_HEAD_MAJOR),
-                      dt.view(b, nc, q, g, r, 1).permute(_HEAD_MAJOR), out=X)
+        stages = ctx.stages = _ssd_stages(lib, x, dt, Bm, Cm, q)
+        X = stages.x_in(x, dt, g, q)  # x * dt, head-major [B,c,G,R,Q,P]
         cs = torch.cumsum((dt * A).view(b, nc, q, h).transpose(2, 3), dim=-1).reshape(b, nc, g, r, q)
         Bc = Bm.view(b, nc, q, g, n).transpose(2, 3)  # [B,c,G,Q,N]
         Cc = Cm.view(b, nc, q, g, n).transpose(2, 3)
 
         # 1. diagonal blocks: M = exp(cs_l - cs_s) * C_l.B_s (causal, same document), Y = M @ X
         CB = Cc @ Bc.transpose(-1, -2)  # [B,c,G,Q,Q]
-        seg64 = None
-        if use_k:  # one pass, L not kept (the backward's kernel recomputes it)
-            seg64 = None if seg_bt is None else seg_bt.to(torch.int64).contiguous()
-            L, M = None, x.new_empty(b, nc, g, r, q, q)
-            lib.ssd_decay_fwd(_ptr(cs), _ptr(CB), _ptr(seg64), _ptr(M), b, nc, g, r, q)
-        else:
-            mask = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-            if within is not None:
-                mask = mask & within
-            L = (cs[..., :, None] - cs[..., None, :]).masked_fill_(~mask, -math.inf).exp_()  # [B,c,G,R,Q,Q]
-            M = L * CB[:, :, :, None]
+        M, M_kept = stages.decay_blocks(cs, CB, within, seg_bt)  # [B,c,G,R,Q,Q], what its backward needs
 
         # 2. the state each chunk leaves at its end: S = (B * decay to the end)^T @ X   [B,c,G,R,N,P]
         cs_last = cs[..., -1:]
         dte = torch.exp(cs_last - cs)  # [B,c,G,R,Q]
         if to_end is not None:
             dte = dte * to_end
-        Bd = _scale_heads(lib, Bm, dte, r) if use_k else Bc[:, :, :, None] * dte[..., None]  # [B,c,G,R,Q,N]
+        Bd = stages.scale_heads(Bm, Bc, dte)  # [B,c,G,R,Q,N]
         S = Bd.transpose(-1, -2) @ X
 
         # 3. chunk to chunk: start[c] = the state entering chunk c
@@ -373,17 +512,12 @@ class _SSDChunked(torch.autograd.Function):
         od = torch.exp(cs)  # [B,c,G,R,Q]
         if from_start is not None:
             od = od * from_start
-        Cd = _scale_heads(lib, Cm, od, r) if use_k else Cc[:, :, :, None] * od[..., None]  # [B,c,G,R,Q,N]
+        Cd = stages.scale_heads(Cm, Cc, od)  # [B,c,G,R,Q,N]
         Y = Cd @ start
         _bmm3(Y, q, p).baddbmm_(_bmm3(M, q, q), _bmm3(X, q, p))
-        y = x.new_empty(b, t, h, p)
-        if use_k:
-            lib.ssd_out(_ptr(Y), _ptr(x), _ptr(D), _ptr(y), b, nc, h, q, p, x.stride(1))
-        else:
-            torch.addcmul(Y.permute(0, 1, 4, 2, 3, 5), x.view(b, nc, q, g, r, p), D.view(g, r, 1),
-                          out=y.view(b, nc, q, g, r, p))
+        y = stages.out(Y, x, D)  # [B,T,H,P]
 
-        ctx.save_for_backward(x, dt, A, Bc, Cc, D, X, cs, L, M, CB, dte, Bd, decay, start, od, Cd, seg64)
+        ctx.save_for_backward(x, dt, A, Bc, Cc, D, X, cs, M_kept, M, CB, dte, Bd, decay, start, od, Cd)
         ctx.has_init, ctx.q = init is not None, q
         return y, final
 
@@ -394,30 +528,19 @@ class _SSDChunked(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, gy, gfinal, out=None):
-        x, dt, A, Bc, Cc, D, X, cs, L, M, CB, dte, Bd, decay, start, od, Cd, seg64 = ctx.saved_tensors
-        q = ctx.q
+        x, dt, A, Bc, Cc, D, X, cs, M_kept, M, CB, dte, Bd, decay, start, od, Cd = ctx.saved_tensors
+        stages, q = ctx.stages, ctx.q  # the forward's stages
         b, t, h, p = x.shape
         g, n = Bc.shape[2], Bc.shape[4]
         r, nc = h // g, t // q
         if gy is None:
             gy = x.new_zeros(b, t, h, p)
-        use_k, lib = L is None, ctx.lib  # the forward ran the kernels
-        gY = x.new_empty(b, nc, g, r, q, p)
-        if use_k:
-            gy = gy.contiguous()
-            gD_part = x.new_empty(b * nc, h)
-            lib.ssd_gy_in(_ptr(gy), _ptr(x), _ptr(gY), _ptr(gD_part), b, nc, h, q, p, x.stride(1))
-        else:
-            gY.copy_(gy.reshape(b, nc, q, g, r, p).permute(_HEAD_MAJOR))
+        gy, gY, gD_part = stages.out_backward(gy, x, g, q)  # gY [B,c,G,R,Q,P]
 
         # 4. read-out: Y += Cd @ start with Cd = C * od
         Z = gY @ start.transpose(-1, -2)  # d/dCd  [B,c,G,R,Q,N]
         g_start = Cd.transpose(-1, -2) @ gY  # [B,c,G,R,N,P]
-        if use_k:
-            gC, g_cs = _scale_heads_backward(lib, Z, Cc, od)
-        else:
-            g_cs = torch.linalg.vecdot(Z, Cc[:, :, :, None]).mul_(od)  # through od = exp(cs) (masked)
-            gC = (Z * od[..., None]).sum(3)  # [B,c,G,Q,N]
+        gC, g_cs = stages.scale_heads_backward(Z, Cc, od)  # [B,c,G,Q,N]; through od = exp(cs) (masked)
 
         # 3. chunk to chunk, backwards
         gS = torch.empty_like(start)
@@ -432,26 +555,14 @@ class _SSDChunked(torch.autograd.Function):
         # 2. chunk end states: S = Bd^T @ X with Bd = B * dte
         gX = Bd @ gS  # [B,c,G,R,Q,P]
         W = X @ gS.transpose(-1, -2)  # d/dBd  [B,c,G,R,Q,N]
-        if use_k:
-            gB, g_dte = _scale_heads_backward(lib, W, Bc, dte)
-        else:
-            g_dte = torch.linalg.vecdot(W, Bc[:, :, :, None]).mul_(dte)  # times dte: d/d(cs_last - cs)
-            gB = (W * dte[..., None]).sum(3)  # [B,c,G,Q,N]
+        gB, g_dte = stages.scale_heads_backward(W, Bc, dte)  # times dte: d/d(cs_last - cs)
         g_cs.sub_(g_dte)
         g_cs[..., -1] += g_dte.sum(-1) + g_decay * decay
 
         # 1. diagonal blocks: Y += M @ X with M = L * CB, L = exp(cs_l - cs_s)
         _bmm3(gX, q, p).baddbmm_(_bmm3(M, q, q).transpose(1, 2), _bmm3(gY, q, p))
         gM = gY @ X.transpose(-1, -2)  # [B,c,G,R,Q,Q]
-        if L is None:  # the kernel: L recomputed, gCB and both sums of the cs gradient in one pass
-            gCB = CB.new_empty(CB.shape)
-            lib.ssd_decay_bwd(_ptr(gM), _ptr(cs), _ptr(CB), _ptr(seg64), _ptr(gCB), _ptr(g_cs),
-                                            b, nc, g, r, q)
-        else:
-            gM.mul_(L)
-            gCB = gM.sum(3)  # [B,c,G,Q,Q]
-            gM.mul_(CB[:, :, :, None])  # d/d(cs_l - cs_s)
-            g_cs.add_(gM.sum(-1)).sub_(gM.sum(-2))
+        gCB = stages.decay_blocks_backward(gM, M_kept, cs, CB, g_cs)  # [B,c,G,Q,Q]; adds to g_cs
         gC.add_(gCB @ Bc)
         gB.add_(gCB.transpose(-1, -2) @ Cc)
 
@@ -460,19 +571,7 @@ class _SSDChunked(torch.autograd.Function):
         gA = (g_dA * dt.view(b, nc, q, g, r).permute(0, 1, 3, 4, 2)).sum((0, 1, 4)).reshape(h)
         # [B,T, x | B | C] buffer given: the gradients go straight into their columns (no cat after)
         gx = x.new_empty(b, t, h, p) if out is None else out[..., : h * p].view(b, t, h, p)
-        if use_k:  # gx = gy D + gX dt and gX . x in one pass
-            g_dtx = dt.new_empty(b, t, h)
-            lib.ssd_gx(_ptr(gy), _ptr(gX), _ptr(x), _ptr(dt), _ptr(D), _ptr(gx), _ptr(g_dtx),
-                                     b, nc, h, q, p, x.stride(1), gx.stride(1))
-            g_dt = torch.addcmul(g_dtx, g_dA.permute(0, 1, 4, 2, 3).reshape(b, t, h), A)
-            gD = gD_part.sum(0)
-        else:
-            xh = x.view(b, nc, q, g, r, p).permute(_HEAD_MAJOR)
-            g_dt = torch.addcmul(torch.linalg.vecdot(gX, xh), g_dA, A.view(g, r, 1))
-            g_dt = g_dt.permute(0, 1, 4, 2, 3).reshape(b, t, h)
-            gD = torch.linalg.vecdot(gy, x).sum((0, 1))
-            torch.mul(gy, D[:, None], out=gx)
-            gx.view(b, nc, q, g, r, p).addcmul_(gX.permute(0, 1, 4, 2, 3, 5), dt.view(b, nc, q, g, r, 1))
+        g_dt, gD = stages.x_in_backward(gy, gX, x, dt, D, A, g_dA, gD_part, gx)
         if out is None:
             gBm = gB.transpose(2, 3).reshape(b, t, g, n)
             gCm = gC.transpose(2, 3).reshape(b, t, g, n)
@@ -492,25 +591,6 @@ def _ssd_kernels(x, dt, Bm, Cm, q):
         if v.stride(3) != 1 or v.stride(2) != p or v.stride(0) != t * v.stride(1):
             return False
     return True
-
-
-def _scale_heads(lib, V_btgn, scale, r):
-    """[B,c,G,R,Q,N] = V (B or C, per group) times the per-head, per-position ``scale`` [B,c,G,R,Q]."""
-    b, nc, g, _, q = scale.shape
-    n = V_btgn.shape[3]
-    out = V_btgn.new_empty(b, nc, g, r, q, n)
-    lib.ssd_scale_fwd(_ptr(V_btgn), _ptr(scale), _ptr(out), b, nc, g, r, q, n, V_btgn.stride(1))
-    return out
-
-
-def _scale_heads_backward(lib, Z, V_c, scale):
-    """Gradients of ``_scale_heads`` from Z [B,c,G,R,Q,N]: (d/dV [B,c,G,Q,N], d/dscale times scale
-    [B,c,G,R,Q]).  ``V_c``: the [B,c,G,Q,N] view of V (token stride = its stride 3)."""
-    b, nc, g, r, q, n = Z.shape
-    gV, gs = Z.new_empty(b, nc, g, q, n), scale.new_empty(scale.shape)
-    lib.ssd_scale_bwd(_ptr(Z), _ptr(V_c), _ptr(scale), _ptr(gV), _ptr(gs), b, nc, g, r, q, n,
-                                    V_c.stride(3))
-    return gV, gs
 
 
 _HEAD_MAJOR = (0, 1, 3, 4, 2, 5)  # [B,c,Q,G,R,P] -> [B,c,G,R,Q,P]
@@ -685,7 +765,7 @@ class _MambaMixer(torch.autograd.Function):
         rstd = proj.new_empty(b * t, d_inner // group)
         lib.gated_norm_fwd(_ptr(y), _ptr(proj), _ptr(norm_w), _ptr(out), _ptr(rstd), b * t, d_inner, group, rs, eps)
         ctx.save_for_backward(proj, conv_w, conv_b, norm_w, v, A, y, rstd, seg_bt, *sctx.saved_tensors)
-        ctx.dims, ctx.q = dims, q
+        ctx.dims, ctx.q, ctx.ssd_stages = dims, q, sctx.stages
         return out
 
     @staticmethod
@@ -703,7 +783,7 @@ class _MambaMixer(torch.autograd.Function):
         lib.gated_norm_bwd(_ptr(go), _ptr(y), _ptr(proj), _ptr(norm_w), _ptr(rstd), _ptr(gy), _ptr(gproj),
                            _ptr(g_norm_w), b * t, d_inner, group, rs, width)
         sctx = _Saved()
-        sctx.saved_tensors, sctx.q, sctx.has_init, sctx.lib = ctx.saved_tensors[9:], ctx.q, False, ctx.lib
+        sctx.saved_tensors, sctx.q, sctx.has_init, sctx.stages = ctx.saved_tensors[9:], ctx.q, False, ctx.ssd_stages
         g_xc = proj.new_empty(b, t, conv_dim)
         _, g_dt, gA, _, _, gD, *_ = _SSDChunked._backward(sctx, gy.view(b, t, heads, head_dim), None, out=g_xc)
         g_conv_w, g_conv_b = conv_w.new_empty(k, conv_dim), conv_b.new_empty(conv_dim)
