@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from hybrid_rl.envs.tools import CLOSE_TAG, OPEN_TAG
+from hybrid_rl.envs.core import TextEnv
+from hybrid_rl.envs.tools import CLOSE_TAG, OPEN_TAG, ToolCall, ToolCallError, parse_tool_call
 
 
 def resolve_target(target: Any, what: str) -> Callable[..., Any]:
@@ -91,3 +92,27 @@ def signature(tool: dict) -> str:
     """``peek(digit: integer)`` from a tool spec's JSON schema."""
     args = ", ".join(f"{name}: {p.get('type', 'any')}" for name, p in tool.get("parameters", {}).get("properties", {}).items())
     return f"{tool['name']}({args})"
+
+
+def system_prompt(system: str, tools: list[dict]) -> str | None:
+    """The task's own system text, then the tool list (``tools_prompt``); None when both are empty."""
+    return "\n".join(text for text in (system, tools_prompt(tools)) if text) or None
+
+
+class ToolCallingEnv(TextEnv):
+    """An adapted environment whose every reply is a tool call or the final answer: a malformed call is an
+    invalid action answered as a tool message (the peers' tool-error turn); subclasses say what a call
+    (``run_tool``) and an answer (``final_answer``) do."""
+
+    def step_text(self, text: str):
+        try:
+            call = parse_tool_call(text)
+        except ToolCallError as err:
+            return self.result(f"error: {err}", {}, invalid=True, role="tool")
+        return self.final_answer(text) if call is None else self.run_tool(call)
+
+    def final_answer(self, text: str):
+        raise NotImplementedError
+
+    def run_tool(self, call: ToolCall):
+        raise NotImplementedError

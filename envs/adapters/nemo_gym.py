@@ -36,9 +36,8 @@ import urllib.request
 from http.cookiejar import CookieJar
 from typing import Any
 
-from hybrid_rl.envs.adapters.common import load_rows, split_prompt, tools_prompt
-from hybrid_rl.envs.core import TextEnv
-from hybrid_rl.envs.tools import ToolCallError, parse_tool_call
+from hybrid_rl.envs.adapters.common import ToolCallingEnv, load_rows, split_prompt, system_prompt
+from hybrid_rl.envs.tools import ToolCall
 
 __all__ = ["NemoGymEnv", "NemoGymError", "verified_reward"]
 
@@ -57,7 +56,7 @@ class _Refused(NemoGymError):
         self.status, self.body = status, body
 
 
-class NemoGymEnv(TextEnv):
+class NemoGymEnv(ToolCallingEnv):
     """A NeMo-Gym resource server's task rows, played over HTTP."""
 
     invalid_penalty = 0.0  # the reward is the server's (/verify)
@@ -86,16 +85,10 @@ class NemoGymEnv(TextEnv):
         self.tools = [{"name": t["name"], "description": t.get("description", ""), "parameters": t.get("parameters", {})}
                       for t in params.get("tools", []) if isinstance(t, dict) and "name" in t]
         system, prompt = split_prompt(params["input"])
-        self.system_prompt = "\n".join(text for text in (system, tools_prompt(self.tools)) if text) or None
+        self.system_prompt = system_prompt(system, self.tools)
         return self.observe(prompt)
 
-    def step_text(self, text: str):
-        try:
-            call = parse_tool_call(text)
-        except ToolCallError as err:
-            return self.result(f"error: {err}", {}, invalid=True, role="tool")
-        if call is None:
-            return self._verify(text)
+    def run_tool(self, call: ToolCall):
         names = [t["name"] for t in self.tools]
         if call.name not in names:
             return self.result(f"error: unknown tool {call.name!r}; available tools: {', '.join(names) or 'none'}.", {},
@@ -109,7 +102,7 @@ class NemoGymEnv(TextEnv):
         self.output.append({"type": "function_call_output", "call_id": call_id, "output": observation})
         return self.result(observation[:MAX_TOOL_OUTPUT_CHARS], {}, invalid=invalid, role="tool")
 
-    def _verify(self, text: str):
+    def final_answer(self, text: str):
         self.output.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]})
         reward, components = verified_reward(self._post("/verify", {**self.row, "response": {"output": self.output}}))
         return self.result("done", components, terminated=True, success=reward > 0)

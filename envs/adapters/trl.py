@@ -31,9 +31,9 @@ import functools
 import inspect
 from typing import Any, Callable
 
-from hybrid_rl.envs.adapters.common import load_rows, resolve_target, signature, split_prompt, tools_prompt
-from hybrid_rl.envs.core import TextEnv
-from hybrid_rl.envs.tools import ToolCallError, call_tool, parse_tool_call
+from hybrid_rl.envs.adapters.common import (ToolCallingEnv, load_rows, resolve_target, signature, split_prompt,
+                                           system_prompt, tools_prompt)
+from hybrid_rl.envs.tools import ToolCall, call_tool
 
 __all__ = ["TRLEnv", "tool_methods", "tool_spec"]
 
@@ -41,7 +41,7 @@ _JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean", 
 _JSON_TYPES.update({t.__name__: name for t, name in list(_JSON_TYPES.items())})  # string annotations too
 
 
-class TRLEnv(TextEnv):
+class TRLEnv(ToolCallingEnv):
     """A TRL environment_factory environment: public methods are tools, get_reward() is the reward."""
 
     invalid_penalty = 0.0  # the reward is the env's own (get_reward); a failed tool call costs nothing extra
@@ -67,18 +67,15 @@ class TRLEnv(TextEnv):
         if not observation:
             raise ValueError(f"{type(self.inner).__name__}.reset() returned {extra!r} and no row has a 'prompt': nothing to "
                              f"show the model. Return the task's text from reset(), or give TRLEnv rows with a 'prompt'.")
-        self.system_prompt = "\n".join(text for text in (system, tools_prompt(self.tools)) if text) or None
+        self.system_prompt = system_prompt(system, self.tools)
         return self.observe(observation)
 
-    def step_text(self, text: str):
-        try:
-            call = parse_tool_call(text)
-        except ToolCallError as err:
-            return self.result(f"error: {err}", {}, invalid=True, role="tool")
-        if call is None:
-            get_reward = getattr(self.inner, "get_reward", None)
-            reward = float(_synchronous(get_reward)()) if callable(get_reward) else 0.0
-            return self.result("done", {"get_reward": reward}, terminated=True, success=reward > 0)
+    def final_answer(self, text: str):
+        get_reward = getattr(self.inner, "get_reward", None)
+        reward = float(_synchronous(get_reward)()) if callable(get_reward) else 0.0
+        return self.result("done", {"get_reward": reward}, terminated=True, success=reward > 0)
+
+    def run_tool(self, call: ToolCall):
         result = call_tool(call, self.functions, self.tool_timeout_s)
         if result.ok:
             return self.result(result.output, {}, role="tool")
