@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -112,6 +113,25 @@ class Block(nn.Module):
         return h + self.mixer(self.norm(h), ctx, layer_idx)
 
 
+class _Recompute:
+    """A block as ``torch.utils.checkpoint`` calls it: the first call is the forward; a second one is the
+    backward's recompute, which must not count the MoE expert loads again (they drive the bias balancing)."""
+
+    def __init__(self, block: Block, ctx, layer_idx: int):
+        self.block, self.ctx, self.layer_idx, self.calls = block, ctx, layer_idx, 0
+
+    def __call__(self, h):
+        self.calls += 1
+        load = getattr(self.block.mixer, "expert_load", None)
+        if self.calls == 1 or load is None:
+            return self.block(h, self.ctx, self.layer_idx)
+        before = load.clone()
+        try:  # the recompute may stop early by raising once it has what the backward needs
+            return self.block(h, self.ctx, self.layer_idx)
+        finally:
+            load.copy_(before)
+
+
 class Backbone(nn.Module):
     def __init__(self, cfg: HybridConfig, layers: dict):
         super().__init__()
@@ -154,6 +174,7 @@ class HybridLM(nn.Module):
         if config.num_mtp_layers:
             self.mtp = MTP(config, layers)
         self.moe_layers = [i for i, kind in enumerate(config.layer_pattern) if kind == "E"]
+        self.activation_checkpointing = False  # set_activation_checkpointing
         self._moe_slot = {layer: slot for slot, layer in enumerate(self.moe_layers)}
         self.reset_parameters()
         if config.tie_word_embeddings:
@@ -189,9 +210,20 @@ class HybridLM(nn.Module):
         return ModelOutput(self.lm_head(h).float(), ctx.routed((b, t)), h if return_hidden else None)
 
     def _layers(self, h, ctx):
+        checkpointed = self.activation_checkpointing and ctx.mode == "full" and torch.is_grad_enabled()
         for i, block in enumerate(self.backbone.layers):
-            h = block(h, ctx, i)
+            if checkpointed:
+                h = torch.utils.checkpoint.checkpoint(_Recompute(block, ctx, i), h, use_reentrant=False)
+            else:
+                h = block(h, ctx, i)
         return h
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> "HybridLM":
+        """Keep only each block's input in the training forward and recompute the block in the backward
+        (``torch.utils.checkpoint``, non-reentrant): activation memory of one block instead of all of them,
+        for about one more forward of compute. Values and gradients are unchanged."""
+        self.activation_checkpointing = bool(enabled)
+        return self
 
     @staticmethod
     def _segments(doc_ids, input_ids):

@@ -523,7 +523,7 @@ class _SSDChunked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gfinal):
-        with _autocast_off(ctx.saved_tensors[0].device.type):  # the scan stays in fp32
+        with _autocast_off(gy.device.type):  # the scan stays in fp32
             return _SSDChunked._backward(ctx, gy, gfinal)
 
     @staticmethod
@@ -660,16 +660,17 @@ class _RMSNorm(torch.autograd.Function):
             ctx.lib.rms_norm_bwd(_ptr(go), _ptr(x), _ptr(w), _ptr(rstd), _ptr(gx), _ptr(gw), rstd.numel(),
                                            x.shape[-1])
             return gx, None, gw if ctx.needs_input_grad[2] else None, None, None, None
-        w, normed, rstd = ctx.saved_tensors[:3]
+        saved = ctx.saved_tensors  # unpacked once (activation checkpointing allows one unpack)
+        w, normed, rstd = saved[:3]
         group = ctx.group
         shape = go.shape
         gw = (go * normed.view(shape)).sum(tuple(range(go.dim() - 1))) if ctx.needs_input_grad[2] else None
         gn = (go * w).reshape(normed.shape)
         dot = torch.linalg.vecdot(gn, normed).div_(group)[..., None]
         gx = torch.addcmul(gn, normed, dot, value=-1.0).mul_(rstd).view(shape)
-        if len(ctx.saved_tensors) == 3:
+        if len(saved) == 3:
             return gx, None, gw, None, None, None
-        y, z, sz, gate = ctx.saved_tensors[3:]
+        y, z, sz, gate = saved[3:]
         gy = gx * gate if ctx.needs_input_grad[0] else None
         gz = None
         if ctx.needs_input_grad[1]:
@@ -770,7 +771,8 @@ class _MambaMixer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go):
-        proj, conv_w, conv_b, norm_w, v, A, y, rstd, seg_bt = ctx.saved_tensors[:9]
+        saved = ctx.saved_tensors  # unpacked once (activation checkpointing allows one unpack)
+        proj, conv_w, conv_b, norm_w, v, A, y, rstd, seg_bt = saved[:9]
         d_inner, heads, head_dim, groups, state, q, clamp, group, eps = ctx.dims
         lib = ctx.lib  # the forward's (the kernels stay in use for this step)
         b, t, width = proj.shape
@@ -783,7 +785,7 @@ class _MambaMixer(torch.autograd.Function):
         lib.gated_norm_bwd(_ptr(go), _ptr(y), _ptr(proj), _ptr(norm_w), _ptr(rstd), _ptr(gy), _ptr(gproj),
                            _ptr(g_norm_w), b * t, d_inner, group, rs, width)
         sctx = _Saved()
-        sctx.saved_tensors, sctx.q, sctx.has_init, sctx.stages = ctx.saved_tensors[9:], ctx.q, False, ctx.ssd_stages
+        sctx.saved_tensors, sctx.q, sctx.has_init, sctx.stages = saved[9:], ctx.q, False, ctx.ssd_stages
         g_xc = proj.new_empty(b, t, conv_dim)
         _, g_dt, gA, _, _, gD, *_ = _SSDChunked._backward(sctx, gy.view(b, t, heads, head_dim), None, out=g_xc)
         g_conv_w, g_conv_b = conv_w.new_empty(k, conv_dim), conv_b.new_empty(conv_dim)
