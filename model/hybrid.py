@@ -70,9 +70,11 @@ def layer_builders(impl: str) -> dict:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V] fp32
+    logits: torch.Tensor | None  # [B, T, V] fp32; None with compute_logits=False
     routed_experts: torch.Tensor | None = None  # [B, T, n_moe_layers, k] long, with record_routing=True
-    hidden_states: torch.Tensor | None = None  # [B, T, D] final normed hidden, with return_hidden=True
+    # [B, T, D] final normed hidden, with return_hidden=True or compute_logits=False (the caller then applies
+    # lm_head itself, a chunk of tokens at a time: rl.losses.chunked_policy_logprobs)
+    hidden_states: torch.Tensor | None = None
 
 
 class _Ctx:
@@ -198,7 +200,10 @@ class HybridLM(nn.Module):
 
     # ------------------------------------------------------------------ training forward
     def forward(self, input_ids, doc_ids=None, routing=None, record_routing: bool = False,
-                return_hidden: bool = False) -> ModelOutput:
+                return_hidden: bool = False, compute_logits: bool = True) -> ModelOutput:
+        """``compute_logits=False`` skips lm_head: ``logits`` is None and ``hidden_states`` holds the final
+        normed hidden [B, T, D], so a caller can score the vocabulary a chunk of tokens at a time instead of
+        holding [B, T, V] fp32 logits."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
@@ -207,7 +212,8 @@ class HybridLM(nn.Module):
         ctx = _Ctx("full", self._moe_slot, seg_bt=seg, replay=replay, record=record_routing)
         h = self._layers(self.backbone.embeddings(input_ids), ctx)
         h = self.backbone.norm_f(h)
-        return ModelOutput(self.lm_head(h).float(), ctx.routed((b, t)), h if return_hidden else None)
+        logits = self.lm_head(h).float() if compute_logits else None
+        return ModelOutput(logits, ctx.routed((b, t)), h if return_hidden or not compute_logits else None)
 
     def _layers(self, h, ctx):
         checkpointed = self.activation_checkpointing and ctx.mode == "full" and torch.is_grad_enabled()
