@@ -6,6 +6,7 @@ import argparse
 import json
 
 from hybrid_rl.config import add_config_arguments, resolve_config
+from hybrid_rl.distributed import cli_argv, is_main_process, spawn, start_processes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,10 +20,13 @@ def run(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     check_env_ids(cfg.envs)
+    if start_processes(cfg.train):
+        return spawn("rl", cli_argv(args), cfg.train.processes, cfg.train.torch_threads or 1)
     from hybrid_rl.rl.train import train
 
     result = train(cfg)
-    print(json.dumps({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"], **result["eval"]}, indent=1))
+    if is_main_process():
+        print(json.dumps({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"], **result["eval"]}, indent=1))
     return 0
 
 

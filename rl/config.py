@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hybrid_rl.distributed import ParallelTrainConfig
 from hybrid_rl.metrics import LoggingConfig
 from hybrid_rl.run import RunConfig
 from hybrid_rl.model.config import HybridConfig
@@ -116,7 +117,9 @@ class AlgoConfig:
 
 
 @dataclass
-class RLTrainConfig:
+class RLTrainConfig(ParallelTrainConfig):
+    # strategy / processes / dtype / activation_checkpointing: the trainer core (hybrid_rl/distributed.py)
+    dtype: Literal["auto", "fp32", "bf16"] = "fp32"  # fp32 by default: the rollout engine's log-probs are fp32
     steps: int = 20  # GRPO steps (= optimizer steps = policy versions)
     lr: float = 1e-4  # constant after warmup by default: RL from an SFT policy wants small, steady steps
     warmup_steps: int = 0  # linear warmup from 0
@@ -131,9 +134,11 @@ class RLTrainConfig:
     # aux-loss-free balancing step per optimizer step; 0 = off (the default: a bias update changes the policy
     # outside the gradient, which no ratio or clip accounts for; NeMo-RL's Nano recipe freezes it too)
     moe_bias_update_rate: float = 0.0
-    torch_threads: int = 0  # torch threads of the trainer process (0 = torch's default)
+    torch_threads: int = 0  # torch threads of each trainer process (0 = torch's default)
+    ref_offload: bool = False  # algo.kl_beta > 0: keep the reference model on the CPU between its passes
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("steps", "lr", "micro_batch_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -45,11 +45,12 @@ import torch
 
 from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from hybrid_rl.config import to_dict
+from hybrid_rl.distributed import LocalProcess, Parallel, balance_experts, rank_share, rank_share_weights
 from hybrid_rl.metrics import MetricsLogger, env_key
 from hybrid_rl.run import make_run_dir, seed_everything
 from hybrid_rl.schedule import warmup_cosine
 from hybrid_rl.rl.advantages import ADVANTAGES, turn_groups, turn_returns
-from hybrid_rl.rl.batch import Batch, collate, micro_batches, trim
+from hybrid_rl.rl.batch import TENSOR_FIELDS, Batch, collate, micro_batches, trim
 from hybrid_rl.rl.config import RLStageConfig
 from hybrid_rl.rl.kl import KL_ESTIMATORS, kl_k3
 from hybrid_rl.rl.losses import POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, policy_logprobs
@@ -244,65 +245,107 @@ def scoring_dist(cfg: RLStageConfig, tokenizer, model) -> ScoringDist:
 
 
 def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=None, old_from_rollout: bool = False,
-                  dist: ScoringDist | None = None):
+                  dist: ScoringDist | None = None, par: Parallel | None = None, ref_cache: dict | None = None):
     """One optimizer step over ``batch`` in micro-batches (gradients accumulate); returns train/ metrics.
 
     Tokens are scored under ``dist``, the distribution the rollout sampled from. The rollout-mismatch
     figures compare the batch's rollout log-probs with this update's log-probs *before* its optimizer
-    step: on the first update of a synchronous step that is engine vs trainer on the same weights."""
+    step: on the first update of a synchronous step that is engine vs trainer on the same weights.
+
+    With several trainer processes (``par``), every process builds the same micro-batches and runs its
+    round-robin share of them; the loss normalisers are the whole step's (``batch.norm_tokens``), and each
+    process scales its loss by the process count because DDP and FSDP average gradients over processes:
+    the update equals the one-process update on the whole batch. The metrics are summed over processes.
+    ``ref_cache`` keeps the reference log-probs of each micro-batch for the next updates on this batch
+    (the reference model does not change); with ``train.ref_offload`` the reference lives on the CPU
+    between those passes."""
+    par = par or LocalProcess()
     loss_fn, kl_fn = POLICY_LOSSES.get(cfg.algo.policy_loss), KL_ESTIMATORS.get(cfg.algo.kl_estimator)
     clip = ClipRange(cfg.algo.clip_eps_low, cfg.algo.clip_eps_high, cfg.algo.seq_clip_eps_low, cfg.algo.seq_clip_eps_high)
     agg = cfg.algo.loss_agg
     n_tokens, n_seqs = batch.norm_tokens, batch.norm_seqs
     batch_tokens = float(batch.action_mask_bt.sum())
     lengths = [int(m.nonzero().max()) + 1 if m.any() else 1 for m in batch.action_mask_bt]
-    sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, mismatch=0.0, mismatch_max=0.0, ratio=0.0, route_diff=0.0, route_n=0.0)
+    sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, mismatch=0.0, ratio=0.0, route_diff=0.0, route_n=0.0)
+    mismatch_max = 0.0
+    ref_cache = {} if ref_cache is None else ref_cache
+    with_kl = ref_model is not None and cfg.algo.kl_beta > 0
     optimizer.zero_grad(set_to_none=True)
-    for rows in micro_batches(lengths, cfg.train.micro_batch_tokens):
-        mb = trim(batch.rows(rows))
+    plan = micro_batches(lengths, cfg.train.micro_batch_tokens)
+    share = rank_share(len(plan), par.rank, par.world)
+    weights = rank_share_weights(len(plan), par.rank, par.world)
+    for j, (i, weight) in enumerate(zip(share, weights)):
+        mb = _to(trim(batch.rows(plan[i])), par.device)
         mask_bt, on_bt = mb.action_mask_bt, mb.action_mask_bt.bool()
         replay = mb.routing_btlk if cfg.algo.routing_replay else None
-        out = model(mb.input_ids_bt, routing=replay, record_routing=mb.routing_btlk is not None and replay is None)
-        logp_bt, entropy_bt = policy_logprobs(out.logits, mb.target_ids_bt, mask_bt, dist, with_entropy=True)
-        old_logp_bt = mb.rollout_logp_bt if old_from_rollout else logp_bt.detach()
-        loss_bt, clipped_bt = loss_fn(logp_bt, old_logp_bt, mb.adv_bt, mask_bt, clip)
-        loss = aggregate_loss(loss_bt, mask_bt, agg, n_tokens, n_seqs)
-        if cfg.algo.entropy_coef:
-            loss = loss - cfg.algo.entropy_coef * aggregate_loss(entropy_bt, mask_bt, agg, n_tokens, n_seqs)
-        if ref_model is not None and cfg.algo.kl_beta > 0:
-            with torch.no_grad():
-                ref_logp_bt, _ = policy_logprobs(ref_model(mb.input_ids_bt, routing=replay).logits, mb.target_ids_bt, mask_bt, dist)
-            kl = aggregate_loss(kl_fn(logp_bt, ref_logp_bt, mask_bt), mask_bt, agg, n_tokens, n_seqs)
-            loss = loss + cfg.algo.kl_beta * kl
-            sums["kl"] += float(kl.detach())
-        loss.backward()
+        if with_kl and i not in ref_cache:
+            ref_cache[i] = reference_logprobs(ref_model, mb, replay, dist, cfg.train.ref_offload, par)
+        with par.no_sync(last=j == len(share) - 1):
+            with par.autocast():
+                out = model(mb.input_ids_bt, routing=replay, record_routing=mb.routing_btlk is not None and replay is None)
+                logp_bt, entropy_bt = policy_logprobs(out.logits, mb.target_ids_bt, mask_bt, dist, with_entropy=True)
+                old_logp_bt = mb.rollout_logp_bt if old_from_rollout else logp_bt.detach()
+                loss_bt, clipped_bt = loss_fn(logp_bt, old_logp_bt, mb.adv_bt, mask_bt, clip)
+                loss = aggregate_loss(loss_bt, mask_bt, agg, n_tokens, n_seqs)
+                if cfg.algo.entropy_coef:
+                    loss = loss - cfg.algo.entropy_coef * aggregate_loss(entropy_bt, mask_bt, agg, n_tokens, n_seqs)
+                if with_kl:
+                    kl = aggregate_loss(kl_fn(logp_bt, ref_cache[i], mask_bt), mask_bt, agg, n_tokens, n_seqs)
+                    loss = loss + cfg.algo.kl_beta * kl
+                    sums["kl"] += weight * float(kl.detach())
+            par.backward(loss * (weight * par.world))
+        if not weight:  # a filler that keeps the processes' collectives in step: no metrics
+            continue
         with torch.no_grad():
             on = lambda x: torch.where(on_bt, x, torch.zeros_like(x))  # noqa: E731
             sums["loss"] += float(loss)
             sums["clipped"] += float(clipped_bt.sum())
             sums["entropy"] += float(on(entropy_bt).sum())
             sums["mismatch"] += float(kl_k3(mb.rollout_logp_bt, logp_bt, mask_bt).sum())  # KL(rollout || trainer)
-            sums["mismatch_max"] = max(sums["mismatch_max"], float(on((mb.rollout_logp_bt - logp_bt).abs()).max()))
+            mismatch_max = max(mismatch_max, float(on((mb.rollout_logp_bt - logp_bt).abs()).max()))
             sums["ratio"] += float(on(torch.exp(on(logp_bt - old_logp_bt))).sum())
             if mb.routing_btlk is not None:
                 trainer_routing = out.routed_experts if replay is None else _natural_routing(model, mb)
                 diff, n = routing_mismatch(mb.routing_btlk, trainer_routing, mask_bt)
                 sums["route_diff"] += diff
                 sums["route_n"] += n
-    params = [p for p in model.parameters() if p.grad is not None]
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = par.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
+    sums = dict(zip(sums, par.sum(list(sums.values()))))
+    (mismatch_max,) = par.max([mismatch_max])
     per_tok = lambda x: x / max(batch_tokens, 1)  # noqa: E731
     stats = {"train/loss": sums["loss"], "train/clip_fraction": per_tok(sums["clipped"]), "train/entropy": per_tok(sums["entropy"]),
              "train/ratio_mean": per_tok(sums["ratio"]), "train/grad_norm": grad_norm,
              "train/rollout_mismatch_kl": per_tok(sums["mismatch"]),
-             "train/rollout_logprob_diff_max": sums["mismatch_max"]}
-    if ref_model is not None and cfg.algo.kl_beta > 0:
+             "train/rollout_logprob_diff_max": mismatch_max}
+    if with_kl:
         stats["train/kl"] = sums["kl"]
     if sums["route_n"]:
         stats["train/routing_mismatch"] = sums["route_diff"] / sums["route_n"]
     return stats
+
+
+@torch.no_grad()
+def reference_logprobs(ref_model, mb: Batch, replay, dist: ScoringDist | None, offload: bool, par: Parallel):
+    """Log-probs of the micro-batch's targets under the frozen reference policy (for the KL term); an
+    offloaded reference comes to the device for this pass only."""
+    if offload:
+        ref_model.to(par.device)
+    try:
+        with par.autocast():
+            logits = ref_model(mb.input_ids_bt, routing=replay).logits
+        return policy_logprobs(logits, mb.target_ids_bt, mb.action_mask_bt, dist)[0]
+    finally:
+        if offload:
+            ref_model.to("cpu")
+
+
+def _to(mb: Batch, device) -> Batch:
+    if device is None or torch.device(device).type == "cpu":
+        return mb
+    move = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return Batch(*(move(getattr(mb, f)) for f in TENSOR_FIELDS), norm_tokens=mb.norm_tokens, norm_seqs=mb.norm_seqs)
 
 
 @torch.no_grad()
@@ -321,78 +364,105 @@ def staleness_metrics(trajectories, version: int) -> dict[str, float]:
 
 
 def train(cfg: RLStageConfig) -> dict:
-    """Run the RL stage; returns {"run_dir", "checkpoint", "eval": {...}} of the final policy."""
+    """Run the RL stage; returns {"run_dir", "checkpoint", "eval": {...}} of the final policy (on the main
+    process; the other trainer processes return the same dict with an empty eval)."""
 
+    par = Parallel(cfg.train)
     seed_everything(cfg.run.seed)
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
-    run_dir = make_run_dir(cfg.run, "rl", cfg, resume=cfg.resume)
+    run_dir = Path(par.broadcast(str(make_run_dir(cfg.run, "rl", cfg, resume=cfg.resume)) if par.is_main else None))
     model, tokenizer, source = load_policy(cfg)
     model.train()
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.algo.kl_beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
-                                  weight_decay=cfg.train.weight_decay)
+    ref_model = None
+    if cfg.algo.kl_beta > 0:  # a frozen copy of the initial policy, on the CPU between its passes when offloaded
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False).to("cpu" if cfg.train.ref_offload else par.device)
+    tc = cfg.train
+    model, optimizer = par.wrap(model, lambda m: torch.optim.AdamW(m.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                                                   weight_decay=tc.weight_decay))
     start_step, resumed_batch = 0, None
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         from hybrid_rl.model.hf import load_pretrained
 
-        model.load_state_dict(load_pretrained(ckpt).float().state_dict())
+        par.load_full_state_dict(load_pretrained(ckpt).float().state_dict())
         state = load_trainer_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        par.load_optimizer_state(optimizer, state["optimizer"])
         start_step = state["step"]
         resumed_batch = state.get("next_batch")
         log.info("resumed %s at step %d", ckpt, start_step)
-    log.info("RL from %s: %s, %d x %d episodes per step, %d steps -> %s", source, cfg.envs,
-             cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt, cfg.train.steps, run_dir)
+    log.info("RL from %s: %s, %d x %d episodes per step, %d steps, %d trainer process(es) (%s, %s) -> %s", source,
+             cfg.envs, cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt, cfg.train.steps, par.world,
+             par.strategy, par.dtype, run_dir)
 
-    metrics = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
-    episode = cfg.rollout.episode_config(record_routing=cfg.algo.routing_replay)
-    pool = make_pool(model, tokenizer, cfg.rollout.sampling, episode, cfg.rollout.pool, seed=cfg.run.seed)
-    dist = scoring_dist(cfg, tokenizer, model)
+    main = par.is_main  # the main process plays, logs, evaluates and writes checkpoints
+    metrics = pool = executor = None
+    if main:
+        metrics = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
+        episode = cfg.rollout.episode_config(record_routing=cfg.algo.routing_replay)
+        pool = make_pool(par.full_model(), tokenizer, cfg.rollout.sampling, episode, cfg.rollout.pool, seed=cfg.run.seed)
+    else:
+        par.full_model()  # the collective of the line above
+    dist = scoring_dist(cfg, tokenizer, par.core)
     pad_id = int(getattr(tokenizer, "pad_id", 0) or 0)
     is_async = cfg.algo.mode == "async"
-    executor = ThreadPoolExecutor(max_workers=1) if is_async else None
+    executor = ThreadPoolExecutor(max_workers=1) if is_async and main else None
     final_eval: dict[str, float] = {}
+
+    def evaluate() -> tuple[dict[str, float], list]:  # a collective under fsdp (the full weights are gathered)
+        full = par.full_model()
+        return evaluate_policy(full, tokenizer, cfg) if main else ({}, [])
+
+    def weights() -> dict:  # the policy to push, taken between updates; async pushes while the next update runs
+        state = par.full_state_dict()
+        return {k: v.detach().clone() for k, v in state.items()} if is_async and par.strategy != "fsdp" else state
+
+    def push_and_play(state, version, at_step):  # policy version = updates applied so far
+        t0 = time.perf_counter()
+        pool.push_weights(state, version)
+        t1 = time.perf_counter()
+        played, kept, stats = play_step(pool, cfg, at_step)
+        return played, kept, stats, t1 - t0, time.perf_counter() - t1
+
     try:
         if cfg.eval.at_start and start_step == 0:
-            final_eval, eval_trajs = evaluate_policy(model, tokenizer, cfg)
-            metrics.log(final_eval, step=0)
-            metrics.log_samples([sample_row(t) for t in eval_trajs[:4]], step=0)
+            final_eval, eval_trajs = evaluate()
+            if main:
+                metrics.log(final_eval, step=0)
+                metrics.log_samples([sample_row(t) for t in eval_trajs[:4]], step=0)
 
-        def push_and_play(weights, version, at_step):  # policy version = updates applied so far
-            t0 = time.perf_counter()
-            pool.push_weights(weights, version)
-            t1 = time.perf_counter()
-            played, kept, stats = play_step(pool, cfg, at_step)
-            return played, kept, stats, t1 - t0, time.perf_counter() - t1
-
-        snapshot = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731 (taken between updates)
         pending = None
         if is_async and start_step < cfg.train.steps:
             # the batch of start_step is played by version start_step-1: kept in the checkpoint when resuming
-            pending = _done(_batch_from_state(resumed_batch)) if resumed_batch else \
-                executor.submit(push_and_play, snapshot(), start_step, start_step)
+            first = weights() if not resumed_batch else None
+            if main:
+                pending = _done(_batch_from_state(resumed_batch)) if resumed_batch else \
+                    executor.submit(push_and_play, first, start_step, start_step)
         for step in range(start_step, cfg.train.steps):
             t_step = time.perf_counter()
             if is_async:  # this batch was played by version step-1 (step 0: version 0) while step-1 trained
-                played, kept, play_stats, sync_s, rollout_s = pending.result()
+                result = pending.result() if main else None
                 if step + 1 < cfg.train.steps:
-                    pending = executor.submit(push_and_play, snapshot(), step, step + 1)
+                    state = weights()
+                    if main:
+                        pending = executor.submit(push_and_play, state, step, step + 1)
             else:
-                played, kept, play_stats, sync_s, rollout_s = push_and_play(snapshot(), step, step)
+                state = weights()
+                result = push_and_play(state, step, step) if main else None
+                del state
+            played, kept, play_stats, sync_s, rollout_s = par.broadcast(result)
             t_train = time.perf_counter()
-            if step == start_step and cfg.algo.reward_weights:
+            if step == start_step and cfg.algo.reward_weights and main:
                 check_reward_weights(played, cfg.algo)
             batch, batch_stats = make_batch(kept, cfg, pad_id)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            update_stats, mismatch = {}, {}
+            update_stats, mismatch, ref_cache = {}, {}, {}
             for u in range(cfg.algo.updates_per_batch if batch is not None else 0):
-                update_stats = policy_update(model, optimizer, batch, cfg, ref_model, dist=dist,
+                update_stats = policy_update(model, optimizer, batch, cfg, ref_model, dist=dist, par=par, ref_cache=ref_cache,
                                              old_from_rollout=is_async or cfg.algo.updates_per_batch > 1)
                 if u == 0:  # before any step on this batch: rollout vs trainer (sync: on the same weights)
                     mismatch = {k: update_stats[k] for k in MISMATCH_KEYS}
-            moe_stats = model.moe_balance_update(cfg.train.moe_bias_update_rate) if cfg.train.moe_bias_update_rate else {}
+            moe_stats = balance_experts(par.core, cfg.train.moe_bias_update_rate, par) if cfg.train.moe_bias_update_rate else {}
             train_s = time.perf_counter() - t_train
             row = {**rollout_metrics(played), **staleness_metrics(played, step), **play_stats, **batch_stats, **update_stats, **mismatch, **moe_stats,
                    "train/lr": lr_at(step, cfg), "perf/rollout_s": rollout_s, "perf/train_s": train_s,
@@ -401,19 +471,26 @@ def train(cfg: RLStageConfig) -> dict:
                    "perf/tokens_per_s": sum(t.num_tokens for t in played) / max(time.perf_counter() - t_step, 1e-9)}
             done = step + 1
             if (cfg.eval.every_steps and done % cfg.eval.every_steps == 0) or done == cfg.train.steps:
-                final_eval, _ = evaluate_policy(model, tokenizer, cfg)
+                final_eval, _ = evaluate()
                 row.update(final_eval)
-            metrics.log(row, step=done)
-            metrics.log_samples([sample_row(t) for t in played[:: max(1, len(played) // 4)]], step=done)
+            if main:
+                metrics.log(row, step=done)
+                metrics.log_samples([sample_row(t) for t in played[:: max(1, len(played) // 4)]], step=done)
             if (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == cfg.train.steps:
                 # async: the next batch (played by this step's starting version) goes into the checkpoint
-                next_batch = pending.result() if is_async and done < cfg.train.steps else None
-                save_rl_checkpoint(run_dir, done, model, tokenizer, optimizer, cfg.checkpoint.keep_last, next_batch)
+                next_batch = pending.result() if main and is_async and done < cfg.train.steps else None
+                full, optimizer_state = par.full_model(), par.optimizer_state(optimizer)
+                if main:
+                    save_rl_checkpoint(run_dir, done, full, tokenizer, optimizer_state, cfg.checkpoint.keep_last, next_batch)
+                par.barrier()
     finally:
         if executor is not None:
             executor.shutdown(wait=True)
-        pool.close()
-        metrics.close()
+        if pool is not None:
+            pool.close()
+        if metrics is not None:
+            metrics.close()
+        par.close()
     ckpt = latest_checkpoint(run_dir)
     return {"run_dir": str(run_dir), "checkpoint": str(ckpt) if ckpt else "", "eval": final_eval}
 
@@ -451,11 +528,12 @@ def lr_at(step: int, cfg: RLStageConfig) -> float:
     return warmup_cosine(step, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
 
 
-def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer, keep_last, next_batch=None):
-    """step_N: the HF model folder, plus the optimizer, the step and (async) the already played next batch."""
+def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer_state: dict, keep_last, next_batch=None):
+    """step_N: the HF model folder, plus the optimizer state (keyed by parameter name: ``Parallel.optimizer_state``),
+    the step and (async) the already played next batch."""
     from hybrid_rl.model.hf import save_pretrained
 
-    state = {"optimizer": optimizer.state_dict(), "step": step}
+    state = {"optimizer": optimizer_state, "step": step}
     if next_batch is not None:
         state["next_batch"] = _batch_state(next_batch)
     return save_checkpoint(run_dir, step, lambda d: save_pretrained(model, d, tokenizer), state, keep_last=keep_last)

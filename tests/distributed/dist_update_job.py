@@ -1,0 +1,64 @@
+"""One RL update on a fixed batch, in each process of a launched group (or alone): writes the loss, the
+metrics and the updated full weights to OUT/<strategy>.pt from the main process.
+
+    python dist_update_job.py OUT STRATEGY [DTYPE]
+"""
+
+import sys
+
+import torch
+
+from hybrid_rl.distributed import LocalProcess, Parallel
+from hybrid_rl.model import HybridConfig, HybridLM
+from hybrid_rl.rl.batch import Batch
+from hybrid_rl.rl.config import AlgoConfig, RLRolloutConfig, RLStageConfig, RLTrainConfig
+from hybrid_rl.rl.train import policy_update
+
+
+def fixed_batch(rows: int = 7, length: int = 48, vocab: int = 300) -> Batch:
+    """Rows of different lengths (so micro-batches differ in size), advantages of both signs."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, vocab, (rows, length + 1), generator=g)
+    mask = torch.zeros(rows, length)
+    for r in range(rows):
+        n = length - 5 * r
+        mask[r, 3:n] = (torch.rand(n - 3, generator=g) < 0.7).float()
+    adv = (torch.randn(rows, 1, generator=g) * mask)
+    logp = -torch.rand(rows, length, generator=g) * 2 * mask
+    return Batch(ids[:, :-1], ids[:, 1:], mask, logp, adv, norm_tokens=float(mask.sum()) + 11.0, norm_seqs=rows + 1.0)
+
+
+def config(strategy: str, processes: int, dtype: str = "fp32") -> RLStageConfig:
+    return RLStageConfig(envs=["hybrid_rl/FrozenLake-v1"], rollout=RLRolloutConfig(max_episode_tokens=64),
+                         algo=AlgoConfig(updates_per_batch=2),
+                         train=RLTrainConfig(strategy=strategy, processes=processes, dtype=dtype, micro_batch_tokens=64,
+                                             max_grad_norm=0.5, lr=1e-3))
+
+
+def run(strategy: str, dtype: str = "fp32") -> dict | None:
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.from_preset("micro"))
+    batch = fixed_batch()
+    if strategy == "local":
+        cfg = config("single", 1, dtype)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        stats = [policy_update(model, optimizer, batch, cfg, old_from_rollout=True, par=LocalProcess()) for _ in range(2)]
+        return {"stats": stats, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    import os
+    cfg = config(strategy, int(os.environ.get("WORLD_SIZE", "1")), dtype)
+    par = Parallel(cfg.train)
+    model, optimizer = par.wrap(model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))
+    stats = [policy_update(model, optimizer, batch, cfg, old_from_rollout=True, par=par) for _ in range(2)]
+    state = par.full_state_dict()
+    out = {"stats": stats, "state": state, "world": par.world} if par.is_main else None
+    par.close()
+    return out
+
+
+if __name__ == "__main__":
+    out_dir, strategy = sys.argv[1], sys.argv[2]
+    dtype = sys.argv[3] if len(sys.argv) > 3 else "fp32"
+    torch.set_num_threads(1)
+    result = run(strategy, dtype)
+    if result is not None:
+        torch.save(result, f"{out_dir}/{strategy}-{dtype}.pt")
