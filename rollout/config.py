@@ -7,6 +7,7 @@ Each section is a dataclass the YAML loader (hybrid_rl.config) validates; the RL
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from hybrid_rl.run import RunConfig
 
@@ -57,9 +58,15 @@ class PoolConfig:
     num_cpus_per_worker: float = 1.0  # Ray CPU resource per worker (fractional is fine: 0.5 fits 2 on 1 core)
     num_gpus_per_worker: float = 0.0
     torch_threads: int = 1  # torch.set_num_threads inside each worker
-    address: str | None = None  # ray.init(address=...) to join a cluster; None = start a local Ray
+    address: str | None = None  # HOST:PORT of a Ray head node to join (`ray start --head --port=6379`); None = start a local Ray
     ray_num_cpus: int | None = None  # CPUs of a local Ray started here (None = Ray's default)
-    object_store_mb: int = 512  # object store of a local Ray started here
+    object_store_mb: int = 512  # object store of a local Ray started here (raised when the weight buckets need more)
+    # weight sync: the state dict travels in buckets of at most this many MiB, each its own ray.put; a tensor
+    # larger than that is cut into flat pieces. The object store holds two buckets at a time, not the model
+    sync_bucket_mb: float = 64.0
+    # dtype of floating tensors on the wire: fp32 keeps rollout and trainer weights bit-identical; bf16 halves
+    # the bytes (the workers cast back into their model's dtype)
+    sync_dtype: Literal["fp32", "bf16"] = "fp32"
     spread: bool = True  # place workers on different nodes when the cluster has several
     groups_per_task: int = 0  # groups handed to a worker at once (0 = an even split over the workers)
     task_timeout_s: float = 600.0  # a task running longer than this is a stalled worker: error, never a hang
@@ -77,6 +84,8 @@ class PoolConfig:
             raise ValueError(f"task_timeout_s must be > 0, got {self.task_timeout_s}")
         if self.groups_per_task < 0:
             raise ValueError(f"groups_per_task must be >= 0 (0 = even split), got {self.groups_per_task}")
+        if self.sync_bucket_mb <= 0:
+            raise ValueError(f"sync_bucket_mb must be > 0, got {self.sync_bucket_mb}")
 
 
 @dataclass

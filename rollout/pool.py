@@ -8,9 +8,22 @@ worker calls to build its model copy; ``Given`` hands the workers the caller's o
 The ``RolloutPool``:
 
 - starts the workers (``num_cpus``/``num_gpus`` each from ``PoolConfig``; spread over the cluster's nodes;
-  ``ray.init(address=...)`` joins a cluster, else a local Ray is started);
-- ``push_weights(state_dict, version)``: one ``ray.put`` into the object store, every worker loads it. A
-  worker in the middle of ``run`` applies new weights between two decode steps;
+  ``ray.init(address=...)`` joins a cluster, else a local Ray is started). An address where nothing
+  listens fails at once (a TCP connect, ``RayClusterUnreachableError``), naming the command that starts a
+  head node; an object store too small for the weight buckets fails before any work
+  (``ObjectStoreTooSmallError``), naming the settings to change. A local Ray gets an object store of
+  ``pool.object_store_mb``, more when the buckets need it;
+- ``push_weights(state_dict, version)``: the state dict goes out in buckets of at most ``pool.sync_bucket_mb``
+  MiB (``plan_buckets``: tensors in order, cut at bucket boundaries, so a tensor larger than a bucket
+  travels in flat pieces and every bucket but the last is full), floating tensors as ``pool.sync_dtype``;
+  each bucket is one ``ray.put`` that every worker copies into a staging state dict, and the object store
+  holds at most ``SYNC_BUCKETS_IN_FLIGHT`` buckets at a time, never the whole model. Contiguous CPU tensors
+  of the wire dtype are put as they are (no clone on the trainer's side); a bf16 cast or a GPU tensor
+  costs one bucket-sized copy at a time. A worker applies a version once all its buckets arrived, between
+  two decode steps when it is in the middle of ``run``. Versions must increase: an older one is refused
+  (``StaleWeightsError``), the same one again is skipped with a warning. The pool keeps the pushed
+  tensors (not a copy) to re-push them to a restarted worker, so they must not change in place until the
+  next push (rl/train.py pushes a snapshot);
 - ``run_groups(requests)``: splits the groups into tasks, hands a task to each idle worker, gathers the
   trajectories. A worker process that dies is restarted by Ray (``max_restarts=-1``); the pool waits for
   it, pushes the current weights again and re-runs that worker's unfinished task, so the step completes
@@ -29,6 +42,7 @@ import copy
 import dataclasses
 import logging
 import os
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -40,7 +54,7 @@ from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 from hybrid_rl.rollout.engine import Engine, GroupRequest
 from hybrid_rl.rollout.evaluate import EvalResult, eval_requests, summarize
 from hybrid_rl.rollout.trajectory import Trajectory, write_jsonl
-from hybrid_rl.rollout.worker import RolloutWorker
+from hybrid_rl.rollout.worker import SYNC_DTYPES, Piece, RolloutWorker, StaleWeightsError, to_wire, wire_dtype
 
 log = logging.getLogger("hybrid_rl.rollout")
 
@@ -51,6 +65,15 @@ class RolloutTimeoutError(TimeoutError):
 
 class RolloutWorkerError(RuntimeError):
     """A worker kept dying (more than ``pool.max_task_retries`` times for one task)."""
+
+
+class RayClusterUnreachableError(ConnectionError):
+    """Nothing listens at ``pool.address``."""
+
+
+class ObjectStoreTooSmallError(ValueError):
+    """The Ray object store cannot hold the weight buckets in flight."""
+
 
 
 # ----------------------------------------------------------------------------- picklable model builders
@@ -98,7 +121,100 @@ class Given:
         return self.tokenizer
 
 
+# ----------------------------------------------------------------------------- weight sync
+
+MiB = 1024 ** 2
+SYNC_BUCKETS_IN_FLIGHT = 2  # in the object store at once: the workers copy one while the next one is put
+STORE_HEADROOM = 2  # the buckets may fill half the object store; trajectories and Ray's own objects get the rest
+
+
+def plan_buckets(state_dict: dict[str, torch.Tensor], bucket_bytes: int, dtype: torch.dtype) -> list[list[tuple[str, int, int]]]:
+    """Which flat elements ``(name, start, stop)`` of which tensor go into which bucket. Tensors in state-dict
+    order, cut at bucket boundaries: every bucket but the last holds ``bucket_bytes`` (whole elements of the
+    wire dtype, ``wire_dtype(t, dtype)``), and a tensor larger than a bucket spans several."""
+    if bucket_bytes < 16:
+        raise ValueError(f"a weight bucket must hold at least one element; got {bucket_bytes} bytes")
+    buckets: list[list[tuple[str, int, int]]] = []
+    current: list[tuple[str, int, int]] = []
+    room = bucket_bytes
+    for name, tensor in state_dict.items():
+        itemsize, numel, start = wire_dtype(tensor, dtype).itemsize, tensor.numel(), 0
+        while True:
+            take = min(numel - start, room // itemsize)
+            if take == 0 and start < numel:  # this bucket is full
+                buckets.append(current)
+                current, room = [], bucket_bytes
+                continue
+            current.append((name, start, start + take))
+            room -= take * itemsize
+            start += take
+            if start == numel:
+                break
+    return buckets + [current] if current or not buckets else buckets
+
+
+def bucket_pieces(state_dict: dict[str, torch.Tensor], plan: list[tuple[str, int, int]], dtype: torch.dtype) -> list[Piece]:
+    """One bucket's pieces: views of the caller's tensors when they are contiguous CPU tensors of the wire
+    dtype; otherwise one copy of just this bucket's elements (a cast to bf16, a GPU tensor)."""
+    pieces = []
+    for name, start, stop in plan:
+        tensor = state_dict[name].detach()
+        flat = tensor.reshape(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)  # a view when contiguous
+        data = flat[start:stop].to(device="cpu", dtype=wire_dtype(tensor, dtype))  # no copy when nothing changes
+        pieces.append(Piece(name, tuple(tensor.shape), start, data))
+    return pieces
+
+
+def sync_store_bytes(cfg: PoolConfig, push_bytes: int | None = None) -> int:
+    """Object store the weight sync wants: headroom x the buckets in flight (smaller when the whole push is)."""
+    bucket = int(cfg.sync_bucket_mb * MiB)
+    return STORE_HEADROOM * SYNC_BUCKETS_IN_FLIGHT * (bucket if push_bytes is None else min(bucket, push_bytes))
+
+
+def check_object_store(cfg: PoolConfig, push_bytes: int, node_stores: dict[str, float]) -> None:
+    """Fail before any work when a node's object store cannot hold the weight buckets in flight."""
+    need = sync_store_bytes(cfg, push_bytes)
+    for node, have in sorted(node_stores.items(), key=lambda kv: kv[1]):
+        if have < need:
+            fits = have / (STORE_HEADROOM * SYNC_BUCKETS_IN_FLIGHT * MiB)
+            raise ObjectStoreTooSmallError(
+                f"the Ray object store of node {node[:8]} holds {have / MiB:.0f} MiB, but weight sync wants {need / MiB:.0f} "
+                f"MiB: {SYNC_BUCKETS_IN_FLIGHT} buckets in flight of up to {min(cfg.sync_bucket_mb * MiB, push_bytes) / MiB:.1f} "
+                f"MiB (pool.sync_bucket_mb={cfg.sync_bucket_mb:g}, pool.sync_dtype={cfg.sync_dtype}), with as much again "
+                f"for everything else. Lower pool.sync_bucket_mb to {fits:.3g} or less, or give the cluster's nodes a larger "
+                f"store: `ray start ... --object-store-memory=BYTES` (a local Ray started here: pool.object_store_mb).")
+
+
+def node_object_stores(ray) -> dict[str, float]:
+    """Object store bytes of every alive node: a push lands in the trainer's node, each worker pulls into its own."""
+    stores = {n["NodeID"]: float(n["Resources"].get("object_store_memory", 0.0)) for n in ray.nodes() if n.get("Alive")}
+    return stores or {"cluster": float(ray.cluster_resources().get("object_store_memory", 0.0))}
+
+
 # ----------------------------------------------------------------------------- the Ray pool
+
+
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """A TCP connect to the head node of ``address`` (HOST:PORT, or ray://HOST:PORT): fail at once, with the fix,
+    where ``ray.init`` would hang or fail with Ray's own message. ``auto`` (a cluster started on this machine) is
+    left to Ray."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    fix = (f"Start a Ray head node there with `ray start --head --port=6379` (and `ray start --address=HEAD_IP:6379` "
+           f"on each other machine), then point the run at it: `rollout.pool.address=HEAD_IP:6379` (`pool.address=` "
+           f"for hybrid-rl eval); or drop the setting (`rollout.pool.address=null`) to start a local Ray.")
+    if not sep or not port.isdigit():
+        raise RayClusterUnreachableError(f"pool.address={address!r} is not HOST:PORT of a Ray head node. {fix}")
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except OSError as err:
+        why = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+        raise RayClusterUnreachableError(
+            f"pool.address={address}: nothing listens there ({why} after {time.monotonic() - t0:.1f} s), so there is "
+            f"no Ray cluster to join. {fix}") from None
 
 
 def ensure_ray(cfg: PoolConfig):
@@ -107,11 +223,12 @@ def ensure_ray(cfg: PoolConfig):
 
     if not ray.is_initialized():
         if cfg.address:
+            check_reachable(cfg.address)
             ray.init(address=cfg.address, log_to_driver=False)
         else:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind every node to 127.0.0.1
             ray.init(num_cpus=cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-                     object_store_memory=cfg.object_store_mb * 1024 ** 2)
+                     object_store_memory=max(cfg.object_store_mb * MiB, sync_store_bytes(cfg)))
     return ray
 
 
@@ -155,19 +272,56 @@ class RolloutPool:
                                          episode or EpisodeConfig(), self.cfg.torch_threads,
                                          tuple(self.cfg.env_modules)) for i in range(self.cfg.num_workers)]
         self.version = 0
-        self._weights_ref = None
+        self._current: tuple[dict, int] | None = None  # the last pushed (state_dict, version): for restarted workers
+        self.last_push: dict = {}  # bytes, buckets and seconds of the last push
         self.restarts = 0
         self._stale: set[int] = set()  # workers restarted after a stall: wait for them, re-push weights
         self.info = self._get([self._control(w, "ping") for w in self.workers], "start the workers")
+        try:
+            push_bytes = max(i["sync_bytes"][self.cfg.sync_dtype] for i in self.info)
+            check_object_store(self.cfg, push_bytes, node_object_stores(ray))
+        except ObjectStoreTooSmallError:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ weights
     def push_weights(self, state_dict: dict, version: int) -> None:
-        """Every worker loads ``state_dict`` (one copy in the object store); tokens sampled afterwards carry ``version``."""
-        cpu = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
-        self._weights_ref = self._ray.put(cpu)
-        self.version = int(version)
-        self._get([self._control(w, "set_weights", self._weights_ref, self.version) for w in self.workers],
-                  f"push weights version {version}")
+        """Every worker gets ``state_dict`` in buckets and applies it whole; tokens sampled afterwards carry ``version``.
+
+        Returns once every worker holds all the buckets (an idle worker has applied them; a playing one applies
+        them between two decode steps). ``last_push`` says how many bytes and buckets it took."""
+        version = int(version)
+        if self._current is not None and version <= self.version:
+            if version < self.version:
+                raise StaleWeightsError(f"rollout pool: weights version {version} is older than version {self.version}, "
+                                        "pushed already; versions pushed to a pool must increase")
+            log.warning("rollout pool: weights version %d was pushed already; this push is skipped", version)
+            return
+        t0 = time.perf_counter()
+        self.last_push = self._send(self.workers, state_dict, version)
+        self.last_push["seconds"] = time.perf_counter() - t0
+        self._current = (state_dict, version)
+        self.version = version
+
+    def _send(self, workers: list, state_dict: dict, version: int) -> dict:
+        """Put one bucket at a time, each to every worker; at most SYNC_BUCKETS_IN_FLIGHT in the object store."""
+        dtype = SYNC_DTYPES[self.cfg.sync_dtype]
+        plan = plan_buckets(state_dict, int(self.cfg.sync_bucket_mb * MiB), dtype)
+        acks: deque = deque()
+        sent = 0
+        for index, bucket_plan in enumerate(plan):
+            pieces = bucket_pieces(state_dict, bucket_plan, dtype)
+            sent += sum(p.data.numel() * p.data.element_size() for p in pieces)
+            ref = self._ray.put(to_wire(pieces))
+            del pieces  # a cast copy is freed as soon as it is in the store
+            acks.append([self._control(w, "receive_bucket", version, index, len(plan), ref) for w in workers])
+            del ref  # the store frees the bucket once every worker has copied it
+            if len(acks) >= SYNC_BUCKETS_IN_FLIGHT:
+                self._get(acks.popleft(), f"push weights version {version}")
+        while acks:
+            self._get(acks.popleft(), f"push weights version {version}")
+        return {"version": version, "bytes": sent, "buckets": len(plan), "dtype": self.cfg.sync_dtype,
+                "bucket_mb": self.cfg.sync_bucket_mb}
 
     # ------------------------------------------------------------------ rollouts
     def run_groups(self, requests: list[GroupRequest], jsonl_path=None) -> list[Trajectory]:
@@ -230,9 +384,9 @@ class RolloutPool:
             try:
                 timeout = max(deadline - time.monotonic(), 0.1)
                 self.info[w] = self._ray.get(self._control(self.workers[w], "ping"), timeout=timeout)
-                if self._weights_ref is not None:
-                    self._ray.get(self._control(self.workers[w], "set_weights", self._weights_ref, self.version),
-                                  timeout=timeout)
+                current = self._current
+                if current is not None and self.info[w]["version"] != current[1]:
+                    self._send([self.workers[w]], *current)
                 return
             except self._exc:
                 if time.monotonic() > deadline:
