@@ -4,6 +4,7 @@
     hybrid-rl bench grpo    > benchmarks/results/grpo.json
     hybrid-rl bench rollout > benchmarks/results/rollout.json
     hybrid-rl bench memory  > benchmarks/results/memory.json
+    hybrid-rl bench sync    > benchmarks/results/sync.json
     python -m hybrid_rl.benchmarks.record            # -> docs/BENCHMARKS.md, docs/img/bench-*.png
 
 Each results file holds what one benchmark printed; its last JSON line is the result (tables and logs
@@ -40,6 +41,7 @@ hybrid-rl bench model   > benchmarks/results/model.json
 hybrid-rl bench grpo    > benchmarks/results/grpo.json
 hybrid-rl bench rollout > benchmarks/results/rollout.json
 hybrid-rl bench memory  > benchmarks/results/memory.json
+hybrid-rl bench sync    > benchmarks/results/sync.json
 python -m hybrid_rl.benchmarks.record
 ```
 """
@@ -477,11 +479,57 @@ def render_memory(r: dict, doc_dir: Path) -> Section:
     return Section(headlines, body)
 
 
+SYNC_MODES = (("baseline", "one `ray.put` of the fp32 state dict"), ("fp32_bucket", "fp32 buckets"),
+              ("bf16_bucket", "bf16 buckets"))
+
+
+def sync_default_store(r: dict) -> str:
+    """Whether a bf16 bucketed push (of ``small``) works with the default object store."""
+    d = r.get("default_store")
+    if not d:
+        return ""
+    outcome = (f"works: {num(d.get('seconds'))} s for {size(d.get('bytes'))} in {num(d.get('buckets'))} buckets"
+               if d.get("bf16_bucket_ok") else f"**fails**: {d.get('error', DASH)}")
+    return (f"\nWith the default object store (`pool.object_store_mb={num(d.get('object_store_mb'))}`, smaller than the "
+            f"{size(d.get('fp32_state_bytes'))} fp32 state dict of `{d.get('preset', DASH)}`), a bf16 bucketed push of "
+            f"`{d.get('preset', DASH)}` {outcome}.\n")
+
+
+def render_sync(r: dict, doc_dir: Path) -> Section:
+    """Seconds and bytes of one weight push to a Ray worker: buckets (fp32, bf16) against the whole state dict."""
+    rows, headlines = [], []
+    for p in r["presets"]:
+        base, bf16 = p["baseline"], p["bf16_bucket"]
+        speedup = ratio(p.get("baseline_over_bf16_bucket"), base["seconds"], bf16["seconds"])
+        rows.append([f"`{p['preset']}`", num(p.get("params"))]
+                    + [f"{size(p[mode]['bytes'])}, {num(p[mode]['seconds'])} s" for mode, _ in SYNC_MODES]
+                    + [times(ratio(p.get("baseline_over_fp32_bucket"), base["seconds"], p["fp32_bucket"]["seconds"])),
+                       times(speedup)])
+        headlines.append(Headline(f"weight push of `{p['preset']}` to a Ray worker, bf16 buckets vs one fp32 `ray.put`",
+                                  f"{num(bf16['seconds'])} s", f"{num(base['seconds'])} s", times(speedup)))
+    header = ["preset", "parameters"] + [label for _, label in SYNC_MODES] + ["baseline / fp32 buckets",
+                                                                             "baseline / bf16 buckets"]
+    body = (
+        "## Weight sync: bucketed pushes vs one `ray.put` of the state dict\n\n"
+        "One rollout worker gets new weights three ways, interleaved in the same run and the same Ray: the push "
+        "before buckets (a CPU copy of the whole fp32 state dict, one `ray.put`, the worker loads it) against "
+        "`RolloutPool.push_weights` in buckets (`pool.sync_bucket_mb`, at most two in the object store), in fp32 and "
+        "in bf16 (`pool.sync_dtype`). The clock stops when the worker answers a ping with the new version; medians "
+        "of the rounds after a warm-up.\n\n"
+        f"- **Settings:** buckets of {num(r.get('bucket_mb'))} MiB, {num(r.get('workers'))} worker, "
+        f"{num(r.get('repeats'))} rounds, object store {num(r.get('object_store_mb'))} MiB (sized for the baseline).\n"
+        + machine(r) + "\n"
+        + table(header, rows) + sync_default_store(r)
+    )
+    return Section(headlines, body)
+
+
 RENDERERS: dict[str, Callable[[dict, Path], Section]] = {
     "model": render_model,
     "grpo": render_grpo,
     "rollout": render_rollout,
     "memory": render_memory,
+    "sync": render_sync,
 }
 
 
