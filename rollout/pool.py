@@ -75,7 +75,6 @@ class ObjectStoreTooSmallError(ValueError):
     """The Ray object store cannot hold the weight buckets in flight."""
 
 
-
 # ----------------------------------------------------------------------------- picklable model builders
 
 
