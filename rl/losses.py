@@ -38,6 +38,7 @@ gradients.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -167,6 +168,130 @@ def policy_logprobs(logits_btv, targets_bt, mask_bt, dist: ScoringDist | None = 
     finite_btv = torch.isfinite(logp_btv)
     plogp_btv = torch.where(finite_btv, logp_btv.exp() * logp_btv.masked_fill(~finite_btv, 0.0), torch.zeros_like(logp_btv))
     return logp_bt, -plogp_btv.sum(-1)
+
+
+def chunked_policy_logprobs(hidden_btd, lm_head_weight_vd, targets_bt, mask_bt, dist: ScoringDist | None = None,
+                            with_entropy: bool = False, chunk_tokens: int = 1024):
+    """``policy_logprobs(F.linear(hidden_btd, lm_head_weight_vd).float(), ...)`` without its [B, T, V] tensors.
+
+    The B*T tokens are scored ``chunk_tokens`` at a time, in the forward and again in the backward (which
+    recomputes each chunk's logits), so at most one chunk's [chunk_tokens, V] tensors are alive, never the
+    whole step's. Same values and gradients (w.r.t. the hidden states and the lm_head weight, through the
+    log-prob and the entropy) as the unchunked path, up to float summation order. The logits are computed
+    in the inputs' dtype (the autocast dtype under autocast), as ``lm_head`` would, then upcast to fp32."""
+    if hidden_btd.dim() != 3 or lm_head_weight_vd.dim() != 2 or hidden_btd.shape[-1] != lm_head_weight_vd.shape[1]:
+        raise ValueError(f"chunked_policy_logprobs needs hidden [B, T, D] and lm_head weight [V, D], got "
+                         f"{tuple(hidden_btd.shape)} and {tuple(lm_head_weight_vd.shape)}")
+    if targets_bt.shape != hidden_btd.shape[:2] or mask_bt.shape != hidden_btd.shape[:2]:
+        raise ValueError(f"targets {tuple(targets_bt.shape)} and mask {tuple(mask_bt.shape)} must be [B, T] = "
+                         f"{tuple(hidden_btd.shape[:2])}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+    b, t, d = hidden_btd.shape
+    logp_n, entropy_n = _ChunkedLogprobs.apply(hidden_btd.reshape(b * t, d), lm_head_weight_vd,
+                                               targets_bt.reshape(-1), mask_bt.reshape(-1).bool(),
+                                               dist or ScoringDist(), with_entropy, int(chunk_tokens))
+    return logp_n.view(b, t), (entropy_n.view(b, t) if with_entropy else None)
+
+
+def _logits_dtype(hidden_nd, weight_vd):
+    device = hidden_nd.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden_nd.dtype, weight_vd.dtype)
+
+
+def _chunk_scores(h_nd, w_vd, dist: ScoringDist):
+    """One chunk's fp32 log-probs [n, V] under ``dist`` (-inf off the kept set), from ``h_nd @ w_vd.T``."""
+    from hybrid_rl.rollout.sampling import sampling_logprobs
+
+    return sampling_logprobs(torch.mm(h_nd, w_vd.t()).float(), dist.temperature, dist.top_k, dist.top_p, dist.banned_v)
+
+
+def _chunk_entropy_(logp_cv):
+    """Entropy [n] of a chunk's log-probs; ``logp_cv`` is used up (its -inf, off the kept set, become 0 so
+    that p * logp is 0 there, as ``policy_logprobs`` has it)."""
+    p_cv = logp_cv.exp()
+    return -(p_cv * logp_cv.nan_to_num_(nan=0.0, neginf=0.0)).sum(-1)
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Forward: per chunk, logits -> scoring log-softmax -> gather (and entropy); saves the inputs, the
+    targets actually scored and the entropies [N]. Backward: per chunk, the logits again, then with p the
+    kept-set probabilities, H the entropy and tau the temperature,
+        d logits = (g_logp * (onehot(target) - p) - g_ent * p * (logp + H)) / tau
+                 = p * (a * logp + b) + onehot(target) * g_logp / tau
+    with a = -g_ent / tau and b = (-g_ent * H - g_logp) / tau per token,
+    zero off the kept set (the truncation masks are constants, as in autograd through ``sampling_logprobs``)
+    and with g_logp zero where the log-prob is held at ``LOGP_FLOOR`` (the clamp's gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden_nd, weight_vd, targets_n, mask_n, dist, with_entropy, chunk_tokens):
+        dtype = _logits_dtype(hidden_nd, weight_vd)
+        w_vd = weight_vd.to(dtype)
+        n = hidden_nd.shape[0]
+        logp_n = torch.empty(n, dtype=torch.float32, device=hidden_nd.device)
+        entropy_n = torch.empty_like(logp_n) if with_entropy else logp_n.new_empty(0)
+        safe_n = torch.empty_like(targets_n)
+        live_n = torch.empty(n, dtype=torch.bool, device=hidden_nd.device)  # above the floor: the clamp passes grad
+        with _autocast_off(hidden_nd.device.type):
+            for lo in range(0, n, chunk_tokens):
+                hi = min(lo + chunk_tokens, n)
+                logp_cv = _chunk_scores(hidden_nd[lo:hi].to(dtype), w_vd, dist)
+                safe_n[lo:hi] = torch.where(mask_n[lo:hi], targets_n[lo:hi], logp_cv.argmax(-1))
+                raw_c = logp_cv.gather(-1, safe_n[lo:hi, None]).squeeze(-1)
+                live_n[lo:hi] = raw_c >= LOGP_FLOOR
+                logp_n[lo:hi] = raw_c.clamp(min=LOGP_FLOOR)
+                if with_entropy:
+                    entropy_n[lo:hi] = _chunk_entropy_(logp_cv)
+                del logp_cv
+        ctx.save_for_backward(hidden_nd, weight_vd, safe_n, live_n, entropy_n)
+        ctx.dist, ctx.chunk_tokens, ctx.dtype = dist, chunk_tokens, dtype
+        ctx.set_materialize_grads(False)
+        return logp_n, entropy_n
+
+    @staticmethod
+    def backward(ctx, g_logp_n, g_entropy_n):
+        hidden_nd, weight_vd, safe_n, live_n, entropy_n = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        if (g_logp_n is None and g_entropy_n is None) or not (need_h or need_w):
+            return (None,) * 7
+        dtype, dist, n = ctx.dtype, ctx.dist, hidden_nd.shape[0]
+        w_vd = weight_vd.to(dtype)
+        g_logp_n = torch.zeros_like(live_n, dtype=torch.float32) if g_logp_n is None else \
+            torch.where(live_n, g_logp_n.float(), 0.0)
+        a_n = torch.zeros_like(g_logp_n) if g_entropy_n is None else -g_entropy_n.float() / dist.temperature
+        b_n = (a_n * entropy_n if g_entropy_n is not None else 0.0) - g_logp_n / dist.temperature
+        onehot_n = g_logp_n / dist.temperature
+        grad_h_nd = torch.empty_like(hidden_nd) if need_h else None
+        grad_w_vd = torch.zeros(weight_vd.shape, dtype=torch.float32, device=weight_vd.device) if need_w else None
+        with _autocast_off(hidden_nd.device.type), torch.no_grad():
+            for lo in range(0, n, ctx.chunk_tokens):
+                hi = min(lo + ctx.chunk_tokens, n)
+                h_cd = hidden_nd[lo:hi].to(dtype)
+                logp_cv = _chunk_scores(h_cd, w_vd, dist)
+                p_cv = logp_cv.exp()
+                # p * (a logp + b), with logp's -inf (p = 0 there) replaced first so that no 0 * inf appears
+                g_cv = torch.addcmul(b_n[lo:hi, None], logp_cv.nan_to_num_(nan=0.0, neginf=0.0), a_n[lo:hi, None],
+                                     out=logp_cv).mul_(p_cv)
+                del p_cv
+                g_cv.scatter_add_(-1, safe_n[lo:hi, None], onehot_n[lo:hi, None])
+                g_cv = g_cv.to(dtype)  # what autograd hands the matmul: the grad of ``.float()`` is a cast back
+                if need_h:
+                    grad_h_nd[lo:hi] = torch.mm(g_cv, w_vd).to(hidden_nd.dtype)
+                if need_w:
+                    grad_w_vd.addmm_(g_cv.t().float(), h_cd.float())
+                del logp_cv, g_cv
+        if need_w:
+            grad_w_vd = grad_w_vd.to(weight_vd.dtype)
+        return grad_h_nd, grad_w_vd, None, None, None, None, None
+
+
+def _autocast_off(device_type):
+    """Autocast disabled inside: the chunks pick their dtype once (``_logits_dtype``) and cast explicitly."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------ naive twins
