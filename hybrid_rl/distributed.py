@@ -87,8 +87,8 @@ def check_processes(tc: ParallelTrainConfig) -> None:
             raise ValueError(f"train.processes={tc.processes} but the launcher started {world} processes; "
                              f"drop train.processes or set it to {world}")
         if tc.strategy == "single":
-            raise ValueError(f"the launcher started {world} processes but train.strategy=single; "
-                             "use train.strategy=ddp or train.strategy=fsdp")
+            log.warning("the launcher started %d processes and train.strategy=single: running ddp "
+                        "(set train.strategy=ddp or fsdp to choose)", world)
         return
     have, what = available_devices()
     if tc.processes > have:
@@ -169,7 +169,8 @@ class Parallel:
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
         check_processes(tc)
-        self.strategy = tc.strategy if launched_world_size() > 1 else "single"
+        world = launched_world_size()
+        self.strategy = "single" if world == 1 else ("ddp" if tc.strategy == "single" else tc.strategy)
         self.dtype = resolved_dtype(tc.dtype)
         self.activation_checkpointing = tc.activation_checkpointing
         on_gpu = torch.cuda.is_available()

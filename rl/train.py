@@ -416,9 +416,10 @@ def train(cfg: RLStageConfig) -> dict:
         state = par.full_state_dict()
         return {k: v.detach().clone() for k, v in state.items()} if is_async and par.strategy != "fsdp" else state
 
-    def push_and_play(state, version, at_step):  # policy version = updates applied so far
+    def push_and_play(state, version, at_step):  # policy version = updates applied so far; None: pushed already
         t0 = time.perf_counter()
-        pool.push_weights(state, version)
+        if state is not None:
+            pool.push_weights(state, version)
         t1 = time.perf_counter()
         played, kept, stats = play_step(pool, cfg, at_step)
         return played, kept, stats, t1 - t0, time.perf_counter() - t1
@@ -442,7 +443,8 @@ def train(cfg: RLStageConfig) -> dict:
             if is_async:  # this batch was played by version step-1 (step 0: version 0) while step-1 trained
                 result = pending.result() if main else None
                 if step + 1 < cfg.train.steps:
-                    state = weights()
+                    # no update since the first push of a fresh start: the workers hold these weights already
+                    state = None if step == start_step and not resumed_batch else weights()
                     if main:
                         pending = executor.submit(push_and_play, state, step, step + 1)
             else:
