@@ -75,6 +75,7 @@ class ModelOutput:
     # [B, T, D] final normed hidden, with return_hidden=True or compute_logits=False (the caller then applies
     # lm_head itself, a chunk of tokens at a time: rl.losses.chunked_policy_logprobs)
     hidden_states: torch.Tensor | None = None
+    head: object = None  # what ``forward(head=fn)`` returned: fn(hidden [B, T, D], lm_head weight [V, D])
 
 
 class _Ctx:
@@ -200,10 +201,12 @@ class HybridLM(nn.Module):
 
     # ------------------------------------------------------------------ training forward
     def forward(self, input_ids, doc_ids=None, routing=None, record_routing: bool = False,
-                return_hidden: bool = False, compute_logits: bool = True) -> ModelOutput:
+                return_hidden: bool = False, compute_logits: bool = True, head=None) -> ModelOutput:
         """``compute_logits=False`` skips lm_head: ``logits`` is None and ``hidden_states`` holds the final
         normed hidden [B, T, D], so a caller can score the vocabulary a chunk of tokens at a time instead of
-        holding [B, T, V] fp32 logits."""
+        holding [B, T, V] fp32 logits. ``head=fn`` does that inside this call: ``ModelOutput.head`` is
+        ``fn(hidden, lm_head.weight)`` and no logits are made. Inside is what a sharded (FSDP) model needs:
+        its lm_head weight is whole, and its gradient reduced, only within its own forward and backward."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
@@ -212,6 +215,8 @@ class HybridLM(nn.Module):
         ctx = _Ctx("full", self._moe_slot, seg_bt=seg, replay=replay, record=record_routing)
         h = self._layers(self.backbone.embeddings(input_ids), ctx)
         h = self.backbone.norm_f(h)
+        if head is not None:
+            return ModelOutput(None, ctx.routed((b, t)), h if return_hidden else None, head(h, self.lm_head.weight))
         logits = self.lm_head(h).float() if compute_logits else None
         return ModelOutput(logits, ctx.routed((b, t)), h if return_hidden or not compute_logits else None)
 

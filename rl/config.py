@@ -136,12 +136,17 @@ class RLTrainConfig(ParallelTrainConfig):
     moe_bias_update_rate: float = 0.0
     torch_threads: int = 0  # torch threads of each trainer process (0 = torch's default)
     ref_offload: bool = False  # algo.kl_beta > 0: keep the reference model on the CPU between its passes
+    # tokens per chunk of the log-prob/entropy pass (no [B, T, V] fp32 tensor); null = 1024 when the vocabulary
+    # has 8192 or more tokens, else one pass; 0 = one pass
+    logprob_chunk_tokens: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("steps", "lr", "micro_batch_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.logprob_chunk_tokens is not None and self.logprob_chunk_tokens < 0:
+            raise ValueError(f"logprob_chunk_tokens must be >= 0 (0 = one pass, null = by vocabulary size), got {self.logprob_chunk_tokens}")
         for name in ("warmup_steps", "weight_decay", "max_grad_norm", "moe_bias_update_rate", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -53,7 +53,7 @@ from hybrid_rl.rl.advantages import ADVANTAGES, turn_groups, turn_returns
 from hybrid_rl.rl.batch import TENSOR_FIELDS, Batch, collate, micro_batches, trim
 from hybrid_rl.rl.config import RLStageConfig
 from hybrid_rl.rl.kl import KL_ESTIMATORS, kl_k3
-from hybrid_rl.rl.losses import POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, policy_logprobs
+from hybrid_rl.rl.losses import POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, chunked_policy_logprobs, policy_logprobs
 from hybrid_rl.rl.routing import routing_mismatch
 from hybrid_rl.rollout.evaluate import evaluate_policy as evaluate_policy_on
 from hybrid_rl.rollout.evaluate import rollout_metrics, sample_row
@@ -279,11 +279,10 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
         mask_bt, on_bt = mb.action_mask_bt, mb.action_mask_bt.bool()
         replay = mb.routing_btlk if cfg.algo.routing_replay else None
         if with_kl and i not in ref_cache:
-            ref_cache[i] = reference_logprobs(ref_model, mb, replay, dist, cfg.train.ref_offload, par)
+            ref_cache[i] = reference_logprobs(ref_model, mb, replay, dist, cfg.train, par)
         with par.no_sync(last=j == len(share) - 1):
             with par.autocast():
-                out = model(mb.input_ids_bt, routing=replay, record_routing=mb.routing_btlk is not None and replay is None)
-                logp_bt, entropy_bt = policy_logprobs(out.logits, mb.target_ids_bt, mask_bt, dist, with_entropy=True)
+                out, (logp_bt, entropy_bt) = score(model, mb, replay, dist, cfg.train, record=mb.routing_btlk is not None and replay is None)
                 old_logp_bt = mb.rollout_logp_bt if old_from_rollout else logp_bt.detach()
                 loss_bt, clipped_bt = loss_fn(logp_bt, old_logp_bt, mb.adv_bt, mask_bt, clip)
                 loss = aggregate_loss(loss_bt, mask_bt, agg, n_tokens, n_seqs)
@@ -327,18 +326,48 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
 
 
 @torch.no_grad()
-def reference_logprobs(ref_model, mb: Batch, replay, dist: ScoringDist | None, offload: bool, par: Parallel):
+def reference_logprobs(ref_model, mb: Batch, replay, dist: ScoringDist | None, cfg_train, par: Parallel):
     """Log-probs of the micro-batch's targets under the frozen reference policy (for the KL term); an
     offloaded reference comes to the device for this pass only."""
+    offload = cfg_train.ref_offload
     if offload:
         ref_model.to(par.device)
     try:
         with par.autocast():
-            logits = ref_model(mb.input_ids_bt, routing=replay).logits
-        return policy_logprobs(logits, mb.target_ids_bt, mb.action_mask_bt, dist)[0]
+            return score(ref_model, mb, replay, dist, cfg_train, with_entropy=False)[1][0]
     finally:
         if offload:
             ref_model.to("cpu")
+
+
+def score(model, mb: Batch, replay, dist: ScoringDist | None, tc, record: bool = False, with_entropy: bool = True):
+    """(the model output, (log-prob, entropy) of the micro-batch's targets under ``dist``). With
+    ``train.logprob_chunk_tokens`` (by default for vocabularies of 8192 and more) the vocabulary is scored a
+    chunk of tokens at a time inside the model's forward: no [B, T, V] tensor."""
+    chunk = logprob_chunk(tc, model_vocab(model))
+    if not chunk:
+        out = model(mb.input_ids_bt, routing=replay, record_routing=record)
+        return out, policy_logprobs(out.logits, mb.target_ids_bt, mb.action_mask_bt, dist, with_entropy=with_entropy)
+    head = lambda h, w: chunked_policy_logprobs(h, w, mb.target_ids_bt, mb.action_mask_bt, dist,  # noqa: E731
+                                                with_entropy=with_entropy, chunk_tokens=chunk)
+    out = model(mb.input_ids_bt, routing=replay, record_routing=record, head=head)
+    return out, out.head
+
+
+CHUNK_FROM_VOCAB, DEFAULT_CHUNK_TOKENS = 8192, 1024
+
+
+def logprob_chunk(tc, vocab: int) -> int:
+    """Tokens per chunk of the log-prob pass; 0 = the whole micro-batch at once (small vocabularies, where
+    one pass is faster)."""
+    if tc.logprob_chunk_tokens is None:
+        return DEFAULT_CHUNK_TOKENS if vocab >= CHUNK_FROM_VOCAB else 0
+    return tc.logprob_chunk_tokens
+
+
+def model_vocab(model) -> int:
+    core = getattr(model, "module", model)
+    return core.config.vocab_size
 
 
 def _to(mb: Batch, device) -> Batch:

@@ -1,7 +1,7 @@
 """One RL update on a fixed batch, in each process of a launched group (or alone): writes the loss, the
 metrics and the updated full weights to OUT/<strategy>.pt from the main process.
 
-    python dist_update_job.py OUT STRATEGY [DTYPE]
+    python dist_update_job.py OUT STRATEGY [DTYPE [CHUNK]]
 """
 
 import sys
@@ -28,24 +28,25 @@ def fixed_batch(rows: int = 7, length: int = 48, vocab: int = 300) -> Batch:
     return Batch(ids[:, :-1], ids[:, 1:], mask, logp, adv, norm_tokens=float(mask.sum()) + 11.0, norm_seqs=rows + 1.0)
 
 
-def config(strategy: str, processes: int, dtype: str = "fp32") -> RLStageConfig:
+def config(strategy: str, processes: int, dtype: str = "fp32", chunk: int | None = None) -> RLStageConfig:
     return RLStageConfig(envs=["hybrid_rl/FrozenLake-v1"], rollout=RLRolloutConfig(max_episode_tokens=64),
                          algo=AlgoConfig(updates_per_batch=2),
                          train=RLTrainConfig(strategy=strategy, processes=processes, dtype=dtype, micro_batch_tokens=64,
-                                             max_grad_norm=0.5, lr=1e-3))
+                                             max_grad_norm=0.5, lr=1e-3,
+                                             logprob_chunk_tokens=chunk))
 
 
-def run(strategy: str, dtype: str = "fp32") -> dict | None:
+def run(strategy: str, dtype: str = "fp32", chunk: int | None = None) -> dict | None:
     torch.manual_seed(0)
     model = HybridLM(HybridConfig.from_preset("micro"))
     batch = fixed_batch()
     if strategy == "local":
-        cfg = config("single", 1, dtype)
+        cfg = config("single", 1, dtype, chunk)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         stats = [policy_update(model, optimizer, batch, cfg, old_from_rollout=True, par=LocalProcess()) for _ in range(2)]
         return {"stats": stats, "state": {k: v.clone() for k, v in model.state_dict().items()}}
     import os
-    cfg = config(strategy, int(os.environ.get("WORLD_SIZE", "1")), dtype)
+    cfg = config(strategy, int(os.environ.get("WORLD_SIZE", "1")), dtype, chunk)
     par = Parallel(cfg.train)
     model, optimizer = par.wrap(model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))
     stats = [policy_update(model, optimizer, batch, cfg, old_from_rollout=True, par=par) for _ in range(2)]
@@ -58,7 +59,8 @@ def run(strategy: str, dtype: str = "fp32") -> dict | None:
 if __name__ == "__main__":
     out_dir, strategy = sys.argv[1], sys.argv[2]
     dtype = sys.argv[3] if len(sys.argv) > 3 else "fp32"
+    chunk = int(sys.argv[4]) if len(sys.argv) > 4 else None
     torch.set_num_threads(1)
-    result = run(strategy, dtype)
+    result = run(strategy, dtype, chunk)
     if result is not None:
-        torch.save(result, f"{out_dir}/{strategy}-{dtype}.pt")
+        torch.save(result, f"{out_dir}/{strategy}-{dtype}-{chunk}.pt")

@@ -19,10 +19,12 @@ def one_process():
     return dist_update_job.run("local")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_give_the_one_process_update(tmp_path, one_process, strategy):
-    assert spawn_python([str(HERE / "dist_update_job.py"), str(tmp_path), strategy], 2) == 0
-    two = torch.load(tmp_path / f"{strategy}-fp32.pt")
+@pytest.mark.parametrize("strategy,chunk", [("ddp", None), ("fsdp", None), ("fsdp", 16)])
+def test_two_processes_give_the_one_process_update(tmp_path, one_process, strategy, chunk):
+    """fsdp with a chunked log-prob pass (16 tokens a chunk, inside the sharded model's forward) too."""
+    extra = ["fp32", str(chunk)] if chunk else []
+    assert spawn_python([str(HERE / "dist_update_job.py"), str(tmp_path), strategy, *extra], 2) == 0
+    two = torch.load(tmp_path / f"{strategy}-fp32-{chunk}.pt")
     assert two["world"] == 2
     for a, b in zip(one_process["stats"], two["stats"]):  # two updates: the second starts from the first's weights
         assert set(a) == set(b)
@@ -35,6 +37,15 @@ def test_two_processes_give_the_one_process_update(tmp_path, one_process, strate
     assert moved > 1e-4  # the update is real
     for name, value in one_process["state"].items():
         torch.testing.assert_close(two["state"][name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_chunked_log_prob_pass_gives_the_same_update(one_process):
+    chunked = dist_update_job.run("local", chunk=16)
+    for a, b in zip(one_process["stats"], chunked["stats"]):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    for name, value in one_process["state"].items():
+        torch.testing.assert_close(chunked["state"][name], value, rtol=0, atol=1e-5, msg=name)
 
 
 def test_rank_shares_cover_every_micro_batch_once_and_are_equally_long():
