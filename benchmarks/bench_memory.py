@@ -1,4 +1,4 @@
-"""Decode-cache memory of the hybrid models against a same-width model with attention in every layer.
+"""Memory of the hybrid models: the decode cache against an all-attention twin; with --train, training.
 
     hybrid-rl bench memory [--presets nemotron3-nano nemotron3-super] [--contexts 8K 128K 1M]
                            [--batch 1] [--kv-dtype bf16] [--json-out PATH]
@@ -13,7 +13,8 @@ quoted), ``1M`` = 1,000,000 tokens (as the "1M-token context" claims are quoted)
 Prints a table and the result as one JSON line (``--json-out`` also writes it to a file).
 
     hybrid-rl bench memory --train [--devices 8] [--batch 1] [--seq-len 8K] [--logprob-chunk 1024]
-                           [--check] [--json-out benchmarks/results/memory_train.json]
+                           [--rollout-batch 16] [--rollout-context 8K] [--check]
+                           [--json-out benchmarks/results/memory_train.json]
 
 ``--train``: per-device training memory of every preset under DDP and FSDP on N devices, fp32 and bf16,
 with and without activation checkpointing, from ``hybrid_rl.model.memory`` (the formula and its
@@ -136,7 +137,8 @@ def train_plan(setup: TrainSetup, presets: list[str] = TRAIN_PRESETS) -> list[di
                 ckpt = train_memory(preset, replace(base, checkpointing=True))
                 rows.append({"preset": preset, "strategy": strategy, "dtype": dtype, "params": plain["params"],
                              **{k: plain[k] for k in PLAN_TERMS},
-                             **{f"{k}_ckpt": ckpt[k] for k in ("activations_kept", "activations", "total")}})
+                             **{f"{k}_ckpt": ckpt[k] for k in ("weight_copies", "activations_kept", "activations",
+                                                               "total")}})
     return rows
 
 
@@ -237,13 +239,15 @@ def _gib(n) -> str:
 
 
 def _plan_cells(row: dict) -> list:
-    return [row["preset"], row["strategy"], row["dtype"], *(_gib(row[k]) for k in (
-        "weights", "grads", "optimizer", "activations", "activations_ckpt", "logprobs", "rollout_cache",
-        "total", "total_ckpt"))]
+    return [row["preset"], row["strategy"], row["dtype"], *(_gib(row[k]) for k in ("weights", "grads", "optimizer")),
+            _gib(row["ddp_buckets"] + row["fsdp_gathered"]),
+            f"{_gib(row['weight_copies'])} / {_gib(row['weight_copies_ckpt'])}",
+            *(_gib(row[k]) for k in ("activations", "activations_ckpt", "logprobs", "rollout_cache", "total",
+                                     "total_ckpt"))]
 
 
-PLAN_HEAD = ["preset", "strategy", "dtype", "weights", "grads", "AdamW", "act", "act (ckpt)", "log-probs",
-             "rollout cache", "total", "total (ckpt)"]
+PLAN_HEAD = ["preset", "strategy", "dtype", "weights", "grads", "AdamW", "DDP buckets / FSDP unit",
+             "bf16 copies (- / ckpt)", "act", "act (ckpt)", "log-probs", "rollout cache", "total", "total (ckpt)"]
 CHECK_HEAD = ["preset", "micro-batches x rows x tokens", "checkpointing", "formula", "measured", "error"]
 ANSWER_HEAD = ["preset", "80 GB GPUs", "weights", "grads", "AdamW", "gathered unit", "act (ckpt)", "log-probs",
                "rollout cache", "total per GPU"]
@@ -296,14 +300,15 @@ def train_memory_markdown(result: dict) -> str:
     setup, ans = result["setup"], result["answer_setup"]
     out = ["## Memory: training per device\n",
            "Per-device bytes of one training step from `hybrid_rl.model.memory.train_memory`, computed from the "
-           "config (nothing is allocated): AdamW with fp32 master weights and two fp32 moments; bf16 means "
-           "autocast, so only activations shrink. DDP replicates the state (plus its gradient buckets and, in "
-           "bf16, autocast's weight copies); FSDP divides it by the device count and adds one all-gathered unit "
-           "with its unsharded gradient. Activations count what this implementation saves for the backward "
-           "(checked against `saved_tensors_hooks` per layer kind) plus one layer's backward workspace; "
-           "checkpointing keeps each layer's fp32 input and recomputes one layer at a time. The log-prob pass "
-           "holds three fp32 [tokens, V] buffers (one chunk's with chunked log-probs). Totals include gradients "
-           "alongside activations (gradient accumulation) and the rollout engine's decode cache.\n",
+           "config (nothing is allocated). AdamW with fp32 master weights and two fp32 moments; bf16 means "
+           "autocast, so only activations shrink. DDP replicates the state and adds its gradient buckets and, in "
+           "bf16, autocast's weight copies kept for the backward (*bf16 copies*: all layers', or one layer's "
+           "with checkpointing); FSDP divides the state by the device count and adds one all-gathered unit with "
+           "its unsharded gradient. Activations are what this implementation saves for the backward (held to "
+           "`saved_tensors_hooks` per layer kind by the tests) plus one layer's backward workspace; checkpointing "
+           "keeps each layer's fp32 input and recomputes one layer at a time. The log-prob pass holds three fp32 "
+           "[tokens, V] buffers (one chunk's with chunked log-probs). Totals count the gradients alongside the "
+           "activations (gradient accumulation) and a rollout engine's decode cache on the same device.\n",
            f"- **Settings:** {setup['devices']} devices, {_settings(setup)}; sizes in GiB.\n",
            _md_table(PLAN_HEAD, [_plan_cells(r) for r in result["plan"]])]
     if result.get("check"):
