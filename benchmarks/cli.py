@@ -14,7 +14,7 @@ import importlib.util
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "model": ("hybrid_rl.benchmarks.bench_model", "forward/decode speed and equivalence against transformers' NemotronH"),
-    "memory": ("hybrid_rl.benchmarks.bench_memory", "decode-cache memory vs an all-attention twin at 8K/128K/1M tokens"),
+    "memory": ("hybrid_rl.benchmarks.bench_memory", "decode-cache memory vs an all-attention twin; --train: per-device training memory and GPU counts"),
     "rollout": ("hybrid_rl.benchmarks.bench_rollout", "rollout throughput, cache extension vs re-prefill, 1 vs 2 Ray workers"),
     "grpo": ("hybrid_rl.benchmarks.bench_grpo", "one GRPO step of ours against TRL's GRPOTrainer on the same tiny model"),
     "sync": ("hybrid_rl.benchmarks.bench_sync", "weight push to a Ray worker: bucketed fp32 / bf16 vs one ray.put of the state dict"),

@@ -524,11 +524,28 @@ def render_sync(r: dict, doc_dir: Path) -> Section:
     return Section(headlines, body)
 
 
+def render_memory_train(r: dict, doc_dir: Path) -> Section:
+    """Per-device training memory of every preset (model/memory.py's formula), its check against measured
+    peaks on this CPU, and how many 80 GB GPUs the Nemotron 3 presets need."""
+    from hybrid_rl.benchmarks.bench_memory import train_memory_markdown
+
+    headlines = [Headline(f"80 GB GPUs to train `{a['preset']}` (FSDP, bf16, activation checkpointing)",
+                          num(a["devices"]), DASH, DASH) for a in r.get("answer", [])]
+    if r.get("check"):
+        worst = max(r["check"], key=lambda c: abs(c["rel_error"]))
+        headlines.append(Headline("training-memory formula vs measured peak, worst case "
+                                  f"(`{worst['preset']}`, checkpointing {'on' if worst['checkpointing'] else 'off'})",
+                                  size(worst["formula_bytes"]), size(worst["measured_bytes"]),
+                                  f"{100 * worst['rel_error']:+.1f}%"))
+    return Section(headlines, train_memory_markdown(r))
+
+
 RENDERERS: dict[str, Callable[[dict, Path], Section]] = {
     "model": render_model,
     "grpo": render_grpo,
     "rollout": render_rollout,
     "memory": render_memory,
+    "memory_train": render_memory_train,
     "sync": render_sync,
 }
 

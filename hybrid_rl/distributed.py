@@ -10,7 +10,8 @@ the two loops need. Both loops call the same few methods, whatever the strategy:
                          ``accelerate launch`` / ``torchrun`` of the same command work as well (the
                          launcher's WORLD_SIZE is then the process count). gloo on CPU, NCCL on GPUs.
     ``train.dtype``      fp32, or bf16: bf16 compute with fp32 master weights and fp32 AdamW state. ddp and
-                         single use autocast (accelerate's ``mixed_precision="bf16"``); fsdp uses FSDP2's
+                         single use ``torch.autocast`` (not accelerate's mixed_precision, which is fixed
+                         once per process: a test process runs fp32 and bf16 trainers); fsdp uses FSDP2's
                          ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, which all-gathers bf16
                          parameters and reduces gradients in fp32. Keeping the masters in fp32 is what lets
                          small RL updates (lr 1e-6 x a 1e-3 gradient) change a weight at all: bf16 has 8
@@ -175,9 +176,8 @@ class Parallel:
         self.activation_checkpointing = tc.activation_checkpointing
         on_gpu = torch.cuda.is_available()
         # fsdp brings its own mixed precision (the policy in wrap); autocast is for single and ddp
-        mixed = "bf16" if self.dtype == "bf16" and self.strategy != "fsdp" else "no"
-        self.acc = Accelerator(mixed_precision=mixed, cpu=not on_gpu,
-                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        self._autocast = self.dtype == "bf16" and self.strategy != "fsdp"
+        self.acc = Accelerator(cpu=not on_gpu, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.is_main, self.device = self.acc.is_main_process, self.acc.device
         self.model = self.core = None
@@ -213,7 +213,9 @@ class Parallel:
         return self.model, optimizer
 
     def autocast(self):
-        return self.acc.autocast()
+        if not self._autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def no_sync(self, last: bool):
         """Gradient sync only on the last micro-batch of a step (the others accumulate locally)."""

@@ -66,7 +66,7 @@ def page(docs):
 
 
 def test_every_benchmark_has_a_renderer():
-    assert set(RENDERERS) == {"model", "grpo", "rollout", "memory", "sync"}
+    assert set(RENDERERS) == {"model", "grpo", "rollout", "memory", "memory_train", "sync"}
 
 
 def test_page_says_it_is_generated_and_how_to_regenerate(page):

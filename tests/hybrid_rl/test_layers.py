@@ -75,6 +75,22 @@ def test_stage_commands_import_the_foundation_not_the_dispatcher():
             f"{path.relative_to(ROOT)} imports the dispatcher hybrid_rl.cli"
 
 
+def test_ray_and_accelerate_stay_in_their_rooms():
+    """Ray only in the rollout workers and pool (and the benchmarks that time them); accelerate only in the
+    trainer core. Everything else reaches them through those modules."""
+    allowed = {"ray": {"rollout/pool.py", "rollout/worker.py", "benchmarks/bench_rollout.py", "benchmarks/bench_sync.py"},
+               "accelerate": {"hybrid_rl/distributed.py"}}
+    seen = {name: set() for name in allowed}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / FOLDERS[pkg]).rglob("*.py")):
+            for module, _ in imported_modules(path):
+                if module.split(".")[0] in allowed:
+                    seen[module.split(".")[0]].add(str(path.relative_to(ROOT)))
+    for name, files in seen.items():
+        assert files <= allowed[name], f"{name} imported outside its modules: {sorted(files - allowed[name])}"
+        assert files, f"nothing imports {name}: the rule checks nothing"
+
+
 def test_nothing_imports_the_old_top_level_names():
     """model, envs, ... are hybrid_rl.model, hybrid_rl.envs, ...: an install has no top-level ``model``."""
     files = [p for folder in [*FOLDERS.values(), "tests", "examples"] for p in sorted((ROOT / folder).rglob("*.py"))]
