@@ -1,9 +1,9 @@
 """``hybrid-rl sft [config.yaml] [key=value ...]``: supervised fine-tuning (default: configs/sft_quick.yaml).
 
 Resume a stopped run with ``run.name=NAME resume=true``; start from other weights with
-``init_from=runs/NAME/step_N``. Data-parallel: ``accelerate launch --multi_gpu --num_processes N -m hybrid_rl.cli
-sft ...`` (GPUs with NCCL; on a machine without GPUs the same command runs N CPU processes over gloo, which
-is what tests/sft checks). ``grad_accum_steps`` is per process: the global batch is N times bigger.
+``init_from=runs/NAME/step_N``. Several processes: ``train.strategy=ddp|fsdp train.processes=N`` (the command
+starts them; NCCL on GPUs, gloo on CPU), or ``accelerate launch --num_processes N -m hybrid_rl.cli sft ...``
+with ``train.strategy=ddp|fsdp``. ``grad_accum_steps`` is per process: the global batch is N times bigger.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from hybrid_rl.config import add_config_arguments, resolve_config
+from hybrid_rl.distributed import cli_argv, spawn, start_processes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(SFTStageConfig, args)
     if cfg is None:
         return 0
+    if start_processes(cfg.train):
+        return spawn("sft", cli_argv(args), cfg.train.processes)
     from hybrid_rl.sft.train import train
 
     try:

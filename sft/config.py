@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hybrid_rl.distributed import ParallelTrainConfig
 from hybrid_rl.run import RunConfig
 from hybrid_rl.model.config import HybridConfig
 
@@ -50,7 +51,8 @@ class DataConfig:
 
 
 @dataclass
-class SFTTrainConfig:
+class SFTTrainConfig(ParallelTrainConfig):
+    # strategy / processes / dtype (auto: bf16 on a GPU) / activation_checkpointing: hybrid_rl/distributed.py
     lr: float = 3e-3  # peak learning rate, after warmup
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
     warmup_steps: int = 20  # linear warmup from 0
@@ -62,13 +64,13 @@ class SFTTrainConfig:
     beta2: float = 0.95
     max_grad_norm: float = 1.0  # clip the global grad norm; 0 = no clipping
     moe_bias_update_rate: float = 1e-3  # aux-loss-free balancing step per optimizer step; 0 = off
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     log_every: int = 1  # steps between train/ perf/ moe/ records (docs/METRICS.md: every step)
     eval_every: int = 100  # steps between evals on held-out seeds; 0 = only at the end
     save_every: int = 100  # steps between checkpoints; 0 = only at the end
     keep_last_checkpoints: int = 2  # older step_N are deleted; 0 = keep all
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("lr", "max_steps", "micro_batch_tokens", "grad_accum_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

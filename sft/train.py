@@ -3,7 +3,9 @@
 ``train(cfg)`` reads in the shape of the RL loop (rl/train.py): setup, then a flat loop over
 ``train_step``, with eval and checkpoints between steps.
 
-1. accelerate: device, bf16 autocast on GPU, DDP when started with ``accelerate launch`` (gloo on CPU).
+1. the trainer core (hybrid_rl/distributed.py): device, ``train.strategy`` (single, ddp, fsdp) over
+   ``train.processes`` processes (started by the command itself, or by torchrun / accelerate launch),
+   ``train.dtype`` (bf16 on GPU by default), activation checkpointing.
 2. the run directory, the model (random init, ``init_from`` weights, or the latest ``step_N`` of this run
    when ``resume=true``) and the tokenizer saved beside those weights (the byte tokenizer when there is none).
 3. data: sources -> validated, rendered samples (``hybrid_rl.sft.data``) -> a deterministic stream of packed
@@ -19,7 +21,8 @@
 
 Departures from a textbook SFT loop: the learning rate is set by hand each step (no scheduler object,
 so resume only needs the step), and DDP does not broadcast buffers (the MoE biases and load counters
-are kept in sync by the all-reduce of step 5 instead).
+are kept in sync by the all-reduce of step 5 instead). Checkpoints hold full weights and an optimizer
+state keyed by parameter name, so a run resumes under another strategy or process count.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ import hashlib
 import logging
 import math
 import time
-import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import torch
 
 from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from hybrid_rl.config import to_dict
+from hybrid_rl.distributed import Parallel, balance_experts
 from hybrid_rl.rollout.evaluate import evaluate_policy, sample_row
 from hybrid_rl.run import make_run_dir, seed_everything
 from hybrid_rl.schedule import warmup_cosine
@@ -62,24 +64,10 @@ class Progress:
 # ------------------------------------------------------------------------------ setup
 
 
-def make_accelerator(tc: SFTTrainConfig):
-    """bf16 autocast on a GPU unless told otherwise; DDP without buffer broadcasts (see the docstring)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    on_gpu = torch.cuda.is_available()
-    mixed = tc.mixed_precision if tc.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
-    return Accelerator(mixed_precision=mixed, cpu=not on_gpu,
-                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-
-
-def open_run_dir(cfg: SFTStageConfig, acc) -> tuple[Path, Path | None]:
+def open_run_dir(cfg: SFTStageConfig, par: Parallel) -> tuple[Path, Path | None]:
     """(the run directory, made by the main process and named alike on all; its latest step_N if resuming)."""
-    from accelerate.utils import broadcast_object_list
-
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name if cfg.run.name else None
-    if acc.is_main_process:
-        run_dir = make_run_dir(cfg.run, "sft", cfg, resume=cfg.resume)
-    run_dir = Path(broadcast_object_list([str(run_dir)])[0])  # the main process's (timestamped) name
+    run_dir = str(make_run_dir(cfg.run, "sft", cfg, resume=cfg.resume)) if par.is_main else None
+    run_dir = Path(par.broadcast(run_dir))  # the main process's (timestamped) name
     resume_dir = latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and resume_dir is None:
         log.warning("resume=true but %s has no step_N checkpoint yet; starting from step 0", run_dir)
@@ -109,19 +97,13 @@ def make_optimizer(model, tc: SFTTrainConfig) -> torch.optim.AdamW:
                              lr=lr_at(0, tc), betas=(tc.beta1, tc.beta2), fused=False)
 
 
-def prepare(acc, model, optimizer):
-    with warnings.catch_warnings():  # torch renames broadcast_buffers; accelerate's DDP kwargs still use the old name
-        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-        return acc.prepare(model, optimizer)
-
-
-def restore(resume_dir: Path | None, optimizer, fingerprint: str) -> Progress:
+def restore(resume_dir: Path | None, par: Parallel, optimizer, fingerprint: str) -> Progress:
     """The progress (and optimizer state and RNGs) of ``resume_dir``; a fresh start when there is none.
-    Called after ``prepare``, so the optimizer state follows the parameters' device."""
+    Called after ``par.wrap``, so the optimizer state follows the parameters' device and shards."""
     if resume_dir is None:
         return Progress(data_fingerprint=fingerprint)
     state = load_trainer_state(resume_dir)  # restores the RNGs too
-    optimizer.load_state_dict(state["optimizer"])
+    par.load_optimizer_state(optimizer, state["optimizer"])
     if state.get("data_fingerprint") != fingerprint:
         log.warning("the training data differs from the data of the checkpoint; the data cursor may point elsewhere")
     log.info("resumed from %s at step %d (micro-batch %d)", resume_dir, state["step"], state["cursor"])
@@ -136,42 +118,28 @@ def lr_at(step: int, cfg) -> float:
 # ------------------------------------------------------------------------------ one step
 
 
-def train_step(model, optimizer, acc, stream: MicroBatchStream, progress: Progress, tc: SFTTrainConfig) -> dict:
+def train_step(model, optimizer, par: Parallel, stream: MicroBatchStream, progress: Progress, tc: SFTTrainConfig) -> dict:
     """One optimizer step on this process's micro-batches of the step at ``progress``; returns the step's
     loss (mean over the global batch's trained tokens), its trained-token count and grad norm."""
-    first = progress.cursor + acc.process_index * tc.grad_accum_steps  # this process's micro-batches of the step
+    first = progress.cursor + par.rank * tc.grad_accum_steps  # this process's micro-batches of the step
     batches = [stream.micro_batch_at(first + g) for g in range(tc.grad_accum_steps)]
     n_local = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
-    n_tokens = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum"))
-    loss_total = torch.zeros((), device=acc.device)
+    (n_tokens,) = par.sum([n_local])
+    loss_total = 0.0
     for g, b in enumerate(batches):
-        b = {k: v.to(acc.device) for k, v in b.items()}
-        sync = acc.no_sync(model) if g < len(batches) - 1 else nullcontext()
-        with sync, acc.autocast():
-            loss_mb = loss_sum(model(b["input_ids"], doc_ids=b["doc_ids"]).logits, b["targets"])
-        acc.backward(loss_mb * acc.num_processes / max(n_tokens, 1))
-        loss_total += loss_mb.detach()
-    grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
+        b = {k: v.to(par.device) for k, v in b.items()}
+        with par.no_sync(last=g == len(batches) - 1):
+            with par.autocast():
+                loss_mb = loss_sum(model(b["input_ids"], doc_ids=b["doc_ids"]).logits, b["targets"])
+            par.backward(loss_mb * par.world / max(n_tokens, 1))
+        loss_total += float(loss_mb.detach())
+    grad_norm = par.clip_grad_norm_(model.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(progress.step, tc)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(acc.reduce(loss_total, "sum")) / max(n_tokens, 1), "tokens": n_tokens,
-            "grad_norm": float(grad_norm)}
-
-
-def balance_experts(core, rate: float, world: int) -> dict[str, float]:
-    """The MoE bias update from this step's expert loads, summed over processes (every replica must see the
-    same loads, so that the biases stay identical); returns the load metrics."""
-    from hybrid_rl.metrics import moe_load_metrics
-
-    loads = {i: core.backbone.layers[i].mixer.expert_load for i in core.moe_layers}
-    if world > 1:
-        for buf in loads.values():
-            torch.distributed.all_reduce(buf)
-    metrics = moe_load_metrics({i: buf.cpu() for i, buf in loads.items()})
-    core.moe_balance_update(rate)
-    return metrics
+    (loss_total,) = par.sum([loss_total])
+    return {"loss": loss_total / max(n_tokens, 1), "tokens": int(n_tokens), "grad_norm": grad_norm}
 
 
 # ------------------------------------------------------------------------------ eval and checkpoints
@@ -220,17 +188,18 @@ def heldout_docs(cfg: SFTStageConfig, tokenizer) -> list[tuple[list[int], list[i
     return docs
 
 
-def save(acc, run_dir: Path, core, tokenizer, optimizer, progress: Progress, cfg: SFTStageConfig) -> None:
-    """``step_N/`` of the main process's model (HF files) with the optimizer and the progress; all processes wait."""
+def save(par: Parallel, run_dir: Path, tokenizer, optimizer, progress: Progress, cfg: SFTStageConfig) -> None:
+    """``step_N/``: the full model (HF files), the optimizer state (by parameter name) and the progress,
+    written by the main process; all processes take part in gathering them, then wait."""
     from hybrid_rl.model.hf import save_pretrained
 
-    state = {"optimizer": optimizer.state_dict(), **asdict(progress), "world_size": acc.num_processes,
-             "config": to_dict(cfg)}
-    if acc.is_main_process:
-        path = save_checkpoint(run_dir, progress.step, lambda d: save_pretrained(core, d, tokenizer), state,
+    full, optimizer_state = par.full_model(), par.optimizer_state(optimizer)
+    if par.is_main:
+        state = {"optimizer": optimizer_state, **asdict(progress), "world_size": par.world, "config": to_dict(cfg)}
+        path = save_checkpoint(run_dir, progress.step, lambda d: save_pretrained(full, d, tokenizer), state,
                                keep_last=cfg.train.keep_last_checkpoints)
         log.info("saved %s", path)
-    acc.wait_for_everyone()
+    par.barrier()
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -243,9 +212,9 @@ def train(cfg: SFTStageConfig) -> dict:
 
     t_start, cpu_start = time.time(), time.process_time()
     tc = cfg.train
-    acc = make_accelerator(tc)
-    world, is_main = acc.num_processes, acc.is_main_process
-    run_dir, resume_dir = open_run_dir(cfg, acc)
+    par = Parallel(tc)
+    world, is_main = par.world, par.is_main
+    run_dir, resume_dir = open_run_dir(cfg, par)
     seed_everything(cfg.run.seed)
     tokenizer = checkpoint_tokenizer(resume_dir or cfg.init_from)
     model = load_model(cfg, resume_dir, tokenizer.vocab_size)
@@ -256,25 +225,31 @@ def train(cfg: SFTStageConfig) -> dict:
         log.info("%d samples, %d rows of %d tokens (%.0f%% filled), %d micro-batches per epoch, %d processes",
                  len(samples), len(stream.rows), cfg.data.max_seq_tokens, 100 * stream.fill(),
                  stream.micro_batches_per_epoch, world)
-    model, optimizer = prepare(acc, model, make_optimizer(model, tc))
-    core = acc.unwrap_model(model)
-    progress = restore(resume_dir, optimizer, hashlib.sha256(repr(docs).encode()).hexdigest()[:16])
+    model, optimizer = par.wrap(model, lambda m: make_optimizer(m, tc))
+    core = par.core
+    progress = restore(resume_dir, par, optimizer, hashlib.sha256(repr(docs).encode()).hexdigest()[:16])
     logger = None  # the main process logs
     if is_main:
         logger = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
         logger.log({**report.metrics(), "train/samples": len(samples), "train/packing_fill": stream.fill()}, progress.step)
     summary = {"run_dir": str(run_dir), "start_step": progress.step, "eval_start": None, "eval_end": None}
-    evals = is_main and bool(cfg.eval_env_ids)  # only the main process evaluates
+    evals = bool(cfg.eval_env_ids)
     eval_docs = heldout_docs(cfg, tokenizer) if is_main else []
+
+    def evaluate(step: int) -> dict | None:
+        """The main process evaluates the full weights (gathered from every process under fsdp)."""
+        full = par.full_model()
+        return run_eval(full, tokenizer, cfg, eval_docs, par.device, logger, step) if is_main else None
+
     if evals and cfg.eval.at_start and progress.step == 0:
-        summary["eval_start"] = run_eval(core, tokenizer, cfg, eval_docs, acc.device, logger, progress.step)
-    acc.wait_for_everyone()
+        summary["eval_start"] = evaluate(progress.step)
+    par.barrier()
 
     model.train()
     while progress.step < tc.max_steps:
         t_step = time.time()
-        out = train_step(model, optimizer, acc, stream, progress, tc)
-        moe_metrics = balance_experts(core, tc.moe_bias_update_rate, world)
+        out = train_step(model, optimizer, par, stream, progress, tc)
+        moe_metrics = balance_experts(core, tc.moe_bias_update_rate, par)
         if not math.isfinite(out["loss"]):
             raise FloatingPointError(f"train/loss is {out['loss']} at step {progress.step + 1}; lower train.lr or check the data")
         progress.step += 1
@@ -288,19 +263,19 @@ def train(cfg: SFTStageConfig) -> dict:
                         "perf/tokens_per_s": tc.micro_batch_tokens * tc.grad_accum_steps * world / step_s,
                         "perf/step_s": step_s, **moe_metrics}, step)
         if tc.save_every and step % tc.save_every == 0 and not last:
-            save(acc, run_dir, core, tokenizer, optimizer, progress, cfg)
+            save(par, run_dir, tokenizer, optimizer, progress, cfg)
         if evals and tc.eval_every and step % tc.eval_every == 0 and not last:
-            run_eval(core, tokenizer, cfg, eval_docs, acc.device, logger, step)
-        acc.wait_for_everyone()
+            evaluate(step)
+        par.barrier()
 
     if progress.step > summary["start_step"] or not latest_checkpoint(run_dir):
-        save(acc, run_dir, core, tokenizer, optimizer, progress, cfg)
+        save(par, run_dir, tokenizer, optimizer, progress, cfg)
+    if evals:
+        summary["eval_end"] = evaluate(progress.step)
     if is_main:
-        if evals:
-            summary["eval_end"] = run_eval(core, tokenizer, cfg, eval_docs, acc.device, logger, progress.step)
         summary.update(steps=progress.step, wall_s=time.time() - t_start, checkpoint=str(run_dir / f"step_{progress.step}"))
         logger.log({"perf/wall_s": summary["wall_s"], "perf/cpu_s": time.process_time() - cpu_start}, progress.step)
         logger.close()
-    acc.wait_for_everyone()
-    acc.end_training()
+    par.barrier()
+    par.close()
     return summary
