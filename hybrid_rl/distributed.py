@@ -192,6 +192,8 @@ class Parallel:
         import warnings
 
         model.set_activation_checkpointing(self.activation_checkpointing)
+        if getattr(model, "mtp", None) is not None:  # no loss of these trainers reaches the MTP block: frozen, so
+            model.mtp.requires_grad_(False)          # DDP does not wait for gradients that never come
         if self.strategy == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -120,3 +120,40 @@ def test_routing_replay_of_other_routing_is_used_and_measured():
     batch, _ = make_batch(trajs, cfg, pad_id=0)
     stats = policy_update(model, GradRecorder(model), batch, cfg)
     assert stats["train/routing_mismatch"] > 0.5
+
+
+class CountingModel(torch.nn.Module):
+    """A model wrapper that counts its forward calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+        self.config = model.config
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_reference_log_probs_are_scored_once_per_batch_and_kept_for_the_next_updates(offload):
+    """kl_beta > 0: the frozen reference scores each micro-batch once; the second update on the batch reuses
+    the cached log-probs and equals an update that scores them again (offloaded or not)."""
+    model = _model()
+    cfg = _cfg("algo.kl_beta=0.1", "train.micro_batch_tokens=64", f"train.ref_offload={str(offload).lower()}")
+    batch, _ = make_batch(_trajectories(model), cfg, 0)
+    ref = CountingModel(copy.deepcopy(model).requires_grad_(False))
+    with torch.no_grad():  # a reference that differs from the policy, so that the KL term has a gradient
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    twin, fresh = copy.deepcopy(model), copy.deepcopy(ref)
+    cache, rec = {}, [GradRecorder(model), GradRecorder(twin)]
+    policy_update(model, rec[0], batch, cfg, ref, ref_cache=cache)
+    first = ref.calls
+    assert first == len(cache) >= 2  # one pass per micro-batch
+    policy_update(model, rec[0], batch, cfg, ref, ref_cache=cache)
+    assert ref.calls == first  # the second update scored nothing again
+    stats = policy_update(twin, rec[1], batch, cfg, fresh)  # no cache: scores again
+    assert fresh.calls == first and stats["train/kl"] != 0
+    for name, grad in rec[1].grads.items():
+        torch.testing.assert_close(rec[0].grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
