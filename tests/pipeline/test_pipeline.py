@@ -9,7 +9,7 @@ import pytest
 from hybrid_rl.cli import main
 from hybrid_rl.metrics import read_metrics, read_run_info
 
-TOY = ["run.name=pipe", "envs=[hybrid_rl/GuessNumber-v0]", "model.preset=micro", "model.hidden_size=64", "demos.episodes_per_env=16", "sft.train.max_steps=4",
+TOY = ["run.name=pipe", "envs=[hybrid_rl/GuessNumber-v0]", "model.hidden_size=64", "demos.episodes_per_env=16", "sft.train.max_steps=4",
        "sft.train.warmup_steps=1", "sft.train.micro_batch_tokens=1024", "sft.eval.episodes_per_env=2",
        "rl.rollout.prompts_per_step=2", "rl.rollout.samples_per_prompt=2", "rl.rollout.pool.num_workers=0",
        "rl.train.steps=2", "rl.train.micro_batch_tokens=1024", "rl.eval.episodes_per_env=2", "rl.eval.at_start=false",
