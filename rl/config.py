@@ -86,6 +86,8 @@ class AlgoConfig:
     dynamic_sampling_filter: Literal["success", "advantage"] = "success"
     max_refill_rounds: int = 4  # dynamic sampling: at most this many extra rounds of prompts_per_step groups per step
     routing_replay: bool = False  # train on the experts the rollout picked (R3), recorded per token
+    # with routing_replay: also log train/routing_mismatch, which costs one more forward per micro-batch
+    log_routing_mismatch: bool = False
     updates_per_batch: int = 1  # optimizer steps on each rollout batch (GRPO's mu); > 1 takes ratios vs the rollout's log-probs
     mode: Literal["sync", "async"] = "sync"  # async: rollouts of step k+1 run while step k trains
 

@@ -293,6 +293,12 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
                     loss = loss + cfg.algo.kl_beta * kl
                     sums["kl"] += weight * float(kl.detach())
             par.backward(loss * (weight * par.world))
+        trainer_routing = None
+        if mb.routing_btlk is not None:  # the trainer's own experts: free without replay, one more forward with it
+            if replay is None:
+                trainer_routing = out.routed_experts
+            elif cfg.algo.log_routing_mismatch:  # (before the filler check: every process runs the same forwards)
+                trainer_routing = _natural_routing(model, mb)
         if not weight:  # a filler that keeps the processes' collectives in step: no metrics
             continue
         with torch.no_grad():
@@ -303,8 +309,7 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
             sums["mismatch"] += float(kl_k3(mb.rollout_logp_bt, logp_bt, mask_bt).sum())  # KL(rollout || trainer)
             mismatch_max = max(mismatch_max, float(on((mb.rollout_logp_bt - logp_bt).abs()).max()))
             sums["ratio"] += float(on(torch.exp(on(logp_bt - old_logp_bt))).sum())
-            if mb.routing_btlk is not None:
-                trainer_routing = out.routed_experts if replay is None else _natural_routing(model, mb)
+            if trainer_routing is not None:
                 diff, n = routing_mismatch(mb.routing_btlk, trainer_routing, mask_bt)
                 sums["route_diff"] += diff
                 sums["route_n"] += n

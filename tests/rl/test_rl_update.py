@@ -97,7 +97,7 @@ def test_routing_replay_of_own_routing_changes_nothing_and_reports_zero_mismatch
     trajs = _trajectories(model, routing=True)
     grads, stats = [], []
     for replay in (False, True):
-        cfg = _cfg(f"algo.routing_replay={str(replay).lower()}")
+        cfg = _cfg(f"algo.routing_replay={str(replay).lower()}", "algo.log_routing_mismatch=true")
         batch, _ = make_batch(trajs, cfg, pad_id=0)
         assert batch.routing_btlk is not None
         m = copy.deepcopy(model)
@@ -116,10 +116,17 @@ def test_routing_replay_of_other_routing_is_used_and_measured():
     n_exp = model.config.n_routed_experts
     for t in trajs:  # pretend the rollout picked other experts everywhere
         t.routed_experts = [[[(e + 1) % n_exp for e in layer] for layer in tok] for tok in t.routed_experts]
-    cfg = _cfg("algo.routing_replay=true")
+    cfg = _cfg("algo.routing_replay=true", "algo.log_routing_mismatch=true")
     batch, _ = make_batch(trajs, cfg, pad_id=0)
-    stats = policy_update(model, GradRecorder(model), batch, cfg)
+    counted = CountingModel(model)
+    stats = policy_update(counted, GradRecorder(model), batch, cfg)
     assert stats["train/routing_mismatch"] > 0.5
+    measured_calls = counted.calls
+    # not asked for: no metric, and one forward per micro-batch fewer
+    cfg = _cfg("algo.routing_replay=true")
+    counted = CountingModel(model)
+    stats = policy_update(counted, GradRecorder(model), batch, cfg)
+    assert "train/routing_mismatch" not in stats and 2 * counted.calls == measured_calls
 
 
 class CountingModel(torch.nn.Module):
