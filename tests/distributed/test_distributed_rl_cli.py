@@ -1,12 +1,14 @@
 """`hybrid-rl rl ... train.strategy=fsdp train.processes=2` from the command line: the command starts its two
-trainer processes itself; a checkpoint resumes to the same next step; the checkpoint is a plain HF folder
-that transformers loads. And the process settings that cannot work fail before any work."""
+trainer processes itself; a checkpoint resumes (under `accelerate launch` of the same command) to the same
+next step; the checkpoint is a plain HF folder that transformers loads. And the process settings that
+cannot work fail before any work."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +21,8 @@ QUICK = ["init_from=", "train.steps=3", "checkpoint.every_steps=1", "checkpoint.
          "rollout.pool.num_workers=0", "logging.backends=[jsonl]"]
 
 
-def rl(tmp_path, name, *extra):
-    cmd = [sys.executable, "-m", "hybrid_rl.cli", "rl", "configs/rl_quick.yaml", f"run.output_dir={tmp_path}",
+def rl(tmp_path, name, *extra, launcher=()):
+    cmd = [*launcher, "-m", "hybrid_rl.cli", "rl", "configs/rl_quick.yaml", f"run.output_dir={tmp_path}",
            f"run.name={name}", *QUICK, *extra]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=os.getcwd())
@@ -38,14 +40,17 @@ def test_fsdp_two_processes_from_the_cli_checkpoint_resume_gives_the_same_next_s
 
     from hybrid_rl.model.hf import load_pretrained
 
-    rl(tmp_path, "full", "train.strategy=fsdp", "train.processes=2")
+    rl(tmp_path, "full", "train.strategy=fsdp", "train.processes=2", launcher=[sys.executable])
     full = tmp_path / "full"
     assert sorted(p.name for p in full.glob("step_*")) == ["step_1", "step_2", "step_3"]
-    # resume from step 2 in another run directory: the same step 3 (async: the batch of step 3 is in step_2)
+    # resume from step 2 in another run directory: the same step 3 (async: the batch of step 3 is in step_2);
+    # this time under `accelerate launch` (the launcher's 2 processes; no train.processes)
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "step_3")
-    rl(tmp_path, "resumed", "train.strategy=fsdp", "train.processes=2", "resume=true")
+    accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    rl(tmp_path, "resumed", "train.strategy=fsdp", "resume=true", launcher=accelerate)
     a, b = rows(full)[3], rows(resumed)[3]
     for key in a:
         if key.startswith(("train/", "rollout/", "eval/")):
