@@ -133,6 +133,19 @@ def pool(ray_session):
     p.close()
 
 
+def wait_for_restart(pool, w: int, old_pid: int, timeout_s: float = 60.0) -> None:
+    """Until worker ``w`` answers from a new process (calls fail while Ray restarts it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if pool._ray.get(pool.workers[w].ping.remote(), timeout=5)["pid"] != old_pid:
+                return
+        except Exception:  # the actor is dying or restarting
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"rollout worker {w} did not restart within {timeout_s} s")
+
+
 def worker_weights(pool):
     return pool._ray.get(pool.workers[0].weights.remote())
 
@@ -154,9 +167,11 @@ def test_pool_pushes_buckets_fp32_bit_identical_then_bf16_then_a_restarted_worke
     finally:
         pool.cfg.sync_dtype = "fp32"
 
+    old_pid = pool._ray.get(pool.workers[0].ping.remote())["pid"]
     pool._ray.kill(pool.workers[0], no_restart=False)  # Ray restarts it with its initial weights
+    wait_for_restart(pool, 0, old_pid)  # the kill is asynchronous: a ping right after it may reach the old process
     pool._revive(0)
-    assert pool.info[0]["version"] is None  # as pinged after the restart, before the re-push
+    assert pool.info[0]["version"] is None and pool.info[0]["pid"] != old_pid  # pinged after the restart, before the re-push
     assert pool._ray.get(pool.workers[0].ping.remote())["version"] == 2
     assert all(torch.equal(v, state[k]) for k, v in worker_weights(pool).items())  # re-sent as fp32 is set now
 
