@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid_rl.benchmarks.record import emit
+from hybrid_rl.benchmarks.record import emit, run_with_threads
 from hybrid_rl.model.tokenizer import ByteTokenizer
 from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 from hybrid_rl.rollout.engine import Engine, GroupRequest
@@ -180,12 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ray", action="store_true", help="skip the 1 vs 2 worker comparison")
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads_before)
+    return run_with_threads(args.threads, _run, args)
 
 
 def _run(args) -> int:

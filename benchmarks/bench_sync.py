@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid_rl.benchmarks.record import emit
+from hybrid_rl.benchmarks.record import emit, run_with_threads
 from hybrid_rl.rollout.config import PoolConfig
 
 MiB = 1024 ** 2
@@ -129,12 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads_before)
+    return run_with_threads(args.threads, _run, args)
 
 
 def _run(args) -> int:

@@ -66,6 +66,18 @@ class Section(NamedTuple):
 # --- reading -------------------------------------------------------------------------------------
 
 
+def run_with_threads(threads: int, run, args) -> int:
+    """``run(args)`` with torch at ``threads`` threads, restored afterwards (the benchmarks' mains)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(before)
+
+
 def emit(result: dict, json_out: Path | None = None) -> None:
     """Print a benchmark's result as one JSON line (what ``read_json_lines`` reads) and optionally save it."""
     text = json.dumps(result)

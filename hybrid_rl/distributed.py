@@ -244,8 +244,7 @@ class Parallel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        buffers = {name: b.detach().cpu() for name, b in self.model.named_buffers()}  # not sharded
-        return {**state, **{k: v for k, v in buffers.items() if k in self.core.state_dict()}} if self.is_main else {}
+        return state if self.is_main else {}  # persistent buffers (the MoE correction bias) included
 
     def full_model(self):
         """The main process's plain model with the current weights (None elsewhere). A collective under fsdp."""
