@@ -40,6 +40,22 @@ longer or shorter episodes. A turn that no other sample reached has no baseline 
 drgrpo and grpo include the sample itself in the mean (as GRPO does per episode): a scale of (n-1)/n of
 rloo per turn, plus grpo's std.
 
+State credit (``anchor_state_advantages``, ``algo.credit: state``): GiGPO's step-level advantage (Feng et al.
+2025, "Group-in-Group Policy Optimization for LLM Agent Training"). The G samples of one prompt play the
+same seeded episode, so when two of them see the same observation they stand in the same state (an
+"anchor state"; exact for environments whose observation is their state, as FrozenLake's map with the
+player on it). The turns taken from one anchor state are compared with each other: a turn's advantage is
+its discounted reward-to-go minus the mean reward-to-go of the *other episodes'* turns from the same
+anchor state. That isolates the move that mattered: from one square, the sample that stepped into the
+hole and the one that stepped round it get opposite signs, whatever they did before. The baseline uses
+other, independent episodes only (never this episode's own revisits, which its own action decides), and
+the observation is part of the history before the action, so the gradient stays unbiased; an
+observation that is not the state (a "higher" in GuessNumber) only pools less similar turns, which costs
+variance, not bias. A turn whose observation no other episode of its group saw has no step baseline and
+gets step advantage 0. The loop adds it to the episode advantage: ``A = A_episode + state_weight * A_state``
+(GiGPO's combination, weight 1 there). No std normalisation at the step level, whatever the estimator:
+anchor groups are small and uneven, and a std of two nearly equal returns is what the grpo note warns of.
+
 Each fast (vectorised, scatter-based) function has a naive twin (``*_naive``, Python loops over groups)
 that the tests compare for values and gradients.
 """
@@ -133,6 +149,66 @@ def turn_groups(group_ids: list[int], num_turns: list[int]) -> tuple[list[int], 
             turn.append(t)
             group.append(keys.setdefault((g, t), len(keys)))
     return episode, turn, group
+
+
+def anchor_state_advantages(returns: list[list[float]], group_ids: list[int], anchors: list[list[str]],
+                            valid: list[bool]) -> tuple[list[list[float]], int]:
+    """GiGPO step-level advantages (see the module docstring): per episode and turn, the turn's return minus
+    the mean return of the other valid episodes' turns from the same (prompt group, observation).
+
+    returns[e][t]  the discounted reward-to-go of turn t of episode e
+    anchors[e][t]  the observation turn t answered (its anchor state key)
+    -> (advantages[e][t], how many turns had a baseline from another episode)
+    """
+    total: dict[tuple, list[float]] = {}  # (group, anchor) -> [sum, count]
+    own: dict[tuple, list[float]] = {}  # (group, anchor, episode) -> [sum, count]
+    for e, (g, rets, keys) in enumerate(zip(group_ids, returns, anchors)):
+        if not valid[e]:
+            continue
+        for r, key in zip(rets, keys):
+            for table, k in ((total, (g, key)), (own, (g, key, e))):
+                acc = table.setdefault(k, [0.0, 0.0])
+                acc[0] += r
+                acc[1] += 1
+    out, anchored = [], 0
+    for e, (g, rets, keys) in enumerate(zip(group_ids, returns, anchors)):
+        adv = [0.0] * len(rets)
+        if valid[e]:
+            for t, (r, key) in enumerate(zip(rets, keys)):
+                s_all, n_all = total[(g, key)]
+                s_own, n_own = own[(g, key, e)]
+                if n_all > n_own:
+                    adv[t] = r - (s_all - s_own) / (n_all - n_own)
+                    anchored += 1
+        out.append(adv)
+    return out, anchored
+
+
+def anchor_state_advantages_naive(returns, group_ids, anchors, valid):
+    """The same, by looping over every pair of turns."""
+    out, anchored = [], 0
+    for e in range(len(returns)):
+        adv = [0.0] * len(returns[e])
+        for t in range(len(returns[e]) if valid[e] else 0):
+            others = [returns[f][u] for f in range(len(returns)) if f != e and valid[f] and group_ids[f] == group_ids[e]
+                      for u in range(len(returns[f])) if anchors[f][u] == anchors[e][t]]
+            if others:
+                adv[t] = returns[e][t] - sum(others) / len(others)
+                anchored += 1
+        out.append(adv)
+    return out, anchored
+
+
+def turn_observations(messages: list[dict], num_turns: int) -> list[str]:
+    """Per action turn, the observation it answered: the last non-assistant message before the turn's
+    assistant message (a system prompt counts only when no observation follows it)."""
+    out, last = [], ""
+    for m in messages:
+        if m.get("role") == "assistant":
+            out.append(last)
+        else:
+            last = m.get("content", "")
+    return (out + [last] * num_turns)[:num_turns]
 
 
 # ------------------------------------------------------------------------------ naive twins

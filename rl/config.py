@@ -63,8 +63,11 @@ class RLRolloutConfig:
 @dataclass
 class AlgoConfig:
     advantage: str = "rloo"  # rl/advantages.py: rloo | drgrpo | grpo
-    credit: Literal["episode", "turn"] = "episode"  # one advantage per episode, or per turn from its reward-to-go
-    gamma: float = 1.0  # turn credit: discount of later turns' rewards in a turn's reward-to-go
+    # one advantage per episode; per turn from its reward-to-go (baseline: same turn index); or the episode's
+    # plus a per-turn one against the group's turns from the same observation (state: GiGPO's anchor states)
+    credit: Literal["episode", "turn", "state"] = "episode"
+    gamma: float = 1.0  # turn / state credit: discount of later turns' rewards in a turn's reward-to-go
+    state_weight: float = 1.0  # state credit: weight of the step advantage added to the episode's (GiGPO's omega)
     policy_loss: str = "grpo"  # rl/losses.py: grpo | dapo | gspo | reinforce
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     clip_eps_low: float = 0.2  # ratio floor 1 - eps_low (grpo uses it on both sides)
@@ -100,9 +103,11 @@ class AlgoConfig:
                              f"seq_clip_eps_low/high {self.seq_clip_eps_low}/{self.seq_clip_eps_high}")
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
-        if self.credit == "turn" and self.policy_loss == "gspo":
-            raise ValueError("policy_loss=gspo takes one ratio and one advantage per sequence, so it cannot use credit=turn; "
-                             "use credit=episode with gspo, or policy_loss=grpo|dapo with credit=turn")
+        if self.credit != "episode" and self.policy_loss == "gspo":
+            raise ValueError(f"policy_loss=gspo takes one ratio and one advantage per sequence, so it cannot use credit={self.credit}; "
+                             f"use credit=episode with gspo, or policy_loss=grpo|dapo with credit={self.credit}")
+        if not (math.isfinite(self.state_weight) and self.state_weight >= 0):
+            raise ValueError(f"state_weight must be a finite number >= 0, got {self.state_weight}: e.g. algo.state_weight=1.0")
         for name in ("kl_beta", "entropy_coef", "overlong_penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -8,7 +8,8 @@ Departures from the GRPO paper (Shao et al. 2024), and why:
 - Episodes are multi-turn. ``algo.credit: episode`` gives every action token its episode's advantage;
   ``algo.credit: turn`` gives each turn's tokens the advantage of that turn's discounted reward-to-go
   (rl/advantages.py: the baseline is the other samples' reward-to-go at the same turn index, which
-  keeps the gradient unbiased). Observation tokens are context, never trained on.
+  keeps the gradient unbiased); ``algo.credit: state`` adds to the episode's advantage each turn's step
+  advantage against the other samples' turns from the same observation (GiGPO). Observation tokens are context, never trained on.
 - The default advantage is leave-one-out (rloo), not the paper's std-normalised one: per-turn costs make
   an all-fail group's returns differ a little, and dividing by that small std turns length noise into
   unit-sized advantages (rl/advantages.py keeps ``grpo``, with a batch-std floor).
@@ -49,7 +50,7 @@ from hybrid_rl.distributed import LocalProcess, Parallel, balance_experts, rank_
 from hybrid_rl.metrics import MetricsLogger, env_key
 from hybrid_rl.run import make_run_dir, seed_everything
 from hybrid_rl.schedule import warmup_cosine
-from hybrid_rl.rl.advantages import ADVANTAGES, turn_groups, turn_returns
+from hybrid_rl.rl.advantages import ADVANTAGES, anchor_state_advantages, turn_groups, turn_observations, turn_returns
 from hybrid_rl.rl.batch import TENSOR_FIELDS, Batch, collate, micro_batches, trim
 from hybrid_rl.rl.config import RLStageConfig
 from hybrid_rl.rl.kl import KL_ESTIMATORS, kl_k3
@@ -181,32 +182,46 @@ def check_reward_weights(trajectories, algo) -> None:
                     name, f" (did you mean {close[0]!r}?)" if close else "", ", ".join(sorted(seen)) or "none")
 
 
-def token_advantages(trajectories, algo) -> tuple[list[list[float]], list[bool]]:
+def token_advantages(trajectories, algo, stats: dict | None = None) -> tuple[list[list[float]], list[bool]]:
     """(per trajectory the advantage of each token (0 off the actions), per trajectory whether it is valid).
 
     ``credit: episode``: one return per episode (the sum of its turn rewards), one advantage broadcast over
     its action tokens. ``credit: turn``: each turn's discounted reward-to-go against the baseline of the
     group's samples at the same turn index (rl/advantages.py explains why that baseline is unbiased).
-    Advantages are scaled by the episode's env weight (``algo.env_weights``)."""
+    ``credit: state``: the episode's advantage plus ``algo.state_weight`` times the turn's step advantage
+    against the other samples' turns from the same observation (GiGPO's anchor states, rl/advantages.py).
+    Advantages are scaled by the episode's env weight (``algo.env_weights``). ``stats``, when given,
+    receives ``train/anchored_turns_frac`` under state credit."""
     adv_fn = ADVANTAGES.get(algo.advantage)
     valid = [not t.failed and t.num_action_tokens > 0 for t in trajectories]
     turns_of = [t.action_turn_index() for t in trajectories]
     rewards = [turn_rewards(t, algo, turn_of) for t, turn_of in zip(trajectories, turns_of)]
-    if algo.credit == "episode":
-        returns = [[sum(r)] for r in rewards]
-        episode_i, turn_i, group_i = list(range(len(trajectories))), [0] * len(trajectories), [t.group_id for t in trajectories]
-    else:
+    if algo.credit == "turn":
         returns = turn_returns(rewards, algo.gamma)
         episode_i, turn_i, group_i = turn_groups([t.group_id for t in trajectories], [len(r) for r in returns])
+    else:
+        returns = [[sum(r)] for r in rewards]
+        episode_i, turn_i, group_i = list(range(len(trajectories))), [0] * len(trajectories), [t.group_id for t in trajectories]
     flat_adv = adv_fn(torch.tensor([returns[e][k] for e, k in zip(episode_i, turn_i)], dtype=torch.float64),
                       torch.tensor(group_i, dtype=torch.long),
                       torch.tensor([valid[e] for e in episode_i], dtype=torch.bool)).tolist() if episode_i else []
-    per_turn = [[0.0] * len(r) for r in returns]
+    per_turn = [[0.0] * len(r) for r in (rewards if algo.credit == "state" else returns)]
     for e, k, a in zip(episode_i, turn_i, flat_adv):
-        per_turn[e][k] = a * algo.env_weights.get(trajectories[e].env_id, 1.0)
+        if algo.credit == "state":
+            per_turn[e] = [a] * len(per_turn[e])
+        else:
+            per_turn[e][k] = a
+    if algo.credit == "state":
+        anchors = [turn_observations(t.messages, len(r)) for t, r in zip(trajectories, rewards)]
+        step_adv, anchored = anchor_state_advantages(turn_returns(rewards, algo.gamma), [t.group_id for t in trajectories],
+                                                     anchors, valid)
+        per_turn = [[a + algo.state_weight * b for a, b in zip(ep, st)] for ep, st in zip(per_turn, step_adv)]
+        if stats is not None:
+            stats["train/anchored_turns_frac"] = anchored / max(sum(len(r) for r, v in zip(rewards, valid) if v), 1)
     out = []
-    for turn_of, adv in zip(turns_of, per_turn):
-        out.append([(adv[0] if algo.credit == "episode" else adv[k]) if k >= 0 else 0.0 for k in turn_of])
+    for traj, turn_of, adv in zip(trajectories, turns_of, per_turn):
+        weight = algo.env_weights.get(traj.env_id, 1.0)
+        out.append([(adv[0] if algo.credit == "episode" else adv[k]) * weight if k >= 0 else 0.0 for k in turn_of])
     return out, valid
 
 
@@ -214,14 +229,15 @@ def make_batch(trajectories, cfg: RLStageConfig, pad_id: int):
     """Advantages, then the trained episodes as one padded Batch (None when nothing to train), and stats.
 
     The loss normalisers count every valid episode's action tokens, trained or not (see rl/batch.py)."""
-    adv, valid = token_advantages(trajectories, cfg.algo)
+    stats: dict[str, float] = {}
+    adv, valid = token_advantages(trajectories, cfg.algo, stats)
     informative = [v and any(a != 0 for a in a_t) for v, a_t in zip(valid, adv)]
     skip = cfg.algo.skip_zero_advantage and cfg.algo.kl_beta == 0 and cfg.algo.entropy_coef == 0  # else all have a gradient
     keep = [i for i, t in enumerate(trajectories) if (informative[i] if skip else valid[i])]
     trained_tokens = [abs(a) for i in keep for a, m in zip(adv[i], trajectories[i].is_action) if m and informative[i]]
-    stats = {"train/adv_abs_mean": sum(trained_tokens) / len(trained_tokens) if trained_tokens else 0.0,
-             "train/informative_episodes_frac": sum(informative) / max(sum(valid), 1),
-             "train/trained_episodes_frac": len(keep) / max(len(trajectories), 1)}
+    stats.update({"train/adv_abs_mean": sum(trained_tokens) / len(trained_tokens) if trained_tokens else 0.0,
+                  "train/informative_episodes_frac": sum(informative) / max(sum(valid), 1),
+                  "train/trained_episodes_frac": len(keep) / max(len(trajectories), 1)})
     for env_id in sorted({t.env_id for t in trajectories}):
         idx = [i for i, t in enumerate(trajectories) if t.env_id == env_id and valid[i]]
         stats[f"train/informative_episodes_frac/{env_key(env_id)}"] = sum(informative[i] for i in idx) / max(len(idx), 1)

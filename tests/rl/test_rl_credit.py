@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hybrid_rl.config import load_config
-from hybrid_rl.rl.advantages import ADVANTAGES
+from hybrid_rl.rl.advantages import ADVANTAGES, anchor_state_advantages, anchor_state_advantages_naive, turn_observations
 from hybrid_rl.rl.config import RLStageConfig
 from hybrid_rl.rl.train import make_batch, play_step, token_advantages, turn_rewards
 from hybrid_rl.rollout.trajectory import Trajectory
@@ -80,6 +80,74 @@ def test_turn_credit_baseline_comes_from_the_other_samples_at_that_turn():
     assert by_turn[0] == {0: 1 - (0.5 + 1) / 2, 1: 1 - 0.5}  # turn 1: only sample 1 is the baseline
     assert by_turn[1] == {0: 0.5 - 1, 1: 0.5 - 1, 2: 0.0}  # turn 2: no other sample reached it -> no baseline, 0
     assert by_turn[2] == {0: 1 - (1 + 0.5) / 2}
+
+
+def _walk(group, sample, observations, rewards):
+    """An episode whose turn k answered observations[k] (the messages as the engine records them)."""
+    t = _episode(group, rewards, sample=sample)
+    t.messages = [m for obs, act in zip(observations, range(len(rewards))) for m in
+                  ({"role": "user", "content": obs}, {"role": "assistant", "content": f"a{act}"})]
+    return t
+
+
+def test_state_credit_separates_the_fatal_move_from_the_same_square():
+    # one map, three samples. All start on A. Sample 0: A -> B, then from B steps into a hole.
+    # Sample 1: A -> B, then from B steps round it and reaches the goal. Sample 2: A -> C, then falls.
+    trajs = [_walk(0, 0, ["A", "B"], [-0.01, -0.01]),
+             _walk(0, 1, ["A", "B", "D"], [-0.01, -0.01, 0.99]),
+             _walk(0, 2, ["A", "C"], [-0.01, -0.01])]
+    cfg = _cfg("algo.credit=state")
+    stats: dict = {}
+    adv, _ = token_advantages(trajs, cfg.algo, stats)
+    by_turn = [{k: a for a, k in zip(adv[i], t.action_turn_index()) if k >= 0} for i, t in enumerate(trajs)]
+    episode = _adv_by_episode(trajs, _cfg())  # rloo over returns -0.02, 0.97, -0.02
+    # turn 0 (all on A): the step baseline is the others' reward-to-go = the episode's rloo baseline
+    assert by_turn[0][0] == pytest.approx(2 * episode[0]) and by_turn[1][0] == pytest.approx(2 * episode[1])
+    # turn 1 from B: sample 0 (hole, rtg -0.01) against sample 1 (rtg 0.98), and the other way round
+    assert by_turn[0][1] == pytest.approx(episode[0] + (-0.01 - 0.98))
+    assert by_turn[1][1] == pytest.approx(episode[1] + (0.98 + 0.01))
+    # C and D were seen by one sample only: no step baseline, the episode's advantage alone
+    assert by_turn[2][1] == pytest.approx(episode[2]) and by_turn[1][2] == pytest.approx(episode[1])
+    # episode credit gives sample 0's two moves one advantage; state credit makes the fatal one the worse
+    assert by_turn[0][1] < by_turn[0][0] < 0 < by_turn[1][0]
+    assert stats["train/anchored_turns_frac"] == pytest.approx(5 / 7)
+
+
+def test_state_credit_never_uses_an_episodes_own_revisits_as_its_baseline():
+    # sample 0 loops A -> B -> A -> B: its second visit to A must not be compared with its first
+    trajs = [_walk(0, 0, ["A", "B", "A", "B"], [-0.01] * 4), _walk(0, 1, ["A", "E"], [-0.01, 0.99])]
+    returns = [[-0.04, -0.03, -0.02, -0.01], [0.98, 0.99]]
+    adv, anchored = anchor_state_advantages(returns, [0, 0], [["A", "B", "A", "B"], ["A", "E"]], [True, True])
+    assert adv[0] == pytest.approx([-0.04 - 0.98, 0.0, -0.02 - 0.98, 0.0])  # B: no other episode saw it
+    assert adv[1] == pytest.approx([0.98 - (-0.04 - 0.02) / 2, 0.0]) and anchored == 3
+    naive, n_naive = anchor_state_advantages_naive(returns, [0, 0], [["A", "B", "A", "B"], ["A", "E"]], [True, True])
+    assert naive == adv and n_naive == anchored
+    # a failed episode (env_error) is neither a baseline nor trained
+    adv_f, _ = anchor_state_advantages(returns, [0, 0], [["A", "B", "A", "B"], ["A", "E"]], [True, False])
+    assert adv_f == [[0.0] * 4, [0.0, 0.0]]
+
+
+def test_state_credit_fast_and_naive_agree_on_random_groups():
+    import random
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(2, 12)
+        groups = [rng.randint(0, 2) for _ in range(n)]
+        anchors = [[rng.choice("ABCD") for _ in range(rng.randint(1, 6))] for _ in range(n)]
+        returns = [[rng.uniform(-1, 1) for _ in a] for a in anchors]
+        valid = [rng.random() > 0.2 for _ in range(n)]
+        fast, k = anchor_state_advantages(returns, groups, anchors, valid)
+        naive, k_naive = anchor_state_advantages_naive(returns, groups, anchors, valid)
+        assert k == k_naive
+        for f, g in zip(fast, naive):
+            assert f == pytest.approx(g)
+
+
+def test_turn_observations_are_the_messages_each_action_answered():
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "o0"}, {"role": "assistant", "content": "a"},
+                {"role": "tool", "content": "o1"}, {"role": "assistant", "content": "b"}]
+    assert turn_observations(messages, 2) == ["o0", "o1"]
+    assert turn_observations(messages, 3) == ["o0", "o1", "o1"]  # a turn the messages do not show: the last observation
 
 
 def test_overlong_turns_are_penalised_and_env_weights_scale_advantages():
@@ -161,6 +229,8 @@ def test_dapo_filter_keeps_groups_whose_outcomes_differ_not_those_that_differ_on
 @pytest.mark.parametrize("override, expected", [
     ("rollout.sampling.temperature=0", ["temperature", "> 0", "greedy"]),
     ("algo.credit=turn algo.policy_loss=gspo", ["gspo", "credit=turn"]),
+    ("algo.credit=state algo.policy_loss=gspo", ["gspo", "credit=state"]),
+    ("algo.credit=state algo.state_weight=-1", ["state_weight", ">= 0"]),
     ("algo.env_weights={hybrid_rl/Taxi-v3:2.0}", ["env_weights", "Taxi"]),
     ("algo.gamma=0", ["gamma", "(0, 1]"]),
     ("algo.credit=step", ["algo.credit", "'turn'"]),
