@@ -83,12 +83,30 @@ class HybridCache:
                            {i: fn(t) for i, t in self.ssm.items()}, {i: fn(t) for i, t in self.k.items()},
                            {i: fn(t) for i, t in self.v.items()}, fn(self.last_hidden))
 
-    def select(self, rows) -> "HybridCache":
-        """A new cache holding copies of the given rows (in that order; repeats allowed)."""
+    def select(self, rows, room: int | None = None) -> "HybridCache":
+        """A new cache holding copies of the given rows (in that order; repeats allowed).
+
+        ``room``: the new KV buffers hold the longest selected row plus ``room`` positions, and only the
+        used positions are copied (the rest are zero), not the whole buffers: a smaller copy for rows that
+        are about to be extended by at most ``room`` tokens."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.batch_size):
             raise IndexError(f"select({rows}): rows must be in [0, {self.batch_size})")
-        return self._map(lambda t: t.index_select(0, idx))
+        if room is None or not self.k or not idx.numel():
+            return self._map(lambda t: t.index_select(0, idx))
+        lengths = self.lengths.index_select(0, idx)
+        keep = min(int(lengths.max()), self.capacity)
+        capacity = keep + max(int(room), 0)
+
+        def kv(t):
+            out = t.new_zeros(idx.numel(), t.shape[1], capacity, t.shape[3])
+            out[:, :, :keep] = t[:, :, :keep].index_select(0, idx)
+            return out
+
+        pick = lambda t: t.index_select(0, idx)  # noqa: E731
+        return HybridCache(lengths, {i: pick(t) for i, t in self.conv.items()}, {i: pick(t) for i, t in self.ssm.items()},
+                           {i: kv(t) for i, t in self.k.items()}, {i: kv(t) for i, t in self.v.items()},
+                           pick(self.last_hidden))
 
     def fork(self, row: int, n: int) -> "HybridCache":
         """``n`` independent copies of one row (the G samples of a GRPO group)."""
