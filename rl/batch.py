@@ -11,6 +11,7 @@ at position t, so a row of length T gives T-1 training positions:
                                 top-k/top-p), which the trainer scores the same way (``hybrid_rl.rl.losses.policy_logprobs``)
     adv_bt            [B, T-1]  the advantage of each target action token (its episode's or its turn's)
     routing_btlk      [B, T-1, n_moe_layers, k]  experts the rollout used at each input position (or None)
+    doc_ids_bt        [B, T]  which episode of a packed row each position belongs to (None: one per row)
 
 ``norm_tokens`` / ``norm_seqs`` are the loss normalisers of the whole step: the action tokens and the
 episodes of *every* valid episode the step played, including the advantage-0 ones left out of the
@@ -18,6 +19,13 @@ batch to save compute, so that the step size does not depend on how many groups 
 
 Micro-batches hold whole episodes, longest first, so that rows of similar length share padding; each
 holds at most ``micro_batch_tokens`` padded tokens (rows x longest row).
+
+Packed micro-batches (``train.pack_sequences``, the default with a token-level loss): multi-turn episodes
+differ in length by 10x (a FrozenLake episode ends after 1 to 20 turns), so padding every row to the
+longest wastes a third of the update's compute. ``packed_plan`` puts whole episodes, cut after their
+last action token, back to back into rows as long as the longest one (first-fit, longest first), and
+``pack`` builds those rows with ``doc_ids_bt``; the model resets its Mamba state and masks attention at
+every episode boundary (as in SFT packing), so each episode's log-probs are those it has alone.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ class Batch:
     rollout_logp_bt: torch.Tensor
     adv_bt: torch.Tensor
     routing_btlk: torch.Tensor | None = None
+    doc_ids_bt: torch.Tensor | None = None
     norm_tokens: float = 0.0  # 0 = this batch's own action tokens / rows
     norm_seqs: float = 0.0
 
@@ -51,7 +60,7 @@ class Batch:
         return Batch(*(pick(getattr(self, f)) for f in TENSOR_FIELDS), norm_tokens=self.norm_tokens, norm_seqs=self.norm_seqs)
 
 
-TENSOR_FIELDS = ("input_ids_bt", "target_ids_bt", "action_mask_bt", "rollout_logp_bt", "adv_bt", "routing_btlk")
+TENSOR_FIELDS = ("input_ids_bt", "target_ids_bt", "action_mask_bt", "rollout_logp_bt", "adv_bt", "routing_btlk", "doc_ids_bt")
 
 
 def collate(trajectories, advantages, pad_id: int = 0, with_routing: bool = False,
@@ -106,6 +115,55 @@ def trim(batch: Batch) -> Batch:
     and no loss term reads them (the episode's closing observation, padding)."""
     keep = int(batch.action_mask_bt.nonzero()[:, 1].max()) + 1 if batch.action_mask_bt.any() else 1
     pick = lambda x: None if x is None or x.dim() < 2 else x[:, :keep]  # noqa: E731
-    return Batch(pick(batch.input_ids_bt), pick(batch.target_ids_bt), pick(batch.action_mask_bt),
-                 pick(batch.rollout_logp_bt), pick(batch.adv_bt), pick(batch.routing_btlk),
-                 norm_tokens=batch.norm_tokens, norm_seqs=batch.norm_seqs)
+    return Batch(*(pick(getattr(batch, f)) for f in TENSOR_FIELDS), norm_tokens=batch.norm_tokens, norm_seqs=batch.norm_seqs)
+
+
+def trained_lengths(batch: Batch) -> list[int]:
+    """Per row, the positions up to and including its last action target (1 for a row without one)."""
+    return [int(m.nonzero().max()) + 1 if m.any() else 1 for m in batch.action_mask_bt]
+
+
+def packed_plan(lengths: list[int], micro_batch_tokens: int) -> tuple[list[list[list[int]]], int]:
+    """(micro-batches of packed rows of episode indices, the row length). Rows are as long as the longest
+    episode; episodes go longest first into the first row with room (first-fit decreasing); a micro-batch
+    holds as many rows as fit in ``micro_batch_tokens``."""
+    row_len = max(lengths)
+    if row_len > micro_batch_tokens:
+        raise ValueError(f"an episode of {row_len} tokens does not fit in micro_batch_tokens={micro_batch_tokens}; "
+                         "raise train.micro_batch_tokens or lower rollout.max_episode_tokens")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = next((k for k, r in enumerate(room) if r >= lengths[i]), None)
+        if k is None:
+            rows.append([])
+            room.append(row_len)
+            k = len(rows) - 1
+        rows[k].append(i)
+        room[k] -= lengths[i]
+    per_mb = max(micro_batch_tokens // row_len, 1)
+    return [rows[j:j + per_mb] for j in range(0, len(rows), per_mb)], row_len
+
+
+def pack(batch: Batch, rows: list[list[int]], lengths: list[int], pad_id: int = 0) -> Batch:
+    """The micro-batch of packed ``rows`` (lists of ``batch`` row indices): each episode's first
+    ``lengths[i]`` positions back to back, then padding (a document of its own, masked out)."""
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    out = {}
+    for f in TENSOR_FIELDS:
+        x = getattr(batch, f)
+        if f == "doc_ids_bt" or x is None:
+            continue
+        fill = pad_id if f in ("input_ids_bt", "target_ids_bt") else 0
+        out[f] = torch.full((len(rows), width, *x.shape[2:]), fill, dtype=x.dtype)
+    doc = torch.empty(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for d, i in enumerate(row):
+            n = lengths[i]
+            for f, x in out.items():
+                x[r, at:at + n] = getattr(batch, f)[i, :n]
+            doc[r, at:at + n] = d
+            at += n
+        doc[r, at:] = len(row)
+    return Batch(**out, doc_ids_bt=doc, norm_tokens=batch.norm_tokens, norm_seqs=batch.norm_seqs)

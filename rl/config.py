@@ -4,8 +4,9 @@ Sizes, in one place (``RLStageConfig.__post_init__`` checks them):
 
     a group        = rollout.samples_per_prompt episodes of one env seed (the GRPO baseline)
     a step's batch = rollout.prompts_per_step groups = prompts_per_step * samples_per_prompt episodes
-    a micro-batch  = whole episodes, right-padded to the longest, at most train.micro_batch_tokens
-                     tokens (rows * longest row); gradients accumulate over the step's micro-batches
+    a micro-batch  = whole episodes, packed back to back into rows as long as the step's longest episode
+                     (train.pack_sequences; else one per row, right-padded), at most train.micro_batch_tokens
+                     tokens (rows * row length); gradients accumulate over the step's micro-batches
     an update      = one AdamW step per batch by default (on-policy: the ratio is exactly 1), or
                      algo.updates_per_batch steps, each over the whole batch (GRPO's mu iterations)
 """
@@ -138,6 +139,10 @@ class RLTrainConfig(ParallelTrainConfig):
     beta2: float = 0.99
     max_grad_norm: float = 1.0  # clip the global grad norm; 0 = off
     micro_batch_tokens: int = 4096  # padded tokens per micro-batch (rows x longest row)
+    # put several episodes in one row (attention masked and Mamba state reset at each episode's start), rows
+    # as long as the step's longest episode: less padding. Token-mean loss only (the per-sequence
+    # aggregations and gspo keep one episode per row)
+    pack_sequences: bool = True
     # aux-loss-free balancing step per optimizer step; 0 = off (the default: a bias update changes the policy
     # outside the gradient, which no ratio or clip accounts for; NeMo-RL's Nano recipe freezes it too)
     moe_bias_update_rate: float = 0.0

@@ -51,7 +51,7 @@ from hybrid_rl.metrics import MetricsLogger, env_key
 from hybrid_rl.run import make_run_dir, seed_everything
 from hybrid_rl.schedule import warmup_cosine
 from hybrid_rl.rl.advantages import ADVANTAGES, anchor_state_advantages, turn_groups, turn_observations, turn_returns
-from hybrid_rl.rl.batch import TENSOR_FIELDS, Batch, collate, micro_batches, trim
+from hybrid_rl.rl.batch import TENSOR_FIELDS, Batch, collate, micro_batches, pack, packed_plan, trained_lengths, trim
 from hybrid_rl.rl.config import RLStageConfig
 from hybrid_rl.rl.kl import KL_ESTIMATORS, kl_k3
 from hybrid_rl.rl.losses import POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, chunked_policy_logprobs, policy_logprobs
@@ -281,17 +281,22 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
     agg = cfg.algo.loss_agg
     n_tokens, n_seqs = batch.norm_tokens, batch.norm_seqs
     batch_tokens = float(batch.action_mask_bt.sum())
-    lengths = [int(m.nonzero().max()) + 1 if m.any() else 1 for m in batch.action_mask_bt]
+    lengths = trained_lengths(batch)
     sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, mismatch=0.0, ratio=0.0, route_diff=0.0, route_n=0.0)
     mismatch_max = 0.0
     ref_cache = {} if ref_cache is None else ref_cache
     with_kl = ref_model is not None and cfg.algo.kl_beta > 0
     optimizer.zero_grad(set_to_none=True)
-    plan = micro_batches(lengths, cfg.train.micro_batch_tokens)
+    if packs(cfg):
+        plan, _ = packed_plan(lengths, cfg.train.micro_batch_tokens)
+        make_mb = lambda i: pack(batch, plan[i], lengths)  # noqa: E731
+    else:
+        plan = micro_batches(lengths, cfg.train.micro_batch_tokens)
+        make_mb = lambda i: trim(batch.rows(plan[i]))  # noqa: E731
     share = rank_share(len(plan), par.rank, par.world)
     weights = rank_share_weights(len(plan), par.rank, par.world)
     for j, (i, weight) in enumerate(zip(share, weights)):
-        mb = _to(trim(batch.rows(plan[i])), par.device)
+        mb = _to(make_mb(i), par.device)
         mask_bt, on_bt = mb.action_mask_bt, mb.action_mask_bt.bool()
         replay = mb.routing_btlk if cfg.algo.routing_replay else None
         if with_kl and i not in ref_cache:
@@ -346,6 +351,12 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
     return stats
 
 
+def packs(cfg: RLStageConfig) -> bool:
+    """Whether the update packs episodes into shared rows (``train.pack_sequences``): only with a loss
+    summed token by token; a per-sequence aggregation or GSPO's sequence ratio reads whole rows."""
+    return cfg.train.pack_sequences and cfg.algo.loss_agg == "token-mean" and cfg.algo.policy_loss != "gspo"
+
+
 @torch.no_grad()
 def reference_logprobs(ref_model, mb: Batch, replay, dist: ScoringDist | None, cfg_train, par: Parallel):
     """Log-probs of the micro-batch's targets under the frozen reference policy (for the KL term); an
@@ -367,11 +378,11 @@ def score(model, mb: Batch, replay, dist: ScoringDist | None, tc, record: bool =
     chunk of tokens at a time inside the model's forward: no [B, T, V] tensor."""
     chunk = logprob_chunk(tc, model_vocab(model))
     if not chunk:
-        out = model(mb.input_ids_bt, routing=replay, record_routing=record)
+        out = model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, routing=replay, record_routing=record)
         return out, policy_logprobs(out.logits, mb.target_ids_bt, mb.action_mask_bt, dist, with_entropy=with_entropy)
     head = lambda h, w: chunked_policy_logprobs(h, w, mb.target_ids_bt, mb.action_mask_bt, dist,  # noqa: E731
                                                 with_entropy=with_entropy, chunk_tokens=chunk)
-    out = model(mb.input_ids_bt, routing=replay, record_routing=record, head=head)
+    out = model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, routing=replay, record_routing=record, head=head)
     return out, out.head
 
 
@@ -401,7 +412,7 @@ def _to(mb: Batch, device) -> Batch:
 @torch.no_grad()
 def _natural_routing(model, mb: Batch):
     """The experts the trainer would pick without replay (one extra forward, for the mismatch metric only)."""
-    return model(mb.input_ids_bt, record_routing=True).routed_experts
+    return model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, record_routing=True).routed_experts
 
 
 def staleness_metrics(trajectories, version: int) -> dict[str, float]:

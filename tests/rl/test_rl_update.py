@@ -72,6 +72,58 @@ def test_micro_batch_split_does_not_change_the_update(loss, agg):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("extra", [[], ["algo.routing_replay=true"], ["algo.kl_beta=0.1", "algo.entropy_coef=0.01"]])
+def test_packed_rows_give_the_update_of_one_episode_per_row(extra):
+    # episodes of 6..29 tokens; packed into rows as long as the longest, several micro-batches
+    model = _model()
+    trajs = _trajectories(model, n=10, routing="algo.routing_replay=true" in extra)
+    results = []
+    for packed in ("false", "true"):
+        cfg = _cfg("train.micro_batch_tokens=64", f"train.pack_sequences={packed}", *extra)
+        batch, _ = make_batch(trajs, cfg, pad_id=0)
+        m = copy.deepcopy(model)
+        rec = GradRecorder(m)
+        ref = copy.deepcopy(model) if "algo.kl_beta=0.1" in extra else None
+        stats = policy_update(m, rec, batch, cfg, ref_model=ref)
+        results.append((rec.grads, stats))
+    (g_rows, s_rows), (g_packed, s_packed) = results
+    assert g_rows.keys() == g_packed.keys() and len(g_rows) > 10
+    for name in g_rows:
+        torch.testing.assert_close(g_packed[name], g_rows[name], rtol=1e-4, atol=1e-6, msg=name)
+    for key in ("train/loss", "train/entropy", "train/ratio_mean", "train/kl", "train/routing_mismatch"):
+        if key in s_rows:
+            assert s_packed[key] == pytest.approx(s_rows[key], rel=1e-4, abs=1e-7), key
+
+
+def test_packing_fills_rows_and_is_skipped_for_per_sequence_losses():
+    from hybrid_rl.rl.batch import pack, packed_plan, trained_lengths
+    from hybrid_rl.rl.train import packs
+
+    model = _model()
+    trajs = _trajectories(model, n=10)
+    cfg = _cfg("train.micro_batch_tokens=64")
+    batch, _ = make_batch(trajs, cfg, pad_id=0)
+    lengths = trained_lengths(batch)
+    plan, row_len = packed_plan(lengths, 64)
+    rows = [row for mb in plan for row in mb]
+    assert sorted(i for row in rows for i in row) == list(range(batch.num_rows))  # every episode once
+    assert row_len == max(lengths) and all(sum(lengths[i] for i in row) <= row_len for row in rows)
+    assert all(len(mb) * row_len <= 64 for mb in plan)
+    assert sum(len(mb) for mb in plan) < batch.num_rows  # fewer rows than episodes: the point of packing
+    mb = pack(batch, plan[0], lengths)
+    for r, row in enumerate(plan[0]):
+        at = 0
+        for d, i in enumerate(row):
+            n = lengths[i]
+            assert torch.equal(mb.input_ids_bt[r, at:at + n], batch.input_ids_bt[i, :n])
+            assert torch.equal(mb.adv_bt[r, at:at + n], batch.adv_bt[i, :n])
+            assert (mb.doc_ids_bt[r, at:at + n] == d).all()
+            at += n
+        assert not mb.action_mask_bt[r, at:].any()  # padding is never trained
+    assert packs(cfg) and not packs(_cfg("train.pack_sequences=false"))
+    assert not packs(_cfg("algo.loss_agg=seq-mean-token-mean")) and not packs(_cfg("algo.policy_loss=gspo", "algo.loss_agg=seq-mean-token-mean"))
+
+
 def test_first_on_policy_step_has_ratio_one_and_nothing_clipped():
     model = _model()
     cfg = _cfg()
