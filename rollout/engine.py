@@ -54,6 +54,16 @@ and the engine feeds 4,616 tokens where the raw loop feeds its 1,894: at equal c
 waits (one per step in which a turn ended, ~25 here, minus the decode step they overlap) are fixed by the
 same schedule, so the slow/instant ratio grows as the instant run gets faster (2.02-2.03x vs 1.90-1.95x).
 
+Why ``extend`` is not much cheaper per token than a decode step at ~30 rows: the model is small (~10 MFLOP
+per token: ~7 in dense projections, ~2.6 in routed experts), so a 30-row decode step is already near
+compute-bound (~40-55 GFLOP/s, one thread), and a 30 x 24 extend runs its dense projections through MKL at
+~70-90 GFLOP/s (the single-thread peak here; ``aten::mm`` is 83% of that extend). The small extends' ~4 ms
+floor is mostly their 29 MKL calls (~2.2 ms at 1 row: MKL re-packs each weight matrix, ~14 MB in all, on
+every call) plus ~1 ms of torch dispatch. Faster per-token extension would need other GEMMs (e.g. the
+decode program's pre-packed panels), which round differently: MKL here sums K in blocks of 128/192 (and
+uses another kernel below 4 rows), the panels in one chain, so logits would move at round-off and sampled
+tokens could change.
+
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
 past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action is text only
 (with the byte tokenizer it renders back to the same ids; a BPE tokenizer may tokenize the text otherwise

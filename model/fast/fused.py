@@ -19,13 +19,16 @@ by ``decode_layers`` in decode.c:
   every layer: pointer slot 15 = the next norm's weight, float slot 3 = its eps.
   Dense weights are passed as 16-column panels (``dense_panels``), rebuilt when a parameter changes.
 
-The pointer table is rebuilt only when a parameter's version or storage or a cache buffer changes
-(cache buffers move when they grow; derived weights are rebuilt after an optimizer step).
+The pointer table is rebuilt only when a parameter's identity, version or storage, or a buffer's identity
+or storage, changes (derived weights are rebuilt after an optimizer step); buffers are read through their
+pointers, so an in-place load count or balance update keeps it.  Moved cache buffers (select, cat, growth)
+only rewrite the cache's slots (~0.09 ms instead of a ~0.45 ms rebuild).
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 import threading
 
 import torch
@@ -35,6 +38,8 @@ from . import kernels
 SLOT_P, SLOT_I, SLOT_F = 16, 12, 4
 _RUN_LOCK = threading.Lock()  # one decode step at a time per process (each uses every OpenMP thread)
 KINDS = {"M": 0, "E": 1, "*": 2, "-": 3}
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def program_for(model, h_bd, cache):
@@ -102,24 +107,52 @@ class DecodeProgram:
             self.floats[i, SLOT_F - 1] = norms[i].eps
         self.config = copy.deepcopy(cfg)  # the program is rebuilt when the model's config differs from it
         self.n_moe = cfg.layer_pattern.count("E")
-        self._work = torch.empty(0, dtype=torch.float32)
+        self._work, self._work_key = torch.empty(0, dtype=torch.float32), None
+        self._capacity = None  # the KV capacity written into the attention layers' ints
         # where each parameter and buffer lives (read anew each step: walking the modules costs ~0.5 ms)
-        self._homes = [(m._parameters, n) for m in model.modules() for n in m._parameters] + \
-                      [(m._buffers, n) for m in model.modules() for n in m._buffers]
-        self._signature, self._ptrs = None, None
+        self._homes = [(m._parameters, n) for m in model.modules() for n in m._parameters]
+        self._buffer_homes = [(m._buffers, n) for m in model.modules() for n in m._buffers]
+        # the cache's pointer slots: (flat index into the table, store name, layer)
+        self._cache_slots = [(i * SLOT_P + j, store, i) for i, kind in enumerate(cfg.layer_pattern)
+                             for j, store in ((8, "conv"), (9, "ssm")) if kind == "M"] + \
+                            [(i * SLOT_P + j, store, i) for i, kind in enumerate(cfg.layer_pattern)
+                             for j, store in ((2, "k"), (3, "v")) if kind == "*"]
+        self._weights_sig, self._cache_sig = None, None
+        self._table: list[int] = []  # the pointer slots as ints (weights and cache)
+        self._ptrs, self._head_panels = None, None
+
+    def _weights_signature(self) -> tuple:
+        """What a rebuilt table would differ by: the optimizer steps of the process, per parameter its
+        identity, version and storage, per buffer its identity and storage (flat lists: cheap to build and
+        to compare).  Buffers (the selection bias, the load counter) are read through their pointers, never
+        copied, so an in-place update of one (a load count, a balance update) keeps the table."""
+        params = [t for t in (home[name] for home, name in self._homes) if t is not None]
+        buffers = [t for t in (home[name] for home, name in self._buffer_homes) if t is not None]
+        try:
+            versions = list(map(_VERSION, params))
+        except RuntimeError:  # inference tensors keep no version counter
+            versions = list(map(kernels.version, params))
+        return (kernels.optimizer_steps(), list(map(id, params)), versions, list(map(_DATA_PTR, params)),
+                list(map(id, buffers)), list(map(_DATA_PTR, buffers)))
 
     def pointers(self, cache) -> torch.Tensor:
-        """The pointer slots as an int64 tensor; reused while no weight and no cache buffer has changed."""
-        tensors = [home[name] for home, name in self._homes]
-        try:
-            state = tuple((id(t), t._version, t.data_ptr()) for t in tensors if t is not None)
-        except RuntimeError:  # inference tensors keep no version counter
-            state = tuple((id(t), kernels.version(t), t.data_ptr()) for t in tensors if t is not None)
-        signature = (kernels.optimizer_steps(), state,
-                     tuple(t.data_ptr() for store in (cache.conv, cache.ssm, cache.k, cache.v) for t in store.values()))
-        if signature != self._signature:
-            self._ptrs = torch.tensor(self._collect(cache), dtype=torch.int64)
-            self._signature = signature
+        """The pointer slots as an int64 tensor; reused while no weight and no cache buffer has changed.
+        A changed weight rebuilds the table; moved cache buffers (select, cat, growth) only rewrite the
+        cache's slots."""
+        weights = self._weights_signature()
+        stores = {"conv": cache.conv, "ssm": cache.ssm, "k": cache.k, "v": cache.v}
+        cache_sig = [stores[store][i].data_ptr() for _, store, i in self._cache_slots]
+        if weights != self._weights_sig:
+            self._table = self._collect(cache)
+            head = self.model.lm_head.weight
+            self._head_panels = kernels.derived(self.model.lm_head, "panels", (head,),
+                                                lambda: kernels.linear_panels(head))
+            self._weights_sig, self._cache_sig = weights, None
+        if cache_sig != self._cache_sig:
+            for (slot, _, _), ptr in zip(self._cache_slots, cache_sig):
+                self._table[slot] = ptr
+            self._ptrs = torch.tensor(self._table, dtype=torch.int64)
+            self._cache_sig = cache_sig
         return self._ptrs
 
     def _collect(self, cache) -> list[int]:
@@ -155,23 +188,25 @@ class DecodeProgram:
 
     def _run(self, h_bd, cache, record: bool):
         b, d = h_bd.shape
-        if self.n and cache.k:
-            self.ints[self.kinds == 2, 3] = cache.capacity
+        p = kernels.ptr
+        if self.n and cache.k and cache.capacity != self._capacity:
+            self._capacity = cache.capacity
+            self.ints[self.kinds == 2, 3] = self._capacity
+            self._work_key = None
         lib = kernels.library()
-        size = lib.decode_work_size(self.n, kernels.ptr(self.kinds), kernels.ptr(self.ints), b, d)
-        if self._work.numel() < size:
-            self._work = torch.empty(size, dtype=torch.float32)
+        if self._work_key != b:  # the workspace depends on the rows and the KV capacity
+            size = lib.decode_work_size(self.n, p(self.kinds), p(self.ints), b, d)
+            if self._work.numel() < size:
+                self._work = torch.empty(size, dtype=torch.float32)
+            self._work_key = b
         x = torch.empty_like(h_bd)
         first = self.model.backbone.layers[0].norm
-        lib.add_rms_norm(kernels.ptr(h_bd), None, kernels.ptr(first.weight), kernels.ptr(x), b, d, first.eps)
+        lib.add_rms_norm(p(h_bd), None, p(first.weight), p(x), b, d, first.eps)
         routes = torch.empty(self.n_moe, b, self.model.config.num_experts_per_tok, dtype=torch.long) if record else None
         ptrs = self.pointers(cache)
-        lib.decode_layers(self.n, kernels.ptr(self.kinds), kernels.ptr(ptrs), kernels.ptr(self.ints),
-                          kernels.ptr(self.floats),
-                          kernels.ptr(h_bd), kernels.ptr(x), kernels.ptr(self._work), kernels.ptr(cache.lengths),
-                          kernels.ptr(routes) if record else None, b, d)
-        head = self.model.lm_head.weight
-        panels = kernels.derived(self.model.lm_head, "panels", (head,), lambda: kernels.linear_panels(head))
-        logits = h_bd.new_empty(b, head.shape[0])
-        lib.linear_packed(kernels.ptr(x), kernels.ptr(panels), kernels.ptr(logits), b, d, d, head.shape[0], head.shape[0])
+        lib.decode_layers(self.n, p(self.kinds), p(ptrs), p(self.ints), p(self.floats),
+                          p(h_bd), p(x), p(self._work), p(cache.lengths), p(routes) if record else None, b, d)
+        panels, vocab = self._head_panels, self.model.lm_head.weight.shape[0]
+        logits = h_bd.new_empty(b, vocab)
+        lib.linear_packed(p(x), p(panels), p(logits), b, d, d, vocab, vocab)
         return x, logits, routes

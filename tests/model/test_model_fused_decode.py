@@ -166,6 +166,39 @@ def test_decode_step_runs_the_layer_program_and_without_kernels_the_pytorch_path
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
+def test_decode_program_table_follows_moved_cache_buffers_and_changed_weights():
+    """Moved cache buffers only rewrite the cache's pointer slots; an in-place update of a buffer (the load
+    counter) keeps the table; an updated parameter rebuilds it.  Every step equals a fresh program's."""
+    model = randomize(HybridLM(small_config()).eval(), seed=8)
+    cache = model.new_cache(3)
+    model.extend(cache, [torch.arange(5), torch.arange(3), torch.arange(7)])
+    tok = torch.tensor([3, 4, 5])
+
+    def step(c, t):
+        got = model.decode_step(c.select(range(c.batch_size)), t)  # a copy: the program sees new buffers
+        model.__dict__.pop("_program")
+        fresh = model.decode_step(c.select(range(c.batch_size)), t)
+        assert torch.equal(got, fresh)
+        return got
+
+    first = step(cache, tok)
+    swapped = step(cache.select([2, 0, 1]), tok[[2, 0, 1]])  # rows are independent: same logits, reordered
+    assert torch.equal(swapped, first[[2, 0, 1]])
+    model.decode_step(cache.select([0, 1, 2]), tok)
+    program = model.__dict__["_program"]
+    weights = program._weights_sig
+    for layer in model.modules():
+        if hasattr(layer, "expert_load"):
+            layer.expert_load += 1  # read through its pointer: no rebuild
+    model.decode_step(cache.select([0, 1, 2]), tok)
+    assert program._weights_sig is weights
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    doubled = model.decode_step(cache.select([0, 1, 2]), tok)
+    assert program._weights_sig is not weights
+    torch.testing.assert_close(doubled, 2 * first, atol=1e-4, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- robustness of the fused path
 def _assert_same_decode(model, reference, prompts, steps=3):
     for a, b in zip(decode_run(reference, prompts, steps)[0], decode_run(model, prompts, steps)[0]):

@@ -53,4 +53,26 @@ static inline float hsum8(v8f v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+/* lanes of a and b (0-7: a, 8-15: b): __builtin_shufflevector in clang and GCC >= 12, __builtin_shuffle
+ * in older GCC */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
+
+/* lane i = hsum8(v[i]) for eight vectors at once: the same additions of the same operands in the same
+ * order (pairs, then pairs of pairs, then the two halves), so each result equals hsum8's bit for bit,
+ * from three rounds of vector adds instead of eight scalar reductions. */
+static inline v8f pair_sums8(v8f a, v8f b) { /* [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7] */
+    return SHUFFLE8(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE8(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+static inline v8f hsum8x8(const v8f v[8]) {
+    /* q0123 = [lo(v0), lo(v1), lo(v2), lo(v3) | hi(v0), ..., hi(v3)], lo = (0+1)+(2+3), hi = (4+5)+(6+7) */
+    const v8f q0123 = pair_sums8(pair_sums8(v[0], v[1]), pair_sums8(v[2], v[3]));
+    const v8f q4567 = pair_sums8(pair_sums8(v[4], v[5]), pair_sums8(v[6], v[7]));
+    return SHUFFLE8(q0123, q4567, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE8(q0123, q4567, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 #endif
