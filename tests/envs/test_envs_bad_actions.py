@@ -8,6 +8,7 @@ from hybrid_rl.envs.checker import BAD_ACTIONS
 # An action each env can parse but must refuse by its rules, and the words its explanation contains.
 INVALID_MOVES = {
     "hybrid_rl/Buttons-v0": ("-3", "no key"),
+    "hybrid_rl/Nim-v0": ("4", "take 1, 2 or 3"),
     "hybrid_rl/GuessNumber-v0": ("99", "out of range"),
     "hybrid_rl/FrozenLake-v1": ("jump", "left down right up"),
     "hybrid_rl/Taxi-v3": ("fly", "pickup"),
