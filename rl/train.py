@@ -212,7 +212,7 @@ def token_advantages(trajectories, algo, stats: dict | None = None) -> tuple[lis
         else:
             per_turn[e][k] = a
     if algo.credit == "state":
-        anchors = [turn_observations(t.messages, len(r)) for t, r in zip(trajectories, rewards)]
+        anchors = [turn_observations(t.messages, len(r), algo.state_key) for t, r in zip(trajectories, rewards)]
         step_adv, anchored = anchor_state_advantages(turn_returns(rewards, algo.gamma), [t.group_id for t in trajectories],
                                                      anchors, valid)
         per_turn = [[a + algo.state_weight * b for a, b in zip(ep, st)] for ep, st in zip(per_turn, step_adv)]

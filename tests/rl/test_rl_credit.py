@@ -148,6 +148,19 @@ def test_turn_observations_are_the_messages_each_action_answered():
                 {"role": "tool", "content": "o1"}, {"role": "assistant", "content": "b"}]
     assert turn_observations(messages, 2) == ["o0", "o1"]
     assert turn_observations(messages, 3) == ["o0", "o1", "o1"]  # a turn the messages do not show: the last observation
+    history = turn_observations(messages, 2, "history")
+    assert history[0] != history[1] and all("o0" in h for h in history) and "o1" in history[1] and "b" not in history[1]
+
+
+def test_state_credit_keyed_by_history_does_not_pool_the_same_observation_from_different_states():
+    # GuessNumber-like: both samples see "higher" at turn 1, after different guesses; all fail at the limit
+    a = _walk(0, 0, ["start", "higher", "higher"], [-0.02] * 3)
+    b = _walk(0, 1, ["start", "higher", "lower"], [-0.02] * 3)
+    a.messages[1]["content"], b.messages[1]["content"] = "50", "30"  # different first guesses
+    by_obs, _ = token_advantages([a, b], _cfg("algo.credit=state").algo)
+    by_history, _ = token_advantages([a, b], _cfg("algo.credit=state", "algo.state_key=history").algo)
+    assert any(x != 0 for x in by_obs[0])  # turn 1's "higher" pooled with turn 2's: turn-count noise
+    assert all(x == 0 for x in by_history[0] + by_history[1])  # only the shared start, and equal returns
 
 
 def test_overlong_turns_are_penalised_and_env_weights_scale_advantages():
