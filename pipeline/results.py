@@ -38,7 +38,7 @@ def render(base: Path, block: str = "quickstart", recipe: str = "configs/quickst
         f"`{base}` (`hybrid-rl pipeline`, {recipe}): a `{cfg['model'].get('preset') or 'custom'}` model; "
         f"demonstrations from an imperfect teacher ({demos}); SFT {cfg['sft']['train']['max_steps']} steps; GRPO "
         f"{train['steps']} steps of {rollout['prompts_per_step']} prompts x {rollout['samples_per_prompt']} samples "
-        f"({algo['advantage']} advantages, {algo['policy_loss']} loss, {algo['loss_agg']}, {algo['updates_per_batch']} "
+        f"({algo['advantage']} advantages, {algo.get('credit', 'episode')} credit, {algo['policy_loss']} loss, {algo['loss_agg']}, {algo['updates_per_batch']} "
         f"update(s) per batch, lr {train['lr']}, {algo['mode']} rollouts on {rollout['pool']['num_workers']} Ray worker(s)). "
         f"Eval: the SFT and the RL checkpoints on the same {cfg['eval']['episodes_per_env']} held-out seeds per env.",
         "",
