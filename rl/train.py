@@ -205,17 +205,14 @@ def token_advantages(trajectories, algo, stats: dict | None = None) -> tuple[lis
     flat_adv = adv_fn(torch.tensor([returns[e][k] for e, k in zip(episode_i, turn_i)], dtype=torch.float64),
                       torch.tensor(group_i, dtype=torch.long),
                       torch.tensor([valid[e] for e in episode_i], dtype=torch.bool)).tolist() if episode_i else []
-    per_turn = [[0.0] * len(r) for r in (rewards if algo.credit == "state" else returns)]
+    per_turn = [[0.0] * len(r) for r in returns]
     for e, k, a in zip(episode_i, turn_i, flat_adv):
-        if algo.credit == "state":
-            per_turn[e] = [a] * len(per_turn[e])
-        else:
-            per_turn[e][k] = a
-    if algo.credit == "state":
+        per_turn[e][k] = a
+    if algo.credit == "state":  # the episode's advantage plus each turn's step advantage
         anchors = [turn_observations(t.messages, len(r), algo.state_key) for t, r in zip(trajectories, rewards)]
         step_adv, anchored = anchor_state_advantages(turn_returns(rewards, algo.gamma), [t.group_id for t in trajectories],
                                                      anchors, valid)
-        per_turn = [[a + algo.state_weight * b for a, b in zip(ep, st)] for ep, st in zip(per_turn, step_adv)]
+        per_turn = [[ep[0] + algo.state_weight * b for b in st] for ep, st in zip(per_turn, step_adv)]
         if stats is not None:
             stats["train/anchored_turns_frac"] = anchored / max(sum(len(r) for r, v in zip(rewards, valid) if v), 1)
     out = []

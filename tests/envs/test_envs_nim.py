@@ -3,8 +3,6 @@
 import pytest
 
 from hybrid_rl import envs
-from hybrid_rl.cli import main
-from hybrid_rl.envs.checker import check
 
 ENV_ID = "hybrid_rl/Nim-v0"
 
@@ -27,12 +25,8 @@ def _play(policy: str, n: int = 200, **kwargs):
     return wins / n, moves / n, invalid
 
 
-def test_nim_passes_the_check_and_is_listed(capsys):
-    report = check(ENV_ID, episodes=100)
-    assert report.passed, report.format()
-    assert report.expert["success_rate"] == 1.0
-    assert main(["envs", "list"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(ENV_ID))
+def test_nim_passes_the_check_and_is_listed(check_and_list):
+    row = check_and_list(ENV_ID)
     assert row.split()[1] == "12" and "last stone" in row
 
 
