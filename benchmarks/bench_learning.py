@@ -40,8 +40,9 @@ def run_one(env_id: str, seed: int, args) -> dict:
     key = env_key(env_id)
     name = f"learning/{slug(env_id)}-s{seed}"
     overrides = [f"envs=[{env_id}]", f"run.seed={seed}", f"run.name={name}", "run.overwrite=true",
-                 f"eval.episodes_per_env={args.episodes}", f"rl.eval.every_steps={args.eval_every}",
-                 f"rl.eval.episodes_per_env={args.curve_episodes}", "rl.eval.at_start=true", *args.set]
+                 f"eval.episodes_per_env={args.episodes}", f"rl.eval.episodes_per_env={args.curve_episodes}",
+                 "rl.eval.at_start=true", *([f"rl.eval.every_steps={args.eval_every}"] if args.eval_every else []),
+                 *args.set]
     cfg = load_config(PipelineStageConfig, args.config, overrides)
     t0 = time.time()
     res = pipeline(cfg)
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="run seeds (run.seed)")
     parser.add_argument("--config", default=str(CONFIG_DIR / "quickstart.yaml"), help="the pipeline recipe")
     parser.add_argument("--episodes", type=int, default=100, help="held-out episodes per policy")
-    parser.add_argument("--eval-every", type=int, default=10, help="RL steps between held-out evals (the curve)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="RL steps between held-out evals (the curve); default: the recipe's rl.eval.every_steps")
     parser.add_argument("--curve-episodes", type=int, default=50, help="held-out episodes per curve point")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more pipeline overrides (all envs)")
     parser.add_argument("--json-out", default=str(ROOT / "benchmarks" / "results" / "learning.json"))
