@@ -20,7 +20,7 @@ class RunConfig:
     tags: list[str] = field(default_factory=list)
     log_level: str = "INFO"
     quiet: bool = False  # warnings only, no progress bars (also when CI=true)
-    overwrite: bool = False  # reuse an existing run directory (resume reads it; a fresh run refuses without this)
+    overwrite: bool = False  # replace a previous run's outputs in its directory (resume reads them; a fresh run refuses without this)
 
     def __post_init__(self):
         if self.name and not re.fullmatch(r"[A-Za-z0-9_.\-/]+", self.name):
@@ -34,11 +34,32 @@ def make_run_dir(run: RunConfig, stage: str, full_config, *, resume: bool = Fals
     if run_dir.exists() and any(run_dir.iterdir()) and not (resume or run.overwrite):
         raise FileExistsError(
             f"run directory {run_dir} already exists and is not empty; pick another run.name, "
-            f"pass run.overwrite=true to reuse it, or resume from it."
+            f"pass run.overwrite=true to replace that run's outputs, or resume from it."
         )
+    if run.overwrite and not resume:
+        clear_run_outputs(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(full_config, run_dir / "config.yaml")
     return run_dir
+
+
+# what a stage writes into its run directory: run.overwrite replaces these, so a new run's metrics, samples,
+# checkpoints and dashboards never mix with the previous run's (the jsonl files are opened for appending,
+# which is what resume needs); anything else in the directory is left alone
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "report.html", "run.json", "eval.json",
+               "trajectories.jsonl", "tensorboard", "wandb")
+_CHECKPOINT_DIR = re.compile(r"\.?step_\d+(\.tmp-\d+)?")
+
+
+def clear_run_outputs(run_dir: Path) -> None:
+    """Remove a previous run's outputs from ``run_dir`` (run.overwrite=true), nothing else."""
+    import shutil
+
+    if not run_dir.is_dir():
+        return
+    for path in run_dir.iterdir():
+        if path.name in RUN_OUTPUTS or (path.is_dir() and _CHECKPOINT_DIR.fullmatch(path.name)):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def git_commit() -> str:
