@@ -48,7 +48,7 @@ def make_run_dir(run: RunConfig, stage: str, full_config, *, resume: bool = Fals
 # which is what resume needs); anything else in the directory is left alone
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "report.html", "run.json", "eval.json",
                "trajectories.jsonl", "tensorboard", "wandb")
-_CHECKPOINT_DIR = re.compile(r"\.?step_\d+(\.tmp-\d+)?")
+_CHECKPOINT_DIR = re.compile(r"\.?step_\d+(\.tmp-\d+)?")  # checkpoints, complete or not (hybrid_rl/checkpoint.py)
 
 
 def clear_run_outputs(run_dir: Path) -> None:
@@ -58,8 +58,12 @@ def clear_run_outputs(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     for path in run_dir.iterdir():
-        if path.name in RUN_OUTPUTS or (path.is_dir() and _CHECKPOINT_DIR.fullmatch(path.name)):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if path.name not in RUN_OUTPUTS and not (path.is_dir() and _CHECKPOINT_DIR.fullmatch(path.name)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def git_commit() -> str:
