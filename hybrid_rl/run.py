@@ -47,7 +47,7 @@ def make_run_dir(run: RunConfig, stage: str, full_config, *, resume: bool = Fals
 # checkpoints and dashboards never mix with the previous run's (the jsonl files are opened for appending,
 # which is what resume needs); anything else in the directory is left alone
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "report.html", "run.json", "eval.json",
-               "trajectories.jsonl", "tensorboard", "wandb")
+               "trajectories.jsonl", "tensorboard", "wandb", "best")
 _CHECKPOINT_DIR = re.compile(r"\.?step_\d+(\.tmp-\d+)?")  # checkpoints, complete or not (hybrid_rl/checkpoint.py)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-METRIC_PREFIXES = ("train/", "rollout/", "eval/", "perf/", "moe/")
+METRIC_PREFIXES = ("train/", "rollout/", "eval/", "val/", "perf/", "moe/")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

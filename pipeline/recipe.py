@@ -180,6 +180,8 @@ def pipeline(cfg: PipelineStageConfig) -> dict:
         "runs": {"sft": sft_summary["run_dir"], "rl": rl_result["run_dir"], "eval": str(base / "eval")},
         "checkpoints": {"sft": sft_summary["checkpoint"], "rl": rl_result["checkpoint"]},
     }
+    if "best" in rl_result:  # rl.eval.select_best: the RL step kept for its val success, not the last step
+        results["rl_selected"] = rl_result["best"]
     results["markdown"] = results_markdown(results)
     (base / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "markdown"}, indent=1) + "\n")
     (base / "results.md").write_text(results["markdown"])

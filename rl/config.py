@@ -175,10 +175,18 @@ class RLEvalConfig:
     episodes_per_env: int = 32  # on envs.seeds(env, "eval", n): never seen in training
     temperature: float = 0.0  # 0 = greedy, the policy's best guess
     at_start: bool = True  # evaluate the initial (SFT) policy at step 0 too
+    # at every eval step, also play select_episodes_per_env seeds of the *val* split and keep the RL checkpoint
+    # with the highest val success in run_dir/best: the stage's result (TRL's load_best_model_at_end). Chosen
+    # on val, never on the held-out eval seeds, and only among RL steps (step 0, the initial policy, never wins)
+    select_best: bool = False
+    select_episodes_per_env: int = 100
 
     def __post_init__(self):
         if self.every_steps < 0 or self.episodes_per_env < 1 or self.temperature < 0:
             raise ValueError(f"every_steps must be >= 0, episodes_per_env >= 1, temperature >= 0; got {self}")
+        if self.select_episodes_per_env < 1:
+            raise ValueError(f"select_episodes_per_env must be >= 1, got {self.select_episodes_per_env}: e.g. "
+                             "eval.select_episodes_per_env=100 (val seeds per env for select_best)")
 
 
 @dataclass

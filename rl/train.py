@@ -36,8 +36,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import logging
 import math
+import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -141,10 +144,43 @@ def _informative(group, cfg: RLStageConfig) -> bool:
     return any(a != 0 for adv in token_advantages(group, cfg.algo)[0] for a in adv)
 
 
-def evaluate_policy(model, tokenizer, cfg: RLStageConfig) -> tuple[dict[str, float], list]:
-    """Episodes (greedy by default) on each env's held-out eval seeds, in this process: (eval/... metrics, trajectories)."""
-    return evaluate_policy_on(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env, temperature=cfg.eval.temperature,
-                              max_turn_tokens=cfg.rollout.max_turn_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
+def evaluate_policy(model, tokenizer, cfg: RLStageConfig, split: str = "eval") -> tuple[dict[str, float], list]:
+    """Episodes (greedy by default) on each env's held-out eval seeds, in this process: (eval/... metrics, trajectories).
+    ``split="val"``: ``eval.select_episodes_per_env`` val seeds instead, metrics named ``val/...``."""
+    if split == "eval":
+        return evaluate_policy_on(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env, temperature=cfg.eval.temperature,
+                                  max_turn_tokens=cfg.rollout.max_turn_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
+    metrics, trajs = evaluate_policy_on(model, tokenizer, cfg.envs, cfg.eval.select_episodes_per_env, split=split,
+                                        temperature=cfg.eval.temperature, max_turn_tokens=cfg.rollout.max_turn_tokens,
+                                        max_episode_tokens=cfg.rollout.max_episode_tokens)
+    return {f"{split}/{k.removeprefix('eval/')}": v for k, v in metrics.items() if k.startswith("eval/")}, trajs
+
+
+BEST_DIR, BEST_FILE = "best", "best.json"
+
+
+def read_best(run_dir: Path) -> dict | None:
+    """``{"step", "val/success", ..., "eval": {...}}`` of the checkpoint ``eval.select_best`` kept in ``run_dir/best``,
+    or None."""
+    path = Path(run_dir) / BEST_DIR / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_best(run_dir: Path, step: int, model, tokenizer, val: dict[str, float], held_out: dict[str, float]) -> dict:
+    """``run_dir/best``: the HF model folder of ``step`` with its val figures and its held-out eval (``best.json``,
+    returned), replaced atomically."""
+    from hybrid_rl.model.hf import save_pretrained
+
+    final, tmp, old = (Path(run_dir) / name for name in (BEST_DIR, f".best.tmp-{os.getpid()}", f".best.old-{os.getpid()}"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp, tokenizer)
+    record = {"step": step, **val, "eval": held_out}
+    (tmp / BEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return record
 
 
 # ------------------------------------------------------------------------------ advantages
@@ -470,6 +506,20 @@ def train(cfg: RLStageConfig) -> dict:
         full = par.full_model()
         return evaluate_policy(full, tokenizer, cfg) if main else ({}, [])
 
+    best = read_best(run_dir) if cfg.eval.select_best and cfg.resume else None
+
+    def select(step: int, held_out: dict[str, float]) -> dict[str, float]:
+        """eval.select_best: this policy's val success; kept in run_dir/best if it is the highest so far."""
+        nonlocal best
+        full = par.full_model()  # a collective under fsdp
+        if not main:
+            return {}
+        val, _ = evaluate_policy(full, tokenizer, cfg, split="val")
+        if best is None or val["val/success"] > best["val/success"]:
+            best = save_best(run_dir, step, full, tokenizer, val, held_out)
+            log.info("step %d: val success %.3f, the best so far -> %s", step, val["val/success"], run_dir / BEST_DIR)
+        return {**val, "val/best_step": best["step"], "val/best_success": best["val/success"]}
+
     def weights() -> dict:  # the policy to push, taken between updates; async pushes while the next update runs
         state = par.full_state_dict()
         return {k: v.detach().clone() for k, v in state.items()} if is_async and par.strategy != "fsdp" else state
@@ -533,6 +583,8 @@ def train(cfg: RLStageConfig) -> dict:
             if (cfg.eval.every_steps and done % cfg.eval.every_steps == 0) or done == cfg.train.steps:
                 final_eval, _ = evaluate()
                 row.update(final_eval)
+                if cfg.eval.select_best:
+                    row.update(select(done, final_eval))
             if main:
                 metrics.log(row, step=done)
                 metrics.log_samples([sample_row(t) for t in played[:: max(1, len(played) // 4)]], step=done)
@@ -552,7 +604,11 @@ def train(cfg: RLStageConfig) -> dict:
             metrics.close()
         par.close()
     ckpt = latest_checkpoint(run_dir)
-    return {"run_dir": str(run_dir), "checkpoint": str(ckpt) if ckpt else "", "eval": final_eval}
+    out = {"run_dir": str(run_dir), "checkpoint": str(ckpt) if ckpt else "", "eval": final_eval}
+    if cfg.eval.select_best and main and best is not None:  # the policy with the best val success, not the last one
+        out.update(checkpoint=str(run_dir / BEST_DIR), best={k: v for k, v in best.items() if k != "eval"},
+                   eval=best["eval"] or final_eval)
+    return out
 
 
 MISMATCH_KEYS = ("train/rollout_mismatch_kl", "train/rollout_logprob_diff_max")

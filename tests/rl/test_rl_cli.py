@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ SMOKE = ["init_from=", "algo.mode=sync", "algo.updates_per_batch=1", "model.pres
     ("envs=[hybrid_rl/GuesNumber-v0]", ["GuesNumber", "GuessNumber-v0"]),
     ("train.lr=fast", ["train.lr", "'fast'", "expected float"]),
     ("train.min_lr_ratio=1.5", ["min_lr_ratio", "[0, 1]", "constant"]),
+    ("eval.select_episodes_per_env=0", ["select_episodes_per_env", ">= 1", "select_best"]),
 ])
 def test_bad_config_fails_before_any_work(override, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -56,6 +58,45 @@ def test_rl_smoke_two_steps(tmp_path, monkeypatch, capsys):
     diffs = [r["train/rollout_logprob_diff_max"] for r in rows if "train/rollout_logprob_diff_max" in r]
     assert diffs and max(diffs) <= 1e-4  # rollout and trainer share the model code: same log-probs
     assert (tmp_path / "runs" / "smoke" / "step_2" / "config.json").is_file()
+
+
+def test_select_best_keeps_the_step_with_the_highest_val_success(tmp_path, monkeypatch, capsys):
+    """eval.select_best: every eval step plays val seeds; run_dir/best holds the weights of the first RL step with
+    the highest val success (step 0 never competes), and the stage's result points there."""
+    from hybrid_rl.model.hf import load_pretrained
+    from hybrid_rl.rl import train as rl_train
+
+    real, splits = rl_train.evaluate_policy, []
+    val_success = iter([0.25, 0.75, 0.75, 0.5])  # an untrained micro policy scores 0 everywhere: set the val figures
+
+    def evaluate_policy(model, tokenizer, cfg, split="eval"):
+        splits.append(split)
+        metrics, trajs = real(model, tokenizer, cfg, split)
+        return ({**metrics, "val/success": next(val_success)} if split == "val" else metrics), trajs
+
+    monkeypatch.setattr(rl_train, "evaluate_policy", evaluate_policy)
+    monkeypatch.chdir(tmp_path)
+    assert main(["rl", *SMOKE, "train.steps=4", "train.lr=0.01", "eval.every_steps=1", "eval.select_best=true",
+                 "eval.select_episodes_per_env=3", "checkpoint.every_steps=1", "checkpoint.keep_last=0", "run.name=best"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert splits == ["eval"] + ["eval", "val"] * 4  # step 0 (eval.at_start) is never a candidate
+    run = tmp_path / "runs" / "best"
+    rows = [r for r in read_metrics(run) if "val/success" in r]
+    assert [(r["step"], r["val/success"], r["val/best_step"]) for r in rows] == [(1, 0.25, 1), (2, 0.75, 2), (3, 0.75, 2), (4, 0.5, 2)]
+    assert "val/success/GuessNumber-v0" in rows[0] and "val/turns" in rows[0]  # the eval table's names, on val seeds
+    record = json.loads((run / "best" / "best.json").read_text())
+    assert record["step"] == 2 and record["val/success"] == 0.75
+    assert Path(out["checkpoint"]).resolve() == (run / "best").resolve()
+    assert record["eval"]["eval/success"] == [r for r in read_metrics(run) if r["step"] == 2 and "eval/success" in r][0]["eval/success"]
+    best, kept = load_pretrained(run / "best").state_dict(), load_pretrained(run / "step_2").state_dict()
+    assert any(not torch.equal(kept[k], v) for k, v in load_pretrained(run / "step_4").state_dict().items())
+    for name in kept:
+        torch.testing.assert_close(best[name], kept[name], rtol=0, atol=0, msg=name)
+    # overwriting the run removes its best checkpoint with the rest of its outputs
+    monkeypatch.setattr(rl_train, "evaluate_policy", real)
+    assert main(["rl", *SMOKE, "train.steps=1", "run.name=best", "run.overwrite=true"]) == 0
+    capsys.readouterr()
+    assert not (run / "best").exists()
 
 
 def test_lr_is_constant_by_default_and_decays_to_its_floor_with_min_lr_ratio():

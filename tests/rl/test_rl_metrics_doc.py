@@ -18,7 +18,7 @@ SMOKE = ["init_from=", "model.preset=micro", "model.hidden_size=64", "envs=[hybr
 # every option that adds a series; skip_zero_advantage off and an entropy bonus so that every step trains
 ALL_ON = ["algo.kl_beta=0.01", "algo.routing_replay=true", "algo.log_routing_mismatch=true", "algo.dynamic_sampling=true", "algo.max_refill_rounds=1",
           "train.moe_bias_update_rate=0.001", "algo.entropy_coef=0.01", "algo.skip_zero_advantage=false",
-          "algo.credit=state"]
+          "algo.credit=state", "eval.select_best=true", "eval.select_episodes_per_env=2"]
 
 
 def _section(title: str) -> str:
