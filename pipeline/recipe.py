@@ -314,6 +314,10 @@ def results_markdown(results: dict) -> str:
                 sft, rl = table["sft"][temp][key], table["rl"][temp][key]
                 lines.append(f"| {env_key(env_id)} | {how} | {what} | {sft:.3f} | {rl:.3f} | {rl - sft:+.3f} |")
     t = results["time_s"]
+    if "rl_selected" in results:  # rl.eval.select_best
+        sel = results["rl_selected"]
+        lines += ["", f"RL checkpoint: step {sel['step']}, the RL step with the highest val success ({sel['val/success']:.2f}; "
+                      "rl.eval.select_best, val seeds only)"]
     lines += ["", f"time: SFT {t['sft']:.0f} s, RL {t['rl']:.0f} s, eval {t['eval']:.0f} s, total {t['total']:.0f} s",
               f"runs: {', '.join(results['runs'].values())}", ""]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ TOY = ["run.name=pipe", "envs=[hybrid_rl/GuessNumber-v0]", "model.hidden_size=64
        "sft.train.warmup_steps=1", "sft.train.micro_batch_tokens=1024", "sft.eval.episodes_per_env=2",
        "rl.rollout.prompts_per_step=2", "rl.rollout.samples_per_prompt=2", "rl.rollout.pool.num_workers=0",
        "rl.train.steps=2", "rl.train.micro_batch_tokens=1024", "rl.eval.episodes_per_env=2", "rl.eval.at_start=false",
-       "eval.episodes_per_env=3", "logging.backends=[jsonl]", "logging.report=false", "run.quiet=true"]
+       "rl.eval.select_best=true", "rl.eval.select_episodes_per_env=2", "eval.episodes_per_env=3", "logging.backends=[jsonl]", "logging.report=false", "run.quiet=true"]
 
 
 def test_pipeline_config_errors_name_the_section(tmp_path, monkeypatch, capsys):
@@ -48,7 +48,10 @@ def test_pipeline_end_to_end_slow(tmp_path, monkeypatch, capsys):
     for who in ("random", "teacher", "expert"):  # the scripted policies on the same held-out seeds
         assert 0.0 <= results["baselines"][who]["GuessNumber-v0"]["success"] <= 1.0
     assert results["baselines"]["expert"]["GuessNumber-v0"]["success"] == 1.0
-    assert results["checkpoints"]["rl"] == "runs/pipe/rl/step_2"
+    # rl.eval.select_best: the RL checkpoint compared with SFT is the one kept for its val success
+    assert results["checkpoints"]["rl"] == "runs/pipe/rl/best" and (base / "rl" / "best" / "config.json").is_file()
+    assert results["rl_selected"]["step"] in (1, 2) and 0.0 <= results["rl_selected"]["val/success"] <= 1.0
+    assert f"RL checkpoint: step {results['rl_selected']['step']}" in (base / "results.md").read_text()
     demos = [json.loads(line) for line in (base / "demonstrations.jsonl").read_text().splitlines()]
     assert len(demos) == 16 and all(d["messages"][-1]["role"] == "assistant" for d in demos)
     for stage in ("sft", "rl", "eval"):
