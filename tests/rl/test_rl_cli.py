@@ -99,6 +99,30 @@ def test_select_best_keeps_the_step_with_the_highest_val_success(tmp_path, monke
     assert not (run / "best").exists()
 
 
+def test_select_best_survives_a_resume(tmp_path, monkeypatch, capsys):
+    """A resumed run compares its new steps with the best kept before the stop, not with nothing."""
+    from hybrid_rl.rl import train as rl_train
+
+    real, val_success = rl_train.evaluate_policy, iter([0.5, 0.25, 0.25, 0.4])
+
+    def evaluate_policy(model, tokenizer, cfg, split="eval"):
+        metrics, trajs = real(model, tokenizer, cfg, split)
+        return ({**metrics, "val/success": next(val_success)} if split == "val" else metrics), trajs
+
+    monkeypatch.setattr(rl_train, "evaluate_policy", evaluate_policy)
+    monkeypatch.chdir(tmp_path)
+    common = [*SMOKE, "eval.at_start=false", "eval.every_steps=1", "eval.select_best=true", "eval.select_episodes_per_env=2",
+              "checkpoint.every_steps=1", "run.name=sel"]
+    assert main(["rl", *common, "train.steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["rl", *common, "train.steps=4", "resume=true"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    run = tmp_path / "runs" / "sel"
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == 1
+    assert [r["val/best_step"] for r in read_metrics(run) if "val/best_step" in r] == [1, 1, 1, 1]
+    assert Path(out["checkpoint"]).resolve() == (run / "best").resolve()
+
+
 def test_lr_is_constant_by_default_and_decays_to_its_floor_with_min_lr_ratio():
     from hybrid_rl.config import load_config
     from hybrid_rl.rl.config import RLStageConfig
