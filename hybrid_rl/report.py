@@ -175,7 +175,8 @@ SMOOTH_MAX_WINDOW = 21  # points in the centered moving average of a long series
 EVAL_MARKERS = ("s", "^", "D", "v", "P")  # one per held-out series of a plot (greedy, T=1, ...)
 EVAL_SUCCESS = re.compile(r"^eval/success[^/]*")  # eval/success, eval/success_t1, ... (+ /<env>)
 LABELS = {"rollout/success": "training success", "rollout/reward": "training reward", "train/loss": "train loss",
-          "eval/loss": "held-out loss", "eval/return": "held-out return", "eval/success": "held-out success"}
+          "eval/loss": "held-out loss", "eval/return": "held-out return", "eval/success": "held-out success",
+          "val/success": "val success (choice of step)"}
 NOT_IN_HEADLINE = ("eval/return",)  # drawn on the reward plot; the headline keeps to success and reward
 
 
@@ -206,7 +207,8 @@ def learning_panels(keys: list[str]) -> list[Panel]:
         name = f" · {env}" if env else ""
         success_evals = _picks(success_bases, env, keys, single=len(envs) <= 1)
         if rl:
-            panels.append(Panel("success" + name, env, _pick("rollout/success", env, keys, len(envs) <= 1), success_evals))
+            val = _picks(["val/success"], env, keys, len(envs) <= 1)  # eval.select_best's val seeds, beside the held-out ones
+            panels.append(Panel("success" + name, env, _pick("rollout/success", env, keys, len(envs) <= 1), success_evals + val))
             panels.append(Panel("reward" + name, env, _pick("rollout/reward", env, keys, len(envs) <= 1),
                                 _picks(["eval/return"], env, keys, len(envs) <= 1)))
         else:

@@ -143,3 +143,9 @@ def test_panels_follow_env_key_names():
     [success, reward] = learning_panels(keys)
     assert (success.train, success.evals, reward.train, reward.evals) == (
         f"rollout/success/{GUESS}", [f"eval/success_t1/{GUESS}"], f"rollout/reward/{GUESS}", [])
+
+
+def test_val_success_of_select_best_is_drawn_beside_the_held_out_points():
+    keys = [f"rollout/success/{GUESS}", f"rollout/reward/{GUESS}", f"eval/success/{GUESS}", f"val/success/{GUESS}", "val/success"]
+    [success, _] = learning_panels(keys)
+    assert success.evals == [f"eval/success/{GUESS}", f"val/success/{GUESS}"]
