@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def collect(runs: list[dict], args) -> dict:
     envs_done = [e for e in args.envs if any(r["env"] == e for r in runs)]
+    from hybrid_rl.run import git_commit
+
     return {"benchmark": "learning", "config": Path(args.config).name, "overrides": args.set, "episodes": args.episodes,
-            "machine": f"{platform.machine()} {platform.system()}, {_cores()} CPU cores",
+            "commit": git_commit(), "machine": f"{platform.machine()} {platform.system()}, {_cores()} CPU cores",
             "complete": len(runs) == len(args.envs) * len(args.seeds),
             "envs": {env_id: {"runs": [r for r in runs if r["env"] == env_id],
                               "summary": summarize([r for r in runs if r["env"] == env_id])} for env_id in envs_done}}

@@ -76,6 +76,7 @@ def table(result: dict) -> list[str]:
 def render(result: dict, img_dir: Path, doc_dir: Path) -> str:
     lines = [BEGIN, "", f"`hybrid-rl bench learning` ({result['config']}"
              + (f", overrides {' '.join(result['overrides'])}" if result["overrides"] else "")
+             + (f", commit `{result['commit'][:12]}`" if result.get("commit") else "")
              + f"; {result['machine']}): held-out greedy success on {result['episodes']} eval seeds per run, "
              "mean +- standard error over the run seeds. Per-run figures are in benchmarks/results/learning.json.", ""]
     lines += table(result)
