@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "TRAINER_STATE", "save_checkpoint", "load_trainer_state", "latest_checkpoint", "list_checkpoints",
+    "TRAINER_STATE", "save_checkpoint", "write_dir_atomically", "load_trainer_state", "latest_checkpoint", "list_checkpoints",
     "rng_state", "set_rng_state",
 ]
 
@@ -48,6 +48,24 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def write_dir_atomically(final: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(dir)`` fills a temp folder beside ``final`` that then replaces ``final`` (whole, if it exists) in
+    ``os.replace`` renames: a reader sees the old folder or the new one, never half of one. Temp folders a
+    crashed write left are removed first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp, old = (final.parent / f".{final.name}.{what}-{os.getpid()}" for what in ("tmp", "old"))
+    write(tmp)
+    if final.exists():
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
@@ -60,22 +78,12 @@ def save_checkpoint(
     ``write_model(dir)`` must create/fill ``dir`` (it may itself write atomically into it).
     ``keep_last > 0`` deletes all but the newest ``keep_last`` checkpoints afterwards.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(f".step_{step}.tmp-*"):  # left by a crashed save
-        shutil.rmtree(stale, ignore_errors=True)
-    final = run_dir / f"step_{step}"
-    tmp = run_dir / f".step_{step}.tmp-{os.getpid()}"
-    write_model(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save({**trainer_state, "rng": rng_state()}, tmp / TRAINER_STATE)
-    if final.exists():  # re-saving the same step (e.g. a resumed run): replace it whole
-        old = run_dir / f".step_{step}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    def write(tmp: Path) -> None:
+        write_model(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save({**trainer_state, "rng": rng_state()}, tmp / TRAINER_STATE)
+
+    final = write_dir_atomically(Path(run_dir) / f"step_{step}", write)
     if keep_last > 0:
         for _, path in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)

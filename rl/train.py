@@ -39,15 +39,13 @@ import difflib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_dir_atomically
 from hybrid_rl.config import to_dict
 from hybrid_rl.distributed import LocalProcess, Parallel, balance_experts, rank_share, rank_share_weights
 from hybrid_rl.metrics import MetricsLogger, env_key
@@ -147,12 +145,11 @@ def _informative(group, cfg: RLStageConfig) -> bool:
 def evaluate_policy(model, tokenizer, cfg: RLStageConfig, split: str = "eval") -> tuple[dict[str, float], list]:
     """Episodes (greedy by default) on each env's held-out eval seeds, in this process: (eval/... metrics, trajectories).
     ``split="val"``: ``eval.select_episodes_per_env`` val seeds instead, metrics named ``val/...``."""
+    episodes = cfg.eval.episodes_per_env if split == "eval" else cfg.eval.select_episodes_per_env
+    metrics, trajs = evaluate_policy_on(model, tokenizer, cfg.envs, episodes, split=split, temperature=cfg.eval.temperature,
+                                        max_turn_tokens=cfg.rollout.max_turn_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
     if split == "eval":
-        return evaluate_policy_on(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env, temperature=cfg.eval.temperature,
-                                  max_turn_tokens=cfg.rollout.max_turn_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
-    metrics, trajs = evaluate_policy_on(model, tokenizer, cfg.envs, cfg.eval.select_episodes_per_env, split=split,
-                                        temperature=cfg.eval.temperature, max_turn_tokens=cfg.rollout.max_turn_tokens,
-                                        max_episode_tokens=cfg.rollout.max_episode_tokens)
+        return metrics, trajs
     return {f"{split}/{k.removeprefix('eval/')}": v for k, v in metrics.items() if k.startswith("eval/")}, trajs
 
 
@@ -171,15 +168,13 @@ def save_best(run_dir: Path, step: int, model, tokenizer, val: dict[str, float],
     returned), replaced atomically."""
     from hybrid_rl.model.hf import save_pretrained
 
-    final, tmp, old = (Path(run_dir) / name for name in (BEST_DIR, f".best.tmp-{os.getpid()}", f".best.old-{os.getpid()}"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, tokenizer)
     record = {"step": step, **val, "eval": held_out}
-    (tmp / BEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        save_pretrained(model, tmp, tokenizer)
+        (tmp / BEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+    write_dir_atomically(Path(run_dir) / BEST_DIR, write)
     return record
 
 
