@@ -9,7 +9,9 @@ habits every hybrid-rl environment shares, so that a new environment is a short 
   so ``step`` never raises on model output;
 - ``result(...)`` / ``invalid(...)`` build the step tuple with the ``info`` keys the rollout reads:
   ``success``, ``role`` ("user" or "tool"), ``invalid_action`` and ``reward_components``
-  (the reward is their sum, so the two can never disagree);
+  (the reward is their sum, so the two can never disagree), and ``observe`` / ``result`` add ``state``
+  when the env names its state (``state_key``: for anchor-state credit where the observation is not the
+  state);
 - ``episode_success``: how the rollout reads ``success`` from any gymnasium env, with the default that lets an
   env without hybrid-rl's info keys train unchanged (a missing ``invalid_action`` reads as False);
 - ``expert_rng`` for a scripted expert whose noise is reproducible under the reset seed;
@@ -111,10 +113,25 @@ class TextEnv(gym.Env):
 
     # ------------------------------------------------------------------ helpers for subclasses
 
+    def state_key(self) -> str | None:
+        """The state the next action is taken from, as a string, or None (the default) when the observation
+        says it. Reported as ``info["state"]`` by ``observe`` and ``result``; RL's anchor-state credit
+        (``algo.credit: state``) compares the turns of one group's episodes taken from equal keys, so two
+        states that lead to the same futures (given the seed) must get equal keys and different ones
+        different keys. Override it where the observation is not the state: GuessNumber's "higher" is said
+        from every interval, its state is the interval the feedback leaves."""
+        return None
+
+    def _with_state(self, info: dict) -> dict:
+        key = self.state_key()
+        if key is not None:
+            info["state"] = str(key)
+        return info
+
     def observe(self, observation: str, role: str = "user") -> tuple[str, dict]:
         """The reset return value: ``(observation, info)``."""
         self.last_observation = observation
-        return observation, {"role": role}
+        return observation, self._with_state({"role": role})
 
     def result(self, observation: str, components: dict[str, float], *, terminated: bool = False,
                success: bool = False, invalid: bool = False, role: str = "user"):
@@ -123,7 +140,7 @@ class TextEnv(gym.Env):
         reward = float(sum(components.values()))
         info = {"success": bool(success), "role": role, "invalid_action": bool(invalid),
                 "reward_components": {k: float(v) for k, v in components.items()}}
-        return observation, reward, bool(terminated), False, info
+        return observation, reward, bool(terminated), False, self._with_state(info)
 
     def invalid(self, problem: str):
         """An action that could not be used: say why, charge ``invalid_penalty``, go on (or end)."""

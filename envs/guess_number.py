@@ -48,6 +48,11 @@ class GuessNumber(TextEnv):
         self.high = min(self.high, guess - 1)
         return self.result("lower", turn)
 
+    def state_key(self) -> str:
+        """The interval the feedback so far allows ("51-75"): a "higher" is said from every interval, so the
+        observation alone would pool turns taken from different states."""
+        return f"{self.low}-{self.high}"
+
     def expert_action(self, noise: float | None = None) -> str:
         if self.wants_noise(noise):
             return str(int(self.expert_rng.integers(self.low, self.high + 1)))

@@ -55,7 +55,9 @@ costs variance, not bias, but a harmful variance: GuessNumber's failing episodes
 so a "higher" at turn 2 has a lower reward-to-go (more turn costs ahead) than a "higher" at turn 6, and
 the step advantages become "early turns bad, late turns good" whatever was guessed; with no success
 signal to outweigh them, Adam scales that noise up to full-size steps (measured: entropy 0.5 -> 1.1 nats
-per token and success 0.15 -> 0.07 in 80 steps). ``algo.state_key: history`` keys each turn by everything
+per token and success 0.15 -> 0.07 in 80 steps). ``algo.state_key: env`` (the default) keys a turn by the
+state its env named (``info["state"]``, ``TextEnv.state_key``: GuessNumber's interval) and by its
+observation where the env names none. ``algo.state_key: history`` keys each turn by everything
 before its action, observations and actions: the exact state of any environment that a seed makes
 deterministic, with fewer matches (turns on shared prefixes only). A turn whose observation no other episode of its group saw has no step baseline and
 gets step advantage 0. The loop adds it to the episode advantage: ``A = A_episode + state_weight * A_state``
@@ -205,11 +207,17 @@ def anchor_state_advantages_naive(returns, group_ids, anchors, valid):
     return out, anchored
 
 
-def turn_observations(messages: list[dict], num_turns: int, key: str = "observation") -> list[str]:
+def turn_observations(messages: list[dict], num_turns: int, key: str = "observation",
+                      states: list[str] | None = None) -> list[str]:
     """Per action turn, its anchor-state key. ``observation``: the observation it answered (the last
     non-assistant message before the turn's assistant message; a system prompt counts only when no
     observation follows it). ``history``: everything before the turn's action, observations and actions
-    (for environments whose observation is not their state)."""
+    (for environments whose observation is not their state). ``env``: the state the env named
+    (``Trajectory.states``, from ``info["state"]``) where it named one, else the observation."""
+    if key == "env":
+        observed = turn_observations(messages, num_turns, "observation")
+        named = list(states or [])[:num_turns]
+        return [f"\x1dstate\x1f{s}" if s else o for s, o in zip(named + [""] * (num_turns - len(named)), observed)]
     out, last, seen = [], "", []
     for m in messages:
         if m.get("role") == "assistant":

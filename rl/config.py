@@ -69,9 +69,10 @@ class AlgoConfig:
     credit: Literal["episode", "turn", "state"] = "episode"
     gamma: float = 1.0  # turn / state credit: discount of later turns' rewards in a turn's reward-to-go
     state_weight: float = 1.0  # state credit: weight of the step advantage added to the episode's (GiGPO's omega)
-    # state credit: what makes two turns the same state: the observation they answered (GiGPO; right when the
-    # observation is the state, as FrozenLake's map) or everything before the action (any seeded env)
-    state_key: Literal["observation", "history"] = "observation"
+    # state credit: what makes two turns the same state: the state their env named (info["state"], e.g.
+    # GuessNumber's interval), else the observation they answered (env); the observation only (GiGPO; right
+    # when the observation is the state, as FrozenLake's map); or everything before the action (any seeded env)
+    state_key: Literal["env", "observation", "history"] = "env"
     policy_loss: str = "grpo"  # rl/losses.py: grpo | dapo | gspo | reinforce
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     clip_eps_low: float = 0.2  # ratio floor 1 - eps_low (grpo uses it on both sides)

@@ -240,7 +240,7 @@ def token_advantages(trajectories, algo, stats: dict | None = None) -> tuple[lis
     for e, k, a in zip(episode_i, turn_i, flat_adv):
         per_turn[e][k] = a
     if algo.credit == "state":  # the episode's advantage plus each turn's step advantage
-        anchors = [turn_observations(t.messages, len(r), algo.state_key) for t, r in zip(trajectories, rewards)]
+        anchors = [turn_observations(t.messages, len(r), algo.state_key, t.states) for t, r in zip(trajectories, rewards)]
         step_adv, anchored = anchor_state_advantages(turn_returns(rewards, algo.gamma), [t.group_id for t in trajectories],
                                                      anchors, valid)
         per_turn = [[ep[0] + algo.state_weight * b for b in st] for ep, st in zip(per_turn, step_adv)]

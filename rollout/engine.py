@@ -311,6 +311,7 @@ class Engine:
         role = _obs_role(info)
         ids += tok.render_message(role, obs) + tok.generation_prefix()
         traj.messages.append({"role": role, "content": obs})
+        traj.states.append(_state(info))
         self._append(traj, ids, action=False)
         ep.turn_start = len(ids)
         if len(ids) + 2 + len(self.end_suffix) > self.episode.max_episode_tokens:
@@ -372,6 +373,7 @@ class Engine:
             traj.error = f"max_episode_tokens ({cfg.max_episode_tokens}) reached after turn {traj.num_turns}"
             return True
         traj.messages.append({"role": role, "content": obs})
+        traj.states.append(_state(info))
         self._append(traj, obs_ids, action=False)
         ep.turn_start = len(traj.token_ids)
         return False
@@ -478,6 +480,12 @@ def _step_fn(env, action: str):
         return obs, reward, terminated, truncated, info
 
     return step
+
+
+def _state(info) -> str:
+    """The env's name for its state (``info["state"]``, for anchor-state credit); "" when it gives none."""
+    state = (info or {}).get("state")
+    return "" if state is None else str(state)
 
 
 def _obs_role(info) -> str:

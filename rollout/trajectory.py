@@ -10,6 +10,8 @@ rollout recorded routing, else None.
 
 Per turn (one entry per env step): ``step_rewards`` (the env's reward), ``reward_components`` (the named
 parts of that reward, ``info["reward_components"]``, or ``{"reward": r}`` when the env gives none).
+``states``: per action turn, the state the env said the action was taken from (``info["state"]`` of the
+reset or of the step before; "" where it named none).
 ``overlong_turns`` lists the turns whose action hit ``max_turn_tokens`` and was closed by force.
 The action tokens of turn k are the k-th run of consecutive ``is_action`` ones (``action_turn_index``).
 """
@@ -42,6 +44,7 @@ class Trajectory:
     routed_experts: list[list[list[int]]] | None = None
     step_rewards: list[float] = field(default_factory=list)
     reward_components: list[dict[str, float]] = field(default_factory=list)
+    states: list[str] = field(default_factory=list)  # per action turn: info["state"] before it, "" if none
     overlong_turns: list[int] = field(default_factory=list)
     episode_return: float = 0.0
     success: bool = False

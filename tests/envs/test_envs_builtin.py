@@ -14,7 +14,7 @@ from hybrid_rl.envs.toy_text import basic_strategy_hits
 def test_guess_number_feedback_rewards_and_success():
     env = envs.make("GuessNumber-v0")
     obs, info = env.reset(seed=5)
-    assert obs == "Guess a number between 1 and 16." and info == {"role": "user"}
+    assert obs == "Guess a number between 1 and 16." and info == {"role": "user", "state": "1-16"}
     target = env.unwrapped.target
     low, high = (target - 1, target + 1)
     if low >= 1:
@@ -179,3 +179,17 @@ def test_expert_is_consistent_mid_episode_after_model_moves(env_id):
                 successes += info["success"]
                 break
     assert successes == 20
+
+
+def test_guess_number_names_its_state_the_interval_left():
+    env = envs.make("GuessNumber-v0", n=100)
+    assert env.reset(seed=0)[1]["state"] == "1-100"
+    target = env.unwrapped.target
+    low, high = 1, 100
+    for guess in (50, 25, 75):
+        if guess == target:
+            continue
+        info = env.step(str(guess))[4]
+        low, high = (max(low, guess + 1), high) if guess < target else (low, min(high, guess - 1))
+        assert info["state"] == f"{low}-{high}"
+    assert "state" not in envs.make("FrozenLake-v1").reset(seed=0)[1]  # its observation is its state

@@ -157,10 +157,34 @@ def test_state_credit_keyed_by_history_does_not_pool_the_same_observation_from_d
     a = _walk(0, 0, ["start", "higher", "higher"], [-0.02] * 3)
     b = _walk(0, 1, ["start", "higher", "lower"], [-0.02] * 3)
     a.messages[1]["content"], b.messages[1]["content"] = "50", "30"  # different first guesses
-    by_obs, _ = token_advantages([a, b], _cfg("algo.credit=state").algo)
+    by_obs, _ = token_advantages([a, b], _cfg("algo.credit=state", "algo.state_key=observation").algo)
     by_history, _ = token_advantages([a, b], _cfg("algo.credit=state", "algo.state_key=history").algo)
     assert any(x != 0 for x in by_obs[0])  # turn 1's "higher" pooled with turn 2's: turn-count noise
     assert all(x == 0 for x in by_history[0] + by_history[1])  # only the shared start, and equal returns
+    # the env names its states (GuessNumber: the interval left): the default key uses them
+    a.states, b.states = ["1-100", "51-100", "76-100"], ["1-100", "31-100", "31-40"]
+    by_env, _ = token_advantages([a, b], _cfg("algo.credit=state").algo)
+    assert by_env == by_history
+    # two paths to one interval: 50 "higher", 75 "lower" and 75 "lower", 50 "higher" both leave 51-74 at turn 2,
+    # where sample 1 then wins. The env's keys pool the two turn-2 states, the histories never do
+    a = _walk(0, 0, ["start", "higher", "lower"], [-0.02] * 3)
+    c = _walk(0, 1, ["start", "lower", "higher"], [-0.02, -0.02, 0.98])
+    a.messages[1]["content"], a.messages[3]["content"], a.states = "50", "75", ["1-100", "51-100", "51-74"]
+    c.messages[1]["content"], c.messages[3]["content"], c.states = "75", "50", ["1-100", "1-74", "51-74"]
+    by_env, _ = token_advantages([a, c], _cfg("algo.credit=state").algo)
+    by_history, _ = token_advantages([a, c], _cfg("algo.credit=state", "algo.state_key=history").algo)
+    assert by_env[0][3] == pytest.approx(by_history[0][3])  # turn 0: the shared start under both keys
+    assert by_env[0][7] == pytest.approx(by_history[0][7])  # turn 1: different intervals, different histories
+    assert by_env[0][11] == pytest.approx(by_history[0][11] - 1.0)  # turn 2: -0.02 against the winner's 0.98
+
+
+def test_env_state_keys_fall_back_to_the_observation_where_the_env_names_none():
+    messages = [{"role": "user", "content": "o0"}, {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "o1"}, {"role": "assistant", "content": "b"}]
+    assert turn_observations(messages, 2, "env", ["", ""]) == ["o0", "o1"] == turn_observations(messages, 2, "env", None)
+    keys = turn_observations(messages, 2, "env", ["s0", ""])
+    assert keys[1] == "o1" and "s0" in keys[0] and keys[0] != "s0"  # a named state never equals an observation
+    assert turn_observations([{"role": "user", "content": "s0"}, {"role": "assistant", "content": "a"}], 1, "env", ["s0"]) != ["s0"]
 
 
 def test_overlong_turns_are_penalised_and_env_weights_scale_advantages():

@@ -326,3 +326,23 @@ def test_turns_closed_at_the_token_limit_and_reward_components_are_recorded_per_
         assert t.overlong_turns == [k for k in range(t.num_turns) if lengths[k] == 2 and not ended[k]]
     assert any(t.overlong_turns for t in trajs)
     assert envs  # the built-ins are registered
+
+
+def test_the_env_named_state_of_every_turn_is_recorded():
+    from hybrid_rl import envs
+
+    # GuessNumber names its state (the interval the feedback leaves); FrozenLake does not (its observation is it)
+    _, trajs = play(make_model("toy"), [GroupRequest("hybrid_rl/GuessNumber-v0", seed=s, group_id=s, num_samples=2)
+                                        for s in range(2)] + [GroupRequest("hybrid_rl/FrozenLake-v1", seed=0, group_id=9)],
+                    episode=EpisodeConfig(max_turn_tokens=3, max_episode_tokens=600))
+    for t in trajs:
+        if t.env_id.endswith("FrozenLake-v1"):
+            assert t.states == [""] * t.num_turns
+            continue
+        assert len(t.states) == t.num_turns and t.states[0] == "1-16"
+        env = envs.make(t.env_id)  # replay the actions: each state is the one the env was in before that action
+        _, info = env.reset(seed=t.seed)
+        expected = [info["state"]]
+        for m in [m for m in t.messages if m["role"] == "assistant"][:-1]:
+            expected.append(env.step(m["content"])[4]["state"])
+        assert t.states == expected
