@@ -80,6 +80,14 @@ def render(result: dict, img_dir: Path, doc_dir: Path) -> str:
              + f"; {result['machine']}): held-out greedy success on {result['episodes']} eval seeds per run, "
              "mean +- standard error over the run seeds. Per-run figures are in benchmarks/results/learning.json.", ""]
     lines += table(result)
+    changed = {env_id: data["recipe_changes"] for env_id, data in result["envs"].items() if data.get("recipe_changes")}
+    if changed:  # where an env departs from the recipe (bench_learning.RECIPE_CHANGES says why)
+        lines += ["", "Recipe changes for one env (everything else is the recipe as it is): "
+                  + "; ".join(f"{env_id.replace('hybrid_rl/', '')}: `{' '.join(c)}`" for env_id, c in changed.items())]
+    commits = {env_id: sorted({r["commit"][:7] for r in data["runs"] if r.get("commit")}) for env_id, data in result["envs"].items()}
+    if any(c and c != [result.get("commit", "")[:7]] for c in commits.values()):  # runs merged from several commits
+        lines += ["", "Commit of each env's runs: " + "; ".join(f"{env_id.replace('hybrid_rl/', '')} `{', '.join(c)}`"
+                                                            for env_id, c in commits.items() if c)]
     lines.append("")
     for env_id, data in result["envs"].items():
         png = plot_env(env_id, data, img_dir / f"learning-{slug(env_id)}.png")
