@@ -174,6 +174,9 @@ def _check_step(env: gym.Env, out: tuple, where: str) -> None:
     _require(isinstance(info.get("success", False), (bool, np.bool_)), f"{where}: info['success'] must be a bool.")
     _require(info.get("role", "user") in ("user", "tool"), f"{where}: info['role'] is {info.get('role')!r}; expected 'user' or 'tool'.")
     _require(isinstance(info.get("invalid_action", False), (bool, np.bool_)), f"{where}: info['invalid_action'] must be a bool.")
+    _require(isinstance(info.get("state", ""), str),
+             f"{where}: info['state'] is {type(info.get('state')).__name__}; name the state with a str (TextEnv.state_key "
+             "returns it), e.g. GuessNumber's interval '51-75'.")
     components = info.get("reward_components")
     if components is not None:
         _require(math.isclose(sum(components.values()), reward, abs_tol=1e-6),

@@ -79,3 +79,19 @@ def test_check_demands_a_winning_expert_on_solvable_envs(registered):
         assert check("hybrid_rl_test/Unsolved-v0", episodes=5).results["expert"] == "ok"
     finally:
         del _Unsolved.solvable
+
+
+class _NumberState(_Unsolved):
+    """Names its state with a number, not a str."""
+
+    def state_key(self):
+        return 3
+
+    def _with_state(self, info):
+        info["state"] = self.state_key()
+        return info
+
+
+def test_check_demands_a_string_state(registered):
+    report = check(registered("NumberState-v0", _NumberState), episodes=5)
+    assert "info['state'] is int; name the state with a str" in report.results["info_contract"]
