@@ -65,7 +65,7 @@ class RLRolloutConfig:
 class AlgoConfig:
     advantage: str = "rloo"  # rl/advantages.py: rloo | drgrpo | grpo
     # one advantage per episode; per turn from its reward-to-go (baseline: same turn index); or the episode's
-    # plus a per-turn one against the group's turns from the same observation (state: GiGPO's anchor states)
+    # plus a per-turn one against the group's turns from the same state (state: GiGPO's anchor states)
     credit: Literal["episode", "turn", "state"] = "episode"
     gamma: float = 1.0  # turn / state credit: discount of later turns' rewards in a turn's reward-to-go
     state_weight: float = 1.0  # state credit: weight of the step advantage added to the episode's (GiGPO's omega)

@@ -9,7 +9,7 @@ Departures from the GRPO paper (Shao et al. 2024), and why:
   ``algo.credit: turn`` gives each turn's tokens the advantage of that turn's discounted reward-to-go
   (rl/advantages.py: the baseline is the other samples' reward-to-go at the same turn index, which
   keeps the gradient unbiased); ``algo.credit: state`` adds to the episode's advantage each turn's step
-  advantage against the other samples' turns from the same observation (GiGPO). Observation tokens are context, never trained on.
+  advantage against the other samples' turns from the same state (GiGPO; ``algo.state_key``). Observation tokens are context, never trained on.
 - The default advantage is leave-one-out (rloo), not the paper's std-normalised one: per-turn costs make
   an all-fail group's returns differ a little, and dividing by that small std turns length noise into
   unit-sized advantages (rl/advantages.py keeps ``grpo``, with a batch-std floor).
@@ -220,7 +220,7 @@ def token_advantages(trajectories, algo, stats: dict | None = None) -> tuple[lis
     its action tokens. ``credit: turn``: each turn's discounted reward-to-go against the baseline of the
     group's samples at the same turn index (rl/advantages.py explains why that baseline is unbiased).
     ``credit: state``: the episode's advantage plus ``algo.state_weight`` times the turn's step advantage
-    against the other samples' turns from the same observation (GiGPO's anchor states, rl/advantages.py).
+    against the other samples' turns from the same state (GiGPO's anchor states, rl/advantages.py).
     Advantages are scaled by the episode's env weight (``algo.env_weights``). ``stats``, when given,
     receives ``train/anchored_turns_frac`` under state credit."""
     adv_fn = ADVANTAGES.get(algo.advantage)
