@@ -52,6 +52,14 @@ def test_bench_learning_records_every_policy_and_the_curve(tmp_path, monkeypatch
     assert plot_learning.main(["--json", str(out), "--doc", str(doc)]) == 0
     assert doc.read_text().count(plot_learning.BEGIN) == 1  # re-running replaces the block
 
+    # --plain: the recipe as it is, the env's change left out (the teacher plays with the recipe's noise again)
+    plain = tmp_path / "plain.json"
+    assert main(["bench", "learning", "--envs", "hybrid_rl/FrozenLake-v1", "--seeds", "0", "--episodes", "6", "--plain",
+                 "--curve-episodes", "3", "--json-out", str(plain), "--set", *TINY]) == 0
+    run = json.loads(plain.read_text())["envs"]["hybrid_rl/FrozenLake-v1"]["runs"][0]
+    noisy = envs.expert_stats("hybrid_rl/FrozenLake-v1", 6, split="eval", noise=0.1, policy="heuristic")
+    assert run["recipe_changes"] == [] and run["teacher"]["success"] == noisy["success_rate"] != teacher["success_rate"]
+
 
 def test_recipe_changes_match_the_env_with_or_without_its_arguments():
     from hybrid_rl.benchmarks.bench_learning import RECIPE_CHANGES, recipe_changes
