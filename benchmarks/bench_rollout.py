@@ -98,12 +98,29 @@ def measure_throughput(model, tok, args) -> tuple[dict, dict]:
                   "batch_rows": args.batch, "engine_stats": run["stats"], "repeats": args.repeats,
                   "raw_decode": {"batch": args.batch, "prompt_tokens": args.raw_prompt_tokens,
                                  "new_tokens": args.raw_new_tokens, "tokens_per_s": raw_tps},
-                  "engine_vs_raw_decode": generated / elapsed / raw_tps}
+                  "engine_vs_raw_decode": generated / elapsed / raw_tps, "time_split": time_split(run, raw_tps)}
     slow_s = statistics.median(r["seconds"] for r in slow)
     same = all([t.token_ids for t in r["trajs"]] == [t.token_ids for t in trajs] for r in slow)
     slow_env = {"episodes": len(trajs), "step_delay_s": args.env_delay, "instant_s": elapsed, "slow_s": slow_s,
                 "slow_vs_instant": slow_s / elapsed, "same_tokens": same}
     return throughput, slow_env
+
+
+def time_split(run: dict, raw_tps: float) -> dict:
+    """Where one engine run's seconds went: the model's decode steps, its cache extensions (the prompts'
+    prefill and the observations), and the engine's own work (sampling, bookkeeping, env calls, row copies).
+    ``engine_vs_raw_if_no_own_work``: the ratio to the raw loop if the engine's own work took no time; the
+    extensions stay, since the raw loop feeds no observations."""
+    stats, seconds = run["stats"], run["seconds"]
+    model_s = stats["decode_s"] + stats["extend_s"]
+    generated = stats["generated_tokens"]
+    return {"decode_s": stats["decode_s"], "extend_s": stats["extend_s"], "engine_own_s": seconds - model_s,
+            "decode_share": stats["decode_s"] / seconds, "extend_share": stats["extend_s"] / seconds,
+            "engine_own_share": (seconds - model_s) / seconds,
+            "extend_tokens": stats["fed_tokens"] + stats["prefill_tokens"] - stats["decode_tokens"],
+            "extend_tokens_per_s": (stats["fed_tokens"] + stats["prefill_tokens"] - stats["decode_tokens"]) / stats["extend_s"],
+            "decode_tokens_per_s": stats["decode_tokens"] / stats["decode_s"],
+            "engine_vs_raw_if_no_own_work": generated / model_s / raw_tps}
 
 
 def measure_extension(model, tok, args, obs_len: int) -> tuple[list[dict], dict]:

@@ -351,6 +351,19 @@ def rollout_throughput(r: dict) -> str:
     if stats:
         text += (f"The engine made {num(stats.get('decode_steps'))} decode steps and {num(stats.get('extend_calls'))} "
                  f"extend calls, with {num(stats.get('mean_batch_rows'))} rows per step on average.\n")
+    split = t.get("time_split")
+    if split:
+        text += ("\nWhere that run's time went: the model's decode steps, its cache extensions (the prompts' prefill "
+                 "and the observations, which the raw loop does not feed) and the engine's own work (sampling, "
+                 "bookkeeping, environment calls, row copies). The last column is the engine's share of the raw "
+                 "loop if its own work took no time.\n\n"
+                 + table(["decode steps", "extensions", "engine's own work", "extension tokens",
+                          "extension tokens/s", "decode tokens/s", "engine / raw without own work"],
+                         [[f"{num(split.get('decode_s'))} s ({percent(split.get('decode_share'))})",
+                           f"{num(split.get('extend_s'))} s ({percent(split.get('extend_share'))})",
+                           f"{num(split.get('engine_own_s'))} s ({percent(split.get('engine_own_share'))})",
+                           num(split.get("extend_tokens")), num(split.get("extend_tokens_per_s")),
+                           num(split.get("decode_tokens_per_s")), percent(split.get("engine_vs_raw_if_no_own_work"))]]))
     return text
 
 

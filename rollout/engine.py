@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -184,8 +185,10 @@ class Engine:
         self.envs = EnvPool()
         self.step_hook: Callable[[], None] | None = None  # called before every decode step (weight updates)
         self.batch_trace: list[int] | None = None  # set to [] to record the rows sampled at every step
+        # counts, and seconds inside the model's decode steps and cache extensions (prefills included): the
+        # rest of a ``play`` is the engine's own work (sampling, bookkeeping, waiting on environments)
         self.stats = dict(forward_calls=0, decode_steps=0, extend_calls=0, prefill_tokens=0, fed_tokens=0,
-                          generated_tokens=0, episodes=0)
+                          generated_tokens=0, episodes=0, decode_tokens=0, decode_s=0.0, extend_s=0.0)
 
     # ------------------------------------------------------------------ the loop
     def play(self, requests: Iterable[GroupRequest]) -> list[Trajectory]:
@@ -457,18 +460,27 @@ class Engine:
     def _call_extend(self, cache, feeds):
         self.stats["forward_calls"] += 1
         self.stats["extend_calls"] += 1
-        if self.episode.record_routing:
-            logits_bv, routed = self.model.extend(cache, feeds, record_routing=True)
-            return logits_bv, _routing_rows(routed, [len(f) for f in feeds])
-        return self.model.extend(cache, feeds), None
+        t0 = time.perf_counter()
+        try:
+            if self.episode.record_routing:
+                logits_bv, routed = self.model.extend(cache, feeds, record_routing=True)
+                return logits_bv, _routing_rows(routed, [len(f) for f in feeds])
+            return self.model.extend(cache, feeds), None
+        finally:
+            self.stats["extend_s"] += time.perf_counter() - t0
 
     def _call_decode(self, cache, tokens_b):
         self.stats["forward_calls"] += 1
         self.stats["decode_steps"] += 1
-        if self.episode.record_routing:
-            logits_bv, routed = self.model.decode_step(cache, tokens_b, record_routing=True)
-            return logits_bv, _routing_rows(routed, [1] * len(tokens_b))
-        return self.model.decode_step(cache, tokens_b), None
+        self.stats["decode_tokens"] += len(tokens_b)
+        t0 = time.perf_counter()
+        try:
+            if self.episode.record_routing:
+                logits_bv, routed = self.model.decode_step(cache, tokens_b, record_routing=True)
+                return logits_bv, _routing_rows(routed, [1] * len(tokens_b))
+            return self.model.decode_step(cache, tokens_b), None
+        finally:
+            self.stats["decode_s"] += time.perf_counter() - t0
 
     def close(self) -> None:
         self.envs.close()

@@ -25,7 +25,11 @@ ROLLOUT = {"benchmark": "rollout", "preset": "tiny", "cpu_count": 2,
            "throughput": {"env": "bench/FixedTurns-v0", "turns": 4, "episodes": 32, "seconds": 2.0,
                           "generated_tokens_per_s": 300.0, "engine_stats": {"decode_steps": 60, "extend_calls": 7,
                                                                             "mean_batch_rows": 28.5},
-                          "raw_decode": {"batch": 32, "prompt_tokens": 32, "new_tokens": 64, "tokens_per_s": 2000.0}},
+                          "raw_decode": {"batch": 32, "prompt_tokens": 32, "new_tokens": 64, "tokens_per_s": 2000.0},
+                          "time_split": {"decode_s": 0.8, "extend_s": 1.0, "engine_own_s": 0.2, "decode_share": 0.4,
+                                         "extend_share": 0.5, "engine_own_share": 0.1, "extend_tokens": 2400,
+                                         "extend_tokens_per_s": 2400.0, "decode_tokens_per_s": 2000.0,
+                                         "engine_vs_raw_if_no_own_work": 0.1667}},
            "slow_env": {"episodes": 32, "step_delay_s": 0.05, "slow_s": 3.0, "instant_s": 2.0, "same_tokens": True},
            "ray": {"workers_1": {"episodes": 8, "episodes_per_s": 4.0}, "workers_2": {"episodes": 8, "episodes_per_s": 7.0},
                    "speedup_2_vs_1": 1.75}}
@@ -99,6 +103,7 @@ def test_rollout_section_engine_vs_raw_decode_and_slow_env(page):
     rollout = section(page, "Rollout")
     assert "| 32 | 300 | 2,000 | 15.0% |" in rollout  # engine / raw computed when not stored
     assert "60 decode steps and 7 extend calls, with 28.50 rows" in rollout
+    assert "| 0.800 s (40.0%) | 1.00 s (50.0%) | 0.200 s (10.0%) | 2,400 | 2,400 | 2,000 | 16.7% |" in rollout
     assert "| 32 | 50 ms | 3.00 | 2.00 | 1.50x | yes |" in rollout
     glance = section(page, "At a glance")
     assert "| engine generated tokens/s vs raw `decode_step` at batch 32 | 300 | 2,000 | 0.15x |" in glance
@@ -107,9 +112,10 @@ def test_rollout_section_engine_vs_raw_decode_and_slow_env(page):
 
 def test_rollout_result_from_before_the_raw_decode_keys_renders(tmp_path):
     old = {k: v for k, v in ROLLOUT.items() if k != "slow_env"}
-    old["throughput"] = {k: v for k, v in ROLLOUT["throughput"].items() if k not in ("raw_decode", "engine_stats")}
+    old["throughput"] = {k: v for k, v in ROLLOUT["throughput"].items() if k not in ("raw_decode", "engine_stats", "time_split")}
     rollout = section(render(write_results(tmp_path / "results", {"rollout": old}), tmp_path / "docs"), "Rollout")
     assert "### Engine throughput" in rollout and "raw decode_step tokens/s" not in rollout
+    assert "Where that run's time went" not in rollout
     assert "slow environment" not in rollout
 
 

@@ -22,6 +22,14 @@ def test_bench_rollout_prints_one_json_line(capsys):
     assert throughput["raw_decode"]["batch"] == 2 and throughput["raw_decode"]["tokens_per_s"] > 0
     assert throughput["engine_vs_raw_decode"] == pytest.approx(
         throughput["generated_tokens_per_s"] / throughput["raw_decode"]["tokens_per_s"])
+    split, stats = throughput["time_split"], throughput["engine_stats"]
+    # the model's calls happen inside the run: decode + extend + the engine's own work add up to its seconds
+    assert split["decode_s"] > 0 and split["extend_s"] > 0 and split["engine_own_s"] >= 0
+    assert split["decode_s"] + split["extend_s"] + split["engine_own_s"] == pytest.approx(throughput["seconds"])
+    assert split["decode_share"] + split["extend_share"] + split["engine_own_share"] == pytest.approx(1.0)
+    # every token the model was fed went through exactly one decode step or one extension
+    assert stats["decode_tokens"] + split["extend_tokens"] == stats["fed_tokens"] + stats["prefill_tokens"]
+    assert split["engine_vs_raw_if_no_own_work"] >= throughput["engine_vs_raw_decode"]
     slow = result["slow_env"]
     assert slow["episodes"] == 2 and slow["step_delay_s"] == 0.01 and slow["same_tokens"]
     rows = result["extension_vs_reprefill"]
