@@ -9,7 +9,12 @@ median of the steps after the first (warm-up) is reported.
           -> group advantages -> one update in micro-batches
     TRL   GRPOTrainer on transformers' NemotronHForCausalLM (model.generate, then its loss)
 
-Output: a table and one JSON line ``{"benchmark": "grpo", "ours_s_per_step", "trl_s_per_step", "speedup", ...}``.
+``--dtypes fp32 bf16`` times both sides at each training precision (ours: ``train.dtype``, autocast of the
+forwards, fp32 master weights, the rollout engine in fp32; TRL: ``bf16=True``, accelerate's autocast);
+the first precision is the headline, the others go under ``other_dtypes``.
+
+Output: a table and one JSON line ``{"benchmark": "grpo", "dtype", "ours_s_per_step", "trl_s_per_step",
+"speedup", ..., "other_dtypes": {"bf16": {...}}}``.
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ def reward_of(text: str, answer: int) -> float:
     return float(first_int(text) == answer)
 
 
-def bench_ours(steps: int, threads: int) -> list[float]:
+def bench_ours(steps: int, threads: int, dtype: str = "fp32") -> list[float]:
     from hybrid_rl.config import load_config
+    from hybrid_rl.distributed import LocalProcess
     from hybrid_rl.model import HybridConfig, HybridLM
     from hybrid_rl.model.tokenizer import ByteTokenizer
     from hybrid_rl.rl.config import RLStageConfig
@@ -61,7 +67,7 @@ def bench_ours(steps: int, threads: int) -> list[float]:
     cfg = load_config(RLStageConfig, None, [
         "model.preset=tiny", f"envs=[{ENV}]", f"rollout.prompts_per_step={PROMPTS}", f"rollout.samples_per_prompt={SAMPLES}",
         f"rollout.max_turn_tokens={NEW_TOKENS}", "rollout.max_episode_tokens=128", "train.micro_batch_tokens=8192",
-        "train.lr=1e-5", "algo.skip_zero_advantage=false"])  # TRL trains on every completion: the same work
+        "train.lr=1e-5", "algo.skip_zero_advantage=false", f"train.dtype={dtype}"])  # TRL trains on every completion
     model = HybridLM(HybridConfig.from_preset("tiny")).train()
     tokenizer = ByteTokenizer()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
@@ -74,7 +80,7 @@ def bench_ours(steps: int, threads: int) -> list[float]:
         trajectories = pool.run_groups(train_requests(cfg, step))
         t1 = time.perf_counter()
         batch, _ = make_batch(trajectories, cfg, tokenizer.pad_id)
-        policy_update(model, optimizer, batch, cfg)
+        policy_update(model, optimizer, batch, cfg, par=LocalProcess(cfg.train.dtype))
         model.moe_balance_update(1e-3)
         times.append(time.perf_counter() - t0)
         phases.append({"rollout_s": round(t1 - t0, 3), "update_s": round(time.perf_counter() - t1, 3),
@@ -83,7 +89,7 @@ def bench_ours(steps: int, threads: int) -> list[float]:
     return times, phases
 
 
-def bench_trl(steps: int, threads: int, workdir: str) -> list[float]:
+def bench_trl(steps: int, threads: int, workdir: str, dtype: str = "fp32") -> list[float]:
     import datasets
     from transformers import NemotronHConfig, NemotronHForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -128,7 +134,7 @@ def bench_trl(steps: int, threads: int, workdir: str) -> list[float]:
     args = GRPOConfig(output_dir=workdir, per_device_train_batch_size=PROMPTS * SAMPLES, num_generations=SAMPLES,
                       max_completion_length=NEW_TOKENS, gradient_accumulation_steps=1, max_steps=steps,
                       learning_rate=1e-5, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-                      bf16=False, seed=0, dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True)
+                      bf16=dtype == "bf16", seed=0, dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer,
                           callbacks=[Timer()])
     with contextlib.redirect_stdout(sys.stderr):  # its per-step log dicts; stdout carries only our JSON line
@@ -143,25 +149,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="GRPO steps per side; the first is warm-up")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
     parser.add_argument("--skip-trl", action="store_true", help="only time our loop")
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
+                        help="training precisions, each on both sides (ours: train.dtype; TRL: bf16=True); the "
+                             "first is the headline, the others go under their name in the JSON")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is warm-up)")
-    ours, phases = bench_ours(args.steps, args.threads)
     result = {"benchmark": "grpo", "model": "tiny", "env": ENV, "prompts": PROMPTS, "samples": SAMPLES,
-              "max_new_tokens": NEW_TOKENS, "threads": args.threads, "steps": args.steps,
-              "ours_s_per_step": statistics.median(ours[1:]), "ours_steps_s": [round(t, 3) for t in ours],
-              "ours_phases": phases}
-    if not args.skip_trl:
-        with tempfile.TemporaryDirectory() as workdir:
-            trl_times = bench_trl(args.steps, args.threads, workdir)
-        result.update(trl_s_per_step=statistics.median(trl_times[1:]), trl_steps_s=[round(t, 3) for t in trl_times])
-        result["speedup"] = result["trl_s_per_step"] / result["ours_s_per_step"]
-    print(f"one GRPO step ({PROMPTS} prompts x {SAMPLES} samples, <= {NEW_TOKENS} new tokens, tiny model, "
-          f"{args.threads} threads): ours {result['ours_s_per_step']:.2f} s"
-          + (f", TRL {result['trl_s_per_step']:.2f} s, ratio {result['speedup']:.2f}x" if "speedup" in result else ""),
-          file=sys.stderr)
+              "max_new_tokens": NEW_TOKENS, "threads": args.threads, "steps": args.steps}
+    for i, dtype in enumerate(args.dtypes):
+        one = compare(args, dtype, tempfile)
+        result.update(one, dtype=dtype) if i == 0 else result.setdefault("other_dtypes", {}).update({dtype: one})
+        print(f"one GRPO step ({PROMPTS} prompts x {SAMPLES} samples, <= {NEW_TOKENS} new tokens, tiny model, "
+              f"{args.threads} threads, {dtype}): ours {one['ours_s_per_step']:.2f} s"
+              + (f", TRL {one['trl_s_per_step']:.2f} s, ratio {one['speedup']:.2f}x" if "speedup" in one else ""),
+              file=sys.stderr)
     print(json.dumps(result))
     return 0
+
+
+def compare(args, dtype: str, tempfile) -> dict:
+    """Both sides at one training precision: their step times and the ratio."""
+    ours, phases = bench_ours(args.steps, args.threads, dtype)
+    out = {"ours_s_per_step": statistics.median(ours[1:]), "ours_steps_s": [round(t, 3) for t in ours],
+           "ours_phases": phases}
+    if not args.skip_trl:
+        with tempfile.TemporaryDirectory() as workdir:
+            trl_times = bench_trl(args.steps, args.threads, workdir, dtype)
+        out.update(trl_s_per_step=statistics.median(trl_times[1:]), trl_steps_s=[round(t, 3) for t in trl_times])
+        out["speedup"] = out["trl_s_per_step"] / out["ours_s_per_step"]
+    return out
 
 
 if __name__ == "__main__":

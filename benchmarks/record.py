@@ -258,20 +258,34 @@ def render_grpo(r: dict, doc_dir: Path) -> Section:
     """One GRPO step (rollout + one update) of our loop against TRL's GRPOTrainer, same model and data."""
     ours_s, trl_s = r["ours_s_per_step"], r.get("trl_s_per_step")
     speedup = ratio(r.get("speedup"), trl_s, ours_s)
+    dtype, others = r.get("dtype", "fp32"), r.get("other_dtypes", {})
+    rows = [[f"seconds per GRPO step{f' ({dtype})' if others else ''}", num(ours_s), num(trl_s), times(speedup)]]
+    headlines = [Headline("GRPO step time vs TRL's GRPOTrainer" + (f" ({dtype})" if others else ""), f"{num(ours_s)} s",
+                          f"{num(trl_s)} s" if trl_s is not None else DASH, times(speedup))]
+    for other, o in others.items():
+        o_speedup = ratio(o.get("speedup"), o.get("trl_s_per_step"), o["ours_s_per_step"])
+        rows.append([f"seconds per GRPO step ({other}, both sides)", num(o["ours_s_per_step"]),
+                     num(o.get("trl_s_per_step")), times(o_speedup)])
+        headlines.append(Headline(f"GRPO step time vs TRL's GRPOTrainer ({other})", f"{num(o['ours_s_per_step'])} s",
+                                  f"{num(o.get('trl_s_per_step'))} s" if o.get("trl_s_per_step") is not None else DASH,
+                                  times(o_speedup)))
     body = (
         "## GRPO step: ours vs TRL's GRPOTrainer\n\n"
         "One GRPO step (play the groups, group advantages, one AdamW update) of our loop against TRL's "
         "`GRPOTrainer` on transformers' NemotronH, from the same initial weights, prompts and reward. The "
-        "step time is the median of the steps after the first (warm-up).\n\n"
+        "step time is the median of the steps after the first (warm-up). bf16: our `train.dtype: bf16` (autocast "
+        "of the forwards, fp32 master weights and AdamW state; on the CPU the Mamba mixer and the routed experts "
+        "stay in their fp32 kernels, only the dense projections run in bf16; the rollout engine plays in fp32) "
+        "against TRL's `bf16=True`.\n\n"
         f"- **Settings:** model `{r.get('model', DASH)}`, env `{r.get('env', DASH)}`, {num(r.get('prompts'))} prompts x "
         f"{num(r.get('samples'))} samples, at most {num(r.get('max_new_tokens'))} new tokens, {num(r.get('steps'))} steps.\n"
         + machine(r) + "\n"
-        + table(["measure", "ours", "TRL GRPOTrainer", "ours vs peer"],
-                [["seconds per GRPO step", num(ours_s), num(trl_s), times(speedup)]])
-        + "\nEach step:\n\n" + grpo_steps_table(r)
+        + table(["measure", "ours", "TRL GRPOTrainer", "ours vs peer"], rows)
+        + "\nEach step" + (f" ({dtype})" if others else "") + ":\n\n" + grpo_steps_table(r)
     )
-    return Section([Headline("GRPO step time vs TRL's GRPOTrainer", f"{num(ours_s)} s",
-                             f"{num(trl_s)} s" if trl_s is not None else DASH, times(speedup))], body)
+    for other, o in others.items():
+        body += f"\nEach step ({other}):\n\n" + grpo_steps_table(o)
+    return Section(headlines, body)
 
 
 def plot_extension(rows: list[dict], doc_dir: Path) -> str:

@@ -331,11 +331,16 @@ class LocalProcess:
 
     rank, world, is_main, device, strategy = 0, 1, True, torch.device("cpu"), "single"
 
+    def __init__(self, dtype: str = "fp32"):
+        self.dtype = resolved_dtype(dtype)  # bf16: the forwards under autocast, as Parallel does
+
     def no_sync(self, last: bool):
         return contextlib.nullcontext()
 
     def autocast(self):
-        return contextlib.nullcontext()
+        if self.dtype != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def backward(self, loss) -> None:
         loss.backward()

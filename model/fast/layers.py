@@ -17,6 +17,8 @@ what the data allows:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -89,10 +91,19 @@ class FastMamba2Mixer(Mamba2Mixer):
         if ctx.mode != "full" or not torch.is_grad_enabled():
             return super().forward(h_btd, ctx, layer_idx)
         proj = self.in_proj(h_btd)
-        if self.use_kernels and mixer_kernels_usable(proj, self.conv1d.weight, self.dt_bias, self.A_log, self.D,
-                                                     self.norm.weight, seg_bt=ctx.seg_bt,
-                                                     chunk_size=self.cfg.chunk_size):
-            return self.out_proj(mamba_mixer_train(self, proj, ctx.seg_bt))
+        region = contextlib.nullcontext()
+        if self.use_kernels and proj.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # bf16 autocast on the CPU: the projections run in bf16, the mixer body in its fp32 kernels
+            # (its PyTorch ops in bf16 are slower than those kernels; train_ops.grouped_experts does the same)
+            proj, region = proj.float(), torch.autocast("cpu", enabled=False)
+        y = None
+        with region:
+            if self.use_kernels and mixer_kernels_usable(proj, self.conv1d.weight, self.dt_bias, self.A_log, self.D,
+                                                         self.norm.weight, seg_bt=ctx.seg_bt,
+                                                         chunk_size=self.cfg.chunk_size):
+                y = mamba_mixer_train(self, proj, ctx.seg_bt)
+        if y is not None:
+            return self.out_proj(y)
         return self.out_proj(self._mix(proj, ctx, layer_idx, TRAIN_OPS[self.use_kernels]).to(h_btd.dtype))
 
     def scan_weights(self):

@@ -279,7 +279,9 @@ def grouped_experts(x_nd, idx_nk, w_nk, up_eid, down_edi, counts_e=None, use_ker
     """Routed experts with autograd, equal to ``hybrid_rl.model.moe.dispatch_naive``. Returns [N, D_out] fp32.
 
     Under autocast the expert matmuls run in the autocast dtype (as ``F.linear`` would), the routing
-    weights and the sum over slots in fp32."""
+    weights and the sum over slots in fp32; on the CPU they stay in fp32, where bf16 GEMMs of expert sizes
+    (hundreds of rows per expert, every layout of the backward) are slower than fp32 ones (docs/BENCHMARKS.md,
+    "bf16 on the CPU")."""
     n, k = idx_nk.shape
     flat = idx_nk.reshape(-1)
     counts = torch.bincount(flat, minlength=up_eid.shape[0]) if counts_e is None else counts_e
@@ -287,7 +289,7 @@ def grouped_experts(x_nd, idx_nk, w_nk, up_eid, down_edi, counts_e=None, use_ker
     dev = x_nd.device.type
     region = contextlib.nullcontext()
     if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
+        dtype = torch.float32 if dev == "cpu" else torch.get_autocast_dtype(dev)
         x_nd, up_eid, down_edi = x_nd.to(dtype), up_eid.to(dtype), down_edi.to(dtype)
         region = torch.autocast(device_type=dev, enabled=False)
     with region:
@@ -771,6 +773,11 @@ class _MambaMixer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go):
+        with _autocast_off(go.device.type):  # a backward run inside an autocast context: the kernels take fp32
+            return _MambaMixer._backward(ctx, go)
+
+    @staticmethod
+    def _backward(ctx, go):
         saved = ctx.saved_tensors  # unpacked once (activation checkpointing allows one unpack)
         proj, conv_w, conv_b, norm_w, v, A, y, rstd, seg_bt = saved[:9]
         d_inner, heads, head_dim, groups, state, q, clamp, group, eps = ctx.dims
@@ -778,7 +785,7 @@ class _MambaMixer(torch.autograd.Function):
         b, t, width = proj.shape
         conv_dim, k = d_inner + 2 * groups * state, conv_w.shape[0]
         rs = proj.stride(1)
-        go = go.contiguous()
+        go = go.to(proj.dtype).contiguous()
         gproj = proj.new_empty(b, t, width)
         gy = proj.new_empty(b, t, d_inner)
         g_norm_w = norm_w.new_empty(d_inner)

@@ -91,6 +91,18 @@ def test_grpo_section_ratio_computed_when_not_stored(page):
     assert "| 2 | 0.400 | 0.600 | 1.00 | 11 | 3.25 |" in grpo  # per-step row
 
 
+def test_grpo_section_other_precision_rows_and_headline(tmp_path):
+    bf16 = {"ours_s_per_step": 0.8, "ours_steps_s": [0.9, 0.8], "trl_s_per_step": 3.2, "trl_steps_s": [3.3, 3.2],
+            "ours_phases": [{"rollout_s": 0.4, "update_s": 0.5, "tokens": 10}, {"rollout_s": 0.3, "update_s": 0.5, "tokens": 11}]}
+    page = render(write_results(tmp_path / "results", {"grpo": {**GRPO, "dtype": "fp32", "other_dtypes": {"bf16": bf16}}}),
+                  tmp_path / "docs")
+    grpo = section(page, "GRPO")
+    assert "| seconds per GRPO step (fp32) | 1.00 | 3.25 | 3.25x |" in grpo
+    assert "| seconds per GRPO step (bf16, both sides) | 0.800 | 3.20 | 4.00x |" in grpo
+    assert "Each step (bf16):" in grpo and "| 2 | 0.300 | 0.500 | 0.800 | 11 | 3.20 |" in grpo
+    assert "| GRPO step time vs TRL's GRPOTrainer (bf16) | 0.800 s | 3.20 s | 4.00x |" in section(page, "At a glance")
+
+
 def test_rollout_section_ratios_and_plot(page, docs):
     rollout = section(page, "Rollout")
     assert "| 24 | 2 |" in rollout and "| 1.25x |" in rollout and "| 2.50x |" in rollout

@@ -7,6 +7,8 @@ torch's own autograd; the reference mixer (model/mamba.py) for the fused one; pl
 Function in float64 on small inputs.  tests/model/test_model_impls.py compares whole models.
 """
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,11 +147,15 @@ def test_grouped_experts_under_cpu_autocast_close_to_fp32():
     idx, w = route(x.detach(), torch.randn(e, d, generator=gen), torch.zeros(e), k, 1.0, True)
     ref = dispatch_naive(x, idx, w, up, down)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = grouped_experts(x, idx, w, up, down)
+        low = grouped_experts(x.to(torch.bfloat16), idx, w, up, down)  # a bf16 input, as a bf16 projection gives
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
     g = torch.autograd.grad(low.sum(), [x, up, down])
     assert [t.dtype for t in g] == [torch.float32] * 3 and all(torch.isfinite(t).all() for t in g)
+    # on the CPU the expert matmuls stay fp32 under autocast: with an fp32 input, the fp32 result exactly
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same = grouped_experts(x, idx, w, up, down)
+    torch.testing.assert_close(same, grouped_experts(x, idx, w, up, down), atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- chunked SSD
@@ -313,6 +319,36 @@ def test_mamba_mixer_kernels_equal_reference_and_pytorch_path(t, chunk, packed, 
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         for (name, _), a, b in zip([("h", None), *mixers[0].named_parameters()], grads, ref_grads):
             torch.testing.assert_close(a, b, atol=1e-4 * max(1.0, b.abs().max().item()), rtol=1e-4, msg=name)
+
+
+@needs_kernels
+def test_mamba_mixer_under_cpu_autocast_runs_its_fp32_kernels(monkeypatch):
+    """``train.dtype: bf16`` on the CPU: in_proj and out_proj run in bf16, the mixer body in the fp32 kernel
+    Function (not its PyTorch ops in bf16); values and gradients stay near the fp32 run."""
+    fast_layers = sys.modules[FastMamba2Mixer.__module__]  # (the package's ``layers`` name is a function)
+
+    cfg = HybridConfig(hidden_size=32, mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8,
+                       conv_kernel=4, chunk_size=16, layer_pattern="M")
+    torch.manual_seed(3)
+    mixer = FastMamba2Mixer(cfg, use_kernels=True)
+    h = torch.randn(2, 32, cfg.hidden_size, generator=_gen(3))
+    ref, ref_grads = _mixer_run(mixer, h, None, 5)
+    calls = []
+
+    def counted(*args, **kwargs):
+        out = mamba_mixer_train(*args, **kwargs)
+        calls.append((args[1].dtype, torch.is_autocast_enabled("cpu"), type(out.grad_fn).__name__))
+        return out
+
+    monkeypatch.setattr(fast_layers, "mamba_mixer_train", counted)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _mixer_run(mixer, h, None, 5)
+    assert calls == [(torch.float32, False, _MambaMixer.__name__ + "Backward")]
+    assert out.dtype == torch.bfloat16  # out_proj under autocast
+    torch.testing.assert_close(out.float(), ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
+    for (name, _), a, b in zip([("h", None), *mixer.named_parameters()], grads, ref_grads):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, atol=5e-2 * max(1.0, b.abs().max().item()), rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("use_kernels", USE_KERNELS)
