@@ -113,14 +113,13 @@ def time_split(run: dict, raw_tps: float) -> dict:
     extensions stay, since the raw loop feeds no observations."""
     stats, seconds = run["stats"], run["seconds"]
     model_s = stats["decode_s"] + stats["extend_s"]
-    generated = stats["generated_tokens"]
+    extend_tokens = stats["fed_tokens"] + stats["prefill_tokens"] - stats["decode_tokens"]
     return {"decode_s": stats["decode_s"], "extend_s": stats["extend_s"], "engine_own_s": seconds - model_s,
             "decode_share": stats["decode_s"] / seconds, "extend_share": stats["extend_s"] / seconds,
             "engine_own_share": (seconds - model_s) / seconds,
-            "extend_tokens": stats["fed_tokens"] + stats["prefill_tokens"] - stats["decode_tokens"],
-            "extend_tokens_per_s": (stats["fed_tokens"] + stats["prefill_tokens"] - stats["decode_tokens"]) / stats["extend_s"],
+            "extend_tokens": extend_tokens, "extend_tokens_per_s": extend_tokens / stats["extend_s"],
             "decode_tokens_per_s": stats["decode_tokens"] / stats["decode_s"],
-            "engine_vs_raw_if_no_own_work": generated / model_s / raw_tps}
+            "engine_vs_raw_if_no_own_work": stats["generated_tokens"] / model_s / raw_tps}
 
 
 def measure_extension(model, tok, args, obs_len: int) -> tuple[list[dict], dict]:
