@@ -24,6 +24,7 @@ import contextlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -143,8 +144,6 @@ def bench_trl(steps: int, threads: int, workdir: str, dtype: str = "fp32") -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tempfile
-
     parser = argparse.ArgumentParser(prog="python -m hybrid_rl.benchmarks.bench_grpo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="GRPO steps per side; the first is warm-up")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
@@ -158,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "grpo", "model": "tiny", "env": ENV, "prompts": PROMPTS, "samples": SAMPLES,
               "max_new_tokens": NEW_TOKENS, "threads": args.threads, "steps": args.steps}
     for i, dtype in enumerate(args.dtypes):
-        one = compare(args, dtype, tempfile)
-        result.update(one, dtype=dtype) if i == 0 else result.setdefault("other_dtypes", {}).update({dtype: one})
+        one = compare(args, dtype)
+        if i == 0:
+            result.update(one, dtype=dtype)
+        else:
+            result.setdefault("other_dtypes", {})[dtype] = one
         print(f"one GRPO step ({PROMPTS} prompts x {SAMPLES} samples, <= {NEW_TOKENS} new tokens, tiny model, "
               f"{args.threads} threads, {dtype}): ours {one['ours_s_per_step']:.2f} s"
               + (f", TRL {one['trl_s_per_step']:.2f} s, ratio {one['speedup']:.2f}x" if "speedup" in one else ""),
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare(args, dtype: str, tempfile) -> dict:
+def compare(args, dtype: str) -> dict:
     """Both sides at one training precision: their step times and the ratio."""
     ours, phases = bench_ours(args.steps, args.threads, dtype)
     out = {"ours_s_per_step": statistics.median(ours[1:]), "ours_steps_s": [round(t, 3) for t in ours],
