@@ -14,15 +14,14 @@ three to the same values and gradients.
 
 from __future__ import annotations
 
-from ..attention import Attention
-from .layers import FastMamba2Mixer, FastMLP, FastMoE, FastRMSNorm
+from .layers import FastAttention, FastMamba2Mixer, FastMLP, FastMoE, FastRMSNorm
 
 
 def layers(use_kernels: bool) -> dict:
     """The fast layer builders: layer kind -> module of ``cfg``, and ``"norm"`` -> RMSNorm of (size, eps)."""
     return {
         "M": lambda cfg: FastMamba2Mixer(cfg, use_kernels),
-        "*": Attention,
+        "*": lambda cfg: FastAttention(cfg, use_kernels),
         "E": lambda cfg: FastMoE(cfg, use_kernels),
         "-": lambda cfg: FastMLP(cfg.hidden_size, cfg.intermediate_size, use_kernels),
         "norm": lambda size, eps: FastRMSNorm(size, eps, use_kernels),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from hybrid_rl.model import HybridConfig
 from hybrid_rl.model.fast import kernels
-from hybrid_rl.model.fast.layers import FastMamba2Mixer
+from hybrid_rl.model.fast.layers import FastAttention, FastMamba2Mixer
 from hybrid_rl.model.fast.train_ops import (
     _CausalConv,
     _GroupedExperts,
@@ -30,6 +30,7 @@ from hybrid_rl.model.fast.train_ops import (
     rms_norm_train,
     ssd_chunked_train,
 )
+from hybrid_rl.model.attention import packed_causal_mask
 from hybrid_rl.model.hybrid import _Ctx
 from hybrid_rl.model.mamba import Mamba2Mixer, causal_conv, causal_conv_naive, ssd_chunked, ssd_naive
 from hybrid_rl.model.moe import dispatch_naive, route
@@ -350,6 +351,47 @@ def test_mamba_mixer_under_cpu_autocast_runs_its_fp32_kernels(monkeypatch):
     for (name, _), a, b in zip([("h", None), *mixer.named_parameters()], grads, ref_grads):
         assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, atol=5e-2 * max(1.0, b.abs().max().item()), rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
+def test_attention_under_cpu_autocast_attends_in_fp32_in_the_fast_model(packed):
+    """``train.dtype: bf16`` on the CPU: the fast model's attention takes autocast's bf16 projections and
+    attends them in fp32 (exactly the fp32 SDPA of those values); the ``torch`` implementation keeps bf16
+    (what the training-memory formula counts).  Both stay near the fp32 layer, gradients included."""
+    cfg = HybridConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, layer_pattern="*")
+    torch.manual_seed(5)
+    fast, plain = FastAttention(cfg, use_kernels=True), FastAttention(cfg, use_kernels=False)
+    plain.load_state_dict(fast.state_dict())
+    h = torch.randn(3, 13, cfg.hidden_size, generator=_gen(5), requires_grad=True)
+    seg = torch.tensor([[0] * 6 + [1] * 7] * 3) if packed else None
+    mask = None if seg is None else packed_causal_mask(seg)[:, None]
+    ctx = _Ctx("full", None, seg_bt=seg)
+    ref = fast(h, ctx, 0)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [h, *fast.parameters()])
+    seen = []  # (q, k, v, output) of each layer's attention core
+
+    def recorded(attend):
+        def run(q, k, v, m):
+            seen.append((q, k, v, attend(q, k, v, m)))
+            return seen[-1][-1]
+        return run
+
+    for layer in (fast, plain):
+        layer.attend_sequences = recorded(layer.attend_sequences)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(h, ctx, 0)
+        grads = torch.autograd.grad(out.float().square().sum(), [h, *layer.parameters()])
+        torch.testing.assert_close(out.float(), ref, atol=3e-2 * ref.abs().max().item(), rtol=0)
+        for a, b in zip(grads, ref_grads):
+            assert a.dtype == torch.float32 and torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, atol=5e-2 * max(1.0, b.abs().max().item()), rtol=0)
+    (q, k, v, o_fast), (_, _, _, o_plain) = seen
+    assert q.dtype == torch.bfloat16 and o_fast.dtype == torch.float32 and o_plain.dtype == torch.bfloat16
+    qf, kf, vf = q.float(), k.float(), v.float()
+    exact = (F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=True) if mask is None else
+             F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, enable_gqa=True))
+    torch.testing.assert_close(o_fast, exact, atol=0, rtol=0)
+    assert (o_plain.float() - exact).abs().max() > 0  # bf16 attention rounds: the two paths are not the same
 
 
 @pytest.mark.parametrize("use_kernels", USE_KERNELS)
