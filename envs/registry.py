@@ -57,6 +57,7 @@ BUILTINS: tuple[Builtin, ...] = (
     Builtin("Mastermind-v0", "hybrid_rl.envs.mastermind:Mastermind", 10),
     Builtin("Buttons-v0", "hybrid_rl.envs.buttons:Buttons", 16),
     Builtin("Nim-v0", "hybrid_rl.envs.nim:Nim", 12),  # 23 stones, 1 each: 12 of your moves
+    Builtin("Snake-v0", "hybrid_rl.envs.snake:Snake", 30),
     Builtin("PythonTool-v0", "hybrid_rl.envs.python_tool:PythonTool", 6),
     Builtin("MathWords-v0", "hybrid_rl.envs.math_words:MathWords", 1),  # multi-turn: (max_attempts=3;max_episode_steps=3)
     Builtin("Dataset-v0", "hybrid_rl.envs.dataset:DatasetEnv", 1),  # (path=file.jsonl;...): docs/ENVIRONMENTS.md

@@ -9,6 +9,7 @@ from hybrid_rl.envs.checker import BAD_ACTIONS
 INVALID_MOVES = {
     "hybrid_rl/Buttons-v0": ("-3", "no key"),
     "hybrid_rl/Nim-v0": ("4", "take 1, 2 or 3"),
+    "hybrid_rl/Snake-v0": ("jump", "left, down, right, up"),
     "hybrid_rl/GuessNumber-v0": ("99", "out of range"),
     "hybrid_rl/FrozenLake-v1": ("jump", "left down right up"),
     "hybrid_rl/Taxi-v3": ("fly", "pickup"),
