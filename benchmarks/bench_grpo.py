@@ -9,12 +9,18 @@ median of the steps after the first (warm-up) is reported.
           -> group advantages -> one update in micro-batches
     TRL   GRPOTrainer on transformers' NemotronHForCausalLM (model.generate, then its loss)
 
+``--rounds R`` repeats the pair R times, alternating the sides (ours, TRL, ours, TRL, ...), each round from the
+same initial weights with its own warm-up step: the speed of a shared machine drifts over minutes, and a
+side timed only in a slow stretch would take the drift into the ratio. The reported ratio is then the median of
+the rounds' ratios (each from steps timed minutes apart at most); the seconds per step are the medians over
+all rounds' steps after their warm-ups.
+
 ``--dtypes fp32 bf16`` times both sides at each training precision (ours: ``train.dtype``, autocast of the
 forwards, fp32 master weights, the rollout engine in fp32; TRL: ``bf16=True``, accelerate's autocast);
 the first precision is the headline, the others go under ``other_dtypes``.
 
 Output: a table and one JSON line ``{"benchmark": "grpo", "dtype", "ours_s_per_step", "trl_s_per_step",
-"speedup", ..., "other_dtypes": {"bf16": {...}}}``.
+"speedup", "round_speedups", ..., "other_dtypes": {"bf16": {...}}}``.
 """
 
 from __future__ import annotations
@@ -148,14 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="GRPO steps per side; the first is warm-up")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
     parser.add_argument("--skip-trl", action="store_true", help="only time our loop")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the pair this many times, the sides alternating; the ratio is the median of the rounds'")
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
                         help="training precisions, each on both sides (ours: train.dtype; TRL: bf16=True); the "
                              "first is the headline, the others go under their name in the JSON")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is warm-up)")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     result = {"benchmark": "grpo", "model": "tiny", "env": ENV, "prompts": PROMPTS, "samples": SAMPLES,
-              "max_new_tokens": NEW_TOKENS, "threads": args.threads, "steps": args.steps}
+              "max_new_tokens": NEW_TOKENS, "threads": args.threads, "steps": args.steps, "rounds": args.rounds}
     for i, dtype in enumerate(args.dtypes):
         one = compare(args, dtype)
         if i == 0:
@@ -164,14 +174,36 @@ def main(argv: list[str] | None = None) -> int:
             result.setdefault("other_dtypes", {})[dtype] = one
         print(f"one GRPO step ({PROMPTS} prompts x {SAMPLES} samples, <= {NEW_TOKENS} new tokens, tiny model, "
               f"{args.threads} threads, {dtype}): ours {one['ours_s_per_step']:.2f} s"
-              + (f", TRL {one['trl_s_per_step']:.2f} s, ratio {one['speedup']:.2f}x" if "speedup" in one else ""),
+              + (f", TRL {one['trl_s_per_step']:.2f} s, ratio {one['speedup']:.2f}x" if "speedup" in one else "")
+              + (f" (median of the rounds' {', '.join(f'{x:.2f}x' for x in one['round_speedups'])})"
+                 if "round_speedups" in one else ""),
               file=sys.stderr)
     print(json.dumps(result))
     return 0
 
 
 def compare(args, dtype: str) -> dict:
-    """Both sides at one training precision: their step times and the ratio."""
+    """Both sides at one training precision, ``args.rounds`` times alternating: their step times and the ratio."""
+    rounds = [compare_once(args, dtype) for _ in range(args.rounds)]
+    if len(rounds) == 1:
+        return rounds[0]
+
+    def kept(key):  # every round's step times after its warm-up step
+        return [t for r in rounds for t in r[key][1:]]
+
+    out = {"ours_s_per_step": statistics.median(kept("ours_steps_s")),
+           "ours_steps_s": [t for r in rounds for t in r["ours_steps_s"]],
+           "ours_phases": [p for r in rounds for p in r["ours_phases"]]}
+    if "speedup" in rounds[0]:
+        out.update(trl_s_per_step=statistics.median(kept("trl_steps_s")),
+                   trl_steps_s=[t for r in rounds for t in r["trl_steps_s"]],
+                   round_speedups=[round(r["speedup"], 3) for r in rounds],
+                   speedup=statistics.median(r["speedup"] for r in rounds))
+    return out
+
+
+def compare_once(args, dtype: str) -> dict:
+    """One round: our loop, then TRL's, from the same initial weights; their step times and the ratio."""
     ours, phases = bench_ours(args.steps, args.threads, dtype)
     out = {"ours_s_per_step": statistics.median(ours[1:]), "ours_steps_s": [round(t, 3) for t in ours],
            "ours_phases": phases}

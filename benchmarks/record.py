@@ -1,7 +1,7 @@
 """Write docs/BENCHMARKS.md and its figures (docs/img/bench-*.png) from the benchmarks' own JSON output.
 
     hybrid-rl bench model   > benchmarks/results/model.json
-    hybrid-rl bench grpo --steps 5 --dtypes fp32 bf16 > benchmarks/results/grpo.json
+    hybrid-rl bench grpo --steps 5 --dtypes fp32 bf16 --rounds 3 > benchmarks/results/grpo.json
     hybrid-rl bench rollout > benchmarks/results/rollout.json
     hybrid-rl bench memory  > benchmarks/results/memory.json
     hybrid-rl bench sync    > benchmarks/results/sync.json
@@ -38,7 +38,7 @@ To regenerate: run each benchmark and save what it prints, then render the page:
 
 ```
 hybrid-rl bench model   > benchmarks/results/model.json
-hybrid-rl bench grpo --steps 5 --dtypes fp32 bf16 > benchmarks/results/grpo.json
+hybrid-rl bench grpo --steps 5 --dtypes fp32 bf16 --rounds 3 > benchmarks/results/grpo.json
 hybrid-rl bench rollout > benchmarks/results/rollout.json
 hybrid-rl bench memory  > benchmarks/results/memory.json
 hybrid-rl bench sync    > benchmarks/results/sync.json
@@ -254,6 +254,12 @@ def grpo_steps_table(r: dict) -> str:
     return table(header, rows) if rows else ""
 
 
+def rounds_of(dtype: str, r: dict) -> str:
+    """"fp32 2.71x / 2.80x / 2.66x": one precision's ratio in each round of ``bench grpo --rounds``."""
+    speedups = r.get("round_speedups")
+    return f"{dtype} " + " / ".join(times(x) for x in speedups) if speedups else f"{dtype} {DASH}"
+
+
 def render_grpo(r: dict, doc_dir: Path) -> Section:
     """One GRPO step (rollout + one update) of our loop against TRL's GRPOTrainer, same model and data."""
     ours_s, trl_s = r["ours_s_per_step"], r.get("trl_s_per_step")
@@ -278,7 +284,10 @@ def render_grpo(r: dict, doc_dir: Path) -> Section:
         "stay in their fp32 kernels, only the dense projections run in bf16; the rollout engine plays in fp32) "
         "against TRL's `bf16=True`.\n\n"
         f"- **Settings:** model `{r.get('model', DASH)}`, env `{r.get('env', DASH)}`, {num(r.get('prompts'))} prompts x "
-        f"{num(r.get('samples'))} samples, at most {num(r.get('max_new_tokens'))} new tokens, {num(r.get('steps'))} steps.\n"
+        f"{num(r.get('samples'))} samples, at most {num(r.get('max_new_tokens'))} new tokens, {num(r.get('steps'))} steps"
+        + (f" per side in each of {r['rounds']} rounds (ours, TRL, ours, TRL, ..., each round with its warm-up step; "
+           "the ratio is the median of the rounds' ratios: " + ", ".join(rounds_of(name, x) for name, x in [(dtype, r), *others.items()]) + ")"
+           if r.get("rounds", 1) > 1 else "") + ".\n"
         + machine(r) + "\n"
         + table(["measure", "ours", "TRL GRPOTrainer", "ours vs peer"], rows)
         + "\nEach step" + (f" ({dtype})" if others else "") + ":\n\n" + grpo_steps_table(r)

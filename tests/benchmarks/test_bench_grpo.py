@@ -20,3 +20,39 @@ def test_bench_grpo_times_each_precision(capsys):
     bf16 = result["other_dtypes"]["bf16"]
     assert len(bf16["ours_steps_s"]) == 2 and bf16["ours_s_per_step"] > 0 and "speedup" not in bf16
     assert all(p["tokens"] > 0 for p in bf16["ours_phases"])
+
+
+def test_bench_grpo_rounds_alternate_the_sides_and_take_the_median_ratio(monkeypatch, capsys):
+    """--rounds: ours, TRL, ours, TRL, ...; each round's warm-up step left out; the ratio is the median of the
+    rounds' ratios (not the ratio of the pooled medians), the seconds per step the pooled medians."""
+    from hybrid_rl.benchmarks import bench_grpo
+
+    ours_rounds = iter([[9.0, 1.0, 1.0], [9.0, 2.0, 2.0], [9.0, 1.0, 1.0]])
+    trl_rounds = iter([[9.0, 4.0, 4.0], [9.0, 4.0, 4.0], [9.0, 3.0, 3.0]])  # round ratios 4, 2, 3
+    order = []
+
+    def ours(steps, threads, dtype):
+        order.append("ours")
+        times = next(ours_rounds)
+        return times, [{"rollout_s": t / 2, "update_s": t / 2, "tokens": 10} for t in times]
+
+    def trl(steps, threads, workdir, dtype):
+        order.append("trl")
+        return next(trl_rounds)
+
+    monkeypatch.setattr(bench_grpo, "bench_ours", ours)
+    monkeypatch.setattr(bench_grpo, "bench_trl", trl)
+    assert bench_grpo.main(["--steps", "3", "--rounds", "3", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert order == ["ours", "trl"] * 3
+    assert result["rounds"] == 3 and result["round_speedups"] == [4.0, 2.0, 3.0] and result["speedup"] == 3.0
+    assert result["ours_s_per_step"] == 1.0 and result["trl_s_per_step"] == 4.0  # pooled, warm-ups left out
+    assert len(result["ours_steps_s"]) == len(result["ours_phases"]) == len(result["trl_steps_s"]) == 9
+
+
+def test_bench_grpo_rejects_no_rounds(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["bench", "grpo", "--rounds", "0", "--skip-trl"])
+    assert "--rounds must be >= 1" in capsys.readouterr().err

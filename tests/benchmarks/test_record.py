@@ -91,6 +91,18 @@ def test_grpo_section_ratio_computed_when_not_stored(page):
     assert "| 2 | 0.400 | 0.600 | 1.00 | 11 | 3.25 |" in grpo  # per-step row
 
 
+def test_grpo_section_names_the_rounds_and_their_ratios(tmp_path):
+    bf16 = {"ours_s_per_step": 0.8, "trl_s_per_step": 3.2, "speedup": 4.1, "round_speedups": [4.1, 3.9, 4.4]}
+    grpo = {**GRPO, "dtype": "fp32", "rounds": 3, "round_speedups": [3.0, 3.3, 3.2], "speedup": 3.2,
+            "other_dtypes": {"bf16": bf16}}
+    page = section(render(write_results(tmp_path / "results", {"grpo": grpo}), tmp_path / "docs"), "GRPO")
+    assert "steps per side in each of 3 rounds" in page
+    assert "fp32 3.00x / 3.30x / 3.20x, bf16 4.10x / 3.90x / 4.40x" in page
+    assert "| seconds per GRPO step (fp32) | 1.00 | 3.25 | 3.20x |" in page  # the stored median of the rounds
+    one_round = section(render(write_results(tmp_path / "one", {"grpo": GRPO}), tmp_path / "docs1"), "GRPO")
+    assert "rounds" not in one_round
+
+
 def test_grpo_section_other_precision_rows_and_headline(tmp_path):
     bf16 = {"ours_s_per_step": 0.8, "ours_steps_s": [0.9, 0.8], "trl_s_per_step": 3.2, "trl_steps_s": [3.3, 3.2],
             "ours_phases": [{"rollout_s": 0.4, "update_s": 0.5, "tokens": 10}, {"rollout_s": 0.3, "update_s": 0.5, "tokens": 11}]}
