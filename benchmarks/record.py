@@ -281,7 +281,7 @@ def render_grpo(r: dict, doc_dir: Path) -> Section:
         "`GRPOTrainer` on transformers' NemotronH, from the same initial weights, prompts and reward. The "
         "step time is the median of the steps after the first (warm-up). bf16: our `train.dtype: bf16` (autocast "
         "of the forwards, fp32 master weights and AdamW state; on the CPU the Mamba mixer and the routed experts "
-        "stay in their fp32 kernels, only the dense projections run in bf16; the rollout engine plays in fp32) "
+        "stay in their fp32 kernels and attention attends in fp32, only the dense projections run in bf16; the rollout engine plays in fp32) "
         "against TRL's `bf16=True`.\n\n"
         f"- **Settings:** model `{r.get('model', DASH)}`, env `{r.get('env', DASH)}`, {num(r.get('prompts'))} prompts x "
         f"{num(r.get('samples'))} samples, at most {num(r.get('max_new_tokens'))} new tokens, {num(r.get('steps'))} steps"
