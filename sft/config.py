@@ -41,7 +41,10 @@ class DataConfig:
     hf_dataset_dir: str | None = None  # a `datasets.save_to_disk` directory with a "messages" column
     hf_dataset_split: str = "train"  # used when hf_dataset_dir holds a DatasetDict
     on_bad_sample: Literal["skip", "error"] = "error"  # skip = report each with its line and count them
-    max_seq_tokens: int = 1024  # row length of packing; a longer conversation is a bad sample
+    max_seq_tokens: int = 1024  # row length of packing; a longer conversation is a bad sample, unless:
+    # truncate: cut a longer conversation to its first max_seq_tokens tokens and train on the assistant tokens
+    # among them (TRL's max_length truncation); one with no assistant token left is still a bad sample
+    truncate: bool = False
     save_demos: bool = True  # write the env demonstrations to <run_dir>/demonstrations.jsonl (re-usable)
     keep_failed_demos: bool = False  # keep expert episodes that did not succeed (experts can be imperfect)
 

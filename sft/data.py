@@ -56,12 +56,14 @@ class DataError(ValueError):
 class DataReport:
     kept: Counter = field(default_factory=Counter)  # per source: the env id, jsonl, hf
     skipped: Counter = field(default_factory=Counter)  # per reason kind
+    truncated: int = 0  # conversations cut to data.max_seq_tokens (data.truncate)
     examples: list[str] = field(default_factory=list)  # the first MAX_REPORTED "where: why" lines
 
     def metrics(self) -> dict[str, float]:
         out = {f"train/samples/{env_key(k)}": float(v) for k, v in self.kept.items()}
         out["train/skipped_samples"] = float(sum(self.skipped.values()))
         out.update({f"train/skipped_samples/{k}": float(v) for k, v in self.skipped.items()})
+        out["train/truncated_samples"] = float(self.truncated)
         return out
 
 
@@ -185,15 +187,25 @@ def render_samples(
     on_bad_sample: str,
     report: DataReport,
     kind: str,
+    truncate: bool = False,
 ) -> list[Sample]:
-    """Validate and render (source, object) items; bad ones are skipped+counted or raise ``DataError``."""
+    """Validate and render (source, object) items; bad ones are skipped+counted or raise ``DataError``.
+    With ``truncate`` a conversation longer than ``max_seq_tokens`` keeps its first ``max_seq_tokens`` tokens."""
     samples = []
     for where, obj in items:
         try:
             messages = validate_messages(obj)
             ids, mask = tokenizer.render_chat(messages)
             if len(ids) > max_seq_tokens:
-                raise BadSample("too_long", f"{len(ids)} tokens is longer than data.max_seq_tokens={max_seq_tokens}")
+                if not truncate:
+                    raise BadSample("too_long", f"{len(ids)} tokens is longer than data.max_seq_tokens={max_seq_tokens}; "
+                                    "raise it, or set data.truncate=true to train on the first "
+                                    f"{max_seq_tokens} tokens")
+                ids, mask = ids[:max_seq_tokens], mask[:max_seq_tokens]
+                if not any(mask):
+                    raise BadSample("too_long", f"{len(ids)} tokens is longer than data.max_seq_tokens={max_seq_tokens} "
+                                    f"and its first {max_seq_tokens} tokens hold no assistant token to train on")
+                report.truncated += 1
         except BadSample as bad:
             _bad(where, bad, on_bad_sample, report)
             continue
@@ -222,16 +234,19 @@ def load_samples(data_cfg, tokenizer, demos_path: Path | None = None) -> tuple[l
         convs = list(env_conversations(spec.env_id, spec.episodes, data_cfg.keep_failed_demos))
         demos += [obj for _, obj in convs]
         samples += render_samples(convs, tokenizer, data_cfg.max_seq_tokens, data_cfg.on_bad_sample, report,
-                                  spec.env_id)
+                                  spec.env_id, data_cfg.truncate)
     if demos and demos_path is not None and data_cfg.save_demos:
         write_jsonl(demos, demos_path)
         log.info("wrote %d expert demonstrations to %s (re-use with data.jsonl_paths)", len(demos), demos_path)
     for path in data_cfg.jsonl_paths:
         samples += render_samples(read_jsonl(path), tokenizer, data_cfg.max_seq_tokens, data_cfg.on_bad_sample,
-                                  report, "jsonl")
+                                  report, "jsonl", data_cfg.truncate)
     if data_cfg.hf_dataset_dir:
         samples += render_samples(read_hf_dataset(data_cfg.hf_dataset_dir, data_cfg.hf_dataset_split), tokenizer,
-                                  data_cfg.max_seq_tokens, data_cfg.on_bad_sample, report, "hf")
+                                  data_cfg.max_seq_tokens, data_cfg.on_bad_sample, report, "hf", data_cfg.truncate)
+    if report.truncated:
+        log.info("truncated %d conversations to data.max_seq_tokens=%d (data.truncate)", report.truncated,
+                 data_cfg.max_seq_tokens)
     skipped = sum(report.skipped.values())
     if skipped:
         log.warning("skipped %d bad samples (%s); kept %d", skipped, dict(report.skipped), len(samples))

@@ -84,7 +84,11 @@ def test_samples_are_kept_with_their_step(full_run):
     assert samples[0]["messages"][2] == {"role": "assistant", "content": "50"}
 
 
-def test_console_prints_a_line_every_n_steps_and_at_each_eval(tmp_path, capsys):
+def test_console_prints_a_line_every_n_steps_and_at_each_eval(tmp_path, capsys, monkeypatch):
+    import hybrid_rl.log
+
+    monkeypatch.setattr(hybrid_rl.log, "_QUIET", False)  # an earlier test's quiet run must not silence this one
+    monkeypatch.delenv("HYBRID_RL_QUIET", raising=False)
     log = MetricsLogger(LoggingConfig(backends=["console"], console_every=5, **QUIET), tmp_path / "c")
     for step in range(12):
         log.log({"train/loss": 1.5, "moe/expert_load/layer1/e0": 0.2}, step)

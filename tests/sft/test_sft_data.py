@@ -136,3 +136,26 @@ def test_sft_rendering_of_a_rollout_conversation_is_the_rollout_token_ids():
         assert s.ids == t.token_ids
         extra = [i for i, (m, a) in enumerate(zip(s.mask, t.is_action)) if m != a]
         assert all(s.mask[i] == 1 and t.is_action[i] == 0 and s.ids[i] == TOK.end_id for i in extra)
+
+
+def test_truncate_keeps_the_first_max_seq_tokens_of_a_long_conversation(tmp_path):
+    """data.truncate: a conversation longer than the budget is cut to its first max_seq_tokens tokens (ids
+    and loss mask as render_chat gives them); one whose kept part has no assistant token is still bad."""
+    long_conv = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 40},
+                              {"role": "user", "content": "more " * 40}, {"role": "assistant", "content": "b"}]}
+    late_answer = {"messages": [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "!"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in (GOOD, long_conv, late_answer)) + "\n")
+    full_ids, full_mask = render_chat(long_conv["messages"], TOK)
+    assert len(full_ids) > 128
+    cfg = DataConfig(jsonl_paths=[str(path)], on_bad_sample="skip", max_seq_tokens=128, truncate=True)
+    samples, report = load_samples(cfg, TOK)
+    assert [s.source for s in samples] == [f"{path}:1", f"{path}:2"]
+    cut = samples[1]
+    assert list(cut.ids) == list(full_ids[:128]) and list(cut.mask) == list(full_mask[:128]) and any(cut.mask)
+    assert report.truncated == 1 and report.metrics()["train/truncated_samples"] == 1
+    assert dict(report.skipped) == {"too_long": 1}  # the third: its first 128 tokens are all the user's
+    with pytest.raises(DataError, match="hold no assistant token"):
+        load_samples(DataConfig(jsonl_paths=[str(path)], max_seq_tokens=128, truncate=True), TOK)
+    with pytest.raises(DataError, match="data.truncate=true"):  # off (the default): too long is bad, the fix named
+        load_samples(DataConfig(jsonl_paths=[str(path)], max_seq_tokens=128), TOK)
