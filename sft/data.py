@@ -201,10 +201,10 @@ def render_samples(
                     raise BadSample("too_long", f"{len(ids)} tokens is longer than data.max_seq_tokens={max_seq_tokens}; "
                                     "raise it, or set data.truncate=true to train on the first "
                                     f"{max_seq_tokens} tokens")
-                ids, mask = ids[:max_seq_tokens], mask[:max_seq_tokens]
-                if not any(mask):
+                if not any(mask[:max_seq_tokens]):
                     raise BadSample("too_long", f"{len(ids)} tokens is longer than data.max_seq_tokens={max_seq_tokens} "
                                     f"and its first {max_seq_tokens} tokens hold no assistant token to train on")
+                ids, mask = ids[:max_seq_tokens], mask[:max_seq_tokens]
                 report.truncated += 1
         except BadSample as bad:
             _bad(where, bad, on_bad_sample, report)

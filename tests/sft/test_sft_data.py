@@ -155,7 +155,8 @@ def test_truncate_keeps_the_first_max_seq_tokens_of_a_long_conversation(tmp_path
     assert list(cut.ids) == list(full_ids[:128]) and list(cut.mask) == list(full_mask[:128]) and any(cut.mask)
     assert report.truncated == 1 and report.metrics()["train/truncated_samples"] == 1
     assert dict(report.skipped) == {"too_long": 1}  # the third: its first 128 tokens are all the user's
-    with pytest.raises(DataError, match="hold no assistant token"):
+    with pytest.raises(DataError, match=f"{len(render_chat(late_answer['messages'], TOK)[0])} tokens is longer .* hold no "
+                                        "assistant token"):
         load_samples(DataConfig(jsonl_paths=[str(path)], max_seq_tokens=128, truncate=True), TOK)
     with pytest.raises(DataError, match="data.truncate=true"):  # off (the default): too long is bad, the fix named
         load_samples(DataConfig(jsonl_paths=[str(path)], max_seq_tokens=128), TOK)
