@@ -477,7 +477,7 @@ class _SSDChunked(torch.autograd.Function):
     decay blocks and per-head scaling run as ``ctx.stages`` (kernels or PyTorch ops, picked once)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, Bm, Cm, D, init, seg_bt, q, lib):
+    def forward(ctx, x, dt, A, Bm, Cm, D, init, seg_bt, q, lib, need_final=True):
         b, t, h, p = x.shape
         g, n = Bm.shape[2], Bm.shape[3]
         r, nc = h // g, t // q
@@ -491,6 +491,16 @@ class _SSDChunked(torch.autograd.Function):
         # 1. diagonal blocks: M = exp(cs_l - cs_s) * C_l.B_s (causal, same document), Y = M @ X
         CB = Cc @ Bc.transpose(-1, -2)  # [B,c,G,Q,Q]
         M, M_kept = stages.decay_blocks(cs, CB, within, seg_bt)  # [B,c,G,R,Q,Q], what its backward needs
+
+        # One chunk from a zero state whose end state nobody reads (the mixer's training forward on sequences
+        # up to a chunk long): y is the diagonal block alone, and steps 2-4 and their backwards would only
+        # multiply zeros.
+        ctx.one_chunk = nc == 1 and init is None and not need_final
+        if ctx.one_chunk:
+            y = stages.out(M @ X, x, D)
+            ctx.save_for_backward(x, dt, A, Bc, Cc, D, X, cs, M_kept, M, CB, None, None, None, None, None, None)
+            ctx.has_init, ctx.q = False, q
+            return y, None
 
         # 2. the state each chunk leaves at its end: S = (B * decay to the end)^T @ X   [B,c,G,R,N,P]
         cs_last = cs[..., -1:]
@@ -539,6 +549,42 @@ class _SSDChunked(torch.autograd.Function):
         if gy is None:
             gy = x.new_zeros(b, t, h, p)
         gy, gY, gD_part = stages.out_backward(gy, x, g, q)  # gY [B,c,G,R,Q,P]
+        one_chunk = getattr(ctx, "one_chunk", False)
+        g_init = None
+        if one_chunk:  # the forward's diagonal block alone, y = M @ X: nothing flows through states
+            gX = M.transpose(-1, -2) @ gY
+            gB, gC, g_cs = Bc.new_zeros(Bc.shape), Cc.new_zeros(Cc.shape), cs.new_zeros(cs.shape)
+        else:
+            gX, gB, gC, g_cs, g_init = _SSDChunked._backward_states(ctx, gY, gfinal, x, cs, Bc, Cc, X, dte, Bd, decay,
+                                                                    start, od, Cd)
+            _bmm3(gX, q, p).baddbmm_(_bmm3(M, q, q).transpose(1, 2), _bmm3(gY, q, p))  # 1. Y += M @ X
+        # 1. diagonal blocks, the rest: M = L * CB with L = exp(cs_l - cs_s)
+        gM = gY @ X.transpose(-1, -2)  # [B,c,G,R,Q,Q]
+        gCB = stages.decay_blocks_backward(gM, M_kept, cs, CB, g_cs)  # [B,c,G,Q,Q]; adds to g_cs
+        gC.add_(gCB @ Bc)
+        gB.add_(gCB.transpose(-1, -2) @ Cc)
+
+        # cumsum over the chunk, dt * A, x * dt, and the D skip
+        g_dA = g_cs.flip(-1).cumsum(-1).flip(-1)  # [B,c,G,R,Q]
+        gA = (g_dA * dt.view(b, nc, q, g, r).permute(0, 1, 3, 4, 2)).sum((0, 1, 4)).reshape(h)
+        # [B,T, x | B | C] buffer given: the gradients go straight into their columns (no cat after)
+        gx = x.new_empty(b, t, h, p) if out is None else out[..., : h * p].view(b, t, h, p)
+        g_dt, gD = stages.x_in_backward(gy, gX, x, dt, D, A, g_dA, gD_part, gx)
+        if out is None:
+            gBm = gB.transpose(2, 3).reshape(b, t, g, n)
+            gCm = gC.transpose(2, 3).reshape(b, t, g, n)
+        else:
+            gBm = out[..., h * p: h * p + g * n].view(b, nc, q, g, n).copy_(gB.transpose(2, 3))
+            gCm = out[..., h * p + g * n:].view(b, nc, q, g, n).copy_(gC.transpose(2, 3))
+        return gx, g_dt, gA, gBm, gCm, gD, g_init, None, None, None, None
+
+    @staticmethod
+    def _backward_states(ctx, gY, gfinal, x, cs, Bc, Cc, X, dte, Bd, decay, start, od, Cd):
+        """Steps 4, 3 and 2 backwards (read-out, chunk to chunk, chunk end states): (gX, gB, gC, g_cs, g_init)."""
+        stages = ctx.stages
+        b, t, h, p = x.shape
+        g, n = Bc.shape[2], Bc.shape[4]
+        r, nc = h // g, t // ctx.q
 
         # 4. read-out: Y += Cd @ start with Cd = C * od
         Z = gY @ start.transpose(-1, -2)  # d/dCd  [B,c,G,R,Q,N]
@@ -561,27 +607,7 @@ class _SSDChunked(torch.autograd.Function):
         gB, g_dte = stages.scale_heads_backward(W, Bc, dte)  # times dte: d/d(cs_last - cs)
         g_cs.sub_(g_dte)
         g_cs[..., -1] += g_dte.sum(-1) + g_decay * decay
-
-        # 1. diagonal blocks: Y += M @ X with M = L * CB, L = exp(cs_l - cs_s)
-        _bmm3(gX, q, p).baddbmm_(_bmm3(M, q, q).transpose(1, 2), _bmm3(gY, q, p))
-        gM = gY @ X.transpose(-1, -2)  # [B,c,G,R,Q,Q]
-        gCB = stages.decay_blocks_backward(gM, M_kept, cs, CB, g_cs)  # [B,c,G,Q,Q]; adds to g_cs
-        gC.add_(gCB @ Bc)
-        gB.add_(gCB.transpose(-1, -2) @ Cc)
-
-        # cumsum over the chunk, dt * A, x * dt, and the D skip
-        g_dA = g_cs.flip(-1).cumsum(-1).flip(-1)  # [B,c,G,R,Q]
-        gA = (g_dA * dt.view(b, nc, q, g, r).permute(0, 1, 3, 4, 2)).sum((0, 1, 4)).reshape(h)
-        # [B,T, x | B | C] buffer given: the gradients go straight into their columns (no cat after)
-        gx = x.new_empty(b, t, h, p) if out is None else out[..., : h * p].view(b, t, h, p)
-        g_dt, gD = stages.x_in_backward(gy, gX, x, dt, D, A, g_dA, gD_part, gx)
-        if out is None:
-            gBm = gB.transpose(2, 3).reshape(b, t, g, n)
-            gCm = gC.transpose(2, 3).reshape(b, t, g, n)
-        else:
-            gBm = out[..., h * p: h * p + g * n].view(b, nc, q, g, n).copy_(gB.transpose(2, 3))
-            gCm = out[..., h * p + g * n:].view(b, nc, q, g, n).copy_(gC.transpose(2, 3))
-        return gx, g_dt, gA, gBm, gCm, gD, g_init, None, None, None
+        return gX, gB, gC, g_cs, g_init
 
 
 def _ssd_kernels(x, dt, Bm, Cm, q):
@@ -617,7 +643,7 @@ def ssd_chunked_train(x_bthp, dt_bth, A_h, B_btgn, C_btgn, D_h, chunk_size, init
         (x, dt, Bm, Cm), seg_bt = pad_time(pad, (x, dt, Bm, Cm), seg_bt)
     init = None if initial_state is None else initial_state.float()
     y, final = _SSDChunked.apply(x, dt, A_h.float(), Bm.contiguous(), Cm.contiguous(), D_h.float(), init,
-                                 None if seg_bt is None else seg_bt.contiguous(), q, _library(use_kernels))
+                                 None if seg_bt is None else seg_bt.contiguous(), q, _library(use_kernels), True)
     return (y[:, :t] if pad else y), final
 
 
@@ -764,12 +790,13 @@ class _MambaMixer(torch.autograd.Function):
         sctx = _Saved()
         y, _ = _SSDChunked.forward(sctx, xc[..., :d_inner].view(b, t, heads, head_dim), dt, A,
                                    xc[..., d_inner:d_inner + gn].view(b, t, groups, state),
-                                   xc[..., d_inner + gn:].view(b, t, groups, state), D, None, seg_bt, q, lib)
+                                   xc[..., d_inner + gn:].view(b, t, groups, state), D, None, seg_bt, q, lib,
+                                   need_final=False)
         out = proj.new_empty(b, t, d_inner)
         rstd = proj.new_empty(b * t, d_inner // group)
         lib.gated_norm_fwd(_ptr(y), _ptr(proj), _ptr(norm_w), _ptr(out), _ptr(rstd), b * t, d_inner, group, rs, eps)
         ctx.save_for_backward(proj, conv_w, conv_b, norm_w, v, A, y, rstd, seg_bt, *sctx.saved_tensors)
-        ctx.dims, ctx.q, ctx.ssd_stages = dims, q, sctx.stages
+        ctx.dims, ctx.q, ctx.ssd_stages, ctx.ssd_one_chunk = dims, q, sctx.stages, sctx.one_chunk
         return out
 
     @staticmethod
@@ -794,6 +821,7 @@ class _MambaMixer(torch.autograd.Function):
                            _ptr(g_norm_w), b * t, d_inner, group, rs, width)
         sctx = _Saved()
         sctx.saved_tensors, sctx.q, sctx.has_init, sctx.stages = saved[9:], ctx.q, False, ctx.ssd_stages
+        sctx.one_chunk = ctx.ssd_one_chunk
         g_xc = proj.new_empty(b, t, conv_dim)
         _, g_dt, gA, _, _, gD, *_ = _SSDChunked._backward(sctx, gy.view(b, t, heads, head_dim), None, out=g_xc)
         g_conv_w, g_conv_b = conv_w.new_empty(k, conv_dim), conv_b.new_empty(conv_dim)

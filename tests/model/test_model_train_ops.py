@@ -220,6 +220,21 @@ def test_ssd_function_gradcheck_float64(packed, with_init):
     assert torch.autograd.gradcheck(fn, (x, dt, A, B, C, D, init))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_ssd_function_one_chunk_without_final_state(packed):
+    """One chunk from a zero state whose end state is not asked for (the mixer's case on short sequences):
+    the diagonal block alone, no final state, the same output as the full scan; gradcheck in float64."""
+    x, dt, A, B, C, D, _ = _ssd_inputs(b=2, t=12, h=4, p=2, g=2, n=2, seed=6, dtype=torch.float64)
+    seg = torch.tensor([[0] * 3 + [1] * 6 + [2] * 3, [0] * 4 + [1] * 8]) if packed else None
+    y, final = _SSDChunked.apply(x, dt, A, B, C, D, None, seg, 12, None, False)
+    assert final is None
+    torch.testing.assert_close(y, _SSDChunked.apply(x, dt, A, B, C, D, None, seg, 12, None, True)[0], atol=1e-12,
+                               rtol=1e-12)
+    torch.testing.assert_close(y.float(), ssd_naive(x, dt, A, B, C, D, seg_bt=seg)[0].float(), atol=1e-5, rtol=1e-5)
+    assert torch.autograd.gradcheck(lambda *ins: _SSDChunked.apply(*ins, None, seg, 12, None, False)[0],
+                                    (x, dt, A, B, C, D))
+
+
 # ----------------------------------------------------------------------------- norms
 def _gated_norm_naive(y, z, weight, group_size, eps):
     g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, group_size))
