@@ -44,7 +44,7 @@ bench: install
 	$(CLI) bench model
 	$(CLI) bench memory
 	$(CLI) bench rollout
-	$(CLI) bench grpo --steps 5 --dtypes fp32 bf16 --rounds 3
+	$(CLI) bench grpo --steps 5 --dtypes fp32 bf16 --rounds 5
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

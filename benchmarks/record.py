@@ -1,7 +1,7 @@
 """Write docs/BENCHMARKS.md and its figures (docs/img/bench-*.png) from the benchmarks' own JSON output.
 
     hybrid-rl bench model   > benchmarks/results/model.json
-    hybrid-rl bench grpo --steps 5 --dtypes fp32 bf16 --rounds 3 > benchmarks/results/grpo.json
+    hybrid-rl bench grpo --steps 5 --dtypes fp32 bf16 --rounds 5 > benchmarks/results/grpo.json
     hybrid-rl bench rollout > benchmarks/results/rollout.json
     hybrid-rl bench memory  > benchmarks/results/memory.json
     hybrid-rl bench sync    > benchmarks/results/sync.json
@@ -38,7 +38,7 @@ To regenerate: run each benchmark and save what it prints, then render the page:
 
 ```
 hybrid-rl bench model   > benchmarks/results/model.json
-hybrid-rl bench grpo --steps 5 --dtypes fp32 bf16 --rounds 3 > benchmarks/results/grpo.json
+hybrid-rl bench grpo --steps 5 --dtypes fp32 bf16 --rounds 5 > benchmarks/results/grpo.json
 hybrid-rl bench rollout > benchmarks/results/rollout.json
 hybrid-rl bench memory  > benchmarks/results/memory.json
 hybrid-rl bench sync    > benchmarks/results/sync.json
