@@ -109,15 +109,14 @@ class Snake(TextEnv):
     def _next(cell, move):
         return cell[0] + STEPS[move][0], cell[1] + STEPS[move][1]
 
-    def _obstacles(self, eats: bool, body=None) -> set:
+    def _obstacles(self, eats: bool) -> set:
         """The cells the head cannot enter next: the body, without the tail's cell unless the snake grows."""
-        body = list(self.body if body is None else body)
+        body = list(self.body)
         return set(body if eats else body[:-1])
 
-    def _safe(self, move: str, body=None) -> bool:
-        body = self.body if body is None else body
-        head = self._next(body[0], move)
-        return self._on_board(head) and head not in self._obstacles(head == self.apple, body)
+    def _safe(self, move: str) -> bool:
+        head = self._next(self.body[0], move)
+        return self._on_board(head) and head not in self._obstacles(head == self.apple)
 
     # ------------------------------------------------------------------ teachers
 

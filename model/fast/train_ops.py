@@ -549,9 +549,8 @@ class _SSDChunked(torch.autograd.Function):
         if gy is None:
             gy = x.new_zeros(b, t, h, p)
         gy, gY, gD_part = stages.out_backward(gy, x, g, q)  # gY [B,c,G,R,Q,P]
-        one_chunk = getattr(ctx, "one_chunk", False)
         g_init = None
-        if one_chunk:  # the forward's diagonal block alone, y = M @ X: nothing flows through states
+        if ctx.one_chunk:  # the forward's diagonal block alone, y = M @ X: nothing flows through states
             gX = M.transpose(-1, -2) @ gY
             gB, gC, g_cs = Bc.new_zeros(Bc.shape), Cc.new_zeros(Cc.shape), cs.new_zeros(cs.shape)
         else:
