@@ -47,14 +47,15 @@ class Attention(nn.Module):
         k = self.k_proj(h_btd).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,T,Dh]
         v = self.v_proj(h_btd).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if ctx.cache is None:
-            o = self.attend_sequences(q, k, v, None if ctx.seg_bt is None else packed_causal_mask(ctx.seg_bt)[:, None])
+            o = self.attend_sequences(q, k, v, ctx.seg_bt)
         else:
             k_all, v_all = ctx.cache.write_kv(layer_idx, k, v, ctx.start_b, ctx.kv_used)
             o = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=ctx.kv_mask, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1).to(h_btd.dtype))
 
-    def attend_sequences(self, q, k, v, mask):
-        """Whole sequences (training, scoring): SDPA, causal, or ``mask`` [B,1,T,T] (True = may attend)."""
-        if mask is None:
+    def attend_sequences(self, q, k, v, seg_bt):
+        """Whole sequences (training, scoring): SDPA, causal; with packed rows (``seg_bt`` [B,T], the
+        segment of each position) under the causal same-document mask [B,1,T,T]."""
+        if seg_bt is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=packed_causal_mask(seg_bt)[:, None], enable_gqa=True)

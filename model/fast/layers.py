@@ -56,16 +56,74 @@ class FastAttention(Attention):
         super().__init__(cfg)
         self.use_kernels = use_kernels
 
-    def attend_sequences(self, q, k, v, mask):
-        """On the CPU with ``use_kernels``, half-precision inputs (autocast's bf16 projections) are attended in
+    def attend_sequences(self, q, k, v, seg_bt):
+        """Packed rows (``seg_bt``) attend document by document (``attend_documents``), not under the dense
+        [B,1,T,T] mask, with which SDPA computes every block of every row.
+
+        On the CPU with ``use_kernels``, half-precision inputs (autocast's bf16 projections) are attended in
         fp32: PyTorch's CPU flash kernel is ~3x slower in bf16 than in fp32 at training sizes (forward and
         backward of one ``bench grpo`` layer of ``tiny``: 27 ms against 9.5 ms; the update ~8% faster), and
         fp32 is the more exact of the two.  The output stays fp32; the output projection casts it as autocast
         says.  (The ``torch`` implementation keeps autocast's bf16, which the training-memory formula counts.)"""
         if self.use_kernels and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             with torch.autocast("cpu", enabled=False):
-                return super().attend_sequences(q.float(), k.float(), v.float(), mask)
-        return super().attend_sequences(q, k, v, mask)
+                return self._attend(q.float(), k.float(), v.float(), seg_bt)
+        return self._attend(q, k, v, seg_bt)
+
+    def _attend(self, q, k, v, seg_bt):
+        if seg_bt is None:
+            return super().attend_sequences(q, k, v, None)
+        return attend_documents(q, k, v, seg_bt)
+
+
+def attend_documents(q_bhtd, k_bktd, v_bktd, seg_bt, min_fill: float = 0.75):
+    """Causal attention within each document of packed rows, equal to SDPA under ``packed_causal_mask``.
+
+    A document is a run of equal ``seg_bt`` values (what the mask calls one).  The documents are gathered
+    out of the rows into batches of similar length, longest first: a batch takes documents down to
+    ``min_fill`` of its longest one and pads the rest at their ends, which causal attention never reads
+    from a real position.  Each batch is one causal SDPA call, whose kernels skip the blocks above the
+    diagonal; under the dense mask every row pays for all T x T blocks, although its documents cover a
+    fraction of them (FrozenLake's packed RL rows: ~1/3 before causality halves it again).  The outputs
+    go back to their positions by one gather; every step is an indexing op, so autograd is PyTorch's."""
+    b, h, t, d = q_bhtd.shape
+    hk = k_bktd.shape[1]
+    starts = torch.ones(b, t, dtype=torch.bool, device=seg_bt.device)
+    starts[:, 1:] = seg_bt[:, 1:] != seg_bt[:, :-1]
+    first = starts.flatten().nonzero().squeeze(1)  # each document's first position in the flat [B*T]
+    lengths = torch.diff(first, append=first.new_tensor([b * t]))
+    q = q_bhtd.transpose(1, 2).reshape(b * t, h, d)
+    k = k_bktd.transpose(1, 2).reshape(b * t, hk, d)
+    v = v_bktd.transpose(1, 2).reshape(b * t, hk, d)
+    outs, where = [], []
+    for docs, width in _length_batches(lengths.tolist(), min_fill):
+        docs_t = torch.tensor(docs, device=first.device)
+        lens = lengths[docs_t]
+        j = torch.arange(width, device=first.device)
+        real = j[None] < lens[:, None]  # [n, W]
+        idx = first[docs_t][:, None] + torch.minimum(j[None], lens[:, None] - 1)  # pads repeat the last token
+        pick = lambda x: x.index_select(0, idx.flatten()).view(*idx.shape, *x.shape[1:]).transpose(1, 2)  # noqa: E731
+        o = F.scaled_dot_product_attention(pick(q), pick(k), pick(v), is_causal=True, enable_gqa=True)
+        o = o.transpose(1, 2)  # [n, W, h, d]
+        if bool(real.all()):
+            outs.append(o.reshape(-1, h, d))
+            where.append(idx.reshape(-1))
+        else:
+            outs.append(o[real])
+            where.append(idx[real])
+    out = torch.cat(outs).index_select(0, torch.argsort(torch.cat(where)))  # [B*T, h, d] in position order
+    return out.view(b, t, h, d).transpose(1, 2)
+
+
+def _length_batches(lengths: list[int], min_fill: float) -> list[tuple[list[int], int]]:
+    """(document indices, padded width) per batch: longest first, each batch down to ``min_fill`` of its first."""
+    out: list[tuple[list[int], int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if out and lengths[i] >= min_fill * out[-1][1]:
+            out[-1][0].append(i)
+        else:
+            out.append(([i], lengths[i]))
+    return out
 
 
 class FastMLP(MLP):

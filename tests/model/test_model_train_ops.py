@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from hybrid_rl.model import HybridConfig
 from hybrid_rl.model.fast import kernels
-from hybrid_rl.model.fast.layers import FastAttention, FastMamba2Mixer
+from hybrid_rl.model.fast.layers import FastAttention, FastMamba2Mixer, _length_batches, attend_documents
 from hybrid_rl.model.fast.train_ops import (
     _CausalConv,
     _GroupedExperts,
@@ -386,8 +386,8 @@ def test_attention_under_cpu_autocast_attends_in_fp32_in_the_fast_model(packed):
     seen = []  # (q, k, v, output) of each layer's attention core
 
     def recorded(attend):
-        def run(q, k, v, m):
-            seen.append((q, k, v, attend(q, k, v, m)))
+        def run(q, k, v, seg_bt):
+            seen.append((q, k, v, attend(q, k, v, seg_bt)))
             return seen[-1][-1]
         return run
 
@@ -404,9 +404,47 @@ def test_attention_under_cpu_autocast_attends_in_fp32_in_the_fast_model(packed):
     assert q.dtype == torch.bfloat16 and o_fast.dtype == torch.float32 and o_plain.dtype == torch.bfloat16
     qf, kf, vf = q.float(), k.float(), v.float()
     exact = (F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=True) if mask is None else
-             F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, enable_gqa=True))
+             attend_documents(qf, kf, vf, seg))
     torch.testing.assert_close(o_fast, exact, atol=0, rtol=0)
     assert (o_plain.float() - exact).abs().max() > 0  # bf16 attention rounds: the two paths are not the same
+
+
+def _packed_segments(rows, width):
+    """[B, width] segment ids of rows of documents with the given lengths, the rest one padding document."""
+    out = []
+    for lengths in rows:
+        seg = [d for d, n in enumerate(lengths) for _ in range(n)]
+        out.append(seg + [len(lengths)] * (width - len(seg)))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("min_fill", [0.0, 0.75, 1.0], ids=["one-batch", "default", "one-length-per-batch"])
+@pytest.mark.parametrize("rows", [
+    [[5, 3, 9], [17], [1, 1, 1, 2, 10]],  # short documents, a whole row, a padding document (2) at the end
+    [[1] * 6, [6], [2, 4]],  # every position its own document; no padding
+], ids=["mixed", "ones"])
+def test_attention_by_document_equals_the_masked_attention(rows, min_fill):
+    """Packed rows in the fast model attend document by document (documents batched by length, padded at
+    their ends): the same values and gradients as SDPA under the causal same-document mask, GQA included."""
+    width = max(sum(r) for r in rows)
+    seg = _packed_segments(rows, width)
+    g = _gen(11)
+    q = torch.randn(len(rows), 4, width, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(len(rows), 2, width, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=packed_causal_mask(seg)[:, None], enable_gqa=True)
+    out = attend_documents(q, k, v, seg, min_fill=min_fill)
+    weight = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    _close_all(_grads(out, [q, k, v], weight), _grads(ref, [q, k, v], weight), atol=1e-12, rtol=0)
+
+
+def test_length_batches_keep_documents_within_min_fill_of_the_longest():
+    lengths = [10, 3, 8, 7, 1, 10, 4]
+    batches = _length_batches(lengths, 0.75)
+    assert batches == [([0, 5, 2], 10), ([3], 7), ([6, 1], 4), ([4], 1)]
+    assert sorted(i for docs, _ in batches for i in docs) == list(range(len(lengths)))
+    assert all(lengths[docs[0]] == width and all(lengths[i] >= 0.75 * width for i in docs) for docs, width in batches)
+    assert _length_batches(lengths, 0.0) == [([0, 5, 2, 3, 6, 1, 4], 10)]
 
 
 @pytest.mark.parametrize("use_kernels", USE_KERNELS)
