@@ -401,15 +401,32 @@ def reference_logprobs(ref_model, mb: Batch, replay, dist: ScoringDist | None, c
 
 
 def score(model, mb: Batch, replay, dist: ScoringDist | None, tc, record: bool = False, with_entropy: bool = True):
-    """(the model output, (log-prob, entropy) of the micro-batch's targets under ``dist``). With
-    ``train.logprob_chunk_tokens`` (by default for vocabularies of 8192 and more) the vocabulary is scored a
-    chunk of tokens at a time inside the model's forward: no [B, T, V] tensor."""
+    """(the model output, (log-prob, entropy) [B, T] of the micro-batch's targets under ``dist``).
+
+    Only the action positions are scored: the final hidden states there go through ``lm_head`` and the
+    log-softmax (inside the model's forward, which a sharded model needs), and every other position gets
+    0, which no loss term or metric reads (each is masked by ``action_mask_bt``). A multi-turn episode is
+    mostly observation tokens (FrozenLake: ~4 of 5 positions), whose [T, V] logits, log-probs and entropies
+    were computed and thrown away. With ``train.logprob_chunk_tokens`` (by default for vocabularies of
+    8192 and more) the action positions are scored a chunk at a time: no [N, V] tensor for all of them."""
     chunk = logprob_chunk(tc, model_vocab(model))
-    if not chunk:
-        out = model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, routing=replay, record_routing=record)
-        return out, policy_logprobs(out.logits, mb.target_ids_bt, mb.action_mask_bt, dist, with_entropy=with_entropy)
-    head = lambda h, w: chunked_policy_logprobs(h, w, mb.target_ids_bt, mb.action_mask_bt, dist,  # noqa: E731
-                                                with_entropy=with_entropy, chunk_tokens=chunk)
+    on_bt = mb.action_mask_bt.bool()
+    where = on_bt.nonzero(as_tuple=True)
+    targets_n = mb.target_ids_bt[where]
+    b, t = on_bt.shape
+
+    def head(h_btd, w_vd):
+        h_1nd = h_btd[where][None]
+        ones_1n = torch.ones_like(targets_n[None], dtype=torch.float32)
+        if chunk:
+            logp_1n, entropy_1n = chunked_policy_logprobs(h_1nd, w_vd, targets_n[None], ones_1n, dist,
+                                                          with_entropy=with_entropy, chunk_tokens=chunk)
+        else:
+            logits_1nv = torch.nn.functional.linear(h_1nd, w_vd).float()
+            logp_1n, entropy_1n = policy_logprobs(logits_1nv, targets_n[None], ones_1n, dist, with_entropy=with_entropy)
+        spread = lambda x_1n: x_1n.new_zeros(b, t).index_put(where, x_1n[0])  # noqa: E731
+        return spread(logp_1n), (spread(entropy_1n) if with_entropy else None)
+
     out = model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, routing=replay, record_routing=record, head=head)
     return out, out.head
 

@@ -216,3 +216,39 @@ def test_reference_log_probs_are_scored_once_per_batch_and_kept_for_the_next_upd
     assert fresh.calls == first and stats["train/kl"] != 0
     for name, grad in rec[1].grads.items():
         torch.testing.assert_close(rec[0].grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [0, 5], ids=["one-pass", "chunked"])
+@pytest.mark.parametrize("truncated", [False, True], ids=["plain", "top-p"])
+def test_score_reads_only_action_positions_with_the_full_logits_values_and_gradients(chunk, truncated):
+    """``score`` runs lm_head and the log-softmax at the action positions only: there its log-probs,
+    entropies and the parameters' gradients are those of the full [B, T, V] logits path; elsewhere 0."""
+    from hybrid_rl.rl.losses import ScoringDist, policy_logprobs
+    from hybrid_rl.rl.train import score
+
+    model = _model()
+    cfg = _cfg(f"train.logprob_chunk_tokens={chunk}")
+    mb = collate(_trajectories(model), [1.0] * 6)
+    dist = ScoringDist(temperature=0.7, top_p=0.9) if truncated else None
+    on = mb.action_mask_bt.bool()
+    assert 0 < int(on.sum()) < on.numel()
+    g = torch.Generator().manual_seed(3)
+    c_logp, c_ent = torch.randn(on.shape, generator=g), torch.randn(on.shape, generator=g)
+
+    def run(full):
+        model.zero_grad(set_to_none=True)
+        if full:
+            out = model(mb.input_ids_bt)
+            logp, ent = policy_logprobs(out.logits, mb.target_ids_bt, mb.action_mask_bt, dist, with_entropy=True)
+        else:
+            _, (logp, ent) = score(model, mb, None, dist, cfg.train)
+        (c_logp * logp * mb.action_mask_bt + c_ent * ent * mb.action_mask_bt).sum().backward()
+        return logp, ent, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (ref_logp, ref_ent, ref_grads), (logp, ent, grads) = run(full=True), run(full=False)
+    torch.testing.assert_close(logp[on], ref_logp[on], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent[on], ref_ent[on], rtol=1e-5, atol=1e-6)
+    assert not logp[~on].any() and not ent[~on].any()
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
