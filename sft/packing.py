@@ -82,6 +82,20 @@ def loss_sum(logits_btv: torch.Tensor, targets_bt: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits_btv.flatten(0, 1).float(), targets_bt.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
+def model_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``loss_sum`` of the model on a micro-batch, with lm_head and the cross-entropy at the trained
+    positions only (inside the model's forward, as a sharded model needs): a multi-turn conversation is
+    mostly user and tool tokens, whose logits no loss reads."""
+    targets = batch["targets"]
+    where = (targets != IGNORE).nonzero(as_tuple=True)
+
+    def head(h_btd, w_vd):
+        logits_nv = F.linear(h_btd[where], w_vd).float()
+        return F.cross_entropy(logits_nv, targets[where], reduction="sum")
+
+    return model(batch["input_ids"], doc_ids=batch["doc_ids"], head=head).head
+
+
 class MicroBatchStream:
     """Global micro-batch i of a run, deterministically, for any i (the resumable data cursor)."""
 

@@ -12,7 +12,7 @@
    micro-batches (``hybrid_rl.sft.packing``); the data cursor is the index of the next global micro-batch.
 4. per optimizer step (``train_step``): each process takes its ``grad_accum_steps`` micro-batches of the
    step, the trained-token count of the whole step is summed over processes, and every micro-batch
-   backpropagates ``loss_sum * world_size / n_tokens_step``: the gradient of the mean token loss of the
+   backpropagates ``model_loss_sum * world_size / n_tokens_step``: the gradient of the mean token loss of the
    global batch, whatever the packing, the micro-batch size or the process count.
 5. clip, AdamW with warmup + cosine (``lr_at``), the MoE aux-loss-free bias update from the expert loads
    of the step (summed over processes so every replica moves its biases alike), metrics.
@@ -44,7 +44,7 @@ from hybrid_rl.run import make_run_dir, seed_everything
 from hybrid_rl.schedule import warmup_cosine
 from hybrid_rl.sft.config import SFTStageConfig, SFTTrainConfig
 from hybrid_rl.sft.data import expert_conversation, load_samples
-from hybrid_rl.sft.packing import IGNORE, MicroBatchStream, loss_sum
+from hybrid_rl.sft.packing import IGNORE, MicroBatchStream, model_loss_sum
 
 log = logging.getLogger("hybrid_rl.sft")
 
@@ -130,7 +130,7 @@ def train_step(model, optimizer, par: Parallel, stream: MicroBatchStream, progre
         b = {k: v.to(par.device) for k, v in b.items()}
         with par.no_sync(last=g == len(batches) - 1):
             with par.autocast():
-                loss_mb = loss_sum(model(b["input_ids"], doc_ids=b["doc_ids"]).logits, b["targets"])
+                loss_mb = model_loss_sum(model, b)
             par.backward(loss_mb * par.world / max(n_tokens, 1))
         loss_total += float(loss_mb.detach())
     grad_norm = par.clip_grad_norm_(model.parameters(), tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf)
@@ -167,7 +167,7 @@ def heldout_loss(model, docs, row_tokens: int, pad_id: int, device) -> float:
     with torch.no_grad():
         for i in range(stream.micro_batches_per_epoch):
             b = {k: v.to(device) for k, v in stream.micro_batch_at(i).items()}
-            total += float(loss_sum(model(b["input_ids"], doc_ids=b["doc_ids"]).logits, b["targets"]))
+            total += float(model_loss_sum(model, b))
             count += int((b["targets"] != IGNORE).sum())
     model.train(was_training)
     model.moe_balance_update(0.0)

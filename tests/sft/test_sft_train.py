@@ -13,7 +13,7 @@ from hybrid_rl.checkpoint import list_checkpoints, load_trainer_state
 from hybrid_rl.cli import main as cli_main
 from hybrid_rl.model import HybridLM
 from hybrid_rl.model.config import HybridConfig
-from hybrid_rl.sft.packing import MicroBatchStream, loss_sum, reference_loss
+from hybrid_rl.sft.packing import MicroBatchStream, model_loss_sum, reference_loss
 from hybrid_rl.sft.train import lr_at
 from sft_testlib import FAST, losses, run_sft
 
@@ -45,7 +45,7 @@ def test_hybrid_lm_packed_micro_batched_loss_and_grads_equal_one_doc_at_a_time()
     n_tokens = sum(int((b["targets"] >= 0).sum()) for b in batches)
     total = 0.0
     for b in batches:
-        loss = loss_sum(model(b["input_ids"], doc_ids=b["doc_ids"]).logits, b["targets"]) / n_tokens
+        loss = model_loss_sum(model, b) / n_tokens  # the trainer's: lm_head at the trained positions only
         loss.backward()
         total += loss.item()
     assert total == pytest.approx(ref.item(), rel=1e-4)
@@ -71,8 +71,11 @@ def test_grad_accum_equals_one_bigger_micro_batch(tmp_path, chat_jsonl):
     la, lb = losses(a), losses(b)
     assert la.keys() == {1, 2} and la[1] == pytest.approx(lb[1], rel=1e-5) and la[2] == pytest.approx(lb[2], rel=1e-4)
     wa, wb = load_file(a / "step_2" / "model.safetensors"), load_file(b / "step_2" / "model.safetensors")
+    # the two packings put the documents in different rows, so attention batches them differently and sums in
+    # another order; Adam's first steps move each weight by ~lr (1.5e-3, 3e-3) whatever the gradient's size, so
+    # a rounding difference in a tiny gradient shows at ~1e-6. 2e-5 is 1% of one step's move.
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5, msg=k)
 
 
 def test_resume_after_step_k_matches_the_uninterrupted_run(tmp_path, chat_jsonl):
