@@ -432,10 +432,12 @@ def test_attention_by_document_equals_the_masked_attention(rows, min_fill):
     q = torch.randn(len(rows), 4, width, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(len(rows), 2, width, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=packed_causal_mask(seg)[:, None], enable_gqa=True)
-    out = attend_documents(q, k, v, seg, min_fill=min_fill)
+    out = attend_documents(q, k, v, seg, min_fill=min_fill, dense_above=float("inf"))
     weight = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     _close_all(_grads(out, [q, k, v], weight), _grads(ref, [q, k, v], weight), atol=1e-12, rtol=0)
+    # rows whose documents would save little attend under the mask as they are: the reference, exactly
+    torch.testing.assert_close(attend_documents(q, k, v, seg, min_fill=min_fill, dense_above=0.0), ref, atol=0, rtol=0)
 
 
 def test_length_batches_keep_documents_within_min_fill_of_the_longest():
