@@ -10,6 +10,7 @@ over seeds (and of the paired differences RL - SFT and RL - teacher).
 
     hybrid-rl bench learning                     # 3 envs x 3 seeds, ~1 h on a 2-core CPU
     hybrid-rl bench learning --envs hybrid_rl/FrozenLake-v1 --seeds 0
+    hybrid-rl bench learning --envs hybrid_rl/Snake-v0 --merge  # one env again, the others in the JSON kept
     python -m hybrid_rl.benchmarks.plot_learning           # PNGs + the table in docs/RESULTS.md, from the JSON
 
 Output: one JSON line ``{"benchmark": "learning", ...}``, also saved to benchmarks/results/learning.json.
@@ -108,9 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more pipeline overrides (all envs)")
     parser.add_argument("--plain", action="store_true", help="the recipe as it is on every env, without RECIPE_CHANGES")
     parser.add_argument("--json-out", default=str(ROOT / "benchmarks" / "results" / "learning.json"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other environments already in --json-out (same recipe, overrides and episodes); "
+                             "the environments run now replace their entries")
     args = parser.parse_args(argv)
 
     runs, json_out = [], Path(args.json_out) if args.json_out else None
+    base = None
+    if args.merge:
+        if json_out is None or not json_out.exists():
+            parser.error(f"--merge needs an existing --json-out to merge into; {json_out} does not exist "
+                         "(run without --merge to start one)")
+        base = json.loads(json_out.read_text())
+        try:
+            merged(base, collect([], args))  # a recipe mismatch stops here, before hours of runs
+        except ValueError as err:
+            parser.error(str(err))
     for env_id in args.envs:
         for seed in args.seeds:
             runs.append(run_one(env_id, seed, args))
@@ -119,9 +133,24 @@ def main(argv: list[str] | None = None) -> int:
                   + f" ({r['wall_s']:.0f} s)", file=sys.stderr)
             if json_out:  # the runs so far, so an interrupted benchmark keeps what it measured
                 json_out.parent.mkdir(parents=True, exist_ok=True)
-                json_out.write_text(json.dumps(collect(runs, args)) + "\n")
-    emit(collect(runs, args), json_out)
+                json_out.write_text(json.dumps(merged(base, collect(runs, args))) + "\n")
+    emit(merged(base, collect(runs, args)), json_out)
     return 0
+
+
+def merged(base: dict | None, new: dict) -> dict:
+    """``new`` with the environments of ``base`` it did not run (in ``base``'s order, then the new ones): one
+    table of environments measured at different times with one recipe. Each run keeps its own commit; the
+    document's ``commit`` is the latest invocation's, ``complete`` says whether both were."""
+    if base is None:
+        return new
+    for key in ("benchmark", "config", "overrides", "episodes"):
+        if base.get(key) != new.get(key):
+            raise ValueError(f"cannot merge into a learning JSON of another recipe: its {key} is {base.get(key)!r}, "
+                             f"this run's is {new.get(key)!r}; write to another --json-out or run without --merge")
+    envs = {env: new["envs"].get(env, entry) for env, entry in base["envs"].items()}
+    envs.update((env, entry) for env, entry in new["envs"].items() if env not in envs)
+    return {**new, "complete": bool(base.get("complete")) and new["complete"], "envs": envs}
 
 
 def collect(runs: list[dict], args) -> dict:

@@ -67,3 +67,41 @@ def test_recipe_changes_match_the_env_with_or_without_its_arguments():
     guess = list(RECIPE_CHANGES["hybrid_rl/GuessNumber-v0"])
     assert recipe_changes("hybrid_rl/GuessNumber-v0(n=100)") == guess == recipe_changes("hybrid_rl/GuessNumber-v0")
     assert recipe_changes("hybrid_rl/FrozenLake-v1") == [] and recipe_changes("hybrid_rl/Nim-v0") == []  # Nim: untuned
+
+
+def test_merge_replaces_only_the_envs_run_and_refuses_another_recipe(tmp_path, monkeypatch, capsys):
+    """--merge: the environments run now replace their entries, the others stay as measured (their runs, commits,
+    order); a JSON of another recipe or episode count is refused before any run, naming the fix."""
+    import pytest
+
+    from hybrid_rl.benchmarks import bench_learning
+
+    def fake_run(env_id, seed, args):
+        return {"env": env_id, "seed": seed, "wall_s": 10.0, "commit": "new", "curve": [[0, 0.5]],
+                **{who: {"success": 0.25 * (who == "rl") + 0.5, "turns": 4.0} for who in bench_learning.POLICIES}}
+
+    monkeypatch.setattr(bench_learning, "run_one", fake_run)
+    out = tmp_path / "learning.json"
+    first = ["bench", "learning", "--json-out", str(out), "--seeds", "0", "1", "--envs"]
+    assert main([*first, "hybrid_rl/FrozenLake-v1", "hybrid_rl/Nim-v0"]) == 0
+    before = json.loads(out.read_text())
+    before["envs"]["hybrid_rl/FrozenLake-v1"]["runs"][0]["commit"] = "old"
+    out.write_text(json.dumps(before))
+
+    assert main([*first, "hybrid_rl/Snake-v0", "hybrid_rl/Nim-v0", "--merge"]) == 0
+    after = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == after
+    assert list(after["envs"]) == ["hybrid_rl/FrozenLake-v1", "hybrid_rl/Nim-v0", "hybrid_rl/Snake-v0"]
+    assert after["envs"]["hybrid_rl/FrozenLake-v1"] == before["envs"]["hybrid_rl/FrozenLake-v1"]  # kept as it was
+    assert [r["seed"] for r in after["envs"]["hybrid_rl/Snake-v0"]["runs"]] == [0, 1]
+    assert after["envs"]["hybrid_rl/Nim-v0"]["summary"]["rl_minus_sft"]["mean"] == 0.25 and after["complete"]
+
+    for bad, why in ((["--episodes", "50"], "episodes is 100"), (["--set", "rl.train.steps=9"], "overrides is []")):
+        with pytest.raises(SystemExit):
+            main([*first, "hybrid_rl/Nim-v0", "--merge", *bad])
+        err = capsys.readouterr().err
+        assert why in err and "another --json-out" in err
+    assert json.loads(out.read_text()) == after  # nothing written
+    with pytest.raises(SystemExit):
+        main(["bench", "learning", "--json-out", str(tmp_path / "none.json"), "--merge"])
+    assert "does not exist" in capsys.readouterr().err
