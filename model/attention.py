@@ -43,15 +43,25 @@ class Attention(nn.Module):
 
     def forward(self, h_btd, ctx, layer_idx: int):
         b, t, _ = h_btd.shape
-        q = self.q_proj(h_btd).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B,H,T,Dh]
-        k = self.k_proj(h_btd).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,T,Dh]
-        v = self.v_proj(h_btd).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(h_btd).view(b, t, self.heads, self.head_dim)
+        k = self.k_proj(h_btd).view(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(h_btd).view(b, t, self.kv_heads, self.head_dim)
+        if ctx.shared is not None:  # shared prefixes (model/shared.py): each document after its parent
+            o = ctx.shared.apply(self.attend_virtual, q, k, v)  # [B,T,H,Dh]
+            return self.o_proj(o.reshape(b, t, -1).to(h_btd.dtype))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,Dh], [B,Hkv,T,Dh]
         if ctx.cache is None:
             o = self.attend_sequences(q, k, v, ctx.seg_bt)
         else:
             k_all, v_all = ctx.cache.write_kv(layer_idx, k, v, ctx.start_b, ctx.kv_used)
             o = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=ctx.kv_mask, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1).to(h_btd.dtype))
+
+    def attend_virtual(self, q, k, v):
+        """Virtual sequences of shared prefixes (model/shared.py), [n, W, heads, d]: causal, as plain sequences."""
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             enable_gqa=True)
+        return out.transpose(1, 2)
 
     def attend_sequences(self, q, k, v, seg_bt):
         """Whole sequences (training, scoring): SDPA, causal; with packed rows (``seg_bt`` [B,T], the

@@ -6,7 +6,8 @@ transformers' in-memory ``NemotronHForCausalLM`` names with ``backbone.`` for ``
 is a rename (``hf_state_dict`` / ``from_hf_state_dict`` below).
 
 Three ways through the same layers (``_Ctx.mode``):
-  full    training / scoring: ``forward(input_ids [B,T], doc_ids=None, routing=None)``
+  full    training / scoring: ``forward(input_ids [B,T], doc_ids=None, routing=None, doc_parents=None)``;
+          ``doc_parents`` stores a shared prompt once in a packed row (model/shared.py)
   extend  append per-row token lists to a ``HybridCache`` (prefill = extend of an empty row); rows are
           right-padded to one batch, padding is inert (Mamba dt = 0, attention masked, not counted)
   step    ``decode_step``: one token for every row, the fast path
@@ -44,6 +45,7 @@ from .fast import fused, kernels
 from .mamba import Mamba2Mixer
 from .moe import MLP, MoE
 from .norms import RMSNorm
+from .shared import SharedPrefixes
 
 IMPLS = ("fast", "torch", "reference")
 # layer kind -> mixer of cfg, and "norm" -> RMSNorm of (size, eps): the reference implementation
@@ -82,8 +84,12 @@ class _Ctx:
     """What the mixers need to know about the current call besides their input."""
 
     def __init__(self, mode, moe_slot, cache=None, seg_bt=None, valid_bt=None, n_new_b=None, start_b=None,
-                 kv_mask=None, kv_used=0, replay=None, record=False):
+                 kv_mask=None, kv_used=0, replay=None, record=False, shared=None):
         self.mode, self.moe_slot, self.cache = mode, moe_slot, cache
+        # shared prefixes (model/shared.py): the sequence layers run their bodies on its virtual sequences,
+        # each a plain sequence (``plain``: this call's context without packing)
+        self.shared = shared
+        self.plain = _Ctx(mode, moe_slot) if shared is not None else None
         self.seg_bt, self.valid_bt, self.n_new_b, self.start_b = seg_bt, valid_bt, n_new_b, start_b
         self.kv_mask, self.kv_used = kv_mask, kv_used
         self.replay = replay  # [N, n_moe, k] or None
@@ -201,7 +207,7 @@ class HybridLM(nn.Module):
 
     # ------------------------------------------------------------------ training forward
     def forward(self, input_ids, doc_ids=None, routing=None, record_routing: bool = False,
-                return_hidden: bool = False, compute_logits: bool = True, head=None) -> ModelOutput:
+                return_hidden: bool = False, compute_logits: bool = True, head=None, doc_parents=None) -> ModelOutput:
         """``compute_logits=False`` skips lm_head: ``logits`` is None and ``hidden_states`` holds the final
         normed hidden [B, T, D], so a caller can score the vocabulary a chunk of tokens at a time instead of
         holding [B, T, V] fp32 logits. ``head=fn`` does that inside this call: ``ModelOutput.head`` is
@@ -211,8 +217,15 @@ class HybridLM(nn.Module):
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
         seg = self._segments(doc_ids, input_ids) if doc_ids is not None else None
+        shared = None
+        if doc_parents is not None:
+            if doc_ids is None:
+                raise ValueError("doc_parents needs doc_ids: it names, per position, the document (by its doc id) "
+                                 "that the position's document continues")
+            if bool((doc_parents >= 0).any()):
+                shared, seg = SharedPrefixes(doc_ids, doc_parents), None
         replay = self._check_routing(routing, b, t)
-        ctx = _Ctx("full", self._moe_slot, seg_bt=seg, replay=replay, record=record_routing)
+        ctx = _Ctx("full", self._moe_slot, seg_bt=seg, replay=replay, record=record_routing, shared=shared)
         h = self._layers(self.backbone.embeddings(input_ids), ctx)
         h = self.backbone.norm_f(h)
         if head is not None:

@@ -268,6 +268,9 @@ class Mamba2Mixer(nn.Module):
     def forward(self, h_btd, ctx, layer_idx: int):
         if ctx.mode == "step":
             return self._step(h_btd, ctx, layer_idx)
+        if ctx.shared is not None:  # shared prefixes (model/shared.py): each document after its parent
+            y = ctx.shared.apply(lambda p: self._mix(p, ctx.plain, layer_idx, REFERENCE_OPS), self.in_proj(h_btd))
+            return self.out_proj(y.to(h_btd.dtype))
         return self.out_proj(self._mix(self.in_proj(h_btd), ctx, layer_idx, REFERENCE_OPS).to(h_btd.dtype))
 
     def _mix(self, proj_bti, ctx, layer_idx, ops):

@@ -26,6 +26,10 @@ longest wastes a third of the update's compute. ``packed_plan`` puts whole episo
 last action token, back to back into rows as long as the longest one (first-fit, longest first), and
 ``pack`` builds those rows with ``doc_ids_bt``; the model resets its Mamba state and masks attention at
 every episode boundary (as in SFT packing), so each episode's log-probs are those it has alone.
+
+Shared prompts (``train.share_prefixes``, with packing): the samples of a group start with the same prompt,
+which ``share_units`` / ``pack`` store once per row, its episodes' remaining positions after it as documents
+that continue it (``doc_parents_bt``, model/shared.py): the token-wise layers see the prompt once.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from hybrid_rl.model.shared import PADDING
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Batch:
     adv_bt: torch.Tensor
     routing_btlk: torch.Tensor | None = None
     doc_ids_bt: torch.Tensor | None = None
+    doc_parents_bt: torch.Tensor | None = None  # shared prompts: the document each position's document continues
     norm_tokens: float = 0.0  # 0 = this batch's own action tokens / rows
     norm_seqs: float = 0.0
 
@@ -60,7 +67,8 @@ class Batch:
         return Batch(*(pick(getattr(self, f)) for f in TENSOR_FIELDS), norm_tokens=self.norm_tokens, norm_seqs=self.norm_seqs)
 
 
-TENSOR_FIELDS = ("input_ids_bt", "target_ids_bt", "action_mask_bt", "rollout_logp_bt", "adv_bt", "routing_btlk", "doc_ids_bt")
+TENSOR_FIELDS = ("input_ids_bt", "target_ids_bt", "action_mask_bt", "rollout_logp_bt", "adv_bt", "routing_btlk", "doc_ids_bt",
+                 "doc_parents_bt")
 
 
 def collate(trajectories, advantages, pad_id: int = 0, with_routing: bool = False,
@@ -123,47 +131,104 @@ def trained_lengths(batch: Batch) -> list[int]:
     return [int(m.nonzero().max()) + 1 if m.any() else 1 for m in batch.action_mask_bt]
 
 
-def packed_plan(lengths: list[int], micro_batch_tokens: int) -> tuple[list[list[list[int]]], int]:
-    """(micro-batches of packed rows of episode indices, the row length). Rows are as long as the longest
-    episode; episodes go longest first into the first row with room (first-fit decreasing); a micro-batch
-    holds as many rows as fit in ``micro_batch_tokens``."""
-    row_len = max(lengths)
-    if row_len > micro_batch_tokens:
-        raise ValueError(f"an episode of {row_len} tokens does not fit in micro_batch_tokens={micro_batch_tokens}; "
+def share_units(batch: Batch, lengths: list[int], cap: int) -> list:
+    """What ``packed_plan`` packs when episodes share their prompt (``train.share_prefixes``): an episode index
+    alone, or ``(s, [episodes])``, episodes whose first ``s`` input positions are the same tokens and hold no
+    action target, stored once in the row (model/shared.py). ``s`` stops before the position that predicts an
+    episode's first action token, so every trained position stays in its own episode's part. A unit is at most
+    ``cap`` positions long (the micro-batch's tokens): a larger group is cut into several units, each with its
+    copy of the prompt."""
+    groups: dict[tuple, list[int]] = {}
+    units: list = []
+    for i, mask in enumerate(batch.action_mask_bt):
+        s = int(mask.nonzero()[0]) if mask.any() else 0
+        if s >= 2:
+            groups.setdefault((s, tuple(batch.input_ids_bt[i, :s].tolist())), []).append(i)
+        else:
+            units.append(i)
+    for (s, _), members in groups.items():
+        cur, size = [], s
+        for i in sorted(members, key=lambda i: (-lengths[i], i)):
+            if cur and size + lengths[i] - s > cap:
+                units.append((s, cur) if len(cur) > 1 else cur[0])
+                cur, size = [], s
+            cur.append(i)
+            size += lengths[i] - s
+        units.append((s, cur) if len(cur) > 1 else cur[0])
+    return units
+
+
+def unit_length(unit, lengths: list[int]) -> int:
+    """Positions a packing unit takes in a row: an episode's trained length, or a shared prompt once plus the rest
+    of each of its episodes."""
+    if isinstance(unit, int):
+        return lengths[unit]
+    s, members = unit
+    return s + sum(lengths[i] - s for i in members)
+
+
+def packed_plan(lengths: list[int], micro_batch_tokens: int, units: list | None = None) -> tuple[list[list[list]], int]:
+    """(micro-batches of packed rows of units, the row length). A unit is an episode index (the default: every
+    episode alone) or a ``share_units`` group. Rows are as long as the longest unit (without shared prompts:
+    the longest episode); units go longest first into the first row with room (first-fit decreasing); a
+    micro-batch holds as many rows as fit in ``micro_batch_tokens``."""
+    if max(lengths) > micro_batch_tokens:
+        raise ValueError(f"an episode of {max(lengths)} tokens does not fit in micro_batch_tokens={micro_batch_tokens}; "
                          "raise train.micro_batch_tokens or lower rollout.max_episode_tokens")
-    rows: list[list[int]] = []
+    units = list(range(len(lengths))) if units is None else units
+    size = [unit_length(u, lengths) for u in units]
+    row_len = max(size)
+    rows: list[list] = []
     room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        k = next((k for k, r in enumerate(room) if r >= lengths[i]), None)
+    for u in sorted(range(len(units)), key=lambda u: (-size[u], u)):
+        k = next((k for k, r in enumerate(room) if r >= size[u]), None)
         if k is None:
             rows.append([])
             room.append(row_len)
             k = len(rows) - 1
-        rows[k].append(i)
-        room[k] -= lengths[i]
+        rows[k].append(units[u])
+        room[k] -= size[u]
     per_mb = max(micro_batch_tokens // row_len, 1)
     return [rows[j:j + per_mb] for j in range(0, len(rows), per_mb)], row_len
 
 
-def pack(batch: Batch, rows: list[list[int]], lengths: list[int], pad_id: int = 0) -> Batch:
-    """The micro-batch of packed ``rows`` (lists of ``batch`` row indices): each episode's first
-    ``lengths[i]`` positions back to back, then padding (a document of its own, masked out)."""
-    width = max(sum(lengths[i] for i in row) for row in rows)
+def pack(batch: Batch, rows: list[list], lengths: list[int], pad_id: int = 0) -> Batch:
+    """The micro-batch of packed ``rows`` (lists of ``packed_plan`` units): each episode's first ``lengths[i]``
+    positions back to back, a shared prompt once before the rest of its episodes (``doc_parents_bt``), then
+    padding (a document of its own, masked out)."""
+    width = max(sum(unit_length(u, lengths) for u in row) for row in rows)
     out = {}
     for f in TENSOR_FIELDS:
         x = getattr(batch, f)
-        if f == "doc_ids_bt" or x is None:
+        if f in ("doc_ids_bt", "doc_parents_bt") or x is None:
             continue
         fill = pad_id if f in ("input_ids_bt", "target_ids_bt") else 0
         out[f] = torch.full((len(rows), width, *x.shape[2:]), fill, dtype=x.dtype)
     doc = torch.empty(len(rows), width, dtype=torch.long)
+    parent = torch.full((len(rows), width), -1, dtype=torch.long)
+    shared = False
     for r, row in enumerate(rows):
-        at = 0
-        for d, i in enumerate(row):
-            n = lengths[i]
+        at, d = 0, 0
+
+        def put(i, start, stop, of=-1):  # positions [start, stop) of episode i as document d
+            nonlocal at, d
+            n = stop - start
             for f, x in out.items():
-                x[r, at:at + n] = getattr(batch, f)[i, :n]
+                x[r, at:at + n] = getattr(batch, f)[i, start:stop]
             doc[r, at:at + n] = d
-            at += n
-        doc[r, at:] = len(row)
-    return Batch(**out, doc_ids_bt=doc, norm_tokens=batch.norm_tokens, norm_seqs=batch.norm_seqs)
+            parent[r, at:at + n] = of
+            at, d = at + n, d + 1
+
+        for unit in row:
+            if isinstance(unit, int):
+                put(unit, 0, lengths[unit])
+                continue
+            s, members = unit
+            prompt, shared = d, True
+            put(members[0], 0, s)
+            for i in members:
+                put(i, s, lengths[i], of=prompt)
+        doc[r, at:] = d
+        parent[r, at:] = PADDING  # nothing reads the filler: the shared path's sequence layers skip it
+    return Batch(**out, doc_ids_bt=doc, doc_parents_bt=parent if shared else None, norm_tokens=batch.norm_tokens,
+                 norm_seqs=batch.norm_seqs)

@@ -147,6 +147,9 @@ class RLTrainConfig(ParallelTrainConfig):
     # as long as the step's longest episode: less padding. Token-mean loss only (the per-sequence
     # aggregations and gspo keep one episode per row)
     pack_sequences: bool = True
+    # with packing: the episodes of one prompt (a GRPO group) store that prompt once per row, their other
+    # positions continuing it (model/shared.py): the projections, experts and lm_head see its tokens once
+    share_prefixes: bool = True
     # aux-loss-free balancing step per optimizer step; 0 = off (the default: a bias update changes the policy
     # outside the gradient, which no ratio or clip accounts for; NeMo-RL's Nano recipe freezes it too)
     moe_bias_update_rate: float = 0.0

@@ -52,7 +52,8 @@ from hybrid_rl.metrics import MetricsLogger, env_key
 from hybrid_rl.run import make_run_dir, seed_everything
 from hybrid_rl.schedule import warmup_cosine
 from hybrid_rl.rl.advantages import ADVANTAGES, anchor_state_advantages, turn_groups, turn_observations, turn_returns
-from hybrid_rl.rl.batch import TENSOR_FIELDS, Batch, collate, micro_batches, pack, packed_plan, trained_lengths, trim
+from hybrid_rl.rl.batch import (TENSOR_FIELDS, Batch, collate, micro_batches, pack, packed_plan, share_units, trained_lengths,
+                                trim)
 from hybrid_rl.rl.config import RLStageConfig
 from hybrid_rl.rl.kl import KL_ESTIMATORS, kl_k3
 from hybrid_rl.rl.losses import POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, chunked_policy_logprobs, policy_logprobs
@@ -316,7 +317,8 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
     with_kl = ref_model is not None and cfg.algo.kl_beta > 0
     optimizer.zero_grad(set_to_none=True)
     if packs(cfg):
-        plan, _ = packed_plan(lengths, cfg.train.micro_batch_tokens)
+        units = share_units(batch, lengths, cfg.train.micro_batch_tokens) if cfg.train.share_prefixes else None
+        plan, _ = packed_plan(lengths, cfg.train.micro_batch_tokens, units)
         make_mb = lambda i: pack(batch, plan[i], lengths)  # noqa: E731
     else:
         plan = micro_batches(lengths, cfg.train.micro_batch_tokens)
@@ -427,7 +429,8 @@ def score(model, mb: Batch, replay, dist: ScoringDist | None, tc, record: bool =
         spread = lambda x_1n: x_1n.new_zeros(b, t).index_put(where, x_1n[0])  # noqa: E731
         return spread(logp_1n), (spread(entropy_1n) if with_entropy else None)
 
-    out = model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, routing=replay, record_routing=record, head=head)
+    out = model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, routing=replay, record_routing=record, head=head,
+                doc_parents=mb.doc_parents_bt)
     return out, out.head
 
 
@@ -457,7 +460,7 @@ def _to(mb: Batch, device) -> Batch:
 @torch.no_grad()
 def _natural_routing(model, mb: Batch):
     """The experts the trainer would pick without replay (one extra forward, for the mismatch metric only)."""
-    return model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, record_routing=True).routed_experts
+    return model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, doc_parents=mb.doc_parents_bt, record_routing=True).routed_experts
 
 
 def staleness_metrics(trajectories, version: int) -> dict[str, float]:

@@ -26,6 +26,7 @@ from ..attention import Attention, packed_causal_mask
 from ..mamba import Mamba2Mixer, MixerOps
 from ..moe import MLP, MoE, dispatch_grouped, relu2
 from ..norms import RMSNorm
+from ..shared import _length_batches
 from . import kernels
 from .train_ops import (
     causal_conv_train,
@@ -74,6 +75,10 @@ class FastAttention(Attention):
         if seg_bt is None:
             return super().attend_sequences(q, k, v, None)
         return attend_documents(q, k, v, seg_bt)
+
+    def attend_virtual(self, q, k, v):
+        """Virtual sequences of shared prefixes (model/shared.py), [n, W, heads, d]: as ``attend_sequences``."""
+        return self.attend_sequences(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None).transpose(1, 2)
 
 
 def attend_documents(q_bhtd, k_bktd, v_bktd, seg_bt, min_fill: float = 0.85, dense_above: float = 0.85):
@@ -124,17 +129,6 @@ def attend_documents(q_bhtd, k_bktd, v_bktd, seg_bt, min_fill: float = 0.85, den
     return out.view(b, t, h, d).transpose(1, 2)
 
 
-def _length_batches(lengths: list[int], min_fill: float) -> list[tuple[list[int], int]]:
-    """(document indices, padded width) per batch: longest first, each batch down to ``min_fill`` of its first."""
-    out: list[tuple[list[int], int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if out and lengths[i] >= min_fill * out[-1][1]:
-            out[-1][0].append(i)
-        else:
-            out.append(([i], lengths[i]))
-    return out
-
-
 class FastMLP(MLP):
     def __init__(self, hidden: int, intermediate: int, use_kernels: bool):
         super().__init__(hidden, intermediate)
@@ -176,20 +170,26 @@ class FastMamba2Mixer(Mamba2Mixer):
         if ctx.mode != "full" or not torch.is_grad_enabled():
             return super().forward(h_btd, ctx, layer_idx)
         proj = self.in_proj(h_btd)
+        if ctx.shared is not None:  # shared prefixes (model/shared.py): each document after its parent
+            y = ctx.shared.apply(lambda p: self._train_body(p, ctx.plain, layer_idx, h_btd.dtype), proj)
+        else:
+            y = self._train_body(proj, ctx, layer_idx, h_btd.dtype)
+        return self.out_proj(y)
+
+    def _train_body(self, proj, ctx, layer_idx, out_dtype):
+        """Everything between the projections, with autograd: the fused mixer Function when its kernels
+        apply (its fp32 output as it is), else the mixer's pieces (train_ops), cast to ``out_dtype``."""
         region = contextlib.nullcontext()
         if self.use_kernels and proj.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # bf16 autocast on the CPU: the projections run in bf16, the mixer body in its fp32 kernels
             # (its PyTorch ops in bf16 are slower than those kernels; train_ops.grouped_experts does the same)
             proj, region = proj.float(), torch.autocast("cpu", enabled=False)
-        y = None
         with region:
             if self.use_kernels and mixer_kernels_usable(proj, self.conv1d.weight, self.dt_bias, self.A_log, self.D,
                                                          self.norm.weight, seg_bt=ctx.seg_bt,
                                                          chunk_size=self.cfg.chunk_size):
-                y = mamba_mixer_train(self, proj, ctx.seg_bt)
-        if y is not None:
-            return self.out_proj(y)
-        return self.out_proj(self._mix(proj, ctx, layer_idx, TRAIN_OPS[self.use_kernels]).to(h_btd.dtype))
+                return mamba_mixer_train(self, proj, ctx.seg_bt)
+        return self._mix(proj, ctx, layer_idx, TRAIN_OPS[self.use_kernels]).to(out_dtype)
 
     def scan_weights(self):
         """(conv weight [K, C] contiguous, A = -exp(A_log)) for the kernels, kept while unchanged."""

@@ -252,3 +252,67 @@ def test_score_reads_only_action_positions_with_the_full_logits_values_and_gradi
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _group_trajectories(n_groups=3, samples=4, prompt_len=6, seed=0):
+    """GRPO-like groups: the samples of a group share their prompt (the first ``prompt_len`` tokens), then differ."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for grp in range(n_groups):
+        prompt = torch.randint(3, 250, (prompt_len + grp,), generator=g).tolist()
+        for k in range(samples):
+            rest = int(torch.randint(2, 14, (1,), generator=g))
+            ids = prompt + torch.randint(3, 250, (rest,), generator=g).tolist()
+            action = [0] * len(prompt) + [1] * rest
+            out.append(Trajectory(env_id="hybrid_rl/GuessNumber-v0", seed=grp, group_id=grp, status="terminated",
+                                  token_ids=ids, is_action=action, logprobs=[0.0] * len(ids),
+                                  sample_logprobs=[0.0] * len(ids), policy_version=[0] * len(ids),
+                                  episode_return=float(k % 2) + 0.1 * k))
+    return out
+
+
+def test_shared_prompts_are_stored_once_per_row():
+    from hybrid_rl.model.shared import PADDING
+    from hybrid_rl.rl.batch import pack, packed_plan, share_units, trained_lengths, unit_length
+
+    batch, _ = make_batch(_group_trajectories(), _cfg("algo.advantage=rloo"), pad_id=0)
+    lengths = trained_lengths(batch)
+    units = share_units(batch, lengths, cap=10_000)
+    assert sorted(len(u[1]) for u in units) == [4, 4, 4] and sorted(u[0] for u in units) == [5, 6, 7]  # prompt - 1
+    biggest = max(unit_length(u, lengths) for u in units)
+    cut = share_units(batch, lengths, cap=biggest - 1)  # a group too long for the cap: several units, each with its prompt
+    assert len(cut) > 3 and all(unit_length(u, lengths) <= biggest - 1 for u in cut)
+    plan, row_len = packed_plan(lengths, 10_000, units)
+    assert row_len == max(unit_length(u, lengths) for u in units)
+    mb = pack(batch, plan[0], lengths)
+    s, members = plan[0][0][0]
+    assert torch.equal(mb.input_ids_bt[0, :s], batch.input_ids_bt[members[0], :s])  # the prompt, once
+    at = s
+    for d, i in enumerate(members, start=1):
+        n = lengths[i] - s
+        assert torch.equal(mb.input_ids_bt[0, at:at + n], batch.input_ids_bt[i, s:lengths[i]])
+        assert torch.equal(mb.adv_bt[0, at:at + n], batch.adv_bt[i, s:lengths[i]])
+        assert (mb.doc_ids_bt[0, at:at + n] == d).all() and (mb.doc_parents_bt[0, at:at + n] == 0).all()
+        at += n
+    assert (mb.doc_parents_bt[0, :s] == -1).all() and not mb.action_mask_bt[0, :s].any()
+    assert (mb.doc_parents_bt[0, at:] == PADDING).all() and not mb.action_mask_bt[0, at:].any()
+    assert int(mb.action_mask_bt.sum()) == int(batch.action_mask_bt.sum())  # every action token, once
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dapo"])
+def test_shared_prompts_give_the_update_of_unshared_rows(loss):
+    """train.share_prefixes on and off: the same metrics and gradients (up to float summation order)."""
+    trajs = _group_trajectories()
+    results = []
+    for share in (False, True):
+        model = _model()
+        rec = GradRecorder(model)
+        cfg = _cfg("algo.advantage=rloo", f"algo.policy_loss={loss}", f"train.share_prefixes={str(share).lower()}")
+        batch, _ = make_batch(trajs, cfg, pad_id=0)
+        results.append((policy_update(model, rec, batch, cfg), rec.grads))
+    (m_plain, g_plain), (m_shared, g_shared) = results
+    assert m_plain.keys() == m_shared.keys()
+    for key in m_plain:
+        assert m_shared[key] == pytest.approx(m_plain[key], rel=1e-4, abs=1e-6), key
+    for name, grad in g_plain.items():
+        torch.testing.assert_close(g_shared[name], grad, rtol=0, atol=1e-5 * grad.abs().max().item() + 1e-12, msg=name)
