@@ -8,7 +8,8 @@ prompt's tokens once instead of G times. The layers that mix along the sequence 
 attention) need each continuation preceded by its prompt: ``SharedPrefixes.apply`` gathers, for every
 document, its *virtual sequence* (the parent's positions, then its own) into batches of similar length,
 runs the layer's sequence body on them as plain causal sequences, and writes back to each position the
-output of the one sequence that owns it (a prompt's own; a continuation's own part). Every step is an
+output of the one sequence that owns it (a continuation's own part; the prompt's positions from its first
+continuation's sequence, as causal layers give a prefix the same outputs whatever follows it). Every step is an
 indexing op, so gradients reach the shared prompt from all its continuations through PyTorch's autograd.
 
 What is computed again per continuation is the prompt's part of the sequence bodies (the Mamba conv and
@@ -51,7 +52,11 @@ class SharedPrefixes:
         run_of = {(p // t, d): i for i, (p, d) in enumerate(zip(first, doc))}
         seqs = []  # (pieces [(start, length)], where its own part begins)
         self.padding = []  # (start, length) of the fillers
+        has_child = {run_of.get((p // t, par)) for p, par in zip(first, parent) if par >= 0}
+        owned = set()  # parents whose positions a child's sequence writes
         for i, (p, n, par) in enumerate(zip(first, length, parent)):
+            if i in has_child:
+                continue  # a parent needs no sequence of its own: its first child's starts with it
             if par == PADDING:
                 self.padding.append((p, n))
                 continue
@@ -59,10 +64,11 @@ class SharedPrefixes:
                 seqs.append(([(p, n)], 0))
                 continue
             j = run_of.get((p // t, par))
-            if j is None or j >= i or parent[j] >= 0:
+            if j is None or j >= i or parent[j] != -1:
                 raise ValueError(f"doc_parents: document {doc[i]} of row {p // t} continues document {par}, which is not an "
                                  "earlier document of that row that continues nothing itself")
-            seqs.append(([(first[j], length[j]), (p, n)], length[j]))
+            seqs.append(([(first[j], length[j]), (p, n)], length[j] if j in owned else 0))
+            owned.add(j)  # the parent's positions are written by its first child's sequence
         self.batches = []  # (positions [n, W], own flat indices into the [n*W] outputs)
         where = []
         for members, width in _length_batches([sum(n for _, n in s[0]) for s in seqs], min_fill):

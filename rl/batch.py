@@ -169,15 +169,19 @@ def unit_length(unit, lengths: list[int]) -> int:
 
 def packed_plan(lengths: list[int], micro_batch_tokens: int, units: list | None = None) -> tuple[list[list[list]], int]:
     """(micro-batches of packed rows of units, the row length). A unit is an episode index (the default: every
-    episode alone) or a ``share_units`` group. Rows are as long as the longest unit (without shared prompts:
-    the longest episode); units go longest first into the first row with room (first-fit decreasing); a
-    micro-batch holds as many rows as fit in ``micro_batch_tokens``."""
+    episode alone) or a ``share_units`` group. Rows are as long as the longest episode (with shared prompts:
+    ``micro_batch_tokens``, one row per micro-batch); units go longest first into the first row with room
+    (first-fit decreasing); a micro-batch holds as many rows as fit in ``micro_batch_tokens``."""
     if max(lengths) > micro_batch_tokens:
         raise ValueError(f"an episode of {max(lengths)} tokens does not fit in micro_batch_tokens={micro_batch_tokens}; "
                          "raise train.micro_batch_tokens or lower rollout.max_episode_tokens")
     units = list(range(len(lengths))) if units is None else units
     size = [unit_length(u, lengths) for u in units]
     row_len = max(size)
+    if any(not isinstance(u, int) for u in units):
+        # shared prompts: the sequence layers run on each document's own sequence whatever the rows, so a
+        # micro-batch is one row as long as micro_batch_tokens, and the only filler is at its end
+        row_len = max(row_len, micro_batch_tokens)
     rows: list[list] = []
     room: list[int] = []
     for u in sorted(range(len(units)), key=lambda u: (-size[u], u)):

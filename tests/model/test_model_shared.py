@@ -59,8 +59,8 @@ def test_rows_without_a_continuation_take_the_plain_packed_path():
 def test_virtual_sequences_cover_every_position_once_and_skip_the_filler():
     ids, doc, par = _row(torch.arange(4), [torch.arange(3), torch.arange(2)], torch.arange(2), filler=2)
     shared = SharedPrefixes(doc[None], par[None], min_fill=0.0)
-    (idx, own), = shared.batches  # one batch: prompt, two continuations, the other doc
-    assert idx.shape == (4, 7)  # the longest virtual sequence: prompt (4) + continuation (3)
+    (idx, own), = shared.batches  # one batch: the two continuations (the first writes the prompt), the other doc
+    assert idx.shape == (3, 7)  # the longest virtual sequence: prompt (4) + continuation (3)
     assert idx[0].tolist() == [0, 1, 2, 3, 4, 5, 6] and idx[1].tolist() == [0, 1, 2, 3, 7, 8, 8]  # longest first
     assert shared.padding == [(11, 2)]
     x = torch.arange(13, dtype=torch.float32)[None, :, None]

@@ -283,8 +283,10 @@ def test_shared_prompts_are_stored_once_per_row():
     cut = share_units(batch, lengths, cap=biggest - 1)  # a group too long for the cap: several units, each with its prompt
     assert len(cut) > 3 and all(unit_length(u, lengths) <= biggest - 1 for u in cut)
     plan, row_len = packed_plan(lengths, 10_000, units)
-    assert row_len == max(unit_length(u, lengths) for u in units)
+    assert row_len == 10_000 and len(plan) == 1 and len(plan[0]) == 1  # one row per micro-batch
+    assert sorted(u[0] for u in plan[0][0]) == [5, 6, 7]
     mb = pack(batch, plan[0], lengths)
+    assert mb.input_ids_bt.shape == (1, sum(unit_length(u, lengths) for u in units))  # no filler at all
     s, members = plan[0][0][0]
     assert torch.equal(mb.input_ids_bt[0, :s], batch.input_ids_bt[members[0], :s])  # the prompt, once
     at = s
@@ -295,7 +297,10 @@ def test_shared_prompts_are_stored_once_per_row():
         assert (mb.doc_ids_bt[0, at:at + n] == d).all() and (mb.doc_parents_bt[0, at:at + n] == 0).all()
         at += n
     assert (mb.doc_parents_bt[0, :s] == -1).all() and not mb.action_mask_bt[0, :s].any()
-    assert (mb.doc_parents_bt[0, at:] == PADDING).all() and not mb.action_mask_bt[0, at:].any()
+    assert (mb.doc_parents_bt[0, at:] != PADDING).all()
+    tight = pack(batch, [[units[0]], [units[1], units[2]]], lengths)  # two rows: the shorter one ends in filler
+    fill = tight.doc_parents_bt[0] == PADDING
+    assert fill.any() and not tight.action_mask_bt[0][fill].any()
     assert int(mb.action_mask_bt.sum()) == int(batch.action_mask_bt.sum())  # every action token, once
 
 
