@@ -61,7 +61,7 @@ def reward_of(text: str, answer: int) -> float:
 
 def bench_ours(steps: int, threads: int, dtype: str = "fp32") -> list[float]:
     from hybrid_rl.config import load_config
-    from hybrid_rl.distributed import LocalProcess
+    from hybrid_rl.distributed import LocalProcess, adamw
     from hybrid_rl.model import HybridConfig, HybridLM
     from hybrid_rl.model.tokenizer import ByteTokenizer
     from hybrid_rl.rl.config import RLStageConfig
@@ -77,7 +77,7 @@ def bench_ours(steps: int, threads: int, dtype: str = "fp32") -> list[float]:
         "train.lr=1e-5", "algo.skip_zero_advantage=false", f"train.dtype={dtype}"])  # TRL trains on every completion
     model = HybridLM(HybridConfig.from_preset("tiny")).train()
     tokenizer = ByteTokenizer()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    optimizer = adamw(model.parameters(), lr=cfg.train.lr)  # the trainer's (fused where it can be, like TRL's default)
     episode = EpisodeConfig(max_turn_tokens=NEW_TOKENS, max_episode_tokens=128, max_batch_episodes=PROMPTS * SAMPLES)
     pool = LocalPool(model, tokenizer, cfg.rollout.sampling, episode, seed=0)
     times, phases = [], []

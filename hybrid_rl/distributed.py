@@ -358,6 +358,18 @@ class LocalProcess:
         return tensor
 
 
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with its fused kernel where every parameter is a plain floating tensor on a CPU
+    or GPU (what TRL's default ``adamw_torch_fused`` uses): one kernel per parameter instead of ~10 PyTorch
+    ops each. On the CPU its step for ``tiny`` takes ~15 ms against ~90-240 ms for the per-op loop (same
+    process, alternating, under load). FSDP2's sharded parameters (DTensors) keep the default."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.dtype.is_floating_point
+                and p.device.type in ("cpu", "cuda") for p in tensors)
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+
+
 def clip_grad_norm(params, max_norm: float) -> float:
     """Clip the global gradient norm (over all shards of sharded parameters); returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]

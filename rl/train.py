@@ -47,7 +47,7 @@ import torch
 
 from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_dir_atomically
 from hybrid_rl.config import to_dict
-from hybrid_rl.distributed import LocalProcess, Parallel, balance_experts, rank_share, rank_share_weights
+from hybrid_rl.distributed import LocalProcess, Parallel, adamw, balance_experts, rank_share, rank_share_weights
 from hybrid_rl.metrics import MetricsLogger, env_key
 from hybrid_rl.run import make_run_dir, seed_everything
 from hybrid_rl.schedule import warmup_cosine
@@ -487,8 +487,8 @@ def train(cfg: RLStageConfig) -> dict:
     if cfg.algo.kl_beta > 0:  # a frozen copy of the initial policy, on the CPU between its passes when offloaded
         ref_model = copy.deepcopy(model).eval().requires_grad_(False).to("cpu" if cfg.train.ref_offload else par.device)
     tc = cfg.train
-    model, optimizer = par.wrap(model, lambda m: torch.optim.AdamW(m.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                                                   weight_decay=tc.weight_decay))
+    model, optimizer = par.wrap(model, lambda m: adamw(m.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                                       weight_decay=tc.weight_decay))
     start_step, resumed_batch = 0, None
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         from hybrid_rl.model.hf import load_pretrained

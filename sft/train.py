@@ -38,7 +38,7 @@ import torch
 
 from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from hybrid_rl.config import to_dict
-from hybrid_rl.distributed import Parallel, balance_experts
+from hybrid_rl.distributed import Parallel, adamw, balance_experts
 from hybrid_rl.rollout.evaluate import evaluate_policy, sample_row
 from hybrid_rl.run import make_run_dir, seed_everything
 from hybrid_rl.schedule import warmup_cosine
@@ -92,9 +92,8 @@ def make_optimizer(model, tc: SFTTrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not norms, biases, the MoE selection bias)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr_at(0, tc), betas=(tc.beta1, tc.beta2), fused=False)
+    return adamw([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                 lr=lr_at(0, tc), betas=(tc.beta1, tc.beta2))
 
 
 def restore(resume_dir: Path | None, par: Parallel, optimizer, fingerprint: str) -> Progress:

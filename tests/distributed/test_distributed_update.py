@@ -56,3 +56,31 @@ def test_rank_shares_cover_every_micro_batch_once_and_are_equally_long():
             assert len({len(s) for s in shares}) == 1 and all(len(s) >= 1 for s in shares)
             real = sorted(i for s, w in zip(shares, weights) for i, x in zip(s, w) if x)
             assert real == list(range(n))
+
+
+def test_adamw_is_fused_on_plain_parameters_and_steps_like_the_loop():
+    """The trainers' AdamW uses the fused kernel on plain CPU/GPU parameters (as TRL's default does), with the
+    per-op loop's result; a parameter of another tensor type (FSDP2's DTensor) keeps the default."""
+    from hybrid_rl.distributed import adamw
+
+    torch.manual_seed(0)
+    w = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    w_loop = [torch.nn.Parameter(p.detach().clone()) for p in w]
+    fused, loop = adamw(w, lr=0.1, weight_decay=0.01), torch.optim.AdamW(w_loop, lr=0.1, weight_decay=0.01, fused=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for ps in (w, w_loop):
+            for p in ps:
+                p.grad = torch.sin(p.detach() * 3)
+        fused.step()
+        loop.step()
+    for a, b in zip(w, w_loop):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    groups = adamw([{"params": [w[0]], "weight_decay": 0.1}, {"params": [w[1]], "weight_decay": 0.0}], lr=0.1)
+    assert groups.defaults["fused"] is True and [g["weight_decay"] for g in groups.param_groups] == [0.1, 0.0]
+
+    class Sharded(torch.Tensor):  # stands for a tensor subclass such as DTensor
+        pass
+
+    odd = torch.randn(2).as_subclass(Sharded).requires_grad_(True)
+    assert not adamw([odd], lr=0.1).defaults.get("fused")
