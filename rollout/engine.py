@@ -121,12 +121,14 @@ class _Episode:
 
 
 class _Prefix:
-    """A prefilled prompt (one cache row + its last logits) waiting to be forked into free rows."""
+    """A prefilled prompt (row ``row`` of the prefill's cache, shared with the other prompts prefilled with it, and
+    its last logits) waiting to be forked into free rows."""
 
-    __slots__ = ("cache", "logits_1v", "routing", "episodes")
+    __slots__ = ("cache", "row", "logits_1v", "routing", "episodes")
 
-    def __init__(self, cache, logits_1v, routing, episodes):
-        self.cache, self.logits_1v, self.routing, self.episodes = cache, logits_1v, routing, deque(episodes)
+    def __init__(self, cache, row, logits_1v, routing, episodes):
+        self.cache, self.row, self.logits_1v, self.routing = cache, row, logits_1v, routing
+        self.episodes = deque(episodes)
 
 
 def _reward_components(info: dict, reward: float) -> dict[str, float]:
@@ -245,7 +247,12 @@ class Engine:
 
     # ------------------------------------------------------------------ admission and prefill
     def _admit(self, rows, cache, logits_bv, prefixes, pending, finished):
+        """Fill the free rows with waiting episodes, each a fork of its prompt's prefilled row. The new rows are
+        copied out of each prefill's cache by one ``select`` (its rows repeated, one per episode) and joined to
+        the batch by one ``cat``: a cache copy per prefill, not one per prompt and a growing batch per group."""
         free = self.episode.max_batch_episodes - len(rows)
+        picks: list[tuple[object, list[int]]] = []  # (prefill cache, its rows to copy, in order)
+        new_logits = []
         while free > 0 and (prefixes or pending):
             if not prefixes:
                 prefixes.extend(self._start_groups(pending, free, finished))
@@ -253,16 +260,23 @@ class Engine:
             prefix = prefixes[0]
             n = min(free, len(prefix.episodes))
             new_eps = [prefix.episodes.popleft() for _ in range(n)]
-            forked = prefix.cache.fork(0, n)
             for ep in new_eps:
                 ep.routing = list(prefix.routing) if prefix.routing is not None else None
             rows.extend(new_eps)
-            new_logits = prefix.logits_1v.expand(n, -1)
-            cache = forked if cache is None else type(forked).cat([cache, forked])
-            logits_bv = new_logits if logits_bv is None else torch.cat([logits_bv, new_logits])
+            if picks and picks[-1][0] is prefix.cache:
+                picks[-1][1].extend([prefix.row] * n)
+            else:
+                picks.append((prefix.cache, [prefix.row] * n))
+            new_logits.append(prefix.logits_1v.expand(n, -1))
             free -= n
             if not prefix.episodes:
                 prefixes.popleft()
+        if picks:
+            parts = [c.select(picked) for c, picked in picks]
+            if cache is not None:
+                parts.insert(0, cache)
+            cache = parts[0] if len(parts) == 1 else type(parts[0]).cat(parts)
+            logits_bv = torch.cat(([logits_bv] if logits_bv is not None else []) + new_logits)
         return cache, logits_bv
 
     def _start_groups(self, pending: deque, free: int, finished: list) -> list[_Prefix]:
@@ -289,7 +303,7 @@ class Engine:
         for r, eps in enumerate(by_prompt.values()):
             for ep in eps:
                 ep.fed = len(ep.traj.token_ids)
-            out.append(_Prefix(cache.select([r]), logits_bv[r:r + 1], routing[r] if routing else None, eps))
+            out.append(_Prefix(cache, r, logits_bv[r:r + 1], routing[r] if routing else None, eps))
         return out
 
     def _reset(self, req: GroupRequest, k: int) -> _Episode:
