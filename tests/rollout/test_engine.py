@@ -111,10 +111,12 @@ def test_history_is_never_prefilled_twice_and_groups_prefill_once():
     prompt_len = {t.group_id: t.token_ids.index(TOK.role_ids["assistant"]) + 1 for t in trajs}
     # every token is fed exactly once, except the shared prompt of a group (fed once for its 4 samples)
     # and a closing token the engine appended to the last turn (nothing reads it; the last sampled token
-    # is fed by the decode step that runs while the final env step does)
+    # is fed by the decode step that runs while the final env step does); finished rows riding along in
+    # the batch until it is compacted take a decode slot each step, counted apart
     unfed = sum(len(t.token_ids) - 1 in forced_close_positions(t) for t in trajs)
     expected = sum(len(t.token_ids) for t in trajs) - unfed - sum(3 * n for n in prompt_len.values())
-    assert fed == expected
+    assert fed == expected + engine.stats["idle_row_steps"]
+    assert engine.stats["fed_tokens"] + engine.stats["prefill_tokens"] == expected
     assert engine.stats["prefill_tokens"] == sum(prompt_len.values())
 
 
@@ -346,3 +348,26 @@ def test_the_env_named_state_of_every_turn_is_recorded():
         for m in [m for m in t.messages if m["role"] == "assistant"][:-1]:
             expected.append(env.step(m["content"])[4]["state"])
         assert t.states == expected
+
+
+def test_finished_rows_ride_along_until_compaction_without_changing_any_episode(monkeypatch):
+    """Finished rows stay in the batch (a decode slot each, no cache copy) until a quarter of it is done or
+    waiting episodes need the room; a row's decode does not depend on its batch, so every episode is the one
+    eager compaction plays, token for token and log-prob for log-prob."""
+    model = make_model("toy")
+    requests = lambda: groups(3, samples=4, turns=3) + [  # noqa: E731  episodes that end before the others
+        GroupRequest(FIXED_TURNS_ID, seed=10 + s, group_id=10 + s, num_samples=1, env_kwargs={"turns": 1}) for s in range(3)]
+    episode = EpisodeConfig(max_turn_tokens=6, max_batch_episodes=16)  # every episode admitted at once
+
+    def run(fraction):
+        monkeypatch.setattr(Engine, "DEAD_ROWS_FRACTION", fraction)
+        engine, trajs = play(model, requests(), episode=episode)
+        key = lambda t: (t.group_id, t.seed, t.sample_index)  # noqa: E731
+        return engine, [(t.token_ids, t.logprobs, t.sample_logprobs) for t in sorted(trajs, key=key)]
+
+    default = Engine.DEAD_ROWS_FRACTION
+    eager_engine, eager = run(0.0)
+    lazy_engine, lazy = run(default)
+    assert eager_engine.stats["idle_row_steps"] == 0 < lazy_engine.stats["idle_row_steps"]
+    assert lazy == eager
+    assert lazy_engine.stats["generated_tokens"] == eager_engine.stats["generated_tokens"]
