@@ -86,7 +86,7 @@ import torch
 from hybrid_rl.envs.core import episode_success
 from hybrid_rl.model.cache import HybridCache
 from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
-from hybrid_rl.rollout.envpool import EnvCalls, EnvFailure, EnvPool, EnvTimeout, call_with_timeout
+from hybrid_rl.rollout.envpool import EnvCalls, EnvFailure, EnvPool, EnvTimeout
 from hybrid_rl.rollout.sampling import sample
 from hybrid_rl.rollout.trajectory import Trajectory
 
@@ -291,19 +291,23 @@ class Engine:
         return cache, logits_bv
 
     def _start_groups(self, pending: deque, free: int, finished: list) -> list[_Prefix]:
-        """Reset the environments of the next groups (at least one, up to ``free`` episodes), prefill
-        each distinct prompt once in one batched extend."""
+        """Reset the environments of the next groups (at least one, up to ``free`` episodes; the resets run
+        together on the env workers, one wait for all), prefill each distinct prompt once in one batched extend."""
         by_prompt: dict[tuple, list[_Episode]] = {}
-        taken = 0
-        while pending and (taken == 0 or taken + pending[0].num_samples <= free):
+        eps: list[_Episode] = []
+        while pending and (not eps or len(eps) + pending[0].num_samples <= free):
             req = pending.popleft()
-            taken += req.num_samples
             for k in range(req.num_samples):
-                ep = self._reset(req, k)
-                if ep.traj.status in ("env_error", "timeout") or ep.fed < 0:
-                    finished.append(self._finish(ep))
-                else:
-                    by_prompt.setdefault((req.group_id, tuple(ep.traj.token_ids)), []).append(ep)
+                traj = Trajectory(env_id=req.env_id, seed=req.seed, group_id=req.group_id, sample_index=k,
+                                  worker=self.worker_name)
+                eps.append(_Episode(traj, self.envs.acquire(req.env_id, req.env_kwargs), req))  # an unknown id raises here
+        resets = EnvCalls([_reset_fn(ep.env, ep.request.seed) for ep in eps]).results(self.episode.env_timeout_s)
+        for ep, outcome in zip(eps, resets):
+            self._started(ep, outcome)
+            if ep.traj.status in ("env_error", "timeout") or ep.fed < 0:
+                finished.append(self._finish(ep))
+            else:
+                by_prompt.setdefault((ep.request.group_id, tuple(ep.traj.token_ids)), []).append(ep)
         if not by_prompt:
             return []
         prompts = [list(key[1]) for key in by_prompt]
@@ -317,19 +321,21 @@ class Engine:
             out.append(_Prefix(cache, r, logits_bv[r:r + 1], routing[r] if routing else None, eps))
         return out
 
-    def _reset(self, req: GroupRequest, k: int) -> _Episode:
-        traj = Trajectory(env_id=req.env_id, seed=req.seed, group_id=req.group_id, sample_index=k,
-                          worker=self.worker_name)
-        env = self.envs.acquire(req.env_id, req.env_kwargs)  # an unknown id raises here, before any work
-        ep = _Episode(traj, env, req)
+    def _started(self, ep: _Episode, outcome) -> None:
+        """The episode's first prompt from its env's reset (``outcome``: (obs, info), or the EnvFailure /
+        EnvTimeout it ended with)."""
+        traj, env = ep.traj, ep.env
+        if isinstance(outcome, (EnvFailure, EnvTimeout)):
+            self._env_failed(ep, outcome, "reset")
+            return
         try:
-            obs, info = call_with_timeout(lambda: env.reset(seed=req.seed), self.episode.env_timeout_s)
-        except (EnvFailure, EnvTimeout) as err:
-            self._env_failed(ep, err, "reset")
-            return ep
+            obs, info = outcome
+        except (TypeError, ValueError):
+            self._env_failed(ep, EnvFailure(f"reset returned {type(outcome).__name__}, expected (observation, info)"), "reset")
+            return
         if not isinstance(obs, str):
             self._env_failed(ep, EnvFailure(f"reset returned a {type(obs).__name__} observation, expected str"), "reset")
-            return ep
+            return
         tok = self.tokenizer
         system = getattr(env.unwrapped, "system_prompt", None)
         ids = list(tok.bos_prefix)
@@ -345,7 +351,6 @@ class Engine:
         if len(ids) + 2 + len(self.end_suffix) > self.episode.max_episode_tokens:
             traj.status, traj.error = "truncated", f"prompt of {len(ids)} tokens leaves no room under max_episode_tokens"
             ep.fed = -1  # never enters the batch
-        return ep
 
     # ------------------------------------------------------------------ one token of one episode
     def _append_sampled(self, ep: _Episode, token: int, sample_logp: float, plain_logp: float) -> str | None:
@@ -514,6 +519,13 @@ class Engine:
 
     def close(self) -> None:
         self.envs.close()
+
+
+def _reset_fn(env, seed):
+    def reset():
+        return env.reset(seed=seed)
+
+    return reset
 
 
 def _step_fn(env, action: str):

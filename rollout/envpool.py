@@ -48,19 +48,6 @@ def make_env(env_id: str, **kwargs):
     return maker(env_id, **kwargs)
 
 
-def call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> Any:
-    """Run ``fn()``; raise EnvTimeout after ``timeout_s`` (0 = wait forever) and EnvFailure if it raised."""
-    if not timeout_s:
-        try:
-            return fn()
-        except Exception as err:  # noqa: BLE001 - an env's own error becomes the episode's status
-            raise EnvFailure(f"{type(err).__name__}: {err}", traceback.format_exc()) from err
-    (out,) = EnvCalls([fn]).results(timeout_s)
-    if isinstance(out, (EnvFailure, EnvTimeout)):
-        raise out
-    return out
-
-
 class _Workers:
     """Daemon threads that run env calls and are reused: starting a thread per call cost the engine ~1 ms
     per env step (~6% of a rollout of an instant env). Every submitted call gets a worker at once: idle
