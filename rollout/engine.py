@@ -4,9 +4,10 @@ One ``Engine`` holds a model, a tokenizer and a set of environment instances. ``
 GRPO groups (``GroupRequest``: env id, seed, G samples) to completion and returns one ``Trajectory`` per
 episode. The loop, per decode step:
 
-1. admit: fill free rows of the batch (at most ``max_batch_episodes``) with waiting episodes. A new group
-   resets its G environments, renders the prompt ``bos_prefix + system + observation + generation_prefix``,
-   prefills it ONCE and forks that cache row for its G samples (identical prompts share one prefill).
+1. admit: fill free rows of the batch (at most ``max_batch_episodes``) with waiting episodes. New groups
+   reset their environments (all together, on the env workers), render the prompt ``bos_prefix + system +
+   observation + generation_prefix``, prefill it ONCE and fork that cache row for the G samples (identical
+   prompts share one prefill; the forks of one admission are one ``select`` of the prefill and one ``cat``).
 2. sample one token for every row (``sampling.sample``: the token, its log-prob under the sampling
    distribution and under the plain softmax).
 3. advance each episode: a turn ends at ``<|end|>``, at ``max_turn_tokens``, at the episode token limit
@@ -17,7 +18,9 @@ episode. The loop, per decode step:
 4. decode: every row feeds its first unfed token (the sampled one, or at a turn boundary the closing one)
    in one ``model.decode_step`` of the whole batch, while the environments step.
 5. the environments' answers: finished rows leave the batch (``cache.select``; their slots are refilled
-   at step 1 at once), each next observation is rendered as one message plus the generation prefix.
+   at step 1 at once) when episodes are waiting for the room or a quarter of the rows are done; until then
+   they ride along, a decode slot each, which changes no other row (``_compact``). Each next observation
+   is rendered as one message plus the generation prefix.
 6. extend: the rows at a turn boundary feed the rest (the end suffix and the observation; only the new
    tokens, the history is never re-prefilled or re-tokenized) in one ``model.extend`` of those rows
    alone, so an observation never pads the other rows' forward.
