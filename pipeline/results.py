@@ -24,12 +24,20 @@ def markers(block: str) -> tuple[str, str]:
     return f"<!-- {block}:begin (written by python -m hybrid_rl.pipeline.results) -->", f"<!-- {block}:end -->"
 
 
+def stage_dir(base: Path, recorded: str) -> Path:
+    """A stage's run directory: the one inside ``base`` (the pipeline writes every stage there), whatever
+    directory the pipeline ran from and this script runs from; the recorded path when there is none."""
+    inside = base / Path(recorded).name
+    return inside if inside.is_dir() else Path(recorded)
+
+
 def render(base: Path, block: str = "quickstart", recipe: str = "configs/quickstart.yaml") -> str:
     from hybrid_rl.metrics import env_key, read_metrics, read_run_info
 
     res = json.loads((base / "results.json").read_text())
     cfg = yaml.safe_load((base / "config.yaml").read_text())
-    rl_rows = [r for r in read_metrics(Path(res["runs"]["rl"])) if "rollout/reward" in r]
+    rl_dir = stage_dir(base, res["runs"]["rl"])
+    rl_rows = [r for r in read_metrics(rl_dir) if "rollout/reward" in r]
     demos = "; ".join(f"{env}: {d['episodes']} episodes of the {d.get('teacher', 'expert')} teacher with noise {d['noise']}, "
                       f"which succeeds {d.get('teacher_success', d.get('expert_success', 0.0)):.2f} on them"
                       for env, d in res["demos"].items())
@@ -76,7 +84,7 @@ def render(base: Path, block: str = "quickstart", recipe: str = "configs/quickst
         lines.append(f"- training rollouts (sampled, train seeds): success {mean(first, 'rollout/success'):.2f} over the "
                      f"first {len(first)} steps -> {mean(last, 'rollout/success'):.2f} over the last {len(last)}; "
                      f"median step {statistics.median(r['perf/step_s'] for r in rl_rows):.1f} s")
-    info = read_run_info(Path(res["runs"]["rl"]))
+    info = read_run_info(rl_dir)
     lines.append(f"- machine: {platform.machine()} {platform.system()}, 2 CPU cores shared with other jobs (timings vary "
                  f"with their load); commit `{str(info.get('git_commit', ''))[:12]}`")
     return "\n".join([markers(block)[0], *lines, markers(block)[1]])

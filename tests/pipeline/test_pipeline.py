@@ -59,3 +59,11 @@ def test_pipeline_end_to_end_slow(tmp_path, monkeypatch, capsys):
         assert read_metrics(base / stage)
     eval_rows = read_metrics(base / "eval")
     assert [r["step"] for r in eval_rows if "eval/success" in r] == [0, 1]  # step 0 = SFT, step 1 = RL
+    # the results page's block reads this run's own stages, from any working directory
+    from hybrid_rl.pipeline.results import render
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    block = render(base, block="pipe")
+    assert f"commit `{str(read_run_info(base / 'rl').get('git_commit', ''))[:12]}`" in block
