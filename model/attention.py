@@ -32,6 +32,13 @@ def packed_causal_mask(seg_bt):
     return causal & (seg_bt[:, :, None] == seg_bt[:, None, :])
 
 
+def causal_attention_nwhd(q_nwhd, k_nwkd, v_nwkd):
+    """Causal SDPA of sequences laid out [n, W, heads, d] (the layout of gathered documents), same layout out."""
+    out = F.scaled_dot_product_attention(q_nwhd.transpose(1, 2), k_nwkd.transpose(1, 2), v_nwkd.transpose(1, 2),
+                                         is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -59,9 +66,7 @@ class Attention(nn.Module):
 
     def attend_virtual(self, q, k, v):
         """Virtual sequences of shared prefixes (model/shared.py), [n, W, heads, d]: causal, as plain sequences."""
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                             enable_gqa=True)
-        return out.transpose(1, 2)
+        return causal_attention_nwhd(q, k, v)
 
     def attend_sequences(self, q, k, v, seg_bt):
         """Whole sequences (training, scoring): SDPA, causal; with packed rows (``seg_bt`` [B,T], the

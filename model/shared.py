@@ -92,6 +92,10 @@ class SharedPrefixes:
             raise ValueError("doc_parents: every position must belong to exactly one document")
         self.order = torch.argsort(written)  # outputs in batch order -> position order
 
+    def padded_scores(self) -> int:
+        """Attention scores the batches hold, padding included: sequences x width^2 summed over the batches."""
+        return sum(idx.shape[0] * idx.shape[1] ** 2 for idx, _ in self.batches)
+
     def apply(self, body: Callable[..., torch.Tensor], *xs_bt: torch.Tensor) -> torch.Tensor:
         """``body`` over every virtual sequence: each ``x`` [B, T, ...] is gathered to [n, W, ...] per batch of
         sequences, ``body(*gathered)`` -> [n, W, ...] (a causal sequence layer: position j reads positions <= j

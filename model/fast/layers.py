@@ -22,11 +22,11 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..attention import Attention, packed_causal_mask
+from ..attention import Attention, causal_attention_nwhd, packed_causal_mask
 from ..mamba import Mamba2Mixer, MixerOps
 from ..moe import MLP, MoE, dispatch_grouped, relu2
 from ..norms import RMSNorm
-from ..shared import _length_batches
+from ..shared import SharedPrefixes
 from . import kernels
 from .train_ops import (
     causal_conv_train,
@@ -85,9 +85,10 @@ def attend_documents(q_bhtd, k_bktd, v_bktd, seg_bt, min_fill: float = 0.85, den
     """Causal attention within each document of packed rows, equal to SDPA under ``packed_causal_mask``.
 
     A document is a run of equal ``seg_bt`` values (what the mask calls one).  The documents are gathered
-    out of the rows into batches of similar length, longest first: a batch takes documents down to
-    ``min_fill`` of its longest one and pads the rest at their ends, which causal attention never reads
-    from a real position.  Each batch is one causal SDPA call.  Under the dense mask every row pays for all
+    out of the rows into batches of similar length (``model.shared.SharedPrefixes``, each document its own
+    sequence), longest first: a batch takes documents down to ``min_fill`` of its longest one and pads the
+    rest at their ends, which causal attention never reads from a real position.  Each batch is one causal
+    SDPA call.  Under the dense mask every row pays for all
     its T x T scores, although its documents cover a fraction of them (the packed rows of a FrozenLake RL
     batch: 0.3-0.5), and a masked SDPA call is itself slower than a causal one of the same size (~1.3x on
     the CPU).  One such micro-batch, 14 rows of 568 tokens, forward and backward: 0.17 -> 0.11 s.  The
@@ -96,37 +97,13 @@ def attend_documents(q_bhtd, k_bktd, v_bktd, seg_bt, min_fill: float = 0.85, den
     When the batches' padded scores (documents x width^2) would come to more than ``dense_above`` of the
     rows' (B x T^2), there is little to save (rows holding one document each and a little padding, as
     ``bench grpo``'s), and the rows attend under the mask as they are."""
-    b, h, t, d = q_bhtd.shape
-    hk = k_bktd.shape[1]
-    starts = torch.ones(b, t, dtype=torch.bool, device=seg_bt.device)
-    starts[:, 1:] = seg_bt[:, 1:] != seg_bt[:, :-1]
-    first = starts.flatten().nonzero().squeeze(1)  # each document's first position in the flat [B*T]
-    lengths = torch.diff(first, append=first.new_tensor([b * t]))
-    batches = _length_batches(lengths.tolist(), min_fill)
-    if sum(len(docs) * width * width for docs, width in batches) > dense_above * b * t * t:
+    b, t = seg_bt.shape
+    docs = SharedPrefixes(seg_bt, torch.full_like(seg_bt, -1), min_fill)  # every document on its own
+    if docs.padded_scores() > dense_above * b * t * t:
         mask = packed_causal_mask(seg_bt)[:, None]
         return F.scaled_dot_product_attention(q_bhtd, k_bktd, v_bktd, attn_mask=mask, enable_gqa=True)
-    q = q_bhtd.transpose(1, 2).reshape(b * t, h, d)
-    k = k_bktd.transpose(1, 2).reshape(b * t, hk, d)
-    v = v_bktd.transpose(1, 2).reshape(b * t, hk, d)
-    outs, where = [], []
-    for docs, width in batches:
-        docs_t = torch.tensor(docs, device=first.device)
-        lens = lengths[docs_t]
-        j = torch.arange(width, device=first.device)
-        real = j[None] < lens[:, None]  # [n, W]
-        idx = first[docs_t][:, None] + torch.minimum(j[None], lens[:, None] - 1)  # pads repeat the last token
-        pick = lambda x: x.index_select(0, idx.flatten()).view(*idx.shape, *x.shape[1:]).transpose(1, 2)  # noqa: E731
-        o = F.scaled_dot_product_attention(pick(q), pick(k), pick(v), is_causal=True, enable_gqa=True)
-        o = o.transpose(1, 2)  # [n, W, h, d]
-        if bool(real.all()):
-            outs.append(o.reshape(-1, h, d))
-            where.append(idx.reshape(-1))
-        else:
-            outs.append(o[real])
-            where.append(idx[real])
-    out = torch.cat(outs).index_select(0, torch.argsort(torch.cat(where)))  # [B*T, h, d] in position order
-    return out.view(b, t, h, d).transpose(1, 2)
+    out = docs.apply(causal_attention_nwhd, q_bhtd.transpose(1, 2), k_bktd.transpose(1, 2), v_bktd.transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 class FastMLP(MLP):

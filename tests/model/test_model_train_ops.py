@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from hybrid_rl.model import HybridConfig
 from hybrid_rl.model.fast import kernels
-from hybrid_rl.model.fast.layers import FastAttention, FastMamba2Mixer, _length_batches, attend_documents
+from hybrid_rl.model.fast.layers import FastAttention, FastMamba2Mixer, attend_documents
+from hybrid_rl.model.shared import _length_batches
 from hybrid_rl.model.fast.train_ops import (
     _CausalConv,
     _GroupedExperts,
