@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true", help="the recipe as it is on every env, without RECIPE_CHANGES")
     parser.add_argument("--json-out", default=str(ROOT / "benchmarks" / "results" / "learning.json"))
     parser.add_argument("--merge", action="store_true",
-                        help="keep the other environments already in --json-out (same recipe, overrides and episodes); "
+                        help="keep the other environments already in --json-out (same recipe file and content, overrides and episodes); "
                              "the environments run now replace their entries")
     args = parser.parse_args(argv)
 
@@ -144,10 +144,11 @@ def merged(base: dict | None, new: dict) -> dict:
     document's ``commit`` is the latest invocation's, ``complete`` says whether both were."""
     if base is None:
         return new
-    for key in ("benchmark", "config", "overrides", "episodes"):
+    for key in ("benchmark", "config", "recipe_sha256", "overrides", "episodes"):
         if base.get(key) != new.get(key):
+            why = " (the recipe file's content changed since it was measured)" if key == "recipe_sha256" else ""
             raise ValueError(f"cannot merge into a learning JSON of another recipe: its {key} is {base.get(key)!r}, "
-                             f"this run's is {new.get(key)!r}; write to another --json-out or run without --merge")
+                             f"this run's is {new.get(key)!r}{why}; write to another --json-out or run without --merge")
     envs = {env: new["envs"].get(env, entry) for env, entry in base["envs"].items()}
     envs.update((env, entry) for env, entry in new["envs"].items() if env not in envs)
     return {**new, "complete": bool(base.get("complete")) and new["complete"], "envs": envs}
@@ -157,11 +158,19 @@ def collect(runs: list[dict], args) -> dict:
     envs_done = [e for e in args.envs if any(r["env"] == e for r in runs)]
     from hybrid_rl.run import git_commit
 
-    return {"benchmark": "learning", "config": Path(args.config).name, "overrides": args.set, "episodes": args.episodes,
-            "commit": git_commit(), "machine": f"{platform.machine()} {platform.system()}, {_cores()} CPU cores",
+    return {"benchmark": "learning", "config": Path(args.config).name, "recipe_sha256": recipe_sha256(args.config),
+            "overrides": args.set, "episodes": args.episodes, "commit": git_commit(), "machine": f"{platform.machine()} {platform.system()}, {_cores()} CPU cores",
             "complete": len(runs) == len(args.envs) * len(args.seeds),
             "envs": {env_id: {"runs": [r for r in runs if r["env"] == env_id], "recipe_changes": [] if args.plain else recipe_changes(env_id),
                               "summary": summarize([r for r in runs if r["env"] == env_id])} for env_id in envs_done}}
+
+
+def recipe_sha256(path) -> str:
+    """The recipe file's content hash: one table holds one recipe, so ``--merge`` refuses a JSON measured with
+    another version of the same file (its name alone would not tell)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _cores() -> int:

@@ -1,10 +1,12 @@
 """Figures and the table of ``hybrid-rl bench learning``, from its JSON (never by hand).
 
     python -m hybrid_rl.benchmarks.plot_learning [--json benchmarks/results/learning.json] [--doc docs/RESULTS.md]
+                                                 [--block learning]
 
-Writes ``docs/img/learning-<env>.png`` (held-out greedy success against RL step, mean +- std over seeds,
+Writes ``docs/img/<block>-<env>.png`` (held-out greedy success against RL step, mean +- std over seeds,
 with the teacher, the optimal expert and a random policy as horizontal lines) and replaces the block
-between ``<!-- learning:begin -->`` and ``<!-- learning:end -->`` in docs/RESULTS.md.
+between ``<!-- <block>:begin -->`` and ``<!-- <block>:end -->`` in docs/RESULTS.md. ``--block`` keeps a
+second table apart (e.g. an earlier recipe's JSON as ``learning-previous``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- learning:begin (written by python -m hybrid_rl.benchmarks.plot_learning) -->", "<!-- learning:end -->"
+
+
+def markers(block: str = "learning") -> tuple[str, str]:
+    return f"<!-- {block}:begin (written by python -m hybrid_rl.benchmarks.plot_learning) -->", f"<!-- {block}:end -->"
+
+
+BEGIN, END = markers()
 NAMES = {"random": "random", "teacher": "teacher", "sft": "SFT", "rl": "RL", "expert": "optimal expert"}
 
 
@@ -73,12 +81,14 @@ def table(result: dict) -> list[str]:
     return lines
 
 
-def render(result: dict, img_dir: Path, doc_dir: Path) -> str:
-    lines = [BEGIN, "", f"`hybrid-rl bench learning` ({result['config']}"
+def render(result: dict, img_dir: Path, doc_dir: Path, block: str = "learning",
+           json_name: str = "benchmarks/results/learning.json") -> str:
+    begin, end = markers(block)
+    lines = [begin, "", f"`hybrid-rl bench learning` ({result['config']}"
              + (f", overrides {' '.join(result['overrides'])}" if result["overrides"] else "")
              + (f", commit `{result['commit'][:12]}`" if result.get("commit") else "")
              + f"; {result['machine']}): held-out greedy success on {result['episodes']} eval seeds per run, "
-             "mean +- standard error over the run seeds. Per-run figures are in benchmarks/results/learning.json.", ""]
+             f"mean +- standard error over the run seeds. Per-run figures are in {json_name}.", ""]
     lines += table(result)
     changed = {env_id: data["recipe_changes"] for env_id, data in result["envs"].items() if data.get("recipe_changes")}
     if changed:  # where an env departs from the recipe (bench_learning.RECIPE_CHANGES says why)
@@ -90,9 +100,9 @@ def render(result: dict, img_dir: Path, doc_dir: Path) -> str:
                                                             for env_id, c in commits.items() if c)]
     lines.append("")
     for env_id, data in result["envs"].items():
-        png = plot_env(env_id, data, img_dir / f"learning-{slug(env_id)}.png")
+        png = plot_env(env_id, data, img_dir / f"{block}-{slug(env_id)}.png")
         lines.append(f"![{env_id}]({png.relative_to(doc_dir).as_posix()})")
-    lines += ["", END]
+    lines += ["", end]
     return "\n".join(lines)
 
 
@@ -100,15 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hybrid_rl.benchmarks.plot_learning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "learning.json"))
     parser.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"))
+    parser.add_argument("--block", default="learning", help="the block's name in the doc (and its images' prefix)")
     args = parser.parse_args(argv)
+    if not args.block.replace("-", "").isalnum():
+        parser.error(f"--block {args.block!r}: letters, digits and '-' only (it names the doc's markers and the PNGs)")
     from hybrid_rl.benchmarks.record import read_json_lines
 
     result = [r for r in read_json_lines(Path(args.json)) if r.get("benchmark") == "learning"][-1]
     doc = Path(args.doc)
-    block = render(result, doc.parent / "img", doc.parent)
+    json_path = Path(args.json).resolve()
+    json_name = json_path.relative_to(ROOT).as_posix() if json_path.is_relative_to(ROOT) else json_path.name
+    block = render(result, doc.parent / "img", doc.parent, args.block, json_name)
+    begin, end = markers(args.block)
     text = doc.read_text() if doc.exists() else "# Results\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n## Learning across environments and seeds\n\n" + block + "\n"
     doc.write_text(text)

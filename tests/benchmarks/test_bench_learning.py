@@ -13,6 +13,8 @@ TINY = ["demos.episodes_per_env=6", "sft.train.max_steps=2", "sft.eval.episodes_
 
 
 def test_bench_learning_records_every_policy_and_the_curve(tmp_path, monkeypatch, capsys):
+    import pytest
+
     from hybrid_rl import envs
     from hybrid_rl.benchmarks import bench_learning, plot_learning
 
@@ -51,6 +53,17 @@ def test_bench_learning_records_every_policy_and_the_curve(tmp_path, monkeypatch
     assert png.read_bytes()[:4] == b"\x89PNG" and "img/learning-FrozenLake-v1.png" in text
     assert plot_learning.main(["--json", str(out), "--doc", str(doc)]) == 0
     assert doc.read_text().count(plot_learning.BEGIN) == 1  # re-running replaces the block
+    # a second table (e.g. an earlier recipe's JSON) in its own block, with its own images; the first stays
+    assert plot_learning.main(["--json", str(out), "--doc", str(doc), "--block", "learning-previous"]) == 0
+    text2 = doc.read_text()
+    begin, end = plot_learning.markers("learning-previous")
+    assert text2.count(plot_learning.BEGIN) == 1 and text2.count(begin) == 1 and end in text2
+    assert text2[text2.index(plot_learning.BEGIN):text2.index(plot_learning.END)] == text[text.index(plot_learning.BEGIN):text.index(plot_learning.END)]
+    assert (tmp_path / "docs" / "img" / "learning-previous-FrozenLake-v1.png").exists()
+    assert "img/learning-previous-FrozenLake-v1.png" in text2[text2.index(begin):]
+    with pytest.raises(SystemExit):
+        plot_learning.main(["--json", str(out), "--doc", str(doc), "--block", "bad name"])
+    assert "letters, digits" in capsys.readouterr().err
 
     # --plain: the recipe as it is, the env's change left out (the teacher plays with the recipe's noise again)
     plain = tmp_path / "plain.json"
@@ -102,6 +115,18 @@ def test_merge_replaces_only_the_envs_run_and_refuses_another_recipe(tmp_path, m
         err = capsys.readouterr().err
         assert why in err and "another --json-out" in err
     assert json.loads(out.read_text()) == after  # nothing written
+
+    # the same recipe file name with other content (a recipe changed since the JSON was measured) is refused too
+    recipe = tmp_path / "quickstart.yaml"
+    recipe.write_text("rl:\n  train: {steps: 240}\n")
+    mine = ["bench", "learning", "--json-out", str(tmp_path / "mine.json"), "--config", str(recipe), "--seeds", "0", "--envs"]
+    assert main([*mine, "hybrid_rl/FrozenLake-v1"]) == 0
+    recipe.write_text("rl:\n  train: {steps: 320}\n")
+    with pytest.raises(SystemExit):
+        main([*mine, "hybrid_rl/Nim-v0", "--merge"])
+    err = capsys.readouterr().err
+    assert "recipe_sha256" in err and "content changed" in err and "another --json-out" in err
+    assert list(json.loads((tmp_path / "mine.json").read_text())["envs"]) == ["hybrid_rl/FrozenLake-v1"]
     with pytest.raises(SystemExit):
         main(["bench", "learning", "--json-out", str(tmp_path / "none.json"), "--merge"])
     assert "does not exist" in capsys.readouterr().err
