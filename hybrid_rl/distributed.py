@@ -129,8 +129,10 @@ def spawn_python(args: list[str], processes: int, threads_per_process: int = 1, 
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=f"hybrid-rl-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2)
-    env_threads = os.environ.get("OMP_NUM_THREADS")
+    env_threads, env_faults = os.environ.get("OMP_NUM_THREADS"), os.environ.get("PYTHONFAULTHANDLER")
     os.environ["OMP_NUM_THREADS"] = str(threads_per_process)  # inherited by the processes
+    # a process killed by a signal (an abort in native code) prints every thread's Python stack first
+    os.environ["PYTHONFAULTHANDLER"] = "1"
     try:
         elastic_launch(config, sys.executable)(*args)
     except ChildFailedError as err:
@@ -139,10 +141,11 @@ def spawn_python(args: list[str], processes: int, threads_per_process: int = 1, 
               "its error is above", file=sys.stderr)
         return 1
     finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
+        for key, value in (("OMP_NUM_THREADS", env_threads), ("PYTHONFAULTHANDLER", env_faults)):
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return 0
 
 
@@ -319,7 +322,12 @@ class Parallel:
             torch.distributed.all_reduce(tensor)
         return tensor
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """End the trackers and tear down the process group. ``clean`` (the run did not fail): first wait
+        until every process is here, so that no process closes its connections while a peer still has a
+        collective in flight against it. After a failure the peers may never arrive, so there is no wait."""
+        if clean and self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         self.acc.end_training()
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

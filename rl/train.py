@@ -547,6 +547,7 @@ def train(cfg: RLStageConfig) -> dict:
         played, kept, stats = play_step(pool, cfg, at_step)
         return played, kept, stats, t1 - t0, time.perf_counter() - t1
 
+    failed = True
     try:
         if cfg.eval.at_start and start_step == 0:
             final_eval, eval_trajs = evaluate()
@@ -610,6 +611,7 @@ def train(cfg: RLStageConfig) -> dict:
                 if main:
                     save_rl_checkpoint(run_dir, done, full, tokenizer, optimizer_state, cfg.checkpoint.keep_last, next_batch)
                 par.barrier()
+        failed = False
     finally:
         if executor is not None:
             executor.shutdown(wait=True)
@@ -617,7 +619,7 @@ def train(cfg: RLStageConfig) -> dict:
             pool.close()
         if metrics is not None:
             metrics.close()
-        par.close()
+        par.close(clean=not failed)
     ckpt = latest_checkpoint(run_dir)
     out = {"run_dir": str(run_dir), "checkpoint": str(ckpt) if ckpt else "", "eval": final_eval}
     if cfg.eval.select_best and main and best is not None:  # the policy with the best val success, not the last one
