@@ -170,11 +170,13 @@ def test_train_cli_prints_tables_and_json(capsys, tmp_path):
     assert md.count("| nemotron3-super |") == 5  # four plan rows and the answer
 
 
-def test_train_cli_rejects_bad_input():
-    with pytest.raises(SystemExit):
+def test_train_cli_rejects_bad_input(capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(["--train", "--devices", "0"])
-    with pytest.raises(SystemExit):
+    assert exit_.value.code == 2 and "devices must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
         main(["--check"])  # --check belongs to --train
+    assert exit_.value.code == 2 and "add --train" in capsys.readouterr().err
 
 
 def test_markdown_renders_the_check():

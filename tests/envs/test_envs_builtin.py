@@ -168,7 +168,7 @@ def test_expert_is_consistent_mid_episode_after_model_moves(env_id):
     """The expert solves from wherever a (bad) model left the episode: usable for corrections."""
     env = envs.make(env_id)
     if env.spec.max_episode_steps == 1 or not env.unwrapped.solvable:
-        return
+        pytest.skip(f"{env_id}: one turn, or not always solvable: there is no 'mid-episode' to recover from")
     successes = 0
     for seed in range(20):
         obs, _ = env.reset(seed=seed)

@@ -1,3 +1,4 @@
+import re
 import warnings
 
 import gymnasium as gym
@@ -45,8 +46,11 @@ def test_unknown_id_gives_gymnasiums_did_you_mean_and_our_list(bad_id):
 
 
 def test_unknown_version_is_reported_by_gymnasium_too():
-    with pytest.raises(envs.UnknownEnvironmentError, match="GuessNumber"):
+    with pytest.raises(envs.UnknownEnvironmentError) as err:
         envs.make("hybrid_rl/GuessNumber-v7")
+    # gymnasium's own words (the version asked for, the versions there are), then our list of environments
+    assert re.search(r"version `v7`.*doesn't exist.*`v0`", str(err.value)), str(err.value)
+    assert "hybrid_rl/GuessNumber-v0" in str(err.value).split("hybrid_rl environments:")[1]
 
 
 def test_seeds_are_reproducible_and_train_eval_disjoint():

@@ -1,6 +1,7 @@
 """`hybrid-rl eval` end to end on a saved micro checkpoint: in-process and on 2 Ray workers."""
 
 import json
+import re
 
 import pytest
 
@@ -37,7 +38,8 @@ def test_eval_in_process_prints_a_table_and_writes_json(checkpoint, tmp_path, ca
     stats = report["summary"]["hybrid_rl/GuessNumber-v0"]
     assert stats["episodes"] == 3 and stats["turns_mean"] >= 1
     assert "eval/success/GuessNumber-v0" in report["metrics"]
-    assert len((tmp_path / "ev" / "trajectories.jsonl").read_text().splitlines()) == 3
+    played_by = [json.loads(line)["worker"] for line in (tmp_path / "ev" / "trajectories.jsonl").read_text().splitlines()]
+    assert len(played_by) == 3 and not any(re.fullmatch(r"w\d+@\w+", w) for w in played_by), played_by  # no Ray worker
 
 
 def test_eval_on_two_ray_workers(checkpoint, tmp_path, ray_session, capsys):
@@ -45,6 +47,9 @@ def test_eval_on_two_ray_workers(checkpoint, tmp_path, ray_session, capsys):
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert report["summary"]["hybrid_rl/GuessNumber-v0"]["episodes"] == 3
     assert report["perf"]["episodes_per_s"] > 0
+    # played by the Ray workers (named w<index>@<node>), not by an engine in this process ("local")
+    played_by = [json.loads(line)["worker"] for line in (tmp_path / "ev" / "trajectories.jsonl").read_text().splitlines()]
+    assert len(played_by) == 3 and all(re.fullmatch(r"w[01]@\w+", w) for w in played_by), played_by
 
 
 def test_eval_errors_name_the_problem(tmp_path, capsys):

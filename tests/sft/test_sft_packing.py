@@ -105,25 +105,63 @@ def test_packed_micro_batched_loss_and_grads_equal_one_doc_at_a_time(row_tokens,
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
-def test_two_processes_with_world_size_scaling_equal_one_process():
-    """What DDP does (average the ranks' grads) undone by the world_size factor in the scale."""
+def test_train_step_of_two_processes_averages_to_the_one_process_gradient():
+    """``train_step``'s loss scale (process count / the whole step's trained tokens) against what DDP does
+    with the processes' gradients (their mean): each rank of two runs its half of the step's micro-batches,
+    and the mean of their gradients is the gradient of the one-process step over all of them."""
+    import contextlib
+
+    from hybrid_rl.model import HybridConfig, HybridLM
+    from hybrid_rl.sft.config import SFTTrainConfig
+    from hybrid_rl.sft.train import Progress, train_step
+
     torch.manual_seed(0)
-    model = DocCausalLM()
-    docs = _docs(16, seed=2)
-    stream = MicroBatchStream(docs, 64, 1, seed=0, pad_id=0)
-    batches = [stream.micro_batch_at(i) for i in range(4)]
-    n_tokens = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
-    for b in batches:
-        (loss_sum(model(b["input_ids"], doc_ids=b["doc_ids"]), b["targets"]) / n_tokens).backward()
-    single = _grads(model)
-    per_rank = []
-    for rank in range(2):
-        model.zero_grad()
-        for b in batches[rank * 2:(rank + 1) * 2]:
-            (loss_sum(model(b["input_ids"], doc_ids=b["doc_ids"]), b["targets"]) * 2 / n_tokens).backward()
-        per_rank.append(_grads(model))
-    for s, r0, r1 in zip(single, *per_rank):
-        torch.testing.assert_close((r0 + r1) / 2, s, rtol=1e-5, atol=1e-7)
+    model = HybridLM(HybridConfig.from_preset("micro"))
+    stream = MicroBatchStream(_docs(16, seed=2), 64, 1, seed=0, pad_id=0)
+    step_tokens = sum(int((stream.micro_batch_at(i)["targets"] != IGNORE).sum()) for i in range(4))
+
+    class Rank:  # one of `world` processes; its first sum (the step's token count) is over all of them
+        device = torch.device("cpu")
+
+        def __init__(self, rank, world):
+            self.rank, self.world, self.sums = rank, world, 0
+
+        def sum(self, values):
+            self.sums += 1
+            return [step_tokens] if self.sums == 1 else values
+
+        def no_sync(self, last):
+            return contextlib.nullcontext()
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+        def backward(self, loss):
+            loss.backward()
+
+        def clip_grad_norm_(self, params, max_norm):
+            return 0.0
+
+    class Capture:  # the optimizer: keeps the gradient it is asked to apply
+        param_groups = [{}]
+
+        def step(self):
+            self.grads = [p.grad.clone() for p in model.parameters()]
+
+        def zero_grad(self, set_to_none=True):
+            model.zero_grad(set_to_none=set_to_none)
+
+    def step_grads(rank, world):
+        opt = Capture()
+        out = train_step(model, opt, Rank(rank, world), stream, Progress(), SFTTrainConfig(grad_accum_steps=4 // world))
+        assert out["tokens"] == step_tokens
+        return opt.grads
+
+    single = step_grads(0, 1)
+    ranks = [step_grads(r, 2) for r in range(2)]
+    assert any(not torch.allclose(a, b) for a, b in zip(*ranks))  # the two halves differ
+    for s, r0, r1 in zip(single, *ranks):
+        torch.testing.assert_close((r0 + r1) / 2, s, rtol=1e-4, atol=1e-7)
 
 
 def test_stream_is_deterministic_covers_each_row_once_per_epoch_and_reshuffles():
