@@ -327,8 +327,8 @@ class Parallel:
         until every process is here, so that no process closes its connections while a peer still has a
         collective in flight against it. After a failure the peers may never arrive, so there is no wait."""
         if clean and self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        self.acc.end_training()
+            self.barrier()
+        self.acc.end_training()  # (accelerate's may destroy the process group itself)
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

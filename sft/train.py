@@ -275,6 +275,5 @@ def train(cfg: SFTStageConfig) -> dict:
         summary.update(steps=progress.step, wall_s=time.time() - t_start, checkpoint=str(run_dir / f"step_{progress.step}"))
         logger.log({"perf/wall_s": summary["wall_s"], "perf/cpu_s": time.process_time() - cpu_start}, progress.step)
         logger.close()
-    par.barrier()
-    par.close()
+    par.close()  # waits for every process first
     return summary
