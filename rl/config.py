@@ -13,6 +13,7 @@ Sizes, in one place (``RLStageConfig.__post_init__`` checks them):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,6 +26,8 @@ from hybrid_rl.rl.advantages import ADVANTAGES
 from hybrid_rl.rl.kl import KL_ESTIMATORS
 from hybrid_rl.rl.losses import AGGREGATIONS, POLICY_LOSSES
 from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
+
+log = logging.getLogger("hybrid_rl.rl")
 
 __all__ = ["RLRolloutConfig", "AlgoConfig", "RLTrainConfig", "RLEvalConfig", "CheckpointConfig", "RLStageConfig"]
 
@@ -73,12 +76,20 @@ class AlgoConfig:
     # GuessNumber's interval), else the observation they answered (env); the observation only (GiGPO; right
     # when the observation is the state, as FrozenLake's map); or everything before the action (any seeded env)
     state_key: Literal["env", "observation", "history"] = "env"
-    policy_loss: str = "grpo"  # rl/losses.py: grpo | dapo | gspo | reinforce
+    policy_loss: str = "grpo"  # rl/losses.py: grpo | dapo | gspo | reinforce | clip-cov | kl-cov
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     clip_eps_low: float = 0.2  # ratio floor 1 - eps_low (grpo uses it on both sides)
     clip_eps_high: float = 0.28  # ratio ceiling 1 + eps_high for dapo (DAPO's clip-higher value)
     seq_clip_eps_low: float = 3e-4  # gspo: range of the length-normalised sequence ratio (GSPO paper)
     seq_clip_eps_high: float = 4e-4
+    # covariance-based entropy control (Cui et al. 2025; rl/losses.py): cov = (logp - mean) * (A - mean) per action
+    # token, means over the micro-batch's action tokens; ceil(ratio * tokens) tokens are selected per micro-batch
+    # (at least one for a ratio > 0: the paper's ratios were set for batches of millions of tokens, ours have hundreds)
+    clip_cov_ratio: float = 2e-4  # clip-cov: fraction of tokens, drawn from those with cov in [lb, ub], whose gradient is detached
+    clip_cov_lb: float = 1.0  # clip-cov: the covariance band candidates come from (the paper's 1 and 5)
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-3  # kl-cov: fraction of tokens, those with the largest cov, that get the penalty
+    kl_cov_coef: float = 1.0  # kl-cov: weight of |logp - old_logp| on them (0 with zero gradient on a sync step with one update)
     kl_estimator: str = "k3"  # rl/kl.py: k1 | k2 | k3
     kl_beta: float = 0.0  # weight of the KL to the initial policy; 0 = no reference model is kept
     entropy_coef: float = 0.0  # bonus: minus this times the mean entropy of the sampling distribution on action tokens
@@ -106,6 +117,21 @@ class AlgoConfig:
         if self.clip_eps_low < 0 or self.clip_eps_high < 0 or self.seq_clip_eps_low < 0 or self.seq_clip_eps_high < 0:
             raise ValueError(f"clip ranges must be >= 0, got clip_eps_low/high {self.clip_eps_low}/{self.clip_eps_high}, "
                              f"seq_clip_eps_low/high {self.seq_clip_eps_low}/{self.seq_clip_eps_high}")
+        for name in ("clip_cov_ratio", "kl_cov_ratio"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be a fraction of the action tokens in [0, 1], got {value}: e.g. "
+                                 f"algo.{name}=0.02 (0 turns the selection off)")
+        if not (math.isfinite(self.clip_cov_lb) and math.isfinite(self.clip_cov_ub)) or self.clip_cov_lb > self.clip_cov_ub:
+            raise ValueError(f"clip_cov_lb must be <= clip_cov_ub (finite numbers: the covariance band clip-cov draws from), got "
+                             f"clip_cov_lb={self.clip_cov_lb}, clip_cov_ub={self.clip_cov_ub}: e.g. algo.clip_cov_lb=1.0 algo.clip_cov_ub=5.0")
+        if not (math.isfinite(self.kl_cov_coef) and self.kl_cov_coef >= 0):
+            raise ValueError(f"kl_cov_coef must be a finite number >= 0, got {self.kl_cov_coef}: e.g. algo.kl_cov_coef=1.0 "
+                             "(a negative weight would reward moving the selected tokens away from the rollout policy)")
+        if self.policy_loss == "kl-cov" and self.mode == "sync" and self.updates_per_batch == 1:
+            log.warning("algo.policy_loss=kl-cov with algo.mode=sync and algo.updates_per_batch=1: the ratio is taken against "
+                        "the trainer's own log-probs, so the |log ratio| penalty is 0 with zero gradient and kl-cov is the "
+                        "plain unclipped policy gradient; use algo.mode=async or algo.updates_per_batch > 1")
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.credit != "episode" and self.policy_loss == "gspo":

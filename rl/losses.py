@@ -21,6 +21,55 @@ Variants (``POLICY_LOSSES.get(name)``, cf. verl's ``register_policy_loss``):
                length-normalised ratio moves far less than a token's, and the token range (0.2) would
                leave it effectively unclipped. Its advantage is the sequence's mean token advantage.
     reinforce  -A * log pi, no ratio, no clipping (plain on-policy REINFORCE with a group baseline)
+    clip-cov   grpo/dapo's clipped loss with the gradient of a few high-covariance tokens detached (Cui et al. 2025)
+    kl-cov     the unclipped surrogate -r A, plus coef * |log r| on the top-covariance tokens (Cui et al. 2025)
+
+Covariance-based entropy control (Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for
+Reasoning Language Models"). Under a policy gradient the entropy of the policy falls by about the
+covariance of a token's log-prob and its advantage: confident tokens with positive advantage, and rare
+tokens with negative advantage, sharpen the policy. Both variants limit the update of the tokens that
+contribute most to that covariance, per token i on the mask:
+
+    cov_i = (logp_i - mean(logp)) * (A_i - mean(A))      (``token_covariance``; no gradient)
+
+The means run over the mask's tokens of the *micro-batch* the loss is called on (the tokens of the episodes
+that entered the loss: with ``algo.skip_zero_advantage``, advantage-0 episodes are not among them), not
+over the whole step. That is what verl's implementation of the paper does (its loss function sees one
+micro-batch); the paper writes the means over the batch. So the selection, unlike every other loss here,
+depends on how the step is split into micro-batches (``train.micro_batch_tokens``; packing fits more
+episodes into one, so it changes the split of a step that needs several): only the per-token loss *given*
+the selection is separable, and the step-wide normalisers stay those of ``aggregate_loss``. Within a
+micro-batch neither loss depends on how its episodes are laid out in rows (packing, prefix sharing; below).
+The quickstart's steps (64 episodes, train.micro_batch_tokens 8192) are one micro-batch on Nim and Buttons.
+
+How many tokens: k = ceil(ratio * n) of the micro-batch's n mask tokens (0 when ratio is 0, at least 1
+when ratio > 0, at most n). The paper's ratios (2e-4, 2e-3) were set for batches of millions of tokens;
+a step here has a few hundred action tokens, where int(ratio * n) would select nothing (verl takes
+max(1, int(ratio * n)) and requires ratio > 0; here ratio 0 turns the selection off). ceil selects at
+least one token per micro-batch for any positive ratio, so at the paper's ratios the fraction selected is
+1/n per micro-batch, far above the ratio: set the ratio for the batch at hand (``train/cov_selected_frac``
+shows what was selected).
+
+    clip-cov   candidates: mask tokens with ``clip_cov_lb <= cov <= clip_cov_ub`` that the PPO clip has not
+               already clipped (their gradient is 0 already; verl excludes them too). k = ceil(clip_cov_ratio
+               * n) of them (all, if fewer) are drawn at random and their loss is detached: the value stays
+               the clipped PPO loss (so ``train/loss`` is comparable), the gradient there is 0; every other
+               token has the clipped objective with ``clip.low`` / ``clip.high`` (dapo's range; set
+               ``clip_eps_high = clip_eps_low`` for grpo's). The paper "detaches"; verl multiplies the
+               loss by 0, which gives the same gradient. The draw is ``torch.randperm`` from a
+               ``torch.Generator`` seeded with ``clip.cov_seed`` (the trainer derives it from run.seed,
+               the step, the update and the micro-batch index), over the candidates ordered by their cov
+               (stable): so a rerun or resume draws the same tokens, the draw neither reads nor advances
+               torch's global RNG (no other random stream shifts when clip-cov is switched on), the naive
+               twin can reproduce it, and the choice does not depend on the row layout. At ratio 0 the
+               loss is dapo's exactly (grpo's when clip.high == clip.low).
+    kl-cov     the k = ceil(kl_cov_ratio * n) mask tokens with the largest cov (ties: the earlier token in
+               the micro-batch's row-major order, by a stable sort) get ``-r A + kl_cov_coef * |logp - old_logp|``, every other token ``-r A``:
+               no clipping on any token, as in the paper and verl (their KL term is this per-token
+               |log ratio|). At ratio 0 it is the unclipped surrogate, which equals grpo/dapo wherever
+               nothing is clipped. The penalty is 0 with zero gradient when old_logp is the trainer's own
+               detached log-prob (a synchronous step with one update): kl-cov acts only with a ratio
+               against another policy (``algo.mode: async`` or ``algo.updates_per_batch > 1``).
 
 Aggregation (``aggregate_loss``), with the normalisers of the *whole* optimizer step passed in so that
 splitting the step's batch into micro-batches and summing their losses gives the same gradient:
@@ -49,10 +98,18 @@ from hybrid_rl.registry import Registry
 
 @dataclass
 class ClipRange:
+    """The losses' hyperparameters (the clip ranges, and the covariance-control settings of clip-cov / kl-cov)."""
+
     low: float = 0.2  # ratio floor is 1 - low
     high: float = 0.2  # ratio ceiling is 1 + high (DAPO's clip-higher uses 0.28)
     seq_low: float = 3e-4  # gspo's sequence-ratio range (GSPO paper)
     seq_high: float = 4e-4
+    clip_cov_ratio: float = 2e-4  # clip-cov: fraction of a micro-batch's mask tokens detached (rounded up)
+    clip_cov_lb: float = 1.0  # clip-cov: only tokens with cov in [lb, ub] are candidates (the paper's 1 and 5)
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-3  # kl-cov: fraction of a micro-batch's mask tokens penalised (rounded up)
+    kl_cov_coef: float = 1.0  # kl-cov: weight of |logp - old_logp| on those tokens (the paper's 1)
+    cov_seed: int = 0  # clip-cov: seed of the random draw (the trainer sets one per micro-batch)
 
 
 PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ClipRange], tuple[torch.Tensor, torch.Tensor]]
@@ -101,6 +158,91 @@ def gspo_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
 @POLICY_LOSSES.register("reinforce")
 def reinforce_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
     return _masked(-adv_bt * logp_bt, torch.zeros_like(mask_bt, dtype=torch.bool), mask_bt)
+
+
+# ------------------------------------------------------------------------------ covariance-based entropy control
+
+
+def token_covariance(logp_bt, adv_bt, mask_bt):
+    """cov [B, T] = (logp - mean logp) * (A - mean A) on the mask (means over the mask's tokens of this
+    micro-batch), 0 off it; no gradient."""
+    on_bt = mask_bt.bool()
+    n = on_bt.sum().clamp(min=1)
+    logp_bt = torch.where(on_bt, logp_bt.detach(), torch.zeros_like(logp_bt))
+    adv_bt = torch.where(on_bt, adv_bt.detach().to(logp_bt.dtype), torch.zeros_like(logp_bt))
+    cov_bt = (logp_bt - logp_bt.sum() / n) * (adv_bt - adv_bt.sum() / n)
+    return torch.where(on_bt, cov_bt, torch.zeros_like(cov_bt))
+
+
+def cov_count(ratio: float, n: int) -> int:
+    """Tokens to select out of ``n``: ceil(ratio * n), 0 at ratio 0, at least 1 for a positive ratio, at most n.
+    (A hair below the product is taken first so that e.g. 0.1 * 30 = 3.0000000000000004 rounds to 3.)"""
+    if ratio <= 0 or n <= 0:
+        return 0
+    return min(n, max(1, math.ceil(ratio * n - 1e-9)))
+
+
+def clip_cov_selection(cov_bt, mask_bt, clipped_bt, clip: ClipRange):
+    """The tokens clip-cov detaches [B, T] bool: ``cov_count(clip_cov_ratio, n)`` drawn at random from the
+    unclipped mask tokens with cov in [clip_cov_lb, clip_cov_ub], ordered by cov (stable) before the draw."""
+    on_n = mask_bt.bool().reshape(-1)
+    cov_n = cov_bt.reshape(-1)
+    k = cov_count(clip.clip_cov_ratio, int(on_n.sum()))
+    cand_n = on_n & ~clipped_bt.reshape(-1) & (cov_n >= clip.clip_cov_lb) & (cov_n <= clip.clip_cov_ub)
+    idx = cand_n.nonzero().squeeze(1)
+    selected_n = torch.zeros_like(on_n)
+    if k and idx.numel():
+        idx = idx[torch.sort(cov_n[idx], stable=True).indices]  # the draw does not depend on the row layout
+        draw = torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(int(clip.cov_seed)))[:k]
+        selected_n[idx[draw.to(idx.device)]] = True
+    return selected_n.view_as(mask_bt)
+
+
+def kl_cov_selection(cov_bt, mask_bt, clip: ClipRange):
+    """The tokens kl-cov penalises [B, T] bool: the ``cov_count(kl_cov_ratio, n)`` mask tokens with the
+    largest cov (ties: the earlier token)."""
+    on_n = mask_bt.bool().reshape(-1)
+    k = cov_count(clip.kl_cov_ratio, int(on_n.sum()))
+    selected_n = torch.zeros_like(on_n)
+    if k:
+        idx = on_n.nonzero().squeeze(1)
+        top = torch.sort(cov_bt.reshape(-1)[idx], descending=True, stable=True).indices[:k]
+        selected_n[idx[top]] = True
+    return selected_n.view_as(mask_bt)
+
+
+def cov_selection(name: str, logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
+    """(cov [B, T], the tokens loss ``name`` selects [B, T] bool) for clip-cov / kl-cov (the same
+    selection the loss makes with these inputs), None for any other loss. For the trainer's metrics."""
+    if name not in COV_LOSSES:
+        return None
+    with torch.no_grad():
+        cov_bt = token_covariance(logp_bt, adv_bt, mask_bt)
+        if name == "kl-cov":
+            return cov_bt, kl_cov_selection(cov_bt, mask_bt, clip)
+        ratio_bt = torch.exp(_log_ratio(logp_bt, old_logp_bt, mask_bt))
+        _, clipped_bt = _clipped_objective(ratio_bt, adv_bt, clip.low, clip.high)
+        return cov_bt, clip_cov_selection(cov_bt, mask_bt, clipped_bt, clip)
+
+
+@POLICY_LOSSES.register("clip-cov")
+def clip_cov_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
+    ratio_bt = torch.exp(_log_ratio(logp_bt, old_logp_bt, mask_bt))
+    loss_bt, clipped_bt = _clipped_objective(ratio_bt, adv_bt, clip.low, clip.high)
+    selected_bt = clip_cov_selection(token_covariance(logp_bt, adv_bt, mask_bt), mask_bt, clipped_bt & mask_bt.bool(), clip)
+    return _masked(torch.where(selected_bt, loss_bt.detach(), loss_bt), clipped_bt, mask_bt)
+
+
+@POLICY_LOSSES.register("kl-cov")
+def kl_cov_loss(logp_bt, old_logp_bt, adv_bt, mask_bt, clip: ClipRange):
+    log_ratio_bt = _log_ratio(logp_bt, old_logp_bt, mask_bt)
+    loss_bt = -torch.exp(log_ratio_bt) * adv_bt
+    selected_bt = kl_cov_selection(token_covariance(logp_bt, adv_bt, mask_bt), mask_bt, clip)
+    loss_bt = torch.where(selected_bt, loss_bt + clip.kl_cov_coef * log_ratio_bt.abs(), loss_bt)
+    return _masked(loss_bt, torch.zeros_like(mask_bt, dtype=torch.bool), mask_bt)
+
+
+COV_LOSSES = ("clip-cov", "kl-cov")  # the losses whose per-token terms depend on a per-micro-batch selection
 
 
 # ------------------------------------------------------------------------------ aggregation
@@ -348,4 +490,76 @@ def aggregate_loss_naive(loss_bt, mask_bt, mode, num_tokens, num_seqs):
     return total
 
 
-NAIVE = {"grpo": grpo_loss_naive, "dapo": dapo_loss_naive, "gspo": gspo_loss_naive, "reinforce": reinforce_loss_naive}
+def _covariances_naive(logp_bt, adv_bt, mask_bt):
+    """[(b, t, cov)] for the mask's tokens in row-major order, with plain Python means."""
+    on = [(b, t) for b in range(logp_bt.shape[0]) for t in range(logp_bt.shape[1]) if mask_bt[b, t]]
+    lp = {(b, t): float(logp_bt[b, t].detach()) for b, t in on}
+    mean_lp = sum(lp.values()) / max(len(on), 1)
+    mean_a = sum(float(adv_bt[b, t]) for b, t in on) / max(len(on), 1)
+    return [(b, t, (lp[b, t] - mean_lp) * (float(adv_bt[b, t]) - mean_a)) for b, t in on]
+
+
+def _count_naive(ratio, n):
+    k = 0
+    while k < n and k < ratio * n - 1e-9:  # the smallest k >= ratio * n
+        k += 1
+    return max(k, 1) if ratio > 0 and n > 0 else 0
+
+
+def clip_cov_selection_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip):
+    covs = _covariances_naive(logp_bt, adv_bt, mask_bt)
+    cands = []
+    for b, t, c in covs:
+        lp, o, a = float(logp_bt[b, t].detach()), float(old_logp_bt[b, t]), float(adv_bt[b, t])
+        r = math.exp(lp - o)
+        clipped = min(max(r, 1 - clip.low), 1 + clip.high) * a < r * a
+        if clip.clip_cov_lb <= c <= clip.clip_cov_ub and not clipped:
+            cands.append((c, b, t))
+    cands.sort(key=lambda x: x[0])  # stable: equal covs keep row-major order
+    k = _count_naive(clip.clip_cov_ratio, len(covs))
+    if not k or not cands:
+        return set()
+    draw = torch.randperm(len(cands), generator=torch.Generator().manual_seed(int(clip.cov_seed)))[:k].tolist()
+    return {(cands[j][1], cands[j][2]) for j in draw}
+
+
+def kl_cov_selection_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip):
+    covs = _covariances_naive(logp_bt, adv_bt, mask_bt)
+    order = sorted(range(len(covs)), key=lambda j: -covs[j][2])  # stable: ties keep row-major order
+    return {(covs[j][0], covs[j][1]) for j in order[:_count_naive(clip.kl_cov_ratio, len(covs))]}
+
+
+def clip_cov_loss_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip):
+    selected = clip_cov_selection_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip)
+    rows = []
+    for b in range(logp_bt.shape[0]):
+        row = []
+        for t in range(logp_bt.shape[1]):
+            if not mask_bt[b, t]:
+                row.append(torch.zeros((), dtype=logp_bt.dtype))
+                continue
+            loss = _ppo_token_naive(logp_bt[b, t], old_logp_bt[b, t], adv_bt[b, t], clip.low, clip.high)
+            row.append(loss.detach() if (b, t) in selected else loss)
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def kl_cov_loss_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip):
+    selected = kl_cov_selection_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip)
+    rows = []
+    for b in range(logp_bt.shape[0]):
+        row = []
+        for t in range(logp_bt.shape[1]):
+            if not mask_bt[b, t]:
+                row.append(torch.zeros((), dtype=logp_bt.dtype))
+                continue
+            d = logp_bt[b, t] - old_logp_bt[b, t]
+            loss = -torch.exp(d) * adv_bt[b, t]
+            row.append(loss + clip.kl_cov_coef * torch.abs(d) if (b, t) in selected else loss)
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+NAIVE = {"grpo": grpo_loss_naive, "dapo": dapo_loss_naive, "gspo": gspo_loss_naive, "reinforce": reinforce_loss_naive,
+         "clip-cov": clip_cov_loss_naive, "kl-cov": kl_cov_loss_naive}
+NAIVE_COV_SELECTION = {"clip-cov": clip_cov_selection_naive, "kl-cov": kl_cov_selection_naive}

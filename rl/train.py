@@ -35,7 +35,9 @@ Departures from the GRPO paper (Shao et al. 2024), and why:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import hashlib
 import json
 import logging
 import math
@@ -56,7 +58,8 @@ from hybrid_rl.rl.batch import (TENSOR_FIELDS, Batch, collate, micro_batches, pa
                                 trim)
 from hybrid_rl.rl.config import RLStageConfig
 from hybrid_rl.rl.kl import KL_ESTIMATORS, kl_k3
-from hybrid_rl.rl.losses import POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, chunked_policy_logprobs, policy_logprobs
+from hybrid_rl.rl.losses import (COV_LOSSES, POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, chunked_policy_logprobs,
+                                 cov_selection, policy_logprobs)
 from hybrid_rl.rl.routing import routing_mismatch
 from hybrid_rl.rollout.evaluate import evaluate_policy as evaluate_policy_on
 from hybrid_rl.rollout.evaluate import rollout_metrics, sample_row
@@ -290,7 +293,8 @@ def scoring_dist(cfg: RLStageConfig, tokenizer, model) -> ScoringDist:
 
 
 def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=None, old_from_rollout: bool = False,
-                  dist: ScoringDist | None = None, par: Parallel | None = None, ref_cache: dict | None = None):
+                  dist: ScoringDist | None = None, par: Parallel | None = None, ref_cache: dict | None = None,
+                  seed: int = 0):
     """One optimizer step over ``batch`` in micro-batches (gradients accumulate); returns train/ metrics.
 
     Tokens are scored under ``dist``, the distribution the rollout sampled from. The rollout-mismatch
@@ -303,15 +307,24 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
     the update equals the one-process update on the whole batch. The metrics are summed over processes.
     ``ref_cache`` keeps the reference log-probs of each micro-batch for the next updates on this batch
     (the reference model does not change); with ``train.ref_offload`` the reference lives on the CPU
-    between those passes."""
+    between those passes.
+
+    ``seed`` seeds this update's random choices (clip-cov's draw; the loop passes one per run seed, step and
+    update): micro-batch ``i`` draws with ``mix_seed(seed, i)``, the same on every process and after a resume.
+    With clip-cov / kl-cov the tokens are selected per micro-batch (rl/losses.py), and the update also logs
+    how many were selected and their covariance."""
     par = par or LocalProcess()
     loss_fn, kl_fn = POLICY_LOSSES.get(cfg.algo.policy_loss), KL_ESTIMATORS.get(cfg.algo.kl_estimator)
-    clip = ClipRange(cfg.algo.clip_eps_low, cfg.algo.clip_eps_high, cfg.algo.seq_clip_eps_low, cfg.algo.seq_clip_eps_high)
+    a = cfg.algo
+    clip = ClipRange(a.clip_eps_low, a.clip_eps_high, a.seq_clip_eps_low, a.seq_clip_eps_high, clip_cov_ratio=a.clip_cov_ratio,
+                     clip_cov_lb=a.clip_cov_lb, clip_cov_ub=a.clip_cov_ub, kl_cov_ratio=a.kl_cov_ratio, kl_cov_coef=a.kl_cov_coef)
+    with_cov = a.policy_loss in COV_LOSSES
     agg = cfg.algo.loss_agg
     n_tokens, n_seqs = batch.norm_tokens, batch.norm_seqs
     batch_tokens = float(batch.action_mask_bt.sum())
     lengths = trained_lengths(batch)
-    sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, mismatch=0.0, ratio=0.0, route_diff=0.0, route_n=0.0)
+    sums = dict(loss=0.0, kl=0.0, clipped=0.0, entropy=0.0, mismatch=0.0, ratio=0.0, route_diff=0.0, route_n=0.0,
+                cov=0.0, cov_selected=0.0, cov_selected_sum=0.0)
     mismatch_max = 0.0
     ref_cache = {} if ref_cache is None else ref_cache
     with_kl = ref_model is not None and cfg.algo.kl_beta > 0
@@ -329,13 +342,14 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
         mb = _to(make_mb(i), par.device)
         mask_bt, on_bt = mb.action_mask_bt, mb.action_mask_bt.bool()
         replay = mb.routing_btlk if cfg.algo.routing_replay else None
+        mb_clip = dataclasses.replace(clip, cov_seed=mix_seed(seed, i)) if with_cov else clip
         if with_kl and i not in ref_cache:
             ref_cache[i] = reference_logprobs(ref_model, mb, replay, dist, cfg.train, par)
         with par.no_sync(last=j == len(share) - 1):
             with par.autocast():
                 out, (logp_bt, entropy_bt) = score(model, mb, replay, dist, cfg.train, record=mb.routing_btlk is not None and replay is None)
                 old_logp_bt = mb.rollout_logp_bt if old_from_rollout else logp_bt.detach()
-                loss_bt, clipped_bt = loss_fn(logp_bt, old_logp_bt, mb.adv_bt, mask_bt, clip)
+                loss_bt, clipped_bt = loss_fn(logp_bt, old_logp_bt, mb.adv_bt, mask_bt, mb_clip)
                 loss = aggregate_loss(loss_bt, mask_bt, agg, n_tokens, n_seqs)
                 if cfg.algo.entropy_coef:
                     loss = loss - cfg.algo.entropy_coef * aggregate_loss(entropy_bt, mask_bt, agg, n_tokens, n_seqs)
@@ -360,6 +374,11 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
             sums["mismatch"] += float(kl_k3(mb.rollout_logp_bt, logp_bt, mask_bt).sum())  # KL(rollout || trainer)
             mismatch_max = max(mismatch_max, float(on((mb.rollout_logp_bt - logp_bt).abs()).max()))
             sums["ratio"] += float(on(torch.exp(on(logp_bt - old_logp_bt))).sum())
+            if with_cov:  # the selection the loss made (the same inputs and seed)
+                cov_bt, selected_bt = cov_selection(a.policy_loss, logp_bt, old_logp_bt, mb.adv_bt, mask_bt, mb_clip)
+                sums["cov"] += float(cov_bt.sum())
+                sums["cov_selected"] += float(selected_bt.sum())
+                sums["cov_selected_sum"] += float(cov_bt[selected_bt].sum())
             if trainer_routing is not None:
                 diff, n = routing_mismatch(mb.routing_btlk, trainer_routing, mask_bt)
                 sums["route_diff"] += diff
@@ -376,14 +395,25 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
              "train/rollout_logprob_diff_max": mismatch_max}
     if with_kl:
         stats["train/kl"] = sums["kl"]
+    if with_cov:
+        stats.update({"train/cov_mean": per_tok(sums["cov"]), "train/cov_selected_frac": per_tok(sums["cov_selected"]),
+                      "train/cov_selected_mean": sums["cov_selected_sum"] / max(sums["cov_selected"], 1)})
     if sums["route_n"]:
         stats["train/routing_mismatch"] = sums["route_diff"] / sums["route_n"]
     return stats
 
 
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, step, update, micro-batch index): a hash, so neighbouring
+    parts do not give correlated generators."""
+    digest = hashlib.blake2b("/".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def packs(cfg: RLStageConfig) -> bool:
     """Whether the update packs episodes into shared rows (``train.pack_sequences``): only with a loss
-    summed token by token; a per-sequence aggregation or GSPO's sequence ratio reads whole rows."""
+    summed token by token; a per-sequence aggregation or GSPO's sequence ratio reads whole rows. clip-cov and
+    kl-cov pack too: their selection reads a micro-batch's action tokens, whatever rows hold them (rl/losses.py)."""
     return cfg.train.pack_sequences and cfg.algo.loss_agg == "token-mean" and cfg.algo.policy_loss != "gspo"
 
 
@@ -585,7 +615,8 @@ def train(cfg: RLStageConfig) -> dict:
             update_stats, mismatch, ref_cache = {}, {}, {}
             for u in range(cfg.algo.updates_per_batch if batch is not None else 0):
                 update_stats = policy_update(model, optimizer, batch, cfg, ref_model, dist=dist, par=par, ref_cache=ref_cache,
-                                             old_from_rollout=is_async or cfg.algo.updates_per_batch > 1)
+                                             old_from_rollout=is_async or cfg.algo.updates_per_batch > 1,
+                                             seed=mix_seed(cfg.run.seed, step, u))
                 if u == 0:  # before any step on this batch: rollout vs trainer (sync: on the same weights)
                     mismatch = {k: update_stats[k] for k in MISMATCH_KEYS}
             moe_stats = balance_experts(par.core, cfg.train.moe_bias_update_rate, par) if cfg.train.moe_bias_update_rate else {}

@@ -30,6 +30,8 @@ SMOKE = ["init_from=", "algo.mode=sync", "algo.updates_per_batch=1", "model.pres
     ("train.lr=fast", ["train.lr", "'fast'", "expected float"]),
     ("train.min_lr_ratio=1.5", ["min_lr_ratio", "[0, 1]", "constant"]),
     ("eval.select_episodes_per_env=0", ["select_episodes_per_env", ">= 1", "select_best"]),
+    ("algo.clip_cov_lb=6", ["algo", "clip_cov_lb", "clip_cov_ub", "<="]),
+    ("algo.policy_loss=klcov", ["algo", "'klcov'", "Did you mean 'kl-cov'", "'clip-cov'"]),
 ])
 def test_bad_config_fails_before_any_work(override, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from hybrid_rl.rl.kl import KL_ESTIMATORS
 from hybrid_rl.rl.losses import (
-    AGGREGATIONS, NAIVE, POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, aggregate_loss_naive,
+    AGGREGATIONS, COV_LOSSES, NAIVE, POLICY_LOSSES, ClipRange, ScoringDist, aggregate_loss, aggregate_loss_naive,
     policy_logprobs,
 )
 from hybrid_rl.rollout.sampling import naive_sampling_probs
@@ -67,14 +68,17 @@ def test_first_on_policy_step_has_ratio_one_and_reinforce_gradient(name):
 @pytest.mark.parametrize("name", POLICY_LOSSES.names())
 @pytest.mark.parametrize("mode", AGGREGATIONS.names())
 def test_micro_batch_split_does_not_change_the_gradient(name, mode):
+    # clip-cov / kl-cov select their tokens per micro-batch (tests/rl/test_rl_cov.py); without a selection
+    # (ratio 0) they are summed token by token like the others
+    clip = dataclasses.replace(CLIP, clip_cov_ratio=0.0, kl_cov_ratio=0.0) if name in COV_LOSSES else CLIP
     logp, old, adv, mask = _batch(seed=3, b=8)
     n_tok, n_seq = float(mask.sum()), float(mask.shape[0])
     whole = logp.clone().requires_grad_(True)
-    loss, _ = POLICY_LOSSES.get(name)(whole, old, adv, mask, CLIP)
+    loss, _ = POLICY_LOSSES.get(name)(whole, old, adv, mask, clip)
     aggregate_loss(loss, mask, mode, n_tok, n_seq).backward()
     split = logp.clone().requires_grad_(True)
     for rows in (slice(0, 3), slice(3, 4), slice(4, 8)):  # uneven micro-batches, gradients accumulate
-        loss, _ = POLICY_LOSSES.get(name)(split[rows], old[rows], adv[rows], mask[rows], CLIP)
+        loss, _ = POLICY_LOSSES.get(name)(split[rows], old[rows], adv[rows], mask[rows], clip)
         aggregate_loss(loss, mask[rows], mode, n_tok, n_seq).backward()
     torch.testing.assert_close(whole.grad, split.grad)
 

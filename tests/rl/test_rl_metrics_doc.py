@@ -16,7 +16,8 @@ SMOKE = ["init_from=", "model.preset=micro", "model.hidden_size=64", "envs=[hybr
          "eval.episodes_per_env=2", "eval.every_steps=0", "logging.backends=[jsonl]", "logging.report=false",
          "run.quiet=true", "train.steps=2"]
 # every option that adds a series; skip_zero_advantage off and an entropy bonus so that every step trains
-ALL_ON = ["algo.kl_beta=0.01", "algo.routing_replay=true", "algo.log_routing_mismatch=true", "algo.dynamic_sampling=true", "algo.max_refill_rounds=1",
+# (clip-cov logs the covariance series; kl-cov logs the same names)
+ALL_ON = ["algo.policy_loss=clip-cov", "algo.kl_beta=0.01", "algo.routing_replay=true", "algo.log_routing_mismatch=true", "algo.dynamic_sampling=true", "algo.max_refill_rounds=1",
           "train.moe_bias_update_rate=0.001", "algo.entropy_coef=0.01", "algo.skip_zero_advantage=false",
           "algo.credit=state", "eval.select_best=true", "eval.select_episodes_per_env=2"]
 
