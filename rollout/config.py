@@ -19,7 +19,7 @@ class SamplingConfig:
     top_k: int = 0  # keep the k most likely tokens (0 = off)
     stop_strings: list[str] = field(default_factory=list)  # end the turn when the action text ends with one
     ascii_only: bool = False  # forbid bytes >= 128 (keeps actions valid UTF-8 for a byte-level untrained model)
-    seed: int | None = None  # sampling RNG seed (None = nondeterministic); workers add their index
+    seed: int | None = None  # sampling stream seed (None = nondeterministic); every worker samples the same stream
 
     def __post_init__(self):
         if self.temperature < 0:

@@ -48,8 +48,9 @@ tokens, then 16 boundary extends of 2,386 observation tokens: 3 of 19-30 rows at
 raw loop's speed per step), then starting a thread per env call 0.05-0.08 s, the row copies around boundary
 extends and finished rows 0.07 s, admission 0.02 s besides its prefill, sampling 0.04 s, the loop 0.02 s.
 An extend call per decode step in which some turn ended is the least this schedule allows: the next
-sample of those rows needs their observation in the cache, and the step order is what fixes the sampling
-stream (``multinomial`` draws per batch row). Env calls now run on reused threads (envpool) and a boundary
+sample of those rows needs their observation in the cache. (The sampled tokens no longer depend on the
+schedule: each is drawn from a uniform keyed by its episode and position, ``sampling.keyed_uniforms``, so
+a schedule that parks boundary rows to extend more of them at once would play the same episodes.) Env calls now run on reused threads (envpool) and a boundary
 extend copies only its rows' used KV positions (``HybridCache.select(room=...)``): ~10% off the wall time
 (1.12-1.14 s vs 1.25-1.29 s; 37-38% of the raw loop vs 36%). The model's forwards are then ~0.95 s of ~1.05 s,
 and the engine feeds 4,616 tokens where the raw loop feeds its 1,894: at equal cost per token that is
@@ -79,6 +80,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -90,7 +92,7 @@ from hybrid_rl.envs.core import episode_success
 from hybrid_rl.model.cache import HybridCache
 from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
 from hybrid_rl.rollout.envpool import EnvCalls, EnvFailure, EnvPool, EnvTimeout
-from hybrid_rl.rollout.sampling import sample
+from hybrid_rl.rollout.sampling import episode_ident, keyed_uniforms, sample
 from hybrid_rl.rollout.trajectory import Trajectory
 
 log = logging.getLogger("hybrid_rl.rollout")
@@ -114,10 +116,11 @@ class GroupRequest:
 class _Episode:
     """One episode in flight: its record, its env, and how many of its tokens the cache row holds."""
 
-    __slots__ = ("traj", "env", "request", "fed", "turn_start", "routing")
+    __slots__ = ("traj", "env", "request", "fed", "turn_start", "routing", "ident")
 
     def __init__(self, traj: Trajectory, env, request: GroupRequest):
         self.traj, self.env, self.request = traj, env, request
+        self.ident = episode_ident(traj.env_id, traj.seed, traj.group_id, traj.sample_index)  # its sampling key
         self.fed = 0  # tokens of traj.token_ids already in the cache row
         self.turn_start = 0  # index of this turn's first generated token
         self.routing: list | None = None  # routed experts per fed token (record_routing)
@@ -182,11 +185,9 @@ class Engine:
         self.end_id = int(tokenizer.end_id)
         self.end_suffix = [int(i) for i in tokenizer.end_suffix]  # after a turn's end token, not generated
         self.banned_v = banned_token_mask(tokenizer, model_vocab_size(model), self.sampling.ascii_only)
-        self.generator = torch.Generator()
-        if self.sampling.seed is not None:
-            self.generator.manual_seed(self.sampling.seed)
-        else:
-            self.generator.seed()
+        # the sampler's stream seed: with the episode and the token's position it fixes every sampled token
+        # (``sampling.keyed_uniforms``); the pools reseed it per policy version (``reseed``)
+        self.stream_seed = self.sampling.seed if self.sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.envs = EnvPool()
         self.step_hook: Callable[[], None] | None = None  # called before every decode step (weight updates)
         self.batch_trace: list[int] | None = None  # set to [] to record the rows sampled at every step
@@ -194,6 +195,10 @@ class Engine:
         # rest of a ``play`` is the engine's own work (sampling, bookkeeping, waiting on environments)
         self.stats = dict(forward_calls=0, decode_steps=0, extend_calls=0, prefill_tokens=0, fed_tokens=0,
                           generated_tokens=0, episodes=0, decode_tokens=0, decode_s=0.0, extend_s=0.0, idle_row_steps=0)
+
+    def reseed(self, stream_seed: int) -> None:
+        """Sample from the stream ``stream_seed`` from the next token on (the pools: one per policy version)."""
+        self.stream_seed = int(stream_seed)
 
     # ------------------------------------------------------------------ the loop
     def play(self, requests: Iterable[GroupRequest]) -> list[Trajectory]:
@@ -216,9 +221,11 @@ class Engine:
                         break
                     if self.batch_trace is not None:
                         self.batch_trace.append(len(live))
+                    uniforms_b = None if self.sampling.temperature == 0 else keyed_uniforms(
+                        self.stream_seed, [rows[i].ident for i in live], [len(rows[i].traj.token_ids) for i in live])
                     tokens_b, sample_logp_b, plain_logp_b = sample(
                         (logits_bv if len(live) == len(rows) else logits_bv[live]).float().cpu(), self.sampling.temperature,
-                        self.sampling.top_k, self.sampling.top_p, self.banned_v, self.generator)
+                        self.sampling.top_k, self.sampling.top_p, self.banned_v, uniforms_b=uniforms_b)
                     stepping = []
                     for j, i in enumerate(live):
                         action = self._append_sampled(rows[i], int(tokens_b[j]), float(sample_logp_b[j]), float(plain_logp_b[j]))

@@ -31,7 +31,8 @@ The ``RolloutPool``:
   worker and raises ``RolloutTimeoutError`` naming it and its groups, never waiting forever.
 
 The ``LocalPool`` keeps its own copy of the policy, so an async step can train while it plays; it
-reseeds its sampler from (seed, version) at every push, as the workers do.
+reseeds its sampler from (seed, version) at every push, as the workers do: the same stream, so a group plays
+the same episodes in this process as on any worker of a Ray pool (``sampling.keyed_uniforms``).
 
 Ray is imported here and in rollout/worker.py only; the engine is a plain class.
 """
@@ -54,7 +55,8 @@ from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 from hybrid_rl.rollout.engine import Engine, GroupRequest
 from hybrid_rl.rollout.evaluate import EvalResult, eval_requests, summarize
 from hybrid_rl.rollout.trajectory import Trajectory, write_jsonl
-from hybrid_rl.rollout.worker import SYNC_DTYPES, Piece, RolloutWorker, StaleWeightsError, to_wire, wire_dtype
+from hybrid_rl.rollout.worker import (SYNC_DTYPES, Piece, RolloutWorker, StaleWeightsError, to_wire, version_stream,
+                                     wire_dtype)
 
 log = logging.getLogger("hybrid_rl.rollout")
 
@@ -451,7 +453,7 @@ class LocalPool:
     def push_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         self.model.load_state_dict(state_dict)
         self.engine.policy_version = version
-        self.engine.generator.manual_seed(self.seed * 1_000_003 + version)
+        self.engine.reseed(version_stream(self.seed, version))
 
     def run_groups(self, requests):
         return sorted(self.engine.play(requests), key=lambda t: (t.group_id, t.sample_index))

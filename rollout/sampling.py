@@ -10,10 +10,19 @@ The order temperature -> top-k -> top-p follows transformers' logits processors.
 smallest prefix of the sorted distribution whose mass reaches ``top_p`` (the token that crosses the
 threshold is kept; the most likely token always is). ``naive_*`` twins loop over rows in plain Python
 and are what the tests hold the fast path to.
+
+A token is drawn by inverting its row's cumulative distribution at one uniform number per row
+(``inverse_cdf``). The engine takes that number from ``keyed_uniforms``: a hash of the sampler's stream
+seed, the episode (env, seed, group, sample) and the token's position in it, so what an episode samples
+depends on nothing else: not on the other rows of its batch, their order, the batch size, or which
+worker plays it (up to logits that differ at round-off, where a token flips only when its uniform falls
+within that round-off of a boundary of the cumulative distribution). It is also cheaper than
+``torch.multinomial`` (one number per row instead of an exponential per vocabulary entry).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -44,10 +53,42 @@ def sampling_logprobs(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: 
     return torch.log_softmax(x_bv, dim=-1)
 
 
+def inverse_cdf(probs_bv: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
+    """``[B]`` long: per row the first token whose cumulative probability exceeds ``u * total``, ``u`` in
+    [0, 1): token i is drawn with probability ``p_i / total``, and a token of probability 0 never is (the
+    cumulative sum, in fp64, does not rise there). Non-finite or all-zero rows are an error."""
+    cdf_bv = probs_bv.double().cumsum(-1)
+    total_b = cdf_bv[:, -1]
+    if not bool(torch.isfinite(total_b).all() and (total_b > 0).all()):
+        bad = [i for i, t in enumerate(total_b.tolist()) if not (math.isfinite(t) and t > 0)]
+        raise ValueError(f"cannot sample rows {bad[:8]}: their probabilities are not finite or sum to 0 (NaN/inf "
+                         "logits from the model, or every token banned or truncated away); check the model's "
+                         "weights and the sampling settings (top_k, top_p, banned ids)")
+    tokens_b = torch.searchsorted(cdf_bv, (u_b.double() * total_b)[:, None], right=True).squeeze(-1)
+    last_b = (cdf_bv < total_b[:, None]).sum(-1)  # the last token of positive probability (u * total may round up)
+    return torch.minimum(tokens_b, last_b)
+
+
+def episode_ident(env_id: str, seed: int, group_id: int, sample_index: int) -> bytes:
+    """The bytes ``keyed_uniforms`` hashes for one episode: which env, seed, group and sample it is."""
+    return f"{env_id}\x1f{seed}\x1f{group_id}\x1f{sample_index}\x1f".encode()
+
+
+def keyed_uniforms(stream: int, idents: list[bytes], positions: list[int]) -> torch.Tensor:
+    """``[B]`` fp64 uniforms in [0, 1) with 53 random bits, row b's a function of (``stream``, ``idents[b]``,
+    ``positions[b]``) only: BLAKE2b keyed by the stream seed over the episode's ident and the position."""
+    key = (stream % (1 << 128)).to_bytes(16, "little")
+    return torch.tensor([(int.from_bytes(hashlib.blake2b(ident + pos.to_bytes(8, "little"), key=key, digest_size=8)
+                                         .digest(), "little") >> 11) * 2.0 ** -53
+                         for ident, pos in zip(idents, positions)], dtype=torch.float64)
+
+
 def sample(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           banned_v: torch.Tensor | None = None, generator: torch.Generator | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample one token per row -> (tokens [B] long, sample_logp [B], plain_logp [B]) (fp32)."""
+           banned_v: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           uniforms_b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one token per row -> (tokens [B] long, sample_logp [B], plain_logp [B]) (fp32).
+
+    ``uniforms_b``: the row's uniform numbers (``keyed_uniforms``); else drawn from ``generator``."""
     logits_bv = logits_bv.float()
     plain_bv = torch.log_softmax(logits_bv, dim=-1)
     if temperature == 0:
@@ -56,7 +97,9 @@ def sample(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: int = 0, to
         sample_logp_b = torch.zeros(tokens_b.shape, dtype=torch.float32)
     else:
         logp_bv = sampling_logprobs(logits_bv, temperature, top_k, top_p, banned_v)
-        tokens_b = torch.multinomial(logp_bv.exp(), 1, generator=generator).squeeze(-1)
+        if uniforms_b is None:
+            uniforms_b = torch.rand(logits_bv.shape[0], generator=generator, dtype=torch.float64)
+        tokens_b = inverse_cdf(logp_bv.exp(), uniforms_b)
         sample_logp_b = logp_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
     plain_logp_b = plain_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
     return tokens_b, sample_logp_b, plain_logp_b

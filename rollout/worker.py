@@ -12,7 +12,9 @@ version again is ignored with a warning. ``ping`` and ``stats`` report the versi
 (``None``: the weights it was built with).
 
 Every token records the version it was sampled with (``Trajectory.policy_version``), and a seeded
-worker reseeds its sampler per (seed, worker, version), so a resumed run samples as the uninterrupted one.
+worker reseeds its sampler per (seed, version), so a resumed run samples as the uninterrupted one. The
+stream does not depend on the worker: an episode's tokens are keyed by the episode and their position
+(``sampling.keyed_uniforms``), so which worker plays a group, and beside which others, changes nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ SYNC_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # pool.sync_dtype
 
 class StaleWeightsError(ValueError):
     """A weights version older than the one a worker already holds."""
+
+
+def version_stream(seed: int, version: int) -> int:
+    """The sampler's stream seed for policy ``version`` of a run seeded ``seed`` (workers and ``LocalPool``)."""
+    return seed * 1_000_003 + version
 
 
 # ----------------------------------------------------------------------------- weights on the wire
@@ -127,9 +134,7 @@ class RolloutWorker:
         self.model = model_fn()
         self.device = torch.device("cuda" if torch.cuda.is_available() and _gpu_assigned() else "cpu")
         self.model.to(self.device)
-        if sampling.seed is not None:  # different streams per worker, reproducible per (seed, worker)
-            sampling = SamplingConfig(**{**sampling.__dict__, "seed": sampling.seed + 1000 * index})
-        self.seed = sampling.seed
+        self.seed = sampling.seed  # every worker the same stream: an episode's tokens do not depend on its worker
         self.name = f"w{index}@{_node_id()[:8]}"
         self.engine = Engine(self.model, (tokenizer_fn or default_tokenizer)(), sampling, episode,
                              worker_name=self.name)
@@ -198,8 +203,8 @@ class RolloutWorker:
             state_dict, version = pending
             self.model.load_state_dict(state_dict)  # copy_ casts a bf16 wire dtype back into the model's own
             self.engine.policy_version = version
-            if self.seed is not None:  # a stream per (seed, worker, version): a resumed run samples as the uninterrupted one
-                self.engine.generator.manual_seed(self.seed * 1_000_003 + version)
+            if self.seed is not None:  # a stream per (seed, version): a resumed run samples as the uninterrupted one
+                self.engine.reseed(version_stream(self.seed, version))
 
     def run(self, requests: list[GroupRequest]) -> list[Trajectory]:
         with self._lock:

@@ -278,6 +278,27 @@ def test_continuous_batching_plays_the_same_greedy_episodes_as_one_at_a_time():
     assert flat(b) == pytest.approx(flat(a), abs=1e-4)
 
 
+def test_sampled_episodes_do_not_depend_on_their_batch(model_kind):
+    """At temperature 1 an episode's tokens are drawn from uniforms keyed by the episode and the position, so
+    the batch size, the order of the requests and the other groups beside it change none of them."""
+    model = make_model(model_kind)
+    reqs = [GroupRequest(FIXED_TURNS_ID, s, s, num_samples=3, env_kwargs={"turns": 1 + s % 3}) for s in range(4)]
+
+    def run(requests, rows):
+        _, trajs = play(model, requests, episode=EpisodeConfig(max_turn_tokens=5, max_batch_episodes=rows))
+        return {(t.group_id, t.sample_index): t for t in trajs}
+
+    wide, narrow, reverse, alone = run(reqs, 12), run(reqs, 2), run(reqs[::-1], 5), run(reqs[2:3], 1)
+    assert sorted(wide) == sorted(narrow) == sorted(reverse)
+    for key, t in wide.items():
+        assert narrow[key].token_ids == t.token_ids == reverse[key].token_ids
+        assert narrow[key].sample_logprobs == pytest.approx(t.sample_logprobs, abs=1e-4)
+    assert [alone[(2, k)].token_ids for k in range(3)] == [wide[(2, k)].token_ids for k in range(3)]
+    assert len({tuple(t.token_ids) for t in wide.values()}) > 4, "samples differ: the test can fail"
+    _, other_seed = play(model, reqs, sampling=SamplingConfig(seed=1, ascii_only=True))
+    assert sorted(t.token_ids for t in other_seed) != sorted(t.token_ids for t in wide.values())
+
+
 def test_rows_ending_a_turn_together_step_their_envs_concurrently():
     """Each step waits at a barrier for all 3 episodes' steps: sequential stepping would break it."""
     import threading

@@ -104,6 +104,30 @@ def test_weights_pushed_during_a_rollout_land_between_decode_steps(pool, tmp_pat
         assert max(abs(a - b) for a, b, m in zip(t.logprobs[:cut], recomputed[:cut], t.is_action[:cut]) if m) <= 1e-4
 
 
+def test_a_ray_pool_plays_the_episodes_the_in_process_pool_plays(pool):
+    """Sampled tokens are keyed by episode and position, and every worker samples the stream of (seed, version):
+    two workers sharing the groups play, token for token, what one engine in this process plays (the groups
+    split otherwise over the workers, and their rows meet other rows in the batches)."""
+    from hybrid_rl.rollout.pool import LocalPool
+
+    model = toy(41)
+    local = LocalPool(model, TOK, SamplingConfig(seed=0, ascii_only=True), EpisodeConfig(max_turn_tokens=4, max_batch_episodes=3))
+    reqs = groups(6, samples=3, turns=3)
+    for version in (17, 18):
+        pool.push_weights(model.state_dict(), version)
+        local.push_weights(model.state_dict(), version)
+        on_ray, here = pool.run_groups(reqs), local.run_groups(reqs)
+        assert len({t.worker for t in on_ray}) == 2 and {t.worker for t in here} == {"local"}
+        assert [t.token_ids for t in on_ray] == [t.token_ids for t in here]
+        flat = lambda trajs: [x for t in trajs for x in t.logprobs]  # noqa: E731
+        assert flat(on_ray) == pytest.approx(flat(here), abs=1e-5)
+        assert len({tuple(t.token_ids) for t in here}) > len(reqs), "the samples of a group differ"
+    assert [t.token_ids for t in pool.run_groups(reqs)] == [t.token_ids for t in on_ray], "same version, same stream"
+    local.push_weights(model.state_dict(), 19)
+    assert [t.token_ids for t in local.run_groups(reqs)] != [t.token_ids for t in here], "a new version samples anew"
+    local.close()
+
+
 def test_an_env_raising_in_10_percent_of_steps_does_not_stop_the_run(pool):
     trajs = pool.run_groups(groups(20, env_id=FAULTY_ID, turns=3, raise_prob=0.1))
     assert len(trajs) == 40

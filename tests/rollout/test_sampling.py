@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from hybrid_rl.rollout.sampling import naive_plain_logprob, naive_sampling_probs, sample, sampling_logprobs
+from hybrid_rl.rollout.sampling import (episode_ident, inverse_cdf, keyed_uniforms, naive_plain_logprob,
+                                        naive_sampling_probs, sample, sampling_logprobs)
 
 SETTINGS = [
     dict(temperature=1.0, top_k=0, top_p=1.0),
@@ -66,3 +67,44 @@ def test_greedy_picks_the_best_allowed_token_with_probability_one():
 def test_temperature_must_be_positive_for_a_distribution():
     with pytest.raises(ValueError, match="temperature"):
         sampling_logprobs(torch.zeros(1, 3), temperature=0.0)
+
+
+def test_inverse_cdf_picks_the_token_whose_interval_holds_u_and_never_a_zero_probability_one():
+    probs_bv = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0]] * 7)
+    u_b = torch.tensor([0.0, 0.2499, 0.25, 0.7499, 0.75, 0.9999, 1.0 - 2.0 ** -53], dtype=torch.float64)
+    assert inverse_cdf(probs_bv, u_b).tolist() == [1, 1, 3, 3, 4, 4, 4]
+    unnormalised = probs_bv[:2] * 3.0  # the draw is relative to the row's total
+    assert inverse_cdf(unnormalised, u_b[[2, 4]]).tolist() == [3, 4]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0])
+def test_inverse_cdf_rejects_rows_it_cannot_sample(bad):
+    probs_bv = torch.tensor([[0.5, 0.5], [bad, bad]])
+    with pytest.raises(ValueError, match=r"rows \[1\].*not finite or sum to 0"):
+        inverse_cdf(probs_bv, torch.tensor([0.3, 0.3], dtype=torch.float64))
+
+
+def test_keyed_uniforms_are_a_function_of_stream_episode_and_position_and_look_uniform():
+    ident = episode_ident("hybrid_rl/Nim-v0", 5, 2, 1)
+    u = keyed_uniforms(7, [ident] * 3, [10, 11, 10])
+    assert u[0] == u[2] != u[1]
+    assert keyed_uniforms(7, [ident], [10]).item() == u[0].item()
+    others = [keyed_uniforms(8, [ident], [10]), keyed_uniforms(7, [episode_ident("hybrid_rl/Nim-v0", 5, 2, 2)], [10]),
+              keyed_uniforms(7, [episode_ident("hybrid_rl/Nim-v0", 6, 2, 1)], [10]),
+              keyed_uniforms(7, [episode_ident("hybrid_rl/Snake-v0", 5, 2, 1)], [10])]
+    assert len({float(x) for x in others} | {float(u[0])}) == 5
+    many = keyed_uniforms(3, [ident] * 20000, list(range(20000)))
+    assert many.dtype == torch.float64 and 0.0 <= float(many.min()) and float(many.max()) < 1.0
+    counts = torch.histc(many, bins=10, min=0.0, max=1.0)
+    assert counts.tolist() == pytest.approx([2000.0] * 10, abs=200)  # ~4.5 standard deviations
+    assert abs(float(torch.corrcoef(torch.stack([many[:-1], many[1:]]))[0, 1])) < 0.03  # neighbours independent
+
+
+def test_keyed_sampling_follows_the_distribution():
+    g = torch.Generator().manual_seed(3)
+    logits_v = torch.randn(8, generator=g)
+    n = 20000
+    u_b = keyed_uniforms(11, [episode_ident("e", 0, 0, 0)] * n, list(range(n)))
+    tokens_b, _, _ = sample(logits_v.expand(n, -1), temperature=0.8, top_p=0.9, uniforms_b=u_b)
+    freq = torch.bincount(tokens_b, minlength=8).float() / n
+    assert freq.tolist() == pytest.approx(naive_sampling_probs(logits_v.tolist(), temperature=0.8, top_p=0.9), abs=0.015)
