@@ -448,7 +448,7 @@ class LocalPool:
     def __init__(self, model, tokenizer, sampling: SamplingConfig, episode: EpisodeConfig, seed: int = 0):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.engine = Engine(self.model, tokenizer, sampling, episode, worker_name="local")
-        self.seed = seed
+        self.seed = sampling.seed if sampling.seed is not None else seed  # the stream a Ray pool's workers use
 
     def push_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         self.model.load_state_dict(state_dict)

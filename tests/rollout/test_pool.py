@@ -167,3 +167,22 @@ def test_unplaceable_workers_fail_at_once_with_the_fix():
     with pytest.raises(ValueError, match="num_gpus_per_worker"):
         check_resources(PoolConfig(num_workers=1, num_gpus_per_worker=1), {"CPU": 2.0})
     check_resources(PoolConfig(num_workers=4, num_cpus_per_worker=0.5), {"CPU": 2.0})
+
+
+def test_the_in_process_pool_samples_the_stream_of_the_sampling_seed_as_the_workers_do():
+    """``rollout.sampling.seed`` names the stream for Ray workers and ``LocalPool`` alike; the run's seed only
+    stands in when it is unset."""
+    from hybrid_rl.rollout.pool import LocalPool
+
+    model, episode = toy(51), EpisodeConfig(max_turn_tokens=4, max_batch_episodes=4)
+
+    def play(sampling_seed, run_seed):
+        local = LocalPool(model, TOK, SamplingConfig(seed=sampling_seed, ascii_only=True), episode, seed=run_seed)
+        local.push_weights(model.state_dict(), 1)
+        try:
+            return [t.token_ids for t in local.run_groups(groups(3, samples=2, turns=2))]
+        finally:
+            local.close()
+
+    assert play(5, 9) == play(None, 5) == play(5, 0)
+    assert play(5, 9) != play(None, 9)
