@@ -529,35 +529,31 @@ def kl_cov_selection_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip):
     return {(covs[j][0], covs[j][1]) for j in order[:_count_naive(clip.kl_cov_ratio, len(covs))]}
 
 
+def _cov_loss_naive(logp_bt, mask_bt, selected, token_loss):
+    """Per-token loss of the covariance losses' naive twins: ``token_loss(b, t, is_selected)`` on the mask, 0 off it."""
+    return torch.stack([torch.stack([token_loss(b, t, (b, t) in selected) if mask_bt[b, t] else torch.zeros((), dtype=logp_bt.dtype)
+                                     for t in range(logp_bt.shape[1])]) for b in range(logp_bt.shape[0])])
+
+
 def clip_cov_loss_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip):
     selected = clip_cov_selection_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip)
-    rows = []
-    for b in range(logp_bt.shape[0]):
-        row = []
-        for t in range(logp_bt.shape[1]):
-            if not mask_bt[b, t]:
-                row.append(torch.zeros((), dtype=logp_bt.dtype))
-                continue
-            loss = _ppo_token_naive(logp_bt[b, t], old_logp_bt[b, t], adv_bt[b, t], clip.low, clip.high)
-            row.append(loss.detach() if (b, t) in selected else loss)
-        rows.append(torch.stack(row))
-    return torch.stack(rows)
+
+    def token_loss(b, t, chosen):
+        loss = _ppo_token_naive(logp_bt[b, t], old_logp_bt[b, t], adv_bt[b, t], clip.low, clip.high)
+        return loss.detach() if chosen else loss
+
+    return _cov_loss_naive(logp_bt, mask_bt, selected, token_loss)
 
 
 def kl_cov_loss_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip):
     selected = kl_cov_selection_naive(logp_bt, old_logp_bt, adv_bt, mask_bt, clip)
-    rows = []
-    for b in range(logp_bt.shape[0]):
-        row = []
-        for t in range(logp_bt.shape[1]):
-            if not mask_bt[b, t]:
-                row.append(torch.zeros((), dtype=logp_bt.dtype))
-                continue
-            d = logp_bt[b, t] - old_logp_bt[b, t]
-            loss = -torch.exp(d) * adv_bt[b, t]
-            row.append(loss + clip.kl_cov_coef * torch.abs(d) if (b, t) in selected else loss)
-        rows.append(torch.stack(row))
-    return torch.stack(rows)
+
+    def token_loss(b, t, chosen):
+        d = logp_bt[b, t] - old_logp_bt[b, t]
+        loss = -torch.exp(d) * adv_bt[b, t]
+        return loss + clip.kl_cov_coef * torch.abs(d) if chosen else loss
+
+    return _cov_loss_naive(logp_bt, mask_bt, selected, token_loss)
 
 
 NAIVE = {"grpo": grpo_loss_naive, "dapo": dapo_loss_naive, "gspo": gspo_loss_naive, "reinforce": reinforce_loss_naive,
