@@ -21,12 +21,17 @@ class Nim(TextEnv):
     when handed a multiple of 4, where it has no winning move). A move that leaves it anything but a multiple
     of 4 hands it the win when it plays well; only perfect play wins every game.
     Reward: ``success`` 1.0 for the last stone, ``turn`` -``turn_penalty`` per move, ``invalid`` -0.05.
-    Expert: ``pile % 4``. Heuristic (``heuristic_action``): one move of lookahead (win now if you can, never
-    leave 1-3 stones, else take 3): it wins from 5-7 stones but not from the bigger piles it starts on.
+    Expert: ``pile % 4``. Heuristic (``heuristic_action``): one move of lookahead (win now if you can, leave
+    4 stones if you can, never leave 1-3): it wins from 5-7 stones; from the bigger piles it starts on it sees
+    no winning move and guesses 1-3. Teacher settings (the game does not depend on them):
+    ``heuristic_lookahead`` (the heuristic knows that 4, 8, ... ``4 * heuristic_lookahead`` stones lose) and
+    ``heuristic_guess`` (False: take 3 instead of guessing, the heuristic before docs/RESULTS.md's Nim runs; its
+    demonstrations never depend on a pile above 7, and no RL run of the micro model got past them).
     """
 
     def __init__(self, min_stones: int = 9, max_stones: int = 23, opponent_skill: float = 0.7, turn_penalty: float = 0.01,
-                 render_mode: str | None = None, expert_noise: float = 0.0):
+                 render_mode: str | None = None, expert_noise: float = 0.0, heuristic_lookahead: int = 1,
+                 heuristic_guess: bool = True):
         super().__init__(render_mode=render_mode, expert_noise=expert_noise)
         if not 1 <= min_stones <= max_stones:
             raise ValueError(f"min_stones={min_stones}, max_stones={max_stones}: need 1 <= min_stones <= max_stones.")
@@ -36,7 +41,11 @@ class Nim(TextEnv):
         if not 0.0 <= opponent_skill <= 1.0:
             raise ValueError(f"opponent_skill={opponent_skill} must be a probability in [0, 1].")
         self.min_stones, self.max_stones, self.turn_penalty = min_stones, max_stones, turn_penalty
-        self.opponent_skill = opponent_skill
+        if isinstance(heuristic_lookahead, bool) or not isinstance(heuristic_lookahead, int) or heuristic_lookahead < 1:
+            raise ValueError(f"heuristic_lookahead={heuristic_lookahead!r}: the heuristic looks a whole number of moves "
+                             "ahead, at least 1 (1: it knows 4 stones lose; 2: 4 and 8).")
+        self.opponent_skill, self.heuristic_lookahead = opponent_skill, heuristic_lookahead
+        self.heuristic_guess = heuristic_guess
         self.pile = min_stones
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -68,15 +77,23 @@ class Nim(TextEnv):
         return str(self.pile % 4 or 1)  # a multiple of 4 (only after a mistake): every move loses, take 1
 
     def heuristic_action(self, noise: float | None = None) -> str:
-        """One move of lookahead: take the whole pile when 3 or fewer are left (a win now); else never leave
-        1-3 stones (the opponent would take them all), taking as many as possible otherwise: 3 from big piles.
-        Right from 5-7 stones and from piles 3 more than a multiple of 4, wrong from the others, where it
-        should take 1 or 2 to leave a multiple of 4."""
+        """Lookahead of ``heuristic_lookahead`` moves: it knows that 4, 8, ... ``4 * heuristic_lookahead`` stones
+        lose for the player to move, and leaves the opponent one of them when it can; else it takes the whole pile
+        when 3 or fewer are left (a win now); else it sees no winning move and guesses among the moves that do
+        not leave 1-3 stones (1-3 from the big piles; with ``heuristic_guess=False`` it takes the most of them,
+        3). With lookahead 1 it is right from 5-7 stones and guesses from 8 up, where the right move is
+        ``pile % 4``; each more move of lookahead makes it right on four more piles. With ``noise``, a random move."""
         if self.wants_noise(noise):
             return self.random_action()
+        for k in (1, 2, 3):
+            if k < self.pile and (self.pile - k) % 4 == 0 and self.pile - k <= 4 * self.heuristic_lookahead:
+                return str(k)
         if self.pile <= 3:
             return str(self.pile)
-        return str(max((k for k in (1, 2, 3) if self.pile - k >= 4), default=1))  # 4 left: every move loses
+        safe = [k for k in (1, 2, 3) if self.pile - k >= 4]
+        if self.heuristic_guess and safe:
+            return str(safe[int(self.expert_rng.integers(len(safe)))])
+        return str(max(safe, default=1))  # 4 left: every move loses
 
     def random_action(self) -> str:
         return str(int(self.expert_rng.integers(1, min(3, self.pile) + 1)))

@@ -84,8 +84,56 @@ def test_nim_teachers_expert_always_wins_heuristic_is_worse():
         assert _play("expert", 100, opponent_skill=skill)[0] == 1.0  # leaves a multiple of 4 every turn
     expert, heuristic, random = _play("expert"), _play("heuristic"), _play("random")
     assert heuristic[2] == 0 and expert[2] == 0  # never an illegal move
-    assert random[0] < 0.35 < heuristic[0] < 0.65 < expert[0]  # docs/ENVIRONMENTS.md: 0.21 / 0.52 / 1.0 on 400 seeds
+    assert random[0] < 0.35 < heuristic[0] < 0.65 < expert[0]  # docs/ENVIRONMENTS.md: 0.21 / 0.535 / 1.0
     assert _play("heuristic", opponent_skill=1.0)[0] < heuristic[0] < _play("heuristic", opponent_skill=0.0)[0]
+
+
+def _heuristic_moves(pile: int, n: int = 60, **kwargs) -> set[int]:
+    env = envs.make(ENV_ID, **kwargs)
+    env.reset(seed=0)
+    game = env.unwrapped
+    moves = set()
+    for _ in range(n):
+        game.pile = pile
+        moves.add(int(game.heuristic_action()))
+    return moves
+
+
+def test_nim_heuristic_wins_where_it_sees_a_win_and_guesses_elsewhere():
+    for pile in (1, 2, 3):
+        assert _heuristic_moves(pile) == {pile}  # the last stones: a win now
+    for pile in (5, 6, 7):
+        assert _heuristic_moves(pile) == {pile % 4}  # leaves 4: the one losing pile it knows
+    assert _heuristic_moves(4) == {1}  # every move loses
+    for pile in (8, 9, 13, 14, 23):  # no win it can see: any of 1-3, the right move (pile % 4) among them
+        assert _heuristic_moves(pile) == {1, 2, 3}
+    for pile in (9, 10, 11):  # two moves of lookahead: it knows that 8 loses too
+        assert _heuristic_moves(pile, heuristic_lookahead=2) == {pile % 4}
+    assert _heuristic_moves(13, heuristic_lookahead=2) == {1, 2, 3}
+    assert _heuristic_moves(21, heuristic_lookahead=5) == {1}
+    for pile in (9, 13, 14, 23):  # the heuristic before guessing: 3 from every big pile
+        assert _heuristic_moves(pile, heuristic_guess=False) == {3}
+    assert _heuristic_moves(6, heuristic_guess=False) == {2}
+
+
+def test_nim_heuristic_guesses_are_seeded():
+    def game_of(seed):
+        env = envs.make(ENV_ID)
+        env.reset(seed=seed)
+        moves = []
+        for _ in range(4):
+            env.unwrapped.pile = 19
+            moves.append(env.unwrapped.heuristic_action())
+        return moves
+
+    assert game_of(3) == game_of(3)
+    assert len({tuple(game_of(s)) for s in range(8)}) > 1
+
+
+@pytest.mark.parametrize("lookahead", [0, -1, 1.5, "2", True])
+def test_nim_bad_heuristic_lookahead_is_named(lookahead):
+    with pytest.raises(ValueError, match="heuristic_lookahead.*at least 1"):
+        envs.make(ENV_ID, heuristic_lookahead=lookahead)
 
 
 @pytest.mark.parametrize("kwargs, words", [({"min_stones": 10, "max_stones": 5}, "min_stones"),
