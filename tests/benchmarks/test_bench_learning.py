@@ -79,7 +79,7 @@ def test_recipe_changes_match_the_env_with_or_without_its_arguments():
 
     guess = list(RECIPE_CHANGES["hybrid_rl/GuessNumber-v0"])
     assert recipe_changes("hybrid_rl/GuessNumber-v0(n=100)") == guess == recipe_changes("hybrid_rl/GuessNumber-v0")
-    assert recipe_changes("hybrid_rl/FrozenLake-v1") == [] and recipe_changes("hybrid_rl/Nim-v0") == []  # Nim: untuned
+    assert recipe_changes("hybrid_rl/FrozenLake-v1") == [] and recipe_changes("hybrid_rl/Nim-v0") == []  # Nim: its default teacher
 
 
 def test_merge_replaces_only_the_envs_run_and_refuses_another_recipe(tmp_path, monkeypatch, capsys):
