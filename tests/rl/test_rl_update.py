@@ -250,8 +250,9 @@ def test_score_reads_only_action_positions_with_the_full_logits_values_and_gradi
     torch.testing.assert_close(ent[on], ref_ent[on], rtol=1e-5, atol=1e-6)
     assert not logp[~on].any() and not ent[~on].any()
     assert grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, grad in grads.items():  # fp32 round-off of sums that reach ~10: an absolute floor scaled to the tensor
+        scale = max(1.0, float(ref_grads[name].abs().max()))
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 def _group_trajectories(n_groups=3, samples=4, prompt_len=6, seed=0):
