@@ -44,6 +44,9 @@ class Nim(TextEnv):
         if isinstance(heuristic_lookahead, bool) or not isinstance(heuristic_lookahead, int) or heuristic_lookahead < 1:
             raise ValueError(f"heuristic_lookahead={heuristic_lookahead!r}: the heuristic looks a whole number of moves "
                              "ahead, at least 1 (1: it knows 4 stones lose; 2: 4 and 8).")
+        if not isinstance(heuristic_guess, bool):
+            raise ValueError(f"heuristic_guess={heuristic_guess!r} must be true or false (false: take 3 where the "
+                             "heuristic sees no winning move).")
         self.opponent_skill, self.heuristic_lookahead = opponent_skill, heuristic_lookahead
         self.heuristic_guess = heuristic_guess
         self.pile = min_stones

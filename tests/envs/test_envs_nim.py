@@ -130,6 +130,12 @@ def test_nim_heuristic_guesses_are_seeded():
     assert len({tuple(game_of(s)) for s in range(8)}) > 1
 
 
+@pytest.mark.parametrize("guess", ["yes", 1, None])
+def test_nim_bad_heuristic_guess_is_named(guess):
+    with pytest.raises(ValueError, match="heuristic_guess.*true or false"):
+        envs.make(ENV_ID, heuristic_guess=guess)
+
+
 @pytest.mark.parametrize("lookahead", [0, -1, 1.5, "2", True])
 def test_nim_bad_heuristic_lookahead_is_named(lookahead):
     with pytest.raises(ValueError, match="heuristic_lookahead.*at least 1"):
