@@ -108,6 +108,20 @@ class HybridCache:
                            {i: kv(t) for i, t in self.k.items()}, {i: kv(t) for i, t in self.v.items()},
                            pick(self.last_hidden))
 
+    def put_rows(self, rows, sub: "HybridCache") -> None:
+        """Write the rows of ``sub`` (e.g. a ``select`` of ``rows``, since changed) back over ``rows``, in
+        place; only those rows are copied (the KV buffers grown first if ``sub``'s are larger)."""
+        if len(rows) != sub.batch_size:
+            raise ValueError(f"put_rows: {len(rows)} rows named for a cache of {sub.batch_size}")
+        self.reserve(sub.capacity)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self.lengths[idx] = sub.lengths
+        for dst_b, src_b in zip(self.tensors(), sub.tensors()):
+            if dst_b.shape[1:] == src_b.shape[1:]:
+                dst_b[idx] = src_b
+            else:  # a KV buffer [B, Hkv, capacity, Dh] with more capacity than sub's
+                dst_b[idx, :, :src_b.shape[2]] = src_b
+
     def fork(self, row: int, n: int) -> "HybridCache":
         """``n`` independent copies of one row (the G samples of a GRPO group)."""
         if not 0 <= row < self.batch_size:

@@ -282,13 +282,65 @@ class HybridLM(nn.Module):
         return self.lm_head(cache.last_hidden.to(self.lm_head.weight.dtype)).float()
 
     @torch.no_grad()
-    def extend(self, cache: HybridCache, tokens, record_routing: bool = False):
-        """Append each row's new tokens; returns last-position logits [B, V] (and routed experts
-        [B, T_max, n_moe, k] with -1 at padding when ``record_routing``)."""
-        if len(tokens) != cache.batch_size:
-            raise ValueError(f"extend got token lists for {len(tokens)} rows, the cache has {cache.batch_size}")
+    def extend(self, cache: HybridCache, tokens, record_routing: bool = False, rows=None):
+        """Append new tokens to rows of the cache; returns those rows' last-position logits [R, V] (and
+        routed experts [R, T_max, n_moe, k] with -1 at padding when ``record_routing``).
+
+        ``rows=None``: every row, ``tokens`` one list per row of the cache (an empty one: the row only gets
+        its logits). ``rows=[r, ...]`` (distinct): only those cache rows, ``tokens`` one list per named row;
+        the others are not touched and nothing is copied. On the CPU in fp32 (``impl="fast"``) the whole
+        layer stack runs over the packed new tokens in one kernel call, in place (``fused.DecodeProgram.
+        extend``; attention as that many decode steps would attend); elsewhere the named rows are selected,
+        extended and written back."""
+        n_rows = cache.batch_size if rows is None else len(rows)
+        if len(tokens) != n_rows:
+            raise ValueError(f"extend got token lists for {len(tokens)} rows, "
+                             f"{'the cache has' if rows is None else 'rows names'} {n_rows}")
         device = cache.lengths.device
-        rows = [torch.as_tensor(r, dtype=torch.long, device=device).reshape(-1) for r in tokens]
+        seqs = [torch.as_tensor(r, dtype=torch.long, device=device).reshape(-1) for r in tokens]
+        if rows is not None:
+            rows = [int(r) for r in rows]
+            if len(set(rows)) != len(rows) or any(not 0 <= r < cache.batch_size for r in rows):
+                raise ValueError(f"extend(rows={rows}): rows must be distinct and in [0, {cache.batch_size})")
+        program = fused.program_for(self, self.backbone.embeddings.weight, cache) if self.impl == "fast" else None
+        if program is not None:
+            return self._extend_program(program, cache, seqs, rows, record_routing)
+        if rows is None:
+            return self._extend_rows(cache, seqs, record_routing)
+        sub = cache.select(rows, room=max(map(len, seqs), default=0))
+        out = self._extend_rows(sub, seqs, record_routing)
+        cache.put_rows(rows, sub)
+        return out
+
+    def _extend_program(self, program, cache, seqs, rows, record_routing):
+        """``extend`` through the decode program's ``extend`` (see there)."""
+        rows = list(range(cache.batch_size)) if rows is None else rows
+        fed = [i for i, s in enumerate(seqs) if s.numel()]
+        routes = None
+        if fed:
+            rows_r = torch.tensor([rows[i] for i in fed], dtype=torch.long)
+            n_new_r = torch.tensor([seqs[i].numel() for i in fed], dtype=torch.long)
+            cache.reserve(int((cache.lengths.index_select(0, rows_r) + n_new_r).max()))
+            h = self.backbone.embeddings(torch.cat([seqs[i] for i in fed]))
+            x, routes = program.extend(h, cache, rows_r, n_new_r, record_routing)
+            last = x.index_select(0, torch.cumsum(n_new_r, 0) - 1)
+            cache.last_hidden = cache.last_hidden.index_copy(0, rows_r, last.to(cache.last_hidden.dtype))
+            cache.lengths = cache.lengths.index_add(0, rows_r, n_new_r)
+        logits = program.head(cache.last_hidden.index_select(0, torch.tensor(rows, dtype=torch.long)).float())
+        if not record_routing:
+            return logits
+        t, k = max((s.numel() for s in seqs), default=0), self.config.num_experts_per_tok
+        routed = torch.full((len(rows), t, program.n_moe, k), -1, dtype=torch.long)
+        start = 0
+        for i in fed:
+            n = seqs[i].numel()
+            routed[i, :n] = routes[:, start:start + n].transpose(0, 1)
+            start += n
+        return logits, routed
+
+    def _extend_rows(self, cache: HybridCache, rows, record_routing: bool):
+        """``extend`` of every row of ``cache`` through the layers' own extension paths."""
+        device = cache.lengths.device
         n_new = [int(r.numel()) for r in rows]
         t = max(n_new)
         if t == 0:

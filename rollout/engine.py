@@ -2,71 +2,53 @@
 
 One ``Engine`` holds a model, a tokenizer and a set of environment instances. ``play(requests)`` runs
 GRPO groups (``GroupRequest``: env id, seed, G samples) to completion and returns one ``Trajectory`` per
-episode. The loop, per decode step:
+episode. A row of the batch samples, waits for its environment, or waits to feed its observation; each
+pass of the loop:
 
 1. admit: fill free rows of the batch (at most ``max_batch_episodes``) with waiting episodes. New groups
    reset their environments (all together, on the env workers), render the prompt ``bos_prefix + system +
    observation + generation_prefix``, prefill it ONCE and fork that cache row for the G samples (identical
    prompts share one prefill; the forks of one admission are one ``select`` of the prefill and one ``cat``).
-2. sample one token for every row (``sampling.sample``: the token, its log-prob under the sampling
-   distribution and under the plain softmax).
-3. advance each episode: a turn ends at ``<|end|>``, at ``max_turn_tokens``, at the episode token limit
-   or at a stop string (then ``<|end|>`` is appended as a NON-action token), followed by the tokenizer's
-   ``end_suffix`` (none for the byte tokenizer, ChatML's newline), also NON-action, so the ids stay identical
-   to ``render_chat`` of the conversation. The environments of all rows whose turn ended start stepping,
-   concurrently, in threads.
-4. decode: every row feeds its first unfed token (the sampled one, or at a turn boundary the closing one)
-   in one ``model.decode_step`` of the whole batch, while the environments step.
-5. the environments' answers: finished rows leave the batch (``cache.select``; their slots are refilled
-   at step 1 at once) when episodes are waiting for the room or a quarter of the rows are done; until then
-   they ride along, a decode slot each, which changes no other row (``_compact``). Each next observation
-   is rendered as one message plus the generation prefix.
-6. extend: the rows at a turn boundary feed the rest (the end suffix and the observation; only the new
-   tokens, the history is never re-prefilled or re-tokenized) in one ``model.extend`` of those rows
-   alone, so an observation never pads the other rows' forward.
+2. sample one token for every row that has fed all its tokens (``sampling.sample``: the token, its
+   log-prob under the sampling distribution and under the plain softmax). A turn ends at ``<|end|>``, at
+   ``max_turn_tokens``, at the episode token limit or at a stop string (then ``<|end|>`` is appended as a
+   NON-action token), followed by the tokenizer's ``end_suffix`` (none for the byte tokenizer, ChatML's
+   newline), also NON-action, so the ids stay identical to ``render_chat`` of the conversation. A row whose
+   turn ended hands the action to its environment, which steps on a worker thread (``EnvCalls``).
+3. decode: the rows whose turn goes on feed their token in one decode step: ``model.decode_step`` of the
+   whole batch when every row takes part, else ``model.extend`` of those rows alone (one token each,
+   ``HybridLM.extend(rows=...)``: the other rows' cache is not touched, nothing is copied). The rows
+   waiting for their environment are not in it: a slow environment holds its own row, not the batch.
+4. collect the environments that have answered (without waiting, unless no row is left to decode). A
+   finished episode leaves its row; finished rows are dropped from the batch (``cache.select``; their slots
+   refilled at step 1 at once) when episodes are waiting for the room or a quarter of the rows are done;
+   until then they stay, left out of every step (``_compact``). Each next observation is rendered as one
+   message plus the generation prefix.
+5. feed: the rows whose observation waits feed their unfed tokens (the turn's closing tokens, the end
+   suffix and the observation; only the new tokens, the history is never re-prefilled or re-tokenized) in
+   one ``model.extend`` of those rows alone, once they are half the batch (``FEED_SHARE``) or no row is
+   left decoding: fewer, larger extensions.
 
-Rows at different turns and lengths share each forward. Environment errors and time-outs end only
-their own episode (status ``env_error`` / ``timeout``, kept in the records). An env without hybrid-rl's
-info keys plays as it is: ``success`` defaults to "terminated with a positive reward"
-(``envs.episode_success``), ``invalid_action`` to False. ``reprefill=True`` is the
-baseline the benchmark compares against: rebuild a row's cache from the whole history at every turn.
+No schedule changes an episode: a row's arithmetic in the model's kernels does not depend on the other rows
+of its forward (nor on whether its tokens come one per step or together), and each sampled token is drawn
+from a uniform keyed by its episode and position (``sampling.keyed_uniforms``). Environment errors and
+time-outs end only their own episode (status ``env_error`` / ``timeout``, kept in the records). An env
+without hybrid-rl's info keys plays as it is: ``success`` defaults to "terminated with a positive reward"
+(``envs.episode_success``), ``invalid_action`` to False. ``reprefill=True`` is the baseline the benchmark
+compares against: rebuild a row's cache from the whole history at every turn.
 
-Where the time goes (cProfile of ``hybrid-rl bench rollout``'s throughput run: ``tiny``, 32 four-turn
-FixedTurns episodes on 32 rows, one torch thread, 2-core machine under load). When a turn boundary fed
-the whole batch through ``extend``, padded to the observation's ~25 tokens, ``extend`` took 84% of the
-time, ``decode_step`` 9%, admission (the prompts' prefill, forks) 5%, sampling 2%, environment steps 1%,
-the per-token bookkeeping 0.2%. With only the boundary rows extended: ``extend`` 44% (the observations:
-2,400 of the 4,400 tokens the model is fed, real work at 4,000-6,000 tokens/s), ``decode_step`` 35%,
-admission 7%, ``cache.select`` as episodes finish 5%, sampling 3%, per-token bookkeeping under 1% (2%
-with stop strings, which decode only the turn's tail; routing records 1%). The raw decode loop the
-benchmark compares with feeds no observations, so on this environment the engine's share of it is
-bounded near 45-50% by the speed of ``extend``, not by the engine.
-
-Measured again (same run, load ~2.5): of ~1.2 s, ``extend`` 0.53 s in 17 calls (1 prompt prefill of 336
-tokens, then 16 boundary extends of 2,386 observation tokens: 3 of 19-30 rows at ~6,000 tokens/s and 13 of
-1-4 rows at ~2,800, a ~4 ms floor per call), ``decode_step`` 0.42 s (64 steps, 30 rows on average, the
-raw loop's speed per step), then starting a thread per env call 0.05-0.08 s, the row copies around boundary
-extends and finished rows 0.07 s, admission 0.02 s besides its prefill, sampling 0.04 s, the loop 0.02 s.
-An extend call per decode step in which some turn ended is the least this schedule allows: the next
-sample of those rows needs their observation in the cache. (The sampled tokens no longer depend on the
-schedule: each is drawn from a uniform keyed by its episode and position, ``sampling.keyed_uniforms``, so
-a schedule that parks boundary rows to extend more of them at once would play the same episodes.) Env calls now run on reused threads (envpool) and a boundary
-extend copies only its rows' used KV positions (``HybridCache.select(room=...)``): ~10% off the wall time
-(1.12-1.14 s vs 1.25-1.29 s; 37-38% of the raw loop vs 36%). The model's forwards are then ~0.95 s of ~1.05 s,
-and the engine feeds 4,616 tokens where the raw loop feeds its 1,894: at equal cost per token that is
-41% of the raw loop; more needs a faster ``extend`` per token, or fewer tokens fed. With a 50 ms env the
-waits (one per step in which a turn ended, ~25 here, minus the decode step they overlap) are fixed by the
-same schedule, so the slow/instant ratio grows as the instant run gets faster (2.02-2.03x vs 1.90-1.95x).
-
-Why ``extend`` is not much cheaper per token than a decode step at ~30 rows: the model is small (~10 MFLOP
-per token: ~7 in dense projections, ~2.6 in routed experts), so a 30-row decode step is already near
-compute-bound (~40-55 GFLOP/s, one thread), and a 30 x 24 extend runs its dense projections through MKL at
-~70-90 GFLOP/s (the single-thread peak here; ``aten::mm`` is 83% of that extend). The small extends' ~4 ms
-floor is mostly their 29 MKL calls (~2.2 ms at 1 row: MKL re-packs each weight matrix, ~14 MB in all, on
-every call) plus ~1 ms of torch dispatch. Faster per-token extension would need other GEMMs (e.g. the
-decode program's pre-packed panels), which round differently: MKL here sums K in blocks of 128/192 (and
-uses another kernel below 4 rows), the panels in one chain, so logits would move at round-off and sampled
-tokens could change.
+Where the time goes (``hybrid-rl bench rollout``'s throughput run: ``tiny``, 32 four-turn FixedTurns
+episodes on 32 rows, one torch thread, 2-core machine). The engine feeds ~2,650 observation and prompt
+tokens besides the ~1,940 it generates, while the raw decode loop it is compared with feeds only what it
+generates; so its share of the raw loop is bounded by how cheaply ``extend`` takes a token. Before this
+schedule, extensions went through PyTorch (MKL re-packs every weight on each call: a ~4 ms floor, 13 of
+16 boundary extensions had 1-4 rows) with the rows copied out and back, the decode GEMMs used 8-lane
+vectors, and every pass waited for every stepping environment: the engine ran at 38% of the raw loop, and
+a 50 ms environment doubled the wall time (2.0x). Now an extension is one kernel call over the packed new
+tokens in place (``fused.DecodeProgram.extend``), the GEMMs take two panels at a time in 16 lanes where
+the CPU has them (the same sums, bit for bit), and the environments step beside the batch: see
+docs/BENCHMARKS.md for the figures. Of a run, the model's forwards are ~90%: decode steps ~50%, extensions
+~40%; sampling, bookkeeping and env calls the rest.
 
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
 past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action is text only
@@ -81,6 +63,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -116,7 +99,7 @@ class GroupRequest:
 class _Episode:
     """One episode in flight: its record, its env, and how many of its tokens the cache row holds."""
 
-    __slots__ = ("traj", "env", "request", "fed", "turn_start", "routing", "ident")
+    __slots__ = ("traj", "env", "request", "fed", "turn_start", "routing", "ident", "call")
 
     def __init__(self, traj: Trajectory, env, request: GroupRequest):
         self.traj, self.env, self.request = traj, env, request
@@ -124,6 +107,7 @@ class _Episode:
         self.fed = 0  # tokens of traj.token_ids already in the cache row
         self.turn_start = 0  # index of this turn's first generated token
         self.routing: list | None = None  # routed experts per fed token (record_routing)
+        self.call: EnvCalls | None = None  # its env's step, while it runs
 
 
 class _Prefix:
@@ -189,12 +173,14 @@ class Engine:
         # (``sampling.keyed_uniforms``); the pools reseed it per policy version (``reseed``)
         self.stream_seed = self.sampling.seed if self.sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.envs = EnvPool()
+        self._answered = threading.Event()  # set by every env step that ends (``_collect`` waits on it)
         self.step_hook: Callable[[], None] | None = None  # called before every decode step (weight updates)
-        self.batch_trace: list[int] | None = None  # set to [] to record the rows sampled at every step
+        self.batch_trace: list[int] | None = None  # set to [] to record the episodes in the batch at every pass
         # counts, and seconds inside the model's decode steps and cache extensions (prefills included): the
         # rest of a ``play`` is the engine's own work (sampling, bookkeeping, waiting on environments)
         self.stats = dict(forward_calls=0, decode_steps=0, extend_calls=0, prefill_tokens=0, fed_tokens=0,
-                          generated_tokens=0, episodes=0, decode_tokens=0, decode_s=0.0, extend_s=0.0, idle_row_steps=0)
+                          generated_tokens=0, episodes=0, decode_tokens=0, decode_s=0.0, extend_s=0.0, idle_row_steps=0,
+                          compactions=0)
 
     def reseed(self, stream_seed: int) -> None:
         """Sample from the stream ``stream_seed`` from the next token on (the pools: one per policy version)."""
@@ -202,7 +188,14 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def play(self, requests: Iterable[GroupRequest]) -> list[Trajectory]:
-        """Play every episode of every request; trajectories come back in completion order."""
+        """Play every episode of every request; trajectories come back in completion order.
+
+        A row of the batch is at any time in one of four states: it has fed every token and samples next;
+        its turn ended and its environment is stepping (``ep.call``); its environment answered and its
+        closing tokens and next observation wait to be fed; or it is finished (``None``). Each pass samples
+        the rows that can, decodes the ones whose turn goes on (only those rows: the others are left out
+        of the step, untouched), collects the environments that answered, and feeds the waiting
+        observations in one extension of their rows (``_feed``)."""
         pending = deque(requests)
         prefixes: deque[_Prefix] = deque()
         finished: list[Trajectory] = []
@@ -216,55 +209,90 @@ class Engine:
                     if self.step_hook is not None:
                         self.step_hook()
                     cache, logits_bv = self._admit(rows, cache, logits_bv, prefixes, pending, finished)
-                    live = [i for i, ep in enumerate(rows) if ep is not None]
-                    if not live:
+                    if all(ep is None for ep in rows):
                         break
+                    live = [i for i, ep in enumerate(rows) if ep is not None and ep.call is None
+                            and ep.fed == len(ep.traj.token_ids)]
+                    decoding = []
                     if self.batch_trace is not None:
-                        self.batch_trace.append(len(live))
-                    uniforms_b = None if self.sampling.temperature == 0 else keyed_uniforms(
-                        self.stream_seed, [rows[i].ident for i in live], [len(rows[i].traj.token_ids) for i in live])
-                    tokens_b, sample_logp_b, plain_logp_b = sample(
-                        (logits_bv if len(live) == len(rows) else logits_bv[live]).float().cpu(), self.sampling.temperature,
-                        self.sampling.top_k, self.sampling.top_p, self.banned_v, uniforms_b=uniforms_b)
-                    stepping = []
-                    for j, i in enumerate(live):
-                        action = self._append_sampled(rows[i], int(tokens_b[j]), float(sample_logp_b[j]), float(plain_logp_b[j]))
-                        if action is not None:
-                            stepping.append((i, action))
-                    env_calls = EnvCalls([_step_fn(rows[i].env, action) for i, action in stepping])
-                    logits_bv, routing = self._decode(cache, rows)  # while the environments step
-                    if stepping:
-                        outcomes = env_calls.results(self.episode.env_timeout_s)
-                        for (i, _), outcome in zip(stepping, outcomes):
-                            if self._after_step(rows[i], outcome):
-                                finished.append(self._finish(rows[i]))
-                                rows[i] = None
-                    cache, logits_bv, routing = self._compact(rows, cache, logits_bv, routing, bool(prefixes or pending))
-                    if rows:
-                        cache, logits_bv = self._feed_rest(cache, rows, logits_bv, routing)
-                    else:
+                        self.batch_trace.append(sum(ep is not None for ep in rows))
+                    if live:
+                        uniforms_b = None if self.sampling.temperature == 0 else keyed_uniforms(
+                            self.stream_seed, [rows[i].ident for i in live], [len(rows[i].traj.token_ids) for i in live])
+                        tokens_b, sample_logp_b, plain_logp_b = sample(
+                            (logits_bv if len(live) == len(rows) else logits_bv[live]).float().cpu(),
+                            self.sampling.temperature, self.sampling.top_k, self.sampling.top_p, self.banned_v,
+                            uniforms_b=uniforms_b)
+                        for j, i in enumerate(live):
+                            ep = rows[i]
+                            action = self._append_sampled(ep, int(tokens_b[j]), float(sample_logp_b[j]), float(plain_logp_b[j]))
+                            if action is None:
+                                decoding.append(i)
+                            else:  # the env steps on a worker thread while the other rows decode
+                                ep.call = EnvCalls([_step_fn(ep.env, action)], on_done=self._answered.set)
+                    if decoding:
+                        cache, logits_bv = self._decode(cache, rows, decoding, logits_bv)
+                    waiting = self._collect(rows, finished, block=not decoding)
+                    cache, logits_bv = self._compact(rows, cache, logits_bv, bool(prefixes or pending))
+                    if not rows:
                         cache, logits_bv = None, None
+                        continue
+                    waiting = [i for i, ep in enumerate(rows) if ep is not None and ep.call is None
+                               and ep.fed < len(ep.traj.token_ids)] if waiting else []
+                    if waiting and (not decoding or len(waiting) >= self.FEED_SHARE * len(rows)):
+                        cache, logits_bv = self._feed(cache, rows, waiting, logits_bv)
         finally:
             self.model.train(was_training)
         return finished
 
-    DEAD_ROWS_FRACTION = 0.25  # finished rows ride along in the batch until they are this share of it
+    # The rows whose observation waits are fed together once they are this share of the batch, or when no
+    # row is left decoding: fewer, larger extensions (a small one costs ~5 ms, a whole decode step's worth).
+    # Waiting changes no episode: a row's arithmetic does not depend on the other rows of its forward, and
+    # its sampled tokens are keyed by its episode and their position, not by the step they are drawn at.
+    FEED_SHARE = 0.5
 
-    def _compact(self, rows, cache, logits_bv, routing, more_to_admit: bool):
+    def _collect(self, rows, finished: list, block: bool) -> bool:
+        """Book the answers of the environments that have answered (or timed out); with ``block`` and nothing
+        answered yet, wait for the first. Finished episodes leave their row (``None``). Returns whether a row
+        now waits to feed its observation."""
+        stepping = [i for i, ep in enumerate(rows) if ep is not None and ep.call is not None]
+        feeding = any(ep is not None and ep.call is None and ep.fed < len(ep.traj.token_ids) for ep in rows)
+        timeout_s = self.episode.env_timeout_s
+        while stepping:
+            self._answered.clear()  # before looking: an answer from now on sets it again
+            done = [i for i in stepping if rows[i].call.finished(timeout_s)]
+            for i in done:
+                ep = rows[i]
+                (outcome,) = ep.call.results(timeout_s)
+                ep.call = None
+                if self._after_step(ep, outcome):
+                    finished.append(self._finish(ep))
+                    rows[i] = None
+                else:
+                    feeding = True
+            if done or feeding or not block:
+                break
+            left = [rows[i].call.time_left(timeout_s) for i in stepping]
+            self._answered.wait(min(left) if timeout_s else None)
+        return feeding
+
+    DEAD_ROWS_FRACTION = 0.25  # finished rows stay in the batch (left out of every step) until this share of it
+
+    def _compact(self, rows, cache, logits_bv, more_to_admit: bool):
         """Drop the finished rows (``None`` in ``rows``) from the batch, or leave them in it for now.
 
         Copying the cache of the rows that go on (``select``) costs milliseconds (``tiny``'s 64 rows: 32 MB),
-        while a finished row riding along in the decode steps costs ~0.1 ms a step; and a row's decode does not
-        depend on the other rows of its batch (bit for bit), so riding along changes no value. The rows are
+        while a finished row left in the batch costs nothing (the decode steps leave it out). The rows are
         compacted once a quarter of them are done, or when waiting episodes need the room."""
         dead = sum(ep is None for ep in rows)
         if not dead or (not more_to_admit and dead < len(rows) and dead < self.DEAD_ROWS_FRACTION * len(rows)):
-            return cache, logits_bv, routing
+            return cache, logits_bv
         live = [i for i, ep in enumerate(rows) if ep is not None]
         rows[:] = [rows[i] for i in live]
         if not live:
-            return None, None, None
-        return cache.select(live), logits_bv[live], ([routing[i] for i in live] if routing is not None else None)
+            return None, None
+        self.stats["compactions"] += 1
+        return cache.select(live), logits_bv[live]
 
     # ------------------------------------------------------------------ admission and prefill
     def _admit(self, rows, cache, logits_bv, prefixes, pending, finished):
@@ -458,72 +486,92 @@ class Engine:
         return traj
 
     # ------------------------------------------------------------------ model calls
-    def _decode(self, cache, rows: list[_Episode]):
-        """Every row's first unfed token (a sampled token, or at a turn boundary the closing one) through one
-        ``decode_step`` of the batch -> (logits [B, V], routing per row or None); ``_feed_rest`` books it."""
-        live = sum(ep is not None for ep in rows)
-        self.stats["fed_tokens"] += live
-        self.stats["idle_row_steps"] += len(rows) - live  # finished rows riding along (see _compact)
-        return self._call_decode(cache, torch.tensor([ep.traj.token_ids[ep.fed] if ep is not None else self.end_id
-                                                      for ep in rows]))
-
-    def _feed_rest(self, cache, rows: list[_Episode], logits_bv, routing):
-        """After the decode step, the rows at a turn boundary feed the rest of their unfed tokens (end suffix
-        and next observation) in one ``extend`` of those rows only, so an observation never pads the other
-        rows' forward -> (cache, logits [B, V]). ``reprefill``: they rebuild their cache from the whole history."""
-        for r, ep in enumerate(rows):
-            if ep is None:  # finished, riding along until the batch is compacted
-                continue
+    def _decode(self, cache, rows: list[_Episode], decoding: list[int], logits_bv):
+        """The rows ``decoding`` feed their sampled token in one decode step (of the whole batch when every row
+        decodes, else of those rows alone: the others are left untouched) -> (cache, logits [B, V])."""
+        eps = [rows[i] for i in decoding]
+        tokens = [ep.traj.token_ids[ep.fed] for ep in eps]
+        self.stats["fed_tokens"] += len(eps)
+        self.stats["idle_row_steps"] += len(rows) - len(eps)  # rows left out: finished, or waiting on their env
+        if len(decoding) == len(rows):
+            new_logits, routing = self._call_decode(cache, torch.tensor(tokens))
+        else:
+            cache, new_logits, routing = self._extend_rows(cache, len(rows), decoding, [[t] for t in tokens], step=True)
+        for k, ep in enumerate(eps):
             ep.fed += 1
             if routing is not None and ep.routing is not None:
-                ep.routing.extend(routing[r])
-        long_rows = [r for r, ep in enumerate(rows) if ep is not None and ep.fed < len(ep.traj.token_ids)]
-        if not long_rows:
-            return cache, logits_bv
-        eps = [rows[r] for r in long_rows]
+                ep.routing.extend(routing[k])
+        if len(decoding) == len(rows):
+            return cache, new_logits
+        return cache, logits_bv.index_copy(0, torch.tensor(decoding), new_logits.to(logits_bv.dtype))
+
+    def _feed(self, cache, rows: list[_Episode], feeding: list[int], logits_bv):
+        """The rows ``feeding`` feed their unfed tokens (the closing tokens of the turn, the end suffix and the
+        next observation; only the new tokens, the history is never re-prefilled or re-tokenized) in one
+        ``extend`` of those rows alone, so an observation never pads the other rows' forward -> (cache,
+        logits [B, V]). ``reprefill``: they rebuild their cache from the whole history."""
+        eps = [rows[i] for i in feeding]
         if self.reprefill:
-            sub, feeds = self.model.new_cache(len(eps)), [ep.traj.token_ids for ep in eps]
+            feeds = [ep.traj.token_ids for ep in eps]
+            sub = self.model.new_cache(len(eps))
+            sub_logits_bv, routing = self._call_extend(sub, feeds)
+            cache = _put_rows(cache, len(rows), feeding, sub)
         else:
             feeds = [ep.traj.token_ids[ep.fed:] for ep in eps]
-            if len(long_rows) == len(rows):
-                sub = cache
-            elif isinstance(cache, HybridCache):  # KV buffers just large enough for the extend: less to copy
-                sub = cache.select(long_rows, room=max(map(len, feeds)))
-            else:
-                sub = cache.select(long_rows)
-        sub_logits_bv, sub_routing = self._call_extend(sub, feeds)
-        if sub is not cache:
-            cache = _put_rows(cache, len(rows), long_rows, sub)
-        for i, ep in enumerate(eps):
-            if sub_routing is not None and ep.routing is not None and not self.reprefill:
-                ep.routing.extend(sub_routing[i])
+            cache, sub_logits_bv, routing = self._extend_rows(cache, len(rows), feeding, feeds)
+        for k, ep in enumerate(eps):
+            if routing is not None and ep.routing is not None and not self.reprefill:
+                ep.routing.extend(routing[k])
             ep.fed = len(ep.traj.token_ids)
         self.stats["fed_tokens"] += sum(map(len, feeds))
-        idx = torch.tensor(long_rows)
-        return cache, logits_bv.index_copy(0, idx, sub_logits_bv.to(logits_bv.dtype))
+        return cache, logits_bv.index_copy(0, torch.tensor(feeding), sub_logits_bv.to(logits_bv.dtype))
 
-    def _call_extend(self, cache, feeds):
+    def _extend_rows(self, cache, n_rows: int, rows: list[int], feeds, step: bool = False):
+        """``feeds`` into the rows ``rows`` of ``cache`` (``n_rows`` rows) -> (cache, logits, routing): a
+        ``HybridCache`` in place (``HybridLM.extend(rows=...)``), another through a copy of those rows.
+        ``step``: book it as a decode step (one token per row)."""
+        call = self._call_decode if step else self._call_extend
+        if len(rows) == n_rows:
+            logits, routing = call(cache, feeds)
+            return cache, logits, routing
+        if isinstance(cache, HybridCache):
+            logits, routing = call(cache, feeds, rows)
+            return cache, logits, routing
+        sub = cache.select(rows)
+        logits, routing = call(sub, feeds)
+        return _put_rows(cache, n_rows, rows, sub), logits, routing
+
+    def _call_extend(self, cache, feeds, rows=None):
+        """``model.extend`` of ``feeds`` into every row of ``cache``, or into its rows ``rows`` only."""
         self.stats["forward_calls"] += 1
         self.stats["extend_calls"] += 1
         t0 = time.perf_counter()
         try:
-            if self.episode.record_routing:
-                logits_bv, routed = self.model.extend(cache, feeds, record_routing=True)
-                return logits_bv, _routing_rows(routed, [len(f) for f in feeds])
-            return self.model.extend(cache, feeds), None
+            return self._model_extend(cache, feeds, rows)
         finally:
             self.stats["extend_s"] += time.perf_counter() - t0
 
-    def _call_decode(self, cache, tokens_b):
+    def _model_extend(self, cache, feeds, rows=None):
+        named = {} if rows is None else {"rows": rows}
+        if self.episode.record_routing:
+            logits_bv, routed = self.model.extend(cache, feeds, record_routing=True, **named)
+            return logits_bv, _routing_rows(routed, [len(f) for f in feeds])
+        return self.model.extend(cache, feeds, **named), None
+
+    def _call_decode(self, cache, tokens, rows=None):
+        """A decode step: ``tokens`` a tensor [B] (``decode_step`` of every row), or one-token lists, one per
+        row of ``cache`` or of its rows ``rows`` (``extend``, which for one token is the same step)."""
         self.stats["forward_calls"] += 1
         self.stats["decode_steps"] += 1
-        self.stats["decode_tokens"] += len(tokens_b)
+        self.stats["decode_tokens"] += len(tokens)
         t0 = time.perf_counter()
         try:
+            if not isinstance(tokens, torch.Tensor):
+                return self._model_extend(cache, tokens, rows)
             if self.episode.record_routing:
-                logits_bv, routed = self.model.decode_step(cache, tokens_b, record_routing=True)
-                return logits_bv, _routing_rows(routed, [1] * len(tokens_b))
-            return self.model.decode_step(cache, tokens_b), None
+                logits_bv, routed = self.model.decode_step(cache, tokens, record_routing=True)
+                return logits_bv, _routing_rows(routed, [1] * len(tokens))
+            return self.model.decode_step(cache, tokens), None
         finally:
             self.stats["decode_s"] += time.perf_counter() - t0
 
@@ -578,14 +626,7 @@ def _put_rows(cache, n_rows: int, rows: list[int], sub):
         for i, r in enumerate(rows):
             order[r] = n_rows + i
         return type(cache).cat([cache, sub]).select(order)
-    cache.reserve(sub.capacity)
-    idx = torch.tensor(rows, device=cache.lengths.device)
-    cache.lengths[idx] = sub.lengths
-    for dst_b, src_b in zip(cache.tensors(), sub.tensors()):
-        if dst_b.shape[1:] == src_b.shape[1:]:
-            dst_b[idx] = src_b
-        else:  # a KV buffer [B, Hkv, capacity, Dh] with more capacity than sub's
-            dst_b[idx, :, :src_b.shape[2]] = src_b
+    cache.put_rows(rows, sub)
     return cache
 
 

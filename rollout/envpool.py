@@ -89,14 +89,16 @@ def _shared_workers() -> _Workers:
 
 class EnvCalls:
     """Env calls started now on worker threads, so that the caller works while they run (the engine
-    decodes the batch while the environments of the rows whose turn ended step). ``results(timeout_s)``
+    decodes the other rows while the environment of a row whose turn ended steps). ``results(timeout_s)``
     waits for them: all share one deadline ``timeout_s`` from the start (0 = wait for all); each result is
-    the call's value, or the EnvFailure / EnvTimeout it ended with."""
+    the call's value, or the EnvFailure / EnvTimeout it ended with. ``finished`` asks without waiting, and
+    ``on_done`` is told of each call that ends."""
 
-    def __init__(self, fns: list[Callable[[], Any]]):
+    def __init__(self, fns: list[Callable[[], Any]], on_done: Callable[[], None] | None = None):
         self._boxes: list[dict[str, Any]] = [{} for _ in fns]
         self._done = threading.Condition()
         self._left = len(fns)
+        self._on_done = on_done  # called (on the worker thread) after each call ends
         self._started = time.monotonic()
         if fns:
             _shared_workers().submit([functools.partial(self._run, fn, box) for fn, box in zip(fns, self._boxes)])
@@ -112,6 +114,17 @@ class EnvCalls:
             self._left -= 1
             if not self._left:
                 self._done.notify_all()
+        if self._on_done is not None:
+            self._on_done()
+
+    def finished(self, timeout_s: float) -> bool:
+        """Whether ``results(timeout_s)`` would return at once: every call has ended, or the deadline passed."""
+        with self._done:
+            return not self._left or self.time_left(timeout_s) <= 0
+
+    def time_left(self, timeout_s: float) -> float:
+        """Seconds to the deadline ``timeout_s`` after the start (infinite when ``timeout_s`` is 0)."""
+        return self._started + timeout_s - time.monotonic() if timeout_s else float("inf")
 
     def results(self, timeout_s: float) -> list[Any]:
         with self._done:

@@ -108,6 +108,7 @@ class DecodeProgram:
         self.config = copy.deepcopy(cfg)  # the program is rebuilt when the model's config differs from it
         self.n_moe = cfg.layer_pattern.count("E")
         self._work, self._work_key = torch.empty(0, dtype=torch.float32), None
+        self._ext_work = torch.empty(0, dtype=torch.float32)  # an extension's workspace (grows, never shrinks)
         self._capacity = None  # the KV capacity written into the attention layers' ints
         # where each parameter and buffer lives (read anew each step: walking the modules costs ~0.5 ms)
         self._homes = [(m._parameters, n) for m in model.modules() for n in m._parameters]
@@ -186,27 +187,70 @@ class DecodeProgram:
         with _RUN_LOCK:  # the tables and the workspace are shared by every caller of this model
             return self._run(h_bd, cache, record)
 
-    def _run(self, h_bd, cache, record: bool):
-        b, d = h_bd.shape
-        p = kernels.ptr
+    def _sync_capacity(self, cache) -> None:
+        """The KV capacity the attention layers' ints hold (a step's workspace depends on it)."""
         if self.n and cache.k and cache.capacity != self._capacity:
             self._capacity = cache.capacity
             self.ints[self.kinds == 2, 3] = self._capacity
             self._work_key = None
+
+    def _first_norm(self, h):
+        x = torch.empty_like(h)
+        first = self.model.backbone.layers[0].norm
+        kernels.library().add_rms_norm(kernels.ptr(h), None, kernels.ptr(first.weight), kernels.ptr(x), h.shape[0],
+                                       h.shape[1], first.eps)
+        return x
+
+    def head(self, x_nd):
+        """Logits [N, V] of final normed hidden states [N, D], through the head's panels (as a decode step;
+        ``pointers`` keeps them current)."""
+        p, (n, d) = kernels.ptr, x_nd.shape
+        vocab = self.model.lm_head.weight.shape[0]
+        logits = x_nd.new_empty(n, vocab)
+        kernels.library().linear_packed(p(x_nd), p(self._head_panels), p(logits), n, d, d, vocab, vocab)
+        return logits
+
+    def _run(self, h_bd, cache, record: bool):
+        b, d = h_bd.shape
+        p = kernels.ptr
+        self._sync_capacity(cache)
         lib = kernels.library()
         if self._work_key != b:  # the workspace depends on the rows and the KV capacity
             size = lib.decode_work_size(self.n, p(self.kinds), p(self.ints), b, d)
             if self._work.numel() < size:
                 self._work = torch.empty(size, dtype=torch.float32)
             self._work_key = b
-        x = torch.empty_like(h_bd)
-        first = self.model.backbone.layers[0].norm
-        lib.add_rms_norm(p(h_bd), None, p(first.weight), p(x), b, d, first.eps)
+        x = self._first_norm(h_bd)
         routes = torch.empty(self.n_moe, b, self.model.config.num_experts_per_tok, dtype=torch.long) if record else None
         ptrs = self.pointers(cache)
         lib.decode_layers(self.n, p(self.kinds), p(ptrs), p(self.ints), p(self.floats),
                           p(h_bd), p(x), p(self._work), p(cache.lengths), p(routes) if record else None, b, d)
-        panels, vocab = self._head_panels, self.model.lm_head.weight.shape[0]
-        logits = h_bd.new_empty(b, vocab)
-        lib.linear_packed(p(x), p(panels), p(logits), b, d, d, vocab, vocab)
-        return x, logits, routes
+        return x, self.head(x), routes
+
+    def extend(self, h_md, cache, rows_r, n_new_r, record: bool):
+        """A cache extension of some rows in one kernel call (``extend_layers``): ``h_md`` the new tokens'
+        embeddings [M, D] (consumed as the residual stream), packed row after row; ``rows_r`` the cache rows
+        (long [R], distinct), ``n_new_r`` their new tokens (long [R], each >= 1, summing to M). The rows'
+        conv windows, SSM states and KV buffers are extended in place (the caller reserves the KV room and
+        then advances ``cache.lengths``); other rows are not touched. Returns (final normed hidden [M, D],
+        routes [n_moe, M, k] long or None)."""
+        with _RUN_LOCK:
+            return self._extend(h_md, cache, rows_r, n_new_r, record)
+
+    def _extend(self, h_md, cache, rows_r, n_new_r, record: bool):
+        m, d = h_md.shape
+        r, p = rows_r.numel(), kernels.ptr
+        self._sync_capacity(cache)
+        lib = kernels.library()
+        size = lib.extend_work_size(self.n, p(self.kinds), p(self.ints), m, r, d)
+        if self._ext_work.numel() < size:
+            self._ext_work = torch.empty(size, dtype=torch.float32)
+        len_r = cache.lengths.index_select(0, rows_r).contiguous()
+        off_r = (torch.cumsum(n_new_r, 0) - n_new_r).contiguous()
+        x = self._first_norm(h_md)
+        routes = torch.empty(self.n_moe, m, self.model.config.num_experts_per_tok, dtype=torch.long) if record else None
+        ptrs = self.pointers(cache)
+        lib.extend_layers(self.n, p(self.kinds), p(ptrs), p(self.ints), p(self.floats), p(h_md), p(x),
+                          p(self._ext_work), p(rows_r), p(len_r), p(n_new_r), p(off_r),
+                          p(routes) if record else None, r, m, d)
+        return x, routes

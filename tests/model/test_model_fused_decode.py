@@ -433,3 +433,90 @@ def test_expert_transposed_copy_follows_parameter_updates():
     assert torch.equal(up_t, experts.up_proj.transpose(1, 2)) and torch.equal(down_t, experts.down_proj.transpose(1, 2))
     experts.load_state_dict({"up_proj": torch.zeros_like(experts.up_proj), "down_proj": experts.down_proj.detach()})
     assert moe.transposed_experts()[0].abs().max() == 0
+
+
+# ----------------------------------------------------------------------------- extension of some rows, in place
+def _prefilled(model, lengths=(9, 3, 14, 1), seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    cache = model.new_cache(len(lengths))
+    model.extend(cache, [torch.randint(0, 97, (n,), generator=gen) for n in lengths])
+    return cache
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_extension_of_some_rows_equals_their_decode_steps_bit_for_bit(name):
+    """The extension program over a row's new tokens computes what that many decode steps compute (one
+    row's arithmetic never depends on the other tokens of its call): logits, routing, conv windows, SSM
+    states and keys/values equal bit for bit; the rows not named are not touched."""
+    model = randomize(HybridLM(small_config(**CONFIGS[name])).eval(), seed=3)
+    cache = _prefilled(model)
+    before = cache.select(range(4))
+    gen = torch.Generator().manual_seed(7)
+    rows, feeds = [2, 0], [torch.randint(0, 97, (n,), generator=gen) for n in (5, 3)]
+    logits, routed = model.extend(cache, feeds, record_routing=True, rows=rows)
+    assert logits.shape == (2, 97) and routed.shape == (2, 5, 2, model.config.num_experts_per_tok)
+    assert bool((routed[1, 3:] == -1).all())  # the shorter row's padding
+    for k, (row, feed) in enumerate(zip(rows, feeds)):
+        alone = before.select([row])
+        for t, token in enumerate(feed):  # the same tokens, a decode step each, in a cache of this row alone
+            step_logits, step_routed = model.decode_step(alone, token[None], record_routing=True)
+            assert torch.equal(step_routed[0], routed[k, t])
+        assert torch.equal(step_logits[0], logits[k])
+        assert int(cache.lengths[row]) == int(alone.lengths[0])
+        for a, b in zip(alone.tensors(), cache.select([row]).tensors()):
+            if a.dim() == 4:  # keys / values: the used positions
+                a, b = a[..., :int(alone.lengths[0]), :], b[..., :int(alone.lengths[0]), :]
+            assert torch.equal(a, b)
+    for row in (1, 3):
+        for a, b in zip(before.select([row]).tensors(), cache.select([row]).tensors()):
+            assert torch.equal(a, b[..., :a.shape[2], :] if a.dim() == 4 else b)
+
+
+def test_extension_of_some_rows_equals_the_pytorch_path():
+    """A model without the kernels extends the named rows through a copy (select, extend, write back): the
+    same values to fp32 round-off, the same experts and expert loads, the other rows untouched."""
+    model = randomize(HybridLM(small_config(moe_latent_size=24)).eval(), seed=5)
+    runs = []
+    for m in (twin(model, "torch"), model):
+        cache = _prefilled(m)
+        for layer in m.modules():
+            if hasattr(layer, "expert_load"):
+                layer.expert_load.zero_()
+        logits, routed = m.extend(cache, [torch.arange(4, 10), torch.arange(2)], record_routing=True, rows=[3, 1])
+        loads = [layer.expert_load.clone() for layer in m.modules() if hasattr(layer, "expert_load")]
+        runs.append((logits, routed, cache, loads))
+    (ref, ref_routed, ref_cache, ref_loads), (got, routed, cache, loads) = runs
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert torch.equal(routed.sort(-1).values, ref_routed.sort(-1).values)
+    assert all(torch.equal(a, b) for a, b in zip(loads, ref_loads))
+    assert torch.equal(cache.lengths, ref_cache.lengths) and cache.lengths.tolist() == [9, 5, 14, 7]
+
+
+def test_extension_rows_must_be_distinct_and_in_the_cache():
+    model = randomize(HybridLM(small_config()).eval(), seed=2)
+    cache = _prefilled(model)
+    for rows, match in (([1, 1], "distinct"), ([4], r"in \[0, 4\)"), ([-1], r"in \[0, 4\)")):
+        with pytest.raises(ValueError, match=match):
+            model.extend(cache, [[5]] * len(rows), rows=rows)
+    with pytest.raises(ValueError, match="token lists for 1 rows, rows names 2"):
+        model.extend(cache, [[5]], rows=[0, 1])
+    assert cache.lengths.tolist() == [9, 3, 14, 1]  # nothing was fed
+
+
+@pytest.mark.parametrize("k, n", [(33, 37), (64, 96), (40, 16), (17, 200)])
+def test_linear_packed_rows_do_not_depend_on_their_batch(k, n):
+    """Each output row is one chain of fused multiply-adds over k, whatever the number of rows, the block a
+    row falls in, or the panel width the machine's vectors allow: a row gives the same bits in any batch."""
+    gen = torch.Generator().manual_seed(k + n)
+    x, w = torch.randn(29, k, generator=gen), torch.randn(n, k, generator=gen)
+    panels, lib, p = kernels.linear_panels(w), kernels.library(), kernels.ptr
+
+    def product(rows):
+        out = torch.empty(rows.shape[0], n)
+        lib.linear_packed(p(rows), p(panels), p(out), rows.shape[0], k, k, n, n)
+        return out
+
+    full = product(x)
+    torch.testing.assert_close(full, F.linear(x, w), atol=1e-4, rtol=1e-5)
+    for lo, hi in ((0, 1), (5, 6), (3, 10), (7, 29), (13, 25)):
+        assert torch.equal(product(x[lo:hi].contiguous()), full[lo:hi])

@@ -55,6 +55,12 @@ class ToyCache:
         return self.h_bd.numel() * self.h_bd.element_size()
 
 
+def _rowwise(x_bd, w_nd):
+    """x @ w.T computed row by row in one fixed order, so that a row's result never depends on the other
+    rows of its batch (a matmul may pick another kernel, and round otherwise, for one row than for many)."""
+    return (x_bd[:, None, :] * w_nd[None]).sum(-1)
+
+
 class ToyLM(nn.Module):
     """h_t = tanh(A h_{t-1} + E[x_t]); logits_t = W h_t. Training forward and cached decoding agree exactly."""
 
@@ -67,7 +73,10 @@ class ToyLM(nn.Module):
         self.head = nn.Parameter(torch.randn(vocab_size, dim, generator=g) * logit_scale / dim ** 0.5)
 
     def _step(self, h_bd, x_b):
-        return torch.tanh(h_bd @ self.recur.T + self.embed[x_b])
+        return torch.tanh(_rowwise(h_bd, self.recur) + self.embed[x_b])
+
+    def _logits(self, h_bd):
+        return _rowwise(h_bd, self.head)
 
     def forward(self, input_ids, doc_ids=None, routing=None, record_routing=False) -> ToyOutput:
         b, t = input_ids.shape
@@ -76,7 +85,7 @@ class ToyLM(nn.Module):
         for i in range(t):
             h = self._step(h, input_ids[:, i])
             out.append(h)
-        return ToyOutput(logits=(torch.stack(out, 1) @ self.head.T).float())
+        return ToyOutput(logits=self._logits(torch.stack(out, 1).reshape(b * t, -1)).reshape(b, t, -1).float())
 
     def new_cache(self, batch_size: int) -> ToyCache:
         return ToyCache(torch.zeros(batch_size, self.dim), torch.zeros(batch_size, dtype=torch.long))
@@ -90,12 +99,12 @@ class ToyLM(nn.Module):
             rows.append(h)
             cache.lengths[r] += len(toks)
         cache.h_bd = torch.cat(rows)
-        return cache.h_bd @ self.head.T
+        return self._logits(cache.h_bd)
 
     def decode_step(self, cache: ToyCache, token_ids_b: torch.Tensor) -> torch.Tensor:
         cache.h_bd = self._step(cache.h_bd, token_ids_b.long())
         cache.lengths += 1
-        return cache.h_bd @ self.head.T
+        return self._logits(cache.h_bd)
 
 
 @dataclass

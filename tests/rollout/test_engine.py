@@ -97,11 +97,11 @@ def test_continuous_batching_refills_rows_at_once():
     first_drop = next(i for i, b in enumerate(sizes) if b < 3)
     assert first_drop > 0 and all(b < 3 for b in sizes[first_drop:])
     assert sizes[first_drop:] == sorted(sizes[first_drop:], reverse=True)
-    # every step is one decode step of all rows; only the rows at a turn boundary then extend with their
-    # observation, so a boundary does not pad the other rows' forward to the observation's length
-    steps = list(zip(spy.calls, spy.calls[1:]))
-    assert any(before[0] == "decode" and after[0] == "extend" and after[1] < before[1] for before, after in steps)
-    assert all(kind == "decode" or min(per_row) > 0 for kind, _, per_row in spy.calls)
+    # only the rows at a turn boundary extend with their observation (a boundary does not pad the other
+    # rows' forward to the observation's length), and a decode step feeds one token to each row it takes
+    assert any(kind == "extend" and rows < 3 and max(per_row) > 1 for kind, rows, per_row in spy.calls)
+    assert all(min(per_row) > 0 for _, _, per_row in spy.calls)
+    assert all(per_row == [1] * rows for kind, rows, per_row in spy.calls if kind == "decode")
 
 
 def test_history_is_never_prefilled_twice_and_groups_prefill_once():
@@ -110,12 +110,11 @@ def test_history_is_never_prefilled_twice_and_groups_prefill_once():
     fed = sum(sum(per_row) for _, _, per_row in spy.calls)
     prompt_len = {t.group_id: t.token_ids.index(TOK.role_ids["assistant"]) + 1 for t in trajs}
     # every token is fed exactly once, except the shared prompt of a group (fed once for its 4 samples)
-    # and a closing token the engine appended to the last turn (nothing reads it; the last sampled token
-    # is fed by the decode step that runs while the final env step does); finished rows riding along in
-    # the batch until it is compacted take a decode slot each step, counted apart
-    unfed = sum(len(t.token_ids) - 1 in forced_close_positions(t) for t in trajs)
+    # and the end of the last turn: its last sampled token and the closing tokens after it, which nothing
+    # reads (a turn's end is fed with the next observation, and the episode ended instead)
+    unfed = sum(len(t.token_ids) - max(i for i, a in enumerate(t.is_action) if a) for t in trajs)
     expected = sum(len(t.token_ids) for t in trajs) - unfed - sum(3 * n for n in prompt_len.values())
-    assert fed == expected + engine.stats["idle_row_steps"]
+    assert fed == expected
     assert engine.stats["fed_tokens"] + engine.stats["prefill_tokens"] == expected
     assert engine.stats["prefill_tokens"] == sum(prompt_len.values())
 
@@ -372,9 +371,9 @@ def test_the_env_named_state_of_every_turn_is_recorded():
 
 
 def test_finished_rows_ride_along_until_compaction_without_changing_any_episode(monkeypatch):
-    """Finished rows stay in the batch (a decode slot each, no cache copy) until a quarter of it is done or
-    waiting episodes need the room; a row's decode does not depend on its batch, so every episode is the one
-    eager compaction plays, token for token and log-prob for log-prob."""
+    """Finished rows stay in the batch (left out of the decode steps, no cache copy) until a quarter of it is
+    done or waiting episodes need the room; a row's decode does not depend on its batch, so every episode is
+    the one eager compaction plays, token for token and log-prob for log-prob."""
     model = make_model("toy")
     requests = lambda: groups(3, samples=4, turns=3) + [  # noqa: E731  episodes that end before the others
         GroupRequest(FIXED_TURNS_ID, seed=10 + s, group_id=10 + s, num_samples=1, env_kwargs={"turns": 1}) for s in range(3)]
@@ -389,6 +388,48 @@ def test_finished_rows_ride_along_until_compaction_without_changing_any_episode(
     default = Engine.DEAD_ROWS_FRACTION
     eager_engine, eager = run(0.0)
     lazy_engine, lazy = run(default)
-    assert eager_engine.stats["idle_row_steps"] == 0 < lazy_engine.stats["idle_row_steps"]
+    assert eager_engine.stats["compactions"] > lazy_engine.stats["compactions"]
     assert lazy == eager
     assert lazy_engine.stats["generated_tokens"] == eager_engine.stats["generated_tokens"]
+
+
+def test_a_slow_environment_does_not_hold_the_other_rows(tmp_path):
+    """An env step runs beside the batch: while one episode's environment is stuck in ``step`` (a rendezvous
+    it leaves only when the test says so), the other episodes play to their end. An engine that waited
+    for every step before decoding would stall here until the step's time limit."""
+    paused = GroupRequest(FAULTY_ID, seed=0, group_id=0, env_kwargs={"turns": 3, "pause_dir": str(tmp_path),
+                                                                      "pause_at_turn": 1})
+    others = [GroupRequest(FAULTY_ID, seed=s, group_id=s, num_samples=2, env_kwargs={"turns": 3}) for s in (1, 2)]
+    engine = Engine(make_model("micro"), TOK, SamplingConfig(seed=0, ascii_only=True),
+                    EpisodeConfig(max_turn_tokens=6, max_batch_episodes=8, env_timeout_s=60))
+
+    def release():  # before every pass: once the four others are done, let the paused step return
+        if engine.stats["episodes"] == 4 and list(tmp_path.glob("reached-*")):
+            (tmp_path / "go").touch()
+
+    engine.step_hook = release
+    trajs = engine.play([paused, *others])
+    assert [t.seed for t in trajs][-1] == 0 and sorted(t.seed for t in trajs[:4]) == [1, 1, 2, 2]
+    assert all(t.status == "terminated" and t.num_turns == 3 for t in trajs)
+
+
+def test_episodes_do_not_depend_on_when_their_rows_are_fed(monkeypatch):
+    """Rows wait for their environment and for their observation's extension on different schedules (a slow
+    step on some seeds; observations fed at once or only when half the batch waits). A row's arithmetic
+    does not depend on its batch and its samples are keyed by episode and position, so every episode is
+    the same, token for token and log-prob for log-prob."""
+    model = make_model("micro")
+    sampling = SamplingConfig(seed=3, temperature=0.9, top_p=0.95, ascii_only=True)
+
+    def run(hang_s, share):
+        monkeypatch.setattr(Engine, "FEED_SHARE", share)
+        reqs = [GroupRequest(FAULTY_ID, seed=s, group_id=s, num_samples=3,
+                             env_kwargs={"turns": 3, "hang_s": hang_s, "hang_on_seed": 1}) for s in range(3)]
+        engine, trajs = play(model, reqs, sampling=sampling, episode=EpisodeConfig(max_turn_tokens=6, max_batch_episodes=6))
+        return engine, {(t.seed, t.sample_index): (t.token_ids, t.logprobs, t.sample_logprobs) for t in trajs}
+
+    base_engine, base = run(0.0, 0.0)
+    for hang_s, share in ((0.0, 0.5), (0.2, 0.0), (0.2, 1.0)):
+        engine, got = run(hang_s, share)
+        assert got == base
+    assert engine.stats["extend_calls"] < base_engine.stats["extend_calls"]  # share 1: fewer, larger extensions

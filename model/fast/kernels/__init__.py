@@ -10,7 +10,9 @@ state and by streaming the weights, not by arithmetic.  ``decode.c`` fuses each 
 * ``moe_route`` / ``moe_experts``: the sigmoid router with selection bias, top-k, renormalisation and
   scaling, then every routed expert as one small GEMM over its own tokens (no padding, no gathers);
 * ``decode_layers``: a whole decode step's layer stack in one call (model/fast/fused.py), its
-  projections through a GEMM over weights kept in 16-column panels (``pack_panels``).
+  projections through a GEMM over weights kept in 16-column panels (``pack_panels``);
+  ``extend_layers``: the same stack over the new tokens of some rows of a cache (a turn's observation),
+  packed without padding, the other rows untouched.
 
 ``train.c`` holds the training kernels (forward and backward) that model/fast/train_ops.py's autograd
 Functions call; ``vec.h`` the vector helpers both share.
@@ -57,8 +59,10 @@ _SIGNATURES = {
     "linear_packed": [_F] * 3 + [ctypes.c_int] * 5,
     "decode_work_size": [ctypes.c_int, _F, _F, ctypes.c_int, ctypes.c_int],
     "decode_layers": [ctypes.c_int] + [_F] * 9 + [ctypes.c_int] * 2,
+    "extend_work_size": [ctypes.c_int, _F, _F] + [ctypes.c_int] * 3,
+    "extend_layers": [ctypes.c_int] + [_F] * 12 + [ctypes.c_int] * 3,
 }
-_RESULTS = {"decode_work_size": ctypes.c_int64}
+_RESULTS = {"decode_work_size": ctypes.c_int64, "extend_work_size": ctypes.c_int64}
 
 
 def enabled() -> bool:

@@ -53,98 +53,108 @@ static inline float dot(const float *a, const float *b, int n) {
  * out       [B, T, Di]              normed, gated output (input of out_proj)
  * scratch   [B, T + K - 1, Cc]      workspace
  */
+/* One row of ``mamba_scan``: its `nb` new tokens (token stride `stride`) continue the conv window `win`
+ * [K-1, Cc] and the SSM state `state_b` [H, P, N] (both updated in place); output y [nb, Di];
+ * xp [nb + K - 1, Cc] is workspace. */
+static void scan_row(const float *row, int nb, float *win, float *state_b, float *y, float *xp,
+                     const float *conv_w, const float *conv_b, const float *dt_bias, const float *A, const float *D,
+                     const float *norm_w, int K, int H, int P, int G, int N, int group, int stride,
+                     float dt_min, float eps) {
+    const int Di = H * P, GN = G * N, Cc = Di + 2 * GN, R = H / G;
+    /* xp: the K-1 cached inputs, then the row's new conv inputs; u: conv output after SiLU */
+    memcpy(xp, win, sizeof(float) * (size_t)(K - 1) * Cc);
+    for (int t = 0; t < nb; t++) memcpy(xp + (int64_t)(K - 1 + t) * Cc, row + (int64_t)t * stride + Di, sizeof(float) * Cc);
+    memcpy(win, xp + (int64_t)nb * Cc, sizeof(float) * (size_t)(K - 1) * Cc);
+    /* conv over time, in place: output t only reads inputs t..t+K-1, so write it over input t */
+    for (int t = 0; t < nb; t++) {
+        float *u = xp + (int64_t)t * Cc;
+        for (int c = 0; c < Cc; c++) {
+            float acc = conv_b[c];
+            for (int j = 0; j < K; j++) acc += u[(int64_t)j * Cc + c] * conv_w[j * Cc + c];
+            u[c] = acc;
+        }
+        silu_inplace(u, Cc);
+    }
+    for (int h = 0; h < H; h++) {
+        const float *Bh = xp + Di + (h / R) * N, *Ch = xp + Di + GN + (h / R) * N;
+        float *s0 = state_b + ((int64_t)h * P) * N;
+        for (int t = 0; t < nb; t++) {
+            const float *x = xp + (int64_t)t * Cc + h * P, *Bg = Bh + (int64_t)t * Cc, *Cg = Ch + (int64_t)t * Cc;
+            float dt = softplus(row[(int64_t)t * stride + Di + Cc + h] + dt_bias[h]);
+            if (dt_min > 0.0f && dt < dt_min) dt = dt_min;
+            const float dA = expf(dt * A[h]);
+            float *yt = y + (int64_t)t * Di + h * P, *s = s0;
+            if (N % 8 == 0 && P % 8 == 0) {
+                /* eight rows of the state at a time, their read-outs reduced together (hsum8x8: the
+                 * same sums as hsum8 below, bit for bit) */
+                for (int p0 = 0; p0 < P; p0 += 8) {
+                    v8f accs[8];
+                    for (int q = 0; q < 8; q++, s += N) {
+                        const float xv = x[p0 + q], xdt = xv * dt;
+                        v8f acc = {0};
+                        for (int n = 0; n < N; n += 8) {
+                            v8f sv = load8(s + n) * dA + xdt * load8(Bg + n);
+                            store8(s + n, sv);
+                            acc += sv * load8(Cg + n);
+                        }
+                        accs[q] = acc;
+                    }
+                    const v8f yv = hsum8x8(accs);
+                    for (int q = 0; q < 8; q++) yt[p0 + q] = yv[q] + D[h] * x[p0 + q];
+                }
+                continue;
+            }
+            for (int p = 0; p < P; p++, s += N) {
+                const float xv = x[p], xdt = xv * dt;
+                float yv;
+                int n = 0;
+                if (N % 8 == 0) {
+                    v8f acc = {0};
+                    for (; n < N; n += 8) {
+                        v8f sv = load8(s + n) * dA + xdt * load8(Bg + n);
+                        store8(s + n, sv);
+                        acc += sv * load8(Cg + n);
+                    }
+                    yv = hsum8(acc);
+                } else {
+                    yv = 0.0f;
+                    for (; n < N; n++) {
+                        s[n] = s[n] * dA + xdt * Bg[n];
+                        yv += s[n] * Cg[n];
+                    }
+                }
+                yt[p] = yv + D[h] * xv;
+            }
+        }
+    }
+    for (int t = 0; t < nb; t++) {
+        float *yt = y + (int64_t)t * Di, *gate = xp + (int64_t)t * Cc; /* x | B | C are consumed */
+        memcpy(gate, row + (int64_t)t * stride, sizeof(float) * Di);
+        silu_inplace(gate, Di);
+        for (int c = 0; c < Di; c++) yt[c] *= gate[c];
+        for (int g0 = 0; g0 < Di; g0 += group) {
+            float ss = 0.0f;
+            for (int c = g0; c < g0 + group; c++) ss += yt[c] * yt[c];
+            const float inv = 1.0f / sqrtf(ss / (float)group + eps);
+            for (int c = g0; c < g0 + group; c++) yt[c] = yt[c] * inv * norm_w[c];
+        }
+    }
+}
+
 void mamba_scan(const float *proj, const int64_t *n_new, float *conv, const float *conv_w, const float *conv_b,
                 const float *dt_bias, const float *A, const float *D, const float *norm_w,
                 float *state, float *out, float *scratch,
                 int B, int T, int K, int H, int P, int G, int N, int group, int stride,
                 float dt_min, float eps) {
-    const int Di = H * P, GN = G * N, Cc = Di + 2 * GN, R = H / G;
+    const int Di = H * P, Cc = Di + 2 * G * N;
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < B; b++) {
         const int nb = n_new == NULL ? T : (int)n_new[b];
-        const float *row = proj + (int64_t)b * T * stride;
-        float *win = conv + (int64_t)b * (K - 1) * Cc;
-        /* xp: the K-1 cached inputs, then the row's new conv inputs; u: conv output after SiLU */
-        float *xp = scratch + (int64_t)b * (T + K - 1) * Cc;
-        memcpy(xp, win, sizeof(float) * (size_t)(K - 1) * Cc);
-        for (int t = 0; t < nb; t++) memcpy(xp + (int64_t)(K - 1 + t) * Cc, row + (int64_t)t * stride + Di, sizeof(float) * Cc);
-        memcpy(win, xp + (int64_t)nb * Cc, sizeof(float) * (size_t)(K - 1) * Cc);
         float *y = out + (int64_t)b * T * Di;
         memset(y + (int64_t)nb * Di, 0, sizeof(float) * (size_t)(T - nb) * Di);
-        /* conv over time, in place: output t only reads inputs t..t+K-1, so write it over input t */
-        for (int t = 0; t < nb; t++) {
-            float *u = xp + (int64_t)t * Cc;
-            for (int c = 0; c < Cc; c++) {
-                float acc = conv_b[c];
-                for (int j = 0; j < K; j++) acc += u[(int64_t)j * Cc + c] * conv_w[j * Cc + c];
-                u[c] = acc;
-            }
-            silu_inplace(u, Cc);
-        }
-        for (int h = 0; h < H; h++) {
-            const float *Bh = xp + Di + (h / R) * N, *Ch = xp + Di + GN + (h / R) * N;
-            float *s0 = state + (((int64_t)b * H + h) * P) * N;
-            for (int t = 0; t < nb; t++) {
-                const float *x = xp + (int64_t)t * Cc + h * P, *Bg = Bh + (int64_t)t * Cc, *Cg = Ch + (int64_t)t * Cc;
-                float dt = softplus(row[(int64_t)t * stride + Di + Cc + h] + dt_bias[h]);
-                if (dt_min > 0.0f && dt < dt_min) dt = dt_min;
-                const float dA = expf(dt * A[h]);
-                float *yt = y + (int64_t)t * Di + h * P, *s = s0;
-                if (N % 8 == 0 && P % 8 == 0) {
-                    /* eight rows of the state at a time, their read-outs reduced together (hsum8x8: the
-                     * same sums as hsum8 below, bit for bit) */
-                    for (int p0 = 0; p0 < P; p0 += 8) {
-                        v8f accs[8];
-                        for (int q = 0; q < 8; q++, s += N) {
-                            const float xv = x[p0 + q], xdt = xv * dt;
-                            v8f acc = {0};
-                            for (int n = 0; n < N; n += 8) {
-                                v8f sv = load8(s + n) * dA + xdt * load8(Bg + n);
-                                store8(s + n, sv);
-                                acc += sv * load8(Cg + n);
-                            }
-                            accs[q] = acc;
-                        }
-                        const v8f yv = hsum8x8(accs);
-                        for (int q = 0; q < 8; q++) yt[p0 + q] = yv[q] + D[h] * x[p0 + q];
-                    }
-                    continue;
-                }
-                for (int p = 0; p < P; p++, s += N) {
-                    const float xv = x[p], xdt = xv * dt;
-                    float yv;
-                    int n = 0;
-                    if (N % 8 == 0) {
-                        v8f acc = {0};
-                        for (; n < N; n += 8) {
-                            v8f sv = load8(s + n) * dA + xdt * load8(Bg + n);
-                            store8(s + n, sv);
-                            acc += sv * load8(Cg + n);
-                        }
-                        yv = hsum8(acc);
-                    } else {
-                        yv = 0.0f;
-                        for (; n < N; n++) {
-                            s[n] = s[n] * dA + xdt * Bg[n];
-                            yv += s[n] * Cg[n];
-                        }
-                    }
-                    yt[p] = yv + D[h] * xv;
-                }
-            }
-        }
-        for (int t = 0; t < nb; t++) {
-            float *yt = y + (int64_t)t * Di, *gate = xp + (int64_t)t * Cc; /* x | B | C are consumed */
-            memcpy(gate, row + (int64_t)t * stride, sizeof(float) * Di);
-            silu_inplace(gate, Di);
-            for (int c = 0; c < Di; c++) yt[c] *= gate[c];
-            for (int g0 = 0; g0 < Di; g0 += group) {
-                float ss = 0.0f;
-                for (int c = g0; c < g0 + group; c++) ss += yt[c] * yt[c];
-                const float inv = 1.0f / sqrtf(ss / (float)group + eps);
-                for (int c = g0; c < g0 + group; c++) yt[c] = yt[c] * inv * norm_w[c];
-            }
-        }
+        scan_row(proj + (int64_t)b * T * stride, nb, conv + (int64_t)b * (K - 1) * Cc, state + (int64_t)b * H * P * N,
+                 y, scratch + (int64_t)b * (T + K - 1) * Cc, conv_w, conv_b, dt_bias, A, D, norm_w,
+                 K, H, P, G, N, group, stride, dt_min, eps);
     }
 }
 
@@ -250,30 +260,117 @@ static void panel_rows(const float *A, int m, int K, int lda, const float *Bj, c
     }
 }
 
+#ifdef __AVX512F__
+/* With 16-lane registers (AVX-512), two adjacent panels at a time: blocks of 6 rows x 32 columns, 12
+ * accumulators of 16 lanes, 2 loads of B and 6 broadcasts of A per k.  Every output is the same chain
+ * of fused multiply-adds over k as in the 8-lane blocks above, so the results are bit for bit theirs. */
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline v16f load16(const float *p) {
+    v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
+
+static inline v16f relu2_16(v16f v) {
+    const v16i pos = v > 0.0f;
+    return (v16f)(((v16i)(v * v) & pos) | ((v16i)(v * 0.0f) & ~pos));
+}
+
+/* acc[0..MR) += rows a[0..MR) of A times the panel pair B0 = [K][16], B0 + K*16; prefetching the pair
+ * `pre` (two contiguous panels, two lines per k) when given. */
+static inline __attribute__((always_inline)) void block2_mr(const float *const *a, int K, const float *B0,
+                                                            const float *pre, v16f acc[12][2], const int MR) {
+    const float *B1 = B0 + (int64_t)K * 16;
+    for (int kk = 0; kk < K; kk++) {
+        if (pre != NULL) {
+            __builtin_prefetch(pre + (int64_t)kk * 32, 0, 2);
+            __builtin_prefetch(pre + (int64_t)kk * 32 + 16, 0, 2);
+        }
+        const v16f b0 = load16(B0 + (int64_t)kk * 16), b1 = load16(B1 + (int64_t)kk * 16);
+        for (int r = 0; r < MR; r++) {
+            const float av = a[r][kk];
+            acc[r][0] += av * b0;
+            acc[r][1] += av * b1;
+        }
+    }
+}
+
+/* The panel pair at B0 for all m rows of A: C[:, 0:nc] (16 < nc <= 32 columns), relu^2 when act.
+ * Blocks of up to 12 rows (24 accumulators). */
+static void panel2_rows(const float *A, int m, int K, int lda, const float *B0, const float *next, float *C, int ldc,
+                        int nc, int act) {
+    for (int r0 = 0; r0 < m; r0 += 12) {
+        const int mr = m - r0 < 12 ? m - r0 : 12;
+        const float *a[12];
+        for (int r = 0; r < mr; r++) a[r] = A + (int64_t)(r0 + r) * lda;
+        v16f acc[12][2] = {{{0}}};
+        const float *pre = r0 == 0 ? next : NULL;
+        switch (mr) {
+        case 12: block2_mr(a, K, B0, pre, acc, 12); break;
+        case 11: block2_mr(a, K, B0, pre, acc, 11); break;
+        case 10: block2_mr(a, K, B0, pre, acc, 10); break;
+        case 9: block2_mr(a, K, B0, pre, acc, 9); break;
+        case 8: block2_mr(a, K, B0, pre, acc, 8); break;
+        case 7: block2_mr(a, K, B0, pre, acc, 7); break;
+        case 6: block2_mr(a, K, B0, pre, acc, 6); break;
+        case 5: block2_mr(a, K, B0, pre, acc, 5); break;
+        case 4: block2_mr(a, K, B0, pre, acc, 4); break;
+        case 3: block2_mr(a, K, B0, pre, acc, 3); break;
+        case 2: block2_mr(a, K, B0, pre, acc, 2); break;
+        default: block2_mr(a, K, B0, pre, acc, 1);
+        }
+        for (int r = 0; r < mr; r++) {
+            float *cr = C + (int64_t)(r0 + r) * ldc;
+            const v16f o0 = act ? relu2_16(acc[r][0]) : acc[r][0], o1 = act ? relu2_16(acc[r][1]) : acc[r][1];
+            store16(cr, o0);
+            if (nc == 32) {
+                store16(cr + 16, o1);
+            } else {
+                for (int l = 0; l < nc - 16; l++) cr[16 + l] = o1[l];
+            }
+        }
+    }
+}
+#define PANELS_PER_STEP 2
+#else
+#define PANELS_PER_STEP 1
+#endif
+
+/* Panels j (and j + 1 when PANELS_PER_STEP is 2 and it exists) of the product: the step of the GEMM loops
+ * below.  `then`: what to prefetch after the last panel (or NULL). */
+static inline void panel_step(const float *A, int m, int K, int lda, const float *Bp, int n, int j, float *C,
+                              int ldc, int act, const float *then) {
+    const int panels = (n + 15) / 16, c = 16 * j;
+    const float *Bj = Bp + (int64_t)j * K * 16;
+#ifdef __AVX512F__
+    if (j + 1 < panels) {
+        const float *next = j + 2 < panels ? Bj + (int64_t)2 * K * 16 : then;
+        panel2_rows(A, m, K, lda, Bj, next, C + c, ldc, n - c < 32 ? n - c : 32, act);
+        return;
+    }
+#endif
+    panel_rows(A, m, K, lda, Bj, j + 1 < panels ? Bj + (int64_t)K * 16 : then, C + c, ldc, n - c < 16 ? n - c : 16, act);
+}
+
 /* C[m, n] = A[m, K] @ B[K, n], then relu^2 when act.  A rows have stride lda, C rows ldc.  B comes
  * packed in panels of 16 columns, each panel contiguous [K][16] (zero columns pad n up to a multiple of
- * 16), so that the weights stream sequentially.  Blocks of 6 rows x 16 columns: 12 accumulator
- * vectors, 2 loads of B and 6 broadcasts of A per k.  Serial (callers parallelise over experts);
- * `then` (or NULL): the panels used next, whose start is prefetched during the last panel. */
+ * 16), so that the weights stream sequentially.  Serial (callers parallelise over experts); `then` (or
+ * NULL): the panels used next, whose start is prefetched during the last panel. */
 static void gemm_packed(const float *A, int m, int K, int lda, const float *Bp, int n, float *C, int ldc, int act,
                         const float *then) {
     const int panels = (n + 15) / 16;
-    for (int j = 0; j < panels; j++) {
-        const float *Bj = Bp + (int64_t)j * K * 16;
-        const int c = 16 * j, nc = n - c < 16 ? n - c : 16;
-        panel_rows(A, m, K, lda, Bj, j + 1 < panels ? Bj + (int64_t)K * 16 : then, C + c, ldc, nc, act);
-    }
+    for (int j = 0; j < panels; j += PANELS_PER_STEP) panel_step(A, m, K, lda, Bp, n, j, C, ldc, act, then);
 }
 
 /* The same product with the panels shared out among the threads (a dense layer of a decode step). */
 static void gemm_packed_par(const float *A, int m, int K, int lda, const float *Bp, int n, float *C, int ldc) {
-    const int panels = (n + 15) / 16;
+    const int steps = ((n + 15) / 16 + PANELS_PER_STEP - 1) / PANELS_PER_STEP;
 #pragma omp parallel for schedule(static)
-    for (int j = 0; j < panels; j++) {
-        const float *Bj = Bp + (int64_t)j * K * 16;
-        const int c = 16 * j, nc = n - c < 16 ? n - c : 16;
-        panel_rows(A, m, K, lda, Bj, j + 1 < panels ? Bj + (int64_t)K * 16 : NULL, C + c, ldc, nc, 0);
-    }
+    for (int s = 0; s < steps; s++) panel_step(A, m, K, lda, Bp, n, s * PANELS_PER_STEP, C, ldc, 0, NULL);
 }
 
 /* Python-callable: C[M, N] = A[M, K] (row stride lda) @ W^T for a weight W [N, K] given as its panels
@@ -374,45 +471,81 @@ void add_rms_norm(float *h, const float *delta, const float *w, float *out, int 
     }
 }
 
+/* One query token of one row attends to its row's first L cached keys and values: q [Hq * Dh];
+ * kb, vb [Hkv, cap, Dh]: the row's buffers; out [Hq * Dh]; scores [Hq, cap] is workspace. */
+static void attend_row(const float *q, const float *kb0, const float *vb0, int64_t L, float *out, float *scores,
+                       int Hq, int Hkv, int Dh, int cap) {
+    const int R = Hq / Hkv;
+    const float scale = 1.0f / sqrtf((float)Dh);
+    for (int g = 0; g < Hkv; g++) {
+        const float *kb = kb0 + ((int64_t)g * cap) * Dh, *vb = vb0 + ((int64_t)g * cap) * Dh;
+        /* the R query heads of the group read each cached key and value once */
+        const float *qg = q + (int64_t)g * R * Dh;
+        float *sg = scores + ((int64_t)g * R) * cap, *og = out + g * R * Dh;
+        for (int64_t t = 0; t < L; t++)
+            for (int r = 0; r < R; r++) sg[r * cap + t] = dot(qg + r * Dh, kb + t * Dh, Dh) * scale;
+        for (int r = 0; r < R; r++) {
+            float *sc = sg + (int64_t)r * cap, mx = -INFINITY, tot = 0.0f;
+            for (int64_t t = 0; t < L; t++) mx = sc[t] > mx ? sc[t] : mx;
+            for (int64_t t = 0; t < L; t++) sc[t] -= mx;
+            exp_inplace(sc, (int)L);
+            for (int64_t t = 0; t < L; t++) tot += sc[t];
+            for (int64_t t = 0; t < L; t++) sc[t] /= tot;
+            for (int d = 0; d < Dh; d++) og[r * Dh + d] = 0.0f;
+        }
+        for (int64_t t = 0; t < L; t++) {
+            const float *vt = vb + t * Dh;
+            for (int r = 0; r < R; r++) {
+                const float pt = sg[r * cap + t];
+                float *o = og + r * Dh;
+                for (int d = 0; d < Dh; d++) o[d] += pt * vt[d];
+            }
+        }
+    }
+}
+
+/* The new token's k and v ([Hkv * Dh] each) into a row's buffers [Hkv, cap, Dh] at position pos. */
+static void write_kv(const float *kn, const float *vn, float *kb0, float *vb0, int64_t pos, int Hkv, int Dh, int cap) {
+    for (int g = 0; g < Hkv; g++) {
+        memcpy(kb0 + ((int64_t)g * cap + pos) * Dh, kn + g * Dh, sizeof(float) * Dh);
+        memcpy(vb0 + ((int64_t)g * cap + pos) * Dh, vn + g * Dh, sizeof(float) * Dh);
+    }
+}
+
 /* One attention decode step for B rows, GQA without positions.
  * qkv [B, (Hq + 2*Hkv) * Dh] (row stride qkv_stride): q | k | v of the new token.
  * kbuf, vbuf [B, Hkv, cap, Dh]: the new k, v are written at position len[b]; the query then attends
  * to positions 0..len[b].  out [B, Hq * Dh].  scores [B, Hq, cap] is workspace. */
 void attn_step(const float *qkv, float *kbuf, float *vbuf, const int64_t *len, float *out, float *scores,
                int B, int Hq, int Hkv, int Dh, int cap, int qkv_stride) {
-    const int R = Hq / Hkv;
-    const float scale = 1.0f / sqrtf((float)Dh);
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < B; b++) {
         const float *q = qkv + (int64_t)b * qkv_stride, *kn = q + Hq * Dh, *vn = kn + Hkv * Dh;
-        const int64_t L = len[b] + 1;
-        for (int g = 0; g < Hkv; g++) {
-            float *kb = kbuf + (((int64_t)b * Hkv + g) * cap) * Dh, *vb = vbuf + (((int64_t)b * Hkv + g) * cap) * Dh;
-            memcpy(kb + len[b] * Dh, kn + g * Dh, sizeof(float) * Dh);
-            memcpy(vb + len[b] * Dh, vn + g * Dh, sizeof(float) * Dh);
-            /* the R query heads of the group read each cached key and value once */
-            const float *qg = q + (int64_t)g * R * Dh;
-            float *sg = scores + ((int64_t)b * Hq + g * R) * cap, *og = out + (int64_t)b * Hq * Dh + g * R * Dh;
-            for (int64_t t = 0; t < L; t++)
-                for (int r = 0; r < R; r++) sg[r * cap + t] = dot(qg + r * Dh, kb + t * Dh, Dh) * scale;
-            for (int r = 0; r < R; r++) {
-                float *sc = sg + (int64_t)r * cap, mx = -INFINITY, tot = 0.0f;
-                for (int64_t t = 0; t < L; t++) mx = sc[t] > mx ? sc[t] : mx;
-                for (int64_t t = 0; t < L; t++) sc[t] -= mx;
-                exp_inplace(sc, (int)L);
-                for (int64_t t = 0; t < L; t++) tot += sc[t];
-                for (int64_t t = 0; t < L; t++) sc[t] /= tot;
-                for (int d = 0; d < Dh; d++) og[r * Dh + d] = 0.0f;
-            }
-            for (int64_t t = 0; t < L; t++) {
-                const float *vt = vb + t * Dh;
-                for (int r = 0; r < R; r++) {
-                    const float pt = sg[r * cap + t];
-                    float *o = og + r * Dh;
-                    for (int d = 0; d < Dh; d++) o[d] += pt * vt[d];
-                }
-            }
+        float *kb = kbuf + (int64_t)b * Hkv * cap * Dh, *vb = vbuf + (int64_t)b * Hkv * cap * Dh;
+        write_kv(kn, vn, kb, vb, len[b], Hkv, Dh, cap);
+        attend_row(q, kb, vb, len[b] + 1, out + (int64_t)b * Hq * Dh, scores + (int64_t)b * Hq * cap, Hq, Hkv, Dh, cap);
+    }
+}
+
+/* Attention for a cache extension of some rows: row i of the extension is cache row rows[i], holding
+ * len[i] tokens, and gets n_new[i] new tokens, packed at token offsets off[i] of qkv [M, qkv_stride]
+ * and out [M, Hq * Dh].  Every new token's k and v are written at len[i] + t, and token t attends to
+ * positions 0..len[i] + t, exactly as t decode steps would. */
+void attn_extend(const float *qkv, float *kbuf, float *vbuf, const int64_t *rows, const int64_t *len,
+                 const int64_t *n_new, const int64_t *off, float *out, int R, int Hq, int Hkv, int Dh, int cap,
+                 int qkv_stride) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int i = 0; i < R; i++) {
+        float *scores = malloc(sizeof(float) * (size_t)Hq * cap);
+        float *kb = kbuf + rows[i] * Hkv * cap * Dh, *vb = vbuf + rows[i] * Hkv * cap * Dh;
+        for (int64_t t = 0; t < n_new[i]; t++) {
+            const float *q = qkv + (off[i] + t) * qkv_stride, *kn = q + Hq * Dh;
+            write_kv(kn, kn + Hkv * Dh, kb, vb, len[i] + t, Hkv, Dh, cap);
         }
+        for (int64_t t = 0; t < n_new[i]; t++)
+            attend_row(qkv + (off[i] + t) * qkv_stride, kb, vb, len[i] + t + 1, out + (off[i] + t) * Hq * Dh, scores,
+                       Hq, Hkv, Dh, cap);
+        free(scores);
     }
 }
 
@@ -431,38 +564,57 @@ static void linear_rm(const float *A, int M, int K, int lda, const float *Wp, in
 enum { SLOT_P = 16, SLOT_I = 12, SLOT_F = 4 };
 enum { KIND_MAMBA = 0, KIND_MOE = 1, KIND_ATTN = 2, KIND_MLP = 3 };
 
-/* Workspace floats one layer needs for B rows (Python sizes the buffer with the same formula). */
-static int64_t layer_work(int kind, const int *I, int B, int D) {
+/* Which rows a cache extension feeds (NULL for a decode step): extension row i is cache row rows[i],
+ * with len[i] cached tokens and n_new[i] new ones at token offsets off[i] of the packed activations;
+ * R rows in all. */
+typedef struct {
+    const int64_t *rows, *len, *n_new, *off;
+    int R;
+} extension;
+
+/* Workspace floats one layer needs for B tokens (a decode step: one per row; an extension: R rows,
+ * their B tokens packed).  Python sizes the buffer with the same formula. */
+static int64_t layer_work(int kind, const int *I, int B, int R, int D) {
     switch (kind) {
-    case KIND_MAMBA: {  /* K H P G N group in_dim */
+    case KIND_MAMBA: {  /* K H P G N group in_dim; scratch: per row its tokens and K-1 window inputs */
         const int64_t Di = (int64_t)I[1] * I[2], Cc = Di + 2 * (int64_t)I[3] * I[4];
-        return B * ((int64_t)I[6] + (int64_t)I[0] * Cc + Di + D);
+        const int64_t scratch = R > 0 ? ((int64_t)B + (int64_t)R * (I[0] - 1)) * Cc : (int64_t)B * I[0] * Cc;
+        return B * ((int64_t)I[6] + Di + D) + scratch;
     }
     case KIND_MOE: {  /* E k De I Is latent norm_topk: idx (2 floats each), weights, proj, buf, delta */
         return B * (3 * (int64_t)I[1] + I[0] + (I[5] ? I[2] : 0) + I[4] + I[2] + I[4] + D);
     }
-    case KIND_ATTN: {  /* Hq Hkv Dh cap */
-        return B * ((int64_t)(I[0] + 2 * I[1]) * I[2] + (int64_t)I[0] * I[2] + (int64_t)I[0] * I[3] + D);
+    case KIND_ATTN: {  /* Hq Hkv Dh cap; a decode step's scores [B, Hq, cap] (an extension's are per row) */
+        return B * ((int64_t)(I[0] + 2 * I[1]) * I[2] + (int64_t)I[0] * I[2] + (R > 0 ? 0 : (int64_t)I[0] * I[3]) + D);
     }
     default:  /* MLP: intermediate */
         return B * ((int64_t)I[0] + D);
     }
 }
 
-int64_t decode_work_size(int L, const int *kinds, const int *ints, int B, int D) {
+static int64_t work_size(int L, const int *kinds, const int *ints, int B, int R, int D) {
     int64_t most = 0;
     for (int l = 0; l < L; l++) {
-        const int64_t w = layer_work(kinds[l], ints + (int64_t)l * SLOT_I, B, D);
+        const int64_t w = layer_work(kinds[l], ints + (int64_t)l * SLOT_I, B, R, D);
         most = w > most ? w : most;
     }
     return most;
 }
 
-/* h [B, D]: residual stream (updated); x [B, D]: the first layer's normed input, on return the final
- * normed hidden state; len long [B]: tokens in the cache before this one; routes long
- * [n_moe, B, k] or NULL (experts chosen per MoE layer); work: decode_work_size floats. */
-void decode_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h, float *x,
-                   float *work, const int64_t *len, int64_t *routes, int B, int D) {
+int64_t decode_work_size(int L, const int *kinds, const int *ints, int B, int D) {
+    return work_size(L, kinds, ints, B, 0, D);
+}
+
+int64_t extend_work_size(int L, const int *kinds, const int *ints, int M, int R, int D) {
+    return work_size(L, kinds, ints, M, R, D);
+}
+
+/* The layer stack over B tokens: one per cache row (a decode step, ext NULL, len [B]) or the packed new
+ * tokens of an extension's rows (ext).  h [B, D]: residual stream (updated); x [B, D]: the first layer's
+ * normed input, on return the final normed hidden state; routes long [n_moe, B, k] or NULL. */
+static void run_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h,
+                       float *x, float *work, const int64_t *len, int64_t *routes, int B, int D,
+                       const extension *ext) {
     int moe_slot = 0;
     for (int l = 0; l < L; l++) {
         void *const *P = ptrs + (int64_t)l * SLOT_P;
@@ -473,11 +625,23 @@ void decode_layers(int L, const int *kinds, void *const *ptrs, const int *ints, 
         case KIND_MAMBA: {
             const int K = I[0], H = I[1], Pd = I[2], G = I[3], N = I[4], group = I[5], in_dim = I[6];
             const int Di = H * Pd, Cc = Di + 2 * G * N;
-            float *proj = work, *scratch = proj + (int64_t)B * in_dim, *y = scratch + (int64_t)B * K * Cc;
-            delta = y + (int64_t)B * Di;
+            float *proj = work, *y = proj + (int64_t)B * in_dim, *scratch = y + (int64_t)B * Di;
             linear_rm(x, B, D, D, P[0], in_dim, proj, in_dim);
-            mamba_scan(proj, NULL, P[8], P[2], P[3], P[4], P[5], P[6], P[7], P[9], y, scratch,
-                       B, 1, K, H, Pd, G, N, group, in_dim, F[0], F[1]);
+            if (ext == NULL) {
+                mamba_scan(proj, NULL, P[8], P[2], P[3], P[4], P[5], P[6], P[7], P[9], y, scratch,
+                           B, 1, K, H, Pd, G, N, group, in_dim, F[0], F[1]);
+                delta = scratch + (int64_t)B * K * Cc;
+            } else {
+                float *conv = P[8], *state = P[9];
+#pragma omp parallel for schedule(dynamic, 1)
+                for (int i = 0; i < ext->R; i++) {
+                    const int64_t o = ext->off[i], b = ext->rows[i];
+                    scan_row(proj + o * in_dim, (int)ext->n_new[i], conv + b * (K - 1) * Cc,
+                             state + b * H * Pd * N, y + o * Di, scratch + (o + (int64_t)i * (K - 1)) * Cc,
+                             P[2], P[3], P[4], P[5], P[6], P[7], K, H, Pd, G, N, group, in_dim, F[0], F[1]);
+                }
+                delta = scratch + ((int64_t)B + (int64_t)ext->R * (K - 1)) * Cc;
+            }
             linear_rm(y, B, Di, Di, P[1], D, delta, D);
             break;
         }
@@ -511,9 +675,15 @@ void decode_layers(int L, const int *kinds, void *const *ptrs, const int *ints, 
         case KIND_ATTN: {
             const int Hq = I[0], Hkv = I[1], Dh = I[2], cap = I[3], qkv_dim = (Hq + 2 * Hkv) * Dh;
             float *qkv = work, *out = qkv + (int64_t)B * qkv_dim, *scores = out + (int64_t)B * Hq * Dh;
-            delta = scores + (int64_t)B * Hq * cap;
             linear_rm(x, B, D, D, P[0], qkv_dim, qkv, qkv_dim);
-            attn_step(qkv, P[2], P[3], len, out, scores, B, Hq, Hkv, Dh, cap, qkv_dim);
+            if (ext == NULL) {
+                attn_step(qkv, P[2], P[3], len, out, scores, B, Hq, Hkv, Dh, cap, qkv_dim);
+                delta = scores + (int64_t)B * Hq * cap;
+            } else {
+                attn_extend(qkv, P[2], P[3], ext->rows, ext->len, ext->n_new, ext->off, out, ext->R, Hq, Hkv, Dh,
+                            cap, qkv_dim);
+                delta = scores;
+            }
             linear_rm(out, B, Hq * Dh, Hq * Dh, P[1], D, delta, D);
             break;
         }
@@ -528,4 +698,21 @@ void decode_layers(int L, const int *kinds, void *const *ptrs, const int *ints, 
         }
         add_rms_norm(h, delta, P[SLOT_P - 1], x, B, D, F[SLOT_F - 1]);
     }
+}
+
+/* A decode step: h, x [B, D] (see run_layers); len long [B]: tokens in the cache before this one;
+ * routes long [n_moe, B, k] or NULL; work: decode_work_size floats. */
+void decode_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h, float *x,
+                   float *work, const int64_t *len, int64_t *routes, int B, int D) {
+    run_layers(L, kinds, ptrs, ints, fls, h, x, work, len, routes, B, D, NULL);
+}
+
+/* A cache extension of R rows (cache rows `rows`, with len / n_new / off as in `extension`), their M new
+ * tokens packed: h, x [M, D] (see run_layers); routes long [n_moe, M, k] or NULL; work:
+ * extend_work_size floats.  Rows of the cache not listed are not touched. */
+void extend_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h, float *x,
+                   float *work, const int64_t *rows, const int64_t *len, const int64_t *n_new, const int64_t *off,
+                   int64_t *routes, int R, int M, int D) {
+    const extension ext = {rows, len, n_new, off, R};
+    run_layers(L, kinds, ptrs, ints, fls, h, x, work, NULL, routes, M, D, &ext);
 }
