@@ -68,7 +68,13 @@ static void scan_row(const float *row, int nb, float *win, float *state_b, float
     /* conv over time, in place: output t only reads inputs t..t+K-1, so write it over input t */
     for (int t = 0; t < nb; t++) {
         float *u = xp + (int64_t)t * Cc;
-        for (int c = 0; c < Cc; c++) {
+        int c = 0;
+        for (; c + 8 <= Cc; c += 8) {  /* eight channels at a time: per channel the same chain as below */
+            v8f acc = load8(conv_b + c);
+            for (int j = 0; j < K; j++) acc += load8(u + (int64_t)j * Cc + c) * load8(conv_w + j * Cc + c);
+            store8(u + c, acc);
+        }
+        for (; c < Cc; c++) {
             float acc = conv_b[c];
             for (int j = 0; j < K; j++) acc += u[(int64_t)j * Cc + c] * conv_w[j * Cc + c];
             u[c] = acc;
@@ -335,7 +341,69 @@ static void panel2_rows(const float *A, int m, int K, int lda, const float *B0, 
         }
     }
 }
+/* As block2_mr, the MR rows read from A packed row-interleaved: ap[kk * 12 + r] (one stream per block). */
+static inline __attribute__((always_inline)) void block2_packed(const float *ap, int K, const float *B0,
+                                                                v16f acc[12][2], const int MR) {
+    const float *B1 = B0 + (int64_t)K * 16;
+    for (int kk = 0; kk < K; kk++) {
+        const v16f b0 = load16(B0 + (int64_t)kk * 16), b1 = load16(B1 + (int64_t)kk * 16);
+        const float *a = ap + (int64_t)kk * 12;
+        for (int r = 0; r < MR; r++) {
+            acc[r][0] += a[r] * b0;
+            acc[r][1] += a[r] * b1;
+        }
+    }
+}
+
+/* panel2_rows over A packed by pack_rows (blocks of 12 rows, each [K][12]). */
+static void panel2_packed(const float *Ap, int m, int K, const float *B0, float *C, int ldc, int nc) {
+    for (int r0 = 0; r0 < m; r0 += 12) {
+        const int mr = m - r0 < 12 ? m - r0 : 12;
+        const float *ap = Ap + (int64_t)r0 * K;
+        v16f acc[12][2] = {{{0}}};
+        switch (mr) {
+        case 12: block2_packed(ap, K, B0, acc, 12); break;
+        case 11: block2_packed(ap, K, B0, acc, 11); break;
+        case 10: block2_packed(ap, K, B0, acc, 10); break;
+        case 9: block2_packed(ap, K, B0, acc, 9); break;
+        case 8: block2_packed(ap, K, B0, acc, 8); break;
+        case 7: block2_packed(ap, K, B0, acc, 7); break;
+        case 6: block2_packed(ap, K, B0, acc, 6); break;
+        case 5: block2_packed(ap, K, B0, acc, 5); break;
+        case 4: block2_packed(ap, K, B0, acc, 4); break;
+        case 3: block2_packed(ap, K, B0, acc, 3); break;
+        case 2: block2_packed(ap, K, B0, acc, 2); break;
+        default: block2_packed(ap, K, B0, acc, 1);
+        }
+        for (int r = 0; r < mr; r++) {
+            float *cr = C + (int64_t)(r0 + r) * ldc;
+            store16(cr, acc[r][0]);
+            if (nc == 32) {
+                store16(cr + 16, acc[r][1]);
+            } else {
+                for (int l = 0; l < nc - 16; l++) cr[16 + l] = acc[r][1][l];
+            }
+        }
+    }
+}
+
+/* A [m, K] (row stride lda) in blocks of 12 rows, each block [K][12] row-interleaved (the last one's missing
+ * rows left unset: never read). */
+static float *pack_rows(const float *A, int m, int K, int lda) {
+    const int blocks = (m + 11) / 12;
+    float *Ap = malloc(sizeof(float) * (size_t)blocks * 12 * K);
+    for (int b = 0; b < blocks; b++) {
+        const int mr = m - 12 * b < 12 ? m - 12 * b : 12;
+        float *dst = Ap + (int64_t)b * 12 * K;
+        for (int r = 0; r < mr; r++) {
+            const float *src = A + (int64_t)(12 * b + r) * lda;
+            for (int kk = 0; kk < K; kk++) dst[(int64_t)kk * 12 + r] = src[kk];
+        }
+    }
+    return Ap;
+}
 #define PANELS_PER_STEP 2
+#define PACK_ROWS_FROM 48
 #else
 #define PANELS_PER_STEP 1
 #endif
@@ -369,6 +437,23 @@ static void gemm_packed(const float *A, int m, int K, int lda, const float *Bp, 
 /* The same product with the panels shared out among the threads (a dense layer of a decode step). */
 static void gemm_packed_par(const float *A, int m, int K, int lda, const float *Bp, int n, float *C, int ldc) {
     const int steps = ((n + 15) / 16 + PANELS_PER_STEP - 1) / PANELS_PER_STEP;
+#ifdef __AVX512F__
+    if (m >= PACK_ROWS_FROM) {
+        /* many rows (a cache extension): A packed once, so that each block's rows are one stream */
+        float *Ap = pack_rows(A, m, K, lda);
+        const int panels = (n + 15) / 16;
+#pragma omp parallel for schedule(static)
+        for (int s = 0; s < steps; s++) {
+            const int j = 2 * s, c = 16 * j;
+            if (j + 1 < panels)
+                panel2_packed(Ap, m, K, Bp + (int64_t)j * K * 16, C + c, ldc, n - c < 32 ? n - c : 32);
+            else
+                panel_rows(A, m, K, lda, Bp + (int64_t)j * K * 16, NULL, C + c, ldc, n - c < 16 ? n - c : 16, 0);
+        }
+        free(Ap);
+        return;
+    }
+#endif
 #pragma omp parallel for schedule(static)
     for (int s = 0; s < steps; s++) panel_step(A, m, K, lda, Bp, n, s * PANELS_PER_STEP, C, ldc, 0, NULL);
 }
