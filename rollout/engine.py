@@ -15,19 +15,19 @@ pass of the loop:
    NON-action token), followed by the tokenizer's ``end_suffix`` (none for the byte tokenizer, ChatML's
    newline), also NON-action, so the ids stay identical to ``render_chat`` of the conversation. A row whose
    turn ended hands the action to its environment, which steps on a worker thread (``EnvCalls``).
-3. decode: the rows whose turn goes on feed their token in one decode step: ``model.decode_step`` of the
-   whole batch when every row takes part, else ``model.extend`` of those rows alone (one token each,
-   ``HybridLM.extend(rows=...)``: the other rows' cache is not touched, nothing is copied). The rows
-   waiting for their environment are not in it: a slow environment holds its own row, not the batch.
-4. collect the environments that have answered (without waiting, unless no row is left to decode). A
+3. collect the environments that have answered (without waiting, unless no row has anything to feed). A
    finished episode leaves its row; finished rows are dropped from the batch (``cache.select``; their slots
    refilled at step 1 at once) when episodes are waiting for the room or a quarter of the rows are done;
-   until then they stay, left out of every step (``_compact``). Each next observation is rendered as one
-   message plus the generation prefix.
-5. feed: the rows whose observation waits feed their unfed tokens (the turn's closing tokens, the end
-   suffix and the observation; only the new tokens, the history is never re-prefilled or re-tokenized) in
-   one ``model.extend`` of those rows alone, once they are half the batch (``FEED_SHARE``) or no row is
-   left decoding: fewer, larger extensions.
+   until then they stay, left out of every forward (``_compact``). Each next observation is rendered as
+   one message plus the generation prefix.
+4. forward, once per pass: the rows whose turn goes on feed the token they just sampled, and the rows whose
+   environment answered feed their unfed tokens (the turn's closing tokens, the end suffix and the
+   observation; only the new tokens, the history is never re-prefilled or re-tokenized), all in one
+   ``model.extend`` of those rows alone (``HybridLM.extend(rows=...)``: packed without padding, in place,
+   the other rows not touched), or one ``model.decode_step`` when every row feeds one token. A row waiting
+   for its environment is not in it: a slow environment holds its own row, not the batch, and an
+   observation costs no call of its own (a decode step costs nearly the same for 20 rows as for 32, so
+   the weights are read once for both kinds of rows).
 
 No schedule changes an episode: a row's arithmetic in the model's kernels does not depend on the other rows
 of its forward (nor on whether its tokens come one per step or together), and each sampled token is drawn
@@ -193,9 +193,9 @@ class Engine:
         A row of the batch is at any time in one of four states: it has fed every token and samples next;
         its turn ended and its environment is stepping (``ep.call``); its environment answered and its
         closing tokens and next observation wait to be fed; or it is finished (``None``). Each pass samples
-        the rows that can, decodes the ones whose turn goes on (only those rows: the others are left out
-        of the step, untouched), collects the environments that answered, and feeds the waiting
-        observations in one extension of their rows (``_feed``)."""
+        the rows that can, collects the environments that have answered, and then feeds in ONE forward the
+        token just sampled by every row whose turn goes on and the observation of every row whose
+        environment answered (``_forward``); the rows still waiting for their environment are not in it."""
         pending = deque(requests)
         prefixes: deque[_Prefix] = deque()
         finished: list[Trajectory] = []
@@ -211,11 +211,10 @@ class Engine:
                     cache, logits_bv = self._admit(rows, cache, logits_bv, prefixes, pending, finished)
                     if all(ep is None for ep in rows):
                         break
-                    live = [i for i, ep in enumerate(rows) if ep is not None and ep.call is None
-                            and ep.fed == len(ep.traj.token_ids)]
-                    decoding = []
                     if self.batch_trace is not None:
                         self.batch_trace.append(sum(ep is not None for ep in rows))
+                    live = [i for i, ep in enumerate(rows) if ep is not None and ep.call is None
+                            and ep.fed == len(ep.traj.token_ids)]
                     if live:
                         uniforms_b = None if self.sampling.temperature == 0 else keyed_uniforms(
                             self.stream_seed, [rows[i].ident for i in live], [len(rows[i].traj.token_ids) for i in live])
@@ -226,37 +225,27 @@ class Engine:
                         for j, i in enumerate(live):
                             ep = rows[i]
                             action = self._append_sampled(ep, int(tokens_b[j]), float(sample_logp_b[j]), float(plain_logp_b[j]))
-                            if action is None:
-                                decoding.append(i)
-                            else:  # the env steps on a worker thread while the other rows decode
+                            if action is not None:  # the env steps on a worker thread while the other rows go on
                                 ep.call = EnvCalls([_step_fn(ep.env, action)], on_done=self._answered.set)
-                    if decoding:
-                        cache, logits_bv = self._decode(cache, rows, decoding, logits_bv)
-                    waiting = self._collect(rows, finished, block=not decoding)
+                    unfed = lambda: [i for i, ep in enumerate(rows)  # noqa: E731
+                                     if ep is not None and ep.call is None and ep.fed < len(ep.traj.token_ids)]
+                    self._collect(rows, finished, block=not unfed())
                     cache, logits_bv = self._compact(rows, cache, logits_bv, bool(prefixes or pending))
                     if not rows:
                         cache, logits_bv = None, None
                         continue
-                    waiting = [i for i, ep in enumerate(rows) if ep is not None and ep.call is None
-                               and ep.fed < len(ep.traj.token_ids)] if waiting else []
-                    if waiting and (not decoding or len(waiting) >= self.FEED_SHARE * len(rows)):
-                        cache, logits_bv = self._feed(cache, rows, waiting, logits_bv)
+                    feeding = unfed()
+                    if feeding:
+                        cache, logits_bv = self._forward(cache, rows, feeding, logits_bv)
         finally:
             self.model.train(was_training)
         return finished
 
-    # The rows whose observation waits are fed together once they are this share of the batch, or when no
-    # row is left decoding: fewer, larger extensions (a small one costs ~5 ms, a whole decode step's worth).
-    # Waiting changes no episode: a row's arithmetic does not depend on the other rows of its forward, and
-    # its sampled tokens are keyed by its episode and their position, not by the step they are drawn at.
-    FEED_SHARE = 0.5
-
-    def _collect(self, rows, finished: list, block: bool) -> bool:
+    def _collect(self, rows, finished: list, block: bool) -> None:
         """Book the answers of the environments that have answered (or timed out); with ``block`` and nothing
-        answered yet, wait for the first. Finished episodes leave their row (``None``). Returns whether a row
-        now waits to feed its observation."""
+        answered yet, wait for the first. A finished episode leaves its row (``None``); the others get their
+        next observation appended, to be fed."""
         stepping = [i for i, ep in enumerate(rows) if ep is not None and ep.call is not None]
-        feeding = any(ep is not None and ep.call is None and ep.fed < len(ep.traj.token_ids) for ep in rows)
         timeout_s = self.episode.env_timeout_s
         while stepping:
             self._answered.clear()  # before looking: an answer from now on sets it again
@@ -268,13 +257,9 @@ class Engine:
                 if self._after_step(ep, outcome):
                     finished.append(self._finish(ep))
                     rows[i] = None
-                else:
-                    feeding = True
-            if done or feeding or not block:
-                break
-            left = [rows[i].call.time_left(timeout_s) for i in stepping]
-            self._answered.wait(min(left) if timeout_s else None)
-        return feeding
+            if done or not block:
+                return
+            self._answered.wait(min(rows[i].call.time_left(timeout_s) for i in stepping) if timeout_s else None)
 
     DEAD_ROWS_FRACTION = 0.25  # finished rows stay in the batch (left out of every step) until this share of it
 
@@ -486,60 +471,51 @@ class Engine:
         return traj
 
     # ------------------------------------------------------------------ model calls
-    def _decode(self, cache, rows: list[_Episode], decoding: list[int], logits_bv):
-        """The rows ``decoding`` feed their sampled token in one decode step (of the whole batch when every row
-        decodes, else of those rows alone: the others are left untouched) -> (cache, logits [B, V])."""
-        eps = [rows[i] for i in decoding]
-        tokens = [ep.traj.token_ids[ep.fed] for ep in eps]
-        self.stats["fed_tokens"] += len(eps)
-        self.stats["idle_row_steps"] += len(rows) - len(eps)  # rows left out: finished, or waiting on their env
-        if len(decoding) == len(rows):
-            new_logits, routing = self._call_decode(cache, torch.tensor(tokens))
+    def _forward(self, cache, rows: list[_Episode], feeding: list[int], logits_bv):
+        """One forward of the rows ``feeding``: each feeds its unfed tokens, the token it just sampled, or the
+        closing tokens of its turn, the end suffix and its next observation (only the new tokens: the history
+        is never re-prefilled or re-tokenized) -> (cache, logits [B, V]). A ``decode_step`` when every row of
+        the batch feeds one token; else one ``extend`` of those rows alone (``HybridLM.extend(rows=...)``, in
+        place; another cache through a copy of those rows), so an observation never pads the other rows'
+        forward and a row waiting for its environment is not touched. Booked as a decode step when every
+        row feeds one token, else as an extension. ``reprefill``: the rows that feed an observation rebuild
+        their cache from the whole history instead (the benchmark's baseline), in a forward of their own."""
+        eps = [rows[i] for i in feeding]
+        feeds = [ep.traj.token_ids[ep.fed:] for ep in eps]
+        if self.reprefill and any(len(f) > 1 for f in feeds):
+            whole = [i for i, f in zip(feeding, feeds) if len(f) > 1]
+            sub = self.model.new_cache(len(whole))
+            sub_logits, routing = self._call_extend(sub, [rows[i].traj.token_ids for i in whole])
+            cache = _put_rows(cache, len(rows), whole, sub)
+            for i in whole:
+                rows[i].fed = len(rows[i].traj.token_ids)
+            self.stats["fed_tokens"] += sum(len(rows[i].traj.token_ids) for i in whole)
+            logits_bv = logits_bv.index_copy(0, torch.tensor(whole), sub_logits.to(logits_bv.dtype))
+            feeding = [i for i in feeding if i not in set(whole)]
+            if not feeding:
+                return cache, logits_bv
+            eps, feeds = [rows[i] for i in feeding], [rows[i].traj.token_ids[rows[i].fed:] for i in feeding]
+        step = all(len(f) == 1 for f in feeds)
+        self.stats["fed_tokens"] += sum(map(len, feeds))
+        self.stats["idle_row_steps"] += len(rows) - len(feeding)  # rows left out: finished, or waiting on their env
+        call = self._call_decode if step else self._call_extend
+        if len(feeding) == len(rows) and step:
+            new_logits, routing = call(cache, torch.tensor([f[0] for f in feeds]))
+        elif len(feeding) == len(rows):
+            new_logits, routing = call(cache, feeds)
+        elif isinstance(cache, HybridCache):
+            new_logits, routing = call(cache, feeds, feeding)
         else:
-            cache, new_logits, routing = self._extend_rows(cache, len(rows), decoding, [[t] for t in tokens], step=True)
+            sub = cache.select(feeding)
+            new_logits, routing = call(sub, feeds)
+            cache = _put_rows(cache, len(rows), feeding, sub)
         for k, ep in enumerate(eps):
-            ep.fed += 1
             if routing is not None and ep.routing is not None:
                 ep.routing.extend(routing[k])
-        if len(decoding) == len(rows):
-            return cache, new_logits
-        return cache, logits_bv.index_copy(0, torch.tensor(decoding), new_logits.to(logits_bv.dtype))
-
-    def _feed(self, cache, rows: list[_Episode], feeding: list[int], logits_bv):
-        """The rows ``feeding`` feed their unfed tokens (the closing tokens of the turn, the end suffix and the
-        next observation; only the new tokens, the history is never re-prefilled or re-tokenized) in one
-        ``extend`` of those rows alone, so an observation never pads the other rows' forward -> (cache,
-        logits [B, V]). ``reprefill``: they rebuild their cache from the whole history."""
-        eps = [rows[i] for i in feeding]
-        if self.reprefill:
-            feeds = [ep.traj.token_ids for ep in eps]
-            sub = self.model.new_cache(len(eps))
-            sub_logits_bv, routing = self._call_extend(sub, feeds)
-            cache = _put_rows(cache, len(rows), feeding, sub)
-        else:
-            feeds = [ep.traj.token_ids[ep.fed:] for ep in eps]
-            cache, sub_logits_bv, routing = self._extend_rows(cache, len(rows), feeding, feeds)
-        for k, ep in enumerate(eps):
-            if routing is not None and ep.routing is not None and not self.reprefill:
-                ep.routing.extend(routing[k])
             ep.fed = len(ep.traj.token_ids)
-        self.stats["fed_tokens"] += sum(map(len, feeds))
-        return cache, logits_bv.index_copy(0, torch.tensor(feeding), sub_logits_bv.to(logits_bv.dtype))
-
-    def _extend_rows(self, cache, n_rows: int, rows: list[int], feeds, step: bool = False):
-        """``feeds`` into the rows ``rows`` of ``cache`` (``n_rows`` rows) -> (cache, logits, routing): a
-        ``HybridCache`` in place (``HybridLM.extend(rows=...)``), another through a copy of those rows.
-        ``step``: book it as a decode step (one token per row)."""
-        call = self._call_decode if step else self._call_extend
-        if len(rows) == n_rows:
-            logits, routing = call(cache, feeds)
-            return cache, logits, routing
-        if isinstance(cache, HybridCache):
-            logits, routing = call(cache, feeds, rows)
-            return cache, logits, routing
-        sub = cache.select(rows)
-        logits, routing = call(sub, feeds)
-        return _put_rows(cache, n_rows, rows, sub), logits, routing
+        if len(feeding) == len(rows):
+            return cache, new_logits
+        return cache, logits_bv.index_copy(0, torch.tensor(feeding), new_logits.to(logits_bv.dtype))
 
     def _call_extend(self, cache, feeds, rows=None):
         """``model.extend`` of ``feeds`` into every row of ``cache``, or into its rows ``rows`` only."""
