@@ -40,15 +40,21 @@ compares against: rebuild a row's cache from the whole history at every turn.
 Where the time goes (``hybrid-rl bench rollout``'s throughput run: ``tiny``, 32 four-turn FixedTurns
 episodes on 32 rows, one torch thread, 2-core machine). The engine feeds ~2,650 observation and prompt
 tokens besides the ~1,940 it generates, while the raw decode loop it is compared with feeds only what it
-generates; so its share of the raw loop is bounded by how cheaply ``extend`` takes a token. Before this
-schedule, extensions went through PyTorch (MKL re-packs every weight on each call: a ~4 ms floor, 13 of
-16 boundary extensions had 1-4 rows) with the rows copied out and back, the decode GEMMs used 8-lane
-vectors, and every pass waited for every stepping environment: the engine ran at 38% of the raw loop, and
-a 50 ms environment doubled the wall time (2.0x). Now an extension is one kernel call over the packed new
-tokens in place (``fused.DecodeProgram.extend``), the GEMMs take two panels at a time in 16 lanes where
-the CPU has them (the same sums, bit for bit), and the environments step beside the batch: see
-docs/BENCHMARKS.md for the figures. Of a run, the model's forwards are ~90%: decode steps ~50%, extensions
-~40%; sampling, bookkeeping and env calls the rest.
+generates; so its share of the raw loop is bounded by how cheaply a forward takes an observation token.
+A decode step of ``tiny`` costs ~2.7 ms plus ~0.26 ms per row (1 row 2.1 ms, 32 rows 10.9 ms): each
+forward call has a fixed price, so this loop makes one per pass. Before it, extensions went through
+PyTorch (MKL re-packs every weight on each call: a ~4 ms floor, and 13 of 16 boundary extensions had 1-4
+rows) with the rows copied out and back, the decode GEMMs used 8-lane vectors, and every pass waited for
+every stepping environment: the engine ran at 38% of the raw loop, and a 50 ms environment doubled the wall
+time (2.0x). Now an extension is one kernel call over the packed new tokens in place
+(``fused.DecodeProgram.extend``), the GEMMs take two panels at a time in 16 lanes where the CPU has them
+(the same sums, bit for bit), and the environments step beside the batch: the engine runs at 42-46% of
+the raw loop on a quiet machine (best of 10 alternating runs; this shared machine's speed moves by up to
+2x from minute to minute), and the 50 ms environment costs 1.0-1.1x the instant one's wall time. Schedules
+measured there: feeding observations in an extension of their own as soon as they arrive, 0.434; only
+once half the batch waits, 0.427; in the same forward as the decoding rows (this loop), 0.459. Of a run,
+the model's forwards are ~90%; sampling, bookkeeping and env calls the rest. See docs/BENCHMARKS.md for
+the recorded figures.
 
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
 past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action is text only
