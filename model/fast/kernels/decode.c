@@ -286,6 +286,14 @@ static inline v16f relu2_16(v16f v) {
     return (v16f)(((v16i)(v * v) & pos) | ((v16i)(v * 0.0f) & ~pos));
 }
 
+/* switch (mr) over 1..12 with a constant row count at each call site: each count gets its own unrolled loop */
+#define BY_ROWS(mr, CALL) \
+    switch (mr) { \
+    case 12: CALL(12); break; case 11: CALL(11); break; case 10: CALL(10); break; case 9: CALL(9); break; \
+    case 8: CALL(8); break; case 7: CALL(7); break; case 6: CALL(6); break; case 5: CALL(5); break; \
+    case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break; default: CALL(1); \
+    }
+
 /* acc[0..MR) += rows a[0..MR) of A times the panel pair B0 = [K][16], B0 + K*16; prefetching the pair
  * `pre` (two contiguous panels, two lines per k) when given. */
 static inline __attribute__((always_inline)) void block2_mr(const float *const *a, int K, const float *B0,
@@ -315,20 +323,9 @@ static void panel2_rows(const float *A, int m, int K, int lda, const float *B0, 
         for (int r = 0; r < mr; r++) a[r] = A + (int64_t)(r0 + r) * lda;
         v16f acc[12][2] = {{{0}}};
         const float *pre = r0 == 0 ? next : NULL;
-        switch (mr) {
-        case 12: block2_mr(a, K, B0, pre, acc, 12); break;
-        case 11: block2_mr(a, K, B0, pre, acc, 11); break;
-        case 10: block2_mr(a, K, B0, pre, acc, 10); break;
-        case 9: block2_mr(a, K, B0, pre, acc, 9); break;
-        case 8: block2_mr(a, K, B0, pre, acc, 8); break;
-        case 7: block2_mr(a, K, B0, pre, acc, 7); break;
-        case 6: block2_mr(a, K, B0, pre, acc, 6); break;
-        case 5: block2_mr(a, K, B0, pre, acc, 5); break;
-        case 4: block2_mr(a, K, B0, pre, acc, 4); break;
-        case 3: block2_mr(a, K, B0, pre, acc, 3); break;
-        case 2: block2_mr(a, K, B0, pre, acc, 2); break;
-        default: block2_mr(a, K, B0, pre, acc, 1);
-        }
+#define ROWS(n) block2_mr(a, K, B0, pre, acc, n)
+        BY_ROWS(mr, ROWS)
+#undef ROWS
         for (int r = 0; r < mr; r++) {
             float *cr = C + (int64_t)(r0 + r) * ldc;
             const v16f o0 = act ? relu2_16(acc[r][0]) : acc[r][0], o1 = act ? relu2_16(acc[r][1]) : acc[r][1];
@@ -361,20 +358,9 @@ static void panel2_packed(const float *Ap, int m, int K, const float *B0, float 
         const int mr = m - r0 < 12 ? m - r0 : 12;
         const float *ap = Ap + (int64_t)r0 * K;
         v16f acc[12][2] = {{{0}}};
-        switch (mr) {
-        case 12: block2_packed(ap, K, B0, acc, 12); break;
-        case 11: block2_packed(ap, K, B0, acc, 11); break;
-        case 10: block2_packed(ap, K, B0, acc, 10); break;
-        case 9: block2_packed(ap, K, B0, acc, 9); break;
-        case 8: block2_packed(ap, K, B0, acc, 8); break;
-        case 7: block2_packed(ap, K, B0, acc, 7); break;
-        case 6: block2_packed(ap, K, B0, acc, 6); break;
-        case 5: block2_packed(ap, K, B0, acc, 5); break;
-        case 4: block2_packed(ap, K, B0, acc, 4); break;
-        case 3: block2_packed(ap, K, B0, acc, 3); break;
-        case 2: block2_packed(ap, K, B0, acc, 2); break;
-        default: block2_packed(ap, K, B0, acc, 1);
-        }
+#define ROWS(n) block2_packed(ap, K, B0, acc, n)
+        BY_ROWS(mr, ROWS)
+#undef ROWS
         for (int r = 0; r < mr; r++) {
             float *cr = C + (int64_t)(r0 + r) * ldc;
             store16(cr, acc[r][0]);
