@@ -497,7 +497,8 @@ class Engine:
                 rows[i].fed = len(rows[i].traj.token_ids)
             self.stats["fed_tokens"] += sum(len(rows[i].traj.token_ids) for i in whole)
             logits_bv = logits_bv.index_copy(0, torch.tensor(whole), sub_logits.to(logits_bv.dtype))
-            feeding = [i for i in feeding if i not in set(whole)]
+            rebuilt = set(whole)
+            feeding = [i for i in feeding if i not in rebuilt]
             if not feeding:
                 return cache, logits_bv
             eps, feeds = [rows[i] for i in feeding], [rows[i].traj.token_ids[rows[i].fed:] for i in feeding]
