@@ -297,14 +297,14 @@ class HybridLM(nn.Module):
             raise ValueError(f"extend got token lists for {len(tokens)} rows, "
                              f"{'the cache has' if rows is None else 'rows names'} {n_rows}")
         device = cache.lengths.device
-        seqs = [torch.as_tensor(r, dtype=torch.long, device=device).reshape(-1) for r in tokens]
         if rows is not None:
             rows = [int(r) for r in rows]
             if len(set(rows)) != len(rows) or any(not 0 <= r < cache.batch_size for r in rows):
                 raise ValueError(f"extend(rows={rows}): rows must be distinct and in [0, {cache.batch_size})")
         program = fused.program_for(self, self.backbone.embeddings.weight, cache) if self.impl == "fast" else None
         if program is not None:
-            return self._extend_program(program, cache, seqs, rows, record_routing)
+            return self._extend_program(program, cache, *_flat_tokens(tokens), rows, record_routing)
+        seqs = [torch.as_tensor(r, dtype=torch.long, device=device).reshape(-1) for r in tokens]
         if rows is None:
             return self._extend_rows(cache, seqs, record_routing)
         sub = cache.select(rows, room=max(map(len, seqs), default=0))
@@ -312,28 +312,31 @@ class HybridLM(nn.Module):
         cache.put_rows(rows, sub)
         return out
 
-    def _extend_program(self, program, cache, seqs, rows, record_routing):
-        """``extend`` through the decode program's ``extend`` (see there)."""
+    def _extend_program(self, program, cache, flat, counts, rows, record_routing):
+        """``extend`` through the decode program's ``extend`` (see there): ``flat`` the new tokens of every
+        row back to back, ``counts`` how many each row has."""
         rows = list(range(cache.batch_size)) if rows is None else rows
-        fed = [i for i, s in enumerate(seqs) if s.numel()]
+        fed = [i for i, n in enumerate(counts) if n]
         routes = None
         if fed:
             rows_r = torch.tensor([rows[i] for i in fed], dtype=torch.long)
-            n_new_r = torch.tensor([seqs[i].numel() for i in fed], dtype=torch.long)
+            n_new_r = torch.tensor([counts[i] for i in fed], dtype=torch.long)
             cache.reserve(int((cache.lengths.index_select(0, rows_r) + n_new_r).max()))
-            h = self.backbone.embeddings(torch.cat([seqs[i] for i in fed]))
+            h = self.backbone.embeddings(flat)
             x, routes = program.extend(h, cache, rows_r, n_new_r, record_routing)
             last = x.index_select(0, torch.cumsum(n_new_r, 0) - 1)
             cache.last_hidden = cache.last_hidden.index_copy(0, rows_r, last.to(cache.last_hidden.dtype))
             cache.lengths = cache.lengths.index_add(0, rows_r, n_new_r)
-        logits = program.head(cache.last_hidden.index_select(0, torch.tensor(rows, dtype=torch.long)).float())
+        everyone = len(rows) == cache.batch_size and rows == list(range(len(rows)))
+        last_hidden = cache.last_hidden if everyone else cache.last_hidden.index_select(0, torch.tensor(rows, dtype=torch.long))
+        logits = program.head(last_hidden.float())
         if not record_routing:
             return logits
-        t, k = max((s.numel() for s in seqs), default=0), self.config.num_experts_per_tok
+        t, k = max(counts, default=0), self.config.num_experts_per_tok
         routed = torch.full((len(rows), t, program.n_moe, k), -1, dtype=torch.long)
         start = 0
         for i in fed:
-            n = seqs[i].numel()
+            n = counts[i]
             routed[i, :n] = routes[:, start:start + n].transpose(0, 1)
             start += n
         return logits, routed
@@ -459,3 +462,18 @@ def hf_state_dict(model: HybridLM) -> dict[str, torch.Tensor]:
 def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' in-memory names -> ours."""
     return {("backbone." + k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()}
+
+
+def _flat_tokens(tokens) -> tuple[torch.Tensor, list[int]]:
+    """Per-row token lists (ints, or tensors of any shape) -> (all of them back to back, long [N]; each row's
+    count): one tensor built from the ints when every row is a list or tuple of ints, else one cat."""
+    if all(isinstance(r, (list, tuple)) for r in tokens):
+        flat = [t for r in tokens for t in r]
+        try:
+            return torch.tensor(flat, dtype=torch.long), [len(r) for r in tokens]
+        except (TypeError, ValueError, RuntimeError):
+            pass  # nested lists or tensors inside: the general path below reads them as tensors do
+    seqs = [torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in tokens]
+    flat = torch.cat(seqs) if seqs else torch.zeros(0, dtype=torch.long)
+    return flat, [int(s.numel()) for s in seqs]
+

@@ -53,6 +53,55 @@ static inline float dot(const float *a, const float *b, int n) {
  * out       [B, T, Di]              normed, gated output (input of out_proj)
  * scratch   [B, T + K - 1, Cc]      workspace
  */
+#ifdef __AVX512F__
+/* One head's SSM update and read-out for one token, with 16-lane registers: the state s [P, N] (N = 16 * NV,
+ * NV a constant at each call site) decays by dA and takes dt * x[p] * B; y[p] = C . s[p] + Dh * x[p].  B and C
+ * stay in registers across the P rows; a row's two 8-lane halves are added before eight rows' read-outs
+ * are reduced together. */
+static inline __attribute__((always_inline)) void scan_head16(float *s, const float *x, const float *Bg,
+                                                               const float *Cg, float dt, float dA, float Dh,
+                                                               float *yt, int P, const int NV) {
+    v16f b[8], c[8];
+    for (int i = 0; i < NV; i++) {
+        b[i] = load16(Bg + 16 * i);
+        c[i] = load16(Cg + 16 * i);
+    }
+    for (int p0 = 0; p0 < P; p0 += 8) {
+        v8f accs[8];
+        for (int q = 0; q < 8; q++, s += 16 * NV) {
+            const float xdt = x[p0 + q] * dt;
+            v16f acc = {0};
+            for (int i = 0; i < NV; i++) {
+                const v16f sv = load16(s + 16 * i) * dA + xdt * b[i];
+                store16(s + 16 * i, sv);
+                acc += sv * c[i];
+            }
+            accs[q] = lo8(acc) + hi8(acc);
+        }
+        const v8f yv = hsum8x8(accs);
+        for (int q = 0; q < 8; q++) yt[p0 + q] = yv[q] + Dh * x[p0 + q];
+    }
+}
+#endif
+
+/* The depthwise causal conv of one token over Cc channels, in place: u[c] = bias[c] + sum_j u[j * Cc + c] *
+ * w[j * Cc + c] over the K window rows starting at u (output t only reads inputs t..t+K-1).  Eight channels
+ * at a time, per channel the same chain as the scalar tail; K is a constant at the usual call site. */
+static inline __attribute__((always_inline)) void conv_taps(float *u, const float *w, const float *bias, int Cc,
+                                                             const int K) {
+    int c = 0;
+    for (; c + 8 <= Cc; c += 8) {
+        v8f acc = load8(bias + c);
+        for (int j = 0; j < K; j++) acc += load8(u + (int64_t)j * Cc + c) * load8(w + j * Cc + c);
+        store8(u + c, acc);
+    }
+    for (; c < Cc; c++) {
+        float acc = bias[c];
+        for (int j = 0; j < K; j++) acc += u[(int64_t)j * Cc + c] * w[j * Cc + c];
+        u[c] = acc;
+    }
+}
+
 /* One row of ``mamba_scan``: its `nb` new tokens (token stride `stride`) continue the conv window `win`
  * [K-1, Cc] and the SSM state `state_b` [H, P, N] (both updated in place); output y [nb, Di];
  * xp [nb + K - 1, Cc] is workspace. */
@@ -68,17 +117,8 @@ static void scan_row(const float *row, int nb, float *win, float *state_b, float
     /* conv over time, in place: output t only reads inputs t..t+K-1, so write it over input t */
     for (int t = 0; t < nb; t++) {
         float *u = xp + (int64_t)t * Cc;
-        int c = 0;
-        for (; c + 8 <= Cc; c += 8) {  /* eight channels at a time: per channel the same chain as below */
-            v8f acc = load8(conv_b + c);
-            for (int j = 0; j < K; j++) acc += load8(u + (int64_t)j * Cc + c) * load8(conv_w + j * Cc + c);
-            store8(u + c, acc);
-        }
-        for (; c < Cc; c++) {
-            float acc = conv_b[c];
-            for (int j = 0; j < K; j++) acc += u[(int64_t)j * Cc + c] * conv_w[j * Cc + c];
-            u[c] = acc;
-        }
+        if (K == 4) conv_taps(u, conv_w, conv_b, Cc, 4);  /* the usual kernel size, unrolled */
+        else conv_taps(u, conv_w, conv_b, Cc, K);
         silu_inplace(u, Cc);
     }
     for (int h = 0; h < H; h++) {
@@ -90,6 +130,14 @@ static void scan_row(const float *row, int nb, float *win, float *state_b, float
             if (dt_min > 0.0f && dt < dt_min) dt = dt_min;
             const float dA = expf(dt * A[h]);
             float *yt = y + (int64_t)t * Di + h * P, *s = s0;
+#ifdef __AVX512F__
+            if (P % 8 == 0 && (N == 32 || N == 64 || N == 128)) {
+                if (N == 32) scan_head16(s, x, Bg, Cg, dt, dA, D[h], yt, P, 2);
+                else if (N == 64) scan_head16(s, x, Bg, Cg, dt, dA, D[h], yt, P, 4);
+                else scan_head16(s, x, Bg, Cg, dt, dA, D[h], yt, P, 8);
+                continue;
+            }
+#endif
             if (N % 8 == 0 && P % 8 == 0) {
                 /* eight rows of the state at a time, their read-outs reduced together (hsum8x8: the
                  * same sums as hsum8 below, bit for bit) */
@@ -140,7 +188,13 @@ static void scan_row(const float *row, int nb, float *win, float *state_b, float
         for (int c = 0; c < Di; c++) yt[c] *= gate[c];
         for (int g0 = 0; g0 < Di; g0 += group) {
             float ss = 0.0f;
-            for (int c = g0; c < g0 + group; c++) ss += yt[c] * yt[c];
+            int c = g0;
+            if (group % 8 == 0) {  /* eight lanes of partial sums, then their sum */
+                v8f acc = {0};
+                for (; c < g0 + group; c += 8) acc += load8(yt + c) * load8(yt + c);
+                ss = hsum8(acc);
+            }
+            for (; c < g0 + group; c++) ss += yt[c] * yt[c];
             const float inv = 1.0f / sqrtf(ss / (float)group + eps);
             for (int c = g0; c < g0 + group; c++) yt[c] = yt[c] * inv * norm_w[c];
         }
@@ -270,17 +324,6 @@ static void panel_rows(const float *A, int m, int K, int lda, const float *Bj, c
 /* With 16-lane registers (AVX-512), two adjacent panels at a time: blocks of 6 rows x 32 columns, 12
  * accumulators of 16 lanes, 2 loads of B and 6 broadcasts of A per k.  Every output is the same chain
  * of fused multiply-adds over k as in the 8-lane blocks above, so the results are bit for bit theirs. */
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-static inline v16f load16(const float *p) {
-    v16f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
-
 static inline v16f relu2_16(v16f v) {
     const v16i pos = v > 0.0f;
     return (v16f)(((v16i)(v * v) & pos) | ((v16i)(v * 0.0f) & ~pos));
@@ -542,6 +585,37 @@ void add_rms_norm(float *h, const float *delta, const float *w, float *out, int 
     }
 }
 
+/* The largest of n finite floats (-inf for n = 0); eight lanes at a time: a maximum does not depend on
+ * the order it is taken in. */
+static inline float max_of(const float *x, int64_t n) {
+    float mx = -INFINITY;
+    int64_t i = 0;
+    if (n >= 8) {
+        v8f m8 = load8(x);
+        for (i = 8; i + 8 <= n; i += 8) {
+            const v8f v = load8(x + i);
+            m8 = select8(v > m8, v, m8);
+        }
+        for (int l = 0; l < 8; l++) mx = m8[l] > mx ? m8[l] : mx;
+    }
+    for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    return mx;
+}
+
+/* o[0:8*NV] = sum_t p[t] * v[t] over L value rows of 8*NV floats, the output row held in registers: per
+ * element the same chain of fused multiply-adds over t as the scalar loop in attend_row.  NV is a
+ * constant at each call site (one unrolled loop per head size). */
+static inline __attribute__((always_inline)) void weigh_values(const float *p, const float *v, int64_t L, float *o,
+                                                                const int NV) {
+    v8f acc[16];
+    for (int i = 0; i < NV; i++) acc[i] = (v8f){0};
+    for (int64_t t = 0; t < L; t++) {
+        const float pt = p[t];
+        for (int i = 0; i < NV; i++) acc[i] += pt * load8(v + t * 8 * NV + 8 * i);
+    }
+    for (int i = 0; i < NV; i++) store8(o + 8 * i, acc[i]);
+}
+
 /* One query token of one row attends to its row's first L cached keys and values: q [Hq * Dh];
  * kb, vb [Hkv, cap, Dh]: the row's buffers; out [Hq * Dh]; scores [Hq, cap] is workspace. */
 static void attend_row(const float *q, const float *kb0, const float *vb0, int64_t L, float *out, float *scores,
@@ -553,22 +627,49 @@ static void attend_row(const float *q, const float *kb0, const float *vb0, int64
         /* the R query heads of the group read each cached key and value once */
         const float *qg = q + (int64_t)g * R * Dh;
         float *sg = scores + ((int64_t)g * R) * cap, *og = out + g * R * Dh;
-        for (int64_t t = 0; t < L; t++)
+        int64_t t = 0;
+        if (Dh % 8 == 0) {
+            /* eight keys at a time: eight independent accumulators, reduced together (hsum8x8 equals
+             * hsum8 bit for bit, so each score is dot()'s) */
+            for (; t + 8 <= L; t += 8)
+                for (int r = 0; r < R; r++) {
+                    const float *qr = qg + r * Dh;
+                    const float *kt = kb + t * Dh;
+                    v8f acc[8] = {{0}};
+                    for (int d = 0; d < Dh; d += 8) {
+                        const v8f qv = load8(qr + d);
+                        for (int j = 0; j < 8; j++) acc[j] += qv * load8(kt + (int64_t)j * Dh + d);
+                    }
+                    store8(sg + r * cap + t, hsum8x8(acc) * scale);
+                }
+        }
+        for (; t < L; t++)
             for (int r = 0; r < R; r++) sg[r * cap + t] = dot(qg + r * Dh, kb + t * Dh, Dh) * scale;
         for (int r = 0; r < R; r++) {
-            float *sc = sg + (int64_t)r * cap, mx = -INFINITY, tot = 0.0f;
-            for (int64_t t = 0; t < L; t++) mx = sc[t] > mx ? sc[t] : mx;
-            for (int64_t t = 0; t < L; t++) sc[t] -= mx;
+            float *sc = sg + (int64_t)r * cap, tot = 0.0f;
+            const float mx = max_of(sc, L);
+            int64_t t = 0;
+            for (; t + 8 <= L; t += 8) store8(sc + t, load8(sc + t) - mx);
+            for (; t < L; t++) sc[t] -= mx;
             exp_inplace(sc, (int)L);
-            for (int64_t t = 0; t < L; t++) tot += sc[t];
-            for (int64_t t = 0; t < L; t++) sc[t] /= tot;
-            for (int d = 0; d < Dh; d++) og[r * Dh + d] = 0.0f;
+            for (t = 0; t < L; t++) tot += sc[t];  /* in order, as a scalar loop */
+            for (t = 0; t + 8 <= L; t += 8) store8(sc + t, load8(sc + t) / tot);
+            for (; t < L; t++) sc[t] /= tot;
         }
-        for (int64_t t = 0; t < L; t++) {
-            const float *vt = vb + t * Dh;
-            for (int r = 0; r < R; r++) {
-                const float pt = sg[r * cap + t];
-                float *o = og + r * Dh;
+        for (int r = 0; r < R; r++) {
+            const float *sc = sg + (int64_t)r * cap;
+            float *o = og + r * Dh;
+            if (Dh == 64) {
+                weigh_values(sc, vb, L, o, 8);
+                continue;
+            }
+            if (Dh == 128) {
+                weigh_values(sc, vb, L, o, 16);
+                continue;
+            }
+            for (int d = 0; d < Dh; d++) o[d] = 0.0f;
+            for (int64_t t = 0; t < L; t++) {
+                const float pt = sc[t], *vt = vb + t * Dh;
                 for (int d = 0; d < Dh; d++) o[d] += pt * vt[d];
             }
         }

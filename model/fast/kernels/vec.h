@@ -75,4 +75,23 @@ static inline v8f hsum8x8(const v8f v[8]) {
     return SHUFFLE8(q0123, q4567, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE8(q0123, q4567, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
+#ifdef __AVX512F__
+/* 16 float lanes: one AVX-512 register */
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline v16f load16(const float *p) {
+    v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
+
+/* lanes 0-7 and 8-15 (through memcpy, as the loads: any compiler that has the vector extensions) */
+static inline v8f lo8(v16f v) { return load8((const float *)&v); }
+
+static inline v8f hi8(v16f v) { return load8((const float *)&v + 8); }
+#endif
+
 #endif
