@@ -91,6 +91,16 @@ class SharedPrefixes:
         if written.numel() != b * t:
             raise ValueError("doc_parents: every position must belong to exactly one document")
         self.order = torch.argsort(written)  # outputs in batch order -> position order
+        # one gather for every batch's inputs, and one for the outputs: per layer one index_select each
+        # way (and one zero-filled gradient each), not one per batch of sequences
+        self.gather = torch.cat([idx.flatten() for idx, _ in self.batches] or [torch.zeros(0, dtype=torch.long, device=device)])
+        self.sizes = [idx.numel() for idx, _ in self.batches]
+        offsets = torch.tensor([0] + self.sizes[:-1], device=device).cumsum(0).tolist()
+        owners = [own + off for (_, own), off in zip(self.batches, offsets)]
+        n_pad = sum(n for _, n in self.padding)
+        if n_pad:  # the fillers read one zero row after the batches' outputs
+            owners.append(torch.full((n_pad,), sum(self.sizes), dtype=torch.long, device=device))
+        self.scatter = torch.cat(owners).index_select(0, self.order)
 
     def padded_scores(self) -> int:
         """Attention scores the batches hold, padding included: sequences x width^2 summed over the batches."""
@@ -101,14 +111,14 @@ class SharedPrefixes:
         sequences, ``body(*gathered)`` -> [n, W, ...] (a causal sequence layer: position j reads positions <= j
         only), and each position gets its owner's output -> [B, T, ...]."""
         b, t = self.shape
-        flats = [x.reshape(b * t, *x.shape[2:]) for x in xs_bt]
+        gathered = [x.reshape(b * t, *x.shape[2:]).index_select(0, self.gather).split(self.sizes) for x in xs_bt]
         outs = []
-        for idx, own in self.batches:
-            ys = body(*(f.index_select(0, idx.flatten()).view(*idx.shape, *f.shape[1:]) for f in flats))
-            outs.append(ys.reshape(-1, *ys.shape[2:]).index_select(0, own))
+        for k, (idx, _) in enumerate(self.batches):
+            ys = body(*(g[k].view(*idx.shape, *g[k].shape[1:]) for g in gathered))
+            outs.append(ys.reshape(-1, *ys.shape[2:]))
         if self.padding:
-            outs.append(outs[0].new_zeros(sum(n for _, n in self.padding), *outs[0].shape[1:]))
-        out = torch.cat(outs).index_select(0, self.order)
+            outs.append(outs[0].new_zeros(1, *outs[0].shape[1:]))
+        out = torch.cat(outs).index_select(0, self.scatter)
         return out.view(b, t, *out.shape[1:])
 
 
