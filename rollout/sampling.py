@@ -59,14 +59,21 @@ def inverse_cdf(probs_bv: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
     cumulative sum, in fp64, does not rise there). Non-finite or all-zero rows are an error."""
     cdf_bv = probs_bv.double().cumsum(-1)
     total_b = cdf_bv[:, -1]
-    if not bool(torch.isfinite(total_b).all() and (total_b > 0).all()):
-        bad = [i for i, t in enumerate(total_b.tolist()) if not (math.isfinite(t) and t > 0)]
+    totals = total_b.tolist()
+    if not all(math.isfinite(t) and t > 0 for t in totals):
+        bad = [i for i, t in enumerate(totals) if not (math.isfinite(t) and t > 0)]
         raise ValueError(f"cannot sample rows {bad[:8]}: their probabilities are not finite or sum to 0 (NaN/inf "
                          "logits from the model, or every token banned or truncated away); check the model's "
                          "weights and the sampling settings (top_k, top_p, banned ids)")
     tokens_b = torch.searchsorted(cdf_bv, (u_b.double() * total_b)[:, None], right=True).squeeze(-1)
-    last_b = (cdf_bv < total_b[:, None]).sum(-1)  # the last token of positive probability (u * total may round up)
-    return torch.minimum(tokens_b, last_b)
+    # Below the total the first cdf entry past u * total is a token of positive probability (the cdf rises
+    # there); only where u * total rounds up to the total does the search run off the end: the last token of
+    # positive probability is drawn then.
+    over_b = tokens_b >= cdf_bv.shape[-1]
+    if bool(over_b.any()):
+        last_b = (cdf_bv < total_b[:, None]).sum(-1)
+        tokens_b = torch.where(over_b, last_b, tokens_b)
+    return tokens_b
 
 
 def episode_ident(env_id: str, seed: int, group_id: int, sample_index: int) -> bytes:
@@ -74,13 +81,26 @@ def episode_ident(env_id: str, seed: int, group_id: int, sample_index: int) -> b
     return f"{env_id}\x1f{seed}\x1f{group_id}\x1f{sample_index}\x1f".encode()
 
 
+_KEYED: dict[tuple[int, bytes], "hashlib._Hash"] = {}  # (stream, ident) -> the keyed hash after the ident
+
+
 def keyed_uniforms(stream: int, idents: list[bytes], positions: list[int]) -> torch.Tensor:
     """``[B]`` fp64 uniforms in [0, 1) with 53 random bits, row b's a function of (``stream``, ``idents[b]``,
-    ``positions[b]``) only: BLAKE2b keyed by the stream seed over the episode's ident and the position."""
-    key = (stream % (1 << 128)).to_bytes(16, "little")
-    return torch.tensor([(int.from_bytes(hashlib.blake2b(ident + pos.to_bytes(8, "little"), key=key, digest_size=8)
-                                         .digest(), "little") >> 11) * 2.0 ** -53
-                         for ident, pos in zip(idents, positions)], dtype=torch.float64)
+    ``positions[b]``) only: BLAKE2b keyed by the stream seed over the episode's ident and the position.
+    Each episode's hash state after its ident is kept and copied for each position (the key block and the
+    ident are hashed once per episode, not once per token: the same digests)."""
+    out = []
+    for ident, pos in zip(idents, positions):
+        prefix = _KEYED.get((stream, ident))
+        if prefix is None:
+            if len(_KEYED) >= 65536:  # episodes come and go: forget the old ones
+                _KEYED.clear()
+            key = (stream % (1 << 128)).to_bytes(16, "little")
+            prefix = _KEYED[(stream, ident)] = hashlib.blake2b(ident, key=key, digest_size=8)
+        h = prefix.copy()
+        h.update(pos.to_bytes(8, "little"))
+        out.append((int.from_bytes(h.digest(), "little") >> 11) * 2.0 ** -53)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def sample(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -96,11 +116,20 @@ def sample(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: int = 0, to
         tokens_b = masked_bv.argmax(dim=-1)
         sample_logp_b = torch.zeros(tokens_b.shape, dtype=torch.float32)
     else:
-        logp_bv = sampling_logprobs(logits_bv, temperature, top_k, top_p, banned_v)
+        allowed_a = None
+        if banned_v is not None and top_k == 0 and top_p == 1.0:
+            # only the allowed columns (exp of -inf is a slow path): the same distribution, drawn from the
+            # same cumulative sums (a banned token adds an exact 0 to them)
+            allowed_a = (~banned_v).nonzero().squeeze(1)
+            logp_bv = sampling_logprobs(logits_bv.index_select(-1, allowed_a), temperature)
+        else:
+            logp_bv = sampling_logprobs(logits_bv, temperature, top_k, top_p, banned_v)
         if uniforms_b is None:
             uniforms_b = torch.rand(logits_bv.shape[0], generator=generator, dtype=torch.float64)
         tokens_b = inverse_cdf(logp_bv.exp(), uniforms_b)
         sample_logp_b = logp_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
+        if allowed_a is not None:
+            tokens_b = allowed_a.index_select(0, tokens_b)
     plain_logp_b = plain_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
     return tokens_b, sample_logp_b, plain_logp_b
 
