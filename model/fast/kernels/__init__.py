@@ -160,8 +160,14 @@ def pack_panels(b_ekn: torch.Tensor) -> torch.Tensor:
     """[E, K, n] -> [E, ceil(n/16), K, 16] contiguous: the 16-column panels the GEMMs of decode.c take
     (zero-padded), so that a weight streams sequentially."""
     e, k, n = b_ekn.shape
-    padded = torch.nn.functional.pad(b_ekn, (0, (-n) % 16))
-    return padded.view(e, k, -1, 16).permute(0, 2, 1, 3).contiguous()
+    rows = b_ekn.transpose(1, 2)  # [E, n, K]: contiguous when b is a transposed weight, as every caller's is
+    panels = (n + 15) // 16
+    if n % 16:
+        full = rows.new_zeros(e, panels * 16, k)
+        full[:, :n] = rows
+    else:
+        full = rows.contiguous()
+    return full.view(e, panels, 16, k).transpose(2, 3).contiguous()
 
 
 def linear_panels(weight_nk: torch.Tensor) -> torch.Tensor:
