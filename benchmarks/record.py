@@ -360,7 +360,8 @@ def rollout_throughput(r: dict) -> str:
            num(t.get("mean_tokens_per_episode"))]
     text = ("\n### Engine throughput (one process)\n\nThe engine playing multi-turn episodes (sampling, turn ends, "
             "environment steps, observation prefills) against the same model's raw `decode_step` loop at the same "
-            "batch size, measured interleaved in the same run (medians of the rounds). Where the engine's time goes: "
+            "batch size, measured interleaved in the same run (medians of the rounds; the ratio is the median of the rounds' "
+            "ratios, each round's engine run over the raw loop timed right after it). Where the engine's time goes: "
             "the module docstring of `rollout/engine.py`.\n\n" + table(header, [row]))
     raw = t.get("raw_decode")
     if raw:
@@ -370,6 +371,9 @@ def rollout_throughput(r: dict) -> str:
                                 num(raw.get("tokens_per_s")), percent(share)]])
                  + f"\nThe raw loop: {num(raw.get('prompt_tokens'))}-token prompt, then {num(raw.get('new_tokens'))} "
                  "greedy `decode_step`s.\n")
+        rounds = t.get("engine_vs_raw_decode_rounds")
+        if rounds:
+            text += "Engine / raw in each round: " + ", ".join(percent(x) for x in rounds) + ".\n"
     stats = t.get("engine_stats")
     if stats:
         text += (f"The engine made {num(stats.get('decode_steps'))} decode steps and {num(stats.get('extend_calls'))} "

@@ -195,3 +195,11 @@ def test_read_json_lines_skips_non_json_lines(tmp_path):
     path = tmp_path / "x.json"
     path.write_text('a table\n{"a": 1}\n{broken\n{"b": 2}\n')
     assert read_json_lines(path) == [{"a": 1}, {"b": 2}]
+
+
+def test_rollout_section_lists_each_rounds_engine_vs_raw_ratio(tmp_path):
+    result = dict(ROLLOUT, throughput=dict(ROLLOUT["throughput"], engine_vs_raw_decode=0.15,
+                                           engine_vs_raw_decode_rounds=[0.14, 0.15, 0.171]))
+    rollout = section(render(write_results(tmp_path / "results", {"rollout": result}), tmp_path / "docs"), "Rollout")
+    assert "Engine / raw in each round: 14.0%, 15.0%, 17.1%." in rollout
+    assert "| 32 | 300 | 2,000 | 15.0% |" in rollout
