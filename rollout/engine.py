@@ -27,7 +27,10 @@ pass of the loop:
    the other rows not touched), or one ``model.decode_step`` when every row feeds one token. A row waiting
    for its environment is not in it: a slow environment holds its own row, not the batch, and an
    observation costs no call of its own (a decode step costs nearly the same for 20 rows as for 32, so
-   the weights are read once for both kinds of rows).
+   the weights are read once for both kinds of rows). Before the forward, a pass in which turns ended
+   waits a moment (``ENV_GRACE_S``, 2 ms at most) for those environments: an instant one answers within
+   it, and its row feeds the observation in this forward instead of sitting one out (the bench's 32
+   episodes: 64 forwards instead of 67).
 
 No schedule changes an episode: a row's arithmetic in the model's kernels does not depend on the other rows
 of its forward (nor on whether its tokens come one per step or together), and each sampled token is drawn
@@ -221,6 +224,7 @@ class Engine:
                         self.batch_trace.append(sum(ep is not None for ep in rows))
                     live = [i for i, ep in enumerate(rows) if ep is not None and ep.call is None
                             and ep.fed == len(ep.traj.token_ids)]
+                    started = []  # rows whose turn ended in this pass: their env steps now
                     if live:
                         uniforms_b = None if self.sampling.temperature == 0 else keyed_uniforms(
                             self.stream_seed, [rows[i].ident for i in live], [len(rows[i].traj.token_ids) for i in live])
@@ -233,8 +237,11 @@ class Engine:
                             action = self._append_sampled(ep, int(tokens_b[j]), float(sample_logp_b[j]), float(plain_logp_b[j]))
                             if action is not None:  # the env steps on a worker thread while the other rows go on
                                 ep.call = EnvCalls([_step_fn(ep.env, action)], on_done=self._answered.set)
+                                started.append(i)
                     unfed = lambda: [i for i, ep in enumerate(rows)  # noqa: E731
                                      if ep is not None and ep.call is None and ep.fed < len(ep.traj.token_ids)]
+                    if started and unfed():
+                        self._grace(rows, started)
                     self._collect(rows, finished, block=not unfed())
                     cache, logits_bv = self._compact(rows, cache, logits_bv, bool(prefixes or pending))
                     if not rows:
@@ -266,6 +273,24 @@ class Engine:
             if done or not block:
                 return
             self._answered.wait(min(rows[i].call.time_left(timeout_s) for i in stepping) if timeout_s else None)
+
+    ENV_GRACE_S = 0.002  # how long a pass waits for the environments of the turns that ended in it
+
+    def _grace(self, rows, started: list[int]) -> None:
+        """Wait a moment (at most ``ENV_GRACE_S``) for the environments of the turns that ended in this pass.
+        One that answers within it has its observation fed in this pass's forward instead of sitting out a
+        forward and feeding it in the next (an instant environment answers in a fraction of a millisecond,
+        once its worker thread gets the interpreter); a slower one costs the pass that moment only."""
+        deadline = time.monotonic() + self.ENV_GRACE_S
+        timeout_s = self.episode.env_timeout_s
+        while True:
+            self._answered.clear()  # before looking: an answer from now on sets it again
+            if all(rows[i].call.finished(timeout_s) for i in started):
+                return
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                return
+            self._answered.wait(left_s)
 
     DEAD_ROWS_FRACTION = 0.25  # finished rows stay in the batch (left out of every step) until this share of it
 

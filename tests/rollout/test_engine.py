@@ -431,3 +431,21 @@ def test_episodes_do_not_depend_on_when_their_rows_are_fed():
     assert len(base) == 9
     for hang_s, seed in ((0.2, 1), (0.1, 0), (0.1, 2)):
         assert run(hang_s, seed) == base
+
+
+def test_an_instant_env_answers_within_the_pass_its_turn_ended(monkeypatch):
+    """After sampling, a pass waits a moment (``ENV_GRACE_S``) for the environments of the turns that just
+    ended: an instant one answers in it, and its row feeds the observation in this pass's forward instead of
+    sitting one out. The same episodes, in no more forwards than without the wait."""
+    model = make_model("micro")
+    sampling = SamplingConfig(seed=1, temperature=1.0, ascii_only=True)
+    episode = EpisodeConfig(max_turn_tokens=6, max_batch_episodes=6)
+    runs = {}
+    for grace_s in (0.0, 30.0):
+        monkeypatch.setattr(Engine, "ENV_GRACE_S", grace_s)
+        engine, trajs = play(model, groups(3, samples=2, turns=3), sampling=sampling, episode=episode)
+        runs[grace_s] = (engine.stats, {(t.seed, t.sample_index): (t.token_ids, t.logprobs) for t in trajs})
+    (no_wait, base), (waited, same) = runs[0.0], runs[30.0]
+    assert same == base and len(base) == 6
+    assert waited["forward_calls"] <= no_wait["forward_calls"]
+    assert waited["idle_row_steps"] <= no_wait["idle_row_steps"]
