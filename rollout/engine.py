@@ -232,9 +232,10 @@ class Engine:
                             (logits_bv if len(live) == len(rows) else logits_bv[live]).float().cpu(),
                             self.sampling.temperature, self.sampling.top_k, self.sampling.top_p, self.banned_v,
                             uniforms_b=uniforms_b)
-                        for j, i in enumerate(live):
+                        for i, token, sample_logp, plain_logp in zip(live, tokens_b.tolist(), sample_logp_b.tolist(),
+                                                                     plain_logp_b.tolist()):
                             ep = rows[i]
-                            action = self._append_sampled(ep, int(tokens_b[j]), float(sample_logp_b[j]), float(plain_logp_b[j]))
+                            action = self._append_sampled(ep, token, sample_logp, plain_logp)
                             if action is not None:  # the env steps on a worker thread while the other rows go on
                                 ep.call = EnvCalls([_step_fn(ep.env, action)], on_done=self._answered.set)
                                 started.append(i)

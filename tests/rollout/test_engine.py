@@ -376,8 +376,9 @@ def test_finished_rows_ride_along_until_compaction_without_changing_any_episode(
     the one eager compaction plays, token for token and log-prob for log-prob."""
     model = make_model("toy")
     requests = lambda: groups(3, samples=4, turns=3) + [  # noqa: E731  episodes that end before the others
-        GroupRequest(FIXED_TURNS_ID, seed=10 + s, group_id=10 + s, num_samples=1, env_kwargs={"turns": 1}) for s in range(3)]
-    episode = EpisodeConfig(max_turn_tokens=6, max_batch_episodes=16)  # every episode admitted at once
+        GroupRequest(FIXED_TURNS_ID, seed=10 * turns + s, group_id=10 * turns + s, num_samples=1,
+                     env_kwargs={"turns": turns}) for turns in (1, 2) for s in range(3)]
+    episode = EpisodeConfig(max_turn_tokens=6, max_batch_episodes=18)  # every episode admitted at once
 
     def run(fraction):
         monkeypatch.setattr(Engine, "DEAD_ROWS_FRACTION", fraction)
