@@ -51,12 +51,16 @@ rows) with the rows copied out and back, the decode GEMMs used 8-lane vectors, a
 every stepping environment: the engine ran at 38% of the raw loop, and a 50 ms environment doubled the wall
 time (2.0x). Now an extension is one kernel call over the packed new tokens in place
 (``fused.DecodeProgram.extend``), the GEMMs take two panels at a time in 16 lanes where the CPU has them
-(the same sums, bit for bit), and the environments step beside the batch: the engine runs at 42-46% of
+(the same sums, bit for bit), and the environments step beside the batch: the engine ran at 42-46% of
 the raw loop on a quiet machine (best of 10 alternating runs; this shared machine's speed moves by up to
 2x from minute to minute), and the 50 ms environment costs 1.0-1.1x the instant one's wall time. Schedules
 measured there: feeding observations in an extension of their own as soon as they arrive, 0.434; only
-once half the batch waits, 0.427; in the same forward as the decoding rows (this loop), 0.459. Of a run,
-the model's forwards are ~90%; sampling, bookkeeping and env calls the rest. See docs/BENCHMARKS.md for
+once half the batch waits, 0.427; in the same forward as the decoding rows (this loop), 0.459. Then the
+per-position kernels (the Mamba scan in 16 lanes with B and C held in registers, attention eight keys at a
+time with its value sum in registers), one flat token tensor per extension, a cheaper draw (banned columns
+left out instead of exp(-inf), one inverse-CDF pass) and the grace wait above: the recorded run is 0.50
+(the median of five paired rounds, 0.42-0.54), with 64 forwards. Of a run, the model's kernels are ~87%,
+their Python wrappers ~5%; sampling, bookkeeping and env calls the rest. See docs/BENCHMARKS.md for
 the recorded figures.
 
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
