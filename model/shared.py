@@ -20,6 +20,7 @@ tokens after its prompt, one sequence) up to float summation order.
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import torch
@@ -95,8 +96,7 @@ class SharedPrefixes:
         # way (and one zero-filled gradient each), not one per batch of sequences
         self.gather = torch.cat([idx.flatten() for idx, _ in self.batches] or [torch.zeros(0, dtype=torch.long, device=device)])
         self.sizes = [idx.numel() for idx, _ in self.batches]
-        offsets = torch.tensor([0] + self.sizes[:-1], device=device).cumsum(0).tolist()
-        owners = [own + off for (_, own), off in zip(self.batches, offsets)]
+        owners = [own + off for (_, own), off in zip(self.batches, itertools.accumulate(self.sizes, initial=0))]
         n_pad = sum(n for _, n in self.padding)
         if n_pad:  # the fillers read one zero row after the batches' outputs
             owners.append(torch.full((n_pad,), sum(self.sizes), dtype=torch.long, device=device))

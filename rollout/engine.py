@@ -245,9 +245,10 @@ class Engine:
                                 started.append(i)
                     unfed = lambda: [i for i, ep in enumerate(rows)  # noqa: E731
                                      if ep is not None and ep.call is None and ep.fed < len(ep.traj.token_ids)]
-                    if started and unfed():
+                    others_feed = bool(unfed())  # rows with tokens to feed: nothing to block on
+                    if started and others_feed:
                         self._grace(rows, started)
-                    self._collect(rows, finished, block=not unfed())
+                    self._collect(rows, finished, block=not others_feed)
                     cache, logits_bv = self._compact(rows, cache, logits_bv, bool(prefixes or pending))
                     if not rows:
                         cache, logits_bv = None, None
