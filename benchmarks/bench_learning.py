@@ -48,6 +48,21 @@ def recipe_changes(env_id: str) -> list[str]:
     return list(RECIPE_CHANGES.get(env_id, RECIPE_CHANGES.get(env_id.split("(", 1)[0], ())))
 
 
+def canonical_env_id(env_id: str) -> str:
+    """The id one environment is filed under in the JSON and in ``RECIPE_CHANGES``: a built-in's bare id gets
+    its namespace (``FrozenLake-v1(x=1)`` -> ``hybrid_rl/FrozenLake-v1(x=1)``), the arguments are kept as
+    written, and a ``module:id`` stays as it is (the module must be imported to find the env). Unknown ids
+    raise ``UnknownEnvironmentError`` naming the environments there are."""
+    from hybrid_rl.envs.registry import resolve_id, split_args
+
+    base, paren, arguments = env_id.partition("(")
+    split_args(env_id)  # malformed arguments: a ValueError that shows the form
+    if ":" in base:
+        resolve_id(base)  # imports the module, then the id must be known
+        return env_id
+    return resolve_id(base) + paren + arguments
+
+
 def run_one(env_id: str, seed: int, args) -> dict:
     """One pipeline run -> that run's figures (greedy success and turns of each policy, curve, wall time)."""
     from hybrid_rl.config import load_config
@@ -98,6 +113,7 @@ def summarize(runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from hybrid_rl.benchmarks.record import emit
     from hybrid_rl.config import CONFIG_DIR
+    from hybrid_rl.envs import UnknownEnvironmentError
 
     parser = argparse.ArgumentParser(prog="hybrid-rl bench learning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=DEFAULT_ENVS, help="env ids (arguments in parentheses, e.g. GuessNumber-v0(n=100))")
@@ -114,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the other environments already in --json-out (same recipe file and content, overrides and episodes); "
                              "the environments run now replace their entries")
     args = parser.parse_args(argv)
+    try:  # one key per environment: a bare id must not file a second entry beside its namespaced one
+        args.envs = [canonical_env_id(e) for e in args.envs]
+    except (ValueError, ImportError, UnknownEnvironmentError) as err:
+        parser.error(f"--envs: {err}")
 
     runs, json_out = [], Path(args.json_out) if args.json_out else None
     base = None

@@ -130,3 +130,39 @@ def test_merge_replaces_only_the_envs_run_and_refuses_another_recipe(tmp_path, m
     with pytest.raises(SystemExit):
         main(["bench", "learning", "--json-out", str(tmp_path / "none.json"), "--merge"])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_bare_env_id_merges_into_its_namespaced_entry_and_a_bad_one_is_refused(tmp_path, monkeypatch, capsys):
+    """`--envs FrozenLake-v1 --merge` replaces the `hybrid_rl/FrozenLake-v1` entry (it used to file a second one
+    beside it), a bare GuessNumber id gets its recipe change, and an unknown id or malformed arguments stop
+    the benchmark before any run, naming the problem."""
+    import pytest
+
+    from hybrid_rl.benchmarks import bench_learning
+
+    seen = []
+
+    def fake_run(env_id, seed, args):
+        seen.append(env_id)
+        return {"env": env_id, "seed": seed, "wall_s": 10.0, "commit": "new", "curve": [[0, 0.5]],
+                "recipe_changes": bench_learning.recipe_changes(env_id),
+                **{who: {"success": 0.5, "turns": 4.0} for who in bench_learning.POLICIES}}
+
+    monkeypatch.setattr(bench_learning, "run_one", fake_run)
+    out = tmp_path / "learning.json"
+    first = ["bench", "learning", "--json-out", str(out), "--seeds", "0", "--envs"]
+    assert main([*first, "hybrid_rl/FrozenLake-v1", "hybrid_rl/Nim-v0"]) == 0
+    assert main([*first, "FrozenLake-v1", "GuessNumber-v0(n=100)", "--merge"]) == 0
+    after = json.loads(out.read_text())
+    assert list(after["envs"]) == ["hybrid_rl/FrozenLake-v1", "hybrid_rl/Nim-v0", "hybrid_rl/GuessNumber-v0(n=100)"]
+    assert after["envs"]["hybrid_rl/GuessNumber-v0(n=100)"]["recipe_changes"] == list(
+        bench_learning.RECIPE_CHANGES["hybrid_rl/GuessNumber-v0"])
+    assert seen[-2:] == ["hybrid_rl/FrozenLake-v1", "hybrid_rl/GuessNumber-v0(n=100)"]
+
+    capsys.readouterr()
+    for bad, why in (("NoSuchEnv-v9", "NoSuchEnv"), ("GuessNumber-v0(n=100", "closing ')'")):
+        with pytest.raises(SystemExit):
+            main([*first, bad, "--merge"])
+        err = capsys.readouterr().err
+        assert "--envs" in err and why in err
+    assert json.loads(out.read_text()) == after and len(seen) == 4  # nothing run, nothing written
