@@ -37,6 +37,11 @@ class FixedTurnsEnv(gymnasium.Env):
         self.action_space = gymnasium.spaces.Text(10_000)
         self._t, self._hits, self._seed = 0, 0, 0
 
+    @property
+    def instant_steps(self) -> bool:
+        """Its steps return at once unless they sleep (``step_delay_s``): only then on the engine's worker threads."""
+        return not self.step_delay_s
+
     def _obs(self) -> str:
         pad = "abcdefghijklmnopqrstuvwxyz"[(self._seed + self._t) % 26] * max(0, self.obs_len - 12)
         return f"turn {self._t + 1}/{self.turns} {pad}"

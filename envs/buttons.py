@@ -52,6 +52,8 @@ class Buttons(TextEnv):
     and is left with a gap the +a key cannot fill exactly.
     """
 
+    instant_steps = True  # a pure game: the engine steps it on its own thread
+
     START = (1, 9)  # inclusive ranges the puzzles are drawn from
     ADD = (2, 9)
     MUL = (2, 3)

@@ -74,6 +74,8 @@ class Calculator(TextEnv):
     Expert: one calc call per operation, innermost first, then the answer.
     """
 
+    instant_steps = True  # a pure game: the engine steps it on its own thread
+
     system_prompt = ('Use the calc tool: <tool_call>{"name": "calc", "arguments": {"expression": "2+3"}}</tool_call> '
                      "then reply with the number.")
     tools = [CALC_SPEC]
@@ -137,6 +139,8 @@ class Arithmetic(TextEnv):
 
     Observation: "23+45=". Action: "68". Reward 1.0 if right, else 0; any answer ends the episode.
     """
+
+    instant_steps = True  # a pure game: the engine steps it on its own thread
 
     ends_on_invalid = True
 

@@ -66,6 +66,10 @@ class TextEnv(gym.Env):
       tools:         tool specs (``{"name", "description", "parameters"}``) the model may call.
       solvable:      True when a perfect expert always succeeds (the checker then demands >= 99%);
                      False for games of chance such as Blackjack (the success rate is only reported).
+      instant_steps: True when reset and step are pure computations that return at once (no process,
+                     server, file or clock): the rollout engine then calls them on its own thread instead
+                     of a worker thread (faster for such envs; no timeout can stop them). False (the
+                     default) for anything that can wait or block.
     """
 
     metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}
@@ -74,6 +78,7 @@ class TextEnv(gym.Env):
     solvable: bool = True
     invalid_penalty: float = 0.05  # what an unparseable action costs; small, so exploring stays cheap
     ends_on_invalid: bool = False  # True for one-turn tasks: any answer, parseable or not, ends the episode
+    instant_steps: bool = False  # reset/step are pure and return at once: the engine may call them inline
 
     def __init__(self, render_mode: str | None = None, expert_noise: float = 0.0):
         if render_mode not in (None, "ansi"):

@@ -17,6 +17,8 @@ class GuessNumber(TextEnv):
     feedback but slower than binary search (at n=100 it often runs out of turns).
     """
 
+    instant_steps = True  # a pure game: the engine steps it on its own thread
+
     HEURISTIC_STEP = 10
 
     def __init__(self, n: int = 16, turn_penalty: float = 0.02, render_mode: str | None = None, expert_noise: float = 0.0):

@@ -33,6 +33,8 @@ class Mastermind(TextEnv):
     still consistent with the feedback (solves 4 colors x 3 pegs in at most 5 guesses).
     """
 
+    instant_steps = True  # a pure game: the engine steps it on its own thread
+
     def __init__(self, colors: int = 4, pegs: int = 3, turn_penalty: float = 0.02,
                  render_mode: str | None = None, expert_noise: float = 0.0):
         super().__init__(render_mode=render_mode, expert_noise=expert_noise)

@@ -29,6 +29,8 @@ class Nim(TextEnv):
     demonstrations never depend on a pile above 7, and no RL run of the micro model got past them).
     """
 
+    instant_steps = True  # a pure game: the engine steps it on its own thread
+
     def __init__(self, min_stones: int = 9, max_stones: int = 23, opponent_skill: float = 0.7, turn_penalty: float = 0.01,
                  render_mode: str | None = None, expert_noise: float = 0.0, heuristic_lookahead: int = 1,
                  heuristic_guess: bool = True):

@@ -32,6 +32,8 @@ class Snake(TextEnv):
     itself whenever the body lies between the head and the apple.
     """
 
+    instant_steps = True  # a pure game: the engine steps it on its own thread
+
     def __init__(self, size: int = 5, apples: int = 3, length: int = 3, apple_reward: float = 0.1,
                  turn_penalty: float = 0.01, render_mode: str | None = None, expert_noise: float = 0.0):
         super().__init__(render_mode=render_mode, expert_noise=expert_noise)

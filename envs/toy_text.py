@@ -62,6 +62,8 @@ def _q_values(P, value, is_goal, gamma, n_states, n_actions) -> np.ndarray:
 class GridAdapter(TextEnv):
     """Shared by the grid worlds: move parsing, the inner step, the value-iteration expert."""
 
+    instant_steps = True  # a pure game: the engine steps it on its own thread
+
     MOVES: tuple[str, ...] = ()  # move names in the inner env's action order
     turn_penalty = 0.01
 
@@ -283,6 +285,8 @@ class Blackjack(TextEnv):
     whether you hold an ace counted as 11). Actions: hit, stick ("stand" works too).
     Reward: gymnasium's +1 win, 0 draw, -1 loss. Expert: basic strategy for hit/stick.
     """
+
+    instant_steps = True  # a pure game: the engine steps it on its own thread
 
     solvable = False
     ACTIONS = {"stick": 0, "stand": 0, "hit": 1}

@@ -14,7 +14,9 @@ pass of the loop:
    ``max_turn_tokens``, at the episode token limit or at a stop string (then ``<|end|>`` is appended as a
    NON-action token), followed by the tokenizer's ``end_suffix`` (none for the byte tokenizer, ChatML's
    newline), also NON-action, so the ids stay identical to ``render_chat`` of the conversation. A row whose
-   turn ended hands the action to its environment, which steps on a worker thread (``EnvCalls``).
+   turn ended hands the action to its environment, which steps on a worker thread (``EnvCalls``), or at
+   once on this thread when it declares its steps instant (``envpool.steps_instantly``: pure games and
+   puzzles; the hand-off to a worker and back costs more than such a step).
 3. collect the environments that have answered (without waiting, unless no row has anything to feed). A
    finished episode leaves its row; finished rows are dropped from the batch (``cache.select``; their slots
    refilled at step 1 at once) when episodes are waiting for the room or a quarter of the rows are done;
@@ -87,7 +89,7 @@ import torch
 from hybrid_rl.envs.core import episode_success
 from hybrid_rl.model.cache import HybridCache
 from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
-from hybrid_rl.rollout.envpool import EnvCalls, EnvFailure, EnvPool, EnvTimeout
+from hybrid_rl.rollout.envpool import EnvCalls, EnvFailure, EnvPool, EnvTimeout, steps_instantly
 from hybrid_rl.rollout.sampling import episode_ident, keyed_uniforms, sample
 from hybrid_rl.rollout.trajectory import Trajectory
 
@@ -187,6 +189,7 @@ class Engine:
         self.stream_seed = self.sampling.seed if self.sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.envs = EnvPool()
         self._answered = threading.Event()  # set by every env step that ends (``_collect`` waits on it)
+        self._not_instant: set[type] = set()  # env classes that declared instant steps and took too long
         self.step_hook: Callable[[], None] | None = None  # called before every decode step (weight updates)
         self.batch_trace: list[int] | None = None  # set to [] to record the episodes in the batch at every pass
         # counts, and seconds inside the model's decode steps and cache extensions (prefills included): the
@@ -241,7 +244,7 @@ class Engine:
                             ep = rows[i]
                             action = self._append_sampled(ep, token, sample_logp, plain_logp)
                             if action is not None:  # the env steps on a worker thread while the other rows go on
-                                ep.call = EnvCalls([_step_fn(ep.env, action)], on_done=self._answered.set)
+                                ep.call = self._env_calls([ep.env], [_step_fn(ep.env, action)])
                                 started.append(i)
                     unfed = lambda: [i for i, ep in enumerate(rows)  # noqa: E731
                                      if ep is not None and ep.call is None and ep.fed < len(ep.traj.token_ids)]
@@ -281,6 +284,23 @@ class Engine:
             self._answered.wait(min(rows[i].call.time_left(timeout_s) for i in stepping) if timeout_s else None)
 
     ENV_GRACE_S = 0.002  # how long a pass waits for the environments of the turns that ended in it
+    INSTANT_LIMIT_S = 0.005  # an env call declared instant that takes longer: its class goes to the workers
+
+    def _env_calls(self, envs: list, fns: list) -> EnvCalls:
+        """``fns`` (one call of each env in ``envs``) on the env workers, or here and now when every one of
+        those envs declares instant steps (``steps_instantly``). A class whose inline call took longer than
+        ``INSTANT_LIMIT_S`` is stepped on the workers from then on (a warning says which): a slow step here
+        would hold every row of the batch, and no timeout can stop it."""
+        inline = all(steps_instantly(env) and type(env.unwrapped) not in self._not_instant for env in envs)
+        t0 = time.perf_counter()
+        calls = EnvCalls(fns, on_done=self._answered.set, inline=inline)
+        if inline and fns and time.perf_counter() - t0 > self.INSTANT_LIMIT_S * len(fns):
+            slow = {type(env.unwrapped) for env in envs}
+            self._not_instant |= slow
+            log.warning("%s declare instant_steps, but %d call(s) took %.1f ms: stepping them on worker threads "
+                        "from now on (set instant_steps = False on an environment that can wait or block)",
+                        ", ".join(sorted(k.__name__ for k in slow)), len(fns), (time.perf_counter() - t0) * 1e3)
+        return calls
 
     def _grace(self, rows, started: list[int]) -> None:
         """Wait a moment (at most ``ENV_GRACE_S``) for the environments of the turns that ended in this pass.
@@ -361,7 +381,8 @@ class Engine:
                 traj = Trajectory(env_id=req.env_id, seed=req.seed, group_id=req.group_id, sample_index=k,
                                   worker=self.worker_name)
                 eps.append(_Episode(traj, self.envs.acquire(req.env_id, req.env_kwargs), req))  # an unknown id raises here
-        resets = EnvCalls([_reset_fn(ep.env, ep.request.seed) for ep in eps]).results(self.episode.env_timeout_s)
+        resets = self._env_calls([ep.env for ep in eps], [_reset_fn(ep.env, ep.request.seed) for ep in eps])
+        resets = resets.results(self.episode.env_timeout_s)
         for ep, outcome in zip(eps, resets):
             self._started(ep, outcome)
             if ep.traj.status in ("env_error", "timeout") or ep.fed < 0:

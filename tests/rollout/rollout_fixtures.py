@@ -132,6 +132,8 @@ class FaultyEnv(FixedTurnsEnv):
     pause_dir / pause_at_turn: at that turn, touch ``reached-<seed>-<pid>`` there and wait for a ``go`` file.
     """
 
+    instant_steps = False  # it can hang, sleep or wait: the engine's worker threads and their time limit
+
     def __init__(self, raise_prob: float = 0.0, hang_s: float = 0.0, hang_on_seed: int = -1,
                  kill_once_file: str = "", pause_dir: str = "", pause_at_turn: int = -1, **kw):
         super().__init__(**kw)

@@ -305,6 +305,8 @@ def test_rows_ending_a_turn_together_step_their_envs_concurrently():
     import gymnasium
 
     class BarrierEnv(FixedTurnsEnv):
+        instant_steps = False  # its steps block (on each other): worker threads
+
         def __init__(self, barrier=None, **kw):
             super().__init__(**kw)
             self.barrier = barrier
@@ -441,6 +443,7 @@ def test_an_instant_env_answers_within_the_pass_its_turn_ended(monkeypatch):
     model = make_model("micro")
     sampling = SamplingConfig(seed=1, temperature=1.0, ascii_only=True)
     episode = EpisodeConfig(max_turn_tokens=6, max_batch_episodes=6)
+    monkeypatch.setattr(FixedTurnsEnv, "instant_steps", False)  # on the worker threads, where the wait matters
     runs = {}
     for grace_s in (0.0, 30.0):
         monkeypatch.setattr(Engine, "ENV_GRACE_S", grace_s)
@@ -450,3 +453,61 @@ def test_an_instant_env_answers_within_the_pass_its_turn_ended(monkeypatch):
     assert same == base and len(base) == 6
     assert waited["forward_calls"] <= no_wait["forward_calls"]
     assert waited["idle_row_steps"] <= no_wait["idle_row_steps"]
+
+
+def test_an_env_that_declares_instant_steps_steps_on_the_engines_thread(monkeypatch, caplog):
+    """``instant_steps``: the env's reset and steps run on the thread that plays (no hand-off to a worker),
+    and the episodes are token for token those played with the env on the worker threads. An env that
+    declares it but takes longer than ``INSTANT_LIMIT_S`` goes back to the workers, with a warning."""
+    import threading
+    import time as time_mod
+
+    model = make_model("micro")
+    sampling = SamplingConfig(seed=3, temperature=1.0, ascii_only=True)
+    episode = EpisodeConfig(max_turn_tokens=6, max_batch_episodes=4)
+    threads: list[int] = []
+    step = FixedTurnsEnv.step
+
+    def recorded_step(self, action):
+        threads.append(threading.get_ident())
+        return step(self, action)
+
+    monkeypatch.setattr(FixedTurnsEnv, "step", recorded_step)
+    runs = {}
+    for instant in (True, False):
+        monkeypatch.setattr(FixedTurnsEnv, "instant_steps", instant)
+        threads.clear()
+        _, trajs = play(model, groups(3, samples=2, turns=3), sampling=sampling, episode=episode)
+        runs[instant] = {(t.seed, t.sample_index): (t.token_ids, t.logprobs, t.step_rewards) for t in trajs}
+        on_engine_thread = {ident == threading.get_ident() for ident in threads}
+        assert on_engine_thread == {instant} and len(threads) == 18
+    assert runs[True] == runs[False] and len(runs[True]) == 6
+
+    def slow_step(self, action):
+        threads.append(threading.get_ident())
+        time_mod.sleep(0.02)
+        return step(self, action)
+
+    monkeypatch.setattr(FixedTurnsEnv, "instant_steps", True)
+    monkeypatch.setattr(FixedTurnsEnv, "step", slow_step)
+    threads.clear()
+    with caplog.at_level("WARNING", logger="hybrid_rl.rollout"):
+        engine, trajs = play(model, groups(3, samples=2, turns=3), sampling=sampling, episode=episode)
+    assert {(t.seed, t.sample_index): (t.token_ids, t.logprobs, t.step_rewards) for t in trajs} == runs[True]
+    assert threads[0] == threading.get_ident() and set(threads[1:]) and threading.get_ident() not in threads[1:]
+    assert FixedTurnsEnv in engine._not_instant
+    assert "FixedTurnsEnv declare instant_steps" in caplog.text and "worker threads" in caplog.text
+
+
+def test_instant_steps_are_declared_by_the_pure_builtin_games_only():
+    """The built-in games step inline; the environments that run code or a verifier, and plain gymnasium
+    envs without the attribute, stay on the worker threads (``steps_instantly``)."""
+    from hybrid_rl import envs
+    from hybrid_rl.rollout.envpool import steps_instantly
+
+    for env_id in ("hybrid_rl/FrozenLake-v1", "hybrid_rl/Buttons-v0", "hybrid_rl/Nim-v0", "hybrid_rl/Arithmetic-v0"):
+        assert steps_instantly(envs.make(env_id)), env_id
+    for env_id in ("hybrid_rl/PythonTool-v0", "hybrid_rl/MathWords-v0"):
+        assert not steps_instantly(envs.make(env_id)), env_id
+    assert not steps_instantly(object())
+    assert steps_instantly(FixedTurnsEnv()) and not steps_instantly(FixedTurnsEnv(step_delay_s=0.05))
