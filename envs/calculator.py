@@ -74,8 +74,6 @@ class Calculator(TextEnv):
     Expert: one calc call per operation, innermost first, then the answer.
     """
 
-    instant_steps = True  # a pure game: the engine steps it on its own thread
-
     system_prompt = ('Use the calc tool: <tool_call>{"name": "calc", "arguments": {"expression": "2+3"}}</tool_call> '
                      "then reply with the number.")
     tools = [CALC_SPEC]

@@ -507,7 +507,7 @@ def test_instant_steps_are_declared_by_the_pure_builtin_games_only():
 
     for env_id in ("hybrid_rl/FrozenLake-v1", "hybrid_rl/Buttons-v0", "hybrid_rl/Nim-v0", "hybrid_rl/Arithmetic-v0"):
         assert steps_instantly(envs.make(env_id)), env_id
-    for env_id in ("hybrid_rl/PythonTool-v0", "hybrid_rl/MathWords-v0"):
+    for env_id in ("hybrid_rl/PythonTool-v0", "hybrid_rl/MathWords-v0", "hybrid_rl/Calculator-v0"):
         assert not steps_instantly(envs.make(env_id)), env_id
     assert not steps_instantly(object())
     assert steps_instantly(FixedTurnsEnv()) and not steps_instantly(FixedTurnsEnv(step_delay_s=0.05))
