@@ -8,6 +8,8 @@ WORDS = ("cat", "dog", "sun", "map", "pen", "cup", "box", "leaf", "star", "moon"
 class ReverseWord(TextEnv):
     """Spell a short word backwards; three tries, each try costs a little."""
 
+    instant_steps = True  # reset and step are pure string work: the rollout engine calls them on its own thread
+
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.word = WORDS[int(self.np_random.integers(len(WORDS)))]
