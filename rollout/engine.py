@@ -291,11 +291,12 @@ class Engine:
         those envs declares instant steps (``steps_instantly``). A class whose inline call took longer than
         ``INSTANT_LIMIT_S`` is stepped on the workers from then on (a warning says which): a slow step here
         would hold every row of the batch, and no timeout can stop it."""
-        inline = all(steps_instantly(env) and type(env.unwrapped) not in self._not_instant for env in envs)
+        kinds = [type(getattr(env, "unwrapped", env)) for env in envs]
+        inline = all(steps_instantly(env) and kind not in self._not_instant for env, kind in zip(envs, kinds))
         t0 = time.perf_counter()
         calls = EnvCalls(fns, on_done=self._answered.set, inline=inline)
         if inline and fns and time.perf_counter() - t0 > self.INSTANT_LIMIT_S * len(fns):
-            slow = {type(env.unwrapped) for env in envs}
+            slow = set(kinds)
             self._not_instant |= slow
             log.warning("%s declare instant_steps, but %d call(s) took %.1f ms: stepping them on worker threads "
                         "from now on (set instant_steps = False on an environment that can wait or block)",

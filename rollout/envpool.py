@@ -113,18 +113,20 @@ class EnvCalls:
         self._left = len(fns)
         self._on_done = on_done  # called (on the worker thread, or here when inline) after each call ends
         self._started = time.monotonic()
-        calls = [functools.partial(self._run, fn, box) for fn, box in zip(fns, self._boxes)]
+        calls = [functools.partial(self._run, fn, box, inline) for fn, box in zip(fns, self._boxes)]
         if inline:
             for call in calls:
                 call()
         elif calls:
             _shared_workers().submit(calls)
 
-    def _run(self, fn, box) -> None:
+    def _run(self, fn, box, inline: bool = False) -> None:
         result: dict[str, Any] = {}
         try:
             result["value"] = fn()
         except BaseException as err:  # noqa: BLE001
+            if inline and isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise  # on the caller's thread: Ctrl-C and exit stop the caller, as anywhere else
             result["error"], result["trace"] = err, traceback.format_exc()
         with self._done:
             box.update(result, done=True)

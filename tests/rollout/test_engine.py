@@ -511,3 +511,16 @@ def test_instant_steps_are_declared_by_the_pure_builtin_games_only():
         assert not steps_instantly(envs.make(env_id)), env_id
     assert not steps_instantly(object())
     assert steps_instantly(FixedTurnsEnv()) and not steps_instantly(FixedTurnsEnv(step_delay_s=0.05))
+
+
+def test_ctrl_c_in_an_instant_env_step_stops_the_engine(monkeypatch):
+    """An instant env steps on the engine's thread, so a KeyboardInterrupt raised in its step (Ctrl-C) stops
+    ``play`` as it would anywhere else, instead of being booked as that episode's env error."""
+    import pytest
+
+    def interrupted(self, action):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FixedTurnsEnv, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        play(make_model("toy"), groups(2, turns=2), episode=EpisodeConfig(max_turn_tokens=3))
