@@ -61,9 +61,11 @@ once half the batch waits, 0.427; in the same forward as the decoding rows (this
 per-position kernels (the Mamba scan in 16 lanes with B and C held in registers, attention eight keys at a
 time with its value sum in registers), one flat token tensor per extension, a cheaper draw (banned columns
 left out instead of exp(-inf), one inverse-CDF pass) and the grace wait above: the recorded run is 0.50
-(the median of five paired rounds, 0.42-0.54), with 64 forwards. Of a run, the model's kernels are ~87%,
-their Python wrappers ~5%; sampling, bookkeeping and env calls the rest. See docs/BENCHMARKS.md for
-the recorded figures.
+(the median of five paired rounds, 0.42-0.54), with 64 forwards. Instant environments then stepped on this
+thread (no worker hand-off): 10% less wall time in alternating runs; the run recorded after it, in a slow
+stretch of the machine, is 0.47 (rounds 0.44-0.49), the engine's own work 7% of its time. Of a run, the
+model's kernels are ~87%, their Python wrappers ~5%; sampling, bookkeeping and env calls the rest. See
+docs/BENCHMARKS.md for the recorded figures.
 
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
 past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action is text only
@@ -243,7 +245,7 @@ class Engine:
                                                                      plain_logp_b.tolist()):
                             ep = rows[i]
                             action = self._append_sampled(ep, token, sample_logp, plain_logp)
-                            if action is not None:  # the env steps on a worker thread while the other rows go on
+                            if action is not None:  # the env steps (a worker thread, or here if instant)
                                 ep.call = self._env_calls([ep.env], [_step_fn(ep.env, action)])
                                 started.append(i)
                     unfed = lambda: [i for i, ep in enumerate(rows)  # noqa: E731
