@@ -8,7 +8,8 @@ from hybrid_rl.envs.core import (
     CHARSET, MAX_ACTION_CHARS, MAX_OBS_CHARS, TextEnv, episode_success, first_int, first_word, quote, text_space,
 )
 from hybrid_rl.envs.registry import (
-    ENTRY_POINT_GROUP, NAMESPACE, UnknownEnvironmentError, describe, env_ids, load_plugins, make, max_turns,
+    ENTRY_POINT_GROUP, NAMESPACE, UnknownEnvironmentError, describe, env_ids, import_env_modules, load_plugins, make,
+    max_turns,
     register_builtins, resolve_id, seeds,
 )
 from hybrid_rl.envs.tools import ToolCall, ToolCallError, ToolResult, call_tool, format_tool_call, parse_tool_call

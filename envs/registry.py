@@ -28,7 +28,7 @@ from gymnasium.envs.registration import load_env_creator
 from hybrid_rl.registry import check_name
 
 __all__ = ["NAMESPACE", "ENTRY_POINT_GROUP", "BUILTINS", "UnknownEnvironmentError", "register_builtins",
-           "load_plugins", "make", "resolve_id", "env_ids", "describe", "max_turns", "seeds", "EVAL_SEED_START"]
+           "load_plugins", "import_env_modules", "make", "resolve_id", "env_ids", "describe", "max_turns", "seeds", "EVAL_SEED_START"]
 
 NAMESPACE = "hybrid_rl"
 ENTRY_POINT_GROUP = "hybrid_rl.envs"
@@ -97,6 +97,17 @@ def load_plugins() -> dict[str, list[str]]:
     return dict(_plugin_ids)
 
 
+def import_env_modules(modules) -> None:
+    """Import the modules that register third-party environments (``pool.env_modules``), in this process: the
+    driver checks ids and draws seeds, and an in-process pool plays, as the Ray workers do after their own import."""
+    for module in modules or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise UnknownEnvironmentError(f"pool.env_modules: cannot import {module!r} ({err}); give the module that "
+                                          "registers your environments (install its package, or fix the name).") from None
+
+
 def env_ids() -> list[str]:
     """Every hybrid_rl environment: the ``hybrid_rl/`` namespace plus whatever plug-ins registered."""
     ids = {i for i in gym.registry if i.startswith(NAMESPACE + "/")}
@@ -149,7 +160,9 @@ def resolve_id(env_id: str) -> str:
 def _unknown_message(gym_message: str) -> str:
     listing = "\n".join(f"  {i}" for i in env_ids()) or "  (none registered)"
     return (f"{gym_message}\nhybrid_rl environments:\n{listing}\n"
-            f"Run `hybrid-rl envs list` for descriptions; a plug-in's environments appear once its package is installed.")
+            f"Run `hybrid-rl envs list` for descriptions; a plug-in's environments appear once its package is installed. "
+            f"An env registered by a module of your own: write the id as 'module:id', or name the module in "
+            f"pool.env_modules.")
 
 
 LEGACY_HINT = ("An env written for old gym (reset -> obs, step -> (obs, reward, done, info)) plays through an adapter: "
@@ -161,11 +174,19 @@ def make(env_id: str, **kwargs) -> gym.Env:
     in the id (``ID(n=100)``) come first, ``kwargs`` override them."""
     _, id_kwargs = split_args(env_id)
     try:
-        return gym.make(resolve_id(env_id), **{**id_kwargs, **kwargs})
+        env = gym.make(resolve_id(env_id), **{**id_kwargs, **kwargs})
     except TypeError as err:  # gymnasium refuses a class that is not a gymnasium.Env
         if "gymnasium.Env" not in str(err):
             raise
         raise TypeError(f"{err}\n{LEGACY_HINT}") from None
+    attempts = getattr(env.unwrapped, "max_attempts", None)
+    limit = env.spec.max_episode_steps if env.spec is not None else None
+    if isinstance(attempts, int) and limit is not None and attempts > limit:  # the turn limit would cut the retries
+        env.close()
+        name = split_args(env_id)[0]
+        raise ValueError(f"{name}: max_attempts={attempts} but the turn limit max_episode_steps={limit} ends the episode "
+                         f"first; raise it too, e.g. {name}(max_attempts={attempts};max_episode_steps={attempts}).")
+    return env
 
 
 def describe(env_id: str) -> str:

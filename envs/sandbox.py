@@ -44,8 +44,12 @@ class SandboxLimits:
 
     def __post_init__(self):
         for name, value in asdict(self).items():
-            if value <= 0:
-                raise ValueError(f"SandboxLimits.{name}={value}: every limit must be positive.")
+            whole = name != "wall_s"  # setrlimit and the output cut take whole numbers
+            number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+            if not number or not 0 < value < float("inf"):
+                hint = f", e.g. {name}={max(1, int(value))}" if whole and isinstance(value, float) and 0 < value < 1e18 else ""
+                raise ValueError(f"SandboxLimits.{name}={value!r}: every limit must be a positive "
+                                 f"{'whole' if whole else 'finite'} number{hint}.")
 
 
 @dataclass

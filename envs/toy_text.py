@@ -19,7 +19,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from gymnasium.envs.toy_text.blackjack import BlackjackEnv
+from gymnasium.envs.toy_text.blackjack import BlackjackEnv, sum_hand
 from gymnasium.envs.toy_text.cliffwalking import CliffWalkingEnv
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv, generate_random_map
 from gymnasium.envs.toy_text.taxi import TaxiEnv
@@ -314,7 +314,7 @@ class Blackjack(TextEnv):
         if not terminated:
             return self.result(self.line(), {})
         outcome = "you win" if gym_reward > 0 else "draw" if gym_reward == 0 else "you lose"
-        dealer = sum(self.inner.dealer) if action == 0 else None
+        dealer = sum_hand(self.inner.dealer) if action == 0 else None  # an ace counts 11 where it can
         detail = f"sum={self.hand[0]}" + (f" dealer has {dealer}" if dealer is not None else " bust")
         out = self.result(f"{detail}. {outcome}", {"outcome": float(gym_reward)}, terminated=True, success=gym_reward > 0)
         out[4]["gym_reward"] = float(gym_reward)

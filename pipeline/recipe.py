@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(PipelineStageConfig, args)
     if cfg is None:
         return 0
-    check_env_ids(cfg.envs)
+    check_env_ids(cfg.envs, cfg.rl.rollout.pool.env_modules)
     from hybrid_rl.sft.data import DataError
 
     try:

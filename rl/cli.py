@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(RLStageConfig, args)
     if cfg is None:
         return 0
-    check_env_ids(cfg.envs)
+    check_env_ids(cfg.envs, cfg.rollout.pool.env_modules)
     if start_processes(cfg.train):
         return spawn("rl", cli_argv(args), cfg.train.processes, cfg.train.torch_threads or 1)
     from hybrid_rl.rl.train import train
@@ -30,11 +30,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_env_ids(env_ids) -> None:
-    """Unknown env ids and malformed id arguments fail before any work, with gymnasium's did-you-mean."""
+def check_env_ids(env_ids, env_modules=()) -> None:
+    """Unknown env ids and malformed id arguments fail before any work, with gymnasium's did-you-mean; ids that
+    ``pool.env_modules`` registers are known once those modules are imported here."""
     from hybrid_rl import envs
     from hybrid_rl.config import ConfigError
 
+    try:
+        envs.import_env_modules(env_modules)
+    except envs.UnknownEnvironmentError as err:
+        raise ConfigError(str(err)) from None
     for env_id in env_ids:
         try:
             envs.resolve_id(env_id)

@@ -105,7 +105,8 @@ class AlgoConfig:
     dynamic_sampling_filter: Literal["success", "advantage"] = "success"
     max_refill_rounds: int = 4  # dynamic sampling: at most this many extra rounds of prompts_per_step groups per step
     routing_replay: bool = False  # train on the experts the rollout picked (R3), recorded per token
-    # with routing_replay: also log train/routing_mismatch, which costs one more forward per micro-batch
+    # log train/routing_mismatch (the rollout records its experts for it): without replay it tells whether replay
+    # would change anything; with replay it costs one more forward per micro-batch
     log_routing_mismatch: bool = False
     updates_per_batch: int = 1  # optimizer steps on each rollout batch (GRPO's mu); > 1 takes ratios vs the rollout's log-probs
     mode: Literal["sync", "async"] = "sync"  # async: rollouts of step k+1 run while step k trains
@@ -140,11 +141,26 @@ class AlgoConfig:
         if not (math.isfinite(self.state_weight) and self.state_weight >= 0):
             raise ValueError(f"state_weight must be a finite number >= 0, got {self.state_weight}: e.g. algo.state_weight=1.0")
         for name in ("kl_beta", "entropy_coef", "overlong_penalty"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        bad = {k: v for k, v in self.env_weights.items() if v < 0}
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        bad = {k: v for k, v in self.env_weights.items() if not (math.isfinite(v) and v >= 0)}
         if bad:
-            raise ValueError(f"env_weights must be >= 0, got {bad}")
+            raise ValueError(f"env_weights must be finite numbers >= 0, got {bad}: e.g. algo.env_weights={{GuessNumber-v0: 2.0}}")
+        if self.policy_loss == "reinforce" and (self.mode == "async" or self.updates_per_batch > 1):
+            log.warning("algo.policy_loss=reinforce takes no ratio to the policy that sampled: with algo.mode=%s and "
+                        "algo.updates_per_batch=%d it trains on samples of an older policy without correction; use "
+                        "policy_loss=grpo (clipped ratio) or mode=sync with updates_per_batch=1", self.mode,
+                        self.updates_per_batch)
+        unused = [f"{name}={getattr(self, name)}" for name, default, used in (
+            ("gamma", 1.0, self.credit != "episode"), ("state_weight", 1.0, self.credit == "state"),
+            ("state_key", "env", self.credit == "state"),
+            ("clip_eps_high", 0.28, self.policy_loss in ("dapo", "clip-cov", "kl-cov")),
+            ("seq_clip_eps_low", 3e-4, self.policy_loss == "gspo"), ("seq_clip_eps_high", 4e-4, self.policy_loss == "gspo"))
+            if not used and getattr(self, name) != default]
+        if unused:
+            log.warning("algo: settings with no effect under credit=%s and policy_loss=%s: %s (gamma: turn or state credit; "
+                        "state_weight, state_key: state credit; clip_eps_high: dapo, clip-cov, kl-cov; seq_clip_eps_*: gspo)",
+                        self.credit, self.policy_loss, ", ".join(unused))
         bad = {k: v for k, v in self.reward_weights.items() if not math.isfinite(v)}
         if bad:
             raise ValueError(f"reward_weights must be finite numbers, got {bad}: e.g. algo.reward_weights={{turn: 0.5}}")
@@ -161,7 +177,7 @@ class RLTrainConfig(ParallelTrainConfig):
     steps: int = 20  # GRPO steps (= optimizer steps = policy versions)
     lr: float = 1e-4  # constant after warmup by default: RL from an SFT policy wants small, steady steps
     warmup_steps: int = 0  # linear warmup from 0
-    # cosine decay from lr to lr * min_lr_ratio at the last step; 1 = constant (the default). A decay settles
+    # cosine decay from lr to lr * min_lr_ratio at the end of the last step; 1 = constant (the default). A decay settles
     # the final policy (TRL's GRPO decays linearly to 0 by default; the SFT stage uses the same cosine)
     min_lr_ratio: float = 1.0
     weight_decay: float = 0.0  # no decay: it pulls the SFT weights toward 0 for no RL reason

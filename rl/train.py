@@ -510,8 +510,13 @@ def train(cfg: RLStageConfig) -> dict:
     seed_everything(cfg.run.seed)
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
-    run_dir = Path(par.broadcast(str(make_run_dir(cfg.run, "rl", cfg, resume=cfg.resume)) if par.is_main else None))
     model, tokenizer, source = load_policy(cfg)
+    if (cfg.algo.routing_replay or cfg.algo.log_routing_mismatch) and not getattr(model, "moe_layers", None):
+        from hybrid_rl.config import ConfigError
+
+        raise ConfigError(f"algo.routing_replay / algo.log_routing_mismatch: the policy ({source}) has no MoE layers, "
+                          "so there is no routing to record or replay; set both to false for this model")
+    run_dir = Path(par.broadcast(str(make_run_dir(cfg.run, "rl", cfg, resume=cfg.resume)) if par.is_main else None))
     model.train()
     ref_model = None
     if cfg.algo.kl_beta > 0:  # a frozen copy of the initial policy, on the CPU between its passes when offloaded
@@ -537,7 +542,8 @@ def train(cfg: RLStageConfig) -> dict:
     metrics = pool = executor = None
     if main:
         metrics = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
-        episode = cfg.rollout.episode_config(record_routing=cfg.algo.routing_replay)
+        # the rollout records its experts for replay, or to measure how often the trainer's differ (the metric)
+        episode = cfg.rollout.episode_config(record_routing=cfg.algo.routing_replay or cfg.algo.log_routing_mismatch)
         pool = make_pool(par.full_model(), tokenizer, cfg.rollout.sampling, episode, cfg.rollout.pool, seed=cfg.run.seed)
     else:
         par.full_model()  # the collective of the line above
@@ -687,7 +693,8 @@ def _batch_from_state(state: dict):
 
 def lr_at(step: int, cfg: RLStageConfig) -> float:
     """Linear warmup over train.warmup_steps, then constant, or (``train.min_lr_ratio < 1``) cosine down to
-    ``lr * min_lr_ratio`` at the last step. Set by hand each step: resume needs only the step."""
+    ``lr * min_lr_ratio`` at step ``train.steps`` (one past the last trained step, as transformers' cosine
+    schedule: 240 steps at 0.1x train their last at 0.10004x). Set by hand each step: resume needs only the step."""
     tc = cfg.train
     return warmup_cosine(step, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
 

@@ -10,6 +10,7 @@ Prints a table (success rate, return, turns and tokens per episode, per environm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -99,14 +100,21 @@ def check(cfg: EvalStageConfig) -> None:
         raise ConfigError("eval.envs is empty: pass --env ID (repeatable), e.g. --env hybrid_rl/GuessNumber-v0.")
     from hybrid_rl import envs
 
+    try:
+        envs.import_env_modules(cfg.pool.env_modules)
+    except envs.UnknownEnvironmentError as err:
+        raise ConfigError(str(err)) from None
     for env_id in cfg.eval.envs:
-        if ":" not in env_id:
-            envs.resolve_id(env_id)  # unknown ids fail now, with did-you-mean
+        envs.resolve_id(env_id)  # unknown ids fail now, with did-you-mean (``module:id`` imports the module first)
 
 
 def evaluate_checkpoint(cfg: EvalStageConfig):
+    """``cfg.eval.checkpoint`` on its envs' seeds; a sampling stream not set (``sampling.seed``) is ``run.seed``'s, so
+    that a sampled eval plays the same episodes again, in this process or on any number of Ray workers."""
     from hybrid_rl.rollout.evaluate import eval_requests, evaluate
 
+    if cfg.sampling.seed is None:
+        cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, seed=cfg.run.seed))
     if cfg.pool.num_workers == 0:
         from hybrid_rl.rollout.pool import CheckpointModel
 

@@ -19,7 +19,7 @@ class SamplingConfig:
     top_k: int = 0  # keep the k most likely tokens (0 = off)
     stop_strings: list[str] = field(default_factory=list)  # end the turn when the action text ends with one
     ascii_only: bool = False  # forbid bytes >= 128 (keeps actions valid UTF-8 for a byte-level untrained model)
-    seed: int | None = None  # sampling stream seed (None = nondeterministic); every worker samples the same stream
+    seed: int | None = None  # sampling stream seed (None: the stage's run.seed; a bare Engine's is random); every worker samples the same stream
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -71,7 +71,7 @@ class PoolConfig:
     groups_per_task: int = 0  # groups handed to a worker at once (0 = an even split over the workers)
     task_timeout_s: float = 600.0  # a task running longer than this is a stalled worker: error, never a hang
     max_task_retries: int = 3  # re-runs of a task whose worker died (Ray restarts the worker)
-    env_modules: list[str] = field(default_factory=list)  # modules each worker imports (third-party env registration)
+    env_modules: list[str] = field(default_factory=list)  # modules that register third-party envs: imported by the driver, an in-process pool and each worker
 
     def __post_init__(self):
         if self.num_workers < 0:

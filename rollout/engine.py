@@ -78,6 +78,7 @@ trainer's forward recomputes.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 import threading
@@ -261,9 +262,21 @@ class Engine:
                     feeding = unfed()
                     if feeding:
                         cache, logits_bv = self._forward(cache, rows, feeding, logits_bv)
+        except BaseException:
+            self._abandon(rows, prefixes)
+            raise
         finally:
             self.model.train(was_training)
         return finished
+
+    def _abandon(self, rows, prefixes) -> None:
+        """An exception ends ``play``: the environments of the episodes still in flight are closed (in the
+        background, as a broken env is), not left open outside the pool."""
+        eps = [ep for ep in rows if ep is not None] + [ep for prefix in prefixes for ep in prefix.episodes]
+        for ep in eps:
+            if ep.env is not None:
+                self.envs.discard(ep.env)
+                ep.env = None
 
     def _collect(self, rows, finished: list, block: bool) -> None:
         """Book the answers of the environments that have answered (or timed out); with ``block`` and nothing
@@ -420,6 +433,9 @@ class Engine:
         if not isinstance(obs, str):
             self._env_failed(ep, EnvFailure(f"reset returned a {type(obs).__name__} observation, expected str"), "reset")
             return
+        if info is not None and not isinstance(info, dict):
+            self._env_failed(ep, EnvFailure(f"reset returned info of type {type(info).__name__}, expected a dict"), "reset")
+            return
         tok = self.tokenizer
         system = getattr(env.unwrapped, "system_prompt", None)
         ids = list(tok.bos_prefix)
@@ -467,9 +483,9 @@ class Engine:
             self._env_failed(ep, outcome, "step")
             return True
         obs, reward, terminated, truncated, info = outcome
-        if not isinstance(obs, str) or not isinstance(reward, numbers.Real):  # numpy scalars are Real too
-            self._env_failed(ep, EnvFailure(f"step returned observation {type(obs).__name__} and reward "
-                                            f"{type(reward).__name__}, expected str and a number"), "step")
+        problem = _step_problem(obs, reward, info)
+        if problem:
+            self._env_failed(ep, EnvFailure(problem), "step")
             return True
         traj.step_rewards.append(float(reward))
         info = info or {}
@@ -630,6 +646,20 @@ def _step_fn(env, action: str):
         return obs, reward, terminated, truncated, info
 
     return step
+
+
+def _step_problem(obs, reward, info) -> str:
+    """What is wrong with a step's observation, reward or info ("" when nothing): a reward that is not a finite
+    number would make every advantage of its batch NaN (the group and batch statistics), so it ends its episode
+    as an env error instead."""
+    if not isinstance(obs, str) or not isinstance(reward, numbers.Real):  # numpy scalars are Real too
+        return (f"step returned observation {type(obs).__name__} and reward {type(reward).__name__}, expected str and "
+                "a number")
+    if not math.isfinite(float(reward)):
+        return f"step returned reward {float(reward)}, expected a finite number"
+    if info is not None and not isinstance(info, dict):
+        return f"step returned info of type {type(info).__name__}, expected a dict"
+    return ""
 
 
 def _state(info) -> str:

@@ -44,7 +44,7 @@ def eval_requests(env_ids: list[str], seeds: list[int] | dict[str, list[int]] | 
         else:
             from hybrid_rl import envs
 
-            env_seeds = envs.seeds(env_id.rpartition(":")[2], split, episodes)
+            env_seeds = envs.seeds(env_id, split, episodes)  # ``module:id`` imports its module first
         requests += [GroupRequest(env_id, int(s), group_id=len(requests) + i) for i, s in enumerate(env_seeds)]
     return requests
 

@@ -463,7 +463,11 @@ class LocalPool:
 
 
 def make_pool(model, tokenizer, sampling: SamplingConfig, episode: EpisodeConfig, pool_cfg: PoolConfig, seed: int = 0):
-    """Ray workers when ``pool_cfg.num_workers > 0``, else ``LocalPool``."""
+    """Ray workers when ``pool_cfg.num_workers > 0``, else ``LocalPool``. ``pool.env_modules`` are imported here
+    too: the caller draws the seeds, and a ``LocalPool`` plays in this process."""
+    from hybrid_rl.envs import import_env_modules
+
+    import_env_modules(pool_cfg.env_modules)
     if pool_cfg.num_workers == 0:
         return LocalPool(model, tokenizer, sampling, episode, seed)
     if sampling.seed is None:

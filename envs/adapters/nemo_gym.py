@@ -31,6 +31,7 @@ the same rows (give the eval its own file under another id).
 from __future__ import annotations
 
 import json
+import math
 import urllib.error
 import urllib.request
 from http.cookiejar import CookieJar
@@ -141,6 +142,9 @@ def verified_reward(answer: Any) -> tuple[float, dict[str, float]]:
     except (TypeError, ValueError, AttributeError):
         raise NemoGymError(f"/verify answered reward {answer.get('reward')!r}, reward_components "
                            f"{answer.get('reward_components')!r}; expected numbers.") from None
+    if not all(math.isfinite(x) for x in (reward, *parts.values())):
+        raise NemoGymError(f"/verify answered reward {answer.get('reward')!r}, reward_components "
+                           f"{answer.get('reward_components')!r}; expected finite numbers (no NaN or infinity).")
     if not parts:
         return reward, {"reward": reward}
     rest = reward - sum(parts.values())

@@ -132,6 +132,9 @@ def test_verified_reward_takes_reward_or_the_sum_of_its_components():
     assert reward == 1.0 and parts == {"answer": 0.75, "rest": 0.25}
     with pytest.raises(NemoGymError, match="expected numbers"):
         verified_reward({"reward": "high"})
+    for answer in ({"reward": float("nan")}, {"reward": "inf"}, {"reward_components": {"answer": float("-inf")}}):
+        with pytest.raises(NemoGymError, match="expected finite numbers"):
+            verified_reward(answer)
 
 
 @pytest.mark.parametrize("kwargs, message", [

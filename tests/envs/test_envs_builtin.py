@@ -105,6 +105,15 @@ def test_blackjack_basic_strategy_and_outcomes():
     assert set(returns) <= {-1.0, 0.0, 1.0}
 
 
+def test_blackjack_reports_the_dealer_total_with_an_ace_counted_as_eleven():
+    """Seed 2: the dealer holds 10 and an ace, 21 (not 11); the text the model reads says so."""
+    env = envs.make("Blackjack-v1")
+    env.reset(seed=2)
+    obs, reward, terminated, _, _ = env.step("stick")
+    assert sorted(env.unwrapped.inner.dealer) == [1, 10]
+    assert terminated and "dealer has 21" in obs and reward < 0
+
+
 def test_calculator_expert_uses_one_tool_call_per_operation():
     episode = envs.expert_episode("Calculator-v0", 0)
     roles = [m["role"] for m in episode.messages]

@@ -77,3 +77,8 @@ def test_bad_settings_are_refused():
         envs.make("MathWords-v0", min_steps=3, max_steps=2)
     with pytest.raises(ValueError, match="max_attempts >= 1"):
         envs.make("MathWords-v0", max_attempts=0)
+    # retries that the turn limit would cut off: refused, naming the limit to raise (silently one attempt before)
+    with pytest.raises(ValueError, match=re.escape("max_attempts=3 but the turn limit max_episode_steps=1")):
+        envs.make("MathWords-v0", max_attempts=3)
+    with pytest.raises(ValueError, match=re.escape("e.g. Dataset-v0(max_attempts=2;max_episode_steps=2)")):
+        envs.make("Dataset-v0(max_attempts=2)")

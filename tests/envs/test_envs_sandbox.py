@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -230,3 +231,23 @@ def test_the_kernel_layers_hold_without_the_audit_hook(tmp_path, listener):
     assert not outside.exists() and (work / "inside.txt").read_text() == "ok"
     with pytest.raises(BlockingIOError):
         listener.accept()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"cpu_s": 1.5}, "cpu_s=1.5: every limit must be a positive whole number, e.g. cpu_s=1"),
+    ({"memory_mb": 256.5}, "memory_mb=256.5: every limit must be a positive whole number"),
+    ({"processes": 0}, "processes=0: every limit must be a positive whole number"),
+    ({"wall_s": float("inf")}, "wall_s=inf: every limit must be a positive finite number"),
+])
+def test_limits_setrlimit_cannot_take_are_refused_when_made(kwargs, message):
+    """A fractional limit would make every call's child fail in setrlimit (a TypeError the model would read as its
+    own code's output): it is refused when the limits are made, naming the fix."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SandboxLimits(**kwargs)
+
+
+def test_the_python_tool_env_refuses_a_fractional_cpu_limit():
+    from hybrid_rl import envs
+
+    with pytest.raises(ValueError, match=re.escape("SandboxLimits.cpu_s=1.5")):
+        envs.make("hybrid_rl/PythonTool-v0", cpu_s=1.5)

@@ -32,11 +32,12 @@ SMOKE = ["init_from=", "algo.mode=sync", "algo.updates_per_batch=1", "model.pres
     ("eval.select_episodes_per_env=0", ["select_episodes_per_env", ">= 1", "select_best"]),
     ("algo.clip_cov_lb=6", ["algo", "clip_cov_lb", "clip_cov_ub", "<="]),
     ("algo.policy_loss=klcov", ["algo", "'klcov'", "Did you mean 'kl-cov'", "'clip-cov'"]),
+    ("algo.routing_replay=true model.layer_pattern=M*M init_from=", ["algo.routing_replay", "no MoE layers", "set both to false"]),
 ])
 def test_bad_config_fails_before_any_work(override, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     extra = ["envs=[hybrid_rl/GuessNumber-v0,hybrid_rl/FrozenLake-v1]"] if "prompts_per_step" in override else []
-    code = main(["rl", *extra, override, "run.output_dir=runs"])
+    code = main(["rl", *extra, *override.split(), "run.output_dir=runs"])
     err = capsys.readouterr().err
     assert code == 2, err
     for piece in expected:
@@ -155,6 +156,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
     r_straight = [r for r in read_metrics(tmp_path / "runs" / "straight") if r["step"] == 2 and "rollout/reward" in r]
     r_resumed = [r for r in read_metrics(tmp_path / "runs" / "stopped") if r["step"] == 2 and "rollout/reward" in r]
     assert r_straight[0]["rollout/reward"] == r_resumed[0]["rollout/reward"]
+    # the resume started after step 1 (a run that ignored the checkpoint and trained from 0 would log step 1 twice)
+    assert [r["step"] for r in read_metrics(tmp_path / "runs" / "stopped") if "rollout/reward" in r] == [1, 2]
 
 
 def test_async_mode_trains_on_batches_one_version_old(tmp_path, monkeypatch, capsys):
@@ -206,3 +209,46 @@ def test_async_resume_continues_exactly(workers, tmp_path, monkeypatch, capsys):
     pick = lambda run: [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "runs" / run) if "rollout/reward" in r]  # noqa: E731
     straight, resumed = pick("straight"), pick("stopped")
     assert straight[1:] == resumed[-2:] and [r["train/staleness_max"] for r in resumed[-2:]] == [1.0, 1.0]
+    steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "stopped") if "rollout/reward" in r]
+    assert steps[-2:] == [2, 3] and steps.count(1) == 1  # resumed after step 1, not trained again from 0
+
+
+def test_pool_env_modules_register_their_ids_in_the_driver_and_an_in_process_pool(tmp_path, monkeypatch):
+    """``pool.env_modules`` are imported where ids are checked and seeds drawn, and by an in-process pool, not only
+    by Ray workers; a module that cannot be imported is a config error naming the key."""
+    from hybrid_rl.config import ConfigError
+    from hybrid_rl.rl.cli import check_env_ids
+    from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
+    from hybrid_rl.rollout.pool import LocalPool, make_pool
+
+    (tmp_path / "poolplugin_mod.py").write_text(
+        "import gymnasium\n"
+        "from hybrid_rl.benchmarks.fixed_turns import FixedTurnsEnv\n"
+        "gymnasium.register('poolplugin/Turns-v0', entry_point=FixedTurnsEnv, disable_env_checker=True)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="Namespace poolplugin not found(.|\n)*pool.env_modules"):
+        check_env_ids(["poolplugin/Turns-v0"])  # not registered yet
+    with pytest.raises(ConfigError, match="pool.env_modules: cannot import 'no_such_plugin_mod'"):
+        check_env_ids(["poolplugin/Turns-v0"], ["no_such_plugin_mod"])
+    check_env_ids(["poolplugin/Turns-v0"], ["poolplugin_mod"])
+    monkeypatch.delitem(__import__("gymnasium").registry, "poolplugin/Turns-v0")
+    monkeypatch.delitem(__import__("sys").modules, "poolplugin_mod")
+    from hybrid_rl.model import HybridConfig, HybridLM
+    from hybrid_rl.model.tokenizer import ByteTokenizer
+
+    model = HybridLM(HybridConfig.from_preset("micro"))
+    pool = make_pool(model, ByteTokenizer(), SamplingConfig(seed=0), EpisodeConfig(max_turn_tokens=3),
+                     PoolConfig(num_workers=0, env_modules=["poolplugin_mod"]))
+    assert isinstance(pool, LocalPool) and "poolplugin/Turns-v0" in __import__("gymnasium").registry
+    pool.close()
+
+
+def test_routing_mismatch_is_measured_without_replay(tmp_path, monkeypatch, capsys):
+    """``algo.log_routing_mismatch`` alone: the rollout records its experts, and the metric tells whether replay would
+    change anything (before, nothing was recorded without ``routing_replay`` and the key did nothing)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["rl", *SMOKE, "train.steps=1", "run.name=mismatch", "algo.log_routing_mismatch=true",
+                 "algo.skip_zero_advantage=false"]) == 0
+    capsys.readouterr()
+    rows = [r for r in read_metrics(tmp_path / "runs" / "mismatch") if "train/routing_mismatch" in r]
+    assert rows and 0.0 <= rows[0]["train/routing_mismatch"] <= 1.0

@@ -270,6 +270,9 @@ def test_dapo_filter_keeps_groups_whose_outcomes_differ_not_those_that_differ_on
     ("algo.credit=state algo.state_weight=-1", ["state_weight", ">= 0"]),
     ("algo.env_weights={hybrid_rl/Taxi-v3:2.0}", ["env_weights", "Taxi"]),
     ("algo.gamma=0", ["gamma", "(0, 1]"]),
+    ("algo.entropy_coef=.nan", ["entropy_coef", "finite number >= 0", "nan"]),
+    ("algo.kl_beta=.nan", ["kl_beta", "finite number >= 0"]),  # nan == 0 is false: it silently kept zero-advantage episodes
+    ("algo.env_weights.FrozenLake-v1=.inf", ["env_weights", "finite", "inf"]),  # 0 x inf = NaN advantages
     ("algo.credit=step", ["algo.credit", "'turn'"]),
 ])
 def test_bad_algo_settings_are_named(override, expected):
@@ -277,3 +280,32 @@ def test_bad_algo_settings_are_named(override, expected):
         _cfg(*override.split())
     for piece in expected:
         assert piece in str(err.value), str(err.value)
+
+
+def test_settings_the_chosen_credit_or_loss_ignores_are_named_in_a_warning(caplog):
+    """gamma under episode credit, clip_eps_high under grpo's symmetric clip, reinforce on stale samples: accepted,
+    but a warning says they do nothing (or train without a ratio); the defaults and the shipped recipes warn nothing."""
+    from hybrid_rl.rl.config import AlgoConfig
+
+    with caplog.at_level("WARNING", logger="hybrid_rl.rl"):
+        AlgoConfig()
+        AlgoConfig(credit="state", gamma=0.9, state_weight=0.5, state_key="observation")
+        AlgoConfig(policy_loss="dapo", clip_eps_high=0.3)
+        AlgoConfig(policy_loss="reinforce")
+        from hybrid_rl.config import CONFIG_DIR
+        from hybrid_rl.pipeline.recipe import PipelineStageConfig
+
+        load_config(RLStageConfig, CONFIG_DIR / "rl_quick.yaml")
+        for name in ("quickstart.yaml", "math_tool.yaml"):
+            load_config(PipelineStageConfig, CONFIG_DIR / name)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    cases = [(dict(gamma=0.5), "gamma=0.5"), (dict(policy_loss="grpo", clip_eps_high=0.3), "clip_eps_high=0.3"),
+             (dict(credit="turn", state_weight=2.0), "state_weight=2.0"),
+             (dict(seq_clip_eps_high=1e-3), "seq_clip_eps_high=0.001"),
+             (dict(policy_loss="reinforce", mode="async"), "reinforce takes no ratio"),
+             (dict(policy_loss="reinforce", updates_per_batch=2), "updates_per_batch=2")]
+    for kwargs, message in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hybrid_rl.rl"):
+            AlgoConfig(**kwargs)
+        assert any(message in r.getMessage() for r in caplog.records), (kwargs, [r.getMessage() for r in caplog.records])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -124,14 +125,29 @@ def test_packing_fills_rows_and_is_skipped_for_per_sequence_losses():
     assert not packs(_cfg("algo.loss_agg=seq-mean-token-mean")) and not packs(_cfg("algo.policy_loss=gspo", "algo.loss_agg=seq-mean-token-mean"))
 
 
-def test_first_on_policy_step_has_ratio_one_and_nothing_clipped():
-    model = _model()
+def _with_own_logprobs(model, trajectories, shift=0.0):
+    """The trajectories with ``sample_logprobs`` = the model's own log-prob of each token (plain softmax, what the
+    trainer scores without a sampling distribution), minus ``shift`` on the action tokens."""
+    with torch.no_grad():
+        for tr in trajectories:
+            ids = torch.tensor([tr.token_ids])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+            tr.sample_logprobs = [0.0] + [lp - shift * a for lp, a in zip(logp.tolist(), tr.is_action[1:])]
+    return trajectories
+
+
+def test_ratios_are_taken_against_the_rollout_logprobs():
+    """``old_from_rollout`` (async steps, several updates per batch): the ratio is the trainer's log-prob against the
+    rollout's. Rollout log-probs equal to the model's own give ratio 1 and nothing clipped; rollout log-probs 0.5 lower
+    on every action token give ratio e^0.5 (above grpo's 1.2: clipped wherever the advantage is positive)."""
     cfg = _cfg()
-    batch, _ = make_batch(_trajectories(model), cfg, pad_id=0)
-    stats = policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch, cfg)
-    assert stats["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
-    assert stats["train/clip_fraction"] == 0.0
-    assert stats["train/grad_norm"] > 0
+    for shift, ratio in ((0.0, 1.0), (0.5, math.exp(0.5))):
+        model = _model()
+        batch, _ = make_batch(_with_own_logprobs(model, _trajectories(model), shift), cfg, pad_id=0)
+        stats = policy_update(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch, cfg, old_from_rollout=True)
+        assert stats["train/ratio_mean"] == pytest.approx(ratio, rel=1e-4)
+        assert (stats["train/clip_fraction"] == 0.0) == (shift == 0.0)
+        assert stats["train/grad_norm"] > 0
 
 
 def test_failed_and_zero_advantage_episodes_are_not_trained():

@@ -1,5 +1,8 @@
 """The engine over a model: token format, log-prob agreement, continuous batching, extension, faults."""
 
+import math
+import time
+
 import pytest
 import torch
 
@@ -524,3 +527,66 @@ def test_ctrl_c_in_an_instant_env_step_stops_the_engine(monkeypatch):
     monkeypatch.setattr(FixedTurnsEnv, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         play(make_model("toy"), groups(2, turns=2), episode=EpisodeConfig(max_turn_tokens=3))
+
+
+@pytest.mark.parametrize("reward", [float("nan"), float("inf")])
+def test_a_non_finite_reward_is_an_env_error_of_its_episode_only(monkeypatch, reward):
+    """One NaN reward would make every advantage of its batch NaN (group and batch statistics): it ends its
+    own episode, and the other episodes play on."""
+    step = FixedTurnsEnv.step
+
+    def bad_step(self, action):
+        obs, r, terminated, truncated, info = step(self, action)
+        return obs, (reward if self._seed == 1 else r), terminated, truncated, info
+
+    monkeypatch.setattr(FixedTurnsEnv, "step", bad_step)
+    _, trajs = play(make_model("toy"), groups(3, turns=2))
+    by_seed = {t.seed: t for t in trajs}
+    assert by_seed[1].status == "env_error" and "finite" in by_seed[1].error
+    assert by_seed[0].status == by_seed[2].status == "terminated"
+    assert all(map(math.isfinite, by_seed[0].step_rewards + by_seed[2].step_rewards))
+
+
+def test_an_info_that_is_not_a_dict_is_an_env_error_of_its_episode_only(monkeypatch):
+    """gymnasium's checker looks at the first step only: a later step's info of the wrong type ends its episode
+    with a message, instead of crashing play() and losing the batch."""
+    step = FixedTurnsEnv.step
+
+    def bad_step(self, action):
+        obs, r, terminated, truncated, info = step(self, action)
+        return obs, r, terminated, truncated, (["x"] if self._seed == 0 and self._t == 2 else info)
+
+    monkeypatch.setattr(FixedTurnsEnv, "step", bad_step)
+    engine, trajs = play(make_model("toy"), groups(2, turns=3))
+    by_seed = {t.seed: t for t in trajs}
+    assert by_seed[0].status == "env_error" and "info of type list" in by_seed[0].error
+    assert by_seed[0].num_turns == 2 and by_seed[1].status == "terminated"
+
+
+def test_a_reset_info_that_is_not_a_dict_is_an_env_error(monkeypatch):
+    monkeypatch.setattr(FixedTurnsEnv, "reset", lambda self, seed=None, options=None: ("hello", "not a dict"))
+    _, trajs = play(make_model("toy"), groups(2, turns=2))
+    assert {t.status for t in trajs} == {"env_error"}
+    assert all("info of type str" in t.error for t in trajs)
+
+
+def test_an_exception_in_play_closes_the_environments_in_flight(monkeypatch):
+    """An error that ends play() (here: the model's forward) leaves no environment open outside the pool."""
+    closed = []
+    monkeypatch.setattr(FixedTurnsEnv, "close", lambda self: closed.append(self), raising=False)
+    engine = Engine(make_model("toy"), TOK, SamplingConfig(seed=0), EpisodeConfig(max_turn_tokens=3))
+    calls = []
+
+    def failing_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected forward failure")
+        return Engine._forward(engine, *args, **kwargs)
+
+    engine._forward = failing_forward
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.play(groups(2, samples=2, turns=3))
+    deadline = time.monotonic() + 10  # broken envs are closed on a background thread
+    while len(closed) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(closed) == 4 and len(engine.envs) == 0

@@ -52,8 +52,35 @@ def test_eval_on_two_ray_workers(checkpoint, tmp_path, ray_session, capsys):
     assert len(played_by) == 3 and all(re.fullmatch(r"w[01]@\w+", w) for w in played_by), played_by
 
 
+def test_a_sampled_eval_plays_the_same_episodes_again(checkpoint, tmp_path):
+    """``sampling.seed`` unset: the sampler's stream is ``run.seed``'s, so a run repeats (and another seed differs)."""
+    def tokens(name, seed):
+        assert main(eval_args(checkpoint, tmp_path, 0, "sampling.temperature=1.0", f"run.seed={seed}",
+                              f"run.name={name}")) == 0
+        lines = (tmp_path / name / "trajectories.jsonl").read_text().splitlines()
+        return [json.loads(line)["token_ids"] for line in lines]
+
+    first = tokens("a", 0)
+    assert tokens("b", 0) == first
+    assert tokens("c", 1) != first
+
+
 def test_eval_errors_name_the_problem(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "nope"), "--env", "GuessNumber-v0"]) == 2
     assert "config.json" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path), "eval.episodez=3"]) == 2
     assert "eval.episodes" in capsys.readouterr().err
+
+
+def test_eval_takes_a_module_prefixed_env_id(checkpoint, tmp_path, monkeypatch):
+    """``module:id``, as gymnasium.make takes it: the module (not imported before) registers the id."""
+    (tmp_path / "evalplugin_mod.py").write_text(
+        "import gymnasium\n"
+        "from hybrid_rl.benchmarks.fixed_turns import FixedTurnsEnv\n"
+        "gymnasium.register('evalplugin/Turns-v0', entry_point=FixedTurnsEnv, kwargs={'turns': 2}, disable_env_checker=True)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["eval", "--checkpoint", str(checkpoint), "--env", "evalplugin_mod:evalplugin/Turns-v0", "--episodes", "2",
+            "--workers", "0", f"run.output_dir={tmp_path}", "run.name=plug", "episode.max_turn_tokens=4", "run.quiet=true"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "plug" / "eval.json").read_text())
+    assert report["summary"]["evalplugin_mod:evalplugin/Turns-v0"]["episodes"] == 2
