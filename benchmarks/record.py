@@ -4,6 +4,7 @@
     hybrid-rl bench grpo --steps 5 --dtypes fp32 bf16 --rounds 5 > benchmarks/results/grpo.json
     hybrid-rl bench rollout > benchmarks/results/rollout.json
     hybrid-rl bench memory  > benchmarks/results/memory.json
+    hybrid-rl bench memory --train --check > benchmarks/results/memory_train.json
     hybrid-rl bench sync    > benchmarks/results/sync.json
     python -m hybrid_rl.benchmarks.record            # -> docs/BENCHMARKS.md, docs/img/bench-*.png
 
@@ -41,6 +42,7 @@ hybrid-rl bench model   > benchmarks/results/model.json
 hybrid-rl bench grpo --steps 5 --dtypes fp32 bf16 --rounds 5 > benchmarks/results/grpo.json
 hybrid-rl bench rollout > benchmarks/results/rollout.json
 hybrid-rl bench memory  > benchmarks/results/memory.json
+hybrid-rl bench memory --train --check > benchmarks/results/memory_train.json
 hybrid-rl bench sync    > benchmarks/results/sync.json
 python -m hybrid_rl.benchmarks.record
 ```

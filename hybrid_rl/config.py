@@ -321,7 +321,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
     """``[config.yaml] [key=value ...] [--print-config]`` for a stage command."""
     default_note = f" (default: configs/{default_config})" if default_config else ""
     parser.add_argument("config", nargs="?", help=f"YAML recipe{default_note}")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 model.hidden_size=64 tags=[a,b]")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides (see --print-config for the keys), e.g. run.seed=1 run.tags=[a,b]")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(default_config=default_config)
 
