@@ -281,14 +281,21 @@ class Parallel:
 
     def load_optimizer_state(self, optimizer, state: dict) -> None:
         """Restore ``optimizer_state``'s output (any strategy or process count); an older checkpoint's
-        state keyed by parameter index loads as it was saved (same strategy and process count only)."""
+        state keyed by parameter index loads as it was saved (same strategy and process count only).
+
+        The moments and step counts come from the checkpoint; the hyperparameters of each parameter group (betas,
+        weight decay, eps, lr) stay those the optimizer was built with, from the resumed run's config (which the
+        run directory's config.yaml records), not those the checkpoint was trained with."""
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         keys = list(state.get("state", {}))
         if keys and all(isinstance(k, int) for k in keys):
             optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(self.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        for group, hyper in zip(optimizer.param_groups, configured):
+            group.update(hyper)
 
     # ---------------------------------------------------------------- collectives
     def sum(self, values: list[float]) -> list[float]:

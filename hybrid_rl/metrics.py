@@ -300,6 +300,18 @@ class _Backend:
         return {}
 
 
+def _open_append(path: Path):
+    """``path`` opened to append rows. A torn last row (a crash mid-write) is cut off first: appended to, it would sit
+    in the middle of the file, where a reader cannot skip it as the unfinished last line."""
+    if path.exists() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # rare: read the whole file to find where the last whole row ends
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+    return path.open("a", encoding="utf-8")
+
+
 class _JsonlBackend(_Backend):
     """``metrics.jsonl`` and ``samples.jsonl``: appended, flushed per line, fsynced at close."""
 
@@ -307,7 +319,7 @@ class _JsonlBackend(_Backend):
 
     def __init__(self, run_dir: Path, info: dict, config_dict: dict):
         self.run_dir = run_dir
-        self.file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self.file = _open_append(run_dir / "metrics.jsonl")
         self.samples = None
         if not (run_dir / "config.yaml").exists() and config_dict:
             from hybrid_rl.config import dump_yaml
@@ -320,7 +332,7 @@ class _JsonlBackend(_Backend):
 
     def log_samples(self, rows, step):
         if self.samples is None:
-            self.samples = (self.run_dir / "samples.jsonl").open("a", encoding="utf-8")
+            self.samples = _open_append(self.run_dir / "samples.jsonl")
         for row in rows:
             self.samples.write(json.dumps({"step": step, **row}, default=str) + "\n")
         self.samples.flush()

@@ -35,6 +35,7 @@ checkpoint under the target name.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -417,6 +418,10 @@ def save_pretrained(model, directory: str | os.PathLike, tokenizer=None, max_sha
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is a file; checkpoints are directories")
     cfg: HybridConfig = model.config
+    if "E" in cfg.layer_pattern and not cfg.n_shared_experts:
+        logging.getLogger("hybrid_rl.model").warning(
+            "save_pretrained: n_shared_experts=0 loads back here, but transformers' NemotronH always builds a shared "
+            "expert and would load it as missing (random) weights: this checkpoint is not faithful in transformers")
     state = _state_for_save(model, cfg, dtype)
     disk = to_disk_state_dict(state)
     float_dtype = _main_float_dtype(disk)
@@ -461,8 +466,10 @@ def _state_for_save(model, cfg: HybridConfig, dtype: torch.dtype | None) -> dict
         if dtype is not None and t.is_floating_point() and name in params:
             t = t.to(dtype)
         state[name] = t.to("cpu").contiguous()
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # transformers ties it back from the embeddings
+    if cfg.tie_word_embeddings and "lm_head.weight" in state:
+        # written out, as its own copy (safetensors refuses shared storage): transformers' NemotronHForCausalLM
+        # does not tie the head back from the embeddings, and would load it as a missing (random) tensor
+        state["lm_head.weight"] = state["lm_head.weight"].clone()
     return state
 
 

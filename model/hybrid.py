@@ -327,6 +327,8 @@ class HybridLM(nn.Module):
             last = x.index_select(0, torch.cumsum(n_new_r, 0) - 1)
             cache.last_hidden = cache.last_hidden.index_copy(0, rows_r, last.to(cache.last_hidden.dtype))
             cache.lengths = cache.lengths.index_add(0, rows_r, n_new_r)
+        else:
+            program.pointers(cache)  # the head's panels follow the weights even when no row gets tokens
         everyone = len(rows) == cache.batch_size and rows == list(range(len(rows)))
         last_hidden = cache.last_hidden if everyone else cache.last_hidden.index_select(0, torch.tensor(rows, dtype=torch.long))
         logits = program.head(last_hidden.float())

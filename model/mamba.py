@@ -323,7 +323,7 @@ def _last_conv_inputs(prefix_bkc, xbc_btc, n_new_b):
     """The K-1 conv inputs before each row's next token, after appending n_new_b[b] of xbc's rows."""
     full = torch.cat([prefix_bkc.to(xbc_btc.dtype), xbc_btc], dim=1)  # [B,K-1+T,C]
     km1 = prefix_bkc.shape[1]
-    if n_new_b is None:
-        return full[:, full.shape[1] - km1:].contiguous()
+    if n_new_b is None:  # the window keeps the cache's dtype (an fp32 forward must not turn a bf16 cache fp32)
+        return full[:, full.shape[1] - km1:].to(prefix_bkc.dtype).contiguous()
     idx = n_new_b[:, None] + torch.arange(km1, device=full.device)  # [B,K-1]
-    return full.gather(1, idx[..., None].expand(-1, -1, full.shape[2]))
+    return full.gather(1, idx[..., None].expand(-1, -1, full.shape[2])).to(prefix_bkc.dtype)

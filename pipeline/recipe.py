@@ -83,6 +83,9 @@ class PipelineEvalConfig:
     def __post_init__(self):
         if self.episodes_per_env < 1 or not self.temperatures or min(self.temperatures) < 0 or self.max_turn_tokens < 1:
             raise ValueError(f"episodes_per_env >= 1, temperatures non-empty and >= 0, max_turn_tokens >= 1 expected, got {self}")
+        if 0.0 not in self.temperatures:  # results.json and the results table lead with greedy success
+            raise ValueError(f"temperatures={self.temperatures} must include 0 (greedy, the headline of results.json and "
+                             f"its table), e.g. eval.temperatures=[0.0,{max(self.temperatures):g}]")
 
 
 @dataclass

@@ -80,7 +80,8 @@ def load_model(cfg: SFTStageConfig, resume_dir: Path | None, vocab_size: int):
     from hybrid_rl.model.hf import load_pretrained
 
     source = resume_dir or cfg.init_from
-    model = load_pretrained(source).train() if source else HybridLM(cfg.model)
+    # fp32 master weights whatever the checkpoint's dtype (train.dtype=bf16 is autocast over them)
+    model = load_pretrained(source).float().train() if source else HybridLM(cfg.model)
     if source and cfg.init_from and model.config.layer_pattern != cfg.model.layer_pattern:
         log.info("init_from %s: the checkpoint's model shape is used (model.* in the config is ignored)", source)
     if model.config.vocab_size < vocab_size:
@@ -144,12 +145,12 @@ def train_step(model, optimizer, par: Parallel, stream: MicroBatchStream, progre
 # ------------------------------------------------------------------------------ eval and checkpoints
 
 
-def run_eval(core, tokenizer, cfg: SFTStageConfig, heldout_docs, device, logger, step: int) -> dict[str, float]:
+def run_eval(core, tokenizer, cfg: SFTStageConfig, heldout_docs, logger, step: int) -> dict[str, float]:
     """Greedy episodes on the held-out eval seeds, and the loss on held-out demonstrations; logged at ``step``."""
     metrics, trajs = evaluate_policy(core, tokenizer, cfg.eval_env_ids, cfg.eval.episodes_per_env,
                                      max_turn_tokens=cfg.eval.max_turn_tokens)
     if heldout_docs:
-        metrics["eval/loss"] = heldout_loss(core, heldout_docs, cfg.data.max_seq_tokens, tokenizer.pad_id, device)
+        metrics["eval/loss"] = heldout_loss(core, heldout_docs, cfg.data.max_seq_tokens, tokenizer.pad_id)
     logger.log(metrics, step)
     logger.log_samples([sample_row(t) for t in trajs[:: max(1, len(trajs) // 4)]], step)
     log.info("step %d eval: %s", step, "  ".join(f"{k[5:]}={v:.3f}" for k, v in metrics.items()
@@ -157,8 +158,10 @@ def run_eval(core, tokenizer, cfg: SFTStageConfig, heldout_docs, device, logger,
     return metrics
 
 
-def heldout_loss(model, docs, row_tokens: int, pad_id: int, device) -> float:
-    """Mean loss per assistant token on held-out documents (expert demonstrations on eval seeds)."""
+def heldout_loss(model, docs, row_tokens: int, pad_id: int) -> float:
+    """Mean loss per assistant token on held-out documents (expert demonstrations on eval seeds), on the model's own
+    device (with FSDP the evals run on the main process's full copy, which stays on the CPU)."""
+    device = next(model.parameters()).device
     stream = MicroBatchStream(docs, row_tokens, 8, seed=0, pad_id=pad_id)
     total, count = 0.0, 0
     was_training = model.training
@@ -238,7 +241,7 @@ def train(cfg: SFTStageConfig) -> dict:
     def evaluate(step: int) -> dict | None:
         """The main process evaluates the full weights (gathered from every process under fsdp)."""
         full = par.full_model()
-        return run_eval(full, tokenizer, cfg, eval_docs, par.device, logger, step) if is_main else None
+        return run_eval(full, tokenizer, cfg, eval_docs, logger, step) if is_main else None
 
     if evals and cfg.eval.at_start and progress.step == 0:
         summary["eval_start"] = evaluate(progress.step)

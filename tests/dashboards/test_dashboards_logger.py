@@ -109,6 +109,11 @@ def test_metrics_jsonl_is_flushed_line_by_line(tmp_path):
     with (tmp_path / "r" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 2, "train/lo')  # a torn last line, as a crash mid-write leaves it
     assert [r["step"] for r in read_metrics(tmp_path / "r")] == [0, 1]
+    # the run resumes: the torn row is cut off, not left in the middle of the file where no reader can skip it
+    again = MetricsLogger(LoggingConfig(backends=["jsonl"], **QUIET), tmp_path / "r")
+    again.log({"train/loss": 0.5}, 2)
+    again.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "r")] == [0, 1, 2]
 
 
 def test_names_and_values_are_checked(tmp_path):

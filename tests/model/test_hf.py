@@ -141,8 +141,10 @@ def test_expert_layout_roundtrip():
 # ---------------------------------------------------------------------- weights, both directions
 
 
-def test_our_save_loads_in_transformers(tmp_path):
-    cfg = small_cfg(num_mtp_layers=1)
+@pytest.mark.parametrize("tied", [False, True])
+def test_our_save_loads_in_transformers(tmp_path, tied):
+    """Tied embeddings too: transformers' NemotronH does not tie the head back, so the save writes it."""
+    cfg = small_cfg(num_mtp_layers=1, tie_word_embeddings=tied)
     model = make_model(cfg)
     save_pretrained(model, tmp_path / "ckpt")
     files = sorted(os.listdir(tmp_path / "ckpt"))
@@ -326,3 +328,13 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert "hidden_size" in capsys.readouterr().err
     assert main(["convert", "--init", "micro", str(tmp_path / "z"), "vocab_size=100"]) != 0
     assert not (tmp_path / "z").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_save_without_a_shared_expert_warns_that_transformers_cannot_load_it_faithfully(tmp_path, caplog):
+    """transformers' NemotronH always builds a shared expert: a checkpoint without one loads there with random weights."""
+    with caplog.at_level("WARNING", logger="hybrid_rl.model"):
+        save_pretrained(make_model(small_cfg()), tmp_path / "with")
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="hybrid_rl.model"):
+        save_pretrained(make_model(small_cfg(n_shared_experts=0)), tmp_path / "without")
+    assert any("n_shared_experts=0" in r.getMessage() and "transformers" in r.getMessage() for r in caplog.records)

@@ -208,3 +208,16 @@ def test_config_errors_name_the_field():
         HybridConfig.from_preset("micro", num_mtp_layers=1, mtp_layer_pattern="")
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         HybridConfig.from_preset("micro", num_experts_per_tok=9)
+
+
+def test_a_bf16_cache_stays_bf16_through_an_fp32_extension():
+    """The conv window an extension leaves keeps the cache's dtype (it became fp32 with an fp32 model, so the rows of
+    one cache disagreed in dtype and a cat promoted them)."""
+    from hybrid_rl.model import HybridConfig, HybridLM
+
+    model = HybridLM(HybridConfig.from_preset("micro"), impl="torch").eval()
+    cache = model.new_cache(2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.extend(cache, [[5, 6, 7], [8, 9]])  # ragged rows
+        model.extend(cache, torch.tensor([[5, 6], [8, 9]]))  # equal rows
+    assert cache.conv and {x.dtype for x in cache.conv.values()} == {torch.bfloat16}

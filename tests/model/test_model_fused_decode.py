@@ -520,3 +520,22 @@ def test_linear_packed_rows_do_not_depend_on_their_batch(k, n):
     torch.testing.assert_close(full, F.linear(x, w), atol=1e-4, rtol=1e-5)
     for lo, hi in ((0, 1), (5, 6), (3, 10), (7, 29), (13, 25)):
         assert torch.equal(product(x[lo:hi].contiguous()), full[lo:hi])
+
+
+def test_an_extension_without_new_tokens_reads_the_current_head():
+    """``extend`` where no row gets tokens only reads the head: on a fresh model (no table built yet) and after the
+    weights change, it gives the torch path's logits."""
+    with torch.no_grad():
+        fast = randomize(HybridLM(small_config(), impl="fast")).eval()
+        cache = fast.new_cache(2)
+        plain = twin(fast, "torch")
+        torch.testing.assert_close(fast.extend(cache, [[], []]), plain.extend(plain.new_cache(2), [[], []]))
+        prompt = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(0))
+        fast.extend(cache, prompt)
+        slow = twin(fast, "torch")
+        slow_cache = slow.new_cache(2)
+        slow.extend(slow_cache, prompt)
+        for model in (fast, slow):
+            model.lm_head.weight.mul_(2.0)  # the weights move (an optimizer step)
+        torch.testing.assert_close(fast.extend(cache, [[], []]), slow.extend(slow_cache, [[], []]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.extend(cache, [[]], rows=[1]), slow.extend(slow_cache, [[]], rows=[1]), atol=1e-4, rtol=1e-4)

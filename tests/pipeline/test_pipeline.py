@@ -29,6 +29,8 @@ def test_pipeline_config_errors_name_the_section(tmp_path, monkeypatch, capsys):
     assert "eval.split" in capsys.readouterr().err
     assert main(["pipeline", "envs=[hybrid_rl/GuessNumber-v0(n)]"]) == 2
     assert "key=value" in capsys.readouterr().err
+    assert main(["pipeline", "eval.temperatures=[1.0]"]) == 2  # it crashed after training, losing results.json
+    assert "must include 0" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 

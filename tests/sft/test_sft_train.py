@@ -130,6 +130,12 @@ def test_unknown_key_and_bad_sizes_fail_before_work(tmp_path, capsys):
     assert "train.micro_batch_tokens" in capsys.readouterr().err
     assert cli_main(["sft", "data.max_seq_tokens=100", "train.micro_batch_tokens=250"]) == 2
     assert "multiple of data.max_seq_tokens" in capsys.readouterr().err
+    out = tmp_path / "typo"
+    out.mkdir()
+    assert cli_main(["sft", "eval.env_ids=[hybrid_rl/GuesNumber-v0]", f"run.output_dir={out / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert "GuesNumber" in err and "GuessNumber-v0" in err  # before training, not at the first eval after it
+    assert not (out / "runs").exists()
 
 
 @pytest.mark.slow
@@ -184,3 +190,15 @@ def test_fsdp_started_by_the_command_slow_equals_one_process_with_the_same_globa
     assert set(w1) == set(w2)
     for name in w1:  # the bound the trainers promise for 2 processes vs 1 (gloo's reduce-scatter sums in another order)
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_resume_trains_with_its_own_config_optimizer_settings(tmp_path, chat_jsonl):
+    """Resumed with another weight decay and beta2: the optimizer's moments come from the checkpoint, its settings from
+    the resumed run's config (which its config.yaml records), not from the checkpoint's."""
+    run = run_sft(tmp_path, "r", "train.max_steps=2", "train.save_every=2", "train.weight_decay=0.01", "train.beta2=0.95",
+                  data=chat_jsonl)
+    run_sft(tmp_path, "r", "train.max_steps=3", "train.save_every=3", "train.weight_decay=0.5", "train.beta2=0.5",
+            "resume=true", data=chat_jsonl)
+    groups = load_trainer_state(run / "step_3", restore_rng=False)["optimizer"]["param_groups"]
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.5]  # matrices decay, norms and biases do not
+    assert {tuple(g["betas"]) for g in groups} == {(0.9, 0.5)}
