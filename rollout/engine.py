@@ -63,9 +63,9 @@ time with its value sum in registers), one flat token tensor per extension, a ch
 left out instead of exp(-inf), one inverse-CDF pass) and the grace wait above: the recorded run is 0.50
 (the median of five paired rounds, 0.42-0.54), with 64 forwards. Instant environments then stepped on this
 thread (no worker hand-off): 10% less wall time in alternating runs; the run recorded after it, in a slow
-stretch of the machine, is 0.47 (rounds 0.44-0.49), the engine's own work 7% of its time. Of a run, the
-model's kernels are ~87%, their Python wrappers ~5%; sampling, bookkeeping and env calls the rest. See
-docs/BENCHMARKS.md for the recorded figures.
+stretch of the machine, is 0.47 (rounds 0.44-0.49), the engine's own work 7% of its time; the next recorded
+run (4fb614d) 0.51 (rounds 0.46-0.54). Of a run, the model's kernels are ~87%, their Python wrappers ~5%;
+sampling, bookkeeping and env calls the rest. See docs/BENCHMARKS.md for the recorded figures.
 
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
 past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action is text only
