@@ -112,11 +112,17 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.jsonl_paths: {path} does not exist (give a JSONL file with one conversation per line)")
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:  # strictly: a Latin-1 file read with replacement characters would train on U+FFFD
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, BadSample("not_utf8", f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                                                   "re-encode the file as UTF-8")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -61,6 +62,18 @@ def test_on_bad_sample_error_stops_naming_the_line_and_the_fix(tmp_path, bad_lin
     with pytest.raises(DataError) as err:
         load_samples(DataConfig(jsonl_paths=[str(path)], on_bad_sample="error", max_seq_tokens=256), TOK)
     assert f"{path}:{lineno}" in str(err.value) and why in str(err.value) and "on_bad_sample=skip" in str(err.value)
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_sample_not_replacement_characters(tmp_path):
+    """A Latin-1 line ("naïve") was read with U+FFFD in place of the byte and trained on; now it is a bad sample."""
+    path = tmp_path / "chat.jsonl"
+    latin1 = json.dumps({"messages": [{"role": "user", "content": "na\u00efve?"}, {"role": "assistant", "content": "!"}]},
+                        ensure_ascii=False).encode("latin-1")
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + latin1 + b"\n")
+    samples, report = load_samples(DataConfig(jsonl_paths=[str(path)], on_bad_sample="skip", max_seq_tokens=256), TOK)
+    assert [s.source for s in samples] == [f"{path}:1"] and dict(report.skipped) == {"not_utf8": 1}
+    with pytest.raises(DataError, match=re.escape(f"{path}:2") + ".*not UTF-8 \\(byte 0xef"):
+        load_samples(DataConfig(jsonl_paths=[str(path)], on_bad_sample="error", max_seq_tokens=256), TOK)
 
 
 def test_missing_file_and_all_bad_data_fail_clearly(tmp_path):
