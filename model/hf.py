@@ -275,28 +275,43 @@ def from_disk_state_dict(disk: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 # ---------------------------------------------------------------------- load
 
 
-def load_state_dict(directory: str | os.PathLike, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint dir (single file or sharded), with on-disk names."""
+def _load_safetensors(path: Path, device: str) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or corrupt one is a ``CheckpointError`` naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); the checkpoint is truncated or "
+                              "corrupt: copy it again or re-save it") from None
+
+
+def load_state_dict(directory: str | os.PathLike, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint dir (single file or sharded), with on-disk names."""
     directory = _check_dir(directory)
     index = directory / INDEX_NAME
     device = str(device) if device is not None else "cpu"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{index} is not a safetensors index ({type(err).__name__}: {err}); it must be JSON "
+                                  "with a 'weight_map' of tensor name -> shard file (re-save the checkpoint)") from None
         out: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in shards:
             path = directory / shard
             if not path.is_file():
                 raise CheckpointError(f"{INDEX_NAME} lists shard {shard}, which is missing from {directory}")
-            out.update(load_file(str(path), device=device))
+            out.update(_load_safetensors(path, device))
         listed_only = sorted(set(weight_map) - set(out))
         if listed_only:
             raise CheckpointError(f"{INDEX_NAME} maps {listed_only[0]} to a shard that does not hold it")
         return out
     single = directory / WEIGHTS_NAME
     if single.is_file():
-        return load_file(str(single), device=device)
+        return _load_safetensors(single, device)
     found = sorted(p.name for p in directory.glob("*.safetensors"))
     hint = f" (found {', '.join(found)} but no {INDEX_NAME})" if found else ""
     pt = " .bin/.pt weights are not read: re-save them as safetensors." if list(directory.glob("*.bin")) else ""

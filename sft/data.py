@@ -70,7 +70,7 @@ class DataReport:
 class BadSample(Exception):
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
-        self.kind = kind  # short key for counting: not_json, no_assistant, unknown_role, too_long, format
+        self.kind = kind  # short key for counting: not_utf8, not_json, no_assistant, unknown_role, too_long, format
 
 
 # ------------------------------------------------------------------------------------ sources

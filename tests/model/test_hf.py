@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -260,6 +261,22 @@ def test_extra_tensor_named(saved):
 def test_misshaped_tensor_named(saved):
     _rewrite(saved, lambda t: t.update({"backbone.norm_f.weight": torch.ones(65)}))
     with pytest.raises(CheckpointError, match=r"backbone\.norm_f\.weight has shape \[65\], expected \[64\]"):
+        load_pretrained(saved)
+
+
+def test_a_truncated_weights_file_is_named(saved):
+    path = saved / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*truncated or corrupt"):
+        load_pretrained(saved)
+
+
+def test_a_malformed_shard_index_is_named(saved):
+    (saved / "model.safetensors.index.json").write_text('{"metadata": {}}')  # no weight_map
+    with pytest.raises(CheckpointError, match="is not a safetensors index.*'weight_map'"):
+        load_pretrained(saved)
+    (saved / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="is not a safetensors index"):
         load_pretrained(saved)
 
 
