@@ -67,6 +67,7 @@ _RENAMES = {
     "num_local_experts": "n_routed_experts",
 }
 # HF fields whose value we do not model: (value we require, why it matters). Others are ignored.
+_HF_NAMES = {ours: theirs for theirs, ours in _RENAMES.items()}
 _REQUIRED = {
     "attention_bias": (False, "attention projections have no bias"),
     "mlp_bias": (False, "MLP projections have no bias"),
@@ -113,6 +114,34 @@ def _pattern(value: Any, key: str) -> str:
         raise CheckpointError(f"config.json {key} must be a list of layer type names, got {value!r}") from None
 
 
+# keys a config.json may leave out, at transformers' NemotronHConfig defaults where ours differ (ours are sized for
+# a laptop): a checkpoint without them means what it means to transformers
+_HF_MISSING = {
+    "vocab_size": 131072, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "intermediate_size": 21504, "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 7688,
+    "moe_shared_expert_intermediate_size": 7688, "moe_latent_size": None,
+}
+
+
+def _check_types(out: dict) -> None:
+    """Each value of ``out`` of the type its ``HybridConfig`` field takes (a quoted number or flag is an error)."""
+    for name, value in out.items():
+        kind = str(HybridConfig.__dataclass_fields__[name].type)
+        if kind in ("int", "int | None"):
+            ok = (isinstance(value, int) and not isinstance(value, bool)) or (value is None and kind == "int | None")
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        else:
+            continue
+        if not ok:
+            key, word = _HF_NAMES.get(name, name), {"int": "integer", "int | None": "integer or null",
+                                                     "float": "number", "bool": "true or false"}[kind]
+            raise CheckpointError(f"config.json: {key}={value!r} ({type(value).__name__}) must be a JSON {word}, e.g. "
+                                  f'"{key}": {json.dumps(getattr(HybridConfig(), name))}')
+
+
 def hf_config_to_hybrid(hf: dict) -> HybridConfig:
     """A ``HybridConfig`` from a NemotronH ``config.json`` dict (current or legacy spellings)."""
     model_type = hf.get("model_type")
@@ -127,6 +156,7 @@ def hf_config_to_hybrid(hf: dict) -> HybridConfig:
         name = _RENAMES.get(key, key)
         if name in fields and name not in ("layer_pattern", "mtp_layer_pattern", "preset"):
             out[name] = value
+    out = {**_HF_MISSING, **out}
     for key, (want, why) in _REQUIRED.items():
         if key in hf and hf[key] != want:
             raise CheckpointError(f"config.json {key}={hf[key]!r} is not supported: hybrid-rl needs {want!r} ({why})")
@@ -144,11 +174,12 @@ def hf_config_to_hybrid(hf: dict) -> HybridConfig:
     clamp = hf.get("hybrid_rl_time_step_min_clamp", hf.get("time_step_min", hf.get("mamba_dt_min")))
     if clamp is not None:
         out["time_step_min_clamp"] = float(clamp)
-    if isinstance(out.get("eos_token_id"), list):
-        out["eos_token_id"] = out["eos_token_id"][0]
+    if isinstance(out.get("eos_token_id"), list):  # several stop ids: the first is the model's own
+        out["eos_token_id"] = out["eos_token_id"][0] if out["eos_token_id"] else None
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # may be null in hub configs
         if out.get(key) is None:
             out.pop(key, None)
+    _check_types({k: v for k, v in out.items() if k != "time_step_min_clamp"})
     out["preset"] = hf.get("hybrid_rl_preset", "")
     try:
         return HybridConfig(**out)

@@ -355,3 +355,27 @@ def test_a_save_without_a_shared_expert_warns_that_transformers_cannot_load_it_f
     with caplog.at_level("WARNING", logger="hybrid_rl.model"):
         save_pretrained(make_model(small_cfg(n_shared_experts=0)), tmp_path / "without")
     assert any("n_shared_experts=0" in r.getMessage() and "transformers" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("norm_topk_prob", "false", "norm_topk_prob='false' (str) must be a JSON true or false"),  # loaded as True before
+    ("layer_norm_epsilon", "1e-5", "layer_norm_epsilon='1e-5' (str) must be a JSON number"),
+    ("hidden_size", 128.0, "hidden_size=128.0 (float) must be a JSON integer"),
+])
+def test_config_values_of_the_wrong_type_are_named(key, value, message):
+    hf = hybrid_to_hf_config(small_cfg())
+    hf[key] = value
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        hf_config_to_hybrid(hf)
+
+
+def test_keys_a_config_leaves_out_mean_what_they_mean_to_transformers():
+    """A config.json without num_experts_per_tok / moe_latent_size loads as transformers would read it (its defaults:
+    2 experts per token, no latent), not with this project's laptop-sized defaults."""
+    hf = hybrid_to_hf_config(small_cfg())
+    for key in ("num_experts_per_tok", "moe_latent_size", "eos_token_id"):
+        hf.pop(key)
+    cfg = hf_config_to_hybrid(hf)
+    reference = transformers.NemotronHConfig()
+    assert cfg.num_experts_per_tok == reference.num_experts_per_tok and cfg.moe_latent_size == reference.moe_latent_size
+    assert hf_config_to_hybrid({**hybrid_to_hf_config(small_cfg()), "eos_token_id": []}).eos_token_id == HybridConfig().eos_token_id
