@@ -84,8 +84,9 @@ class _Ctx:
     """What the mixers need to know about the current call besides their input."""
 
     def __init__(self, mode, moe_slot, cache=None, seg_bt=None, valid_bt=None, n_new_b=None, start_b=None,
-                 kv_mask=None, kv_used=0, replay=None, record=False, shared=None):
+                 kv_mask=None, kv_used=0, replay=None, record=False, shared=None, count_bt=None):
         self.mode, self.moe_slot, self.cache = mode, moe_slot, cache
+        self.count_bt = count_bt  # [B, T] bool: positions whose routing counts toward the MoE load (None: valid_bt's)
         # shared prefixes (model/shared.py): the sequence layers run their bodies on its virtual sequences,
         # each a plain sequence (``plain``: this call's context without packing)
         self.shared = shared
@@ -207,15 +208,20 @@ class HybridLM(nn.Module):
 
     # ------------------------------------------------------------------ training forward
     def forward(self, input_ids, doc_ids=None, routing=None, record_routing: bool = False,
-                return_hidden: bool = False, compute_logits: bool = True, head=None, doc_parents=None) -> ModelOutput:
+                return_hidden: bool = False, compute_logits: bool = True, head=None, doc_parents=None,
+                load_mask=None) -> ModelOutput:
         """``compute_logits=False`` skips lm_head: ``logits`` is None and ``hidden_states`` holds the final
         normed hidden [B, T, D], so a caller can score the vocabulary a chunk of tokens at a time instead of
         holding [B, T, V] fp32 logits. ``head=fn`` does that inside this call: ``ModelOutput.head`` is
         ``fn(hidden, lm_head.weight)`` and no logits are made. Inside is what a sharded (FSDP) model needs:
-        its lm_head weight is whole, and its gradient reduced, only within its own forward and backward."""
+        its lm_head weight is whole, and its gradient reduced, only within its own forward and backward.
+        ``load_mask`` [B, T] bool: the positions whose routed experts count toward the MoE load (the selection-bias
+        balance update and the ``moe/*`` figures); a packed batch leaves its padding out. None: every position."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
+        if load_mask is not None and tuple(load_mask.shape) != (b, t):
+            raise ValueError(f"load_mask must have input_ids' shape {[b, t]}, got {list(load_mask.shape)}")
         seg = self._segments(doc_ids, input_ids) if doc_ids is not None else None
         shared = None
         if doc_parents is not None:
@@ -225,7 +231,8 @@ class HybridLM(nn.Module):
             if bool((doc_parents >= 0).any()):
                 shared, seg = SharedPrefixes(doc_ids, doc_parents), None
         replay = self._check_routing(routing, b, t)
-        ctx = _Ctx("full", self._moe_slot, seg_bt=seg, replay=replay, record=record_routing, shared=shared)
+        ctx = _Ctx("full", self._moe_slot, seg_bt=seg, replay=replay, record=record_routing, shared=shared,
+                   count_bt=None if load_mask is None else load_mask.bool())
         h = self._layers(self.backbone.embeddings(input_ids), ctx)
         h = self.backbone.norm_f(h)
         if head is not None:

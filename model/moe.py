@@ -130,7 +130,7 @@ class MoE(nn.Module):
         idx, w = route(h, self.gate.weight, self.gate.e_score_correction_bias, self.cfg.num_experts_per_tok,
                        self.cfg.routed_scaling_factor, self.cfg.norm_topk_prob, ctx.replay_for(layer_idx))
         ctx.record(layer_idx, idx)
-        counts = self._count(idx, ctx.valid_bt)
+        counts = self._count(idx, ctx.count_bt if ctx.count_bt is not None else ctx.valid_bt)
         x = self.fc1_latent_proj(h) if self.cfg.moe_latent_size is not None else h
         y = self._experts(x, idx, w, counts).to(x.dtype)
         if self.cfg.moe_latent_size is not None:

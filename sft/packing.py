@@ -59,11 +59,13 @@ def shift_targets(ids: Sequence[int], mask: Sequence[int]) -> list[int]:
 
 def build_micro_batch(docs: Sequence[tuple[Sequence[int], Sequence[int]]], rows: Sequence[Sequence[int]],
                       row_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``targets``, ``doc_ids`` (all [B, T] int64) for ``rows`` of (ids, mask) documents."""
+    """``input_ids``, ``targets``, ``doc_ids`` (all [B, T] int64) and ``valid`` ([B, T] bool: not padding) for
+    ``rows`` of (ids, mask) documents."""
     B = len(rows)
     input_ids = torch.full((B, row_tokens), pad_id, dtype=torch.long)
     targets = torch.full((B, row_tokens), IGNORE, dtype=torch.long)
     doc_ids = torch.zeros((B, row_tokens), dtype=torch.long)
+    valid = torch.zeros((B, row_tokens), dtype=torch.bool)
     for b, row in enumerate(rows):
         t = 0
         for d, k in enumerate(row):
@@ -74,7 +76,8 @@ def build_micro_batch(docs: Sequence[tuple[Sequence[int], Sequence[int]]], rows:
             doc_ids[b, t:t + n] = d
             t += n
         doc_ids[b, t:] = len(row)  # padding is a document of its own
-    return {"input_ids": input_ids, "targets": targets, "doc_ids": doc_ids}
+        valid[b, :t] = True
+    return {"input_ids": input_ids, "targets": targets, "doc_ids": doc_ids, "valid": valid}
 
 
 def loss_sum(logits_btv: torch.Tensor, targets_bt: torch.Tensor) -> torch.Tensor:
@@ -93,7 +96,8 @@ def model_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits_nv = F.linear(h_btd[where], w_vd).float()
         return F.cross_entropy(logits_nv, targets[where], reduction="sum")
 
-    return model(batch["input_ids"], doc_ids=batch["doc_ids"], head=head).head
+    # padding is left out of the MoE load (the balance update would push the experts it routes to away)
+    return model(batch["input_ids"], doc_ids=batch["doc_ids"], head=head, load_mask=batch.get("valid")).head
 
 
 class MicroBatchStream:

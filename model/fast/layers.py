@@ -279,13 +279,14 @@ class FastMoE(MoE):
         idx = torch.empty(n, k, dtype=torch.long)
         w = torch.empty(n, k, dtype=torch.float32)
         lib, p = kernels.library(), kernels.ptr
-        count_here = ctx.valid_bt is None  # else only the tokens that are not padding count
+        mask = ctx.count_bt if ctx.count_bt is not None else ctx.valid_bt
+        count_here = mask is None  # else only the tokens that are not padding count
         lib.moe_route(p(proj), p(self.gate.e_score_correction_bias), p(idx), p(w),
                       p(self.expert_load) if count_here else None, n, e, k, int(cfg.norm_topk_prob), proj.stride(0),
                       cfg.routed_scaling_factor)
         ctx.record(layer_idx, idx)
         if not count_here:
-            self._count(idx, ctx.valid_bt)
+            self._count(idx, mask)
         x = proj[:, e:e + d_e] if latent else h_nd  # the routed experts' input
         up_p, down_p = self.packed_experts()
         buf = h_nd.new_empty(n, d_e + i_s)  # [routed sum | relu^2(shared up)]

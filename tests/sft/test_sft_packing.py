@@ -80,6 +80,7 @@ def test_build_micro_batch_layout():
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0]]
     assert b["doc_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]]
     assert b["targets"].tolist() == [[2, 3, IGNORE, 5, IGNORE, IGNORE, IGNORE, IGNORE]]
+    assert b["valid"].tolist() == [[True] * 5 + [False] * 3]
 
 
 @pytest.mark.parametrize("row_tokens, rows_per_mb", [(64, 1), (64, 3), (128, 2), (40, 8)])
@@ -178,3 +179,20 @@ def test_stream_is_deterministic_covers_each_row_once_per_epoch_and_reshuffles()
     assert sorted(map(lambda t: t.sum().item(), torch.cat(epoch0))) == sorted(map(lambda t: t.sum().item(), torch.cat(epoch1)))
     assert any(not torch.equal(x, y) for x, y in zip(epoch0, epoch1))
     assert 0.5 < a.fill() <= 1.0
+
+
+@pytest.mark.parametrize("impl", ["torch", "fast"])
+def test_padding_does_not_count_toward_the_moe_load(impl):
+    """One 16-token document in a 128-token row: each MoE layer counts 16 x k routed pairs, not 128 x k (the padding
+    would look like load on the experts it routes to, and the balance update would push them away)."""
+    from hybrid_rl.model import HybridConfig, HybridLM
+    from hybrid_rl.sft.packing import model_loss_sum
+
+    model = HybridLM(HybridConfig.from_preset("micro"), impl=impl)
+    ids = list(range(3, 19))
+    batch = build_micro_batch([(ids, [0] * 8 + [1] * 8)], [[0]], row_tokens=128, pad_id=0)
+    assert batch["valid"].sum() == 16
+    model_loss_sum(model, batch).backward()
+    k = model.config.num_experts_per_tok
+    loads = [float(model.backbone.layers[i].mixer.expert_load.sum()) for i in model.moe_layers]
+    assert loads and all(load == 16 * k for load in loads), loads
