@@ -16,6 +16,8 @@ Presets (``HybridConfig.from_preset(name, **overrides)``):
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -109,6 +111,15 @@ class HybridConfig:
             raise ValueError("mtp_layer_pattern is empty but num_mtp_layers = 1; give the MTP block's layers, e.g. '*E'")
         if self.num_mtp_layers not in (0, 1):
             raise ValueError(f"num_mtp_layers must be 0 or 1 (one MTP block reused for draft steps), got {self.num_mtp_layers}")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise ValueError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps} (a norm of 0 would divide by 0)")
+        if self.n_shared_experts and "E" in self.layer_pattern + self.mtp_layer_pattern and self.moe_shared_expert_intermediate_size <= 0:
+            raise ValueError(f"moe_shared_expert_intermediate_size must be positive with a shared expert, got "
+                             f"{self.moe_shared_expert_intermediate_size} (or set n_shared_experts=0)")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} is not a token id of the vocabulary [0, {self.vocab_size}); "
+                                 f"give an id below vocab_size (or raise vocab_size)")
 
     # ------------------------------------------------------------------ derived sizes (one place)
     @property

@@ -208,6 +208,13 @@ def test_config_errors_name_the_field():
         HybridConfig.from_preset("micro", num_mtp_layers=1, mtp_layer_pattern="")
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         HybridConfig.from_preset("micro", num_experts_per_tok=9)
+    # accepted before: a pad id past the vocabulary crashed generate once a row finished; eps <= 0 gave NaN logits
+    with pytest.raises(ValueError, match=r"pad_token_id=600 is not a token id of the vocabulary \[0, 320\)"):
+        HybridConfig.from_preset("micro", pad_token_id=600)
+    with pytest.raises(ValueError, match="rms_norm_eps must be a positive number"):
+        HybridConfig.from_preset("micro", rms_norm_eps=-1.0)
+    with pytest.raises(ValueError, match="moe_shared_expert_intermediate_size must be positive with a shared expert"):
+        HybridConfig.from_preset("micro", moe_shared_expert_intermediate_size=0)
 
 
 def test_a_bf16_cache_stays_bf16_through_an_fp32_extension():
