@@ -28,7 +28,8 @@ from gymnasium.envs.registration import load_env_creator
 from hybrid_rl.registry import check_name
 
 __all__ = ["NAMESPACE", "ENTRY_POINT_GROUP", "BUILTINS", "UnknownEnvironmentError", "register_builtins",
-           "load_plugins", "import_env_modules", "make", "resolve_id", "env_ids", "describe", "max_turns", "seeds", "EVAL_SEED_START"]
+           "load_plugins", "import_env_modules", "check_env_ids", "make", "resolve_id", "env_ids", "describe",
+           "max_turns", "seeds", "EVAL_SEED_START"]
 
 NAMESPACE = "hybrid_rl"
 ENTRY_POINT_GROUP = "hybrid_rl.envs"
@@ -106,6 +107,22 @@ def import_env_modules(modules) -> None:
         except ImportError as err:
             raise UnknownEnvironmentError(f"pool.env_modules: cannot import {module!r} ({err}); give the module that "
                                           "registers your environments (install its package, or fix the name).") from None
+
+
+def check_env_ids(env_ids, env_modules=()) -> None:
+    """A stage's env ids, before any work: unknown ids and malformed id arguments are a ``ConfigError`` with
+    gymnasium's did-you-mean; ids that ``pool.env_modules`` registers are known once those modules are imported."""
+    from hybrid_rl.config import ConfigError
+
+    try:
+        import_env_modules(env_modules)
+    except UnknownEnvironmentError as err:
+        raise ConfigError(str(err)) from None
+    for env_id in env_ids:
+        try:
+            resolve_id(env_id)
+        except (UnknownEnvironmentError, ValueError) as err:
+            raise ConfigError(f"envs: {err}") from None
 
 
 def env_ids() -> list[str]:

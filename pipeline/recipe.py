@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hybrid_rl.rl.cli import check_env_ids
+    from hybrid_rl.envs import check_env_ids
 
     cfg = resolve_config(PipelineStageConfig, args)
     if cfg is None:

@@ -7,6 +7,7 @@ import json
 
 from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.distributed import cli_argv, is_main_process, spawn, start_processes
+from hybrid_rl.envs import check_env_ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,19 +30,3 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"], **result["eval"]}, indent=1))
     return 0
 
-
-def check_env_ids(env_ids, env_modules=()) -> None:
-    """Unknown env ids and malformed id arguments fail before any work, with gymnasium's did-you-mean; ids that
-    ``pool.env_modules`` registers are known once those modules are imported here."""
-    from hybrid_rl import envs
-    from hybrid_rl.config import ConfigError
-
-    try:
-        envs.import_env_modules(env_modules)
-    except envs.UnknownEnvironmentError as err:
-        raise ConfigError(str(err)) from None
-    for env_id in env_ids:
-        try:
-            envs.resolve_id(env_id)
-        except (envs.UnknownEnvironmentError, ValueError) as err:
-            raise ConfigError(f"envs: {err}") from None

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(SFTStageConfig, args)
     if cfg is None:
         return 0
-    from hybrid_rl.rl.cli import check_env_ids
+    from hybrid_rl.envs import check_env_ids
 
     check_env_ids(cfg.eval.env_ids)  # a typo fails now, not at the first eval (after training, with eval.at_start off)
     if start_processes(cfg.train):

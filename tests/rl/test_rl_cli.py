@@ -217,7 +217,7 @@ def test_pool_env_modules_register_their_ids_in_the_driver_and_an_in_process_poo
     """``pool.env_modules`` are imported where ids are checked and seeds drawn, and by an in-process pool, not only
     by Ray workers; a module that cannot be imported is a config error naming the key."""
     from hybrid_rl.config import ConfigError
-    from hybrid_rl.rl.cli import check_env_ids
+    from hybrid_rl.envs import check_env_ids
     from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
     from hybrid_rl.rollout.pool import LocalPool, make_pool
 
