@@ -25,6 +25,8 @@ class RunConfig:
     def __post_init__(self):
         if self.name and not re.fullmatch(r"[A-Za-z0-9_.\-/]+", self.name):
             raise ValueError(f"run.name {self.name!r} may only hold letters, digits, '_', '-', '.', '/'")
+        if str(self.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):  # before any work, not at the start
+            raise ValueError(f"run.log_level {self.log_level!r} is not a level; use one of DEBUG, INFO, WARNING, ERROR")
 
 
 def make_run_dir(run: RunConfig, stage: str, full_config, *, resume: bool = False) -> Path:

@@ -107,6 +107,17 @@ class PipelineStageConfig:
     def __post_init__(self):
         if not self.envs:
             raise ValueError("envs is empty: name at least one environment with an expert, e.g. [hybrid_rl/GuessNumber-v0]")
+        # what the pipeline sets itself: a value given here would be replaced without a word
+        given = [key for key, value in (("sft.data.envs", self.sft.data.envs), ("sft.data.jsonl_paths", self.sft.data.jsonl_paths),
+                                        ("sft.eval.env_ids", self.sft.eval.env_ids)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)}: the pipeline makes its SFT data from demos.* on envs and evaluates on envs; "
+                             "leave these out (run `hybrid-rl sft` to train on data of your own)")
+        many = [f"{stage}.train.processes={train.processes}" for stage, train in (("sft", self.sft.train), ("rl", self.rl.train))
+                if train.processes > 1]
+        if many:
+            raise ValueError(f"{', '.join(many)}: the pipeline runs its stages in one process; start several with "
+                             "`hybrid-rl sft|rl ... train.processes=N` (each launches its own processes)")
 
 
 # ------------------------------------------------------------------------------ the stages

@@ -54,6 +54,7 @@ def test_help_on_every_command(command, capsys):
         ("nonexistent.key=3", ["'nonexistent.key'", "Did you mean"]),
         ("model.hiden_size=64", ["'model.hiden_size'", "model.hidden_size"]),
         ("model.hidden_size=abc", ["model.hidden_size", "'abc'", "expected int"]),
+        ("run.log_level=verbose", ["run.log_level 'verbose'", "DEBUG, INFO, WARNING, ERROR"]),  # was a traceback
     ],
 )
 def test_stage_config_errors_fail_before_work(command, override, expected, capsys, tmp_path, monkeypatch):

@@ -31,6 +31,10 @@ def test_pipeline_config_errors_name_the_section(tmp_path, monkeypatch, capsys):
     assert "key=value" in capsys.readouterr().err
     assert main(["pipeline", "eval.temperatures=[1.0]"]) == 2  # it crashed after training, losing results.json
     assert "must include 0" in capsys.readouterr().err
+    assert main(["pipeline", "sft.data.jsonl_paths=[mine.jsonl]"]) == 2  # was replaced without a word
+    assert "sft.data.jsonl_paths: the pipeline makes its SFT data from demos.*" in capsys.readouterr().err
+    assert main(["pipeline", "rl.train.strategy=ddp", "rl.train.processes=2"]) == 2  # ran one process
+    assert "rl.train.processes=2: the pipeline runs its stages in one process" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
