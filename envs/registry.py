@@ -189,7 +189,7 @@ LEGACY_HINT = ("An env written for old gym (reset -> obs, step -> (obs, reward, 
 def make(env_id: str, **kwargs) -> gym.Env:
     """``gymnasium.make`` for text environments (``max_episode_steps=`` changes the turn limit); arguments
     in the id (``ID(n=100)``) come first, ``kwargs`` override them."""
-    _, id_kwargs = split_args(env_id)
+    name, id_kwargs = split_args(env_id)
     try:
         env = gym.make(resolve_id(env_id), **{**id_kwargs, **kwargs})
     except TypeError as err:  # gymnasium refuses a class that is not a gymnasium.Env
@@ -200,7 +200,6 @@ def make(env_id: str, **kwargs) -> gym.Env:
     limit = env.spec.max_episode_steps if env.spec is not None else None
     if isinstance(attempts, int) and limit is not None and attempts > limit:  # the turn limit would cut the retries
         env.close()
-        name = split_args(env_id)[0]
         raise ValueError(f"{name}: max_attempts={attempts} but the turn limit max_episode_steps={limit} ends the episode "
                          f"first; raise it too, e.g. {name}(max_attempts={attempts};max_episode_steps={attempts}).")
     return env

@@ -16,9 +16,8 @@ Presets (``HybridConfig.from_preset(name, **overrides)``):
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from hybrid_rl.registry import Registry

@@ -98,14 +98,9 @@ def check(cfg: EvalStageConfig) -> None:
                           "written by save_pretrained (e.g. runs/<name>/step_N).")
     if not cfg.eval.envs:
         raise ConfigError("eval.envs is empty: pass --env ID (repeatable), e.g. --env hybrid_rl/GuessNumber-v0.")
-    from hybrid_rl import envs
+    from hybrid_rl.envs import check_env_ids
 
-    try:
-        envs.import_env_modules(cfg.pool.env_modules)
-    except envs.UnknownEnvironmentError as err:
-        raise ConfigError(str(err)) from None
-    for env_id in cfg.eval.envs:
-        envs.resolve_id(env_id)  # unknown ids fail now, with did-you-mean (``module:id`` imports the module first)
+    check_env_ids(cfg.eval.envs, cfg.pool.env_modules)  # unknown ids fail now (``module:id`` imports the module first)
 
 
 def evaluate_checkpoint(cfg: EvalStageConfig):
