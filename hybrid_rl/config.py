@@ -45,7 +45,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: typing.Ite
     data: dict = {}
     if path is not None:
         data = read_yaml(path)
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(data, overrides, keep_text=True)
     return from_dict(cls, data)
 
 
@@ -63,10 +63,11 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+def apply_overrides(data: dict, overrides: typing.Iterable[str], keep_text: bool = False) -> dict:
     """Apply ``a.b.c=value`` strings to a nested dict (values parsed as YAML: 3, 0.5, true, [1, 2], abc).
 
-    A numeric path part indexes into a list (``envs.0.weight=2``).
+    A numeric path part indexes into a list (``envs.0.weight=2``). With ``keep_text`` (``load_config``) a
+    number, bool or date keeps the text it was written as, for ``from_dict`` to give to a str field.
     """
     data = _deepcopy(data)
     for item in overrides:
@@ -80,6 +81,8 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if keep_text and value is not None and not isinstance(value, (str, list, dict)):
+            value = _Scalar(value, raw.strip())  # a str field keeps the text as written: run.name=007 is "007"
         node: Any = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -97,6 +100,18 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
         else:
             node[last] = value
     return data
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scalar:
+    """A number, bool or date given as ``key=value``, with the text it was written as: YAML reads ``007``
+    as 7 and ``1.10`` as 1.1, and a str field (a run name, a path) takes the text instead."""
+
+    value: Any
+    text: str
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
 
 def _list_index(node: list, part: str, key: str) -> int:
@@ -208,6 +223,8 @@ def _type_name(tp) -> str:
 
 def _convert(value: Any, tp, key: str, root: type) -> Any:
     """Check ``value`` against annotation ``tp``; return it converted (int->float, list->tuple, dict->dataclass)."""
+    if isinstance(value, _Scalar) and not _is_union(tp):  # (a union tries each of its types with both)
+        value = value.text if tp is str else value.value
     if tp is Any:
         return value
     origin, args = get_origin(tp), get_args(tp)
@@ -225,7 +242,8 @@ def _convert(value: Any, tp, key: str, root: type) -> Any:
         dc = [e for e in errors if "unknown config key" in str(e)]
         if dc:
             raise dc[0]
-        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}.")
+        shown = value.value if isinstance(value, _Scalar) else value
+        raise ConfigError(f"{key}: got {shown!r} ({type(shown).__name__}), expected {_type_name(tp)}.")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key + ".", root)
     if origin is Literal:

@@ -20,6 +20,24 @@ def sample(logits_bv, greedy: bool = True, temperature: float = 1.0, top_k: int 
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
+def check_prompts(prompts, config) -> None:
+    """Each prompt is at least one token, every id inside the vocabulary; else a ValueError naming the
+    prompt and the fix (not an IndexError from the embedding, or logits of an empty row)."""
+    for i, prompt in enumerate(prompts):
+        ids = torch.as_tensor(prompt)
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise ValueError(f"prompt {i} is {'empty' if ids.numel() == 0 else f'of shape {tuple(ids.shape)}'}: each "
+                             "prompt is a non-empty list of token ids; start one with the BOS id "
+                             f"({config.bos_token_id}) if it has nothing else")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"prompt {i} holds {ids.dtype} values; token ids are integers")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"prompt {i} holds token id {bad}, outside the model's vocabulary [0, {config.vocab_size}): "
+                             "encode prompts with the tokenizer the model was trained with")
+
+
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0,
              top_k: int | None = None, eos_token_id: int | None = None, generator=None):
@@ -28,6 +46,7 @@ def generate(model, input_ids, max_new_tokens: int, greedy: bool = True, tempera
     Returns the new tokens [B, max_new_tokens]; after a row emits ``eos_token_id`` the rest of the row
     is ``config.pad_token_id``."""
     prompts = list(input_ids) if not torch.is_tensor(input_ids) else list(input_ids.unbind(0))
+    check_prompts(prompts, model.config)
     longest = max((len(p) for p in prompts), default=0)
     cache = model.new_cache(len(prompts), capacity=max(1, longest + max_new_tokens))  # no KV growth
     logits = model.extend(cache, prompts)

@@ -363,11 +363,33 @@ def _mask_by_prefix(tok: HFChatTokenizer, messages: Sequence[dict], add_bos: boo
     return ids[cut:], mask[cut:]
 
 
+BYTE_VOCAB_LIMIT = 4096  # a checkpoint without tokenizer files and a vocabulary up to this is byte-level
+
+
 def checkpoint_tokenizer(directory: str | os.PathLike | None):
-    """The tokenizer saved beside a checkpoint (``load_tokenizer``); ``ByteTokenizer`` when it has none."""
-    if not directory or not (Path(directory) / "tokenizer_config.json").is_file():
+    """The tokenizer saved beside a checkpoint (``load_tokenizer``); ``ByteTokenizer`` for None.
+
+    A checkpoint without tokenizer files (``transformers``' ``model.save_pretrained`` alone) gets the byte
+    tokenizer only when its vocabulary is byte-sized (``config.json``'s ``vocab_size`` up to
+    ``BYTE_VOCAB_LIMIT``, like every small preset's); a larger one was trained with a tokenizer of its own,
+    and reading its ids as bytes would train and play on garbage, so it is refused with the fix."""
+    if not directory:
         return ByteTokenizer()
-    return load_tokenizer(directory)
+    directory = Path(directory)
+    if (directory / "tokenizer_config.json").is_file():
+        return load_tokenizer(directory)
+    try:
+        vocab = json.loads((directory / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        vocab = None
+    if isinstance(vocab, int) and vocab > BYTE_VOCAB_LIMIT:
+        raise FileNotFoundError(
+            f"checkpoint {directory} has no tokenizer (no tokenizer_config.json) and a vocabulary of {vocab} ids, "
+            f"too large for the built-in byte tokenizer ({ByteTokenizer.vocab_size} ids): it was trained with a "
+            "tokenizer of its own. Save that tokenizer beside the weights, e.g. "
+            f"AutoTokenizer.from_pretrained(SOURCE).save_pretrained({str(directory)!r}); for a model trained on "
+            f"bytes, ByteTokenizer().save_pretrained({str(directory)!r}).")
+    return ByteTokenizer()
 
 
 def load_tokenizer(directory: str | os.PathLike | None = None):

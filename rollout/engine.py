@@ -391,12 +391,17 @@ class Engine:
         together on the env workers, one wait for all), prefill each distinct prompt once in one batched extend."""
         by_prompt: dict[tuple, list[_Episode]] = {}
         eps: list[_Episode] = []
-        while pending and (not eps or len(eps) + pending[0].num_samples <= free):
-            req = pending.popleft()
-            for k in range(req.num_samples):
-                traj = Trajectory(env_id=req.env_id, seed=req.seed, group_id=req.group_id, sample_index=k,
-                                  worker=self.worker_name)
-                eps.append(_Episode(traj, self.envs.acquire(req.env_id, req.env_kwargs), req))  # an unknown id raises here
+        try:
+            while pending and (not eps or len(eps) + pending[0].num_samples <= free):
+                req = pending.popleft()
+                for k in range(req.num_samples):
+                    traj = Trajectory(env_id=req.env_id, seed=req.seed, group_id=req.group_id, sample_index=k,
+                                      worker=self.worker_name)
+                    eps.append(_Episode(traj, self.envs.acquire(req.env_id, req.env_kwargs), req))  # an unknown id raises here
+        except BaseException:  # the envs taken for the groups before it go back to the pool, untouched
+            for ep in eps:
+                self.envs.release(ep.request.env_id, ep.request.env_kwargs, ep.env)
+            raise
         resets = self._env_calls([ep.env for ep in eps], [_reset_fn(ep.env, ep.request.seed) for ep in eps])
         resets = resets.results(self.episode.env_timeout_s)
         for ep, outcome in zip(eps, resets):

@@ -54,6 +54,19 @@ def test_later_overrides_win_and_types_convert():
     assert load_config(Stage, None, ["optim.warmup_steps=null"]).optim.warmup_steps is None
 
 
+def test_str_fields_keep_the_text_written_on_the_command_line():
+    """YAML reads 007 as 7, 1.10 as 1.1, yes as True and 2026-12-03 as a date: a str field takes the text."""
+    assert load_config(Stage, None, ["run.name=yes"]).run.name == "yes"
+    cfg = load_config(Stage, None, ["run.name=007", "init_from=1.10", "run.group=2026-12-03",
+                                    "weights.a=0x10", "optim.warmup_steps=007"])
+    assert cfg.run.name == "007" and cfg.init_from == "1.10"
+    assert cfg.run.group == "2026-12-03"
+    assert cfg.weights == {"a": 16.0} and cfg.optim.warmup_steps == 7  # numeric fields read the number
+    assert load_config(Stage, None, ["init_from=null"]).init_from is None
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps: got 1.5 \(float\), expected int"):
+        load_config(Stage, None, ["optim.warmup_steps=1.5"])
+
+
 @pytest.mark.parametrize(
     "override, must_name, must_suggest",
     [

@@ -172,6 +172,19 @@ def test_generate_greedy_equals_argmax_of_forward(make_model):
     assert torch.equal(new, seq[:, 6:])
 
 
+def test_generate_refuses_empty_prompts_and_ids_outside_the_vocabulary(make_model):
+    model = make_model()
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=r"prompt 1 is empty.*BOS id"):
+        model.generate([[1, 2], []], max_new_tokens=2)
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=rf"prompt 0 holds token id {bad}, outside the model's vocabulary \[0, {vocab}\)"):
+            model.generate([[1, bad]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="token ids are integers"):
+        model.generate(torch.ones(1, 3), max_new_tokens=2)
+    assert model.generate([[1, vocab - 1], [2]], max_new_tokens=2).shape == (2, 2)  # the edges are fine
+
+
 def test_bad_inputs_have_clear_errors(make_model):
     with pytest.raises(ValueError, match="layer_pattern.*'X'"):
         HybridConfig.from_preset("micro", layer_pattern="MXE")

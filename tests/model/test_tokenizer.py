@@ -1,5 +1,7 @@
 """Byte tokenizer, chat rendering, and the transformers export (same ids through AutoTokenizer)."""
 
+import json
+
 import pytest
 
 from hybrid_rl.model.config import PRESETS
@@ -135,6 +137,21 @@ def test_load_tokenizer(hf_dir, tmp_path):
     assert isinstance(load_tokenizer(hf_dir), ByteTokenizer)
     with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
         load_tokenizer(tmp_path)
+
+
+def test_checkpoint_without_tokenizer_files_is_byte_level_only_when_its_vocabulary_is(tmp_path):
+    """A model saved by ``save_pretrained`` alone has no tokenizer files: a byte-sized vocabulary reads as bytes,
+    a real tokenizer's (131072 ids) is refused, naming the fix, instead of training on bytes as its ids."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    for d, vocab in ((small, 320), (large, 131072)):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model_type": "nemotron_h", "vocab_size": vocab}))
+    assert isinstance(checkpoint_tokenizer(small), ByteTokenizer)
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer \(no tokenizer_config.json\) and a vocabulary of 131072 "
+                                                r"ids.*save_pretrained"):
+        checkpoint_tokenizer(large)
+    ByteTokenizer().save_pretrained(large)  # the fix the message names (here for a byte-trained model)
+    assert isinstance(checkpoint_tokenizer(large), ByteTokenizer)
 
 
 def test_hf_adapter_on_our_export(hf_tok):

@@ -570,6 +570,20 @@ def test_a_reset_info_that_is_not_a_dict_is_an_env_error(monkeypatch):
     assert all("info of type str" in t.error for t in trajs)
 
 
+def test_an_unknown_env_id_after_good_groups_leaves_their_envs_in_the_pool(monkeypatch):
+    """The groups before the bad one took envs when play() raised for its id: they go back to the pool, none is lost
+    or left open outside it."""
+    closed = []
+    monkeypatch.setattr(FixedTurnsEnv, "close", lambda self: closed.append(self), raising=False)
+    engine = Engine(make_model("toy"), TOK, SamplingConfig(seed=0), EpisodeConfig(max_turn_tokens=3, max_batch_episodes=8))
+    bad = GroupRequest("hybrid_rl/NoSuchEnv-v0", seed=9, group_id=9, num_samples=2)
+    with pytest.raises(Exception, match="NoSuchEnv"):
+        engine.play(groups(2, samples=2, turns=3) + [bad])
+    assert len(engine.envs) == 4 and not closed
+    engine.close()
+    assert len(closed) == 4
+
+
 def test_an_exception_in_play_closes_the_environments_in_flight(monkeypatch):
     """An error that ends play() (here: the model's forward) leaves no environment open outside the pool."""
     closed = []
