@@ -1,13 +1,15 @@
 """One GRPO step, our loop vs TRL's ``GRPOTrainer``, on the same ``tiny`` model in the same run.
 
-The step (docs/PEERS.md): 8 prompts x 8 samples of ``hybrid_rl/Arithmetic-v0`` ("a+b=", reward 1 for the
+The step (the project brief's peer figures): 8 prompts x 8 samples of ``hybrid_rl/Arithmetic-v0`` ("a+b=", reward 1 for the
 right sum), at most 32 new tokens, one optimizer update (AdamW). Both sides start from the same weights,
 see the same chat-rendered prompt ids and the same reward function; each runs ``--steps`` steps and the
 median of the steps after the first (warm-up) is reported.
 
     ours  rl.train: push weights to the in-process engine -> play the groups (cached, continuous batching)
           -> group advantages -> one update in micro-batches
-    TRL   GRPOTrainer on transformers' NemotronHForCausalLM (model.generate, then its loss)
+    TRL   GRPOTrainer on transformers' NemotronHForCausalLM (model.generate, then its loss), without gradient
+          checkpointing (TRL's default turns it on, which recomputes the forward in the backward; our update
+          keeps its activations, so the two sides do the same arithmetic)
 
 ``--rounds R`` repeats the pair R times, alternating the sides (ours, TRL, ours, TRL, ...), each round from the
 same initial weights with its own warm-up step: the speed of a shared machine drifts over minutes, and a
@@ -108,7 +110,7 @@ def bench_trl(steps: int, threads: int, workdir: str, dtype: str = "fp32") -> li
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     c = HybridConfig.from_preset("tiny")
-    hf_cfg = NemotronHConfig(  # docs/PEERS.md's `tiny`, field by field
+    hf_cfg = NemotronHConfig(  # the `tiny` preset, field by field
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, hybrid_override_pattern=c.layer_pattern,
         num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
         intermediate_size=c.intermediate_size, ssm_state_size=c.ssm_state_size, mamba_num_heads=c.mamba_num_heads,
@@ -141,7 +143,9 @@ def bench_trl(steps: int, threads: int, workdir: str, dtype: str = "fp32") -> li
     args = GRPOConfig(output_dir=workdir, per_device_train_batch_size=PROMPTS * SAMPLES, num_generations=SAMPLES,
                       max_completion_length=NEW_TOKENS, gradient_accumulation_steps=1, max_steps=steps,
                       learning_rate=1e-5, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-                      bf16=dtype == "bf16", seed=0, dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True)
+                      bf16=dtype == "bf16", seed=0, dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True,
+                      # TRL's default (True) recomputes the forward in the backward; our update keeps its activations
+                      gradient_checkpointing=False)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer,
                           callbacks=[Timer()])
     with contextlib.redirect_stdout(sys.stderr):  # its per-step log dicts; stdout carries only our JSON line
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     result = {"benchmark": "grpo", "model": "tiny", "env": ENV, "prompts": PROMPTS, "samples": SAMPLES,
-              "max_new_tokens": NEW_TOKENS, "threads": args.threads, "steps": args.steps, "rounds": args.rounds}
+              "max_new_tokens": NEW_TOKENS, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
+              "trl_gradient_checkpointing": False}
     for i, dtype in enumerate(args.dtypes):
         one = compare(args, dtype)
         if i == 0:

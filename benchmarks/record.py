@@ -284,7 +284,14 @@ def render_grpo(r: dict, doc_dir: Path) -> Section:
         "step time is the median of the steps after the first (warm-up). bf16: our `train.dtype: bf16` (autocast "
         "of the forwards, fp32 master weights and AdamW state; on the CPU the Mamba mixer and the routed experts "
         "stay in their fp32 kernels and attention attends in fp32, only the dense projections run in bf16; the rollout engine plays in fp32) "
-        "against TRL's `bf16=True`.\n\n"
+        "against TRL's `bf16=True`. "
+        + {False: "TRL runs without gradient checkpointing (its default turns it on and recomputes the forward in "
+                  "the backward; our update keeps its activations), so both sides do the same arithmetic.",
+           True: "TRL runs with its default gradient checkpointing (it recomputes the forward in the backward; our "
+                 "update keeps its activations).",
+           None: "TRL runs with its defaults, gradient checkpointing on (it recomputes the forward in the backward; "
+                 "our update keeps its activations)."}[r.get("trl_gradient_checkpointing")]
+        + "\n\n"
         f"- **Settings:** model `{r.get('model', DASH)}`, env `{r.get('env', DASH)}`, {num(r.get('prompts'))} prompts x "
         f"{num(r.get('samples'))} samples, at most {num(r.get('max_new_tokens'))} new tokens, {num(r.get('steps'))} steps"
         + (f" per side in each of {r['rounds']} rounds (ours, TRL, ours, TRL, ..., each round with its warm-up step; "

@@ -18,6 +18,7 @@ metrics.jsonl, TensorBoard files and report.html. The default recipe is configs/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -113,6 +114,11 @@ class PipelineStageConfig:
         if given:
             raise ValueError(f"{', '.join(given)}: the pipeline makes its SFT data from demos.* on envs and evaluates on envs; "
                              "leave these out (run `hybrid-rl sft` to train on data of your own)")
+        splits = [f"{stage}.eval.split={split}" for stage, split in (("sft", self.sft.eval.split), ("rl", self.rl.eval.split))
+                  if split != "eval" and split != self.eval.split]  # ("eval", the default: set from eval.split)
+        if splits:
+            raise ValueError(f"{', '.join(splits)}: the stages' evals play the seeds of eval.split={self.eval.split}, so "
+                             "that a val run never shows a held-out figure; set eval.split instead")
         many = [f"{stage}.train.processes={train.processes}" for stage, train in (("sft", self.sft.train), ("rl", self.rl.train))
                 if train.processes > 1]
         if many:
@@ -168,7 +174,7 @@ def pipeline(cfg: PipelineStageConfig) -> dict:
     from hybrid_rl.sft.config import SFTStageConfig
 
     data = DataConfig(**{**vars(cfg.sft.data), "envs": [], "jsonl_paths": [str(base / "demonstrations.jsonl")]})
-    sft_eval = SFTEvalConfig(**{**vars(cfg.sft.eval), "env_ids": list(cfg.envs)})
+    sft_eval = SFTEvalConfig(**{**vars(cfg.sft.eval), "env_ids": list(cfg.envs), "split": cfg.eval.split})
     sft_cfg = SFTStageConfig(run=stage_run("sft"), model=cfg.model, init_from=cfg.init_from or None, data=data,
                              train=cfg.sft.train, eval=sft_eval, logging=cfg.logging)
     t_sft = time.time()
@@ -178,7 +184,8 @@ def pipeline(cfg: PipelineStageConfig) -> dict:
     from hybrid_rl.rl.config import RLStageConfig
 
     rl_cfg = RLStageConfig(run=stage_run("rl"), model=cfg.model, init_from=sft_summary["checkpoint"], envs=list(cfg.envs),
-                           rollout=cfg.rl.rollout, algo=cfg.rl.algo, train=cfg.rl.train, eval=cfg.rl.eval,
+                           rollout=cfg.rl.rollout, algo=cfg.rl.algo, train=cfg.rl.train,
+                           eval=dataclasses.replace(cfg.rl.eval, split=cfg.eval.split),  # no held-out figure in a val run
                            checkpoint=cfg.rl.checkpoint, logging=cfg.logging)
     t_rl = time.time()
     rl_result = rl_train(rl_cfg)

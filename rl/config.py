@@ -221,6 +221,9 @@ class RLEvalConfig:
     episodes_per_env: int = 32  # on envs.seeds(env, "eval", n): never seen in training
     temperature: float = 0.0  # 0 = greedy, the policy's best guess
     at_start: bool = True  # evaluate the initial (SFT) policy at step 0 too
+    # the seeds of these evals: "eval" (held out: the report's learning curve) or "val" (for choosing a recipe
+    # without looking at the held-out seeds; the pipeline's eval.split sets it); the metrics are named eval/...
+    split: Literal["eval", "val"] = "eval"
     # at every eval step, also play select_episodes_per_env seeds of the *val* split and keep the RL checkpoint
     # with the highest val success in run_dir/best: the stage's result (TRL's load_best_model_at_end). Chosen
     # on val, never on the held-out eval seeds, and only among RL steps (step 0, the initial policy, never wins)

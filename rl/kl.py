@@ -12,8 +12,9 @@ neither in the value nor in the gradient). The loop averages the estimate over a
 with the same aggregation as the policy loss and adds ``beta * kl`` (beta 0 by default, as in DAPO and
 Dr.GRPO, so the reference model is not even loaded).
 
-Departure from the GRPO paper: the estimator is a choice (``algo.kl_estimator``), default k3 as in the
-paper; k2 is offered because its gradient is the unbiased one (Tang & Munos 2025).
+Departures from the GRPO paper: the estimator is a choice (``algo.kl_estimator``), default k3 as in the
+paper; k2 is offered because its gradient is the unbiased one (Tang & Munos 2025). k3's log-ratio is bounded
+to +-20 (``K3_LOG_RATIO_BOUND``), so that a token a truncated distribution excludes keeps it finite.
 """
 
 from __future__ import annotations
@@ -44,9 +45,15 @@ def kl_k2(logp_bt, ref_logp_bt, mask_bt=None):
     return 0.5 * _log_ratio(logp_bt, ref_logp_bt, mask_bt) ** 2
 
 
+K3_LOG_RATIO_BOUND = 20.0
+
+
 @KL_ESTIMATORS.register("k3")
 def kl_k3(logp_bt, ref_logp_bt, mask_bt=None):
-    log_ratio_bt = _log_ratio(logp_bt, ref_logp_bt, mask_bt)
+    # the log-ratio is bounded to +-20 before the exp (as verl's low_var_kl): a token one policy's top-p / top-k
+    # excludes has its log-prob held at rl/losses.py's LOGP_FLOOR (-1e4), and exp(1e4) would make the KL, the
+    # loss and their logged values inf; beyond the bound the term has no gradient (it had e^20 before)
+    log_ratio_bt = _log_ratio(logp_bt, ref_logp_bt, mask_bt).clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
     return torch.exp(-log_ratio_bt) - 1.0 + log_ratio_bt
 
 

@@ -146,15 +146,16 @@ def _informative(group, cfg: RLStageConfig) -> bool:
     return any(a != 0 for adv in token_advantages(group, cfg.algo)[0] for a in adv)
 
 
-def evaluate_policy(model, tokenizer, cfg: RLStageConfig, split: str = "eval") -> tuple[dict[str, float], list]:
-    """Episodes (greedy by default) on each env's held-out eval seeds, in this process: (eval/... metrics, trajectories).
-    ``split="val"``: ``eval.select_episodes_per_env`` val seeds instead, metrics named ``val/...``."""
-    episodes = cfg.eval.episodes_per_env if split == "eval" else cfg.eval.select_episodes_per_env
+def evaluate_policy(model, tokenizer, cfg: RLStageConfig, select: bool = False) -> tuple[dict[str, float], list]:
+    """Episodes (greedy by default) on each env's held-out seeds (``eval.split``: the eval seeds, or val ones), in
+    this process: (eval/... metrics, trajectories). ``select``: ``eval.select_episodes_per_env`` val seeds instead
+    (``eval.select_best``), metrics named ``val/...``."""
+    split, episodes = ("val", cfg.eval.select_episodes_per_env) if select else (cfg.eval.split, cfg.eval.episodes_per_env)
     metrics, trajs = evaluate_policy_on(model, tokenizer, cfg.envs, episodes, split=split, temperature=cfg.eval.temperature,
                                         max_turn_tokens=cfg.rollout.max_turn_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
-    if split == "eval":
+    if not select:
         return metrics, trajs
-    return {f"{split}/{k.removeprefix('eval/')}": v for k, v in metrics.items() if k.startswith("eval/")}, trajs
+    return {f"val/{k.removeprefix('eval/')}": v for k, v in metrics.items() if k.startswith("eval/")}, trajs
 
 
 BEST_DIR, BEST_FILE = "best", "best.json"
@@ -565,7 +566,7 @@ def train(cfg: RLStageConfig) -> dict:
         full = par.full_model()  # a collective under fsdp
         if not main:
             return {}
-        val, _ = evaluate_policy(full, tokenizer, cfg, split="val")
+        val, _ = evaluate_policy(full, tokenizer, cfg, select=True)
         if best is None or val["val/success"] > best["val/success"]:
             best = save_best(run_dir, step, full, tokenizer, val, held_out)
             log.info("step %d: val success %.3f, the best so far -> %s", step, val["val/success"], run_dir / BEST_DIR)

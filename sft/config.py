@@ -90,9 +90,12 @@ class SFTTrainConfig(ParallelTrainConfig):
 @dataclass
 class SFTEvalConfig:
     env_ids: list[str] = field(default_factory=list)  # empty = the envs of data.envs
-    episodes_per_env: int = 32  # on the env's held-out *eval* seeds
+    episodes_per_env: int = 32  # on the env's held-out *eval* seeds (or the val seeds, below)
     max_turn_tokens: int = 64  # per assistant turn
     at_start: bool = True  # also evaluate the untrained (random-init or init_from) model at step 0
+    # the seeds played: "eval" (held out, for reporting) or "val" (for choosing a recipe without looking at the
+    # held-out seeds; the pipeline's eval.split sets it); the metrics are named eval/... either way
+    split: Literal["eval", "val"] = "eval"
 
 
 @dataclass

@@ -146,9 +146,10 @@ def train_step(model, optimizer, par: Parallel, stream: MicroBatchStream, progre
 
 
 def run_eval(core, tokenizer, cfg: SFTStageConfig, heldout_docs, logger, step: int) -> dict[str, float]:
-    """Greedy episodes on the held-out eval seeds, and the loss on held-out demonstrations; logged at ``step``."""
+    """Greedy episodes on the held-out eval seeds (``eval.split``), and the loss on held-out demonstrations; logged
+    at ``step``."""
     metrics, trajs = evaluate_policy(core, tokenizer, cfg.eval_env_ids, cfg.eval.episodes_per_env,
-                                     max_turn_tokens=cfg.eval.max_turn_tokens)
+                                     max_turn_tokens=cfg.eval.max_turn_tokens, split=cfg.eval.split)
     if heldout_docs:
         metrics["eval/loss"] = heldout_loss(core, heldout_docs, cfg.data.max_seq_tokens, tokenizer.pad_id)
     logger.log(metrics, step)

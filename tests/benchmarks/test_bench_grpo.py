@@ -56,3 +56,27 @@ def test_bench_grpo_rejects_no_rounds(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "grpo", "--rounds", "0", "--skip-trl"])
     assert "--rounds must be >= 1" in capsys.readouterr().err
+
+
+def test_trl_runs_without_gradient_checkpointing(monkeypatch, tmp_path):
+    """TRL's GRPOConfig turns gradient checkpointing on by default, which recomputes the forward in the backward;
+    our update keeps its activations, so the TRL side turns it off: both sides do the same arithmetic."""
+    import pytest
+    import trl
+
+    from hybrid_rl.benchmarks import bench_grpo
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def trainer(*, args, **kwargs):
+        seen["args"] = args
+        raise Stop
+
+    monkeypatch.setattr(trl, "GRPOTrainer", trainer)
+    with pytest.raises(Stop):
+        bench_grpo.bench_trl(2, 1, str(tmp_path))
+    assert seen["args"].gradient_checkpointing is False
+    assert trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True).gradient_checkpointing  # what the default would do

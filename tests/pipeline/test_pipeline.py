@@ -35,7 +35,37 @@ def test_pipeline_config_errors_name_the_section(tmp_path, monkeypatch, capsys):
     assert "sft.data.jsonl_paths: the pipeline makes its SFT data from demos.*" in capsys.readouterr().err
     assert main(["pipeline", "rl.train.strategy=ddp", "rl.train.processes=2"]) == 2  # ran one process
     assert "rl.train.processes=2: the pipeline runs its stages in one process" in capsys.readouterr().err
+    assert main(["pipeline", "rl.eval.split=val"]) == 2  # would show held-out figures in a val run, or the reverse
+    assert "rl.eval.split=val: the stages' evals play the seeds of eval.split=eval" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_val_run_evaluates_both_stages_on_val_seeds(tmp_path, monkeypatch, capsys):
+    """eval.split=val (choosing a recipe): the SFT and RL stages' own evals play val seeds too, so that no
+    held-out figure is shown on the way (they played the eval seeds whatever eval.split said)."""
+    import hybrid_rl.rl.train as rl_train
+    import hybrid_rl.sft.train as sft_train
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_sft(cfg):
+        seen["sft"] = cfg.eval.split
+        return {"checkpoint": str(tmp_path / "ckpt"), "run_dir": str(tmp_path / "sft")}
+
+    def fake_rl(cfg):
+        seen["rl"] = cfg.eval.split
+        raise Stop
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sft_train, "train", fake_sft)
+    monkeypatch.setattr(rl_train, "train", fake_rl)
+    for split in ("val", "eval"):
+        with pytest.raises(Stop):
+            main(["pipeline", *TOY, "demos.episodes_per_env=2", f"eval.split={split}", "run.overwrite=true"])
+        assert seen == {"sft": split, "rl": split}
 
 
 @pytest.mark.slow

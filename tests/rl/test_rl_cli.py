@@ -63,6 +63,43 @@ def test_rl_smoke_two_steps(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs" / "smoke" / "step_2" / "config.json").is_file()
 
 
+def test_eval_split_val_plays_val_seeds_in_the_loop(tmp_path, monkeypatch, capsys):
+    """eval.split=val: the in-loop evals (the learning curve) play val seeds, for choosing a recipe without seeing a
+    held-out figure; select_best's evals are val seeds in any case."""
+    import hybrid_rl.rl.train as rl_train
+
+    splits = []
+    real = rl_train.evaluate_policy_on
+
+    def spy(*args, split, **kwargs):
+        splits.append(split)
+        return real(*args, split=split, **kwargs)
+
+    monkeypatch.setattr(rl_train, "evaluate_policy_on", spy)
+    monkeypatch.chdir(tmp_path)
+    assert main(["rl", *SMOKE, "train.steps=1", "eval.split=val", "run.name=val"]) == 0
+    assert main(["rl", *SMOKE, "train.steps=1", "run.name=held-out"]) == 0
+    capsys.readouterr()
+    assert splits == ["val", "val", "eval", "eval"]  # at the start and at the end of each run
+
+
+def test_moe_bias_balancing_is_off_during_rl_unless_asked(tmp_path, monkeypatch, capsys):
+    """The MoE selection bias moves the policy outside the gradient: by default RL leaves it as it was; with
+    train.moe_bias_update_rate it moves (so that this test can tell the two apart)."""
+    from hybrid_rl.model.hf import load_pretrained
+
+    monkeypatch.chdir(tmp_path)
+    for name, extra in (("default", []), ("balancing", ["train.moe_bias_update_rate=1e-2"])):
+        assert main(["rl", *SMOKE, "train.steps=2", "eval.at_start=false", f"run.name={name}", *extra]) == 0
+    capsys.readouterr()
+    biases = {}
+    for name in ("default", "balancing"):
+        state = load_pretrained(tmp_path / "runs" / name / "step_2").state_dict()
+        biases[name] = [v for k, v in state.items() if k.endswith("e_score_correction_bias")]
+    assert biases["default"] and all(torch.count_nonzero(b) == 0 for b in biases["default"])  # from scratch: zeros
+    assert any(torch.count_nonzero(b) > 0 for b in biases["balancing"])
+
+
 def test_select_best_keeps_the_step_with_the_highest_val_success(tmp_path, monkeypatch, capsys):
     """eval.select_best: every eval step plays val seeds; run_dir/best holds the weights of the first RL step with
     the highest val success (step 0 never competes), and the stage's result points there."""

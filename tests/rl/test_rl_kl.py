@@ -63,6 +63,21 @@ def test_zero_when_policies_equal():
         assert torch.equal(fn(logp, logp), torch.zeros_like(logp))
 
 
+@pytest.mark.parametrize("name", KL_ESTIMATORS.names())
+def test_a_token_the_truncation_excludes_keeps_the_kl_and_its_gradient_finite(name):
+    """Under top-p / top-k a token the current policy's truncation excludes is scored at LOGP_FLOOR (-1e4): k3's
+    exp(1e4) made train/kl and the loss inf."""
+    from hybrid_rl.rl.losses import LOGP_FLOOR
+
+    raw = torch.tensor([[-1.0, -1e9, -0.5]], requires_grad=True)
+    logp = raw.clamp(min=LOGP_FLOOR)  # as the trainer's score holds it
+    ref = torch.tensor([[-1.2, -2.0, -0.5]])
+    kl = KL_ESTIMATORS.get(name)(logp, ref, torch.ones(1, 3))
+    kl.sum().backward()
+    assert torch.isfinite(kl).all() and torch.isfinite(raw.grad).all()
+    assert kl[0, 0] == KL_ESTIMATORS.get(name)(logp[:, :1], ref[:, :1])[0, 0]  # the other tokens as before
+
+
 def test_unknown_name_suggests():
     with pytest.raises(ValueError, match="Did you mean 'k3'"):
         KL_ESTIMATORS.get("k33")
