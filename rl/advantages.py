@@ -14,7 +14,8 @@ Variants (``ADVANTAGES.get(name)``):
     rloo    r - mean of the *other* valid samples   Ahmadian et al. 2024 (REINFORCE leave-one-out); the
                                                     default, as NeMo-RL's Nemotron 3 Nano recipe
     drgrpo  r - mean_g                              Liu et al. 2025, "Understanding R1-Zero-like training"
-    grpo    (r - mean_g) / max(std_g, std_batch)    Shao et al. 2024, DeepSeekMath, with the floor below
+    grpo    (r - mean_g) / max(std_g, std_batch,    Shao et al. 2024, DeepSeekMath, with the floors below
+                           std_floor)
 
 Departures from the papers, and why:
 - grpo's divisor is never below the std of the whole batch's returns (group mean, batch std, as the
@@ -22,8 +23,12 @@ Departures from the papers, and why:
   whose returns differ only by a small shaping term (a per-turn cost on an all-fail FrozenLake group:
   -0.02 for falling at turn 2, -0.20 for surviving 20 turns) into unit-sized advantages, as large as a
   success against a failure; with the batch floor such a group keeps its true, small scale. A batch in
-  which *every* group differs only by shaping terms still gets unit-scale advantages under grpo; rloo
-  and drgrpo never rescale.
+  which *every* group differs only by shaping terms would still get unit-scale advantages from the batch
+  floor alone, so the divisor is also never below ``std_floor`` (``algo.grpo_std_floor``, default 0.25):
+  for the 0/1 success rewards of the registered envs, below the std of any group of 8 whose successes
+  differ (1 of 8: 0.33), so it only ever binds on groups that differ by shaping terms alone. For rewards
+  on another scale, set it to about a quarter of a success's reward (0 is the paper's grpo). rloo and
+  drgrpo never rescale.
 - std is the population std (divide by n, not n-1), so a group of one valid sample is well defined
   (advantage 0) instead of NaN; with all-equal returns every variant gives exactly 0.
 - Failed episodes do not count as reward 0: an infrastructure failure says nothing about the policy,
@@ -118,10 +123,13 @@ def drgrpo_advantages(rewards_n, group_n, valid_n):
     return torch.where(valid_n & ~const_n, rewards_n - mean_n, torch.zeros_like(rewards_n))
 
 
+GRPO_STD_FLOOR = 0.25
+
+
 @ADVANTAGES.register("grpo")
-def grpo_advantages(rewards_n, group_n, valid_n):
+def grpo_advantages(rewards_n, group_n, valid_n, std_floor: float = GRPO_STD_FLOOR):
     _, _, mean_n, std_n, const_n = _group_stats(rewards_n, group_n, valid_n)
-    scale_n = torch.maximum(std_n, _batch_std(rewards_n, valid_n))
+    scale_n = torch.maximum(std_n, _batch_std(rewards_n, valid_n)).clamp(min=std_floor)
     return torch.where(valid_n & ~const_n, (rewards_n - mean_n) / (scale_n + EPS), torch.zeros_like(rewards_n))
 
 

@@ -67,6 +67,9 @@ class RLRolloutConfig:
 @dataclass
 class AlgoConfig:
     advantage: str = "rloo"  # rl/advantages.py: rloo | drgrpo | grpo
+    # grpo: its std divisor is never below this (0/1 success rewards: below any group's std that differs in a
+    # success, so only groups that differ by per-turn costs alone are held at their small scale; 0 = the paper's)
+    grpo_std_floor: float = 0.25
     # one advantage per episode; per turn from its reward-to-go (baseline: same turn index); or the episode's
     # plus a per-turn one against the group's turns from the same state (state: GiGPO's anchor states)
     credit: Literal["episode", "turn", "state"] = "episode"
@@ -138,6 +141,9 @@ class AlgoConfig:
         if self.credit != "episode" and self.policy_loss == "gspo":
             raise ValueError(f"policy_loss=gspo takes one ratio and one advantage per sequence, so it cannot use credit={self.credit}; "
                              f"use credit=episode with gspo, or policy_loss=grpo|dapo with credit={self.credit}")
+        if not (math.isfinite(self.grpo_std_floor) and self.grpo_std_floor >= 0):
+            raise ValueError(f"grpo_std_floor must be a finite number >= 0, got {self.grpo_std_floor}: e.g. "
+                             "algo.grpo_std_floor=0.25 (0 = the paper's group std alone)")
         if not (math.isfinite(self.state_weight) and self.state_weight >= 0):
             raise ValueError(f"state_weight must be a finite number >= 0, got {self.state_weight}: e.g. algo.state_weight=1.0")
         for name in ("kl_beta", "entropy_coef", "overlong_penalty"):
@@ -145,7 +151,7 @@ class AlgoConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         bad = {k: v for k, v in self.env_weights.items() if not (math.isfinite(v) and v >= 0)}
         if bad:
-            raise ValueError(f"env_weights must be finite numbers >= 0, got {bad}: e.g. algo.env_weights={{GuessNumber-v0: 2.0}}")
+            raise ValueError(f"env_weights must be finite numbers >= 0, got {bad}: e.g. algo.env_weights={{hybrid_rl/GuessNumber-v0: 2.0}}")
         if self.policy_loss == "reinforce" and (self.mode == "async" or self.updates_per_batch > 1):
             log.warning("algo.policy_loss=reinforce takes no ratio to the policy that sampled: with algo.mode=%s and "
                         "algo.updates_per_batch=%d it trains on samples of an older policy without correction; use "
@@ -153,13 +159,15 @@ class AlgoConfig:
                         self.updates_per_batch)
         unused = [f"{name}={getattr(self, name)}" for name, default, used in (
             ("gamma", 1.0, self.credit != "episode"), ("state_weight", 1.0, self.credit == "state"),
+            ("grpo_std_floor", 0.25, self.advantage == "grpo"),
             ("state_key", "env", self.credit == "state"),
             ("clip_eps_high", 0.28, self.policy_loss in ("dapo", "clip-cov", "kl-cov")),
             ("seq_clip_eps_low", 3e-4, self.policy_loss == "gspo"), ("seq_clip_eps_high", 4e-4, self.policy_loss == "gspo"))
             if not used and getattr(self, name) != default]
         if unused:
             log.warning("algo: settings with no effect under credit=%s and policy_loss=%s: %s (gamma: turn or state credit; "
-                        "state_weight, state_key: state credit; clip_eps_high: dapo, clip-cov, kl-cov; seq_clip_eps_*: gspo)",
+                        "state_weight, state_key: state credit; grpo_std_floor: advantage=grpo; clip_eps_high: dapo, "
+                        "clip-cov, kl-cov; seq_clip_eps_*: gspo)",
                         self.credit, self.policy_loss, ", ".join(unused))
         bad = {k: v for k, v in self.reward_weights.items() if not math.isfinite(v)}
         if bad:

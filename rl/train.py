@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -229,6 +230,8 @@ def token_advantages(trajectories, algo, stats: dict | None = None) -> tuple[lis
     Advantages are scaled by the episode's env weight (``algo.env_weights``). ``stats``, when given,
     receives ``train/anchored_turns_frac`` under state credit."""
     adv_fn = ADVANTAGES.get(algo.advantage)
+    if algo.advantage == "grpo":
+        adv_fn = functools.partial(adv_fn, std_floor=algo.grpo_std_floor)
     valid = [not t.failed and t.num_action_tokens > 0 for t in trajectories]
     turns_of = [t.action_turn_index() for t in trajectories]
     rewards = [turn_rewards(t, algo, turn_of) for t, turn_of in zip(trajectories, turns_of)]

@@ -31,6 +31,7 @@ SMOKE = ["init_from=", "algo.mode=sync", "algo.updates_per_batch=1", "model.pres
     ("train.min_lr_ratio=1.5", ["min_lr_ratio", "[0, 1]", "constant"]),
     ("eval.select_episodes_per_env=0", ["select_episodes_per_env", ">= 1", "select_best"]),
     ("algo.clip_cov_lb=6", ["algo", "clip_cov_lb", "clip_cov_ub", "<="]),
+    ("algo.advantage=grpo algo.grpo_std_floor=-1", ["grpo_std_floor", ">= 0", "algo.grpo_std_floor=0.25"]),
     ("algo.policy_loss=klcov", ["algo", "'klcov'", "Did you mean 'kl-cov'", "'clip-cov'"]),
     ("algo.routing_replay=true model.layer_pattern=M*M init_from=", ["algo.routing_replay", "no MoE layers", "set both to false"]),
 ])

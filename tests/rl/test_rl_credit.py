@@ -52,9 +52,12 @@ def test_an_all_fail_group_of_different_lengths_gets_no_unit_sized_advantage(nam
     adv = _adv_by_episode(trajs, _cfg(f"algo.advantage={name}"))
     assert max(abs(a) for a in adv[:8]) < 0.35, adv[:8]  # the shaping term keeps its small scale
     assert min(abs(a) for a in adv[8:]) > 0.45, adv[8:]  # success against failure is what moves the policy
-    if name != "grpo":  # alone in its batch too: rloo and drgrpo never rescale
-        alone = _adv_by_episode(trajs[:8], _cfg(f"algo.advantage={name}"))
-        assert max(abs(a) for a in alone) < 0.2
+    # alone in its batch too: rloo and drgrpo never rescale; grpo's divisor stops at algo.grpo_std_floor (0.25)
+    alone = _adv_by_episode(trajs[:8], _cfg(f"algo.advantage={name}"))
+    assert max(abs(a) for a in alone) < (0.45 if name == "grpo" else 0.2), alone
+    if name == "grpo":  # the paper's group std alone (floor 0) blows the shaping term up to unit size
+        paper = _adv_by_episode(trajs[:8], _cfg("algo.advantage=grpo", "algo.grpo_std_floor=0"))
+        assert max(abs(a) for a in paper) > 1.0, paper
 
 
 def test_turn_credit_separates_a_good_turn_from_a_fatal_one():
