@@ -1,8 +1,9 @@
 """Recompute rollout log-probs with the training forward, and measure how far they are from the rollout's.
 
 Rollout and training run the same model code, so for the same weights the plain-softmax log-prob of
-every action token must agree (fp32: max |diff| <= 1e-4). ``logprob_mismatch`` is the check and the
-metric (``rollout/logprob_mismatch_max``) the RL loop logs every step.
+every action token must agree (fp32: max |diff| <= 1e-4). ``logprob_mismatch`` is that check (tests and
+benchmarks); the RL loop measures the same thing in its update, ``train/rollout_logprob_diff_max`` and
+``train/rollout_mismatch_kl`` (docs/METRICS.md).
 """
 
 from __future__ import annotations

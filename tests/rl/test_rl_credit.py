@@ -199,7 +199,7 @@ def test_overlong_turns_are_penalised_and_env_weights_scale_advantages():
     assert weighted == [0.5 * a for a in plain]
 
 
-def test_the_step_size_does_not_depend_on_how_many_groups_were_informative():
+def test_the_normaliser_counts_every_valid_episode_so_one_informative_group_is_not_a_full_step():
     informative = [_win(0, 3, 0), _fail(0, 3, 1)]
     constant = [_fail(g, 3, i) for g in range(1, 8) for i in range(2)]  # all-equal groups: advantage 0
     alone, _ = make_batch(informative, _cfg(), pad_id=0)
