@@ -68,12 +68,20 @@ def clear_run_outputs(run_dir: Path) -> None:
             path.unlink()
 
 
-def git_commit() -> str:
-    """The source tree's git commit (with '-dirty' when it has changes), or '' outside a checkout."""
-    here = Path(__file__).resolve().parent
+# what runs and benchmarks write into the checkout (their results, the pages made from them): a change there
+# is not a change of the code that ran, so it does not mark the commit dirty
+OUTPUT_PATHS = ("benchmarks/results", "docs")
+
+
+def git_commit(here: Path | None = None) -> str:
+    """The source tree's git commit (with '-dirty' when its code has changes; ``OUTPUT_PATHS`` do not count: a
+    benchmark that records its first run would otherwise mark its own later runs dirty), or '' outside a checkout."""
+    here = here or Path(__file__).resolve().parent  # (a folder of the checkout)
+    outputs = [f":(top,exclude){p}" for p in OUTPUT_PATHS]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *outputs], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
     return f"{sha}-dirty" if sha and dirty else sha
