@@ -64,19 +64,12 @@ def test_rl_smoke_two_steps(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs" / "smoke" / "step_2" / "config.json").is_file()
 
 
-def test_eval_split_val_plays_val_seeds_in_the_loop(tmp_path, monkeypatch, capsys):
+def test_eval_split_val_plays_val_seeds_in_the_loop(tmp_path, monkeypatch, capsys, record_splits):
     """eval.split=val: the in-loop evals (the learning curve) play val seeds, for choosing a recipe without seeing a
     held-out figure; select_best's evals are val seeds in any case."""
     import hybrid_rl.rl.train as rl_train
 
-    splits = []
-    real = rl_train.evaluate_policy_on
-
-    def spy(*args, split, **kwargs):
-        splits.append(split)
-        return real(*args, split=split, **kwargs)
-
-    monkeypatch.setattr(rl_train, "evaluate_policy_on", spy)
+    splits = record_splits(rl_train, "evaluate_policy_on")
     monkeypatch.chdir(tmp_path)
     assert main(["rl", *SMOKE, "train.steps=1", "eval.split=val", "run.name=val"]) == 0
     assert main(["rl", *SMOKE, "train.steps=1", "run.name=held-out"]) == 0

@@ -204,18 +204,11 @@ def test_a_resume_trains_with_its_own_config_optimizer_settings(tmp_path, chat_j
     assert {tuple(g["betas"]) for g in groups} == {(0.9, 0.5)}
 
 
-def test_eval_split_val_plays_val_seeds(tmp_path, chat_jsonl, monkeypatch):
+def test_eval_split_val_plays_val_seeds(tmp_path, chat_jsonl, record_splits):
     """eval.split=val: SFT's evals play val seeds (a run that chooses a recipe sees no held-out figure)."""
     import hybrid_rl.sft.train as sft_train
 
-    splits = []
-    real = sft_train.evaluate_policy
-
-    def spy(*args, split, **kwargs):
-        splits.append(split)
-        return real(*args, split=split, **kwargs)
-
-    monkeypatch.setattr(sft_train, "evaluate_policy", spy)
+    splits = record_splits(sft_train, "evaluate_policy")
     for split in ("val", "eval"):
         run_sft(tmp_path, f"split-{split}", "train.max_steps=2", "eval.env_ids=[hybrid_rl/GuessNumber-v0]",
                 "eval.episodes_per_env=1", "eval.max_turn_tokens=4", f"eval.split={split}", data=chat_jsonl)
