@@ -20,8 +20,9 @@ Config mapping (``hf_config_to_hybrid`` / ``hybrid_to_hf_config``): field names 
 the layer list (``layers_block_type`` names, or the older ``hybrid_override_pattern`` letters), the
 legacy ``mamba_*`` spellings, ``layer_norm_epsilon`` (our ``rms_norm_eps``),
 ``num_nextn_predict_layers`` / ``mtp_layers_block_type`` (our ``num_mtp_layers`` / ``mtp_layer_pattern``),
-and the dt clamp. transformers clamps dt >= ``time_step_min`` in its chunked scan, so that is what a
-config means to our oracle: on import ``time_step_min_clamp = time_step_min`` (0.001 when absent). On
+and the dt clamp. transformers up to 5.24 clamps dt >= ``time_step_min`` in its chunked scan (5.25 clamps at
+``time_step_limit[0]`` instead, mamba_ssm's ``dt_limit``; pyproject.toml keeps transformers below 5.25 until
+this import follows it), so that is what a config means to our oracle: on import ``time_step_min_clamp = time_step_min`` (0.001 when absent). On
 export ``time_step_min = time_step_min_clamp`` and ``time_step_limit = [clamp, inf]`` (mamba_ssm's
 ``dt_limit``, read by Megatron/vLLM). A clamp of 0 cannot be a ``time_step_min`` (transformers' dt
 init takes its log), so it is written as ``hybrid_rl_time_step_min_clamp: 0.0`` next to the default

@@ -19,7 +19,8 @@ def test_logits_match_transformers(make_model, name):
     hf = hf_twin(model)
     ids = torch.randint(0, model.config.vocab_size, (3, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours, ref = model(ids).logits, hf(ids).logits
+        # (no cache: transformers 5.25's cache fails on a stack whose first layer keeps no state, "E*M")
+        ours, ref = model(ids).logits, hf(ids, use_cache=False).logits
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max() <= 1e-4
 

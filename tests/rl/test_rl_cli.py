@@ -103,10 +103,10 @@ def test_select_best_keeps_the_step_with_the_highest_val_success(tmp_path, monke
     real, splits = rl_train.evaluate_policy, []
     val_success = iter([0.25, 0.75, 0.75, 0.5])  # an untrained micro policy scores 0 everywhere: set the val figures
 
-    def evaluate_policy(model, tokenizer, cfg, split="eval"):
-        splits.append(split)
-        metrics, trajs = real(model, tokenizer, cfg, split)
-        return ({**metrics, "val/success": next(val_success)} if split == "val" else metrics), trajs
+    def evaluate_policy(model, tokenizer, cfg, select=False):
+        splits.append("val" if select else "eval")
+        metrics, trajs = real(model, tokenizer, cfg, select)
+        return ({**metrics, "val/success": next(val_success)} if select else metrics), trajs
 
     monkeypatch.setattr(rl_train, "evaluate_policy", evaluate_policy)
     monkeypatch.chdir(tmp_path)
@@ -139,9 +139,9 @@ def test_select_best_survives_a_resume(tmp_path, monkeypatch, capsys):
 
     real, val_success = rl_train.evaluate_policy, iter([0.5, 0.25, 0.25, 0.4])
 
-    def evaluate_policy(model, tokenizer, cfg, split="eval"):
-        metrics, trajs = real(model, tokenizer, cfg, split)
-        return ({**metrics, "val/success": next(val_success)} if split == "val" else metrics), trajs
+    def evaluate_policy(model, tokenizer, cfg, select=False):
+        metrics, trajs = real(model, tokenizer, cfg, select)
+        return ({**metrics, "val/success": next(val_success)} if select else metrics), trajs
 
     monkeypatch.setattr(rl_train, "evaluate_policy", evaluate_policy)
     monkeypatch.chdir(tmp_path)
