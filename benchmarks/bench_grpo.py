@@ -119,6 +119,7 @@ def bench_trl(steps: int, threads: int, workdir: str, dtype: str = "fp32") -> li
         moe_intermediate_size=c.moe_intermediate_size, moe_shared_expert_intermediate_size=c.moe_shared_expert_intermediate_size,
         moe_latent_size=c.moe_latent_size, n_shared_experts=c.n_shared_experts, routed_scaling_factor=c.routed_scaling_factor,
         norm_topk_prob=c.norm_topk_prob, layer_norm_epsilon=c.rms_norm_eps, time_step_min=c.time_step_min_clamp,
+        time_step_limit=(c.time_step_min_clamp, float("inf")),  # the dt clamp (transformers >= 5.25 reads this one)
         tie_word_embeddings=c.tie_word_embeddings)
     model = NemotronHForCausalLM(hf_cfg).float()
     model.load_state_dict(hf_state_dict(HybridLM(c)), strict=True)  # the same initial weights as our side

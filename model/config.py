@@ -53,8 +53,8 @@ class HybridConfig:
     conv_kernel: int = 4
     chunk_size: int = 64  # SSD chunk length for training/prefill; any sequence length works
     # dt >= this after the softplus, in every path (prefill, extend, one-step decode) so they agree.
-    # 1e-3 = transformers 5.23's torch path, which clamps at time_step_min (1e-3) in its chunked scan:
-    # our logits then equal its forward. 0 = no clamp (Megatron, mamba_ssm, vLLM).
+    # A checkpoint's time_step_limit[0] (mamba_ssm's dt_limit; model/hf.py). The presets keep 1e-3, the clamp
+    # transformers <= 5.24 applied (at time_step_min) when they were made; real Nemotron-H checkpoints say 0 (no clamp).
     time_step_min_clamp: float = 1e-3
 
     # MoE ('E' layers): sigmoid router on the full hidden state, bias for selection only

@@ -20,13 +20,16 @@ Config mapping (``hf_config_to_hybrid`` / ``hybrid_to_hf_config``): field names 
 the layer list (``layers_block_type`` names, or the older ``hybrid_override_pattern`` letters), the
 legacy ``mamba_*`` spellings, ``layer_norm_epsilon`` (our ``rms_norm_eps``),
 ``num_nextn_predict_layers`` / ``mtp_layers_block_type`` (our ``num_mtp_layers`` / ``mtp_layer_pattern``),
-and the dt clamp. transformers up to 5.24 clamps dt >= ``time_step_min`` in its chunked scan (5.25 clamps at
-``time_step_limit[0]`` instead, mamba_ssm's ``dt_limit``; pyproject.toml keeps transformers below 5.25 until
-this import follows it), so that is what a config means to our oracle: on import ``time_step_min_clamp = time_step_min`` (0.001 when absent). On
-export ``time_step_min = time_step_min_clamp`` and ``time_step_limit = [clamp, inf]`` (mamba_ssm's
-``dt_limit``, read by Megatron/vLLM). A clamp of 0 cannot be a ``time_step_min`` (transformers' dt
-init takes its log), so it is written as ``hybrid_rl_time_step_min_clamp: 0.0`` next to the default
-0.001, and read back from there.
+and the dt clamp. A config's clamp is ``time_step_limit[0]`` (mamba_ssm's ``dt_limit``, which Megatron,
+vLLM and transformers >= 5.25 apply in every path; ``time_step_min`` / ``time_step_max`` only set the dt
+init): on import ``time_step_min_clamp = time_step_limit[0]``, 0 (no clamp) when absent, as transformers'
+default ``[0, inf]``; an upper limit other than infinity is refused (our kernels clamp from below only).
+transformers up to 5.24 clamped at ``time_step_min`` in its chunked torch path instead, so a checkpoint
+trained with that path (a clamp at 0.001) reads here as unclamped: the two differ only where softplus
+gives dt < 0.001. On export ``time_step_limit = [clamp, inf]`` and ``time_step_min = clamp`` (both
+spellings mean our clamp to every transformers version). A clamp of 0 cannot be a ``time_step_min``
+(transformers' dt init takes its log), so it is written as the default 0.001 with
+``hybrid_rl_time_step_min_clamp: 0.0`` beside it (read first, for checkpoints this project wrote).
 
 Saving is atomic: files go to a temp dir beside the target, which is then renamed into place (an
 existing target is swapped out and removed only after the rename), so a crash never leaves a half
@@ -143,6 +146,38 @@ def _check_types(out: dict) -> None:
                                   f'"{key}": {json.dumps(getattr(HybridConfig(), name))}')
 
 
+def _json_float(value):
+    """A float from config.json: a number, or transformers' spelling of a non-finite one ({"__float__": "Infinity"})."""
+    if isinstance(value, dict) and set(value) == {"__float__"} and isinstance(value["__float__"], str):
+        try:
+            return float(value["__float__"])
+        except ValueError:
+            return value
+    return value
+
+
+def _dt_clamp(hf: dict) -> float:
+    """The dt clamp of a config: ``hybrid_rl_time_step_min_clamp`` (ours), else ``time_step_limit[0]`` (0 when
+    absent: transformers' default ``[0, inf]``). The upper limit must be infinite."""
+    if "hybrid_rl_time_step_min_clamp" in hf:
+        low, high, key = hf["hybrid_rl_time_step_min_clamp"], math.inf, "hybrid_rl_time_step_min_clamp"
+    else:
+        key = "time_step_limit"
+        limit = hf.get(key, [0.0, math.inf])
+        if not isinstance(limit, (list, tuple)) or len(limit) != 2:
+            raise CheckpointError(f"config.json: time_step_limit={limit!r} must be a pair [low, high], e.g. "
+                                  '"time_step_limit": [0.0, Infinity]')
+        low, high = _json_float(limit[0]), _json_float(limit[1])
+    if isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 <= low < math.inf:
+        raise CheckpointError(f"config.json: {key} lower bound {low!r} must be a number >= 0 (the smallest dt after the "
+                              'softplus), e.g. "time_step_limit": [0.0, Infinity]')
+    if high != math.inf:
+        raise CheckpointError(f"config.json: time_step_limit upper bound {high!r} is not supported: hybrid-rl's kernels "
+                              "clamp dt from below only; a checkpoint trained with an upper dt limit is another model "
+                              "(set it to Infinity only if the model was trained without one)")
+    return float(low)
+
+
 def hf_config_to_hybrid(hf: dict) -> HybridConfig:
     """A ``HybridConfig`` from a NemotronH ``config.json`` dict (current or legacy spellings)."""
     model_type = hf.get("model_type")
@@ -172,15 +207,13 @@ def hf_config_to_hybrid(hf: dict) -> HybridConfig:
         if hf.get(key):
             out["mtp_layer_pattern"] = _pattern(hf[key], key)
             break
-    clamp = hf.get("hybrid_rl_time_step_min_clamp", hf.get("time_step_min", hf.get("mamba_dt_min")))
-    if clamp is not None:
-        out["time_step_min_clamp"] = float(clamp)
+    out["time_step_min_clamp"] = _dt_clamp(hf)
     if isinstance(out.get("eos_token_id"), list):  # several stop ids: the first is the model's own
         out["eos_token_id"] = out["eos_token_id"][0] if out["eos_token_id"] else None
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # may be null in hub configs
         if out.get(key) is None:
             out.pop(key, None)
-    _check_types({k: v for k, v in out.items() if k != "time_step_min_clamp"})
+    _check_types(out)
     out["preset"] = hf.get("hybrid_rl_preset", "")
     try:
         return HybridConfig(**out)

@@ -18,9 +18,9 @@ state read-out.  Departures from transformers' torch path (which we match to fp3
   document boundary, so the state and the conv window restart at each document -- equal to running
   the documents separately.
 * dt is clamped to ``dt >= time_step_min_clamp`` after the softplus in *every* path (prefill, extend
-  and the one-step decode), so prefill and decode agree.  transformers 5.23 clamps at
-  ``time_step_min`` (1e-3) in its chunked path only; our default clamp equals it, so our logits match
-  its forward exactly, and our decode matches our prefill.
+  and the one-step decode), so prefill and decode agree.  transformers >= 5.25 clamps at
+  ``time_step_limit[0]`` (mamba_ssm's ``dt_limit``) in every path too, and a checkpoint's clamp is read
+  from there (model/hf.py), so our logits match its forward and our decode matches our prefill.
 * Tokens of an ``extend`` that are only right padding get dt = 0: exp(0 * A) = 1 and dt * x = 0, so
   they leave the state untouched, which lets rows of different lengths share one batched scan.
 

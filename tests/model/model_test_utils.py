@@ -55,8 +55,8 @@ def to_hf_config(cfg: HybridConfig):
         moe_latent_size=cfg.moe_latent_size, n_shared_experts=cfg.n_shared_experts,
         routed_scaling_factor=cfg.routed_scaling_factor, norm_topk_prob=cfg.norm_topk_prob,
         layer_norm_epsilon=cfg.rms_norm_eps, time_step_min=cfg.time_step_min_clamp,
-        # the dt clamp in both spellings: transformers < 5.25 clamps at time_step_min, 5.25 at time_step_limit[0]
-        # (mamba_ssm's dt_limit); our exports write both (model/hf.py)
+        # the dt clamp: transformers >= 5.25 clamps at time_step_limit[0] (mamba_ssm's dt_limit), as model/hf.py
+        # reads it; time_step_min only sets the dt init (our exports write both equal)
         time_step_limit=(cfg.time_step_min_clamp, float("inf")),
         tie_word_embeddings=cfg.tie_word_embeddings,
     )

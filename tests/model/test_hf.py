@@ -1,6 +1,7 @@
 """HF NemotronH interop: our save -> transformers load, transformers save -> our load, configs, bad inputs."""
 
 import json
+import math
 import os
 import re
 
@@ -73,9 +74,9 @@ def test_config_legacy_spellings():
     cfg = small_cfg(time_step_min_clamp=2e-3)
     legacy = {k: v for k, v in hybrid_to_hf_config(cfg).items()
               if k not in ("layers_block_type", "mtp_layers_block_type", "n_groups", "conv_kernel", "chunk_size",
-                           "layer_norm_epsilon", "time_step_limit", "time_step_min")}
+                           "layer_norm_epsilon", "time_step_min")}
     legacy.update(hybrid_override_pattern=cfg.layer_pattern, mtp_hybrid_override_pattern="*E",
-                  mamba_n_groups=2, mamba_d_conv=4, mamba_chunk_size=8, layer_norm_epsilon=1e-5, mamba_dt_min=2e-3,
+                  mamba_n_groups=2, mamba_d_conv=4, mamba_chunk_size=8, layer_norm_epsilon=1e-5, mamba_dt_min=0.5,
                   num_hidden_layers=len(cfg.layer_pattern), rope_theta=10000, torch_dtype="bfloat16")
     assert hf_config_to_hybrid(legacy) == cfg.replace(preset="")
     names = dict(legacy, hybrid_override_pattern=None)
@@ -96,7 +97,32 @@ def test_config_fields_mapped():
     hf = hybrid_to_hf_config(no_clamp)
     assert hf["time_step_min"] == 0.001 and hf["hybrid_rl_time_step_min_clamp"] == 0.0  # transformers needs min > 0
     assert hf_config_to_hybrid(hf) == no_clamp
-    assert hf_config_to_hybrid({k: v for k, v in hf.items() if not k.startswith("hybrid_rl")}).time_step_min_clamp == 1e-3
+    # without our key the pair says the same: time_step_limit [0, inf] is no clamp (time_step_min only sets the init)
+    assert hf_config_to_hybrid({k: v for k, v in hf.items() if not k.startswith("hybrid_rl")}) == no_clamp
+
+
+def test_dt_clamp_is_time_step_limit():
+    """The clamp is time_step_limit[0] (mamba_ssm's dt_limit, transformers >= 5.25), whatever time_step_min says."""
+    hf = {k: v for k, v in hybrid_to_hf_config(small_cfg()).items() if not k.startswith("time_step")}
+    assert hf_config_to_hybrid(hf).time_step_min_clamp == 0.0  # absent: transformers' default [0, inf]
+    real = {**hf, "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 1e-4,
+            "time_step_limit": [0.0, {"__float__": "Infinity"}]}  # what a Nemotron-H checkpoint's config says
+    assert hf_config_to_hybrid(real).time_step_min_clamp == 0.0
+    assert hf_config_to_hybrid(json.loads(json.dumps({**real, "time_step_limit": [0.01, math.inf]}))).time_step_min_clamp == 0.01
+    assert transformers.NemotronHConfig(**{"time_step_limit": (0.01, math.inf)}).time_step_limit[0] == 0.01
+
+
+@pytest.mark.parametrize("limit, match", [
+    ("0.001", "must be a pair"),
+    ([0.001], "must be a pair"),
+    ([-0.1, math.inf], "lower bound -0.1 must be a number >= 0"),
+    (["0.001", math.inf], "lower bound '0.001' must be a number"),
+    ([0.0, 0.1], "upper bound 0.1 is not supported"),
+    ([0.0, {"__float__": "nan"}], "upper bound nan is not supported"),
+])
+def test_dt_clamp_errors(limit, match):
+    with pytest.raises(CheckpointError, match=match):
+        hf_config_to_hybrid({**hybrid_to_hf_config(small_cfg()), "time_step_limit": limit})
 
 
 @pytest.mark.parametrize("change, match", [
@@ -177,6 +203,32 @@ def test_transformers_save_loads_here(tmp_path, shard):
     model = load_pretrained(tmp_path)
     x = ids(cfg)
     torch.testing.assert_close(our_logits(model, x), hf_logits(hf, x), atol=1e-4, rtol=0)
+
+
+def test_transformers_dt_limit_is_the_clamp_that_loads(tmp_path):
+    """A checkpoint whose config says what Nemotron-H's does (time_step_min 0.001, time_step_limit [0, inf]) runs
+    without a dt clamp in transformers, and loads here as the same model: with dt_bias pushed down so that most
+    dt fall below 0.001 (and in_proj scaled up so that the scan's input term shows), a clamp at time_step_min
+    would change the logits."""
+    cfg = small_cfg(time_step_min_clamp=0.001)
+    hf_cfg = transformers_config(cfg)
+    hf_cfg.time_step_min, hf_cfg.time_step_limit = 0.001, (0.0, math.inf)
+    torch.manual_seed(4)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():
+        for name, t in hf.state_dict().items():
+            if name.endswith("dt_bias"):
+                t.fill_(-9.0)  # softplus(-9 + x): ~1e-4, below the 0.001 of time_step_min
+            if name.endswith("in_proj.weight"):
+                t.mul_(30.0)
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    assert model.config.time_step_min_clamp == 0.0
+    x = ids(cfg)
+    torch.testing.assert_close(our_logits(model, x), hf_logits(hf, x), atol=1e-5, rtol=0)
+    clamped = type(model)(model.config.replace(time_step_min_clamp=0.001)).eval()
+    clamped.load_state_dict(model.state_dict())
+    assert (our_logits(clamped, x) - hf_logits(hf, x)).abs().max() > 1e-4  # the old reading: another model (7e-4)
 
 
 def test_sharded_save_and_dtype(tmp_path):
