@@ -44,18 +44,20 @@ def load_config(cls: type, path: str | Path | None = None, overrides: typing.Ite
     """Build ``cls`` from an optional YAML file plus ``key=value`` overrides (applied in order)."""
     data: dict = {}
     if path is not None:
-        data = read_yaml(path)
+        data = read_yaml(path, keep_text=True)
     data = apply_overrides(data, overrides, keep_text=True)
     return from_dict(cls, data)
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, keep_text: bool = False) -> dict:
+    """The YAML file's top mapping. With ``keep_text`` every number, bool or date in it keeps the text it was
+    written as (``_Scalar``), for ``from_dict`` to give to a str field: ``name: 007`` is the name "007"."""
     path = Path(path)
     if not path.is_file():
         hint = f" (the folder {path.parent} holds: {', '.join(sorted(p.name for p in path.parent.glob('*.yaml'))) or 'no .yaml files'})" if path.parent.is_dir() else ""
         raise ConfigError(f"config file not found: {path}{hint}. Pass the path of an existing YAML recipe, e.g. configs/sft_quick.yaml.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text(), keep_text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -77,12 +79,10 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str], keep_text: bool
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} has an empty key part; write dotted keys like train.lr=1e-3.")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+        try:  # a str field keeps the text as written (keep_text): run.name=007 is "007", tags=[007] ["007"]
+            value = _load_yaml(raw, keep_text) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        if keep_text and value is not None and not isinstance(value, (str, list, dict)):
-            value = _Scalar(value, raw.strip())  # a str field keeps the text as written: run.name=007 is "007"
         node: Any = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -112,6 +112,48 @@ class _Scalar:
 
     def __repr__(self) -> str:
         return repr(self.value)
+
+
+class _TextLoader(yaml.SafeLoader):
+    """YAML's safe loader whose numbers, bools and dates are ``_Scalar``s that keep their text (not as mapping keys)."""
+
+
+def _keeping_text(tag: str):
+    construct = yaml.SafeLoader.yaml_constructors[tag]
+
+    def build(loader, node):
+        return _Scalar(construct(loader, node), node.value)
+    return build
+
+
+for _tag in ("int", "float", "bool", "timestamp"):
+    _TextLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keeping_text(f"tag:yaml.org,2002:{_tag}"))
+
+
+def _load_yaml(text: str, keep_text: bool):
+    if not keep_text:
+        return yaml.safe_load(text)
+    return _plain_keys(yaml.load(text, Loader=_TextLoader))  # noqa: S506 - a SafeLoader subclass
+
+
+def _plain_keys(obj):
+    """Mapping keys as YAML reads them (``1: x`` keys 1); the values keep their ``_Scalar``s."""
+    if isinstance(obj, dict):
+        return {(k.value if isinstance(k, _Scalar) else k): _plain_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain_keys(v) for v in obj]
+    return obj
+
+
+def _plain(obj):
+    """``obj`` with every ``_Scalar`` in it replaced by its value (what a field typed Any, or a plain dict, gets)."""
+    if isinstance(obj, _Scalar):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 def _list_index(node: list, part: str, key: str) -> int:
@@ -154,6 +196,8 @@ def from_dict(cls: type, data: Any, path: str = "", root: type | None = None) ->
         raise ConfigError(f"{path or 'config'}: expected a section (mapping) for {cls.__name__}, got {data!r}.")
     data = dict(data)
     preset_hook = getattr(cls, "preset_defaults", None)
+    if isinstance(data.get("preset"), _Scalar):  # a str field: preset: 1e3 is the name "1e3"
+        data["preset"] = data["preset"].text
     if preset_hook is not None and data.get("preset"):
         try:
             base = preset_hook(data["preset"])
@@ -226,7 +270,7 @@ def _convert(value: Any, tp, key: str, root: type) -> Any:
     if isinstance(value, _Scalar) and not _is_union(tp):  # (a union tries each of its types with both)
         value = value.text if tp is str else value.value
     if tp is Any:
-        return value
+        return _plain(value)
     origin, args = get_origin(tp), get_args(tp)
     if _is_union(tp):
         if value is None and type(None) in args:
@@ -283,10 +327,11 @@ def _convert(value: Any, tp, key: str, root: type) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     elif isinstance(tp, type):
+        value = _plain(value)
         if isinstance(value, tp):
             return value
     else:
-        return value
+        return _plain(value)
     raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}.")
 
 

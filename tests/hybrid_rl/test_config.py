@@ -67,6 +67,22 @@ def test_str_fields_keep_the_text_written_on_the_command_line():
         load_config(Stage, None, ["optim.warmup_steps=1.5"])
 
 
+def test_str_fields_keep_the_text_written_in_a_file_and_in_lists(tmp_path):
+    """The same in a YAML file and in list items: name: 007 is "007", tags [007, 1.10] stay as written, while the
+    numeric fields beside them (and a field typed Any or a dict of floats) read the numbers."""
+    path = tmp_path / "r.yaml"
+    path.write_text("run:\n  name: 007\n  group: 2026-12-03\n  tags: [007, 1.10, yes]\n  seed: 007\n"
+                    "init_from: 1.10\noptim:\n  lr: 0.5\n  betas: [0.8, 0.9]\n  warmup_steps: 010\n"
+                    "weights: {a: 0x10}\nenv_ids: [007]\nmodel:\n  preset: micro\n  hidden_size: 64\n")
+    cfg = load_config(Stage, path, ["run.tags.1=02", "env_ids=[1.0, x]"])
+    assert cfg.run.name == "007" and cfg.run.group == "2026-12-03" and cfg.init_from == "1.10"
+    assert cfg.run.tags == ["007", "02", "yes"] and cfg.env_ids == ["1.0", "x"]
+    assert cfg.run.seed == 7 and cfg.optim.warmup_steps == 8  # YAML 1.1 reads 010 as octal 8, as before
+    assert cfg.optim.lr == 0.5 and cfg.optim.betas == [0.8, 0.9] and cfg.weights == {"a": 16.0}
+    assert cfg.model.hidden_size == 64 and cfg.model.preset == "micro"
+    assert load_config(Stage, None, ["run.tags=[007, 3]"]).run.tags == ["007", "3"]
+
+
 @pytest.mark.parametrize(
     "override, must_name, must_suggest",
     [
