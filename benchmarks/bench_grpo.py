@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be >= 1")
     result = {"benchmark": "grpo", "model": "tiny", "env": ENV, "prompts": PROMPTS, "samples": SAMPLES,
               "max_new_tokens": NEW_TOKENS, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
-              "trl_gradient_checkpointing": False}
+              "trl_gradient_checkpointing": False, **versions()}
     for i, dtype in enumerate(args.dtypes):
         one = compare(args, dtype)
         if i == 0:
@@ -186,6 +186,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     print(json.dumps(result))
     return 0
+
+
+def versions() -> dict:
+    """What the figures were measured with: the commit and the libraries on both sides."""
+    import importlib.metadata
+
+    from hybrid_rl.run import git_commit
+
+    return {"commit": git_commit(), "torch": torch.__version__,
+            **{name: importlib.metadata.version(name) for name in ("transformers", "trl")}}
 
 
 def compare(args, dtype: str) -> dict:

@@ -164,6 +164,9 @@ def table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> st
 
 MACHINE_KEYS = {  # JSON key -> how the machine line says it
     "torch": "torch {}",
+    "transformers": "transformers {}",
+    "trl": "TRL {}",
+    "commit": "commit {}",
     "cpu_count": "{} CPUs",
     "threads": "{} torch threads",
     "torch_threads": "{} torch thread(s) in the main process",

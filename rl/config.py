@@ -13,6 +13,7 @@ Sizes, in one place (``RLStageConfig.__post_init__`` checks them):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from hybrid_rl.distributed import ParallelTrainConfig
 from hybrid_rl.metrics import LoggingConfig
 from hybrid_rl.run import RunConfig
 from hybrid_rl.model.config import HybridConfig
-from hybrid_rl.rl.advantages import ADVANTAGES
+from hybrid_rl.rl.advantages import ADVANTAGES, GRPO_STD_FLOOR
 from hybrid_rl.rl.kl import KL_ESTIMATORS
 from hybrid_rl.rl.losses import AGGREGATIONS, POLICY_LOSSES
 from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
@@ -69,7 +70,7 @@ class AlgoConfig:
     advantage: str = "rloo"  # rl/advantages.py: rloo | drgrpo | grpo
     # grpo: its std divisor is never below this (0/1 success rewards: below any group's std that differs in a
     # success, so only groups that differ by per-turn costs alone are held at their small scale; 0 = the paper's)
-    grpo_std_floor: float = 0.25
+    grpo_std_floor: float = GRPO_STD_FLOOR
     # one advantage per episode; per turn from its reward-to-go (baseline: same turn index); or the episode's
     # plus a per-turn one against the group's turns from the same state (state: GiGPO's anchor states)
     credit: Literal["episode", "turn", "state"] = "episode"
@@ -157,13 +158,13 @@ class AlgoConfig:
                         "algo.updates_per_batch=%d it trains on samples of an older policy without correction; use "
                         "policy_loss=grpo (clipped ratio) or mode=sync with updates_per_batch=1", self.mode,
                         self.updates_per_batch)
-        unused = [f"{name}={getattr(self, name)}" for name, default, used in (
-            ("gamma", 1.0, self.credit != "episode"), ("state_weight", 1.0, self.credit == "state"),
-            ("grpo_std_floor", 0.25, self.advantage == "grpo"),
-            ("state_key", "env", self.credit == "state"),
-            ("clip_eps_high", 0.28, self.policy_loss in ("dapo", "clip-cov", "kl-cov")),
-            ("seq_clip_eps_low", 3e-4, self.policy_loss == "gspo"), ("seq_clip_eps_high", 4e-4, self.policy_loss == "gspo"))
-            if not used and getattr(self, name) != default]
+        default = {f.name: f.default for f in dataclasses.fields(self)}
+        unused = [f"{name}={getattr(self, name)}" for name, used in (
+            ("gamma", self.credit != "episode"), ("state_weight", self.credit == "state"),
+            ("grpo_std_floor", self.advantage == "grpo"), ("state_key", self.credit == "state"),
+            ("clip_eps_high", self.policy_loss in ("dapo", "clip-cov", "kl-cov")),
+            ("seq_clip_eps_low", self.policy_loss == "gspo"), ("seq_clip_eps_high", self.policy_loss == "gspo"))
+            if not used and getattr(self, name) != default[name]]
         if unused:
             log.warning("algo: settings with no effect under credit=%s and policy_loss=%s: %s (gamma: turn or state credit; "
                         "state_weight, state_key: state credit; grpo_std_floor: advantage=grpo; clip_eps_high: dapo, "

@@ -11,6 +11,11 @@ def test_bench_grpo_times_our_loop(capsys):
     assert main(["bench", "grpo", "--steps", "2", "--skip-trl", "--threads", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["benchmark"] == "grpo" and len(result["ours_steps_s"]) == 2 and result["ours_s_per_step"] > 0
+    import transformers
+    import trl
+
+    # the figures say what they were measured with (TRL's speed moves with its and transformers' releases)
+    assert result["transformers"] == transformers.__version__ and result["trl"] == trl.__version__ and result["torch"]
 
 
 def test_bench_grpo_times_each_precision(capsys):

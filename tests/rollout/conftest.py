@@ -33,8 +33,11 @@ def fixtures_on_worker_path() -> dict:
 @pytest.fixture(scope="session")
 def ray_session():
     """ONE local Ray per pytest session (ray.init costs ~7 s): 2 CPUs, no dashboard, small object store; its
-    workers import rollout_fixtures from this folder."""
+    workers import rollout_fixtures from this folder. A Ray that an earlier test left running (a pipeline or RL
+    test whose pool started the library's own, in a run of both tiers) has neither, so it is replaced."""
     ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 ** 2,
                  log_to_driver=False, configure_logging=False, runtime_env=fixtures_on_worker_path())
