@@ -179,7 +179,9 @@ MACHINE_KEYS = {  # JSON key -> how the machine line says it
 
 def machine(result: dict) -> str:
     """``- **Machine:** ...`` from whichever machine keys the benchmark recorded (empty if none)."""
-    parts = [text.format(num(result[key])) for key, text in MACHINE_KEYS.items() if key in result]
+    parts = [text.format(num(result[key])[:12] if key == "commit" else num(result[key]))
+             for key, text in MACHINE_KEYS.items()
+             if key in result and not isinstance(result[key], (dict, list))]  # (model.json's "transformers": its figures)
     return f"- **Machine:** {', '.join(parts)}.\n" if parts else ""
 
 

@@ -203,3 +203,13 @@ def test_rollout_section_lists_each_rounds_engine_vs_raw_ratio(tmp_path):
     rollout = section(render(write_results(tmp_path / "results", {"rollout": result}), tmp_path / "docs"), "Rollout")
     assert "Engine / raw in each round: 14.0%, 15.0%, 17.1%." in rollout
     assert "| 32 | 300 | 2,000 | 15.0% |" in rollout
+
+
+def test_machine_line_names_the_versions_and_commit_not_a_peer_result():
+    from hybrid_rl.benchmarks.record import machine
+
+    line = machine({"torch": "2.13.0+cpu", "transformers": "5.25.0", "trl": "1.16.0", "commit": "cbdc8e16db17474144f3",
+                    "threads": 2})
+    assert line == "- **Machine:** torch 2.13.0+cpu, transformers 5.25.0, TRL 1.16.0, commit cbdc8e16db17, 2 torch threads.\n"
+    # bench model keeps transformers' own figures under "transformers": not a version
+    assert machine({"transformers": {"train_tokens_per_s": 621.5}, "threads": 2}) == "- **Machine:** 2 torch threads.\n"
