@@ -177,11 +177,17 @@ MACHINE_KEYS = {  # JSON key -> how the machine line says it
 }
 
 
+def short_commit(commit: str) -> str:
+    """12 hex digits of a commit, with the ``-dirty`` of a tree that had changes."""
+    sha, dirty, _ = str(commit).partition("-dirty")
+    return sha[:12] + ("-dirty" if dirty else "")
+
+
 def machine(result: dict) -> str:
     """``- **Machine:** ...`` from whichever machine keys the benchmark recorded (empty if none)."""
-    parts = [text.format(num(result[key])[:12] if key == "commit" else num(result[key]))
-             for key, text in MACHINE_KEYS.items()
-             if key in result and not isinstance(result[key], (dict, list))]  # (model.json's "transformers": its figures)
+    parts = [text.format(short_commit(result[key]) if key == "commit" else num(result[key]))
+             for key, text in MACHINE_KEYS.items()  # (not model.json's "transformers": its figures)
+             if key in result and result[key] != "" and not isinstance(result[key], (dict, list))]
     return f"- **Machine:** {', '.join(parts)}.\n" if parts else ""
 
 

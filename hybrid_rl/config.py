@@ -89,6 +89,7 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str], keep_text: bool
             if isinstance(node, list):
                 node = node[_list_index(node, part, key)]
                 continue
+            part = _existing_key(node, part)
             if node.get(part) is None:
                 node[part] = {}
             node = node[part]
@@ -98,8 +99,13 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str], keep_text: bool
         if isinstance(node, list):
             node[_list_index(node, last, key)] = value
         else:
-            node[last] = value
+            node[_existing_key(node, last)] = value
     return data
+
+
+def _existing_key(node: dict, part: str):
+    """The key of ``node`` an override's ``part`` names: a file's ``007:`` key (a ``_Scalar``) by its text."""
+    return next((k for k in node if isinstance(k, _Scalar) and k.text == part), part)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +121,8 @@ class _Scalar:
 
 
 class _TextLoader(yaml.SafeLoader):
-    """YAML's safe loader whose numbers, bools and dates are ``_Scalar``s that keep their text (not as mapping keys)."""
+    """YAML's safe loader whose numbers, bools and dates (values and mapping keys) are ``_Scalar``s that keep
+    their text."""
 
 
 def _keeping_text(tag: str):
@@ -133,27 +140,24 @@ for _tag in ("int", "float", "bool", "timestamp"):
 def _load_yaml(text: str, keep_text: bool):
     if not keep_text:
         return yaml.safe_load(text)
-    return _plain_keys(yaml.load(text, Loader=_TextLoader))  # noqa: S506 - a SafeLoader subclass
-
-
-def _plain_keys(obj):
-    """Mapping keys as YAML reads them (``1: x`` keys 1); the values keep their ``_Scalar``s."""
-    if isinstance(obj, dict):
-        return {(k.value if isinstance(k, _Scalar) else k): _plain_keys(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain_keys(v) for v in obj]
-    return obj
+    return yaml.load(text, Loader=_TextLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _plain(obj):
-    """``obj`` with every ``_Scalar`` in it replaced by its value (what a field typed Any, or a plain dict, gets)."""
+    """``obj`` with every ``_Scalar`` in it (keys too) replaced by its value: what a field typed Any, or a
+    plain dict, gets."""
     if isinstance(obj, _Scalar):
         return obj.value
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
+        return {_plain(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):  # (tuples and sets: YAML's !!omap, !!pairs, !!set)
+        return type(obj)(_plain(v) for v in obj)
     return obj
+
+
+def _key_text(key) -> str:
+    """A mapping key of a ``dict[str, ...]`` field as written (``007: 2.0`` is the key "007")."""
+    return key.text if isinstance(key, _Scalar) else str(key)
 
 
 def _list_index(node: list, part: str, key: str) -> int:
@@ -208,6 +212,7 @@ def from_dict(cls: type, data: Any, path: str = "", root: type | None = None) ->
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
+        key = _key_text(key) if isinstance(key, _Scalar) else key
         full = f"{path}{key}"
         if key not in fields:
             while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key the user wrote
@@ -306,7 +311,7 @@ def _convert(value: Any, tp, key: str, root: type) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a mapping ({_type_name(tp)}).")
         vt = args[1] if len(args) == 2 else Any
-        return {str(k): _convert(v, vt, f"{key}.{k}", root) for k, v in value.items()}
+        return {_key_text(k): _convert(v, vt, f"{key}.{_key_text(k)}", root) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

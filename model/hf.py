@@ -3,7 +3,7 @@
 Our native checkpoint format *is* this layout, so a hybrid-rl checkpoint loads in
 ``transformers.AutoModelForCausalLM.from_pretrained`` and a hub / transformers checkpoint loads here.
 
-On disk (what transformers 5.23's ``save_pretrained`` writes)::
+On disk (what transformers' ``save_pretrained`` writes)::
 
     config.json                    model_type nemotron_h, architectures [NemotronHForCausalLM]
     generation_config.json
@@ -26,10 +26,11 @@ init): on import ``time_step_min_clamp = time_step_limit[0]``, 0 (no clamp) when
 default ``[0, inf]``; an upper limit other than infinity is refused (our kernels clamp from below only).
 transformers up to 5.24 clamped at ``time_step_min`` in its chunked torch path instead, so a checkpoint
 trained with that path (a clamp at 0.001) reads here as unclamped: the two differ only where softplus
-gives dt < 0.001. On export ``time_step_limit = [clamp, inf]`` and ``time_step_min = clamp`` (both
-spellings mean our clamp to every transformers version). A clamp of 0 cannot be a ``time_step_min``
-(transformers' dt init takes its log), so it is written as the default 0.001 with
-``hybrid_rl_time_step_min_clamp: 0.0`` beside it (read first, for checkpoints this project wrote).
+gives dt < 0.001. The legacy spelling ``mamba_dt_limit`` is read as ``time_step_limit``. On export
+``time_step_limit = [clamp, inf]`` and, for a clamp > 0, ``time_step_min = clamp`` (so transformers <= 5.24
+clamps there too). A clamp of 0 cannot be a ``time_step_min`` (transformers' dt init takes its log), so it is
+written as the default 0.001 with ``hybrid_rl_time_step_min_clamp: 0.0`` beside it (read first, for
+checkpoints this project wrote); transformers <= 5.24 would clamp such a model at 0.001.
 
 Saving is atomic: files go to a temp dir beside the target, which is then renamed into place (an
 existing target is swapped out and removed only after the rename), so a crash never leaves a half
@@ -162,17 +163,17 @@ def _dt_clamp(hf: dict) -> float:
     if "hybrid_rl_time_step_min_clamp" in hf:
         low, high, key = hf["hybrid_rl_time_step_min_clamp"], math.inf, "hybrid_rl_time_step_min_clamp"
     else:
-        key = "time_step_limit"
+        key = "time_step_limit" if "time_step_limit" in hf or "mamba_dt_limit" not in hf else "mamba_dt_limit"
         limit = hf.get(key, [0.0, math.inf])
         if not isinstance(limit, (list, tuple)) or len(limit) != 2:
-            raise CheckpointError(f"config.json: time_step_limit={limit!r} must be a pair [low, high], e.g. "
+            raise CheckpointError(f"config.json: {key}={limit!r} must be a pair [low, high], e.g. "
                                   '"time_step_limit": [0.0, Infinity]')
         low, high = _json_float(limit[0]), _json_float(limit[1])
     if isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 <= low < math.inf:
         raise CheckpointError(f"config.json: {key} lower bound {low!r} must be a number >= 0 (the smallest dt after the "
                               'softplus), e.g. "time_step_limit": [0.0, Infinity]')
     if high != math.inf:
-        raise CheckpointError(f"config.json: time_step_limit upper bound {high!r} is not supported: hybrid-rl's kernels "
+        raise CheckpointError(f"config.json: {key} upper bound {high!r} is not supported: hybrid-rl's kernels "
                               "clamp dt from below only; a checkpoint trained with an upper dt limit is another model "
                               "(set it to Infinity only if the model was trained without one)")
     return float(low)
@@ -222,7 +223,7 @@ def hf_config_to_hybrid(hf: dict) -> HybridConfig:
 
 
 def hybrid_to_hf_config(cfg: HybridConfig, dtype: torch.dtype | None = None) -> dict:
-    """The ``config.json`` dict transformers 5.23 writes for the same model (keys sorted like its output)."""
+    """The ``config.json`` dict transformers writes for the same model (keys sorted like its output)."""
     out: dict[str, Any] = dict(_HF_DEFAULTS)
     shared = [
         "vocab_size", "hidden_size", "tie_word_embeddings", "initializer_range", "num_attention_heads",
@@ -257,7 +258,8 @@ def transformers_config(cfg: HybridConfig):
     import transformers
 
     fields = {k: v for k, v in hybrid_to_hf_config(cfg).items() if k not in ("time_step_limit", "transformers_version")}
-    return transformers.AutoConfig.for_model(**fields)
+    # the clamp as a tuple (the dict is how config.json spells infinity): transformers >= 5.25 clamps dt there
+    return transformers.AutoConfig.for_model(**fields, time_step_limit=(float(cfg.time_step_min_clamp), math.inf))
 
 
 def _transformers_version() -> str:
@@ -266,7 +268,7 @@ def _transformers_version() -> str:
 
         return transformers.__version__
     except ImportError:  # pragma: no cover - transformers is a dependency
-        return "5.23.0"
+        return "5.25.0"
 
 
 def read_config(directory: str | os.PathLike) -> HybridConfig:

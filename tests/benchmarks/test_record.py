@@ -213,3 +213,5 @@ def test_machine_line_names_the_versions_and_commit_not_a_peer_result():
     assert line == "- **Machine:** torch 2.13.0+cpu, transformers 5.25.0, TRL 1.16.0, commit cbdc8e16db17, 2 torch threads.\n"
     # bench model keeps transformers' own figures under "transformers": not a version
     assert machine({"transformers": {"train_tokens_per_s": 621.5}, "threads": 2}) == "- **Machine:** 2 torch threads.\n"
+    assert "commit cbdc8e16db17-dirty," in machine({"commit": "cbdc8e16db17474144f3-dirty", "threads": 2})
+    assert machine({"commit": "", "threads": 2}) == "- **Machine:** 2 torch threads.\n"  # outside a checkout

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -69,7 +69,7 @@ def test_str_fields_keep_the_text_written_on_the_command_line():
 
 def test_str_fields_keep_the_text_written_in_a_file_and_in_lists(tmp_path):
     """The same in a YAML file and in list items: name: 007 is "007", tags [007, 1.10] stay as written, while the
-    numeric fields beside them (and a field typed Any or a dict of floats) read the numbers."""
+    numeric fields beside them read the numbers."""
     path = tmp_path / "r.yaml"
     path.write_text("run:\n  name: 007\n  group: 2026-12-03\n  tags: [007, 1.10, yes]\n  seed: 007\n"
                     "init_from: 1.10\noptim:\n  lr: 0.5\n  betas: [0.8, 0.9]\n  warmup_steps: 010\n"
@@ -81,6 +81,27 @@ def test_str_fields_keep_the_text_written_in_a_file_and_in_lists(tmp_path):
     assert cfg.optim.lr == 0.5 and cfg.optim.betas == [0.8, 0.9] and cfg.weights == {"a": 16.0}
     assert cfg.model.hidden_size == 64 and cfg.model.preset == "micro"
     assert load_config(Stage, None, ["run.tags=[007, 3]"]).run.tags == ["007", "3"]
+
+
+@dataclass
+class Loose:
+    weights: dict[str, float] = field(default_factory=dict)
+    kwargs: dict = field(default_factory=dict)
+    anything: Any = None
+
+
+def test_keys_keep_their_text_and_untyped_fields_get_plain_values(tmp_path):
+    """dict[str, ...] keys as written (007: 2.0 is "007", in a file as on the command line); a plain dict or a
+    field typed Any gets plain YAML values, also inside YAML's !!omap / !!set, and saves back as YAML."""
+    path = tmp_path / "r.yaml"
+    path.write_text("weights: {007: 2.0, 1.10: 1}\nkwargs: {n: 007, flag: yes, 3: [1.5, {k: 2}]}\n"
+                    "anything: !!omap [{b: 007}]\n")
+    cfg = load_config(Loose, path, ["weights.007=3", "weights.08=4"])
+    assert cfg.weights == {"007": 3.0, "1.10": 1.0, "08": 4.0}
+    assert cfg.kwargs == {"n": 7, "flag": True, 3: [1.5, {"k": 2}]} and cfg.anything == [("b", 7)]
+    assert type(cfg.anything[0][1]) is int
+    save_config(cfg, tmp_path / "saved.yaml")  # no wrapper left for the YAML dumper to choke on
+    assert load_config(Loose, None, ["anything=!!set {1, 2}"]).anything == {1, 2}
 
 
 @pytest.mark.parametrize(

@@ -109,7 +109,18 @@ def test_dt_clamp_is_time_step_limit():
             "time_step_limit": [0.0, {"__float__": "Infinity"}]}  # what a Nemotron-H checkpoint's config says
     assert hf_config_to_hybrid(real).time_step_min_clamp == 0.0
     assert hf_config_to_hybrid(json.loads(json.dumps({**real, "time_step_limit": [0.01, math.inf]}))).time_step_min_clamp == 0.01
-    assert transformers.NemotronHConfig(**{"time_step_limit": (0.01, math.inf)}).time_step_limit[0] == 0.01
+    legacy = {k: v for k, v in real.items() if k != "time_step_limit"}
+    assert hf_config_to_hybrid({**legacy, "mamba_dt_limit": [0.01, math.inf]}).time_step_min_clamp == 0.01
+    with pytest.raises(CheckpointError, match="mamba_dt_limit upper bound 0.1"):
+        hf_config_to_hybrid({**legacy, "mamba_dt_limit": [0.0, 0.1]})
+
+
+def test_live_transformers_config_keeps_the_clamp():
+    """``transformers_config`` (the benchmarks' twin) carries the clamp where transformers >= 5.25 reads it."""
+    for clamp in (1e-3, 0.0):
+        live = transformers_config(small_cfg(time_step_min_clamp=clamp))
+        assert tuple(live.time_step_limit) == (clamp, math.inf)
+        assert hf_config_to_hybrid(json.loads(live.to_json_string())).time_step_min_clamp == clamp
 
 
 @pytest.mark.parametrize("limit, match", [

@@ -38,8 +38,7 @@ def ray_session():
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         ray.shutdown()
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 ** 2,
-                 log_to_driver=False, configure_logging=False, runtime_env=fixtures_on_worker_path())
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 ** 2,
+             log_to_driver=False, configure_logging=False, runtime_env=fixtures_on_worker_path())
     yield ray
     ray.shutdown()
