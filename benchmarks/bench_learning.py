@@ -1,6 +1,7 @@
 """Does RL learn? The pipeline recipe (configs/quickstart.yaml) on several environments and seeds.
 
-For each environment and seed, ``hybrid-rl pipeline`` runs with only ``envs`` and ``run.seed`` changed,
+For each environment and seed, ``hybrid-rl pipeline`` runs (in a process of its own, so that its figures are
+what that command gives alone) with only ``envs`` and ``run.seed`` changed,
 plus the environment's entry in ``RECIPE_CHANGES`` (recorded in the JSON; ``--plain`` leaves it out):
 a teacher's demonstrations, SFT, GRPO (evaluated on held-out seeds every ``--eval-every`` RL steps), then
 both checkpoints on the same held-out seeds. Beside them, on those seeds: a random policy, the teacher
@@ -23,6 +24,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,7 +70,7 @@ def run_one(env_id: str, seed: int, args) -> dict:
     from hybrid_rl.config import load_config
     from hybrid_rl.metrics import env_key, read_metrics
     from hybrid_rl.benchmarks.plot_learning import slug
-    from hybrid_rl.pipeline.recipe import PipelineStageConfig, pipeline
+    from hybrid_rl.pipeline.recipe import PipelineStageConfig
 
     key = env_key(env_id)
     name = f"learning/{slug(env_id)}-s{seed}"
@@ -77,9 +79,9 @@ def run_one(env_id: str, seed: int, args) -> dict:
                  f"eval.episodes_per_env={args.episodes}", f"rl.eval.episodes_per_env={args.curve_episodes}",
                  "rl.eval.at_start=true", *([f"rl.eval.every_steps={args.eval_every}"] if args.eval_every else []),
                  *args.set]
-    cfg = load_config(PipelineStageConfig, args.config, overrides)
+    cfg = load_config(PipelineStageConfig, args.config, overrides)  # a bad override fails here, before any run
     t0 = time.time()
-    res = pipeline(cfg)
+    res = pipeline_in_own_process(args.config, overrides, Path(cfg.run.output_dir) / cfg.run.name)
     wall = time.time() - t0
     greedy = {stage: res["results"][stage]["T=0"] for stage in ("sft", "rl")}
     from hybrid_rl.run import git_commit
@@ -94,6 +96,24 @@ def run_one(env_id: str, seed: int, args) -> dict:
                     if f"eval/success/{key}" in r]
     out["curve_episodes"] = args.curve_episodes
     return out
+
+
+def pipeline_in_own_process(config: str, overrides: list[str], run_dir: Path) -> dict:
+    """``hybrid-rl pipeline CONFIG OVERRIDES`` in a fresh Python process (its log to stderr) -> its results.json.
+
+    One process per run, so that each run's figures are what that command gives on its own: a seed played after
+    another one in the same process takes other float roundings from step ~20 on (MKL's run-dependent paths for
+    the most part, docs/RESULTS.md), which moved one FrozenLake seed's final success by ~0.1."""
+    cmd = [sys.executable, "-m", "hybrid_rl.cli", "pipeline", str(config), *overrides]
+    print("$ hybrid-rl pipeline " + " ".join([str(config), *overrides]), file=sys.stderr, flush=True)
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            tail = (tail + [line])[-40:]
+    if proc.returncode != 0:
+        raise RuntimeError(f"the pipeline run exited with code {proc.returncode}: {' '.join(cmd)}\n" + "".join(tail))
+    return json.loads((run_dir / "results.json").read_text())
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from hybrid_rl.cli import main
 
@@ -166,3 +169,33 @@ def test_a_bare_env_id_merges_into_its_namespaced_entry_and_a_bad_one_is_refused
         err = capsys.readouterr().err
         assert "--envs" in err and why in err
     assert json.loads(out.read_text()) == after and len(seen) == 4  # nothing run, nothing written
+
+
+@pytest.mark.slow
+def test_a_bench_seed_is_what_a_fresh_pipeline_run_of_it_gives_slow(tmp_path, monkeypatch, capsys):
+    """Each run in its own process: seed 1 played after seed 0 (as the bench plays its seeds) trains exactly as
+    `hybrid-rl pipeline ... run.seed=1` run alone. In one process the two parted at float level by SFT step 20."""
+    import subprocess
+    import sys
+
+    from hybrid_rl.metrics import read_metrics
+
+    monkeypatch.chdir(tmp_path)
+    steps = ["sft.train.max_steps=40", "sft.eval.episodes_per_env=2", "rl.train.steps=1", "rl.rollout.pool.num_workers=0",
+             "rl.algo.mode=sync", "eval.temperatures=[0.0]", "logging.backends=[jsonl]", "logging.report=false",
+             "run.quiet=true", "eval.split=val"]
+    assert main(["bench", "learning", "--envs", "hybrid_rl/FrozenLake-v1", "--seeds", "0", "1", "--episodes", "4",
+                 "--curve-episodes", "2", "--json-out", str(tmp_path / "l.json"), "--set", *steps]) == 0
+    from hybrid_rl.config import CONFIG_DIR
+
+    config = str(CONFIG_DIR / "quickstart.yaml")
+    alone = subprocess.run([sys.executable, "-m", "hybrid_rl.cli", "pipeline", config, "envs=[hybrid_rl/FrozenLake-v1]",
+                            "run.seed=1", "run.name=alone", *steps], capture_output=True, text=True, timeout=900)
+    assert alone.returncode == 0, alone.stdout[-2000:] + alone.stderr[-2000:]
+
+    def losses(run):
+        return [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path / "runs" / run / "sft") if "train/loss" in r]
+
+    in_bench = losses("learning/FrozenLake-v1-s1")
+    assert len(in_bench) >= 4 and in_bench == losses("alone")  # to the last bit, step 20 and on included
+
