@@ -100,27 +100,18 @@ def bench_ours(steps: int, threads: int, dtype: str = "fp32") -> list[float]:
 
 def bench_trl(steps: int, threads: int, workdir: str, dtype: str = "fp32") -> list[float]:
     import datasets
-    from transformers import NemotronHConfig, NemotronHForCausalLM, TrainerCallback
+    from transformers import NemotronHForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from hybrid_rl.model import HybridConfig, HybridLM
+    from hybrid_rl.model.hf import transformers_config
     from hybrid_rl.model.hybrid import hf_state_dict
     from hybrid_rl.model.tokenizer import ByteTokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     c = HybridConfig.from_preset("tiny")
-    hf_cfg = NemotronHConfig(  # the `tiny` preset, field by field
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, hybrid_override_pattern=c.layer_pattern,
-        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
-        intermediate_size=c.intermediate_size, ssm_state_size=c.ssm_state_size, mamba_num_heads=c.mamba_num_heads,
-        mamba_head_dim=c.mamba_head_dim, n_groups=c.n_groups, conv_kernel=c.conv_kernel, chunk_size=c.chunk_size,
-        n_routed_experts=c.n_routed_experts, num_experts_per_tok=c.num_experts_per_tok,
-        moe_intermediate_size=c.moe_intermediate_size, moe_shared_expert_intermediate_size=c.moe_shared_expert_intermediate_size,
-        moe_latent_size=c.moe_latent_size, n_shared_experts=c.n_shared_experts, routed_scaling_factor=c.routed_scaling_factor,
-        norm_topk_prob=c.norm_topk_prob, layer_norm_epsilon=c.rms_norm_eps, time_step_min=c.time_step_min_clamp,
-        time_step_limit=(c.time_step_min_clamp, float("inf")),  # the dt clamp (transformers >= 5.25 reads this one)
-        tie_word_embeddings=c.tie_word_embeddings)
+    hf_cfg = transformers_config(c)  # the `tiny` preset as transformers' NemotronH config, dt clamp included
     model = NemotronHForCausalLM(hf_cfg).float()
     model.load_state_dict(hf_state_dict(HybridLM(c)), strict=True)  # the same initial weights as our side
     tokenizer = ByteTokenizer().to_hf()

@@ -212,7 +212,7 @@ def from_dict(cls: type, data: Any, path: str = "", root: type | None = None) ->
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():
-        key = _key_text(key) if isinstance(key, _Scalar) else key
+        key = key.text if isinstance(key, _Scalar) else key
         full = f"{path}{key}"
         if key not in fields:
             while isinstance(value, dict) and len(value) == 1:  # name the whole dotted key the user wrote

@@ -163,7 +163,7 @@ def _dt_clamp(hf: dict) -> float:
     if "hybrid_rl_time_step_min_clamp" in hf:
         low, high, key = hf["hybrid_rl_time_step_min_clamp"], math.inf, "hybrid_rl_time_step_min_clamp"
     else:
-        key = "time_step_limit" if "time_step_limit" in hf or "mamba_dt_limit" not in hf else "mamba_dt_limit"
+        key = "mamba_dt_limit" if "mamba_dt_limit" in hf and "time_step_limit" not in hf else "time_step_limit"  # legacy
         limit = hf.get(key, [0.0, math.inf])
         if not isinstance(limit, (list, tuple)) or len(limit) != 2:
             raise CheckpointError(f"config.json: {key}={limit!r} must be a pair [low, high], e.g. "
