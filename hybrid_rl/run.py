@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import time
@@ -85,6 +86,21 @@ def git_commit(here: Path | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return f"{sha}-dirty" if sha and dirty else sha
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """``torch.set_num_threads(n)`` inside the block (n = 0: unchanged), the previous count restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> None:

@@ -52,7 +52,7 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from hybrid_rl.config import to_dict
 from hybrid_rl.distributed import LocalProcess, Parallel, adamw, balance_experts, rank_share, rank_share_weights
 from hybrid_rl.metrics import MetricsLogger, env_key
-from hybrid_rl.run import make_run_dir, seed_everything
+from hybrid_rl.run import make_run_dir, seed_everything, torch_threads
 from hybrid_rl.schedule import warmup_cosine
 from hybrid_rl.rl.advantages import ADVANTAGES, anchor_state_advantages, turn_groups, turn_observations, turn_returns
 from hybrid_rl.rl.batch import (TENSOR_FIELDS, Batch, collate, micro_batches, pack, packed_plan, share_units, trained_lengths,
@@ -508,12 +508,19 @@ def staleness_metrics(trajectories, version: int) -> dict[str, float]:
 
 def train(cfg: RLStageConfig) -> dict:
     """Run the RL stage; returns {"run_dir", "checkpoint", "eval": {...}} of the final policy (on the main
-    process; the other trainer processes return the same dict with an empty eval)."""
+    process; the other trainer processes return the same dict with an empty eval).
 
+    ``train.torch_threads`` holds for the stage only: the process gets its thread count back when the stage
+    returns or fails. (Left at the stage's count, what ran next in the process, e.g. a second pipeline's SFT,
+    ran on other threads and so took other float roundings: its gradient sums split over another number of
+    partial sums.)"""
+    with torch_threads(cfg.train.torch_threads):
+        return _train(cfg)
+
+
+def _train(cfg: RLStageConfig) -> dict:
     par = Parallel(cfg.train)
     seed_everything(cfg.run.seed)
-    if cfg.train.torch_threads:
-        torch.set_num_threads(cfg.train.torch_threads)
     model, tokenizer, source = load_policy(cfg)
     if (cfg.algo.routing_replay or cfg.algo.log_routing_mismatch) and not getattr(model, "moe_layers", None):
         from hybrid_rl.config import ConfigError

@@ -64,6 +64,24 @@ def test_rl_smoke_two_steps(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs" / "smoke" / "step_2" / "config.json").is_file()
 
 
+def test_the_stage_gives_the_process_its_thread_count_back(tmp_path, monkeypatch, capsys):
+    # train.torch_threads holds for the stage only: left at 1, a second pipeline run in the same process
+    # trained its SFT on one thread and took other float roundings (the conv kernel's gradient sums over
+    # another number of partial sums), so one seed's figure depended on what had run before it
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["rl", *SMOKE, "train.steps=1", "train.torch_threads=1", "run.name=threads"]) == 0
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(3)  # also after a stage that fails (here once its policy is built: no MoE to replay)
+        assert main(["rl", *SMOKE, "train.steps=1", "train.torch_threads=1", "run.name=fails", "algo.routing_replay=true",
+                     "model.layer_pattern=M*M"]) == 2
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_eval_split_val_plays_val_seeds_in_the_loop(tmp_path, monkeypatch, capsys, record_splits):
     """eval.split=val: the in-loop evals (the learning curve) play val seeds, for choosing a recipe without seeing a
     held-out figure; select_best's evals are val seeds in any case."""
