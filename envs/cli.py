@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="the teacher: expert (optimal solver), heuristic (plausible, systematically worse) "
                                "or random (default expert)")
     p_expert.add_argument("--episodes", type=int, default=200, help="episodes to play (default 200)")
-    p_expert.add_argument("--split", choices=("train", "eval"), default="eval")
+    p_expert.add_argument("--split", choices=("train", "val", "eval"), default="eval")
     p_expert.add_argument("--noise", type=float, default=None, help="probability of a random action (default: the env's)")
     p_expert.add_argument("--show", type=int, default=0, help="print this many transcripts")
     _add_env_args(p_expert)

@@ -178,12 +178,13 @@ def heldout_loss(model, docs, row_tokens: int, pad_id: int) -> float:
 
 
 def heldout_docs(cfg: SFTStageConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """Expert demonstrations on the eval seeds of the demonstration envs (for eval/loss)."""
+    """Expert demonstrations on the ``eval.split`` seeds of the demonstration envs (for eval/loss): the held-out
+    eval seeds, or the val seeds in a run that chooses a recipe."""
     from hybrid_rl import envs
 
     docs = []
     for env_id in [e.env_id for e in cfg.data.envs if e.env_id in cfg.eval_env_ids]:
-        for seed in envs.seeds(env_id, "eval", cfg.eval.episodes_per_env):
+        for seed in envs.seeds(env_id, cfg.eval.split, cfg.eval.episodes_per_env):
             messages, _ = expert_conversation(env_id, seed)
             ids, mask = tokenizer.render_chat(messages)
             if len(ids) <= cfg.data.max_seq_tokens:

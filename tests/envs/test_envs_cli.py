@@ -51,3 +51,10 @@ def test_unknown_id_exits_2_with_did_you_mean_and_the_list(capsys):
 def test_bad_env_argument_exits_2_naming_it(capsys):
     assert main(["envs", "expert", "FrozenLake-v1", "--arg", "sise=8"]) == 2
     assert "sise" in capsys.readouterr().err
+
+
+def test_expert_command_plays_the_val_split(capsys):
+    """--split val: a teacher is judged on the seeds a recipe is chosen on, not on the held-out ones."""
+    assert main(["envs", "expert", "GuessNumber-v0", "--episodes", "3", "--show", "1", "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "--- hybrid_rl/GuessNumber-v0 seed 500000000" in out and "on 3 val seeds: success 100.0%" in out

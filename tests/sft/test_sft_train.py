@@ -213,3 +213,22 @@ def test_eval_split_val_plays_val_seeds(tmp_path, chat_jsonl, record_splits):
         run_sft(tmp_path, f"split-{split}", "train.max_steps=2", "eval.env_ids=[hybrid_rl/GuessNumber-v0]",
                 "eval.episodes_per_env=1", "eval.max_turn_tokens=4", f"eval.split={split}", data=chat_jsonl)
     assert splits == ["val", "eval"]  # the end-of-run eval of each
+
+
+@pytest.mark.parametrize("split", ["val", "eval"])
+def test_the_held_out_loss_reads_the_eval_split_seeds(split, monkeypatch):
+    """eval/loss is on expert demonstrations of the ``eval.split`` seeds: a val run computes no loss on the
+    held-out eval seeds either."""
+    import hybrid_rl.sft.train as sft_train
+    from hybrid_rl import envs
+    from hybrid_rl.model.tokenizer import ByteTokenizer
+    from hybrid_rl.sft.config import DataConfig, EnvDemoConfig, SFTEvalConfig, SFTStageConfig
+
+    seeds = []
+    real = sft_train.expert_conversation
+    monkeypatch.setattr(sft_train, "expert_conversation", lambda env_id, seed: (seeds.append(seed), real(env_id, seed))[1])
+    env = "hybrid_rl/GuessNumber-v0"
+    cfg = SFTStageConfig(data=DataConfig(envs=[EnvDemoConfig(env)]), eval=SFTEvalConfig(episodes_per_env=3, split=split))
+    docs = sft_train.heldout_docs(cfg, ByteTokenizer())
+    assert len(docs) == 3
+    assert seeds == envs.seeds(env, split, 3)
