@@ -101,9 +101,11 @@ def run_one(env_id: str, seed: int, args) -> dict:
 def pipeline_in_own_process(config: str, overrides: list[str], run_dir: Path) -> dict:
     """``hybrid-rl pipeline CONFIG OVERRIDES`` in a fresh Python process (its log to stderr) -> its results.json.
 
-    One process per run, so that each run's figures are what that command gives on its own: a seed played after
-    another one in the same process takes other float roundings from step ~20 on (MKL's run-dependent paths for
-    the most part, docs/RESULTS.md), which moved one FrozenLake seed's final success by ~0.1."""
+    One process per run, so that each run's figures are what that command gives on its own whatever state an
+    earlier run left in the process. (One such state was found: the RL stage left the process on its
+    ``train.torch_threads``, so the next seed's SFT summed its gradients over another number of threads and took
+    other float roundings, which moved one FrozenLake seed's final success by ~0.1; the stage now restores the
+    count, docs/RESULTS.md.)"""
     cmd = [sys.executable, "-m", "hybrid_rl.cli", "pipeline", str(config), *overrides]
     print("$ hybrid-rl pipeline " + " ".join([str(config), *overrides]), file=sys.stderr, flush=True)
     tail: list[str] = []

@@ -173,8 +173,10 @@ def test_a_bare_env_id_merges_into_its_namespaced_entry_and_a_bad_one_is_refused
 
 @pytest.mark.slow
 def test_a_bench_seed_is_what_a_fresh_pipeline_run_of_it_gives_slow(tmp_path, monkeypatch, capsys):
-    """Each run in its own process: seed 1 played after seed 0 (as the bench plays its seeds) trains exactly as
-    `hybrid-rl pipeline ... run.seed=1` run alone. In one process the two parted at float level by SFT step 20."""
+    """Seed 1 played after seed 0 trains exactly as `hybrid-rl pipeline ... run.seed=1` run alone: in the bench (a
+    process per run) and in one Python process too. Before the RL stage gave the process its thread count back, a
+    pipeline run after another one in a process trained its SFT on the RL stage's one thread, and the two parted
+    at float level by SFT step 20."""
     import subprocess
     import sys
 
@@ -198,4 +200,8 @@ def test_a_bench_seed_is_what_a_fresh_pipeline_run_of_it_gives_slow(tmp_path, mo
 
     in_bench = losses("learning/FrozenLake-v1-s1")
     assert len(in_bench) >= 4 and in_bench == losses("alone")  # to the last bit, step 20 and on included
+    for seed in (0, 1):  # both in this process, one after the other
+        assert main(["pipeline", config, "envs=[hybrid_rl/FrozenLake-v1]", f"run.seed={seed}", f"run.name=here{seed}",
+                     *steps]) == 0
+    assert losses("here1") == losses("alone")
 
