@@ -128,19 +128,20 @@ def group_series(keys: list[str]) -> dict[str, list[tuple[str, str]]]:
     return {g: groups[g] for g in order}
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize: tuple[float, float], dpi: int):
+    """A matplotlib Figure and its axes, without pyplot: the report is written at every logger close, inside
+    the user's process, and must not switch that process's backend (a notebook's inline plots) or keep figures."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots()
 
 
 def plot_png(group: str, lines: list[tuple[str, str]], runs: list[RunData]) -> bytes:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.4, 2.8), dpi=90)
-    cmap = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20")
+    import matplotlib
+
+    fig, ax = _figure((4.4, 2.8), 90)
+    cmap = matplotlib.colormaps["tab10" if len(lines) <= 10 else "tab20"]
     n_drawn = 0
     for r_i, run in enumerate(runs):
         for l_i, (label, key) in enumerate(lines):
@@ -164,7 +165,6 @@ def _png(fig) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -266,8 +266,7 @@ class Drawn:
 
 def learning_png(panel: Panel, runs: list[RunData]) -> Drawn:
     """Draw one learning panel: per run, the training series raw and smoothed, and every held-out point."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 3.4), dpi=90)
+    fig, ax = _figure((5.6, 3.4), 90)
     many = len(runs) > 1
     eval_points, windows = 0, set()
     for r_i, run in enumerate(runs):

@@ -286,10 +286,9 @@ def compare_checkpoints(cfg: PipelineStageConfig, run: RunConfig, checkpoints: d
     from hybrid_rl.rollout.evaluate import evaluate_policy, sample_row
 
     run_dir = make_run_dir(run, "eval", cfg)
-    logger = MetricsLogger(cfg.logging, run_dir, run.name.replace("/", "-"), {"checkpoints": checkpoints},
-                           group=run.group, tags=run.tags)
-    table: dict[str, dict[str, dict[str, float]]] = {}  # stage -> "T=0" -> eval/... metrics
-    try:
+    with MetricsLogger(cfg.logging, run_dir, run.name.replace("/", "-"), {"checkpoints": checkpoints},
+                       group=run.group, tags=run.tags) as logger:  # closed as failed if an eval raises
+        table: dict[str, dict[str, dict[str, float]]] = {}  # stage -> "T=0" -> eval/... metrics
         for i, (stage, path) in enumerate(checkpoints.items()):
             model, tokenizer = load_pretrained(path).float(), checkpoint_tokenizer(path)
             row = {}
@@ -305,8 +304,6 @@ def compare_checkpoints(cfg: PipelineStageConfig, run: RunConfig, checkpoints: d
                                 for k, v in metrics.items() if k.startswith("eval/success")})
                 logger.log_samples([sample_row(t, stage=stage, temperature=temp) for t in trajectories[:2]], step=i)
             logger.log(row, step=i)  # step 0 = the SFT checkpoint, step 1 = the RL checkpoint
-    finally:
-        logger.close()
     return table
 
 

@@ -555,7 +555,12 @@ def _train(cfg: RLStageConfig) -> dict:
         metrics = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
         # the rollout records its experts for replay, or to measure how often the trainer's differ (the metric)
         episode = cfg.rollout.episode_config(record_routing=cfg.algo.routing_replay or cfg.algo.log_routing_mismatch)
-        pool = make_pool(par.full_model(), tokenizer, cfg.rollout.sampling, episode, cfg.rollout.pool, seed=cfg.run.seed)
+        try:
+            pool = make_pool(par.full_model(), tokenizer, cfg.rollout.sampling, episode, cfg.rollout.pool, seed=cfg.run.seed)
+        except BaseException:  # e.g. no Ray worker starts: the run's logger still closes (as failed)
+            metrics.close(failed=True)
+            par.close(clean=False)
+            raise
     else:
         par.full_model()  # the collective of the line above
     dist = scoring_dist(cfg, tokenizer, par.core)
@@ -666,7 +671,7 @@ def _train(cfg: RLStageConfig) -> dict:
         if pool is not None:
             pool.close()
         if metrics is not None:
-            metrics.close()
+            metrics.close(failed=failed)
         par.close(clean=not failed)
     ckpt = latest_checkpoint(run_dir)
     out = {"run_dir": str(run_dir), "checkpoint": str(ckpt) if ckpt else "", "eval": final_eval}

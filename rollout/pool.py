@@ -259,8 +259,19 @@ class RolloutPool:
         self.cfg = cfg or PoolConfig()
         if self.cfg.num_workers < 1:
             raise ValueError("RolloutPool needs pool.num_workers >= 1; use rollout.evaluate / Engine for no Ray")
-        ray = ensure_ray(self.cfg)
-        self._ray = ray
+        import ray as ray_module
+
+        # a Ray this pool starts (or joins) is shut down by its close(); one the process had already is left running
+        self._owns_ray = not ray_module.is_initialized()
+        self.workers = []
+        ray = self._ray = ensure_ray(self.cfg)
+        try:
+            self._start(ray, model_fn, sampling, episode, tokenizer_fn)
+        except BaseException:  # no worker or Ray of a pool that failed to start is left holding CPUs
+            self.close()
+            raise
+
+    def _start(self, ray, model_fn, sampling, episode, tokenizer_fn) -> None:
         check_resources(self.cfg, ray.cluster_resources())
         self._exc = _actor_death_errors(ray)
         options: dict[str, Any] = dict(num_cpus=self.cfg.num_cpus_per_worker, num_gpus=self.cfg.num_gpus_per_worker,
@@ -278,12 +289,8 @@ class RolloutPool:
         self.restarts = 0
         self._stale: set[int] = set()  # workers restarted after a stall: wait for them, re-push weights
         self.info = self._get([self._control(w, "ping") for w in self.workers], "start the workers")
-        try:
-            push_bytes = max(i["sync_bytes"][self.cfg.sync_dtype] for i in self.info)
-            check_object_store(self.cfg, push_bytes, node_object_stores(ray))
-        except ObjectStoreTooSmallError:
-            self.close()
-            raise
+        push_bytes = max(i["sync_bytes"][self.cfg.sync_dtype] for i in self.info)
+        check_object_store(self.cfg, push_bytes, node_object_stores(ray))
 
     # ------------------------------------------------------------------ weights
     def push_weights(self, state_dict: dict, version: int) -> None:
@@ -419,9 +426,14 @@ class RolloutPool:
         return self._get([self._control(w, "stats") for w in self.workers], "read worker stats")
 
     def close(self) -> None:
+        """Stop the workers, and the Ray this pool started or joined (a second run in the process then starts its own,
+        with its own pool settings, instead of reusing this one's)."""
         for w in self.workers:
             self._ray.kill(w, no_restart=True)
         self.workers = []
+        if self._owns_ray and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._owns_ray = False
 
     def __enter__(self):
         return self

@@ -236,49 +236,54 @@ def train(cfg: SFTStageConfig) -> dict:
     if is_main:
         logger = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
         logger.log({**report.metrics(), "train/samples": len(samples), "train/packing_fill": stream.fill()}, progress.step)
-    summary = {"run_dir": str(run_dir), "start_step": progress.step, "eval_start": None, "eval_end": None}
-    evals = bool(cfg.eval_env_ids)
-    eval_docs = heldout_docs(cfg, tokenizer) if is_main else []
+    failed = True  # a run that raises (a non-finite loss, an eval error, Ctrl-C) still closes its logger as failed
+    try:
+        summary = {"run_dir": str(run_dir), "start_step": progress.step, "eval_start": None, "eval_end": None}
+        evals = bool(cfg.eval_env_ids)
+        eval_docs = heldout_docs(cfg, tokenizer) if is_main else []
 
-    def evaluate(step: int) -> dict | None:
-        """The main process evaluates the full weights (gathered from every process under fsdp)."""
-        full = par.full_model()
-        return run_eval(full, tokenizer, cfg, eval_docs, logger, step) if is_main else None
+        def evaluate(step: int) -> dict | None:
+            """The main process evaluates the full weights (gathered from every process under fsdp)."""
+            full = par.full_model()
+            return run_eval(full, tokenizer, cfg, eval_docs, logger, step) if is_main else None
 
-    if evals and cfg.eval.at_start and progress.step == 0:
-        summary["eval_start"] = evaluate(progress.step)
-    par.barrier()
-
-    model.train()
-    while progress.step < tc.max_steps:
-        t_step = time.time()
-        out = train_step(model, optimizer, par, stream, progress, tc)
-        moe_metrics = balance_experts(core, tc.moe_bias_update_rate, par)
-        if not math.isfinite(out["loss"]):
-            raise FloatingPointError(f"train/loss is {out['loss']} at step {progress.step + 1}; lower train.lr or check the data")
-        progress.step += 1
-        progress.cursor += tc.grad_accum_steps * world
-        progress.tokens += out["tokens"]
-        step, last = progress.step, progress.step == tc.max_steps
-        if is_main and (step % tc.log_every == 0 or step == 1 or last):
-            step_s = time.time() - t_step
-            logger.log({"train/loss": out["loss"], "train/lr": lr_at(step - 1, tc), "train/grad_norm": out["grad_norm"],
-                        "train/tokens": progress.tokens, "train/epoch": progress.cursor / stream.micro_batches_per_epoch,
-                        "perf/tokens_per_s": tc.micro_batch_tokens * tc.grad_accum_steps * world / step_s,
-                        "perf/step_s": step_s, **moe_metrics}, step)
-        if tc.save_every and step % tc.save_every == 0 and not last:
-            save(par, run_dir, tokenizer, optimizer, progress, cfg)
-        if evals and tc.eval_every and step % tc.eval_every == 0 and not last:
-            evaluate(step)
+        if evals and cfg.eval.at_start and progress.step == 0:
+            summary["eval_start"] = evaluate(progress.step)
         par.barrier()
 
-    if progress.step > summary["start_step"] or not latest_checkpoint(run_dir):
-        save(par, run_dir, tokenizer, optimizer, progress, cfg)
-    if evals:
-        summary["eval_end"] = evaluate(progress.step)
-    if is_main:
-        summary.update(steps=progress.step, wall_s=time.time() - t_start, checkpoint=str(run_dir / f"step_{progress.step}"))
-        logger.log({"perf/wall_s": summary["wall_s"], "perf/cpu_s": time.process_time() - cpu_start}, progress.step)
-        logger.close()
-    par.close()  # waits for every process first
+        model.train()
+        while progress.step < tc.max_steps:
+            t_step = time.time()
+            out = train_step(model, optimizer, par, stream, progress, tc)
+            moe_metrics = balance_experts(core, tc.moe_bias_update_rate, par)
+            if not math.isfinite(out["loss"]):
+                raise FloatingPointError(f"train/loss is {out['loss']} at step {progress.step + 1}; lower train.lr or check the data")
+            progress.step += 1
+            progress.cursor += tc.grad_accum_steps * world
+            progress.tokens += out["tokens"]
+            step, last = progress.step, progress.step == tc.max_steps
+            if is_main and (step % tc.log_every == 0 or step == 1 or last):
+                step_s = time.time() - t_step
+                logger.log({"train/loss": out["loss"], "train/lr": lr_at(step - 1, tc), "train/grad_norm": out["grad_norm"],
+                            "train/tokens": progress.tokens, "train/epoch": progress.cursor / stream.micro_batches_per_epoch,
+                            "perf/tokens_per_s": tc.micro_batch_tokens * tc.grad_accum_steps * world / step_s,
+                            "perf/step_s": step_s, **moe_metrics}, step)
+            if tc.save_every and step % tc.save_every == 0 and not last:
+                save(par, run_dir, tokenizer, optimizer, progress, cfg)
+            if evals and tc.eval_every and step % tc.eval_every == 0 and not last:
+                evaluate(step)
+            par.barrier()
+
+        if progress.step > summary["start_step"] or not latest_checkpoint(run_dir):
+            save(par, run_dir, tokenizer, optimizer, progress, cfg)
+        if evals:
+            summary["eval_end"] = evaluate(progress.step)
+        if is_main:
+            summary.update(steps=progress.step, wall_s=time.time() - t_start, checkpoint=str(run_dir / f"step_{progress.step}"))
+            logger.log({"perf/wall_s": summary["wall_s"], "perf/cpu_s": time.process_time() - cpu_start}, progress.step)
+        failed = False
+    finally:
+        if logger is not None:
+            logger.close(failed=failed)
+        par.close(clean=not failed)  # a clean run waits for every process first
     return summary

@@ -149,3 +149,18 @@ def test_val_success_of_select_best_is_drawn_beside_the_held_out_points():
     keys = [f"rollout/success/{GUESS}", f"rollout/reward/{GUESS}", f"eval/success/{GUESS}", f"val/success/{GUESS}", "val/success"]
     [success, _] = learning_panels(keys)
     assert success.evals == [f"eval/success/{GUESS}", f"val/success/{GUESS}"]
+
+
+def test_building_a_report_leaves_the_processs_matplotlib_alone(tmp_path):
+    """The report is built at every logger close, inside the user's process (a notebook): it draws without pyplot,
+    so the process keeps its backend (e.g. inline plots) and no figure of the report stays open."""
+    import subprocess
+    import sys
+
+    run = write_run(tmp_path / "rl", rl_rows())
+    script = (f"import matplotlib, sys; matplotlib.use('svg'); from hybrid_rl.report import build_report; "
+              f"build_report({str(run)!r}); print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["svg", "False"]
+    assert (run / "report.html").read_text().count("data:image/png;base64,") >= 2

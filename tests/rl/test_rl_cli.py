@@ -82,6 +82,29 @@ def test_the_stage_gives_the_process_its_thread_count_back(tmp_path, monkeypatch
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("where", ["pool", "update"])
+def test_a_run_that_fails_closes_its_logger_as_failed(where, tmp_path, monkeypatch, capsys):
+    """A rollout pool that cannot start, or an update that raises: the run's logger is closed, as failed."""
+    import hybrid_rl.rl.train as rl_train
+    from hybrid_rl.metrics import MetricsLogger
+
+    monkeypatch.chdir(tmp_path)
+    closed = []
+    real_close = MetricsLogger.close
+    monkeypatch.setattr(MetricsLogger, "close", lambda self, failed=False: (closed.append(failed), real_close(self, failed))[1])
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(rl_train, "make_pool" if where == "pool" else "policy_update", boom)
+    from hybrid_rl.config import load_config
+    from hybrid_rl.rl.config import RLStageConfig
+
+    with pytest.raises(RuntimeError, match="boom"):
+        rl_train.train(load_config(RLStageConfig, None, [*SMOKE, "train.steps=2", "run.name=fails"]))
+    assert closed == [True]
+
+
 def test_eval_split_val_plays_val_seeds_in_the_loop(tmp_path, monkeypatch, capsys, record_splits):
     """eval.split=val: the in-loop evals (the learning curve) play val seeds, for choosing a recipe without seeing a
     held-out figure; select_best's evals are val seeds in any case."""

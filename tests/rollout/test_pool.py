@@ -186,3 +186,44 @@ def test_the_in_process_pool_samples_the_stream_of_the_sampling_seed_as_the_work
 
     assert play(5, 9) == play(None, 5) == play(5, 0)
     assert play(5, 9) != play(None, 9)
+
+
+OWNERSHIP_SCRIPT = """
+import ray
+from helpers import TOK
+from rollout_fixtures import ToyModel
+from hybrid_rl.rollout.config import PoolConfig
+from hybrid_rl.rollout.pool import RolloutPool
+
+cfg = PoolConfig(num_workers=1, num_cpus_per_worker=1, ray_num_cpus=1, object_store_mb=100, task_timeout_s=120)
+pool = RolloutPool(ToyModel(TOK.vocab_size, seed=0), cfg)
+pool.close()
+print("own", ray.is_initialized())
+try:  # a worker that cannot be placed: the pool fails to start
+    RolloutPool(ToyModel(TOK.vocab_size, seed=0), PoolConfig(num_workers=1, num_cpus_per_worker=2, ray_num_cpus=1,
+                                                             object_store_mb=100))
+except ValueError:
+    print("failed", ray.is_initialized())
+ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 2 ** 20, log_to_driver=False)
+pool = RolloutPool(ToyModel(TOK.vocab_size, seed=0), cfg)
+pool.close()
+print("given", ray.is_initialized())
+ray.shutdown()
+"""
+
+
+def test_a_pool_stops_the_ray_it_started_and_leaves_one_it_was_given():
+    """The Ray a pool started goes with its close() (also when the pool fails to start), so a second run in the
+    process starts its own with its own pool settings; a Ray the process had before the pool stays up."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    out = subprocess.run([sys.executable, "-c", OWNERSHIP_SCRIPT], capture_output=True, text=True, env=env, cwd=here,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:3] == ["own False", "failed False", "given True"], out.stdout + out.stderr[-2000:]

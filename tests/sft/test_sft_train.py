@@ -232,3 +232,33 @@ def test_the_held_out_loss_reads_the_eval_split_seeds(split, monkeypatch):
     docs = sft_train.heldout_docs(cfg, ByteTokenizer())
     assert len(docs) == 3
     assert seeds == envs.seeds(env, split, 3)
+
+
+def test_a_run_that_fails_mid_training_closes_its_logger_as_failed(tmp_path, chat_jsonl, monkeypatch):
+    """An exception in the loop (here the second step) still closes the logger, as failed (wandb's exit code 1),
+    so the run's metrics are flushed, its report is built and no wandb run or writer thread is left open."""
+    import hybrid_rl.sft.train as sft_train
+    from hybrid_rl.config import load_config
+    from hybrid_rl.metrics import MetricsLogger
+    from hybrid_rl.sft.config import SFTStageConfig
+
+    closed = []
+    real_close, real_step = MetricsLogger.close, sft_train.train_step
+    monkeypatch.setattr(MetricsLogger, "close", lambda self, failed=False: (closed.append(failed), real_close(self, failed))[1])
+    calls = []
+
+    def failing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(sft_train, "train_step", failing_step)
+    cfg = load_config(SFTStageConfig, None, [f"run.output_dir={tmp_path / 'runs'}", "run.name=fails", *FAST,
+                                             f"data.jsonl_paths=[{chat_jsonl}]", "data.envs=[]", "train.max_steps=3",
+                                             "logging.report=true"])
+    with pytest.raises(RuntimeError, match="boom"):
+        sft_train.train(cfg)
+    assert closed == [True]
+    run_dir = tmp_path / "runs" / "fails"
+    assert (run_dir / "report.html").is_file() and losses(run_dir) == {1: losses(run_dir)[1]}
