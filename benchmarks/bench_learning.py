@@ -80,14 +80,15 @@ def run_one(env_id: str, seed: int, args) -> dict:
                  "rl.eval.at_start=true", *([f"rl.eval.every_steps={args.eval_every}"] if args.eval_every else []),
                  *args.set]
     cfg = load_config(PipelineStageConfig, args.config, overrides)  # a bad override fails here, before any run
+    from hybrid_rl.run import git_commit
+
+    commit = git_commit()  # the code the run's process starts on (read before it, not after: the tree may change)
     t0 = time.time()
     res = pipeline_in_own_process(args.config, overrides, Path(cfg.run.output_dir) / cfg.run.name)
     wall = time.time() - t0
     greedy = {stage: res["results"][stage]["T=0"] for stage in ("sft", "rl")}
-    from hybrid_rl.run import git_commit
-
     out = {"env": env_id, "seed": seed, "episodes": args.episodes, "wall_s": round(wall, 1), "run": res["runs"]["rl"],
-           "recipe_changes": changes, "commit": git_commit()}
+           "recipe_changes": changes, "commit": commit}
     for who in ("random", "teacher", "expert"):
         out[who] = {"success": res["baselines"][who][key]["success"], "turns": res["baselines"][who][key]["turns"]}
     for stage in ("sft", "rl"):

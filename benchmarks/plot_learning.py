@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from hybrid_rl.benchmarks.record import short_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,7 +88,7 @@ def render(result: dict, img_dir: Path, doc_dir: Path, block: str = "learning",
     begin, end = markers(block)
     lines = [begin, "", f"`hybrid-rl bench learning` ({result['config']}"
              + (f", overrides {' '.join(result['overrides'])}" if result["overrides"] else "")
-             + (f", commit `{result['commit'][:12]}`" if result.get("commit") else "")
+             + (f", commit `{short_commit(result['commit'])}`" if result.get("commit") else "")
              + f"; {result['machine']}): held-out greedy success on {result['episodes']} eval seeds per run, "
              f"mean +- standard error over the run seeds. Per-run figures are in {json_name}.", ""]
     lines += table(result)
@@ -94,8 +96,9 @@ def render(result: dict, img_dir: Path, doc_dir: Path, block: str = "learning",
     if changed:  # where an env departs from the recipe (bench_learning.RECIPE_CHANGES says why)
         lines += ["", "Recipe changes for one env (everything else is the recipe as it is): "
                   + "; ".join(f"{env_id.replace('hybrid_rl/', '')}: `{' '.join(c)}`" for env_id, c in changed.items())]
-    commits = {env_id: sorted({r["commit"][:7] for r in data["runs"] if r.get("commit")}) for env_id, data in result["envs"].items()}
-    if any(c and c != [result.get("commit", "")[:7]] for c in commits.values()):  # runs merged from several commits
+    commits = {env_id: sorted({short_commit(r["commit"], 7) for r in data["runs"] if r.get("commit")})
+               for env_id, data in result["envs"].items()}
+    if any(c and c != [short_commit(result.get("commit", ""), 7)] for c in commits.values()):  # runs of several commits
         lines += ["", "Commit of each env's runs: " + "; ".join(f"{env_id.replace('hybrid_rl/', '')} `{', '.join(c)}`"
                                                             for env_id, c in commits.items() if c)]
     lines.append("")

@@ -177,10 +177,10 @@ MACHINE_KEYS = {  # JSON key -> how the machine line says it
 }
 
 
-def short_commit(commit: str) -> str:
-    """12 hex digits of a commit, with the ``-dirty`` of a tree that had changes."""
+def short_commit(commit: str, digits: int = 12) -> str:
+    """The first ``digits`` hex digits of a commit, with the ``-dirty`` of a tree that had changes."""
     sha, dirty, _ = str(commit).partition("-dirty")
-    return sha[:12] + ("-dirty" if dirty else "")
+    return sha[:digits] + ("-dirty" if dirty else "")
 
 
 def machine(result: dict) -> str:

@@ -205,3 +205,17 @@ def test_a_bench_seed_is_what_a_fresh_pipeline_run_of_it_gives_slow(tmp_path, mo
                      *steps]) == 0
     assert losses("here1") == losses("alone")
 
+
+
+def test_the_table_names_each_runs_commit_with_its_dirty_mark(tmp_path):
+    """Runs merged from several commits are listed per env, and a run made from a tree with changes says so."""
+    from hybrid_rl.benchmarks import plot_learning
+
+    result = json.loads((plot_learning.ROOT / "benchmarks" / "results" / "learning.json").read_text())
+    env_id = next(iter(result["envs"]))
+    runs = result["envs"][env_id]["runs"]
+    runs[0]["commit"], runs[1]["commit"] = "a" * 40 + "-dirty", "b" * 40
+    result["commit"] = "b" * 40
+    text = plot_learning.render(result, tmp_path / "img", tmp_path)
+    assert f"commit `{'b' * 12}`" in text
+    assert f"{'a' * 7}-dirty, {'b' * 7}" in text.split("Commit of each env's runs:")[1]
