@@ -35,5 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hybrid_rl.run import torch_threads
+
     module = importlib.import_module(available()[args.name][0])
-    return int(module.main(list(args.argv)) or 0)
+    with torch_threads(0):  # a benchmark that sets its own thread count gives the caller's back (tests run them in-process)
+        return int(module.main(list(args.argv)) or 0)

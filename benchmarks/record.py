@@ -70,14 +70,10 @@ class Section(NamedTuple):
 
 def run_with_threads(threads: int, run, args) -> int:
     """``run(args)`` with torch at ``threads`` threads, restored afterwards (the benchmarks' mains)."""
-    import torch
+    from hybrid_rl.run import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return run(args)
-    finally:
-        torch.set_num_threads(before)
 
 
 def emit(result: dict, json_out: Path | None = None) -> None:
