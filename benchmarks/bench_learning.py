@@ -200,10 +200,11 @@ def merged(base: dict | None, new: dict) -> dict:
 
 def collect(runs: list[dict], args) -> dict:
     envs_done = [e for e in args.envs if any(r["env"] == e for r in runs)]
+    from hybrid_rl.benchmarks.record import cpu_model
     from hybrid_rl.run import git_commit
 
     return {"benchmark": "learning", "config": Path(args.config).name, "recipe_sha256": recipe_sha256(args.config),
-            "overrides": args.set, "episodes": args.episodes, "commit": git_commit(), "machine": f"{platform.machine()} {platform.system()}, {_cores()} CPU cores",
+            "overrides": args.set, "episodes": args.episodes, "commit": git_commit(), "machine": f"{platform.machine()} {platform.system()}, {cpu_model()}, {_cores()} CPU cores",
             "complete": len(runs) == len(args.envs) * len(args.seeds),
             "envs": {env_id: {"runs": [r for r in runs if r["env"] == env_id], "recipe_changes": [] if args.plain else recipe_changes(env_id),
                               "summary": summarize([r for r in runs if r["env"] == env_id])} for env_id in envs_done}}

@@ -68,6 +68,21 @@ class Section(NamedTuple):
 # --- reading -------------------------------------------------------------------------------------
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."): MKL's code paths and the kernels' vector width
+    (-march=native) follow it, so float roundings, and with them a run's figures, differ from one CPU to another."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_with_threads(threads: int, run, args) -> int:
     """``run(args)`` with torch at ``threads`` threads, restored afterwards (the benchmarks' mains)."""
     from hybrid_rl.run import torch_threads
@@ -159,6 +174,7 @@ def table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> st
 
 
 MACHINE_KEYS = {  # JSON key -> how the machine line says it
+    "cpu": "{}",
     "torch": "torch {}",
     "transformers": "transformers {}",
     "trl": "TRL {}",

@@ -215,3 +215,11 @@ def test_machine_line_names_the_versions_and_commit_not_a_peer_result():
     assert machine({"transformers": {"train_tokens_per_s": 621.5}, "threads": 2}) == "- **Machine:** 2 torch threads.\n"
     assert "commit cbdc8e16db17-dirty," in machine({"commit": "cbdc8e16db17474144f3-dirty", "threads": 2})
     assert machine({"commit": "", "threads": 2}) == "- **Machine:** 2 torch threads.\n"  # outside a checkout
+
+
+def test_the_machine_line_names_the_cpu():
+    """Float roundings (MKL's code paths, the kernels' vector width) follow the CPU: the figures say which."""
+    from hybrid_rl.benchmarks.record import cpu_model, machine
+
+    assert cpu_model()
+    assert machine({"cpu": "AMD EPYC", "cpu_count": 2}) == "- **Machine:** AMD EPYC, 2 CPUs.\n"
