@@ -33,10 +33,11 @@ from pathlib import Path
 
 import torch
 
-from hybrid_rl.benchmarks.record import emit, run_with_threads
+from hybrid_rl.benchmarks.record import emit
 from hybrid_rl.model.tokenizer import ByteTokenizer
 from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 from hybrid_rl.rollout.engine import Engine, GroupRequest
+from hybrid_rl.run import torch_threads
 from hybrid_rl.benchmarks.fixed_turns import FIXED_TURNS_ID
 
 
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ray", action="store_true", help="skip the 1 vs 2 worker comparison")
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    return run_with_threads(args.threads, _run, args)
+    with torch_threads(args.threads):
+        return _run(args)
 
 
 def _run(args) -> int:

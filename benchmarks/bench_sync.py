@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from hybrid_rl.benchmarks.record import emit, run_with_threads
+from hybrid_rl.benchmarks.record import emit
 from hybrid_rl.rollout.config import PoolConfig
+from hybrid_rl.run import torch_threads
 
 MiB = 1024 ** 2
 MODES = ("baseline", "fp32_bucket", "bf16_bucket")
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    return run_with_threads(args.threads, _run, args)
+    with torch_threads(args.threads):
+        return _run(args)
 
 
 def _run(args) -> int:

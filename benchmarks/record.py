@@ -83,14 +83,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_with_threads(threads: int, run, args) -> int:
-    """``run(args)`` with torch at ``threads`` threads, restored afterwards (the benchmarks' mains)."""
-    from hybrid_rl.run import torch_threads
-
-    with torch_threads(threads):
-        return run(args)
-
-
 def emit(result: dict, json_out: Path | None = None) -> None:
     """Print a benchmark's result as one JSON line (what ``read_json_lines`` reads) and optionally save it."""
     text = json.dumps(result)

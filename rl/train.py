@@ -551,56 +551,51 @@ def _train(cfg: RLStageConfig) -> dict:
 
     main = par.is_main  # the main process plays, logs, evaluates and writes checkpoints
     metrics = pool = executor = None
-    if main:
-        metrics = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
-        # the rollout records its experts for replay, or to measure how often the trainer's differ (the metric)
-        episode = cfg.rollout.episode_config(record_routing=cfg.algo.routing_replay or cfg.algo.log_routing_mismatch)
-        try:
-            pool = make_pool(par.full_model(), tokenizer, cfg.rollout.sampling, episode, cfg.rollout.pool, seed=cfg.run.seed)
-        except BaseException:  # e.g. no Ray worker starts: the run's logger still closes (as failed)
-            metrics.close(failed=True)
-            par.close(clean=False)
-            raise
-    else:
-        par.full_model()  # the collective of the line above
-    dist = scoring_dist(cfg, tokenizer, par.core)
-    pad_id = int(getattr(tokenizer, "pad_id", 0) or 0)
-    is_async = cfg.algo.mode == "async"
-    executor = ThreadPoolExecutor(max_workers=1) if is_async and main else None
-    final_eval: dict[str, float] = {}
-
-    def evaluate() -> tuple[dict[str, float], list]:  # a collective under fsdp (the full weights are gathered)
-        full = par.full_model()
-        return evaluate_policy(full, tokenizer, cfg) if main else ({}, [])
-
-    best = read_best(run_dir) if cfg.eval.select_best and cfg.resume else None
-
-    def select(step: int, held_out: dict[str, float]) -> dict[str, float]:
-        """eval.select_best: this policy's val success; kept in run_dir/best if it is the highest so far."""
-        nonlocal best
-        full = par.full_model()  # a collective under fsdp
-        if not main:
-            return {}
-        val, _ = evaluate_policy(full, tokenizer, cfg, select=True)
-        if best is None or val["val/success"] > best["val/success"]:
-            best = save_best(run_dir, step, full, tokenizer, val, held_out)
-            log.info("step %d: val success %.3f, the best so far -> %s", step, val["val/success"], run_dir / BEST_DIR)
-        return {**val, "val/best_step": best["step"], "val/best_success": best["val/success"]}
-
-    def weights() -> dict:  # the policy to push, taken between updates; async pushes while the next update runs
-        state = par.full_state_dict()
-        return {k: v.detach().clone() for k, v in state.items()} if is_async and par.strategy != "fsdp" else state
-
-    def push_and_play(state, version, at_step):  # policy version = updates applied so far; None: pushed already
-        t0 = time.perf_counter()
-        if state is not None:
-            pool.push_weights(state, version)
-        t1 = time.perf_counter()
-        played, kept, stats = play_step(pool, cfg, at_step)
-        return played, kept, stats, t1 - t0, time.perf_counter() - t1
-
-    failed = True
+    failed = True  # a run that raises (no Ray worker starts, an update fails, ...) closes its logger as failed
     try:
+        if main:
+            metrics = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
+            # the rollout records its experts for replay, or to measure how often the trainer's differ (the metric)
+            episode = cfg.rollout.episode_config(record_routing=cfg.algo.routing_replay or cfg.algo.log_routing_mismatch)
+            pool = make_pool(par.full_model(), tokenizer, cfg.rollout.sampling, episode, cfg.rollout.pool, seed=cfg.run.seed)
+        else:
+            par.full_model()  # the collective of the line above
+        dist = scoring_dist(cfg, tokenizer, par.core)
+        pad_id = int(getattr(tokenizer, "pad_id", 0) or 0)
+        is_async = cfg.algo.mode == "async"
+        executor = ThreadPoolExecutor(max_workers=1) if is_async and main else None
+        final_eval: dict[str, float] = {}
+
+        def evaluate() -> tuple[dict[str, float], list]:  # a collective under fsdp (the full weights are gathered)
+            full = par.full_model()
+            return evaluate_policy(full, tokenizer, cfg) if main else ({}, [])
+
+        best = read_best(run_dir) if cfg.eval.select_best and cfg.resume else None
+
+        def select(step: int, held_out: dict[str, float]) -> dict[str, float]:
+            """eval.select_best: this policy's val success; kept in run_dir/best if it is the highest so far."""
+            nonlocal best
+            full = par.full_model()  # a collective under fsdp
+            if not main:
+                return {}
+            val, _ = evaluate_policy(full, tokenizer, cfg, select=True)
+            if best is None or val["val/success"] > best["val/success"]:
+                best = save_best(run_dir, step, full, tokenizer, val, held_out)
+                log.info("step %d: val success %.3f, the best so far -> %s", step, val["val/success"], run_dir / BEST_DIR)
+            return {**val, "val/best_step": best["step"], "val/best_success": best["val/success"]}
+
+        def weights() -> dict:  # the policy to push, taken between updates; async pushes while the next update runs
+            state = par.full_state_dict()
+            return {k: v.detach().clone() for k, v in state.items()} if is_async and par.strategy != "fsdp" else state
+
+        def push_and_play(state, version, at_step):  # policy version = updates applied so far; None: pushed already
+            t0 = time.perf_counter()
+            if state is not None:
+                pool.push_weights(state, version)
+            t1 = time.perf_counter()
+            played, kept, stats = play_step(pool, cfg, at_step)
+            return played, kept, stats, t1 - t0, time.perf_counter() - t1
+
         if cfg.eval.at_start and start_step == 0:
             final_eval, eval_trajs = evaluate()
             if main:
