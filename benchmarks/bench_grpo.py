@@ -183,10 +183,9 @@ def versions() -> dict:
     """What the figures were measured with: the commit and the libraries on both sides."""
     import importlib.metadata
 
-    from hybrid_rl.benchmarks.record import cpu_model
-    from hybrid_rl.run import git_commit
+    from hybrid_rl.benchmarks.record import provenance
 
-    return {"commit": git_commit(), "cpu": cpu_model(), "torch": torch.__version__,
+    return {**provenance(), "torch": torch.__version__,
             **{name: importlib.metadata.version(name) for name in ("transformers", "trl")}}
 
 

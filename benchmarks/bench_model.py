@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from hybrid_rl.benchmarks.record import provenance
 from hybrid_rl.model import HybridConfig, HybridLM
 from hybrid_rl.model.hybrid import hf_state_dict
 
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "quick": args.quick,
         "threads": args.threads,
+        **provenance(),
         "torch": torch.__version__,
         # other processes on the machine slow both sides alike; ratios stay comparable, absolutes do not
         "load_average_1min": round(os.getloadavg()[0], 2),

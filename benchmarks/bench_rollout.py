@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid_rl.benchmarks.record import emit
+from hybrid_rl.benchmarks.record import emit, provenance
 from hybrid_rl.model.tokenizer import ByteTokenizer
 from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 from hybrid_rl.rollout.engine import Engine, GroupRequest
@@ -212,7 +212,7 @@ def _run(args) -> int:
     model = build_model(args.preset)
     result = {"benchmark": "rollout", "preset": args.preset, "torch_threads": args.threads,
               "group_size": args.group_size, "max_turn_tokens": args.max_turn_tokens,
-              "cpu_count": os.cpu_count(), "load_avg_1m_start": os.getloadavg()[0]}
+              **provenance(), "cpu_count": os.cpu_count(), "load_avg_1m_start": os.getloadavg()[0]}
     result["throughput"], result["slow_env"] = measure_throughput(model, tok, args)
     result["extension_vs_reprefill"], result["growth_first_to_last"] = [], []
     for obs_len in args.obs_lens:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid_rl.benchmarks.record import emit
+from hybrid_rl.benchmarks.record import emit, provenance
 from hybrid_rl.rollout.config import PoolConfig
 from hybrid_rl.run import torch_threads
 
@@ -149,7 +149,8 @@ def _run(args) -> int:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=store)
     result = {"benchmark": "sync", "bucket_mb": args.bucket_mb, "repeats": args.repeats, "workers": 1,
               "object_store_mb": ray.cluster_resources().get("object_store_memory", 0) / MiB,
-              "torch_threads": args.threads, "cpu_count": os.cpu_count(), "load_avg_1m_start": os.getloadavg()[0]}
+              "torch_threads": args.threads, **provenance(), "cpu_count": os.cpu_count(),
+              "load_avg_1m_start": os.getloadavg()[0]}
     versions = iter(range(1, 1 << 30))
     try:
         result["presets"] = [measure_preset(preset, args, versions) for preset in args.presets]

@@ -83,6 +83,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def provenance() -> dict:
+    """What every timed benchmark records of where it ran: the commit of the tree and the CPU's model name."""
+    from hybrid_rl.run import git_commit
+
+    return {"commit": git_commit(), "cpu": cpu_model()}
+
+
 def emit(result: dict, json_out: Path | None = None) -> None:
     """Print a benchmark's result as one JSON line (what ``read_json_lines`` reads) and optionally save it."""
     text = json.dumps(result)

@@ -34,6 +34,7 @@ def state_bytes(preset: str) -> tuple[int, int, int]:
 
 def test_sync_json_has_every_mode_per_preset_with_the_right_bytes(result):
     assert result["benchmark"] == "sync" and [p["preset"] for p in result["presets"]] == ["micro"]
+    assert result["cpu"] and result["commit"]  # where it ran: the figures follow the CPU
     for p in result["presets"]:
         params, fp32, bf16 = state_bytes(p["preset"])
         assert p["params"] == params

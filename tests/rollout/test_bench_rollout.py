@@ -17,6 +17,7 @@ def test_bench_rollout_prints_one_json_line(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 1
     result = json.loads(lines[0])
+    assert result["cpu"] and result["commit"]  # where it ran: the figures follow the CPU
     throughput = result["throughput"]
     assert throughput["episodes"] == 2 and throughput["episodes_per_s"] > 0
     assert throughput["raw_decode"]["batch"] == 2 and throughput["raw_decode"]["tokens_per_s"] > 0
