@@ -186,6 +186,8 @@ class HybridLM(nn.Module):
         self.moe_layers = [i for i, kind in enumerate(config.layer_pattern) if kind == "E"]
         self.activation_checkpointing = False  # set_activation_checkpointing
         self._moe_slot = {layer: slot for slot, layer in enumerate(self.moe_layers)}
+        if self.impl == "fast":  # the projections and the lm_head train through the kernels' GEMM
+            fast.use_kernel_linears(self)
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight

@@ -4,7 +4,7 @@
   fastest path that applies (hand-written backwards in training, extension kernels, padded dispatch);
 * ``train_ops.py``: the autograd Functions with hand-written backwards, and their CPU kernels' calls;
 * ``fused.py``: a decode step's whole layer stack as one kernel call (the decode program);
-* ``kernels/``: the C sources (decode.c, train.c, vec.h) and their build.
+* ``kernels/``: the C sources (decode.c, train.c, gemm.c, vec.h) and their build.
 
 ``HybridLM(config, impl=...)`` picks the implementation once, when the model is built: ``"fast"``
 (these layers with the C kernels on CPU fp32), ``"torch"`` (these layers in PyTorch ops only: what
@@ -14,7 +14,7 @@ three to the same values and gradients.
 
 from __future__ import annotations
 
-from .layers import FastAttention, FastMamba2Mixer, FastMLP, FastMoE, FastRMSNorm
+from .layers import FastAttention, FastLinear, FastMamba2Mixer, FastMLP, FastMoE, FastRMSNorm, use_kernel_linears
 
 
 def layers(use_kernels: bool) -> dict:

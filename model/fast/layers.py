@@ -21,6 +21,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..attention import Attention, causal_attention_nwhd, packed_causal_mask
 from ..mamba import Mamba2Mixer, MixerOps
@@ -32,12 +33,32 @@ from .train_ops import (
     causal_conv_train,
     gated_group_rms_norm_train,
     grouped_experts,
+    linear_train,
     mamba_mixer_train,
     mixer_kernels_usable,
     relu2_train,
     rms_norm_train,
     ssd_chunked_train,
 )
+
+
+# ----------------------------------------------------------------------------- linear layers
+class FastLinear(nn.Linear):
+    """``nn.Linear`` (the same parameters and state_dict) whose training forward runs ``linear_train``: its
+    products through gemm.c where that applies.  ``use_kernel_linears`` turns a model's linear layers into it."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            return linear_train(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def use_kernel_linears(model: nn.Module) -> None:
+    """Every plain ``nn.Linear`` of ``model`` becomes a ``FastLinear`` (its class only: parameters, hooks and
+    names stay), so the projections a reference module builds train through the kernels too."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FastLinear
 
 
 # ----------------------------------------------------------------------------- norms and the dense MLP

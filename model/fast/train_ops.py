@@ -22,6 +22,9 @@ tests/model/test_model_train_ops.py.
   backwards recompute the conv output and the gates), the SSD scan as above, and one
   ``[B, T, in_proj]`` gradient buffer that every piece writes its columns of (no cat of split grads).
 * ``relu2_train``: the dense MLP's relu^2.
+* ``linear_train``: a linear layer (every projection, the lm_head) whose forward and backward products run
+  through gemm.c's strided GEMM (``kernels.mm``: the transposed operands of the backward read through their
+  strides) where it runs (CPU fp32 with AVX-512, no autocast); the routed experts' products use it too.
 
 CPU fp32 kernels (model/fast/kernels/train.c, compiled with the decode kernels into one library) do
 the memory-bound passes where they apply: conv + SiLU, the gated and the plain RMS norm, relu^2, the
@@ -162,6 +165,55 @@ def causal_conv_train(x_btc, weight_kc, bias_c, seg_bt=None):
     return _CausalConv.apply(x_btc, w, bias_c.to(x_btc.dtype), seg_bt)
 
 
+# ----------------------------------------------------------------------------- linear layers
+class _KernelLinear(torch.autograd.Function):
+    """y = x @ W^T (+ b) for x [N, K], every product through ``kernels.mm``."""
+
+    @staticmethod
+    def forward(ctx, x_nk, weight, bias):
+        y = kernels.mm(x_nk, weight.t())
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(x_nk, weight)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x_nk, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = kernels.mm(g, weight) if need_x else None
+        grad_w = kernels.mm(g.t(), x_nk) if need_w else None
+        grad_b = g.sum(0) if ctx.has_bias and need_b else None
+        return grad_x, grad_w, grad_b
+
+
+def _kernel_mm_applies(*tensors) -> bool:
+    """gemm.c takes these: plain CPU fp32 tensors (not a subclass such as FSDP's DTensor), no autocast, and
+    the kernel runs on this CPU."""
+    return (not torch.is_autocast_enabled("cpu")
+            and all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+                                  and t.dtype == torch.float32) for t in tensors)
+            and kernels.mm_usable())
+
+
+def linear_train(x, weight, bias=None):
+    """``F.linear`` of a training forward: through ``kernels.mm`` forward and backward when it applies (and
+    the product is not tiny), else ``F.linear``."""
+    if x.shape[-1] and weight.shape[0] >= 16 and x.numel() >= 16 * x.shape[-1] and _kernel_mm_applies(x, weight, bias):
+        x_nk = x.reshape(-1, x.shape[-1])
+        return _KernelLinear.apply(x_nk, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def _mm_into(a, b, out, use_kernel: bool):
+    """``out`` = a @ b, through ``kernels.mm`` when ``use_kernel``."""
+    if use_kernel:
+        kernels.mm(a, b, out=out)
+    else:
+        torch.mm(a, b, out=out)
+
+
 # ----------------------------------------------------------------------------- grouped experts
 class _GroupedExperts(torch.autograd.Function):
     """out[n] = sum_j w[n, j] * down[e] relu(up[e] x[n])^2 with e = idx[n, j]; pairs pre-sorted by expert.
@@ -177,6 +229,7 @@ class _GroupedExperts(torch.autograd.Function):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(nk, device=order.device))
         use_k = lib is not None and _cpu_f32_contiguous(x_nd, w_nk, up_eid, down_edi)  # gathers and relu^2 in C
         lib = lib if use_k else None
+        use_mm = use_k and _kernel_mm_applies(x_nd, up_eid, down_edi)  # the products through gemm.c
         if use_k:
             xs = x_nd.new_empty(nk, x_nd.shape[1])
             lib.rows_gather(_ptr(x_nd), _ptr(src), _ptr(xs), nk, x_nd.shape[1], x_nd.shape[1])
@@ -187,7 +240,7 @@ class _GroupedExperts(torch.autograd.Function):
         xs_e, hidden_e, ys_e = xs.split(counts), hidden.split(counts), ys.split(counts)
         up_t, down_t = up_eid.transpose(1, 2).unbind(0), down_edi.transpose(1, 2).unbind(0)
         for e in used:
-            torch.mm(xs_e[e], up_t[e], out=hidden_e[e])
+            _mm_into(xs_e[e], up_t[e], hidden_e[e], use_mm)
         if use_k:
             r, act = hidden, torch.empty_like(hidden)
             lib.relu2_fwd(_ptr(r), _ptr(act), r.numel())
@@ -196,7 +249,7 @@ class _GroupedExperts(torch.autograd.Function):
             act = torch.mul(r, r)  # (square() is a slow pow on CPU)
         act_e = act.split(counts)
         for e in used:
-            torch.mm(act_e[e], down_t[e], out=ys_e[e])
+            _mm_into(act_e[e], down_t[e], ys_e[e], use_mm)
         if use_k:  # weighted sum over the slots straight from the sorted rows
             out = ys.new_empty(n, ys.shape[1])
             lib.moe_combine(_ptr(ys), _ptr(inverse), _ptr(w_nk), _ptr(out), n, k, ys.shape[1])
@@ -206,7 +259,7 @@ class _GroupedExperts(torch.autograd.Function):
             acc = torch.promote_types(ys.dtype, torch.float32)  # weights and slot sum in fp32 (or wider)
             out = torch.bmm(w_nk.to(acc)[:, None, :], ys_pair.to(acc))[:, 0]
         ctx.save_for_backward(xs, w_nk, up_eid, down_edi, order, src, inverse, r, act, ys_pair)
-        ctx.counts, ctx.used, ctx.k, ctx.use_k, ctx.lib = counts, used, k, use_k, lib
+        ctx.counts, ctx.used, ctx.k, ctx.use_k, ctx.lib, ctx.use_mm = counts, used, k, use_k, lib, use_mm
         return out
 
     @staticmethod
@@ -217,7 +270,7 @@ class _GroupedExperts(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_nd):
         xs, w_nk, up_eid, down_edi, order, src, inverse, r, act, ys_pair = ctx.saved_tensors
-        counts, used, k = ctx.counts, ctx.used, ctx.k
+        counts, used, k, use_mm = ctx.counts, ctx.used, ctx.k, ctx.use_mm and g_nd.dtype == torch.float32
         n, nk = w_nk.shape[0], order.numel()
         need_x, need_w, need_up, need_down = ctx.needs_input_grad[:4]
         g = g_nd.contiguous()
@@ -237,8 +290,8 @@ class _GroupedExperts(torch.autograd.Function):
         grad_down = _expert_grad_buffer(down_edi, used) if need_down else None
         for e in used:
             if need_down:
-                torch.mm(gs_e[e].t(), act_e[e], out=grad_down[e])
-            torch.mm(gs_e[e], downs[e], out=ga_e[e])
+                _mm_into(gs_e[e].t(), act_e[e], grad_down[e], use_mm)
+            _mm_into(gs_e[e], downs[e], ga_e[e], use_mm)
         if lib is not None:
             lib.relu2_bwd(_ptr(ga), _ptr(r), ga.numel())
             gh = ga
@@ -250,9 +303,9 @@ class _GroupedExperts(torch.autograd.Function):
         gxs_e = gxs.split(counts) if need_x else None
         for e in used:
             if need_up:
-                torch.mm(gh_e[e].t(), xs_e[e], out=grad_up[e])
+                _mm_into(gh_e[e].t(), xs_e[e], grad_up[e], use_mm)
             if need_x:
-                torch.mm(gh_e[e], ups[e], out=gxs_e[e])
+                _mm_into(gh_e[e], ups[e], gxs_e[e], use_mm)
         grad_x = None
         if need_x and lib is not None:
             grad_x = gxs.new_empty(n, gxs.shape[1])

@@ -26,6 +26,7 @@ from hybrid_rl.model.fast.train_ops import (
     causal_conv_train,
     gated_group_rms_norm_train,
     grouped_experts,
+    linear_train,
     mamba_mixer_train,
     relu2_train,
     rms_norm_train,
@@ -38,6 +39,67 @@ from hybrid_rl.model.moe import dispatch_naive, route
 from hybrid_rl.model.norms import rms_norm_naive
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the kernels are not built")
+needs_mm = pytest.mark.skipif(not kernels.mm_usable(), reason="gemm.c's GEMM needs AVX-512 and a C compiler")
+
+
+@needs_mm
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 7, 3), (13, 17, 33), (25, 40, 64), (200, 96, 200), (37, 450, 31)])
+def test_kernel_mm_equals_torch_mm_through_any_strides(m, k, n):
+    """Row-major, transposed and sliced operands (read through their strides, no copy), sizes off the
+    12-row blocks, the 16-column panels and the 192-row tiles, and a product written into a strided slice."""
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    wide = torch.randn(m, 2 * k + 3, generator=g)
+    for A in (a, a.t().contiguous().t(), wide[:, 3:3 + 2 * k:2]):
+        for B in (b, b.t().contiguous().t()):
+            torch.testing.assert_close(kernels.mm(A, B), A @ B, rtol=1e-5, atol=1e-5 * k ** 0.5)
+    out = torch.zeros(m, n + 5)
+    kernels.mm(a, b, out=out[:, 2:2 + n])
+    torch.testing.assert_close(out[:, 2:2 + n], a @ b, rtol=1e-5, atol=1e-5 * k ** 0.5)
+    assert not out[:, :2].any() and not out[:, 2 + n:].any()  # nothing written outside the slice
+    big = torch.randn(450, k, generator=g)  # more rows than a tile: the result does not depend on the tiling
+    assert torch.equal(kernels.mm(big, b)[:m], kernels.mm(big[:m], b))
+
+
+@needs_mm
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_train_equals_f_linear_values_and_grads(bias):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 40, 48, generator=g, requires_grad=True)
+    w = torch.randn(80, 48, generator=g, requires_grad=True)
+    b = torch.randn(80, generator=g, requires_grad=True) if bias else None
+    gy = torch.randn(3, 40, 80, generator=g)
+    y = linear_train(x, w, b)
+    grads = torch.autograd.grad(y, [x, w] + ([b] if bias else []), gy)
+    ref = F.linear(x, w, b)
+    ref_grads = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), gy)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert through_kernel(y)  # the kernel path, not F.linear
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: F.linear in bf16, as without the kernels
+        assert linear_train(x, w, b).dtype == torch.bfloat16
+    assert not through_kernel(linear_train(x.double(), w.double()))
+
+
+def through_kernel(y) -> bool:
+    """Whether ``y``'s graph (its grad_fn, or the one under its reshape) is ``_KernelLinear``'s."""
+    fns = [y.grad_fn] + [f for f, _ in y.grad_fn.next_functions if f is not None]
+    return any("KernelLinear" in type(f).__name__ for f in fns)
+
+
+def test_a_fast_model_trains_its_linears_through_the_kernels_with_the_reference_names():
+    from torch import nn
+
+    from hybrid_rl.model import HybridLM
+    from hybrid_rl.model.fast import FastLinear
+
+    cfg = HybridConfig.from_preset("micro")
+    fast, ref = HybridLM(cfg, impl="fast"), HybridLM(cfg, impl="reference")
+    linears = [m for m in fast.modules() if isinstance(m, nn.Linear)]
+    assert linears and (fast.impl != "fast" or all(type(m) is FastLinear for m in linears))
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    assert all(type(m) is nn.Linear for m in ref.modules() if isinstance(m, nn.Linear))
 USE_KERNELS = [pytest.param(True, marks=needs_kernels, id="kernels"), pytest.param(False, id="pytorch")]
 
 

@@ -15,7 +15,8 @@ state and by streaming the weights, not by arithmetic.  ``decode.c`` fuses each 
   packed without padding, the other rows untouched.
 
 ``train.c`` holds the training kernels (forward and backward) that model/fast/train_ops.py's autograd
-Functions call; ``vec.h`` the vector helpers both share.
+Functions call; ``gemm.c`` the strided GEMM (``mm``) of their dense layers and routed experts; ``vec.h`` the
+vector helpers they share.
 
 The sources are compiled once per machine with the system C compiler (``cc -O3 -march=native
 -fopenmp``; fused multiply-adds allowed) into one library in ``$HYBRID_RL_KERNEL_DIR`` (default
@@ -61,8 +62,11 @@ _SIGNATURES = {
     "decode_layers": [ctypes.c_int] + [_F] * 9 + [ctypes.c_int] * 2,
     "extend_work_size": [ctypes.c_int, _F, _F] + [ctypes.c_int] * 3,
     "extend_layers": [ctypes.c_int] + [_F] * 12 + [ctypes.c_int] * 3,
+    "mm_available": [],
+    "mm_strided": [_F, ctypes.c_int64, ctypes.c_int64, _F, ctypes.c_int64, ctypes.c_int64, _F, ctypes.c_int64]
+    + [ctypes.c_int] * 3,
 }
-_RESULTS = {"decode_work_size": ctypes.c_int64, "extend_work_size": ctypes.c_int64}
+_RESULTS = {"decode_work_size": ctypes.c_int64, "extend_work_size": ctypes.c_int64, "mm_available": ctypes.c_int}
 
 
 def enabled() -> bool:
@@ -154,6 +158,24 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 def ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
+
+
+def mm_usable() -> bool:
+    """Whether ``mm`` runs here: the kernels are built and the CPU has 16-lane registers (AVX-512)."""
+    lib = library()
+    return lib is not None and bool(lib.mm_available())
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a`` [M, K] @ ``b`` [K, N] through gemm.c (CPU fp32, no autograd; when ``mm_usable()``): both read
+    through their strides (a transposed operand is not copied), the product written into ``out`` (rows of unit
+    column stride) or a new [M, N]."""
+    (m, k), n = a.shape, b.shape[1]
+    if out is None:
+        out = a.new_empty(m, n)
+    library().mm_strided(ptr(a), a.stride(0), a.stride(1), ptr(b), b.stride(0), b.stride(1), ptr(out), out.stride(0),
+                         m, k, n)
+    return out
 
 
 def pack_panels(b_ekn: torch.Tensor) -> torch.Tensor:
