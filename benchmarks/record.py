@@ -313,6 +313,8 @@ def render_grpo(r: dict, doc_dir: Path) -> Section:
                  "update keeps its activations).",
            None: "TRL runs with its defaults, gradient checkpointing on (it recomputes the forward in the backward; "
                  "our update keeps its activations)."}[r.get("trl_gradient_checkpointing")]
+        + " In fp32 on a CPU with AVX-512 our update's matrix products run through our own GEMM kernel "
+          "(`model/fast/kernels/gemm.c`), TRL's through PyTorch's matmul (MKL; on an AMD CPU its generic path)."
         + "\n\n"
         f"- **Settings:** model `{r.get('model', DASH)}`, env `{r.get('env', DASH)}`, {num(r.get('prompts'))} prompts x "
         f"{num(r.get('samples'))} samples, at most {num(r.get('max_new_tokens'))} new tokens, {num(r.get('steps'))} steps"
