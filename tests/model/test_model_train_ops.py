@@ -62,6 +62,17 @@ def test_kernel_mm_equals_torch_mm_through_any_strides(m, k, n):
 
 
 @needs_mm
+def test_kernel_mm_rejects_what_it_cannot_multiply():
+    a, b = torch.randn(4, 3), torch.randn(5, 2)
+    with pytest.raises(ValueError, match=r"\[M, K\] by \[K, N\]"):
+        kernels.mm(a, b)
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.mm(a, torch.randn(3, 2), out=torch.empty(2, 4).t())
+    with pytest.raises(ValueError, match="CPU float32"):
+        kernels.mm(a.double(), torch.randn(3, 2).double())
+
+
+@needs_mm
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_train_equals_f_linear_values_and_grads(bias):
     g = torch.Generator().manual_seed(1)

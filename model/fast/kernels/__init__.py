@@ -66,7 +66,8 @@ _SIGNATURES = {
     "mm_strided": [_F, ctypes.c_int64, ctypes.c_int64, _F, ctypes.c_int64, ctypes.c_int64, _F, ctypes.c_int64]
     + [ctypes.c_int] * 3,
 }
-_RESULTS = {"decode_work_size": ctypes.c_int64, "extend_work_size": ctypes.c_int64, "mm_available": ctypes.c_int}
+_RESULTS = {"decode_work_size": ctypes.c_int64, "extend_work_size": ctypes.c_int64, "mm_available": ctypes.c_int,
+            "mm_strided": ctypes.c_int}
 
 
 def enabled() -> bool:
@@ -170,11 +171,19 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> tor
     """``a`` [M, K] @ ``b`` [K, N] through gemm.c (CPU fp32, no autograd; when ``mm_usable()``): both read
     through their strides (a transposed operand is not copied), the product written into ``out`` (rows of unit
     column stride) or a new [M, N]."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"kernels.mm multiplies [M, K] by [K, N]; got {tuple(a.shape)} and {tuple(b.shape)}")
     (m, k), n = a.shape, b.shape[1]
     if out is None:
         out = a.new_empty(m, n)
-    library().mm_strided(ptr(a), a.stride(0), a.stride(1), ptr(b), b.stride(0), b.stride(1), ptr(out), out.stride(0),
-                         m, k, n)
+    elif out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"kernels.mm: out must be [{m}, {n}] with unit column stride; got {tuple(out.shape)}, "
+                         f"strides {out.stride()}")
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (a, b, out)):
+        raise ValueError("kernels.mm takes CPU float32 tensors; use torch.mm for other devices and dtypes")
+    if library().mm_strided(ptr(a), a.stride(0), a.stride(1), ptr(b), b.stride(0), b.stride(1), ptr(out),
+                            out.stride(0), m, k, n):
+        raise MemoryError(f"kernels.mm: no memory for the packed operands of a [{m}, {k}] x [{k}, {n}] product")
     return out
 
 

@@ -80,12 +80,18 @@ static inline __attribute__((always_inline)) void tile(const float *ap, int K, c
 
 int mm_available(void) { return 1; }
 
-void mm_strided(const float *A, int64_t a_r, int64_t a_k, const float *B, int64_t b_k, int64_t b_c, float *C,
-                int64_t ldc, int M, int K, int N) {
+/* Returns 0, or -1 when the packing buffers cannot be allocated (C untouched). */
+int mm_strided(const float *A, int64_t a_r, int64_t a_k, const float *B, int64_t b_k, int64_t b_c, float *C,
+               int64_t ldc, int M, int K, int N) {
     const int blocks = (M + MR - 1) / MR, panels = 2 * ((N + 31) / 32), pairs = panels / 2;
     const int chunks = (M + CHUNK - 1) / CHUNK;
-    float *Ap = malloc(sizeof(float) * (size_t)blocks * MR * K);
-    float *Bp = malloc(sizeof(float) * (size_t)panels * 16 * K);
+    float *Ap = malloc(sizeof(float) * ((size_t)blocks * MR * K + 1));
+    float *Bp = malloc(sizeof(float) * ((size_t)panels * 16 * K + 1));
+    if (Ap == NULL || Bp == NULL) {
+        free(Ap);
+        free(Bp);
+        return -1;
+    }
 #pragma omp parallel
     {
 #pragma omp for schedule(static) nowait
@@ -123,12 +129,14 @@ void mm_strided(const float *A, int64_t a_r, int64_t a_k, const float *B, int64_
     }
     free(Ap);
     free(Bp);
+    return 0;
 }
 #else
 int mm_available(void) { return 0; }
 
-void mm_strided(const float *A, int64_t a_r, int64_t a_k, const float *B, int64_t b_k, int64_t b_c, float *C,
-                int64_t ldc, int M, int K, int N) {
+int mm_strided(const float *A, int64_t a_r, int64_t a_k, const float *B, int64_t b_k, int64_t b_c, float *C,
+               int64_t ldc, int M, int K, int N) {
     (void)A, (void)a_r, (void)a_k, (void)B, (void)b_k, (void)b_c, (void)C, (void)ldc, (void)M, (void)K, (void)N;
+    return -1;
 }
 #endif
