@@ -329,14 +329,6 @@ static inline v16f relu2_16(v16f v) {
     return (v16f)(((v16i)(v * v) & pos) | ((v16i)(v * 0.0f) & ~pos));
 }
 
-/* switch (mr) over 1..12 with a constant row count at each call site: each count gets its own unrolled loop */
-#define BY_ROWS(mr, CALL) \
-    switch (mr) { \
-    case 12: CALL(12); break; case 11: CALL(11); break; case 10: CALL(10); break; case 9: CALL(9); break; \
-    case 8: CALL(8); break; case 7: CALL(7); break; case 6: CALL(6); break; case 5: CALL(5); break; \
-    case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break; default: CALL(1); \
-    }
-
 /* acc[0..MR) += rows a[0..MR) of A times the panel pair B0 = [K][16], B0 + K*16; prefetching the pair
  * `pre` (two contiguous panels, two lines per k) when given. */
 static inline __attribute__((always_inline)) void block2_mr(const float *const *a, int K, const float *B0,
@@ -381,20 +373,6 @@ static void panel2_rows(const float *A, int m, int K, int lda, const float *B0, 
         }
     }
 }
-/* As block2_mr, the MR rows read from A packed row-interleaved: ap[kk * 12 + r] (one stream per block). */
-static inline __attribute__((always_inline)) void block2_packed(const float *ap, int K, const float *B0,
-                                                                v16f acc[12][2], const int MR) {
-    const float *B1 = B0 + (int64_t)K * 16;
-    for (int kk = 0; kk < K; kk++) {
-        const v16f b0 = load16(B0 + (int64_t)kk * 16), b1 = load16(B1 + (int64_t)kk * 16);
-        const float *a = ap + (int64_t)kk * 12;
-        for (int r = 0; r < MR; r++) {
-            acc[r][0] += a[r] * b0;
-            acc[r][1] += a[r] * b1;
-        }
-    }
-}
-
 /* panel2_rows over A packed by pack_rows (blocks of 12 rows, each [K][12]). */
 static void panel2_packed(const float *Ap, int m, int K, const float *B0, float *C, int ldc, int nc) {
     for (int r0 = 0; r0 < m; r0 += 12) {

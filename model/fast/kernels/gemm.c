@@ -22,7 +22,7 @@
 #include "vec.h"
 
 #ifdef __AVX512F__
-#define MR 12
+#define MR 12 /* rows of a packed block of A (block2_packed's layout) */
 #define CHUNK 192 /* rows of A per task: 16 blocks of 12 */
 
 /* rows a0..a0+mr of A into one block [K][MR] (rows past mr left unset: never stored) */
@@ -57,27 +57,6 @@ static void pack_b_panel(const float *B, int64_t sk, int64_t sc, int c0, int N, 
     }
 }
 
-/* acc[0..rows) += the packed block ap [K][MR] times the panel pair b0, b0 + K*16 */
-static inline __attribute__((always_inline)) void tile(const float *ap, int K, const float *b0, v16f acc[MR][2],
-                                                       const int rows) {
-    const float *b1 = b0 + (int64_t)K * 16;
-    for (int kk = 0; kk < K; kk++) {
-        const v16f x0 = load16(b0 + (int64_t)kk * 16), x1 = load16(b1 + (int64_t)kk * 16);
-        const float *a = ap + (int64_t)kk * MR;
-        for (int r = 0; r < rows; r++) {
-            acc[r][0] += a[r] * x0;
-            acc[r][1] += a[r] * x1;
-        }
-    }
-}
-
-#define BY_ROWS12(mr, CALL) \
-    switch (mr) { \
-    case 12: CALL(12); break; case 11: CALL(11); break; case 10: CALL(10); break; case 9: CALL(9); break; \
-    case 8: CALL(8); break; case 7: CALL(7); break; case 6: CALL(6); break; case 5: CALL(5); break; \
-    case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break; default: CALL(1); \
-    }
-
 int mm_available(void) { return 1; }
 
 /* Returns 0, or -1 when the packing buffers cannot be allocated (C untouched). */
@@ -111,8 +90,8 @@ int mm_strided(const float *A, int64_t a_r, int64_t a_k, const float *B, int64_t
                     const int mr = r_end - r0 < MR ? r_end - r0 : MR;
                     v16f acc[MR][2] = {{{0}}};
                     const float *ap = Ap + (int64_t)(r0 / MR) * MR * K;
-#define ROWS(n) tile(ap, K, b0, acc, n)
-                    BY_ROWS12(mr, ROWS)
+#define ROWS(n) block2_packed(ap, K, b0, acc, n)
+                    BY_ROWS(mr, ROWS)
 #undef ROWS
                     for (int r = 0; r < mr; r++) {
                         float *cr = C + (int64_t)(r0 + r) * ldc + c0;

@@ -92,6 +92,29 @@ static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof v); }
 static inline v8f lo8(v16f v) { return load8((const float *)&v); }
 
 static inline v8f hi8(v16f v) { return load8((const float *)&v + 8); }
+
+/* switch (mr) over 1..12 with a constant row count at each call site: each count gets its own unrolled loop */
+#define BY_ROWS(mr, CALL) \
+    switch (mr) { \
+    case 12: CALL(12); break; case 11: CALL(11); break; case 10: CALL(10); break; case 9: CALL(9); break; \
+    case 8: CALL(8); break; case 7: CALL(7); break; case 6: CALL(6); break; case 5: CALL(5); break; \
+    case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break; default: CALL(1); \
+    }
+
+/* acc[0..MR) += the first MR rows of a block of A packed row-interleaved, ap[kk * 12 + r] (one stream per
+ * block), times the panel pair B0 = [K][16], B0 + K*16: the micro-kernel of decode.c's extensions and gemm.c. */
+static inline __attribute__((always_inline)) void block2_packed(const float *ap, int K, const float *B0,
+                                                                v16f acc[12][2], const int MR) {
+    const float *B1 = B0 + (int64_t)K * 16;
+    for (int kk = 0; kk < K; kk++) {
+        const v16f b0 = load16(B0 + (int64_t)kk * 16), b1 = load16(B1 + (int64_t)kk * 16);
+        const float *a = ap + (int64_t)kk * 12;
+        for (int r = 0; r < MR; r++) {
+            acc[r][0] += a[r] * b0;
+            acc[r][1] += a[r] * b1;
+        }
+    }
+}
 #endif
 
 #endif
