@@ -332,8 +332,7 @@ class HybridLM(nn.Module):
             n_new_r = torch.tensor([counts[i] for i in fed], dtype=torch.long)
             cache.reserve(int((cache.lengths.index_select(0, rows_r) + n_new_r).max()))
             h = self.backbone.embeddings(flat)
-            x, routes = program.extend(h, cache, rows_r, n_new_r, record_routing)
-            last = x.index_select(0, torch.cumsum(n_new_r, 0) - 1)
+            last, routes = program.extend(h, cache, rows_r, n_new_r, record_routing)
             cache.last_hidden = cache.last_hidden.index_copy(0, rows_r, last.to(cache.last_hidden.dtype))
             cache.lengths = cache.lengths.index_add(0, rows_r, n_new_r)
         else:

@@ -232,8 +232,14 @@ class DecodeProgram:
         embeddings [M, D] (consumed as the residual stream), packed row after row; ``rows_r`` the cache rows
         (long [R], distinct), ``n_new_r`` their new tokens (long [R], each >= 1, summing to M). The rows'
         conv windows, SSM states and KV buffers are extended in place (the caller reserves the KV room and
-        then advances ``cache.lengths``); other rows are not touched. Returns (final normed hidden [M, D],
-        routes [n_moe, M, k] long or None)."""
+        then advances ``cache.lengths``); other rows are not touched. Returns (the final normed hidden state
+        of each row's last new token [R, D], routes [n_moe, M, k] long or None).
+
+        Without ``record``, from the output of the last layer that writes the cache (Mamba or attention) on,
+        only the rows' last tokens are computed: the other new tokens reach no logit past that point (for
+        ``tiny``: the last attention layer's queries and output projection, and the final MoE layer). The
+        experts' load counters of those last layers then count the last tokens only; with ``record`` every
+        token is routed and counted."""
         with _RUN_LOCK:
             return self._extend(h_md, cache, rows_r, n_new_r, record)
 
@@ -252,5 +258,5 @@ class DecodeProgram:
         ptrs = self.pointers(cache)
         lib.extend_layers(self.n, p(self.kinds), p(ptrs), p(self.ints), p(self.floats), p(h_md), p(x),
                           p(self._ext_work), p(rows_r), p(len_r), p(n_new_r), p(off_r),
-                          p(routes) if record else None, r, m, d)
-        return x, routes
+                          p(routes) if record else None, r, m, d, int(not record))
+        return x[:r], routes

@@ -89,6 +89,42 @@ def test_extend_and_decode_equal_reference(impl, config):
             torch.testing.assert_close(getattr(cache, store)[layer], tensor, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("pattern", ["M*E-ME", "ME*E", "EM*", "E-"])
+@torch.no_grad()
+def test_extension_computes_past_the_last_cache_writer_for_last_tokens_only(pattern):
+    """Without recorded routes, a fused extension computes the output of the last layer that writes the
+    cache (Mamba or attention) and every layer after it for each row's last new token alone; the logits,
+    the caches and the next decode steps are those of the full computation (the routed path, bit for bit)
+    and of the reference, and the experts past that point count only those tokens."""
+    reference = randomize(HybridLM(small_config(layer_pattern=pattern), impl="reference"), 9).eval()
+    gen = torch.Generator().manual_seed(9)
+    turns = [[torch.randint(0, 97, (n,), generator=gen) for n in lengths] for lengths in ((9, 1, 14, 6), (2, 0, 5, 1))]
+    steps = torch.randint(0, 97, (3, 4), generator=gen)
+    writer = max((i for i, kind in enumerate(pattern) if kind in "M*"), default=-1)
+    runs = {}
+    for name, record in (("reference", False), ("routed", True), ("last_only", False)):
+        model = reference if name == "reference" else twin(reference, "fast")
+        cache, outs = model.new_cache(4), []
+        for tokens in turns:
+            out = model.extend(cache, tokens, record_routing=record)
+            outs.append(out[0] if record else out)
+            if name == "last_only":
+                for i, layer in enumerate(model.backbone.layers):
+                    if isinstance(layer.mixer, MoE):
+                        fed = [len(t) for t in tokens if len(t)]
+                        counted = sum(fed) if i < writer else len(fed)
+                        assert layer.mixer.expert_load.sum() == counted * model.config.num_experts_per_tok, (i, fed)
+                        layer.mixer.expert_load.zero_()
+        outs += [model.decode_step(cache, tok) for tok in steps]
+        runs[name] = (outs, cache)
+    (ref_outs, ref_cache), (full_outs, full_cache), (outs, cache) = runs["reference"], runs["routed"], runs["last_only"]
+    for a, full, b in zip(ref_outs, full_outs, outs):
+        assert torch.equal(b, full)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+    for t_full, t in zip(full_cache.tensors(), cache.tensors()):
+        assert torch.equal(t, t_full)
+
+
 def test_implementations_share_parameters_and_the_reference_is_the_plain_modules():
     models = {impl: HybridLM(small_config(num_mtp_layers=1), impl=impl) for impl in ("fast", "torch", "reference")}
     keys = {impl: list(m.state_dict()) for impl, m in models.items()}

@@ -680,10 +680,11 @@ void attn_step(const float *qkv, float *kbuf, float *vbuf, const int64_t *len, f
 /* Attention for a cache extension of some rows: row i of the extension is cache row rows[i], holding
  * len[i] tokens, and gets n_new[i] new tokens, packed at token offsets off[i] of qkv [M, qkv_stride]
  * and out [M, Hq * Dh].  Every new token's k and v are written at len[i] + t, and token t attends to
- * positions 0..len[i] + t, exactly as t decode steps would. */
+ * positions 0..len[i] + t, exactly as t decode steps would.  last_only: only each row's last new token
+ * attends, its output at out row i (out [R, Hq * Dh]). */
 void attn_extend(const float *qkv, float *kbuf, float *vbuf, const int64_t *rows, const int64_t *len,
                  const int64_t *n_new, const int64_t *off, float *out, int R, int Hq, int Hkv, int Dh, int cap,
-                 int qkv_stride) {
+                 int qkv_stride, int last_only) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < R; i++) {
         float *scores = malloc(sizeof(float) * (size_t)Hq * cap);
@@ -692,9 +693,9 @@ void attn_extend(const float *qkv, float *kbuf, float *vbuf, const int64_t *rows
             const float *q = qkv + (off[i] + t) * qkv_stride, *kn = q + Hq * Dh;
             write_kv(kn, kn + Hkv * Dh, kb, vb, len[i] + t, Hkv, Dh, cap);
         }
-        for (int64_t t = 0; t < n_new[i]; t++)
-            attend_row(qkv + (off[i] + t) * qkv_stride, kb, vb, len[i] + t + 1, out + (off[i] + t) * Hq * Dh, scores,
-                       Hq, Hkv, Dh, cap);
+        for (int64_t t = last_only ? n_new[i] - 1 : 0; t < n_new[i]; t++)
+            attend_row(qkv + (off[i] + t) * qkv_stride, kb, vb, len[i] + t + 1,
+                       out + (last_only ? i : off[i] + t) * Hq * Dh, scores, Hq, Hkv, Dh, cap);
         free(scores);
     }
 }
@@ -720,6 +721,7 @@ enum { KIND_MAMBA = 0, KIND_MOE = 1, KIND_ATTN = 2, KIND_MLP = 3 };
 typedef struct {
     const int64_t *rows, *len, *n_new, *off;
     int R;
+    int last_only;  /* the layers after the last one that writes the cache run on each row's last token only */
 } extension;
 
 /* Workspace floats one layer needs for B tokens (a decode step: one per row; an extension: R rows,
@@ -761,12 +763,43 @@ int64_t extend_work_size(int L, const int *kinds, const int *ints, int M, int R,
 
 /* The layer stack over B tokens: one per cache row (a decode step, ext NULL, len [B]) or the packed new
  * tokens of an extension's rows (ext).  h [B, D]: residual stream (updated); x [B, D]: the first layer's
- * normed input, on return the final normed hidden state; routes long [n_moe, B, k] or NULL. */
-static void run_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h,
-                       float *x, float *work, const int64_t *len, int64_t *routes, int B, int D,
-                       const extension *ext) {
+ * normed input, on return the final normed hidden state; routes long [n_moe, B, k] or NULL.  Returns 1
+ * when the last layers ran on the extension's last tokens only (then h, x [R, D] hold those). */
+/* Rows [B, w] (row stride w) of an extension's packed tokens down to each row's last token: row i =
+ * 0..R-1 gets row off[i] + n_new[i] - 1 >= i, in place (those positions increase with i, so no row is
+ * overwritten before it is read). */
+static void keep_last_rows(float *a, int64_t w, const extension *ext) {
+    for (int i = 0; i < ext->R; i++) {
+        const int64_t src = ext->off[i] + ext->n_new[i] - 1;
+        if (src != i) memcpy(a + i * w, a + src * w, sizeof(float) * (size_t)w);
+    }
+}
+
+static int run_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h,
+                      float *x, float *work, const int64_t *len, int64_t *routes, int B, int D,
+                      const extension *ext) {
     int moe_slot = 0;
+    /* An extension's new tokens other than each row's last leave their mark in the cache (conv windows, SSM
+     * states, keys and values) and nowhere else past the last layer that writes the cache: from that
+     * layer's output on, only the last tokens are needed (the logits), so that layer writes the cache for
+     * every token and computes its output for the last tokens alone, and the layers after it run on them
+     * alone (not with routes: every token's routed experts are wanted then). */
+    int writer = L;  /* the last layer that writes the cache (-1: none), when the rest runs on the last tokens */
+    if (ext != NULL && ext->last_only && routes == NULL && B > ext->R) {
+        writer = -1;
+        for (int l = 0; l < L; l++)
+            if (kinds[l] == KIND_MAMBA || kinds[l] == KIND_ATTN) writer = l;
+    }
+    const int kept_last = writer < L;
+    if (writer == -1) {
+        keep_last_rows(h, D, ext);
+        keep_last_rows(x, D, ext);
+        B = ext->R;
+        ext = NULL;
+    }
     for (int l = 0; l < L; l++) {
+        const int last_writer = l == writer;
+        const int B_out = last_writer ? ext->R : B;  /* the rows of the layer's output projection */
         void *const *P = ptrs + (int64_t)l * SLOT_P;
         const int *I = ints + (int64_t)l * SLOT_I;
         const float *F = fls + (int64_t)l * SLOT_F;
@@ -791,8 +824,9 @@ static void run_layers(int L, const int *kinds, void *const *ptrs, const int *in
                              P[2], P[3], P[4], P[5], P[6], P[7], K, H, Pd, G, N, group, in_dim, F[0], F[1]);
                 }
                 delta = scratch + ((int64_t)B + (int64_t)ext->R * (K - 1)) * Cc;
+                if (last_writer) keep_last_rows(y, Di, ext);
             }
-            linear_rm(y, B, Di, Di, P[1], D, delta, D);
+            linear_rm(y, B_out, Di, Di, P[1], D, delta, D);
             break;
         }
         case KIND_MOE: {
@@ -831,10 +865,10 @@ static void run_layers(int L, const int *kinds, void *const *ptrs, const int *in
                 delta = scores + (int64_t)B * Hq * cap;
             } else {
                 attn_extend(qkv, P[2], P[3], ext->rows, ext->len, ext->n_new, ext->off, out, ext->R, Hq, Hkv, Dh,
-                            cap, qkv_dim);
+                            cap, qkv_dim, last_writer);
                 delta = scores;
             }
-            linear_rm(out, B, Hq * Dh, Hq * Dh, P[1], D, delta, D);
+            linear_rm(out, B_out, Hq * Dh, Hq * Dh, P[1], D, delta, D);
             break;
         }
         default: {  /* squared-ReLU MLP */
@@ -846,8 +880,14 @@ static void run_layers(int L, const int *kinds, void *const *ptrs, const int *in
             linear_rm(hid, B, Im, Im, P[1], D, delta, D);
         }
         }
+        if (last_writer) {  /* from here on: the last tokens only, and no layer touches the cache */
+            keep_last_rows(h, D, ext);
+            B = ext->R;
+            ext = NULL;
+        }
         add_rms_norm(h, delta, P[SLOT_P - 1], x, B, D, F[SLOT_F - 1]);
     }
+    return kept_last;
 }
 
 /* A decode step: h, x [B, D] (see run_layers); len long [B]: tokens in the cache before this one;
@@ -859,10 +899,13 @@ void decode_layers(int L, const int *kinds, void *const *ptrs, const int *ints, 
 
 /* A cache extension of R rows (cache rows `rows`, with len / n_new / off as in `extension`), their M new
  * tokens packed: h, x [M, D] (see run_layers); routes long [n_moe, M, k] or NULL; work:
- * extend_work_size floats.  Rows of the cache not listed are not touched. */
+ * extend_work_size floats.  Rows of the cache not listed are not touched.  On return x[0:R] holds each
+ * row's final normed hidden state at its last new token (the rest of h and x is workspace).  last_only
+ * (and no routes): the layers past the last one that writes the cache run on those tokens alone, and the
+ * load counters of their routed experts count those tokens only. */
 void extend_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h, float *x,
                    float *work, const int64_t *rows, const int64_t *len, const int64_t *n_new, const int64_t *off,
-                   int64_t *routes, int R, int M, int D) {
-    const extension ext = {rows, len, n_new, off, R};
-    run_layers(L, kinds, ptrs, ints, fls, h, x, work, NULL, routes, M, D, &ext);
+                   int64_t *routes, int R, int M, int D, int last_only) {
+    const extension ext = {rows, len, n_new, off, R, last_only};
+    if (!run_layers(L, kinds, ptrs, ints, fls, h, x, work, NULL, routes, M, D, &ext)) keep_last_rows(x, D, &ext);
 }
