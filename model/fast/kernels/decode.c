@@ -775,6 +775,23 @@ static void keep_last_rows(float *a, int64_t w, const extension *ext) {
     }
 }
 
+/* The [q | k | v] projection of an extension's tokens (x [B, D], weights Wp as 16-column panels) when only
+ * each row's last token attends: k and v for every token, q for the last tokens only (into their rows of
+ * qkv [B, qkv_dim]; the other rows' q stay unset).  q_dim is a multiple of 16, so the k | v columns start at
+ * a panel; each output is the same chain of multiply-adds as in the whole projection. */
+static void last_queries(const float *x, int B, int D, const float *Wp, float *qkv, int q_dim, int qkv_dim,
+                         const extension *ext) {
+    const int R = ext->R;
+    linear_rm(x, B, D, D, Wp + (int64_t)q_dim * D, qkv_dim - q_dim, qkv + q_dim, qkv_dim);
+    float *xl = malloc(sizeof(float) * (size_t)R * (D + q_dim)), *ql = xl + (int64_t)R * D;
+    for (int i = 0; i < R; i++)
+        memcpy(xl + (int64_t)i * D, x + (ext->off[i] + ext->n_new[i] - 1) * D, sizeof(float) * D);
+    linear_rm(xl, R, D, D, Wp, q_dim, ql, q_dim);
+    for (int i = 0; i < R; i++)
+        memcpy(qkv + (ext->off[i] + ext->n_new[i] - 1) * qkv_dim, ql + (int64_t)i * q_dim, sizeof(float) * q_dim);
+    free(xl);
+}
+
 static int run_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h,
                       float *x, float *work, const int64_t *len, int64_t *routes, int B, int D,
                       const extension *ext) {
@@ -859,7 +876,11 @@ static int run_layers(int L, const int *kinds, void *const *ptrs, const int *int
         case KIND_ATTN: {
             const int Hq = I[0], Hkv = I[1], Dh = I[2], cap = I[3], qkv_dim = (Hq + 2 * Hkv) * Dh;
             float *qkv = work, *out = qkv + (int64_t)B * qkv_dim, *scores = out + (int64_t)B * Hq * Dh;
-            linear_rm(x, B, D, D, P[0], qkv_dim, qkv, qkv_dim);
+            const int q_dim = Hq * Dh;
+            if (last_writer && q_dim % 16 == 0)
+                last_queries(x, B, D, P[0], qkv, q_dim, qkv_dim, ext);
+            else
+                linear_rm(x, B, D, D, P[0], qkv_dim, qkv, qkv_dim);
             if (ext == NULL) {
                 attn_step(qkv, P[2], P[3], len, out, scores, B, Hq, Hkv, Dh, cap, qkv_dim);
                 delta = scores + (int64_t)B * Hq * cap;
