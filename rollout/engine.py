@@ -65,7 +65,15 @@ left out instead of exp(-inf), one inverse-CDF pass) and the grace wait above: t
 thread (no worker hand-off): 10% less wall time in alternating runs; the run recorded after it, in a slow
 stretch of the machine, is 0.47 (rounds 0.44-0.49), the engine's own work 7% of its time; the next recorded
 run (4fb614d) 0.51 (rounds 0.46-0.54). Of a run, the model's kernels are ~87%, their Python wrappers ~5%;
-sampling, bookkeeping and env calls the rest. See docs/BENCHMARKS.md for the recorded figures.
+sampling, bookkeeping and env calls the rest. On an AMD EPYC machine (AVX-512; both kernels' GEMMs at the
+core's peak) the ratio was 0.43 (14a50af): an observation token cost ~0.7 of a decode token there. Then
+extensions stopped computing what no logit reads: past the last layer that writes the cache only each row's
+last new token goes on (``tiny``: the last attention layer's queries and output and the final MoE layer,
+~10% of an extension), 0.48 (32423a9; rounds 0.45-0.49). What is left there: the decode steps run at ~107
+us a token against ~87 in a bare loop of 30-32 rows, most of it attention over the engine's longer rows
+(100-180 tokens against the raw loop's 32-96: the fp32 keys and values of 32 rows stream from memory at
+every step), the rest thinning and cold caches; the engine's own work is ~9%. See docs/BENCHMARKS.md for
+the recorded figures.
 
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
 past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action is text only
