@@ -70,10 +70,11 @@ core's peak) the ratio was 0.43 (14a50af): an observation token cost ~0.7 of a d
 extensions stopped computing what no logit reads: past the last layer that writes the cache only each row's
 last new token goes on (``tiny``: the last attention layer's queries and output and the final MoE layer,
 ~10% of an extension), 0.48 (32423a9; rounds 0.45-0.49). What is left there: the decode steps run at ~107
-us a token against ~87 in a bare loop of 30-32 rows, most of it attention over the engine's longer rows
-(100-180 tokens against the raw loop's 32-96: the fp32 keys and values of 32 rows stream from memory at
-every step), the rest thinning and cold caches; the engine's own work is ~9%. See docs/BENCHMARKS.md for
-the recorded figures.
+us a token against ~87 in a bare loop of 30-32 rows over 32-token rows; about half of that is attention
+over the engine's longer rows (100-180 tokens against the raw loop's 32-96; a bare loop over 100-150-token
+rows takes 94-96 us: the fp32 keys and values of 32 rows stream from memory at every step), the rest per-call
+Python on cold caches, page faults of grown buffers and fewer rows per step; the engine's own work is ~9%.
+See docs/BENCHMARKS.md for the recorded figures.
 
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
 past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action is text only
