@@ -12,7 +12,8 @@ state and by streaming the weights, not by arithmetic.  ``decode.c`` fuses each 
 * ``decode_layers``: a whole decode step's layer stack in one call (model/fast/fused.py), its
   projections through a GEMM over weights kept in 16-column panels (``pack_panels``);
   ``extend_layers``: the same stack over the new tokens of some rows of a cache (a turn's observation),
-  packed without padding, the other rows untouched.
+  packed without padding, the other rows untouched; past the last layer that writes the cache only each
+  row's last token is carried on (the others feed no logit), unless every token's routes are recorded.
 
 ``train.c`` holds the training kernels (forward and backward) that model/fast/train_ops.py's autograd
 Functions call; ``gemm.c`` the strided GEMM (``mm``) of their dense layers and routed experts; ``vec.h`` the

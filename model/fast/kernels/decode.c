@@ -761,10 +761,6 @@ int64_t extend_work_size(int L, const int *kinds, const int *ints, int M, int R,
     return work_size(L, kinds, ints, M, R, D);
 }
 
-/* The layer stack over B tokens: one per cache row (a decode step, ext NULL, len [B]) or the packed new
- * tokens of an extension's rows (ext).  h [B, D]: residual stream (updated); x [B, D]: the first layer's
- * normed input, on return the final normed hidden state; routes long [n_moe, B, k] or NULL.  Returns 1
- * when the last layers ran on the extension's last tokens only (then h, x [R, D] hold those). */
 /* Rows [B, w] (row stride w) of an extension's packed tokens down to each row's last token: row i =
  * 0..R-1 gets row off[i] + n_new[i] - 1 >= i, in place (those positions increase with i, so no row is
  * overwritten before it is read). */
@@ -792,6 +788,10 @@ static void last_queries(const float *x, int B, int D, const float *Wp, float *q
     free(xl);
 }
 
+/* The layer stack over B tokens: one per cache row (a decode step, ext NULL, len [B]) or the packed new
+ * tokens of an extension's rows (ext).  h [B, D]: residual stream (updated); x [B, D]: the first layer's
+ * normed input, on return the final normed hidden state; routes long [n_moe, B, k] or NULL.  Returns 1
+ * when the last layers ran on the extension's last tokens only (then h, x [R, D] hold those). */
 static int run_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h,
                       float *x, float *work, const int64_t *len, int64_t *routes, int B, int D,
                       const extension *ext) {
