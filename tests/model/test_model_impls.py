@@ -90,13 +90,14 @@ def test_extend_and_decode_equal_reference(impl, config):
 
 
 @pytest.mark.parametrize("pattern", ["M*E-ME", "ME*E", "EM*", "E-"])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
 @torch.no_grad()
-def test_extension_computes_past_the_last_cache_writer_for_last_tokens_only(pattern):
+def test_extension_computes_past_the_last_cache_writer_for_last_tokens_only(pattern, config):
     """Without recorded routes, a fused extension computes the output of the last layer that writes the
     cache (Mamba or attention) and every layer after it for each row's last new token alone; the logits,
     the caches and the next decode steps are those of the full computation (the routed path, bit for bit)
     and of the reference, and the experts past that point count only those tokens."""
-    reference = randomize(HybridLM(small_config(layer_pattern=pattern), impl="reference"), 9).eval()
+    reference = randomize(HybridLM(small_config(layer_pattern=pattern, **CONFIGS[config]), impl="reference"), 9).eval()
     gen = torch.Generator().manual_seed(9)
     turns = [[torch.randint(0, 97, (n,), generator=gen) for n in lengths] for lengths in ((9, 1, 14, 6), (2, 0, 5, 1))]
     steps = torch.randint(0, 97, (3, 4), generator=gen)
