@@ -461,7 +461,8 @@ def test_an_instant_env_answers_within_the_pass_its_turn_ended(monkeypatch):
 def test_an_env_that_declares_instant_steps_steps_on_the_engines_thread(monkeypatch, caplog):
     """``instant_steps``: the env's reset and steps run on the thread that plays (no hand-off to a worker),
     and the episodes are token for token those played with the env on the worker threads. An env that
-    declares it but takes longer than ``INSTANT_LIMIT_S`` goes back to the workers, with a warning."""
+    declares it but takes longer than ``INSTANT_LIMIT_S`` goes back to the workers, with a warning, once two
+    of its calls did; one slow call alone does not move it."""
     import threading
     import time as time_mod
 
@@ -497,9 +498,27 @@ def test_an_env_that_declares_instant_steps_steps_on_the_engines_thread(monkeypa
     with caplog.at_level("WARNING", logger="hybrid_rl.rollout"):
         engine, trajs = play(model, groups(3, samples=2, turns=3), sampling=sampling, episode=episode)
     assert {(t.seed, t.sample_index): (t.token_ids, t.logprobs, t.step_rewards) for t in trajs} == runs[True]
-    assert threads[0] == threading.get_ident() and set(threads[1:]) and threading.get_ident() not in threads[1:]
+    # two slow calls on the engine's thread (Engine.SLOW_INLINE_CALLS), then the worker threads
+    assert threads[:2] == [threading.get_ident()] * 2 and set(threads[2:]) and threading.get_ident() not in threads[2:]
     assert FixedTurnsEnv in engine._not_instant
     assert "FixedTurnsEnv declare instant_steps" in caplog.text and "worker threads" in caplog.text
+
+    # one slow call alone (a stall of this thread, a first call's set-up) leaves the class on the engine's thread
+    stalls = iter([0.02])
+
+    def one_stall(self, action):
+        threads.append(threading.get_ident())
+        time_mod.sleep(next(stalls, 0.0))
+        return step(self, action)
+
+    monkeypatch.setattr(FixedTurnsEnv, "step", one_stall)
+    threads.clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hybrid_rl.rollout"):
+        engine, trajs = play(model, groups(3, samples=2, turns=3), sampling=sampling, episode=episode)
+    assert {(t.seed, t.sample_index): (t.token_ids, t.logprobs, t.step_rewards) for t in trajs} == runs[True]
+    assert set(threads) == {threading.get_ident()} and len(threads) == 18
+    assert not engine._not_instant and "instant_steps" not in caplog.text
 
 
 def test_instant_steps_are_declared_by_the_pure_builtin_games_only():
