@@ -258,5 +258,5 @@ class DecodeProgram:
         ptrs = self.pointers(cache)
         lib.extend_layers(self.n, p(self.kinds), p(ptrs), p(self.ints), p(self.floats), p(h_md), p(x),
                           p(self._ext_work), p(rows_r), p(len_r), p(n_new_r), p(off_r),
-                          p(routes) if record else None, r, m, d, int(not record))
+                          p(routes) if record else None, r, m, d)
         return x[:r], routes

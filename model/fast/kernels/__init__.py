@@ -62,7 +62,7 @@ _SIGNATURES = {
     "decode_work_size": [ctypes.c_int, _F, _F, ctypes.c_int, ctypes.c_int],
     "decode_layers": [ctypes.c_int] + [_F] * 9 + [ctypes.c_int] * 2,
     "extend_work_size": [ctypes.c_int, _F, _F] + [ctypes.c_int] * 3,
-    "extend_layers": [ctypes.c_int] + [_F] * 12 + [ctypes.c_int] * 4,
+    "extend_layers": [ctypes.c_int] + [_F] * 12 + [ctypes.c_int] * 3,
     "mm_available": [],
     "mm_strided": [_F, ctypes.c_int64, ctypes.c_int64, _F, ctypes.c_int64, ctypes.c_int64, _F, ctypes.c_int64]
     + [ctypes.c_int] * 3,

@@ -721,8 +721,10 @@ enum { KIND_MAMBA = 0, KIND_MOE = 1, KIND_ATTN = 2, KIND_MLP = 3 };
 typedef struct {
     const int64_t *rows, *len, *n_new, *off;
     int R;
-    int last_only;  /* the layers after the last one that writes the cache run on each row's last token only */
 } extension;
+
+/* The packed index of row i's last new token */
+static inline int64_t last_token(const extension *ext, int i) { return ext->off[i] + ext->n_new[i] - 1; }
 
 /* Workspace floats one layer needs for B tokens (a decode step: one per row; an extension: R rows,
  * their B tokens packed).  Python sizes the buffer with the same formula. */
@@ -766,26 +768,26 @@ int64_t extend_work_size(int L, const int *kinds, const int *ints, int M, int R,
  * overwritten before it is read). */
 static void keep_last_rows(float *a, int64_t w, const extension *ext) {
     for (int i = 0; i < ext->R; i++) {
-        const int64_t src = ext->off[i] + ext->n_new[i] - 1;
+        const int64_t src = last_token(ext, i);
         if (src != i) memcpy(a + i * w, a + src * w, sizeof(float) * (size_t)w);
     }
 }
 
 /* The [q | k | v] projection of an extension's tokens (x [B, D], weights Wp as 16-column panels) when only
  * each row's last token attends: k and v for every token, q for the last tokens only (into their rows of
- * qkv [B, qkv_dim]; the other rows' q stay unset).  q_dim is a multiple of 16, so the k | v columns start at
- * a panel; each output is the same chain of multiply-adds as in the whole projection. */
-static void last_queries(const float *x, int B, int D, const float *Wp, float *qkv, int q_dim, int qkv_dim,
+ * qkv [B, qkv_dim]; the other rows' q stay unset).  x is consumed (its first R rows become the last tokens').
+ * q_dim is a multiple of 16, so the k | v columns start at a panel; each output is the same chain of
+ * multiply-adds as in the whole projection. */
+static void last_queries(float *x, int B, int D, const float *Wp, float *qkv, int q_dim, int qkv_dim,
                          const extension *ext) {
     const int R = ext->R;
     linear_rm(x, B, D, D, Wp + (int64_t)q_dim * D, qkv_dim - q_dim, qkv + q_dim, qkv_dim);
-    float *xl = malloc(sizeof(float) * (size_t)R * (D + q_dim)), *ql = xl + (int64_t)R * D;
+    keep_last_rows(x, D, ext);
+    float *ql = malloc(sizeof(float) * (size_t)R * q_dim);
+    linear_rm(x, R, D, D, Wp, q_dim, ql, q_dim);
     for (int i = 0; i < R; i++)
-        memcpy(xl + (int64_t)i * D, x + (ext->off[i] + ext->n_new[i] - 1) * D, sizeof(float) * D);
-    linear_rm(xl, R, D, D, Wp, q_dim, ql, q_dim);
-    for (int i = 0; i < R; i++)
-        memcpy(qkv + (ext->off[i] + ext->n_new[i] - 1) * qkv_dim, ql + (int64_t)i * q_dim, sizeof(float) * q_dim);
-    free(xl);
+        memcpy(qkv + last_token(ext, i) * qkv_dim, ql + (int64_t)i * q_dim, sizeof(float) * q_dim);
+    free(ql);
 }
 
 /* The layer stack over B tokens: one per cache row (a decode step, ext NULL, len [B]) or the packed new
@@ -802,7 +804,7 @@ static int run_layers(int L, const int *kinds, void *const *ptrs, const int *int
      * every token and computes its output for the last tokens alone, and the layers after it run on them
      * alone (not with routes: every token's routed experts are wanted then). */
     int writer = L;  /* the last layer that writes the cache (-1: none), when the rest runs on the last tokens */
-    if (ext != NULL && ext->last_only && routes == NULL && B > ext->R) {
+    if (ext != NULL && routes == NULL && B > ext->R) {
         writer = -1;
         for (int l = 0; l < L; l++)
             if (kinds[l] == KIND_MAMBA || kinds[l] == KIND_ATTN) writer = l;
@@ -921,12 +923,12 @@ void decode_layers(int L, const int *kinds, void *const *ptrs, const int *ints, 
 /* A cache extension of R rows (cache rows `rows`, with len / n_new / off as in `extension`), their M new
  * tokens packed: h, x [M, D] (see run_layers); routes long [n_moe, M, k] or NULL; work:
  * extend_work_size floats.  Rows of the cache not listed are not touched.  On return x[0:R] holds each
- * row's final normed hidden state at its last new token (the rest of h and x is workspace).  last_only
- * (and no routes): the layers past the last one that writes the cache run on those tokens alone, and the
- * load counters of their routed experts count those tokens only. */
+ * row's final normed hidden state at its last new token (the rest of h and x is workspace).  Without
+ * routes the layers past the last one that writes the cache run on those tokens alone, and the load
+ * counters of their routed experts count those tokens only. */
 void extend_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h, float *x,
                    float *work, const int64_t *rows, const int64_t *len, const int64_t *n_new, const int64_t *off,
-                   int64_t *routes, int R, int M, int D, int last_only) {
-    const extension ext = {rows, len, n_new, off, R, last_only};
+                   int64_t *routes, int R, int M, int D) {
+    const extension ext = {rows, len, n_new, off, R};
     if (!run_layers(L, kinds, ptrs, ints, fls, h, x, work, NULL, routes, M, D, &ext)) keep_last_rows(x, D, &ext);
 }
