@@ -82,8 +82,14 @@ def raw_decode_tokens_per_s(model, batch: int, prompt_tokens: int, new_tokens: i
 def measure_throughput(model, tok, args) -> tuple[dict, dict]:
     """The engine on the instant env, the raw decode loop at the same batch, and the engine on the slow env,
     interleaved round by round (load from other processes hits all three alike); medians of ``repeats``."""
-    play_timed(model, tok, args, requests(1, 2, 2))  # warm-up
-    raw_decode_tokens_per_s(model, args.batch, args.raw_prompt_tokens, 4)
+    # warm-up: two untimed rounds of each side at full size. A process's first full-size plays grow the
+    # allocator's heap, the workspaces and the page tables: measured on a 2-core machine, the first round's
+    # ratio was 0.34-0.39 after no or one such round and 0.45 after two, where the rounds after them gave
+    # 0.47-0.52. A rollout worker plays batch after batch in one process; the timed rounds measure that.
+    for _ in range(2):
+        play_timed(model, tok, args, requests(args.groups, args.group_size, 4))
+        raw_decode_tokens_per_s(model, args.batch, args.raw_prompt_tokens, args.raw_new_tokens)
+        play_timed(model, tok, args, requests(args.groups, args.group_size, 4, step_delay_s=args.env_delay))
     fast, raw, slow = [], [], []
     for _ in range(args.repeats):
         fast.append(play_timed(model, tok, args, requests(args.groups, args.group_size, 4)))
