@@ -171,6 +171,7 @@ class Parallel:
 
     def __init__(self, tc: ParallelTrainConfig):
         from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.state import PartialState
 
         check_processes(tc)
         world = launched_world_size()
@@ -180,6 +181,10 @@ class Parallel:
         on_gpu = torch.cuda.is_available()
         # fsdp brings its own mixed precision (the policy in wrap); autocast is for single and ddp
         self._autocast = self.dtype == "bf16" and self.strategy != "fsdp"
+        # accelerate keeps its state process-wide (one shared dict); made here, it is dropped again at close
+        # so that the process can make another Accelerator with other settings. If the host made one before
+        # us, ours shares it and it stays the host's.
+        self._own_state = not PartialState._shared_state
         self.acc = Accelerator(cpu=not on_gpu, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.is_main, self.device = self.acc.is_main_process, self.acc.device
@@ -338,6 +343,12 @@ class Parallel:
         self.acc.end_training()  # (accelerate's may destroy the process group itself)
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if self._own_state:
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+            self._own_state = False
 
 
 class LocalProcess:
