@@ -10,7 +10,7 @@ Four measurements, each a comparison made in the same run (absolute numbers drif
    same model's raw ``decode_step`` loop (greedy, nothing else) at the same batch size. Their ratio is the
    share of the model's decode speed the engine keeps while it samples, ends turns, steps environments
    and prefills observations. Medians of ``--repeats`` rounds; the ratio is the median of the rounds' ratios
-   (each round's engine run over the raw loop timed right after it).
+   (each round's engine run over the raw loop timed right after it), after ``--warmup-rounds`` untimed ones.
 2. slow environment: the same episodes with an environment that sleeps ``--env-delay`` seconds (50 ms)
    in every step, against the instant one; the ratio of wall times says how much of the environments'
    latency the engine hides behind decoding.
@@ -82,11 +82,11 @@ def raw_decode_tokens_per_s(model, batch: int, prompt_tokens: int, new_tokens: i
 def measure_throughput(model, tok, args) -> tuple[dict, dict]:
     """The engine on the instant env, the raw decode loop at the same batch, and the engine on the slow env,
     interleaved round by round (load from other processes hits all three alike); medians of ``repeats``."""
-    # warm-up: two untimed rounds of each side at full size. A process's first full-size plays grow the
-    # allocator's heap, the workspaces and the page tables: measured on a 2-core machine, the first round's
-    # ratio was 0.34-0.39 after no or one such round and 0.45 after two, where the rounds after them gave
-    # 0.47-0.52. A rollout worker plays batch after batch in one process; the timed rounds measure that.
-    for _ in range(2):
+    # warm-up: untimed rounds of each side at full size (``--warmup-rounds``, 2). A process's first full-size
+    # plays grow the allocator's heap, the workspaces and the page tables: measured on a 2-core machine, the
+    # first timed round's ratio was 0.34-0.39 after no or one such round and 0.45 after two, where the rounds
+    # after them gave 0.47-0.52. A rollout worker plays batch after batch in one process; the rounds measure that.
+    for _ in range(args.warmup_rounds):
         play_timed(model, tok, args, requests(args.groups, args.group_size, 4))
         raw_decode_tokens_per_s(model, args.batch, args.raw_prompt_tokens, args.raw_new_tokens)
         play_timed(model, tok, args, requests(args.groups, args.group_size, 4, step_delay_s=args.env_delay))
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="characters per observation in the extension comparison (256 ~ a short tool output)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="best of N for the extension comparison, median of N for throughput (a shared machine is noisy)")
+    parser.add_argument("--warmup-rounds", type=int, default=2,
+                        help="untimed full-size rounds of the throughput comparison before the timed ones")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     parser.add_argument("--env-delay", type=float, default=0.05, help="seconds per step of the slow environment")
     parser.add_argument("--raw-prompt-tokens", type=int, default=32, help="prompt before the raw decode loop")

@@ -12,7 +12,7 @@ def test_bench_rollout_prints_one_json_line(capsys):
     from hybrid_rl.benchmarks.bench_rollout import main
 
     assert main(["--preset", "micro", "--groups", "1", "--group-size", "2", "--turns", "1", "2", "--obs-lens", "16",
-                 "--max-turn-tokens", "3", "--repeats", "2", "--no-ray", "--env-delay", "0.01", "--batch", "2",
+                 "--max-turn-tokens", "3", "--repeats", "2", "--warmup-rounds", "1", "--no-ray", "--env-delay", "0.01", "--batch", "2",
                  "--raw-new-tokens", "2"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 1
