@@ -149,12 +149,55 @@ class _Prefix:
 
 
 def _reward_components(info: dict, reward: float) -> dict[str, float]:
-    """The step's named reward parts from ``info["reward_components"]``; ``{"reward": r}`` when absent or unusable."""
+    """The step's named reward parts from ``info["reward_components"]``; ``{"reward": r}`` when absent or not a
+    non-empty dict. Raises ``ValueError`` naming a part that is not a finite number: the parts are weighted into
+    the advantages (``rl.advantages``), where one NaN or infinity would make every advantage of the batch NaN."""
     parts = info.get("reward_components")
-    try:
-        return {str(k): float(v) for k, v in parts.items()} if isinstance(parts, dict) and parts else {"reward": reward}
-    except (TypeError, ValueError):
+    if not isinstance(parts, dict) or not parts:
         return {"reward": reward}
+    out = {}
+    for k, v in parts.items():
+        try:
+            f = float(v) if isinstance(v, numbers.Real) else math.nan  # numpy scalars are Real too
+        except OverflowError:  # an int past float's range
+            f = math.inf
+        if not math.isfinite(f):
+            raise ValueError(f"step returned reward component {str(k)!r} = {_short(v)}, expected a finite number")
+        out[str(k)] = f
+    return out
+
+
+def _flag(value, what: str) -> bool:
+    """``value`` (``terminated``, ``truncated`` or an info flag) as a bool: a bool, a numpy bool, a 0-d array, a
+    number (0/1) or None (False). Raises ``ValueError`` naming anything else: an array of several values
+    (whose truth is ambiguous), a list, a string ("False" would read as true)."""
+    if value is True or value is False:
+        return value
+    if value is None or isinstance(value, numbers.Number) or getattr(value, "shape", None) == ():
+        try:
+            return bool(value)
+        except Exception:  # noqa: BLE001  (a 0-d array of something without a truth value)
+            pass
+    raise ValueError(f"step returned {what} = {_short(value)} ({type(value).__name__}), expected a bool")
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _text_problem(text: str, what: str) -> str:
+    """What is wrong with ``text`` ("" when nothing): a lone surrogate (text decoded with
+    ``errors='surrogateescape'``), which no tokenizer can encode. ``isascii`` is O(1) in CPython, so an ASCII
+    observation costs nothing; other text one C-speed encode per env step."""
+    if text.isascii():
+        return ""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f"{what} is not valid UTF-8 text ({err.reason}: {text[err.start:err.end]!r} at index {err.start}); "
+                "decode the environment's text with errors='replace'")
+    return ""
 
 
 def model_vocab_size(model) -> int:
@@ -462,6 +505,11 @@ class Engine:
             return
         tok = self.tokenizer
         system = getattr(env.unwrapped, "system_prompt", None)
+        problem = _text_problem(obs, "reset returned an observation that") or (
+            _text_problem(system, "the env's system_prompt") if isinstance(system, str) else "")
+        if problem:
+            self._env_failed(ep, EnvFailure(problem), "reset")
+            return
         ids = list(tok.bos_prefix)
         if system:
             ids += tok.render_message("system", system)
@@ -511,10 +559,18 @@ class Engine:
         if problem:
             self._env_failed(ep, EnvFailure(problem), "step")
             return True
-        traj.step_rewards.append(float(reward))
         info = info or {}
-        traj.reward_components.append(_reward_components(info, float(reward)))
-        invalid = bool(info.get("invalid_action", False))
+        try:  # a malformed value ends this episode as an env error (recorded), not play() (the whole batch)
+            terminated, truncated = _flag(terminated, "terminated"), _flag(truncated, "truncated")
+            invalid = _flag(info.get("invalid_action"), 'info["invalid_action"]')
+            components = _reward_components(info, float(reward))
+            if (terminated or truncated) and "success" in info:
+                _flag(info["success"], 'info["success"]')
+        except ValueError as err:
+            self._env_failed(ep, EnvFailure(str(err)), "step")
+            return True
+        traj.step_rewards.append(float(reward))
+        traj.reward_components.append(components)
         traj.num_invalid_actions += invalid
         if terminated or truncated:
             traj.status = "terminated" if terminated else "truncated"
@@ -522,6 +578,10 @@ class Engine:
             return True
         if invalid and cfg.end_on_invalid_action:
             traj.status = "invalid_action"
+            return True
+        problem = _text_problem(obs, "step returned an observation that")
+        if problem:
+            self._env_failed(ep, EnvFailure(problem), "step")
             return True
         role = _obs_role(info)
         obs_ids = self.tokenizer.render_message(role, obs) + self.tokenizer.generation_prefix()
@@ -693,7 +753,8 @@ def _state(info) -> str:
 
 
 def _obs_role(info) -> str:
-    return "tool" if (info or {}).get("role") == "tool" else "user"
+    role = (info or {}).get("role")
+    return "tool" if isinstance(role, str) and role == "tool" else "user"  # an array's == is no bool
 
 
 def _routing_rows(routed, counts: list[int]) -> list[list]:

@@ -32,16 +32,21 @@ class EnvFailure(Exception):
 
 
 def make_env(env_id: str, **kwargs):
-    """``envs.make`` (the project's registry, with did-you-mean); ``module:id`` imports ``module`` first."""
-    if ":" in env_id:
-        module, _, env_id = env_id.partition(":")
-        importlib.import_module(module)
+    """``envs.make`` (the project's registry, with did-you-mean); ``module:id`` imports ``module`` first.
+
+    Only a ':' before the arguments ``(...)`` separates a module (``envs.registry.split_args`` parses them off):
+    ``Dataset-v0(path=/data/x:1/q.jsonl)`` is an id with an argument, not the module ``Dataset-v0(path=/data/x``."""
     try:
         from hybrid_rl import envs
+        from hybrid_rl.envs.registry import split_args
 
         maker = getattr(envs, "make", None)
     except ImportError:
-        maker = None
+        maker, split_args = None, None
+    base = split_args(env_id)[0] if split_args is not None else env_id.partition("(")[0]
+    if ":" in base:
+        module, _, env_id = env_id.partition(":")  # the first ':' is in ``base``: before any argument
+        importlib.import_module(module)
     if maker is None:
         import gymnasium
 
