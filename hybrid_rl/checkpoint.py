@@ -23,10 +23,17 @@ import torch
 
 __all__ = [
     "TRAINER_STATE", "save_checkpoint", "write_dir_atomically", "load_trainer_state", "latest_checkpoint", "list_checkpoints",
-    "rng_state", "set_rng_state",
+    "rng_state", "set_rng_state", "checkpoint_stage", "CheckpointError",
 ]
 
 TRAINER_STATE = "trainer_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory, config or file that cannot be read (as a NemotronH model, or as a trainer state);
+    the message says why and what to do."""
+
+
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -99,11 +106,29 @@ def load_trainer_state(ckpt_dir: str | os.PathLike, restore_rng: bool = True) ->
             "model files). Pass a step_N directory written by a hybrid-rl training run, or use init_from to "
             "start a fresh run from its weights."
         )
-    # weights_only=False: the state holds numpy RNG tuples and plain python objects we wrote ourselves
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = _read_state(path)
     if restore_rng and "rng" in state:
         set_rng_state(state["rng"])
     return state
+
+
+def checkpoint_stage(ckpt_dir: str | os.PathLike) -> str:
+    """Which stage wrote the checkpoint: ``"sft"`` or ``"rl"`` (its trainer state says so; one written before it
+    did is SFT's when it holds a data cursor)."""
+    state = _read_state(Path(ckpt_dir) / TRAINER_STATE, mmap=True)  # mapped, not read: the optimizer state can be large
+    return str(state.get("stage") or ("sft" if "cursor" in state else "rl"))
+
+
+def _read_state(path: Path, mmap: bool = False) -> dict:
+    # weights_only=False: the state holds numpy RNG tuples and plain python objects we wrote ourselves
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # a torn or truncated file: torch's own message names neither the file nor a way out
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]}): the checkpoint is "
+                              f"incomplete or damaged. Delete {path.parent} to resume from the checkpoint before it, "
+                              "or start the run anew") from err
 
 
 def rng_state() -> dict:

@@ -13,6 +13,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from hybrid_rl.checkpoint import CheckpointError
 from hybrid_rl.config import ConfigError
 
 # command -> (module, one-line help). Order is the order of the help text.
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"hybrid-rl {name}: error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError) as err:
+    except (FileNotFoundError, FileExistsError, CheckpointError) as err:
         print(f"hybrid-rl {name}: error: {err}", file=sys.stderr)
         return 2
 

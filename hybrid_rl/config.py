@@ -18,10 +18,10 @@ override them. The resolved config (preset values written out) round-trips throu
 from __future__ import annotations
 
 import argparse
-
 import dataclasses
 import difflib
 import importlib.util
+import math
 import types
 import typing
 from pathlib import Path
@@ -120,8 +120,28 @@ class _Scalar:
         return repr(self.value)
 
 
-class _TextLoader(yaml.SafeLoader):
-    """YAML's safe loader whose numbers, bools and dates (values and mapping keys) are ``_Scalar``s that keep
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key written twice in one mapping (plain YAML keeps the last one and
+    drops the first in silence: two ``train:`` sections of a recipe would lose the first one's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key_node.value!r} appears twice in one mapping (lines {seen[key_node.value]} "
+                        f"and {line}); YAML would keep only the second: write its settings under one key",
+                        key_node.start_mark)
+                seen[key_node.value] = line
+        return super().construct_mapping(node, deep)
+
+
+class _TextLoader(_StrictLoader):
+    """The strict loader whose numbers, bools and dates (values and mapping keys) are ``_Scalar``s that keep
     their text."""
 
 
@@ -138,9 +158,7 @@ for _tag in ("int", "float", "bool", "timestamp"):
 
 
 def _load_yaml(text: str, keep_text: bool):
-    if not keep_text:
-        return yaml.safe_load(text)
-    return yaml.load(text, Loader=_TextLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_TextLoader if keep_text else _StrictLoader)  # noqa: S506 - SafeLoader subclasses
 
 
 def _plain(obj):
@@ -319,13 +337,19 @@ def _convert(value: Any, tp, key: str, root: type) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept what float() accepts
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept what float() accepts
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # nan passes every range check (nan <= 0 is False), inf most of them
+                raise ConfigError(f"{key}: got {value!r}, expected a finite number (no nan or inf: every setting that "
+                                  "can be switched off is switched off by 0 or a flag).")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

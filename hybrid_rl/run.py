@@ -31,7 +31,14 @@ class RunConfig:
 
 
 def make_run_dir(run: RunConfig, stage: str, full_config, *, resume: bool = False) -> Path:
-    """Create ``output_dir/name`` and write ``config.yaml`` into it; returns the path."""
+    """Create ``output_dir/name`` and write ``config.yaml`` into it; returns the path. (``claim_run_dir`` then
+    ``start_run_dir``: a stage with inputs to load first calls them apart.)"""
+    return start_run_dir(claim_run_dir(run, stage, resume=resume), run, full_config, resume=resume)
+
+
+def claim_run_dir(run: RunConfig, stage: str, *, resume: bool = False) -> Path:
+    """The run directory's path (``output_dir/name``, or ``<stage>-<timestamp>``), refused when it holds another
+    run and neither ``run.overwrite`` nor ``resume`` says what to do with it. Nothing is written yet."""
     name = run.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(run.output_dir) / name
     if run_dir.exists() and any(run_dir.iterdir()) and not (resume or run.overwrite):
@@ -39,11 +46,41 @@ def make_run_dir(run: RunConfig, stage: str, full_config, *, resume: bool = Fals
             f"run directory {run_dir} already exists and is not empty; pick another run.name, "
             f"pass run.overwrite=true to replace that run's outputs, or resume from it."
         )
+    return run_dir
+
+
+def start_run_dir(run_dir: Path, run: RunConfig, full_config, *, resume: bool = False) -> Path:
+    """Make ``run_dir`` (from ``claim_run_dir``) the new run's: with ``run.overwrite`` (and not resuming) the
+    previous run's outputs go, then ``config.yaml`` is written. A stage calls it once its inputs (``init_from``,
+    data, the checkpoint it evaluates) have loaded, so that a run failing on a bad input has cleared nothing."""
     if run.overwrite and not resume:
         clear_run_outputs(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(full_config, run_dir / "config.yaml")
     return run_dir
+
+
+def resume_point(run: RunConfig, stage: str) -> Path:
+    """The checkpoint ``resume=true`` continues: the newest ``step_N`` of the run's directory. Refused, before
+    anything in the directory is touched, when there is none (a misspelt ``run.name`` would otherwise start a
+    new run in silence) or when the directory holds a run of another stage (an SFT run resumed by the RL stage
+    would have its checkpoints rotated away and its metrics mixed with RL's)."""
+    from hybrid_rl.checkpoint import checkpoint_stage, latest_checkpoint
+    from hybrid_rl.config import ConfigError
+
+    if not run.name:
+        raise ConfigError("resume=true needs run.name: the name of the run directory to continue (runs/<name>)")
+    run_dir = Path(run.output_dir) / run.name
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        where = "does not exist" if not run_dir.exists() else "has no step_N checkpoint to continue from"
+        raise ConfigError(f"resume=true, but the run directory {run_dir} {where}; check run.name and run.output_dir, "
+                          f"or drop resume=true to start a new run")
+    found = checkpoint_stage(ckpt)
+    if found != stage:
+        raise ConfigError(f"resume=true, but {run_dir} is a run of the {found} stage and this is the {stage} stage; to "
+                          f"start {stage} from its weights, pass init_from={ckpt} with another run.name")
+    return ckpt
 
 
 # what a stage writes into its run directory: run.overwrite replaces these, so a new run's metrics, samples,

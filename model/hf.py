@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from hybrid_rl.checkpoint import CheckpointError  # defined in the foundation (the CLI catches it); raised here
 from hybrid_rl.model.config import HF_BLOCK_NAMES, HybridConfig
 
 __all__ = [
@@ -95,10 +96,6 @@ _HF_DEFAULTS: dict[str, Any] = {
     "time_step_floor": 1e-4, "time_step_max": 0.1, "time_step_min": 0.001, "topk_group": 1,
     "use_bias": False, "use_cache": True, "use_conv_bias": True, "use_mamba_kernels": True,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or config that cannot be read as a NemotronH model; the message says why."""
 
 
 # ---------------------------------------------------------------------- config

@@ -52,7 +52,7 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from hybrid_rl.config import to_dict
 from hybrid_rl.distributed import LocalProcess, Parallel, adamw, balance_experts, rank_share, rank_share_weights
 from hybrid_rl.metrics import MetricsLogger, env_key
-from hybrid_rl.run import make_run_dir, seed_everything, torch_threads
+from hybrid_rl.run import make_run_dir, resume_point, seed_everything, torch_threads
 from hybrid_rl.schedule import warmup_cosine
 from hybrid_rl.rl.advantages import ADVANTAGES, anchor_state_advantages, turn_groups, turn_observations, turn_returns
 from hybrid_rl.rl.batch import (TENSOR_FIELDS, Batch, collate, micro_batches, pack, packed_plan, share_units, trained_lengths,
@@ -88,6 +88,27 @@ def load_policy(cfg: RLStageConfig):
                                     "with step_N checkpoints. Pass e.g. runs/<sft-run>/step_200.")
         path = latest
     return load_pretrained(path).float(), checkpoint_tokenizer(path), str(path)
+
+
+def _check_resumed_model(cfg: RLStageConfig, ckpt: Path, source: str, policy: dict, resumed: dict) -> None:
+    """The checkpoint being resumed must be the model ``init_from`` loads (the KL reference and the shapes come from
+    it): else an error that names the ``init_from`` the run was started with (its config.yaml, before it is rewritten)."""
+    differ = sorted(set(policy) ^ set(resumed)) or [k for k in policy if policy[k].shape != resumed[k].shape]
+    if not differ:
+        return
+    from hybrid_rl.config import ConfigError
+
+    first = differ[0]
+    shapes = f"{tuple(policy[first].shape) if first in policy else 'absent'} against " \
+             f"{tuple(resumed[first].shape) if first in resumed else 'absent'}"
+    started = ""
+    saved = ckpt.parent / "config.yaml"
+    if saved.is_file():
+        import yaml
+
+        started = f" (the run started with init_from: {(yaml.safe_load(saved.read_text()) or {}).get('init_from')!r})"
+    raise ConfigError(f"resume=true: {ckpt} is not the model init_from={cfg.init_from!r} loads ({source}): {len(differ)} "
+                      f"tensor(s) differ, e.g. {first} {shapes}; pass the init_from the run started from{started}")
 
 
 def rounds_per_step(cfg: RLStageConfig) -> int:
@@ -527,6 +548,13 @@ def _train(cfg: RLStageConfig) -> dict:
 
         raise ConfigError(f"algo.routing_replay / algo.log_routing_mismatch: the policy ({source}) has no MoE layers, "
                           "so there is no routing to record or replay; set both to false for this model")
+    ckpt, resumed = None, None
+    if cfg.resume:  # refused now, before the run directory is touched, if there is nothing of this stage to resume
+        from hybrid_rl.model.hf import load_pretrained
+
+        ckpt = resume_point(cfg.run, "rl")
+        resumed = load_pretrained(ckpt).float().state_dict()
+        _check_resumed_model(cfg, ckpt, source, model.state_dict(), resumed)
     run_dir = Path(par.broadcast(str(make_run_dir(cfg.run, "rl", cfg, resume=cfg.resume)) if par.is_main else None))
     model.train()
     ref_model = None
@@ -536,10 +564,8 @@ def _train(cfg: RLStageConfig) -> dict:
     model, optimizer = par.wrap(model, lambda m: adamw(m.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                                        weight_decay=tc.weight_decay))
     start_step, resumed_batch = 0, None
-    if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        from hybrid_rl.model.hf import load_pretrained
-
-        par.load_full_state_dict(load_pretrained(ckpt).float().state_dict())
+    if ckpt is not None:
+        par.load_full_state_dict(resumed)
         state = load_trainer_state(ckpt)
         par.load_optimizer_state(optimizer, state["optimizer"])
         start_step = state["step"]
@@ -715,7 +741,7 @@ def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer_state: dict, k
     the step and (async) the already played next batch."""
     from hybrid_rl.model.hf import save_pretrained
 
-    state = {"optimizer": optimizer_state, "step": step}
+    state = {"stage": "rl", "optimizer": optimizer_state, "step": step}
     if next_batch is not None:
         state["next_batch"] = _batch_state(next_batch)
     return save_checkpoint(run_dir, step, lambda d: save_pretrained(model, d, tokenizer), state, keep_last=keep_last)

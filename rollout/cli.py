@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.config import ConfigError, to_dict
-from hybrid_rl.run import make_run_dir, seed_everything
+from hybrid_rl.run import claim_run_dir, seed_everything, start_run_dir
 from hybrid_rl.rollout.config import EvalStageConfig
 
 log = logging.getLogger("hybrid_rl.rollout")
@@ -68,10 +68,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     check(cfg)
     seed_everything(cfg.run.seed)
-    run_dir = make_run_dir(cfg.run, "eval", cfg)
+    run_dir = claim_run_dir(cfg.run, "eval")  # a run there that may not be replaced is refused before the eval
     t0 = time.time()
     result = evaluate_checkpoint(cfg)
     elapsed = time.time() - t0
+    start_run_dir(run_dir, cfg.run, cfg)  # the eval ran: only now does a previous run's eval.json make way
     print(result.table())
     tokens = sum(t.num_action_tokens for t in result.trajectories)
     report = {

@@ -40,7 +40,7 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from hybrid_rl.config import to_dict
 from hybrid_rl.distributed import Parallel, adamw, balance_experts
 from hybrid_rl.rollout.evaluate import evaluate_policy, sample_row
-from hybrid_rl.run import make_run_dir, seed_everything
+from hybrid_rl.run import claim_run_dir, resume_point, seed_everything, start_run_dir
 from hybrid_rl.schedule import warmup_cosine
 from hybrid_rl.sft.config import SFTStageConfig, SFTTrainConfig
 from hybrid_rl.sft.data import expert_conversation, load_samples
@@ -65,13 +65,11 @@ class Progress:
 
 
 def open_run_dir(cfg: SFTStageConfig, par: Parallel) -> tuple[Path, Path | None]:
-    """(the run directory, made by the main process and named alike on all; its latest step_N if resuming)."""
-    run_dir = str(make_run_dir(cfg.run, "sft", cfg, resume=cfg.resume)) if par.is_main else None
-    run_dir = Path(par.broadcast(run_dir))  # the main process's (timestamped) name
-    resume_dir = latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and resume_dir is None:
-        log.warning("resume=true but %s has no step_N checkpoint yet; starting from step 0", run_dir)
-    return run_dir, resume_dir
+    """(the run directory, named by the main process and alike on all; the ``step_N`` being resumed, or None).
+    Nothing of a previous run is touched here: ``start_run_dir`` replaces its outputs once the inputs loaded."""
+    resume_dir = resume_point(cfg.run, "sft") if cfg.resume else None  # a missing or foreign run is refused now
+    run_dir = str(claim_run_dir(cfg.run, "sft", resume=cfg.resume)) if par.is_main else None
+    return Path(par.broadcast(run_dir)), resume_dir  # the main process's (timestamped) name
 
 
 def load_model(cfg: SFTStageConfig, resume_dir: Path | None, vocab_size: int):
@@ -199,7 +197,8 @@ def save(par: Parallel, run_dir: Path, tokenizer, optimizer, progress: Progress,
 
     full, optimizer_state = par.full_model(), par.optimizer_state(optimizer)
     if par.is_main:
-        state = {"optimizer": optimizer_state, **asdict(progress), "world_size": par.world, "config": to_dict(cfg)}
+        state = {"stage": "sft", "optimizer": optimizer_state, **asdict(progress), "world_size": par.world,
+                 "config": to_dict(cfg)}
         path = save_checkpoint(run_dir, progress.step, lambda d: save_pretrained(full, d, tokenizer), state,
                                keep_last=cfg.train.keep_last_checkpoints)
         log.info("saved %s", path)
@@ -222,7 +221,11 @@ def train(cfg: SFTStageConfig) -> dict:
     seed_everything(cfg.run.seed)
     tokenizer = checkpoint_tokenizer(resume_dir or cfg.init_from)
     model = load_model(cfg, resume_dir, tokenizer.vocab_size)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # for the demonstrations made on the fly
     samples, report = load_samples(cfg.data, tokenizer, demos_path=run_dir / "demonstrations.jsonl" if is_main else None)
+    if is_main:  # the inputs loaded: now a previous run's outputs make way (run.overwrite), and config.yaml is written
+        start_run_dir(run_dir, cfg.run, cfg, resume=cfg.resume)
     docs = [(s.ids, s.mask) for s in samples]
     stream = MicroBatchStream(docs, cfg.data.max_seq_tokens, cfg.rows_per_micro_batch, cfg.run.seed, tokenizer.pad_id)
     if is_main:
