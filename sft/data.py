@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,8 @@ class DataReport:
 class BadSample(Exception):
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
-        self.kind = kind  # short key for counting: not_utf8, not_json, no_assistant, unknown_role, too_long, format
+        # short key for counting: not_utf8, not_json, format, tool_calls, unknown_role, no_assistant, template, too_long
+        self.kind = kind
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -107,11 +109,24 @@ def env_conversations(env_id: str, episodes: int, keep_failed: bool = False) -> 
                     env_id, failed, episodes)
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
-    """(``path:LINE``, parsed object or a ``BadSample``) per non-blank line (lines count from 1)."""
+def check_jsonl_path(path: str | Path) -> Path:
+    """``path`` if it is a file; else ``FileNotFoundError`` saying what it is instead (missing, a directory)."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.jsonl"))
+        holds = (f"it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found
+                 else "it holds no .jsonl file")
+        example = path / (found[0] if found else "train.jsonl")
+        raise FileNotFoundError(f"data.jsonl_paths: {path} is a directory, not a JSONL file ({holds}); name each .jsonl "
+                                f"file itself, e.g. data.jsonl_paths=[{example}]")
     if not path.is_file():
         raise FileNotFoundError(f"data.jsonl_paths: {path} does not exist (give a JSONL file with one conversation per line)")
+    return path
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
+    """(``path:LINE``, parsed object or a ``BadSample``) per non-blank line (lines count from 1)."""
+    path = check_jsonl_path(path)
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -123,10 +138,30 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
                 continue
             if not line.strip():
                 continue
+            row = line.rstrip("\r\n")  # the row alone: an error at its end is at its last column, not on the next line
             try:
-                yield where, json.loads(line)
+                yield where, json.loads(row)
             except json.JSONDecodeError as err:
-                yield where, BadSample("not_json", f"not valid JSON ({err.msg} at column {err.colno})")
+                yield where, BadSample("not_json", _json_error(row, err))
+
+
+_ONE_ROW_PER_LINE = ("Each line must hold one whole JSON object: was the file truncated, or an object written over "
+                     "several lines (pretty-printed)? Complete the row on its line, or remove it")
+
+
+def _json_error(row: str, err: json.JSONDecodeError) -> str:
+    """What is wrong with a row that does not parse, at its column in the row (``err.pos`` counts from the row's start)."""
+    column = err.pos + 1
+    if err.msg.startswith("Unterminated string"):
+        return (f"the row is cut off: a string opened at column {column} is never closed, so the row is not complete "
+                f"JSON. {_ONE_ROW_PER_LINE}")
+    if err.pos >= len(row.rstrip()):
+        return (f"the row is cut off: it ends at column {len(row.rstrip())} before its JSON is complete ({err.msg} "
+                f"at the end of the row). {_ONE_ROW_PER_LINE}")
+    if err.msg == "Extra data":
+        return (f"not valid JSON: more than one JSON value on one line (extra data at column {column}); write one "
+                "conversation per line")
+    return f"not valid JSON ({err.msg} at column {column})"
 
 
 def read_hf_dataset(directory: str | Path, split: str = "train") -> Iterator[tuple[str, object]]:
@@ -164,7 +199,11 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
 
 
 def validate_messages(obj: object) -> list[dict]:
-    """The conversation's messages, or ``BadSample`` saying what is wrong with it."""
+    """The conversation's messages, or ``BadSample`` saying what is wrong with it.
+
+    Only ``role`` and ``content`` are read. A message with structured ``tool_calls`` (or a legacy
+    ``function_call``) is bad, not trained as its ``content`` alone: its calls belong in ``content`` as text in
+    the project's tool-call format (``envs.tools.format_tool_call``)."""
     if isinstance(obj, BadSample):
         raise obj
     messages = obj.get("messages") if isinstance(obj, dict) else None
@@ -172,13 +211,60 @@ def validate_messages(obj: object) -> list[dict]:
         raise BadSample("format", 'expected an object with a non-empty "messages" list, got '
                         f"{_short(obj)}")
     for k, m in enumerate(messages):
+        if isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call")):
+            raise BadSample("tool_calls", _tool_calls_reason(k, m))
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadSample("format", f'message {k} must be {{"role": str, "content": str}}, got {_short(m)}')
+            null = isinstance(m, dict) and "content" in m and m["content"] is None
+            null = ' ("content" is null: write "" for no text)' if null else ""
+            raise BadSample("format", f'message {k} must be {{"role": str, "content": str}}{null}, got {_short(m)}')
         if m["role"] not in ROLES:
             raise BadSample("unknown_role", f"message {k} has unknown role {m['role']!r}; valid roles: {', '.join(ROLES)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadSample("no_assistant", "conversation has no assistant turn: nothing to train on")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _tool_calls_reason(k: int, message: dict) -> str:
+    """Why a message with structured tool calls is bad, and its content with the calls written as text."""
+    from hybrid_rl.envs.tools import format_tool_call
+
+    key = "tool_calls" if message.get("tool_calls") else "function_call"
+    example = format_tool_call("calc", {"expression": "3*4"})
+    head = (f'message {k} ({message.get("role")}) has structured "{key}", which SFT does not read: it renders and trains '
+            f'only "content" (here {_short(message.get("content"), 40)}), so the calls would be lost (and an empty '
+            f'content trained as the reply). Write each call as text in "content", in the project\'s tool-call format '
+            f'{example} (what envs.tools.format_tool_call writes), and remove "{key}"')
+    text = _tool_calls_as_text(message, key)
+    if text is None:
+        return head
+    text = json.dumps(text, ensure_ascii=False)
+    return head + f'; for this message: "content": {text if len(text) <= 300 else text[:297] + "..."}'
+
+
+def _tool_calls_as_text(message: dict, key: str) -> str | None:
+    """The message's content followed by its calls in the project's format; None if a call is not name+arguments."""
+    from hybrid_rl.envs.tools import format_tool_call
+
+    calls = message[key] if key == "tool_calls" else [message[key]]
+    if not isinstance(calls, list):
+        return None
+    parts = [message.get("content") or ""]
+    if not isinstance(parts[0], str):
+        return None
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            return None
+        arguments = fn.get("arguments", {})
+        if isinstance(arguments, str):  # OpenAI style: the arguments object as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        parts.append(format_tool_call(fn["name"], arguments))
+    return "".join(parts)
 
 
 def _short(obj: object, n: int = 80) -> str:
@@ -201,7 +287,10 @@ def render_samples(
     for where, obj in items:
         try:
             messages = validate_messages(obj)
-            ids, mask = tokenizer.render_chat(messages)
+            try:
+                ids, mask = tokenizer.render_chat(messages)
+            except _template_errors() as err:  # the checkpoint's template cannot render this row turn by turn
+                raise _template_bad(err, messages, tokenizer) from None
             if len(ids) > max_seq_tokens:
                 if not truncate:
                     raise BadSample("too_long", f"{len(ids)} tokens is longer than data.max_seq_tokens={max_seq_tokens}; "
@@ -220,6 +309,38 @@ def render_samples(
     return samples
 
 
+def _template_errors() -> tuple[type[Exception], ...]:
+    """What a chat template's rendering raises for a conversation it does not support: ``HFChatTokenizer``'s
+    ValueError (the conversation does not split into per-message pieces) and Jinja's ``raise_exception``."""
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # no transformers/jinja2: only the byte tokenizer, whose rendering never fails after validation
+        return (ValueError,)
+    return (ValueError, TemplateError)
+
+
+def _template_bad(err: Exception, messages: list[dict], tokenizer) -> BadSample:
+    """A ``template`` BadSample: which message the chat template cannot render as its own turn, and the fix."""
+    name = type(getattr(tokenizer, "hf", tokenizer)).__name__
+    found = re.search(r"does not render message (\d+)", str(err))
+    k = int(found.group(1)) if found else None
+    if k is None or not 0 <= k < len(messages):
+        return BadSample("template", f"the chat template of the tokenizer ({name}) cannot render this conversation "
+                         f"message by message ({err}); this template does not support this conversation: change its messages "
+                         "(their order, or merge consecutive messages of one role) or remove the row")
+    role = messages[k]["role"]
+    why = (f"the chat template of the tokenizer ({name}) renders message {k} ({role}) differently inside the "
+           "conversation than as a turn of its own, so SFT would train on other ids than rollout builds turn by turn")
+    if k > 0 and messages[k - 1]["role"] == role:
+        fix = (f"messages {k - 1} and {k} are two {role!r} messages in a row, which this template groups into one "
+               f"turn: merge them into one {role!r} message (join their contents) or remove the row")
+    else:
+        after = f"after a {messages[k - 1]['role']!r} message" if k else "as the first message"
+        fix = (f"this template does not support a {role!r} message {after}; reorder or merge the row's messages, "
+               "or remove the row")
+    return BadSample("template", f"{why}. Fix: {fix}")
+
+
 def _bad(where: str, bad: BadSample, on_bad_sample: str, report: DataReport) -> None:
     line = f"{where}: {bad}"
     if on_bad_sample == "error":
@@ -236,6 +357,8 @@ def load_samples(data_cfg, tokenizer, demos_path: Path | None = None) -> tuple[l
     report = DataReport()
     samples: list[Sample] = []
     demos: list[dict] = []
+    for path in data_cfg.jsonl_paths:  # a wrong path fails now, not after the expert demonstrations are played
+        check_jsonl_path(path)
     for spec in data_cfg.envs:
         convs = list(env_conversations(spec.env_id, spec.episodes, data_cfg.keep_failed_demos))
         demos += [obj for _, obj in convs]
