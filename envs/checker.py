@@ -1,6 +1,7 @@
 """``hybrid-rl envs check ID``: gymnasium's checker plus the hybrid-rl contract.
 
-Checks, each reported by name:
+Checks, each reported by name (an env that cannot be made with the id's arguments and the keyword arguments
+fails one check, ``make``, with the constructor's error, and runs no other):
   gymnasium         gymnasium.utils.env_checker.check_env on the unwrapped env (its warnings are reported)
   text_spaces       observation and action spaces are ``gymnasium.spaces.Text``; observations are str and
                     members of the observation space
@@ -8,7 +9,7 @@ Checks, each reported by name:
                     number; ``success``/``role``/``invalid_action``, when given, have the right types, and
                     ``reward_components`` (when given) sum to the reward
   determinism       the same seed and the same actions give the same episode
-  bad_actions       garbage, malformed tool calls, "", 100 KB and non-ASCII text never raise
+  bad_actions       garbage, malformed (and deeply nested) tool calls, "", 100 KB and non-ASCII text never raise
   truncation        an agent that only sends garbage is truncated at the turn limit (or the env ends
                     the episode itself); truncation never comes before the limit
   expert            the expert ends episodes by termination; its success rate on eval seeds is
@@ -41,7 +42,7 @@ import numpy as np
 from gymnasium.utils.env_checker import check_env as gym_check_env
 
 from hybrid_rl.envs.episode import Episode, expert_policy, run_episode
-from hybrid_rl.envs.registry import LEGACY_HINT, make, resolve_id, seeds
+from hybrid_rl.envs.registry import LEGACY_HINT, make, merge_args, resolve_id, seeds
 
 __all__ = ["CheckReport", "check", "BAD_ACTIONS", "SUCCESS_FLOOR"]
 
@@ -53,6 +54,7 @@ BAD_ACTIONS: dict[str, object] = {
     "malformed_tool_call": '<tool_call>{"name": "calc", "arguments": </tool_call>',
     "unclosed_tool_call": '<tool_call>{"name": "calc"',
     "unknown_tool": '<tool_call>{"name": "nope", "arguments": {}}</tool_call>',
+    "deeply_nested_tool_call": "<tool_call>" + "[" * 1500 + "</tool_call>",  # deeper than the recursion limit
     "huge_number": "9" * 400,
     "negative": "-3",
     "non_ascii": "\u2603 \u00e9\u00e8 \x00\x7f",
@@ -88,9 +90,16 @@ class CheckReport:
 
 
 def check(env_id: str, episodes: int = 100, **kwargs) -> CheckReport:
-    """Run every check on ``env_id`` (made with ``kwargs``); the expert plays ``episodes`` eval seeds."""
-    env_id = resolve_id(env_id)
+    """Run every check on ``env_id`` (made with its id arguments, ``ID(n=100)``, and ``kwargs``; a key given in
+    both with different values is a ``ValueError``); the expert plays ``episodes`` eval seeds."""
+    base, kwargs = merge_args(env_id, kwargs, source="the keyword argument")
+    env_id = resolve_id(base)
     report = CheckReport(env_id)
+    try:  # arguments the constructor refuses: one line, not the same error from every check
+        make(env_id, **kwargs).close()
+    except Exception as err:
+        report.results["make"] = f"{type(err).__name__}: {err}"
+        return report
     steps: list[tuple[str, Callable[[], None]]] = [
         ("gymnasium", lambda: _gymnasium(env_id, kwargs, report)),
         ("text_spaces", lambda: _text_spaces(env_id, kwargs)),

@@ -3,6 +3,9 @@
     hybrid-rl envs list
     hybrid-rl envs check [ID ...] [--episodes 200]        (no ID: every registered environment)
     hybrid-rl envs expert ID [--policy heuristic] [--episodes 200] [--noise 0.2] [--show 1] [--arg size=8]
+
+An ID may carry arguments, ``'GuessNumber-v0(n=100;turn_penalty=0)'``; they are applied together with any
+``--arg`` (a key given both ways with different values is an error).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import yaml
 
 from hybrid_rl.envs.checker import check
 from hybrid_rl.envs.episode import POLICIES, expert_episode, expert_stats
-from hybrid_rl.envs.registry import UnknownEnvironmentError, describe, env_ids, max_turns, resolve_id, seeds
+from hybrid_rl.envs.registry import UnknownEnvironmentError, describe, env_ids, max_turns, merge_args, resolve_id, seeds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +77,10 @@ def _list(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     kwargs = _env_kwargs(args.arg)
     failed = []
-    for env_id in args.env_ids or env_ids():
+    ids = args.env_ids or env_ids()
+    for env_id in ids:
+        merge_args(env_id, kwargs)  # a clash between the id's arguments and --arg fails before any check runs
+    for env_id in ids:
         report = check(env_id, episodes=args.episodes, **kwargs)
         print(report.format(), flush=True)
         if not report.passed:
@@ -86,14 +92,15 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _expert(args: argparse.Namespace) -> int:
-    kwargs = _env_kwargs(args.arg)
-    env_id = resolve_id(args.env_id)
+    base, kwargs = merge_args(args.env_id, _env_kwargs(args.arg))  # the id's arguments, then --arg
+    label = resolve_id(base) + args.env_id[len(base):]  # shown with the id's arguments
+    env_id = resolve_id(base)
     for seed in seeds(env_id, args.split, args.show):
         episode = expert_episode(env_id, seed, noise=args.noise, policy=args.policy, **kwargs)
-        print(f"--- {env_id} seed {seed}\n{episode.transcript()}")
+        print(f"--- {label} seed {seed}\n{episode.transcript()}")
     stats = expert_stats(env_id, args.episodes, split=args.split, noise=args.noise, policy=args.policy, **kwargs)
     noise = "n/a" if args.policy == "random" else args.noise if args.noise is not None else "default"
-    print(f"{env_id} {args.policy} (noise {noise}) on {stats['episodes']} "
+    print(f"{label} {args.policy} (noise {noise}) on {stats['episodes']} "
           f"{args.split} seeds: success {stats['success_rate']:.1%}, mean return {stats['mean_return']:.3f}, "
           f"mean turns {stats['mean_turns']:.2f}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hybrid_rl.envs.core import TextEnv, first_int
+from hybrid_rl.envs.registry import int_arg, number_arg
 
 
 class GuessNumber(TextEnv):
@@ -23,10 +24,8 @@ class GuessNumber(TextEnv):
 
     def __init__(self, n: int = 16, turn_penalty: float = 0.02, render_mode: str | None = None, expert_noise: float = 0.0):
         super().__init__(render_mode=render_mode, expert_noise=expert_noise)
-        if n < 2:
-            raise ValueError(f"n={n}: the range [1, n] needs n >= 2.")
-        self.n = n
-        self.turn_penalty = turn_penalty
+        self.n = int_arg("GuessNumber", "n", n, minimum=2, note="(the range is [1, n])")
+        self.turn_penalty = number_arg("GuessNumber", "turn_penalty", turn_penalty)
         self.target = 1
         self.low, self.high = 1, n  # the interval still consistent with the feedback
 

@@ -131,10 +131,13 @@ class PythonTool(TextEnv):
                  sandbox_penalty: float = 0.05, cpu_s: int = 2, wall_s: float = 10.0, memory_mb: int = 256,
                  render_mode: str | None = None, expert_noise: float = 0.0):
         super().__init__(render_mode=render_mode, expert_noise=expert_noise)
+        choose = f"choose one or more of {sorted(TASKS)} (in an env id joined by '+': PythonTool-v0(tasks=primes+power_mod))"
+        if not isinstance(tasks, (str, list, tuple)):  # "tasks=" in an id is YAML's null
+            raise ValueError(f"PythonTool tasks={tasks!r}: {choose}, or leave tasks out for {'+'.join(COMPUTATION)}.")
         tasks = tuple(tasks.split("+")) if isinstance(tasks, str) else tuple(tasks)  # "primes+power_mod" in an env id
-        unknown = sorted(set(tasks) - set(TASKS))
+        unknown = sorted({str(t) for t in tasks} - set(TASKS))
         if unknown or not tasks:
-            raise ValueError(f"tasks={list(tasks)}: choose one or more of {sorted(TASKS)}.")
+            raise ValueError(f"tasks={list(tasks)}: {choose}.")
         self.task_names = list(tasks)
         self.turn_penalty, self.sandbox_penalty = turn_penalty, sandbox_penalty
         self.limits = SandboxLimits(cpu_s=cpu_s, wall_s=wall_s, memory_mb=memory_mb)

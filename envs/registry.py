@@ -12,24 +12,31 @@
   separated by ``;`` (``(n=100;turn_penalty=0.01)``; values read as YAML scalars; no ``,`` so that the id
   stays one item of a YAML list). Such an id names one setting of an environment everywhere a plain id
   goes (configs, seeds, metric names): ``envs=[hybrid_rl/GuessNumber-v0(n=100)]`` trains, evaluates and
-  logs that setting with no other key.
+  logs that setting with no other key. Constructors check their arguments with ``int_arg``/``number_arg``/
+  ``bool_arg`` (a ``ValueError`` naming the key, what it takes, and the YAML slip behind it: ``1e9`` is text,
+  ``n=100,turn_penalty=1`` one text value); ``check_env_ids`` makes each env of a run once, before any work.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
+import math
+import numbers
+import re
 import warnings
 from dataclasses import dataclass, field
 
 import gymnasium as gym
+import numpy as np
 from gymnasium.envs.registration import load_env_creator
 
 from hybrid_rl.registry import check_name
 
 __all__ = ["NAMESPACE", "ENTRY_POINT_GROUP", "BUILTINS", "UnknownEnvironmentError", "register_builtins",
            "load_plugins", "import_env_modules", "check_env_ids", "make", "resolve_id", "env_ids", "describe",
-           "max_turns", "seeds", "EVAL_SEED_START"]
+           "max_turns", "seeds", "EVAL_SEED_START", "split_args", "merge_args", "int_arg", "number_arg", "bool_arg"]
 
 NAMESPACE = "hybrid_rl"
 ENTRY_POINT_GROUP = "hybrid_rl.envs"
@@ -107,11 +114,16 @@ def import_env_modules(modules) -> None:
         except ImportError as err:
             raise UnknownEnvironmentError(f"pool.env_modules: cannot import {module!r} ({err}); give the module that "
                                           "registers your environments (install its package, or fix the name).") from None
+        except Exception as err:  # the module was found but failed while running its top-level code
+            raise UnknownEnvironmentError(f"pool.env_modules: importing {module!r} raised {type(err).__name__}: {err}; "
+                                          "fix that module (its top-level code runs on import) or leave it out.") from err
 
 
 def check_env_ids(env_ids, env_modules=()) -> None:
-    """A stage's env ids, before any work: unknown ids and malformed id arguments are a ``ConfigError`` with
-    gymnasium's did-you-mean; ids that ``pool.env_modules`` registers are known once those modules are imported."""
+    """A stage's env ids, before any work: unknown ids, a ``module:id`` whose module fails to import and malformed
+    id arguments are a ``ConfigError`` with gymnasium's did-you-mean; ids that ``pool.env_modules`` registers are
+    known once those modules are imported. Each env is then made once (and closed), so that arguments its
+    constructor refuses (``GuessNumber-v0(nn=3)``, ``(n=abc)``) fail here rather than in a worker later."""
     from hybrid_rl.config import ConfigError
 
     try:
@@ -123,6 +135,14 @@ def check_env_ids(env_ids, env_modules=()) -> None:
             resolve_id(env_id)
         except (UnknownEnvironmentError, ValueError) as err:
             raise ConfigError(f"envs: {err}") from None
+        try:
+            with warnings.catch_warnings():  # gymnasium's checker warnings come again where the env is played
+                warnings.simplefilter("ignore")
+                env = make(env_id)
+        except Exception as err:  # any failure of the constructor would end every episode of this env
+            raise ConfigError(f"envs: {env_id!r} cannot be made: {type(err).__name__}: {err}\nFix the id's arguments "
+                              f"(written ID(key=value;key2=value2)); `hybrid-rl envs check '{env_id}'` tries it.") from None
+        env.close()
 
 
 def env_ids() -> list[str]:
@@ -142,14 +162,85 @@ def split_args(env_id: str) -> tuple[str, dict]:
     base, _, args = env_id.partition("(")
     hint = "write arguments as ID(key=value;key2=value2), e.g. hybrid_rl/GuessNumber-v0(n=100)"
     if not args.endswith(")"):
-        raise ValueError(f"env id {env_id!r}: no closing ')'; {hint}")
+        comma = " (a ',' in an id inside a YAML list splits it in two: separate arguments with ';')" if "," in env_id else ""
+        raise ValueError(f"env id {env_id!r}: no closing ')'{comma}; {hint}")
     kwargs = {}
     for part in filter(None, args[:-1].split(";")):
         key, eq, value = part.partition("=")
         if not eq or not key.strip().isidentifier():
             raise ValueError(f"env id {env_id!r}: {part!r} is not key=value; {hint}")
+        if key.strip() in kwargs:
+            raise ValueError(f"env id {env_id!r}: {key.strip()} is given twice; give each argument once.")
         kwargs[key.strip()] = yaml.safe_load(value)
     return base, kwargs
+
+
+def merge_args(env_id: str, kwargs: dict | None = None, source: str = "--arg") -> tuple[str, dict]:
+    """``("GuessNumber-v0(n=100)", {"turn_penalty": 0})`` -> ``("GuessNumber-v0", {"n": 100, "turn_penalty": 0})``:
+    the id's arguments with ``kwargs`` added; a key given in both with different values is a ``ValueError``
+    naming both (``source`` says where ``kwargs`` came from)."""
+    base, merged = split_args(env_id)
+    for key, value in (kwargs or {}).items():
+        if key in merged and merged[key] != value:
+            raise ValueError(f"{key} is given twice, {key}={merged[key]!r} in the env id {env_id!r} and {source} "
+                             f"{key}={value!r}; give it once (in the id or as {source}).")
+        merged[key] = value
+    return base, merged
+
+
+def _expected(owner: str, key: str, value, what: str) -> ValueError:
+    """The error for a kwarg of the wrong type, with a hint for the slips that id arguments (YAML scalars) invite."""
+    hint = ""
+    if isinstance(value, str) and "," in value:
+        hint = (f" Arguments in an env id are separated by ';', not ',': write ({key}={value.replace(',', ';')}).")
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and math.isfinite(number):
+            written = str(int(number)) if "integer" in what and number.is_integer() else repr(number)
+            hint = f" Id arguments are read as YAML, which reads {value!r} as text: write {key}={written}."
+    elif isinstance(value, float) and "integer" in what and value.is_integer():
+        hint = f" Write {key}={int(value)}."
+    elif value is None:
+        hint = f" An empty value is read as null: give {key} a value, or leave it out for the default."
+    return ValueError(f"{owner} {key}={value!r}: expected {what}.{hint}")
+
+
+def int_arg(owner: str, key: str, value, minimum: int | None = None, note: str = "") -> int:
+    """``value`` as an int (not a bool), at least ``minimum``; else a ``ValueError`` naming ``owner``'s ``key``
+    (``note``, e.g. "(the map's side)", follows the expected range in the message)."""
+    what = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (f" {note}" if note else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _expected(owner, key, value, what)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{owner} {key}={value!r}: expected {what}.")
+    return int(value)
+
+
+def number_arg(owner: str, key: str, value, low: float | None = None, high: float | None = None,
+               low_open: bool = False, note: str = "") -> float:
+    """``value`` as a float (an int or float, not a bool) in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    if low is not None and high is not None:
+        what = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+    elif low is not None:
+        what = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        what = "a number"
+    what += f" {note}" if note else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise _expected(owner, key, value, what)
+    if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
+        raise ValueError(f"{owner} {key}={value!r}: expected {what}.")
+    return float(value)
+
+
+def bool_arg(owner: str, key: str, value) -> bool:
+    """``value`` if it is a bool (in an env id: ``true``/``false``); else a ``ValueError`` naming ``owner``'s ``key``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise _expected(owner, key, value, f"true or false (write {key}=true or {key}=false)")
+    return bool(value)
 
 
 def resolve_id(env_id: str) -> str:
@@ -158,10 +249,19 @@ def resolve_id(env_id: str) -> str:
     Like ``gymnasium.make``, ``module:id`` imports ``module`` first (for an env registered there).
     Arguments in parentheses are not part of the registered id (``make`` passes them on).
     """
+    full_id = env_id
     env_id, _ = split_args(env_id)
     if ":" in env_id:
         module, _, env_id = env_id.partition(":")
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise UnknownEnvironmentError(f"env id {full_id!r}: cannot import the module {module!r} ({err}); install "
+                                          f"the package that provides it, or fix the name before the ':'.") from None
+        except Exception as err:  # found, but its top-level code failed
+            raise UnknownEnvironmentError(f"env id {full_id!r}: importing the module {module!r} raised "
+                                          f"{type(err).__name__}: {err}; fix that module (its top-level code runs "
+                                          f"on import).") from err
     if "/" not in env_id and f"{NAMESPACE}/{env_id}" in gym.registry:
         return f"{NAMESPACE}/{env_id}"
     if env_id in gym.registry:
@@ -190,12 +290,22 @@ def make(env_id: str, **kwargs) -> gym.Env:
     """``gymnasium.make`` for text environments (``max_episode_steps=`` changes the turn limit); arguments
     in the id (``ID(n=100)``) come first, ``kwargs`` override them."""
     name, id_kwargs = split_args(env_id)
+    resolved = resolve_id(env_id)
     try:
-        env = gym.make(resolve_id(env_id), **{**id_kwargs, **kwargs})
+        env = gym.make(resolved, **{**id_kwargs, **kwargs})
     except TypeError as err:  # gymnasium refuses a class that is not a gymnasium.Env
-        if "gymnasium.Env" not in str(err):
+        if "gymnasium.Env" in str(err):
+            raise TypeError(f"{err}\n{LEGACY_HINT}") from None
+        if "keyword argument" not in str(err):
             raise
-        raise TypeError(f"{err}\n{LEGACY_HINT}") from None
+        accepted = _accepted_kwargs(resolved)
+        takes = f"it takes {accepted}, and max_episode_steps (the turn limit)" if accepted else "check the spelling"
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        given = {**id_kwargs, **kwargs}
+        if unexpected and unexpected.group(1) in given:
+            key = unexpected.group(1)
+            raise TypeError(f"{name} has no argument {key!r} (given {key}={given[key]!r}); {takes}.") from None
+        raise TypeError(f"{name}: {err}; {takes}.") from None
     attempts = getattr(env.unwrapped, "max_attempts", None)
     limit = env.spec.max_episode_steps if env.spec is not None else None
     if isinstance(attempts, int) and limit is not None and attempts > limit:  # the turn limit would cut the retries
@@ -203,6 +313,18 @@ def make(env_id: str, **kwargs) -> gym.Env:
         raise ValueError(f"{name}: max_attempts={attempts} but the turn limit max_episode_steps={limit} ends the episode "
                          f"first; raise it too, e.g. {name}(max_attempts={attempts};max_episode_steps={attempts}).")
     return env
+
+
+def _accepted_kwargs(env_id: str) -> str:
+    """The keyword arguments the env's entry point takes, for an error message ("" when unknown)."""
+    try:
+        spec = gym.spec(env_id)
+        creator = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
+        params = inspect.signature(creator).parameters.values()
+    except Exception:
+        return ""
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+    return ", ".join(names)
 
 
 def describe(env_id: str) -> str:

@@ -67,6 +67,10 @@ def parse_tool_call(text: str) -> ToolCall | None:
         data = json.loads(body)
     except json.JSONDecodeError as err:
         raise ToolCallError(f"the tool call is not valid JSON ({err.msg} at char {err.pos}). Write {_EXAMPLE}") from None
+    except RecursionError:  # "[[[[..." deeper than the interpreter's recursion limit
+        raise ToolCallError(f"the tool call's JSON is nested too deeply to read. Write {_EXAMPLE}") from None
+    except ValueError as err:  # other decoding limits, e.g. an integer of more digits than Python converts
+        raise ToolCallError(f"the tool call's JSON cannot be read ({str(err).split(';')[0][:160]}). Write {_EXAMPLE}") from None
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         raise ToolCallError(f'the tool call needs a "name" string. Write {_EXAMPLE}')
     arguments = data.get("arguments", {})

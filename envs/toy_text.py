@@ -21,10 +21,12 @@ from functools import lru_cache
 import numpy as np
 from gymnasium.envs.toy_text.blackjack import BlackjackEnv, sum_hand
 from gymnasium.envs.toy_text.cliffwalking import CliffWalkingEnv
-from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv, generate_random_map
+from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv, is_valid
 from gymnasium.envs.toy_text.taxi import TaxiEnv
+from gymnasium.utils import seeding
 
 from hybrid_rl.envs.core import TextEnv, first_word, quote
+from hybrid_rl.envs.registry import bool_arg, int_arg, number_arg
 
 __all__ = ["FrozenLake", "Taxi", "CliffWalking", "Blackjack", "best_actions"]
 
@@ -105,7 +107,7 @@ class FrozenLake(GridAdapter):
 
     Observation: the map with P for the player, e.g. after "Reach G, avoid H. Moves: left down right up.":
     ``PFFF/FHFH/FFFH/HFFG`` (one row per line). Actions: left, down, right, up.
-    Options: ``size`` (4: 4x4), ``frozen_prob`` (share of frozen tiles in a random map), ``is_slippery``
+    Options: ``size`` (4: 4x4), ``frozen_prob`` (share of frozen tiles in a random map, in (0, 1]), ``is_slippery``
     (False: moves do what they say; True: gymnasium's slippery ice, and the expert can no longer win always).
     The turn limit (20) fits 4x4 maps; for bigger ones pass ``max_episode_steps`` (e.g. 4 * size * size).
     """
@@ -115,8 +117,12 @@ class FrozenLake(GridAdapter):
     def __init__(self, size: int = 4, frozen_prob: float = 0.8, is_slippery: bool = False,
                  render_mode: str | None = None, expert_noise: float = 0.0):
         super().__init__(render_mode=render_mode, expert_noise=expert_noise)
-        if size < 2:
-            raise ValueError(f"size={size}: the map needs at least 2x2 tiles.")
+        size = int_arg("FrozenLake", "size", size, minimum=2, note="(the map's side: at least 2x2 tiles)")
+        # gymnasium's generate_random_map never returns at frozen_prob=0 (no map has a path), and this env is
+        # stepped on the engine's own thread, where no timeout can stop it: refuse it here
+        frozen_prob = number_arg("FrozenLake", "frozen_prob", frozen_prob, low=0, high=1, low_open=True,
+                                 note="(the share of frozen tiles; at 0 no map with a path exists)")
+        is_slippery = bool_arg("FrozenLake", "is_slippery", is_slippery)
         self.size, self.frozen_prob, self.is_slippery = size, frozen_prob, is_slippery
         self.solvable = not is_slippery
         self.inner = FrozenLakeEnv(desc=["SF", "FG"], is_slippery=is_slippery)
@@ -124,7 +130,7 @@ class FrozenLake(GridAdapter):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         map_seed = int(self.np_random.integers(2**31))
-        self.desc = generate_random_map(size=self.size, p=self.frozen_prob, seed=map_seed)
+        self.desc = random_map(self.size, self.frozen_prob, map_seed)
         self.inner = FrozenLakeEnv(desc=self.desc, is_slippery=self.is_slippery)
         self.state = int(self.inner.reset(seed=map_seed)[0])
         self.policy = best_actions(self.inner.P, lambda s2, r, t: r > 0)
@@ -171,6 +177,23 @@ class FrozenLake(GridAdapter):
         if terminated:
             return f"{self.grid()}\nYou fell into a hole.", turn, False
         return self.grid(), turn, False
+
+
+MAP_DRAWS = 100_000  # a few seconds at 4x4; the default frozen_prob needs a handful of draws
+
+
+def random_map(size: int, frozen_prob: float, seed: int, draws: int = MAP_DRAWS) -> list[str]:
+    """gymnasium's ``generate_random_map`` (the same maps for the same seed), but with at most ``draws`` tries:
+    gymnasium's draws until a map has a path, which at a small ``frozen_prob`` (or a big map well below the
+    default) takes practically forever, on the engine's own thread where no timeout can stop it."""
+    np_random, _ = seeding.np_random(seed)
+    for _ in range(draws):
+        board = np_random.choice(["F", "H"], (size, size), p=[frozen_prob, 1 - frozen_prob])
+        board[0][0], board[-1][-1] = "S", "G"
+        if is_valid(board, size):
+            return ["".join(row) for row in board]
+    raise ValueError(f"FrozenLake: no {size}x{size} map with a path from S to G in {draws} random maps at "
+                     f"frozen_prob={frozen_prob}; raise frozen_prob (default 0.8) or lower size.")
 
 
 class Taxi(GridAdapter):
@@ -251,7 +274,7 @@ class CliffWalking(GridAdapter):
 
     def __init__(self, is_slippery: bool = False, render_mode: str | None = None, expert_noise: float = 0.0):
         super().__init__(render_mode=render_mode, expert_noise=expert_noise)
-        self.is_slippery = is_slippery
+        self.is_slippery = is_slippery = bool_arg("CliffWalking", "is_slippery", is_slippery)
         self.solvable = not is_slippery
         self.inner = CliffWalkingEnv(is_slippery=is_slippery)
         self.policy = _cliff_policy(is_slippery)
@@ -293,6 +316,7 @@ class Blackjack(TextEnv):
 
     def __init__(self, natural: bool = False, sab: bool = False, render_mode: str | None = None, expert_noise: float = 0.0):
         super().__init__(render_mode=render_mode, expert_noise=expert_noise)
+        natural, sab = bool_arg("Blackjack", "natural", natural), bool_arg("Blackjack", "sab", sab)
         self.inner = BlackjackEnv(natural=natural, sab=sab)
         self.hand = (0, 0, 0)
 

@@ -1,0 +1,119 @@
+"""Bad user input (an env id, its arguments, a model's action) gets a clear error naming the problem and the fix;
+a model's malformed action is an invalid action with a message, never an exception from ``step``."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybrid_rl import envs
+from hybrid_rl.cli import main
+from hybrid_rl.config import ConfigError
+
+HYBRID_RL = str(Path(sys.executable).with_name("hybrid-rl"))
+NESTED = "<tool_call>" + "[" * 1500 + "</tool_call>"
+
+
+def _mean_turns(out: str) -> float:
+    return float(re.search(r"mean turns ([0-9.]+)", out).group(1))
+
+
+def test_cli_check_and_expert_apply_the_ids_arguments(capsys, tmp_path):
+    """1. ``envs check ID(...)`` and ``envs expert ID(...)`` play the id's arguments, not the defaults; an argument
+    given both in the id and as --arg with different values is an error naming both."""
+    missing = tmp_path / "nonexistent.jsonl"
+    assert main(["envs", "check", f"hybrid_rl/Dataset-v0(path={missing})", "--episodes", "5"]) == 1
+    out = capsys.readouterr().out
+    assert "hybrid_rl/Dataset-v0: FAIL" in out and f"path={str(missing)!r}: no such file" in out
+    assert main(["envs", "check", "hybrid_rl/GuessNumber-v0(n=abc)", "--episodes", "5"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL make: ValueError: GuessNumber n='abc': expected an integer >= 2" in out
+
+    assert main(["envs", "expert", "hybrid_rl/GuessNumber-v0(n=100)", "--episodes", "20", "--show", "1"]) == 0
+    in_id = capsys.readouterr().out
+    assert main(["envs", "expert", "hybrid_rl/GuessNumber-v0", "--episodes", "20", "--arg", "n=100"]) == 0
+    as_arg = capsys.readouterr().out
+    assert "Guess a number between 1 and 100." in in_id and "hybrid_rl/GuessNumber-v0(n=100) expert" in in_id
+    assert _mean_turns(in_id) == _mean_turns(as_arg) > 4.5  # n=16 would take about 3.4 turns
+
+    assert main(["envs", "expert", "GuessNumber-v0(n=100)", "--arg", "n=50", "--episodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "n=100 in the env id 'GuessNumber-v0(n=100)'" in err and "--arg n=50" in err
+    assert main(["envs", "check", "GuessNumber-v0(n=100)", "--arg", "n=50", "--episodes", "2"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert envs.check("GuessNumber-v0(n=100)", episodes=3, turn_penalty=0.0).passed  # no clash: merged
+
+
+def test_check_env_ids_turns_import_failures_and_bad_arguments_into_config_errors(tmp_path, monkeypatch):
+    """2. The pre-flight check of a run's env list: an unimportable ``module:id``, an env module that raises on
+    import (any exception) and kwargs the constructor refuses are ``ConfigError``s naming the id and the fix."""
+    with pytest.raises(ConfigError, match=r"nosuchmodule:foo/Bar-v0.*cannot import the module 'nosuchmodule'"):
+        envs.check_env_ids(["nosuchmodule:foo/Bar-v0"])
+    (tmp_path / "input_errors_raising_mod.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"pool.env_modules: importing 'input_errors_raising_mod' raised RuntimeError: boom"):
+        envs.check_env_ids(["hybrid_rl/GuessNumber-v0"], ["input_errors_raising_mod"])
+    with pytest.raises(ConfigError, match=r"input_errors_raising_mod.*raised RuntimeError: boom at import; fix that module"):
+        envs.check_env_ids(["input_errors_raising_mod:foo/Bar-v0"])
+    with pytest.raises(ConfigError, match=r"'hybrid_rl/GuessNumber-v0\(nn=3\)' cannot be made.*no argument 'nn'.*takes n, "):
+        envs.check_env_ids(["hybrid_rl/GuessNumber-v0(nn=3)"])
+    with pytest.raises(ConfigError, match=r"GuessNumber-v0\(n=abc\)' cannot be made.*n='abc': expected an integer"):
+        envs.check_env_ids(["hybrid_rl/GuessNumber-v0(n=abc)"])
+    envs.check_env_ids(["hybrid_rl/GuessNumber-v0(n=100)", "FrozenLake-v1(size=5)"])  # good ids pass
+
+    monkeypatch.chdir(tmp_path)  # the pipeline stops before any work, with the message instead of a traceback
+    done = subprocess.run([HYBRID_RL, "pipeline", "envs=[hybrid_rl/GuessNumber-v0(nn=3)]"], capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "has no argument 'nn'" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("env_id, message", [
+    ("FrozenLake-v1(frozen_prob=0)", r"FrozenLake frozen_prob=0: expected a number in \(0, 1\]"),
+    ("FrozenLake-v1(frozen_prob=-1)", r"frozen_prob=-1: expected a number in \(0, 1\]"),
+    ("FrozenLake-v1(frozen_prob=1.5)", r"frozen_prob=1.5: expected a number in \(0, 1\]"),
+    ("FrozenLake-v1(is_slippery=maybe)", r"FrozenLake is_slippery='maybe': expected true or false"),
+    ("Blackjack-v1(natural=maybe)", r"Blackjack natural='maybe': expected true or false"),
+    ("Blackjack-v1(sab=1)", r"Blackjack sab=1: expected true or false"),
+    ("CliffWalking-v1(is_slippery=2)", r"CliffWalking is_slippery=2: expected true or false"),
+])
+def test_toy_text_arguments_are_checked_in_the_constructor(env_id, message):
+    """3. FrozenLake's frozen_prob outside (0, 1] (0 made reset loop forever) and non-bool flags are refused when
+    the env is made, naming the key and what it takes; maps that take too many draws end reset with an error."""
+    with pytest.raises(ValueError, match=message):
+        envs.make(env_id)
+    assert envs.make("Blackjack-v1(natural=true;sab=false)").unwrapped.inner.natural is True
+    from hybrid_rl.envs.toy_text import random_map
+
+    with pytest.raises(ValueError, match="frozen_prob=0.01; raise frozen_prob"):
+        random_map(4, 0.01, seed=0, draws=1000)  # a valid map is about 1e-9 likely: gymnasium would draw for hours
+
+
+@pytest.mark.parametrize("env_id, message", [
+    ("GuessNumber-v0(n=abc)", r"GuessNumber n='abc': expected an integer >= 2"),
+    ("GuessNumber-v0(n=1e9)", r"n='1e9': expected an integer.*reads '1e9' as text: write n=1000000000"),
+    ("GuessNumber-v0(n=100,turn_penalty=1)", r"n='100,turn_penalty=1': expected an integer.*separated by ';', not ','"),
+    ("GuessNumber-v0(turn_penalty=abc)", r"GuessNumber turn_penalty='abc': expected a number"),
+    ("PythonTool-v0(tasks=)", r"PythonTool tasks=None: choose one or more of"),
+])
+def test_guess_number_and_python_tool_name_the_bad_argument(env_id, message):
+    """4. A kwarg of the wrong type is a ValueError naming it and the type expected (not "'<' not supported")."""
+    with pytest.raises(ValueError, match=message):
+        envs.make(env_id)
+
+
+@pytest.mark.parametrize("env_id", ["Calculator-v0", "PythonTool-v0", "adapter_test_envs:adapter_test_envs/Vault-v0"])
+def test_a_deeply_nested_tool_call_is_an_invalid_action(env_id):
+    """5. JSON nested past the recursion limit is a malformed tool call (an invalid action with a message), not a
+    RecursionError that ends the episode as an env error; the checker's bad actions try it."""
+    with pytest.raises(envs.ToolCallError, match="nested too deeply"):
+        envs.parse_tool_call(NESTED)
+    env = envs.make(env_id)
+    env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(NESTED)
+    assert info["invalid_action"] is True and "nested too deeply" in obs
+    from hybrid_rl.envs.checker import BAD_ACTIONS
+
+    assert NESTED in BAD_ACTIONS.values()
