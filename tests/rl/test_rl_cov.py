@@ -217,7 +217,7 @@ def test_infinite_values_off_the_mask_do_not_reach_the_selection(name):
 @pytest.mark.parametrize("overrides, expected", [
     (["algo.clip_cov_ratio=-0.1"], ["clip_cov_ratio", "[0, 1]", "algo.clip_cov_ratio="]),
     (["algo.kl_cov_ratio=2"], ["kl_cov_ratio", "[0, 1]", "algo.kl_cov_ratio="]),
-    (["algo.kl_cov_ratio=nan"], ["kl_cov_ratio", "[0, 1]"]),
+    (["algo.kl_cov_ratio=nan"], ["kl_cov_ratio", "finite number", "nan"]),
     (["algo.clip_cov_lb=6"], ["clip_cov_lb", "clip_cov_ub", "<=", "clip_cov_lb=6"]),
     (["algo.clip_cov_lb=0.5", "algo.clip_cov_ub=0.1"], ["clip_cov_lb=0.5", "clip_cov_ub=0.1"]),
     (["algo.kl_cov_coef=-1"], ["kl_cov_coef", ">= 0", "algo.kl_cov_coef="]),

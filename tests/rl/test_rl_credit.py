@@ -273,8 +273,8 @@ def test_dapo_filter_keeps_groups_whose_outcomes_differ_not_those_that_differ_on
     ("algo.credit=state algo.state_weight=-1", ["state_weight", ">= 0"]),
     ("algo.env_weights={hybrid_rl/Taxi-v3:2.0}", ["env_weights", "Taxi"]),
     ("algo.gamma=0", ["gamma", "(0, 1]"]),
-    ("algo.entropy_coef=.nan", ["entropy_coef", "finite number >= 0", "nan"]),
-    ("algo.kl_beta=.nan", ["kl_beta", "finite number >= 0"]),  # nan == 0 is false: it silently kept zero-advantage episodes
+    ("algo.entropy_coef=.nan", ["entropy_coef", "finite number", "nan"]),
+    ("algo.kl_beta=.nan", ["kl_beta", "finite number"]),  # nan == 0 is false: it silently kept zero-advantage episodes
     ("algo.env_weights.FrozenLake-v1=.inf", ["env_weights", "finite", "inf"]),  # 0 x inf = NaN advantages
     ("algo.credit=step", ["algo.credit", "'turn'"]),
 ])
