@@ -13,6 +13,13 @@ the layers and their order). Here, around it:
   refused something) or "killed" (a limit stopped it), and ``message`` says which in words the model
   can act on ("killed: CPU time limit 2 s exceeded"). Nothing the code does raises here.
 
+The verdict comes from one report the child's supervisor process sends on a socket made here (see
+sandbox_child.py): the code runs in a worker process forked from it that never holds that socket, and
+what the worker reports from inside (each refusal as it happens, then how the code ended) is keyed and
+can only add a refusal, never remove one. The order of the verdict is fixed: the wall-time limit, then a
+death by signal (the CPU limit, the output limit, any other signal), then a refusal, then the code's
+exception; "ok" needs a clean exit and neither. A missing report is never "ok".
+
 What the sandbox does not protect against is listed in docs/ENVIRONMENTS.md ("The Python sandbox").
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,26 +78,31 @@ class SandboxResult:
 def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run ``code`` under ``limits``; returns what it printed and how it ended."""
     with tempfile.TemporaryDirectory(prefix="hybrid-rl-sandbox-") as tmp, tempfile.TemporaryFile() as out:
-        status_r, status_w = os.pipe()
-        try:
-            returncode, timed_out = _spawn(code, tmp, limits, out, status_w)
-        finally:
-            os.close(status_w)
-            status = _read_status(status_r)
+        # A socket, not a pipe: a pipe can be opened again through /proc/<pid>/fd/N (even for writing);
+        # a socket cannot. Our copy of the child's end is closed as soon as the child has it.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with ours:
+            try:
+                returncode, timed_out = _spawn(code, tmp, limits, out, theirs)
+            finally:
+                theirs.close()
+            report = _read_report(ours)
         out.seek(0)
         raw = out.read(limits.output_bytes + 1)
         size = out.seek(0, os.SEEK_END)
     output = raw[:limits.output_bytes].decode("utf-8", "replace")
     if size > limits.output_bytes:
         output += f"\n[output truncated at {limits.output_bytes} bytes]"
-    verdict, message = _verdict(returncode, timed_out, status, size, limits)
-    return SandboxResult(verdict, output, message, tuple(status.get("layers", ())))
+    verdict, message = _verdict(returncode, timed_out, report, size, limits)
+    layers = report.get("layers", [])
+    return SandboxResult(verdict, output, message, tuple(x for x in layers if isinstance(x, str)))
 
 
-def _spawn(code: str, tmp: str, limits: SandboxLimits, out, status_w: int) -> tuple[int, bool]:
-    argv = [sys.executable, "-I", "-S", "-B", str(CHILD), tmp, json.dumps(asdict(limits)), str(status_w)]
+def _spawn(code: str, tmp: str, limits: SandboxLimits, out, report: socket.socket) -> tuple[int, bool]:
+    argv = [sys.executable, "-I", "-S", "-B", str(CHILD), tmp, json.dumps(asdict(limits)), str(report.fileno())]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, cwd=tmp, env={},
-                            pass_fds=(status_w,), start_new_session=True)
+                            pass_fds=(report.fileno(),), start_new_session=True)
+    report.close()
     timed_out = False
     try:
         proc.communicate(code.encode("utf-8", "replace"), timeout=limits.wall_s)
@@ -110,43 +123,62 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _read_status(fd: int) -> dict:
-    """The child's last status line (JSON), or {} when it never wrote one."""
-    os.set_blocking(fd, False)
-    try:
-        data = os.read(fd, 1 << 16)
-    except BlockingIOError:
-        data = b""
-    finally:
-        os.close(fd)
-    for line in reversed(data.decode("utf-8", "replace").splitlines()):
+def _read_report(sock: socket.socket) -> dict:
+    """The supervisor's report (one JSON object), or {} when it sent none (it died or was killed)."""
+    sock.setblocking(False)
+    data = b""
+    while len(data) < 1 << 16:
         try:
-            status = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(status, dict):
-            return status
-    return {}
+            chunk = sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError, OSError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    lines = data.decode("utf-8", "replace").splitlines()
+    try:
+        report = json.loads(lines[0]) if len(lines) == 1 else None
+    except json.JSONDecodeError:
+        report = None
+    return report if isinstance(report, dict) else {}
 
 
-def _verdict(returncode: int, timed_out: bool, status: dict, size: int, limits: SandboxLimits) -> tuple[str, str]:
+def _signal_name(number: int) -> str:
+    return signal.Signals(number).name if number in signal.valid_signals() else str(number)
+
+
+def _verdict(returncode: int, timed_out: bool, report: dict, size: int, limits: SandboxLimits) -> tuple[str, str]:
+    """A limit or a signal first, then a refusal, then the code's exception; "ok" only for a clean exit."""
     if timed_out:
         return "killed", f"killed: wall-time limit {limits.wall_s:g} s exceeded"
-    if returncode in (-signal.SIGXCPU, -signal.SIGKILL) and "status" not in status:
+    worker = report.get("returncode")
+    if not isinstance(worker, int) or isinstance(worker, bool):  # no report: the supervisor itself failed
+        if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+            return "killed", f"killed: CPU time limit {limits.cpu_s} s exceeded"
+        if returncode < 0:
+            return "killed", f"killed: signal {_signal_name(-returncode)}"
+        return "error", f"error: the sandbox did not report how the code ended (exit status {returncode})"
+    cpu = report.get("cpu_s")
+    cpu = cpu if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) else 0.0
+    if worker == -signal.SIGXCPU or (worker == -signal.SIGKILL and cpu >= limits.cpu_s - 0.05):
         return "killed", f"killed: CPU time limit {limits.cpu_s} s exceeded"
-    if status.get("status") == "blocked":
-        return "blocked", f"blocked: {status['message']}"
-    if status.get("status") == "error":
-        message = status["message"]
+    if worker < 0:
+        if size >= limits.file_bytes:
+            return "killed", f"killed: output limit {limits.file_bytes} bytes exceeded"
+        return "killed", f"killed: signal {_signal_name(-worker)}"
+    violation = report.get("violation")
+    if isinstance(violation, str) and violation:
+        return "blocked", f"blocked: {violation}"
+    outcome = report.get("outcome") if isinstance(report.get("outcome"), dict) else {}
+    if outcome.get("status") == "error":
+        message = str(outcome.get("message", ""))
         if message.startswith("MemoryError"):
             message += f" (memory limit {limits.memory_mb} MB)"
         elif "File too large" in message:
             message += f" (file size limit {limits.file_bytes} bytes)"
         return "error", f"error: {message}"
-    if status.get("status") == "ok" or returncode == 0:  # 0 without a status line: os._exit(0)
+    if worker == 0:  # the code ran to the end, or called os._exit(0): no refusal was reported on the way
         return "ok", ""
     if size >= limits.file_bytes:
         return "killed", f"killed: output limit {limits.file_bytes} bytes exceeded"
-    if returncode < 0:
-        return "killed", f"killed: signal {signal.Signals(-returncode).name if -returncode in signal.valid_signals() else -returncode}"
-    return "error", f"error: the process exited with status {returncode}"
+    return "error", f"error: the process exited with status {worker}"

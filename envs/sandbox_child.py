@@ -1,26 +1,46 @@
 """The sandbox's child side: set up the limits, then run the model's code (read from stdin).
 
-Run by ``hybrid_rl.envs.sandbox`` as ``python -I -S -B sandbox_child.py TMPDIR LIMITS_JSON STATUS_FD``:
+Run by ``hybrid_rl.envs.sandbox`` as ``python -I -S -B sandbox_child.py TMPDIR LIMITS_JSON REPORT_FD``:
 an isolated interpreter (no site-packages, no environment variables, no user site, no bytecode
-written) whose working directory is a fresh temporary directory. Before the first line of the model's
-code runs, in this order:
+written) whose working directory is a fresh temporary directory. It is two processes:
+
+- the **supervisor** (this process) reads the code, sets up the namespaces, makes itself non-dumpable
+  (so that the worker cannot open its ``/proc`` files), then forks the worker, waits for it and sends
+  the one report on REPORT_FD (a socket the caller made). The worker never holds REPORT_FD: it is
+  closed in the worker before anything else runs there;
+- the **worker** sets up the rest and runs the code. Before the first line of the model's code runs, in
+  this order:
 
 1. resource limits: CPU time, address space, file size, open files, core dumps off;
 2. kernel isolation where the kernel allows it (each layer is reported, none is assumed):
    - ``net``: a new network namespace (no interfaces but a loopback that is down);
    - ``fs``: a new mount namespace in which every mount is read-only except a bind mount of the
      temporary directory;
+   (both set up by the supervisor, before the fork; the worker is in them)
    - ``seccomp``: a filter that refuses (EPERM) creating sockets, fork/vfork/exec, clone without
-     CLONE_THREAD (threads stay allowed), signals to other processes, ptrace, mount and namespace calls
-     and io_uring (whose operations would bypass the filter);
+     CLONE_THREAD (threads stay allowed), signals to other processes, ptrace, pidfd_getfd, mount and
+     namespace calls and io_uring (whose operations would bypass the filter);
 3. the process limit (RLIMIT_NPROC, after the namespaces so that it counts this sandbox's processes);
 4. an audit hook (``sys.addaudithook``) that refuses the same things one level up, where Python can
    still say why: sockets, processes, signals, ctypes, and writes outside the temporary directory.
 
 The audit hook is what turns an attempt into a clear message ("blocked: network access is not allowed
-in the sandbox"); the kernel layers are what hold when the hook is bypassed. The last line sent on
-STATUS_FD is a JSON object: ``layers`` (the kernel layers in force) and ``status`` ("ok", "error" or
-"blocked") with ``message``.
+in the sandbox"); the kernel layers are what hold when the hook is bypassed.
+
+**The verdict channel.** The worker tells the supervisor what only it can know over a SOCK_SEQPACKET
+socket (one record per write, so nothing the code writes can merge with a record): first, before the
+code runs, the ``seccomp`` layer (only the first record is taken for that); then each refusal *at the
+moment the hook refuses it*, before the code can catch the exception (so clearing the hook's state or
+exiting afterwards cannot take it back); last, how the code ended ("ok" or "error" with the
+exception). Records carry a random key the code is never given; records without it are ignored, and a
+refusal message must be one of the hook's own. If the hook or the harness cannot write a record (the
+code closed or replaced the descriptor), the worker exits at once with ``EXIT_UNREPORTED``, which the
+supervisor reports as a refusal. The supervisor adds what it sees from outside (``os.wait4``: the exit
+status or the killing signal, the CPU time used), and the caller decides the verdict with a kill or
+limit first: a line the code writes anywhere can neither make a refused, killed or failed run "ok" nor
+hide a refusal. The report on REPORT_FD is one JSON line: ``layers``, ``returncode`` (the worker's,
+negative for a signal), ``cpu_s``, ``violation`` (the first refusal, or null), ``outcome``
+(``{"status", "message"}`` from the worker's last record, or null).
 
 Standard library only: this file runs without the project on its path.
 """
@@ -29,6 +49,7 @@ import json
 import os
 import platform
 import resource
+import socket
 import struct
 import sys
 import traceback
@@ -47,13 +68,13 @@ DENIED_SYSCALLS = {
         "ptrace": 101, "process_vm_writev": 311, "pidfd_send_signal": 424, "unshare": 272, "setns": 308,
         "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "open_tree": 428, "move_mount": 429,
         "fsopen": 430, "fsconfig": 431, "fsmount": 432, "mount_setattr": 442,
-        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "pidfd_getfd": 438}),
     "aarch64": (0xC00000B7, {
         "socket": 198, "socketpair": 199, "execve": 221, "execveat": 281,
         "ptrace": 117, "process_vm_writev": 271, "pidfd_send_signal": 424, "unshare": 97, "setns": 268,
         "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "open_tree": 428, "move_mount": 429,
         "fsopen": 430, "fsconfig": 431, "fsmount": 432, "mount_setattr": 442,
-        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "pidfd_getfd": 438}),
 }
 # Calls the filter allows only in a form that stays inside this process (x86_64, aarch64 numbers).
 CLONE = {"x86_64": 56, "aarch64": 220}
@@ -80,18 +101,30 @@ def set_limits(limits: dict) -> None:
 
 def isolate(tmp: str, limits: dict) -> list[str]:
     """Namespaces, read-only mounts and the seccomp filter; returns the layers that took effect."""
-    import ctypes  # the audit hook installed afterwards refuses every later use of ctypes
+    ctypes, libc = _libc()  # the audit hook installed afterwards refuses every later use of ctypes
+    return namespaces(libc, tmp) + confine(libc, ctypes, limits)
 
-    libc = ctypes.CDLL(None, use_errno=True)
+
+def _libc():
+    import ctypes
+
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def namespaces(libc, tmp: str) -> list[str]:
+    """The ``net`` and ``fs`` layers (inherited by a process forked afterwards)."""
     layers = []
     if _unshare(libc):
         layers.append("net")
         if _read_only_except(libc, tmp):
             layers.append("fs")
-    resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
-    if _seccomp(libc, ctypes):
-        layers.append("seccomp")
     return layers
+
+
+def confine(libc, ctypes, limits: dict) -> list[str]:
+    """The process limit and the ``seccomp`` layer, for this process (after the namespaces)."""
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
+    return ["seccomp"] if _seccomp(libc, ctypes) else []
 
 
 def _unshare(libc) -> bool:
@@ -183,7 +216,13 @@ PATH_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
-def make_hook(tmp: str, violations: list[str]):
+MESSAGES = {NETWORK, PROCESSES, SIGNALS, CTYPES, WRITES}
+UNREPORTED = "the code closed or replaced the sandbox's report channel"
+EXIT_UNREPORTED = 125  # the worker's exit status when a record could not be sent
+
+
+def make_hook(tmp: str, violations: list[str], report=lambda message: None):
+    """The audit hook; ``report(message)`` is called for each refusal before the exception is raised."""
     root = os.path.realpath(tmp)
 
     def inside(path) -> bool:
@@ -193,6 +232,7 @@ def make_hook(tmp: str, violations: list[str]):
         return full == root or full.startswith(root + os.sep)
 
     def refuse(message: str, event: str):
+        report(message)
         violations.append(message)
         raise SandboxViolation(f"{message} ({event})")
 
@@ -247,16 +287,115 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}{f': {err}' if str(err) else ''}{where}"
 
 
+def sender(fd: int, key: str):
+    """``send(kind, text)``: one record on the worker's channel, or the worker ends with EXIT_UNREPORTED.
+
+    The functions it uses are bound here, so that the code replacing ``os.write`` changes nothing; the
+    descriptor is checked to still be the channel (the code may have closed it or put a file in its place).
+    """
+    write, fstat, set_blocking, exit_now = os.write, os.fstat, os.set_blocking, os._exit
+    stat = fstat(fd)
+    identity, prefix = (stat.st_dev, stat.st_ino), key.encode() + b" "
+
+    def send(kind: str, text: str) -> None:
+        try:
+            stat = fstat(fd)
+            if (stat.st_dev, stat.st_ino) != identity:
+                raise OSError("the report channel was replaced")
+            set_blocking(fd, True)
+            record = prefix + kind.encode() + b" " + text.encode("utf-8", "replace")
+            if write(fd, record) != len(record):
+                raise OSError("short write")
+        except BaseException:
+            exit_now(EXIT_UNREPORTED)
+
+    return send
+
+
+def worker(code: str, tmp: str, limits: dict, channel: int, key: str, ctypes, libc) -> None:
+    """The forked process that runs the code; never returns."""
+    status = 1
+    try:
+        send = sender(channel, key)
+        set_limits(limits)
+        send("R", json.dumps(confine(libc, ctypes, limits)))  # the first record: before any of the code
+        violations: list[str] = []
+        sys.addaudithook(make_hook(tmp, violations, lambda message: send("V", message)))
+        sys.modules.pop("ctypes", None)
+        result = run(code, violations)
+        sys.stderr.flush()
+        send("D", json.dumps({**result, "message": result["message"][:2000]}))  # one record holds it
+        status = 0
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)  # no atexit handler or thread of the code runs after the last record
+
+
+def supervise(channel: socket.socket, pid: int, key: str) -> dict:
+    """Read the worker's records until it is gone, then wait for it; the facts for the verdict."""
+    prefix = key.encode() + b" "
+    layers, violation, outcome, first = [], None, None, True
+    buffer = memoryview(bytearray(1 << 17))  # larger than any record the worker sends
+    while True:
+        try:
+            record = bytes(buffer[:channel.recv_into(buffer)])
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+        if not record:  # every copy of the worker's end is closed: it has ended
+            break
+        kind, _, text = record[len(prefix):].partition(b" ") if record.startswith(prefix) else (b"", b"", b"")
+        text = text.decode("utf-8", "replace")
+        if first and kind == b"R":
+            layers = [layer for layer in _json(text, []) if layer == "seccomp"]
+        elif kind == b"V" and violation is None and text in MESSAGES:
+            violation = text
+        elif kind == b"D":
+            result = _json(text, {})
+            if isinstance(result, dict) and result.get("status") in ("ok", "error", "blocked"):
+                outcome = {"status": result["status"], "message": str(result.get("message", ""))[:2000]}
+        first = False
+    _, wait_status, usage = os.wait4(pid, 0)
+    returncode = os.waitstatus_to_exitcode(wait_status)
+    if returncode == EXIT_UNREPORTED and violation is None:
+        violation = UNREPORTED
+    return {"layers": layers, "returncode": returncode, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "violation": violation, "outcome": outcome}
+
+
+def _json(text: str, default):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default
+
+
 def main() -> None:
-    tmp, limits, status_fd = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    tmp, limits, report_fd = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     code = sys.stdin.read()
-    set_limits(limits)
-    layers = isolate(tmp, limits)
-    violations: list[str] = []
-    sys.addaudithook(make_hook(tmp, violations))
-    sys.modules.pop("ctypes", None)
-    result = run(code, violations)
-    os.write(status_fd, (json.dumps({"layers": layers, **result}) + "\n").encode())
+    ctypes, libc = _libc()
+    layers = namespaces(libc, tmp)
+    PR_SET_DUMPABLE = 4
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # the worker cannot open /proc/<this process>/mem or fd/
+    key = os.urandom(16).hex()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(report_fd)
+            ours.close()
+            channel = theirs.detach()
+        except BaseException:
+            os._exit(1)
+        worker(code, tmp, limits, channel, key, ctypes, libc)
+    theirs.close()
+    report = supervise(ours, pid, key)
+    report["layers"] = layers + report["layers"]
+    os.write(report_fd, (json.dumps(report) + "\n").encode())
 
 
 if __name__ == "__main__":
