@@ -112,6 +112,8 @@ class Calculator(TextEnv):
         except ToolCallError as err:
             return self.invalid(str(err))
         if call is not None:
+            if call.name not in self.tool_functions:  # a malformed action (as in PythonTool), not a tool's answer
+                return self.invalid(f"unknown tool {call.name!r}; the only tool is calc.")
             result = call_tool(call, self.tool_functions, self.tool_timeout_s)
             if result.ok:
                 self.seen_results.add(result.output)

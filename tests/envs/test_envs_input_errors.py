@@ -117,3 +117,15 @@ def test_a_deeply_nested_tool_call_is_an_invalid_action(env_id):
     from hybrid_rl.envs.checker import BAD_ACTIONS
 
     assert NESTED in BAD_ACTIONS.values()
+
+
+def test_calculator_calls_an_unknown_tool_an_invalid_action_as_python_tool_does():
+    from hybrid_rl import envs
+    from hybrid_rl.envs.tools import format_tool_call
+
+    for env_id, known in (("hybrid_rl/Calculator-v0", "calc"), ("hybrid_rl/PythonTool-v0", "python")):
+        env = envs.make(env_id)
+        env.reset(seed=0)
+        obs, _, _, _, info = env.step(format_tool_call("search", {"query": "x"}))
+        assert info["invalid_action"] and "unknown tool 'search'" in obs and known in obs, (env_id, obs)
+        env.close()
