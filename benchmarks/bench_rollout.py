@@ -107,6 +107,7 @@ def measure_throughput(model, tok, args) -> tuple[dict, dict]:
                   "episodes_per_s": len(trajs) / elapsed, "generated_tokens_per_s": generated / elapsed,
                   "tokens_per_s": total / elapsed, "mean_tokens_per_episode": total / len(trajs),
                   "batch_rows": args.batch, "engine_stats": run["stats"], "repeats": args.repeats,
+                  "warmup_rounds": args.warmup_rounds,
                   "raw_decode": {"batch": args.batch, "prompt_tokens": args.raw_prompt_tokens,
                                  "new_tokens": args.raw_new_tokens, "tokens_per_s": raw_tps},
                   "engine_vs_raw_decode": statistics.median(round_ratios),

@@ -406,7 +406,9 @@ def rollout_throughput(r: dict) -> str:
                  "greedy `decode_step`s.\n")
         rounds = t.get("engine_vs_raw_decode_rounds")
         if rounds:
-            text += "Engine / raw in each round: " + ", ".join(percent(x) for x in rounds) + ".\n"
+            warmup = t.get("warmup_rounds")
+            after = f" (after {warmup} untimed round{'s' if warmup != 1 else ''} of each side)" if warmup else ""
+            text += f"Engine / raw in each round{after}: " + ", ".join(percent(x) for x in rounds) + ".\n"
     stats = t.get("engine_stats")
     if stats:
         text += (f"The engine made {num(stats.get('decode_steps'))} decode steps and {num(stats.get('extend_calls'))} "

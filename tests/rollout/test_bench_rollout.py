@@ -19,7 +19,7 @@ def test_bench_rollout_prints_one_json_line(capsys):
     result = json.loads(lines[0])
     assert result["cpu"] and result["commit"]  # where it ran: the figures follow the CPU
     throughput = result["throughput"]
-    assert throughput["episodes"] == 2 and throughput["episodes_per_s"] > 0
+    assert throughput["episodes"] == 2 and throughput["episodes_per_s"] > 0 and throughput["warmup_rounds"] == 1
     assert throughput["raw_decode"]["batch"] == 2 and throughput["raw_decode"]["tokens_per_s"] > 0
     # the median run over the median raw loop, and the headline: the median of the rounds' paired ratios
     assert throughput["engine_vs_median_raw_decode"] == pytest.approx(
