@@ -74,7 +74,13 @@ us a token against ~87 in a bare loop of 30-32 rows over 32-token rows; about ha
 over the engine's longer rows (100-180 tokens against the raw loop's 32-96; a bare loop over 100-150-token
 rows takes 94-96 us: the fp32 keys and values of 32 rows stream from memory at every step), the rest per-call
 Python on cold caches, page faults of grown buffers and fewer rows per step; the engine's own work is ~9%.
-See docs/BENCHMARKS.md for the recorded figures.
+The benchmark now plays two untimed rounds of each side first (a process's first full-size plays ran at
+0.34-0.39 of the raw loop, the later ones at 0.45-0.52): 0.48 again (dc0e63c; rounds 0.46-0.50). A sampling
+profile of steady-state plays there: the kernels ~80% of the time (GEMMs ~55% at the core's peak, the Mamba
+scan ~10%, attention ~6%), the Python around the model's calls ~7% (the weights-signature check ~1.3%),
+sampling ~4%, the rest of the engine's work ~9%; with no own work and the engine's decode steps at the raw
+loop's speed the ratio would be ~0.53, so the bar of 0.5 is in the engine's per-pass Python, spread over many
+~1% pieces. See docs/BENCHMARKS.md for the recorded figures.
 
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
 past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action is text only
