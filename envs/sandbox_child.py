@@ -7,16 +7,24 @@ written) whose working directory is a fresh temporary directory. It is two proce
 - the **supervisor** (this process) reads the code, sets up the namespaces, makes itself non-dumpable
   (so that the worker cannot open its ``/proc`` files), then forks the worker, waits for it and sends
   the one report on REPORT_FD (a socket the caller made). The worker never holds REPORT_FD: it is
-  closed in the worker before anything else runs there;
+  closed in the worker before anything else runs there. With the ``pid`` layer the worker is the first
+  process (PID 1) of a new PID namespace: the supervisor and every process outside are not in its
+  ``/proc``;
 - the **worker** sets up the rest and runs the code. Before the first line of the model's code runs, in
   this order:
 
-1. resource limits: CPU time, address space, file size, open files, core dumps off;
+1. resource limits: CPU time (SIGXCPU, then SIGKILL a second later; SIGKILL at once for a PID namespace's
+   first process, which ignores SIGXCPU), address space, file size, open files, core dumps off;
 2. kernel isolation where the kernel allows it (each layer is reported, none is assumed):
    - ``net``: a new network namespace (no interfaces but a loopback that is down);
    - ``fs``: a new mount namespace in which every mount is read-only except a bind mount of the
      temporary directory;
-   (both set up by the supervisor, before the fork; the worker is in them)
+   - ``pid``: a new PID namespace whose first process is the worker, and a procfs of that namespace
+     mounted read-only on ``/proc`` (over the host's, in the private mount namespace), so that ``/proc``
+     shows the worker alone: no other process's environment, command line or descriptors;
+   (the namespaces are made by the supervisor, before the fork; the worker is in them. The new ``/proc``
+   is mounted by the worker, before the seccomp filter: a procfs shows the PID namespace of the process
+   that mounts it. It needs the mount namespace to be private, i.e. the ``fs`` layer's first step.)
    - ``seccomp``: a filter that refuses (EPERM) creating sockets, fork/vfork/exec, clone without
      CLONE_THREAD (threads stay allowed), signals to other processes, ptrace, pidfd_getfd, mount and
      namespace calls and io_uring (whose operations would bypass the filter);
@@ -29,7 +37,8 @@ in the sandbox"); the kernel layers are what hold when the hook is bypassed.
 
 **The verdict channel.** The worker tells the supervisor what only it can know over a SOCK_SEQPACKET
 socket (one record per write, so nothing the code writes can merge with a record): first, before the
-code runs, the ``seccomp`` layer (only the first record is taken for that); then each refusal *at the
+code runs, the ``pid`` (its ``/proc`` mounted) and ``seccomp`` layers (only the first record is taken for
+that, and ``pid`` only where the supervisor made the namespace); then each refusal *at the
 moment the hook refuses it*, before the code can catch the exception (so clearing the hook's state or
 exiting afterwards cannot take it back); last, how the code ended ("ok" or "error" with the
 exception). Records carry a random key the code is never given; records without it are ignored, and a
@@ -55,6 +64,7 @@ import sys
 import traceback
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, CLONE_THREAD = 0x00020000, 0x10000000, 0x40000000, 0x00010000
+CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 MS_NOATIME, MS_NODIRATIME, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 16384, 1 << 18, 1 << 21
 # Mount options the kernel locks in a new namespace: a remount must repeat them or it is refused.
@@ -88,8 +98,13 @@ class SandboxViolation(PermissionError):
 
 # ---------------------------------------------------------------------- resource limits
 
-def set_limits(limits: dict) -> None:
-    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))  # SIGXCPU, then SIGKILL
+def set_limits(limits: dict, init: bool = False) -> None:
+    """``init``: this process is the first of a PID namespace, which ignores every signal it has no handler
+    for, SIGXCPU included, unless it is SIGKILL from the kernel or from outside the namespace: the CPU
+    limit's soft limit is then its hard one, where the kernel sends SIGKILL (the caller reads a SIGKILL
+    with the CPU time used as the CPU limit)."""
+    cpu = limits["cpu_s"]
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu if init else cpu + 1))  # SIGXCPU, then SIGKILL
     memory = limits["memory_mb"] * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"], limits["file_bytes"]))
@@ -111,14 +126,33 @@ def _libc():
     return ctypes, ctypes.CDLL(None, use_errno=True)
 
 
-def namespaces(libc, tmp: str) -> list[str]:
-    """The ``net`` and ``fs`` layers (inherited by a process forked afterwards)."""
+def namespaces(libc, tmp: str, pid: bool = False) -> list[str]:
+    """The ``net`` and ``fs`` layers (inherited by a process forked afterwards); with ``pid``, also a new PID
+    namespace for the next process forked, listed as "pid" (that process completes the layer: mount_proc)."""
     layers = []
     if _unshare(libc):
         layers.append("net")
-        if _read_only_except(libc, tmp):
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f]
+        private = libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0  # nothing propagates to the host
+        if private and _read_only_except(libc, tmp, mounts):
             layers.append("fs")
+        if private and pid and libc.unshare(CLONE_NEWPID) == 0:  # never a /proc mount that reaches the host
+            layers.append("pid")
     return layers
+
+
+def mount_proc(libc) -> bool:
+    """The ``pid`` layer's second half, in the first process of the new PID namespace: a procfs of that
+    namespace on ``/proc`` (read-only, like every other mount), over the host's in the private mount
+    namespace. True when ``/proc`` then shows this process as PID 1."""
+    flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if os.getpid() != 1 or libc.mount(b"proc", b"/proc", b"proc", flags, None) != 0:
+        return False
+    try:
+        return os.readlink("/proc/self") == "1"
+    except OSError:
+        return False
 
 
 def confine(libc, ctypes, limits: dict) -> list[str]:
@@ -135,12 +169,9 @@ def _unshare(libc) -> bool:
     return any(libc.unshare(flags) == 0 for flags in attempts)
 
 
-def _read_only_except(libc, tmp: str) -> bool:
-    """Every mount read-only, the temporary directory (bind-mounted onto itself) writable."""
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split() for line in f]
-    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:  # nothing propagates to the host
-        return False
+def _read_only_except(libc, tmp: str, mounts: list[list[str]]) -> bool:
+    """Every mount (of /proc/self/mountinfo's lines) read-only, the temporary directory (bind-mounted onto
+    itself) writable."""
     if libc.mount(tmp.encode(), tmp.encode(), None, MS_BIND, None) != 0:
         return False
     os.chdir(tmp)  # the old working directory is the one under the bind mount, soon read-only
@@ -312,13 +343,15 @@ def sender(fd: int, key: str):
     return send
 
 
-def worker(code: str, tmp: str, limits: dict, channel: int, key: str, ctypes, libc) -> None:
-    """The forked process that runs the code; never returns."""
+def worker(code: str, tmp: str, limits: dict, channel: int, key: str, ctypes, libc, pid_ns: bool) -> None:
+    """The forked process that runs the code (with ``pid_ns``, the new PID namespace's PID 1); never returns."""
     status = 1
     try:
         send = sender(channel, key)
-        set_limits(limits)
-        send("R", json.dumps(confine(libc, ctypes, limits)))  # the first record: before any of the code
+        set_limits(limits, init=pid_ns)
+        layers = ["pid"] if pid_ns and mount_proc(libc) else []
+        layers += confine(libc, ctypes, limits)
+        send("R", json.dumps(layers))  # the first record: before any of the code
         violations: list[str] = []
         sys.addaudithook(make_hook(tmp, violations, lambda message: send("V", message)))
         sys.modules.pop("ctypes", None)
@@ -333,8 +366,10 @@ def worker(code: str, tmp: str, limits: dict, channel: int, key: str, ctypes, li
         os._exit(status)  # no atexit handler or thread of the code runs after the last record
 
 
-def supervise(channel: socket.socket, pid: int, key: str) -> dict:
-    """Read the worker's records until it is gone, then wait for it; the facts for the verdict."""
+def supervise(channel: socket.socket, pid: int, key: str, pid_ns: bool = False) -> dict:
+    """Read the worker's records until it is gone, then wait for it; the facts for the verdict. ``pid_ns``:
+    the worker is in a new PID namespace, so its first record may report the ``pid`` layer."""
+    accepted = ("pid", "seccomp") if pid_ns else ("seccomp",)
     prefix = key.encode() + b" "
     layers, violation, outcome, first = [], None, None, True
     buffer = memoryview(bytearray(1 << 17))  # larger than any record the worker sends
@@ -350,7 +385,8 @@ def supervise(channel: socket.socket, pid: int, key: str) -> dict:
         kind, _, text = record[len(prefix):].partition(b" ") if record.startswith(prefix) else (b"", b"", b"")
         text = text.decode("utf-8", "replace")
         if first and kind == b"R":
-            layers = [layer for layer in _json(text, []) if layer == "seccomp"]
+            reported = _json(text, [])
+            layers = [layer for layer in accepted if isinstance(reported, list) and layer in reported]
         elif kind == b"V" and violation is None and text in MESSAGES:
             violation = text
         elif kind == b"D":
@@ -377,7 +413,9 @@ def main() -> None:
     tmp, limits, report_fd = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     code = sys.stdin.read()
     ctypes, libc = _libc()
-    layers = namespaces(libc, tmp)
+    layers = namespaces(libc, tmp, pid=True)
+    pid_ns = "pid" in layers  # reported once the worker has its /proc
+    layers = [layer for layer in layers if layer != "pid"]
     PR_SET_DUMPABLE = 4
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # the worker cannot open /proc/<this process>/mem or fd/
     key = os.urandom(16).hex()
@@ -391,9 +429,9 @@ def main() -> None:
             channel = theirs.detach()
         except BaseException:
             os._exit(1)
-        worker(code, tmp, limits, channel, key, ctypes, libc)
+        worker(code, tmp, limits, channel, key, ctypes, libc, pid_ns)
     theirs.close()
-    report = supervise(ours, pid, key)
+    report = supervise(ours, pid, key, pid_ns)
     report["layers"] = layers + report["layers"]
     os.write(report_fd, (json.dumps(report) + "\n").encode())
 
