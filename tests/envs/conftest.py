@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 
 from hybrid_rl import envs
@@ -24,3 +26,14 @@ def check_and_list(capsys):
         return next(line for line in capsys.readouterr().out.splitlines() if line.startswith(env_id))
 
     return run
+
+
+@pytest.fixture
+def listener():
+    """A TCP server on loopback that never accepts: what sandboxed code tries to reach (the sandbox tests)."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.setblocking(False)
+    yield server
+    server.close()

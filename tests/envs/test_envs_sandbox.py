@@ -12,26 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from hybrid_rl.envs import sandbox
 from hybrid_rl.envs.sandbox import CHILD, SandboxLimits, run_python
+from sandbox_testlib import SPAWNED, RecordingPopen, sandbox_processes
 
 LIMITS = SandboxLimits(cpu_s=1, wall_s=5.0, memory_mb=256, output_bytes=200, file_bytes=1 << 20)
-
-
-SPAWNED: list[int] = []  # the pids of this module's sandboxes: each leads its own process group
-
-
-class RecordingPopen(subprocess.Popen):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        SPAWNED.append(self.pid)
 
 
 @pytest.fixture(autouse=True)
@@ -43,22 +33,8 @@ def run(code: str, limits: SandboxLimits = LIMITS):
     result = run_python(code, limits)
     follow_up = run_python("print(6 * 7)", limits)  # the sandbox is still usable after any attempt
     assert follow_up.status == "ok" and follow_up.text() == "42", follow_up
-    assert _sandbox_processes() == [], "a sandboxed process outlived its run"
+    assert sandbox_processes() == [], "a sandboxed process outlived its run"
     return result
-
-
-def _sandbox_processes() -> list[int]:
-    """Live processes in the process group of any sandbox this module started (other test runs' are not)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:  # the process ended while we looked
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if fields and int(fields[2]) in SPAWNED and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def test_output_and_exceptions_come_back():
@@ -104,7 +80,7 @@ def test_a_fork_bomb_starts_no_process(kind):
     result = run(FORK_BOMBS[kind])
     assert result.status == "blocked"
     assert result.message == "blocked: starting processes is not allowed in the sandbox"
-    assert _sandbox_processes() == []
+    assert sandbox_processes() == []
     os.kill(os.getpid(), 0)  # and this process is alive
 
 
@@ -136,16 +112,6 @@ def test_existing_files_outside_cannot_be_removed_or_renamed(tmp_path):
 def test_files_inside_the_temporary_directory_work():
     assert run("open('a.txt', 'w').write('kept')\nprint(open('a.txt').read())").text() == "kept"
     assert run("import os\nprint(os.listdir('.'))").text() == "[]"  # a fresh directory every call
-
-
-@pytest.fixture
-def listener():
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.setblocking(False)
-    yield server
-    server.close()
 
 
 @pytest.mark.parametrize("code", [

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 
 from hybrid_rl.envs import sandbox
 from hybrid_rl.envs.sandbox import SandboxLimits, run_python
+from sandbox_testlib import RecordingPopen, sandbox_processes
 
 LIMITS = SandboxLimits(cpu_s=1, wall_s=5.0, memory_mb=256, output_bytes=2000, file_bytes=1 << 20)
 REPO = Path(__file__).resolve().parents[2]
@@ -56,32 +56,9 @@ def pid_layer():
         pytest.skip(f"this machine gives no pid layer: {probe.stderr.strip().splitlines()[-1:]}")
 
 
-SPAWNED: list[int] = []  # the pids of this module's sandboxes: each leads its own process group
-
-
-class RecordingPopen(subprocess.Popen):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        SPAWNED.append(self.pid)
-
-
 @pytest.fixture(autouse=True)
 def record_sandboxes(monkeypatch, pid_layer):
     monkeypatch.setattr(sandbox.subprocess, "Popen", RecordingPopen)
-
-
-def _sandbox_processes() -> list[int]:
-    """Live processes in the process group of any sandbox this module started."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if fields and int(fields[2]) in SPAWNED and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def run(code: str, limits: SandboxLimits = LIMITS, reported: bool = True):
@@ -90,7 +67,7 @@ def run(code: str, limits: SandboxLimits = LIMITS, reported: bool = True):
     assert "pid" in result.layers or not reported, result
     follow_up = run_python("print(6 * 7)", limits)  # the sandbox is still usable after any attempt
     assert follow_up.status == "ok" and follow_up.text() == "42", follow_up
-    assert _sandbox_processes() == [], "a sandboxed process outlived its run"
+    assert sandbox_processes() == [], "a sandboxed process outlived its run"
     return result
 
 
@@ -175,16 +152,6 @@ def test_the_wall_time_limit_still_kills_the_namespaces_first_process():
     code = "import os, time\nprint('waiting as', os.getpid(), flush=True)\ntime.sleep(3600)"
     result = run(code, SandboxLimits(cpu_s=1, wall_s=1.0), reported=False)  # the whole process group is killed
     assert result.status == "killed" and result.text() == "waiting as 1\nkilled: wall-time limit 1 s exceeded"
-
-
-@pytest.fixture
-def listener():
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.setblocking(False)
-    yield server
-    server.close()
 
 
 def test_a_socket_is_still_blocked(listener):
