@@ -754,8 +754,12 @@ def _step_problem(obs, reward, info) -> str:
     if not isinstance(obs, str) or not isinstance(reward, numbers.Real):  # numpy scalars are Real too
         return (f"step returned observation {type(obs).__name__} and reward {type(reward).__name__}, expected str and "
                 "a number")
-    if not math.isfinite(float(reward)):
-        return f"step returned reward {float(reward)}, expected a finite number"
+    try:
+        value = float(reward)
+    except OverflowError:  # an int past float's range
+        value = math.inf
+    if not math.isfinite(value):
+        return f"step returned reward {_short(reward)}, expected a finite number"
     if info is not None and not isinstance(info, dict):
         return f"step returned info of type {type(info).__name__}, expected a dict"
     return ""

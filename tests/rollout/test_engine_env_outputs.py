@@ -146,3 +146,18 @@ def test_an_env_id_whose_argument_holds_a_colon_is_not_split_as_module_id(tmp_pa
     assert len(trajs) == 4
     assert all(t.status == "terminated" and t.num_turns == 1 for t in trajs), [(t.status, t.error) for t in trajs]
     assert all("What is" in t.messages[1]["content"] or "What is" in t.messages[0]["content"] for t in trajs)
+
+
+@pytest.mark.parametrize("reward", [10 ** 400, float("inf"), -float("inf")])
+def test_a_reward_past_a_float_s_range_is_an_env_error_of_its_episode_only(monkeypatch, reward):
+    """A Python int reward too large for a float raised OverflowError out of ``play`` (the whole batch)."""
+    step = FixedTurnsEnv.step
+
+    def odd_step(self, action):
+        obs, r, terminated, truncated, info = step(self, action)
+        return obs, (reward if self._seed == 1 else r), terminated, truncated, info
+
+    monkeypatch.setattr(FixedTurnsEnv, "step", odd_step)
+    trajs = by_seed(play(groups(3)))
+    assert trajs[1].status == "env_error" and "expected a finite number" in trajs[1].error, trajs[1].error
+    assert all(trajs[seed].status == "terminated" for seed in (0, 2))
