@@ -84,8 +84,10 @@ def load_policy(cfg: RLStageConfig):
     if not (path / "config.json").is_file():  # a run directory: its newest checkpoint
         latest = latest_checkpoint(path)
         if latest is None:
+            also = (" resume=true needs it too: it is the reference policy (algo.kl_beta) and fixes the model's shape; "
+                    "with algo.kl_beta=0 the resumed run's own latest step_N serves") if cfg.resume else ""
             raise FileNotFoundError(f"init_from={cfg.init_from}: neither a checkpoint (no config.json) nor a run directory "
-                                    "with step_N checkpoints. Pass e.g. runs/<sft-run>/step_200.")
+                                    f"with step_N checkpoints. Pass e.g. runs/<sft-run>/step_200.{also}")
         path = latest
     return load_pretrained(path).float(), checkpoint_tokenizer(path), str(path)
 

@@ -126,3 +126,12 @@ def test_an_eval_that_fails_on_its_checkpoint_keeps_the_previous_eval(tmp_path, 
     err = capsys.readouterr().err
     assert "hybrid-rl eval: error:" in err and "Traceback" not in err, err
     assert json.loads((tmp_path / "runs" / "ev" / "eval.json").read_text()) == before  # the earlier eval stays
+
+
+def test_an_rl_resume_with_a_missing_init_from_says_why_it_is_needed(tmp_path):
+    from hybrid_rl.rl.config import RLStageConfig
+    from hybrid_rl.rl.train import load_policy
+
+    cfg = load_config(RLStageConfig, None, [f"init_from={tmp_path / 'gone'}", "resume=true", "run.name=x"])
+    with pytest.raises(FileNotFoundError, match="resume=true needs it too: it is the reference policy"):
+        load_policy(cfg)
