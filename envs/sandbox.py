@@ -153,9 +153,7 @@ def _verdict(returncode: int, timed_out: bool, report: dict, size: int, limits: 
         return "killed", f"killed: wall-time limit {limits.wall_s:g} s exceeded"
     worker = report.get("returncode")
     if not isinstance(worker, int) or isinstance(worker, bool):  # no report: the supervisor itself failed
-        if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-            return "killed", f"killed: CPU time limit {limits.cpu_s} s exceeded"
-        if returncode < 0:
+        if returncode < 0:  # (it has no CPU limit of its own: a SIGKILL here is the OOM killer or another process)
             return "killed", f"killed: signal {_signal_name(-returncode)}"
         return "error", f"error: the sandbox did not report how the code ended (exit status {returncode})"
     cpu = report.get("cpu_s")

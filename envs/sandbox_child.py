@@ -58,6 +58,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import socket
 import struct
 import sys
@@ -78,13 +79,15 @@ DENIED_SYSCALLS = {
         "ptrace": 101, "process_vm_writev": 311, "pidfd_send_signal": 424, "unshare": 272, "setns": 308,
         "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "open_tree": 428, "move_mount": 429,
         "fsopen": 430, "fsconfig": 431, "fsmount": 432, "mount_setattr": 442,
-        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "pidfd_getfd": 438}),
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "pidfd_getfd": 438,
+        "setpgid": 109, "setsid": 112}),
     "aarch64": (0xC00000B7, {
         "socket": 198, "socketpair": 199, "execve": 221, "execveat": 281,
         "ptrace": 117, "process_vm_writev": 271, "pidfd_send_signal": 424, "unshare": 97, "setns": 268,
         "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "open_tree": 428, "move_mount": 429,
         "fsopen": 430, "fsconfig": 431, "fsmount": 432, "mount_setattr": 442,
-        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "pidfd_getfd": 438}),
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "pidfd_getfd": 438,
+        "setpgid": 154, "setsid": 157}),
 }
 # Calls the filter allows only in a form that stays inside this process (x86_64, aarch64 numbers).
 CLONE = {"x86_64": 56, "aarch64": 220}
@@ -347,6 +350,10 @@ def worker(code: str, tmp: str, limits: dict, channel: int, key: str, ctypes, li
     """The forked process that runs the code (with ``pid_ns``, the new PID namespace's PID 1); never returns."""
     status = 1
     try:
+        # the supervisor leads the process group the caller kills at the wall-time limit: dying with it is this
+        # process's backstop should it ever leave the group (setsid and setpgid are refused by seccomp)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         send = sender(channel, key)
         set_limits(limits, init=pid_ns)
         layers = ["pid"] if pid_ns and mount_proc(libc) else []

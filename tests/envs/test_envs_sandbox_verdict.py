@@ -10,6 +10,8 @@ refusals, and check that the verdict is still the true one: a refusal stays "blo
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from hybrid_rl.envs.sandbox import SandboxLimits, run_python
@@ -95,3 +97,38 @@ def test_clearing_the_hooks_record_of_refusals_does_not_hide_them():
                             "        o.clear()\nprint('hello')\n")
     result = run(code)
     assert result.status == "blocked" and result.message == NETWORK, result
+
+
+def _sandbox_children() -> set[int]:
+    """Every live sandbox child process on the machine, found by its command line (not by process group)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if b"sandbox_child.py" in cmdline and state != "Z":
+            found.add(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("leave", ["os.setsid()", "os.setpgid(0, 0)"])
+def test_the_code_cannot_leave_the_process_group_that_the_wall_time_kill_ends(leave):
+    """A process that left the group would outlive the kill (sleeping, it uses no CPU time) with its memory."""
+    import time
+
+    before = _sandbox_children()
+    code = (f"import os, time\ntry:\n    {leave}\n    print('left the group', flush=True)\n"
+            "except OSError as err:\n    print('refused', err.errno, flush=True)\ntime.sleep(3600)")
+    result = run_python(code, SandboxLimits(cpu_s=1, wall_s=1.0))
+    assert result.status == "killed" and "wall-time limit" in result.message, result
+    assert result.text().startswith("refused"), result.text()
+    deadline = time.monotonic() + 5
+    while (survivors := _sandbox_children() - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not survivors, f"sandbox processes outlived the call: {sorted(survivors)}"
