@@ -185,6 +185,7 @@ class Parallel:
         # so that the process can make another Accelerator with other settings. If the host made one before
         # us, ours shares it and it stays the host's.
         self._own_state = not PartialState._shared_state
+        self._closed = False
         self.acc = Accelerator(cpu=not on_gpu, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.is_main, self.device = self.acc.is_main_process, self.acc.device
@@ -337,7 +338,11 @@ class Parallel:
     def close(self, clean: bool = True) -> None:
         """End the trackers and tear down the process group. ``clean`` (the run did not fail): first wait
         until every process is here, so that no process closes its connections while a peer still has a
-        collective in flight against it. After a failure the peers may never arrive, so there is no wait."""
+        collective in flight against it. After a failure the peers may never arrive, so there is no wait.
+        Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if clean and self.world > 1 and torch.distributed.is_initialized():
             self.barrier()
         self.acc.end_training()  # (accelerate's may destroy the process group itself)

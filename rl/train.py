@@ -543,6 +543,13 @@ def train(cfg: RLStageConfig) -> dict:
 
 def _train(cfg: RLStageConfig) -> dict:
     par = Parallel(cfg.train)
+    try:
+        return _train_on(cfg, par)
+    finally:  # a run that failed before its loop (a bad input) ends its process state too; else a no-op
+        par.close(clean=False)
+
+
+def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
     seed_everything(cfg.run.seed)
     model, tokenizer, source = load_policy(cfg)
     if (cfg.algo.routing_replay or cfg.algo.log_routing_mismatch) and not getattr(model, "moe_layers", None):

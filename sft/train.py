@@ -210,12 +210,19 @@ def save(par: Parallel, run_dir: Path, tokenizer, optimizer, progress: Progress,
 
 def train(cfg: SFTStageConfig) -> dict:
     """Run the SFT stage; returns a summary (run dir, eval at start/end, wall time, steps)."""
+    t_start, cpu_start = time.time(), time.process_time()
+    par = Parallel(cfg.train)
+    try:
+        return _train_on(cfg, par, t_start, cpu_start)
+    finally:  # a run that failed before its loop (a bad input) ends its process state too; else a no-op
+        par.close(clean=False)
+
+
+def _train_on(cfg: SFTStageConfig, par: Parallel, t_start: float, cpu_start: float) -> dict:
     from hybrid_rl.metrics import MetricsLogger
     from hybrid_rl.model.tokenizer import checkpoint_tokenizer
 
-    t_start, cpu_start = time.time(), time.process_time()
     tc = cfg.train
-    par = Parallel(tc)
     world, is_main = par.world, par.is_main
     run_dir, resume_dir = open_run_dir(cfg, par)
     seed_everything(cfg.run.seed)

@@ -39,3 +39,18 @@ def test_a_trainer_keeps_the_accelerate_state_the_host_made_before_it():
     """)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines()[-1] == "host 1 cpu True", out.stdout
+
+
+def test_a_stage_that_fails_on_a_bad_input_leaves_no_accelerate_state_behind(tmp_path):
+    out = _run(f"""
+        from accelerate import Accelerator
+        from hybrid_rl.cli import main
+        for stage in ("sft", "rl"):  # resume=true of a run that does not exist: refused after the trainer started
+            rc = main([stage, "run.output_dir={tmp_path}", "run.name=typo", "resume=true", "model.preset=micro",
+                       "run.quiet=true"])
+            assert rc == 2, (stage, rc)
+        acc = Accelerator(cpu=True, mixed_precision="bf16")
+        print("host", acc.mixed_precision)
+    """)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-1] == "host bf16", out.stdout
