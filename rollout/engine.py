@@ -163,14 +163,21 @@ def _reward_components(info: dict, reward: float) -> dict[str, float]:
         return {"reward": reward}
     out = {}
     for k, v in parts.items():
-        try:
-            f = float(v) if isinstance(v, numbers.Real) else math.nan  # numpy scalars are Real too
-        except OverflowError:  # an int past float's range
-            f = math.inf
+        f = _as_float(v)
         if not math.isfinite(f):
             raise ValueError(f"step returned reward component {str(k)!r} = {_short(v)}, expected a finite number")
         out[str(k)] = f
     return out
+
+
+def _as_float(value) -> float:
+    """``value`` as a float: nan when it is not a real number (numpy scalars are), inf for an int past float's range."""
+    if not isinstance(value, numbers.Real):
+        return math.nan
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _flag(value, what: str) -> bool:
@@ -754,11 +761,7 @@ def _step_problem(obs, reward, info) -> str:
     if not isinstance(obs, str) or not isinstance(reward, numbers.Real):  # numpy scalars are Real too
         return (f"step returned observation {type(obs).__name__} and reward {type(reward).__name__}, expected str and "
                 "a number")
-    try:
-        value = float(reward)
-    except OverflowError:  # an int past float's range
-        value = math.inf
-    if not math.isfinite(value):
+    if not math.isfinite(_as_float(reward)):
         return f"step returned reward {_short(reward)}, expected a finite number"
     if info is not None and not isinstance(info, dict):
         return f"step returned info of type {type(info).__name__}, expected a dict"
