@@ -290,6 +290,16 @@ class HybridLM(nn.Module):
     def _logits_from_cache(self, cache):
         return self.lm_head(cache.last_hidden.to(self.lm_head.weight.dtype)).float()
 
+    def steady_weights(self):
+        """A scope in which the weights change only by an optimizer step or where ``weights_changed()`` says
+        so: the CPU decode program then checks them once, not at every ``extend`` / ``decode_step``
+        (``fused.steady_weights``). The rollout engine plays inside one."""
+        return fused.steady_weights(self)
+
+    def weights_changed(self) -> None:
+        """Inside ``steady_weights``: the weights were loaded or edited in place; the next call checks them."""
+        fused.weights_changed(self)
+
     @torch.no_grad()
     def extend(self, cache: HybridCache, tokens, record_routing: bool = False, rows=None):
         """Append new tokens to rows of the cache; returns those rows' last-position logits [R, V] (and
@@ -331,7 +341,7 @@ class HybridLM(nn.Module):
             rows_r = torch.tensor([rows[i] for i in fed], dtype=torch.long)
             n_new_r = torch.tensor([counts[i] for i in fed], dtype=torch.long)
             cache.reserve(int((cache.lengths.index_select(0, rows_r) + n_new_r).max()))
-            h = self.backbone.embeddings(flat)
+            h = self.backbone.embeddings.weight.index_select(0, flat)  # as the module's lookup, without its call
             last, routes = program.extend(h, cache, rows_r, n_new_r, record_routing)
             cache.last_hidden = cache.last_hidden.index_copy(0, rows_r, last.to(cache.last_hidden.dtype))
             cache.lengths = cache.lengths.index_add(0, rows_r, n_new_r)
@@ -393,15 +403,16 @@ class HybridLM(nn.Module):
         start = cache.lengths
         used = int(start.max()) + 1
         cache.reserve(used)
-        h = self.backbone.embeddings(ids)
-        program = fused.program_for(self, h, cache) if self.impl == "fast" else None
+        program = fused.program_for(self, self.backbone.embeddings.weight, cache) if self.impl == "fast" else None
         if program is not None:
             # every layer in one kernel call (model/fast/fused.py); same arithmetic as the path below
+            h = self.backbone.embeddings.weight.index_select(0, ids)  # the embedding's rows, without a module call
             ctx = _Ctx("step", self._moe_slot, record=record_routing)
             h, logits, routes = program.run(h, cache, record_routing)
             if record_routing:
                 ctx.recorded = dict(enumerate(routes))
         else:
+            h = self.backbone.embeddings(ids)
             kv_mask = (torch.arange(used, device=ids.device) <= start[:, None])[:, None, None]  # [B,1,1,used]
             ctx = _Ctx("step", self._moe_slot, cache=cache, start_b=start, kv_mask=kv_mask, kv_used=used,
                        record=record_routing)

@@ -92,6 +92,7 @@ trainer's forward recomputes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -260,7 +261,9 @@ class Engine:
         self._not_instant: set[type] = set()  # env classes that declared instant steps and took too long
         self._slow_inline: dict[type, int] = {}  # inline calls of such a class over the limit so far
         self._inline_calls: dict[type, int] = {}  # ... and all its inline calls
-        self.step_hook: Callable[[], None] | None = None  # called before every decode step (weight updates)
+        # called before every decode step (weight updates); returns False when it changed no weight (anything
+        # else: the model checks its weights before the next forward, ``HybridLM.steady_weights``)
+        self.step_hook: Callable[[], bool | None] | None = None
         self.batch_trace: list[int] | None = None  # set to [] to record the episodes in the batch at every pass
         # counts, and seconds inside the model's decode steps and cache extensions (prefills included): the
         # rest of a ``play`` is the engine's own work (sampling, bookkeeping, waiting on environments)
@@ -288,12 +291,15 @@ class Engine:
         rows: list[_Episode] = []
         cache, logits_bv = None, None
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # (walking the modules costs ~1% of a play: only when there is something to switch)
+            self.model.eval()
         try:
-            with torch.inference_mode():
+            # the weights change only in the step hook: the model checks them then, not at every forward
+            steady = getattr(self.model, "steady_weights", contextlib.nullcontext)
+            with torch.inference_mode(), steady():
                 while True:
-                    if self.step_hook is not None:
-                        self.step_hook()
+                    if self.step_hook is not None and self.step_hook() is not False and hasattr(self.model, "weights_changed"):
+                        self.model.weights_changed()  # the hook loaded weights (or may have)
                     cache, logits_bv = self._admit(rows, cache, logits_bv, prefixes, pending, finished)
                     if all(ep is None for ep in rows):
                         break
@@ -333,7 +339,8 @@ class Engine:
             self._abandon(rows, prefixes)
             raise
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
         return finished
 
     def _abandon(self, rows, prefixes) -> None:

@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from hybrid_rl.model.fast import kernels
+
 NEG_INF = float("-inf")
 
 
@@ -115,23 +117,59 @@ def sample(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: int = 0, to
         masked_bv = logits_bv if banned_v is None else logits_bv.masked_fill(banned_v, NEG_INF)
         tokens_b = masked_bv.argmax(dim=-1)
         sample_logp_b = torch.zeros(tokens_b.shape, dtype=torch.float32)
+        return tokens_b, sample_logp_b, plain_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
+    allowed_a = None
+    if banned_v is not None and top_k == 0 and top_p == 1.0:
+        # only the allowed columns (exp of -inf is a slow path): the same distribution, drawn from the
+        # same cumulative sums (a banned token adds an exact 0 to them)
+        allowed_a = _allowed(banned_v)
+        x_ba = logits_bv.index_select(-1, allowed_a)
+        # x / 1.0 is x: the division only where it changes something (sampling_logprobs' arithmetic)
+        logp_bv = torch.log_softmax(x_ba if temperature == 1.0 else x_ba / temperature, dim=-1)
     else:
-        allowed_a = None
-        if banned_v is not None and top_k == 0 and top_p == 1.0:
-            # only the allowed columns (exp of -inf is a slow path): the same distribution, drawn from the
-            # same cumulative sums (a banned token adds an exact 0 to them)
-            allowed_a = (~banned_v).nonzero().squeeze(1)
-            logp_bv = sampling_logprobs(logits_bv.index_select(-1, allowed_a), temperature)
-        else:
-            logp_bv = sampling_logprobs(logits_bv, temperature, top_k, top_p, banned_v)
-        if uniforms_b is None:
-            uniforms_b = torch.rand(logits_bv.shape[0], generator=generator, dtype=torch.float64)
-        tokens_b = inverse_cdf(logp_bv.exp(), uniforms_b)
-        sample_logp_b = logp_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
-        if allowed_a is not None:
-            tokens_b = allowed_a.index_select(0, tokens_b)
-    plain_logp_b = plain_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
-    return tokens_b, sample_logp_b, plain_logp_b
+        logp_bv = sampling_logprobs(logits_bv, temperature, top_k, top_p, banned_v)
+    if uniforms_b is None:
+        uniforms_b = torch.rand(logits_bv.shape[0], generator=generator, dtype=torch.float64)
+    probs_bv = logp_bv.exp()
+    picked = _pick(probs_bv, logp_bv, plain_bv, allowed_a, uniforms_b)
+    if picked is not None:
+        return picked
+    tokens_b = inverse_cdf(probs_bv, uniforms_b)
+    sample_logp_b = logp_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
+    if allowed_a is not None:
+        tokens_b = allowed_a.index_select(0, tokens_b)
+    return tokens_b, sample_logp_b, plain_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
+
+
+_ALLOWED: list = [None, None, None]  # (banned mask, its version, the allowed ids): the engine's mask is fixed
+
+
+def _allowed(banned_v: torch.Tensor) -> torch.Tensor:
+    """``[A]`` long: the ids ``banned_v`` allows (kept for the last mask asked about, while it is unchanged)."""
+    version = kernels.version(banned_v)
+    if _ALLOWED[0] is not banned_v or _ALLOWED[1] != version:
+        _ALLOWED[:] = [banned_v, version, (~banned_v).nonzero().squeeze(1)]
+    return _ALLOWED[2]
+
+
+def _pick(probs_ba, logp_ba, plain_bv, allowed_a, uniforms_b):
+    """``inverse_cdf`` and the three look-ups after it in one kernel call (kernels/sample.c: the same cumulative
+    sums, bit for bit) -> (tokens, sample_logp, plain_logp); None where the kernels cannot take these tensors
+    (not built, another device) or a row cannot be drawn (``inverse_cdf`` then raises its error)."""
+    uniforms_b = uniforms_b.double().contiguous()
+    tensors = (probs_ba, logp_ba, plain_bv) + (() if allowed_a is None else (allowed_a,))
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors) or uniforms_b.device.type != "cpu":
+        return None
+    lib = kernels.library()
+    if lib is None:
+        return None
+    (rows, a), v = probs_ba.shape, plain_bv.shape[-1]
+    tokens_b = torch.empty(rows, dtype=torch.long)
+    sample_logp_b, plain_logp_b = torch.empty(rows), torch.empty(rows)
+    p = kernels.ptr
+    bad = lib.sample_pick(p(probs_ba), p(logp_ba), p(plain_bv), p(allowed_a) if allowed_a is not None else None,
+                          p(uniforms_b), p(tokens_b), p(sample_logp_b), p(plain_logp_b), rows, a, v)
+    return None if bad else (tokens_b, sample_logp_b, plain_logp_b)
 
 
 # ----------------------------------------------------------------------------- naive twins

@@ -140,6 +140,7 @@ class RolloutWorker:
                              worker_name=self.name)
         self.engine.step_hook = self._apply_pending
         self._lock = threading.Lock()
+        self._loading = threading.Lock()  # held for a whole weight load (``_apply_pending``)
         self._pending: tuple[dict, int] | None = None
         self._playing = False
         self.weights_version: int | None = None  # the version in self.model (None: the weights it was built with)
@@ -194,17 +195,23 @@ class RolloutWorker:
         if not playing:
             self._apply_pending()
 
-    def _apply_pending(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, None
-            if pending is not None:  # held from here on: a push of an older version can no longer slip in
-                self.weights_version = pending[1]
-        if pending is not None:
+    def _apply_pending(self) -> bool:
+        """Load the pending weights, if any (the engine's step hook; the control thread when idle). Returns
+        whether it loaded. A load runs whole under ``_loading``: a play starting meanwhile waits for it in its
+        first hook call, so its first forward sees the new weights (it checks them only then)."""
+        with self._loading:
+            with self._lock:
+                pending, self._pending = self._pending, None
+                if pending is not None:  # held from here on: a push of an older version can no longer slip in
+                    self.weights_version = pending[1]
+            if pending is None:
+                return False
             state_dict, version = pending
             self.model.load_state_dict(state_dict)  # copy_ casts a bf16 wire dtype back into the model's own
             self.engine.policy_version = version
             if self.seed is not None:  # a stream per (seed, version): a resumed run samples as the uninterrupted one
                 self.engine.reseed(version_stream(self.seed, version))
+            return True
 
     def run(self, requests: list[GroupRequest]) -> list[Trajectory]:
         with self._lock:

@@ -16,17 +16,26 @@ by ``decode_layers`` in decode.c:
              I, shared I, latent?, norm_topk; floats: routed scaling
   attention  ptrs: [q|k|v] weights, o_proj, K buffer, V buffer; ints: Hq, Hkv, Dh, capacity
   MLP        ptrs: up, down; ints: intermediate
-  every layer: pointer slot 15 = the next norm's weight, float slot 3 = its eps.
+  every layer: pointer slot 15 = the next norm's weight, float slot 3 = its eps; after the layers' slots one more,
+  the first layer's pre-norm weight (its eps is an argument).
   Dense weights are passed as 16-column panels (``dense_panels``), rebuilt when a parameter changes.
 
 The pointer table is rebuilt only when a parameter's identity, version or storage, or a buffer's identity
 or storage, changes (derived weights are rebuilt after an optimizer step); buffers are read through their
 pointers, so an in-place load count or balance update keeps it.  Moved cache buffers (select, cat, growth)
 only rewrite the cache's slots (~0.09 ms instead of a ~0.45 ms rebuild).
+
+Noticing a changed parameter means reading every parameter's identity, version and storage: ~20 us a call
+with warm caches, ~150 us between the kernels of a rollout (a cache miss per read), ~5% of the engine's
+time. Inside ``steady_weights(model)`` the caller promises that the weights change only where it says so
+(``weights_changed(model)``) or by an optimizer step: the program then reads them all at its first call
+and after each ``weights_changed``, and at its other calls only the optimizer step count. The engine plays
+inside that scope and names the weight loads of its step hook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import threading
@@ -49,9 +58,35 @@ def program_for(model, h_bd, cache):
     if not kernels.usable(h_bd, model.lm_head.weight, *cache.tensors()):
         return None
     program = model.__dict__.get("_program")
-    if program is None or program.config != model.config:
+    if program is None or (not program.checked() and program.config != model.config):
         program = model.__dict__["_program"] = DecodeProgram(model)
     return program
+
+
+@contextlib.contextmanager
+def steady_weights(model):
+    """A scope in which ``model``'s parameters, buffers and config change only by an optimizer step or where
+    ``weights_changed(model)`` says so: the decode program checks them at its first call in the scope and
+    after each ``weights_changed``, instead of at every call (module docstring). Scopes nest; outside every
+    scope each call checks everything, as before."""
+    state = model.__dict__
+    state["_steady_depth"] = state.get("_steady_depth", 0) + 1
+    weights_changed(model)
+    try:
+        yield model
+    finally:
+        state["_steady_depth"] -= 1
+
+
+def weights_changed(model) -> None:
+    """Inside ``steady_weights``: the model's weights (or config) may have changed; the next call checks them."""
+    model.__dict__["_weights_epoch"] = model.__dict__.get("_weights_epoch", 0) + 1
+
+
+def _steady_epoch(model) -> int | None:
+    """The model's weights epoch inside a ``steady_weights`` scope, None outside every scope."""
+    state = model.__dict__
+    return state.get("_weights_epoch", 0) if state.get("_steady_depth") else None
 
 
 def dense_panels(mixer, kind: str) -> tuple:
@@ -88,6 +123,7 @@ class DecodeProgram:
         self.ints = torch.zeros(self.n, SLOT_I, dtype=torch.int32)
         self.floats = torch.zeros(self.n, SLOT_F, dtype=torch.float32)
         norms = [block.norm for block in model.backbone.layers[1:]] + [model.backbone.norm_f]
+        self._eps0 = model.backbone.layers[0].norm.eps  # the first pre-norm's (its weight: the table's last slot)
         for i, (kind, block) in enumerate(zip(cfg.layer_pattern, model.backbone.layers)):
             mixer = block.mixer
             if kind == "M":
@@ -119,6 +155,7 @@ class DecodeProgram:
                             [(i * SLOT_P + j, store, i) for i, kind in enumerate(cfg.layer_pattern)
                              for j, store in ((2, "k"), (3, "v")) if kind == "*"]
         self._weights_sig, self._cache_sig = None, None
+        self._checked_epoch: int | None = None  # the steady scope's epoch of the last full check
         self._table: list[int] = []  # the pointer slots as ints (weights and cache)
         self._ptrs, self._head_panels = None, None
 
@@ -136,11 +173,21 @@ class DecodeProgram:
         return (kernels.optimizer_steps(), list(map(id, params)), versions, list(map(_DATA_PTR, params)),
                 list(map(id, buffers)), list(map(_DATA_PTR, buffers)))
 
+    def checked(self) -> bool:
+        """Inside a ``steady_weights`` scope, the weights and config were checked since its last change."""
+        epoch = _steady_epoch(self.model)
+        return (epoch is not None and epoch == self._checked_epoch and self._weights_sig is not None
+                and self._weights_sig[0] == kernels.optimizer_steps())
+
     def pointers(self, cache) -> torch.Tensor:
         """The pointer slots as an int64 tensor; reused while no weight and no cache buffer has changed.
         A changed weight rebuilds the table; moved cache buffers (select, cat, growth) only rewrite the
-        cache's slots."""
-        weights = self._weights_signature()
+        cache's slots. Inside ``steady_weights`` the weights are read only when ``checked()`` is False."""
+        if self.checked():
+            weights = self._weights_sig
+        else:
+            weights = self._weights_signature()
+            self._checked_epoch = _steady_epoch(self.model)
         stores = {"conv": cache.conv, "ssm": cache.ssm, "k": cache.k, "v": cache.v}
         cache_sig = [stores[store][i].data_ptr() for _, store, i in self._cache_slots]
         if weights != self._weights_sig:
@@ -157,7 +204,7 @@ class DecodeProgram:
         return self._ptrs
 
     def _collect(self, cache) -> list[int]:
-        ptrs = [0] * (self.n * SLOT_P)
+        ptrs = [0] * (self.n * SLOT_P + 1)  # every layer's slots, then the first pre-norm's weight
         p = kernels.ptr
         layers = self.model.backbone.layers
         next_norm = [block.norm.weight for block in layers[1:]] + [self.model.backbone.norm_f.weight]
@@ -179,6 +226,7 @@ class DecodeProgram:
             for j, t in enumerate(slots):
                 ptrs[base + j] = p(t) if t is not None else 0
             ptrs[base + SLOT_P - 1] = p(next_norm[i])
+        ptrs[self.n * SLOT_P] = p(layers[0].norm.weight)
         return ptrs
 
     def run(self, h_bd, cache, record: bool):
@@ -193,13 +241,6 @@ class DecodeProgram:
             self._capacity = cache.capacity
             self.ints[self.kinds == 2, 3] = self._capacity
             self._work_key = None
-
-    def _first_norm(self, h):
-        x = torch.empty_like(h)
-        first = self.model.backbone.layers[0].norm
-        kernels.library().add_rms_norm(kernels.ptr(h), None, kernels.ptr(first.weight), kernels.ptr(x), h.shape[0],
-                                       h.shape[1], first.eps)
-        return x
 
     def head(self, x_nd):
         """Logits [N, V] of final normed hidden states [N, D], through the head's panels (as a decode step;
@@ -220,11 +261,12 @@ class DecodeProgram:
             if self._work.numel() < size:
                 self._work = torch.empty(size, dtype=torch.float32)
             self._work_key = b
-        x = self._first_norm(h_bd)
+        x = torch.empty_like(h_bd)  # the first pre-norm, then each layer's (decode_layers)
         routes = torch.empty(self.n_moe, b, self.model.config.num_experts_per_tok, dtype=torch.long) if record else None
         ptrs = self.pointers(cache)
         lib.decode_layers(self.n, p(self.kinds), p(ptrs), p(self.ints), p(self.floats),
-                          p(h_bd), p(x), p(self._work), p(cache.lengths), p(routes) if record else None, b, d)
+                          p(h_bd), p(x), p(self._work), p(cache.lengths), p(routes) if record else None, b, d,
+                          self._eps0)
         return x, self.head(x), routes
 
     def extend(self, h_md, cache, rows_r, n_new_r, record: bool):
@@ -253,10 +295,10 @@ class DecodeProgram:
             self._ext_work = torch.empty(size, dtype=torch.float32)
         len_r = cache.lengths.index_select(0, rows_r).contiguous()
         off_r = (torch.cumsum(n_new_r, 0) - n_new_r).contiguous()
-        x = self._first_norm(h_md)
+        x = torch.empty_like(h_md)
         routes = torch.empty(self.n_moe, m, self.model.config.num_experts_per_tok, dtype=torch.long) if record else None
         ptrs = self.pointers(cache)
         lib.extend_layers(self.n, p(self.kinds), p(ptrs), p(self.ints), p(self.floats), p(h_md), p(x),
                           p(self._ext_work), p(rows_r), p(len_r), p(n_new_r), p(off_r),
-                          p(routes) if record else None, r, m, d)
+                          p(routes) if record else None, r, m, d, self._eps0)
         return x[:r], routes

@@ -109,6 +109,38 @@ def test_fused_path_sees_weight_updates():
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
 
 
+def test_steady_weights_checks_the_weights_once_and_again_after_each_announced_change(monkeypatch):
+    """Inside ``steady_weights`` the program reads the parameters at its first call, after ``weights_changed``
+    and after an optimizer step, not at every call; what it computes equals a twin outside any scope."""
+    model = randomize(HybridLM(small_config()).eval(), seed=3)
+    reads = []
+    signature = fused.DecodeProgram._weights_signature
+    monkeypatch.setattr(fused.DecodeProgram, "_weights_signature", lambda self: reads.append(1) or signature(self))
+    prompts = [torch.arange(5), torch.arange(3)]
+    decode_run(model, prompts, 3)
+    assert len(reads) == 4  # outside a scope: every call (one extension, three steps)
+    reads.clear()
+    with model.steady_weights():
+        before, _, _ = decode_run(model, prompts, 3)
+        assert len(reads) == 1
+        with torch.no_grad():
+            model.lm_head.weight.mul_(0.5)  # halves every logit exactly
+        model.weights_changed()
+        halved, _, _ = decode_run(model, prompts, 3)
+        assert len(reads) == 2
+        for a, b in zip(before, halved):
+            torch.testing.assert_close(b, a * 0.5, atol=1e-6, rtol=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model(torch.arange(12)[None]).logits.square().mean().backward()
+        opt.step()
+        stepped, _, _ = decode_run(model, prompts, 3)
+        assert len(reads) == 3
+        assert not torch.allclose(stepped[0], halved[0])
+    reads.clear()
+    decode_run(model, prompts, 1)
+    assert len(reads) == 2  # the scope ended: every call again
+
+
 def test_packed_expert_panels_hold_the_transposed_weights():
     model = randomize(HybridLM(small_config(moe_intermediate_size=20)), seed=6)
     moe = next(m for m in model.modules() if isinstance(m, FastMoE))

@@ -209,6 +209,36 @@ def test_policy_version_is_recorded_per_token():
         assert t.policy_version == sorted(t.policy_version)
 
 
+@pytest.mark.parametrize("says_changed", [None, True])
+def test_weights_loaded_by_the_step_hook_reach_the_next_forwards(says_changed):
+    """The engine plays in the model's ``steady_weights`` scope: a step hook that edits the weights in place and
+    does not return False has them read before the next forward. Here it zeroes the head: every logit 0, so
+    each token sampled from a later forward has plain log-prob -log V."""
+    model = make_model("micro")
+    engine = Engine(model, TOK, SamplingConfig(seed=0, ascii_only=True), EpisodeConfig(max_turn_tokens=4),
+                    policy_version=7)
+    calls = []
+
+    def load():
+        calls.append(1)
+        if len(calls) == 4:
+            with torch.no_grad():
+                model.lm_head.weight.zero_()
+            engine.policy_version = 8
+            return says_changed
+        return False
+
+    engine.step_hook = load
+    trajs = engine.play(groups(2, samples=2, turns=3))
+    late = []
+    for t in trajs:
+        acts = [(lp_, v) for lp_, v, a in zip(t.logprobs, t.policy_version, t.is_action) if a]
+        after = [lp_ for lp_, v in acts if v == 8][1:]  # the first was sampled from the forward before the hook
+        late += after
+    assert len(late) > 10
+    assert late == pytest.approx([-math.log(model.config.vocab_size)] * len(late), abs=1e-5)
+
+
 def test_routed_experts_are_recorded_and_replay_reproduces_logprobs():
     pytest.importorskip("hybrid_rl.model")
     model = make_model("micro")

@@ -108,3 +108,56 @@ def test_keyed_sampling_follows_the_distribution():
     tokens_b, _, _ = sample(logits_v.expand(n, -1), temperature=0.8, top_p=0.9, uniforms_b=u_b)
     freq = torch.bincount(tokens_b, minlength=8).float() / n
     assert freq.tolist() == pytest.approx(naive_sampling_probs(logits_v.tolist(), temperature=0.8, top_p=0.9), abs=0.015)
+
+
+@pytest.mark.parametrize("setting", SETTINGS[:4])
+def test_the_kernel_draw_equals_the_tensor_ops_bit_for_bit(setting, monkeypatch):
+    """``sample`` draws through kernels/sample.c where it can; the tokens and both log-probs are the ones of
+    the tensor-op path (``inverse_cdf`` and its look-ups), to the bit, also where u * total rounds up to the
+    total and where most of a row's probability underflows to 0."""
+    from hybrid_rl.model.fast import kernels
+    from hybrid_rl.rollout import sampling
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler: the kernels are not built")
+    g = torch.Generator().manual_seed(4)
+    logits_bv = torch.cat([torch.randn(300, 61, generator=g) * 4, torch.randn(20, 61, generator=g) * 80])
+    banned_v = torch.zeros(61, dtype=torch.bool)
+    banned_v[[0, 7, 60]] = True
+    u_b = torch.rand(320, generator=g, dtype=torch.float64)
+    u_b[:8] = torch.tensor([0.0, 1.0 - 2.0 ** -53, 1.0 - 2.0 ** -40, 0.5, 2.0 ** -60, 0.999999, 0.25, 0.75],
+                           dtype=torch.float64)
+    picks, real_pick = [], sampling._pick
+    monkeypatch.setattr(sampling, "_pick", lambda *a: picks.append(real_pick(*a)) or picks[-1])
+    fast = sample(logits_bv, banned_v=banned_v, uniforms_b=u_b, **setting)
+    assert picks and all(p is not None for p in picks)  # the kernel drew
+    monkeypatch.setattr(sampling, "_pick", lambda *a: None)
+    slow = sample(logits_bv, banned_v=banned_v, uniforms_b=u_b, **setting)
+    for a, b in zip(fast, slow):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert not banned_v[fast[0]].any()
+
+
+def test_a_row_the_kernel_cannot_draw_raises_the_tensor_path_error():
+    logits_bv = torch.tensor([[0.0, 1.0, 2.0], [float("nan")] * 3])
+    with pytest.raises(ValueError, match=r"rows \[1\].*not finite or sum to 0"):
+        sample(logits_bv, uniforms_b=torch.tensor([0.3, 0.3], dtype=torch.float64))
+
+
+def test_the_kernel_draw_picks_what_inverse_cdf_picks_at_the_interval_ends():
+    from hybrid_rl.model.fast import kernels
+    from hybrid_rl.rollout.sampling import _pick
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler: the kernels are not built")
+    probs_bv = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0]] * 7)
+    u_b = torch.tensor([0.0, 0.2499, 0.25, 0.7499, 0.75, 0.9999, 1.0 - 2.0 ** -53], dtype=torch.float64)
+    logp_bv = probs_bv.log()
+    plain_bv = torch.arange(42, dtype=torch.float32).reshape(7, 6)
+    allowed_a = torch.tensor([10, 11, 12, 13, 14, 15])
+    tokens_b, sample_logp_b, plain_logp_b = _pick(probs_bv, logp_bv, torch.zeros(7, 16), allowed_a, u_b)
+    assert tokens_b.tolist() == [11, 11, 13, 13, 14, 14, 14] == [10 + i for i in inverse_cdf(probs_bv, u_b).tolist()]
+    assert sample_logp_b.tolist() == [float(logp_bv[r, t - 10]) for r, t in enumerate(tokens_b.tolist())]
+    tokens_b, _, plain_logp_b = _pick(probs_bv, logp_bv, plain_bv, None, u_b)
+    assert tokens_b.tolist() == [1, 1, 3, 3, 4, 4, 4]
+    assert plain_logp_b.tolist() == [float(plain_bv[r, t]) for r, t in enumerate(tokens_b.tolist())]

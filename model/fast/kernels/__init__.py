@@ -15,6 +15,7 @@ state and by streaming the weights, not by arithmetic.  ``decode.c`` fuses each 
   packed without padding, the other rows untouched; past the last layer that writes the cache only each
   row's last token is carried on (the others feed no logit), unless every token's routes are recorded.
 
+``sample.c`` draws the rollout engine's tokens from their cumulative distributions (rollout/sampling.py).
 ``train.c`` holds the training kernels (forward and backward) that model/fast/train_ops.py's autograd
 Functions call; ``gemm.c`` the strided GEMM (``mm``) of their dense layers and routed experts; ``vec.h`` the
 vector helpers they share.
@@ -60,15 +61,16 @@ _SIGNATURES = {
     "add_rms_norm": [_F] * 4 + [ctypes.c_int] * 2 + [ctypes.c_float],
     "linear_packed": [_F] * 3 + [ctypes.c_int] * 5,
     "decode_work_size": [ctypes.c_int, _F, _F, ctypes.c_int, ctypes.c_int],
-    "decode_layers": [ctypes.c_int] + [_F] * 9 + [ctypes.c_int] * 2,
+    "decode_layers": [ctypes.c_int] + [_F] * 9 + [ctypes.c_int] * 2 + [ctypes.c_float],
     "extend_work_size": [ctypes.c_int, _F, _F] + [ctypes.c_int] * 3,
-    "extend_layers": [ctypes.c_int] + [_F] * 12 + [ctypes.c_int] * 3,
+    "extend_layers": [ctypes.c_int] + [_F] * 12 + [ctypes.c_int] * 3 + [ctypes.c_float],
+    "sample_pick": [_F] * 8 + [ctypes.c_int] * 3,
     "mm_available": [],
     "mm_strided": [_F, ctypes.c_int64, ctypes.c_int64, _F, ctypes.c_int64, ctypes.c_int64, _F, ctypes.c_int64]
     + [ctypes.c_int] * 3,
 }
 _RESULTS = {"decode_work_size": ctypes.c_int64, "extend_work_size": ctypes.c_int64, "mm_available": ctypes.c_int,
-            "mm_strided": ctypes.c_int}
+            "mm_strided": ctypes.c_int, "sample_pick": ctypes.c_int}
 
 
 def enabled() -> bool:

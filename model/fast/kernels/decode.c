@@ -913,22 +913,26 @@ static int run_layers(int L, const int *kinds, void *const *ptrs, const int *int
     return kept_last;
 }
 
-/* A decode step: h, x [B, D] (see run_layers); len long [B]: tokens in the cache before this one;
- * routes long [n_moe, B, k] or NULL; work: decode_work_size floats. */
+/* A decode step: h [B, D] the embeddings (the residual stream), x [B, D] written with the first layer's
+ * pre-norm of h (its weight the pointer slot after the layers', ptrs[L * SLOT_P]; eps0 its eps) and then
+ * as in run_layers; len long [B]: tokens in the cache before this one; routes long [n_moe, B, k] or NULL;
+ * work: decode_work_size floats. */
 void decode_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h, float *x,
-                   float *work, const int64_t *len, int64_t *routes, int B, int D) {
+                   float *work, const int64_t *len, int64_t *routes, int B, int D, float eps0) {
+    add_rms_norm(h, NULL, ptrs[(int64_t)L * SLOT_P], x, B, D, eps0);
     run_layers(L, kinds, ptrs, ints, fls, h, x, work, len, routes, B, D, NULL);
 }
 
 /* A cache extension of R rows (cache rows `rows`, with len / n_new / off as in `extension`), their M new
- * tokens packed: h, x [M, D] (see run_layers); routes long [n_moe, M, k] or NULL; work:
+ * tokens packed: h, x [M, D] (as in decode_layers: x gets the first pre-norm here); routes long [n_moe, M, k] or NULL; work:
  * extend_work_size floats.  Rows of the cache not listed are not touched.  On return x[0:R] holds each
  * row's final normed hidden state at its last new token (the rest of h and x is workspace).  Without
  * routes the layers past the last one that writes the cache run on those tokens alone, and the load
  * counters of their routed experts count those tokens only. */
 void extend_layers(int L, const int *kinds, void *const *ptrs, const int *ints, const float *fls, float *h, float *x,
                    float *work, const int64_t *rows, const int64_t *len, const int64_t *n_new, const int64_t *off,
-                   int64_t *routes, int R, int M, int D) {
+                   int64_t *routes, int R, int M, int D, float eps0) {
     const extension ext = {rows, len, n_new, off, R};
+    add_rms_norm(h, NULL, ptrs[(int64_t)L * SLOT_P], x, M, D, eps0);
     if (!run_layers(L, kinds, ptrs, ints, fls, h, x, work, NULL, routes, M, D, &ext)) keep_last_rows(x, D, &ext);
 }
