@@ -198,6 +198,9 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
 # ------------------------------------------------------------------------------------ validation
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads keeps an unpaired \udXXX escape as such a character
+
+
 def validate_messages(obj: object) -> list[dict]:
     """The conversation's messages, or ``BadSample`` saying what is wrong with it.
 
@@ -219,6 +222,11 @@ def validate_messages(obj: object) -> list[dict]:
             raise BadSample("format", f'message {k} must be {{"role": str, "content": str}}{null}, got {_short(m)}')
         if m["role"] not in ROLES:
             raise BadSample("unknown_role", f"message {k} has unknown role {m['role']!r}; valid roles: {', '.join(ROLES)}")
+        lone = _LONE_SURROGATE.search(m["content"])
+        if lone:
+            raise BadSample("not_utf8", f"message {k}'s content holds a lone surrogate \\u{ord(lone.group()):04x} at character "
+                            f"{lone.start() + 1}: half of a UTF-16 pair (a JSON escape like \\ud83d without its partner), "
+                            "which has no UTF-8 form; write the whole character (or its pair of escapes) or remove it")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadSample("no_assistant", "conversation has no assistant turn: nothing to train on")
     return [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -76,6 +76,19 @@ def test_a_line_that_is_not_utf8_is_a_bad_sample_not_replacement_characters(tmp_
         load_samples(DataConfig(jsonl_paths=[str(path)], on_bad_sample="error", max_seq_tokens=256), TOK)
 
 
+def test_a_lone_surrogate_escape_is_a_not_utf8_bad_sample_naming_it(tmp_path):
+    """JSON's "\\ud83d" without its partner parses into a character that has no UTF-8 form; it was reported as a
+    chat-template failure ("template") with an encoder's traceback text."""
+    path = tmp_path / "chat.jsonl"
+    lone = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "smile \\ud83d!"}]}'
+    path.write_text(json.dumps(GOOD) + "\n" + lone + "\n")
+    samples, report = load_samples(DataConfig(jsonl_paths=[str(path)], on_bad_sample="skip", max_seq_tokens=256), TOK)
+    assert [s.source for s in samples] == [f"{path}:1"] and dict(report.skipped) == {"not_utf8": 1}
+    with pytest.raises(DataError, match=re.escape(f"{path}:2") + r".*message 1's content holds a lone surrogate "
+                                        r"\\ud83d at character 7.*write the whole character"):
+        load_samples(DataConfig(jsonl_paths=[str(path)], on_bad_sample="error", max_seq_tokens=256), TOK)
+
+
 def test_missing_file_and_all_bad_data_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_samples(DataConfig(jsonl_paths=[str(tmp_path / "nope.jsonl")]), TOK)
