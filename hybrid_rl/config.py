@@ -122,22 +122,32 @@ class _Scalar:
 
 class _StrictLoader(yaml.SafeLoader):
     """YAML's safe loader that refuses a key written twice in one mapping (plain YAML keeps the last one and
-    drops the first in silence: two ``train:`` sections of a recipe would lose the first one's settings)."""
+    drops the first in silence: two ``train:`` sections of a recipe would lose the first one's settings).
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                line = key_node.start_mark.line + 1
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key_node.value!r} appears twice in one mapping (lines {seen[key_node.value]} "
-                        f"and {line}); YAML would keep only the second: write its settings under one key",
-                        key_node.start_mark)
-                seen[key_node.value] = line
-        return super().construct_mapping(node, deep)
+    Each mapping is checked once, as written: when it is first flattened (before a ``<<`` merge puts the
+    merged mapping's keys into it, which a key of its own may override). Keys of different types are
+    different keys (``1:`` and ``"1":``)."""
+
+    def flatten_mapping(self, node):
+        checked = self.__dict__.setdefault("_checked_mappings", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            _refuse_repeated_keys(node)
+        super().flatten_mapping(node)
+
+
+def _refuse_repeated_keys(node) -> None:
+    seen: dict[tuple[str, str], int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        line, key = key_node.start_mark.line + 1, (key_node.tag, key_node.value)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key_node.value!r} appears twice in one mapping (lines {seen[key]} "
+                f"and {line}); YAML would keep only the second: write its settings under one key",
+                key_node.start_mark)
+        seen[key] = line
 
 
 class _TextLoader(_StrictLoader):

@@ -39,6 +39,29 @@ def test_a_key_written_twice_in_a_recipe_is_refused_with_both_lines(tmp_path):
         load_config(SFTStageConfig, path)
 
 
+def test_merges_that_override_and_keys_of_other_types_are_no_repeats():
+    """A mapping's own key may override one it merges (``<<``), also when its anchor is merged again further
+    down (the loader saw the anchor's keys merged into it and called the override a repeat); ``1:`` and ``"1":``
+    are two keys. A key written twice inside an anchor is still refused."""
+    import yaml
+
+    from hybrid_rl.config import _load_yaml
+
+    text = ("base: &b {lr: 1.0e-4, steps: 5}\n"
+            "mid: &m {<<: *b, lr: 2.0e-4}\n"
+            "top: {<<: *m, steps: 9}\n"
+            "again: {<<: *m}\n"
+            "keys: {1: one, '1': text}\n")
+    for keep_text in (False, True):
+        got = _load_yaml(text, keep_text)
+        assert float(getattr(got["top"]["lr"], "value", got["top"]["lr"])) == 2.0e-4
+        assert int(getattr(got["top"]["steps"], "value", got["top"]["steps"])) == 9
+        assert float(getattr(got["again"]["lr"], "value", got["again"]["lr"])) == 2.0e-4
+        assert len(got["keys"]) == 2
+    with pytest.raises(yaml.constructor.ConstructorError, match=r"'lr' appears twice in one mapping \(lines 1 and 1\)"):
+        _load_yaml("base: &b {lr: 1, lr: 2}\ntop: {<<: *b}\n", False)
+
+
 def test_claim_writes_nothing_start_replaces_the_previous_outputs(tmp_path):
     run = RunConfig(name="r", output_dir=str(tmp_path), overwrite=True)
     old = tmp_path / "r"
