@@ -172,13 +172,30 @@ def _reward_components(info: dict, reward: float) -> dict[str, float]:
 
 
 def _as_float(value) -> float:
-    """``value`` as a float: nan when it is not a real number (numpy scalars are), inf for an int past float's range."""
+    """``value`` as a float: nan when it is not a real number (numpy scalars are, and so are 0-d arrays and
+    tensors holding one), inf for an int past float's range."""
+    value = _one_number(value)
     if not isinstance(value, numbers.Real):
         return math.nan
     try:
         return float(value)
     except OverflowError:
         return math.inf
+
+
+def _numeric(value) -> bool:
+    """A real number, or a 0-d array or tensor holding one (what ``_as_float`` reads)."""
+    return isinstance(_one_number(value), numbers.Real)
+
+
+def _one_number(value):
+    """A 0-d array's or tensor's item (np.array(1.0), torch.tensor(0.5)), anything else as it is."""
+    if not isinstance(value, numbers.Real) and getattr(value, "shape", None) == () and hasattr(value, "item"):
+        try:
+            return value.item()
+        except Exception:  # noqa: BLE001  (a 0-d array of something that is no number)
+            return None
+    return value
 
 
 def _flag(value, what: str) -> bool:
@@ -588,22 +605,22 @@ class Engine:
         if problem:
             self._env_failed(ep, EnvFailure(problem), "step")
             return True
-        info = info or {}
+        info, reward = info or {}, _as_float(reward)  # finite (``_step_problem``)
         try:  # a malformed value ends this episode as an env error (recorded), not play() (the whole batch)
             terminated, truncated = _flag(terminated, "terminated"), _flag(truncated, "truncated")
             invalid = _flag(info.get("invalid_action"), 'info["invalid_action"]')
-            components = _reward_components(info, float(reward))
+            components = _reward_components(info, reward)
             if (terminated or truncated) and "success" in info:
                 _flag(info["success"], 'info["success"]')
         except ValueError as err:
             self._env_failed(ep, EnvFailure(str(err)), "step")
             return True
-        traj.step_rewards.append(float(reward))
+        traj.step_rewards.append(reward)
         traj.reward_components.append(components)
         traj.num_invalid_actions += invalid
         if terminated or truncated:
             traj.status = "terminated" if terminated else "truncated"
-            traj.success = episode_success(info, float(reward), terminated)
+            traj.success = episode_success(info, reward, terminated)
             return True
         if invalid and cfg.end_on_invalid_action:
             traj.status = "invalid_action"
@@ -765,7 +782,7 @@ def _step_problem(obs, reward, info) -> str:
     """What is wrong with a step's observation, reward or info ("" when nothing): a reward that is not a finite
     number would make every advantage of its batch NaN (the group and batch statistics), so it ends its episode
     as an env error instead."""
-    if not isinstance(obs, str) or not isinstance(reward, numbers.Real):  # numpy scalars are Real too
+    if not isinstance(obs, str) or not _numeric(reward):  # numpy scalars, 0-d arrays and tensors too
         return (f"step returned observation {type(obs).__name__} and reward {type(reward).__name__}, expected str and "
                 "a number")
     if not math.isfinite(_as_float(reward)):

@@ -133,6 +133,28 @@ def test_a_non_finite_or_non_numeric_reward_component_is_an_env_error_of_its_epi
         assert all(math.isfinite(v) for parts in good.reward_components for v in parts.values())
 
 
+def test_rewards_and_components_held_in_0d_arrays_and_tensors_are_numbers(monkeypatch):
+    """``np.float32(1)`` always played; a 0-d array or a one-number tensor (what a reward computed with numpy or
+    torch often is) was called "not a finite number" and ended its episode. A 0-d array of text still is an error."""
+    import torch
+
+    step = FixedTurnsEnv.step
+
+    def odd_step(self, action):
+        obs, r, terminated, truncated, info = step(self, action)
+        if self._seed == 1:
+            r, info["reward_components"] = np.array(0.25), {"a": torch.tensor(0.5), "b": np.array(-1.0)}
+        if self._seed == 2:
+            info["reward_components"] = {"a": np.array("0.5")}
+        return obs, r, terminated, truncated, info
+
+    monkeypatch.setattr(FixedTurnsEnv, "step", odd_step)
+    trajs = by_seed(play(groups(3)))
+    assert trajs[1].status == "terminated", trajs[1].error
+    assert trajs[1].reward_components == [{"a": 0.5, "b": -1.0}] * 2 and trajs[1].step_rewards == [0.25, 0.25]
+    assert trajs[2].status == "env_error" and "reward component 'a'" in trajs[2].error
+
+
 def test_an_env_id_whose_argument_holds_a_colon_is_not_split_as_module_id(tmp_path):
     """``module:id`` imports ``module``; a ':' inside the arguments (a path) is part of an argument."""
     folder = tmp_path / "x:1"
