@@ -47,6 +47,7 @@ class SandboxLimits:
     memory_mb: int = 256      # address space (RLIMIT_AS); an interpreter without site-packages needs ~20 MB
     output_bytes: int = 1000  # what comes back to the model (an observation stays short)
     file_bytes: int = 1 << 20  # largest file the code may write, its output included
+    disk_bytes: int = 16 << 20  # all its files together (a tmpfs of that size: the "disk" layer, where the kernel allows)
     open_files: int = 32
     processes: int = 8        # RLIMIT_NPROC: threads count too; not enforced for root (see the docs)
 
@@ -65,7 +66,7 @@ class SandboxResult:
     status: str               # "ok" | "error" | "blocked" | "killed"
     output: str               # stdout and stderr, truncated to output_bytes
     message: str = ""         # the verdict in words, "" when the code ran to the end
-    layers: tuple[str, ...] = ()  # kernel isolation in force: "net", "fs", "pid", "seccomp"
+    layers: tuple[str, ...] = ()  # kernel isolation in force: "net", "fs", "disk", "pid", "seccomp"
 
     def text(self) -> str:
         """The tool message: the output, then the verdict on its own line."""

@@ -19,6 +19,8 @@ written) whose working directory is a fresh temporary directory. It is two proce
    - ``net``: a new network namespace (no interfaces but a loopback that is down);
    - ``fs``: a new mount namespace in which every mount is read-only except a bind mount of the
      temporary directory;
+   - ``disk``: instead of that bind mount, a tmpfs of ``disk_bytes`` (and 4096 files) on the temporary
+     directory: all the code's files together stay within it (ENOSPC past it);
    - ``pid``: a new PID namespace whose first process is the worker, and a procfs of that namespace
      mounted read-only on ``/proc`` (over the host's, in the private mount namespace), so that ``/proc``
      shows the worker alone: no other process's environment, command line or descriptors;
@@ -68,6 +70,7 @@ CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, CLONE_THREAD = 0x00020000, 0x10000000,
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 MS_NOATIME, MS_NODIRATIME, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 16384, 1 << 18, 1 << 21
+TMPFS_INODES = 4096  # files and directories the code may keep (the ``disk`` layer)
 # Mount options the kernel locks in a new namespace: a remount must repeat them or it is refused.
 LOCKED_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
                   "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
@@ -120,7 +123,7 @@ def set_limits(limits: dict, init: bool = False) -> None:
 def isolate(tmp: str, limits: dict) -> list[str]:
     """Namespaces, read-only mounts and the seccomp filter; returns the layers that took effect."""
     ctypes, libc = _libc()  # the audit hook installed afterwards refuses every later use of ctypes
-    return namespaces(libc, tmp) + confine(libc, ctypes, limits)
+    return namespaces(libc, tmp, disk_bytes=limits.get("disk_bytes")) + confine(libc, ctypes, limits)
 
 
 def _libc():
@@ -129,17 +132,20 @@ def _libc():
     return ctypes, ctypes.CDLL(None, use_errno=True)
 
 
-def namespaces(libc, tmp: str, pid: bool = False) -> list[str]:
-    """The ``net`` and ``fs`` layers (inherited by a process forked afterwards); with ``pid``, also a new PID
-    namespace for the next process forked, listed as "pid" (that process completes the layer: mount_proc)."""
+def namespaces(libc, tmp: str, pid: bool = False, disk_bytes: int | None = None) -> list[str]:
+    """The ``net`` and ``fs`` layers (inherited by a process forked afterwards); with ``disk_bytes``, the
+    writable directory is a tmpfs of that size (the ``disk`` layer: a bound on all files together); with
+    ``pid``, also a new PID namespace for the next process forked, listed as "pid" (that process completes
+    the layer: mount_proc)."""
     layers = []
     if _unshare(libc):
         layers.append("net")
         with open("/proc/self/mountinfo") as f:
             mounts = [line.split() for line in f]
         private = libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0  # nothing propagates to the host
-        if private and _read_only_except(libc, tmp, mounts):
-            layers.append("fs")
+        disk = private and disk_bytes is not None and _sized_tmpfs(libc, tmp, disk_bytes)
+        if private and _read_only_except(libc, tmp, mounts, bound=disk):
+            layers += ["fs", "disk"] if disk else ["fs"]
         if private and pid and libc.unshare(CLONE_NEWPID) == 0:  # never a /proc mount that reaches the host
             layers.append("pid")
     return layers
@@ -172,12 +178,32 @@ def _unshare(libc) -> bool:
     return any(libc.unshare(flags) == 0 for flags in attempts)
 
 
-def _read_only_except(libc, tmp: str, mounts: list[list[str]]) -> bool:
-    """Every mount (of /proc/self/mountinfo's lines) read-only, the temporary directory (bind-mounted onto
-    itself) writable."""
-    if libc.mount(tmp.encode(), tmp.encode(), None, MS_BIND, None) != 0:
+def _sized_tmpfs(libc, tmp: str, size: int) -> bool:
+    """A tmpfs of ``size`` bytes (and ``TMPFS_INODES`` files) on the temporary directory, in this private mount
+    namespace: ENOSPC past it, however the code splits its writes. False (nothing mounted) where the kernel
+    refuses it or the code's user could not write there (a user namespace without an id mapping)."""
+    options = f"size={size},nr_inodes={TMPFS_INODES},mode=0700".encode()
+    if libc.mount(b"tmpfs", tmp.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0:
         return False
-    os.chdir(tmp)  # the old working directory is the one under the bind mount, soon read-only
+    os.chdir(tmp)  # into the new mount
+    try:
+        with open(".probe", "w") as f:
+            f.write("x")
+        os.unlink(".probe")
+        return True
+    except OSError:
+        os.chdir("/")
+        libc.umount2(tmp.encode(), 0)
+        os.chdir(tmp)
+        return False
+
+
+def _read_only_except(libc, tmp: str, mounts: list[list[str]], bound: bool = False) -> bool:
+    """Every mount (of /proc/self/mountinfo's lines) read-only, the temporary directory writable: bind-mounted
+    onto itself, or already a mount of its own (``bound``: the sized tmpfs)."""
+    if not bound and libc.mount(tmp.encode(), tmp.encode(), None, MS_BIND, None) != 0:
+        return False
+    os.chdir(tmp)  # the old working directory is the one under the new mount, soon read-only
     ok = True
     for fields in mounts:
         point = fields[4].encode().decode("unicode_escape").encode("latin-1")  # mountinfo escapes as \040
@@ -420,7 +446,7 @@ def main() -> None:
     tmp, limits, report_fd = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     code = sys.stdin.read()
     ctypes, libc = _libc()
-    layers = namespaces(libc, tmp, pid=True)
+    layers = namespaces(libc, tmp, pid=True, disk_bytes=limits.get("disk_bytes"))
     pid_ns = "pid" in layers  # reported once the worker has its /proc
     layers = [layer for layer in layers if layer != "pid"]
     PR_SET_DUMPABLE = 4

@@ -68,6 +68,18 @@ def test_output_is_truncated_and_large_files_are_refused():
     assert result.status == "error" and "File too large" in result.message and "file size limit" in result.message
 
 
+def test_all_files_together_stay_within_the_disk_limit():
+    """``file_bytes`` caps each file; with the ``disk`` layer (a tmpfs of ``disk_bytes``) their total is capped
+    too: many files under the per-file limit end in ENOSPC instead of filling the host's disk."""
+    code = ("n = 0\ntry:\n    for i in range(64):\n        open(f'f{i}', 'wb').write(b'0' * (512 << 10))\n"
+            "        n += 1\nexcept OSError as err:\n    print(n, err.strerror)\n")
+    result = run_python(code, SandboxLimits(cpu_s=5, disk_bytes=4 << 20))
+    if "disk" not in result.layers:
+        pytest.skip(f"this kernel gives the sandbox only {result.layers}: no sized tmpfs, only the per-file limit")
+    assert result.status == "ok" and result.output.split() == ["8", "No", "space", "left", "on", "device"], result
+    assert run_python(code, SandboxLimits(cpu_s=5, disk_bytes=64 << 20)).output == ""  # 32 MB fit in 64
+
+
 FORK_BOMBS = {
     "os.fork": "import os\nwhile True:\n    os.fork()",
     "multiprocessing": "import multiprocessing as mp\nwhile True:\n    mp.Process(target=print).start()",
@@ -177,7 +189,7 @@ attempt("socket", lambda: socket.socket().connect(("127.0.0.1", {port})))
 attempt("write", lambda: open({outside!r}, "w").write("escaped"))
 attempt("kill", lambda: os.kill({pid}, 0))
 open("inside.txt", "w").write("ok")
-print(json.dumps({{"layers": layers, "refused": refused}}))
+print(json.dumps({{"layers": layers, "refused": refused, "inside": open("inside.txt").read()}}))
 """
 
 
@@ -194,7 +206,10 @@ def test_the_kernel_layers_hold_without_the_audit_hook(tmp_path, listener):
     if not {"net", "fs", "seccomp"} <= set(report["layers"]):
         pytest.skip(f"this kernel gives the sandbox only {report['layers']}; the audit hook is the only barrier")
     assert report["refused"] == {"fork": True, "socket": True, "write": True, "kill": True}
-    assert not outside.exists() and (work / "inside.txt").read_text() == "ok"
+    assert not outside.exists() and report["inside"] == "ok"
+    # the code's files are in the temporary directory itself, or (``disk`` layer) in the tmpfs on it, which the
+    # host does not see: it lives in the sandbox's private mount namespace and goes with it
+    assert (work / "inside.txt").exists() == ("disk" not in report["layers"])
     with pytest.raises(BlockingIOError):
         listener.accept()
 
