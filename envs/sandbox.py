@@ -66,7 +66,7 @@ class SandboxResult:
     status: str               # "ok" | "error" | "blocked" | "killed"
     output: str               # stdout and stderr, truncated to output_bytes
     message: str = ""         # the verdict in words, "" when the code ran to the end
-    layers: tuple[str, ...] = ()  # kernel isolation in force: "net", "fs", "disk", "pid", "seccomp"
+    layers: tuple[str, ...] = ()  # kernel isolation in force: "net", "fs", "disk", "sys", "pid", "seccomp"
 
     def text(self) -> str:
         """The tool message: the output, then the verdict on its own line."""

@@ -19,6 +19,7 @@ written) whose working directory is a fresh temporary directory. It is two proce
    - ``net``: a new network namespace (no interfaces but a loopback that is down);
    - ``fs``: a new mount namespace in which every mount is read-only except a bind mount of the
      temporary directory;
+   - ``sys``: an empty read-only tmpfs over ``/sys`` (devices, firmware tables, kernel settings);
    - ``disk``: instead of that bind mount, a tmpfs of ``disk_bytes`` (and 4096 files) on the temporary
      directory: all the code's files together stay within it (ENOSPC past it);
    - ``pid``: a new PID namespace whose first process is the worker, and a procfs of that namespace
@@ -146,6 +147,8 @@ def namespaces(libc, tmp: str, pid: bool = False, disk_bytes: int | None = None)
         disk = private and disk_bytes is not None and _sized_tmpfs(libc, tmp, disk_bytes)
         if private and _read_only_except(libc, tmp, mounts, bound=disk):
             layers += ["fs", "disk"] if disk else ["fs"]
+            if _hide_sys(libc):
+                layers.append("sys")
         if private and pid and libc.unshare(CLONE_NEWPID) == 0:  # never a /proc mount that reaches the host
             layers.append("pid")
     return layers
@@ -195,6 +198,18 @@ def _sized_tmpfs(libc, tmp: str, size: int) -> bool:
         os.chdir("/")
         libc.umount2(tmp.encode(), 0)
         os.chdir(tmp)
+        return False
+
+
+def _hide_sys(libc) -> bool:
+    """An empty read-only tmpfs over ``/sys`` (the ``sys`` layer): the machine's devices, its firmware tables
+    and the kernel's settings are not the code's to read. True when ``/sys`` then lists nothing."""
+    flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if not os.path.isdir("/sys") or libc.mount(b"tmpfs", b"/sys", b"tmpfs", flags, b"size=4k,nr_inodes=1") != 0:
+        return False
+    try:
+        return os.listdir("/sys") == []
+    except OSError:
         return False
 
 

@@ -80,6 +80,16 @@ def test_all_files_together_stay_within_the_disk_limit():
     assert run_python(code, SandboxLimits(cpu_s=5, disk_bytes=64 << 20)).output == ""  # 32 MB fit in 64
 
 
+def test_sys_is_empty_with_the_sys_layer():
+    """The machine's devices, firmware tables and kernel settings under ``/sys`` are hidden behind an empty
+    read-only tmpfs; the standard library still works (``os.cpu_count`` does not read ``/sys``)."""
+    result = run("import os\nprint(os.listdir('/sys'), os.cpu_count() > 0)\nopen('/sys/x', 'w')")
+    if "sys" not in result.layers:
+        pytest.skip(f"this kernel gives the sandbox only {result.layers}")
+    assert result.output.splitlines()[0] == "[] True" and result.status in ("blocked", "error"), result
+    assert os.listdir("/sys")  # the host's /sys is untouched
+
+
 FORK_BOMBS = {
     "os.fork": "import os\nwhile True:\n    os.fork()",
     "multiprocessing": "import multiprocessing as mp\nwhile True:\n    mp.Process(target=print).start()",
