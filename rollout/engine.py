@@ -80,7 +80,19 @@ profile of steady-state plays there: the kernels ~80% of the time (GEMMs ~55% at
 scan ~10%, attention ~6%), the Python around the model's calls ~7% (the weights-signature check ~1.3%),
 sampling ~4%, the rest of the engine's work ~9%; with no own work and the engine's decode steps at the raw
 loop's speed the ratio would be ~0.53, so the bar of 0.5 is in the engine's per-pass Python, spread over many
-~1% pieces. See docs/BENCHMARKS.md for the recorded figures.
+~1% pieces. Two of those pieces were larger than they looked: between two kernel calls the caches hold
+the weights, not Python's objects, so the weights check of each forward (every parameter's identity,
+version and storage) took ~150 us instead of the ~20 us it takes in a loop, and the dozen small tensor ops
+of a draw were as slow. The engine now plays inside ``HybridLM.steady_weights()`` (the weights are checked at
+the first forward and after each load by the step hook, not at every forward), the draw after the softmax
+is one kernel call (``kernels/sample.c``, the same cumulative sums bit for bit), the first pre-norm runs
+inside the layer kernels and the embedding rows are read without a module call: the same tokens, 4-8% less
+time in alternating in-process runs. Timed directly (``perf_counter`` around each kernel call, which a
+sampling profiler does not give: its pauses cool the caches and inflate Python's share), the kernels are
+87% of a play (extensions 68%, decode steps 18%) and the engine's Python 13%. The decode-like forwards run
+at ~93 us a token (the raw loop: ~87), the observation extensions at 52-60. Runs of the benchmark on the
+AMD machine now give 0.47-0.51 (medians of five paired rounds; rounds 0.44-0.53). See docs/BENCHMARKS.md
+for the recorded figures.
 
 Departure from plain sampling: only text tokens and ``<|end|>`` may be sampled (other specials and ids
 past the tokenizer's vocabulary are banned; ``banned_token_mask``), so a generated action is text only
