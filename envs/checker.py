@@ -93,8 +93,9 @@ def check(env_id: str, episodes: int = 100, **kwargs) -> CheckReport:
     """Run every check on ``env_id`` (made with its id arguments, ``ID(n=100)``, and ``kwargs``; a key given in
     both with different values is a ``ValueError``); the expert plays ``episodes`` eval seeds."""
     base, kwargs = merge_args(env_id, kwargs, source="the keyword argument")
+    label = resolve_id(base) + env_id[len(base):]  # the report names the id with its arguments, ID(n=100)
     env_id = resolve_id(base)
-    report = CheckReport(env_id)
+    report = CheckReport(label)
     try:  # arguments the constructor refuses: one line, not the same error from every check
         make(env_id, **kwargs).close()
     except Exception as err:

@@ -17,6 +17,12 @@ def test_check_one_env_passes_and_prints_the_expert_rate(capsys):
     assert "hybrid_rl/GuessNumber-v0: PASS" in out and "expert on 50 eval seeds: success 100.0%" in out
 
 
+def test_check_names_the_id_with_its_arguments(capsys):
+    """``envs check GuessNumber-v0(n=100)`` checks n=100 and says so (the report named the bare id)."""
+    assert main(["envs", "check", "GuessNumber-v0(n=100)", "--episodes", "20"]) == 0
+    assert "hybrid_rl/GuessNumber-v0(n=100): PASS" in capsys.readouterr().out
+
+
 def test_check_every_env_through_the_cli(capsys):
     assert main(["envs", "check", "--episodes", "20"]) == 0
     out = capsys.readouterr().out
