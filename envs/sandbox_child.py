@@ -71,6 +71,7 @@ CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, CLONE_THREAD = 0x00020000, 0x10000000,
 CLONE_NEWPID = 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 MS_NOATIME, MS_NODIRATIME, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 16384, 1 << 18, 1 << 21
+MNT_DETACH = 2
 TMPFS_INODES = 4096  # files and directories the code may keep (the ``disk`` layer)
 # Mount options the kernel locks in a new namespace: a remount must repeat them or it is refused.
 LOCKED_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
@@ -196,7 +197,8 @@ def _sized_tmpfs(libc, tmp: str, size: int) -> bool:
         return True
     except OSError:
         os.chdir("/")
-        libc.umount2(tmp.encode(), 0)
+        if libc.umount2(tmp.encode(), 0) != 0 and libc.umount2(tmp.encode(), MNT_DETACH) != 0:
+            raise RuntimeError("sandbox: an unusable tmpfs on the temporary directory could not be unmounted")
         os.chdir(tmp)
         return False
 

@@ -183,6 +183,11 @@ def _plain(obj):
     return obj
 
 
+def _written(key) -> str:
+    """How a mapping key was written, for an error: its text as written (a number, a bool) or quoted."""
+    return key.text if isinstance(key, _Scalar) else repr(key)
+
+
 def _key_text(key) -> str:
     """A mapping key of a ``dict[str, ...]`` field as written (``007: 2.0`` is the key "007")."""
     return key.text if isinstance(key, _Scalar) else str(key)
@@ -339,7 +344,13 @@ def _convert(value: Any, tp, key: str, root: type) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a mapping ({_type_name(tp)}).")
         vt = args[1] if len(args) == 2 else Any
-        return {_key_text(k): _convert(v, vt, f"{key}.{_key_text(k)}", root) for k, v in value.items()}
+        out, written = {}, {}
+        for k, v in value.items():
+            text = _key_text(k)
+            if text in out:  # 1: and "1": (or true: and "true":) are two YAML keys but one name here
+                raise ConfigError(f"{key}: the keys {written[text]} and {_written(k)} both name {text!r}; give it once")
+            out[text], written[text] = _convert(v, vt, f"{key}.{text}", root), _written(k)
+        return out
     if tp is bool:
         if isinstance(value, bool):
             return value

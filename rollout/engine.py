@@ -320,8 +320,7 @@ class Engine:
         rows: list[_Episode] = []
         cache, logits_bv = None, None
         was_training = self.model.training
-        if was_training:  # (walking the modules costs ~1% of a play: only when there is something to switch)
-            self.model.eval()
+        self.model.eval()
         try:
             # the weights change only in the step hook: the model checks them then, not at every forward
             steady = getattr(self.model, "steady_weights", contextlib.nullcontext)
@@ -368,8 +367,7 @@ class Engine:
             self._abandon(rows, prefixes)
             raise
         finally:
-            if was_training:
-                self.model.train()
+            self.model.train(was_training)
         return finished
 
     def _abandon(self, rows, prefixes) -> None:

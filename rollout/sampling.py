@@ -111,6 +111,8 @@ def sample(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: int = 0, to
     """Sample one token per row -> (tokens [B] long, sample_logp [B], plain_logp [B]) (fp32).
 
     ``uniforms_b``: the row's uniform numbers (``keyed_uniforms``); else drawn from ``generator``."""
+    if not temperature >= 0:
+        raise ValueError(f"sample needs temperature >= 0 (0: greedy), got {temperature}")
     logits_bv = logits_bv.float()
     plain_bv = torch.log_softmax(logits_bv, dim=-1)
     if temperature == 0:
@@ -141,29 +143,35 @@ def sample(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: int = 0, to
     return tokens_b, sample_logp_b, plain_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
 
 
-_ALLOWED: list = [None, None, None]  # (banned mask, its version, the allowed ids): the engine's mask is fixed
+_ALLOWED: tuple = (None, None, None)  # (banned mask, its version, the allowed ids): an engine's mask is fixed
 
 
 def _allowed(banned_v: torch.Tensor) -> torch.Tensor:
-    """``[A]`` long: the ids ``banned_v`` allows (kept for the last mask asked about, while it is unchanged)."""
-    version = kernels.version(banned_v)
-    if _ALLOWED[0] is not banned_v or _ALLOWED[1] != version:
-        _ALLOWED[:] = [banned_v, version, (~banned_v).nonzero().squeeze(1)]
-    return _ALLOWED[2]
+    """``[A]`` long: the ids ``banned_v`` allows (kept for the last mask asked about, while its version counter
+    says it is unchanged; an inference tensor keeps no such counter and is read every time)."""
+    global _ALLOWED
+    mask, version, allowed = _ALLOWED  # one read: another thread may replace the entry meanwhile
+    if banned_v.is_inference():
+        return (~banned_v).nonzero().squeeze(1)
+    if mask is not banned_v or version != banned_v._version:
+        allowed = (~banned_v).nonzero().squeeze(1)
+        _ALLOWED = (banned_v, banned_v._version, allowed)
+    return allowed
 
 
 def _pick(probs_ba, logp_ba, plain_bv, allowed_a, uniforms_b):
     """``inverse_cdf`` and the three look-ups after it in one kernel call (kernels/sample.c: the same cumulative
     sums, bit for bit) -> (tokens, sample_logp, plain_logp); None where the kernels cannot take these tensors
-    (not built, another device) or a row cannot be drawn (``inverse_cdf`` then raises its error)."""
+    (not built or turned off, another device, not one uniform per row) or a row cannot be drawn
+    (``inverse_cdf`` then raises its error)."""
+    (rows, a), v = probs_ba.shape, plain_bv.shape[-1]
     uniforms_b = uniforms_b.double().contiguous()
-    tensors = (probs_ba, logp_ba, plain_bv) + (() if allowed_a is None else (allowed_a,))
-    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors) or uniforms_b.device.type != "cpu":
-        return None
-    lib = kernels.library()
+    tensors = (probs_ba, logp_ba, plain_bv, uniforms_b) + (() if allowed_a is None else (allowed_a,))
+    if uniforms_b.shape != (rows,) or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return None  # (one uniform per row only: the tensor path broadcasts or refuses other shapes)
+    lib = kernels.library() if kernels.enabled() else None
     if lib is None:
         return None
-    (rows, a), v = probs_ba.shape, plain_bv.shape[-1]
     tokens_b = torch.empty(rows, dtype=torch.long)
     sample_logp_b, plain_logp_b = torch.empty(rows), torch.empty(rows)
     p = kernels.ptr

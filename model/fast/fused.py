@@ -183,11 +183,8 @@ class DecodeProgram:
         """The pointer slots as an int64 tensor; reused while no weight and no cache buffer has changed.
         A changed weight rebuilds the table; moved cache buffers (select, cat, growth) only rewrite the
         cache's slots. Inside ``steady_weights`` the weights are read only when ``checked()`` is False."""
-        if self.checked():
-            weights = self._weights_sig
-        else:
-            weights = self._weights_signature()
-            self._checked_epoch = _steady_epoch(self.model)
+        checked = self.checked()
+        weights = self._weights_sig if checked else self._weights_signature()
         stores = {"conv": cache.conv, "ssm": cache.ssm, "k": cache.k, "v": cache.v}
         cache_sig = [stores[store][i].data_ptr() for _, store, i in self._cache_slots]
         if weights != self._weights_sig:
@@ -196,6 +193,8 @@ class DecodeProgram:
             self._head_panels = kernels.derived(self.model.lm_head, "panels", (head,),
                                                 lambda: kernels.linear_panels(head))
             self._weights_sig, self._cache_sig = weights, None
+        if not checked:  # only once the table holds these weights (a rebuild that raised leaves it unchecked)
+            self._checked_epoch = _steady_epoch(self.model)
         if cache_sig != self._cache_sig:
             for (slot, _, _), ptr in zip(self._cache_slots, cache_sig):
                 self._table[slot] = ptr

@@ -62,6 +62,17 @@ def test_merges_that_override_and_keys_of_other_types_are_no_repeats():
         _load_yaml("base: &b {lr: 1, lr: 2}\ntop: {<<: *b}\n", False)
 
 
+def test_two_yaml_keys_that_name_one_key_of_a_mapping_field_are_refused(tmp_path):
+    """``1:`` and ``"1":`` are two YAML keys, and one key of a ``dict[str, ...]`` field: the second value
+    replaced the first in silence."""
+    from hybrid_rl.rl.config import RLStageConfig
+
+    path = tmp_path / "keys.yaml"
+    path.write_text('algo: {reward_weights: {1: 0.5, "1": 2.0}}\n')
+    with pytest.raises(ConfigError, match=r"algo.reward_weights: the keys 1 and '1' both name '1'; give it once"):
+        load_config(RLStageConfig, path)
+
+
 def test_claim_writes_nothing_start_replaces_the_previous_outputs(tmp_path):
     run = RunConfig(name="r", output_dir=str(tmp_path), overwrite=True)
     old = tmp_path / "r"

@@ -161,3 +161,41 @@ def test_the_kernel_draw_picks_what_inverse_cdf_picks_at_the_interval_ends():
     tokens_b, _, plain_logp_b = _pick(probs_bv, logp_bv, plain_bv, None, u_b)
     assert tokens_b.tolist() == [1, 1, 3, 3, 4, 4, 4]
     assert plain_logp_b.tolist() == [float(plain_bv[r, t]) for r, t in enumerate(tokens_b.tolist())]
+
+
+def test_the_kernel_draw_leaves_other_uniform_shapes_and_turned_off_kernels_to_the_tensor_path(monkeypatch):
+    """One uniform for six rows broadcasts in the tensor path (the kernel read past its end); with
+    ``HYBRID_RL_KERNELS=0`` the draw does not use (or build) the kernels."""
+    from hybrid_rl.rollout import sampling
+
+    g = torch.Generator().manual_seed(5)
+    logits_bv = torch.randn(6, 50, generator=g)
+    one = torch.tensor([0.3], dtype=torch.float64)
+    tokens_b, _, _ = sample(logits_bv, uniforms_b=one)
+    assert tokens_b.tolist() == inverse_cdf(torch.softmax(logits_bv, -1), one).tolist()
+    monkeypatch.setenv("HYBRID_RL_KERNELS", "0")
+    probs_bv = torch.softmax(logits_bv, -1)
+    assert sampling._pick(probs_bv, probs_bv.log(), logits_bv, None, torch.full((6,), 0.5, dtype=torch.float64)) is None
+
+
+def test_a_negative_temperature_is_refused_with_or_without_a_mask():
+    banned_v = torch.zeros(5, dtype=torch.bool)
+    banned_v[0] = True
+    for mask in (None, banned_v):
+        with pytest.raises(ValueError, match="temperature >= 0"):
+            sample(torch.zeros(2, 5), temperature=-0.5, banned_v=mask)
+
+
+def test_a_mask_edited_in_place_bans_its_new_ids():
+    banned_v = torch.zeros(6, dtype=torch.bool)
+    logits_bv = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 50.0]])
+    u_b = torch.tensor([0.5], dtype=torch.float64)
+    assert sample(logits_bv, banned_v=banned_v, uniforms_b=u_b)[0].tolist() == [5]
+    banned_v[5] = True  # the cached allowed ids must follow
+    assert sample(logits_bv, banned_v=banned_v, uniforms_b=u_b)[0].tolist() != [5]
+    with torch.inference_mode():
+        frozen = torch.zeros(6, dtype=torch.bool)
+    assert sample(logits_bv, banned_v=frozen, uniforms_b=u_b)[0].tolist() == [5]
+    with torch.inference_mode():
+        frozen[5] = True  # no version counter to say so: read every time
+    assert sample(logits_bv, banned_v=frozen, uniforms_b=u_b)[0].tolist() != [5]
