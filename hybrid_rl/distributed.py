@@ -64,6 +64,15 @@ class ParallelTrainConfig:
                              "or train.strategy=single")
 
 
+def check_adam_betas(beta1: float, beta2: float) -> None:
+    """AdamW's moment decays must lie in [0, 1): refused with the config keys when a config is made, not by
+    torch's AdamW once the run has started."""
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"train.{name} must be in [0, 1) (AdamW's moment decay), got {value}: e.g. "
+                             f"train.{name}={0.9 if name == 'beta1' else 0.99}")
+
+
 # ------------------------------------------------------------------------------ processes
 
 

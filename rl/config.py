@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hybrid_rl.distributed import ParallelTrainConfig
+from hybrid_rl.distributed import ParallelTrainConfig, check_adam_betas
 from hybrid_rl.metrics import LoggingConfig
 from hybrid_rl.run import RunConfig
 from hybrid_rl.model.config import HybridConfig
@@ -48,6 +48,7 @@ class RLRolloutConfig:
         for name in ("prompts_per_step", "max_turn_tokens", "max_episode_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.episode_config()  # its own checks (env_timeout_s >= 0, ...) now, not when the run has started
         if self.samples_per_prompt < 2:
             raise ValueError(
                 f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}: a group of one episode has no "
@@ -122,6 +123,10 @@ class AlgoConfig:
         if self.clip_eps_low < 0 or self.clip_eps_high < 0 or self.seq_clip_eps_low < 0 or self.seq_clip_eps_high < 0:
             raise ValueError(f"clip ranges must be >= 0, got clip_eps_low/high {self.clip_eps_low}/{self.clip_eps_high}, "
                              f"seq_clip_eps_low/high {self.seq_clip_eps_low}/{self.seq_clip_eps_high}")
+        for name in ("clip_eps_low", "seq_clip_eps_low"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be below 1 (the ratio floor is 1 - {name}, and a ratio is never negative), "
+                                 f"got {getattr(self, name)}: e.g. algo.{name}={0.2 if name == 'clip_eps_low' else 3e-4}")
         for name in ("clip_cov_ratio", "kl_cov_ratio"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
@@ -222,6 +227,11 @@ class RLTrainConfig(ParallelTrainConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1] (1 = constant rate), got {self.min_lr_ratio}")
+        check_adam_betas(self.beta1, self.beta2)
+        if self.warmup_steps > self.steps:  # a smoke run of a few steps is fine; a real one likely a slip
+            logging.getLogger("hybrid_rl.rl").warning(
+                "train.warmup_steps (%d) is longer than the run (train.steps=%d): the learning rate never reaches "
+                "train.lr", self.warmup_steps, self.steps)
 
 
 @dataclass
@@ -292,6 +302,10 @@ class RLStageConfig:
                 "rollouts have no distribution to score or explore with. Use e.g. rollout.sampling.temperature=1.0 "
                 "(greedy is for eval.temperature)."
             )
+        twice = sorted({e for e in self.envs if self.envs.count(e) > 1})
+        if twice:
+            raise ValueError(f"envs names {twice} more than once: each env's groups would play the same seeds twice "
+                             "and share its metrics; name each env once (algo.env_weights weights an env's share)")
         unknown = sorted(set(self.algo.env_weights) - set(self.envs))
         if unknown:
             raise ValueError(f"algo.env_weights names env(s) {unknown} that are not in envs {self.envs}")

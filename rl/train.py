@@ -113,6 +113,22 @@ def _check_resumed_model(cfg: RLStageConfig, ckpt: Path, source: str, policy: di
                       f"tensor(s) differ, e.g. {first} {shapes}; pass the init_from the run started from{started}")
 
 
+def _check_resume_settings(cfg: RLStageConfig, ckpt: Path, source: str, state: dict) -> None:
+    """A resume that would do nothing (``train.steps`` at or below the checkpoint's step) or train against another
+    KL reference (``init_from`` now resolves to another checkpoint than the run started from, e.g. an SFT run
+    directory that gained a newer step_N) is refused before the run directory is touched."""
+    from hybrid_rl.config import ConfigError
+
+    if cfg.train.steps <= state["step"]:
+        raise ConfigError(f"resume=true: {ckpt} is step {state['step']} and train.steps={cfg.train.steps}, so there is "
+                          f"nothing left to train; raise train.steps above {state['step']} to go on")
+    started = state.get("init_source")
+    if cfg.algo.kl_beta > 0 and started is not None and started != source:
+        raise ConfigError(f"resume=true: the run started from init_from {started} (its KL reference, algo.kl_beta="
+                          f"{cfg.algo.kl_beta:g}), and init_from={cfg.init_from!r} now loads {source}; pass "
+                          f"init_from={started} to resume against the same reference")
+
+
 def rounds_per_step(cfg: RLStageConfig) -> int:
     """Rounds of prompts_per_step groups a step may play: 1, or 1 + max_refill_rounds with dynamic sampling."""
     return 1 + (cfg.algo.max_refill_rounds if cfg.algo.dynamic_sampling else 0)
@@ -564,7 +580,9 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
         ckpt = resume_point(cfg.run, "rl")
         resumed = load_pretrained(ckpt).float().state_dict()
         _check_resumed_model(cfg, ckpt, source, model.state_dict(), resumed)
-    run_dir = Path(par.broadcast(str(make_run_dir(cfg.run, "rl", cfg, resume=cfg.resume)) if par.is_main else None))
+    state = load_trainer_state(ckpt) if ckpt is not None else None
+    if state is not None:
+        _check_resume_settings(cfg, ckpt, source, state)
     model.train()
     ref_model = None
     if cfg.algo.kl_beta > 0:  # a frozen copy of the initial policy, on the CPU between its passes when offloaded
@@ -572,10 +590,11 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
     tc = cfg.train
     model, optimizer = par.wrap(model, lambda m: adamw(m.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                                        weight_decay=tc.weight_decay))
+    # the run directory is cleared (run.overwrite) only now, when every input has loaded and been checked
+    run_dir = Path(par.broadcast(str(make_run_dir(cfg.run, "rl", cfg, resume=cfg.resume)) if par.is_main else None))
     start_step, resumed_batch = 0, None
     if ckpt is not None:
         par.load_full_state_dict(resumed)
-        state = load_trainer_state(ckpt)
         par.load_optimizer_state(optimizer, state["optimizer"])
         start_step = state["step"]
         resumed_batch = state.get("next_batch")
@@ -614,9 +633,12 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
             if not main:
                 return {}
             val, _ = evaluate_policy(full, tokenizer, cfg, select=True)
-            if best is None or val["val/success"] > best["val/success"]:
+            score = val["val/success"]  # NaN when no val episode could be scored: never the best
+            if math.isfinite(score) and (best is None or not math.isfinite(best["val/success"]) or score > best["val/success"]):
                 best = save_best(run_dir, step, full, tokenizer, val, held_out)
                 log.info("step %d: val success %.3f, the best so far -> %s", step, val["val/success"], run_dir / BEST_DIR)
+            if best is None:  # nothing scored yet
+                return val
             return {**val, "val/best_step": best["step"], "val/best_success": best["val/success"]}
 
         def weights() -> dict:  # the policy to push, taken between updates; async pushes while the next update runs
@@ -692,7 +714,8 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
                 next_batch = pending.result() if main and is_async and done < cfg.train.steps else None
                 full, optimizer_state = par.full_model(), par.optimizer_state(optimizer)
                 if main:
-                    save_rl_checkpoint(run_dir, done, full, tokenizer, optimizer_state, cfg.checkpoint.keep_last, next_batch)
+                    save_rl_checkpoint(run_dir, done, full, tokenizer, optimizer_state, cfg.checkpoint.keep_last, next_batch,
+                                       init_source=source)
                 par.barrier()
         failed = False
     finally:
@@ -745,12 +768,14 @@ def lr_at(step: int, cfg: RLStageConfig) -> float:
     return warmup_cosine(step, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
 
 
-def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer_state: dict, keep_last, next_batch=None):
+def save_rl_checkpoint(run_dir, step, model, tokenizer, optimizer_state: dict, keep_last, next_batch=None,
+                       init_source: str | None = None):
     """step_N: the HF model folder, plus the optimizer state (keyed by parameter name: ``Parallel.optimizer_state``),
-    the step and (async) the already played next batch."""
+    the step, (async) the already played next batch and the checkpoint ``init_from`` resolved to (the KL
+    reference of a resume)."""
     from hybrid_rl.model.hf import save_pretrained
 
-    state = {"stage": "rl", "optimizer": optimizer_state, "step": step}
+    state = {"stage": "rl", "optimizer": optimizer_state, "step": step, "init_source": init_source}
     if next_batch is not None:
         state["next_batch"] = _batch_state(next_batch)
     return save_checkpoint(run_dir, step, lambda d: save_pretrained(model, d, tokenizer), state, keep_last=keep_last)

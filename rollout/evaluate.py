@@ -66,9 +66,17 @@ def summarize(trajectories: list[Trajectory]) -> dict[str, dict[str, float]]:
     for t in trajectories:
         by_env.setdefault(t.env_id, []).append(t)
     out = {env_id: _stats(ts) for env_id, ts in sorted(by_env.items())}
-    if len(by_env) > 1:
-        out["all"] = _stats(trajectories)
+    if len(by_env) > 1:  # the mean over environments (docs/METRICS.md), not over their pooled episodes
+        per_env = list(out.values())
+        out["all"] = {key: (sum(s[key] for s in per_env) if key in ("episodes", "failed")
+                            else _mean_of_defined([s[key] for s in per_env])) for key in per_env[0]}
     return out
+
+
+def _mean_of_defined(values: list[float]) -> float:
+    """The mean of the environments' figures that are defined (an env whose every episode failed has none)."""
+    defined = [v for v in values if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
 
 
 def _stats(trajs: list[Trajectory]) -> dict[str, float]:

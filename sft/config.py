@@ -9,10 +9,12 @@ Sizes, in one place (``SFTStageConfig.__post_init__`` checks they divide):
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hybrid_rl.distributed import ParallelTrainConfig
+from hybrid_rl.distributed import ParallelTrainConfig, check_adam_betas
 from hybrid_rl.run import RunConfig
 from hybrid_rl.model.config import HybridConfig
 
@@ -85,6 +87,11 @@ class SFTTrainConfig(ParallelTrainConfig):
             raise ValueError(f"log_every must be positive (1 = every step), got {self.log_every}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_adam_betas(self.beta1, self.beta2)
+        if self.warmup_steps > self.max_steps:  # a smoke run of a few steps is fine; a real one likely a slip
+            logging.getLogger("hybrid_rl.sft").warning(
+                "train.warmup_steps (%d) is longer than the run (train.max_steps=%d): the learning rate never "
+                "reaches train.lr", self.warmup_steps, self.max_steps)
 
 
 @dataclass

@@ -34,6 +34,10 @@ SMOKE = ["init_from=", "algo.mode=sync", "algo.updates_per_batch=1", "model.pres
     ("algo.advantage=grpo algo.grpo_std_floor=-1", ["grpo_std_floor", ">= 0", "algo.grpo_std_floor=0.25"]),
     ("algo.policy_loss=klcov", ["algo", "'klcov'", "Did you mean 'kl-cov'", "'clip-cov'"]),
     ("algo.routing_replay=true model.layer_pattern=M*M init_from=", ["algo.routing_replay", "no MoE layers", "set both to false"]),
+    ("train.beta2=1.5", ["train.beta2", "[0, 1)", "train.beta2=0.99"]),
+    ("rollout.env_timeout_s=-1", ["env_timeout_s", ">= 0"]),
+    ("algo.clip_eps_low=1.5", ["clip_eps_low", "below 1", "algo.clip_eps_low=0.2"]),
+    ("envs=[hybrid_rl/GuessNumber-v0,hybrid_rl/GuessNumber-v0]", ["GuessNumber-v0", "more than once"]),
 ])
 def test_bad_config_fails_before_any_work(override, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -324,3 +328,70 @@ def test_routing_mismatch_is_measured_without_replay(tmp_path, monkeypatch, caps
     capsys.readouterr()
     rows = [r for r in read_metrics(tmp_path / "runs" / "mismatch") if "train/routing_mismatch" in r]
     assert rows and 0.0 <= rows[0]["train/routing_mismatch"] <= 1.0
+
+
+def test_an_input_refused_late_leaves_the_previous_run_as_it_was(tmp_path, monkeypatch, capsys):
+    """run.overwrite cleared the run directory before the optimizer was built: a value only AdamW refused (or
+    anything failing there) deleted the previous run and then failed. The directory is now cleared after."""
+    from hybrid_rl.rl import train as rl_train
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["rl", *SMOKE, "train.steps=1", "run.name=keep"]) == 0
+    capsys.readouterr()
+    run = tmp_path / "runs" / "keep"
+    before = sorted(p.name for p in run.iterdir())
+
+    def refuse(*args, **kwargs):
+        raise ValueError("the optimizer refuses")
+
+    monkeypatch.setattr(rl_train, "adamw", refuse)
+    with pytest.raises(ValueError, match="the optimizer refuses"):
+        main(["rl", *SMOKE, "train.steps=1", "run.name=keep", "run.overwrite=true"])
+    assert sorted(p.name for p in run.iterdir()) == before and (run / "step_1").is_dir()
+
+
+def test_a_resume_with_nothing_left_or_another_kl_reference_is_refused(tmp_path, monkeypatch, capsys):
+    """train.steps at or below the checkpoint's step resumed into nothing (exit 0, config rewritten); with a KL
+    term, init_from resolving to another checkpoint than the run started from changed the reference in silence."""
+    from hybrid_rl.model import HybridConfig, HybridLM
+    from hybrid_rl.model.hf import save_pretrained
+    from hybrid_rl.model.tokenizer import ByteTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    cfg = HybridConfig.from_preset("micro", hidden_size=64)
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        save_pretrained(HybridLM(cfg), tmp_path / name, ByteTokenizer())
+    common = [*[o for o in SMOKE if not o.startswith("init_from")], "algo.kl_beta=0.1", "checkpoint.every_steps=1",
+              "run.name=kl"]
+    assert main(["rl", *common, "init_from=a", "train.steps=2"]) == 0
+    capsys.readouterr()
+    config = (tmp_path / "runs" / "kl" / "config.yaml").read_text()
+    assert main(["rl", *common, "init_from=a", "train.steps=2", "resume=true"]) == 2
+    assert "nothing left to train; raise train.steps above 2" in capsys.readouterr().err
+    assert main(["rl", *common, "init_from=b", "train.steps=3", "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "the run started from init_from a (its KL reference" in err and "pass init_from=a to resume" in err
+    assert (tmp_path / "runs" / "kl" / "config.yaml").read_text() == config  # nothing touched
+    assert main(["rl", *common, "init_from=a", "train.steps=3", "resume=true"]) == 0
+
+
+def test_select_best_never_keeps_a_val_eval_that_scored_nothing(tmp_path, monkeypatch, capsys):
+    """A val eval whose every episode failed has success NaN; kept as the best, no later step could beat it
+    (x > nan is False) and the stage returned the policy whose eval failed."""
+    from hybrid_rl.rl import train as rl_train
+
+    real, val_success = rl_train.evaluate_policy, iter([float("nan"), 0.5, 0.75])
+
+    def evaluate_policy(model, tokenizer, cfg, select=False):
+        metrics, trajs = real(model, tokenizer, cfg, select)
+        return ({**metrics, "val/success": next(val_success)} if select else metrics), trajs
+
+    monkeypatch.setattr(rl_train, "evaluate_policy", evaluate_policy)
+    monkeypatch.chdir(tmp_path)
+    assert main(["rl", *SMOKE, "train.steps=3", "eval.at_start=false", "eval.every_steps=1", "eval.select_best=true",
+                 "eval.select_episodes_per_env=2", "checkpoint.every_steps=1", "run.name=nan"]) == 0
+    capsys.readouterr()
+    run = tmp_path / "runs" / "nan"
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == 3
+    assert [r.get("val/best_step") for r in read_metrics(run) if "val/success" in r] == [None, 2, 3]

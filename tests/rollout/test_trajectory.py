@@ -29,3 +29,21 @@ def test_bad_status_and_bad_lengths_are_named():
         make_traj(logprobs=[0.0]).check()
     with pytest.raises(ValueError, match="unknown Trajectory field"):
         Trajectory.from_dict({**make_traj().to_dict(), "extra": 1})
+
+
+def test_the_two_part_eval_names_are_the_mean_over_environments():
+    """docs/METRICS.md: ``eval/success`` is the mean over environments. It was the mean over their pooled valid
+    episodes, so an env with fewer failed episodes weighed more (A 10/10, B 2 scored of 10: 0.83, not 0.5)."""
+    from hybrid_rl.rollout.evaluate import metrics_from_summary, summarize
+    from hybrid_rl.rollout.trajectory import Trajectory
+
+    trajs = [Trajectory(env_id="a/A-v0", seed=i, status="terminated", success=True) for i in range(10)]
+    trajs += [Trajectory(env_id="b/B-v0", seed=i, status="env_error" if i < 8 else "terminated") for i in range(10)]
+    metrics = metrics_from_summary(summarize(trajs))
+    assert metrics["eval/success/a.A-v0"] == 1.0 and metrics["eval/success/b.B-v0"] == 0.0
+    assert metrics["eval/success"] == 0.5 and metrics["eval/env_errors"] == 0.4
+    summary = summarize(trajs)["all"]
+    assert summary["episodes"] == 20 and summary["failed"] == 8
+    # an env none of whose episodes could be scored is left out of the mean
+    trajs += [Trajectory(env_id="c/C-v0", seed=i, status="timeout") for i in range(4)]
+    assert metrics_from_summary(summarize(trajs))["eval/success"] == 0.5
