@@ -125,12 +125,17 @@ class MetricsLogger:
     """Fan ``log(metrics, step)`` out to the configured backends; see the module docstring."""
 
     def __init__(self, cfg: LoggingConfig | None, run_dir: str | Path, run_name: str = "", config_dict: dict | None = None,
-                 group: str = "", tags: Iterable[str] = ()):
+                 group: str = "", tags: Iterable[str] = (), resume_step: int | None = None):
+        """``resume_step``: a resumed run goes on after this step: TensorBoard hides the events the stopped run
+        wrote past it (they are logged again), and wandb continues the run's id (``run.json``) instead of
+        starting another run."""
         from hybrid_rl.run import git_commit
 
         self.cfg = cfg or LoggingConfig()
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resume_step = resume_step
+        self.previous_info = read_run_info(self.run_dir) if resume_step is not None else {}
         self.info = {
             "name": run_name or self.run_dir.name, "group": group, "tags": list(tags), "git_commit": git_commit(),
             "started": time.time(), "backends": list(self.cfg.backends),
@@ -384,7 +389,9 @@ class _TensorBoardBackend(_Backend):
         probe = self.dir / ".write-probe"
         probe.write_text("")
         probe.unlink()
-        self.writer = SummaryWriter(log_dir=str(self.dir), flush_secs=10)  # a crashed run loses at most 10 s of events
+        # a crashed run loses at most 10 s of events; a resumed one purges what the stopped run logged past its step
+        purge = owner.resume_step + 1 if owner.resume_step is not None else None
+        self.writer = SummaryWriter(log_dir=str(self.dir), flush_secs=10, purge_step=purge)
         info = owner.info
         self.writer.add_text("run", f"name: {info['name']}  \ngroup: {info['group']}  \ntags: {', '.join(info['tags'])}  \n"
                                     f"git commit: {info['git_commit']}", 0)
@@ -436,10 +443,12 @@ class _WandbBackend(_Backend):
             init_timeout=60,
         )
         info = owner.info
+        previous = owner.previous_info.get("wandb_id") if owner.previous_info.get("wandb_mode") == mode else None
+        resume = {"id": previous, "resume": "allow"} if previous else {}  # a resumed run goes on in the same wandb run
         self.run = wandb.init(
             project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=info["name"], group=info["group"] or None,
             tags=info["tags"] or None, config={**owner.config_dict, "git_commit": info["git_commit"]},
-            dir=str(owner.run_dir), mode=mode, settings=settings, reinit="create_new",
+            dir=str(owner.run_dir), mode=mode, settings=settings, reinit="create_new", **resume,
         )
         self.wandb = wandb
         self.mode = mode
@@ -517,29 +526,50 @@ def read_wandb_offline_run(run_dir: str | Path) -> WandbRun:
     or one ``offline-run-*`` folder; the latest run is read when there are several.
     """
     path = _find_wandb_file(Path(run_dir))
-    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "WANDB_SILENT": "true"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"`wandb leet inspect --json {path}` failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     config, history, summary, run = {}, [], {}, {}
-    for line in proc.stdout.splitlines():
+    for part in _wandb_parts(path):
+        proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(part)],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "WANDB_SILENT": "true"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"`wandb leet inspect --json {part}` failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        rows: list[dict] = []
+        _read_wandb_records(proc.stdout, config, rows, summary, run)
+        steps = [r["_step"] for r in rows if "_step" in r]
+        if steps:  # a resumed start logs its steps again: they replace what the stopped run logged from there on
+            history = [r for r in history if r.get("_step", -1) < min(steps)]
+        history += rows
+    config.pop("_wandb", None)
+    return WandbRun(run_id=run.get("run_id", ""), name=run.get("display_name", ""), project=run.get("project", ""),
+                    group=run.get("run_group", ""), tags=list(run.get("tags") or []), config=config,
+                    history=history, summary=summary, path=path)
+
+
+def _wandb_parts(path: Path) -> list[Path]:
+    """The run file ``path`` and, before it, those of the earlier folders of the same run id (a resumed run writes
+    one offline folder per start, ``offline-run-<time>-<id>``; ``wandb sync`` joins them), oldest first."""
+    folder = path.parent
+    if not folder.name.startswith(("offline-run-", "run-")):
+        return [path]
+    run_id = folder.name.rpartition("-")[2]
+    parts = sorted(folder.parent.glob(f"*-run-*-{run_id}/run-*.wandb"), key=lambda p: p.parent.name)
+    return [p for p in parts if p.parent.name <= folder.name] or [path]
+
+
+def _read_wandb_records(text: str, config: dict, history: list, summary: dict, run: dict) -> None:
+    for line in text.splitlines():
         if not line.startswith("{"):
             continue
         rec = json.loads(line)
         kind = rec.get("type")
         if kind == "run":
-            run = rec["run"]
-            config.update((run.get("config") or {}).get("update") or {})
+            run.update(rec["run"])
+            config.update((rec["run"].get("config") or {}).get("update") or {})
         elif kind == "config":
             config.update((rec["config"] or {}).get("update") or {})
         elif kind == "history":
             history.append(rec["history"].get("item") or {})
         elif kind == "summary":
             summary.update((rec["summary"] or {}).get("update") or {})
-    config.pop("_wandb", None)
-    return WandbRun(run_id=run.get("run_id", ""), name=run.get("display_name", ""), project=run.get("project", ""),
-                    group=run.get("run_group", ""), tags=list(run.get("tags") or []), config=config,
-                    history=history, summary=summary, path=path)
 
 
 def _find_wandb_file(root: Path) -> Path:

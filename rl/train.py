@@ -608,7 +608,8 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
     failed = True  # a run that raises (no Ray worker starts, an update fails, ...) closes its logger as failed
     try:
         if main:
-            metrics = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
+            metrics = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags,
+                                    resume_step=start_step if ckpt is not None else None)
             # the rollout records its experts for replay, or to measure how often the trainer's differ (the metric)
             episode = cfg.rollout.episode_config(record_routing=cfg.algo.routing_replay or cfg.algo.log_routing_mismatch)
             pool = make_pool(par.full_model(), tokenizer, cfg.rollout.sampling, episode, cfg.rollout.pool, seed=cfg.run.seed)

@@ -244,7 +244,8 @@ def _train_on(cfg: SFTStageConfig, par: Parallel, t_start: float, cpu_start: flo
     progress = restore(resume_dir, par, optimizer, hashlib.sha256(repr(docs).encode()).hexdigest()[:16])
     logger = None  # the main process logs
     if is_main:
-        logger = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags)
+        logger = MetricsLogger(cfg.logging, run_dir, run_dir.name, to_dict(cfg), group=cfg.run.group, tags=cfg.run.tags,
+                               resume_step=progress.step if resume_dir else None)
         logger.log({**report.metrics(), "train/samples": len(samples), "train/packing_fill": stream.fill()}, progress.step)
     failed = True  # a run that raises (a non-finite loss, an eval error, Ctrl-C) still closes its logger as failed
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import types
 import warnings
 
@@ -284,3 +285,27 @@ def test_progress_bars_are_off_in_ci(monkeypatch):
 
     monkeypatch.setenv("CI", "true")
     assert progress(range(3), total=3, desc="eval", unit="episode").disable
+
+
+def test_a_resumed_run_goes_on_in_the_same_wandb_run_and_tensorboard_drops_the_replayed_steps(tmp_path, monkeypatch):
+    """A run stopped after logging step 4, resumed from its step-2 checkpoint, logs steps 3-4 again: wandb went
+    on in a second run (another id, holding only the later steps) and TensorBoard kept both copies of 3 and 4."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = LoggingConfig(backends=["jsonl", "tensorboard", "wandb"], report=False)
+    first = MetricsLogger(cfg, tmp_path, "r")
+    for step in (1, 2, 3, 4):
+        first.log({"train/loss": float(step)}, step)
+    first.close(failed=True)
+    run_id = read_run_info(tmp_path)["wandb_id"]
+    time.sleep(1.1)  # wandb names an offline folder by its start second and the id: a resume within it would share it
+    again = MetricsLogger(cfg, tmp_path, "r", resume_step=2)
+    for step in (3, 4, 5):
+        again.log({"train/loss": 10.0 * step}, step)
+    again.close()
+    assert read_run_info(tmp_path)["wandb_id"] == run_id
+    wb = read_wandb_offline_run(tmp_path)
+    assert wb.run_id == run_id
+    assert [(h["_step"], h["train/loss"]) for h in wb.history] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
+    assert read_tensorboard_scalars(tmp_path)["train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
