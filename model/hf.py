@@ -406,7 +406,8 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device | N
                     dtype: torch.dtype | None = None):
     """A ``HybridLM`` from a NemotronH checkpoint directory (ours, transformers' or the hub's).
 
-    ``dtype`` None keeps the float dtype stored on disk. The model is built on the meta device and
+    ``dtype`` None keeps the float dtype stored on disk (the most common one for the parameters; a router weight stored in
+    fp32 beside bf16 weights, as transformers keeps it, stays fp32). The model is built on the meta device and
     the loaded tensors are assigned, so a checkpoint takes its own size in memory once.
     """
     from hybrid_rl.model import HybridLM
@@ -414,6 +415,7 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device | N
     directory = _check_dir(directory)
     cfg = read_config(directory)
     state = from_disk_state_dict(load_state_dict(directory, device))
+    cfg = _as_the_weights_say(cfg, state, directory)
     with torch.device("meta"):
         model = HybridLM(cfg)
     expected = model.state_dict()
@@ -422,6 +424,8 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device | N
     params = {name for name, _ in model.named_parameters()}
     for name, tensor in state.items():  # parameters take the dtype asked for; buffers keep the model's own
         target = want if name in params else expected[name].dtype
+        if dtype is None and name.endswith("mixer.gate.weight") and tensor.dtype == torch.float32:
+            target = torch.float32  # the router, kept in fp32 by transformers beside bf16 weights (route() casts)
         if tensor.is_floating_point() and tensor.dtype != target:
             state[name] = tensor.to(target)
     model.load_state_dict(state, strict=False, assign=True)
@@ -429,6 +433,24 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device | N
         model.lm_head.weight = model.backbone.embeddings.weight
     _zero_leftover_buffers(model, device)
     return model.eval()
+
+
+def _as_the_weights_say(cfg, state: dict[str, torch.Tensor], directory: Path):
+    """``cfg`` adjusted where transformers writes a config.json its own weights do not follow (warned):
+    ``tie_word_embeddings`` with an ``lm_head.weight`` of its own that differs from the embeddings (NemotronH in
+    transformers never ties them: tying would throw that head away), and ``num_nextn_predict_layers`` with no
+    ``mtp.*`` weights (transformers drops the MTP block when it loads, and saves without it)."""
+    warn = logging.getLogger("hybrid_rl.model").warning
+    head, emb = state.get("lm_head.weight"), state.get("backbone.embeddings.weight")
+    if cfg.tie_word_embeddings and head is not None and emb is not None and not torch.equal(head, emb):
+        warn("%s: config.json ties the embeddings and the output head, but the weights hold a head of their own; "
+             "it is loaded untied (as transformers does)", directory)
+        cfg = cfg.replace(tie_word_embeddings=False)
+    if cfg.num_mtp_layers and not any(k.startswith("mtp.") for k in state):
+        warn("%s: config.json has %d MTP layer(s) but the weights hold none (transformers saves without them); "
+             "loaded without the MTP block", directory, cfg.num_mtp_layers)
+        cfg = cfg.replace(num_mtp_layers=0)
+    return cfg
 
 
 def _main_float_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:

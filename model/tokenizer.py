@@ -377,7 +377,14 @@ def checkpoint_tokenizer(directory: str | os.PathLike | None):
         return ByteTokenizer()
     directory = Path(directory)
     if (directory / "tokenizer_config.json").is_file():
-        return load_tokenizer(directory)
+        try:
+            return load_tokenizer(directory)
+        except ValueError as err:  # no chat template, or one that cannot end an assistant turn
+            from hybrid_rl.checkpoint import CheckpointError
+
+            raise CheckpointError(f"checkpoint {directory}: its tokenizer cannot render chats ({err}); save a tokenizer "
+                                  "with a chat template beside the weights (tokenizer.chat_template = ...; "
+                                  f"tokenizer.save_pretrained('{directory}'))") from None
     try:
         vocab = json.loads((directory / "config.json").read_text()).get("vocab_size")
     except (OSError, ValueError, AttributeError):

@@ -79,7 +79,7 @@ def load_policy(cfg: RLStageConfig):
     from hybrid_rl.model.tokenizer import checkpoint_tokenizer
 
     if not cfg.init_from:
-        return HybridLM(cfg.model), checkpoint_tokenizer(None), "scratch"
+        return _fits(HybridLM(cfg.model), checkpoint_tokenizer(None), "scratch")
     path = Path(cfg.init_from)
     if not (path / "config.json").is_file():  # a run directory: its newest checkpoint
         latest = latest_checkpoint(path)
@@ -89,7 +89,20 @@ def load_policy(cfg: RLStageConfig):
             raise FileNotFoundError(f"init_from={cfg.init_from}: neither a checkpoint (no config.json) nor a run directory "
                                     f"with step_N checkpoints. Pass e.g. runs/<sft-run>/step_200.{also}")
         path = latest
-    return load_pretrained(path).float(), checkpoint_tokenizer(path), str(path)
+    return _fits(load_pretrained(path).float(), checkpoint_tokenizer(path), str(path))
+
+
+def _fits(model, tokenizer, source: str):
+    """(model, tokenizer, source), once the tokenizer's ids are known to fit the model's embeddings (else a
+    rollout's first id past them fails deep in the model, after the run has started)."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        from hybrid_rl.config import ConfigError
+
+        fix = (f"set model.vocab_size={tokenizer.vocab_size} or more" if source == "scratch" else
+               "save the model after model.resize_token_embeddings(len(tokenizer)), or use the tokenizer it was trained with")
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model ({source}) embeds only "
+                          f"{model.config.vocab_size}; {fix}")
+    return model, tokenizer, source
 
 
 def _check_resumed_model(cfg: RLStageConfig, ckpt: Path, source: str, policy: dict, resumed: dict) -> None:
@@ -390,7 +403,10 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
             ref_cache[i] = reference_logprobs(ref_model, mb, replay, dist, cfg.train, par)
         with par.no_sync(last=j == len(share) - 1):
             with par.autocast():
-                out, (logp_bt, entropy_bt) = score(model, mb, replay, dist, cfg.train, record=mb.routing_btlk is not None and replay is None)
+                # a filler's tokens are no load: the experts' counts (and the balancing step) equal one process's
+                uncounted = None if weight else torch.zeros_like(mb.input_ids_bt, dtype=torch.bool)
+                out, (logp_bt, entropy_bt) = score(model, mb, replay, dist, cfg.train,
+                                                   record=mb.routing_btlk is not None and replay is None, load_mask=uncounted)
                 old_logp_bt = mb.rollout_logp_bt if old_from_rollout else logp_bt.detach()
                 loss_bt, clipped_bt = loss_fn(logp_bt, old_logp_bt, mb.adv_bt, mask_bt, mb_clip)
                 loss = aggregate_loss(loss_bt, mask_bt, agg, n_tokens, n_seqs)
@@ -475,7 +491,8 @@ def reference_logprobs(ref_model, mb: Batch, replay, dist: ScoringDist | None, c
             ref_model.to("cpu")
 
 
-def score(model, mb: Batch, replay, dist: ScoringDist | None, tc, record: bool = False, with_entropy: bool = True):
+def score(model, mb: Batch, replay, dist: ScoringDist | None, tc, record: bool = False, with_entropy: bool = True,
+          load_mask=None):
     """(the model output, (log-prob, entropy) [B, T] of the micro-batch's targets under ``dist``).
 
     Only the action positions are scored: the final hidden states there go through ``lm_head`` and the
@@ -502,8 +519,9 @@ def score(model, mb: Batch, replay, dist: ScoringDist | None, tc, record: bool =
         spread = lambda x_1n: x_1n.new_zeros(b, t).index_put(where, x_1n[0])  # noqa: E731
         return spread(logp_1n), (spread(entropy_1n) if with_entropy else None)
 
+    extra = {} if load_mask is None else {"load_mask": load_mask}  # (load_mask: which positions count as MoE load)
     out = model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, routing=replay, record_routing=record, head=head,
-                doc_parents=mb.doc_parents_bt)
+                doc_parents=mb.doc_parents_bt, **extra)
     return out, out.head
 
 
@@ -533,7 +551,8 @@ def _to(mb: Batch, device) -> Batch:
 @torch.no_grad()
 def _natural_routing(model, mb: Batch):
     """The experts the trainer would pick without replay (one extra forward, for the mismatch metric only)."""
-    return model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, doc_parents=mb.doc_parents_bt, record_routing=True).routed_experts
+    return model(mb.input_ids_bt, doc_ids=mb.doc_ids_bt, doc_parents=mb.doc_parents_bt, record_routing=True,
+                 load_mask=torch.zeros_like(mb.input_ids_bt, dtype=torch.bool)).routed_experts  # (counted once already)
 
 
 def staleness_metrics(trajectories, version: int) -> dict[str, float]:

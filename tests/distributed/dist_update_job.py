@@ -15,7 +15,7 @@ from hybrid_rl.rl.config import AlgoConfig, RLRolloutConfig, RLStageConfig, RLTr
 from hybrid_rl.rl.train import policy_update
 
 
-def fixed_batch(rows: int = 7, length: int = 48, vocab: int = 300) -> Batch:
+def fixed_batch(rows: int = 5, length: int = 48, vocab: int = 300) -> Batch:
     """Rows of different lengths (so micro-batches differ in size), advantages of both signs."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, vocab, (rows, length + 1), generator=g)
@@ -36,6 +36,11 @@ def config(strategy: str, processes: int, dtype: str = "fp32", chunk: int | None
                                              logprob_chunk_tokens=chunk))
 
 
+def loads(model) -> dict:
+    """The MoE layers' routed-token counts (``expert_load``) of this process."""
+    return {name: buf.detach().clone() for name, buf in model.named_buffers() if name.endswith("expert_load")}
+
+
 def run(strategy: str, dtype: str = "fp32", chunk: int | None = None) -> dict | None:
     torch.manual_seed(0)
     model = HybridLM(HybridConfig.from_preset("micro"))
@@ -44,14 +49,17 @@ def run(strategy: str, dtype: str = "fp32", chunk: int | None = None) -> dict | 
         cfg = config("single", 1, dtype, chunk)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         stats = [policy_update(model, optimizer, batch, cfg, old_from_rollout=True, par=LocalProcess()) for _ in range(2)]
-        return {"stats": stats, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+        return {"stats": stats, "state": {k: v.clone() for k, v in model.state_dict().items()}, "loads": loads(model)}
     import os
     cfg = config(strategy, int(os.environ.get("WORLD_SIZE", "1")), dtype, chunk)
     par = Parallel(cfg.train)
     model, optimizer = par.wrap(model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))
     stats = [policy_update(model, optimizer, batch, cfg, old_from_rollout=True, par=par) for _ in range(2)]
     state = par.full_state_dict()
-    out = {"stats": stats, "state": state, "world": par.world} if par.is_main else None
+    counts = loads(model)
+    for value in counts.values():  # every process's routed tokens (what balance_experts sums)
+        torch.distributed.all_reduce(value)
+    out = {"stats": stats, "state": state, "world": par.world, "loads": counts} if par.is_main else None
     par.close()
     return out
 

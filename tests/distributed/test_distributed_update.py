@@ -1,5 +1,5 @@
 """2 trainer processes (ddp, fsdp; gloo on CPU) against 1 on the same RL batch: the same loss, metrics and
-parameter update. The batch has 7 one-row micro-batches, so one process also runs a zero-weight filler."""
+parameter update. The batch packs into 5 micro-batches, so one process also runs a zero-weight filler."""
 
 import sys
 from pathlib import Path
@@ -37,6 +37,12 @@ def test_two_processes_give_the_one_process_update(tmp_path, one_process, strate
     assert moved > 1e-4  # the update is real
     for name, value in one_process["state"].items():
         torch.testing.assert_close(two["state"][name], value, rtol=0, atol=1e-5, msg=name)
+    # the experts' counts too (the balancing step's input): 5 micro-batches, so rank 1 plays a zero-weight filler
+    # whose tokens were counted as load
+    assert {k.replace("module.", "").replace("_fsdp_wrapped_module.", "") for k in two["loads"]} == set(one_process["loads"])
+    for name, value in one_process["loads"].items():
+        got = next(v for k, v in two["loads"].items() if k.endswith(name))
+        assert torch.equal(got, value), name
 
 
 def test_chunked_log_prob_pass_gives_the_same_update(one_process):

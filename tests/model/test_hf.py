@@ -442,3 +442,64 @@ def test_keys_a_config_leaves_out_mean_what_they_mean_to_transformers():
     reference = transformers.NemotronHConfig()
     assert cfg.num_experts_per_tok == reference.num_experts_per_tok and cfg.moe_latent_size == reference.moe_latent_size
     assert hf_config_to_hybrid({**hybrid_to_hf_config(small_cfg()), "eos_token_id": []}).eos_token_id == HybridConfig().eos_token_id
+
+
+# ---------------------------------------------------------------------- what transformers writes, as it writes it
+
+
+def test_a_tied_config_with_a_head_of_its_own_loads_untied_as_in_transformers(tmp_path, caplog):
+    """transformers' NemotronH never ties: its checkpoint of a tie_word_embeddings=true config holds its own
+    lm_head.weight. That head was replaced by the embeddings here (other logits than transformers')."""
+    cfg = small_cfg()
+    hf_cfg = transformers_config(cfg)
+    hf_cfg.tie_word_embeddings = True
+    torch.manual_seed(5)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    assert not torch.equal(hf.lm_head.weight, hf.get_input_embeddings().weight)
+    hf.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="hybrid_rl.model"):
+        model = load_pretrained(tmp_path)
+    assert "loaded untied" in caplog.text and not model.config.tie_word_embeddings
+    x = ids(cfg)
+    torch.testing.assert_close(our_logits(model, x), hf_logits(hf, x), atol=1e-4, rtol=0)
+
+
+def test_an_fp32_router_beside_bf16_weights_stays_fp32(tmp_path):
+    """transformers keeps the router (mixer.gate.weight) in fp32 in its bf16 checkpoints; loading with the
+    checkpoint's dtype rounded it to bf16, which the trainers' .float() cannot undo."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = small_cfg()
+    model = make_model(cfg)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
+    disk = load_file(tmp_path / "model.safetensors")
+    routers = {k: v for k, v in to_disk_state_dict(model.state_dict()).items() if k.endswith("mixer.gate.weight")}
+    assert routers
+    save_file({**disk, **{k: v.float().contiguous() for k, v in routers.items()}}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    loaded = load_pretrained(tmp_path)
+    assert loaded.backbone.embeddings.weight.dtype == torch.bfloat16
+    ours = dict(loaded.named_parameters())
+    for name, t in model.state_dict().items():
+        if name.endswith("mixer.gate.weight"):
+            assert ours[name].dtype == torch.float32 and torch.equal(ours[name], t)
+    x = ids(cfg)
+    assert torch.isfinite(our_logits(loaded, x)).all()
+
+
+def test_mtp_layers_in_the_config_without_their_weights_load_without_the_block(tmp_path, caplog):
+    """transformers drops the mtp.* weights when it loads and saves without them, but keeps
+    num_nextn_predict_layers in config.json: such a checkpoint was refused ("missing 16 tensor(s)")."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = small_cfg(num_mtp_layers=1, mtp_layer_pattern="*E")
+    model = make_model(cfg)
+    save_pretrained(model, tmp_path)
+    disk = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in disk.items() if not k.startswith("mtp.")}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="hybrid_rl.model"):
+        loaded = load_pretrained(tmp_path)
+    assert "without the MTP block" in caplog.text and loaded.config.num_mtp_layers == 0
+    x = ids(cfg)
+    torch.testing.assert_close(our_logits(loaded, x), our_logits(model, x), atol=1e-5, rtol=0)

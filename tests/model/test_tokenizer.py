@@ -207,3 +207,20 @@ def test_hf_adapter_rejects_non_decomposing_template(hf_dir):
     ids, mask = w.render_chat(CONVERSATION, strict=False)
     assert ids == _ids(hf.apply_chat_template(CONVERSATION, tokenize=True))
     assert [i for i, m in zip(ids, mask) if m] == TOK.encode("8 — final ✓") + [7]
+
+
+def test_a_checkpoint_tokenizer_that_cannot_render_chats_names_the_checkpoint_and_the_fix(tmp_path, monkeypatch):
+    """`hybrid-rl sft|rl init_from=DIR` with a tokenizer without a chat template ended in a traceback naming
+    neither the checkpoint nor a fix; now a CheckpointError (the CLI prints it as an error)."""
+    from hybrid_rl.checkpoint import CheckpointError
+    from hybrid_rl.model import tokenizer as tok_module
+
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+
+    def no_template(directory):
+        raise ValueError("TokenizersBackend has no chat_template; set tokenizer.chat_template or use ByteTokenizer")
+
+    monkeypatch.setattr(tok_module, "load_tokenizer", no_template)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {tmp_path}: its tokenizer cannot render chats .*no chat_template"
+                                              r".*save a tokenizer with a chat template beside the weights"):
+        tok_module.checkpoint_tokenizer(tmp_path)

@@ -38,6 +38,7 @@ SMOKE = ["init_from=", "algo.mode=sync", "algo.updates_per_batch=1", "model.pres
     ("rollout.env_timeout_s=-1", ["env_timeout_s", ">= 0"]),
     ("algo.clip_eps_low=1.5", ["clip_eps_low", "below 1", "algo.clip_eps_low=0.2"]),
     ("envs=[hybrid_rl/GuessNumber-v0,hybrid_rl/GuessNumber-v0]", ["GuessNumber-v0", "more than once"]),
+    ("model.vocab_size=200 init_from=", ["tokenizer has 272 ids", "embeds only 200", "model.vocab_size=272"]),
 ])
 def test_bad_config_fails_before_any_work(override, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
