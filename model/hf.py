@@ -80,6 +80,7 @@ _REQUIRED = {
     "use_bias": (False, "Mamba in/out projections have no bias"),
     "mamba_proj_bias": (False, "Mamba in/out projections have no bias"),
     "use_conv_bias": (True, "the Mamba causal conv has a bias"),
+    "mamba_conv_bias": (True, "the Mamba causal conv has a bias"),  # its legacy spelling
     "mlp_hidden_act": ("relu2", "FFNs are squared ReLU"),
     "mamba_hidden_act": ("silu", "the Mamba conv activation is SiLU"),
     "n_group": (1, "routing has no expert groups"),
@@ -191,6 +192,8 @@ def hf_config_to_hybrid(hf: dict) -> HybridConfig:
         if name in fields and name not in ("layer_pattern", "mtp_layer_pattern", "preset"):
             out[name] = value
     out = {**_HF_MISSING, **out}
+    if out.get("num_key_value_heads") is None:  # null: as many as the query heads (transformers' reading)
+        out["num_key_value_heads"] = out["num_attention_heads"]
     for key, (want, why) in _REQUIRED.items():
         if key in hf and hf[key] != want:
             raise CheckpointError(f"config.json {key}={hf[key]!r} is not supported: hybrid-rl needs {want!r} ({why})")
@@ -446,6 +449,10 @@ def _as_the_weights_say(cfg, state: dict[str, torch.Tensor], directory: Path):
         warn("%s: config.json ties the embeddings and the output head, but the weights hold a head of their own; "
              "it is loaded untied (as transformers does)", directory)
         cfg = cfg.replace(tie_word_embeddings=False)
+    if not cfg.n_shared_experts and any(".shared_experts." in k for k in state):
+        warn("%s: config.json says n_shared_experts=0, but the weights hold shared experts (transformers builds one "
+             "whatever the field says); loaded with them", directory)
+        cfg = cfg.replace(n_shared_experts=1)
     if cfg.num_mtp_layers and not any(k.startswith("mtp.") for k in state):
         warn("%s: config.json has %d MTP layer(s) but the weights hold none (transformers saves without them); "
              "loaded without the MTP block", directory, cfg.num_mtp_layers)

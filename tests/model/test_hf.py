@@ -503,3 +503,23 @@ def test_mtp_layers_in_the_config_without_their_weights_load_without_the_block(t
     assert "without the MTP block" in caplog.text and loaded.config.num_mtp_layers == 0
     x = ids(cfg)
     torch.testing.assert_close(our_logits(loaded, x), our_logits(model, x), atol=1e-5, rtol=0)
+
+
+def test_config_fields_transformers_reads_its_own_way(tmp_path, caplog):
+    """num_key_value_heads null (as many as the query heads), the legacy mamba_conv_bias spelling (refused when
+    false, like use_conv_bias), and n_shared_experts 0 beside shared-expert weights (transformers builds the
+    shared expert whatever the field says) load as transformers reads them."""
+    hf = {**hybrid_to_hf_config(small_cfg(num_key_value_heads=4)), "num_key_value_heads": None}
+    assert hf_config_to_hybrid(hf).num_key_value_heads == 4
+    with pytest.raises(CheckpointError, match="mamba_conv_bias=False is not supported"):
+        hf_config_to_hybrid({**hybrid_to_hf_config(small_cfg()), "mamba_conv_bias": False})
+    cfg = small_cfg()
+    model = make_model(cfg)
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_shared_experts": 0}))
+    with caplog.at_level("WARNING", logger="hybrid_rl.model"):
+        loaded = load_pretrained(tmp_path)
+    assert "n_shared_experts=0" in caplog.text and loaded.config.n_shared_experts == 1
+    x = ids(cfg)
+    torch.testing.assert_close(our_logits(loaded, x), our_logits(model, x), atol=0, rtol=0)
