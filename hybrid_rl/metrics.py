@@ -534,10 +534,15 @@ def read_wandb_offline_run(run_dir: str | Path) -> WandbRun:
             raise RuntimeError(f"`wandb leet inspect --json {part}` failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
         rows: list[dict] = []
         _read_wandb_records(proc.stdout, config, rows, summary, run)
-        steps = [r["_step"] for r in rows if "_step" in r]
-        if steps:  # a resumed start logs its steps again: they replace what the stopped run logged from there on
-            history = [r for r in history if r.get("_step", -1) < min(steps)]
-        history += rows
+        by_step = {r["_step"]: r for r in history if "_step" in r}
+        for row in rows:  # a resumed start logs steps again: its values win, the stopped run's others stay
+            if "_step" in row and row["_step"] in by_step:
+                by_step[row["_step"]].update(row)
+            else:
+                history.append(row)
+                if "_step" in row:
+                    by_step[row["_step"]] = row
+        history.sort(key=lambda r: r.get("_step", -1))
     config.pop("_wandb", None)
     return WandbRun(run_id=run.get("run_id", ""), name=run.get("display_name", ""), project=run.get("project", ""),
                     group=run.get("run_group", ""), tags=list(run.get("tags") or []), config=config,

@@ -380,6 +380,8 @@ def checkpoint_tokenizer(directory: str | os.PathLike | None):
         try:
             return load_tokenizer(directory)
         except ValueError as err:  # no chat template, or one that cannot end an assistant turn
+            if isinstance(err, json.JSONDecodeError):  # a torn tokenizer file: its own error
+                raise
             from hybrid_rl.checkpoint import CheckpointError
 
             raise CheckpointError(f"checkpoint {directory}: its tokenizer cannot render chats ({err}); save a tokenizer "

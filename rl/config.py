@@ -124,9 +124,10 @@ class AlgoConfig:
             raise ValueError(f"clip ranges must be >= 0, got clip_eps_low/high {self.clip_eps_low}/{self.clip_eps_high}, "
                              f"seq_clip_eps_low/high {self.seq_clip_eps_low}/{self.seq_clip_eps_high}")
         for name in ("clip_eps_low", "seq_clip_eps_low"):
-            if getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be below 1 (the ratio floor is 1 - {name}, and a ratio is never negative), "
-                                 f"got {getattr(self, name)}: e.g. algo.{name}={0.2 if name == 'clip_eps_low' else 3e-4}")
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name} must be at most 1 (the ratio floor is 1 - {name}; 1 = no floor, a ratio is "
+                                 f"never negative), got {getattr(self, name)}: e.g. algo.{name}="
+                                 f"{0.2 if name == 'clip_eps_low' else 3e-4}")
         for name in ("clip_cov_ratio", "kl_cov_ratio"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):

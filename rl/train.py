@@ -52,7 +52,7 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_che
 from hybrid_rl.config import to_dict
 from hybrid_rl.distributed import LocalProcess, Parallel, adamw, balance_experts, rank_share, rank_share_weights
 from hybrid_rl.metrics import MetricsLogger, env_key
-from hybrid_rl.run import make_run_dir, resume_point, seed_everything, torch_threads
+from hybrid_rl.run import claim_run_dir, resume_point, seed_everything, start_run_dir, torch_threads
 from hybrid_rl.schedule import warmup_cosine
 from hybrid_rl.rl.advantages import ADVANTAGES, anchor_state_advantages, turn_groups, turn_observations, turn_returns
 from hybrid_rl.rl.batch import (TENSOR_FIELDS, Batch, collate, micro_batches, pack, packed_plan, share_units, trained_lengths,
@@ -136,7 +136,8 @@ def _check_resume_settings(cfg: RLStageConfig, ckpt: Path, source: str, state: d
         raise ConfigError(f"resume=true: {ckpt} is step {state['step']} and train.steps={cfg.train.steps}, so there is "
                           f"nothing left to train; raise train.steps above {state['step']} to go on")
     started = state.get("init_source")
-    if cfg.algo.kl_beta > 0 and started is not None and started != source:
+    same = started is None or Path(started).resolve() == Path(source).resolve()  # (a path spelled otherwise is the same)
+    if cfg.algo.kl_beta > 0 and not same:
         raise ConfigError(f"resume=true: the run started from init_from {started} (its KL reference, algo.kl_beta="
                           f"{cfg.algo.kl_beta:g}), and init_from={cfg.init_from!r} now loads {source}; pass "
                           f"init_from={started} to resume against the same reference")
@@ -593,6 +594,8 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
         raise ConfigError(f"algo.routing_replay / algo.log_routing_mismatch: the policy ({source}) has no MoE layers, "
                           "so there is no routing to record or replay; set both to false for this model")
     ckpt, resumed = None, None
+    # the run directory's name, refused now if it holds another run; cleared (run.overwrite) only once the inputs loaded
+    claimed = Path(par.broadcast(str(claim_run_dir(cfg.run, "rl", resume=cfg.resume)) if par.is_main else None))
     if cfg.resume:  # refused now, before the run directory is touched, if there is nothing of this stage to resume
         from hybrid_rl.model.hf import load_pretrained
 
@@ -610,7 +613,10 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
     model, optimizer = par.wrap(model, lambda m: adamw(m.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                                        weight_decay=tc.weight_decay))
     # the run directory is cleared (run.overwrite) only now, when every input has loaded and been checked
-    run_dir = Path(par.broadcast(str(make_run_dir(cfg.run, "rl", cfg, resume=cfg.resume)) if par.is_main else None))
+    run_dir = claimed
+    if par.is_main:
+        start_run_dir(run_dir, cfg.run, cfg, resume=cfg.resume)
+    par.barrier()
     start_step, resumed_batch = 0, None
     if ckpt is not None:
         par.load_full_state_dict(resumed)

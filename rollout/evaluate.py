@@ -61,12 +61,17 @@ def evaluate(model, tokenizer, env_ids, seeds=None, episodes: int = 8, split: st
     return EvalResult(summarize(trajectories), trajectories)
 
 
-def summarize(trajectories: list[Trajectory]) -> dict[str, dict[str, float]]:
+def summarize(trajectories: list[Trajectory], over_envs: bool = True) -> dict[str, dict[str, float]]:
+    """Per env its figures, and with several envs ``"all"``: the mean over the envs (``over_envs``: the eval
+    names, docs/METRICS.md), or over their pooled episodes (a training step's rollouts, whose shares of the
+    envs follow ``algo.env_weights``)."""
     by_env: dict[str, list[Trajectory]] = {}
     for t in trajectories:
         by_env.setdefault(t.env_id, []).append(t)
     out = {env_id: _stats(ts) for env_id, ts in sorted(by_env.items())}
-    if len(by_env) > 1:  # the mean over environments (docs/METRICS.md), not over their pooled episodes
+    if len(by_env) > 1 and not over_envs:
+        out["all"] = _stats(trajectories)
+    elif len(by_env) > 1:  # the mean over environments, not over their pooled episodes
         per_env = list(out.values())
         out["all"] = {key: (sum(s[key] for s in per_env) if key in ("episodes", "failed")
                             else _mean_of_defined([s[key] for s in per_env])) for key in per_env[0]}
@@ -125,7 +130,7 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     ``rollout/reward`` is the mean return and ``rollout/reward_components/<name>`` the mean per episode of
     each named part of it; groups are (env_id, group_id); failed episodes are left out of the group
     statistics."""
-    out = metrics_from_summary(summarize(trajectories), "rollout")
+    out = metrics_from_summary(summarize(trajectories, over_envs=False), "rollout")
     out = {k.replace("rollout/return", "rollout/reward"): v for k, v in out.items()}
     groups: dict[tuple, list[float]] = {}
     for t in trajectories:

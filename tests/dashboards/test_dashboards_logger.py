@@ -301,6 +301,7 @@ def test_a_resumed_run_goes_on_in_the_same_wandb_run_and_tensorboard_drops_the_r
     run_id = read_run_info(tmp_path)["wandb_id"]
     time.sleep(1.1)  # wandb names an offline folder by its start second and the id: a resume within it would share it
     again = MetricsLogger(cfg, tmp_path, "r", resume_step=2)
+    again.log({"train/samples": 7.0}, 2)  # (SFT logs its data figures at the step it resumes from)
     for step in (3, 4, 5):
         again.log({"train/loss": 10.0 * step}, step)
     again.close()
@@ -308,4 +309,6 @@ def test_a_resumed_run_goes_on_in_the_same_wandb_run_and_tensorboard_drops_the_r
     wb = read_wandb_offline_run(tmp_path)
     assert wb.run_id == run_id
     assert [(h["_step"], h["train/loss"]) for h in wb.history] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
-    assert read_tensorboard_scalars(tmp_path)["train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
+    assert [h.get("train/samples") for h in wb.history] == [None, 7.0, None, None, None]
+    tb = read_tensorboard_scalars(tmp_path)
+    assert tb["train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)] and tb["train/samples"] == [(2, 7.0)]

@@ -26,7 +26,7 @@ def test_cli_check_and_expert_apply_the_ids_arguments(capsys, tmp_path):
     missing = tmp_path / "nonexistent.jsonl"
     assert main(["envs", "check", f"hybrid_rl/Dataset-v0(path={missing})", "--episodes", "5"]) == 1
     out = capsys.readouterr().out
-    assert "hybrid_rl/Dataset-v0: FAIL" in out and f"path={str(missing)!r}: no such file" in out
+    assert f"hybrid_rl/Dataset-v0(path={missing}): FAIL" in out and f"path={str(missing)!r}: no such file" in out
     assert main(["envs", "check", "hybrid_rl/GuessNumber-v0(n=abc)", "--episodes", "5"]) == 1
     out = capsys.readouterr().out
     assert "FAIL make: ValueError: GuessNumber n='abc': expected an integer >= 2" in out

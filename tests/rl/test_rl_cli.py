@@ -36,7 +36,7 @@ SMOKE = ["init_from=", "algo.mode=sync", "algo.updates_per_batch=1", "model.pres
     ("algo.routing_replay=true model.layer_pattern=M*M init_from=", ["algo.routing_replay", "no MoE layers", "set both to false"]),
     ("train.beta2=1.5", ["train.beta2", "[0, 1)", "train.beta2=0.99"]),
     ("rollout.env_timeout_s=-1", ["env_timeout_s", ">= 0"]),
-    ("algo.clip_eps_low=1.5", ["clip_eps_low", "below 1", "algo.clip_eps_low=0.2"]),
+    ("algo.clip_eps_low=1.5", ["clip_eps_low", "at most 1", "algo.clip_eps_low=0.2"]),
     ("envs=[hybrid_rl/GuessNumber-v0,hybrid_rl/GuessNumber-v0]", ["GuessNumber-v0", "more than once"]),
     ("model.vocab_size=200 init_from=", ["tokenizer has 272 ids", "embeds only 200", "model.vocab_size=272"]),
 ])
@@ -374,7 +374,7 @@ def test_a_resume_with_nothing_left_or_another_kl_reference_is_refused(tmp_path,
     err = capsys.readouterr().err
     assert "the run started from init_from a (its KL reference" in err and "pass init_from=a to resume" in err
     assert (tmp_path / "runs" / "kl" / "config.yaml").read_text() == config  # nothing touched
-    assert main(["rl", *common, "init_from=a", "train.steps=3", "resume=true"]) == 0
+    assert main(["rl", *common, f"init_from={tmp_path / 'a'}", "train.steps=3", "resume=true"]) == 0  # the same, spelled otherwise
 
 
 def test_select_best_never_keeps_a_val_eval_that_scored_nothing(tmp_path, monkeypatch, capsys):

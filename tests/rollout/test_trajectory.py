@@ -47,3 +47,10 @@ def test_the_two_part_eval_names_are_the_mean_over_environments():
     # an env none of whose episodes could be scored is left out of the mean
     trajs += [Trajectory(env_id="c/C-v0", seed=i, status="timeout") for i in range(4)]
     assert metrics_from_summary(summarize(trajs))["eval/success"] == 0.5
+
+    # a training step's rollout/* figures stay over its pooled episodes (their env shares follow env_weights)
+    from hybrid_rl.rollout.evaluate import rollout_metrics
+
+    batch = [Trajectory(env_id="a/A-v0", seed=i, status="terminated", success=True) for i in range(6)]
+    batch += [Trajectory(env_id="b/B-v0", seed=i, status="terminated") for i in range(2)]
+    assert rollout_metrics(batch)["rollout/success"] == 0.75
