@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "TRAINER_STATE", "save_checkpoint", "write_dir_atomically", "load_trainer_state", "latest_checkpoint", "list_checkpoints",
-    "rng_state", "set_rng_state", "checkpoint_stage", "CheckpointError",
+    "TRAINER_STATE", "save_checkpoint", "write_dir_atomically", "load_trainer_state", "peek_trainer_state",
+    "latest_checkpoint", "list_checkpoints", "rng_state", "set_rng_state", "checkpoint_stage", "CheckpointError",
 ]
 
 TRAINER_STATE = "trainer_state.pt"
@@ -112,10 +112,19 @@ def load_trainer_state(ckpt_dir: str | os.PathLike, restore_rng: bool = True) ->
     return state
 
 
+def peek_trainer_state(ckpt_dir: str | os.PathLike) -> dict:
+    """The saved trainer state mapped, not read (the optimizer state can be large), and the RNGs left alone: for
+    checks before the run starts (its step, its stage); ``load_trainer_state`` reads it to resume."""
+    path = Path(ckpt_dir) / TRAINER_STATE
+    if not path.is_file():
+        load_trainer_state(ckpt_dir)  # its error: what a resumable checkpoint needs
+    return _read_state(path, mmap=True)
+
+
 def checkpoint_stage(ckpt_dir: str | os.PathLike) -> str:
     """Which stage wrote the checkpoint: ``"sft"`` or ``"rl"`` (its trainer state says so; one written before it
     did is SFT's when it holds a data cursor)."""
-    state = _read_state(Path(ckpt_dir) / TRAINER_STATE, mmap=True)  # mapped, not read: the optimizer state can be large
+    state = peek_trainer_state(ckpt_dir)
     return str(state.get("stage") or ("sft" if "cursor" in state else "rl"))
 
 

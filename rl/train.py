@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, write_dir_atomically
+from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, peek_trainer_state, save_checkpoint, write_dir_atomically
 from hybrid_rl.config import to_dict
 from hybrid_rl.distributed import LocalProcess, Parallel, adamw, balance_experts, rank_share, rank_share_weights
 from hybrid_rl.metrics import MetricsLogger, env_key
@@ -602,9 +602,8 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
         ckpt = resume_point(cfg.run, "rl")
         resumed = load_pretrained(ckpt).float().state_dict()
         _check_resumed_model(cfg, ckpt, source, model.state_dict(), resumed)
-    state = load_trainer_state(ckpt) if ckpt is not None else None
-    if state is not None:
-        _check_resume_settings(cfg, ckpt, source, state)
+    if ckpt is not None:
+        _check_resume_settings(cfg, ckpt, source, peek_trainer_state(ckpt))
     model.train()
     ref_model = None
     if cfg.algo.kl_beta > 0:  # a frozen copy of the initial policy, on the CPU between its passes when offloaded
@@ -620,6 +619,7 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
     start_step, resumed_batch = 0, None
     if ckpt is not None:
         par.load_full_state_dict(resumed)
+        state = load_trainer_state(ckpt)
         par.load_optimizer_state(optimizer, state["optimizer"])
         start_step = state["step"]
         resumed_batch = state.get("next_batch")
