@@ -41,7 +41,7 @@ def loads(model) -> dict:
     return {name: buf.detach().clone() for name, buf in model.named_buffers() if name.endswith("expert_load")}
 
 
-def run(strategy: str, dtype: str = "fp32", chunk: int | None = None) -> dict | None:
+def run(strategy: str, dtype: str = "fp32", chunk: int | None = None, loads_path: str = "") -> dict | None:
     torch.manual_seed(0)
     model = HybridLM(HybridConfig.from_preset("micro"))
     batch = fixed_batch()
@@ -56,10 +56,9 @@ def run(strategy: str, dtype: str = "fp32", chunk: int | None = None) -> dict | 
     model, optimizer = par.wrap(model, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))
     stats = [policy_update(model, optimizer, batch, cfg, old_from_rollout=True, par=par) for _ in range(2)]
     state = par.full_state_dict()
-    counts = loads(model)
-    for value in counts.values():  # every process's routed tokens (what balance_experts sums)
-        torch.distributed.all_reduce(value)
-    out = {"stats": stats, "state": state, "world": par.world, "loads": counts} if par.is_main else None
+    if loads_path:  # each process's routed-token counts, summed by the test (what balance_experts sums)
+        torch.save(loads(model), loads_path.format(rank=par.rank))
+    out = {"stats": stats, "state": state, "world": par.world} if par.is_main else None
     par.close()
     return out
 
@@ -69,6 +68,6 @@ if __name__ == "__main__":
     dtype = sys.argv[3] if len(sys.argv) > 3 else "fp32"
     chunk = int(sys.argv[4]) if len(sys.argv) > 4 else None
     torch.set_num_threads(1)
-    result = run(strategy, dtype, chunk)
+    result = run(strategy, dtype, chunk, loads_path=f"{out_dir}/{strategy}-{dtype}-{chunk}-loads-{{rank}}.pt")
     if result is not None:
         torch.save(result, f"{out_dir}/{strategy}-{dtype}-{chunk}.pt")
