@@ -197,11 +197,6 @@ def _as_float(value) -> float:
         return math.inf
 
 
-def _numeric(value) -> bool:
-    """A real number, or a 0-d array or tensor holding one (what ``_as_float`` reads)."""
-    return isinstance(_one_number(value), numbers.Real)
-
-
 def _one_number(value):
     """A 0-d array's or tensor's item (np.array(1.0), torch.tensor(0.5)), anything else as it is."""
     if not isinstance(value, numbers.Real) and getattr(value, "shape", None) == () and hasattr(value, "item"):
@@ -326,10 +321,11 @@ class Engine:
         try:
             # the weights change only in the step hook: the model checks them then, not at every forward
             steady = getattr(self.model, "steady_weights", contextlib.nullcontext)
+            changed = getattr(self.model, "weights_changed", lambda: None)
             with torch.inference_mode(), steady():
                 while True:
-                    if self.step_hook is not None and self.step_hook() is not False and hasattr(self.model, "weights_changed"):
-                        self.model.weights_changed()  # the hook loaded weights (or may have)
+                    if self.step_hook is not None and self.step_hook() is not False:
+                        changed()  # the hook loaded weights (or may have)
                     cache, logits_bv = self._admit(rows, cache, logits_bv, prefixes, pending, finished)
                     if all(ep is None for ep in rows):
                         break
@@ -794,10 +790,11 @@ def _step_problem(obs, reward, info) -> str:
     """What is wrong with a step's observation, reward or info ("" when nothing): a reward that is not a finite
     number would make every advantage of its batch NaN (the group and batch statistics), so it ends its episode
     as an env error instead."""
-    if not isinstance(obs, str) or not _numeric(reward):  # numpy scalars, 0-d arrays and tensors too
+    number = _one_number(reward)  # numpy scalars, 0-d arrays and tensors too
+    if not isinstance(obs, str) or not isinstance(number, numbers.Real):
         return (f"step returned observation {type(obs).__name__} and reward {type(reward).__name__}, expected str and "
                 "a number")
-    if not math.isfinite(_as_float(reward)):
+    if not math.isfinite(_as_float(number)):
         return f"step returned reward {_short(reward)}, expected a finite number"
     if info is not None and not isinstance(info, dict):
         return f"step returned info of type {type(info).__name__}, expected a dict"
