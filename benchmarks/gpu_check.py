@@ -1,7 +1,8 @@
 """GPU readiness in one command (``scripts/gpu_check.sh``; under 8 minutes on one H100/H200): the ``gpu``
 tests, then training steps of ``tiny`` and ``small`` on the GPU in fp32 and bf16, with and without
 activation checkpointing: tokens/s and the peak of CUDA's allocator against the memory planner
-(``model/memory.py``, ``path="torch"``: what a GPU runs). Prints one JSON line.
+(``model/memory.py``, ``path="torch"``: what a GPU runs); then inference forwards of ``nemotron3-nano`` at full size
+(random init, bf16 weights). Prints one JSON line.
 
     python -m hybrid_rl.benchmarks.gpu_check [--json-out PATH] [--skip-tests]
 """
@@ -16,12 +17,23 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from hybrid_rl.benchmarks.record import emit
+from hybrid_rl.benchmarks.record import emit, provenance
 
 CASES = [  # (preset, rows, tokens per row, micro-batches)
     ("tiny", 8, 1024, 2),
     ("small", 4, 1024, 2),
 ]
+FORWARD_CASES = [("nemotron3-nano", 1, 4096), ("nemotron3-nano", 4, 4096)]  # (preset, rows, tokens per row)
+
+
+def figures_in(stdout: str) -> dict:
+    """The figures the tests print (``GPU_FIGURE {json}``); pytest's progress dots can precede one on its line."""
+    figures = {}
+    for line in stdout.splitlines():
+        at = line.find("GPU_FIGURE ")
+        if at >= 0:
+            figures.update(json.loads(line[at + len("GPU_FIGURE "):]))
+    return figures
 
 
 def run_gpu_tests(work: Path) -> dict:
@@ -30,11 +42,7 @@ def run_gpu_tests(work: Path) -> dict:
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "-m", "gpu", "-q", "-s", "-p", "no:cacheprovider",
                            f"--junitxml={xml}"], capture_output=True, text=True, timeout=420)
-    figures = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("GPU_FIGURE "):
-            figures.update(json.loads(line[len("GPU_FIGURE "):]))
-    out = {"returncode": proc.returncode, "seconds": round(time.time() - t0, 1), "figures": figures}
+    out = {"returncode": proc.returncode, "seconds": round(time.time() - t0, 1), "figures": figures_in(proc.stdout)}
     if xml.exists():
         root = ET.parse(xml).getroot()
         suite = root.find("testsuite") if root.find("testsuite") is not None else root
@@ -88,6 +96,48 @@ def train_step_case(preset: str, rows: int, seq_len: int, micro_batches: int, dt
             "planned_over_measured": round(plan["total"] / measured, 3)}
 
 
+def forward_case(preset: str, rows: int, seq_len: int, device: str = "cuda") -> dict:
+    """Inference forwards of a full-size preset (random init, bf16 weights, made on the device): seconds, tokens/s
+    and the allocator peak of the second of two forwards. What one GPU holds of ``nemotron3-nano`` (~32B
+    parameters: 63 GB in bf16) without the optimizer, i.e. a rollout worker's model."""
+    import torch
+
+    from hybrid_rl.model import HybridConfig, HybridLM
+
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+    default = torch.get_default_dtype()
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = HybridLM(HybridConfig.from_preset(preset)).eval()
+    finally:
+        torch.set_default_dtype(default)
+    params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, model.config.vocab_size, (rows, seq_len), device=device)
+    seconds = None
+    with torch.no_grad():
+        for _ in range(2):  # the first chooses kernels
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            logits = model(ids).logits
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            finite = bool(torch.isfinite(logits[:, -1].float()).all())
+            del logits
+    out = {"preset": preset, "params": params, "rows": rows, "seq_len": seq_len, "seconds": round(seconds, 4),
+           "tokens_per_s": round(rows * seq_len / seconds, 1), "finite_logits": finite}
+    if cuda:
+        out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    del model
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hybrid_rl.benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--json-out", type=Path)
@@ -101,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     work = Path(args.json_out).parent if args.json_out else Path(".")
     result = {"benchmark": "gpu_check", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "tests": None if args.skip_tests else run_gpu_tests(work), "train_steps": []}
+              **provenance(), "tests": None if args.skip_tests else run_gpu_tests(work), "train_steps": []}
     for preset, rows, seq_len, micro in CASES:
         for dtype in ("fp32", "bf16"):
             for ckpt in (False, True):
@@ -110,9 +160,18 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as err:  # one failing case must not hide the others' figures
                     result["train_steps"].append({"preset": preset, "dtype": dtype, "checkpointing": ckpt,
                                                   "error": f"{type(err).__name__}: {err}"[:500]})
+    result["forward"] = []
+    for preset, rows, seq_len in FORWARD_CASES:
+        try:
+            result["forward"].append(forward_case(preset, rows, seq_len))
+        except Exception as err:
+            result["forward"].append({"preset": preset, "rows": rows, "seq_len": seq_len,
+                                      "error": f"{type(err).__name__}: {err}"[:500]})
+        finally:
+            torch.cuda.empty_cache()
     result["wall_s"] = round(time.time() - t0, 1)
     emit(result, args.json_out)
-    failed = (result["tests"] or {}).get("returncode", 0) or any("error" in c for c in result["train_steps"])
+    failed = (result["tests"] or {}).get("returncode", 0) or any("error" in c for c in result["train_steps"] + result["forward"])
     return 1 if failed else 0
 
 

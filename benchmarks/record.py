@@ -6,6 +6,7 @@
     hybrid-rl bench memory  > benchmarks/results/memory.json
     hybrid-rl bench memory --train --check > benchmarks/results/memory_train.json
     hybrid-rl bench sync    > benchmarks/results/sync.json
+    scripts/gpu_check.sh    # on a CUDA machine: writes benchmarks/results/gpu_check.json
     python -m hybrid_rl.benchmarks.record            # -> docs/BENCHMARKS.md, docs/img/bench-*.png
 
 Each results file holds what one benchmark printed; its last JSON line is the result (tables and logs
@@ -44,6 +45,7 @@ hybrid-rl bench rollout > benchmarks/results/rollout.json
 hybrid-rl bench memory  > benchmarks/results/memory.json
 hybrid-rl bench memory --train --check > benchmarks/results/memory_train.json
 hybrid-rl bench sync    > benchmarks/results/sync.json
+scripts/gpu_check.sh    # on a CUDA machine: writes benchmarks/results/gpu_check.json
 python -m hybrid_rl.benchmarks.record
 ```
 """
@@ -627,6 +629,52 @@ def render_memory_train(r: dict, doc_dir: Path) -> Section:
     return Section(headlines, train_memory_markdown(r))
 
 
+def render_gpu_check(r: dict, doc_dir: Path) -> Section:
+    """``scripts/gpu_check.sh`` on a CUDA machine: the ``gpu`` tests and their figures, training steps against the
+    memory planner, and inference forwards of a full-size preset."""
+    tests = r.get("tests") or {}
+    figures = tests.get("figures", {})
+    fig_rows = [[f"`{k}`", f"{v:.3g}"] for k, v in figures.items()]
+    steps = [c for c in r.get("train_steps", []) if "error" not in c]
+    step_rows = [[f"`{c['preset']}`", c["dtype"], "on" if c["checkpointing"] else "off", num(c["tokens"]),
+                  num(c["tokens_per_s"]), size(c["peak_bytes"]), size(c["planned_bytes"]),
+                  f"{100 * (c['planned_over_measured'] - 1):+.1f}%"] for c in steps]
+    forwards = [c for c in r.get("forward", []) if "error" not in c]
+    fwd_rows = [[f"`{c['preset']}`", num(c["params"]), f"{c['rows']} x {num(c['seq_len'])}", num(c["seconds"]),
+                 num(c["tokens_per_s"]), size(c.get("peak_bytes")), "yes" if c["finite_logits"] else "**no**"]
+                for c in forwards]
+    errors = [c for c in r.get("train_steps", []) + r.get("forward", []) if "error" in c]
+    outcome = (f"{num(tests.get('tests', 0) - tests.get('failures', 0) - tests.get('errors', 0) - tests.get('skipped', 0))}"
+               f" of {num(tests.get('tests'))} passed ({num(tests.get('failures', 0))} failed, "
+               f"{num(tests.get('skipped', 0))} skipped) in {num(tests.get('seconds'))} s" if tests else "not run")
+    headlines = [Headline(f"`{c['preset']}` inference forward, {c['rows']} x {num(c['seq_len'])} tokens on one "
+                          f"{r.get('device', 'GPU')} (bf16 weights)", f"{num(c['tokens_per_s'])} tokens/s, "
+                          f"{size(c.get('peak_bytes'))}", DASH, DASH) for c in forwards[-1:]]
+    if "rollout_logprob_mismatch_max" in figures:
+        headlines.append(Headline(f"rollout engine vs training forward on {r.get('device', 'GPU')}, fp32: "
+                                  "max log-prob difference", num(figures["rollout_logprob_mismatch_max"]), DASH, DASH))
+    body = (
+        "## GPU readiness (`scripts/gpu_check.sh`)\n\n"
+        "The same code on a CUDA machine: the tests marked `gpu` (bf16 against fp32 log-probs, one SFT and one RL "
+        "step in fp32 and bf16, no second copy of the weights in an inference forward, the rollout engine's "
+        "log-probs against the training forward), then one AdamW step of `tiny` and `small` in fp32 and bf16 "
+        "autocast, with and without activation checkpointing, after a warm-up step: tokens/s and the peak of "
+        "CUDA's allocator against the memory planner (`model/memory.py`), then two inference forwards of a "
+        "full-size preset (random init, bf16 weights made on the GPU; the second is timed). No peer runs here: "
+        "these are readiness figures, not a comparison.\n\n"
+        f"- **Machine:** {r.get('device', DASH)}, torch {r.get('torch', DASH)}"
+        + (f", commit {short_commit(r['commit'])}" if r.get("commit") else "") + f"; {num(r.get('wall_s'))} s in all.\n"
+        f"- **Tests:** {outcome}.\n\n"
+        + (table(["figure printed by a test", "value"], fig_rows) + "\n" if fig_rows else "")
+        + (table(["preset", "dtype", "checkpointing", "tokens", "tokens/s", "allocator peak", "planned",
+                  "planned vs peak"], step_rows, text_columns=3) + "\n" if step_rows else "")
+        + (table(["preset", "parameters", "rows x tokens", "seconds", "tokens/s", "allocator peak", "finite logits"],
+                 fwd_rows, text_columns=1) if fwd_rows else "")
+        + "".join(f"\n- **Failed case** `{c.get('preset')}`: {c['error']}" for c in errors) + "\n"
+    )
+    return Section(headlines, body)
+
+
 RENDERERS: dict[str, Callable[[dict, Path], Section]] = {
     "model": render_model,
     "grpo": render_grpo,
@@ -634,7 +682,9 @@ RENDERERS: dict[str, Callable[[dict, Path], Section]] = {
     "memory": render_memory,
     "memory_train": render_memory_train,
     "sync": render_sync,
+    "gpu_check": render_gpu_check,
 }
+REGENERATE = {"gpu_check": "run `scripts/gpu_check.sh` on a CUDA machine"}  # else `hybrid-rl bench NAME > PATH`
 
 
 # --- the page ------------------------------------------------------------------------------------
@@ -651,7 +701,7 @@ def shown(path: Path) -> str:
 def render_section(name: str, results_dir: Path, doc_dir: Path) -> Section | str:
     """The section of benchmark ``name``, or a one-line note saying why it is left out."""
     path = results_dir / f"{name}.json"
-    regenerate = f"run `hybrid-rl bench {name} > {shown(path)}`"
+    regenerate = REGENERATE.get(name, f"run `hybrid-rl bench {name} > {shown(path)}`")
     if not path.exists():
         return f"_No `{shown(path)}` yet: the {name} section is left out ({regenerate})._\n"
     result = latest_result(path, name)

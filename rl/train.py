@@ -342,11 +342,13 @@ def make_batch(trajectories, cfg: RLStageConfig, pad_id: int):
 
 
 def scoring_dist(cfg: RLStageConfig, tokenizer, model) -> ScoringDist:
-    """The distribution the rollout engine samples from (temperature, banned ids, top-k/top-p)."""
+    """The distribution the rollout engine samples from (temperature, banned ids, top-k/top-p); the banned-ids mask
+    lives where the model's logits will be."""
     from hybrid_rl.rollout.engine import banned_token_mask, model_vocab_size
 
     s = cfg.rollout.sampling
-    return ScoringDist(s.temperature, s.top_k, s.top_p, banned_token_mask(tokenizer, model_vocab_size(model), s.ascii_only))
+    banned = banned_token_mask(tokenizer, model_vocab_size(model), s.ascii_only)
+    return ScoringDist(s.temperature, s.top_k, s.top_p, banned.to(next(model.parameters()).device))
 
 
 def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=None, old_from_rollout: bool = False,

@@ -70,7 +70,7 @@ def page(docs):
 
 
 def test_every_benchmark_has_a_renderer():
-    assert set(RENDERERS) == {"model", "grpo", "rollout", "memory", "memory_train", "sync"}
+    assert set(RENDERERS) == {"model", "grpo", "rollout", "memory", "memory_train", "sync", "gpu_check"}
 
 
 def test_page_says_it_is_generated_and_how_to_regenerate(page):
@@ -223,3 +223,31 @@ def test_the_machine_line_names_the_cpu():
 
     assert cpu_model()
     assert machine({"cpu": "AMD EPYC", "cpu_count": 2}) == "- **Machine:** AMD EPYC, 2 CPUs.\n"
+
+
+GPU_CHECK = {"benchmark": "gpu_check", "device": "NVIDIA H200", "torch": "2.11.0+cu130", "commit": "ab" * 20, "wall_s": 116.0,
+             "tests": {"returncode": 0, "seconds": 83.8, "tests": 7, "failures": 0, "errors": 0, "skipped": 0,
+                       "figures": {"rollout_logprob_mismatch_max": 0.0014, "bf16_logp_diff_max": 0.017}},
+             "train_steps": [{"preset": "tiny", "dtype": "bf16", "checkpointing": True, "tokens": 16384, "seconds": 0.26,
+                              "tokens_per_s": 62084.3, "peak_bytes": 643680768, "planned_bytes": 652972416,
+                              "planned_over_measured": 1.014},
+                             {"preset": "small", "dtype": "fp32", "checkpointing": False, "error": "OutOfMemoryError: x"}],
+             "forward": [{"preset": "nemotron3-nano", "params": 31577937344, "rows": 4, "seq_len": 4096, "seconds": 0.75,
+                          "tokens_per_s": 21756.0, "finite_logits": True, "peak_bytes": 76278064128}]}
+
+
+def test_gpu_check_section_shows_tests_steps_forwards_and_failed_cases(tmp_path):
+    page = render(write_results(tmp_path / "results", {"gpu_check": GPU_CHECK}), tmp_path / "docs")
+    gpu = section(page, "GPU readiness")
+    assert "NVIDIA H200, torch 2.11.0+cu130, commit abababababab" in gpu and "7 of 7 passed (0 failed, 0 skipped)" in gpu
+    assert "| `tiny` | bf16 | on | 16,384 | 62,084 | 613.86 MiB | 622.72 MiB | +1.4% |" in gpu
+    assert "| `nemotron3-nano` | 31,577,937,344 | 4 x 4,096 | 0.750 | 21,756 | 71.04 GiB | yes |" in gpu
+    assert "**Failed case** `small`: OutOfMemoryError: x" in gpu
+    assert "| `rollout_logprob_mismatch_max` | 0.0014 |" in gpu
+    glance = section(page, "At a glance")
+    assert "`nemotron3-nano` inference forward, 4 x 4,096 tokens on one NVIDIA H200" in glance
+
+
+def test_a_missing_gpu_check_says_where_it_runs(tmp_path):
+    page = render(write_results(tmp_path / "results", {}), tmp_path / "docs")
+    assert "run `scripts/gpu_check.sh` on a CUDA machine" in page

@@ -338,3 +338,15 @@ def test_shared_prompts_give_the_update_of_unshared_rows(loss):
         assert m_shared[key] == pytest.approx(m_plain[key], rel=1e-4, abs=1e-6), key
     for name, grad in g_plain.items():
         torch.testing.assert_close(g_shared[name], grad, rtol=0, atol=1e-5 * grad.abs().max().item() + 1e-12, msg=name)
+
+
+def test_the_scoring_distribution_masks_on_the_model_device():
+    # the banned-ids mask was made on the CPU: on a CUDA model every scoring at T != 1, with top-k/top-p or an
+    # entropy bonus failed ("expected self and mask to be on the same device"); a meta model shows where it goes
+    from hybrid_rl.model.tokenizer import ByteTokenizer
+    from hybrid_rl.rl.train import scoring_dist
+
+    with torch.device("meta"):
+        model = HybridLM(HybridConfig.from_preset("micro"))
+    dist = scoring_dist(_cfg("rollout.sampling.ascii_only=true"), ByteTokenizer(), model)
+    assert dist.banned_v.device.type == "meta" and dist.banned_v.shape == (model.config.vocab_size,)
