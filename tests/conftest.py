@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test starts on the thread count the session started with: benchmarks run in-process set it (bench grpo,
+    bench model), and a later test's float sums would follow it (a pipeline run's SFT losses parted at step 20)."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture
