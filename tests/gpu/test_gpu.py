@@ -66,6 +66,54 @@ def test_one_rl_step_on_cuda(tmp_path, dtype):
                                     f"rl_rollout_mismatch_kl_{dtype}": step["train/rollout_mismatch_kl"]}))
 
 
+def test_rl_with_every_device_path_on_cuda_and_its_resume(tmp_path):
+    """The RL paths a GPU run can take beyond the plain step: scoring under T=0.7 / top-k / top-p, a KL reference
+    offloaded to the CPU between its passes, routing replay, the entropy bonus, state credit with RLOO, async
+    rollouts of the in-process pool, evals and checkpoints every step, then a resume that goes on to step 3."""
+    from hybrid_rl.cli import main as cli_main
+
+    args = ["rl", "configs/rl_quick.yaml", "init_from=", f"run.output_dir={tmp_path}", "run.name=gpu", "eval.every_steps=1",
+            "eval.at_start=false", "eval.episodes_per_env=2", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=4",
+            "rollout.pool.num_workers=0", "algo.skip_zero_advantage=false", "algo.entropy_coef=0.01",
+            "logging.backends=[jsonl]", "checkpoint.every_steps=1", "rollout.sampling.temperature=0.7",
+            "rollout.sampling.top_p=0.9", "rollout.sampling.top_k=20", "algo.kl_beta=0.01", "train.ref_offload=true",
+            "algo.routing_replay=true", "algo.mode=async", "algo.credit=state", "algo.advantage=rloo"]
+    assert cli_main(args + ["train.steps=2"]) == 0
+    assert cli_main(args + ["train.steps=3", "resume=true"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in rows if "train/grad_norm" in r}
+    assert sorted(steps) == [1, 2, 3]
+    for r in steps.values():
+        assert 0 < r["train/grad_norm"] < float("inf") and abs(r["train/kl"]) < float("inf")
+    print("GPU_FIGURE", json.dumps({"rl_variants_rollout_mismatch_kl_max": max(r["train/rollout_mismatch_kl"]
+                                                                               for r in steps.values())}))
+
+
+def test_pipeline_on_cuda_writes_results_and_a_checkpoint_the_cpu_loads(tmp_path, monkeypatch):
+    """`hybrid-rl pipeline` (teacher demos, SFT, RL with the quickstart recipe, final evals) on the GPU; its RL
+    checkpoint loads on the CPU and gives the GPU model's logits."""
+    from hybrid_rl.cli import main as cli_main
+    from hybrid_rl.config import CONFIG_DIR
+    from hybrid_rl.model.hf import load_pretrained
+
+    monkeypatch.chdir(tmp_path)
+    args = ["pipeline", str(CONFIG_DIR / "quickstart.yaml"), "run.name=gpu", "sft.train.max_steps=4",
+            "sft.eval.episodes_per_env=2", "demos.episodes_per_env=20", "rl.train.steps=2", "rl.eval.every_steps=1",
+            "rl.eval.episodes_per_env=2", "rl.rollout.pool.num_workers=0", "eval.episodes_per_env=4",
+            "eval.temperatures=[0.0]", "logging.backends=[jsonl]", "logging.report=false", "run.quiet=true",
+            "eval.split=val"]
+    assert cli_main(args) == 0
+    results = json.loads((tmp_path / "runs" / "gpu" / "results.json").read_text())["results"]
+    assert 0 <= results["rl"]["T=0"]["eval/success"] <= 1
+    ckpt = sorted((tmp_path / "runs" / "gpu" / "rl").glob("step_*"))[-1]
+    cpu, gpu = load_pretrained(ckpt, device="cpu").eval(), load_pretrained(ckpt, device="cuda").eval()
+    x = torch.randint(0, cpu.config.vocab_size, (2, 64))
+    with torch.no_grad():
+        diff = (cpu(x).logits - gpu(x.cuda()).logits.cpu()).abs().max().item()
+    print("GPU_FIGURE", json.dumps({"checkpoint_cpu_vs_cuda_logit_diff_max": diff}))
+    assert diff < 1e-3
+
+
 def test_inference_forward_keeps_no_second_copy_of_the_weights_on_cuda():
     # the MoE's no-grad path kept a contiguous transposed copy of the expert weights (a CPU speed-up): on a GPU it
     # doubled the memory of an MoE model's bulk for nothing
