@@ -151,5 +151,5 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a machine (or CUDA_VISIBLE_DEVICES) with fewer GPUs: theirs
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])

@@ -256,7 +256,8 @@ class Parallel:
 
     # ---------------------------------------------------------------- full weights
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full fp32 state dict on CPU, on the main process ({} on the others). A collective under fsdp."""
+        """The full fp32 state dict on the main process ({} on the others): on the CPU under fsdp (a collective), else
+        the model's own tensors, on its device."""
         if self.strategy != "fsdp":
             return self.core.state_dict() if self.is_main else {}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -366,13 +367,14 @@ class Parallel:
 
 
 class LocalProcess:
-    """``Parallel``'s calls for one process on the CPU without accelerate's process state: for code that
-    runs one update outside a trainer (tests, tools)."""
+    """``Parallel``'s calls for one process without accelerate's process state: for code that runs one update
+    outside a trainer (tests, tools). ``device``: where the model is (the batch is moved there), the CPU by default."""
 
-    rank, world, is_main, device, strategy = 0, 1, True, torch.device("cpu"), "single"
+    rank, world, is_main, strategy = 0, 1, True, "single"
 
-    def __init__(self, dtype: str = "fp32"):
+    def __init__(self, dtype: str = "fp32", device: torch.device | str = "cpu"):
         self.dtype = resolved_dtype(dtype)  # bf16: the forwards under autocast, as Parallel does
+        self.device = torch.device(device)
 
     def no_sync(self, last: bool):
         return contextlib.nullcontext()

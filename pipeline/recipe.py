@@ -279,6 +279,8 @@ def write_demos(cfg: PipelineStageConfig, path: Path) -> dict:
 
 def compare_checkpoints(cfg: PipelineStageConfig, run: RunConfig, checkpoints: dict[str, str]) -> dict:
     """Eval of each checkpoint on the same held-out seeds at each eval temperature, logged as a run of its own."""
+    import torch
+
     from hybrid_rl.metrics import MetricsLogger
     from hybrid_rl.run import make_run_dir
     from hybrid_rl.model.hf import load_pretrained
@@ -289,8 +291,9 @@ def compare_checkpoints(cfg: PipelineStageConfig, run: RunConfig, checkpoints: d
     with MetricsLogger(cfg.logging, run_dir, run.name.replace("/", "-"), {"checkpoints": checkpoints},
                        group=run.group, tags=run.tags) as logger:  # closed as failed if an eval raises
         table: dict[str, dict[str, dict[str, float]]] = {}  # stage -> "T=0" -> eval/... metrics
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # where the stages trained and evaluated
         for i, (stage, path) in enumerate(checkpoints.items()):
-            model, tokenizer = load_pretrained(path).float(), checkpoint_tokenizer(path)
+            model, tokenizer = load_pretrained(path, device=device).float(), checkpoint_tokenizer(path)
             row = {}
             for temp in cfg.eval.temperatures:
                 metrics, trajectories = evaluate_policy(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env,

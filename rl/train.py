@@ -372,7 +372,7 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
     update): micro-batch ``i`` draws with ``mix_seed(seed, i)``, the same on every process and after a resume.
     With clip-cov / kl-cov the tokens are selected per micro-batch (rl/losses.py), and the update also logs
     how many were selected and their covariance."""
-    par = par or LocalProcess()
+    par = par or LocalProcess(device=next(model.parameters()).device)  # (a CUDA model gets its batch on CUDA)
     loss_fn, kl_fn = POLICY_LOSSES.get(cfg.algo.policy_loss), KL_ESTIMATORS.get(cfg.algo.kl_estimator)
     a = cfg.algo
     clip = ClipRange(a.clip_eps_low, a.clip_eps_high, a.seq_clip_eps_low, a.seq_clip_eps_high, clip_cov_ratio=a.clip_cov_ratio,
@@ -671,7 +671,10 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
 
         def weights() -> dict:  # the policy to push, taken between updates; async pushes while the next update runs
             state = par.full_state_dict()
-            return {k: v.detach().clone() for k, v in state.items()} if is_async and par.strategy != "fsdp" else state
+            # async: a copy (the update goes on meanwhile), on the CPU: a GPU copy of every weight would be held until
+            # the next push (the pool keeps what it was pushed), and the pool moves it to its device anyway
+            copy_out = is_async and par.strategy != "fsdp"
+            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if copy_out else state
 
         def push_and_play(state, version, at_step):  # policy version = updates applied so far; None: pushed already
             t0 = time.perf_counter()

@@ -111,10 +111,12 @@ def evaluate_checkpoint(cfg: EvalStageConfig):
 
     if cfg.sampling.seed is None:
         cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, seed=cfg.run.seed))
-    if cfg.pool.num_workers == 0:
+    if cfg.pool.num_workers == 0:  # in this process, on its GPU where it has one (as the RL stage's evals)
+        import torch
+
         from hybrid_rl.rollout.pool import CheckpointModel
 
-        model = CheckpointModel(cfg.eval.checkpoint)()
+        model = CheckpointModel(cfg.eval.checkpoint)().to("cuda" if torch.cuda.is_available() else "cpu")
         return evaluate(model, CheckpointTokenizer(cfg.eval.checkpoint)(), cfg.eval.envs, episodes=cfg.eval.episodes,
                         split=cfg.eval.seed_split, sampling=cfg.sampling, episode=cfg.episode)
     from hybrid_rl.rollout.pool import CheckpointModel, RolloutPool

@@ -705,7 +705,7 @@ class Engine:
             for i in whole:
                 rows[i].fed = len(rows[i].traj.token_ids)
             self.stats["fed_tokens"] += sum(len(rows[i].traj.token_ids) for i in whole)
-            logits_bv = logits_bv.index_copy(0, torch.tensor(whole), sub_logits.to(logits_bv.dtype))
+            logits_bv = logits_bv.index_copy(0, torch.tensor(whole, device=logits_bv.device), sub_logits.to(logits_bv.dtype))
             rebuilt = set(whole)
             feeding = [i for i in feeding if i not in rebuilt]
             if not feeding:
@@ -731,7 +731,8 @@ class Engine:
             ep.fed = len(ep.traj.token_ids)
         if len(feeding) == len(rows):
             return cache, new_logits
-        return cache, logits_bv.index_copy(0, torch.tensor(feeding), new_logits.to(logits_bv.dtype))
+        # (the index on the logits' device: a CPU index into CUDA logits fails)
+        return cache, logits_bv.index_copy(0, torch.tensor(feeding, device=logits_bv.device), new_logits.to(logits_bv.dtype))
 
     def _call_extend(self, cache, feeds, rows=None):
         """``model.extend`` of ``feeds`` into every row of ``cache``, or into its rows ``rows`` only."""

@@ -67,7 +67,7 @@ def inverse_cdf(probs_bv: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"cannot sample rows {bad[:8]}: their probabilities are not finite or sum to 0 (NaN/inf "
                          "logits from the model, or every token banned or truncated away); check the model's "
                          "weights and the sampling settings (top_k, top_p, banned ids)")
-    tokens_b = torch.searchsorted(cdf_bv, (u_b.double() * total_b)[:, None], right=True).squeeze(-1)
+    tokens_b = torch.searchsorted(cdf_bv, (u_b.to(cdf_bv.device, torch.float64) * total_b)[:, None], right=True).squeeze(-1)
     # Below the total the first cdf entry past u * total is a token of positive probability (the cdf rises
     # there); only where u * total rounds up to the total does the search run off the end: the last token of
     # positive probability is drawn then.
@@ -118,7 +118,7 @@ def sample(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: int = 0, to
     if temperature == 0:
         masked_bv = logits_bv if banned_v is None else logits_bv.masked_fill(banned_v, NEG_INF)
         tokens_b = masked_bv.argmax(dim=-1)
-        sample_logp_b = torch.zeros(tokens_b.shape, dtype=torch.float32)
+        sample_logp_b = torch.zeros(tokens_b.shape, dtype=torch.float32, device=tokens_b.device)
         return tokens_b, sample_logp_b, plain_bv.gather(-1, tokens_b[:, None]).squeeze(-1)
     allowed_a = None
     if banned_v is not None and top_k == 0 and top_p == 1.0:

@@ -16,8 +16,8 @@ def test_without_cuda_it_says_where_to_run_and_writes_nothing(tmp_path, capsys):
 
 def test_the_gpu_tests_are_collected_and_counted(tmp_path):
     result = gpu_check.run_gpu_tests(tmp_path)
-    assert result["returncode"] == 0 and result["tests"] == 9
-    assert result["skipped"] == (0 if torch.cuda.is_available() else 9)
+    assert result["returncode"] == 0 and result["tests"] == 11
+    assert result["skipped"] == (0 if torch.cuda.is_available() else 11)
 
 
 def test_figures_are_read_where_progress_dots_precede_them():

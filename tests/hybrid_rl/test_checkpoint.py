@@ -72,3 +72,17 @@ def test_a_dir_without_trainer_state_is_not_a_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) is None and latest_checkpoint(tmp_path / "missing") is None
     with pytest.raises(FileNotFoundError, match=TRAINER_STATE):
         load_trainer_state(tmp_path / "step_5")
+
+
+def test_cuda_rng_states_of_more_gpus_than_visible_restore_those_visible(monkeypatch):
+    # a run saved on a machine with 3 visible GPUs, resumed with 1 (CUDA_VISIBLE_DEVICES): torch's
+    # set_rng_state_all indexed a generator that does not exist (IndexError)
+    from hybrid_rl import checkpoint
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", seen.append)
+    state = checkpoint.rng_state()
+    checkpoint.set_rng_state({**state, "cuda": ["gpu0", "gpu1", "gpu2"]})
+    assert seen == [["gpu0"]]
