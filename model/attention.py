@@ -25,6 +25,18 @@ def attention_naive(q_bhtd, k_bktd, v_bktd, mask_btt):
     return (scores.softmax(-1) @ v.float()).to(q_bhtd.dtype)
 
 
+def sdpa(q_bhtd, k_bktd, v_bktd, attn_mask=None, is_causal: bool = False):
+    """SDPA of grouped-query heads (``q`` [B,H,T,d], ``k``/``v`` [B,Hkv,S,d]). On a GPU in fp32 (outside flash
+    attention's dtypes) the KV heads are repeated first rather than passed with ``enable_gqa``: PyTorch's CUDA
+    dispatch then has only its math backend, which materialises the [B,H,T,S] scores and keeps them for the
+    backward; with the heads repeated the memory-efficient kernel takes the call. Elsewhere ``enable_gqa``."""
+    if q_bhtd.device.type == "cuda" and q_bhtd.dtype == torch.float32 and k_bktd.shape[-3] != q_bhtd.shape[-3]:
+        rep = q_bhtd.shape[-3] // k_bktd.shape[-3]
+        return F.scaled_dot_product_attention(q_bhtd, k_bktd.repeat_interleave(rep, -3), v_bktd.repeat_interleave(rep, -3),
+                                              attn_mask=attn_mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q_bhtd, k_bktd, v_bktd, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
+
+
 def packed_causal_mask(seg_bt):
     """[B,T,T] bool: causal and within the same document."""
     t = seg_bt.shape[1]
@@ -34,8 +46,7 @@ def packed_causal_mask(seg_bt):
 
 def causal_attention_nwhd(q_nwhd, k_nwkd, v_nwkd):
     """Causal SDPA of sequences laid out [n, W, heads, d] (the layout of gathered documents), same layout out."""
-    out = F.scaled_dot_product_attention(q_nwhd.transpose(1, 2), k_nwkd.transpose(1, 2), v_nwkd.transpose(1, 2),
-                                         is_causal=True, enable_gqa=True)
+    out = sdpa(q_nwhd.transpose(1, 2), k_nwkd.transpose(1, 2), v_nwkd.transpose(1, 2), is_causal=True)
     return out.transpose(1, 2)
 
 
@@ -61,7 +72,7 @@ class Attention(nn.Module):
             o = self.attend_sequences(q, k, v, ctx.seg_bt)
         else:
             k_all, v_all = ctx.cache.write_kv(layer_idx, k, v, ctx.start_b, ctx.kv_used)
-            o = F.scaled_dot_product_attention(q.to(k_all.dtype), k_all, v_all, attn_mask=ctx.kv_mask, enable_gqa=True)
+            o = sdpa(q.to(k_all.dtype), k_all, v_all, attn_mask=ctx.kv_mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1).to(h_btd.dtype))
 
     def attend_virtual(self, q, k, v):
@@ -72,5 +83,5 @@ class Attention(nn.Module):
         """Whole sequences (training, scoring): SDPA, causal; with packed rows (``seg_bt`` [B,T], the
         segment of each position) under the causal same-document mask [B,1,T,T]."""
         if seg_bt is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=packed_causal_mask(seg_bt)[:, None], enable_gqa=True)
+            return sdpa(q, k, v, is_causal=True)
+        return sdpa(q, k, v, attn_mask=packed_causal_mask(seg_bt)[:, None])

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import Attention, causal_attention_nwhd, packed_causal_mask
+from ..attention import Attention, causal_attention_nwhd, packed_causal_mask, sdpa
 from ..mamba import Mamba2Mixer, MixerOps
 from ..moe import MLP, MoE, dispatch_grouped, relu2
 from ..norms import RMSNorm
@@ -122,7 +122,7 @@ def attend_documents(q_bhtd, k_bktd, v_bktd, seg_bt, min_fill: float = 0.85, den
     docs = SharedPrefixes(seg_bt, torch.full_like(seg_bt, -1), min_fill)  # every document on its own
     if docs.padded_scores() > dense_above * b * t * t:
         mask = packed_causal_mask(seg_bt)[:, None]
-        return F.scaled_dot_product_attention(q_bhtd, k_bktd, v_bktd, attn_mask=mask, enable_gqa=True)
+        return sdpa(q_bhtd, k_bktd, v_bktd, attn_mask=mask)
     out = docs.apply(causal_attention_nwhd, q_bhtd.transpose(1, 2), k_bktd.transpose(1, 2), v_bktd.transpose(1, 2))
     return out.transpose(1, 2)
 
