@@ -273,7 +273,8 @@ def _settings(setup: dict) -> str:
     chunk = setup["logprob_chunk_tokens"]
     return (f"micro-batch {setup['batch']} x {setup['seq_len']:,} tokens, log-probs "
             f"{'in chunks of ' + format(chunk, ',') + ' tokens' if chunk else 'over all tokens at once'}, "
-            f"rollout cache {setup['rollout_batch']} x {setup['rollout_context']:,} tokens")
+            f"rollout cache {setup['rollout_batch']} x {setup['rollout_context']:,} tokens (fp32 like the pool's model: "
+            f"the engine does not autocast)")
 
 
 def train_table(result: dict) -> str:

@@ -98,8 +98,8 @@ def train_step_case(preset: str, rows: int, seq_len: int, micro_batches: int, dt
 
 def forward_case(preset: str, rows: int, seq_len: int, device: str = "cuda") -> dict:
     """Inference forwards of a full-size preset (random init, bf16 weights, made on the device): seconds, tokens/s
-    and the allocator peak of the second of two forwards. What one GPU holds of ``nemotron3-nano`` (~32B
-    parameters: 63 GB in bf16) without the optimizer, i.e. a rollout worker's model."""
+    and the allocator peak of the second of two forwards: ``nemotron3-nano`` (~32B parameters, 63 GB in bf16) served
+    for inference on one GPU. (A rollout worker's model is fp32 today, twice that: see docs/BENCHMARKS.md.)"""
     import torch
 
     from hybrid_rl.model import HybridConfig, HybridLM

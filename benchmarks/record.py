@@ -634,7 +634,7 @@ def render_gpu_check(r: dict, doc_dir: Path) -> Section:
     memory planner, and inference forwards of a full-size preset."""
     tests = r.get("tests") or {}
     figures = tests.get("figures", {})
-    fig_rows = [[f"`{k}`", f"{v:.3g}"] for k, v in figures.items()]
+    fig_rows = [[f"`{k}`", f"{v:.3g}" if isinstance(v, (int, float)) else str(v)] for k, v in figures.items()]
     steps = [c for c in r.get("train_steps", []) if "error" not in c]
     step_rows = [[f"`{c['preset']}`", c["dtype"], "on" if c["checkpointing"] else "off", num(c["tokens"]),
                   num(c["tokens_per_s"]), size(c["peak_bytes"]), size(c["planned_bytes"]),
@@ -644,9 +644,16 @@ def render_gpu_check(r: dict, doc_dir: Path) -> Section:
                  num(c["tokens_per_s"]), size(c.get("peak_bytes")), "yes" if c["finite_logits"] else "**no**"]
                 for c in forwards]
     errors = [c for c in r.get("train_steps", []) + r.get("forward", []) if "error" in c]
-    outcome = (f"{num(tests.get('tests', 0) - tests.get('failures', 0) - tests.get('errors', 0) - tests.get('skipped', 0))}"
-               f" of {num(tests.get('tests'))} passed ({num(tests.get('failures', 0))} failed, "
-               f"{num(tests.get('skipped', 0))} skipped) in {num(tests.get('seconds'))} s" if tests else "not run")
+    if not tests:
+        outcome = "not run"
+    elif "tests" not in tests:  # pytest ended before it wrote its report
+        outcome = f"**failed to run** (pytest exit code {tests.get('returncode')}) after {num(tests.get('seconds'))} s"
+    else:
+        bad = tests.get("failures", 0) + tests.get("errors", 0)
+        outcome = (f"{num(tests['tests'] - bad - tests.get('skipped', 0))} of {num(tests['tests'])} passed "
+                   f"({num(tests.get('failures', 0))} failed, {num(tests.get('errors', 0))} errors, "
+                   f"{num(tests.get('skipped', 0))} skipped) in {num(tests.get('seconds'))} s"
+                   + (f", pytest exit code {tests['returncode']}" if tests.get("returncode") and not bad else ""))
     headlines = [Headline(f"`{c['preset']}` inference forward, {c['rows']} x {num(c['seq_len'])} tokens on one "
                           f"{r.get('device', 'GPU')} (bf16 weights)", f"{num(c['tokens_per_s'])} tokens/s, "
                           f"{size(c.get('peak_bytes'))}", DASH, DASH) for c in forwards[-1:]]
@@ -663,14 +670,17 @@ def render_gpu_check(r: dict, doc_dir: Path) -> Section:
         "full-size preset (random init, bf16 weights made on the GPU; the second is timed). No peer runs here: "
         "these are readiness figures, not a comparison.\n\n"
         f"- **Machine:** {r.get('device', DASH)}, torch {r.get('torch', DASH)}"
-        + (f", commit {short_commit(r['commit'])}" if r.get("commit") else "") + f"; {num(r.get('wall_s'))} s in all.\n"
+        + (f", commit {short_commit(r['commit'])}" if r.get("commit") else "") + f"; {num(r.get('wall_s'))} s in all"
+        + (f" ({r['commit_note']})" if r.get("commit_note") else "") + ".\n"
         f"- **Tests:** {outcome}.\n\n"
         + (table(["figure printed by a test", "value"], fig_rows) + "\n" if fig_rows else "")
         + (table(["preset", "dtype", "checkpointing", "tokens", "tokens/s", "allocator peak", "planned",
                   "planned vs peak"], step_rows, text_columns=3) + "\n" if step_rows else "")
         + (table(["preset", "parameters", "rows x tokens", "seconds", "tokens/s", "allocator peak", "finite logits"],
                  fwd_rows, text_columns=1) if fwd_rows else "")
-        + "".join(f"\n- **Failed case** `{c.get('preset')}`: {c['error']}" for c in errors) + "\n"
+        + "".join(f"\n- **Failed case** `{c.get('preset')}`"
+                  + "".join(f", {k} {c[k]}" for k in ("dtype", "checkpointing", "rows", "seq_len") if k in c)
+                  + f": {c['error']}" for c in errors) + "\n"
     )
     return Section(headlines, body)
 

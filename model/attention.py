@@ -27,10 +27,14 @@ def attention_naive(q_bhtd, k_bktd, v_bktd, mask_btt):
 
 def sdpa(q_bhtd, k_bktd, v_bktd, attn_mask=None, is_causal: bool = False):
     """SDPA of grouped-query heads (``q`` [B,H,T,d], ``k``/``v`` [B,Hkv,S,d]). On a GPU in fp32 (outside flash
-    attention's dtypes) the KV heads are repeated first rather than passed with ``enable_gqa``: PyTorch's CUDA
-    dispatch then has only its math backend, which materialises the [B,H,T,S] scores and keeps them for the
-    backward; with the heads repeated the memory-efficient kernel takes the call. Elsewhere ``enable_gqa``."""
-    if q_bhtd.device.type == "cuda" and q_bhtd.dtype == torch.float32 and k_bktd.shape[-3] != q_bhtd.shape[-3]:
+    attention's dtypes) with more than 2d queries per row the KV heads are repeated first rather than passed
+    with ``enable_gqa``: PyTorch's CUDA dispatch then has only its math backend, which materialises the
+    [B,H,T,S] scores (and keeps them for the backward); with the heads repeated the memory-efficient kernel
+    takes the call. The repeated K and V ([B,H,S,d] each) are smaller than those scores from T > 2d on; a decode
+    step or a short extension keeps ``enable_gqa``, as does every other device and dtype."""
+    q_len, head_dim = q_bhtd.shape[-2], q_bhtd.shape[-1]
+    if (q_bhtd.device.type == "cuda" and q_bhtd.dtype == torch.float32 and k_bktd.shape[-3] != q_bhtd.shape[-3]
+            and q_len > 2 * head_dim):
         rep = q_bhtd.shape[-3] // k_bktd.shape[-3]
         return F.scaled_dot_product_attention(q_bhtd, k_bktd.repeat_interleave(rep, -3), v_bktd.repeat_interleave(rep, -3),
                                               attn_mask=attn_mask, is_causal=is_causal)

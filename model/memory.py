@@ -252,7 +252,8 @@ def train_memory(config_or_preset, setup: TrainSetup) -> dict[str, int]:
     * The optimizer step's transient replaces the activation phase (it wins only when activations are
       small): the square root of the second moment, for all local parameters at once in the multi-tensor
       AdamW (a GPU, path "torch"), for the largest parameter in the per-parameter loop (a CPU, "kernels").
-    * ``rollout_cache``: a rollout engine's decode cache on the same device (``cache_bytes``, compute dtype).
+    * ``rollout_cache``: a rollout engine's decode cache on the same device (``cache_bytes``), in fp32: the pool's
+      model is fp32 and the engine does not autocast, so its cache takes the weights' dtype (``HybridLM.new_cache``).
     """
     cfg = resolve(config_or_preset)
     s = setup
@@ -273,7 +274,7 @@ def train_memory(config_or_preset, setup: TrainSetup) -> dict[str, int]:
     act = activation_peak(cfg, s)
     out["activations_kept"], out["activations"] = act["kept"], act["peak"]
     out["logprobs"] = logprob_bytes(cfg, s.tokens, s.logprob_chunk_tokens)
-    out["rollout_cache"] = cache_bytes(cfg, s.rollout_context, s.rollout_batch, kv_bytes=e, conv_bytes=e)
+    out["rollout_cache"] = cache_bytes(cfg, s.rollout_context, s.rollout_batch, kv_bytes=4, conv_bytes=4)
     static = sum(out[k] for k in ("weights", "grads", "optimizer", "ddp_buckets", "weight_copies", "rollout_cache"))
     step_phase = max(act["kept"] + out["logprobs"], act["peak"]) + out["fsdp_gathered"]
     adamw_temp = 4 * (local if s.path == "torch" else math.ceil(largest_param(cfg) / n))

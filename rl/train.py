@@ -64,7 +64,7 @@ from hybrid_rl.rl.losses import (COV_LOSSES, POLICY_LOSSES, ClipRange, ScoringDi
 from hybrid_rl.rl.routing import routing_mismatch
 from hybrid_rl.rollout.evaluate import evaluate_policy as evaluate_policy_on
 from hybrid_rl.rollout.evaluate import rollout_metrics, sample_row
-from hybrid_rl.rollout.pool import make_pool
+from hybrid_rl.rollout.pool import RolloutPool, make_pool
 
 log = logging.getLogger("hybrid_rl.rl")
 
@@ -671,10 +671,13 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
 
         def weights() -> dict:  # the policy to push, taken between updates; async pushes while the next update runs
             state = par.full_state_dict()
-            # async: a copy (the update goes on meanwhile), on the CPU: a GPU copy of every weight would be held until
-            # the next push (the pool keeps what it was pushed), and the pool moves it to its device anyway
-            copy_out = is_async and par.strategy != "fsdp"
-            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if copy_out else state
+            # async: a copy (the update goes on meanwhile). For Ray workers on the CPU: the pool keeps what it was
+            # pushed until the next push (on a GPU, a second copy of every weight) and sends it from host memory
+            # anyway; the in-process pool loads it into its own model at once, on the device it is on
+            if not is_async or par.strategy == "fsdp":
+                return state
+            to = "cpu" if isinstance(pool, RolloutPool) else None
+            return {k: v.detach().to(to or v.device, copy=True) for k, v in state.items()}
 
         def push_and_play(state, version, at_step):  # policy version = updates applied so far; None: pushed already
             t0 = time.perf_counter()

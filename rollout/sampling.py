@@ -114,6 +114,8 @@ def sample(logits_bv: torch.Tensor, temperature: float = 1.0, top_k: int = 0, to
     if not temperature >= 0:
         raise ValueError(f"sample needs temperature >= 0 (0: greedy), got {temperature}")
     logits_bv = logits_bv.float()
+    if banned_v is not None and banned_v.device != logits_bv.device:
+        banned_v = banned_v.to(logits_bv.device)
     plain_bv = torch.log_softmax(logits_bv, dim=-1)
     if temperature == 0:
         masked_bv = logits_bv if banned_v is None else logits_bv.masked_fill(banned_v, NEG_INF)

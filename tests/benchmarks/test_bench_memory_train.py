@@ -194,3 +194,14 @@ def test_slow_check_on_tiny_within_15_percent():
     assert [r["checkpointing"] for r in rows] == [False, True]
     for r in rows:
         assert abs(r["rel_error"]) < 0.15, r
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_rollout_cache_is_what_the_engine_allocates(dtype):
+    # the pool's model is fp32 and the engine does not autocast, so its cache is fp32 whatever the trainer's dtype
+    setup = TrainSetup(strategy="ddp", devices=1, dtype=dtype, batch=1, seq_len=64, rollout_batch=3, rollout_context=40)
+    model = HybridLM(HybridConfig.from_preset("micro"))
+    cache = model.new_cache(3, capacity=40)
+    allocated = sum(t.numel() * t.element_size() for t in [*cache.conv.values(), *cache.ssm.values(), *cache.k.values(),
+                                                           *cache.v.values(), cache.last_hidden])
+    assert train_memory("micro", setup)["rollout_cache"] == pytest.approx(allocated, rel=0.05)

@@ -239,10 +239,10 @@ GPU_CHECK = {"benchmark": "gpu_check", "device": "NVIDIA H200", "torch": "2.11.0
 def test_gpu_check_section_shows_tests_steps_forwards_and_failed_cases(tmp_path):
     page = render(write_results(tmp_path / "results", {"gpu_check": GPU_CHECK}), tmp_path / "docs")
     gpu = section(page, "GPU readiness")
-    assert "NVIDIA H200, torch 2.11.0+cu130, commit abababababab" in gpu and "7 of 7 passed (0 failed, 0 skipped)" in gpu
+    assert "NVIDIA H200, torch 2.11.0+cu130, commit abababababab" in gpu and "7 of 7 passed (0 failed, 0 errors, 0 skipped)" in gpu
     assert "| `tiny` | bf16 | on | 16,384 | 62,084 | 613.86 MiB | 622.72 MiB | +1.4% |" in gpu
     assert "| `nemotron3-nano` | 31,577,937,344 | 4 x 4,096 | 0.750 | 21,756 | 71.04 GiB | yes |" in gpu
-    assert "**Failed case** `small`: OutOfMemoryError: x" in gpu
+    assert "**Failed case** `small`, dtype fp32, checkpointing False: OutOfMemoryError: x" in gpu
     assert "| `rollout_logprob_mismatch_max` | 0.0014 |" in gpu
     glance = section(page, "At a glance")
     assert "`nemotron3-nano` inference forward, 4 x 4,096 tokens on one NVIDIA H200" in glance
@@ -251,3 +251,10 @@ def test_gpu_check_section_shows_tests_steps_forwards_and_failed_cases(tmp_path)
 def test_a_missing_gpu_check_says_where_it_runs(tmp_path):
     page = render(write_results(tmp_path / "results", {}), tmp_path / "docs")
     assert "run `scripts/gpu_check.sh` on a CUDA machine" in page
+
+
+def test_gpu_check_section_says_when_the_tests_did_not_run_and_shows_any_figure(tmp_path):
+    broken = {**GPU_CHECK, "tests": {"returncode": 2, "seconds": 3.0, "figures": {"odd": None, "n": 2}}}
+    page = render(write_results(tmp_path / "results", {"gpu_check": broken}), tmp_path / "docs")
+    gpu = section(page, "GPU readiness")
+    assert "**failed to run** (pytest exit code 2)" in gpu and "| `odd` | None |" in gpu and "| `n` | 2 |" in gpu

@@ -11,8 +11,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 # bf16 autocast against fp32 on the same weights, log-probs of a random-init `tiny` (what a CPU run of the
 # same check gives: max 0.017, mean 0.0027); the bound leaves room for GPU kernels' other summation orders
 BF16_LOGP_MAX, BF16_LOGP_MEAN = 0.1, 0.02
-# engine (cached decode) vs trainer (full forward) log-probs in fp32 on the GPU; on CPU the bound is 1e-4
-ROLLOUT_MISMATCH_MAX = 2e-3
+# engine (cached decode) vs trainer (full forward) log-probs in fp32 on the GPU, as on the CPU (the H200: 9.5e-7;
+# 1.4e-3 when the cache was bf16 beside fp32 weights)
+ROLLOUT_MISMATCH_MAX = 1e-4
 
 
 def tiny():
@@ -127,8 +128,9 @@ def test_inference_forward_keeps_no_second_copy_of_the_weights_on_cuda():
 @pytest.mark.parametrize("logit_scale", [1.0, 30.0])
 def test_rollout_logprobs_equal_training_forward_on_cuda(logit_scale):
     """Engine (cached decode and extension) against the training forward, fp32 on the GPU. Groups of 1, 2 and 3 turns:
-    rows finish apart, so the engine feeds some rows only (an index on the CPU into CUDA logits failed there). At
-    30x the head (logits of a trained model's size) a bf16 cache beside fp32 weights parted them by ~0.1 nats."""
+    rows finish apart, so the engine feeds some rows only (an index on the CPU into CUDA logits failed there). A bf16
+    cache beside fp32 weights parted them by 1.4e-3 (H200, 1x) and 0.046 (CPU simulation, 30x the head: logits of a
+    trained model's size); the H200 now gives 9.5e-7 and 3.2e-5."""
     from hybrid_rl.benchmarks.fixed_turns import FIXED_TURNS_ID
     from hybrid_rl.model.tokenizer import ByteTokenizer
     from hybrid_rl.rollout import logprobs as lp
@@ -148,7 +150,7 @@ def test_rollout_logprobs_equal_training_forward_on_cuda(logit_scale):
     print("GPU_FIGURE", json.dumps({f"rollout_logprob_mismatch_max{tag}": stats["rollout/logprob_mismatch_max"],
                                     f"rollout_logprob_mismatch_mean{tag}": stats["rollout/logprob_mismatch_mean"]}))
     assert stats["rollout/logprob_mismatch_tokens"] > 20
-    assert stats["rollout/logprob_mismatch_max"] <= ROLLOUT_MISMATCH_MAX * (1 if logit_scale == 1.0 else 5)
+    assert stats["rollout/logprob_mismatch_max"] <= ROLLOUT_MISMATCH_MAX * (1 if logit_scale == 1.0 else 10)
 
 
 def test_one_update_and_sampling_outside_a_trainer_on_cuda():
