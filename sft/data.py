@@ -71,7 +71,8 @@ class DataReport:
 class BadSample(Exception):
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
-        # short key for counting: not_utf8, not_json, format, tool_calls, unknown_role, no_assistant, template, too_long
+        # short key for counting: not_utf8, not_json, format, tool_calls, unknown_role, no_assistant, empty_assistant,
+        # template, too_long
         self.kind = kind
 
 
@@ -229,6 +230,11 @@ def validate_messages(obj: object) -> list[dict]:
                             "which has no UTF-8 form; write the whole character (or its pair of escapes) or remove it")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadSample("no_assistant", "conversation has no assistant turn: nothing to train on")
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise BadSample("empty_assistant", f"message {k} (assistant) is empty: trained as it is it teaches the model to "
+                            "end its turn at once (a prompt-only row, as RL datasets have, or a reply lost in export); "
+                            "fill in the reply, or drop the message or the row")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 

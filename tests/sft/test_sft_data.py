@@ -186,3 +186,17 @@ def test_truncate_keeps_the_first_max_seq_tokens_of_a_long_conversation(tmp_path
         load_samples(DataConfig(jsonl_paths=[str(path)], max_seq_tokens=128, truncate=True), TOK)
     with pytest.raises(DataError, match="data.truncate=true"):  # off (the default): too long is bad, the fix named
         load_samples(DataConfig(jsonl_paths=[str(path)], max_seq_tokens=128), TOK)
+
+
+@pytest.mark.parametrize("content", ["", "  \n"])
+def test_an_empty_assistant_message_is_a_bad_sample_naming_the_message(tmp_path, content):
+    path = tmp_path / "chat.jsonl"
+    rows = [GOOD, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                          {"role": "user", "content": "and?"}, {"role": "assistant", "content": content}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples, report = load_samples(DataConfig(jsonl_paths=[str(path)], on_bad_sample="skip", max_seq_tokens=256), TOK)
+    assert [s.source for s in samples] == [f"{path}:1"] and dict(report.skipped) == {"empty_assistant": 2}
+    assert "message 1 (assistant) is empty" in report.examples[0] and "message 3 (assistant)" in report.examples[1]
+    with pytest.raises(Exception, match="message 1 \\(assistant\\) is empty.*fill in the reply"):
+        load_samples(DataConfig(jsonl_paths=[str(path)], on_bad_sample="error", max_seq_tokens=256), TOK)
