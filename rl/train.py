@@ -83,13 +83,28 @@ def load_policy(cfg: RLStageConfig):
     path = Path(cfg.init_from)
     if not (path / "config.json").is_file():  # a run directory: its newest checkpoint
         latest = latest_checkpoint(path)
+        if latest is None and cfg.resume and cfg.algo.kl_beta == 0 and not path.exists():
+            return _resumed_alone(cfg, path)
         if latest is None:
             also = (" resume=true needs it too: it is the reference policy (algo.kl_beta) and fixes the model's shape; "
-                    "with algo.kl_beta=0 the resumed run's own latest step_N serves") if cfg.resume else ""
+                    "with algo.kl_beta=0 a resume goes on without it once it is gone") if cfg.resume else ""
             raise FileNotFoundError(f"init_from={cfg.init_from}: neither a checkpoint (no config.json) nor a run directory "
                                     f"with step_N checkpoints. Pass e.g. runs/<sft-run>/step_200.{also}")
         path = latest
     return _fits(load_pretrained(path).float(), checkpoint_tokenizer(path), str(path))
+
+
+def _resumed_alone(cfg: RLStageConfig, gone: Path):
+    """A resume whose ``init_from`` no longer exists, with ``algo.kl_beta=0``: nothing of it is needed (no reference
+    policy; the checkpoint holds the weights, the tokenizer and the shapes), so the run's own latest step_N is the
+    model, warned. The source stays the one the run started from (its checkpoints' ``init_source``)."""
+    from hybrid_rl.model.hf import load_pretrained
+    from hybrid_rl.model.tokenizer import checkpoint_tokenizer
+
+    ckpt = resume_point(cfg.run, "rl")  # (its own error where there is nothing to resume)
+    started = peek_trainer_state(ckpt).get("init_source") or str(gone)
+    log.warning("init_from=%s is gone; with algo.kl_beta=0 the resume needs nothing of it and loads %s alone", gone, ckpt)
+    return _fits(load_pretrained(ckpt).float(), checkpoint_tokenizer(ckpt), started)
 
 
 def _fits(model, tokenizer, source: str):

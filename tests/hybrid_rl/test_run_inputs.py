@@ -166,6 +166,11 @@ def test_an_rl_resume_with_a_missing_init_from_says_why_it_is_needed(tmp_path):
     from hybrid_rl.rl.config import RLStageConfig
     from hybrid_rl.rl.train import load_policy
 
-    cfg = load_config(RLStageConfig, None, [f"init_from={tmp_path / 'gone'}", "resume=true", "run.name=x"])
+    cfg = load_config(RLStageConfig, None, [f"init_from={tmp_path / 'gone'}", "resume=true", "run.name=x", "algo.kl_beta=0.1"])
     with pytest.raises(FileNotFoundError, match="resume=true needs it too: it is the reference policy"):
+        load_policy(cfg)
+    # with kl_beta=0 nothing of init_from is needed: the run's own checkpoint is, and here there is none
+    cfg = load_config(RLStageConfig, None, [f"init_from={tmp_path / 'gone'}", "resume=true", "run.name=x",
+                                            f"run.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="run directory .* does not exist"):
         load_policy(cfg)

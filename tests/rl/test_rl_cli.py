@@ -396,3 +396,32 @@ def test_select_best_never_keeps_a_val_eval_that_scored_nothing(tmp_path, monkey
     run = tmp_path / "runs" / "nan"
     assert json.loads((run / "best" / "best.json").read_text())["step"] == 3
     assert [r.get("val/best_step") for r in read_metrics(run) if "val/success" in r] == [None, 2, 3]
+
+
+def test_a_resume_goes_on_without_its_init_from_when_no_reference_is_kept(tmp_path, monkeypatch, capsys, caplog):
+    """With algo.kl_beta=0 nothing of init_from is needed to resume (the checkpoint holds weights, tokenizer and
+    shapes): a run whose SFT checkpoint was deleted resumes from its own step_N, to the bit of the uninterrupted run."""
+    import shutil
+
+    from hybrid_rl.model.hf import load_pretrained
+
+    monkeypatch.chdir(tmp_path)
+    common = [*SMOKE, "eval.at_start=false", "checkpoint.every_steps=1", "checkpoint.keep_last=0"]
+    assert main(["rl", *common, "train.steps=1", "run.name=base"]) == 0  # stands in for an SFT checkpoint
+    shutil.copytree(tmp_path / "runs" / "base" / "step_1", tmp_path / "kept")
+    start = [c for c in common if not c.startswith("init_from=")]
+    assert main(["rl", *start, f"init_from={tmp_path / 'kept'}", "train.steps=2", "run.name=straight"]) == 0
+    assert main(["rl", *start, f"init_from={tmp_path / 'runs' / 'base'}", "train.steps=1", "run.name=stopped"]) == 0
+    shutil.rmtree(tmp_path / "runs" / "base")
+    with caplog.at_level("WARNING", logger="hybrid_rl.rl"):
+        assert main(["rl", *start, f"init_from={tmp_path / 'runs' / 'base'}", "train.steps=2", "run.name=stopped",
+                     "resume=true"]) == 0
+    assert "is gone; with algo.kl_beta=0 the resume needs nothing of it" in caplog.text
+    a = load_pretrained(tmp_path / "runs" / "straight" / "step_2").state_dict()
+    b = load_pretrained(tmp_path / "runs" / "stopped" / "step_2").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    # with a KL reference the resume still needs it, and says so
+    assert main(["rl", *start, f"init_from={tmp_path / 'runs' / 'base'}", "train.steps=3", "run.name=stopped",
+                 "resume=true", "algo.kl_beta=0.1"]) != 0
+    assert "resume=true needs it too: it is the reference policy" in capsys.readouterr().err
