@@ -17,7 +17,10 @@ def sample(logits_bv, greedy: bool = True, temperature: float = 1.0, top_k: int 
     if top_k is not None:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+    probs = torch.softmax(logits, -1)
+    if generator is not None and generator.device != probs.device:  # e.g. a CPU generator for a model on a GPU
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def check_prompts(prompts, config) -> None:
