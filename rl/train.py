@@ -686,9 +686,10 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
 
         def weights() -> dict:  # the policy to push, taken between updates; async pushes while the next update runs
             state = par.full_state_dict()
-            # async: a copy (the update goes on meanwhile). For Ray workers on the CPU: the pool keeps what it was
-            # pushed until the next push (on a GPU, a second copy of every weight) and sends it from host memory
-            # anyway; the in-process pool loads it into its own model at once, on the device it is on
+            # async: a copy (the update goes on meanwhile). For Ray workers the copy is made in host memory: the pool
+            # keeps what it was pushed until the next push (on a GPU that would be a second copy of every weight)
+            # and sends it from host memory anyway; the in-process pool loads it into its own model at once, so
+            # its copy stays on the device
             if not is_async or par.strategy == "fsdp":
                 return state
             to = "cpu" if isinstance(pool, RolloutPool) else None
