@@ -228,13 +228,12 @@ def validate_messages(obj: object) -> list[dict]:
             raise BadSample("not_utf8", f"message {k}'s content holds a lone surrogate \\u{ord(lone.group()):04x} at character "
                             f"{lone.start() + 1}: half of a UTF-16 pair (a JSON escape like \\ud83d without its partner), "
                             "which has no UTF-8 form; write the whole character (or its pair of escapes) or remove it")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadSample("no_assistant", "conversation has no assistant turn: nothing to train on")
-    for k, m in enumerate(messages):
         if m["role"] == "assistant" and not m["content"].strip():
             raise BadSample("empty_assistant", f"message {k} (assistant) is empty: trained as it is it teaches the model to "
                             "end its turn at once (a prompt-only row, as RL datasets have, or a reply lost in export); "
                             "fill in the reply, or drop the message or the row")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadSample("no_assistant", "conversation has no assistant turn: nothing to train on")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
