@@ -91,8 +91,8 @@ time in alternating in-process runs. Timed directly (``perf_counter`` around eac
 sampling profiler does not give: its pauses cool the caches and inflate Python's share), the kernels are
 87% of a play (extensions 68%, decode steps 18%) and the engine's Python 13%. The decode-like forwards run
 at ~93 us a token (the raw loop: ~87), the observation extensions at 52-60. Five runs of the benchmark on
-the AMD machine since: 0.467, 0.506, 0.491, 0.547 and 0.534 (the recorded one, 65213c2; medians of five
-paired rounds, rounds 0.44-0.61). The ratio moves with the machine: it was highest in the runs where the
+the AMD machine since: 0.467, 0.506, 0.491, 0.547, 0.534 (65213c2) and 0.510 (the recorded one, f4579ce;
+medians of five paired rounds, rounds 0.44-0.61). The ratio moves with the machine: it was highest in the runs where the
 raw loop was slowest (7,800-8,000 tokens/s against 9,200-10,600), as when the memory the weights stream
 from is shared with other work. See docs/BENCHMARKS.md for the recorded figures.
 
