@@ -150,7 +150,8 @@ def gpus_needed(setup: TrainSetup, presets: list[str] = BIG_PRESETS, device_byte
     for preset in presets:
         n = devices_needed(preset, setup, device_bytes, headroom)
         terms = train_memory(preset, replace(setup, devices=n)) if n else {}
-        rows.append({"preset": preset, "devices": n, **{k: terms.get(k) for k in PLAN_TERMS}})
+        rows.append({"preset": preset, "devices": n, "reference_placement": setup.reference,
+                     **{k: terms.get(k) for k in [*PLAN_TERMS, "reference"]}})
     return rows
 
 
@@ -227,7 +228,7 @@ def measure_train(setup: TrainSetup, check: bool = False, answer: TrainSetup | N
                                   rollout_context=setup.rollout_context)
     result = {"benchmark": "memory_train", "setup": asdict(setup), "plan": train_plan(setup),
               "gpu_bytes": GPU_BYTES, "headroom": HEADROOM, "answer_setup": asdict(answer),
-              "answer": gpus_needed(answer),
+              "answer": gpus_needed(answer) + gpus_needed(replace(answer, reference="device")),
               "note": "AdamW, fp32 master weights and optimizer state, bf16 = autocast; see hybrid_rl.model.memory"}
     if check:
         result["check"] = check_train()
@@ -249,8 +250,8 @@ def _plan_cells(row: dict) -> list:
 PLAN_HEAD = ["preset", "strategy", "dtype", "weights", "grads", "AdamW", "DDP buckets / FSDP unit",
              "bf16 copies (- / ckpt)", "act", "act (ckpt)", "log-probs", "rollout cache", "total", "total (ckpt)"]
 CHECK_HEAD = ["preset", "micro-batches x rows x tokens", "checkpointing", "formula", "measured", "error"]
-ANSWER_HEAD = ["preset", "80 GB GPUs", "weights", "grads", "AdamW", "gathered unit", "act (ckpt)", "log-probs",
-               "rollout cache", "total per GPU"]
+ANSWER_HEAD = ["preset", "80 GB GPUs", "weights", "grads", "AdamW", "KL reference", "gathered unit", "act (ckpt)",
+               "log-probs", "rollout cache", "total per GPU"]
 
 
 def _check_cells(row: dict) -> list:
@@ -264,9 +265,11 @@ def _mib(n) -> str:
 
 
 def _answer_cells(row: dict) -> list:
-    return [row["preset"], DASH if row["devices"] is None else str(row["devices"]),
-            *(_gib(row[k]) for k in ("weights", "grads", "optimizer", "fsdp_gathered", "activations",
-                                     "logprobs", "rollout_cache", "total"))]
+    with_ref = row.get("reference_placement", "none") != "none"  # (results from before the reference term: none)
+    return [row["preset"] + (", with a KL reference" if with_ref else ""),
+            DASH if row["devices"] is None else str(row["devices"]),
+            *(_gib(row[k]) for k in ("weights", "grads", "optimizer")), _gib(row["reference"]) if with_ref else DASH,
+            *(_gib(row[k]) for k in ("fsdp_gathered", "activations", "logprobs", "rollout_cache", "total"))]
 
 
 def _settings(setup: dict) -> str:
@@ -323,7 +326,9 @@ def train_memory_markdown(result: dict) -> str:
                 _md_table(CHECK_HEAD, [_check_cells(r) for r in result["check"]])]
     out += ["\n### How many 80 GB GPUs\n",
             f"FSDP, bf16, activation checkpointing, {_settings(ans)}; the smallest N whose per-GPU total fits in "
-            f"80 GB (10^9 bytes) less {100 * result['headroom']:.0f}% headroom. GiB per GPU at that N.\n",
+            f"80 GB (10^9 bytes) less {100 * result['headroom']:.0f}% headroom. GiB per GPU at that N. *With a KL "
+            "reference*: RL with `algo.kl_beta > 0`, whose frozen reference is sharded like the policy and stored in "
+            "bf16 (`Parallel.frozen_copy`).\n",
             _md_table(ANSWER_HEAD, [_answer_cells(r) for r in result["answer"]])]
     return "\n".join(out)
 

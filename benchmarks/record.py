@@ -618,7 +618,8 @@ def render_memory_train(r: dict, doc_dir: Path) -> Section:
     peaks on this CPU, and how many 80 GB GPUs the Nemotron 3 presets need."""
     from hybrid_rl.benchmarks.bench_memory import train_memory_markdown
 
-    headlines = [Headline(f"80 GB GPUs to train `{a['preset']}` (FSDP, bf16, activation checkpointing)",
+    headlines = [Headline(f"80 GB GPUs to train `{a['preset']}` (FSDP, bf16, activation checkpointing"
+                          + (", a KL reference)" if a.get("reference_placement", "none") != "none" else ")"),
                           num(a["devices"]), DASH, DASH) for a in r.get("answer", [])]
     if r.get("check"):
         worst = max(r["check"], key=lambda c: abs(c["rel_error"]))

@@ -232,6 +232,38 @@ class Parallel:
         self.core = self.acc.unwrap_model(self.model)
         return self.model, optimizer
 
+    def frozen_copy(self, model, offload: bool = False):
+        """A frozen copy of ``model`` (call before ``wrap``): RL's reference policy for the KL term. It computes
+        as the trained model does at its first step, so the KL starts at exactly 0 (and measures the update,
+        not a precision gap), and it is placed as the trained model is placed:
+
+        * single / ddp: a full copy on the device (on the CPU between its passes with ``offload``; the caller
+          moves it); under bf16 it runs in the same autocast as the policy.
+        * fsdp: sharded like the policy (per hybrid block and at the root), so each process holds 1/N of it;
+          under bf16 its shards are stored in bf16 (the dtype the policy's ``MixedPrecisionPolicy``
+          all-gathers, so the same values: the reference has no fp32 masters to keep), half the fp32 bytes.
+          ``offload``: the shards live in host memory and each unit comes to the device for its all-gather
+          (FSDP2's ``CPUOffloadPolicy``). Its forwards are collectives: every process runs the same number.
+        """
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if getattr(ref, "mtp", None) is not None:  # (no loss reaches the MTP block)
+            ref.mtp = None
+        if self.strategy != "fsdp":
+            return ref.to("cpu" if offload else self.device)
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        bf16 = self.dtype == "bf16"
+        if bf16:  # parameters only: buffers (the MoE correction bias) stay fp32, as the policy's do
+            for p in ref.parameters():
+                p.data = p.data.to(torch.bfloat16)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        place = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else OffloadPolicy()
+        ref.to(self.device)
+        for block in ref.backbone.layers:
+            fully_shard(block, mp_policy=mp, offload_policy=place)
+        fully_shard(ref, mp_policy=mp, offload_policy=place)
+        return ref
+
     def autocast(self):
         if not self._autocast:
             return contextlib.nullcontext()

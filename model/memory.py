@@ -24,6 +24,7 @@ STRATEGIES = ("ddp", "fsdp")
 # "kernels" = a CPU in fp32: HybridLM's default "fast" implementation, whose C-kernel Functions keep less for
 # the Mamba backward, and AdamW's per-parameter loop (torch's default off CUDA)
 PATHS = ("torch", "kernels")
+REFERENCES = ("none", "device", "host")  # RL's KL reference (algo.kl_beta > 0): none, on the device, in host memory
 LOGPROB_BUFFERS = 3  # [tokens, V] fp32 live at once: the log-softmax output, its gradient, the logits' gradient
 
 
@@ -39,11 +40,13 @@ class TrainSetup:
     rollout_batch: int = 0  # rows of the rollout engine's decode cache on the same device (0: none)
     rollout_context: int = 0  # tokens per rollout row
     path: str = "torch"
+    reference: str = "none"  # RL's frozen KL reference (algo.kl_beta > 0): "device", or "host" (train.ref_offload)
 
     def __post_init__(self):
         check_name("parallel strategy", self.strategy, STRATEGIES)
         check_name("training dtype", self.dtype, DTYPE_BYTES)
         check_name("training path", self.path, PATHS)
+        check_name("KL reference placement", self.reference, REFERENCES)
         for name in ("devices", "batch", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -254,6 +257,10 @@ def train_memory(config_or_preset, setup: TrainSetup) -> dict[str, int]:
       AdamW (a GPU, path "torch"), for the largest parameter in the per-parameter loop (a CPU, "kernels").
     * ``rollout_cache``: a rollout engine's decode cache on the same device (``cache_bytes``), in fp32: the pool's
       model is fp32 and the engine does not autocast, so its cache takes the weights' dtype (``HybridLM.new_cache``).
+    * ``reference`` (RL with ``algo.kl_beta > 0``; ``Parallel.frozen_copy``): on the device, DDP's is a full fp32
+      copy, FSDP's a 1/N shard in the compute dtype. ``reference_pass`` is what its pass adds while it runs, before
+      the policy's forward of a micro-batch (so in place of the activation phase, beside the gradients): FSDP
+      all-gathers one unit, like the policy; an offloaded DDP reference comes to the device whole.
     """
     cfg = resolve(config_or_preset)
     s = setup
@@ -275,11 +282,24 @@ def train_memory(config_or_preset, setup: TrainSetup) -> dict[str, int]:
     out["activations_kept"], out["activations"] = act["kept"], act["peak"]
     out["logprobs"] = logprob_bytes(cfg, s.tokens, s.logprob_chunk_tokens)
     out["rollout_cache"] = cache_bytes(cfg, s.rollout_context, s.rollout_batch, kv_bytes=4, conv_bytes=4)
-    static = sum(out[k] for k in ("weights", "grads", "optimizer", "ddp_buckets", "weight_copies", "rollout_cache"))
+    out["reference"], out["reference_pass"] = reference_bytes(units, s, n, e)
+    static = sum(out[k] for k in ("weights", "grads", "optimizer", "ddp_buckets", "weight_copies", "rollout_cache",
+                                  "reference"))
     step_phase = max(act["kept"] + out["logprobs"], act["peak"]) + out["fsdp_gathered"]
     adamw_temp = 4 * (local if s.path == "torch" else math.ceil(largest_param(cfg) / n))
-    out["total"] = int(static + max(step_phase, adamw_temp))
+    out["total"] = int(static + max(step_phase, adamw_temp, out["reference_pass"]))
     return out
+
+
+def reference_bytes(units: list[int], s: TrainSetup, n: int, e: int) -> tuple[int, int]:
+    """(bytes the KL reference holds on the device, bytes its pass adds while it runs) per device."""
+    if s.reference == "none":
+        return 0, 0
+    params = sum(units)
+    if s.strategy == "fsdp":
+        gathered = e * max(units) if n > 1 else 0
+        return (0 if s.reference == "host" else e * math.ceil(params / n)), gathered
+    return (0, 4 * params) if s.reference == "host" else (4 * params, 0)
 
 
 def devices_needed(config_or_preset, setup: TrainSetup, device_bytes: float, headroom: float = 0.1,

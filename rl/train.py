@@ -34,7 +34,6 @@ Departures from the GRPO paper (Shao et al. 2024), and why:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import functools
@@ -417,8 +416,8 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
         mask_bt, on_bt = mb.action_mask_bt, mb.action_mask_bt.bool()
         replay = mb.routing_btlk if cfg.algo.routing_replay else None
         mb_clip = dataclasses.replace(clip, cov_seed=mix_seed(seed, i)) if with_cov else clip
-        if with_kl and i not in ref_cache:
-            ref_cache[i] = reference_logprobs(ref_model, mb, replay, dist, cfg.train, par)
+        if with_kl and j not in ref_cache:  # (by place in the share: a sharded reference's passes are collectives,
+            ref_cache[j] = reference_logprobs(ref_model, mb, replay, dist, cfg.train, par)  # a filler runs one too)
         with par.no_sync(last=j == len(share) - 1):
             with par.autocast():
                 # a filler's tokens are no load: the experts' counts (and the balancing step) equal one process's
@@ -431,7 +430,7 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
                 if cfg.algo.entropy_coef:
                     loss = loss - cfg.algo.entropy_coef * aggregate_loss(entropy_bt, mask_bt, agg, n_tokens, n_seqs)
                 if with_kl:
-                    kl = aggregate_loss(kl_fn(logp_bt, ref_cache[i], mask_bt), mask_bt, agg, n_tokens, n_seqs)
+                    kl = aggregate_loss(kl_fn(logp_bt, ref_cache[j], mask_bt), mask_bt, agg, n_tokens, n_seqs)
                     loss = loss + cfg.algo.kl_beta * kl
                     sums["kl"] += weight * float(kl.detach())
             par.backward(loss * (weight * par.world))
@@ -494,19 +493,25 @@ def packs(cfg: RLStageConfig) -> bool:
     return cfg.train.pack_sequences and cfg.algo.loss_agg == "token-mean" and cfg.algo.policy_loss != "gspo"
 
 
-@torch.no_grad()
 def reference_logprobs(ref_model, mb: Batch, replay, dist: ScoringDist | None, cfg_train, par: Parallel):
     """Log-probs of the micro-batch's targets under the frozen reference policy (for the KL term); an
-    offloaded reference comes to the device for this pass only."""
-    offload = cfg_train.ref_offload
+    offloaded reference comes to the device for this pass only (a sharded one, ``Parallel.frozen_copy``, a unit
+    at a time by itself).
+
+    The pass runs with autograd enabled, as the policy's does, so that both take the same code (the model's
+    inference path sums in other orders: a bf16 KL of ~2e-6 at the first step, where the two are equal);
+    nothing in it requires a gradient, so no graph is kept."""
+    offload = cfg_train.ref_offload and par.strategy != "fsdp"
     if offload:
         ref_model.to(par.device)
     try:
-        with par.autocast():
-            return score(ref_model, mb, replay, dist, cfg_train, with_entropy=False)[1][0]
+        with torch.enable_grad(), par.autocast():
+            return score(ref_model, mb, replay, dist, cfg_train, with_entropy=False)[1][0].detach()
     finally:
         if offload:
             ref_model.to("cpu")
+        elif hasattr(ref_model, "reshard"):  # FSDP2 keeps its root unit gathered after a forward (for a backward
+            ref_model.reshard()              # that never comes here): back to 1/N
 
 
 def score(model, mb: Batch, replay, dist: ScoringDist | None, tc, record: bool = False, with_entropy: bool = True,
@@ -624,7 +629,7 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
     model.train()
     ref_model = None
     if cfg.algo.kl_beta > 0:  # a frozen copy of the initial policy, on the CPU between its passes when offloaded
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False).to("cpu" if cfg.train.ref_offload else par.device)
+        ref_model = par.frozen_copy(model, offload=cfg.train.ref_offload)
     tc = cfg.train
     model, optimizer = par.wrap(model, lambda m: adamw(m.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                                        weight_decay=tc.weight_decay))

@@ -58,6 +58,32 @@ def test_fsdp_divides_the_state_by_the_devices(dtype):
     assert ddp["weights"] == one["weights"] and ddp["ddp_buckets"] == ddp["grads"]
 
 
+def test_the_kl_reference_is_a_full_fp32_copy_under_ddp_and_a_compute_dtype_shard_under_fsdp():
+    """What ``Parallel.frozen_copy`` places (tests/distributed checks the shards of a real one): DDP a full fp32
+    copy (or, offloaded, a transient full copy during its pass); FSDP 1/N in the compute dtype, plus one
+    all-gathered unit during its pass; none: nothing. A Nano KL run needs more GPUs than one without."""
+    nano = "nemotron3-nano"
+    base = TrainSetup(strategy="fsdp", devices=8, dtype="bf16", checkpointing=True, logprob_chunk_tokens=1024)
+    none, dev, host = (train_memory(nano, replace(base, reference=r)) for r in ("none", "device", "host"))
+    params = none["params"]
+    assert none["reference"] == none["reference_pass"] == 0
+    assert dev["reference"] == 2 * -(-params // 8) and dev["reference_pass"] == dev["fsdp_gathered"] // 3  # bf16 of (2+4) bytes
+    assert host["reference"] == 0 and host["reference_pass"] == dev["reference_pass"]
+    assert dev["total"] == none["total"] + dev["reference"]  # its pass is smaller than the step's activation phase
+    fp32 = train_memory(nano, replace(base, dtype="fp32", reference="device"))
+    assert fp32["reference"] == 4 * -(-params // 8)
+    ddp = [train_memory("tiny", TrainSetup(strategy="ddp", devices=2, reference=r)) for r in ("device", "host")]
+    assert ddp[0]["reference"] == 4 * params_of("tiny") and ddp[0]["reference_pass"] == 0
+    assert ddp[1]["reference"] == 0 and ddp[1]["reference_pass"] == 4 * params_of("tiny")
+    assert devices_needed(nano, replace(base, reference="device"), 80 * GB) > devices_needed(nano, base, 80 * GB)
+    with pytest.raises(ValueError, match="'none', 'device', 'host'"):
+        TrainSetup(reference="cpu")
+
+
+def params_of(preset: str) -> int:
+    return sum(p.numel() for p in HybridLM(HybridConfig.from_preset(preset), impl="reference").parameters())
+
+
 @pytest.mark.parametrize("preset", ["tiny", "small", "nemotron3-super"])
 def test_bf16_and_checkpointing_shrink_activations(preset):
     acts = {(dtype, ckpt): train_memory(preset, TrainSetup(dtype=dtype, checkpointing=ckpt, seq_len=4096))

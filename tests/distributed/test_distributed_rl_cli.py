@@ -1,5 +1,5 @@
-"""`hybrid-rl rl ... train.strategy=fsdp train.processes=2` from the command line: the command starts its two
-trainer processes itself; a checkpoint resumes (under `accelerate launch` of the same command) to the same
+"""`hybrid-rl rl ... train.strategy=fsdp train.processes=2` from the command line (with a KL term, so a sharded
+reference): the command starts its two trainer processes itself; a checkpoint resumes (under `accelerate launch` of the same command) to the same
 next step; the checkpoint is a plain HF folder that transformers loads. And the process settings that
 cannot work fail before any work."""
 
@@ -40,7 +40,8 @@ def test_fsdp_two_processes_from_the_cli_checkpoint_resume_gives_the_same_next_s
 
     from hybrid_rl.model.hf import load_pretrained
 
-    rl(tmp_path, "full", "train.strategy=fsdp", "train.processes=2", launcher=[sys.executable])
+    # with a KL term: the reference is sharded too, and built again from the initial weights on resume
+    rl(tmp_path, "full", "train.strategy=fsdp", "train.processes=2", "algo.kl_beta=0.05", launcher=[sys.executable])
     full = tmp_path / "full"
     assert sorted(p.name for p in full.glob("step_*")) == ["step_1", "step_2", "step_3"]
     # resume from step 2 in another run directory: the same step 3 (async: the batch of step 3 is in step_2);
@@ -50,8 +51,9 @@ def test_fsdp_two_processes_from_the_cli_checkpoint_resume_gives_the_same_next_s
     shutil.rmtree(resumed / "step_3")
     accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    rl(tmp_path, "resumed", "train.strategy=fsdp", "resume=true", launcher=accelerate)
+    rl(tmp_path, "resumed", "train.strategy=fsdp", "resume=true", "algo.kl_beta=0.05", launcher=accelerate)
     a, b = rows(full)[3], rows(resumed)[3]
+    assert a["train/kl"] > 0  # the KL term ran (and was resumed with the same reference: equal below)
     for key in a:
         if key.startswith(("train/", "rollout/", "eval/")):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key

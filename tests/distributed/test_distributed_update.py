@@ -45,6 +45,32 @@ def test_two_processes_give_the_one_process_update(tmp_path, one_process, strate
         assert torch.equal(got, value), name
 
 
+@pytest.mark.parametrize("dtype,offload", [("fp32", True), ("bf16", False)])
+def test_fsdp_reference_policy_is_sharded_and_computes_as_the_policy(tmp_path, dtype, offload):
+    """With a KL term under fsdp the frozen reference is sharded like the policy (each process holds half of it),
+    in the dtype the policy computes in, so the first update's KL is exactly 0 (the two models are equal); its
+    passes are collectives, and the rank that runs a filler micro-batch runs one more (5 micro-batches on 2
+    processes). fp32, with the reference in host memory between passes: the one-process update with the KL term."""
+    args = [str(HERE / "dist_update_job.py"), str(tmp_path), "fsdp", dtype, "None", "0.1"] + (["offload"] if offload else [])
+    assert spawn_python(args, 2) == 0
+    tag = f"fsdp-{dtype}-None-kl0.1" + ("-offload" if offload else "")
+    two = torch.load(tmp_path / f"{tag}.pt")
+    assert two["stats"][0]["train/kl"] == 0.0 and two["stats"][1]["train/kl"] > 1e-3  # the second update moved away
+    torch.manual_seed(0)
+    total = sum(p.numel() for p in dist_update_job.HybridLM(dist_update_job.HybridConfig.from_preset("micro")).parameters())
+    for rank in range(2):
+        shares = torch.load(tmp_path / f"{tag}-ref-{rank}.pt")
+        assert shares["reference"]["numel"] == shares["policy"]["numel"] < 0.55 * total
+        assert shares["reference"]["dtypes"] == (["torch.bfloat16"] if dtype == "bf16" else ["torch.float32"])
+    if dtype == "fp32":
+        one = dist_update_job.run("local", kl=0.1)
+        for a, b in zip(one["stats"], two["stats"]):
+            for key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+        for name, value in one["state"].items():
+            torch.testing.assert_close(two["state"][name], value, rtol=0, atol=2e-5, msg=name)
+
+
 def test_chunked_log_prob_pass_gives_the_same_update(one_process):
     chunked = dist_update_job.run("local", chunk=16)
     for a, b in zip(one_process["stats"], chunked["stats"]):

@@ -234,6 +234,22 @@ def test_reference_log_probs_are_scored_once_per_batch_and_kept_for_the_next_upd
         torch.testing.assert_close(rec[0].grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_reference_equal_to_the_policy_gives_a_kl_of_exactly_zero(dtype):
+    """The reference's pass takes the policy's code path (autograd on, nothing requiring a gradient), so at the
+    first update, where the two models are equal, the KL is 0 and not the gap between the model's inference and
+    training paths (2.7e-6 in bf16 before); the KL term then has no gradient."""
+    from hybrid_rl.distributed import LocalProcess
+
+    model = _model()
+    cfg = _cfg("algo.kl_beta=0.1", "train.micro_batch_tokens=64")
+    batch, _ = make_batch(_trajectories(model), cfg, 0)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    stats = policy_update(model, GradRecorder(model), batch, cfg, ref, par=LocalProcess(dtype))
+    assert stats["train/kl"] == 0.0
+    assert all(p.grad is None for p in ref.parameters())
+
+
 @pytest.mark.parametrize("chunk", [0, 5], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("truncated", [False, True], ids=["plain", "top-p"])
 def test_score_reads_only_action_positions_with_the_full_logits_values_and_gradients(chunk, truncated):
