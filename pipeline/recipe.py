@@ -111,9 +111,14 @@ class PipelineStageConfig:
         # what the pipeline sets itself: a value given here would be replaced without a word
         given = [key for key, value in (("sft.data.envs", self.sft.data.envs), ("sft.data.jsonl_paths", self.sft.data.jsonl_paths),
                                         ("sft.eval.env_ids", self.sft.eval.env_ids)) if value]
+        # (these two only act on sft.data.envs, which the pipeline leaves empty: demos.keep_failed decides there,
+        # and the demonstrations are always written to the run's demonstrations.jsonl)
+        given += [f"sft.data.{key}" for key in ("keep_failed_demos", "save_demos")
+                  if getattr(self.sft.data, key) != getattr(DataConfig(), key)]
         if given:
             raise ValueError(f"{', '.join(given)}: the pipeline makes its SFT data from demos.* on envs and evaluates on envs; "
-                             "leave these out (run `hybrid-rl sft` to train on data of your own)")
+                             "leave these out (demos.keep_failed keeps failed demonstrations; run `hybrid-rl sft` to "
+                             "train on data of your own)")
         splits = [f"{stage}.eval.split={split}" for stage, split in (("sft", self.sft.eval.split), ("rl", self.rl.eval.split))
                   if split != "eval" and split != self.eval.split]  # ("eval", the default: set from eval.split)
         if splits:
@@ -296,9 +301,11 @@ def compare_checkpoints(cfg: PipelineStageConfig, run: RunConfig, checkpoints: d
             model, tokenizer = load_pretrained(path, device=device).float(), checkpoint_tokenizer(path)
             row = {}
             for temp in cfg.eval.temperatures:
+                # (both checkpoints by the RL rollouts' turn rules: stop strings, byte ban, env time, invalid actions)
                 metrics, trajectories = evaluate_policy(model, tokenizer, cfg.envs, cfg.eval.episodes_per_env,
                                                         split=cfg.eval.split, temperature=temp,
-                                                        max_turn_tokens=cfg.eval.max_turn_tokens)
+                                                        max_turn_tokens=cfg.eval.max_turn_tokens,
+                                                        rollout_like=(cfg.rl.rollout.sampling, cfg.rl.rollout.episode_config()))
                 table.setdefault(stage, {})[f"T={temp:g}"] = metrics
                 if temp == 0:  # greedy under the plain names; sampled success beside them
                     row.update(metrics)

@@ -69,8 +69,9 @@ class RLRolloutConfig:
 @dataclass
 class AlgoConfig:
     advantage: str = "rloo"  # rl/advantages.py: rloo | drgrpo | grpo
-    # grpo: its std divisor is never below this (0/1 success rewards: below any group's std that differs in a
-    # success, so only groups that differ by per-turn costs alone are held at their small scale; 0 = the paper's)
+    # grpo: its std divisor is never below this, nor below the batch's std (0/1 success rewards: below any group's
+    # std that differs in a success, so only groups that differ by per-turn costs alone are held at their small
+    # scale; 0 = the batch-std floor alone; no setting gives the paper's group std alone, see rl/advantages.py)
     grpo_std_floor: float = GRPO_STD_FLOOR
     # one advantage per episode; per turn from its reward-to-go (baseline: same turn index); or the episode's
     # plus a per-turn one against the group's turns from the same state (state: GiGPO's anchor states)
@@ -150,7 +151,7 @@ class AlgoConfig:
                              f"use credit=episode with gspo, or policy_loss=grpo|dapo with credit={self.credit}")
         if not (math.isfinite(self.grpo_std_floor) and self.grpo_std_floor >= 0):
             raise ValueError(f"grpo_std_floor must be a finite number >= 0, got {self.grpo_std_floor}: e.g. "
-                             "algo.grpo_std_floor=0.25 (0 = the paper's group std alone)")
+                             "algo.grpo_std_floor=0.25 (0 = only the batch std's floor)")
         if not (math.isfinite(self.state_weight) and self.state_weight >= 0):
             raise ValueError(f"state_weight must be a finite number >= 0, got {self.state_weight}: e.g. algo.state_weight=1.0")
         for name in ("kl_beta", "entropy_coef", "overlong_penalty"):
@@ -168,13 +169,14 @@ class AlgoConfig:
         unused = [f"{name}={getattr(self, name)}" for name, used in (
             ("gamma", self.credit != "episode"), ("state_weight", self.credit == "state"),
             ("grpo_std_floor", self.advantage == "grpo"), ("state_key", self.credit == "state"),
-            ("clip_eps_high", self.policy_loss in ("dapo", "clip-cov", "kl-cov")),
+            ("clip_eps_high", self.policy_loss in ("dapo", "clip-cov")),
+            ("clip_eps_low", self.policy_loss in ("grpo", "dapo", "clip-cov")),
             ("seq_clip_eps_low", self.policy_loss == "gspo"), ("seq_clip_eps_high", self.policy_loss == "gspo"))
             if not used and getattr(self, name) != default[name]]
         if unused:
             log.warning("algo: settings with no effect under credit=%s and policy_loss=%s: %s (gamma: turn or state credit; "
-                        "state_weight, state_key: state credit; grpo_std_floor: advantage=grpo; clip_eps_high: dapo, "
-                        "clip-cov, kl-cov; seq_clip_eps_*: gspo)",
+                        "state_weight, state_key: state credit; grpo_std_floor: advantage=grpo; clip_eps_low: grpo, dapo, "
+                        "clip-cov; clip_eps_high: dapo, clip-cov; seq_clip_eps_*: gspo)",
                         self.credit, self.policy_loss, ", ".join(unused))
         bad = {k: v for k, v in self.reward_weights.items() if not math.isfinite(v)}
         if bad:
@@ -306,7 +308,7 @@ class RLStageConfig:
         twice = sorted({e for e in self.envs if self.envs.count(e) > 1})
         if twice:
             raise ValueError(f"envs names {twice} more than once: each env's groups would play the same seeds twice "
-                             "and share its metrics; name each env once (algo.env_weights weights an env's share)")
+                             "and share its metrics; name each env once (algo.env_weights weights an env's advantages)")
         unknown = sorted(set(self.algo.env_weights) - set(self.envs))
         if unknown:
             raise ValueError(f"algo.env_weights names env(s) {unknown} that are not in envs {self.envs}")

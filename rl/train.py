@@ -220,7 +220,8 @@ def evaluate_policy(model, tokenizer, cfg: RLStageConfig, select: bool = False) 
     (``eval.select_best``), metrics named ``val/...``."""
     split, episodes = ("val", cfg.eval.select_episodes_per_env) if select else (cfg.eval.split, cfg.eval.episodes_per_env)
     metrics, trajs = evaluate_policy_on(model, tokenizer, cfg.envs, episodes, split=split, temperature=cfg.eval.temperature,
-                                        max_turn_tokens=cfg.rollout.max_turn_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens)
+                                        max_turn_tokens=cfg.rollout.max_turn_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens,
+                                        rollout_like=(cfg.rollout.sampling, cfg.rollout.episode_config()))
     if not select:
         return metrics, trajs
     return {f"val/{k.removeprefix('eval/')}": v for k, v in metrics.items() if k.startswith("eval/")}, trajs

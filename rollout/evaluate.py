@@ -63,8 +63,8 @@ def evaluate(model, tokenizer, env_ids, seeds=None, episodes: int = 8, split: st
 
 def summarize(trajectories: list[Trajectory], over_envs: bool = True) -> dict[str, dict[str, float]]:
     """Per env its figures, and with several envs ``"all"``: the mean over the envs (``over_envs``: the eval
-    names, docs/METRICS.md), or over their pooled episodes (a training step's rollouts, whose shares of the
-    envs follow ``algo.env_weights``)."""
+    names, docs/METRICS.md), or over their pooled episodes (a training step's rollouts: each env plays the same
+    number of groups, fewer of some kept under dynamic sampling)."""
     by_env: dict[str, list[Trajectory]] = {}
     for t in trajectories:
         by_env.setdefault(t.env_id, []).append(t)
@@ -153,17 +153,26 @@ def sample_row(t: Trajectory, **extra) -> dict:
 
 def evaluate_policy(model, tokenizer, env_ids: list[str], episodes_per_env: int, *, max_turn_tokens: int,
                     max_episode_tokens: int = 2048, temperature: float = 0.0, split: str = "eval",
-                    seed: int = 0) -> tuple[dict[str, float], list[Trajectory]]:
+                    seed: int = 0, rollout_like: tuple[SamplingConfig, EpisodeConfig] | None = None,
+                    ) -> tuple[dict[str, float], list[Trajectory]]:
     """The stages' held-out eval: ``episodes_per_env`` seeds of ``split`` per env, played in this process
     (greedy unless ``temperature``), without autograd, in eval mode -> (``eval/...`` metrics, trajectories).
-    Expert loads counted while decoding are dropped (MoE balancing follows training only)."""
+    Expert loads counted while decoding are dropped (MoE balancing follows training only).
+
+    ``rollout_like``: the training rollouts' (sampling, episode) settings, whose turn rules the eval plays by
+    too: a turn ends at the same stop strings, under the same byte ban (``ascii_only``), an env gets the same
+    time (``env_timeout_s``) and an unparsable action ends the episode as it did in training
+    (``end_on_invalid_action``); temperature, top-p/k and the token limits stay the eval's."""
     import time
 
     import torch
 
     t0, was_training = time.perf_counter(), model.training
-    sampling = SamplingConfig(temperature=temperature, seed=seed)
-    episode = EpisodeConfig(max_turn_tokens=max_turn_tokens, max_episode_tokens=max_episode_tokens, max_batch_episodes=64)
+    rules_s, rules_e = rollout_like or (SamplingConfig(), EpisodeConfig())
+    sampling = SamplingConfig(temperature=temperature, seed=seed, stop_strings=list(rules_s.stop_strings),
+                              ascii_only=rules_s.ascii_only)
+    episode = EpisodeConfig(max_turn_tokens=max_turn_tokens, max_episode_tokens=max_episode_tokens, max_batch_episodes=64,
+                            env_timeout_s=rules_e.env_timeout_s, end_on_invalid_action=rules_e.end_on_invalid_action)
     model.eval()
     try:
         with torch.no_grad():

@@ -42,7 +42,7 @@ class DataConfig:
     jsonl_paths: list[str] = field(default_factory=list)  # one {"messages": [...]} conversation per line
     hf_dataset_dir: str | None = None  # a `datasets.save_to_disk` directory with a "messages" column
     hf_dataset_split: str = "train"  # used when hf_dataset_dir holds a DatasetDict
-    on_bad_sample: Literal["skip", "error"] = "error"  # skip = report each with its line and count them
+    on_bad_sample: Literal["skip", "error"] = "error"  # skip = count them by reason, the first 20 logged with their line
     max_seq_tokens: int = 1024  # row length of packing; a longer conversation is a bad sample, unless:
     # truncate: cut a longer conversation to its first max_seq_tokens tokens and train on the assistant tokens
     # among them (TRL's max_length truncation); one with no assistant token left is still a bad sample

@@ -33,6 +33,8 @@ def test_pipeline_config_errors_name_the_section(tmp_path, monkeypatch, capsys):
     assert "must include 0" in capsys.readouterr().err
     assert main(["pipeline", "sft.data.jsonl_paths=[mine.jsonl]"]) == 2  # was replaced without a word
     assert "sft.data.jsonl_paths: the pipeline makes its SFT data from demos.*" in capsys.readouterr().err
+    assert main(["pipeline", "sft.data.keep_failed_demos=true"]) == 2  # had no effect: demos.keep_failed decides
+    assert "sft.data.keep_failed_demos: " in (err := capsys.readouterr().err) and "demos.keep_failed" in err
     assert main(["pipeline", "rl.train.strategy=ddp", "rl.train.processes=2"]) == 2  # ran one process
     assert "rl.train.processes=2: the pipeline runs its stages in one process" in capsys.readouterr().err
     assert main(["pipeline", "rl.eval.split=val"]) == 2  # would show held-out figures in a val run, or the reverse

@@ -305,6 +305,9 @@ def test_settings_the_chosen_credit_or_loss_ignores_are_named_in_a_warning(caplo
     cases = [(dict(gamma=0.5), "gamma=0.5"), (dict(policy_loss="grpo", clip_eps_high=0.3), "clip_eps_high=0.3"),
              (dict(credit="turn", state_weight=2.0), "state_weight=2.0"),
              (dict(seq_clip_eps_high=1e-3), "seq_clip_eps_high=0.001"),
+             # kl-cov's loss is the unclipped ratio (rl/losses.py); gspo clips its sequence ratio with seq_clip_eps_*
+             (dict(policy_loss="kl-cov", mode="async", clip_eps_high=0.9), "clip_eps_high=0.9"),
+             (dict(policy_loss="gspo", clip_eps_low=0.1), "clip_eps_low=0.1"),
              (dict(policy_loss="reinforce", mode="async"), "reinforce takes no ratio"),
              (dict(policy_loss="reinforce", updates_per_batch=2), "updates_per_batch=2")]
     for kwargs, message in cases:
