@@ -432,6 +432,19 @@ class LocalProcess:
         return tensor
 
 
+def end_forward_only_pass(module) -> None:
+    """After a forward of an FSDP2 module that no backward follows (``Parallel.frozen_copy``'s reference): reshard
+    its root unit, which FSDP2 keeps gathered after a forward for the backward, and drop the forward-order
+    records FSDP2 keeps for that backward's prefetching (a list entry per unit and pass, otherwise cleared only
+    by a backward: they grew for the whole run). The records are FSDP2 internals; tests/distributed checks them."""
+    module.reshard()
+    state = module._get_fsdp_state()
+    state._comm_ctx.post_forward_order.clear()
+    for unit in state._state_ctx.all_states:
+        for group in unit._fsdp_param_groups:
+            group._post_forward_indices.clear()
+
+
 def adamw(params, **kwargs) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` with its fused kernel where every parameter is a plain floating tensor on a CPU
     or GPU (what TRL's default ``adamw_torch_fused`` uses): one kernel per parameter instead of ~10 PyTorch

@@ -258,9 +258,10 @@ def train_memory(config_or_preset, setup: TrainSetup) -> dict[str, int]:
     * ``rollout_cache``: a rollout engine's decode cache on the same device (``cache_bytes``), in fp32: the pool's
       model is fp32 and the engine does not autocast, so its cache takes the weights' dtype (``HybridLM.new_cache``).
     * ``reference`` (RL with ``algo.kl_beta > 0``; ``Parallel.frozen_copy``): on the device, DDP's is a full fp32
-      copy, FSDP's a 1/N shard in the compute dtype. ``reference_pass`` is what its pass adds while it runs, before
-      the policy's forward of a micro-batch (so in place of the activation phase, beside the gradients): FSDP
-      all-gathers one unit, like the policy; an offloaded DDP reference comes to the device whole.
+      copy, FSDP's a 1/N shard in the compute dtype (no MTP block in either). ``reference_pass`` is what its pass
+      adds while it runs, before the policy's forward of a micro-batch (so in place of the activation phase, beside
+      the gradients): FSDP's gathered root unit and one gathered layer; an offloaded DDP reference comes to the
+      device whole. (Its own activations and log-prob chunk, far below the policy's step, are not counted.)
     """
     cfg = resolve(config_or_preset)
     s = setup
@@ -282,7 +283,7 @@ def train_memory(config_or_preset, setup: TrainSetup) -> dict[str, int]:
     out["activations_kept"], out["activations"] = act["kept"], act["peak"]
     out["logprobs"] = logprob_bytes(cfg, s.tokens, s.logprob_chunk_tokens)
     out["rollout_cache"] = cache_bytes(cfg, s.rollout_context, s.rollout_batch, kv_bytes=4, conv_bytes=4)
-    out["reference"], out["reference_pass"] = reference_bytes(units, s, n, e)
+    out["reference"], out["reference_pass"] = reference_bytes(cfg, s, n, e)
     static = sum(out[k] for k in ("weights", "grads", "optimizer", "ddp_buckets", "weight_copies", "rollout_cache",
                                   "reference"))
     step_phase = max(act["kept"] + out["logprobs"], act["peak"]) + out["fsdp_gathered"]
@@ -291,13 +292,16 @@ def train_memory(config_or_preset, setup: TrainSetup) -> dict[str, int]:
     return out
 
 
-def reference_bytes(units: list[int], s: TrainSetup, n: int, e: int) -> tuple[int, int]:
-    """(bytes the KL reference holds on the device, bytes its pass adds while it runs) per device."""
+def reference_bytes(cfg: HybridConfig, s: TrainSetup, n: int, e: int) -> tuple[int, int]:
+    """(bytes the KL reference holds on the device, bytes its pass adds while it runs) per device. The reference
+    has no MTP block (no loss reaches it); under FSDP its root unit (embeddings, final norm, lm_head) stays
+    gathered through the pass, beside one layer's unit at a time."""
     if s.reference == "none":
         return 0, 0
+    units = param_units(cfg)[:cfg.num_layers + 1]  # the layers, then the root unit (param_units' order)
     params = sum(units)
     if s.strategy == "fsdp":
-        gathered = e * max(units) if n > 1 else 0
+        gathered = e * (units[-1] + max(units[:-1])) if n > 1 else 0
         return (0 if s.reference == "host" else e * math.ceil(params / n)), gathered
     return (0, 4 * params) if s.reference == "host" else (4 * params, 0)
 

@@ -49,7 +49,8 @@ import torch
 
 from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, peek_trainer_state, save_checkpoint, write_dir_atomically
 from hybrid_rl.config import to_dict
-from hybrid_rl.distributed import LocalProcess, Parallel, adamw, balance_experts, rank_share, rank_share_weights
+from hybrid_rl.distributed import (LocalProcess, Parallel, adamw, balance_experts, end_forward_only_pass, rank_share,
+                                   rank_share_weights)
 from hybrid_rl.metrics import MetricsLogger, env_key
 from hybrid_rl.run import claim_run_dir, resume_point, seed_everything, start_run_dir, torch_threads
 from hybrid_rl.schedule import warmup_cosine
@@ -511,8 +512,8 @@ def reference_logprobs(ref_model, mb: Batch, replay, dist: ScoringDist | None, c
     finally:
         if offload:
             ref_model.to("cpu")
-        elif hasattr(ref_model, "reshard"):  # FSDP2 keeps its root unit gathered after a forward (for a backward
-            ref_model.reshard()              # that never comes here): back to 1/N
+        elif hasattr(ref_model, "reshard"):  # sharded: back to 1/N, without the records a backward would clear
+            end_forward_only_pass(ref_model)
 
 
 def score(model, mb: Batch, replay, dist: ScoringDist | None, tc, record: bool = False, with_entropy: bool = True,

@@ -25,6 +25,7 @@ from hybrid_rl.model.memory import (
     largest_param,
     logprob_bytes,
     param_count,
+    param_units,
     train_memory,
 )
 
@@ -66,8 +67,10 @@ def test_the_kl_reference_is_a_full_fp32_copy_under_ddp_and_a_compute_dtype_shar
     base = TrainSetup(strategy="fsdp", devices=8, dtype="bf16", checkpointing=True, logprob_chunk_tokens=1024)
     none, dev, host = (train_memory(nano, replace(base, reference=r)) for r in ("none", "device", "host"))
     params = none["params"]
+    units = param_units(HybridConfig.from_preset(nano))
+    layers, root = units[:-1], units[-1]  # (Nano has no MTP block)
     assert none["reference"] == none["reference_pass"] == 0
-    assert dev["reference"] == 2 * -(-params // 8) and dev["reference_pass"] == dev["fsdp_gathered"] // 3  # bf16 of (2+4) bytes
+    assert dev["reference"] == 2 * -(-params // 8) and dev["reference_pass"] == 2 * (root + max(layers))
     assert host["reference"] == 0 and host["reference_pass"] == dev["reference_pass"]
     assert dev["total"] == none["total"] + dev["reference"]  # its pass is smaller than the step's activation phase
     fp32 = train_memory(nano, replace(base, dtype="fp32", reference="device"))
@@ -76,6 +79,9 @@ def test_the_kl_reference_is_a_full_fp32_copy_under_ddp_and_a_compute_dtype_shar
     assert ddp[0]["reference"] == 4 * params_of("tiny") and ddp[0]["reference_pass"] == 0
     assert ddp[1]["reference"] == 0 and ddp[1]["reference_pass"] == 4 * params_of("tiny")
     assert devices_needed(nano, replace(base, reference="device"), 80 * GB) > devices_needed(nano, base, 80 * GB)
+    super_ = HybridConfig.from_preset("nemotron3-super")  # the reference leaves out the MTP block
+    with_mtp = train_memory(super_, replace(base, reference="device"))
+    assert super_.num_mtp_layers and with_mtp["reference"] == 2 * -(-sum(param_units(super_)[:-1]) // 8)
     with pytest.raises(ValueError, match="'none', 'device', 'host'"):
         TrainSetup(reference="cpu")
 

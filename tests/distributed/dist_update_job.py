@@ -53,6 +53,16 @@ def local_share(model) -> dict:
     return {"numel": sum(t.numel() for t in local), "dtypes": sorted({str(t.dtype) for t in local})}
 
 
+def fsdp_records(model) -> int:
+    """The forward-order records FSDP2 keeps for a backward's prefetching (0 for a model that is not sharded)."""
+    if not hasattr(model, "_get_fsdp_state"):
+        return 0
+    state = model._get_fsdp_state()
+    return len(state._comm_ctx.post_forward_order) + sum(len(group._post_forward_indices)
+                                                         for unit in state._state_ctx.all_states
+                                                         for group in unit._fsdp_param_groups)
+
+
 def run(strategy: str, dtype: str = "fp32", chunk: int | None = None, loads_path: str = "", kl: float = 0.0,
         ref_path: str = "", offload: bool = False) -> dict | None:
     torch.manual_seed(0)
@@ -78,7 +88,8 @@ def run(strategy: str, dtype: str = "fp32", chunk: int | None = None, loads_path
     if loads_path:  # each process's routed-token counts, summed by the test (what balance_experts sums)
         torch.save(loads(model), loads_path.format(rank=par.rank))
     if ref_path:
-        torch.save({"reference": local_share(ref), "policy": local_share(model)}, ref_path.format(rank=par.rank))
+        torch.save({"reference": local_share(ref), "policy": local_share(model), "records": fsdp_records(ref)},
+                   ref_path.format(rank=par.rank))
     out = {"stats": stats, "state": state, "world": par.world} if par.is_main else None
     par.close()
     return out
