@@ -146,7 +146,7 @@ def bench_trl(steps: int, threads: int, workdir: str, dtype: str = "fp32") -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hybrid_rl.benchmarks.bench_grpo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="hybrid-rl bench grpo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="GRPO steps per side; the first is warm-up")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
     parser.add_argument("--skip-trl", action="store_true", help="only time our loop")

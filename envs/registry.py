@@ -90,19 +90,35 @@ def load_plugins() -> dict[str, list[str]]:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in _plugin_ids:
             continue
-        before = set(gym.registry)
+        before, obj = set(gym.registry), None
         try:
             obj = ep.load()
             if callable(obj):
                 obj()
         except Exception as err:
+            takes_args = callable(obj) and isinstance(err, TypeError) and _required_args(obj)
+            shape = (" The entry point is called with no arguments: point it at a module that registers its envs on "
+                     "import, or at a function `register()` (no parameters) that calls gymnasium.register."
+                     if takes_args else "")
             warnings.warn(f"the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) failed to load: "
-                          f"{type(err).__name__}: {err}. Its environments are not available; fix or uninstall "
+                          f"{type(err).__name__}: {err}.{shape} Its environments are not available; fix or uninstall "
                           f"the package that declares it.", RuntimeWarning, stacklevel=2)
             _plugin_ids[ep.name] = []
             continue
         _plugin_ids[ep.name] = sorted(set(gym.registry) - before)
     return dict(_plugin_ids)
+
+
+def _required_args(fn) -> bool:
+    """Whether calling ``fn()`` lacks a required argument."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               for p in params)
 
 
 def import_env_modules(modules) -> None:
@@ -122,8 +138,9 @@ def import_env_modules(modules) -> None:
 def check_env_ids(env_ids, env_modules=()) -> None:
     """A stage's env ids, before any work: unknown ids, a ``module:id`` whose module fails to import and malformed
     id arguments are a ``ConfigError`` with gymnasium's did-you-mean; ids that ``pool.env_modules`` registers are
-    known once those modules are imported. Each env is then made once (and closed), so that arguments its
-    constructor refuses (``GuessNumber-v0(nn=3)``, ``(n=abc)``) fail here rather than in a worker later."""
+    known once those modules are imported. Each env is then made and reset once (on its first train seed) and
+    closed, so that arguments its constructor refuses (``GuessNumber-v0(nn=3)``, ``(n=abc)``) and a reset that
+    cannot work (``reset(self)`` without ``seed``) fail here, not as an ``env_error`` in every episode of the run."""
     from hybrid_rl.config import ConfigError
 
     try:
@@ -142,7 +159,16 @@ def check_env_ids(env_ids, env_modules=()) -> None:
         except Exception as err:  # any failure of the constructor would end every episode of this env
             raise ConfigError(f"envs: {env_id!r} cannot be made: {type(err).__name__}: {err}\nFix the id's arguments "
                               f"(written ID(key=value;key2=value2)); `hybrid-rl envs check '{env_id}'` tries it.") from None
-        env.close()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                env.reset(seed=seeds(env_id, "train", 1)[0])
+        except Exception as err:  # every episode of this env would end as env_error, and the run train on nothing
+            raise ConfigError(f"envs: {env_id!r} fails its first reset (train seed 0): {type(err).__name__}: {err}\n"
+                              f"Every episode of it would end as env_error. `hybrid-rl envs check '{env_id}'` checks the "
+                              "env against the API it must follow (reset(seed=..., options=...) -> (observation, info)).") from None
+        finally:
+            env.close()
 
 
 def env_ids() -> list[str]:
@@ -335,7 +361,7 @@ def describe(env_id: str) -> str:
     except Exception as err:  # a plug-in whose module fails to import still gets listed
         return f"(cannot load {spec.entry_point}: {type(err).__name__})"
     doc = (creator.__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else "(no description: give the class a docstring)"
+    return doc.splitlines()[0].replace("``", "") if doc else "(no description: give the class a docstring)"
 
 
 def max_turns(env_id: str) -> int | None:

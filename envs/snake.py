@@ -13,7 +13,7 @@ STEPS = {"left": (0, -1), "down": (1, 0), "right": (0, 1), "up": (-1, 0)}
 
 
 class Snake(TextEnv):
-    """Steer a snake to ``apples`` apples, one after another, on a ``size`` x ``size`` board.
+    """Steer a snake to its apples, one after another, on a square board (``apples`` of them, ``size`` x ``size``).
 
     Observation: the board, one row per line: ``@`` your head, ``o`` your body, ``*`` the apple, ``.`` free;
     at the start after "Eat 3 apples (*). Do not hit a wall or your body (o). Moves: left down right up.",

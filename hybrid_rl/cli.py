@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"hybrid-rl {name}", description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    try:  # a stage's overrides may follow an option: `hybrid-rl rl cfg.yaml --print-config k=v`
+        args = parser.parse_intermixed_args(argv[1:])
+    except TypeError:  # (commands with sub-commands or a pass-through remainder: envs, bench)
+        args = parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
     except ConfigError as err:

@@ -335,9 +335,10 @@ def _convert(value: Any, tp, key: str, root: type) -> Any:
             raise ConfigError(f"{key}: {err}") from None
         return value
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a list ({_type_name(tp)}), e.g. {key}=[1,2].")
         item_tp = args[0] if args else Any
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a list ({_type_name(tp)}), "
+                              f"e.g. {key}={_list_example(item_tp, value)}.")
         out = [_convert(v, item_tp, f"{key}.{i}", root) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
@@ -437,6 +438,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
     parser.add_argument("overrides", nargs="*", help="dotted overrides (see --print-config for the keys), e.g. run.seed=1 run.tags=[a,b]")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(default_config=default_config)
+
+
+def _list_example(item_tp, given) -> str:
+    """An override that would give a list of ``item_tp``: a list of mappings with the item's fields for a
+    dataclass (``[{env_id: ..., episodes: ...}]``), else the value given inside brackets, or two of the type."""
+    if dataclasses.is_dataclass(item_tp):
+        return "[{" + ", ".join(f"{f.name}: ..." for f in dataclasses.fields(item_tp)) + "}]"
+    if isinstance(given, (str, int, float)) and not isinstance(given, bool):
+        return f"[{given}]"
+    return {int: "[1,2]", float: "[0.5,1.0]", str: "[a,b]"}.get(item_tp, "[...]")
 
 
 def resolve_config(cls: type, args: argparse.Namespace) -> Any | None:

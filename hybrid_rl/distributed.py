@@ -59,9 +59,14 @@ class ParallelTrainConfig:
             raise ValueError(f"strategy=single runs one process, but processes={self.processes}; use "
                              f"train.strategy=ddp (a replica per process) or train.strategy=fsdp (sharded) with it")
         if self.strategy in ("ddp", "fsdp") and self.processes == 1 and not launched_world_size() > 1:
+            # `accelerate launch` without --multi_gpu starts one process, even with --num_processes 2
+            launcher = any(key.startswith("ACCELERATE_") for key in os.environ) or "LOCAL_RANK" in os.environ
             raise ValueError(f"strategy={self.strategy} needs train.processes >= 2 (with one process there is nothing "
                              f"to {'shard' if self.strategy == 'fsdp' else 'replicate'}); e.g. train.processes=2, "
-                             "or train.strategy=single")
+                             "or train.strategy=single" + (
+                                 ". A launcher started this command as one process: `accelerate launch` starts several "
+                                 "only with --multi_gpu (on CPUs too), e.g. `accelerate launch --multi_gpu "
+                                 "--num_processes 2 -m hybrid_rl.cli ...`" if launcher else ""))
 
 
 def check_adam_betas(beta1: float, beta2: float) -> None:

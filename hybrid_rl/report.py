@@ -64,7 +64,12 @@ class RunData:
 def load_run(run_dir: str | Path) -> RunData:
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").exists():
-        raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl; pass a run directory written by a hybrid-rl stage (runs/<name>/).")
+        stages = sorted(str(p.parent) for p in run_dir.glob("*/metrics.jsonl")) if run_dir.is_dir() else []
+        hint = (f" Its stages have them (a pipeline's folder): pass one of {', '.join(stages)}, or several to compare them."
+                if stages else " It is a `hybrid-rl eval` output (its figures are in eval.json)." if (run_dir / "eval.json").exists()
+                else "")
+        raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl; pass a run directory written by a hybrid-rl stage "
+                                f"(runs/<name>/).{hint}")
     by_key: dict[str, dict[int, float]] = {}
     for row in read_metrics(run_dir):
         step = row.get("step", 0)

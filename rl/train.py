@@ -64,7 +64,7 @@ from hybrid_rl.rl.losses import (COV_LOSSES, POLICY_LOSSES, ClipRange, ScoringDi
 from hybrid_rl.rl.routing import routing_mismatch
 from hybrid_rl.rollout.evaluate import evaluate_policy as evaluate_policy_on
 from hybrid_rl.rollout.evaluate import rollout_metrics, sample_row
-from hybrid_rl.rollout.pool import RolloutPool, make_pool
+from hybrid_rl.rollout.pool import RolloutPool, check_reachable, make_pool
 
 log = logging.getLogger("hybrid_rl.rl")
 
@@ -617,6 +617,8 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
 
         raise ConfigError(f"algo.routing_replay / algo.log_routing_mismatch: the policy ({source}) has no MoE layers, "
                           "so there is no routing to record or replay; set both to false for this model")
+    if par.is_main and cfg.rollout.pool.num_workers and cfg.rollout.pool.address:  # before the run directory is touched
+        check_reachable(cfg.rollout.pool.address)
     ckpt, resumed = None, None
     # the run directory's name, refused now if it holds another run; cleared (run.overwrite) only once the inputs loaded
     claimed = Path(par.broadcast(str(claim_run_dir(cfg.run, "rl", resume=cfg.resume)) if par.is_main else None))

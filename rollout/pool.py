@@ -51,6 +51,7 @@ from typing import Any, Callable
 
 import torch
 
+from hybrid_rl.config import ConfigError
 from hybrid_rl.rollout.config import EpisodeConfig, PoolConfig, SamplingConfig
 from hybrid_rl.rollout.engine import Engine, GroupRequest
 from hybrid_rl.rollout.evaluate import EvalResult, eval_requests, summarize
@@ -69,8 +70,8 @@ class RolloutWorkerError(RuntimeError):
     """A worker kept dying (more than ``pool.max_task_retries`` times for one task)."""
 
 
-class RayClusterUnreachableError(ConnectionError):
-    """Nothing listens at ``pool.address``."""
+class RayClusterUnreachableError(ConfigError, ConnectionError):
+    """Nothing listens at ``pool.address`` (a config error: the commands report it with its fix, exit code 2)."""
 
 
 class ObjectStoreTooSmallError(ValueError):

@@ -79,6 +79,11 @@ def test_cli_rebuilds_one_report_and_compares_runs(runs, capsys):
 def test_cli_names_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    for stage in ("rl", "sft"):  # a pipeline's folder: the error names its stages' run directories
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text("")
+    assert main(["report", str(tmp_path)]) == 2
+    assert f"pass one of {tmp_path / 'rl'}, {tmp_path / 'sft'}" in capsys.readouterr().err
 
 
 def test_report_renders_in_headless_chromium(runs):

@@ -68,14 +68,19 @@ def test_fsdp_two_processes_from_the_cli_checkpoint_resume_gives_the_same_next_s
         torch.testing.assert_close(hf(input_ids=x).logits.float(), ours(x).logits, atol=1e-4, rtol=0)
 
 
-def test_process_settings_that_cannot_work_fail_before_any_work(tmp_path, capsys):
+def test_process_settings_that_cannot_work_fail_before_any_work(tmp_path, capsys, monkeypatch):
     out = [f"run.output_dir={tmp_path}", "run.name=bad", *QUICK]
     cores = len(os.sched_getaffinity(0))
     assert cli_main(["rl", "configs/rl_quick.yaml", *out, "train.strategy=ddp", f"train.processes={cores + 1}"]) == 2
     err = capsys.readouterr().err
     assert f"train.processes={cores + 1}" in err and f"{cores} CPU cores" in err and f"train.processes={cores} or fewer" in err
     assert cli_main(["rl", "configs/rl_quick.yaml", *out, "train.strategy=fsdp"]) == 2
-    assert "strategy=fsdp needs train.processes >= 2" in capsys.readouterr().err
+    assert "strategy=fsdp needs train.processes >= 2" in (err := capsys.readouterr().err) and "--multi_gpu" not in err
+    # under `accelerate launch` without --multi_gpu (one process, the launcher's variables set): how to get two
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert cli_main(["rl", "configs/rl_quick.yaml", *out, "train.strategy=fsdp"]) == 2
+    assert "accelerate launch --multi_gpu --num_processes 2" in capsys.readouterr().err
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     assert cli_main(["rl", "configs/rl_quick.yaml", *out, "train.processes=2"]) == 2
     assert "strategy=single runs one process" in capsys.readouterr().err
     assert cli_main(["rl", "configs/rl_quick.yaml", *out, "train.strategy=fsdp", "train.processes=2", "train.dtype=fp16"]) == 2

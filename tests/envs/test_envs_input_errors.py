@@ -62,6 +62,19 @@ def test_check_env_ids_turns_import_failures_and_bad_arguments_into_config_error
     with pytest.raises(ConfigError, match=r"GuessNumber-v0\(n=abc\)' cannot be made.*n='abc': expected an integer"):
         envs.check_env_ids(["hybrid_rl/GuessNumber-v0(n=abc)"])
     envs.check_env_ids(["hybrid_rl/GuessNumber-v0(n=100)", "FrozenLake-v1(size=5)"])  # good ids pass
+    # a reset that cannot work passed the check, and a run then trained on nothing (every episode env_error, NaN metrics)
+    (tmp_path / "input_errors_noseed_mod.py").write_text(
+        "import gymnasium as gym\n"
+        "class NoSeed(gym.Env):\n"
+        "    observation_space = action_space = gym.spaces.Text(64)\n"
+        "    def reset(self):\n"
+        "        return 'hi', {}\n"
+        "    def step(self, action):\n"
+        "        return 'ok', 1.0, True, False, {}\n"
+        "gym.register('noseed/NoSeed-v0', entry_point=NoSeed)\n")
+    with pytest.raises(ConfigError, match=r"(?s)'input_errors_noseed_mod:noseed/NoSeed-v0' fails its first reset.*"
+                                          r"unexpected keyword argument 'seed'.*envs check"):
+        envs.check_env_ids(["input_errors_noseed_mod:noseed/NoSeed-v0"])
 
     monkeypatch.chdir(tmp_path)  # the pipeline stops before any work, with the message instead of a traceback
     done = subprocess.run([HYBRID_RL, "pipeline", "envs=[hybrid_rl/GuessNumber-v0(nn=3)]"], capture_output=True,

@@ -84,9 +84,13 @@ def test_plugins_register_through_the_entry_point_group_and_a_broken_one_only_wa
     def broken():
         raise ImportError("missing dependency")
 
+    def takes_registry(registry):  # the entry point is called with no arguments
+        gym.register(id="hybrid_rl_test/Never-v0", entry_point="hybrid_rl.envs.guess_number:GuessNumber")
+
     def entry_points(group):
         assert group == "hybrid_rl.envs"
-        return [_FakeEntryPoint("test-good", good), _FakeEntryPoint("test-broken", broken)]
+        return [_FakeEntryPoint("test-good", good), _FakeEntryPoint("test-broken", broken),
+                _FakeEntryPoint("test-args", takes_registry)]
 
     monkeypatch.setattr(registry.importlib.metadata, "entry_points", entry_points)
     monkeypatch.setattr(registry, "_plugin_ids", {})
@@ -94,8 +98,11 @@ def test_plugins_register_through_the_entry_point_group_and_a_broken_one_only_wa
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             loaded = envs.load_plugins()
-        assert loaded == {"test-good": ["hybrid_rl_test/Plugged-v0"], "test-broken": []}
+        assert loaded == {"test-good": ["hybrid_rl_test/Plugged-v0"], "test-broken": [], "test-args": []}
         assert any("test-broken" in str(w.message) and "missing dependency" in str(w.message) for w in caught)
+        assert any("test-args" in str(w.message) and "a function `register()` (no parameters)" in str(w.message)
+                   for w in caught)
+        assert not any("test-broken" in str(w.message) and "no parameters" in str(w.message) for w in caught)
         assert "hybrid_rl_test/Plugged-v0" in envs.env_ids()  # listed although outside the hybrid_rl namespace
     finally:
         gym.registry.pop("hybrid_rl_test/Plugged-v0", None)

@@ -78,6 +78,17 @@ def test_print_config_shows_resolved_config(command, capsys):
     assert "hidden_size: 96" in out
 
 
+@pytest.mark.parametrize("command, recipe, override, shown", [("rl", "rl_quick.yaml", "algo.credit=state", "credit: state"),
+                                                               ("sft", "sft_quick.yaml", "train.lr=0.5", "lr: 0.5")])
+def test_overrides_may_follow_an_option(command, recipe, override, shown, capsys):
+    """`hybrid-rl rl cfg.yaml --print-config key=value`: the override after the option is one (argparse refused it
+    as an unrecognized argument)."""
+    from hybrid_rl.config import CONFIG_DIR
+
+    assert main([command, str(CONFIG_DIR / recipe), "--print-config", override]) == 0
+    assert shown in capsys.readouterr().out
+
+
 def test_missing_config_file_names_the_path(capsys):
     code = main(["sft", "no/such/recipe.yaml"])
     assert code == 2

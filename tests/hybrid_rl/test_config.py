@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -136,6 +137,16 @@ def test_wrong_types_name_key_value_and_expected_type(override, expected):
         load_config(Stage, None, [override])
     msg = str(err.value)
     assert key in msg and expected in msg and value.lower() in msg.lower()
+
+
+def test_a_list_given_as_one_value_gets_an_example_of_its_own_kind():
+    """The example fits the list's items (it said ``=[1,2]`` for a list of env mappings)."""
+    from hybrid_rl.sft.config import SFTStageConfig
+
+    with pytest.raises(ConfigError, match=re.escape("e.g. optim.betas=[0.9].")):
+        load_config(Stage, None, ["optim.betas=0.9"])
+    with pytest.raises(ConfigError, match=re.escape("e.g. data.envs=[{env_id: ..., episodes: ...}].")):
+        load_config(SFTStageConfig, None, ["data.envs=hybrid_rl/GuessNumber-v0"])
 
 
 def test_cross_field_validation_names_the_section_and_field():

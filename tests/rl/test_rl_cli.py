@@ -351,6 +351,26 @@ def test_an_input_refused_late_leaves_the_previous_run_as_it_was(tmp_path, monke
     assert sorted(p.name for p in run.iterdir()) == before and (run / "step_1").is_dir()
 
 
+def test_an_unreachable_ray_address_is_refused_before_the_run_directory_is_touched(tmp_path, monkeypatch, capsys):
+    """rollout.pool.address where nothing listens: exit 2 with the fix, no traceback, and with run.overwrite the
+    previous run is still there (it was cleared, then the pool failed with a traceback)."""
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["rl", *SMOKE, "train.steps=1", "run.name=keep"]) == 0
+    capsys.readouterr()
+    run = tmp_path / "runs" / "keep"
+    before = sorted(p.name for p in run.iterdir())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    assert main(["rl", *SMOKE, "train.steps=1", "run.name=keep", "run.overwrite=true", "rollout.pool.num_workers=1",
+                 f"rollout.pool.address=127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing listens there" in err and "ray start --head" in err and "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_a_resume_with_nothing_left_or_another_kl_reference_is_refused(tmp_path, monkeypatch, capsys):
     """train.steps at or below the checkpoint's step resumed into nothing (exit 0, config rewritten); with a KL
     term, init_from resolving to another checkpoint than the run started from changed the reference in silence."""
