@@ -48,7 +48,8 @@ exception). Records carry a random key the code is never given; records without 
 refusal message must be one of the hook's own. If the hook or the harness cannot write a record (the
 code closed or replaced the descriptor), the worker exits at once with ``EXIT_UNREPORTED``, which the
 supervisor reports as a refusal. The supervisor adds what it sees from outside (``os.wait4``: the exit
-status or the killing signal, the CPU time used), and the caller decides the verdict with a kill or
+status or the killing signal, the CPU time used; as PID 1 the worker ends on a signal it raised at itself
+with ``EXIT_SIGNALLED`` + the signal, read back as that signal), and the caller decides the verdict with a kill or
 limit first: a line the code writes anywhere can neither make a refused, killed or failed run "ok" nor
 hide a refusal. The report on REPORT_FD is one JSON line: ``layers``, ``returncode`` (the worker's,
 negative for a signal), ``cpu_s``, ``violation`` (the first refusal, or null), ``outcome``
@@ -296,6 +297,26 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 MESSAGES = {NETWORK, PROCESSES, SIGNALS, CTYPES, WRITES}
 UNREPORTED = "the code closed or replaced the sandbox's report channel"
 EXIT_UNREPORTED = 125  # the worker's exit status when a record could not be sent
+# PID 1 of a namespace ignores a signal it raises at itself while its action is the default: the worker instead
+# ends with EXIT_SIGNALLED + the signal's number, and the supervisor reports that as death by the signal. Only
+# asynchronous signals whose default ends a process: a fault (SIGSEGV, SIGBUS, SIGFPE, SIGILL) is forced on PID 1
+# by the kernel anyway, and abort()'s SIGABRT cannot reach a Python handler (it then ends in a SIGSEGV).
+EXIT_SIGNALLED = 160
+INIT_SIGNALS = ("SIGHUP", "SIGQUIT", "SIGTRAP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTERM", "SIGVTALRM", "SIGPROF",
+                "SIGIO", "SIGPWR", "SIGSTKFLT")
+
+
+def end_as_by_default() -> None:
+    """In PID 1 of the sandbox's namespace: each signal of ``INIT_SIGNALS`` still at its default action ends the
+    process as the default would elsewhere (no cleanup, no flush), told apart by its exit status. A handler the
+    code sets replaces this one, as it would replace the default."""
+    def die(signum, frame):
+        os._exit(EXIT_SIGNALLED + signum)
+
+    for name in INIT_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+            signal.signal(number, die)
 
 
 def make_hook(tmp: str, violations: list[str], report=lambda message: None):
@@ -399,6 +420,8 @@ def worker(code: str, tmp: str, limits: dict, channel: int, key: str, ctypes, li
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         send = sender(channel, key)
         set_limits(limits, init=pid_ns)
+        if pid_ns:
+            end_as_by_default()
         layers = ["pid"] if pid_ns and mount_proc(libc) else []
         layers += confine(libc, ctypes, limits)
         send("R", json.dumps(layers))  # the first record: before any of the code
@@ -446,6 +469,8 @@ def supervise(channel: socket.socket, pid: int, key: str, pid_ns: bool = False) 
         first = False
     _, wait_status, usage = os.wait4(pid, 0)
     returncode = os.waitstatus_to_exitcode(wait_status)
+    if pid_ns and EXIT_SIGNALLED < returncode <= EXIT_SIGNALLED + 64:  # PID 1's stand-in for death by that signal
+        returncode = EXIT_SIGNALLED - returncode
     if returncode == EXIT_UNREPORTED and violation is None:
         violation = UNREPORTED
     return {"layers": layers, "returncode": returncode, "cpu_s": usage.ru_utime + usage.ru_stime,

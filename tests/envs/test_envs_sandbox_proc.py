@@ -166,3 +166,18 @@ def test_errors_and_output_are_reported_as_before():
     result = run("x = 1\nprint('before')\nx // 0")
     assert result.status == "error"
     assert result.text() == "before\nerror: ZeroDivisionError: integer division or modulo by zero (line 3)"
+
+
+@pytest.mark.parametrize("code, verdict", [
+    ("import signal\nprint('before', flush=True)\nsignal.raise_signal(signal.SIGTERM)\nprint('alive')",
+     "before\nkilled: signal SIGTERM"),
+    ("import signal, time\nsignal.alarm(1)\ntime.sleep(30)\nprint('alive')", "killed: signal SIGALRM"),
+    ("import signal\nsignal.signal(signal.SIGUSR1, lambda *a: print('handled'))\nsignal.raise_signal(signal.SIGUSR1)\n"
+     "print('alive')", "handled\nalive"),
+], ids=["raised", "alarm", "own-handler"])
+def test_a_signal_the_code_raises_at_itself_ends_it_as_it_would_outside(code, verdict):
+    """PID 1 of a namespace ignores a signal at its default action: code that raised SIGTERM at itself, or let an
+    alarm go off, went on and was reported "ok". It now ends as by that signal; a handler of its own still runs."""
+    result = run(code)
+    assert result.text() == verdict, result
+    assert result.status == ("ok" if verdict.endswith("alive") else "killed")
