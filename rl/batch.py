@@ -51,6 +51,7 @@ class Batch:
     routing_btlk: torch.Tensor | None = None
     doc_ids_bt: torch.Tensor | None = None
     doc_parents_bt: torch.Tensor | None = None  # shared prompts: the document each position's document continues
+    real_bt: torch.Tensor | None = None  # [B, T] bool: the positions holding an episode's token, not padding (MoE load)
     norm_tokens: float = 0.0  # 0 = this batch's own action tokens / rows
     norm_seqs: float = 0.0
 
@@ -68,7 +69,7 @@ class Batch:
 
 
 TENSOR_FIELDS = ("input_ids_bt", "target_ids_bt", "action_mask_bt", "rollout_logp_bt", "adv_bt", "routing_btlk", "doc_ids_bt",
-                 "doc_parents_bt")
+                 "doc_parents_bt", "real_bt")
 
 
 def collate(trajectories, advantages, pad_id: int = 0, with_routing: bool = False,
@@ -81,6 +82,7 @@ def collate(trajectories, advantages, pad_id: int = 0, with_routing: bool = Fals
     input_ids = torch.full((b, t), pad_id, dtype=torch.long)
     target_ids = torch.full((b, t), pad_id, dtype=torch.long)
     mask = torch.zeros(b, t)
+    real = torch.zeros(b, t, dtype=torch.bool)
     logp = torch.zeros(b, t)
     adv = torch.zeros(b, t)
     routing = None
@@ -92,6 +94,7 @@ def collate(trajectories, advantages, pad_id: int = 0, with_routing: bool = Fals
         ids = torch.as_tensor(tr.token_ids, dtype=torch.long)
         input_ids[i, :n], target_ids[i, :n] = ids[:-1], ids[1:]
         mask[i, :n] = torch.as_tensor(tr.is_action[1:], dtype=torch.float32)
+        real[i, :n] = True
         logp[i, :n] = torch.as_tensor(tr.sample_logprobs[1:], dtype=torch.float32)
         a = advantages[i]
         adv[i, :n] = torch.as_tensor(a[1:], dtype=torch.float32) if isinstance(a, (list, tuple)) else mask[i, :n] * float(a)
@@ -100,7 +103,7 @@ def collate(trajectories, advantages, pad_id: int = 0, with_routing: bool = Fals
                 raise ValueError(f"routing replay is on but the trajectory of {tr.env_id} seed {tr.seed} has no routed_experts; "
                                  "the rollout must record routing (it does when algo.routing_replay=true)")
             routing[i, :n] = torch.as_tensor(tr.routed_experts[:n], dtype=torch.long)
-    return Batch(input_ids, target_ids, mask, logp, adv, routing, norm_tokens=norm_tokens, norm_seqs=norm_seqs)
+    return Batch(input_ids, target_ids, mask, logp, adv, routing, real_bt=real, norm_tokens=norm_tokens, norm_seqs=norm_seqs)
 
 
 def micro_batches(lengths: list[int], micro_batch_tokens: int) -> list[list[int]]:

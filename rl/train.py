@@ -422,10 +422,11 @@ def policy_update(model, optimizer, batch: Batch, cfg: RLStageConfig, ref_model=
             ref_cache[j] = reference_logprobs(ref_model, mb, replay, dist, cfg.train, par)  # a filler runs one too)
         with par.no_sync(last=j == len(share) - 1):
             with par.autocast():
-                # a filler's tokens are no load: the experts' counts (and the balancing step) equal one process's
-                uncounted = None if weight else torch.zeros_like(mb.input_ids_bt, dtype=torch.bool)
+                # the MoE load counts the episodes' tokens, not padding (as SFT's does), and nothing of a filler: the
+                # experts' counts (and the balancing step) equal one process's
+                counted = mb.real_bt if weight else torch.zeros_like(mb.input_ids_bt, dtype=torch.bool)
                 out, (logp_bt, entropy_bt) = score(model, mb, replay, dist, cfg.train,
-                                                   record=mb.routing_btlk is not None and replay is None, load_mask=uncounted)
+                                                   record=mb.routing_btlk is not None and replay is None, load_mask=counted)
                 old_logp_bt = mb.rollout_logp_bt if old_from_rollout else logp_bt.detach()
                 loss_bt, clipped_bt = loss_fn(logp_bt, old_logp_bt, mb.adv_bt, mask_bt, mb_clip)
                 loss = aggregate_loss(loss_bt, mask_bt, agg, n_tokens, n_seqs)

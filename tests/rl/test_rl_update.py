@@ -250,6 +250,26 @@ def test_a_reference_equal_to_the_policy_gives_a_kl_of_exactly_zero(dtype):
     assert all(p.grad is None for p in ref.parameters())
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_the_moe_load_counts_the_episodes_tokens_and_not_padding(packed):
+    """What the selection-bias step balances: each MoE layer's routed slots are k per position holding an episode's
+    token (as in SFT); padding counted too (300 slots against 248 here) and pushed the experts it routed to away."""
+    from hybrid_rl.rl.batch import trained_lengths
+
+    model = _model()
+    k, layers = model.config.num_experts_per_tok, [model.backbone.layers[i].mixer for i in model.moe_layers]
+    cfg = _cfg("train.micro_batch_tokens=100000", f"train.pack_sequences={str(packed).lower()}", "algo.skip_zero_advantage=false")
+    trajs = _trajectories(model)
+    batch, _ = make_batch(trajs, cfg, 0)
+    width = max(trained_lengths(batch))  # one micro-batch; unpacked rows are cut after the last action (trim)
+    real = sum(trained_lengths(batch)) if packed else sum(min(len(t.token_ids) - 1, width) for t in trajs)
+    assert real < len(trajs) * width  # there is padding to leave out
+    for mixer in layers:
+        mixer.expert_load.zero_()
+    policy_update(model, GradRecorder(model), batch, cfg)
+    assert layers and all(float(mixer.expert_load.sum()) == k * real for mixer in layers)
+
+
 @pytest.mark.parametrize("chunk", [0, 5], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize("truncated", [False, True], ids=["plain", "top-p"])
 def test_score_reads_only_action_positions_with_the_full_logits_values_and_gradients(chunk, truncated):
