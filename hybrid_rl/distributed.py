@@ -218,16 +218,9 @@ class Parallel:
         if getattr(model, "mtp", None) is not None:  # no loss of these trainers reaches the MTP block: frozen, so
             model.mtp.requires_grad_(False)          # DDP does not wait for gradients that never come
         if self.strategy == "fsdp":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
             if self.is_main:
                 self._shadow = copy.deepcopy(model).requires_grad_(False)
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.dtype == "bf16" \
-                else MixedPrecisionPolicy()
-            model.to(self.device)
-            for block in model.backbone.layers:
-                fully_shard(block, mp_policy=mp)
-            fully_shard(model, mp_policy=mp)
+            self._shard(model)
             self.model = self.core = model
             return model, make_optimizer(model)
         optimizer = make_optimizer(model)
@@ -255,19 +248,24 @@ class Parallel:
             ref.mtp = None
         if self.strategy != "fsdp":
             return ref.to("cpu" if offload else self.device)
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-        bf16 = self.dtype == "bf16"
-        if bf16:  # parameters only: buffers (the MoE correction bias) stay fp32, as the policy's do
+        if self.dtype == "bf16":  # parameters only: buffers (the MoE correction bias) stay fp32, as the policy's do
             for p in ref.parameters():
                 p.data = p.data.to(torch.bfloat16)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        place = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else OffloadPolicy()
-        ref.to(self.device)
-        for block in ref.backbone.layers:
-            fully_shard(block, mp_policy=mp, offload_policy=place)
-        fully_shard(ref, mp_policy=mp, offload_policy=place)
+        self._shard(ref, offload)
         return ref
+
+    def _shard(self, model, offload: bool = False) -> None:
+        """FSDP2 on the device, per hybrid block and once more at the root, with the run's mixed precision (bf16:
+        bf16 all-gathers, fp32 gradient reduction); ``offload``: the shards in host memory (``CPUOffloadPolicy``)."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.dtype == "bf16" \
+            else MixedPrecisionPolicy()
+        place = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else OffloadPolicy()
+        model.to(self.device)
+        for block in model.backbone.layers:
+            fully_shard(block, mp_policy=mp, offload_policy=place)
+        fully_shard(model, mp_policy=mp, offload_policy=place)
 
     def autocast(self):
         if not self._autocast:
