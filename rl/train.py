@@ -64,7 +64,7 @@ from hybrid_rl.rl.losses import (COV_LOSSES, POLICY_LOSSES, ClipRange, ScoringDi
 from hybrid_rl.rl.routing import routing_mismatch
 from hybrid_rl.rollout.evaluate import evaluate_policy as evaluate_policy_on
 from hybrid_rl.rollout.evaluate import rollout_metrics, sample_row
-from hybrid_rl.rollout.pool import RolloutPool, check_reachable, make_pool
+from hybrid_rl.rollout.pool import check_reachable, make_pool
 
 log = logging.getLogger("hybrid_rl.rl")
 
@@ -702,7 +702,7 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
             # its copy stays on the device
             if not is_async or par.strategy == "fsdp":
                 return state
-            to = "cpu" if isinstance(pool, RolloutPool) else None
+            to = "cpu" if cfg.rollout.pool.num_workers else None  # Ray workers (make_pool's choice)
             return {k: v.detach().to(to or v.device, copy=True) for k, v in state.items()}
 
         def push_and_play(state, version, at_step):  # policy version = updates applied so far; None: pushed already
