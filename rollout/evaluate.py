@@ -128,8 +128,11 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     """The ``rollout/*`` names of a training step's episodes (docs/METRICS.md), for the RL loop.
 
     ``rollout/reward`` is the mean return and ``rollout/reward_components/<name>`` the mean per episode of
-    each named part of it; groups are (env_id, group_id); failed episodes are left out of the group
-    statistics."""
+    each named part of it over the step's pooled episodes, ``rollout/reward_components/<name>/<env>`` the same
+    per env (an env that never gives a part counts it as 0); groups are (env_id, group_id); failed episodes are
+    left out of the group statistics."""
+    from hybrid_rl.metrics import env_key
+
     out = metrics_from_summary(summarize(trajectories, over_envs=False), "rollout")
     out = {k.replace("rollout/return", "rollout/reward"): v for k, v in out.items()}
     groups: dict[tuple, list[float]] = {}
@@ -140,9 +143,20 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
     out["rollout/zero_std_groups"] = sum(max(g) == min(g) for g in groups.values()) / len(groups) if groups else math.nan
     ok = [t for t in trajectories if not t.failed]
     out["rollout/tokens_per_episode"] = sum(t.num_action_tokens for t in ok) / len(ok) if ok else math.nan
-    for name in sorted({name for t in ok for parts in t.reward_components for name in parts}):
-        out[f"rollout/reward_components/{name}"] = sum(parts.get(name, 0.0) for t in ok for parts in t.reward_components) / len(ok)
+    names = sorted({name for t in ok for parts in t.reward_components for name in parts})
+    by_env: dict[str, list[Trajectory]] = {}
+    for t in ok:
+        by_env.setdefault(t.env_id, []).append(t)
+    for name in names:
+        out[f"rollout/reward_components/{name}"] = _component_mean(ok, name)
+        for env_id, ts in by_env.items():
+            out[f"rollout/reward_components/{name}/{env_key(env_id)}"] = _component_mean(ts, name)
     return out
+
+
+def _component_mean(trajectories: list[Trajectory], name: str) -> float:
+    """The mean per episode of one named reward part (summed over the episode's turns)."""
+    return sum(parts.get(name, 0.0) for t in trajectories for parts in t.reward_components) / len(trajectories)
 
 
 def sample_row(t: Trajectory, **extra) -> dict:

@@ -55,6 +55,18 @@ def test_each_component_is_logged_as_its_own_series():
     row = rollout_metrics(trajs)
     assert row["rollout/reward_components/turn"] == pytest.approx((-0.04 - 0.06) / 2)
     assert row["rollout/reward_components/success"] == pytest.approx(0.5)
+    assert row["rollout/reward_components/turn/Buttons-v0"] == pytest.approx((-0.04 - 0.06) / 2)
+
+
+def test_each_component_is_also_logged_per_env_and_an_env_without_it_counts_zero():
+    other = _episode(2, [{"turn": -0.5}], success=False)
+    other.env_id = "mypkg.envs:Maze-v3"
+    trajs = [_episode(0, [{"turn": -0.02}, {"turn": -0.02, "success": 1.0}], success=True), _fail(1, 3), other]
+    row = rollout_metrics(trajs)
+    assert row["rollout/reward_components/success/Buttons-v0"] == pytest.approx(0.5)
+    assert row["rollout/reward_components/success/Maze-v3"] == 0.0  # the part is named by another env only
+    assert row["rollout/reward_components/turn/Maze-v3"] == pytest.approx(-0.5)
+    assert row["rollout/reward_components/turn"] == pytest.approx((-0.04 - 0.06 - 0.5) / 3)  # pooled episodes
 
 
 def test_a_weight_that_is_not_a_number_is_rejected():
