@@ -124,11 +124,24 @@ class PipelineStageConfig:
         if splits:
             raise ValueError(f"{', '.join(splits)}: the stages' evals play the seeds of eval.split={self.eval.split}, so "
                              "that a val run never shows a held-out figure; set eval.split instead")
+        # the SFT stage's evals play by RL's turn rules (set from rl.rollout, so both rows are measured alike)
+        rules = [f"sft.eval.{key}" for key, rl_value in self.turn_rules().items()
+                 if getattr(self.sft.eval, key) not in (getattr(SFTEvalConfig(), key), rl_value)]
+        if rules:
+            raise ValueError(f"{', '.join(rules)}: the SFT stage's evals play by the RL rollouts' turn rules, so that "
+                             "the SFT and RL figures are measured alike; set rl.rollout.sampling.stop_strings / "
+                             "ascii_only, rl.rollout.env_timeout_s / end_on_invalid_action instead")
         many = [f"{stage}.train.processes={train.processes}" for stage, train in (("sft", self.sft.train), ("rl", self.rl.train))
                 if train.processes > 1]
         if many:
             raise ValueError(f"{', '.join(many)}: the pipeline runs its stages in one process; start several with "
                              "`hybrid-rl sft|rl ... train.processes=N` (each launches its own processes)")
+
+    def turn_rules(self) -> dict:
+        """The RL rollouts' turn rules, as ``SFTEvalConfig`` keys: the SFT stage's evals play by them too."""
+        rollout = self.rl.rollout
+        return {"stop_strings": list(rollout.sampling.stop_strings), "ascii_only": rollout.sampling.ascii_only,
+                "env_timeout_s": rollout.env_timeout_s, "end_on_invalid_action": rollout.end_on_invalid_action}
 
 
 # ------------------------------------------------------------------------------ the stages
@@ -179,7 +192,7 @@ def pipeline(cfg: PipelineStageConfig) -> dict:
     from hybrid_rl.sft.config import SFTStageConfig
 
     data = DataConfig(**{**vars(cfg.sft.data), "envs": [], "jsonl_paths": [str(base / "demonstrations.jsonl")]})
-    sft_eval = SFTEvalConfig(**{**vars(cfg.sft.eval), "env_ids": list(cfg.envs), "split": cfg.eval.split})
+    sft_eval = SFTEvalConfig(**{**vars(cfg.sft.eval), "env_ids": list(cfg.envs), "split": cfg.eval.split, **cfg.turn_rules()})
     sft_cfg = SFTStageConfig(run=stage_run("sft"), model=cfg.model, init_from=cfg.init_from or None, data=data,
                              train=cfg.sft.train, eval=sft_eval, logging=cfg.logging)
     t_sft = time.time()

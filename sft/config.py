@@ -17,6 +17,7 @@ from typing import Literal
 from hybrid_rl.distributed import ParallelTrainConfig, check_adam_betas
 from hybrid_rl.run import RunConfig
 from hybrid_rl.model.config import HybridConfig
+from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
 
 try:
     from hybrid_rl.metrics import LoggingConfig
@@ -103,6 +104,20 @@ class SFTEvalConfig:
     # the seeds played: "eval" (held out, for reporting) or "val" (for choosing a recipe without looking at the
     # held-out seeds; the pipeline's eval.split sets it); the metrics are named eval/... either way
     split: Literal["eval", "val"] = "eval"
+    # the turn rules the eval plays by, as RL's rollout.sampling / rollout.* keys of the same names (the pipeline
+    # sets them from its rl.rollout, so that the SFT and RL figures are measured alike)
+    stop_strings: list[str] = field(default_factory=list)  # end a turn when its text ends with one
+    ascii_only: bool = False  # forbid bytes >= 128 in the model's turns
+    env_timeout_s: float = 30.0  # an env reset/step slower than this marks the episode `timeout` (0 = no limit)
+    end_on_invalid_action: bool = False  # end an episode at its first unparsable action
+
+    def __post_init__(self):
+        self.turn_rules()  # the rollout configs' own checks, with their messages
+
+    def turn_rules(self):
+        """(sampling, episode) rollout settings carrying the eval's turn rules (``evaluate_policy``'s ``rollout_like``)."""
+        return (SamplingConfig(stop_strings=list(self.stop_strings), ascii_only=self.ascii_only),
+                EpisodeConfig(env_timeout_s=self.env_timeout_s, end_on_invalid_action=self.end_on_invalid_action))
 
 
 @dataclass

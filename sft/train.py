@@ -147,7 +147,8 @@ def run_eval(core, tokenizer, cfg: SFTStageConfig, heldout_docs, logger, step: i
     """Greedy episodes on the held-out eval seeds (``eval.split``), and the loss on held-out demonstrations; logged
     at ``step``."""
     metrics, trajs = evaluate_policy(core, tokenizer, cfg.eval_env_ids, cfg.eval.episodes_per_env,
-                                     max_turn_tokens=cfg.eval.max_turn_tokens, split=cfg.eval.split)
+                                     max_turn_tokens=cfg.eval.max_turn_tokens, split=cfg.eval.split,
+                                     rollout_like=cfg.eval.turn_rules())
     if heldout_docs:
         metrics["eval/loss"] = heldout_loss(core, heldout_docs, cfg.data.max_seq_tokens, tokenizer.pad_id)
     logger.log(metrics, step)

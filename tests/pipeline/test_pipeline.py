@@ -39,6 +39,8 @@ def test_pipeline_config_errors_name_the_section(tmp_path, monkeypatch, capsys):
     assert "rl.train.processes=2: the pipeline runs its stages in one process" in capsys.readouterr().err
     assert main(["pipeline", "rl.eval.split=val"]) == 2  # would show held-out figures in a val run, or the reverse
     assert "rl.eval.split=val: the stages' evals play the seeds of eval.split=eval" in capsys.readouterr().err
+    assert main(["pipeline", "sft.eval.end_on_invalid_action=true"]) == 2  # SFT's figures would be measured otherwise
+    assert "sft.eval.end_on_invalid_action: the SFT stage's evals play by the RL rollouts' turn rules" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
@@ -55,6 +57,7 @@ def test_a_val_run_evaluates_both_stages_on_val_seeds(tmp_path, monkeypatch, cap
 
     def fake_sft(cfg):
         seen["sft"] = cfg.eval.split
+        seen["sft_rules"] = cfg.eval.turn_rules()
         return {"checkpoint": str(tmp_path / "ckpt"), "run_dir": str(tmp_path / "sft")}
 
     def fake_rl(cfg):
@@ -67,7 +70,13 @@ def test_a_val_run_evaluates_both_stages_on_val_seeds(tmp_path, monkeypatch, cap
     for split in ("val", "eval"):
         with pytest.raises(Stop):
             main(["pipeline", *TOY, "demos.episodes_per_env=2", f"eval.split={split}", "run.overwrite=true"])
-        assert seen == {"sft": split, "rl": split}
+        assert {k: seen[k] for k in ("sft", "rl")} == {"sft": split, "rl": split}
+    # and by the RL rollouts' turn rules, so that the SFT and RL rows are measured alike
+    with pytest.raises(Stop):
+        main(["pipeline", *TOY, "demos.episodes_per_env=2", "run.overwrite=true", "rl.rollout.sampling.stop_strings=['.']",
+              "rl.rollout.sampling.ascii_only=true", "rl.rollout.env_timeout_s=7", "rl.rollout.end_on_invalid_action=true"])
+    sampling, episode = seen["sft_rules"]
+    assert (sampling.stop_strings, sampling.ascii_only, episode.env_timeout_s, episode.end_on_invalid_action) == (["."], True, 7, True)
 
 
 @pytest.mark.slow

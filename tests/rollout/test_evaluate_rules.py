@@ -1,13 +1,17 @@
 """The stages' evals play by the training rollouts' turn rules: RL's in-loop eval and the pipeline's final eval
 take ``rollout.sampling.stop_strings`` / ``ascii_only`` and ``rollout.env_timeout_s`` / ``end_on_invalid_action``
 (they were played with the defaults, so a policy trained with turns cut at a stop string was evaluated without
-the cut)."""
+the cut); the SFT stage's eval takes its own ``eval.*`` keys of the same names, which the pipeline sets from RL's."""
 
 from collections import Counter
+
+import pytest
 
 from hybrid_rl.config import load_config
 from hybrid_rl.rl.config import RLStageConfig
 from hybrid_rl.rl.train import evaluate_policy
+from hybrid_rl.sft.config import SFTStageConfig
+from hybrid_rl.sft.train import run_eval
 from helpers import TOK, make_model
 
 ENV = "hybrid_rl/GuessNumber-v0"
@@ -36,3 +40,24 @@ def test_eval_turns_end_at_the_rollouts_stop_strings_and_keep_their_byte_ban():
     assert all(stop not in a[:-len(stop)] for a in actions)  # the turn ended at its first stop string
     assert any(a.endswith(stop) for a in actions)
     assert any(not text.isascii() for text in texts)  # without the ban a random byte model writes non-ASCII bytes
+
+
+def test_the_sft_stages_eval_plays_by_its_turn_rules(tmp_path):
+    class Logger:
+        def log(self, metrics, step):
+            self.metrics = metrics
+
+        def log_samples(self, rows, step):
+            self.rows = rows
+
+    def turns(*overrides):
+        cfg = load_config(SFTStageConfig, None, [f"data.envs=[{{env_id: {ENV}, episodes: 2}}]", "eval.max_turn_tokens=8",
+                                                 "eval.episodes_per_env=3", *overrides])
+        logger = Logger()
+        run_eval(make_model("micro"), TOK, cfg, [], logger, step=0)
+        return logger.metrics["eval/turns"], logger.metrics["eval/invalid_actions"]
+
+    assert turns("eval.end_on_invalid_action=true") == (1.0, 1.0)  # a random model writes no number: ended at once
+    assert turns()[0] > 1
+    with pytest.raises(ValueError, match="stop_strings may not hold an empty string"):
+        load_config(SFTStageConfig, None, ["eval.stop_strings=['']"])
