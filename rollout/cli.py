@@ -116,7 +116,7 @@ def evaluate_checkpoint(cfg: EvalStageConfig):
 
         from hybrid_rl.rollout.pool import CheckpointModel
 
-        model = CheckpointModel(cfg.eval.checkpoint)().to("cuda" if torch.cuda.is_available() else "cpu")
+        model = CheckpointModel(cfg.eval.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")()  # read onto it
         return evaluate(model, CheckpointTokenizer(cfg.eval.checkpoint)(), cfg.eval.envs, episodes=cfg.eval.episodes,
                         split=cfg.eval.seed_split, sampling=cfg.sampling, episode=cfg.episode)
     from hybrid_rl.rollout.pool import CheckpointModel, RolloutPool

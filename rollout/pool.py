@@ -83,14 +83,16 @@ class ObjectStoreTooSmallError(ValueError):
 
 @dataclass
 class CheckpointModel:
-    """``hybrid_rl.model.hf.load_pretrained(path)`` inside the worker (fp32 on CPU)."""
+    """``hybrid_rl.model.hf.load_pretrained(path)`` inside the worker, fp32, read onto ``device`` (the CPU by
+    default: a Ray worker moves its model to its GPU itself)."""
 
     path: str
+    device: str | None = None
 
     def __call__(self):
         from hybrid_rl.model.hf import load_pretrained
 
-        return load_pretrained(self.path).float()
+        return load_pretrained(self.path, device=self.device, dtype=torch.float32).float()
 
 
 @dataclass

@@ -84,3 +84,40 @@ def test_eval_takes_a_module_prefixed_env_id(checkpoint, tmp_path, monkeypatch):
     assert main(args) == 0
     report = json.loads((tmp_path / "plug" / "eval.json").read_text())
     assert report["summary"]["evalplugin_mod:evalplugin/Turns-v0"]["episodes"] == 2
+
+
+def test_the_in_process_eval_reads_the_checkpoint_onto_its_device(checkpoint, tmp_path, monkeypatch):
+    """On a GPU machine the weights are read onto the GPU in fp32 (they were built on the host, then moved: a
+    host copy of the whole model on the way)."""
+    import torch
+
+    import hybrid_rl.model.hf as hf
+
+    class Loaded(Exception):
+        pass
+
+    def load(path, device=None, dtype=None):
+        raise Loaded(device, dtype)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hf, "load_pretrained", load)
+    with pytest.raises(Loaded) as got:
+        main(eval_args(checkpoint, tmp_path, 0))
+    assert got.value.args == ("cuda", torch.float32)
+
+
+def test_a_bf16_checkpoint_is_evaluated_in_fp32(tmp_path):
+    import torch
+
+    from hybrid_rl.model import HybridConfig, HybridLM
+    from hybrid_rl.model.hf import save_pretrained
+    from hybrid_rl.model.tokenizer import ByteTokenizer
+    from hybrid_rl.rollout.pool import CheckpointModel
+
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.from_preset("micro")).to(torch.bfloat16)
+    save_pretrained(model, tmp_path / "bf16", ByteTokenizer())
+    loaded = CheckpointModel(str(tmp_path / "bf16"), "cpu")()
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    want = dict(model.named_parameters())
+    assert all(torch.equal(p, want[name].float()) for name, p in loaded.named_parameters())
