@@ -58,6 +58,7 @@ negative for a signal), ``cpu_s``, ``violation`` (the first refusal, or null), `
 Standard library only: this file runs without the project on its path.
 """
 
+import functools
 import json
 import os
 import platform
@@ -300,7 +301,8 @@ EXIT_UNREPORTED = 125  # the worker's exit status when a record could not be sen
 # PID 1 of a namespace ignores a signal it raises at itself while its action is the default: the worker instead
 # ends with EXIT_SIGNALLED + the signal's number, and the supervisor reports that as death by the signal. Only
 # asynchronous signals whose default ends a process: a fault (SIGSEGV, SIGBUS, SIGFPE, SIGILL) is forced on PID 1
-# by the kernel anyway, and abort()'s SIGABRT cannot reach a Python handler (it then ends in a SIGSEGV).
+# by the kernel anyway, and abort()'s SIGABRT cannot reach a Python handler (os.abort is replaced; an abort in C
+# code ends in a SIGSEGV).
 EXIT_SIGNALLED = 160
 INIT_SIGNALS = ("SIGHUP", "SIGQUIT", "SIGTRAP", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTERM", "SIGVTALRM", "SIGPROF",
                 "SIGIO", "SIGPWR", "SIGSTKFLT")
@@ -309,14 +311,37 @@ INIT_SIGNALS = ("SIGHUP", "SIGQUIT", "SIGTRAP", "SIGUSR1", "SIGUSR2", "SIGALRM",
 def end_as_by_default() -> None:
     """In PID 1 of the sandbox's namespace: each signal of ``INIT_SIGNALS`` still at its default action ends the
     process as the default would elsewhere (no cleanup, no flush), told apart by its exit status. A handler the
-    code sets replaces this one, as it would replace the default."""
+    code sets replaces this one, as it would replace the default; setting ``SIG_DFL`` back puts this one back,
+    and ``signal.getsignal`` / ``signal.signal`` show it as ``SIG_DFL``. ``os.abort()`` ends as by SIGABRT (the
+    kernel's SIGABRT is ignored in PID 1 and the process then faults; an abort inside C code still does)."""
     def die(signum, frame):
         os._exit(EXIT_SIGNALLED + signum)
 
+    ours = set()
     for name in INIT_SIGNALS:
         number = getattr(signal, name, None)
         if number is not None and signal.getsignal(number) == signal.SIG_DFL:
             signal.signal(number, die)
+            ours.add(int(number))
+    set_handler, get_handler = signal.signal, signal.getsignal
+
+    def shown(handler):
+        return signal.SIG_DFL if handler is die else handler
+
+    @functools.wraps(set_handler)
+    def signal_(signalnum, handler):
+        if handler == signal.SIG_DFL and int(signalnum) in ours:
+            handler = die
+        return shown(set_handler(signalnum, handler))
+
+    @functools.wraps(get_handler)
+    def getsignal(signalnum):
+        return shown(get_handler(signalnum))
+
+    def abort():  # as abort(3): nothing flushed
+        os._exit(EXIT_SIGNALLED + signal.SIGABRT)
+
+    signal.signal, signal.getsignal, os.abort = signal_, getsignal, functools.wraps(os.abort)(abort)
 
 
 def make_hook(tmp: str, violations: list[str], report=lambda message: None):
