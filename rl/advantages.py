@@ -27,8 +27,8 @@ Departures from the papers, and why:
   floor alone, so the divisor is also never below ``std_floor`` (``algo.grpo_std_floor``, default 0.25):
   for the 0/1 success rewards of the registered envs, below the std of any group of 8 whose successes
   differ (1 of 8: 0.33), so it only ever binds on groups that differ by shaping terms alone. For rewards
-  on another scale, set it to about a quarter of a success's reward (0 is the paper's grpo). rloo and
-  drgrpo never rescale.
+  on another scale, set it to about a quarter of a success's reward (0 leaves only the batch std's floor:
+  no setting gives the paper's group std alone). rloo and drgrpo never rescale.
 - std is the population std (divide by n, not n-1), so a group of one valid sample is well defined
   (advantage 0) instead of NaN; with all-equal returns every variant gives exactly 0.
 - Failed episodes do not count as reward 0: an infrastructure failure says nothing about the policy,

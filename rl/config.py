@@ -83,7 +83,8 @@ class AlgoConfig:
     # when the observation is the state, as FrozenLake's map); or everything before the action (any seeded env)
     state_key: Literal["env", "observation", "history"] = "env"
     policy_loss: str = "grpo"  # rl/losses.py: grpo | dapo | gspo | reinforce | clip-cov | kl-cov
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
+    # token-mean | seq-mean-token-sum | seq-mean-token-mean; auto: seq-mean-token-mean under gspo, else token-mean
+    loss_agg: str = "auto"
     clip_eps_low: float = 0.2  # ratio floor 1 - eps_low (grpo uses it on both sides)
     clip_eps_high: float = 0.28  # ratio ceiling 1 + eps_high for dapo (DAPO's clip-higher value)
     seq_clip_eps_low: float = 3e-4  # gspo: range of the length-normalised sequence ratio (GSPO paper)
@@ -118,6 +119,8 @@ class AlgoConfig:
     mode: Literal["sync", "async"] = "sync"  # async: rollouts of step k+1 run while step k trains
 
     def __post_init__(self):
+        if self.loss_agg == "auto":
+            self.loss_agg = "seq-mean-token-mean" if self.policy_loss == "gspo" else "token-mean"
         for registry, name in ((ADVANTAGES, self.advantage), (POLICY_LOSSES, self.policy_loss),
                                (AGGREGATIONS, self.loss_agg), (KL_ESTIMATORS, self.kl_estimator)):
             registry.get(name)  # an unknown name fails here, naming the closest valid one
@@ -149,6 +152,10 @@ class AlgoConfig:
         if self.credit != "episode" and self.policy_loss == "gspo":
             raise ValueError(f"policy_loss=gspo takes one ratio and one advantage per sequence, so it cannot use credit={self.credit}; "
                              f"use credit=episode with gspo, or policy_loss=grpo|dapo with credit={self.credit}")
+        if self.policy_loss == "gspo" and self.loss_agg != "seq-mean-token-mean":
+            raise ValueError(f"policy_loss=gspo weighs every sequence once (its length-normalised ratio times its advantage, "
+                             f"Zheng et al. 2025), and loss_agg={self.loss_agg} would weigh each by its length again; use "
+                             "algo.loss_agg=seq-mean-token-mean (or auto, the default) with gspo")
         if not (math.isfinite(self.grpo_std_floor) and self.grpo_std_floor >= 0):
             raise ValueError(f"grpo_std_floor must be a finite number >= 0, got {self.grpo_std_floor}: e.g. "
                              "algo.grpo_std_floor=0.25 (0 = only the batch std's floor)")

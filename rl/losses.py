@@ -20,6 +20,8 @@ Variants (``POLICY_LOSSES.get(name)``, cf. verl's ``register_policy_loss``):
                its clip range is ``algo.seq_clip_eps_low/high`` (3e-4 / 4e-4 as in the paper): a
                length-normalised ratio moves far less than a token's, and the token range (0.2) would
                leave it effectively unclipped. Its advantage is the sequence's mean token advantage.
+               Every sequence weighs the same, so it is aggregated with seq-mean-token-mean (the config
+               refuses another ``algo.loss_agg``: token-mean would weigh a sequence by its length).
     reinforce  -A * log pi, no ratio, no clipping (plain on-policy REINFORCE with a group baseline)
     clip-cov   grpo/dapo's clipped loss with the gradient of a few high-covariance tokens detached (Cui et al. 2025)
     kl-cov     the unclipped surrogate -r A, plus coef * |log r| on the top-covariance tokens (Cui et al. 2025)

@@ -55,7 +55,7 @@ def test_an_all_fail_group_of_different_lengths_gets_no_unit_sized_advantage(nam
     # alone in its batch too: rloo and drgrpo never rescale; grpo's divisor stops at algo.grpo_std_floor (0.25)
     alone = _adv_by_episode(trajs[:8], _cfg(f"algo.advantage={name}"))
     assert max(abs(a) for a in alone) < (0.45 if name == "grpo" else 0.2), alone
-    if name == "grpo":  # the paper's group std alone (floor 0) blows the shaping term up to unit size
+    if name == "grpo":  # alone in its batch with floor 0, the divisor is that group's std (the paper's): unit size
         paper = _adv_by_episode(trajs[:8], _cfg("algo.advantage=grpo", "algo.grpo_std_floor=0"))
         assert max(abs(a) for a in paper) > 1.0, paper
 

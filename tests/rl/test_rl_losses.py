@@ -157,3 +157,24 @@ def test_unknown_names_suggest():
         POLICY_LOSSES.get("gpso")
     with pytest.raises(ValueError, match="token-mean"):
         aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1), "token_mean", 1, 1)
+
+
+def test_gspo_weighs_every_sequence_once_whatever_its_length():
+    """GSPO's objective is a mean over sequences (Zheng et al. 2025): under token-mean a sequence of 8 tokens had
+    4x the weight of one of 2, the gradient of grpo with token-mean. gspo now takes seq-mean-token-mean by default
+    (``algo.loss_agg=auto``) and refuses another aggregation."""
+    from hybrid_rl.config import load_config
+    from hybrid_rl.rl.config import RLStageConfig
+
+    assert load_config(RLStageConfig, None, ["algo.policy_loss=gspo"]).algo.loss_agg == "seq-mean-token-mean"
+    assert load_config(RLStageConfig, None, []).algo.loss_agg == "token-mean"
+    for agg in ("token-mean", "seq-mean-token-sum"):
+        with pytest.raises(ValueError, match=f"loss_agg={agg} would weigh each by its length.*algo.loss_agg=seq-mean-token-mean"):
+            load_config(RLStageConfig, None, ["algo.policy_loss=gspo", f"algo.loss_agg={agg}"])
+    mask = torch.tensor([[1.0, 1.0] + [0.0] * 6, [1.0] * 8], dtype=torch.float64)
+    logp = torch.zeros(2, 8, dtype=torch.float64, requires_grad=True)
+    loss_bt, _ = POLICY_LOSSES.get("gspo")(logp, logp.detach(), torch.ones(2, 8, dtype=torch.float64), mask, CLIP)
+    loss = aggregate_loss(loss_bt, mask, "seq-mean-token-mean", num_tokens=10, num_seqs=2)
+    loss.backward()
+    per_sequence = (logp.grad * mask).sum(1)
+    assert torch.allclose(per_sequence, torch.tensor([-0.5, -0.5], dtype=torch.float64))  # 1/G each
