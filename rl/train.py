@@ -184,7 +184,9 @@ def play_step(pool, cfg: RLStageConfig, step: int):
     """This step's episodes -> (played, trained-on candidates, stats). Without dynamic sampling both are the
     one round's episodes. With it (DAPO), rounds of new groups are played until ``prompts_per_step`` groups
     are informative (some advantage is not 0) or ``max_refill_rounds`` extra rounds are spent; the batch
-    keeps the first ``prompts_per_step`` informative groups and drops the rest."""
+    keeps every informative group of the rounds before the last, and of the last round as many as still fit,
+    taken from the envs in turn (the first env to take one rotates with the round), so that the cut does not
+    fall on the envs listed last; the rest are dropped."""
     played, kept_groups, rounds = [], [], 0
     for round_ in range(rounds_per_step(cfg)):
         trajs = pool.run_groups(train_requests(cfg, step, round_))
@@ -192,10 +194,11 @@ def play_step(pool, cfg: RLStageConfig, step: int):
         rounds += 1
         if not cfg.algo.dynamic_sampling:
             return trajs, trajs, {}
-        kept_groups += [g for g in _by_group(trajs) if _informative(g, cfg)]
+        informative = [g for g in _by_group(trajs) if _informative(g, cfg)]
+        room = cfg.rollout.prompts_per_step - len(kept_groups)
+        kept_groups += _in_turn(informative, cfg.envs, first=step * rounds_per_step(cfg) + round_)[:room]
         if len(kept_groups) >= cfg.rollout.prompts_per_step:
             break
-    kept_groups = kept_groups[:cfg.rollout.prompts_per_step]
     n_played = len(_by_group(played))
     stats = {"rollout/groups_played": float(n_played), "rollout/groups_dropped": float(n_played - len(kept_groups)),
              "rollout/refill_rounds": float(rounds - 1)}
@@ -203,10 +206,24 @@ def play_step(pool, cfg: RLStageConfig, step: int):
 
 
 def _by_group(trajectories) -> list[list]:
+    """The episodes by group, in group-id order (not the order a pool finished them in)."""
     groups: dict[int, list] = {}
     for t in trajectories:
         groups.setdefault(t.group_id, []).append(t)
-    return list(groups.values())
+    return [groups[g] for g in sorted(groups)]
+
+
+def _in_turn(groups: list[list], env_ids: list[str], first: int) -> list[list]:
+    """``groups`` ordered one per env in turn, env ``first % len(env_ids)`` first: a cut after the first k takes
+    k // n_envs from each env (one more from the envs next in turn) where each has that many."""
+    queues = [[g for g in groups if g[0].env_id == env_id] for env_id in env_ids]
+    queues += [[g for g in groups if g[0].env_id not in env_ids]]  # (an env the config does not list: last)
+    n = len(env_ids)
+    order = [queues[(first + i) % n] for i in range(n)] + [queues[-1]]
+    out = []
+    for k in range(max((len(q) for q in order), default=0)):
+        out += [q[k] for q in order if k < len(q)]
+    return out
 
 
 def _informative(group, cfg: RLStageConfig) -> bool:

@@ -249,6 +249,33 @@ def test_dynamic_sampling_refills_until_the_step_has_enough_informative_groups()
     assert stats_capped["rollout/refill_rounds"] == 0 and len({t.group_id for t in kept_capped}) < 4
 
 
+def test_dynamic_sampling_cuts_the_last_round_evenly_across_envs():
+    """Two envs whose groups are informative equally often: the groups kept over many steps are shared equally.
+    The last round's informative groups were taken in group-id order, numbered env by env, so the first env
+    listed always won the last places (58% / 42% here)."""
+    envs = ["hybrid_rl/FrozenLake-v1", "hybrid_rl/GuessNumber-v0"]
+
+    class HalfInformative(ScriptedPool):
+        def run_groups(self, requests):
+            out = []
+            for r in reversed(requests):  # a pool returns groups in the order they finished
+                ok = (r.seed * 2654435761) % 97 < 58
+                out += [_episode(r.group_id, [1.0 if ok and i == 0 else 0.0], sample=i, env=r.env_id)
+                        for i in range(r.num_samples)]
+            return out
+
+    cfg = _cfg("algo.dynamic_sampling=true", "algo.max_refill_rounds=4", "rollout.prompts_per_step=4",
+               "rollout.samples_per_prompt=2", f"envs=[{envs[0]}, {envs[1]}]", "algo.dynamic_sampling_filter=success")
+    kept = {env: 0 for env in envs}
+    for step in range(150):
+        _, trajs, _ = play_step(HalfInformative(), cfg, step)
+        assert len({t.group_id for t in trajs}) == 4
+        for g in {(t.env_id, t.group_id) for t in trajs}:
+            kept[g[0]] += 1
+    share = kept[envs[0]] / sum(kept.values())
+    assert abs(share - 0.5) < 0.03, kept
+
+
 def test_dapo_filter_keeps_groups_whose_outcomes_differ_not_those_that_differ_only_by_shaping():
     # every group fails, but with different episode lengths (per-turn cost): informative by advantage, not by outcome
     class AllFail(ScriptedPool):
