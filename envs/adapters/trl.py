@@ -10,8 +10,13 @@ takes: ``reset(**kwargs) -> str | None``, its public methods are the tools, an o
   its return value is the next observation (role ``tool``). A malformed call, an unknown method, bad
   arguments, an exception in the method or a call that outlives ``tool_timeout_s`` is an invalid action
   whose observation says what was wrong and how to call the method; the episode goes on.
-- The first answer without a tool call ends the episode, as in TRL; its reward is ``get_reward()`` (0 without
-  one; an exception there is the env's error, so the episode is ``env_error``), success a positive reward.
+- The first answer without a tool call ends the episode, as in TRL; its reward is ``get_reward()`` plus TRL's
+  reward functions when ``reward_funcs`` names them (``["my_envs.rewards:solved"]``, each called as TRL calls
+  it, ``fn(environments=[env], prompts=[...], completions=[answer], **row)`` with the arguments it takes, and
+  returning a list of one number; each is a reward component under its name), success a positive reward.
+  As in TRL, a class with neither is refused (every episode would score 0); a reward that is None is "not
+  applicable" and left out (all None is an error), and one that is not a finite number, or an exception in
+  one, is the env's error (the episode is ``env_error``, with a message naming the function).
 - Rows: TRL's prompt comes from a dataset row and ``reset(**row)`` may append to it. ``rows`` (a list of dicts
   or a JSONL path) plays that part: the seed picks a row, ``reset`` gets its fields, and the first observation
   is the row's ``prompt`` (text, or chat messages: the user messages, a system message goes to the system
@@ -46,12 +51,22 @@ class TRLEnv(ToolCallingEnv):
 
     invalid_penalty = 0.0  # the reward is the env's own (get_reward); a failed tool call costs nothing extra
 
-    def __init__(self, factory: Any, rows: Any = None, tool_timeout_s: float = 10.0, render_mode: str | None = None):
+    def __init__(self, factory: Any, rows: Any = None, tool_timeout_s: float = 10.0, render_mode: str | None = None,
+                 reward_funcs: Any = None):
         super().__init__(render_mode=render_mode)
         self.inner = resolve_target(factory, "TRLEnv factory")()
         if not callable(getattr(self.inner, "reset", None)):
             raise ValueError(f"TRLEnv factory {factory!r} made a {type(self.inner).__name__} without reset(); a TRL "
                              f"environment defines reset(**kwargs) -> str | None, its tools as public methods.")
+        funcs = [reward_funcs] if isinstance(reward_funcs, str) or callable(reward_funcs) else list(reward_funcs or [])
+        self.reward_funcs = [resolve_target(f, "TRLEnv reward_funcs") for f in funcs]
+        if not self.reward_funcs and not callable(getattr(self.inner, "get_reward", None)):
+            raise ValueError(f"TRLEnv factory {factory!r}: {type(self.inner).__name__} has no get_reward() and no reward_funcs "
+                             "were given, so every episode would score 0 (TRL refuses this too). Add get_reward() -> float "
+                             "to the class, or pass TRL's reward functions: gymnasium.register(..., kwargs={'factory': "
+                             f"{factory if isinstance(factory, str) else 'module:Class'!r}, 'reward_funcs': ['module:reward_func']}}).")
+        self.row: dict = {}
+        self.last_prompt = ""
         self.rows = load_rows(rows, "TRLEnv rows")
         self.functions = tool_methods(self.inner)
         self.tools = [tool_spec(name, fn) for name, fn in self.functions.items()]
@@ -61,6 +76,7 @@ class TRLEnv(ToolCallingEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         row = self.rows[int(self.np_random.integers(len(self.rows)))] if self.rows else {}
+        self.row = row
         extra = self.inner.reset(**row, **({"seed": seed} if _takes(self.inner.reset, "seed") else {}))
         system, prompt = split_prompt(row.get("prompt"))
         observation = "\n".join(text for text in (prompt, extra) if text)
@@ -68,12 +84,28 @@ class TRLEnv(ToolCallingEnv):
             raise ValueError(f"{type(self.inner).__name__}.reset() returned {extra!r} and no row has a 'prompt': nothing to "
                              f"show the model. Return the task's text from reset(), or give TRLEnv rows with a 'prompt'.")
         self.system_prompt = system_prompt(system, self.tools)
+        self.last_prompt = observation
         return self.observe(observation)
 
     def final_answer(self, text: str):
+        parts: dict[str, float] = {}
+        name = type(self.inner).__name__
         get_reward = getattr(self.inner, "get_reward", None)
-        reward = float(_synchronous(get_reward)()) if callable(get_reward) else 0.0
-        return self.result("done", {"get_reward": reward}, terminated=True, success=reward > 0)
+        if callable(get_reward):
+            value = _reward_value(_synchronous(get_reward)(), f"{name}.get_reward()")
+            if value is not None:
+                parts["get_reward"] = value
+        for fn in self.reward_funcs:
+            value = _reward_value(_one(_call_reward_func(fn, self.inner, self.last_prompt, text, self.row), fn),
+                                  f"reward function {fn.__name__}")
+            if value is not None:
+                parts[fn.__name__] = value
+        if not parts:
+            who = ", ".join(["get_reward()"] * callable(get_reward) + [fn.__name__ for fn in self.reward_funcs])
+            raise ValueError(f"{name}: every reward ({who}) was None for this episode, so it has no reward; return a "
+                             "number where a reward applies")
+        reward = sum(parts.values())
+        return self.result("done", parts, terminated=True, success=reward > 0)
 
     def run_tool(self, call: ToolCall):
         result = call_tool(call, self.functions, self.tool_timeout_s)
@@ -81,6 +113,44 @@ class TRLEnv(ToolCallingEnv):
             return self.result(result.output, {}, role="tool")
         usage = f" Call it as {_usage(call.name, self.functions[call.name])}." if call.name in self.functions else ""
         return self.result(result.output + usage, {}, invalid=True, role="tool")
+
+
+def _reward_value(value: Any, who: str) -> float | None:
+    """A reward as a finite float; None stays None (TRL's "not applicable"); anything else is an error naming ``who``."""
+    import math
+    import numbers
+
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) and hasattr(value, "item"):
+        try:
+            value = value.item()  # a numpy or torch scalar
+        except (ValueError, RuntimeError):  # more than one element
+            pass
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{who} returned {value!r:.80}, expected a finite number (or None where it does not apply)")
+    return float(value)
+
+
+def _call_reward_func(fn: Callable[..., Any], env: Any, prompt: str, answer: str, row: dict) -> Any:
+    """``fn`` called as TRL's GRPOTrainer calls a reward function: keyword lists of one item each (this episode),
+    with the arguments it takes (all of them when it takes ``**kwargs``)."""
+    given = {"environments": [env], "prompts": [prompt], "completions": [answer],
+             **{k: [v] for k, v in row.items() if k not in ("environments", "prompts", "completions")}}
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        given = {k: v for k, v in given.items() if k in params}
+    return _synchronous(fn)(**given)
+
+
+def _one(values: Any, fn: Callable[..., Any]) -> Any:
+    """The one reward of a reward function's list (TRL's functions return one per completion of the batch)."""
+    if isinstance(values, (list, tuple)):
+        if len(values) != 1:
+            raise ValueError(f"reward function {fn.__name__} returned {len(values)} rewards for one completion; it is "
+                             "called with lists of one item (environments=[env], completions=[answer]) and returns [reward]")
+        return values[0]
+    return values
 
 
 def tool_methods(obj: Any) -> dict[str, Callable[..., Any]]:

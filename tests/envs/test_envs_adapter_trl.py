@@ -90,6 +90,76 @@ def test_bad_adapter_input_names_the_problem_and_the_fix(kwargs, message):
     assert message in str(err.value)
 
 
+class _Counter:
+    """As TRL's docs write one: no get_reward; a reward function reads the environment's state."""
+
+    def reset(self, **row):
+        self.counter = 0
+        return "Count to 3."
+
+    def increment(self, step: int) -> int:
+        """Add to the counter."""
+        self.counter += step
+        return self.counter
+
+
+def counted_to_three(environments, **kwargs):
+    return [1.0 if env.counter == 3 else 0.0 for env in environments]
+
+
+def said_three(completions, target):  # TRL's completions and a dataset column; no **kwargs
+    return [0.5 if c.strip() == str(t) else None for c, t in zip(completions, target)]
+
+
+def test_a_class_without_get_reward_is_refused_unless_reward_funcs_are_given():
+    """It scored 0 in every episode without a word (TRL refuses it: "No reward source provided")."""
+    with pytest.raises(ValueError, match="has no get_reward\\(\\) and no reward_funcs.*'reward_funcs': \\['module:reward_func'\\]"):
+        TRLEnv(_Counter)
+    env = TRLEnv(_Counter, reward_funcs=[counted_to_three, said_three], rows=[{"prompt": "Go.", "target": 3}])
+    env.reset(seed=0)
+    env.step(call("increment", step=3))
+    obs, reward, terminated, _, info = env.step("3")
+    assert (reward, terminated, info["success"]) == (1.5, True, True)
+    assert info["reward_components"] == {"counted_to_three": 1.0, "said_three": 0.5}
+    env.reset(seed=0)
+    env.step(call("increment", step=2))
+    _, reward, _, _, info = env.step("two")  # said_three is None ("not applicable"): left out
+    assert (reward, info["reward_components"]) == (0.0, {"counted_to_three": 0.0})
+
+
+def _nan_reward(environments, **kwargs):
+    return [float("nan")]
+
+
+def _two_rewards(environments, **kwargs):
+    return [1.0, 0.0]
+
+
+class _ListReward(adapter_test_envs.Vault):
+    def get_reward(self):
+        return [1.0]
+
+
+class _NoneReward(adapter_test_envs.Vault):
+    def get_reward(self):
+        return None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"factory": _Counter, "reward_funcs": [_nan_reward]}, "reward function _nan_reward returned nan, expected a finite number"),
+    ({"factory": _Counter, "reward_funcs": [_two_rewards]}, "_two_rewards returned 2 rewards for one completion"),
+    ({"factory": _ListReward}, "_ListReward.get_reward() returned [1.0], expected a finite number"),
+    ({"factory": _NoneReward}, "every reward (get_reward()) was None for this episode"),
+    ({"factory": _Counter, "reward_funcs": ["test_envs_adapter_trl:counted_to_thre"]}, "Did you mean test_envs_adapter_trl:counted_to_three?"),
+])
+def test_a_reward_that_is_not_a_number_names_its_function(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        env = TRLEnv(**kwargs)
+        env.reset(seed=0)
+        env.step("an answer")
+    assert message in str(err.value)
+
+
 def test_nothing_to_show_the_model_says_what_to_return():
     with pytest.raises(ValueError, match="returned None and no row has a 'prompt'.*Return the task's text from reset"):
         TRLEnv(_Silent).reset(seed=0)
