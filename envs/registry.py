@@ -135,12 +135,15 @@ def import_env_modules(modules) -> None:
                                           "fix that module (its top-level code runs on import) or leave it out.") from err
 
 
-def check_env_ids(env_ids, env_modules=()) -> None:
+def check_env_ids(env_ids, env_modules=(), timeout_s: float = 30.0) -> None:
     """A stage's env ids, before any work: unknown ids, a ``module:id`` whose module fails to import and malformed
     id arguments are a ``ConfigError`` with gymnasium's did-you-mean; ids that ``pool.env_modules`` registers are
-    known once those modules are imported. Each env is then made and reset once (on its first train seed) and
-    closed, so that arguments its constructor refuses (``GuessNumber-v0(nn=3)``, ``(n=abc)``) and a reset that
-    cannot work (``reset(self)`` without ``seed``) fail here, not as an ``env_error`` in every episode of the run."""
+    known once those modules are imported. Each env is then made, reset once (on its first train seed), stepped
+    once with an arbitrary action (the first actions of a policy are arbitrary text) and closed, within
+    ``timeout_s`` (the stage's ``env_timeout_s``; 0 = no limit), so that arguments its constructor refuses
+    (``GuessNumber-v0(nn=3)``), a reset or step that fails or returns what the engine cannot read (a 4-tuple
+    step, an observation that is not text) and one that hangs fail here, not as an ``env_error`` in every episode
+    of a run that then trains on nothing."""
     from hybrid_rl.config import ConfigError
 
     try:
@@ -152,23 +155,83 @@ def check_env_ids(env_ids, env_modules=()) -> None:
             resolve_id(env_id)
         except (UnknownEnvironmentError, ValueError) as err:
             raise ConfigError(f"envs: {err}") from None
+        problem = _first_contact(env_id, timeout_s)
+        if problem:
+            raise ConfigError(f"envs: {env_id!r} {problem}") from None
+
+
+PROBE_ACTION = "?"  # the action of the pre-run step: arbitrary text, as a policy's first actions are
+
+
+def _first_contact(env_id: str, timeout_s: float) -> str:
+    """Make, reset, step and close ``env_id`` in a thread of its own, at most ``timeout_s`` seconds: what went
+    wrong, as the rest of a ``check_env_ids`` error ("" when nothing)."""
+    import threading
+
+    state = {"phase": "make", "problem": ""}
+    check = f"`hybrid-rl envs check '{env_id}'` checks the env against the API it must follow"
+
+    def contact():
         try:
-            with warnings.catch_warnings():  # gymnasium's checker warnings come again where the env is played
-                warnings.simplefilter("ignore")
-                env = make(env_id)
+            state["problem"] = _contact(env_id, state, check)
+        except BaseException as err:  # noqa: BLE001 - reported in the caller's thread
+            state["problem"] = f"failed: {type(err).__name__}: {err}"
+
+    worker = threading.Thread(target=contact, name=f"check {env_id}", daemon=True)
+    worker.start()
+    worker.join(timeout_s if timeout_s > 0 else None)
+    if worker.is_alive():  # (left to itself: a daemon thread does not keep the process alive)
+        return (f"did not return from env.{state['phase']} within {timeout_s:g} s (the stage's env_timeout_s): every "
+                f"episode would end as timeout. {check}; raise env_timeout_s if the env is slow but works.")
+    return state["problem"]
+
+
+def _contact(env_id: str, state: dict, check: str) -> str:
+    from hybrid_rl.envs.contract import reset_problem, step_problem
+
+    with warnings.catch_warnings():  # gymnasium's checker warnings come again where the env is played
+        warnings.simplefilter("ignore")
+        try:
+            env = make(env_id)
         except Exception as err:  # any failure of the constructor would end every episode of this env
-            raise ConfigError(f"envs: {env_id!r} cannot be made: {type(err).__name__}: {err}\nFix the id's arguments "
-                              f"(written ID(key=value;key2=value2)); `hybrid-rl envs check '{env_id}'` tries it.") from None
+            return (f"cannot be made: {type(err).__name__}: {err}\nFix the id's arguments (written "
+                    f"ID(key=value;key2=value2)); `hybrid-rl envs check '{env_id}'` tries it.")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                env.reset(seed=seeds(env_id, "train", 1)[0])
-        except Exception as err:  # every episode of this env would end as env_error, and the run train on nothing
-            raise ConfigError(f"envs: {env_id!r} fails its first reset (train seed 0): {type(err).__name__}: {err}\n"
-                              f"Every episode of it would end as env_error. `hybrid-rl envs check '{env_id}'` checks the "
-                              "env against the API it must follow (reset(seed=..., options=...) -> (observation, info)).") from None
+            state["phase"] = "reset"
+            try:
+                outcome = env.reset(seed=seeds(env_id, "train", 1)[0])
+            except Exception as err:
+                return (f"fails its first reset (train seed 0): {type(err).__name__}: {err}\nEvery episode of it would end "
+                        f"as env_error. {check} (reset(seed=..., options=...) -> (observation, info)).")
+            problem = reset_problem(outcome, env)
+            if problem and isinstance(outcome, str):
+                problem += f" (old gym's reset returns the observation alone). {LEGACY_HINT}"
+            if problem:
+                return f"fails its first reset (train seed 0): {problem}\nEvery episode of it would end as env_error. {check}."
+            state["phase"] = "step"
+            try:
+                outcome = env.step(PROBE_ACTION)
+            except Exception as err:
+                if "expected 5, got 4" in str(err):  # gymnasium's wrappers unpack the step first
+                    return (f"fails its first step (action {PROBE_ACTION!r}): step returned a 4-tuple (old gym's (observation, "
+                            f"reward, done, info)), expected (observation, reward, terminated, truncated, info). {LEGACY_HINT}")
+                return (f"fails its first step (action {PROBE_ACTION!r}): {type(err).__name__}: {err}\nA policy's first "
+                        f"actions are arbitrary text, so most episodes would end as env_error; an action the env cannot "
+                        f"use is an invalid action (info['invalid_action'] = True), not an exception. {check}.")
+            problem = step_problem(outcome)
+            if problem:
+                legacy = f" {LEGACY_HINT}" if isinstance(outcome, tuple) and len(outcome) == 4 else ""
+                return (f"fails its first step (action {PROBE_ACTION!r}): {problem}\nEvery episode of it would end as "
+                        f"env_error. {check}.{legacy}")
         finally:
-            env.close()
+            state["phase"] = "close"
+            try:
+                env.close()
+            except Exception as err:  # the engine closes envs apart from the episodes: warned, not fatal
+                import logging
+
+                logging.getLogger("hybrid_rl.envs").warning("%s: env.close() failed: %s: %s", env_id, type(err).__name__, err)
+    return ""
 
 
 def env_ids() -> list[str]:

@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(PipelineStageConfig, args)
     if cfg is None:
         return 0
-    check_env_ids(cfg.envs, cfg.rl.rollout.pool.env_modules)
+    check_env_ids(cfg.envs, cfg.rl.rollout.pool.env_modules, cfg.rl.rollout.env_timeout_s)
     from hybrid_rl.sft.data import DataError
 
     try:

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(RLStageConfig, args)
     if cfg is None:
         return 0
-    check_env_ids(cfg.envs, cfg.rollout.pool.env_modules)
+    check_env_ids(cfg.envs, cfg.rollout.pool.env_modules, cfg.rollout.env_timeout_s)
     if start_processes(cfg.train):
         return spawn("rl", cli_argv(args), cfg.train.processes, cfg.train.torch_threads or 1)
     from hybrid_rl.rl.train import train

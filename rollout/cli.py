@@ -101,7 +101,7 @@ def check(cfg: EvalStageConfig) -> None:
         raise ConfigError("eval.envs is empty: pass --env ID (repeatable), e.g. --env hybrid_rl/GuessNumber-v0.")
     from hybrid_rl.envs import check_env_ids
 
-    check_env_ids(cfg.eval.envs, cfg.pool.env_modules)  # unknown ids fail now (``module:id`` imports the module first)
+    check_env_ids(cfg.eval.envs, cfg.pool.env_modules, cfg.episode.env_timeout_s)  # unknown ids fail now (``module:id`` imports the module first)
 
 
 def evaluate_checkpoint(cfg: EvalStageConfig):

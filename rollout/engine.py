@@ -108,8 +108,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import numbers
 import os
 import threading
 import time
@@ -119,6 +117,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from hybrid_rl.envs.contract import (as_float, flag, reset_problem, reward_components, short, step_values_problem,
+                                       text_problem)
 from hybrid_rl.envs.core import episode_success
 from hybrid_rl.model.cache import HybridCache
 from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
@@ -167,77 +167,6 @@ class _Prefix:
     def __init__(self, cache, row, logits_1v, routing, episodes):
         self.cache, self.row, self.logits_1v, self.routing = cache, row, logits_1v, routing
         self.episodes = deque(episodes)
-
-
-def _reward_components(info: dict, reward: float) -> dict[str, float]:
-    """The step's named reward parts from ``info["reward_components"]``; ``{"reward": r}`` when absent or not a
-    non-empty dict. Raises ``ValueError`` naming a part that is not a finite number: the parts are weighted into
-    the advantages (``rl.advantages``), where one NaN or infinity would make every advantage of the batch NaN."""
-    parts = info.get("reward_components")
-    if not isinstance(parts, dict) or not parts:
-        return {"reward": reward}
-    out = {}
-    for k, v in parts.items():
-        f = _as_float(v)
-        if not math.isfinite(f):
-            raise ValueError(f"step returned reward component {str(k)!r} = {_short(v)}, expected a finite number")
-        out[str(k)] = f
-    return out
-
-
-def _as_float(value) -> float:
-    """``value`` as a float: nan when it is not a real number (numpy scalars are, and so are 0-d arrays and
-    tensors holding one), inf for an int past float's range."""
-    value = _one_number(value)
-    if not isinstance(value, numbers.Real):
-        return math.nan
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf
-
-
-def _one_number(value):
-    """A 0-d array's or tensor's item (np.array(1.0), torch.tensor(0.5)), anything else as it is."""
-    if not isinstance(value, numbers.Real) and getattr(value, "shape", None) == () and hasattr(value, "item"):
-        try:
-            return value.item()
-        except Exception:  # noqa: BLE001  (a 0-d array of something that is no number)
-            return None
-    return value
-
-
-def _flag(value, what: str) -> bool:
-    """``value`` (``terminated``, ``truncated`` or an info flag) as a bool: a bool, a numpy bool, a 0-d array, a
-    number (0/1) or None (False). Raises ``ValueError`` naming anything else: an array of several values
-    (whose truth is ambiguous), a list, a string ("False" would read as true)."""
-    if value is True or value is False:
-        return value
-    if value is None or isinstance(value, numbers.Number) or getattr(value, "shape", None) == ():
-        try:
-            return bool(value)
-        except Exception:  # noqa: BLE001  (a 0-d array of something without a truth value)
-            pass
-    raise ValueError(f"step returned {what} = {_short(value)} ({type(value).__name__}), expected a bool")
-
-
-def _short(value, limit: int = 80) -> str:
-    text = repr(value).replace("\n", " ")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _text_problem(text: str, what: str) -> str:
-    """What is wrong with ``text`` ("" when nothing): a lone surrogate (text decoded with
-    ``errors='surrogateescape'``), which no tokenizer can encode. ``isascii`` is O(1) in CPython, so an ASCII
-    observation costs nothing; other text one C-speed encode per env step."""
-    if text.isascii():
-        return ""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return (f"{what} is not valid UTF-8 text ({err.reason}: {text[err.start:err.end]!r} at index {err.start}); "
-                "decode the environment's text with errors='replace'")
-    return ""
 
 
 def model_vocab_size(model) -> int:
@@ -546,24 +475,13 @@ class Engine:
         if isinstance(outcome, (EnvFailure, EnvTimeout)):
             self._env_failed(ep, outcome, "reset")
             return
-        try:
-            obs, info = outcome
-        except (TypeError, ValueError):
-            self._env_failed(ep, EnvFailure(f"reset returned {type(outcome).__name__}, expected (observation, info)"), "reset")
-            return
-        if not isinstance(obs, str):
-            self._env_failed(ep, EnvFailure(f"reset returned a {type(obs).__name__} observation, expected str"), "reset")
-            return
-        if info is not None and not isinstance(info, dict):
-            self._env_failed(ep, EnvFailure(f"reset returned info of type {type(info).__name__}, expected a dict"), "reset")
-            return
-        tok = self.tokenizer
-        system = getattr(env.unwrapped, "system_prompt", None)
-        problem = _text_problem(obs, "reset returned an observation that") or (
-            _text_problem(system, "the env's system_prompt") if isinstance(system, str) else "")
+        problem = reset_problem(outcome, env)
         if problem:
             self._env_failed(ep, EnvFailure(problem), "reset")
             return
+        obs, info = outcome
+        tok = self.tokenizer
+        system = getattr(env.unwrapped, "system_prompt", None)
         ids = list(tok.bos_prefix)
         if system:
             ids += tok.render_message("system", system)
@@ -609,17 +527,17 @@ class Engine:
             self._env_failed(ep, outcome, "step")
             return True
         obs, reward, terminated, truncated, info = outcome
-        problem = _step_problem(obs, reward, info)
+        problem = step_values_problem(obs, reward, info)
         if problem:
             self._env_failed(ep, EnvFailure(problem), "step")
             return True
-        info, reward = info or {}, _as_float(reward)  # finite (``_step_problem``)
+        info, reward = info or {}, as_float(reward)  # finite (``step_values_problem``)
         try:  # a malformed value ends this episode as an env error (recorded), not play() (the whole batch)
-            terminated, truncated = _flag(terminated, "terminated"), _flag(truncated, "truncated")
-            invalid = _flag(info.get("invalid_action"), 'info["invalid_action"]')
-            components = _reward_components(info, reward)
+            terminated, truncated = flag(terminated, "terminated"), flag(truncated, "truncated")
+            invalid = flag(info.get("invalid_action"), 'info["invalid_action"]')
+            components = reward_components(info, reward)
             if (terminated or truncated) and "success" in info:
-                _flag(info["success"], 'info["success"]')
+                flag(info["success"], 'info["success"]')
         except ValueError as err:
             self._env_failed(ep, EnvFailure(str(err)), "step")
             return True
@@ -633,7 +551,7 @@ class Engine:
         if invalid and cfg.end_on_invalid_action:
             traj.status = "invalid_action"
             return True
-        problem = _text_problem(obs, "step returned an observation that")
+        problem = text_problem(obs, "step returned an observation that")
         if problem:
             self._env_failed(ep, EnvFailure(problem), "step")
             return True
@@ -785,21 +703,6 @@ def _step_fn(env, action: str):
         return obs, reward, terminated, truncated, info
 
     return step
-
-
-def _step_problem(obs, reward, info) -> str:
-    """What is wrong with a step's observation, reward or info ("" when nothing): a reward that is not a finite
-    number would make every advantage of its batch NaN (the group and batch statistics), so it ends its episode
-    as an env error instead."""
-    number = _one_number(reward)  # numpy scalars, 0-d arrays and tensors too
-    if not isinstance(obs, str) or not isinstance(number, numbers.Real):
-        return (f"step returned observation {type(obs).__name__} and reward {type(reward).__name__}, expected str and "
-                "a number")
-    if not math.isfinite(_as_float(number)):
-        return f"step returned reward {_short(reward)}, expected a finite number"
-    if info is not None and not isinstance(info, dict):
-        return f"step returned info of type {type(info).__name__}, expected a dict"
-    return ""
 
 
 def _state(info) -> str:

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from hybrid_rl.envs import check_env_ids
 
-    check_env_ids(cfg.eval.env_ids)  # a typo fails now, not at the first eval (after training, with eval.at_start off)
+    check_env_ids(cfg.eval.env_ids, timeout_s=cfg.eval.env_timeout_s)  # a typo fails now, not at the first eval (after training, with eval.at_start off)
     if start_processes(cfg.train):
         return spawn("sft", cli_argv(args), cfg.train.processes)
     from hybrid_rl.sft.train import train

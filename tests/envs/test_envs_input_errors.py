@@ -83,6 +83,67 @@ def test_check_env_ids_turns_import_failures_and_bad_arguments_into_config_error
     assert "has no argument 'nn'" in done.stderr, done.stderr[-2000:]
 
 
+PROBED = """
+import time
+import gymnasium as gym
+
+
+class Probed(gym.Env):
+    observation_space = action_space = gym.spaces.Text(64)
+
+    def __init__(self, kind=""):
+        self.kind = kind
+
+    def reset(self, *, seed=None, options=None):
+        if self.kind == "hang-reset":
+            time.sleep(30)
+        if self.kind == "bare-reset":
+            return "hi"  # old gym: the observation alone
+        return (["not", "text"] if self.kind == "list-obs" else "hi"), {}
+
+    def step(self, action):
+        if self.kind == "four-tuple":
+            return "ok", 1.0, True, {}
+        if self.kind == "raise-step":
+            raise KeyError(action)
+        if self.kind == "nan-reward":
+            return "ok", float("nan"), True, False, {}
+        return "ok", 1.0, True, False, {}
+
+    def close(self):
+        if self.kind == "raise-close":
+            raise RuntimeError("subprocess already dead")
+
+
+gym.register("probed/Probed-v0", entry_point=Probed)
+"""
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("bare-reset", r"fails its first reset \(train seed 0\): reset returned str, expected \(observation, info\)"),
+    ("list-obs", r"reset returned a list observation, expected str"),
+    ("four-tuple", r"(?s)fails its first step \(action '\?'\): step returned a 4-tuple.*LegacyStepAPI"),
+    ("raise-step", r"(?s)fails its first step \(action '\?'\): KeyError: '\?'.*arbitrary text.*invalid action"),
+    ("nan-reward", r"fails its first step.*step returned reward nan, expected a finite number"),
+    ("hang-reset", r"(?s)did not return from env.reset within 0.5 s \(the stage's env_timeout_s\).*envs check"),
+])
+def test_check_env_ids_plays_one_reset_and_step_as_the_engine_reads_them(kind, message, tmp_path, monkeypatch):
+    """What every episode of a run would end as env_error or timeout for (and the run train on nothing, with NaN
+    metrics and exit 0) fails before the run: a reset or step whose result the engine cannot read, a step that
+    raises on arbitrary text, a reset that hangs (bounded by the stage's env_timeout_s)."""
+    (tmp_path / "input_errors_probed_mod.py").write_text(PROBED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=message):
+        envs.check_env_ids([f"input_errors_probed_mod:probed/Probed-v0(kind={kind})"], timeout_s=0.5)
+
+
+def test_check_env_ids_passes_an_env_whose_close_fails_with_a_warning(tmp_path, monkeypatch, caplog):
+    (tmp_path / "input_errors_probed_mod.py").write_text(PROBED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    envs.check_env_ids(["input_errors_probed_mod:probed/Probed-v0(kind=raise-close)"])
+    assert "env.close() failed: RuntimeError: subprocess already dead" in caplog.text
+
+
 @pytest.mark.parametrize("env_id, message", [
     ("FrozenLake-v1(frozen_prob=0)", r"FrozenLake frozen_prob=0: expected a number in \(0, 1\]"),
     ("FrozenLake-v1(frozen_prob=-1)", r"frozen_prob=-1: expected a number in \(0, 1\]"),
