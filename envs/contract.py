@@ -8,8 +8,21 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["reward_components", "as_float", "one_number", "flag", "short", "text_problem", "reset_problem",
+from hybrid_rl.run import EnvsFailedError
+
+__all__ = ["EnvsFailedError", "failed_episodes_error", "reward_components", "as_float", "one_number", "flag", "short", "text_problem", "reset_problem",
            "step_problem", "step_values_problem"]
+
+
+def failed_episodes_error(trajectories, what: str, fix: str) -> EnvsFailedError:
+    """The error for ``what`` (e.g. "every episode of steps 3-5") having ended in env failures: the envs' first
+    errors (one per env), and ``fix``."""
+    first: dict[str, str] = {}
+    for t in trajectories:
+        first.setdefault(t.env_id, f"{t.status}: {t.error}")
+    causes = "; ".join(f"{env_id}: {error}" for env_id, error in first.items())
+    return EnvsFailedError(f"{what} ended as env_error or timeout ({causes}). {fix} `hybrid-rl envs check ID` checks an "
+                           "env; rollout.env_timeout_s bounds a reset or step.")
 
 
 def reward_components(info: dict, reward: float) -> dict[str, float]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hybrid_rl.checkpoint import CheckpointError
 from hybrid_rl.config import ConfigError
+from hybrid_rl.run import EnvsFailedError
 
 # command -> (module, one-line help). Order is the order of the help text.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, CheckpointError) as err:
         print(f"hybrid-rl {name}: error: {err}", file=sys.stderr)
         return 2
+    except EnvsFailedError as err:  # a run whose environments failed every episode: stopped, its data kept
+        print(f"hybrid-rl {name}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

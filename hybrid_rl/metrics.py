@@ -48,7 +48,7 @@ from hybrid_rl.runfiles import METRIC_PREFIXES, read_metrics, read_run_info, rea
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LoggingConfig", "MetricsLogger", "METRIC_PREFIXES", "env_key", "moe_load_metrics", "resolve_wandb_mode",
+    "LoggingConfig", "MetricsLogger", "METRIC_PREFIXES", "env_key", "json_safe", "moe_load_metrics", "resolve_wandb_mode",
     "read_metrics", "read_samples", "read_run_info", "read_wandb_offline_run", "read_tensorboard_scalars",
     "WandbRun",
 ]
@@ -246,6 +246,19 @@ def _check_name(key: str) -> None:
             f"metric name {key!r} does not follow the naming scheme: it must start with one of "
             f"{', '.join(METRIC_PREFIXES)} and have no empty part (see docs/METRICS.md), e.g. 'train/loss'."
         )
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None, through dicts, lists and tuples: what
+    ``json.dumps`` then writes is strict JSON (it writes ``NaN``, which JSON parsers other than Python's refuse),
+    as metrics.jsonl is."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _to_float(key: str, value: Any) -> float | None:

@@ -12,6 +12,11 @@ from pathlib import Path
 from hybrid_rl.config import save_config
 
 
+class EnvsFailedError(RuntimeError):
+    """A stage stopped because its environments failed every episode (env_error / timeout); its data is kept
+    (the CLI prints it without a traceback and exits 1)."""
+
+
 @dataclass
 class RunConfig:
     name: str = ""  # run directory name under output_dir; empty = "<stage>-<timestamp>"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from hybrid_rl.config import add_config_arguments, resolve_config
-from hybrid_rl.metrics import LoggingConfig, env_key
+from hybrid_rl.metrics import LoggingConfig, env_key, json_safe
 from hybrid_rl.registry import check_name
 from hybrid_rl.run import RunConfig
 from hybrid_rl.model.config import HybridConfig
@@ -222,7 +222,7 @@ def pipeline(cfg: PipelineStageConfig) -> dict:
     if "best" in rl_result:  # rl.eval.select_best: the RL step kept for its val success, not the last step
         results["rl_selected"] = rl_result["best"]
     results["markdown"] = results_markdown(results)
-    (base / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "markdown"}, indent=1) + "\n")
+    (base / "results.json").write_text(json.dumps(json_safe({k: v for k, v in results.items() if k != "markdown"}), indent=1) + "\n")
     (base / "results.md").write_text(results["markdown"])
     return results
 

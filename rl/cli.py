@@ -8,6 +8,7 @@ import json
 from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.distributed import cli_argv, is_main_process, spawn, start_processes
 from hybrid_rl.envs import check_env_ids
+from hybrid_rl.metrics import json_safe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(cfg)
     if is_main_process():
-        print(json.dumps({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"], **result["eval"]}, indent=1))
+        print(json.dumps(json_safe({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"], **result["eval"]}), indent=1))
     return 0
 

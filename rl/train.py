@@ -51,7 +51,7 @@ from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, peek_tra
 from hybrid_rl.config import to_dict
 from hybrid_rl.distributed import (LocalProcess, Parallel, adamw, balance_experts, end_forward_only_pass, rank_share,
                                    rank_share_weights)
-from hybrid_rl.metrics import MetricsLogger, env_key
+from hybrid_rl.metrics import MetricsLogger, env_key, json_safe
 from hybrid_rl.run import claim_run_dir, resume_point, seed_everything, start_run_dir, torch_threads
 from hybrid_rl.schedule import warmup_cosine
 from hybrid_rl.rl.advantages import ADVANTAGES, anchor_state_advantages, turn_groups, turn_observations, turn_returns
@@ -63,6 +63,7 @@ from hybrid_rl.rl.losses import (COV_LOSSES, POLICY_LOSSES, ClipRange, ScoringDi
                                  cov_selection, policy_logprobs)
 from hybrid_rl.rl.routing import routing_mismatch
 from hybrid_rl.rollout.evaluate import evaluate_policy as evaluate_policy_on
+from hybrid_rl.envs.contract import failed_episodes_error
 from hybrid_rl.rollout.evaluate import rollout_metrics, sample_row
 from hybrid_rl.rollout.pool import check_reachable, make_pool
 
@@ -246,6 +247,7 @@ def evaluate_policy(model, tokenizer, cfg: RLStageConfig, select: bool = False) 
 
 
 BEST_DIR, BEST_FILE = "best", "best.json"
+FAILED_STEPS_LIMIT = 3  # consecutive steps in which every episode failed in its env: the run stops
 
 
 def read_best(run_dir: Path) -> dict | None:
@@ -264,7 +266,7 @@ def save_best(run_dir: Path, step: int, model, tokenizer, val: dict[str, float],
 
     def write(tmp: Path) -> None:
         save_pretrained(model, tmp, tokenizer)
-        (tmp / BEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        (tmp / BEST_FILE).write_text(json.dumps(json_safe(record), indent=1) + "\n")
 
     write_dir_atomically(Path(run_dir) / BEST_DIR, write)
     return record
@@ -743,6 +745,7 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
             if main:
                 pending = _done(_batch_from_state(resumed_batch)) if resumed_batch else \
                     executor.submit(push_and_play, first, start_step, start_step)
+        failed_steps = 0  # consecutive steps whose every episode failed (env_error / timeout): nothing to train on
         for step in range(start_step, cfg.train.steps):
             t_step = time.perf_counter()
             if is_async:  # this batch was played by version step-1 (step 0: version 0) while step-1 trained
@@ -786,6 +789,12 @@ def _train_on(cfg: RLStageConfig, par: Parallel) -> dict:
             if main:
                 metrics.log(row, step=done)
                 metrics.log_samples([sample_row(t) for t in played[:: max(1, len(played) // 4)]], step=done)
+            failed_steps = failed_steps + 1 if played and all(t.failed for t in played) else 0
+            if failed_steps == FAILED_STEPS_LIMIT:  # (every rank sees the same played episodes: all stop)
+                raise failed_episodes_error(
+                    played, f"every episode of steps {done - failed_steps + 1}-{done}",
+                    f"The run stops at step {done}, its metrics and checkpoints kept; fix the env and go on with "
+                    "resume=true.")
             if (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == cfg.train.steps:
                 # async: the next batch (played by this step's starting version) goes into the checkpoint
                 next_batch = pending.result() if main and is_async and done < cfg.train.steps else None

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from hybrid_rl.config import add_config_arguments, resolve_config
 from hybrid_rl.config import ConfigError, to_dict
+from hybrid_rl.envs.contract import failed_episodes_error
+from hybrid_rl.metrics import json_safe
 from hybrid_rl.run import claim_run_dir, seed_everything, start_run_dir
 from hybrid_rl.rollout.config import EvalStageConfig
 
@@ -82,12 +84,15 @@ def run(args: argparse.Namespace) -> int:
                  "rollout_tokens_per_s": tokens / elapsed},
         "config": to_dict(cfg),
     }
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (run_dir / "eval.json").write_text(json.dumps(json_safe(report), indent=2, default=float) + "\n")
     if cfg.eval.save_trajectories:
         from hybrid_rl.rollout.trajectory import write_jsonl
 
         write_jsonl(result.trajectories, run_dir / "trajectories.jsonl")
     print(f"wrote {run_dir / 'eval.json'}")
+    if result.trajectories and all(t.failed for t in result.trajectories):
+        raise failed_episodes_error(result.trajectories, "every episode of the eval",
+                                    f"Nothing was measured (the records are in {run_dir}).")
     return 0
 
 
