@@ -214,6 +214,7 @@ class Engine:
         self.envs = EnvPool()
         self._answered = threading.Event()  # set by every env step that ends (``_collect`` waits on it)
         self._not_instant: set[type] = set()  # env classes that declared instant steps and took too long
+        self._no_room_warned: set[str] = set()  # env ids whose prompt did not fit max_episode_tokens (warned once)
         self._slow_inline: dict[type, int] = {}  # inline calls of such a class over the limit so far
         self._inline_calls: dict[type, int] = {}  # ... and all its inline calls
         # called before every decode step (weight updates); returns False when it changed no weight (anything
@@ -493,8 +494,15 @@ class Engine:
         self._append(traj, ids, action=False)
         ep.turn_start = len(ids)
         if len(ids) + 2 + len(self.end_suffix) > self.episode.max_episode_tokens:
-            traj.status, traj.error = "truncated", f"prompt of {len(ids)} tokens leaves no room under max_episode_tokens"
+            traj.status = "truncated"
+            traj.error = (f"prompt of {len(ids)} tokens leaves no room under max_episode_tokens="
+                          f"{self.episode.max_episode_tokens}: the episode ends before the model's first turn")
             ep.fed = -1  # never enters the batch
+            if traj.env_id not in self._no_room_warned:  # once per env: it is the config, not one episode
+                self._no_room_warned.add(traj.env_id)
+                log.warning("%s seed %d: %s (it is scored, with no action to train on); raise max_episode_tokens "
+                            "(rollout.max_episode_tokens, or the eval's episode.max_episode_tokens)", traj.env_id,
+                            traj.seed, traj.error)
 
     # ------------------------------------------------------------------ one token of one episode
     def _append_sampled(self, ep: _Episode, token: int, sample_logp: float, plain_logp: float) -> str | None:

@@ -148,6 +148,14 @@ def test_token_limits_per_turn_and_per_episode():
             assert run <= 4
 
 
+def test_a_prompt_that_does_not_fit_the_episode_is_warned_about_once_per_env(caplog):
+    """Such episodes end before the model's first turn: scored, with nothing to train on. Nothing said so."""
+    _, trajs = play(make_model("toy"), groups(3, samples=2), episode=EpisodeConfig(max_turn_tokens=4, max_episode_tokens=8))
+    assert all(t.status == "truncated" and t.num_action_tokens == 0 and "leaves no room" in t.error for t in trajs)
+    warned = [r.getMessage() for r in caplog.records if "leaves no room" in r.getMessage()]
+    assert len(warned) == 1 and "max_episode_tokens=8" in warned[0] and "rollout.max_episode_tokens" in warned[0]
+
+
 def test_stop_strings_end_the_turn():
     model = make_model("toy")
     greedy = SamplingConfig(temperature=0.0, ascii_only=True)
