@@ -197,14 +197,30 @@ class EnvPool:
         """Drop a broken env; close it in the background (a hung env may hang in close too)."""
         threading.Thread(target=_quiet_close, args=(env,), daemon=True).start()
 
-    def close(self) -> None:
-        for envs in self._idle.values():
-            for env in envs:
-                _quiet_close(env)
+    def close(self, timeout_s: float | None = None) -> None:
+        """Close every idle env, one after another on a thread of their own, waiting at most ``timeout_s``
+        (``CLOSE_TIMEOUT_S``): an env whose close hangs is left to it (warned) rather than holding the caller
+        (an eval or a run that has its results)."""
+        envs = [env for idle in self._idle.values() for env in idle]
         self._idle.clear()
+        if not envs:
+            return
+        closer = threading.Thread(target=lambda: [_quiet_close(env) for env in envs], name="env close", daemon=True)
+        closer.start()
+        closer.join(CLOSE_TIMEOUT_S if timeout_s is None else timeout_s)
+        if closer.is_alive():
+            import logging
+
+            logging.getLogger("hybrid_rl.rollout").warning(
+                "the environments did not all close within %g s (an env's close() hangs: %s); left to close in the "
+                "background", CLOSE_TIMEOUT_S if timeout_s is None else timeout_s,
+                ", ".join(sorted({type(getattr(env, "unwrapped", env)).__name__ for env in envs})))
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._idle.values())
+
+
+CLOSE_TIMEOUT_S = 10.0  # how long EnvPool.close waits for the envs' close() calls
 
 
 def _quiet_close(env) -> None:

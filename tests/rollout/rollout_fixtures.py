@@ -130,13 +130,15 @@ class FaultyEnv(FixedTurnsEnv):
     kill_once_file: the first step that finds this file missing creates it and SIGKILLs its own process
     (a worker killed mid-rollout, exactly once across restarts).
     pause_dir / pause_at_turn: at that turn, touch ``reached-<seed>-<pid>`` there and wait for a ``go`` file.
+    close_hang_s: close() sleeps this long.
     """
 
     instant_steps = False  # it can hang, sleep or wait: the engine's worker threads and their time limit
 
     def __init__(self, raise_prob: float = 0.0, hang_s: float = 0.0, hang_on_seed: int = -1,
-                 kill_once_file: str = "", pause_dir: str = "", pause_at_turn: int = -1, **kw):
+                 kill_once_file: str = "", pause_dir: str = "", pause_at_turn: int = -1, close_hang_s: float = 0.0, **kw):
         super().__init__(**kw)
+        self.close_hang_s = close_hang_s
         self.raise_prob, self.hang_s, self.hang_on_seed, self.kill_once_file = raise_prob, hang_s, hang_on_seed, kill_once_file
         self.pause_dir, self.pause_at_turn = pause_dir, pause_at_turn
         self._rng = random.Random(0)
@@ -167,6 +169,10 @@ class FaultyEnv(FixedTurnsEnv):
         if self._rng.random() < self.raise_prob:
             raise RuntimeError(f"injected step failure (seed {self._seed}, turn {self._t})")
         return super().step(action)
+
+    def close(self):
+        time.sleep(self.close_hang_s)
+        super().close()
 
 
 FAULTY_ID = "rollout_fixtures:hybrid_rl_test/Faulty-v0"

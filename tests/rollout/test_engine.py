@@ -187,6 +187,18 @@ def test_env_errors_and_hangs_end_only_their_episode():
     assert all(t.num_turns == 4 for t in result_ok)
 
 
+def test_an_env_whose_close_hangs_does_not_hold_the_eval(monkeypatch, caplog):
+    """Closing the pool waited for every env's close(): one that hung held an eval that had its results forever."""
+    import hybrid_rl.rollout.envpool as envpool
+
+    monkeypatch.setattr(envpool, "CLOSE_TIMEOUT_S", 0.3)
+    engine, trajs = play(make_model("toy"), groups(2, env_id=FAULTY_ID, turns=2, close_hang_s=30))
+    t0 = time.perf_counter()
+    engine.close()
+    assert time.perf_counter() - t0 < 20 and len(trajs) == 2  # (its close sleeps 30 s)
+    assert "did not all close within 0.3 s" in caplog.text and "FaultyEnv" in caplog.text
+
+
 def test_invalid_action_can_end_the_episode():
     from hybrid_rl.envs.guess_number import GuessNumber  # noqa: F401  (registers the built-ins)
 
