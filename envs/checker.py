@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import threading
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -89,17 +90,20 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check(env_id: str, episodes: int = 100, **kwargs) -> CheckReport:
+CHECK_TIMEOUT_S = 300.0  # the most one check may take (a reset or step that never returns is a failed check)
+
+
+def check(env_id: str, episodes: int = 100, timeout_s: float = CHECK_TIMEOUT_S, **kwargs) -> CheckReport:
     """Run every check on ``env_id`` (made with its id arguments, ``ID(n=100)``, and ``kwargs``; a key given in
-    both with different values is a ``ValueError``); the expert plays ``episodes`` eval seeds."""
+    both with different values is a ``ValueError``); the expert plays ``episodes`` eval seeds. Each check has
+    ``timeout_s`` seconds (0 = no limit): one that hangs fails, and the others still run."""
     base, kwargs = merge_args(env_id, kwargs, source="the keyword argument")
     label = resolve_id(base) + env_id[len(base):]  # the report names the id with its arguments, ID(n=100)
     env_id = resolve_id(base)
     report = CheckReport(label)
-    try:  # arguments the constructor refuses: one line, not the same error from every check
-        make(env_id, **kwargs).close()
-    except Exception as err:
-        report.results["make"] = f"{type(err).__name__}: {err}"
+    made = _bounded(lambda: make(env_id, **kwargs).close(), timeout_s)
+    if made != "ok":  # arguments the constructor refuses: one line, not the same error from every check
+        report.results["make"] = made
         return report
     steps: list[tuple[str, Callable[[], None]]] = [
         ("gymnasium", lambda: _gymnasium(env_id, kwargs, report)),
@@ -111,12 +115,29 @@ def check(env_id: str, episodes: int = 100, **kwargs) -> CheckReport:
         ("expert", lambda: _expert(env_id, episodes, kwargs, report)),
     ]
     for name, run in steps:
+        report.results[name] = _bounded(run, timeout_s)
+    return report
+
+
+def _bounded(run: Callable[[], None], timeout_s: float) -> str:
+    """``run()`` on a thread of its own, at most ``timeout_s`` seconds: "ok", or what went wrong (a failed check is
+    a report line, not a crash of the others; a hung one is left to its daemon thread)."""
+    outcome = ["did not finish"]
+
+    def work():
         try:
             run()
-            report.results[name] = "ok"
-        except Exception as err:  # a failed check is a report line, not a crash of the others
-            report.results[name] = f"{type(err).__name__}: {err}" if str(err) else traceback.format_exc(limit=2)
-    return report
+            outcome[0] = "ok"
+        except Exception as err:  # noqa: BLE001
+            outcome[0] = f"{type(err).__name__}: {err}" if str(err) else traceback.format_exc(limit=2)
+
+    worker = threading.Thread(target=work, name="env check", daemon=True)
+    worker.start()
+    worker.join(timeout_s if timeout_s > 0 else None)
+    if worker.is_alive():
+        return (f"did not finish within {timeout_s:g} s: a reset, step or close that does not return (or an env this "
+                "slow: raise --timeout)")
+    return outcome[0]
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # gymnasium colours its warnings
@@ -224,7 +245,20 @@ def _info_contract(env_id: str, kwargs: dict, report: CheckReport) -> None:
 def _determinism(env_id: str, kwargs: dict) -> None:
     for seed in seeds(env_id, "train", 5):
         first, second = (_trace(env_id, seed, kwargs) for _ in range(2))
-        _require(first == second, f"seed {seed}: two runs with the same seed and actions differ:\n{first}\n---\n{second}")
+        _require(repr(first) == repr(second), f"seed {seed}: two runs with the same seed and actions differ: {_first_difference(first, second)}")
+
+
+def _first_difference(first: list, second: list) -> str:
+    """Where two traces (messages, rewards, terminated, truncated) part, shortly (repr: a NaN reward equals itself)."""
+    for name, a, b in zip(("messages", "rewards", "terminated", "truncated"), first, second):
+        if repr(a) == repr(b):
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            i = next((i for i, (x, y) in enumerate(zip(a, b)) if repr(x) != repr(y)), min(len(a), len(b)))
+            x, y = (repr(v[i])[:120] if i < len(v) else "(none)" for v in (a, b))
+            return f"{name}[{i}]: {x} against {y}"
+        return f"{name}: {repr(a)[:120]} against {repr(b)[:120]}"
+    return "(no difference found)"
 
 
 def _trace(env_id: str, seed: int, kwargs: dict) -> list:

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p_check = sub.add_parser("check", help="gymnasium's checker plus ours (determinism, text spaces, bad actions, truncation, expert)")
     p_check.add_argument("env_ids", nargs="*", metavar="ID", help="environment ids (default: all)")
     p_check.add_argument("--episodes", type=int, default=200, help="eval seeds the expert plays (default 200)")
+    p_check.add_argument("--timeout", type=float, default=300.0,
+                         help="seconds one check may take (default 300; 0 = no limit): a hung reset or step fails it")
     _add_env_args(p_check)
     p_expert = sub.add_parser("expert", help="a teacher's success rate (the expert's by default) on eval seeds, and sample transcripts")
     p_expert.add_argument("env_id", metavar="ID")
@@ -81,7 +83,7 @@ def _check(args: argparse.Namespace) -> int:
     for env_id in ids:
         merge_args(env_id, kwargs)  # a clash between the id's arguments and --arg fails before any check runs
     for env_id in ids:
-        report = check(env_id, episodes=args.episodes, **kwargs)
+        report = check(env_id, episodes=args.episodes, timeout_s=args.timeout, **kwargs)
         print(report.format(), flush=True)
         if not report.passed:
             failed.append(report.env_id)

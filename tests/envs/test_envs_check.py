@@ -95,3 +95,33 @@ class _NumberState(_Unsolved):
 def test_check_demands_a_string_state(registered):
     report = check(registered("NumberState-v0", _NumberState), episodes=5)
     assert "info['state'] is int; name the state with a str" in report.results["info_contract"]
+
+
+class _HangsOnAnswer(_Broken):
+    """A step that never returns (for a test: 20 s) on the expert's answer."""
+
+    def step_text(self, text):
+        if text == "hi":
+            import time
+
+            time.sleep(20)
+        return self.result("no", {}, terminated=True)
+
+
+class _NanReward(_Broken):
+    def step_text(self, text):
+        return self.result("ok", {"success": float("nan")}, terminated=True)
+
+
+def test_a_check_that_hangs_fails_and_the_others_still_run(registered):
+    """`envs check` on a step that never returned hung with no output."""
+    report = check(registered("HangsOnAnswer-v0", _HangsOnAnswer), episodes=2, timeout_s=1.0)
+    assert report.results["expert"].startswith("did not finish within 1 s") and "--timeout" in report.results["expert"]
+    assert report.results["bad_actions"] == "ok"
+
+
+def test_a_nan_reward_is_reported_as_such_not_as_nondeterminism(registered):
+    """nan != nan made two equal episodes 'differ', with both traces (kilobytes) printed."""
+    report = check(registered("NanReward-v0", _NanReward), episodes=2)
+    assert report.results["determinism"] == "ok"
+    assert "reward nan is not a finite number" in report.results["info_contract"]
