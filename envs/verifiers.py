@@ -28,6 +28,7 @@ that needs sympy's parser, which evaluates its input with ``eval``, and model ou
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass
@@ -168,13 +169,33 @@ def make_verifier(name: str, tolerance: float) -> Callable[[str, str], float]:
     return _guarded(resolve_target(name, "verifier"), name)
 
 
+VERIFIER_SIGNATURE = ("a verifier is called as fn(answer: str, reference: str) -> float in [0, 1], one answer at a "
+                      "time (a TRL reward function, which takes lists, needs a wrapper)")
+
+
 def _guarded(function: Callable, name: str) -> Callable[[str, str], float]:
     def verify(answer: str, reference: str) -> float:
         try:
-            score = float(function(answer, reference))
+            value = function(answer, reference)
         except Exception as err:  # the user's code: a bug there scores 0 rather than ending the run
-            warnings.warn(f"verifier {name} raised {type(err).__name__}: {err}; the answer scores 0.",
+            warnings.warn(f"verifier {name} raised {type(err).__name__}: {err}; the answer scores 0 ({VERIFIER_SIGNATURE}).",
                           RuntimeWarning, stacklevel=2)
             return 0.0
-        return min(max(score, 0.0), 1.0) if math.isfinite(score) else 0.0
+        if not isinstance(value, numbers.Real) and _is_scalar(value):
+            value = value.item()  # a numpy or torch number
+        if not isinstance(value, numbers.Real):  # (a bool is one: True scores 1)
+            warnings.warn(f"verifier {name} returned {type(value).__name__} {value!r:.60}, not a number; the answer scores 0 "
+                          f"({VERIFIER_SIGNATURE}).", RuntimeWarning, stacklevel=2)
+            return 0.0
+        score = float(value)
+        if not math.isfinite(score):
+            warnings.warn(f"verifier {name} returned {score}; the answer scores 0 ({VERIFIER_SIGNATURE}).",
+                          RuntimeWarning, stacklevel=2)
+            return 0.0
+        return min(max(score, 0.0), 1.0)
     return verify
+
+
+def _is_scalar(value) -> bool:
+    """A numpy or torch number holding one value."""
+    return getattr(value, "shape", None) == () and hasattr(value, "item")

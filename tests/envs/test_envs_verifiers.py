@@ -83,6 +83,9 @@ def user_verifiers(monkeypatch):
     module.half = lambda answer, reference: 0.5 if answer[0] == reference[0] else 0.0
     module.crash = lambda answer, reference: 1 / 0
     module.huge = lambda answer, reference: 7
+    module.as_list = lambda completions, references: [1.0 for _ in completions]  # TRL's signature: lists
+    module.nan = lambda answer, reference: float("nan")
+    module.yes = lambda answer, reference: answer == reference
     monkeypatch.setitem(sys.modules, "my_verifiers", module)
     return module
 
@@ -92,5 +95,11 @@ def test_a_users_verifier_by_module_and_function(user_verifiers):
     assert make_verifier("my_verifiers:huge", 0.0)("a", "b") == 1.0  # clipped to [0, 1]
     with pytest.warns(RuntimeWarning, match="verifier my_verifiers:crash raised ZeroDivisionError.*scores 0"):
         assert make_verifier("my_verifiers:crash", 0.0)("1", "1") == 0.0
+    # what it returns is named, with the signature a verifier has (it was a float() TypeError, or a silent 0 for NaN)
+    with pytest.warns(RuntimeWarning, match=r"my_verifiers:as_list returned list \[1.0, 1.0\], not a number.*fn\(answer: str, reference: str\)"):
+        assert make_verifier("my_verifiers:as_list", 0.0)("42", "40") == 0.0
+    with pytest.warns(RuntimeWarning, match="my_verifiers:nan returned nan; the answer scores 0"):
+        assert make_verifier("my_verifiers:nan", 0.0)("1", "1") == 0.0
+    assert make_verifier("my_verifiers:yes", 0.0)("1", "1") == 1.0  # a bool is a score
     with pytest.raises(ValueError, match="has no 'hlaf'. Did you mean my_verifiers:half"):
         make_verifier("my_verifiers:hlaf", 0.0)
