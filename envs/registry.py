@@ -193,6 +193,8 @@ def _contact(env_id: str, state: dict, check: str) -> str:
         warnings.simplefilter("ignore")
         try:
             env = make(env_id)
+        except NotAnEnvError as err:  # its class: an adapter is the fix, not the arguments
+            return f"is not a gymnasium env: {err}"
         except Exception as err:  # any failure of the constructor would end every episode of this env
             return (f"cannot be made: {type(err).__name__}: {err}\nFix the id's arguments (written "
                     f"ID(key=value;key2=value2)); `hybrid-rl envs check '{env_id}'` tries it.")
@@ -375,6 +377,36 @@ LEGACY_HINT = ("An env written for old gym (reset -> obs, step -> (obs, reward, 
                "gymnasium.register(ID, entry_point='hybrid_rl.envs.adapters:LegacyStepAPI', kwargs={'env': 'module:Class'}).")
 
 
+TRL_HINT = ("A TRL environment_factory class (reset(**kwargs) -> str | None, its tools as public methods, get_reward()) "
+            "plays through an adapter: gymnasium.register(ID, entry_point='hybrid_rl.envs.adapters:TRLEnv', "
+            "kwargs={'factory': 'module:Class'}).")
+
+
+class NotAnEnvError(TypeError):
+    """An id whose entry point makes something other than a gymnasium env (the error says which adapter fits)."""
+
+
+def _adapter_hint(env_id: str) -> str:
+    """Which adapter plays what ``env_id``'s entry point makes, from the methods of its class."""
+    try:
+        entry = gym.spec(env_id).entry_point
+        creator = entry if callable(entry) else load_env_creator(entry)
+    except Exception:  # noqa: BLE001 - only a hint
+        return LEGACY_HINT
+    if not isinstance(creator, type):
+        return LEGACY_HINT
+    has = lambda name: callable(getattr(creator, name, None))  # noqa: E731
+    if has("step"):
+        return LEGACY_HINT
+    if has("reset"):
+        return TRL_HINT
+    if has("env_response") or has("rollout") or has("is_completed"):
+        return ("A verifiers environment is not played as it is: hybrid-rl plays gymnasium text envs (step(text) -> "
+                "(observation, reward, terminated, truncated, info)); write its rules as a TextEnv (docs/ENVIRONMENTS.md, "
+                "\"Write your own\"), or serve it over NeMo-Gym's HTTP API for NemoGymEnv.")
+    return f"{creator.__name__} has neither reset() nor step(). {LEGACY_HINT} {TRL_HINT}"
+
+
 def make(env_id: str, **kwargs) -> gym.Env:
     """``gymnasium.make`` for text environments (``max_episode_steps=`` changes the turn limit); arguments
     in the id (``ID(n=100)``) come first, ``kwargs`` override them."""
@@ -384,7 +416,7 @@ def make(env_id: str, **kwargs) -> gym.Env:
         env = gym.make(resolved, **{**id_kwargs, **kwargs})
     except TypeError as err:  # gymnasium refuses a class that is not a gymnasium.Env
         if "gymnasium.Env" in str(err):
-            raise TypeError(f"{err}\n{LEGACY_HINT}") from None
+            raise NotAnEnvError(f"{err}\n{_adapter_hint(resolved)}") from None
         if "keyword argument" not in str(err):
             raise
         accepted = _accepted_kwargs(resolved)

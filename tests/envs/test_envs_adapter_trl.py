@@ -179,3 +179,32 @@ def test_vault_trains_with_rl(tmp_path, monkeypatch, capsys):
     rows = read_metrics(tmp_path / "runs" / "vault")
     assert [r["step"] for r in rows if "rollout/reward" in r] == [1, 2]
     assert "rollout/success/adapter_test_envs.Vault-v0" in rows[-1]
+
+
+class _VerifiersLike:
+    def env_response(self, messages, state):
+        return [], state
+
+    def is_completed(self, messages, state):
+        return True
+
+
+def test_a_class_registered_without_its_adapter_is_told_which_adapter_fits():
+    """A TRL class registered directly got old gym's hint and 'Fix the id's arguments' (it has no arguments)."""
+    import gymnasium as gym
+
+    from hybrid_rl.config import ConfigError
+
+    gym.register("adapter_test_envs/VaultRaw-v0", entry_point=adapter_test_envs.Vault)
+    gym.register("adapter_test_envs/VerifiersRaw-v0", entry_point=_VerifiersLike)
+    try:
+        with pytest.raises(ConfigError) as err:
+            envs.check_env_ids(["adapter_test_envs/VaultRaw-v0"])
+        text = str(err.value)
+        assert "is not a gymnasium env" in text and "entry_point='hybrid_rl.envs.adapters:TRLEnv'" in text
+        assert "LegacyStepAPI" not in text and "Fix the id's arguments" not in text
+        with pytest.raises(TypeError, match="A verifiers environment is not played as it is.*TextEnv"):
+            envs.make("adapter_test_envs/VerifiersRaw-v0")
+    finally:
+        for env_id in ("adapter_test_envs/VaultRaw-v0", "adapter_test_envs/VerifiersRaw-v0"):
+            gym.registry.pop(env_id, None)
