@@ -26,6 +26,12 @@ Departures from NeMo-Gym: its agent server calls the model through the Responses
 engine is the agent and the model writes tool calls as text, so the output items carry no ids or
 reasoning items; ``/aggregate_metrics`` and ``/close_session`` are not called; every seed split draws from
 the same rows (give the eval its own file under another id).
+
+``NemoGymnasiumEnv`` plays a NeMo-Gym ``GymnasiumServer`` (what its ``gymnasium_agent`` drives), whose episodes
+are gymnasium's: ``POST /reset`` with the row opens the session and answers ``{"observation", "info"}``, and
+each turn is ``POST /step`` with the row and the model's message as ``response.output``, answered with
+``{"observation", "reward", "terminated", "truncated", "info"}``. The first observation is the row's user
+input followed by what ``/reset`` answered; the server parses the model's text itself (no tool list).
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ from http.cookiejar import CookieJar
 from typing import Any
 
 from hybrid_rl.envs.adapters.common import ToolCallingEnv, load_rows, split_prompt, system_prompt
+from hybrid_rl.envs.core import TextEnv
 from hybrid_rl.envs.tools import ToolCall
 
-__all__ = ["NemoGymEnv", "NemoGymError", "verified_reward"]
+__all__ = ["NemoGymEnv", "NemoGymnasiumEnv", "NemoGymError", "verified_reward"]
 
 MAX_TOOL_OUTPUT_CHARS = 1000  # as envs.call_tool: a tool answer is an observation, not a document
 
@@ -57,30 +64,65 @@ class _Refused(NemoGymError):
         self.status, self.body = status, body
 
 
-class NemoGymEnv(ToolCallingEnv):
+class _ServerHTTP:
+    """A NeMo-Gym server's URL, rows and session (cookies, as its session middleware sets them), and ``_post``."""
+
+    def _connect(self, url: str, rows: Any, timeout_s: float, what: str) -> None:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"{what} url={url!r}: give the resource server's base URL, e.g. 'http://127.0.0.1:8000'.")
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+        self.rows = load_rows(rows, f"{what} rows")
+        bad = [i for i, row in enumerate(self.rows) if "input" not in (row.get("responses_create_params") or {})]
+        if not self.rows or bad:
+            raise ValueError(f"{what} rows: {'no rows' if not self.rows else f'rows {bad[:5]} have no responses_create_params.input'}; "
+                             f"each row is a NeMo-Gym task, {{\"responses_create_params\": {{\"input\": [...], \"tools\": [...]}}, ...}}.")
+        self.row: dict = {}
+        self.opener = urllib.request.build_opener()
+
+    def _new_session(self, seed_rng) -> dict:
+        """Pick this episode's row with ``seed_rng`` and start a new cookie session; the row."""
+        self.row = self.rows[int(seed_rng.integers(len(self.rows)))]
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        return self.row
+
+    def _post(self, path: str, body: Any) -> Any:
+        """POST ``body`` as JSON, return the JSON answer; raise ``NemoGymError`` naming what failed."""
+        where = f"POST {self.url}{path}"
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with self.opener.open(request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:300]
+            if 400 <= err.code < 500:
+                raise _Refused(f"{where} answered HTTP {err.code}: {detail}", err.code, detail) from None
+            raise NemoGymError(f"{where} answered HTTP {err.code}: {detail}; the resource server failed, see its log.") from None
+        except (urllib.error.URLError, OSError) as err:  # refused, unreachable, timed out
+            reason = getattr(err, "reason", err)
+            raise NemoGymError(f"{where} failed: {reason} (timeout {self.timeout_s:g} s); is the resource server running "
+                               f"at {self.url}? Start it, or fix NemoGymEnv url.") from None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise NemoGymError(f"{where} answered {raw[:80]!r}, which is not JSON; a resource server answers JSON.") from None
+
+
+
+class NemoGymEnv(_ServerHTTP, ToolCallingEnv):
     """A NeMo-Gym resource server's task rows, played over HTTP."""
 
     invalid_penalty = 0.0  # the reward is the server's (/verify)
 
     def __init__(self, url: str, rows: Any, timeout_s: float = 20.0, render_mode: str | None = None):
         super().__init__(render_mode=render_mode)
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"NemoGymEnv url={url!r}: give the resource server's base URL, e.g. 'http://127.0.0.1:8000'.")
-        self.url, self.timeout_s = url.rstrip("/"), timeout_s
-        self.rows = load_rows(rows, "NemoGymEnv rows")
-        bad = [i for i, row in enumerate(self.rows) if "input" not in (row.get("responses_create_params") or {})]
-        if not self.rows or bad:
-            raise ValueError(f"NemoGymEnv rows: {'no rows' if not self.rows else f'rows {bad[:5]} have no responses_create_params.input'}; "
-                             f"each row is a NeMo-Gym task, {{\"responses_create_params\": {{\"input\": [...], \"tools\": [...]}}, ...}}.")
-        self.row: dict = {}
+        self._connect(url, rows, timeout_s, "NemoGymEnv")
         self.output: list[dict] = []  # the episode as Responses API output items, for /verify
-        self.opener = urllib.request.build_opener()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        self.row = self.rows[int(self.np_random.integers(len(self.rows)))]
+        self._new_session(self.np_random)
         self.output = []
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))  # a new session
         self._post("/seed_session", self.row)
         params = self.row["responses_create_params"]
         self.tools = [{"name": t["name"], "description": t.get("description", ""), "parameters": t.get("parameters", {})}
@@ -108,27 +150,46 @@ class NemoGymEnv(ToolCallingEnv):
         reward, components = verified_reward(self._post("/verify", {**self.row, "response": {"output": self.output}}))
         return self.result("done", components, terminated=True, success=reward > 0)
 
-    def _post(self, path: str, body: Any) -> Any:
-        """POST ``body`` as JSON, return the JSON answer; raise ``NemoGymError`` naming what failed."""
-        where = f"POST {self.url}{path}"
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with self.opener.open(request, timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode(errors="replace")[:300]
-            if 400 <= err.code < 500:
-                raise _Refused(f"{where} answered HTTP {err.code}: {detail}", err.code, detail) from None
-            raise NemoGymError(f"{where} answered HTTP {err.code}: {detail}; the resource server failed, see its log.") from None
-        except (urllib.error.URLError, OSError) as err:  # refused, unreachable, timed out
-            reason = getattr(err, "reason", err)
-            raise NemoGymError(f"{where} failed: {reason} (timeout {self.timeout_s:g} s); is the resource server running "
-                               f"at {self.url}? Start it, or fix NemoGymEnv url.") from None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            raise NemoGymError(f"{where} answered {raw[:80]!r}, which is not JSON; a resource server answers JSON.") from None
+class NemoGymnasiumEnv(_ServerHTTP, TextEnv):
+    """A NeMo-Gym ``GymnasiumServer``'s task rows, played over HTTP: ``/reset``, then ``/step`` per turn."""
+
+    def __init__(self, url: str, rows: Any, timeout_s: float = 20.0, render_mode: str | None = None):
+        super().__init__(render_mode=render_mode)
+        self._connect(url, rows, timeout_s, "NemoGymnasiumEnv")
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        row = self._new_session(self.np_random)
+        answer = self._post("/reset", row)
+        if not isinstance(answer, dict) or not isinstance(answer.get("observation", ""), (str, type(None))) \
+                or not isinstance(answer.get("info") or {}, dict):
+            raise NemoGymError(f"/reset answered {str(answer)[:120]}; expected {{\"observation\": str or null, \"info\": {{...}}}}.")
+        system, prompt = split_prompt(row["responses_create_params"]["input"])
+        self.system_prompt = system or None
+        observation = "\n".join(text for text in (prompt, answer.get("observation")) if text)
+        if not observation:
+            raise NemoGymError("the row's input has no user message and /reset answered no observation: nothing to show "
+                               "the model; give the rows a user input or answer one from /reset.")
+        self.last_observation = observation
+        return observation, {**(answer.get("info") or {}), "role": "user"}
+
+    def step_text(self, text: str):
+        message = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}
+        answer = self._post("/step", {**self.row, "response": {"output": [message]}})
+        expected = ('; expected {"observation": str or null, "reward": number, "terminated": bool, "truncated": bool, '
+                    '"info": {...}}.')
+        if not isinstance(answer, dict):
+            raise NemoGymError(f"/step answered {str(answer)[:120]}{expected}")
+        observation, reward = answer.get("observation") or "", answer.get("reward", 0.0)
+        terminated, truncated = answer.get("terminated", False), answer.get("truncated", False)
+        info = answer.get("info") or {}
+        if not isinstance(observation, str) or isinstance(reward, bool) or not isinstance(reward, (int, float)) \
+                or not math.isfinite(reward) or not isinstance(terminated, bool) or not isinstance(truncated, bool) \
+                or not isinstance(info, dict):
+            raise NemoGymError(f"/step answered observation {str(observation)[:40]!r}, reward {reward!r}, terminated "
+                               f"{terminated!r}, truncated {truncated!r}, info {str(info)[:40]}{expected}")
+        self.last_observation = observation
+        return observation, float(reward), terminated, truncated, {**info, "role": "user"}
 
 
 def verified_reward(answer: Any) -> tuple[float, dict[str, float]]:

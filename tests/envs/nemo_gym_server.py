@@ -1,6 +1,9 @@
 """A small NeMo-Gym-shaped resource server on loopback for the adapter tests: ``/seed_session`` opens a
 cookie session, ``/get_letter`` is the tool, ``/verify`` scores the final message against the row's secret.
-``mode`` breaks it on purpose: "verify_500", "verify_not_json", "verify_no_reward", "verify_hangs"."""
+As a ``GymnasiumServer``: ``/reset`` opens a session and says how long the word is, ``/step`` reads the model's
+message and answers a gymnasium step (reward 1 and terminated on the word, a hint otherwise, truncated after 3).
+``mode`` breaks it on purpose: "verify_500", "verify_not_json", "verify_no_reward", "verify_hangs",
+"step_bad_reward", "step_not_json"."""
 
 from __future__ import annotations
 
@@ -27,6 +30,14 @@ class _Handler(BaseHTTPRequestHandler):
             sid = str(len(server.sessions))
             server.sessions[sid] = body["secret"]
             return self._answer(200, {}, cookie=f"session={sid}")
+        if self.path == "/reset":
+            sid = str(len(server.sessions))
+            server.sessions[sid] = body["secret"]
+            server.turns[sid] = 0
+            return self._answer(200, {"observation": f"The word has {len(body['secret'])} letters.", "info": {}},
+                                cookie=f"session={sid}")
+        if self.path == "/step":
+            return self._step(body)
         secret = server.sessions.get((self.headers.get("Cookie") or "").partition("session=")[2])
         if self.path == "/get_letter":
             if secret is None:
@@ -37,6 +48,24 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/verify":
             return self._verify(body)
         self._answer(404, {"detail": "Not Found"})
+
+    def _step(self, body):
+        server = self.server
+        sid = (self.headers.get("Cookie") or "").partition("session=")[2]
+        if sid not in server.sessions:
+            return self._answer(400, {"detail": "no session: call /reset first"})
+        server.stepped.append(body)
+        if server.mode == "step_not_json":
+            return self._answer(200, "<html>oops</html>")
+        secret, text = server.sessions[sid], body["response"]["output"][-1]["content"][0]["text"].strip()
+        server.turns[sid] += 1
+        if server.mode == "step_bad_reward":
+            return self._answer(200, {"observation": "?", "reward": "high", "terminated": False, "truncated": False})
+        if text == secret:
+            return self._answer(200, {"observation": "right", "reward": 1.0, "terminated": True, "truncated": False,
+                                      "info": {"success": True}})
+        return self._answer(200, {"observation": f"no; it starts with {secret[0]}", "reward": 0.0, "terminated": False,
+                                  "truncated": server.turns[sid] >= 3, "info": {}})
 
     def _verify(self, body):
         server = self.server
@@ -69,6 +98,7 @@ def resource_server(mode: str = "ok"):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     server.mode, server.sessions, server.verified, server.release = mode, {}, [], threading.Event()
+    server.turns, server.stepped = {}, []
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
