@@ -386,16 +386,26 @@ class NotAnEnvError(TypeError):
     """An id whose entry point makes something other than a gymnasium env (the error says which adapter fits)."""
 
 
-def _adapter_hint(env_id: str) -> str:
-    """Which adapter plays what ``env_id``'s entry point makes, from the methods of its class."""
+def _entry_class(env_id: str) -> type | None:
+    """The class ``env_id``'s entry point names, or None (a factory function, or an id that does not load)."""
     try:
         entry = gym.spec(env_id).entry_point
         creator = entry if callable(entry) else load_env_creator(entry)
-    except Exception:  # noqa: BLE001 - only a hint
-        return LEGACY_HINT
-    if not isinstance(creator, type):
+    except Exception:  # noqa: BLE001 - only for a hint
+        return None
+    return creator if isinstance(creator, type) else None
+
+
+def _adapter_hint(env_id: str) -> str:
+    """Which adapter plays what ``env_id``'s entry point makes, from the methods of its class."""
+    creator = _entry_class(env_id)
+    if creator is None:
         return LEGACY_HINT
     has = lambda name: callable(getattr(creator, name, None))  # noqa: E731
+    if has("init") and has("step"):
+        return ("A SkyRL-Gym BaseTextEnv (init(prompt), step(action) -> {observations, reward, done, metadata}) plays "
+                "through an adapter: gymnasium.register(ID, entry_point='hybrid_rl.envs.adapters:SkyRLEnv', "
+                "kwargs={'env': 'module:Class', 'rows': 'rows.jsonl'}).")
     if has("step"):
         return LEGACY_HINT
     if has("reset"):
@@ -414,9 +424,14 @@ def make(env_id: str, **kwargs) -> gym.Env:
     resolved = resolve_id(env_id)
     try:
         env = gym.make(resolved, **{**id_kwargs, **kwargs})
-    except TypeError as err:  # gymnasium refuses a class that is not a gymnasium.Env
-        if "gymnasium.Env" in str(err):
-            raise NotAnEnvError(f"{err}\n{_adapter_hint(resolved)}") from None
+    except Exception as err:
+        creator = _entry_class(resolved)
+        if (isinstance(err, TypeError) and "gymnasium.Env" in str(err)) or (
+                creator is not None and not issubclass(creator, gym.Env)):  # (its constructor may fail first)
+            raise NotAnEnvError(f"{name}: {getattr(creator, '__name__', 'its entry point')} is not a gymnasium.Env "
+                                f"({type(err).__name__}: {err}).\n{_adapter_hint(resolved)}") from None
+        if not isinstance(err, TypeError):
+            raise
         if "keyword argument" not in str(err):
             raise
         accepted = _accepted_kwargs(resolved)

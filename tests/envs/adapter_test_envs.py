@@ -69,6 +69,36 @@ class Vault:
         return 1.0 if self.opened else 0.0
 
 
+class SkyGuess:
+    """Guess a number from 1 to 9 (a SkyRL-Gym BaseTextEnv, as written for SkyRL: made from the row's extras)."""
+
+    def __init__(self, env_config=None, extras=None):
+        self.target = int(extras["reward_spec"]["ground_truth"])
+        self.turns, self.max_turns = 0, (env_config or {}).get("max_turns", 4)
+        self.closed = False
+
+    def init(self, prompt):
+        return prompt, {}
+
+    def step(self, action):
+        self.turns += 1
+        digits = [c for c in action if c.isdigit()]
+        guess = int(digits[0]) if digits else None
+        if guess == self.target:
+            return {"observations": [], "reward": 1.0, "done": True, "metadata": {"guesses": self.turns}}
+        done = self.turns >= self.max_turns
+        hint = "higher" if guess is None or guess < self.target else "lower"
+        return {"observations": [] if done else [{"role": "user", "content": hint}], "reward": 0.0, "done": done,
+                "metadata": {}}
+
+    def close(self):
+        self.closed = True
+
+
+SKY_ROWS = [{"prompt": [{"role": "system", "content": "Answer with one digit."}, {"role": "user", "content": "Guess my number (1-9)."}],
+             "reward_spec": {"ground_truth": target}} for target in (3, 7)]
+
+
 def _register(env_id: str, **spec) -> None:
     if env_id not in gym.registry:
         gym.register(env_id, **spec)
@@ -80,3 +110,5 @@ _register("adapter_test_envs/OldReverseRaw-v0", entry_point=OldReverse, max_epis
 _register("adapter_test_envs/HalfPorted-v0", entry_point=HalfPorted, max_episode_steps=3)
 _register("adapter_test_envs/Vault-v0", entry_point="hybrid_rl.envs.adapters:TRLEnv",
           kwargs={"factory": "adapter_test_envs:Vault"}, max_episode_steps=6)
+_register("adapter_test_envs/SkyGuess-v0", entry_point="hybrid_rl.envs.adapters:SkyRLEnv",
+          kwargs={"env": "adapter_test_envs:SkyGuess", "rows": SKY_ROWS}, max_episode_steps=4)
