@@ -11,7 +11,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "ENVIRONMENTS.md"
 # adapter -> what its example prints when it works
 EXPECTED = {"legacy": ["my/OldCountdown-v0: PASS", "[assistant] 0", "True"],
             "trl": ["my/Vault-v0: PASS", "open 1.0"],
-            "nemo_gym": ["my/TwoPlusTwo-v0: PASS", "What is 2+2? 1.0"]}
+            "nemo_gym": ["my/TwoPlusTwo-v0: PASS", "What is 2+2? 1.0"],
+            "skyrl": ["my/Guess-v0: PASS", "Guess my digit. 1.0"]}
 
 
 def adapter_example(name: str) -> str:
