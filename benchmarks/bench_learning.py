@@ -116,7 +116,9 @@ def pipeline_in_own_process(config: str, overrides: list[str], run_dir: Path) ->
             tail = (tail + [line])[-40:]
     if proc.returncode != 0:
         raise RuntimeError(f"the pipeline run exited with code {proc.returncode}: {' '.join(cmd)}\n" + "".join(tail))
-    return json.loads((run_dir / "results.json").read_text())
+    from hybrid_rl.pipeline.recipe import read_results
+
+    return read_results(run_dir)
 
 
 def summarize(runs: list[dict]) -> dict:

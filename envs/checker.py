@@ -128,13 +128,15 @@ def _bounded(run: Callable[[], None], timeout_s: float) -> str:
         try:
             run()
             outcome[0] = "ok"
-        except Exception as err:  # noqa: BLE001
+        except BaseException as err:  # noqa: BLE001 - an env's SystemExit is a failed check too
             outcome[0] = f"{type(err).__name__}: {err}" if str(err) else traceback.format_exc(limit=2)
 
+    filters, show = list(warnings.filters), warnings.showwarning  # a check records gymnasium's warnings
     worker = threading.Thread(target=work, name="env check", daemon=True)
     worker.start()
     worker.join(timeout_s if timeout_s > 0 else None)
-    if worker.is_alive():
+    if worker.is_alive():  # left hanging inside its warnings context: the process gets its own state back
+        warnings.filters[:], warnings.showwarning = filters, show
         return (f"did not finish within {timeout_s:g} s: a reset, step or close that does not return (or an env this "
                 "slow: raise --timeout)")
     return outcome[0]

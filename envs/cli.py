@@ -15,7 +15,7 @@ import sys
 
 import yaml
 
-from hybrid_rl.envs.checker import check
+from hybrid_rl.envs.checker import CHECK_TIMEOUT_S, check
 from hybrid_rl.envs.episode import POLICIES, expert_episode, expert_stats
 from hybrid_rl.envs.registry import UnknownEnvironmentError, describe, env_ids, max_turns, merge_args, resolve_id, seeds
 
@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p_check = sub.add_parser("check", help="gymnasium's checker plus ours (determinism, text spaces, bad actions, truncation, expert)")
     p_check.add_argument("env_ids", nargs="*", metavar="ID", help="environment ids (default: all)")
     p_check.add_argument("--episodes", type=int, default=200, help="eval seeds the expert plays (default 200)")
-    p_check.add_argument("--timeout", type=float, default=300.0,
-                         help="seconds one check may take (default 300; 0 = no limit): a hung reset or step fails it")
+    p_check.add_argument("--timeout", type=float, default=CHECK_TIMEOUT_S,
+                         help=f"seconds one check may take (default {CHECK_TIMEOUT_S:g}; 0 = no limit): a hung reset or step fails it")
     _add_env_args(p_check)
     p_expert = sub.add_parser("expert", help="a teacher's success rate (the expert's by default) on eval seeds, and sample transcripts")
     p_expert.add_argument("env_id", metavar="ID")

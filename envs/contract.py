@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 from hybrid_rl.run import EnvsFailedError
 
@@ -111,15 +112,48 @@ def reset_problem(outcome, env) -> str:
         text_problem(system, "the env's system_prompt") if isinstance(system, str) else "")
 
 
-def step_problem(outcome) -> str:
-    """What is wrong with what ``env.step`` returned ("" when nothing), as the engine reads it: a 5-tuple whose
-    observation, reward and info pass ``step_values_problem``."""
+class StepRead(NamedTuple):
+    """A step's result as the engine uses it: flags as bools, the reward a finite float, its named parts."""
+
+    observation: str
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: dict
+    invalid: bool
+    components: dict
+
+
+def read_step(outcome) -> StepRead:
+    """``env.step``'s result read as the engine reads it; ``ValueError`` saying what is wrong: not a 5-tuple, an
+    observation, reward or info of another type (``step_values_problem``), a flag that is not a bool
+    (``terminated``, ``truncated``, ``info["invalid_action"]``, ``info["success"]`` at the end), a reward part
+    that is not a finite number. (An observation that is not valid text is checked apart: it matters only
+    where the episode goes on.)"""
     if not isinstance(outcome, tuple) or len(outcome) != 5:
         what = f"a {len(outcome)}-tuple" if isinstance(outcome, tuple) else type(outcome).__name__
-        return f"step returned {what}, expected (observation, reward, terminated, truncated, info)"
-    obs, reward, _, _, info = outcome
-    return step_values_problem(obs, reward, info) or (
-        text_problem(obs, "step returned an observation that") if isinstance(obs, str) else "")
+        raise ValueError(f"step returned {what}, expected (observation, reward, terminated, truncated, info)")
+    obs, reward, terminated, truncated, info = outcome
+    problem = step_values_problem(obs, reward, info)
+    if problem:
+        raise ValueError(problem)
+    info, reward = info or {}, as_float(reward)  # finite (``step_values_problem``)
+    terminated, truncated = flag(terminated, "terminated"), flag(truncated, "truncated")
+    invalid = flag(info.get("invalid_action"), 'info["invalid_action"]')
+    components = reward_components(info, reward)
+    if (terminated or truncated) and "success" in info:
+        flag(info["success"], 'info["success"]')
+    return StepRead(obs, reward, terminated, truncated, info, invalid, components)
+
+
+def step_problem(outcome) -> str:
+    """What is wrong with what ``env.step`` returned ("" when nothing), as the engine reads it (``read_step``),
+    its observation's text included: the pre-run check (``envs.check_env_ids``)."""
+    try:
+        step = read_step(outcome)
+    except ValueError as err:
+        return str(err)
+    return text_problem(step.observation, "step returned an observation that")
 
 
 def step_values_problem(obs, reward, info) -> str:

@@ -161,14 +161,19 @@ def check_env_ids(env_ids, env_modules=(), timeout_s: float = 30.0) -> None:
 
 
 PROBE_ACTION = "?"  # the action of the pre-run step: arbitrary text, as a policy's first actions are
+MAKE_CLOSE_TIMEOUT_S = 300.0  # the pre-run check's limit on an env's constructor and close (untimed in a run)
 
 
 def _first_contact(env_id: str, timeout_s: float) -> str:
-    """Make, reset, step and close ``env_id`` in a thread of its own, at most ``timeout_s`` seconds: what went
-    wrong, as the rest of a ``check_env_ids`` error ("" when nothing)."""
+    """Make, reset, step and close ``env_id`` on a thread of its own: what went wrong, as the rest of a
+    ``check_env_ids`` error ("" when nothing). The reset and the step each have ``timeout_s`` seconds, as in a run
+    (0 = no limit); the constructor and close ``MAKE_CLOSE_TIMEOUT_S`` (a run does not time them, but one that
+    never returns would hang it). gymnasium's warnings are silenced here, in the caller's thread (they come
+    again where the env is played), so that a thread left hanging holds no process-wide state."""
     import threading
+    import time
 
-    state = {"phase": "make", "problem": ""}
+    state = {"phase": "make", "since": time.monotonic(), "problem": ""}
     check = f"`hybrid-rl envs check '{env_id}'` checks the env against the API it must follow"
 
     def contact():
@@ -178,61 +183,74 @@ def _first_contact(env_id: str, timeout_s: float) -> str:
             state["problem"] = f"failed: {type(err).__name__}: {err}"
 
     worker = threading.Thread(target=contact, name=f"check {env_id}", daemon=True)
-    worker.start()
-    worker.join(timeout_s if timeout_s > 0 else None)
-    if worker.is_alive():  # (left to itself: a daemon thread does not keep the process alive)
-        return (f"did not return from env.{state['phase']} within {timeout_s:g} s (the stage's env_timeout_s): every "
-                f"episode would end as timeout. {check}; raise env_timeout_s if the env is slow but works.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        worker.start()
+        while worker.is_alive():
+            phase = state["phase"]
+            limit = timeout_s if phase in ("reset", "step") else MAKE_CLOSE_TIMEOUT_S
+            left = state["since"] + limit - time.monotonic() if limit > 0 else 1.0
+            if left <= 0 and state["phase"] == phase:  # (left to itself: a daemon thread does not keep the process)
+                if phase in ("reset", "step"):
+                    return (f"did not return from env.{phase} within {timeout_s:g} s (the stage's env_timeout_s): every "
+                            f"episode would end as timeout. {check}; raise env_timeout_s if the env is slow but works.")
+                return (f"did not return from env.{'__init__' if phase == 'make' else phase} within {limit:g} s: a run "
+                        f"would hang on it. {check}.")
+            worker.join(min(max(left, 0.01), 0.5))
     return state["problem"]
 
 
 def _contact(env_id: str, state: dict, check: str) -> str:
+    """``_first_contact``'s work, on its thread; ``state["phase"]`` / ``["since"]`` say where it is."""
+    import time
+
     from hybrid_rl.envs.contract import reset_problem, step_problem
 
-    with warnings.catch_warnings():  # gymnasium's checker warnings come again where the env is played
-        warnings.simplefilter("ignore")
-        try:
-            env = make(env_id)
-        except NotAnEnvError as err:  # its class: an adapter is the fix, not the arguments
-            return f"is not a gymnasium env: {err}"
-        except Exception as err:  # any failure of the constructor would end every episode of this env
-            return (f"cannot be made: {type(err).__name__}: {err}\nFix the id's arguments (written "
-                    f"ID(key=value;key2=value2)); `hybrid-rl envs check '{env_id}'` tries it.")
-        try:
-            state["phase"] = "reset"
-            try:
-                outcome = env.reset(seed=seeds(env_id, "train", 1)[0])
-            except Exception as err:
-                return (f"fails its first reset (train seed 0): {type(err).__name__}: {err}\nEvery episode of it would end "
-                        f"as env_error. {check} (reset(seed=..., options=...) -> (observation, info)).")
-            problem = reset_problem(outcome, env)
-            if problem and isinstance(outcome, str):
-                problem += f" (old gym's reset returns the observation alone). {LEGACY_HINT}"
-            if problem:
-                return f"fails its first reset (train seed 0): {problem}\nEvery episode of it would end as env_error. {check}."
-            state["phase"] = "step"
-            try:
-                outcome = env.step(PROBE_ACTION)
-            except Exception as err:
-                if "expected 5, got 4" in str(err):  # gymnasium's wrappers unpack the step first
-                    return (f"fails its first step (action {PROBE_ACTION!r}): step returned a 4-tuple (old gym's (observation, "
-                            f"reward, done, info)), expected (observation, reward, terminated, truncated, info). {LEGACY_HINT}")
-                return (f"fails its first step (action {PROBE_ACTION!r}): {type(err).__name__}: {err}\nA policy's first "
-                        f"actions are arbitrary text, so most episodes would end as env_error; an action the env cannot "
-                        f"use is an invalid action (info['invalid_action'] = True), not an exception. {check}.")
-            problem = step_problem(outcome)
-            if problem:
-                legacy = f" {LEGACY_HINT}" if isinstance(outcome, tuple) and len(outcome) == 4 else ""
-                return (f"fails its first step (action {PROBE_ACTION!r}): {problem}\nEvery episode of it would end as "
-                        f"env_error. {check}.{legacy}")
-        finally:
-            state["phase"] = "close"
-            try:
-                env.close()
-            except Exception as err:  # the engine closes envs apart from the episodes: warned, not fatal
-                import logging
+    def enter(phase: str) -> None:
+        state["phase"], state["since"] = phase, time.monotonic()
 
-                logging.getLogger("hybrid_rl.envs").warning("%s: env.close() failed: %s: %s", env_id, type(err).__name__, err)
+    try:
+        env = make(env_id)
+    except NotAnEnvError as err:  # its class: an adapter is the fix, not the arguments
+        return f"is not a gymnasium env: {err}"
+    except Exception as err:  # any failure of the constructor would end every episode of this env
+        return (f"cannot be made: {type(err).__name__}: {err}\nFix the id's arguments (written "
+                f"ID(key=value;key2=value2)); `hybrid-rl envs check '{env_id}'` tries it.")
+    try:
+        enter("reset")
+        try:
+            outcome = env.reset(seed=seeds(env_id, "train", 1)[0])
+        except Exception as err:
+            return (f"fails its first reset (train seed 0): {type(err).__name__}: {err}\nEvery episode of it would end "
+                    f"as env_error. {check} (reset(seed=..., options=...) -> (observation, info)).")
+        problem = reset_problem(outcome, env)
+        if problem and isinstance(outcome, str):
+            problem += f" (old gym's reset returns the observation alone). {LEGACY_HINT}"
+        if problem:
+            return f"fails its first reset (train seed 0): {problem}\nEvery episode of it would end as env_error. {check}."
+        enter("step")
+        try:
+            outcome = env.step(PROBE_ACTION)
+        except Exception as err:
+            if "expected 5, got 4" in str(err):  # gymnasium's wrappers unpack the step first
+                return (f"fails its first step (action {PROBE_ACTION!r}): step returned a 4-tuple (old gym's (observation, "
+                        f"reward, done, info)), expected (observation, reward, terminated, truncated, info). {LEGACY_HINT}")
+            return (f"fails its first step (action {PROBE_ACTION!r}): {type(err).__name__}: {err}\nA policy's first "
+                    f"actions are arbitrary text, so most episodes would end as env_error; an action the env cannot "
+                    f"use is an invalid action (info['invalid_action'] = True), not an exception. {check}.")
+        problem = step_problem(outcome)
+        if problem:
+            legacy = f" {LEGACY_HINT}" if isinstance(outcome, tuple) and len(outcome) == 4 else ""
+            return (f"fails its first step (action {PROBE_ACTION!r}): {problem}\nEvery episode of it would end as "
+                    f"env_error. {check}.{legacy}")
+    finally:
+        enter("close")
+        try:
+            env.close()
+        except Exception as err:  # the engine closes envs apart from the episodes: warned, not fatal
+            import logging
+
+            logging.getLogger("hybrid_rl.envs").warning("%s: env.close() failed: %s: %s", env_id, type(err).__name__, err)
     return ""
 
 

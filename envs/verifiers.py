@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
+from hybrid_rl.envs.contract import one_number
 from hybrid_rl.registry import Registry
 
 __all__ = ["AnswerFormat", "ANSWER_FORMATS", "VERIFIERS", "make_verifier", "to_number", "normalize_math"]
@@ -181,8 +182,7 @@ def _guarded(function: Callable, name: str) -> Callable[[str, str], float]:
             warnings.warn(f"verifier {name} raised {type(err).__name__}: {err}; the answer scores 0 ({VERIFIER_SIGNATURE}).",
                           RuntimeWarning, stacklevel=2)
             return 0.0
-        if not isinstance(value, numbers.Real) and _is_scalar(value):
-            value = value.item()  # a numpy or torch number
+        value = one_number(value)  # a numpy or torch number: its value
         if not isinstance(value, numbers.Real):  # (a bool is one: True scores 1)
             warnings.warn(f"verifier {name} returned {type(value).__name__} {value!r:.60}, not a number; the answer scores 0 "
                           f"({VERIFIER_SIGNATURE}).", RuntimeWarning, stacklevel=2)
@@ -195,7 +195,3 @@ def _guarded(function: Callable, name: str) -> Callable[[str, str], float]:
         return min(max(score, 0.0), 1.0)
     return verify
 
-
-def _is_scalar(value) -> bool:
-    """A numpy or torch number holding one value."""
-    return getattr(value, "shape", None) == () and hasattr(value, "item")

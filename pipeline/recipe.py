@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import logging
 import sys
 import time
@@ -328,6 +329,20 @@ def compare_checkpoints(cfg: PipelineStageConfig, run: RunConfig, checkpoints: d
                 logger.log_samples([sample_row(t, stage=stage, temperature=temp) for t in trajectories[:2]], step=i)
             logger.log(row, step=i)  # step 0 = the SFT checkpoint, step 1 = the RL checkpoint
     return table
+
+
+def read_results(base: Path) -> dict:
+    """A pipeline's ``results.json``, its figures (``results``, ``baselines``) with ``null`` read back as NaN: the file
+    is strict JSON (``json_safe``), and its readers do arithmetic and formatting on the figures."""
+    def nan_for_null(obj):
+        if obj is None:
+            return math.nan
+        if isinstance(obj, dict):
+            return {k: nan_for_null(v) for k, v in obj.items()}
+        return [nan_for_null(v) for v in obj] if isinstance(obj, list) else obj
+
+    res = json.loads((Path(base) / "results.json").read_text())
+    return {**res, **{key: nan_for_null(res[key]) for key in ("results", "baselines") if key in res}}
 
 
 def success_se(p: float, n: int) -> float:

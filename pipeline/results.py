@@ -12,7 +12,6 @@ success at the first and last steps, step times) and ``config.yaml``; replaces t
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -34,7 +33,9 @@ def stage_dir(base: Path, recorded: str) -> Path:
 def render(base: Path, block: str = "quickstart", recipe: str = "configs/quickstart.yaml") -> str:
     from hybrid_rl.metrics import env_key, read_metrics, read_run_info
 
-    res = json.loads((base / "results.json").read_text())
+    from hybrid_rl.pipeline.recipe import read_results
+
+    res = read_results(base)
     cfg = yaml.safe_load((base / "config.yaml").read_text())
     rl_dir = stage_dir(base, res["runs"]["rl"])
     rl_rows = [r for r in read_metrics(rl_dir) if "rollout/reward" in r]

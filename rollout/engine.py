@@ -117,8 +117,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from hybrid_rl.envs.contract import (as_float, flag, reset_problem, reward_components, short, step_values_problem,
-                                       text_problem)
+from hybrid_rl.envs.contract import read_step, reset_problem, text_problem
 from hybrid_rl.envs.core import episode_success
 from hybrid_rl.model.cache import HybridCache
 from hybrid_rl.rollout.config import EpisodeConfig, SamplingConfig
@@ -534,18 +533,8 @@ class Engine:
         if isinstance(outcome, (EnvFailure, EnvTimeout)):
             self._env_failed(ep, outcome, "step")
             return True
-        obs, reward, terminated, truncated, info = outcome
-        problem = step_values_problem(obs, reward, info)
-        if problem:
-            self._env_failed(ep, EnvFailure(problem), "step")
-            return True
-        info, reward = info or {}, as_float(reward)  # finite (``step_values_problem``)
         try:  # a malformed value ends this episode as an env error (recorded), not play() (the whole batch)
-            terminated, truncated = flag(terminated, "terminated"), flag(truncated, "truncated")
-            invalid = flag(info.get("invalid_action"), 'info["invalid_action"]')
-            components = reward_components(info, reward)
-            if (terminated or truncated) and "success" in info:
-                flag(info["success"], 'info["success"]')
+            obs, reward, terminated, truncated, info, invalid, components = read_step(outcome)
         except ValueError as err:
             self._env_failed(ep, EnvFailure(str(err)), "step")
             return True

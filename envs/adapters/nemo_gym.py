@@ -101,7 +101,7 @@ class _ServerHTTP:
         except (urllib.error.URLError, OSError) as err:  # refused, unreachable, timed out
             reason = getattr(err, "reason", err)
             raise NemoGymError(f"{where} failed: {reason} (timeout {self.timeout_s:g} s); is the resource server running "
-                               f"at {self.url}? Start it, or fix NemoGymEnv url.") from None
+                               f"at {self.url}? Start it, or fix {type(self).__name__} url.") from None
         try:
             return json.loads(raw)
         except json.JSONDecodeError:

@@ -28,10 +28,10 @@ only recorded in ``info``. ``get_metrics`` is not collected.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 from hybrid_rl.envs.adapters.common import load_rows, resolve_target, split_prompt
+from hybrid_rl.envs.contract import as_float, flag
 from hybrid_rl.envs.core import TextEnv
 
 __all__ = ["SkyRLEnv", "SkyRLEnvError"]
@@ -81,10 +81,13 @@ class SkyRLEnv(TextEnv):
         get = out.get if isinstance(out, dict) else lambda key, default=None: getattr(out, key, default)
         observations, reward, done = get("observations", []), get("reward", 0.0), get("done", False)
         metadata = get("metadata", {}) or {}
-        if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(float(reward)):
+        number = as_float(reward)  # numpy and torch scalars too, as the engine reads a reward
+        if isinstance(reward, bool) or not math.isfinite(number):
             raise SkyRLEnvError(f"{self.name}.step returned reward {reward!r}; expected a finite number.")
-        if not isinstance(done, bool):
-            raise SkyRLEnvError(f"{self.name}.step returned done {done!r}; expected a bool.")
+        try:
+            done = flag(done, "done")
+        except ValueError as err:
+            raise SkyRLEnvError(f"{self.name}.{err}") from None
         if not isinstance(observations, list) or not all(isinstance(m, dict) and isinstance(m.get("content", ""), str)
                                                          for m in observations):
             raise SkyRLEnvError(f"{self.name}.step returned observations {str(observations)[:100]}; expected a list of "
@@ -93,8 +96,8 @@ class SkyRLEnv(TextEnv):
             raise SkyRLEnvError(f"{self.name}.step returned metadata of type {type(metadata).__name__}; expected a dict.")
         observation = "\n".join(m.get("content", "") for m in observations)
         role = "tool" if observations and all(m.get("role") == "tool" for m in observations) else "user"
-        success = bool(metadata["success"]) if isinstance(metadata.get("success"), bool) else done and reward > 0
-        step = self.result(observation, {"reward": float(reward)}, terminated=done, success=success, role=role)
+        success = bool(metadata["success"]) if isinstance(metadata.get("success"), bool) else done and number > 0
+        step = self.result(observation, {"reward": number}, terminated=done, success=success, role=role)
         rewritten = get("postprocessed_action")
         if isinstance(rewritten, str) and rewritten != text:
             step[4]["postprocessed_action"] = rewritten

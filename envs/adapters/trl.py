@@ -60,6 +60,11 @@ class TRLEnv(ToolCallingEnv):
                              f"environment defines reset(**kwargs) -> str | None, its tools as public methods.")
         funcs = [reward_funcs] if isinstance(reward_funcs, str) or callable(reward_funcs) else list(reward_funcs or [])
         self.reward_funcs = [resolve_target(f, "TRLEnv reward_funcs") for f in funcs]
+        names = [_name(fn) for fn in self.reward_funcs] + ["get_reward"] * callable(getattr(self.inner, "get_reward", None))
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"TRLEnv reward_funcs: {', '.join(twice)} named twice (with the class's get_reward()); each "
+                             "reward is logged as a component under its function's name: give the functions distinct names.")
         if not self.reward_funcs and not callable(getattr(self.inner, "get_reward", None)):
             raise ValueError(f"TRLEnv factory {factory!r}: {type(self.inner).__name__} has no get_reward() and no reward_funcs "
                              "were given, so every episode would score 0 (TRL refuses this too). Add get_reward() -> float "
@@ -97,11 +102,11 @@ class TRLEnv(ToolCallingEnv):
                 parts["get_reward"] = value
         for fn in self.reward_funcs:
             value = _reward_value(_one(_call_reward_func(fn, self.inner, self.last_prompt, text, self.row), fn),
-                                  f"reward function {fn.__name__}")
+                                  f"reward function {_name(fn)}")
             if value is not None:
-                parts[fn.__name__] = value
+                parts[_name(fn)] = value
         if not parts:
-            who = ", ".join(["get_reward()"] * callable(get_reward) + [fn.__name__ for fn in self.reward_funcs])
+            who = ", ".join(["get_reward()"] * callable(get_reward) + [_name(fn) for fn in self.reward_funcs])
             raise ValueError(f"{name}: every reward ({who}) was None for this episode, so it has no reward; return a "
                              "number where a reward applies")
         reward = sum(parts.values())
@@ -127,9 +132,14 @@ def _reward_value(value: Any, who: str) -> float | None:
             value = value.item()  # a numpy or torch scalar
         except (ValueError, RuntimeError):  # more than one element
             pass
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+    if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):  # (a bool is one: True scores 1)
         raise ValueError(f"{who} returned {value!r:.80}, expected a finite number (or None where it does not apply)")
     return float(value)
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    """A reward function's name (its component's): ``__name__``, or a partial's function's, or the object's class."""
+    return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", None) or type(fn).__name__
 
 
 def _call_reward_func(fn: Callable[..., Any], env: Any, prompt: str, answer: str, row: dict) -> Any:
@@ -147,7 +157,7 @@ def _one(values: Any, fn: Callable[..., Any]) -> Any:
     """The one reward of a reward function's list (TRL's functions return one per completion of the batch)."""
     if isinstance(values, (list, tuple)):
         if len(values) != 1:
-            raise ValueError(f"reward function {fn.__name__} returned {len(values)} rewards for one completion; it is "
+            raise ValueError(f"reward function {_name(fn)} returned {len(values)} rewards for one completion; it is "
                              "called with lists of one item (environments=[env], completions=[answer]) and returns [reward]")
         return values[0]
     return values

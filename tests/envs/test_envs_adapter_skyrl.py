@@ -81,3 +81,16 @@ def test_a_skyrl_class_registered_without_the_adapter_is_told_to_use_it():
             envs.check_env_ids(["adapter_test_envs/SkyGuessRaw-v0"])
     finally:
         gym.registry.pop("adapter_test_envs/SkyGuessRaw-v0", None)
+
+
+class _NumpyStep(adapter_test_envs.SkyGuess):
+    def step(self, action):
+        import numpy as np
+
+        return {"observations": [], "reward": np.float32(1.0), "done": np.True_, "metadata": {}}
+
+
+def test_numpy_values_are_read_as_the_engine_reads_them():
+    env = SkyRLEnv(_NumpyStep, adapter_test_envs.SKY_ROWS)
+    env.reset(seed=0)
+    assert env.step("5")[1:3] == (1.0, True)

@@ -127,6 +127,32 @@ def test_a_class_without_get_reward_is_refused_unless_reward_funcs_are_given():
     assert (reward, info["reward_components"]) == (0.0, {"counted_to_three": 0.0})
 
 
+class _BoolReward(_Counter):
+    def get_reward(self):
+        return self.counter == 3  # TRL takes a bool
+
+
+def test_a_bool_reward_a_partial_and_two_functions_of_one_name():
+    import functools
+
+    env = TRLEnv(_BoolReward, reward_funcs=[functools.partial(said_three, target=[3])])
+    env.reset(seed=0)
+    env.step(call("increment", step=3))
+    _, reward, _, _, info = env.step("3")
+    assert (reward, info["reward_components"]) == (1.5, {"get_reward": 1.0, "said_three": 0.5})
+    with pytest.raises(ValueError, match="counted_to_three named twice"):
+        TRLEnv(_Counter, reward_funcs=[counted_to_three, "test_envs_adapter_trl:counted_to_three"])
+    with pytest.raises(ValueError, match="get_reward named twice"):
+        TRLEnv(_BoolReward, reward_funcs=[_named("get_reward")])
+
+
+def _named(name):
+    def fn(environments, **kwargs):
+        return [0.0]
+    fn.__name__ = name
+    return fn
+
+
 def _nan_reward(environments, **kwargs):
     return [float("nan")]
 

@@ -93,15 +93,23 @@ class Probed(gym.Env):
 
     def __init__(self, kind=""):
         self.kind = kind
+        if kind == "slow":
+            time.sleep(0.4)
 
     def reset(self, *, seed=None, options=None):
         if self.kind == "hang-reset":
-            time.sleep(30)
+            time.sleep(3)
+        if self.kind == "slow":
+            time.sleep(0.4)
         if self.kind == "bare-reset":
             return "hi"  # old gym: the observation alone
         return (["not", "text"] if self.kind == "list-obs" else "hi"), {}
 
     def step(self, action):
+        if self.kind == "slow":
+            time.sleep(0.4)
+        if self.kind == "string-flag":
+            return "ok", 1.0, "False", False, {}
         if self.kind == "four-tuple":
             return "ok", 1.0, True, {}
         if self.kind == "raise-step":
@@ -126,6 +134,7 @@ gym.register("probed/Probed-v0", entry_point=Probed)
     ("raise-step", r"(?s)fails its first step \(action '\?'\): KeyError: '\?'.*arbitrary text.*invalid action"),
     ("nan-reward", r"fails its first step.*step returned reward nan, expected a finite number"),
     ("hang-reset", r"(?s)did not return from env.reset within 0.5 s \(the stage's env_timeout_s\).*envs check"),
+    ("string-flag", r"fails its first step.*step returned terminated = 'False' \(str\), expected a bool"),
 ])
 def test_check_env_ids_plays_one_reset_and_step_as_the_engine_reads_them(kind, message, tmp_path, monkeypatch):
     """What every episode of a run would end as env_error or timeout for (and the run train on nothing, with NaN
@@ -135,6 +144,20 @@ def test_check_env_ids_plays_one_reset_and_step_as_the_engine_reads_them(kind, m
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match=message):
         envs.check_env_ids([f"input_errors_probed_mod:probed/Probed-v0(kind={kind})"], timeout_s=0.5)
+
+
+def test_check_env_ids_times_the_reset_and_the_step_each_as_a_run_does(tmp_path, monkeypatch):
+    """A constructor, reset and step of 0.4 s each pass a limit of 0.5 s per call (one limit over all three refused
+    it), and a probe left hanging changes no warnings filter of the process."""
+    import warnings
+
+    (tmp_path / "input_errors_probed_mod.py").write_text(PROBED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    envs.check_env_ids(["input_errors_probed_mod:probed/Probed-v0(kind=slow)"], timeout_s=0.5)
+    before = list(warnings.filters)
+    with pytest.raises(ConfigError, match="did not return from env.reset"):
+        envs.check_env_ids(["input_errors_probed_mod:probed/Probed-v0(kind=hang-reset)"], timeout_s=0.2)
+    assert warnings.filters == before
 
 
 def test_check_env_ids_passes_an_env_whose_close_fails_with_a_warning(tmp_path, monkeypatch, caplog):

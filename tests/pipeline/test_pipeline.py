@@ -114,3 +114,20 @@ def test_pipeline_end_to_end_slow(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(elsewhere)
     block = render(base, block="pipe")
     assert f"commit `{str(read_run_info(base / 'rl').get('git_commit', ''))[:12]}`" in block
+
+
+def test_results_json_is_strict_and_its_readers_take_null_back_as_nan(tmp_path):
+    """A figure that is NaN (an env whose every episode failed) is written as null, which JSON parsers other than
+    Python's accept; read_results gives NaN back to the readers that format and average the figures."""
+    import math
+
+    from hybrid_rl.metrics import json_safe
+    from hybrid_rl.pipeline.recipe import read_results
+
+    res = {"results": {"sft": {"T=0": {"eval/success": float("nan")}}}, "baselines": {"random": {"E": {"success": 0.5}}},
+           "init_from": None}
+    (tmp_path / "results.json").write_text(json.dumps(json_safe(res)))
+    assert "NaN" not in (tmp_path / "results.json").read_text()
+    back = read_results(tmp_path)
+    assert math.isnan(back["results"]["sft"]["T=0"]["eval/success"]) and back["baselines"]["random"]["E"]["success"] == 0.5
+    assert back["init_from"] is None  # only the figures
