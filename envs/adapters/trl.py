@@ -15,8 +15,9 @@ takes: ``reset(**kwargs) -> str | None``, its public methods are the tools, an o
   it, ``fn(environments=[env], prompts=[...], completions=[answer], **row)`` with the arguments it takes, and
   returning a list of one number; each is a reward component under its name), success a positive reward.
   As in TRL, a class with neither is refused (every episode would score 0); a reward that is None is "not
-  applicable" and left out (all None is an error), and one that is not a finite number, or an exception in
-  one, is the env's error (the episode is ``env_error``, with a message naming the function).
+  applicable" and left out (all None scores 0, warned), and one that is not a finite number, or an exception
+  in one, is the env's error (the episode is ``env_error``, with a message naming the function). Rows whose
+  ``prompt`` is chat messages are TRL's conversational data: prompts and completions are then messages too.
 - Rows: TRL's prompt comes from a dataset row and ``reset(**row)`` may append to it. ``rows`` (a list of dicts
   or a JSONL path) plays that part: the seed picks a row, ``reset`` gets its fields, and the first observation
   is the row's ``prompt`` (text, or chat messages: the user messages, a system message goes to the system
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import warnings
 from typing import Any, Callable
 
 from hybrid_rl.envs.adapters.common import (ToolCallingEnv, load_rows, resolve_target, signature, split_prompt,
@@ -100,15 +102,23 @@ class TRLEnv(ToolCallingEnv):
             value = _reward_value(_synchronous(get_reward)(), f"{name}.get_reward()")
             if value is not None:
                 parts["get_reward"] = value
+        chat = isinstance(self.row.get("prompt"), list)  # TRL's conversational rows: prompts and completions as messages
+        prompt = self.row["prompt"] if chat else self.last_prompt
+        completion = [{"role": "assistant", "content": text}] if chat else text
         for fn in self.reward_funcs:
-            value = _reward_value(_one(_call_reward_func(fn, self.inner, self.last_prompt, text, self.row), fn),
-                                  f"reward function {_name(fn)}")
+            try:
+                values = _call_reward_func(fn, self.inner, prompt, completion, self.row)
+            except Exception as err:
+                raise ValueError(f"reward function {_name(fn)} raised {type(err).__name__}: {err} (it is called as TRL "
+                                 f"calls it: environments=[env], prompts=[...], completions=[{'[message]' if chat else 'text'}], "
+                                 "and the row's columns)") from err
+            value = _reward_value(_one(values, fn), f"reward function {_name(fn)}")
             if value is not None:
                 parts[_name(fn)] = value
-        if not parts:
+        if not parts:  # as TRL: a rollout no reward applies to scores 0, warned
             who = ", ".join(["get_reward()"] * callable(get_reward) + [_name(fn) for fn in self.reward_funcs])
-            raise ValueError(f"{name}: every reward ({who}) was None for this episode, so it has no reward; return a "
-                             "number where a reward applies")
+            warnings.warn(f"{name}: every reward ({who}) was None for this episode; it scores 0.", RuntimeWarning, stacklevel=2)
+            parts = {"none": 0.0}
         reward = sum(parts.values())
         return self.result("done", parts, terminated=True, success=reward > 0)
 

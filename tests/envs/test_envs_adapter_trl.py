@@ -175,7 +175,6 @@ class _NoneReward(adapter_test_envs.Vault):
     ({"factory": _Counter, "reward_funcs": [_nan_reward]}, "reward function _nan_reward returned nan, expected a finite number"),
     ({"factory": _Counter, "reward_funcs": [_two_rewards]}, "_two_rewards returned 2 rewards for one completion"),
     ({"factory": _ListReward}, "_ListReward.get_reward() returned [1.0], expected a finite number"),
-    ({"factory": _NoneReward}, "every reward (get_reward()) was None for this episode"),
     ({"factory": _Counter, "reward_funcs": ["test_envs_adapter_trl:counted_to_thre"]}, "Did you mean test_envs_adapter_trl:counted_to_three?"),
 ])
 def test_a_reward_that_is_not_a_number_names_its_function(kwargs, message):
@@ -234,3 +233,29 @@ def test_a_class_registered_without_its_adapter_is_told_which_adapter_fits():
     finally:
         for env_id in ("adapter_test_envs/VaultRaw-v0", "adapter_test_envs/VerifiersRaw-v0"):
             gym.registry.pop(env_id, None)
+
+
+def test_no_reward_applies_scores_0_warned_as_in_trl():
+    env = TRLEnv(_NoneReward)
+    env.reset(seed=0)
+    with pytest.warns(RuntimeWarning, match="every reward \\(get_reward\\(\\)\\) was None for this episode; it scores 0"):
+        assert env.step("an answer")[1:3] == (0.0, True)
+
+
+def last_message_is_three(completions, **kwargs):  # TRL's conversational shape: each completion is messages
+    return [1.0 if c[-1]["content"].strip() == "3" else 0.0 for c in completions]
+
+
+def raises(completions, **kwargs):
+    raise KeyError("score")
+
+
+def test_conversational_rows_give_messages_to_reward_functions_and_their_errors_name_them():
+    rows = [{"prompt": [{"role": "user", "content": "Count to 3."}]}]
+    env = TRLEnv(_Counter, rows=rows, reward_funcs=[last_message_is_three])
+    env.reset(seed=0)
+    assert env.step("3")[1] == 1.0
+    env = TRLEnv(_Counter, rows=rows, reward_funcs=[raises])
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="reward function raises raised KeyError: 'score'.*completions=\\[\\[message\\]\\]"):
+        env.step("3")
