@@ -23,8 +23,8 @@ with what failed and what to check; the rollout engine turns it into an ``env_er
 crash (and its own ``rollout.env_timeout_s`` into ``timeout``).
 
 Departures from NeMo-Gym: its agent server calls the model through the Responses API; here the rollout
-engine is the agent and the model writes tool calls as text, so the output items carry no ids or
-reasoning items; ``/aggregate_metrics`` and ``/close_session`` are not called; every seed split draws from
+engine is the agent and the model writes tool calls as text, so the response (with the fields NeMo-Gym
+validates: ids, ``created_at``, ``model``, the row's tools) carries no reasoning items or token usage; ``/aggregate_metrics`` and ``/close_session`` are not called; every seed split draws from
 the same rows (give the eval its own file under another id).
 
 ``NemoGymnasiumEnv`` plays a NeMo-Gym ``GymnasiumServer`` (what its ``gymnasium_agent`` drives), whose episodes
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import urllib.error
 import urllib.request
 from http.cookiejar import CookieJar
@@ -77,7 +78,18 @@ class _ServerHTTP:
             raise ValueError(f"{what} rows: {'no rows' if not self.rows else f'rows {bad[:5]} have no responses_create_params.input'}; "
                              f"each row is a NeMo-Gym task, {{\"responses_create_params\": {{\"input\": [...], \"tools\": [...]}}, ...}}.")
         self.row: dict = {}
+        self.responses = 0  # Response ids sent
         self.opener = urllib.request.build_opener()
+
+    def _response(self, output: list[dict]) -> dict:
+        """``output`` as the Responses API ``Response`` NeMo-Gym's servers validate (``NeMoGymResponse``): its
+        required fields, from the row's ``responses_create_params`` where it sets them."""
+        params = self.row.get("responses_create_params") or {}
+        self.responses += 1
+        return {"id": f"resp_{self.responses}", "object": "response", "created_at": int(time.time()),
+                "model": params.get("model") or "hybrid-rl-policy", "status": "completed", "output": output,
+                "parallel_tool_calls": bool(params.get("parallel_tool_calls", False)),
+                "tool_choice": params.get("tool_choice", "auto"), "tools": list(params.get("tools") or [])}
 
     def _new_session(self, seed_rng) -> dict:
         """Pick this episode's row with ``seed_rng`` and start a new cookie session; the row."""
@@ -137,7 +149,8 @@ class NemoGymEnv(_ServerHTTP, ToolCallingEnv):
             return self.result(f"error: unknown tool {call.name!r}; available tools: {', '.join(names) or 'none'}.", {},
                                invalid=True, role="tool")
         call_id = f"call_{len(self.output)}"
-        self.output.append({"type": "function_call", "name": call.name, "arguments": json.dumps(call.arguments), "call_id": call_id})
+        self.output.append({"id": f"fc_{len(self.output)}", "type": "function_call", "name": call.name, "status": "completed",
+                            "arguments": json.dumps(call.arguments), "call_id": call_id})
         try:
             observation, invalid = json.dumps(self._post(f"/{call.name}", call.arguments)), False
         except _Refused as err:
@@ -146,8 +159,8 @@ class NemoGymEnv(_ServerHTTP, ToolCallingEnv):
         return self.result(observation[:MAX_TOOL_OUTPUT_CHARS], {}, invalid=invalid, role="tool")
 
     def final_answer(self, text: str):
-        self.output.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]})
-        reward, components = verified_reward(self._post("/verify", {**self.row, "response": {"output": self.output}}))
+        self.output.append(output_message(text, len(self.output)))
+        reward, components = verified_reward(self._post("/verify", {**self.row, "response": self._response(self.output)}))
         return self.result("done", components, terminated=True, success=reward > 0)
 
 class NemoGymnasiumEnv(_ServerHTTP, TextEnv):
@@ -156,10 +169,12 @@ class NemoGymnasiumEnv(_ServerHTTP, TextEnv):
     def __init__(self, url: str, rows: Any, timeout_s: float = 20.0, render_mode: str | None = None):
         super().__init__(render_mode=render_mode)
         self._connect(url, rows, timeout_s, "NemoGymnasiumEnv")
+        self.turn = 0
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         row = self._new_session(self.np_random)
+        self.turn = 0
         answer = self._post("/reset", row)
         if not isinstance(answer, dict) or not isinstance(answer.get("observation", ""), (str, type(None))) \
                 or not isinstance(answer.get("info") or {}, dict):
@@ -174,8 +189,8 @@ class NemoGymnasiumEnv(_ServerHTTP, TextEnv):
         return observation, {**(answer.get("info") or {}), "role": "user"}
 
     def step_text(self, text: str):
-        message = {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}
-        answer = self._post("/step", {**self.row, "response": {"output": [message]}})
+        answer = self._post("/step", {**self.row, "response": self._response([output_message(text, self.turn)])})
+        self.turn += 1
         expected = ('; expected {"observation": str or null, "reward": number, "terminated": bool, "truncated": bool, '
                     '"info": {...}}.')
         if not isinstance(answer, dict):
@@ -190,6 +205,12 @@ class NemoGymnasiumEnv(_ServerHTTP, TextEnv):
                                f"{terminated!r}, truncated {truncated!r}, info {str(info)[:40]}{expected}")
         self.last_observation = observation
         return observation, float(reward), terminated, truncated, {**info, "role": "user"}
+
+
+def output_message(text: str, index: int) -> dict:
+    """The model's text as a Responses API output message (``ResponseOutputMessage``, with its required fields)."""
+    return {"id": f"msg_{index}", "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
 
 
 def verified_reward(answer: Any) -> tuple[float, dict[str, float]]:

@@ -1,5 +1,6 @@
 """A small NeMo-Gym-shaped resource server on loopback for the adapter tests: ``/seed_session`` opens a
 cookie session, ``/get_letter`` is the tool, ``/verify`` scores the final message against the row's secret.
+Both validate the request's ``response`` as NeMo-Gym's ``NeMoGymResponse`` does (its required fields, 422 else).
 As a ``GymnasiumServer``: ``/reset`` opens a session and says how long the word is, ``/step`` reads the model's
 message and answers a gymnasium step (reward 1 and terminated on the word, a hint otherwise, truncated after 3).
 ``mode`` breaks it on purpose: "verify_500", "verify_not_json", "verify_no_reward", "verify_hangs",
@@ -17,6 +18,22 @@ TOOL = {"type": "function", "name": "get_letter", "description": "One letter of 
 ROWS = [{"responses_create_params": {"input": [{"role": "system", "content": "Answer with the word."},
                                                {"role": "user", "content": "Spell the secret word."}], "tools": [TOOL]},
          "secret": secret} for secret in ("cab", "dog")]
+
+
+RESPONSE_FIELDS = ("id", "created_at", "model", "object", "output", "parallel_tool_calls", "tool_choice", "tools")
+ITEM_FIELDS = {"message": ("id", "content", "role", "status", "type"), "function_call": ("arguments", "call_id", "name", "type"),
+               "function_call_output": ("call_id", "output", "type")}
+
+
+def missing_fields(response) -> list[str]:
+    """What NeMo-Gym's NeMoGymResponse model (OpenAI's Response) would find missing in a request's ``response``."""
+    missing = [f"response.{k}" for k in RESPONSE_FIELDS if k not in response]
+    for i, item in enumerate(response.get("output") or []):
+        missing += [f"response.output.{i}.{k}" for k in ITEM_FIELDS.get(item.get("type"), ()) if k not in item]
+        if item.get("type") == "message":
+            missing += [f"response.output.{i}.content.{j}.annotations" for j, part in enumerate(item.get("content") or [])
+                        if "annotations" not in part]
+    return missing
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -54,6 +71,8 @@ class _Handler(BaseHTTPRequestHandler):
         sid = (self.headers.get("Cookie") or "").partition("session=")[2]
         if sid not in server.sessions:
             return self._answer(400, {"detail": "no session: call /reset first"})
+        if missing_fields(body.get("response") or {}):
+            return self._answer(422, {"detail": [{"type": "missing", "loc": m} for m in missing_fields(body.get("response") or {})]})
         server.stepped.append(body)
         if server.mode == "step_not_json":
             return self._answer(200, "<html>oops</html>")
@@ -70,6 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _verify(self, body):
         server = self.server
         server.verified.append(body)
+        if missing_fields(body.get("response") or {}):
+            return self._answer(422, {"detail": [{"type": "missing", "loc": m} for m in missing_fields(body.get("response") or {})]})
         if server.mode == "verify_500":
             return self._answer(500, {"detail": "judge crashed"})
         if server.mode == "verify_not_json":

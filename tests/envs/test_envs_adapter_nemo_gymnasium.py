@@ -27,8 +27,9 @@ def test_an_episode_of_a_gymnasium_server():
         assert (obs, reward, terminated, info["success"]) == ("right", 1.0, True, True)
         sent = server.stepped[-1]  # the row and the model's message as Responses API output, in the session
         assert sent["secret"] == secret and sent["responses_create_params"] == ROWS[0 if secret == "cab" else 1]["responses_create_params"]
-        assert sent["response"]["output"] == [{"type": "message", "role": "assistant",
-                                               "content": [{"type": "output_text", "text": f" {secret} "}]}]
+        assert [(m["type"], m["role"], m["content"][0]["text"]) for m in sent["response"]["output"]] == [
+            ("message", "assistant", f" {secret} ")]
+        assert sent["response"]["object"] == "response" and sent["response"]["id"] != server.stepped[-2]["response"]["id"]
         env.reset(seed=0)
         assert [env.step("no")[3] for _ in range(3)] == [False, False, True]  # the server's truncation
 
