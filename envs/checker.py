@@ -90,6 +90,7 @@ class CheckReport:
         return "\n".join(lines)
 
 
+NO_LIMIT_TURNS = 50  # the turns an episode of an env without max_episode_steps is played for by the checks
 CHECK_TIMEOUT_S = 300.0  # the most one check may take (a reset or step that never returns is a failed check)
 
 
@@ -229,7 +230,7 @@ def _info_contract(env_id: str, kwargs: dict, report: CheckReport) -> None:
     for seed in seeds(env_id, "train", 5):
         obs, _ = env.reset(seed=seed)
         env.action_space.seed(seed)
-        for turn in range(1, 10_000):
+        for turn in range(1, _turns(env) + 1):
             out = env.step(act(obs))
             _check_step(env, out, f"seed {seed} turn {turn}")
             obs, _, terminated, truncated, info = out
@@ -242,6 +243,13 @@ def _info_contract(env_id: str, kwargs: dict, report: CheckReport) -> None:
     if missing:
         report.warnings.append(f"info never gives {', '.join(missing)}; set them to say what the defaults cannot "
                                f"(success at the episode's end, invalid_action for unusable model text).")
+
+
+def _turns(env: gym.Env) -> int:
+    """The most turns a check plays: the env's turn limit, or ``NO_LIMIT_TURNS`` without one (an episode of an env
+    without a limit may never end; the truncation check warns about the missing limit)."""
+    limit = env.spec.max_episode_steps if env.spec else None
+    return limit if limit is not None else NO_LIMIT_TURNS
 
 
 def _determinism(env_id: str, kwargs: dict) -> None:
@@ -265,7 +273,7 @@ def _first_difference(first: list, second: list) -> str:
 
 def _trace(env_id: str, seed: int, kwargs: dict) -> list:
     env = make(env_id, **kwargs)
-    episode = run_episode(env, _probe_policy(env), seed=seed)
+    episode = run_episode(env, _probe_policy(env), seed=seed, max_turns=_turns(env))
     return [episode.messages, episode.rewards, episode.terminated, episode.truncated]
 
 
@@ -314,7 +322,7 @@ def _expert(env_id: str, episodes: int, kwargs: dict, report: CheckReport) -> No
         report.warnings.append("no expert_action(): this env cannot produce SFT demonstrations.")
         return
     act = expert_policy(env, 0.0)
-    runs: list[Episode] = [run_episode(env, act, seed=s) for s in seeds(env_id, "eval", episodes)]
+    runs: list[Episode] = [run_episode(env, act, seed=s, max_turns=_turns(env)) for s in seeds(env_id, "eval", episodes)]
     n = max(len(runs), 1)
     report.expert = {"episodes": len(runs), "success_rate": sum(r.success for r in runs) / n,
                      "mean_return": sum(r.episode_return for r in runs) / n,

@@ -50,8 +50,10 @@ class Episode:
         return "\n".join(f"[{m['role']}] {m['content']}" for m in self.messages)
 
 
-def run_episode(env: gym.Env, act: Callable[[str], str], seed: int | None = None, options: dict | None = None) -> Episode:
-    """Play one episode of ``env`` with ``act(observation) -> action`` until it terminates or truncates.
+def run_episode(env: gym.Env, act: Callable[[str], str], seed: int | None = None, options: dict | None = None,
+                max_turns: int | None = None) -> Episode:
+    """Play one episode of ``env`` with ``act(observation) -> action`` until it terminates or truncates, or for at most
+    ``max_turns`` turns (then it is left neither terminated nor truncated: for an env without a turn limit).
 
     The seed also seeds ``env.action_space``, so a policy that samples it replays the same episode; the
     system prompt is read after ``reset`` (an adapter may take it from the episode's data)."""
@@ -64,7 +66,7 @@ def run_episode(env: gym.Env, act: Callable[[str], str], seed: int | None = None
     if system_prompt:
         episode.messages.append({"role": "system", "content": system_prompt})
     episode.messages.append({"role": info.get("role", "user"), "content": obs})
-    while True:
+    while max_turns is None or len(episode.rewards) < max_turns:
         action = act(obs)
         obs, reward, terminated, truncated, info = env.step(action)
         episode.messages.append({"role": "assistant", "content": action})
@@ -75,6 +77,7 @@ def run_episode(env: gym.Env, act: Callable[[str], str], seed: int | None = None
             episode.terminated, episode.truncated = bool(terminated), bool(truncated)
             episode.success = episode_success(info, float(reward), terminated)
             return episode
+    return episode
 
 
 def expert_episode(env_id: str, seed: int, noise: float | None = None, policy: str = "expert", **kwargs) -> Episode:

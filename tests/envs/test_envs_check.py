@@ -125,3 +125,26 @@ def test_a_nan_reward_is_reported_as_such_not_as_nondeterminism(registered):
     report = check(registered("NanReward-v0", _NanReward), episodes=2)
     assert report.results["determinism"] == "ok"
     assert "reward nan is not a finite number" in report.results["info_contract"]
+
+
+class _EndsOnStop(_Broken):
+    """Ends only when told 'stop': without a turn limit, an episode of anything else never ends."""
+
+    def step_text(self, text):
+        if text.strip() == "stop":
+            return self.result("bye", {"success": 1.0}, terminated=True, success=True)
+        return self.result("go on", {})
+
+    def expert_action(self, noise=None):
+        return "stop"
+
+
+def test_an_env_without_a_turn_limit_is_warned_about_not_played_forever():
+    """Its determinism check played until the check's timeout (300 s, silent) and was reported as hung."""
+    gym.register(id="hybrid_rl_test/EndsOnStop-v0", entry_point=_EndsOnStop)  # no max_episode_steps
+    try:
+        report = check("hybrid_rl_test/EndsOnStop-v0", episodes=3, timeout_s=60)
+        assert report.passed, report.format()
+        assert any("no max_episode_steps" in w for w in report.warnings)
+    finally:
+        gym.registry.pop("hybrid_rl_test/EndsOnStop-v0", None)
