@@ -366,7 +366,8 @@ def resolve_id(env_id: str) -> str:
             importlib.import_module(module)
         except ImportError as err:
             raise UnknownEnvironmentError(f"env id {full_id!r}: cannot import the module {module!r} ({err}); install "
-                                          f"the package that provides it, or fix the name before the ':'.") from None
+                                          f"the package that provides it, put its folder on PYTHONPATH (a module in the "
+                                          f"current folder: PYTHONPATH=. hybrid-rl ...), or fix the name before the ':'.") from None
         except Exception as err:  # found, but its top-level code failed
             raise UnknownEnvironmentError(f"env id {full_id!r}: importing the module {module!r} raised "
                                           f"{type(err).__name__}: {err}; fix that module (its top-level code runs "

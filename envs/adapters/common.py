@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,24 +41,31 @@ def resolve_target(target: Any, what: str) -> Callable[..., Any]:
 
 
 def load_rows(rows: Any, what: str) -> list[dict]:
-    """``rows`` as a list of dicts: a list as it is, a path read as JSONL (one JSON object per line)."""
+    """``rows`` as a list of dicts: a list as it is; a path read as the dataset files are (``envs.dataset_files``):
+    JSONL (one JSON object per line), .parquet or .csv, or a ``Dataset.save_to_disk`` folder. A record that is not
+    an object is an error naming its line."""
     if rows is None:
         return []
     if isinstance(rows, (str, Path)):
-        path = Path(rows)
-        if not path.is_file():
-            raise ValueError(f"{what}={str(rows)!r}: no such file; give a JSONL file (one JSON object per line) or a list of dicts.")
-        rows = [_json_line(line, f"{path}:{i}", what) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+        from hybrid_rl.envs.dataset_files import read_records
+
+        try:
+            records = list(read_records(rows))
+        except ValueError as err:
+            raise ValueError(f"{what}: {err}") from None
+        out = []
+        for where, record in records:
+            if isinstance(record, Exception):
+                raise ValueError(f"{what}: {where} is {record}; write one JSON object per line.")
+            if not isinstance(record, dict):
+                raise ValueError(f"{what}: {where} is a {type(record).__name__}, not an object; each row is one JSON "
+                                 "object (a dict of the row's fields).")
+            out.append(record)
+        return out
     if not isinstance(rows, (list, tuple)) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{what} must be a list of dicts or a JSONL path, got {type(rows).__name__}.")
+        raise ValueError(f"{what} must be a list of dicts or the path of a JSONL, .parquet or .csv file, got "
+                         f"{type(rows).__name__}.")
     return list(rows)
-
-
-def _json_line(line: str, where: str, what: str) -> dict:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{what}: {where} is not JSON ({err.msg}); write one JSON object per line.") from None
 
 
 def split_prompt(prompt: Any) -> tuple[str, str]:

@@ -82,7 +82,7 @@ class _Silent(adapter_test_envs.Vault):
 @pytest.mark.parametrize("kwargs, message", [
     ({"factory": "adapter_test_envs:Vualt"}, "Did you mean adapter_test_envs:Vault?"),
     ({"factory": _NoReset}, "_NoReset without reset(); a TRL environment defines reset(**kwargs)"),
-    ({"factory": adapter_test_envs.Vault, "rows": "no/such/rows.jsonl"}, "no such file; give a JSONL file"),
+    ({"factory": adapter_test_envs.Vault, "rows": "no/such/rows.jsonl"}, "no such file or folder; give a JSONL file"),
 ])
 def test_bad_adapter_input_names_the_problem_and_the_fix(kwargs, message):
     with pytest.raises(ValueError) as err:
@@ -195,6 +195,18 @@ def test_bad_rows_file_names_the_line(tmp_path):
     path.write_text('{"prompt": "a"}\n{prompt: b}\n')
     with pytest.raises(ValueError, match=r"rows.jsonl:2 is not JSON"):
         TRLEnv(adapter_test_envs.Vault, rows=str(path))
+    path.write_text('{"prompt": "a"}\n[1, 2]\n')  # JSON, but not a row: it said "must be a list of dicts", no line
+    with pytest.raises(ValueError, match=r"rows.jsonl:2 is a list, not an object"):
+        TRLEnv(adapter_test_envs.Vault, rows=str(path))
+
+
+def test_rows_may_be_parquet_as_skyrl_writes_them(tmp_path):
+    """A .parquet rows file was read as JSONL text: UnicodeDecodeError, naming neither the file nor the fix."""
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "Open the vault.", "level": 1}]).to_parquet(str(tmp_path / "rows.parquet"))
+    env = TRLEnv(adapter_test_envs.Vault, rows=str(tmp_path / "rows.parquet"))
+    assert env.reset(seed=0)[0].startswith("Open the vault.") and env.inner.row == {"prompt": "Open the vault.", "level": 1}
 
 
 def test_vault_trains_with_rl(tmp_path, monkeypatch, capsys):
