@@ -57,7 +57,7 @@ class NemoGymError(RuntimeError):
     """The resource server failed (down, 5xx, malformed JSON, too slow): the episode is ``env_error``."""
 
 
-class _Refused(NemoGymError):
+class NemoGymRefused(NemoGymError):
     """A 4xx answer: the server refused the request (for a tool call, the model's arguments)."""
 
     def __init__(self, message: str, status: int, body: str):
@@ -108,7 +108,7 @@ class _ServerHTTP:
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:300]
             if 400 <= err.code < 500:
-                raise _Refused(f"{where} answered HTTP {err.code}: {detail}", err.code, detail) from None
+                raise NemoGymRefused(f"{where} answered HTTP {err.code}: {detail}", err.code, detail) from None
             raise NemoGymError(f"{where} answered HTTP {err.code}: {detail}; the resource server failed, see its log.") from None
         except (urllib.error.URLError, OSError) as err:  # refused, unreachable, timed out
             reason = getattr(err, "reason", err)
@@ -153,7 +153,7 @@ class NemoGymEnv(_ServerHTTP, ToolCallingEnv):
                             "arguments": json.dumps(call.arguments), "call_id": call_id})
         try:
             observation, invalid = json.dumps(self._post(f"/{call.name}", call.arguments)), False
-        except _Refused as err:
+        except NemoGymRefused as err:
             observation, invalid = f"error: {call.name} refused the call (HTTP {err.status}): {err.body}", True
         self.output.append({"type": "function_call_output", "call_id": call_id, "output": observation})
         return self.result(observation[:MAX_TOOL_OUTPUT_CHARS], {}, invalid=invalid, role="tool")
