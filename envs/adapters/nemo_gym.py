@@ -24,8 +24,9 @@ crash (and its own ``rollout.env_timeout_s`` into ``timeout``).
 
 Departures from NeMo-Gym: its agent server calls the model through the Responses API; here the rollout
 engine is the agent and the model writes tool calls as text, so the response (with the fields NeMo-Gym
-validates: ids, ``created_at``, ``model``, the row's tools) carries no reasoning items or token usage; ``/aggregate_metrics`` and ``/close_session`` are not called; every seed split draws from
-the same rows (give the eval its own file under another id).
+validates: ids, ``created_at``, ``model``, the row's tools) carries no reasoning items or token usage;
+``/aggregate_metrics`` and ``/close_session`` are not called; every seed split draws from the same rows (give
+the eval its own file under another id).
 
 ``NemoGymnasiumEnv`` plays a NeMo-Gym ``GymnasiumServer`` (what its ``gymnasium_agent`` drives), whose episodes
 are gymnasium's: ``POST /reset`` with the row opens the session and answers ``{"observation", "info"}``, and
@@ -162,6 +163,7 @@ class NemoGymEnv(_ServerHTTP, ToolCallingEnv):
         self.output.append(output_message(text, len(self.output)))
         reward, components = verified_reward(self._post("/verify", {**self.row, "response": self._response(self.output)}))
         return self.result("done", components, terminated=True, success=reward > 0)
+
 
 class NemoGymnasiumEnv(_ServerHTTP, TextEnv):
     """A NeMo-Gym ``GymnasiumServer``'s task rows, played over HTTP: ``/reset``, then ``/step`` per turn."""
