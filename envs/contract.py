@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 from hybrid_rl.run import EnvsFailedError
 
-__all__ = ["EnvsFailedError", "failed_episodes_error", "reward_components", "as_float", "one_number", "flag", "short", "text_problem", "reset_problem",
-           "step_problem", "step_values_problem"]
+__all__ = ["EnvsFailedError", "StepRead", "failed_episodes_error", "read_step", "reward_components", "as_float",
+           "one_number", "flag", "short", "text_problem", "reset_problem", "step_problem", "step_values_problem"]
 
 
 def failed_episodes_error(trajectories, what: str, fix: str) -> EnvsFailedError:

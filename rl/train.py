@@ -49,6 +49,7 @@ import torch
 
 from hybrid_rl.checkpoint import latest_checkpoint, load_trainer_state, peek_trainer_state, save_checkpoint, write_dir_atomically
 from hybrid_rl.config import to_dict
+from hybrid_rl.envs.contract import failed_episodes_error
 from hybrid_rl.distributed import (LocalProcess, Parallel, adamw, balance_experts, end_forward_only_pass, rank_share,
                                    rank_share_weights)
 from hybrid_rl.metrics import MetricsLogger, env_key, json_safe
@@ -63,7 +64,6 @@ from hybrid_rl.rl.losses import (COV_LOSSES, POLICY_LOSSES, ClipRange, ScoringDi
                                  cov_selection, policy_logprobs)
 from hybrid_rl.rl.routing import routing_mismatch
 from hybrid_rl.rollout.evaluate import evaluate_policy as evaluate_policy_on
-from hybrid_rl.envs.contract import failed_episodes_error
 from hybrid_rl.rollout.evaluate import rollout_metrics, sample_row
 from hybrid_rl.rollout.pool import check_reachable, make_pool
 

@@ -35,11 +35,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import math
 import warnings
 from typing import Any, Callable
 
 from hybrid_rl.envs.adapters.common import (ToolCallingEnv, load_rows, resolve_target, signature, split_prompt,
                                            system_prompt, tools_prompt)
+from hybrid_rl.envs.contract import as_float
 from hybrid_rl.envs.tools import ToolCall, call_tool
 
 __all__ = ["TRLEnv", "tool_methods", "tool_spec"]
@@ -131,20 +133,14 @@ class TRLEnv(ToolCallingEnv):
 
 
 def _reward_value(value: Any, who: str) -> float | None:
-    """A reward as a finite float; None stays None (TRL's "not applicable"); anything else is an error naming ``who``."""
-    import math
-    import numbers
-
+    """A reward as a finite float, read as the engine reads one (numpy and torch scalars too; a bool is a number);
+    None stays None (TRL's "not applicable"); anything else is an error naming ``who``."""
     if value is None:
         return None
-    if not isinstance(value, numbers.Real) and hasattr(value, "item"):
-        try:
-            value = value.item()  # a numpy or torch scalar
-        except (ValueError, RuntimeError):  # more than one element
-            pass
-    if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):  # (a bool is one: True scores 1)
+    number = as_float(value)
+    if not math.isfinite(number):
         raise ValueError(f"{who} returned {value!r:.80}, expected a finite number (or None where it does not apply)")
-    return float(value)
+    return number
 
 
 def _name(fn: Callable[..., Any]) -> str:
