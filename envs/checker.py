@@ -71,17 +71,23 @@ INFO_DEFAULTS = {"success": "terminated with a positive reward", "role": "'user'
 @dataclass
 class CheckReport:
     env_id: str
-    results: dict[str, str] = field(default_factory=dict)  # check -> "ok" or the failure
+    results: dict[str, str] = field(default_factory=dict)  # check -> "ok", "skip: <why>" or the failure
     warnings: list[str] = field(default_factory=list)
     expert: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return all(v == "ok" for v in self.results.values())
+        return all(v == "ok" or v.startswith(SKIP) for v in self.results.values())
 
     def format(self) -> str:
         lines = [f"{self.env_id}: {'PASS' if self.passed else 'FAIL'}"]
-        lines += [f"  {'ok  ' if v == 'ok' else 'FAIL'} {name}" + ("" if v == "ok" else f": {v}") for name, v in self.results.items()]
+        for name, v in self.results.items():
+            if v == "ok":
+                lines.append(f"  ok   {name}")
+            elif v.startswith(SKIP):
+                lines.append(f"  skip {name}: {v[len(SKIP):]}")
+            else:
+                lines.append(f"  FAIL {name}: {v}")
         if self.expert:
             e = self.expert
             lines.append(f"  expert on {e['episodes']} eval seeds: success {e['success_rate']:.1%}, "
@@ -129,6 +135,8 @@ def _bounded(run: Callable[[], None], timeout_s: float) -> str:
         try:
             run()
             outcome[0] = "ok"
+        except CheckSkipped as why:
+            outcome[0] = SKIP + str(why)
         except BaseException as err:  # noqa: BLE001 - an env's SystemExit is a failed check too
             outcome[0] = f"{type(err).__name__}: {err}" if str(err) else traceback.format_exc(limit=2)
 
@@ -148,6 +156,13 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # gymnasium colours its warnings
 
 class CheckFailed(AssertionError):
     pass
+
+
+class CheckSkipped(Exception):
+    """A check that does not apply to this env (the report says "skip" and why, not "ok")."""
+
+
+SKIP = "skip: "
 
 
 def _require(condition: bool, message: str) -> None:
@@ -319,8 +334,8 @@ def _truncation(env_id: str, kwargs: dict, report: CheckReport) -> None:
 def _expert(env_id: str, episodes: int, kwargs: dict, report: CheckReport) -> None:
     env = make(env_id, **kwargs)
     if not hasattr(env.unwrapped, "expert_action"):
-        report.warnings.append("no expert_action(): this env cannot produce SFT demonstrations.")
-        return
+        raise CheckSkipped("no expert_action(): this env cannot produce SFT demonstrations (add a scripted solver "
+                           "to have them).")
     act = expert_policy(env, 0.0)
     runs: list[Episode] = [run_episode(env, act, seed=s, max_turns=_turns(env)) for s in seeds(env_id, "eval", episodes)]
     n = max(len(runs), 1)
