@@ -62,6 +62,13 @@ def test_check_env_ids_turns_import_failures_and_bad_arguments_into_config_error
     with pytest.raises(ConfigError, match=r"GuessNumber-v0\(n=abc\)' cannot be made.*n='abc': expected an integer"):
         envs.check_env_ids(["hybrid_rl/GuessNumber-v0(n=abc)"])
     envs.check_env_ids(["hybrid_rl/GuessNumber-v0(n=100)", "FrozenLake-v1(size=5)"])  # good ids pass
+    # kwargs given to gymnasium.register, not in the id: the fix is the registration, not "the id's arguments"
+    (tmp_path / "input_errors_badkw_mod.py").write_text(
+        "import gymnasium as gym\n"
+        "gym.register('badkw/Guess-v0', entry_point='hybrid_rl.envs.guess_number:GuessNumber', kwargs={'nn': 3})\n")
+    with pytest.raises(ConfigError, match=r"(?s)badkw/Guess-v0' cannot be made.*'nn'.*constructor or the kwargs it is "
+                                          r"registered with \(gymnasium.register"):
+        envs.check_env_ids(["input_errors_badkw_mod:badkw/Guess-v0"])
     # a reset that cannot work passed the check, and a run then trained on nothing (every episode env_error, NaN metrics)
     (tmp_path / "input_errors_noseed_mod.py").write_text(
         "import gymnasium as gym\n"
