@@ -65,21 +65,41 @@ def plot_env(env_id: str, data: dict, out: Path) -> Path:
     return out
 
 
+def env_sets(result: dict) -> list[tuple[str, list[str]]]:
+    """The JSON's envs in two sets: the bench's own (``bench_learning.DEFAULT_ENVS``, in its order), then any
+    further ones run with ``--envs`` (in the JSON's order); an empty set is left out."""
+    from hybrid_rl.benchmarks.bench_learning import DEFAULT_ENVS
+
+    bench = [e for e in DEFAULT_ENVS if e in result["envs"]]
+    further = [e for e in result["envs"] if e not in DEFAULT_ENVS]
+    sets = [("The bench's environments (its default `--envs`)", bench),
+            ("Further environments, the same recipe (`--envs ...`)", further)]
+    return [(title, ids) for title, ids in sets if ids]
+
+
 def table(result: dict) -> list[str]:
-    """Markdown: per env, mean +- standard error over seeds of greedy success (and turns) per policy."""
-    lines = ["| env | seeds | " + " | ".join(NAMES[w] for w in NAMES) + " | RL - SFT | RL - teacher | wall per run |",
-             "|---|---:|" + "---:|" * (len(NAMES) + 3)]
-    for env_id, data in result["envs"].items():
-        s = data["summary"]
-        cells = [f"{s[w]['success']['mean']:.2f} +- {s[w]['success']['se']:.2f}" for w in NAMES]
-        diffs = [f"{s[d]['mean']:+.2f} +- {s[d]['se']:.2f}" for d in ("rl_minus_sft", "rl_minus_teacher")]
-        lines.append(f"| {env_id.replace('hybrid_rl/', '')} | {s['rl']['success']['n']} | " + " | ".join(cells + diffs)
-                     + f" | {s['wall_s']['mean']:.0f} s |")
-    lines += ["", "Mean turns (greedy, held out):", "",
+    """Markdown: per env, mean +- standard error over seeds of greedy success (and turns) per policy; the bench's
+    own envs and any further ones under headings of their own when the JSON holds both."""
+    sets = env_sets(result)
+    lines: list[str] = []
+    for title, ids in sets:
+        if len(sets) > 1:
+            lines += [f"{title}:", ""]
+        lines += ["| env | seeds | " + " | ".join(NAMES[w] for w in NAMES) + " | RL - SFT | RL - teacher | wall per run |",
+                  "|---|---:|" + "---:|" * (len(NAMES) + 3)]
+        for env_id in ids:
+            s = result["envs"][env_id]["summary"]
+            cells = [f"{s[w]['success']['mean']:.2f} +- {s[w]['success']['se']:.2f}" for w in NAMES]
+            diffs = [f"{s[d]['mean']:+.2f} +- {s[d]['se']:.2f}" for d in ("rl_minus_sft", "rl_minus_teacher")]
+            lines.append(f"| {env_id.replace('hybrid_rl/', '')} | {s['rl']['success']['n']} | " + " | ".join(cells + diffs)
+                         + f" | {s['wall_s']['mean']:.0f} s |")
+        lines.append("")
+    lines += ["Mean turns (greedy, held out):", "",
               "| env | " + " | ".join(NAMES[w] for w in NAMES) + " |", "|---|" + "---:|" * len(NAMES)]
-    for env_id, data in result["envs"].items():
-        s = data["summary"]
-        lines.append(f"| {env_id.replace('hybrid_rl/', '')} | " + " | ".join(f"{s[w]['turns']['mean']:.2f}" for w in NAMES) + " |")
+    for _, ids in sets:
+        for env_id in ids:
+            s = result["envs"][env_id]["summary"]
+            lines.append(f"| {env_id.replace('hybrid_rl/', '')} | " + " | ".join(f"{s[w]['turns']['mean']:.2f}" for w in NAMES) + " |")
     return lines
 
 
@@ -102,8 +122,8 @@ def render(result: dict, img_dir: Path, doc_dir: Path, block: str = "learning",
         lines += ["", "Commit of each env's runs: " + "; ".join(f"{env_id.replace('hybrid_rl/', '')} `{', '.join(c)}`"
                                                             for env_id, c in commits.items() if c)]
     lines.append("")
-    for env_id, data in result["envs"].items():
-        png = plot_env(env_id, data, img_dir / f"{block}-{slug(env_id)}.png")
+    for env_id in [e for _, ids in env_sets(result) for e in ids]:
+        png = plot_env(env_id, result["envs"][env_id], img_dir / f"{block}-{slug(env_id)}.png")
         lines.append(f"![{env_id}]({png.relative_to(doc_dir).as_posix()})")
     lines += ["", end]
     return "\n".join(lines)

@@ -219,3 +219,28 @@ def test_the_table_names_each_runs_commit_with_its_dirty_mark(tmp_path):
     text = plot_learning.render(result, tmp_path / "img", tmp_path)
     assert f"commit `{'b' * 12}`" in text
     assert f"{'a' * 7}-dirty, {'b' * 7}" in text.split("Commit of each env's runs:")[1]
+
+
+def test_learning_table_puts_the_bench_envs_first_and_further_envs_apart():
+    """The bench's own envs (DEFAULT_ENVS, in its order) and envs run with --envs are two tables, so the env set the
+    bench is judged on is the one it runs by default; the turns table and the images follow the same order."""
+    from hybrid_rl.benchmarks import bench_learning, plot_learning
+
+    def env(rl: float) -> dict:
+        stat = {"mean": rl, "se": 0.01, "n": 3}
+        summary = {w: {"success": stat, "turns": {"mean": 5.0, "se": 0.0, "n": 3}} for w in plot_learning.NAMES}
+        return {"summary": {**summary, "rl_minus_sft": stat, "rl_minus_teacher": stat, "wall_s": stat}}
+
+    further = "hybrid_rl/Buttons-v0"
+    assert further not in bench_learning.DEFAULT_ENVS
+    result = {"envs": {further: env(0.1), **{e: env(0.5) for e in reversed(bench_learning.DEFAULT_ENVS)}}}
+    lines = plot_learning.table(result)
+    rows = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and " | 3 | " in line]
+    assert rows == [e.replace("hybrid_rl/", "") for e in bench_learning.DEFAULT_ENVS] + ["Buttons-v0"]
+    heads = [line for line in lines if line.endswith(":") and "environments" in line]
+    assert len(heads) == 2 and "default" in heads[0] and lines.index(heads[1]) > max(
+        i for i, line in enumerate(lines) if line.startswith("| GuessNumber-v0(n=100) | 3 |"))
+    turns = lines[lines.index("Mean turns (greedy, held out):"):]
+    assert [line.split(" | ")[0].lstrip("| ") for line in turns[4:]] == rows
+    only_bench = {"envs": {e: env(0.5) for e in bench_learning.DEFAULT_ENVS}}
+    assert not any(line.endswith(":") and "environments" in line for line in plot_learning.table(only_bench))
