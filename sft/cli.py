@@ -28,7 +28,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from hybrid_rl.envs import check_env_ids
 
-    check_env_ids(cfg.eval.env_ids, timeout_s=cfg.eval.env_timeout_s)  # a typo fails now, not at the first eval (after training, with eval.at_start off)
+    # the envs demonstrations are made on and the eval's: a typo or a broken env fails now, not as a traceback while
+    # the demonstrations are made, nor at the first eval (after training, with eval.at_start off)
+    env_ids = list(dict.fromkeys([e.env_id for e in cfg.data.envs] + cfg.eval_env_ids))
+    check_env_ids(env_ids, timeout_s=cfg.eval.env_timeout_s)
     if start_processes(cfg.train):
         return spawn("sft", cli_argv(args), cfg.train.processes)
     from hybrid_rl.sft.train import train

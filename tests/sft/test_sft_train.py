@@ -136,6 +136,12 @@ def test_unknown_key_and_bad_sizes_fail_before_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "GuesNumber" in err and "GuessNumber-v0" in err  # before training, not at the first eval after it
     assert not (out / "runs").exists()
+    # an env the demonstrations are made on (the eval plays the same ones): a config error, not a traceback
+    bad_env = '[{env_id: "hybrid_rl/GuessNumber-v0(nn=3)", episodes: 4}]'
+    assert cli_main(["sft", f"data.envs={bad_env}", f"run.output_dir={out / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert "'hybrid_rl/GuessNumber-v0(nn=3)' cannot be made" in err and "no argument 'nn'" in err
+    assert "Traceback" not in err and not (out / "runs").exists()
 
 
 @pytest.mark.slow
