@@ -365,6 +365,9 @@ def make_batch(trajectories, cfg: RLStageConfig, pad_id: int):
     for env_id in sorted({t.env_id for t in trajectories}):
         idx = [i for i, t in enumerate(trajectories) if t.env_id == env_id and valid[i]]
         stats[f"train/informative_episodes_frac/{env_key(env_id)}"] = sum(informative[i] for i in idx) / max(len(idx), 1)
+        # the size of what the env's episodes train with, after its algo.env_weights weight
+        sizes = [abs(a) for i in idx if informative[i] for a, m in zip(adv[i], trajectories[i].is_action) if m]
+        stats[f"train/adv_abs_mean/{env_key(env_id)}"] = sum(sizes) / len(sizes) if sizes else 0.0
     if not keep:
         return None, stats
     kept = [trajectories[i] for i in keep]

@@ -197,6 +197,15 @@ def test_overlong_turns_are_penalised_and_env_weights_scale_advantages():
     plain = _adv_by_episode(trajs, _cfg())
     weighted = _adv_by_episode(trajs, _cfg("algo.env_weights={hybrid_rl/FrozenLake-v1: 0.5}", "envs=[hybrid_rl/FrozenLake-v1]"))
     assert weighted == [0.5 * a for a in plain]
+    # logged per env: the weight shows in the size of that env's advantages, the other env's are as they were
+    both = _cfg("algo.env_weights={hybrid_rl/FrozenLake-v1: 0.5}", "envs=[hybrid_rl/FrozenLake-v1,hybrid_rl/Nim-v0]")
+    other = [_win(1, 3, 0), _fail(1, 3, 1)]
+    for traj in other:
+        traj.env_id = "hybrid_rl/Nim-v0"
+    _, stats = make_batch(trajs + other, both, pad_id=0)
+    _, unweighted = make_batch(trajs + other, _cfg("envs=[hybrid_rl/FrozenLake-v1,hybrid_rl/Nim-v0]"), pad_id=0)
+    assert stats["train/adv_abs_mean/FrozenLake-v1"] == pytest.approx(0.5 * unweighted["train/adv_abs_mean/FrozenLake-v1"])
+    assert stats["train/adv_abs_mean/Nim-v0"] == unweighted["train/adv_abs_mean/Nim-v0"] > 0
 
 
 def test_the_normaliser_counts_every_valid_episode_so_one_informative_group_is_not_a_full_step():
