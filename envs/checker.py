@@ -333,11 +333,14 @@ def _truncation(env_id: str, kwargs: dict, report: CheckReport) -> None:
 
 def _expert(env_id: str, episodes: int, kwargs: dict, report: CheckReport) -> None:
     env = make(env_id, **kwargs)
-    if not hasattr(env.unwrapped, "expert_action"):
-        raise CheckSkipped("no expert_action(): this env cannot produce SFT demonstrations (add a scripted solver "
-                           "to have them).")
-    act = expert_policy(env, 0.0)
-    runs: list[Episode] = [run_episode(env, act, seed=s, max_turns=_turns(env)) for s in seeds(env_id, "eval", episodes)]
+    try:
+        if not hasattr(env.unwrapped, "expert_action"):
+            raise CheckSkipped("no expert_action(): this env cannot produce SFT demonstrations (add a scripted solver "
+                               "to have them).")
+        act = expert_policy(env, 0.0)
+        runs: list[Episode] = [run_episode(env, act, seed=s, max_turns=_turns(env)) for s in seeds(env_id, "eval", episodes)]
+    finally:
+        env.close()
     n = max(len(runs), 1)
     report.expert = {"episodes": len(runs), "success_rate": sum(r.success for r in runs) / n,
                      "mean_return": sum(r.episode_return for r in runs) / n,
