@@ -29,6 +29,7 @@ terminated on that very turn (always so for the one-turn Arithmetic): ``terminat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import re
@@ -165,22 +166,30 @@ class CheckSkipped(Exception):
 SKIP = "skip: "
 
 
+@contextlib.contextmanager
+def _made(env_id: str, kwargs: dict):
+    """The env, closed when the check is done with it, passed or failed (an env may hold a server session, a
+    subprocess or files)."""
+    env = make(env_id, **kwargs)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise CheckFailed(message)
 
 
 def _gymnasium(env_id: str, kwargs: dict, report: CheckReport) -> None:
-    env = make(env_id, **kwargs)
-    try:
+    with _made(env_id, kwargs) as env:
         _require(not _old_step_api(env.unwrapped),
                  f"step returns the old gym 4-tuple (obs, reward, done, info). {LEGACY_HINT}")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             gym_check_env(env.unwrapped, skip_close_check=False)
         report.warnings += sorted({_ANSI.sub("", str(w.message)) for w in caught})
-    finally:
-        env.close()
 
 
 def _old_step_api(env: gym.Env) -> bool:
@@ -194,18 +203,19 @@ def _old_step_api(env: gym.Env) -> bool:
 
 
 def _text_spaces(env_id: str, kwargs: dict) -> None:
-    env = make(env_id, **kwargs)
-    for name in ("observation_space", "action_space"):
-        space = getattr(env, name)
-        _require(isinstance(space, gym.spaces.Text), f"{name} is {space!r}; text environments use gymnasium.spaces.Text (envs.text_space).")
-    obs, info = env.reset(seed=0)
-    _require(isinstance(obs, str), f"reset returned a {type(obs).__name__} observation; expected str.")
-    _require(obs in env.observation_space, f"reset observation {obs[:40]!r} is not in observation_space {env.observation_space!r}; "
-                                           f"{_SPACE_HINT}")
-    prompt, tools = getattr(env.unwrapped, "system_prompt", None), getattr(env.unwrapped, "tools", [])
-    _require(prompt is None or isinstance(prompt, str), f"system_prompt must be str or None, got {type(prompt).__name__}.")
-    _require(isinstance(tools, (list, tuple)) and all(isinstance(t, dict) and "name" in t for t in tools),
-             "tools must be a list of specs with a 'name' (and 'description', 'parameters').")
+    with _made(env_id, kwargs) as env:
+        for name in ("observation_space", "action_space"):
+            space = getattr(env, name)
+            _require(isinstance(space, gym.spaces.Text),
+                     f"{name} is {space!r}; text environments use gymnasium.spaces.Text (envs.text_space).")
+        obs, info = env.reset(seed=0)
+        _require(isinstance(obs, str), f"reset returned a {type(obs).__name__} observation; expected str.")
+        _require(obs in env.observation_space, f"reset observation {obs[:40]!r} is not in observation_space {env.observation_space!r}; "
+                                               f"{_SPACE_HINT}")
+        prompt, tools = getattr(env.unwrapped, "system_prompt", None), getattr(env.unwrapped, "tools", [])
+        _require(prompt is None or isinstance(prompt, str), f"system_prompt must be str or None, got {type(prompt).__name__}.")
+        _require(isinstance(tools, (list, tuple)) and all(isinstance(t, dict) and "name" in t for t in tools),
+                 "tools must be a list of specs with a 'name' (and 'description', 'parameters').")
 
 
 _SPACE_HINT = ("raise its max_length or widen its charset (gymnasium's default Text charset is letters and digits "
@@ -238,26 +248,26 @@ def _probe_policy(env: gym.Env) -> Callable[[str], str]:
 
 
 def _info_contract(env_id: str, kwargs: dict, report: CheckReport) -> None:
-    env = make(env_id, **kwargs)
-    act = _probe_policy(env)
-    limit = env.spec.max_episode_steps if env.spec else None
-    seen: set[str] = set()
-    for seed in seeds(env_id, "train", 5):
-        obs, _ = env.reset(seed=seed)
-        env.action_space.seed(seed)
-        for turn in range(1, _turns(env) + 1):
-            out = env.step(act(obs))
-            _check_step(env, out, f"seed {seed} turn {turn}")
-            obs, _, terminated, truncated, info = out
-            seen.update(k for k in INFO_DEFAULTS if k in info and k != "success")
-            _require(not truncated or turn == limit, f"seed {seed}: truncated at turn {turn}, before the limit {limit}.")
-            if terminated or truncated:
-                seen.update({"success"} & set(info))
-                break
-    missing = [f"{k} (read as {v})" for k, v in INFO_DEFAULTS.items() if k not in seen]
-    if missing:
-        report.warnings.append(f"info never gives {', '.join(missing)}; set them to say what the defaults cannot "
-                               f"(success at the episode's end, invalid_action for unusable model text).")
+    with _made(env_id, kwargs) as env:
+        act = _probe_policy(env)
+        limit = env.spec.max_episode_steps if env.spec else None
+        seen: set[str] = set()
+        for seed in seeds(env_id, "train", 5):
+            obs, _ = env.reset(seed=seed)
+            env.action_space.seed(seed)
+            for turn in range(1, _turns(env) + 1):
+                out = env.step(act(obs))
+                _check_step(env, out, f"seed {seed} turn {turn}")
+                obs, _, terminated, truncated, info = out
+                seen.update(k for k in INFO_DEFAULTS if k in info and k != "success")
+                _require(not truncated or turn == limit, f"seed {seed}: truncated at turn {turn}, before the limit {limit}.")
+                if terminated or truncated:
+                    seen.update({"success"} & set(info))
+                    break
+        missing = [f"{k} (read as {v})" for k, v in INFO_DEFAULTS.items() if k not in seen]
+        if missing:
+            report.warnings.append(f"info never gives {', '.join(missing)}; set them to say what the defaults cannot "
+                                   f"(success at the episode's end, invalid_action for unusable model text).")
 
 
 def _turns(env: gym.Env) -> int:
@@ -287,68 +297,65 @@ def _first_difference(first: list, second: list) -> str:
 
 
 def _trace(env_id: str, seed: int, kwargs: dict) -> list:
-    env = make(env_id, **kwargs)
-    episode = run_episode(env, _probe_policy(env), seed=seed, max_turns=_turns(env))
-    return [episode.messages, episode.rewards, episode.terminated, episode.truncated]
+    with _made(env_id, kwargs) as env:
+        episode = run_episode(env, _probe_policy(env), seed=seed, max_turns=_turns(env))
+        return [episode.messages, episode.rewards, episode.terminated, episode.truncated]
 
 
 def _bad_actions(env_id: str, kwargs: dict, report: CheckReport) -> None:
-    env = make(env_id, **kwargs)
-    unflagged, silent = [], []
-    for name, action in BAD_ACTIONS.items():
-        env.reset(seed=0)
-        try:
-            out = env.step(action)
-        except Exception as err:
-            message = f"step({name}) raised {type(err).__name__}: {err}"
-            if isinstance(action, str):
-                raise CheckFailed(f"{message}; step must never raise on model output.") from None
-            report.warnings.append(f"{message}; model output is always text, but a step that never raises is safer.")
-            continue
-        _check_step(env, out, f"step({name})")
-        if name in MUST_BE_INVALID and out[4].get("invalid_action") is not True:
-            unflagged.append(name)
-        if name in MUST_BE_INVALID and not out[0].strip():
-            silent.append(name)
-    if unflagged:
-        report.warnings.append(f"step({', '.join(unflagged)}) not flagged info['invalid_action']=True: such turns are "
-                               f"not counted as invalid actions.")
-    if silent:
-        report.warnings.append(f"step({', '.join(silent)}) gave an empty observation; say what was wrong.")
+    with _made(env_id, kwargs) as env:
+        unflagged, silent = [], []
+        for name, action in BAD_ACTIONS.items():
+            env.reset(seed=0)
+            try:
+                out = env.step(action)
+            except Exception as err:
+                message = f"step({name}) raised {type(err).__name__}: {err}"
+                if isinstance(action, str):
+                    raise CheckFailed(f"{message}; step must never raise on model output.") from None
+                report.warnings.append(f"{message}; model output is always text, but a step that never raises is safer.")
+                continue
+            _check_step(env, out, f"step({name})")
+            if name in MUST_BE_INVALID and out[4].get("invalid_action") is not True:
+                unflagged.append(name)
+            if name in MUST_BE_INVALID and not out[0].strip():
+                silent.append(name)
+        if unflagged:
+            report.warnings.append(f"step({', '.join(unflagged)}) not flagged info['invalid_action']=True: such turns are "
+                                   f"not counted as invalid actions.")
+        if silent:
+            report.warnings.append(f"step({', '.join(silent)}) gave an empty observation; say what was wrong.")
 
 
 def _truncation(env_id: str, kwargs: dict, report: CheckReport) -> None:
-    env = make(env_id, **kwargs)
-    limit = env.spec.max_episode_steps if env.spec else None
-    if limit is None:
-        report.warnings.append("no max_episode_steps: an episode ends only at the rollout's token limit; register "
-                               "the env with a turn limit (gymnasium.register(..., max_episode_steps=N)).")
-        return
-    episode = run_episode(env, lambda _obs: "qwzx", seed=0)
-    if episode.truncated:
-        _require(episode.num_turns == limit, f"truncated after {episode.num_turns} turns; the limit is {limit}.")
-    if episode.success:
-        report.warnings.append("an agent that only says 'qwzx' succeeded: is the task verified?")
+    with _made(env_id, kwargs) as env:
+        limit = env.spec.max_episode_steps if env.spec else None
+        if limit is None:
+            report.warnings.append("no max_episode_steps: an episode ends only at the rollout's token limit; register "
+                                   "the env with a turn limit (gymnasium.register(..., max_episode_steps=N)).")
+            return
+        episode = run_episode(env, lambda _obs: "qwzx", seed=0)
+        if episode.truncated:
+            _require(episode.num_turns == limit, f"truncated after {episode.num_turns} turns; the limit is {limit}.")
+        if episode.success:
+            report.warnings.append("an agent that only says 'qwzx' succeeded: is the task verified?")
 
 
 def _expert(env_id: str, episodes: int, kwargs: dict, report: CheckReport) -> None:
-    env = make(env_id, **kwargs)
-    try:
+    with _made(env_id, kwargs) as env:
         if not hasattr(env.unwrapped, "expert_action"):
             raise CheckSkipped("no expert_action(): this env cannot produce SFT demonstrations (add a scripted solver "
                                "to have them).")
         act = expert_policy(env, 0.0)
         runs: list[Episode] = [run_episode(env, act, seed=s, max_turns=_turns(env)) for s in seeds(env_id, "eval", episodes)]
-    finally:
-        env.close()
-    n = max(len(runs), 1)
-    report.expert = {"episodes": len(runs), "success_rate": sum(r.success for r in runs) / n,
-                     "mean_return": sum(r.episode_return for r in runs) / n,
-                     "mean_turns": sum(r.num_turns for r in runs) / n}
-    for r in runs:
-        _require(not r.success or r.terminated, f"seed {r.seed}: a successful episode was truncated instead of terminated.")
-    if getattr(env.unwrapped, "solvable", True):
-        rate = report.expert["success_rate"]
-        failed = [r.seed for r in runs if not r.success][:5]
-        _require(rate >= SUCCESS_FLOOR, f"expert success {rate:.1%} < {SUCCESS_FLOOR:.0%} on eval seeds (failing seeds: {failed}); "
-                                        f"fix the expert, raise max_episode_steps, or set solvable = False for a game of chance.")
+        n = max(len(runs), 1)
+        report.expert = {"episodes": len(runs), "success_rate": sum(r.success for r in runs) / n,
+                         "mean_return": sum(r.episode_return for r in runs) / n,
+                         "mean_turns": sum(r.num_turns for r in runs) / n}
+        for r in runs:
+            _require(not r.success or r.terminated, f"seed {r.seed}: a successful episode was truncated instead of terminated.")
+        if getattr(env.unwrapped, "solvable", True):
+            rate = report.expert["success_rate"]
+            failed = [r.seed for r in runs if not r.success][:5]
+            _require(rate >= SUCCESS_FLOOR, f"expert success {rate:.1%} < {SUCCESS_FLOOR:.0%} on eval seeds (failing seeds: {failed}); "
+                                            f"fix the expert, raise max_episode_steps, or set solvable = False for a game of chance.")

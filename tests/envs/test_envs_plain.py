@@ -130,3 +130,30 @@ def test_plain_env_trains_with_the_pipeline(tmp_path, monkeypatch, capsys):
     assert 0.0 <= results["results"]["rl"]["T=0"][f"eval/success/{key}"] <= 1.0
     assert key in results["baselines"]["random"] and "expert" not in results["baselines"]
     assert f"| {key} |" in capsys.readouterr().out
+
+
+def test_every_env_a_check_makes_is_closed_passed_or_failed(monkeypatch):
+    """An env may hold a server session, a subprocess or files: each check closes what it made, also when it fails."""
+    from hybrid_rl.envs import checker
+
+    made, closed = [], []
+    real_make = checker.make
+
+    def counting_make(*args, **kwargs):
+        env = real_make(*args, **kwargs)
+        made.append(env)
+        real_close = env.close
+
+        def close():
+            closed.append(env)
+            real_close()
+        env.close = close
+        return env
+
+    monkeypatch.setattr(checker, "make", counting_make)
+    report = envs.check(PLAIN_ID, episodes=3)
+    assert report.passed and len(made) > 5
+    assert all(env in closed for env in made), f"{sum(env not in closed for env in made)} of {len(made)} envs left open"
+    made.clear(), closed.clear()
+    failing = envs.check("hybrid_rl/FrozenLake-v1", episodes=3, max_episode_steps=1)  # the expert cannot reach the goal
+    assert failing.results["expert"].startswith("CheckFailed") and all(env in closed for env in made)
