@@ -1,0 +1,71 @@
+"""RL against SFT episode by episode: each learning-bench run's SFT and RL checkpoints play the same held-out
+seeds again (``hybrid-rl eval``, greedy, the pipeline's turn limits), and the two outcomes of each seed are
+paired. The bench's standard error is over its 3 run seeds (training noise); this one is over the episodes
+(which maps, numbers or boards were drawn), with the counts a sign test reads: seeds only RL wins, seeds only
+SFT wins. Used for docs/RESULTS.md ("Is each difference real?").
+
+    .venv/bin/python scripts/paired_episodes.py runs/learning/FrozenLake-v1-s0 runs/learning/FrozenLake-v1-s1 ...
+
+Prints one JSON line per env (every run dir given for it pooled) and checks that each replayed success rate
+is the one the run's results.json recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+
+def play(checkpoint: Path, env_id: str, episodes: int, cfg: dict, out: Path) -> dict[int, bool]:
+    """seed -> success of ``checkpoint`` greedy on the first ``episodes`` eval seeds of ``env_id``."""
+    rollout = cfg["rl"]["rollout"]
+    cmd = [sys.executable, "-m", "hybrid_rl.cli", "eval", "--checkpoint", str(checkpoint), "--env", env_id,
+           "--episodes", str(episodes), "--workers", "0", "--name", out.name, f"run.output_dir={out.parent}",
+           f"episode.max_turn_tokens={cfg['eval']['max_turn_tokens']}",
+           f"episode.max_episode_tokens={rollout['max_episode_tokens']}", "run.quiet=true"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines() if line.strip()]
+    return {int(r["seed"]): bool(r["success"]) for r in rows}
+
+
+def main(run_dirs: list[str]) -> int:
+    pooled: dict[str, list[tuple[bool, bool]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, run in enumerate(map(Path, run_dirs)):
+            res = json.loads((run / "results.json").read_text())
+            cfg = yaml.safe_load((run / "eval" / "config.yaml").read_text())
+            (env_id,) = res["envs"]
+            key = env_id.replace("hybrid_rl/", "")
+            episodes = cfg["eval"]["episodes_per_env"]
+            root = run.resolve().parents[2]  # the checkpoints' paths are relative to where runs/learning/<run> was made
+            outcome = {}
+            for stage in ("sft", "rl"):
+                outcome[stage] = play(root / res["checkpoints"][stage], env_id, episodes, cfg, Path(tmp) / f"{stage}{i}")
+                recorded = res["results"][stage]["T=0"][f"eval/success/{key}"]
+                replayed = sum(outcome[stage].values()) / len(outcome[stage])
+                if abs(replayed - recorded) > 1e-9:
+                    print(f"{run}: {stage} replays to {replayed:.3f}, results.json says {recorded:.3f}", file=sys.stderr)
+                    return 1
+            pooled.setdefault(env_id, []).extend((outcome["sft"][s], outcome["rl"][s]) for s in sorted(outcome["sft"]))
+    for env_id, pairs in pooled.items():
+        diffs = [int(rl) - int(sft) for sft, rl in pairs]
+        n = len(diffs)
+        mean = sum(diffs) / n
+        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+        only_rl, only_sft = diffs.count(1), diffs.count(-1)
+        # two-sided sign test on the discordant pairs (exact binomial, p = 1/2)
+        k, m = min(only_rl, only_sft), only_rl + only_sft
+        p = min(1.0, 2 * sum(math.comb(m, j) for j in range(k + 1)) / 2 ** m) if m else 1.0
+        print(json.dumps({"env": env_id, "episodes": n, "rl_minus_sft": round(mean, 4), "se_over_episodes": round(se, 4),
+                          "only_rl_wins": only_rl, "only_sft_wins": only_sft, "sign_test_p": float(f"{p:.3g}")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
