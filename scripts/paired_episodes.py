@@ -1,13 +1,13 @@
 """RL against SFT episode by episode: each learning-bench run's SFT and RL checkpoints play the same held-out
 seeds again (``hybrid-rl eval``, greedy, the pipeline's turn limits), and the two outcomes of each seed are
-paired. The bench's standard error is over its 3 run seeds (training noise); this one is over the episodes
-(which maps, numbers or boards were drawn), with the counts a sign test reads: seeds only RL wins, seeds only
-SFT wins. Used for docs/RESULTS.md ("Is each difference real?").
+paired, and so are RL's and the teacher's. The bench's standard error is over its 3 run seeds (training noise);
+this one is over the episodes (which maps, numbers or boards were drawn), with the counts a sign test reads:
+seeds only RL wins, seeds only the other policy wins. Used for docs/RESULTS.md ("Is each difference real?").
 
     .venv/bin/python scripts/paired_episodes.py runs/learning/FrozenLake-v1-s0 runs/learning/FrozenLake-v1-s1 ...
 
 Prints one JSON line per env (every run dir given for it pooled) and checks that each replayed success rate
-is the one the run's results.json recorded.
+(the teacher's included) is the one the run's results.json recorded.
 """
 
 from __future__ import annotations
@@ -34,8 +34,35 @@ def play(checkpoint: Path, env_id: str, episodes: int, cfg: dict, out: Path) -> 
     return {int(r["seed"]): bool(r["success"]) for r in rows}
 
 
+def teacher(env_id: str, episodes: int, cfg: dict) -> dict[int, bool]:
+    """seed -> success of the run's teacher, played as the pipeline's baseline plays it (envs.expert_stats: one env,
+    the seeds in order)."""
+    from hybrid_rl import envs
+
+    env = envs.make(env_id)
+    try:
+        act = envs.expert_policy(env, cfg["demos"]["noise"], policy=cfg["demos"]["teacher"])
+        return {s: envs.run_episode(env, act, seed=s).success for s in envs.seeds(env_id, "eval", episodes)}
+    finally:
+        env.close()
+
+
+def paired(pairs: list[tuple[bool, bool]]) -> dict:
+    """(a, b) outcomes of the same seeds -> b - a, its standard error over the pairs, the discordant counts and a
+    two-sided exact sign test on them."""
+    diffs = [int(b) - int(a) for a, b in pairs]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+    wins, losses = diffs.count(1), diffs.count(-1)
+    k, m = min(wins, losses), wins + losses
+    p = min(1.0, 2 * sum(math.comb(m, j) for j in range(k + 1)) / 2 ** m) if m else 1.0
+    return {"diff": round(mean, 4), "se_over_episodes": round(se, 4), "only_rl_wins": wins, "only_other_wins": losses,
+            "sign_test_p": float(f"{p:.3g}")}
+
+
 def main(run_dirs: list[str]) -> int:
-    pooled: dict[str, list[tuple[bool, bool]]] = {}
+    pooled: dict[str, dict[str, list[tuple[bool, bool]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, run in enumerate(map(Path, run_dirs)):
             res = json.loads((run / "results.json").read_text())
@@ -52,18 +79,17 @@ def main(run_dirs: list[str]) -> int:
                 if abs(replayed - recorded) > 1e-9:
                     print(f"{run}: {stage} replays to {replayed:.3f}, results.json says {recorded:.3f}", file=sys.stderr)
                     return 1
-            pooled.setdefault(env_id, []).extend((outcome["sft"][s], outcome["rl"][s]) for s in sorted(outcome["sft"]))
-    for env_id, pairs in pooled.items():
-        diffs = [int(rl) - int(sft) for sft, rl in pairs]
-        n = len(diffs)
-        mean = sum(diffs) / n
-        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
-        only_rl, only_sft = diffs.count(1), diffs.count(-1)
-        # two-sided sign test on the discordant pairs (exact binomial, p = 1/2)
-        k, m = min(only_rl, only_sft), only_rl + only_sft
-        p = min(1.0, 2 * sum(math.comb(m, j) for j in range(k + 1)) / 2 ** m) if m else 1.0
-        print(json.dumps({"env": env_id, "episodes": n, "rl_minus_sft": round(mean, 4), "se_over_episodes": round(se, 4),
-                          "only_rl_wins": only_rl, "only_sft_wins": only_sft, "sign_test_p": float(f"{p:.3g}")}))
+            outcome["teacher"] = teacher(env_id, episodes, cfg)
+            recorded = res["baselines"]["teacher"][key]["success"]
+            if abs(sum(outcome["teacher"].values()) / episodes - recorded) > 1e-9:
+                print(f"{run}: the teacher replays otherwise than results.json's {recorded:.3f}", file=sys.stderr)
+                return 1
+            for other in ("sft", "teacher"):
+                pooled.setdefault(env_id, {}).setdefault(other, []).extend(
+                    (outcome[other][s], outcome["rl"][s]) for s in sorted(outcome["sft"]))
+    for env_id, by_other in pooled.items():
+        print(json.dumps({"env": env_id, "episodes": len(by_other["sft"]),
+                          **{f"rl_minus_{other}": paired(pairs) for other, pairs in by_other.items()}}))
     return 0
 
 
