@@ -9,6 +9,8 @@ import pytest
 
 from hybrid_rl.cli import main
 
+ROOT = Path(__file__).resolve().parents[2]
+
 TINY = ["demos.episodes_per_env=6", "sft.train.max_steps=2", "sft.eval.episodes_per_env=2", "rl.train.steps=2",
         "rl.rollout.prompts_per_step=2", "rl.rollout.samples_per_prompt=2", "rl.rollout.pool.num_workers=0",
         "rl.algo.mode=sync", "rl.algo.updates_per_batch=1", "eval.temperatures=[0.0]", "logging.backends=[jsonl]",
@@ -244,3 +246,21 @@ def test_learning_table_puts_the_bench_envs_first_and_further_envs_apart():
     assert [line.split(" | ")[0].lstrip("| ") for line in turns[4:]] == rows
     only_bench = {"envs": {e: env(0.5) for e in bench_learning.DEFAULT_ENVS}}
     assert not any(line.endswith(":") and "environments" in line for line in plot_learning.table(only_bench))
+
+
+def test_paired_episodes_statistics_match_hand_counts():
+    """scripts/paired_episodes.py: RL - other over paired seeds, its standard error over the pairs, the discordant
+    counts and the exact two-sided sign test (checked by hand: 9 wins against 1 loss gives p = 22/1024)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paired_episodes", ROOT / "scripts" / "paired_episodes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pairs = [(False, True)] * 9 + [(True, False)] + [(True, True)] * 10  # (other, rl)
+    out = mod.paired(pairs)
+    assert out["diff"] == 0.4 and out["only_rl_wins"] == 9 and out["only_other_wins"] == 1
+    assert out["sign_test_p"] == float(f"{22 / 1024:.3g}")
+    diffs = [1] * 9 + [-1] + [0] * 10
+    var = sum((d - 0.4) ** 2 for d in diffs) / 19
+    assert out["se_over_episodes"] == round((var / 20) ** 0.5, 4)
+    assert mod.paired([(True, True)] * 5)["sign_test_p"] == 1.0  # no discordant pair: nothing to test
