@@ -66,12 +66,13 @@ def plot_env(env_id: str, data: dict, out: Path) -> Path:
 
 
 def env_sets(result: dict) -> list[tuple[str, list[str]]]:
-    """The JSON's envs in two sets: the bench's own (``bench_learning.DEFAULT_ENVS``, in its order), then any
-    further ones run with ``--envs`` (in the JSON's order); an empty set is left out."""
-    from hybrid_rl.benchmarks.bench_learning import DEFAULT_ENVS
-
-    bench = [e for e in DEFAULT_ENVS if e in result["envs"]]
-    further = [e for e in result["envs"] if e not in DEFAULT_ENVS]
+    """The JSON's envs in two sets: the bench's own (its ``bench_envs``, the default ``--envs`` of the code that
+    wrote it, in that order), then any further ones run with ``--envs`` (in the JSON's order); an empty set is left
+    out. A JSON without ``bench_envs`` (written before it was recorded) is one set, in its own order."""
+    if "bench_envs" not in result:
+        return [("", list(result["envs"]))]
+    bench = [e for e in result["bench_envs"] if e in result["envs"]]
+    further = [e for e in result["envs"] if e not in result["bench_envs"]]
     sets = [("The bench's environments (its default `--envs`)", bench),
             ("Further environments, the same recipe (`--envs ...`)", further)]
     return [(title, ids) for title, ids in sets if ids]

@@ -19,7 +19,8 @@ Only real contract breaks fail: an exception on model text, an observation that 
 the env's own observation space rejects, nondeterminism under a seed, a key given with the wrong type.
 What a plain gymnasium text env may leave out is a warning: the info keys (``success`` then defaults to
 "terminated with a positive reward", ``invalid_action`` to False), flagging bad actions as invalid, a
-turn limit, an expert, a non-string action handled without raising, and a garbage agent that succeeds.
+turn limit, a non-string action handled without raising, and a garbage agent that succeeds. Without an
+expert the expert check is reported as skipped ("skip expert" and why), and the env still passes.
 Envs without an expert are probed with their ``random_action`` or gymnasium's random agent (samples of
 the action space, seeded by the episode's seed).
 
@@ -173,8 +174,13 @@ def _made(env_id: str, kwargs: dict):
     env = make(env_id, **kwargs)
     try:
         yield env
-    finally:
-        env.close()
+    except BaseException as failure:  # the check's own failure is the report, not a close() that fails after it
+        try:
+            env.close()
+        except Exception as err:  # noqa: BLE001
+            failure.add_note(f"(close() then raised {type(err).__name__}: {err})")
+        raise
+    env.close()
 
 
 def _require(condition: bool, message: str) -> None:

@@ -214,8 +214,9 @@ def _contact(env_id: str, state: dict, check: str) -> str:
     except NotAnEnvError as err:  # its class: an adapter is the fix, not the arguments
         return f"is not a gymnasium env: {err}"
     except Exception as err:  # any failure of the constructor would end every episode of this env
-        fix = ("Fix the id's arguments (written ID(key=value;key2=value2))" if "(" in env_id else
-               "Fix the env's constructor or the kwargs it is registered with (gymnasium.register(..., kwargs=...))")
+        registered = "the env's constructor or the kwargs it is registered with (gymnasium.register(..., kwargs=...))"
+        fix = (f"Fix the id's arguments (written ID(key=value;key2=value2)) or {registered}" if "(" in env_id else
+               f"Fix {registered}")
         return f"cannot be made: {type(err).__name__}: {err}\n{fix}; `hybrid-rl envs check '{env_id}'` tries it."
     try:
         enter("reset")

@@ -1,8 +1,9 @@
 """RL against SFT episode by episode: each learning-bench run's SFT and RL checkpoints play the same held-out
 seeds again (``hybrid-rl eval``, greedy, the pipeline's turn limits), and the two outcomes of each seed are
 paired, and so are RL's and the teacher's. The bench's standard error is over its 3 run seeds (training noise);
-this one is over the episodes (which maps, numbers or boards were drawn), with the counts a sign test reads:
-seeds only RL wins, seeds only the other policy wins. Used for docs/RESULTS.md ("Is each difference real?").
+this one is over the held-out seeds (which maps, numbers or boards were drawn): each seed's difference is
+averaged over the runs, which all play the same seeds, and a sign test counts the seeds where RL is ahead
+against those where the other policy is. Used for docs/RESULTS.md ("Is each difference real?").
 
     .venv/bin/python scripts/paired_episodes.py runs/learning/FrozenLake-v1-s0 runs/learning/FrozenLake-v1-s1 ...
 
@@ -47,22 +48,29 @@ def teacher(env_id: str, episodes: int, cfg: dict) -> dict[int, bool]:
         env.close()
 
 
-def paired(pairs: list[tuple[bool, bool]]) -> dict:
-    """(a, b) outcomes of the same seeds -> b - a, its standard error over the pairs, the discordant counts and a
-    two-sided exact sign test on them."""
-    diffs = [int(b) - int(a) for a, b in pairs]
+def paired(by_seed: dict[int, list[tuple[bool, bool]]]) -> dict:
+    """Per held-out seed, the (other, rl) outcomes of every run that played it -> RL - other.
+
+    The runs play the same seeds, so the unit of the seed noise is the seed, not the (run, seed) episode: each
+    seed's difference is averaged over the runs first, the standard error is over the seeds, and the two-sided
+    exact sign test counts the seeds where RL is ahead against those where the other policy is. The episode
+    counts (run x seed) where exactly one of the two wins are given beside them."""
+    diffs = [sum(int(rl) - int(other) for other, rl in runs) / len(runs) for runs in by_seed.values()]
     n = len(diffs)
     mean = sum(diffs) / n
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
-    wins, losses = diffs.count(1), diffs.count(-1)
-    k, m = min(wins, losses), wins + losses
+    ahead, behind = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    k, m = min(ahead, behind), ahead + behind
     p = min(1.0, 2 * sum(math.comb(m, j) for j in range(k + 1)) / 2 ** m) if m else 1.0
-    return {"diff": round(mean, 4), "se_over_episodes": round(se, 4), "only_rl_wins": wins, "only_other_wins": losses,
-            "sign_test_p": float(f"{p:.3g}")}
+    episodes = [(other, rl) for runs in by_seed.values() for other, rl in runs]
+    return {"diff": round(mean, 4), "se_over_seeds": round(se, 4), "seeds": n, "seeds_rl_ahead": ahead,
+            "seeds_other_ahead": behind, "sign_test_p": float(f"{p:.3g}"),
+            "episodes_only_rl_wins": sum(rl and not other for other, rl in episodes),
+            "episodes_only_other_wins": sum(other and not rl for other, rl in episodes)}
 
 
 def main(run_dirs: list[str]) -> int:
-    pooled: dict[str, dict[str, list[tuple[bool, bool]]]] = {}
+    pooled: dict[str, dict[str, dict[int, list[tuple[bool, bool]]]]] = {}  # env -> other -> seed -> per run
     with tempfile.TemporaryDirectory() as tmp:
         for i, run in enumerate(map(Path, run_dirs)):
             res = json.loads((run / "results.json").read_text())
@@ -85,11 +93,12 @@ def main(run_dirs: list[str]) -> int:
                 print(f"{run}: the teacher replays otherwise than results.json's {recorded:.3f}", file=sys.stderr)
                 return 1
             for other in ("sft", "teacher"):
-                pooled.setdefault(env_id, {}).setdefault(other, []).extend(
-                    (outcome[other][s], outcome["rl"][s]) for s in sorted(outcome["sft"]))
+                by_seed = pooled.setdefault(env_id, {}).setdefault(other, {})
+                for seed in sorted(outcome["sft"]):
+                    by_seed.setdefault(seed, []).append((outcome[other][seed], outcome["rl"][seed]))
     for env_id, by_other in pooled.items():
-        print(json.dumps({"env": env_id, "episodes": len(by_other["sft"]),
-                          **{f"rl_minus_{other}": paired(pairs) for other, pairs in by_other.items()}}))
+        runs = len(next(iter(by_other["sft"].values())))
+        print(json.dumps({"env": env_id, "runs": runs, **{f"rl_minus_{other}": paired(by_seed) for other, by_seed in by_other.items()}}))
     return 0
 
 

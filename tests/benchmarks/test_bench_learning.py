@@ -32,6 +32,7 @@ def test_bench_learning_records_every_policy_and_the_curve(tmp_path, monkeypatch
     line = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(line)
     assert json.loads(out.read_text()) == result
+    assert result["bench_envs"] == bench_learning.DEFAULT_ENVS  # the table splits by what the bench played by default
     data = result["envs"]["hybrid_rl/FrozenLake-v1"]
     assert [r["seed"] for r in data["runs"]] == [0, 1]
     assert data["recipe_changes"] == ["demos.noise=0.0"]
@@ -235,7 +236,8 @@ def test_learning_table_puts_the_bench_envs_first_and_further_envs_apart():
 
     further = "hybrid_rl/Buttons-v0"
     assert further not in bench_learning.DEFAULT_ENVS
-    result = {"envs": {further: env(0.1), **{e: env(0.5) for e in reversed(bench_learning.DEFAULT_ENVS)}}}
+    result = {"bench_envs": bench_learning.DEFAULT_ENVS,
+              "envs": {further: env(0.1), **{e: env(0.5) for e in reversed(bench_learning.DEFAULT_ENVS)}}}
     lines = plot_learning.table(result)
     rows = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and " | 3 | " in line]
     assert rows == [e.replace("hybrid_rl/", "") for e in bench_learning.DEFAULT_ENVS] + ["Buttons-v0"]
@@ -244,23 +246,38 @@ def test_learning_table_puts_the_bench_envs_first_and_further_envs_apart():
         i for i, line in enumerate(lines) if line.startswith("| GuessNumber-v0(n=100) | 3 |"))
     turns = lines[lines.index("Mean turns (greedy, held out):"):]
     assert [line.split(" | ")[0].lstrip("| ") for line in turns[4:]] == rows
-    only_bench = {"envs": {e: env(0.5) for e in bench_learning.DEFAULT_ENVS}}
+    only_bench = {"bench_envs": bench_learning.DEFAULT_ENVS, "envs": {e: env(0.5) for e in bench_learning.DEFAULT_ENVS}}
     assert not any(line.endswith(":") and "environments" in line for line in plot_learning.table(only_bench))
+    # a JSON from before bench_envs was recorded (e.g. learning-previous.json): one table in its own order, not split
+    # by today's defaults
+    old = {"envs": result["envs"]}
+    lines = plot_learning.table(old)
+    assert not any(line.endswith(":") and "environments" in line for line in lines)
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines if " | 3 | " in line][0] == "Buttons-v0"
 
 
 def test_paired_episodes_statistics_match_hand_counts():
-    """scripts/paired_episodes.py: RL - other over paired seeds, its standard error over the pairs, the discordant
-    counts and the exact two-sided sign test (checked by hand: 9 wins against 1 loss gives p = 22/1024)."""
+    """scripts/paired_episodes.py: per seed, RL - other averaged over the runs that played it; the standard error
+    over seeds, not over (run, seed) episodes (the runs share their seeds); the exact two-sided sign test on the
+    seeds (checked by hand: 9 seeds ahead against 1 behind gives p = 22/1024)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("paired_episodes", ROOT / "scripts" / "paired_episodes.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    pairs = [(False, True)] * 9 + [(True, False)] + [(True, True)] * 10  # (other, rl)
-    out = mod.paired(pairs)
-    assert out["diff"] == 0.4 and out["only_rl_wins"] == 9 and out["only_other_wins"] == 1
+    by_seed = {s: [(False, True), (False, True)] for s in range(9)}  # (other, rl) in each of 2 runs: RL ahead
+    by_seed[9] = [(True, False), (True, True)]  # RL behind on average
+    by_seed.update({s: [(True, True), (False, False)] for s in range(10, 20)})  # tied
+    out = mod.paired(by_seed)
+    diffs = [1.0] * 9 + [-0.5] + [0.0] * 10
+    mean = sum(diffs) / 20
+    assert out["diff"] == round(mean, 4) and out["seeds"] == 20
+    assert out["seeds_rl_ahead"] == 9 and out["seeds_other_ahead"] == 1
     assert out["sign_test_p"] == float(f"{22 / 1024:.3g}")
-    diffs = [1] * 9 + [-1] + [0] * 10
-    var = sum((d - 0.4) ** 2 for d in diffs) / 19
-    assert out["se_over_episodes"] == round((var / 20) ** 0.5, 4)
-    assert mod.paired([(True, True)] * 5)["sign_test_p"] == 1.0  # no discordant pair: nothing to test
+    assert out["se_over_seeds"] == round((sum((d - mean) ** 2 for d in diffs) / 19 / 20) ** 0.5, 4)
+    assert out["episodes_only_rl_wins"] == 18 and out["episodes_only_other_wins"] == 1
+    # the same outcome repeated by three runs is one seed's evidence, not three: the test does not get stronger
+    once = mod.paired({s: runs[:1] for s, runs in by_seed.items()})
+    thrice = mod.paired({s: runs[:1] * 3 for s, runs in by_seed.items()})
+    assert thrice["sign_test_p"] == once["sign_test_p"] and thrice["se_over_seeds"] == once["se_over_seeds"]
+    assert mod.paired({s: [(True, True)] for s in range(5)})["sign_test_p"] == 1.0  # no seed differs

@@ -157,3 +157,24 @@ def test_every_env_a_check_makes_is_closed_passed_or_failed(monkeypatch):
     made.clear(), closed.clear()
     failing = envs.check("hybrid_rl/FrozenLake-v1", episodes=3, max_episode_steps=1)  # the expert cannot reach the goal
     assert failing.results["expert"].startswith("CheckFailed") and all(env in closed for env in made)
+
+
+def test_a_close_that_raises_does_not_hide_the_checks_own_failure(monkeypatch):
+    from hybrid_rl.envs import checker
+
+    real_make, made = checker.make, []
+
+    def make_with_bad_close(*args, **kwargs):
+        env = real_make(*args, **kwargs)
+        made.append(env)
+        if len(made) > 1:  # the first is check()'s own make-and-close, before the checks
+
+            def close():
+                raise RuntimeError("close exploded")
+            env.close = close
+        return env
+
+    monkeypatch.setattr(checker, "make", make_with_bad_close)
+    report = envs.check("hybrid_rl/FrozenLake-v1", episodes=3, max_episode_steps=1)  # the expert cannot reach the goal
+    assert report.results["expert"].startswith("CheckFailed: expert success"), report.results["expert"]
+    assert "close exploded" in report.results["text_spaces"]  # where the check passed, the failing close is the finding
