@@ -1,6 +1,6 @@
-"""RL against SFT episode by episode: each learning-bench run's SFT and RL checkpoints play the same held-out
-seeds again (``hybrid-rl eval``, greedy, the pipeline's turn limits), and the two outcomes of each seed are
-paired, and so are RL's and the teacher's. The bench's standard error is over its 3 run seeds (training noise);
+"""RL against SFT and against the teacher, seed by seed: each learning-bench run's SFT and RL checkpoints play
+the same held-out seeds again (``hybrid-rl eval``, greedy, the pipeline's turn limits), the teacher too, and
+RL's outcome on each seed is paired with the other policy's. The bench's standard error is over its 3 run seeds (training noise);
 this one is over the held-out seeds (which maps, numbers or boards were drawn): each seed's difference is
 averaged over the runs, which all play the same seeds, and a sign test counts the seeds where RL is ahead
 against those where the other policy is. Used for docs/RESULTS.md ("Is each difference real?").
